@@ -1,0 +1,90 @@
+"""Input checks shared by every backend: errors name the argument and say what to fix."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
+
+
+def check_float(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {_desc(t)}")
+    return t
+
+
+def check_primitive_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    corrupted_hidden: torch.Tensor | None = None,
+) -> None:
+    """Validate shapes, dtypes and devices of the token-log-prob primitives.
+
+    hidden (N, D), weight (V, D), targets (N,) integer, bias (V,) or None,
+    corrupted_hidden (N, D) or None. Target values are checked separately (they need a sync).
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, D), got {_desc(hidden)}; flatten (B, T, D) with .flatten(0, 1)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, D), got {_desc(weight)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden and weight must share the hidden size D: hidden is {_desc(hidden)}, weight is {_desc(weight)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one vocabulary row, got {_desc(weight)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden and weight must have the same dtype, got hidden {_desc(hidden)} and weight {_desc(weight)}; "
+            "cast one of them (e.g. hidden.to(weight.dtype))"
+        )
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64) of shape (N,), got {_desc(targets)}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"targets must be of shape (N,) = ({hidden.shape[0]},) to match hidden {tuple(hidden.shape)}, "
+            f"got {_desc(targets)}"
+        )
+    devices = {"hidden": hidden.device, "weight": weight.device, "targets": targets.device}
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be of shape (V,) = ({weight.shape[0]},), got {_desc(bias)}")
+        devices["bias"] = bias.device
+    if corrupted_hidden is not None:
+        check_float("corrupted_hidden", corrupted_hidden)
+        if corrupted_hidden.shape != hidden.shape:
+            raise ValueError(
+                f"corrupted_hidden must have the shape of hidden {tuple(hidden.shape)}, got {_desc(corrupted_hidden)}"
+            )
+        if corrupted_hidden.dtype != hidden.dtype:
+            raise TypeError(
+                f"corrupted_hidden must have the dtype of hidden ({hidden.dtype}), got {_desc(corrupted_hidden)}"
+            )
+        devices["corrupted_hidden"] = corrupted_hidden.device
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"all inputs must be on the same device, got {listing}")
+
+
+def check_target_range(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise if a non-ignored target lies outside [0, V). One host sync."""
+    bad = valid & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"targets[{first}] = {int(targets[first])}"
+        )

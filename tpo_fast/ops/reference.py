@@ -1,0 +1,46 @@
+"""Reference implementation of the token primitives: materializes the (N, V) fp32 logits.
+
+Written straight from SPEC.md, differentiable through plain autograd. It is the test oracle,
+the `reference` backend and the benchmark's exact baseline. Never use it for large N x V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    corrupted_hidden: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_argmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row (logp, target_logit, lse, corrupted_target_logit, argmax), all fp32 but argmax (int64).
+
+    Ignored rows (targets == ignore_index) give 0 everywhere (argmax -1) and no gradient.
+    """
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    w = weight.float()
+    logits = hidden.float() @ w.t()  # [N, V]
+    if bias is not None:
+        logits = logits + bias.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    z = logits.gather(1, safe[:, None]).squeeze(1)
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    logp = torch.where(valid, z - lse, zero)
+    z_out = torch.where(valid, z, zero)
+    lse_out = torch.where(valid, lse, zero)
+    zc = None
+    if corrupted_hidden is not None:
+        zc = (corrupted_hidden.float() * w[safe]).sum(-1)
+        if bias is not None:
+            zc = zc + bias.float()[safe]
+        zc = torch.where(valid, zc, zero)
+    argmax = None
+    if return_argmax:
+        argmax = torch.where(valid, logits.detach().argmax(-1), torch.full_like(safe, -1))
+    return logp, z_out, lse_out, zc, argmax

@@ -1,0 +1,295 @@
+"""The fused token primitives: per-token log-probs, target logits and the corrupted-branch gather.
+
+`token_stats` is the one entry point the losses use; `token_logprobs` and `target_logits` are
+its two public faces from SPEC.md. Rows whose target is `ignore_index` are compacted away
+before any backend runs (they cost no vocabulary work) and scattered back as zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from tpo_fast.ops import torch_chunked
+from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
+from tpo_fast.ops.reference import reference_token_stats
+
+logger = logging.getLogger("tpo_fast")
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+class TokenStats(NamedTuple):
+    """Per-row outputs of `token_stats`, each (N,); ignored rows hold 0 (argmax -1).
+
+    logprobs: fp32 `log softmax(z)[y]`. target_logits: fp32 raw `z[y]`. lse: fp32 logsumexp of z.
+    corrupted_target_logits: fp32 `h~ . W[y] (+ b[y])` when `corrupted_hidden` was given, else None.
+    argmax: int64 `argmax_v z[v]` when `return_argmax=True`, else None (never differentiable).
+    """
+
+    logprobs: torch.Tensor
+    target_logits: torch.Tensor
+    lse: torch.Tensor
+    corrupted_target_logits: torch.Tensor | None
+    argmax: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Params:
+    backend: str
+    want_argmax: bool
+    has_corrupted: bool
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from tpo_fast.ops import triton_impl
+
+        return triton_impl
+    return torch_chunked
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map `auto` to a concrete backend: `triton` on CUDA (when Triton imports), else `torch`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend == "triton" and device.type != "cuda":
+            from tpo_fast.ops.triton_impl import interpreter_enabled
+
+            if not interpreter_enabled():
+                raise ValueError(
+                    f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 for the "
+                    "CPU interpreter; use backend='torch' on CPU"
+                )
+        return backend
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            logger.warning("tpo_fast: Triton is not installed; falling back to the torch backend on CUDA")
+    return "torch"
+
+
+class _TokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, corrupted_hidden, targets, params: _Params):
+        impl = _impl(params.backend)
+        lse, z, zc, argmax = impl.forward(hidden, weight, bias, corrupted_hidden, targets, params.want_argmax)
+        ctx.params = params
+        # Unused outputs then arrive as None, so backward skips the vocabulary sweep when only the
+        # gathered logits carry gradient.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, corrupted_hidden, targets, lse)
+        logp = z - lse
+        if argmax is None:
+            argmax = torch.empty(0, dtype=torch.int64, device=hidden.device)
+        if zc is None:
+            zc = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        ctx.mark_non_differentiable(argmax)
+        return logp, z, lse, zc, argmax
+
+    @staticmethod
+    def backward(ctx, g_logp, g_z, g_lse, g_zc, _g_argmax):
+        hidden, weight, bias, corrupted_hidden, targets, lse = ctx.saved_tensors
+        params: _Params = ctx.params
+        need_h, need_w, need_b, need_hc = ctx.needs_input_grad[:4]
+        # dz = g_logp * (onehot - p) + g_z * onehot + g_lse * p
+        #    = (g_lse - g_logp) * p + (g_logp + g_z) * onehot
+        coef_p = None
+        if g_logp is not None or g_lse is not None:
+            coef_p = (g_lse if g_lse is not None else 0) - (g_logp if g_logp is not None else 0)
+            coef_p = coef_p.float().contiguous()
+        coef_y = None
+        if g_logp is not None or g_z is not None:
+            coef_y = (g_logp if g_logp is not None else 0) + (g_z if g_z is not None else 0)
+            coef_y = coef_y.float().contiguous()
+        g_zc = g_zc.float().contiguous() if (params.has_corrupted and g_zc is not None) else None
+        impl = _impl(params.backend)
+        gh, gw, gb, ghc = impl.backward(
+            hidden, weight, bias, corrupted_hidden, targets, lse, coef_p, coef_y, g_zc,
+            (need_h, need_w, need_b and bias is not None, need_hc and corrupted_hidden is not None),
+        )
+
+        def cast(g, like):
+            return None if g is None else g.to(like.dtype)
+
+        return (
+            cast(gh, hidden),
+            cast(gw, weight),
+            cast(gb, bias) if bias is not None else None,
+            cast(ghc, corrupted_hidden) if corrupted_hidden is not None else None,
+            None,
+            None,
+        )
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    corrupted_hidden: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_argmax: bool = False,
+    backend: str = "auto",
+) -> TokenStats:
+    """Every per-token statistic TPO, DPO and POVID need, from one sweep over the vocabulary.
+
+    Args:
+        hidden: (N, D) final hidden states of the clean branch (fp32, fp16 or bf16).
+        weight: (V, D) lm_head weight, same dtype as `hidden`.
+        targets: (N,) integer target ids; `ignore_index` marks rows without a target.
+        bias: optional (V,) lm_head bias.
+        corrupted_hidden: optional (N, D) hidden states of the corrupted-image branch for the
+            same targets; only its gathered target logit `h~ . W[y]` is computed (no vocabulary sweep).
+        ignore_index: target value of rows to skip (0 output, no gradient, no vocabulary work).
+        return_argmax: also return the per-row argmax of the clean logits (POVID).
+        backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch" or "reference".
+
+    Returns:
+        `TokenStats` of (N,) tensors; `logprobs`, `target_logits`, `lse` and
+        `corrupted_target_logits` are differentiable with respect to hidden, weight, bias and
+        corrupted_hidden, with upstream gradients allowed on any of them at once.
+
+    Never allocates an N x V tensor except on the `reference` backend. Non-finite inputs give
+    non-finite outputs on the rows they touch (as plain PyTorch would); they are not checked.
+    """
+    check_primitive_inputs(hidden, weight, targets, bias, corrupted_hidden)
+    backend = resolve_backend(backend, hidden.device)
+    targets = targets.long()
+    valid = targets != ignore_index
+    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    if backend == "reference":
+        return TokenStats(
+            *reference_token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax)
+        )
+
+    n = hidden.shape[0]
+    rows = valid.nonzero().squeeze(1)
+    compact = rows.numel() != n
+    h, hc, t = hidden, corrupted_hidden, targets
+    if compact:
+        h = hidden.index_select(0, rows)
+        hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
+        t = targets.index_select(0, rows)
+    h = h.contiguous()
+    hc = None if hc is None else hc.contiguous()
+    params = _Params(backend=backend, want_argmax=return_argmax, has_corrupted=corrupted_hidden is not None)
+    logp, z, lse, zc, argmax = _TokenStatsFunction.apply(
+        h, weight.contiguous(), None if bias is None else bias.contiguous(), hc, t.contiguous(), params
+    )
+    if corrupted_hidden is None:
+        zc = None
+    if not return_argmax:
+        argmax = None
+    if compact:
+
+        def scatter(x: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+            if x is None:
+                return None
+            out = torch.full((n,), fill, dtype=x.dtype, device=x.device)
+            return out.index_copy(0, rows, x)
+
+        logp, z, lse, zc = scatter(logp), scatter(z), scatter(lse), scatter(zc)
+        argmax = scatter(argmax, -1)
+    return TokenStats(logp, z, lse, zc, argmax)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_target_logit: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """fp32 `log_softmax(hidden @ weight.T + bias)[i, targets[i]]` per row, without N x V logits.
+
+    hidden (N, D), weight (V, D), targets (N,) int64, bias (V,) or None. Rows whose target is
+    `ignore_index` give 0 and no gradient. With `return_target_logit` and/or `return_lse`, returns
+    the tuple `(logprobs, [target_logit], [lse])` in that order, all from the same sweep; gradients
+    may flow into all of them. See `token_stats` for the backends.
+    """
+    stats = token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, backend=backend)
+    if not (return_target_logit or return_lse):
+        return stats.logprobs
+    out = [stats.logprobs]
+    if return_target_logit:
+        out.append(stats.target_logits)
+    if return_lse:
+        out.append(stats.lse)
+    return tuple(out)
+
+
+class _TargetLogitsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, backend: str):
+        impl = _impl(backend)
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return impl.gather_logits(hidden, weight, bias, targets)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None, None, None
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh, gw, gb = _impl(ctx.backend).gather_backward(
+            hidden, weight, targets, g.float().contiguous(), (need_h, need_w, need_b and bias is not None)
+        )
+        return (
+            None if gh is None else gh.to(hidden.dtype),
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def target_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The gathered logit alone, fp32 `hidden[i] . weight[targets[i]] (+ bias[targets[i]])`, O(N * D).
+
+    This is all a TPO corrupted-image branch needs. hidden (N, D), weight (V, D), targets (N,).
+    Rows whose target is `ignore_index` give 0 and no gradient. The backward is rank-1:
+    `d hidden[i] = g[i] * weight[targets[i]]`, `d weight[targets[i]] += g[i] * hidden[i]`.
+    """
+    check_primitive_inputs(hidden, weight, targets, bias)
+    backend = resolve_backend(backend, hidden.device)
+    targets = targets.long()
+    valid = targets != ignore_index
+    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    if backend == "reference":
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        z = (hidden.float() * weight.float()[safe]).sum(-1)
+        if bias is not None:
+            z = z + bias.float()[safe]
+        return torch.where(valid, z, torch.zeros((), device=z.device))
+    n = hidden.shape[0]
+    rows = valid.nonzero().squeeze(1)
+    compact = rows.numel() != n
+    h, t = hidden, targets
+    if compact:
+        h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
+    z = _TargetLogitsFunction.apply(
+        h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), t.contiguous(), backend
+    )
+    if compact:
+        z = torch.zeros(n, dtype=z.dtype, device=z.device).index_copy(0, rows, z)
+    return z

@@ -1,0 +1,143 @@
+"""The `torch` backend: the fused primitive in chunked pure PyTorch (the CPU fallback).
+
+Same contract as the Triton launchers in `triton_impl.py`: rows are already compacted (every
+target valid), forward returns per-row statistics only, and backward recomputes the logits
+chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: chunk * V fp32 logits live at a time (4096 * 32000 * 4 B = 500 MiB at most).
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _chunk_rows(n_vocab: int) -> int:
+    # Keep one chunk of fp32 logits near 128 MiB, whatever V is.
+    return max(16, min(DEFAULT_CHUNK_ROWS, (32 * 1024 * 1024) // max(n_vocab, 1)))
+
+
+def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None) -> torch.Tensor:
+    z = h.float() @ w32.t()
+    if b32 is not None:
+        z += b32
+    return z
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    corrupted_hidden: torch.Tensor | None,
+    targets: torch.Tensor,
+    want_argmax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows."""
+    n, v = hidden.shape[0], weight.shape[0]
+    w32 = weight.float()
+    b32 = None if bias is None else bias.float()
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    z = torch.empty_like(lse)
+    argmax = torch.empty(n, dtype=torch.int64, device=hidden.device) if want_argmax else None
+    step = _chunk_rows(v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        logits = _logits(hidden[s:e], w32, b32)  # [chunk, V]
+        lse[s:e] = torch.logsumexp(logits, dim=-1)
+        z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
+        if argmax is not None:
+            argmax[s:e] = logits.argmax(-1)
+    zc = None
+    if corrupted_hidden is not None:
+        zc = gather_logits(corrupted_hidden, w32, b32, targets)
+    return lse, z, zc, argmax
+
+
+def gather_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """hidden[i] . weight[targets[i]] (+ bias[targets[i]]) in fp32, O(N * D)."""
+    out = torch.einsum("nd,nd->n", hidden.float(), weight[targets].float())
+    if bias is not None:
+        out += bias[targets].float()
+    return out
+
+
+def gather_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    g: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Rank-1 backward of `gather_logits`: fp32 gradients for (hidden, weight, bias)."""
+    need_h, need_w, need_b = needs
+    gh = g[:, None] * weight[targets].float() if need_h else None
+    gw = gb = None
+    if need_w:
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        gw.index_add_(0, targets, g[:, None] * hidden.float())
+    if need_b:
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device).index_add_(0, targets, g)
+    return gh, gw, gb
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    corrupted_hidden: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef_p: torch.Tensor | None,
+    coef_y: torch.Tensor | None,
+    g_zc: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for (hidden, weight, bias, corrupted_hidden), fp32.
+
+    Per row the logit gradient is `coef_p * softmax(z) + coef_y * onehot(y)` on the clean rows and
+    `g_zc * onehot(y)` on the corrupted rows. `needs` says which gradients to build.
+    """
+    need_h, need_w, need_b, need_hc = needs
+    n, v = hidden.shape[0], weight.shape[0]
+    w32 = weight.float()
+    b32 = None if bias is None else bias.float()
+    gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    if coef_p is not None and (need_h or need_w or need_b):
+        step = _chunk_rows(v)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            logits = _logits(hidden[s:e], w32, b32)
+            ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
+            if gh is not None:
+                gh[s:e] = ds @ w32
+            if gw is not None:
+                gw.addmm_(ds.t(), hidden[s:e].float())
+            if gb is not None:
+                gb += ds.sum(0)
+    # The one-hot terms are rank-1 per row: gathered, never expanded to V.
+    w_y = None
+    if coef_y is not None or g_zc is not None:
+        w_y = w32[targets]  # [N, D]
+    if coef_y is not None:
+        if gh is not None:
+            gh += coef_y[:, None] * w_y
+        if gw is not None:
+            gw.index_add_(0, targets, coef_y[:, None] * hidden.float())
+        if gb is not None:
+            gb.index_add_(0, targets, coef_y)
+    ghc = None
+    if g_zc is not None:
+        if need_hc:
+            ghc = g_zc[:, None] * w_y
+        if gw is not None:
+            gw.index_add_(0, targets, g_zc[:, None] * corrupted_hidden.float())
+        if gb is not None:
+            gb.index_add_(0, targets, g_zc)
+    elif need_hc:
+        ghc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    return gh, gw, gb, ghc

@@ -1,0 +1,1 @@
+"""TPO trainer for Hugging Face LLaVA models."""
