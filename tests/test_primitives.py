@@ -1,0 +1,302 @@
+"""The token primitives (`token_stats`, `token_logprobs`, `target_logits`) against the reference.
+
+Triton runs under TRITON_INTERPRET=1 on CPU (see conftest.py), so shapes stay tiny. fp32 is
+compared tightly; bf16 against fp32 truth with a bound relative to what plain bf16 PyTorch
+achieves on the same inputs (flash-attention's rule: err <= 2 * pytorch_err + atol).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tpo_fast
+from tpo_fast.ops.reference import reference_token_stats
+
+BACKENDS = ["torch", "triton"]
+# (N, D, V): non-powers of two, D not a multiple of 16, V over one interpreter tile (512),
+# N over one row block (64).
+SHAPES = [(37, 24, 101), (16, 16, 16), (70, 40, 600)]
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Fill fresh buffers with NaN (ints with a sentinel) so an unwritten output cannot pass."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int64, torch.int32):
+            t.fill_(-12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def make_inputs(n, d, v, dtype, bias, corrupted, ignore="some", scale=1.0):
+    g = torch.Generator().manual_seed(n * 1000 + d * 10 + v)
+    h = (torch.randn(n, d, generator=g) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    hc = (torch.randn(n, d, generator=g) * scale).to(dtype).requires_grad_() if corrupted else None
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignore == "some":
+        y[torch.rand(n, generator=g) < 0.3] = -100
+    elif ignore == "all":
+        y[:] = -100
+    return h, w, b, hc, y
+
+
+def run(backend, h, w, b, hc, y, upstream, argmax=False):
+    """Forward, then backward of a random combination of every output; returns outputs and grads."""
+    for t in (h, w, b, hc):
+        if t is not None:
+            t.grad = None
+    s = tpo_fast.token_stats(h, w, y, bias=b, corrupted_hidden=hc, backend=backend, return_argmax=argmax)
+    total = (s.logprobs * upstream[0] + s.target_logits * upstream[1] + s.lse * upstream[2]).sum()
+    if hc is not None:
+        total = total + (s.corrupted_target_logits * upstream[3]).sum()
+    total.backward()
+    outs = {"logprobs": s.logprobs, "target_logits": s.target_logits, "lse": s.lse}
+    if hc is not None:
+        outs["corrupted_target_logits"] = s.corrupted_target_logits
+    named = (("hidden", h), ("weight", w), ("bias", b), ("corrupted", hc))
+    grads = {name: t.grad for name, t in named if t is not None}
+    return s, outs, grads
+
+
+def naive_bf16(h, w, b, hc, y, upstream):
+    """What a user gets from plain PyTorch in the input dtype (logits materialized in bf16)."""
+    for t in (h, w, b, hc):
+        if t is not None:
+            t.grad = None
+    valid = y != -100
+    safe = torch.where(valid, y, 0)
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    lse = torch.logsumexp(logits.float(), -1)
+    z = logits.float().gather(1, safe[:, None]).squeeze(1)
+    zero = torch.zeros(())
+    outs = {
+        "logprobs": torch.where(valid, z - lse, zero),
+        "target_logits": torch.where(valid, z, zero),
+        "lse": torch.where(valid, lse, zero),
+    }
+    if hc is not None:
+        zc = (hc * w[safe]).sum(-1).float() + (b[safe].float() if b is not None else 0)
+        outs["corrupted_target_logits"] = torch.where(valid, zc, zero)
+    total = sum((outs[k] * upstream[i]).sum() for i, k in enumerate(outs))
+    total.backward()
+    named = (("hidden", h), ("weight", w), ("bias", b), ("corrupted", hc))
+    grads = {name: t.grad for name, t in named if t is not None}
+    return outs, grads
+
+
+def assert_close(name, got, want, atol, rtol):
+    got, want = got.float(), want.float()
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    if not bool((err <= bound).all()):
+        i = int((err - bound).flatten().argmax())
+        raise AssertionError(
+            f"{name}: worst element {i}: got {got.flatten()[i].item():.6g}, want {want.flatten()[i].item():.6g} "
+            f"(|err| {err.flatten()[i].item():.3g} > {bound.flatten()[i].item():.3g})"
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-D{}-V{}".format(*s))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("ignore", ["none", "some"])
+def test_fp32_matches_reference(backend, shape, bias, ignore):
+    n, d, v = shape
+    h, w, b, hc, y = make_inputs(n, d, v, torch.float32, bias, corrupted=True, ignore=ignore)
+    upstream = torch.randn(4, n)
+    s, outs, grads = run(backend, h, w, b, hc, y, upstream, argmax=True)
+    ref_s, ref_outs, ref_grads = run("reference", h, w, b, hc, y, upstream, argmax=True)
+    for k in outs:
+        assert_close(k, outs[k], ref_outs[k], atol=1e-5, rtol=1e-5)
+    for k in grads:
+        assert_close(f"grad {k}", grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
+    assert torch.equal(s.argmax, ref_s.argmax)
+    assert s.logprobs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[::2], ids=lambda s: "N{}-D{}-V{}".format(*s))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_bf16_within_pytorch_error(backend, shape, bias):
+    n, d, v = shape
+    h, w, b, hc, y = make_inputs(n, d, v, torch.bfloat16, bias, corrupted=True)
+    upstream = torch.randn(4, n)
+    _, outs, grads = run(backend, h, w, b, hc, y, upstream)
+    # fp32 truth on the same (bf16-rounded) values
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    b32 = None if b is None else b.detach().float().requires_grad_()
+    hc32 = hc.detach().float().requires_grad_()
+    _, true_outs, true_grads = run("reference", h32, w32, b32, hc32, y, upstream)
+    naive_outs, naive_grads = naive_bf16(h, w, b, hc, y, upstream)
+    for k in outs:
+        tol = (naive_outs[k] - true_outs[k]).abs().max().item()
+        assert_close(k, outs[k], true_outs[k], atol=2 * tol + 1e-3, rtol=0)
+    for k in grads:
+        tol = (naive_grads[k].float() - true_grads[k]).abs().max().item()
+        assert_close(f"grad {k}", grads[k], true_grads[k], atol=2 * tol + 1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_give_zero_and_zero_grad(backend):
+    h, w, b, hc, y = make_inputs(20, 24, 50, torch.float32, bias=True, corrupted=True, ignore="all")
+    s, outs, grads = run(backend, h, w, b, hc, y, torch.randn(4, 20))
+    for k, o in outs.items():
+        assert torch.equal(o, torch.zeros(20)), k
+    for k, g in grads.items():
+        assert g is not None and torch.count_nonzero(g) == 0, k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_get_no_gradient(backend):
+    h, w, b, hc, y = make_inputs(30, 24, 50, torch.float32, bias=False, corrupted=True, ignore="some")
+    _, _, grads = run(backend, h, w, b, hc, y, torch.randn(4, 30))
+    ignored = y == -100
+    assert ignored.any()
+    assert torch.count_nonzero(grads["hidden"][ignored]) == 0
+    assert torch.count_nonzero(grads["corrupted"][ignored]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_batch(backend):
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    lp = tpo_fast.token_logprobs(h, w, y, backend=backend)
+    assert lp.shape == (0,) and lp.dtype == torch.float32
+    lp.sum().backward()
+    assert w.grad is None or torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_gets_no_gradient(backend):
+    h, w, b, hc, y = make_inputs(20, 24, 50, torch.float32, bias=True, corrupted=False)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    lp = tpo_fast.token_logprobs(h, w, y, bias=b, backend=backend)
+    lp.sum().backward()
+    assert w.grad is None and b.grad is None
+    h2 = h.detach().clone().requires_grad_()
+    tpo_fast.token_logprobs(h2, w, y, bias=b, backend="reference").sum().backward()
+    assert_close("grad hidden", h.grad, h2.grad, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_gathered_outputs_carry_gradient(backend):
+    """A gradient on the target logits alone (no vocabulary sweep needed) is still exact."""
+    h, w, b, hc, y = make_inputs(20, 24, 50, torch.float32, bias=True, corrupted=True)
+    s = tpo_fast.token_stats(h, w, y, bias=b, corrupted_hidden=hc, backend=backend)
+    (s.target_logits.sum() + 2 * s.corrupted_target_logits.sum()).backward()
+    got = [t.grad.clone() for t in (h, w, b, hc)]
+    for t in (h, w, b, hc):
+        t.grad = None
+    s = tpo_fast.token_stats(h, w, y, bias=b, corrupted_hidden=hc, backend="reference")
+    (s.target_logits.sum() + 2 * s.corrupted_target_logits.sum()).backward()
+    for name, g, t in zip(["hidden", "weight", "bias", "corrupted"], got, (h, w, b, hc), strict=True):
+        assert_close(f"grad {name}", g, t.grad, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_do_not_overflow(backend):
+    h, w, b, hc, y = make_inputs(20, 16, 40, torch.float32, bias=False, corrupted=False, scale=1.0)
+    with torch.no_grad():
+        h.mul_(1e4 / (h @ w.t()).abs().max())  # logits of magnitude 1e4
+    lp, z, lse = tpo_fast.token_logprobs(h, w, y, return_target_logit=True, return_lse=True, backend=backend)
+    ref = reference_token_stats(h, w, y)
+    assert torch.isfinite(lp).all() and torch.isfinite(lse).all()
+    assert z.abs().max() > 1e3
+    assert_close("logprobs", lp, ref[0], atol=1e-2, rtol=1e-5)
+    assert_close("lse", lse, ref[2], atol=1e-2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_input_stays_in_its_row(backend):
+    h, w, b, hc, y = make_inputs(20, 16, 40, torch.float32, bias=False, corrupted=False, ignore="none")
+    with torch.no_grad():
+        h[5, 3] = float("nan")
+        h[7, 0] = float("inf")
+    lp = tpo_fast.token_logprobs(h, w, y, backend=backend)
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[[5, 7]] = True
+    assert not torch.isfinite(lp[bad]).any()
+    assert torch.isfinite(lp[~bad]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    h_full = torch.randn(24, 40, dtype=torch.float32)
+    h = h_full[:, ::2]  # (24, 20), stride 2
+    w = torch.randn(20, 33).t()  # (33, 20), transposed
+    y = torch.randint(0, 33, (48,))[::2]
+    ref = reference_token_stats(h, w, y)[0]
+    assert_close("logprobs", tpo_fast.token_logprobs(h, w, y, backend=backend), ref, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_logits_forward_and_backward(backend):
+    h, w, b, _, y = make_inputs(33, 20, 45, torch.float32, bias=True, corrupted=False)
+    g = torch.randn(33)
+    (tpo_fast.target_logits(h, w, y, bias=b, backend=backend) * g).sum().backward()
+    got = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    z = tpo_fast.target_logits(h, w, y, bias=b, backend="reference")
+    (z * g).sum().backward()
+    for name, a, t in zip(["hidden", "weight", "bias"], got, (h, w, b), strict=True):
+        assert_close(f"grad {name}", a, t.grad, 1e-5, 1e-5)
+    assert torch.equal(z[y == -100], torch.zeros(int((y == -100).sum())))
+
+
+def test_int32_targets_accepted_and_auto_backend_on_cpu():
+    h, w, _, _, y = make_inputs(10, 16, 20, torch.float32, bias=False, corrupted=False, ignore="none")
+    a = tpo_fast.token_logprobs(h, w, y.int())
+    b = tpo_fast.token_logprobs(h, w, y, backend="reference")
+    assert_close("logprobs", a, b, 1e-5, 1e-5)
+    assert tpo_fast.ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        tpo_fast.ops.resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda a: a.update(hidden=a["hidden"][None]), ValueError, r"hidden must be 2-D \(N, D\)"),
+        (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError, "must share the hidden size D"),
+        (lambda a: a.update(targets=a["targets"].float()), TypeError, "targets must be an integer tensor"),
+        (lambda a: a.update(targets=a["targets"][:-1]), ValueError, r"targets must be of shape \(N,\) = \(6,\)"),
+        (lambda a: a.update(targets=torch.tensor([0, 1, 2, 3, 4, 9])), ValueError, r"targets\[5\] = 9"),
+        (lambda a: a.update(targets=torch.tensor([0, 1, -3, 3, 4, 5])), ValueError, r"targets\[2\] = -3"),
+        (lambda a: a.update(hidden=a["hidden"].double()), TypeError, "hidden must be float32, float16 or bfloat16"),
+        (lambda a: a.update(hidden=a["hidden"].half()), TypeError, "must have the same dtype"),
+        (lambda a: a.update(bias=torch.zeros(8)), ValueError, r"bias must be of shape \(V,\) = \(9,\)"),
+        (lambda a: a.update(hidden=a["hidden"].tolist()), TypeError, "hidden must be a torch.Tensor"),
+        (lambda a: a.update(targets=a["targets"].to("meta")), ValueError, "must be on the same device"),
+        (lambda a: a.update(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+    ids=["rank", "D", "float-targets", "targets-len", "target-too-big", "target-negative", "float64",
+         "mixed-dtype", "bias-shape", "not-tensor", "device", "backend"],
+)
+def test_bad_input_errors(mutate, exc, match):
+    args = dict(hidden=torch.randn(6, 8), weight=torch.randn(9, 8), targets=torch.arange(6), bias=None, backend="torch")
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        tpo_fast.token_logprobs(**args)
+
+
+def test_corrupted_hidden_shape_error():
+    with pytest.raises(ValueError, match="corrupted_hidden must have the shape of hidden"):
+        tpo_fast.token_stats(torch.randn(6, 8), torch.randn(9, 8), torch.arange(6), corrupted_hidden=torch.randn(5, 8))
