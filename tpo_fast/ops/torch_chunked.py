@@ -138,6 +138,5 @@ def backward(
             gw.index_add_(0, targets, g_zc[:, None] * corrupted_hidden.float())
         if gb is not None:
             gb.index_add_(0, targets, g_zc)
-    elif need_hc:
-        ghc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    # corrupted_hidden without an upstream gradient on its logit gets None: no gradient, no buffer
     return gh, gw, gb, ghc

@@ -107,7 +107,8 @@ def backward(
     gh = torch.zeros((n, d), dtype=torch.float32, device=dev) if need_h else None
     gw = torch.zeros((v, d), dtype=torch.float32, device=dev) if need_w else None
     gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    ghc = torch.zeros((n, d), dtype=torch.float32, device=dev) if need_hc else None
+    has_second = g_zc is not None and corrupted_hidden is not None
+    ghc = torch.empty((n, d), dtype=torch.float32, device=dev) if (need_hc and has_second) else None
     if n == 0:
         return gh, gw, gb, ghc
     cfg = tile_config(n, v, d)
@@ -124,13 +125,12 @@ def backward(
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        has_second = g_zc is not None and corrupted_hidden is not None
         if coef_y is not None or has_second:
             _launch_indexed_bwd(
                 hidden, corrupted_hidden if has_second else None, weight, targets,
                 coef_y if coef_y is not None else torch.zeros(n, dtype=torch.float32, device=dev),
                 g_zc if has_second else None,
-                gh, ghc if has_second else None, gw, gb, accum_h=True,
+                gh, ghc, gw, gb, accum_h=True,
             )
     return gh, gw, gb, ghc
 
