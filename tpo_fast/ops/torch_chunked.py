@@ -44,10 +44,13 @@ def forward(
     for s in range(0, n, step):
         e = min(n, s + step)
         logits = _logits(hidden[s:e], w32, b32)  # [chunk, V]
-        lse[s:e] = torch.logsumexp(logits, dim=-1)
         z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
         if argmax is not None:
             argmax[s:e] = logits.argmax(-1)
+        # logsumexp in place: torch.logsumexp allocates two more chunk x V buffers on CPU
+        m = logits.amax(dim=-1, keepdim=True)
+        m.masked_fill_(~torch.isfinite(m), 0.0)  # all -inf rows, or inf/NaN: let them propagate
+        lse[s:e] = logits.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))
     zc = None
     if corrupted_hidden is not None:
         zc = gather_logits(corrupted_hidden, w32, b32, targets)
@@ -105,8 +108,7 @@ def backward(
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    gw = gb = None
     if coef_p is not None and (need_h or need_w or need_b):
         step = _chunk_rows(v)
         for s in range(0, n, step):
@@ -114,11 +116,15 @@ def backward(
             logits = _logits(hidden[s:e], w32, b32)
             ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
             if gh is not None:
-                gh[s:e] = ds @ w32
-            if gw is not None:
-                gw.addmm_(ds.t(), hidden[s:e].float())
-            if gb is not None:
-                gb += ds.sum(0)
+                torch.mm(ds, w32, out=gh[s:e])
+            if need_w:
+                gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
+            if need_b:
+                gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
+    if need_w and gw is None:
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if need_b and gb is None:
+        gb = torch.zeros(v, dtype=torch.float32, device=weight.device)
     # The one-hot terms are rank-1 per row: gathered, never expanded to V.
     w_y = None
     if coef_y is not None or g_zc is not None:
