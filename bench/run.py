@@ -1,0 +1,309 @@
+"""tpo_fast benchmark: every contender on the same inputs, one run, one table, a plain verdict.
+
+    python bench/run.py                          # CPU: small cases, ~2 minutes; GPU: the full grid
+    python bench/run.py --cases gpu-target --workloads tpo --repeats 50
+    python bench/run.py --cases d1024-v32000-n2048 --contenders naive,trl,tpo_fast-torch
+
+Each (case, contender) runs in a fresh child process (multiprocessing spawn), so peak memory is
+that contender's alone. Writes the Markdown table to stdout and `<stem>.json`, `<stem>.csv`,
+`<stem>_time.png`, `<stem>_memory.png` under --out. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _measure  # noqa: E402
+from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
+from _report import derive, markdown, plot, write_json_csv  # noqa: E402
+from _workloads import PRESETS, WORKLOADS, parse_cases  # noqa: E402
+
+DEFAULTS = {  # per device: cases, dtype, repeats, warm-up
+    "cpu": ("cpu", "fp32", 5, 1),
+    "cuda": ("gpu", "bf16", 20, 3),
+}
+PACKAGES = ("torch", "triton", "tpo-fast", "liger-kernel", "cut-cross-entropy", "trl", "transformers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default: cuda when available, else cpu",
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma list of case names, presets ({', '.join(PRESETS)}), '<model>-n<N>' "
+        "(models llava7b, llava13b, qwen2vl7b) or 'd<D>-v<V>-n<N>'; default: 'cpu' on CPU "
+        "(D=256, V=4096, N=512; 'cpu-sweep' adds N=256 and 1024), 'gpu' on CUDA "
+        "(3 models x N in 2048/8192/32768)",
+    )
+    p.add_argument(
+        "--contenders",
+        default=None,
+        help="comma list of naive, liger, trl, cce, tpo_fast-<backend> (or 'tpo_fast' for all), "
+        "floor, and 'broken' (a deliberately wrong contender that tests the guard); "
+        "default: all but 'broken'",
+    )
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of primitive, tpo, dpo")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 on CPU, bf16 on CUDA"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per mode (default: 5 on CPU, 20 on CUDA)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls first (default: 1 on CPU, 3 on CUDA)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads in each child (default: torch's)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="folder for JSON, CSV and PNG (default: bench/results)",
+    )
+    p.add_argument("--stem", default=None, help="file name stem (default: results_<device>_<dtype>)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--timeout", type=float, default=3600, help="seconds per (case, contender) child before it is killed"
+    )
+    return p.parse_args(argv)
+
+
+def _contender_names(spec: str) -> list[str]:
+    names = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item == "tpo_fast":
+            names += [f"tpo_fast-{b}" for b in TPO_FAST_BACKENDS]
+        elif item == "all":
+            names += list(DEFAULT)
+        else:
+            names.append(item)
+    known = all_contenders(
+        TPO_FAST_BACKENDS + tuple(n.split("-", 1)[1] for n in names if n.startswith("tpo_fast-"))
+    )
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(
+            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'tpo_fast'"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg.replace("-", "_").replace("tpo_fast", "tpo_fast")] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def _run_child(job: dict, timeout: float) -> tuple[list[dict] | None, dict, str]:
+    """Run one (case, contender) in a spawned child; returns (rows or None, info, error text)."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure.child_main, args=(job, send), daemon=True)
+    proc.start()
+    send.close()
+    msg = None
+    if recv.poll(timeout):
+        try:
+            msg = recv.recv()
+        except EOFError:
+            msg = None
+    proc.join(10 if msg else 0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        if msg is None:
+            return None, {}, f"killed after {timeout:.0f} s"
+    if msg is None:
+        code = proc.exitcode
+        why = " (killed: out of host memory?)" if code == -9 else ""
+        return None, {}, f"child process died with exit code {code}{why}"
+    if msg[0] != "ok":
+        return None, {}, msg[1]
+    return msg[1], msg[2], ""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+    d_cases, d_dtype, d_repeats, d_warmup = DEFAULTS[device]
+    try:
+        cases = parse_cases(args.cases or d_cases)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if bad := [w for w in workloads if w not in WORKLOADS]:
+        raise SystemExit(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+    names = _contender_names(args.contenders or ",".join(DEFAULT))
+    backends = tuple(
+        dict.fromkeys(
+            TPO_FAST_BACKENDS + tuple(n.split("-", 1)[1] for n in names if n.startswith("tpo_fast-"))
+        )
+    )
+    contenders = all_contenders(backends)
+    # CCE's CPU path (torch_compile) runs only when asked for by name, not as part of the defaults.
+    contenders["cce"].allow_cpu = args.contenders is not None and "cce" in args.contenders.split(",")
+    dtype = args.dtype or d_dtype
+    repeats = args.repeats if args.repeats is not None else d_repeats
+    warmup = args.warmup if args.warmup is not None else d_warmup
+    if repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+
+    # A fixed mmap threshold makes glibc return every freed tensor to the OS at once, so each
+    # call's peak RSS starts from the resident inputs only. Children inherit the environment.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    meta = {
+        "device": device,
+        "device_name": _cpu_name() if device == "cpu" else "cuda",
+        "dtype": dtype,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": args.seed,
+        "threads": args.threads or torch.get_num_threads(),
+        "versions": _versions(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "platform": platform.platform(),
+    }
+    rows: list[dict] = []
+    t_start = time.time()
+    for case in cases:
+        case_rows: list[dict] = []
+        for name in names:
+            c = contenders[name]
+            reason = c.availability(device)
+            todo = [w for w in workloads if w in c.workloads]
+            for w in workloads:
+                if w not in c.workloads:
+                    case_rows.append(
+                        {
+                            "contender": name,
+                            "label": c.label,
+                            "kind": c.kind,
+                            "workload": w,
+                            "status": "n/a",
+                            "reason": c.not_applicable.get(w, "not offered"),
+                        }
+                    )
+                elif reason:
+                    case_rows.append(
+                        {
+                            "contender": name,
+                            "label": c.label,
+                            "kind": c.kind,
+                            "workload": w,
+                            "status": "unavailable",
+                            "reason": reason,
+                            "note": c.workloads[w],
+                        }
+                    )
+            if reason or not todo:
+                if reason:
+                    print(f"[{case.name}] {name}: cannot run here: {reason}", file=sys.stderr)
+                continue
+            job = {
+                "case": {"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
+                "contender": name,
+                "backends": backends,
+                "workloads": todo,
+                "device": device,
+                "dtype": dtype,
+                "repeats": repeats,
+                "warmup": warmup,
+                "seed": args.seed,
+                "threads": args.threads,
+            }
+            t0 = time.time()
+            got, info, err = _run_child(job, args.timeout)
+            if got is None:
+                got = [
+                    {
+                        "contender": name,
+                        "label": c.label,
+                        "kind": c.kind,
+                        "workload": w,
+                        "status": "crashed",
+                        "reason": err.splitlines()[0] if err else "no result",
+                        "note": c.workloads[w],
+                    }
+                    for w in todo
+                ]
+                print(f"[{case.name}] {name}: {err}", file=sys.stderr)
+            if info.get("device_name"):
+                meta["device_name"] = info["device_name"] if device == "cuda" else meta["device_name"]
+            for r in got:
+                tag = r["status"] if r["status"] != "ok" else f"fwd+bwd {r['full_ms']['median']:.3g} ms"
+                print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
+            print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
+            case_rows += got
+        valid = next((r["valid_frac"] for r in case_rows if r.get("valid_frac") is not None), None)
+        for r in case_rows:
+            r.update(
+                case=case.name,
+                model=case.model,
+                d=case.d,
+                v=case.v,
+                n=case.n,
+                n_seq=case.n_seq,
+                seq_len=case.seq_len,
+                valid_frac=valid,
+            )
+        rows += case_rows
+    meta["wall_s"] = round(time.time() - t_start, 1)
+    derive(rows)
+    print(markdown(rows, meta))
+    stem = args.stem or f"results_{device}_{dtype}"
+    paths = write_json_csv(rows, meta, args.out, stem)
+    if not args.no_plots:
+        try:
+            paths += plot(rows, meta, args.out, stem)
+        except ImportError:
+            print("plots skipped: pip install matplotlib", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)} in {meta['wall_s']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
