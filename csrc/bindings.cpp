@@ -1,0 +1,98 @@
+// pybind11 bindings of tpo_fast._C. Python (tpo_fast/ops/logits.py) validates inputs with readable
+// errors first; the checks here guard direct callers of the extension.
+#include <torch/extension.h>
+
+#include "logits_logprobs.h"
+
+namespace {
+
+void check_common(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D (N, V), got ", logits.dim(), "-D");
+  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one vocabulary column");
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(1) == 1, "logits must be contiguous in the last dim");
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+              "logits rows must not overlap (stride(0) >= V)");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "logits must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "targets must be int64 of shape (N,) = (", logits.size(0), ",)");
+  TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
+  TORCH_CHECK(targets.device() == logits.device(), "targets must be on the device of logits");
+}
+
+void check_row_stat(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(),
+              name, " must be a contiguous float32 tensor of shape (N,) = (", logits.size(0), ",)");
+  TORCH_CHECK(t.device() == logits.device(), name, " must be on the device of logits");
+}
+
+bool is_cuda(const at::Tensor& logits) {
+  if (!logits.is_cuda()) {
+    TORCH_CHECK(logits.is_cpu(), "logits must be on CPU or CUDA, got ", logits.device());
+    return false;
+  }
+#ifndef TPO_FAST_WITH_CUDA
+  TORCH_CHECK(false, "tpo_fast._C was built without CUDA; use backend='triton' or 'torch' for CUDA tensors");
+#endif
+  return true;
+}
+
+// Returns (lse, target_logit), both fp32 (N,); rows whose target is ignore_index hold 0.
+std::vector<at::Tensor> logits_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  check_common(logits, targets);
+  auto opts = logits.options().dtype(at::kFloat);
+  auto lse = at::empty({logits.size(0)}, opts);
+  auto z = at::empty({logits.size(0)}, opts);
+  if (logits.size(0) == 0) return {lse, z};
+  if (is_cuda(logits)) {
+#ifdef TPO_FAST_WITH_CUDA
+    tpo_fast::logits_forward_cuda(logits, targets, ignore_index, lse, z);
+#endif
+  } else {
+    tpo_fast::logits_forward_cpu(logits, targets, ignore_index, lse, z);
+  }
+  return {lse, z};
+}
+
+// Gradient w.r.t. logits: coef_p * softmax + coef_y * onehot(targets), 0 on ignored rows.
+// With inplace=True it is written into the logits buffer, which is returned.
+at::Tensor logits_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                           const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index, bool inplace) {
+  check_common(logits, targets);
+  check_row_stat(lse, logits, "lse");
+  check_row_stat(coef_p, logits, "coef_p");
+  check_row_stat(coef_y, logits, "coef_y");
+  at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
+  if (logits.size(0) == 0) return grad;
+  if (is_cuda(logits)) {
+#ifdef TPO_FAST_WITH_CUDA
+    tpo_fast::logits_backward_cuda(logits, targets, lse, coef_p, coef_y, ignore_index, grad);
+#endif
+  } else {
+    tpo_fast::logits_backward_cpu(logits, targets, lse, coef_p, coef_y, ignore_index, grad);
+  }
+  return grad;
+}
+
+bool has_cuda() {
+#ifdef TPO_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tpo_fast compiled kernels: log-softmax statistics from materialized logits";
+  m.def("logits_forward", &logits_forward, "(lse, target_logit) per row", py::arg("logits"), py::arg("targets"),
+        py::arg("ignore_index"));
+  m.def("logits_backward", &logits_backward, "gradient of the per-row statistics w.r.t. logits",
+        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("coef_p"), py::arg("coef_y"),
+        py::arg("ignore_index"), py::arg("inplace"));
+  m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cpu_isa", &tpo_fast::cpu_isa, "the CPU code path in use: 'avx2' or 'base'");
+  m.def("set_cpu_isa", &tpo_fast::set_cpu_isa, "force the CPU code path: 'auto', 'base' or 'avx2'", py::arg("isa"));
+}

@@ -1,0 +1,60 @@
+"""Triton twin of the csrc/ logits kernels: per-row (lse, target logit) and the logits gradient.
+
+One program per row, sweeping the vocabulary in BLOCK_V tiles with an online max / sum-exp in fp32.
+Rows whose target is `ignore_index` do no vocabulary work in forward (the loop bound is 0).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logits_forward_kernel(
+    X, stride_x, T, LSE, Z, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(T + row)
+    valid = t != ignore_index
+    x_row = X + row * stride_x
+    n_cols = tl.where(valid, V, 0)
+    cols = tl.arange(0, BLOCK_V)
+    # 1. online max / sum-exp; `shift` keeps exp(-inf - -inf) out of rows that are -inf so far
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        x = tl.load(x_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
+        m_new = tl.maximum(m, tl.max(x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+    # 2. target logit; ignored rows give 0
+    z = tl.where(valid, tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32), 0.0)
+    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
+    tl.store(LSE + row, lse)
+    tl.store(Z + row, z)
+
+
+@triton.jit
+def logits_backward_kernel(
+    X, stride_x, G, stride_g, T, LSE, CP, CY, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # G may alias X (in-place backward): each tile is loaded before it is stored.
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(T + row)
+    valid = t != ignore_index
+    cp = tl.where(valid, tl.load(CP + row), 0.0)
+    cy = tl.where(valid, tl.load(CY + row), 0.0)
+    lse = tl.where(valid, tl.load(LSE + row), 0.0)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    n_read = tl.where(valid, V, 0)  # ignored rows write zeros without reading
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=start + cols < n_read, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
+        g = tl.where(valid, cp * tl.exp(x - lse), 0.0)
+        # the one-hot term is folded in fp32, before rounding (bf16 `p - 1` would cancel)
+        g = g + tl.where(start + cols == t, cy, 0.0)
+        tl.store(g_row + start + cols, g.to(G.dtype.element_ty), mask=mask)

@@ -1,0 +1,100 @@
+"""The optional compiled extension `tpo_fast._C` (csrc/), found without compiling anything at import.
+
+`setup.py` builds it on install where a C++ compiler exists (with CUDA kernels when torch has CUDA
+and nvcc is present). `load_jit()` builds the same sources with `torch.utils.cpp_extension.load`
+into a cache directory, for editable installs and test machines where the install built nothing.
+
+    from tpo_fast import _ext
+    _ext.HAS_CPU_EXT, _ext.HAS_CUDA_EXT   # flags, updated by load_jit()
+    _ext.load_jit()                       # builds once (minutes), then loads from the cache
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("tpo_fast")
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CXX_FLAGS = ["-O3", "-fno-trapping-math"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+_module: ModuleType | None
+try:
+    from tpo_fast import _C as _module  # type: ignore[attr-defined]
+except ImportError as e:
+    _module = None
+    IMPORT_ERROR: str | None = str(e)
+else:
+    IMPORT_ERROR = None
+
+
+def _flags(mod: ModuleType | None) -> tuple[bool, bool]:
+    return mod is not None, bool(mod is not None and mod.has_cuda())
+
+
+HAS_CPU_EXT, HAS_CUDA_EXT = _flags(_module)
+
+
+def get() -> ModuleType | None:
+    """The loaded extension module (installed or JIT-built), or None."""
+    return _module
+
+
+def cache_dir() -> Path:
+    """Where `load_jit` builds: $TPO_FAST_EXT_CACHE, else ~/.cache/tpo_fast/ext/torch-<version>."""
+    root = os.environ.get("TPO_FAST_EXT_CACHE") or Path.home() / ".cache" / "tpo_fast" / "ext"
+    tag = torch.__version__.replace("+", "_")
+    return Path(root) / f"torch-{tag}"
+
+
+def compiler_available() -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx.split()[0]) is not None
+
+
+def load_jit(with_cuda: bool | None = None, verbose: bool = False) -> ModuleType:
+    """Build (first call: minutes; MAX_JOBS bounds the parallel jobs) and load the extension.
+
+    with_cuda: compile the CUDA kernels too; default when torch has CUDA and nvcc (CUDA_HOME) is found.
+    Returns the module and updates `HAS_CPU_EXT` / `HAS_CUDA_EXT`. Raises RuntimeError without a compiler.
+    """
+    global _module, HAS_CPU_EXT, HAS_CUDA_EXT
+    if _module is not None and (with_cuda is None or bool(_module.has_cuda()) == with_cuda):
+        return _module
+    if not compiler_available():
+        raise RuntimeError("no C++ compiler found (set CXX or install g++); tpo_fast._C cannot be built")
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    if with_cuda is None:
+        with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    sources = [CSRC / "bindings.cpp", CSRC / "logits_logprobs_cpu.cpp"]
+    name = "tpo_fast_C_cpu"
+    extra = {}
+    if with_cuda:
+        sources.append(CSRC / "logits_logprobs_cuda.cu")
+        name = "tpo_fast_C_cuda"
+        extra = {"extra_cuda_cflags": NVCC_FLAGS + ["-DTPO_FAST_WITH_CUDA"]}
+    missing = [str(s) for s in sources if not s.exists()]
+    if missing:
+        raise RuntimeError(f"tpo_fast C++ sources not found ({', '.join(missing)}); load_jit needs a source checkout")
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("tpo_fast: building %s in %s (JIT, first call only)", name, build_dir)
+    _module = load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=CXX_FLAGS + (["-DTPO_FAST_WITH_CUDA"] if with_cuda else []),
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        verbose=verbose,
+        **extra,
+    )
+    HAS_CPU_EXT, HAS_CUDA_EXT = _flags(_module)
+    return _module
