@@ -1,0 +1,126 @@
+"""Run by `torchrun --nproc_per_node 2` from tests/test_trainer_dist.py: TPO training on gloo.
+
+Usage: run_dist.py MODE DATA_DIR OUT_FILE STEPS LR, MODE one of ddp | zero3 (through TPOTrainer)
+or fsdp2 (`fully_shard` directly, a manual loop: the HF Trainer falls back to DDP on CPU).
+Global batch 4 (2 per rank), sequential order, frozen-copy reference, SGD. Rank 0 saves
+{"losses": [...], "state": {name: tensor}} to OUT_FILE.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tiny_setup import load_tiny_data, state_of, tiny_model, tiny_processor  # noqa: E402
+
+from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
+
+PER_RANK = 2
+
+
+def run_trainer(mode, data_dir, out_file, steps, lr):
+    from torch.utils.data import SequentialSampler
+
+    from tpo_fast.trainer.config import TPOConfig
+    from tpo_fast.trainer.trainer import TPOTrainer
+
+    class SequentialTPOTrainer(TPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    ds, proc = load_tiny_data(data_dir), tiny_processor()
+    # Built before the config: a ZeRO-3 TrainingArguments makes later model constructors partition
+    # (zero.Init), which the tiny model's weight initialisation does not survive; DeepSpeed partitions
+    # this model when the engine is created instead.
+    torch.manual_seed(0)
+    model = tiny_model(proc)
+    extra = {}
+    if mode == "zero3":
+        extra["deepspeed"] = {
+            # Threshold 0: every parameter is partitioned, the tiny lm_head too (the path a real one takes).
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        }
+    args = TPOConfig(
+        output_dir=os.path.join(os.path.dirname(out_file), f"run-{mode}"), per_device_train_batch_size=PER_RANK,
+        learning_rate=lr, max_steps=steps, logging_steps=1, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=0.0, optim="sgd", save_strategy="no", report_to="none",
+        use_cpu=True, seed=0, disable_tqdm=True, loss_backend="torch", ddp_backend="gloo", reference="model",
+        **extra,
+    )
+    trainer = SequentialTPOTrainer(model, args=args, train_dataset=ds, processing_class=proc)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model = trainer.model_wrapped
+    if mode == "zero3":
+        import deepspeed
+
+        # The lm_head weight is a 0-element shard outside the forward: the fused loss gathered it.
+        assert model.module.lm_head.weight.numel() == 0 and model.module.lm_head.weight.ds_numel > 0
+        params = list(model.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = state_of(model.module)
+    else:
+        state = state_of(trainer.model)
+    return losses, state
+
+
+def run_fsdp2(data_dir, out_file, steps, lr):
+    from torch.distributed.fsdp import fully_shard
+
+    from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds, proc = load_tiny_data(data_dir), tiny_processor()
+    collate = TPOCollator(proc)
+    torch.manual_seed(0)
+    model = tiny_model(proc)
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    opts = StepOptions(reference="model", backend="torch")
+    for layer in list(model.model.language_model.layers) + list(model.model.vision_tower.vision_model.encoder.layers
+                                                                if hasattr(model.model.vision_tower, "vision_model")
+                                                                else model.model.vision_tower.encoder.layers):
+        fully_shard(layer)
+    fully_shard(model)  # the root group holds embeddings, projector, norm and lm_head
+    route_forward(model, opts)
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        start = step * PER_RANK * world + rank * PER_RANK
+        batch = collate([ds[i] for i in range(start, start + PER_RANK)])
+        out = model(tpo_batch=batch, tpo_ref_scores=sequence_reference_scores(ref, batch, opts))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        loss = out["loss"].detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+    return losses, state_of(model)
+
+
+def main():
+    mode, data_dir, out_file, steps, lr = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    if mode == "fsdp2":
+        losses, state = run_fsdp2(data_dir, out_file, steps, lr)
+    elif mode in ("ddp", "zero3"):
+        losses, state = run_trainer(mode, data_dir, out_file, steps, lr)
+    else:
+        raise SystemExit(f"mode must be ddp, zero3 or fsdp2, got {mode!r}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"losses": losses, "state": state, "world": int(os.environ["WORLD_SIZE"])}, out_file)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Preference data: loading JSON / JSONL / parquet, bad records, image corruption, the collator."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+
+from tiny_setup import tiny_data, tiny_processor  # noqa: E402
+
+from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
+from tpo_fast.trainer.corruption import add_diffusion_noise, diffusion_coefficients  # noqa: E402
+from tpo_fast.trainer.data import PreferenceDataset, load_preference_records  # noqa: E402
+
+
+def _write_images(folder):
+    os.makedirs(folder, exist_ok=True)
+    Image.new("RGB", (20, 16), (200, 10, 10)).save(os.path.join(folder, "red.png"))
+    Image.new("RGB", (20, 16), (10, 10, 200)).save(os.path.join(folder, "blue.png"))
+    with open(os.path.join(folder, "broken.png"), "wb") as f:
+        f.write(b"not a png")
+
+
+GOOD = [
+    {"image": "red.png", "question": "what colour ?", "chosen": "red", "rejected": "blue"},
+    {"image": "blue.png", "prompt": "what colour ?", "chosen": "blue", "rejected": "red"},
+]
+BAD = [
+    {"image": "red.png", "question": "what colour ?", "chosen": "red"},  # 2: no rejected
+    {"image": "broken.png", "question": "q", "chosen": "a", "rejected": "b"},  # 3: unreadable image
+    {"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"},  # 4: no such file
+    {"image": "red.png", "question": "q", "chosen": "   ", "rejected": "b"},  # 5: empty chosen
+    {"question": "q", "chosen": "a", "rejected": "b"},  # 6: no image
+]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
+def test_load_formats_and_skip_bad_records(tmp_path, fmt, caplog):
+    _write_images(tmp_path / "img")
+    rows = GOOD + BAD
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        keys = sorted({k for r in rows for k in r})  # from_pylist takes its columns from the first row
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)
+    with caplog.at_level("WARNING", logger="tpo_fast"):
+        records, bad = load_preference_records(path, tmp_path / "img", on_bad="skip")
+    assert [r["index"] for r in records] == [0, 1]
+    assert records[1]["prompt"] == "what colour ?"
+    expected = [2, 3, 4, 5, 6] + ([7] if fmt == "jsonl" else [])
+    assert [b.index for b in bad] == expected
+    reasons = {b.index: b.reason for b in bad}
+    assert "missing rejected" in reasons[2] and "unreadable image" in reasons[3]
+    assert "unreadable image" in reasons[4] and "empty chosen" in reasons[5] and "missing image" in reasons[6]
+    assert "#3" in caplog.text and "skipped" in caplog.text
+
+
+def test_bad_records_error_lists_every_index(tmp_path):
+    _write_images(tmp_path / "img")
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(GOOD + BAD))
+    with pytest.raises(ValueError, match=r"5 bad preference record.*#2: .*#6: .*--bad-records skip"):
+        load_preference_records(path, tmp_path / "img", on_bad="error")
+
+
+def test_inline_image_bytes(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "question": "q", "chosen": "a", "rejected": "b"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    records, bad = load_preference_records(tmp_path / "p.parquet")
+    item = PreferenceDataset(records)[0]
+    assert not bad and item["image"].getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_file_vanishing_mid_epoch_is_replaced_not_fatal(tmp_path, caplog):
+    _write_images(tmp_path / "img")
+    (tmp_path / "p.json").write_text(json.dumps(GOOD))
+    ds = PreferenceDataset.from_file(tmp_path / "p.json", tmp_path / "img")
+    os.remove(tmp_path / "img" / "red.png")
+    with caplog.at_level("WARNING", logger="tpo_fast"):
+        item = ds[0]
+    assert item["index"] == 1 and "#0 failed to load" in caplog.text
+    strict = PreferenceDataset(ds.records, tmp_path / "img", on_bad="error")
+    with pytest.raises(RuntimeError, match="record #0 failed to load"):
+        strict[0]
+
+
+def test_diffusion_noise_matches_the_official_formula():
+    a, b = diffusion_coefficients(500)
+    assert a == pytest.approx(0.86302, abs=1e-5) and b == pytest.approx(0.50517, abs=1e-5)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    x0 = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    official = ((a * x0 + b * eps) * 255).to(torch.int64).remainder(256)  # mul(255).byte(), no clamp
+    wrapped = np.asarray(add_diffusion_noise(image, 500, seed=7))
+    assert image.size == (11, 9)
+    np.testing.assert_array_equal(wrapped, official.numpy().astype(np.uint8))
+    clamped = np.asarray(add_diffusion_noise(image, 500, seed=7, overflow="clamp")).astype(np.int64)
+    expected = ((a * x0 + b * eps) * 255).clamp(0, 255).to(torch.int64).numpy()
+    np.testing.assert_array_equal(clamped, expected)
+    assert (wrapped != clamped).mean() > 0.1  # a noticeable share wraps at t=500
+
+
+def test_seeded_noise_reproduces_and_fresh_noise_does_not(tmp_path):
+    ds = tiny_data(str(tmp_path / "d"), num_images=2)
+    a, b = np.asarray(ds[0]["corrupted_image"]), np.asarray(ds[0]["corrupted_image"])
+    np.testing.assert_array_equal(a, b)
+    other = PreferenceDataset(ds.records, ds.image_folder, noise_seed=1)
+    assert (np.asarray(other[0]["corrupted_image"]) != a).any()
+    fresh = PreferenceDataset(ds.records, ds.image_folder, noise_seed=None)
+    assert (np.asarray(fresh[0]["corrupted_image"]) != np.asarray(fresh[0]["corrupted_image"])).any()
+    cached = PreferenceDataset(ds.records, ds.image_folder, corrupted_cache_dir=tmp_path / "cache")
+    first = np.asarray(cached[0]["corrupted_image"])
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    np.testing.assert_array_equal(first, a)
+    np.testing.assert_array_equal(np.asarray(cached[0]["corrupted_image"]), a)
+    with pytest.raises(ValueError, match="needs a seeded noise"):
+        PreferenceDataset(ds.records, ds.image_folder, noise_seed=None, corrupted_cache_dir=tmp_path / "c2")
+
+
+def test_collator_layout(tmp_path):
+    ds = tiny_data(str(tmp_path / "d"), num_images=3)
+    proc = tiny_processor()
+    collate = TPOCollator(proc)
+    items = [ds[0], ds[1], ds[0]]  # pairs 0 and 2 share an image
+    batch = collate(items)
+    assert batch["input_ids"].shape[0] == 6 and batch["labels"].shape == batch["input_ids"].shape
+    assert batch["pixel_values"].shape == (2, 3, 28, 28) == batch["corrupted_pixel_values"].shape
+    assert batch["image_index"].tolist() == [0, 1, 0]
+    assert batch["index"].tolist() == [0, 1, 0]
+    assert not torch.equal(batch["pixel_values"], batch["corrupted_pixel_values"])
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    tok = proc.tokenizer
+    for row in range(6):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        assert int((ids == image_id).sum()) == 16  # (28 / 7) ** 2 patches, CLS dropped
+        assert (labels[ids == image_id] == -100).all() and (labels[mask == 0] == -100).all()
+        response = labels[labels != -100]
+        item = items[row % 3]
+        text = item["chosen"] if row < 3 else item["rejected"]
+        assert response.tolist() == tok(" " + text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # The labelled positions are one contiguous run right after the prompt.
+        pos = (labels != -100).nonzero().squeeze(1)
+        assert pos.tolist() == list(range(int(pos[0]), int(pos[-1]) + 1))
+        assert ids[int(pos[0]) - 1] == tok.convert_tokens_to_ids(":")  # "... ASSISTANT:" ends the prompt
+    # chosen row i and rejected row B + i share the prompt
+    for i in range(3):
+        start = int((batch["labels"][i] != -100).nonzero()[0])
+        assert torch.equal(batch["input_ids"][i, :start], batch["input_ids"][3 + i, :start])
+
+
+def test_collator_truncates_responses_only(tmp_path):
+    ds = tiny_data(str(tmp_path / "d"), num_images=2)
+    batch = TPOCollator(tiny_processor(), max_length=30)([ds[0], ds[1]])
+    assert batch["input_ids"].shape[1] <= 30
+    assert ((batch["labels"] != -100).sum(1) >= 1).all()
+    image_id = 4
+    assert ((batch["input_ids"] == image_id).sum(1) == 16).all()

@@ -1,0 +1,55 @@
+"""Two processes on gloo via torchrun: DDP and DeepSpeed ZeRO-3 through TPOTrainer, FSDP2 with
+`fully_shard` directly. Each must give the losses and updated weights of one process on the same
+global batch (tests/dist/tiny_setup.py::baseline_run)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "dist"))
+
+from tiny_setup import baseline_run  # noqa: E402
+
+STEPS, LR = 2, 0.5
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("dist") / "data")
+    losses, state = baseline_run(folder, steps=STEPS, global_batch=4, lr=LR)
+    return folder, losses, state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
+def test_two_processes_match_one(baseline, mode, tmp_path):
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    folder, losses, state = baseline
+    out = tmp_path / f"{mode}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), os.path.join(HERE, "dist", "run_dist.py"), mode, folder, str(out),
+           str(STEPS), str(LR)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"torchrun {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    result = torch.load(out, weights_only=True)
+    assert result["world"] == 2
+    assert result["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert losses[1] != pytest.approx(losses[0])  # the step changed the model
+    assert set(result["state"]) == set(state)
+    for name, value in state.items():
+        torch.testing.assert_close(result["state"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{mode}: {name}: {m}")

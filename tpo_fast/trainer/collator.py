@@ -1,0 +1,134 @@
+"""Collate preference pairs into one TPO batch: chosen and rejected rows, clean and corrupted images."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("tpo_fast")
+
+DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+class TPOCollator:
+    """Turn `PreferenceDataset` items into model inputs.
+
+    The batch (B pairs, U distinct images, T the padded length):
+
+    - `input_ids`, `attention_mask`, `labels`: (2B, T), the B chosen rows first, then the B
+      rejected rows in the same order. `labels` are the input ids (unshifted, the Hugging Face
+      convention) with `ignore_index` on image, prompt and padding positions.
+    - `pixel_values`, `corrupted_pixel_values`: (U, C, H, W), each distinct image once (pairs that
+      share an image and its seeded noise share one entry), so the vision tower runs once per image.
+    - `image_index`: (B,) which of the U images each pair uses.
+    - `index`: (B,) the records' indices in the source file (key of a cached reference).
+
+    Args:
+        processor: a `LlavaProcessor` (tokenizer + image processor + image-token expansion).
+        prompt_template: format string with `{prompt}` and the image placeholder (default
+            LLaVA-1.5's "USER: <image>\\n{prompt} ASSISTANT:"); an image placeholder inside the
+            record's prompt is removed, the template places the image.
+        response_prefix: prepended to every response (a space, as LLaVA-1.5's template expects).
+        max_length: longest row; responses are cut to fit, prompts (which carry the image tokens)
+            never are. None: no limit.
+        ignore_index: label of positions without a target (default -100).
+    """
+
+    def __init__(
+        self,
+        processor,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        response_prefix: str = " ",
+        max_length: int | None = None,
+        ignore_index: int = -100,
+    ):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token = getattr(processor, "image_token", "<image>")
+        if "{prompt}" not in prompt_template or self.image_token not in prompt_template:
+            raise ValueError(
+                f"prompt_template must contain '{{prompt}}' and the image token {self.image_token!r}, "
+                f"got {prompt_template!r}"
+            )
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos or unk token)")
+        self.prompt_template = prompt_template
+        self.response_prefix = response_prefix
+        self.max_length = max_length
+        self.ignore_index = ignore_index
+        self._warned_truncation = False
+
+    def _num_image_tokens(self, pixel_values: torch.Tensor) -> int:
+        p = self.processor
+        height, width = pixel_values.shape[-2:]
+        n = (height // p.patch_size) * (width // p.patch_size) + (p.num_additional_image_tokens or 0)
+        if p.vision_feature_select_strategy == "default":
+            n -= 1
+        return n
+
+    def _encode_pair(self, item: dict[str, Any], n_image_tokens: int) -> tuple[list[int], list[int], list[int]]:
+        question = item["prompt"].replace(self.image_token, "").strip()
+        prompt = self.prompt_template.format(prompt=question)
+        prompt = prompt.replace(self.image_token, self.image_token * n_image_tokens)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        responses = []
+        for text in (item["chosen"], item["rejected"]):
+            ids = self.tokenizer(self.response_prefix + text.strip(), add_special_tokens=False)["input_ids"] + eos
+            if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
+                keep = max(1, self.max_length - len(prompt_ids))
+                if not self._warned_truncation:
+                    logger.warning(
+                        "responses cut to fit max_length=%d (prompt of record #%d is %d tokens with the image); "
+                        "raise max_length to train on whole responses", self.max_length, item["index"], len(prompt_ids),
+                    )
+                    self._warned_truncation = True
+                ids = ids[:keep]
+            responses.append(ids)
+        return prompt_ids, responses[0], responses[1]
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        # Distinct images: same key and same (seeded) noise. Fresh noise makes every item distinct.
+        slots: dict[Any, int] = {}
+        clean, corrupted, image_index = [], [], []
+        for i, item in enumerate(items):
+            key = item.get("dedupe_key", item["image_key"])
+            key = ("item", i) if key is None else key
+            if key not in slots:
+                slots[key] = len(clean)
+                clean.append(item["image"])
+                corrupted.append(item["corrupted_image"])
+            image_index.append(slots[key])
+        pixels = self.image_processor(clean + corrupted, return_tensors="pt")["pixel_values"]
+        n_images = len(clean)
+        n_image_tokens = self._num_image_tokens(pixels)
+
+        rows_chosen, rows_rejected = [], []
+        for item in items:
+            prompt_ids, chosen_ids, rejected_ids = self._encode_pair(item, n_image_tokens)
+            rows_chosen.append((prompt_ids, chosen_ids))
+            rows_rejected.append((prompt_ids, rejected_ids))
+        rows = rows_chosen + rows_rejected
+        length = max(len(p) + len(r) for p, r in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), self.ignore_index, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, (prompt_ids, response_ids) in enumerate(rows):
+            ids = prompt_ids + response_ids
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, len(prompt_ids) : len(ids)] = torch.tensor(response_ids)
+            attention_mask[r, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixels[:n_images],
+            "corrupted_pixel_values": pixels[n_images:],
+            "image_index": torch.tensor(image_index, dtype=torch.long),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }

@@ -1,0 +1,82 @@
+"""`TPOConfig`: `transformers.TrainingArguments` plus the TPO options, like TRL's `DPOConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from tpo_fast.trainer.collator import DEFAULT_PROMPT_TEMPLATE
+
+
+@dataclass
+class TPOConfig(TrainingArguments):
+    """Training arguments for `TPOTrainer` (token-level preference optimization, arXiv 2412.14487).
+
+    Every `transformers.TrainingArguments` field applies (batch size, gradient accumulation,
+    learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging). The TPO fields:
+
+    objective: "tpo" (token-level weights from the clean/corrupted visual score, SPEC.md) or "dpo"
+        (plain DPO on the clean image; no corrupted branch).
+    beta: 0.1, the official code's (it never sets one). offset: the weight offset `a` (0.5).
+    weighting: passed to the loss ("tpo" is the paper's self-calibrated weight).
+    detach_weights: False (paper and official code): the corrupted branch keeps its gradient.
+        True runs the corrupted branch without gradient (no activations kept, much cheaper).
+    loss_type: "sigmoid" (default), "hinge" or "ipo". label_smoothing: conservative DPO.
+    average_log_prob: average instead of sum over response tokens (the paper sums).
+    reference: where the reference scores come from.
+        "auto": a separate frozen model (the `ref_model` argument, or a copy of the policy), or,
+        with a LoRA adapter, the policy with its adapter disabled.
+        "model", "adapter": those two explicitly. "none": reference-free.
+    precompute_reference: score the whole training set with the reference once before training,
+        cache the scores to `reference_cache` (default `<output_dir>/reference_scores.pt`), free the
+        reference model and train against the cache. Exact only with seeded corruption (the
+        dataset's `noise_seed` not None): the same corrupted image at caching and training time.
+    noise_step, noise_seed, noise_overflow, corrupted_cache_dir: the image corruption (see
+        `PreferenceDataset`; used when the trainer or CLI builds the dataset).
+    max_length, prompt_template: the collator's (see `TPOCollator`).
+    bad_records: "skip" or "error" for unusable records (see `load_preference_records`).
+    loss_backend: the fused kernels' backend ("auto": triton on CUDA, torch on CPU).
+    """
+
+    objective: str = field(default="tpo", metadata={"help": "tpo or dpo"})
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the preference loss"})
+    weighting: str = field(default="tpo", metadata={"help": "token weighting of the loss (tpo)"})
+    offset: float = field(default=0.5, metadata={"help": "offset a of the self-calibrated weight"})
+    detach_weights: bool = field(default=False, metadata={"help": "no gradient through the corrupted branch"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid, hinge or ipo"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO label smoothing"})
+    average_log_prob: bool = field(default=False, metadata={"help": "average log-probs over tokens"})
+    reference: str = field(default="auto", metadata={"help": "auto, model, adapter or none"})
+    precompute_reference: bool = field(default=False, metadata={"help": "cache reference scores before training"})
+    reference_cache: str | None = field(default=None, metadata={"help": "path of the reference score cache"})
+    noise_step: int = field(default=500, metadata={"help": "diffusion step of the image corruption"})
+    noise_seed: int | None = field(default=0, metadata={"help": "seed of the corruption noise (None: fresh)"})
+    noise_overflow: str = field(default="wrap", metadata={"help": "wrap (official) or clamp"})
+    corrupted_cache_dir: str | None = field(default=None, metadata={"help": "cache of corrupted images"})
+    max_length: int | None = field(default=None, metadata={"help": "longest row in tokens"})
+    prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata={"help": "prompt format"})
+    bad_records: str = field(default="skip", metadata={"help": "skip or error"})
+    loss_backend: str = field(default="auto", metadata={"help": "fused loss backend"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
+
+    def __post_init__(self):
+        # Non-reentrant checkpointing needs no requires_grad inputs (frozen embeddings under LoRA)
+        # and works with DDP and the two trunk forwards of a step. transformers 5 renamed the field.
+        name = "activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs") else (
+            "gradient_checkpointing_kwargs"
+        )
+        if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
+            setattr(self, name, {"use_reentrant": False})
+        super().__post_init__()
+        for name, allowed in (
+            ("objective", ("tpo", "dpo")),
+            ("reference", ("auto", "model", "adapter", "none")),
+            ("loss_type", ("sigmoid", "hinge", "ipo")),
+            ("noise_overflow", ("wrap", "clamp")),
+            ("bad_records", ("skip", "error")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.precompute_reference and self.reference == "none":
+            raise ValueError("precompute_reference=True needs a reference; reference='none' has none")

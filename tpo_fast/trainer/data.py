@@ -1,0 +1,302 @@
+"""Preference records (RLHF-V / RLAIF-V / POVID shape) from JSON, JSONL or parquet.
+
+A record holds an image (a path relative to an image folder, or inline bytes as in the RLAIF-V
+parquet files), a prompt, a chosen and a rejected response. Records that cannot be used are
+found when the data is loaded, reported with their index, and skipped or rejected as the user
+chooses (`on_bad="skip" | "error"`), so an epoch never dies half-way on a bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tpo_fast.trainer.corruption import add_diffusion_noise, example_seed
+
+logger = logging.getLogger("tpo_fast")
+
+IMAGE_KEYS = ("image", "image_path", "img_path", "images")
+PROMPT_KEYS = ("prompt", "question", "query")
+CHOSEN_KEYS = ("chosen",)
+REJECTED_KEYS = ("rejected",)
+BAD_RECORD_MODES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """One record that was left out: its 0-based position in the file and why."""
+
+    index: int
+    reason: str
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read raw records from a `.json` (a list of objects), `.jsonl` or `.parquet` file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    # Kept as a record so that it is reported with its index like any other bad one.
+                    records.append({"__error__": f"line {line_no + 1} is not valid JSON ({e.msg})"})
+        return records
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json preference file must hold a list of records, got {type(data).__name__}")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported preference file type {suffix!r}; use .json, .jsonl or .parquet")
+
+
+def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if key in record and record[key] is not None:
+            return record[key]
+    return None
+
+
+def _as_text(value: Any) -> str | None:
+    # RLHF-V style chat lists: [{"role": ..., "content": ...}]; keep the last message's content.
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content")
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _image_source(value: Any) -> str | bytes | None:
+    if isinstance(value, list):  # TRL-style "images": [one image]
+        if len(value) != 1:
+            return None
+        value = value[0]
+    if isinstance(value, dict):  # parquet image struct {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+def open_image(source: str | bytes, image_folder: str | os.PathLike | None) -> Image.Image:
+    """Open an image from a path (relative to `image_folder` unless absolute) or inline bytes, as RGB."""
+    if isinstance(source, bytes):
+        image = Image.open(io.BytesIO(source))
+    else:
+        path = Path(source)
+        if image_folder is not None and not path.is_absolute():
+            path = Path(image_folder) / path
+        image = Image.open(path)
+    image.load()
+    return image.convert("RGB")
+
+
+def validate_record(
+    record: Any, image_folder: str | os.PathLike | None, check_images: bool = True
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Normalise one raw record to `{"image", "prompt", "chosen", "rejected"}` or say why it is unusable."""
+    if not isinstance(record, dict):
+        return None, f"not an object but {type(record).__name__}"
+    if "__error__" in record:
+        return None, record["__error__"]
+    image = _image_source(_first(record, IMAGE_KEYS))
+    if image is None:
+        return None, f"missing image (one of {list(IMAGE_KEYS)})"
+    prompt = _as_text(_first(record, PROMPT_KEYS))
+    if prompt is None:
+        return None, f"missing prompt (one of {list(PROMPT_KEYS)})"
+    fields = {"image": image, "prompt": prompt}
+    for name, keys in (("chosen", CHOSEN_KEYS), ("rejected", REJECTED_KEYS)):
+        text = _as_text(_first(record, keys))
+        if text is None:
+            return None, f"missing {name} response"
+        if not text.strip():
+            return None, f"empty {name} response"
+        fields[name] = text
+    if check_images:
+        try:
+            open_image(image, image_folder)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same: unusable image
+            where = "inline bytes" if isinstance(image, bytes) else repr(image)
+            return None, f"unreadable image {where}: {type(e).__name__}: {e}"
+    return fields, None
+
+
+def load_preference_records(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    on_bad: str = "skip",
+    check_images: bool = True,
+) -> tuple[list[dict[str, Any]], list[BadRecord]]:
+    """Load and validate preference records.
+
+    Args:
+        path: a `.json`, `.jsonl` or `.parquet` file of records with an image, a prompt (or
+            question), a chosen and a rejected response.
+        image_folder: folder that relative image paths are resolved against.
+        on_bad: "skip" leaves bad records out with a warning naming their indices; "error" raises
+            one `ValueError` listing every bad record.
+        check_images: open every image now (decoding it) so that unreadable files are found
+            before training rather than mid-epoch.
+
+    Returns:
+        (records, bad): the usable records, each with its original file index under "index", and
+        the bad ones as `BadRecord(index, reason)`.
+    """
+    if on_bad not in BAD_RECORD_MODES:
+        raise ValueError(f"on_bad must be one of {BAD_RECORD_MODES}, got {on_bad!r}")
+    records, bad = [], []
+    for index, raw in enumerate(read_records(path)):
+        fields, reason = validate_record(raw, image_folder, check_images)
+        if fields is None:
+            bad.append(BadRecord(index, reason))
+        else:
+            fields["index"] = index
+            records.append(fields)
+    if bad:
+        listing = "; ".join(f"#{b.index}: {b.reason}" for b in bad[:20])
+        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+        if on_bad == "error":
+            raise ValueError(
+                f"{path}: {len(bad)} bad preference record(s): {listing}{more}. "
+                "Fix them or pass on_bad='skip' (CLI: --bad-records skip) to leave them out."
+            )
+        logger.warning("%s: skipped %d bad preference record(s): %s%s", path, len(bad), listing, more)
+    if not records:
+        raise ValueError(f"{path}: no usable preference records ({len(bad)} bad)")
+    return records, bad
+
+
+class PreferenceDataset(Dataset):
+    """Preference pairs with their clean and corrupted images.
+
+    Each item is a dict: `index` (position in the source file), `image_key` (identifies the
+    image, so the collator encodes a shared image once), `image` and `corrupted_image` (PIL),
+    `prompt`, `chosen`, `rejected`.
+
+    Corruption (SPEC.md): diffusion noise at `noise_step` (default 500). With `noise_seed` set
+    (the default 0) the noise of each image is seeded from the seed and the image's key, so a
+    rerun, another rank or a resumed run sees the same corrupted image, and a cached reference
+    is exact; `noise_seed=None` draws fresh noise on every load, as the official code does.
+    `corrupted_cache_dir` stores the corrupted images as PNG (lossless) on first use; it needs a
+    seeded noise.
+    """
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        image_folder: str | os.PathLike | None = None,
+        *,
+        noise_step: int = 500,
+        noise_seed: int | None = 0,
+        overflow: str = "wrap",
+        corrupted_cache_dir: str | os.PathLike | None = None,
+        on_bad: str = "skip",
+    ):
+        if corrupted_cache_dir is not None and noise_seed is None:
+            raise ValueError(
+                "corrupted_cache_dir needs a seeded noise (noise_seed not None): fresh noise cannot be cached"
+            )
+        if on_bad not in BAD_RECORD_MODES:
+            raise ValueError(f"on_bad must be one of {BAD_RECORD_MODES}, got {on_bad!r}")
+        self.records = records
+        self.image_folder = image_folder
+        self.noise_step = noise_step
+        self.noise_seed = noise_seed
+        self.overflow = overflow
+        self.corrupted_cache_dir = None if corrupted_cache_dir is None else Path(corrupted_cache_dir)
+        self.on_bad = on_bad
+        if self.corrupted_cache_dir is not None:
+            self.corrupted_cache_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, image_folder: str | os.PathLike | None = None, **kwargs):
+        """Load, validate (see `load_preference_records`) and wrap a preference file."""
+        records, _ = load_preference_records(path, image_folder, on_bad=kwargs.get("on_bad", "skip"))
+        return cls(records, image_folder, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @staticmethod
+    def _key(record: dict[str, Any]) -> str:
+        image = record["image"]
+        if isinstance(image, bytes):
+            import hashlib
+
+            return "bytes:" + hashlib.blake2b(image, digest_size=16).hexdigest()
+        return str(image)
+
+    def corrupt(self, image: Image.Image, key: str) -> Image.Image:
+        """The corrupted image for `key`, from the cache when there is one."""
+        seed = None if self.noise_seed is None else example_seed(self.noise_seed, key)
+        cache = None
+        if self.corrupted_cache_dir is not None:
+            cache = self.corrupted_cache_dir / f"{seed:016x}_t{self.noise_step}_{self.overflow}.png"
+            if cache.exists():
+                return Image.open(cache).convert("RGB")
+        corrupted = add_diffusion_noise(image, self.noise_step, seed=seed, overflow=self.overflow)
+        if cache is not None:
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            corrupted.save(tmp, format="PNG")
+            os.replace(tmp, cache)  # atomic, so concurrent ranks never read half a file
+        return corrupted
+
+    def _load(self, i: int) -> dict[str, Any]:
+        record = self.records[i]
+        key = self._key(record)
+        image = open_image(record["image"], self.image_folder)
+        return {
+            "index": record["index"],
+            "image_key": key,
+            # Fresh noise makes every load distinct: nothing to share with another pair.
+            "dedupe_key": key if self.noise_seed is not None else None,
+            "image": image,
+            "corrupted_image": self.corrupt(image, key),
+            "prompt": record["prompt"],
+            "chosen": record["chosen"],
+            "rejected": record["rejected"],
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self._load(i)
+        except Exception as e:  # noqa: BLE001
+            # Files validated at load time can still vanish or break during a long run.
+            if self.on_bad == "error":
+                raise RuntimeError(f"preference record #{self.records[i]['index']} failed to load: {e}") from e
+            for step in range(1, len(self.records)):
+                j = (i + step) % len(self.records)
+                try:
+                    item = self._load(j)
+                except Exception:  # noqa: BLE001
+                    continue
+                logger.warning(
+                    "preference record #%d failed to load (%s: %s); used record #%d in its place",
+                    self.records[i]["index"], type(e).__name__, e, item["index"],
+                )
+                return item
+            raise RuntimeError("no preference record can be loaded any more") from e

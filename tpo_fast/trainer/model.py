@@ -1,0 +1,344 @@
+"""One TPO / DPO step on a Hugging Face LLaVA model, from final hidden states, without logits.
+
+The step runs *inside the model's forward*: `route_forward(model, options)` patches the
+instance's `forward` so that `model(tpo_batch=batch)` computes the whole loss (images encoded once,
+two trunk forwards, the fused loss on the lm_head weight) and returns it, while any other call
+falls through to the original forward. Inside the forward is where DDP's reducer, DeepSpeed
+ZeRO-3's parameter gathering and FSDP2's unsharding are active, so the loss sees the same
+parameters the trunk used:
+
+- ZeRO-3: `lm_head.weight` is a 0-element shard outside its module's forward, and the lm_head
+  module never runs (its weight goes straight to the fused loss). The loss is computed by
+  `_Zero3GatheredLoss`, which gathers the weight in forward, and gathers it again in backward to
+  recompute the (cheap) loss, because the gathered storage is released in between.
+- FSDP2: inside the root's forward the root group's parameters (lm_head with them) are unsharded
+  plain tensors, and FSDP reduce-scatters their gradients after backward; the weight is cast to
+  the compute dtype of the hidden states. Without gradient a `DTensor` weight is gathered with
+  `full_tensor()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tpo_fast.loss import dpo_loss, reference_sequence_scores, tpo_loss
+
+OBJECTIVES = ("tpo", "dpo")
+REFERENCE_MODES = ("model", "adapter", "precomputed", "none")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What one step computes (a subset of `TPOConfig`; see there for the meaning of each field)."""
+
+    objective: str = "tpo"
+    beta: float = 0.1
+    weighting: str = "tpo"
+    offset: float = 0.5
+    detach_weights: bool = False
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    average_log_prob: bool = False
+    reference: str = "model"
+    ignore_index: int = -100
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+
+
+def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
+    """The `LlavaForConditionalGeneration` inside DDP / DeepSpeed / PEFT wrappers."""
+    # Unwrap first: PEFT forwards unknown attributes to the base model, so a PeftModel looks
+    # like it has `.lm_head` and `.model` too.
+    for _ in range(8):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            break
+    if hasattr(model, "lm_head") and hasattr(getattr(model, "model", None), "get_image_features"):
+        return model
+    raise TypeError(
+        f"expected a LLaVA-style model (a `.model` with `get_image_features` and an `.lm_head`), "
+        f"got {type(model).__name__}"
+    )
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(R, T) labels -> (R, T) targets: the hidden state at position t predicts targets[:, t] = labels[:, t + 1]."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def response_window(targets: torch.Tensor, ignore_index: int = -100) -> slice:
+    """The column range holding every target (prompt and image columns before it are dropped)."""
+    cols = (targets != ignore_index).any(0).nonzero()
+    if cols.numel() == 0:
+        raise ValueError("the batch has no response tokens (every label is ignore_index)")
+    return slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def encode_images(llava: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(U, C, H, W) images -> (U, image_tokens, D) projected features: the vision tower runs once per image."""
+    out = llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    features = out.pooler_output
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def backbone_hidden(
+    llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
+) -> torch.Tensor:
+    """(R, T, D) final hidden states (after the last norm) from the backbone `llava.model`, no lm_head.
+
+    `image_features` (R, image_tokens, D) are the precomputed features of each row's image, so the
+    vision tower is not run again here.
+    """
+    encoded = BaseModelOutputWithPooling(pooler_output=list(image_features.unbind(0)))
+    out = llava.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_encoder_outputs={"image": encoded},
+        use_cache=False,
+        return_dict=True,
+    )
+    return out.last_hidden_state
+
+
+def branch_hidden(
+    llava: torch.nn.Module, batch: dict[str, torch.Tensor], need_corrupted: bool, corrupted_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states of chosen+rejected on the clean image and (optionally) on the corrupted image.
+
+    One vision call for every distinct image (clean and corrupted together when both carry gradient),
+    one trunk forward per branch over the 2B rows. A corrupted branch without gradient runs under
+    `no_grad`, keeping no activations.
+    """
+    rows = batch["image_index"].repeat(2)  # chosen rows, then rejected rows: same images
+    clean_px, corrupted_px = batch["pixel_values"], batch["corrupted_pixel_values"]
+    grad = torch.is_grad_enabled()
+    corrupted_feats = None
+    if need_corrupted and corrupted_grad and grad:
+        feats = encode_images(llava, torch.cat([clean_px, corrupted_px]))
+        clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
+    else:
+        clean_feats = encode_images(llava, clean_px)
+    hidden = backbone_hidden(llava, batch["input_ids"], batch["attention_mask"], clean_feats[rows])
+    corrupted_hidden = None
+    if need_corrupted:
+        with torch.no_grad() if not corrupted_grad else contextlib.nullcontext():
+            if corrupted_feats is None:
+                corrupted_feats = encode_images(llava, corrupted_px)
+            corrupted_hidden = backbone_hidden(
+                llava, batch["input_ids"], batch["attention_mask"], corrupted_feats[rows]
+            )
+    return hidden, corrupted_hidden
+
+
+def _is_zero3(param: torch.Tensor | None) -> bool:
+    return param is not None and hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.Tensor | None]):
+    # Only shards: a parameter below ZeRO-3's persistence threshold, or one a module hook has
+    # already fetched, is available as is, and DeepSpeed refuses to release it from here.
+    params = [p for p in params if _is_zero3(p) and p.ds_status.name == "NOT_AVAILABLE"]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _full(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The lm_head weight (or bias) as a plain tensor in the compute dtype of the hidden states.
+
+    Under FSDP2 the weight is already unsharded here when the lm_head belongs to the root's
+    `fully_shard` group (the loss runs inside the root's forward). A weight that is still a
+    `DTensor` means lm_head is its own `fully_shard` unit, whose forward never runs: its
+    gradient would skip FSDP's reduce-scatter, so that is refused while training; without
+    gradient (reference scores) its full tensor is gathered.
+    """
+    if t is None:
+        return None
+    if hasattr(t, "full_tensor"):
+        if torch.is_grad_enabled() and t.requires_grad:
+            raise RuntimeError(
+                "lm_head.weight is a sharded DTensor inside the forward: lm_head was given its own fully_shard "
+                "unit, whose forward never runs with a fused loss. Shard lm_head with the root module "
+                "(fully_shard(model) after the decoder layers, not fully_shard(model.lm_head))."
+            )
+        t = t.full_tensor()
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _Zero3GatheredLoss(torch.autograd.Function):
+    """The fused loss on a ZeRO-3 partitioned lm_head: gather in forward, gather and recompute in backward.
+
+    Must be applied while the weight is gathered (so autograd records its full shape). Returns the
+    loss and the metric values stacked (not differentiable); their names are appended to the list `keys`.
+    """
+
+    @staticmethod
+    def forward(ctx, loss_fn, keys, weight, bias, hidden, corrupted_hidden):
+        with torch.no_grad():
+            out = loss_fn(weight.detach(), None if bias is None else bias.detach(), hidden, corrupted_hidden)
+        ctx.loss_fn, ctx.weight, ctx.bias = loss_fn, weight, bias
+        ctx.save_for_backward(hidden, corrupted_hidden)
+        keys.extend(sorted(out.metrics))
+        metrics = torch.stack([out.metrics[k].detach().float().reshape(()) for k in keys])
+        ctx.mark_non_differentiable(metrics)
+        return out.loss.detach(), metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        hidden, corrupted_hidden = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        need = ctx.needs_input_grad
+        with _gathered([weight, bias]), torch.enable_grad():
+            w = weight.detach().requires_grad_(need[2])
+            b = None if bias is None else bias.detach().requires_grad_(need[3])
+            h = hidden.detach().requires_grad_(need[4])
+            hc = None if corrupted_hidden is None else corrupted_hidden.detach().requires_grad_(need[5])
+            out = ctx.loss_fn(w, b, h, hc)
+            inputs = [x for x in (w, b, h, hc) if x is not None and x.requires_grad]
+            grads = iter(torch.autograd.grad(out.loss, inputs, grad_loss, allow_unused=True) if inputs else ())
+            # Fresh tensors: they outlive the gathered storage, released when the context exits.
+            result = [next(grads) if x is not None and x.requires_grad else None for x in (w, b, h, hc)]
+        return (None, None, *result)
+
+
+def sequence_reference_scores(
+    llava: torch.nn.Module, batch: dict[str, torch.Tensor], options: StepOptions
+) -> torch.Tensor:
+    """(2B,) reference sequence scores S_ref of the batch's rows under `llava` (no gradient).
+
+    TPO: `sum_t m_t (logp_t + log c_t)` with the model's own clean and corrupted branches; DPO:
+    `sum_t m_t logp_t` (averages with `average_log_prob`).
+    """
+    with torch.no_grad():
+        hidden, corrupted_hidden = branch_hidden(llava, batch, options.objective == "tpo", corrupted_grad=False)
+        targets = shift_labels(batch["labels"], options.ignore_index)
+        window = response_window(targets, options.ignore_index)
+        targets = targets[:, window]
+        hidden = hidden[:, window]
+        corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
+        lm_head = llava.lm_head
+        with _gathered([lm_head.weight, lm_head.bias]):
+            weight = _full(lm_head.weight, hidden.dtype)
+            bias = _full(lm_head.bias, hidden.dtype)
+            if options.objective == "tpo":
+                return reference_sequence_scores(
+                    weight, hidden, corrupted_hidden, targets, bias, weighting=options.weighting,
+                    offset=options.offset, average_log_prob=options.average_log_prob,
+                    ignore_index=options.ignore_index, backend=options.backend,
+                )
+            from tpo_fast import token_stats
+
+            flat = targets.reshape(-1)
+            stats = token_stats(hidden.reshape(flat.numel(), -1), weight, flat, bias, None,
+                                options.ignore_index, backend=options.backend)
+            mask = (targets != options.ignore_index).float()
+            scores = (stats.logprobs.view(targets.shape) * mask).sum(-1)
+            return scores / mask.sum(-1).clamp_min(1) if options.average_log_prob else scores
+
+
+def policy_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    options: StepOptions,
+    ref_seq_scores: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """The loss of one batch under the policy `model` (a LLaVA model, possibly inside PEFT).
+
+    `ref_seq_scores` (2B,) come from a separate reference model or a cache; with
+    `options.reference == "adapter"` they are computed here with the LoRA adapter disabled.
+    Returns `{"loss": scalar, "metrics": {name: scalar tensor}, "tokens": response tokens}`.
+    """
+    llava = unwrap_llava(model)
+    tpo = options.objective == "tpo"
+    if options.reference == "adapter":
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("reference='adapter' needs a PEFT model (pass peft_config or a PeftModel)")
+        with model.disable_adapter():
+            ref_seq_scores = sequence_reference_scores(llava, batch, options)
+    if options.reference != "none" and ref_seq_scores is None:
+        raise ValueError(f"reference={options.reference!r} needs reference scores for the batch; none were given")
+
+    hidden, corrupted_hidden = branch_hidden(llava, batch, tpo, corrupted_grad=not options.detach_weights)
+    targets = shift_labels(batch["labels"], options.ignore_index)
+    window = response_window(targets, options.ignore_index)
+    targets = targets[:, window].contiguous()
+    hidden = hidden[:, window]
+    corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
+    common = dict(
+        ref_seq_scores=ref_seq_scores, beta=options.beta, loss_type=options.loss_type,
+        label_smoothing=options.label_smoothing, reference_free=options.reference == "none",
+        average_log_prob=options.average_log_prob, ignore_index=options.ignore_index, backend=options.backend,
+    )
+
+    def loss_fn(weight, bias, h, hc):
+        if tpo:
+            return tpo_loss(
+                weight, h, hc, targets, bias, weighting=options.weighting, offset=options.offset,
+                detach_weights=options.detach_weights, **common,
+            )
+        return dpo_loss(weight, h, targets, bias, **common)
+
+    lm_head = llava.lm_head
+    if _is_zero3(lm_head.weight):
+        keys: list[str] = []
+        with _gathered([lm_head.weight, lm_head.bias]):
+            loss, values = _Zero3GatheredLoss.apply(
+                loss_fn, keys, lm_head.weight, lm_head.bias, hidden, corrupted_hidden
+            )
+        metrics = dict(zip(keys, values.unbind(0), strict=False))
+    else:
+        out = loss_fn(_full(lm_head.weight, hidden.dtype), _full(lm_head.bias, hidden.dtype), hidden, corrupted_hidden)
+        loss, metrics = out.loss, {k: v.detach() for k, v in out.metrics.items()}
+    tokens = (targets != options.ignore_index).sum()
+    return {"loss": loss, "metrics": metrics, "tokens": tokens}
+
+
+def route_forward(model: torch.nn.Module, options: StepOptions) -> torch.nn.Module:
+    """Patch `model.forward` (this instance only) so that the TPO step runs inside the forward.
+
+    After patching, `model(tpo_batch=batch)` returns `policy_loss(...)`'s dict (with
+    `tpo_ref_scores=...` passed through), `model(tpo_batch=batch, tpo_mode="reference")` returns
+    `sequence_reference_scores(...)`, and every other call reaches the original forward. Wrappers
+    applied afterwards (DDP, a DeepSpeed engine, FSDP2's `fully_shard`, accelerate's autocast)
+    call this forward through their own, so their hooks run around the step. Idempotent; the
+    options can be replaced by calling it again.
+    """
+    model._tpo_step_options = options
+    if getattr(model, "_tpo_routed", False):
+        return model
+    def forward(self, *args, tpo_batch=None, tpo_mode="policy", tpo_ref_scores=None, **kwargs):
+        if tpo_batch is None:
+            # The class's forward, not a captured bound method: a deep copy of the model stays
+            # bound to itself.
+            return type(self).forward(self, *args, **kwargs)
+        opts = self._tpo_step_options
+        if tpo_mode == "reference":
+            return sequence_reference_scores(unwrap_llava(self), tpo_batch, opts)
+        if tpo_mode != "policy":
+            raise ValueError(f"tpo_mode must be 'policy' or 'reference', got {tpo_mode!r}")
+        return policy_loss(self, tpo_batch, opts, tpo_ref_scores)
+
+    model.forward = types.MethodType(forward, model)
+    model._tpo_routed = True
+    return model

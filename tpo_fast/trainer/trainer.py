@@ -1,0 +1,332 @@
+"""`TPOTrainer`: token-level preference optimization (TPO, arXiv 2412.14487) of LLaVA models.
+
+Not to be confused with TRL's `trl.experimental.tpo.TPOTrainer`, which is *Triple* Preference
+Optimization, a different method.
+
+Design choice: `TPOTrainer` subclasses `transformers.Trainer`, not TRL's `DPOTrainer`. TRL's
+preference trainers are customised by overriding private methods (`concatenated_forward`,
+`get_batch_loss_metrics`, the collator) whose names and signatures moved twice during TRL 1.x;
+subclassing would pin TRL to a narrow range for code we would replace anyway (our step never
+builds logits, runs the vision tower once per image and needs the corrupted branch). The public
+surface follows `DPOTrainer`: `TPOTrainer(model, ref_model=None, args=TPOConfig(...),
+train_dataset=..., processing_class=processor, peft_config=...)`, `.train()`, `.save_model()`,
+`resume_from_checkpoint`, and the same metric names (`rewards/chosen`, `rewards/margins`, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import resource
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from tpo_fast.trainer.collator import TPOCollator
+from tpo_fast.trainer.config import TPOConfig
+from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
+
+logger = logging.getLogger("tpo_fast")
+
+
+def default_attn_implementation() -> str:
+    """"flash_attention_2" when flash-attn is installed and CUDA is present, else "sdpa"."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_llava(path: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None):
+    """Load a local `LlavaForConditionalGeneration` (no download: HF_HUB_OFFLINE applies)."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation()
+    )
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process in MiB: CUDA allocator peak on GPU, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class TPOTrainer(Trainer):
+    """Trainer for TPO (token-level preference optimization, arXiv 2412.14487) and DPO on LLaVA models.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` (or a `PeftModel` around one), or a local path.
+        ref_model: the frozen reference; None uses a frozen copy of `model`, or, with a LoRA
+            adapter, the policy with its adapter disabled (`args.reference` decides).
+        args: a `TPOConfig`.
+        data_collator: defaults to `TPOCollator(processing_class, ...)`.
+        train_dataset, eval_dataset: `PreferenceDataset`s (or any dataset of the same items).
+        processing_class: the `LlavaProcessor`.
+        peft_config: a `peft.LoraConfig` to wrap `model` with.
+
+    Each step runs, inside the (DDP / DeepSpeed / FSDP-wrapped) model's forward: one vision call
+    for the batch's distinct clean and corrupted images, one trunk forward of chosen+rejected on
+    the clean images and one on the corrupted images (no grad with `detach_weights=True`), and the
+    fused TPO loss on the response positions' final hidden states and the lm_head weight.
+    """
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: TPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args if args is not None else TPOConfig(output_dir="tpo-output")
+        if not isinstance(args, TPOConfig):
+            raise TypeError(f"args must be a TPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            model = load_llava(model, torch.bfloat16 if args.bf16 else None)
+        is_peft = peft_config is not None or hasattr(model, "disable_adapter")
+        mode = args.reference
+        if mode == "auto":
+            mode = "adapter" if (is_peft and ref_model is None) else "model"
+        if mode == "adapter" and not is_peft:
+            raise ValueError("reference='adapter' needs a LoRA adapter: pass peft_config or a PeftModel")
+        if mode == "model" and ref_model is None:
+            # Copied before the adapter is added and before any wrapper, so it is the untouched policy.
+            ref_model = copy.deepcopy(model)
+        if mode != "model":
+            ref_model = None
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.reference_mode = mode
+        self.step_options = StepOptions(
+            objective=args.objective, beta=args.beta, weighting=args.weighting, offset=args.offset,
+            detach_weights=args.detach_weights, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+            average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
+        )
+        route_forward(model, self.step_options)
+        if ref_model is not None:
+            route_forward(ref_model, self.step_options)
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("pass processing_class (the LlavaProcessor) or a data_collator")
+            data_collator = TPOCollator(
+                processing_class, prompt_template=args.prompt_template, max_length=args.max_length
+            )
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # The routed forward takes **kwargs, which the Trainer reads as "scales the loss for
+        # gradient accumulation itself"; it does not: the Trainer must divide.
+        self.model_accepts_loss_kwargs = False
+        self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
+        self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self._tokens_since_log = 0
+        self._time_of_log: float | None = None
+        self._ref_table: torch.Tensor | None = None
+        if args.precompute_reference:
+            self._precompute_reference()
+
+    # ----- reference ---------------------------------------------------------------------------
+    def _prepare_reference(self, ref_model):
+        if self.is_deepspeed_enabled:
+            return self._prepare_deepspeed_reference(ref_model)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _prepare_deepspeed_reference(self, ref_model):
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if stage != 3:
+            config.setdefault("zero_optimization", {})["stage"] = 0  # replicate: a frozen model needs no sharding
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        for key, value in (
+            ("train_micro_batch_size_per_gpu", self.args.per_device_train_batch_size),
+            ("gradient_accumulation_steps", self.args.gradient_accumulation_steps),
+        ):
+            if config.get(key) in (None, "auto"):
+                config[key] = value
+        config.pop("train_batch_size", None)
+        engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+        engine.eval()
+        return engine
+
+    def _reference_scorer(self):
+        if self.reference_mode == "model":
+            ref = self.ref_model
+
+            def score(batch):
+                return ref(tpo_batch=batch, tpo_mode="reference")
+
+            return score
+        model = self.model
+        llava = unwrap_llava(model)
+
+        def score_adapter(batch):
+            with model.disable_adapter():
+                return sequence_reference_scores(llava, batch, self.step_options)
+
+        return score_adapter
+
+    def _cache_fingerprint(self) -> dict[str, Any]:
+        ds = self.train_dataset
+        a = self.args
+        return {
+            "objective": a.objective, "weighting": a.weighting, "offset": a.offset,
+            "average_log_prob": a.average_log_prob, "noise_step": getattr(ds, "noise_step", None),
+            "noise_seed": getattr(ds, "noise_seed", None), "overflow": getattr(ds, "overflow", None),
+            "size": len(ds), "max_length": a.max_length, "prompt_template": a.prompt_template,
+        }
+
+    def _precompute_reference(self):
+        ds = self.train_dataset
+        if ds is None:
+            raise ValueError("precompute_reference=True needs a train_dataset")
+        if getattr(ds, "noise_seed", 0) is None:
+            raise ValueError(
+                "precompute_reference=True needs seeded corruption (the dataset's noise_seed must not be None): "
+                "with fresh noise every load the cached reference would not match the corrupted image trained on"
+            )
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.reference_mode == "adapter" and zero3:
+            raise ValueError(
+                "precompute_reference with reference='adapter' is not supported under ZeRO-3 (the policy is not yet "
+                "wrapped by DeepSpeed at init); pass a separate ref_model or use ZeRO-2"
+            )
+        path = self.args.reference_cache or os.path.join(self.args.output_dir, "reference_scores.pt")
+        fingerprint = self._cache_fingerprint()
+        cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        if cached is not None and cached.get("fingerprint") == fingerprint:
+            logger.info("reference scores loaded from %s", path)
+        else:
+            if cached is not None:
+                logger.warning("reference cache %s was made with other settings; recomputing it", path)
+            cached = {"fingerprint": fingerprint, **self._score_dataset(ds)}
+            if self.accelerator.is_main_process:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                torch.save(cached, path)
+                logger.info("reference scores of %d records cached to %s", len(cached["index"]), path)
+            self.accelerator.wait_for_everyone()
+        index, scores = cached["index"], cached["scores"]
+        table = torch.full((int(index.max()) + 1, 2), float("nan"), dtype=torch.float64)
+        table[index] = scores.double()
+        self._ref_table = table
+        # The reference model is no longer needed: free it.
+        self.ref_model = None
+        self.reference_mode = "precomputed"
+        self.step_options = StepOptions(**{**self.step_options.__dict__, "reference": "precomputed"})
+        route_forward(self.model, self.step_options)
+
+    @torch.no_grad()
+    def _score_dataset(self, ds) -> dict[str, torch.Tensor]:
+        """(chosen, rejected) reference scores of every record; ranks split the work in equal shares."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        positions = list(range(rank, len(ds), world))
+        share = -(-len(ds) // world)
+        positions += positions[-1:] * (share - len(positions))  # equal counts: ZeRO-3 ranks run in lockstep
+        bs = self.args.per_device_eval_batch_size
+        score = self._reference_scorer()
+        self.model.eval()
+        indices, values = [], []
+        for start in range(0, len(positions), bs):
+            batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
+            batch = self._prepare_inputs(batch)
+            s = score(batch).float().cpu()
+            half = s.shape[0] // 2
+            indices.append(batch["index"].cpu())
+            values.append(torch.stack([s[:half], s[half:]], dim=1))
+        self.model.train()
+        index, scores = torch.cat(indices), torch.cat(values)
+        if world > 1:
+            index = self.accelerator.gather(index.to(self.args.device)).cpu()
+            scores = self.accelerator.gather(scores.to(self.args.device)).cpu()
+        return {"index": index, "scores": scores}
+
+    def _reference_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.reference_mode == "model":
+            with torch.no_grad():
+                return self.ref_model(tpo_batch=inputs, tpo_mode="reference")
+        if self.reference_mode == "precomputed":
+            rows = self._ref_table[inputs["index"].cpu()]
+            if torch.isnan(rows).any():
+                missing = inputs["index"][torch.isnan(rows).any(1)].tolist()
+                raise KeyError(f"records {missing} are not in the reference cache; delete it to recompute")
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(device=inputs["input_ids"].device, dtype=torch.float32)
+        return None  # "adapter": computed inside the policy's forward; "none": reference-free
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a full-model checkpoint through `from_pretrained`, which applies the key conversion.
+
+        transformers 5 saves LLaVA under its legacy key names (`language_model.model.*`) and the base
+        Trainer loads the file's state dict as is, so on resume every weight would be reported missing
+        and silently left at its initial value. DeepSpeed, FSDP and PEFT checkpoints keep their own
+        loading path.
+        """
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        llava = unwrap_llava(model)
+        first = next(llava.parameters())
+        loaded = type(llava).from_pretrained(resume_from_checkpoint, dtype=first.dtype)
+        llava.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    # ----- step ------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._time_of_log is None:
+            self._time_of_log = time.perf_counter()
+        out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs))
+        split = "train" if model.training else "eval"
+        for key, value in out["metrics"].items():
+            self._stored_metrics[split][key].append(float(value))
+        if model.training:
+            self._tokens_since_log += int(inputs["attention_mask"].sum())
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if "loss" in logs else "eval"
+        prefix = "" if split == "train" else "eval_"
+        stored = self._stored_metrics.pop(split, {})
+        if stored:
+            keys = sorted(stored)
+            means = torch.tensor([sum(v) / len(v) for v in (stored[k] for k in keys)], device=self.args.device)
+            means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
+            logs.update({prefix + k: round(float(v), 6) for k, v in zip(keys, means, strict=False)})
+        if split == "train" and self._time_of_log is not None:
+            now = time.perf_counter()
+            tokens = torch.tensor(float(self._tokens_since_log), device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                tokens = self.accelerator.reduce(tokens, reduction="sum")
+            logs["tokens_per_second"] = round(float(tokens) / max(now - self._time_of_log, 1e-9), 2)
+            logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            self._tokens_since_log, self._time_of_log = 0, now
+        super().log(logs, start_time)
