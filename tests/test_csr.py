@@ -1,0 +1,150 @@
+"""CSR (tpo_fast.methods.csr): reward mixing, R_text on the primitive, and the `csr` CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tpo_fast.methods.csr import CSROptions, mix_rewards, sentence_log_probs
+
+WORDS = ["a", "dog", "cat", "on", "the", "mat", "is", "there", "describe", "image", "red", "and", "bus", "what"]
+
+
+def test_raw_mix_is_the_papers_formula():
+    r_img = torch.tensor([20.0, 25.0, 22.0])
+    r_txt = torch.tensor([-1.0, -3.0, -0.5])
+    torch.testing.assert_close(mix_rewards(r_img, r_txt), 0.9 * r_img + 0.1 * r_txt)
+
+
+def test_rank_mix_is_the_official_rule():
+    # Official calculate_ranks: descending sort, best = 1/n; construct.py: (1-a) rank + a clip_rank, lower better.
+    r_img = torch.tensor([20.0, 25.0, 22.0])  # clip ranks: 3/3, 1/3, 2/3
+    r_txt = torch.tensor([-1.0, -3.0, -0.5])  # text ranks: 2/3, 3/3, 1/3
+    want = -torch.tensor([0.9 * 3 + 0.1 * 2, 0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 1]) / 3
+    torch.testing.assert_close(mix_rewards(r_img, r_txt, mix="rank"), want)
+    with pytest.raises(ValueError, match="mix must be one of"):
+        mix_rewards(r_img, r_txt, mix="sum")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        CSROptions(lam=2.0)
+    with pytest.raises(ValueError, match="num_beams must be >= 2"):
+        CSROptions(num_beams=1)
+
+
+def make_tiny_llava_dir(root):
+    from tpo_fast.trainer.tiny import build_tiny_llava, build_tiny_processor
+
+    processor = build_tiny_processor(WORDS)
+    model = build_tiny_llava(len(processor.tokenizer), seed=3)
+    model.save_pretrained(root / "llava")
+    processor.save_pretrained(root / "llava")
+    return model, processor
+
+
+def make_tiny_clip_dir(root):
+    """A random tiny CLIPModel with a character-level CLIP tokenizer, saved offline."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+    folder = root / "clip"
+    folder.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz.,?!'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=7),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("csr")
+    model, processor = make_tiny_llava_dir(root)
+    clip = make_tiny_clip_dir(root)
+    g = torch.Generator().manual_seed(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((torch.rand(30, 34, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in (
+        {"image": "a.png", "question": "describe the image ."}, {"image": "b.png", "prompt": "what is there ?"})))
+    return root, model, processor, clip, prompts
+
+
+def test_sentence_log_probs_match_full_logits(workdir):
+    root, model, processor, _, _ = workdir
+    from PIL import Image
+
+    tok = processor.tokenizer
+    inputs = processor(text=["USER: <image>\ndescribe the image . ASSISTANT:"], images=[Image.open(root / "a.png")],
+                       return_tensors="pt")
+    prefix = tok.convert_tokens_to_ids(["a", "dog", "."])
+    cands = [tok.convert_tokens_to_ids(["the", "cat", "."]), tok.convert_tokens_to_ids(["red", "."])]
+    got = sentence_log_probs(model, inputs["input_ids"][0], inputs["pixel_values"], prefix, cands, backend="torch")
+    want = []
+    with torch.no_grad():
+        for cand in cands:
+            ids = torch.cat([inputs["input_ids"][0], torch.tensor(prefix + cand)])[None]
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].float()
+            n = len(cand)
+            logp = logits[-n - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(cand)[:, None]).squeeze(-1)
+            want.append(logp.mean())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_cli_end_to_end(workdir):
+    from tpo_fast.methods.cli import main
+    from tpo_fast.trainer.data import load_preference_records
+
+    root, _, _, clip, prompts = workdir
+    out = root / "run"
+    rc = main(["csr", "--model", str(root / "llava"), "--prompts", str(prompts), "--image-folder", str(root),
+               "--clip", str(clip), "--iterations", "3", "--output-dir", str(out), "--num-beams", "2",
+               "--candidates", "2", "--max-sentences", "2", "--max-sentence-tokens", "4", "--lr", "1e-3",
+               "--backend", "torch"])
+    assert rc == 0
+    summary = json.loads((out / "csr_summary.json").read_text())
+    assert [s["iteration"] for s in summary] == [1, 2, 3]
+    assert all(s["pairs"] >= 1 and s["loss"] is not None for s in summary)
+    records, bad = load_preference_records(out / "iter_1" / "preferences.json")
+    assert not bad and len(records) == summary[0]["pairs"]
+    pairs = json.loads((out / "iter_1" / "preferences.json").read_text())
+    assert all(p["chosen"] != p["rejected"] and p["chosen_score"] >= p["rejected_score"] for p in pairs)
+    # Each iteration trains away from the previous one: the saved weights differ.
+    from safetensors.torch import load_file
+
+    w1 = load_file(out / "iter_1" / "model" / "model.safetensors")
+    w3 = load_file(out / "iter_3" / "model" / "model.safetensors")
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
+
+
+def test_csr_cli_errors(workdir, tmp_path):
+    from tpo_fast.methods.cli import main
+
+    root, _, _, clip, prompts = workdir
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["csr", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--clip", str(clip),
+              "--output-dir", str(tmp_path / "o")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "no image"}]))
+    with pytest.raises(ValueError, match="needs an image path"):
+        main(["csr", "--model", str(root / "llava"), "--prompts", str(bad), "--clip", str(clip),
+              "--output-dir", str(tmp_path / "o")])

@@ -1,0 +1,257 @@
+"""FiSAO (tpo_fast.methods.fisao): verifier, token-level clipped PG loss, rollout-then-update step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from methods_reference import pg_loss_reference
+
+from tpo_fast.methods.fisao import (
+    TokenVerifier,
+    VisionEncoderVerifier,
+    fisao_step,
+    is_object_word,
+    rewards_to_grid,
+    token_advantages,
+    token_pg_loss,
+    token_word,
+)
+
+R, T, D, V = 3, 6, 20, 77
+
+
+def make(bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(R, T, D, generator=g).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D**0.5).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.1).requires_grad_() if bias else None
+    y = torch.randint(0, V, (R, T), generator=g)
+    y[:, :1] = -100
+    y[1, 4:] = -100
+    y[2, :] = -100  # a row without response tokens
+    with torch.no_grad():
+        logp = F.linear(h, w, b).log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    # Old and reference log-probs near the current ones, so some ratios clip and some do not.
+    old = logp + 0.3 * torch.randn(R, T, generator=g)
+    ref = logp + 0.5 * torch.randn(R, T, generator=g)
+    adv = torch.randn(R, T, generator=g)
+    return h, w, b, y, old, ref, adv
+
+
+CASES = {
+    "k3-token": dict(),
+    "k1-seq": dict(kl_estimator="k1", aggregation="seq_mean"),
+    "k2-asym": dict(kl_estimator="k2", clip_eps=0.1, clip_eps_high=0.3),
+    "nokl": dict(kl_coef=0.0),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_pg_loss_matches_reference(backend, bias, case):
+    opts = dict(CASES[case])
+    h, w, b, y, old, ref, adv = make(bias)
+    out = token_pg_loss(w, h, y, b, advantages=adv, old_logprobs=old, ref_logprobs=ref, backend=backend, **opts)
+    g = torch.randn(())
+    (out.loss * g).backward()
+    h2, w2, b2 = (None if t is None else t.detach().clone().requires_grad_() for t in (h, w, b))
+    ref_opts = {"kl_coef": 0.05, **opts}
+    want = pg_loss_reference(h2, y, w2, b2, old, ref, adv, **ref_opts)
+    (want * g).backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    for name, a, e in (("hidden", h.grad, h2.grad), ("weight", w.grad, w2.grad)) + (
+        (("bias", b.grad, b2.grad),) if bias else ()
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert 0 < out.metrics["pg/clip_frac"] < 1
+
+
+def test_on_policy_is_plain_policy_gradient():
+    # old_logprobs=None: ratio 1, nothing clipped, gradient = -sum(A dlogp) / tokens.
+    h, w, b, y, _, _, adv = make(False, seed=1)
+    out = token_pg_loss(w, h, y, advantages=adv, kl_coef=0.0, backend="torch")
+    out.loss.backward()
+    mask = y != -100
+    w2 = w.detach().clone().requires_grad_()
+    logp = F.linear(h.detach(), w2).log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    (-(adv * logp * mask).sum() / mask.sum()).backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-7)
+    assert out.metrics["pg/clip_frac"] == 0 and out.metrics["pg/ratio_mean"] == 1
+
+
+def test_pg_errors():
+    h, w, b, y, old, ref, adv = make(False)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        token_pg_loss(w, h, y, advantages=adv)
+    with pytest.raises(ValueError, match="advantages must have"):
+        token_pg_loss(w, h, y, advantages=adv[:1], kl_coef=0)
+    with pytest.raises(ValueError, match="clip_eps must be"):
+        token_pg_loss(w, h, y, advantages=adv, kl_coef=0, clip_eps=1.5)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        token_pg_loss(w, h, y, advantages=adv, ref_logprobs=ref, kl_estimator="k4")
+    with pytest.raises(ValueError, match="hidden must be"):
+        token_pg_loss(w, h[:, :2], y, advantages=adv, kl_coef=0)
+
+
+def test_token_advantages():
+    r = torch.tensor([[1.0, 0.0, 2.0, 5.0], [0.0, -1.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]).bool()
+    torch.testing.assert_close(token_advantages(r, m), torch.tensor([[1.0, 0, 2, 0], [0, -1, 0, 0]]))
+    ret = token_advantages(r, m, mode="return", gamma=0.5)
+    torch.testing.assert_close(ret, torch.tensor([[1 + 0 + 0.5, 0 + 1.0, 2, 0], [0, -1, 0, 0]]))
+    white = token_advantages(r, m, whiten=True)
+    assert abs(float(white[m].mean())) < 1e-6 and abs(float(white[m].std(unbiased=False)) - 1) < 1e-5
+    with pytest.raises(ValueError, match="advantage mode"):
+        token_advantages(r, m, mode="gae")
+
+
+def test_object_words():
+    assert token_word("▁Dogs") == "dogs" and token_word("Ġcat") == "cat"
+    objs = frozenset({"dog", "bus"})
+    assert is_object_word("dogs", objs) and is_object_word("buses", objs) and not is_object_word("the", objs)
+
+
+WORDS = ["a", "dog", "cat", "on", "the", "mat", "is", "there", "describe", "image", "red", "and", "bus", "."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from PIL import Image
+
+    from tpo_fast.trainer.tiny import build_tiny_llava, build_tiny_processor
+
+    processor = build_tiny_processor(WORDS)
+    model = build_tiny_llava(len(processor.tokenizer), seed=2)
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray((torch.rand(28, 28, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    return model, processor, images
+
+
+def test_vision_verifier_similarity_and_rewards(tiny):
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    verifier = VisionEncoderVerifier(model, processor.image_processor, objects=["dog", "cat", "bus", "mat"])
+    assert isinstance(verifier, TokenVerifier)
+    ids = [torch.tensor(tok.convert_tokens_to_ids(["a", "dog", "on", "the", "mat"])),
+           torch.tensor(tok.convert_tokens_to_ids(["cats", "bus", "."]))]
+    sims = verifier.similarities(images, ids)
+    # Reference: cosine of the token embedding to every projected patch, max over patches.
+    with torch.no_grad():
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        feats = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        emb = model.get_input_embeddings().weight
+        want = torch.cat([F.cosine_similarity(emb[i][:, None, :], feats[r][None], dim=-1).amax(-1)
+                          for r, i in enumerate(ids)])
+    torch.testing.assert_close(sims, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        verifier.token_rewards(images, ids, tok)
+    verifier.low, verifier.high = float(sims.min()) + 0.01, float(sims.max()) - 0.01
+    rewards = verifier.token_rewards(images, ids, tok)
+    objects = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0]).bool()  # "cats" is unknown to the tokenizer: <unk>
+    assert rewards.shape == (8,)
+    assert (rewards[~objects] == 0).all()
+    lin = ((2 * sims - verifier.high - verifier.low) / (verifier.high - verifier.low)).clamp(-1, 1)
+    torch.testing.assert_close(rewards[objects], lin[objects])
+    verifier.mode = "step"
+    step = verifier.token_rewards(images, ids, tok)
+    assert set(step[objects].tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_vision_verifier_calibration(tiny):
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    verifier = VisionEncoderVerifier(model, processor.image_processor, objects=["dog", "cat", "bus", "mat"])
+    ids = {w: torch.tensor([tok.convert_tokens_to_ids(w)]) for w in ("dog", "cat", "bus", "mat")}
+    sims = {w: verifier.similarities(images[:1], [i]).item() for w, i in ids.items()}
+    ranked = sorted(sims, key=sims.get)
+    low, high = verifier.calibrate(images[:1], [ranked[2:]], [ranked[:2]], tok)
+    assert low == pytest.approx((sims[ranked[0]] + sims[ranked[1]]) / 2, abs=1e-6)
+    assert high == pytest.approx((sims[ranked[2]] + sims[ranked[3]]) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="does not separate"):
+        verifier.calibrate(images[:1], [ranked[:2]], [ranked[2:]], tok)
+    with pytest.raises(ValueError, match="high > low"):
+        VisionEncoderVerifier(model, processor.image_processor, low=0.5, high=0.1)
+
+
+def test_rewards_to_grid_checks_counts():
+    targets = torch.tensor([[-100, 5, 6, -100], [-100, 7, -100, -100]])
+    grid = rewards_to_grid(torch.tensor([1.0, 2.0, 3.0]), [torch.tensor([5, 6]), torch.tensor([7])], targets)
+    torch.testing.assert_close(grid, torch.tensor([[0.0, 1, 2, 0], [0, 3, 0, 0]]))
+    with pytest.raises(ValueError, match=r"\(N,\) = \(3,\)"):
+        rewards_to_grid(torch.ones(2), [torch.tensor([5, 6]), torch.tensor([7])], targets)
+
+
+class FixedVerifier:
+    """Rewards +1 on every "dog" token and -1 on every "cat" token: a verifier the policy can learn from."""
+
+    def __init__(self, dog: int, cat: int):
+        self.dog, self.cat = dog, cat
+
+    def token_rewards(self, images, token_ids, tokenizer):
+        flat = torch.cat(list(token_ids))
+        return (flat == self.dog).float() - (flat == self.cat).float()
+
+
+def test_fisao_step_rollout_then_update(tiny):
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    policy = copy.deepcopy(model)
+    ref = copy.deepcopy(model).eval()
+    verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    torch.manual_seed(0)
+    m = fisao_step(policy, ref, processor, verifier, opt, images, ["describe the image .", "what is there ?"],
+                   ppo_epochs=2, max_new_tokens=6, backend="torch")
+    assert m["tokens"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
+    assert m["kl/mean"] >= 0  # k3 is non-negative; second epoch is off the rollout policy
+    changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
+    assert "lm_head.weight" in changed
+    assert all(p.grad is None for p in ref.parameters())
+    with pytest.raises(ValueError, match="needs a reference"):
+        fisao_step(policy, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=2)
+
+
+def test_fisao_update_matches_full_logits(tiny):
+    # One update on a fixed rollout, fused path vs full logits from the model's own forward.
+    from tpo_fast.methods.fisao import response_hidden, rollout, token_logprobs_of
+
+    model, processor, images = tiny
+    torch.manual_seed(1)
+    ro = rollout(model, processor, images, ["describe the image .", "what is there ?"], max_new_tokens=5)
+    batch = ro.batch()
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    old = token_logprobs_of(model, batch)
+    hidden, targets, weight, bias = response_hidden(policy, batch)
+    adv = torch.randn(targets.shape) * (targets != -100)
+    out = token_pg_loss(weight, hidden, targets, bias, advantages=adv, old_logprobs=old, ref_logprobs=old,
+                        backend="torch")
+    out.loss.backward()
+    twin = copy.deepcopy(policy)
+    twin.zero_grad(set_to_none=True)
+    logits = twin(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits[:, :-1]
+    full_targets = batch["labels"][:, 1:]
+    start = (full_targets != -100).any(0).nonzero()[0].item()
+    logits, full_targets = logits[:, start:], full_targets[:, start:]
+    mask = full_targets != -100
+    logp = logits.float().log_softmax(-1).gather(-1, full_targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    n = targets.shape[1]
+    ratio = torch.exp(logp[:, :n] - old)
+    surr = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    diff = old - logp[:, :n]
+    per = (-surr + 0.05 * (diff.exp() - diff - 1)) * mask[:, :n]
+    want = per.sum() / mask.sum()
+    want.backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    twin_params = dict(twin.named_parameters())
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, twin_params[name].grad, rtol=1e-3, atol=1e-6,
+                                       msg=lambda m, k=name: f"{k}: {m}")

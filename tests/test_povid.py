@@ -1,0 +1,220 @@
+"""POVID stage 2 (tpo_fast.methods.povid) against the full-logits reference in methods_reference.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from methods_reference import povid_loss_reference, povid_scores, povid_scores_from_logits
+
+from tpo_fast.loss import dpo_loss
+from tpo_fast.methods.povid import POVIDLoss, povid_loss, povid_reference_scores, povid_step
+
+B, T, D, V = 2, 7, 24, 101
+
+
+def make(bias: bool, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2 * B, T, D, generator=g).to(dtype).requires_grad_()
+    hc = (h.detach()[:B] + 0.7 * torch.randn(B, T, D, generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, V, (2 * B, T), generator=g)
+    y[:, :2] = -100  # prompt
+    y[0, -1] = -100  # padding of one chosen row
+    y[B + 1, 3:] = -100  # a short hallucinated row
+    rh = (h.detach() + 0.1 * torch.randn(2 * B, T, D, generator=g)).to(dtype)
+    rhc = (hc.detach() + 0.1 * torch.randn(B, T, D, generator=g)).to(dtype)
+    rw = (w.detach() + 0.05 * torch.randn(V, D, generator=g)).to(dtype)
+    return h, hc, w, b, y, rh, rhc, rw
+
+
+def grads(*tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+CASES = {
+    "sigmoid": dict(),
+    "hinge": dict(loss_type="hinge"),
+    "smoothing-avg": dict(label_smoothing=0.2, average_log_prob=True),
+    "ipo-w0.3": dict(loss_type="ipo", noise_weight=0.3),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_povid_loss_matches_reference(backend, bias, case):
+    opts = CASES[case]
+    h, hc, w, b, y, rh, rhc, rw = make(bias)
+    rb = None if b is None else b.detach() + 0.01
+    out = povid_loss(w, h, hc, y, b, ref_hidden=rh, ref_corrupted_hidden=rhc, ref_weight=rw, ref_bias=rb,
+                     backend=backend, **opts)
+    g_out = torch.randn(())
+    (out.loss * g_out).backward()
+    got = grads(h, w, b)
+    assert hc.grad is None, "the corrupted branch only feeds the argmax: no gradient"
+
+    h2, hc2, w2, b2 = (None if t is None else t.detach().clone().requires_grad_() for t in (h, hc, w, b))
+    ref_opts = {k: v for k, v in opts.items()}
+    ref_loss, ref_metrics = povid_loss_reference(h2, hc2, y, w2, b2, rh, rhc, rw, rb, **ref_opts)
+    (ref_loss * g_out).backward()
+    want = grads(h2, w2, b2)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, a, e in zip(("hidden", "weight", "bias"), got, want, strict=True):
+        if e is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}")
+    for key in ("rewards/chosen", "rewards/rejected", "logps/noisy"):
+        torch.testing.assert_close(out.metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_noisy_term_through_lse_and_gather():
+    # With noise_weight=1 the loss depends only on S_w and S_n; S_n's gradient must flow both through
+    # the gathered argmax logit and through the shared lse (a missing path changes the weight grad).
+    h, hc, w, b, y, rh, rhc, rw = make(True, seed=3)
+    out = povid_loss(w, h, hc, y, b, ref_hidden=rh, ref_corrupted_hidden=rhc, noise_weight=1.0, backend="torch")
+    out.loss.backward()
+    w2 = w.detach().clone().requires_grad_()
+    ref, _ = povid_loss_reference(h.detach(), hc.detach(), y, w2, b.detach(), rh, rhc, w.detach(), b.detach(),
+                                  noise_weight=1.0)
+    ref.backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_forms_agree_and_get_no_gradient():
+    h, hc, w, b, y, rh, rhc, rw = make(True, seed=1)
+    rw.requires_grad_()
+    a = povid_loss(w, h, hc, y, b, ref_hidden=rh, ref_corrupted_hidden=rhc, ref_weight=rw, backend="torch")
+    cached = povid_reference_scores(rw, rh, rhc, y, b, backend="torch")
+    assert cached.shape == (3 * B,) and not cached.requires_grad
+    c = povid_loss(w, h, hc, y, b, ref_seq_scores=cached, backend="torch")
+    torch.testing.assert_close(a.loss, c.loss)
+    a.loss.backward()
+    assert rw.grad is None
+    s_w, s_l, s_n = povid_scores(rh, rhc, y, rw.detach(), b.detach())
+    torch.testing.assert_close(cached, torch.cat([s_w, s_l, s_n]), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_weight_zero_is_dpo():
+    h, hc, w, b, y, rh, rhc, rw = make(False, seed=2)
+    p = povid_loss(w, h, hc, y, ref_hidden=rh, ref_corrupted_hidden=rhc, ref_weight=rw, noise_weight=0.0,
+                   backend="torch")
+    d = dpo_loss(w, h, y, ref_hidden=rh, ref_weight=rw, backend="torch")
+    torch.testing.assert_close(p.loss, d.loss)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        torch.testing.assert_close(p.metrics[key], d.metrics[key])
+
+
+def test_argmax_match_metric_and_module():
+    # Corrupted hidden equal to the clean hidden of the chosen rows, targets set to that argmax:
+    # every noisy token is the chosen token, S_n == S_w and the match rate is 1.
+    h, _, w, b, y, rh, rhc, rw = make(False, seed=4)
+    hc = h.detach()[:B].clone()
+    with torch.no_grad():
+        top = (h[:B] @ w.t()).argmax(-1)
+    y[:B] = torch.where(y[:B] != -100, top, y[:B])
+    loss = POVIDLoss(beta=0.2, backend="torch")
+    out = loss(w, h, hc, y, ref_hidden=rh, ref_corrupted_hidden=rhc)
+    assert out.metrics["noisy/argmax_match"] == 1.0
+    torch.testing.assert_close(out.metrics["logps/noisy"], out.metrics["logps/chosen"])
+    assert "beta=0.2" in repr(loss)
+
+
+def test_errors_say_what_to_fix():
+    h, hc, w, b, y, rh, rhc, rw = make(False)
+    with pytest.raises(ValueError, match="B chosen rows only"):
+        povid_loss(w, h, h, y, ref_hidden=rh, ref_corrupted_hidden=rhc)
+    with pytest.raises(ValueError, match="noise_weight must lie in"):
+        povid_loss(w, h, hc, y, reference_free=True, noise_weight=1.5)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        povid_loss(w, h, hc, y)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        povid_loss(w, h, hc, y, ref_hidden=rh, ref_corrupted_hidden=rhc, ref_seq_scores=torch.zeros(3 * B))
+    with pytest.raises(ValueError, match=r"\(3B,\)"):
+        povid_loss(w, h, hc, y, ref_seq_scores=torch.zeros(2 * B))
+    with pytest.raises(ValueError, match="needs ref_corrupted_hidden"):
+        povid_loss(w, h, hc, y, ref_hidden=rh)
+    with pytest.raises(ValueError, match="2-D"):
+        povid_loss(w, h, hc, y[0], reference_free=True)
+    with pytest.raises(ValueError, match="beta"):
+        povid_loss(w, h, hc, y, reference_free=True, beta=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tmp_path_factory):
+    from PIL import Image
+
+    from tpo_fast.trainer.collator import TPOCollator
+    from tpo_fast.trainer.data import PreferenceDataset
+    from tpo_fast.trainer.tiny import build_tiny_llava, build_tiny_processor, words_of
+
+    folder = tmp_path_factory.mktemp("povid")
+    records = [
+        {"image": "a.png", "prompt": "describe the image .", "chosen": "a red dog on the mat .",
+         "rejected": "a cat on the red mat .", "index": 0},
+        {"image": "b.png", "prompt": "what is there ?", "chosen": "a cat .", "rejected": "a dog and a cat on a mat .",
+         "index": 1},
+    ]
+    g = torch.Generator().manual_seed(0)
+    for name in ("a.png", "b.png"):
+        pixels = (torch.rand(30, 36, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / name)
+    text = [r[k] for r in records for k in ("prompt", "chosen", "rejected")]
+    processor = build_tiny_processor(words_of(text))
+    dataset = PreferenceDataset(records, folder)
+    batch = TPOCollator(processor)([dataset[0], dataset[1]])
+    model = build_tiny_llava(len(processor.tokenizer), seed=1)
+    return model, batch
+
+
+def test_povid_step_on_tiny_llava_matches_full_logits(tiny_batch):
+    model, batch = tiny_batch
+    policy = copy.deepcopy(model)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():  # make the policy differ from the reference
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = povid_step(policy, batch, ref_model=ref_model, backend="torch")
+    out.loss.backward()
+
+    def full_scores(m):
+        n = batch["image_index"].shape[0]
+        idx = batch["image_index"]
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"][idx.repeat(2)]).logits[:, :-1]
+        corrupted = m(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
+                      pixel_values=batch["corrupted_pixel_values"][idx]).logits[:, :-1]
+        return povid_scores_from_logits(logits, corrupted, batch["labels"][:, 1:])
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), policy.parameters(), strict=True):
+            p.copy_(q)
+    s_w, s_l, s_n = full_scores(twin)
+    with torch.no_grad():
+        r_w, r_l, r_n = full_scores(ref_model)
+    import torch.nn.functional as F
+
+    noisy = -F.logsigmoid(0.1 * ((s_w - s_n) - (r_w - r_n)))
+    halluc = -F.logsigmoid(0.1 * ((s_w - s_l) - (r_w - r_l)))
+    ref_loss = (0.5 * noisy + 0.5 * halluc).mean()
+    ref_loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    named = dict(twin.named_parameters())
+    for name, p in policy.named_parameters():
+        if p.grad is None:
+            assert named[name].grad is None or named[name].grad.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(p.grad is None for p in ref_model.parameters())
+
+
+def test_povid_step_needs_a_reference(tiny_batch):
+    model, batch = tiny_batch
+    with pytest.raises(ValueError, match="no reference"):
+        povid_step(model, batch)
+    with pytest.raises(KeyError, match="corrupted_pixel_values"):
+        povid_step(model, {k: v for k, v in batch.items() if k != "corrupted_pixel_values"}, reference_free=True)

@@ -1,0 +1,577 @@
+"""FiSAO-style token-level alignment (arXiv 2410.14148, ICLR 2025) on the fused token primitive.
+
+No official code exists. tpo_fast treats FiSAO as (SPEC.md): a per-token reward `r_t` from a
+pluggable verifier, plus a token-level policy-gradient objective with a KL to the reference,
+trained by rollout-then-update. The choices made here, where the paper leaves room:
+
+Verifier (`VisionEncoderVerifier`, the default `TokenVerifier`):
+- The similarity of a token to the image uses the *model's own* vision encoder and projector:
+  the image's projected patch features (`get_image_features`, already in the language model's
+  embedding space) against the token's input embedding, cosine similarity, maximum over patches
+  (an object appears in some region, not everywhere).
+- Only *object tokens* are scored: tokens whose text (tokenizer markers such as "▁" / "Ġ" / "##"
+  stripped, lower-cased, a plural "s"/"es" removed if needed) is in an object vocabulary (the 80
+  COCO categories' head nouns and their common synonyms by default). Every other token gets 0.
+  Multi-token object words are not matched; LLaMA-family tokenizers keep the common nouns whole.
+- Calibration: `calibrate` measures the similarity of known-correct and known-hallucinated object
+  words for a set of images and sets `low` = mean hallucinated similarity, `high` = mean correct
+  similarity (it fails when they do not separate, `high <= low`). An object token's reward is
+  `clamp((2 s - high - low) / (high - low), -1, 1)` (`mode="linear"`: -1 at `low`, +1 at `high`) or
+  `+1 / 0 / -1` above `high`, between, below `low` (`mode="step"`).
+
+Objective (`token_pg_loss`), per response token with mask `m_t`:
+    ratio_t = exp(logp_t - logp_old_t)
+    surr_t  = min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps_high) A_t)        (PPO clipped surrogate)
+    kl_t    = k3: exp(ref_t - logp_t) - (ref_t - logp_t) - 1  (default; k1: logp - ref, k2: (logp - ref)^2 / 2)
+    loss    = mean over tokens of (-surr_t + kl_coef kl_t)       ("token_mean"; "seq_mean" averages per sequence)
+The KL sits in the loss (GRPO-style) rather than in the reward, so token rewards stay the
+verifier's. Advantages default to the token's own reward (`A_t = r_t`: the verifier already assigns
+credit per token, there is no value model); `advantage="return"` uses the discounted reward-to-go.
+`logp_t` comes from `tpo_fast.token_stats`: no N x V tensor, gradient through the primitive.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from tpo_fast.loss import LossOutput
+from tpo_fast.ops import token_stats
+
+logger = logging.getLogger("tpo_fast")
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean")
+ADVANTAGES = ("reward", "return")
+REWARD_MODES = ("linear", "step")
+
+# Head nouns of the 80 COCO categories and common synonyms (the objects hallucination benchmarks count).
+COCO_OBJECTS = frozenset("""
+person man woman boy girl child people bicycle bike car motorcycle airplane plane bus train truck boat
+traffic light fire hydrant stop sign parking meter bench bird cat dog horse sheep cow elephant bear zebra
+giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard
+surfboard racket bottle glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot
+hot pizza donut cake chair couch sofa plant bed table toilet tv television laptop mouse remote keyboard
+phone microwave oven toaster sink refrigerator fridge book clock vase scissors teddy toothbrush
+""".split())
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
+
+
+@runtime_checkable
+class TokenVerifier(Protocol):
+    """A source of per-token rewards for FiSAO.
+
+    `token_rewards(images, token_ids, tokenizer)`: `images` a sequence of R images (PIL), `token_ids`
+    a sequence of R 1-D int64 tensors (the response tokens of each rollout), `tokenizer` the
+    model's tokenizer. Returns an fp32 (N,) tensor, N = the total number of tokens, the rows'
+    tokens concatenated in order. 0 means "no opinion".
+    """
+
+    def token_rewards(self, images: Sequence[Any], token_ids: Sequence[torch.Tensor], tokenizer: Any) -> torch.Tensor:
+        ...
+
+
+def token_word(token: str) -> str:
+    """A token's text as a lower-case word: tokenizer space markers and punctuation stripped."""
+    return re.sub(r"^(▁|Ġ|##)+", "", token).strip().lower()
+
+
+def is_object_word(word: str, objects: frozenset[str] | set[str]) -> bool:
+    """True when `word` or its singular (dropping a final "s" / "es") is in `objects`."""
+    if not word:
+        return False
+    if word in objects:
+        return True
+    return (word.endswith("es") and word[:-2] in objects) or (word.endswith("s") and word[:-1] in objects)
+
+
+class VisionEncoderVerifier:
+    """The default `TokenVerifier`: object tokens against the image in the LLaVA model's own embedding space.
+
+    Args:
+        model: a LLaVA-style model (`.model.get_image_features`, input embeddings); a frozen copy (the
+            reference) keeps the rewards fixed while the policy trains.
+        image_processor: turns PIL images into the model's `pixel_values` (the processor's
+            `image_processor`).
+        objects: the object vocabulary (default `COCO_OBJECTS`).
+        low, high: calibration thresholds (see `calibrate`); both or neither.
+        mode: "linear" (default) or "step", see the module docstring.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_processor: Any,
+        objects: Sequence[str] | None = None,
+        low: float | None = None,
+        high: float | None = None,
+        mode: str = "linear",
+    ) -> None:
+        from tpo_fast.trainer.model import unwrap_llava
+
+        if mode not in REWARD_MODES:
+            raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
+        if (low is None) != (high is None):
+            raise ValueError("pass both calibration thresholds low and high, or neither (then call calibrate)")
+        if low is not None and not high > low:
+            raise ValueError(f"the calibration thresholds need high > low, got low={low}, high={high}")
+        self.llava = unwrap_llava(model)
+        self.image_processor = image_processor
+        self.objects = frozenset(w.lower() for w in (COCO_OBJECTS if objects is None else objects))
+        self.low, self.high = low, high
+        self.mode = mode
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Any]) -> torch.Tensor:
+        """(R, P, D) projected patch features of R images."""
+        from tpo_fast.trainer.model import encode_images
+
+        param = next(self.llava.parameters())
+        pixels = self.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        return encode_images(self.llava, pixels.to(device=param.device, dtype=param.dtype)).float()
+
+    @torch.no_grad()
+    def similarities(self, images: Sequence[Any], token_ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """fp32 (N,) cosine similarity of every token's input embedding to its image (max over patches)."""
+        if len(images) != len(token_ids):
+            raise ValueError(f"got {len(images)} images for {len(token_ids)} token sequences; give one image per row")
+        feats = nn.functional.normalize(self.image_features(images), dim=-1)  # [R, P, D]
+        embed = self.llava.get_input_embeddings()
+        out = []
+        for r, ids in enumerate(token_ids):
+            e = nn.functional.normalize(embed(ids.to(embed.weight.device).long()).float(), dim=-1)  # [n, D]
+            out.append((e @ feats[r].t()).amax(-1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def object_mask(self, token_ids: Sequence[torch.Tensor], tokenizer: Any) -> torch.Tensor:
+        """bool (N,): which tokens are object words."""
+        flags = []
+        for ids in token_ids:
+            tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+            flags.extend(is_object_word(token_word(t), self.objects) for t in tokens)
+        return torch.tensor(flags, dtype=torch.bool)
+
+    def _word_token(self, word: str, tokenizer: Any) -> int | None:
+        for text in (" " + word, word):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+                return ids[0]
+        return None
+
+    def calibrate(
+        self,
+        images: Sequence[Any],
+        correct_objects: Sequence[Sequence[str]],
+        hallucinated_objects: Sequence[Sequence[str]],
+        tokenizer: Any,
+    ) -> tuple[float, float]:
+        """Set and return `(low, high)` = mean similarity of hallucinated / correct object words.
+
+        `correct_objects[i]` lists objects present in `images[i]`, `hallucinated_objects[i]` objects
+        absent from it. Words that are not a single known token are skipped (with a warning).
+        """
+        if not len(images) == len(correct_objects) == len(hallucinated_objects):
+            raise ValueError("calibrate needs one list of correct and one of hallucinated objects per image")
+        sims = {}
+        skipped = set()
+        for name, lists in (("correct", correct_objects), ("hallucinated", hallucinated_objects)):
+            rows, row_images = [], []
+            for image, words in zip(images, lists, strict=True):
+                ids = []
+                for word in words:
+                    tok = self._word_token(word, tokenizer)
+                    if tok is None:
+                        skipped.add(word)
+                    else:
+                        ids.append(tok)
+                if ids:
+                    rows.append(torch.tensor(ids))
+                    row_images.append(image)
+            if not rows:
+                raise ValueError(f"no {name} object word is a single token of this tokenizer; cannot calibrate")
+            sims[name] = self.similarities(row_images, rows)
+        if skipped:
+            logger.warning("calibrate: skipped words that are not one token: %s", sorted(skipped))
+        low, high = float(sims["hallucinated"].mean()), float(sims["correct"].mean())
+        if not high > low:
+            raise ValueError(
+                f"the verifier does not separate correct from hallucinated objects (mean similarity {high:.4f} vs "
+                f"{low:.4f}); use more calibration data, another encoder, or pass low/high yourself"
+            )
+        self.low, self.high = low, high
+        return low, high
+
+    def rewards_from_similarity(self, sims: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
+        """Calibrated fp32 rewards in [-1, 1] for object tokens, 0 elsewhere."""
+        if self.low is None:
+            raise RuntimeError("the verifier is not calibrated: call calibrate(...) or pass low and high")
+        if self.mode == "linear":
+            r = ((2 * sims - self.high - self.low) / (self.high - self.low)).clamp(-1, 1)
+        else:
+            r = (sims >= self.high).float() - (sims <= self.low).float()
+        return torch.where(object_mask.to(r.device), r, torch.zeros((), device=r.device))
+
+    def token_rewards(self, images: Sequence[Any], token_ids: Sequence[torch.Tensor], tokenizer: Any) -> torch.Tensor:
+        """fp32 (N,) rewards of the concatenated tokens (see `TokenVerifier`)."""
+        if self.low is None:
+            raise RuntimeError("the verifier is not calibrated: call calibrate(...) or pass low and high")
+        sims = self.similarities(images, token_ids)
+        return self.rewards_from_similarity(sims, self.object_mask(token_ids, tokenizer)).cpu()
+
+
+def check_pg_options(clip_eps: float, clip_eps_high: float | None, kl_coef: float, kl_estimator: str,
+                     aggregation: str) -> None:
+    """Raise ValueError for an option outside its domain."""
+    for name, value in (("clip_eps", clip_eps), ("clip_eps_high", clip_eps_high)):
+        if value is None and name == "clip_eps_high":
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (PPO uses 0.2), got {value!r}")
+    if clip_eps >= 1:
+        raise ValueError(f"clip_eps must be < 1 (the ratio is clipped to [1 - clip_eps, ...]), got {clip_eps}")
+    if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def token_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, mode: str = "reward", gamma: float = 1.0, whiten: bool = False
+) -> torch.Tensor:
+    """fp32 (R, T) advantages from (R, T) token rewards; 0 at masked positions.
+
+    mode "reward": `A_t = r_t`; "return": `A_t = sum_{k >= t} gamma^(k - t) m_k r_k`. `whiten`
+    normalises over the response tokens (mean 0, std 1; unchanged when they are all equal).
+    """
+    if mode not in ADVANTAGES:
+        raise ValueError(f"advantage mode must be one of {ADVANTAGES}, got {mode!r}")
+    if rewards.shape != mask.shape or rewards.dim() != 2:
+        raise ValueError(f"rewards and mask must both be (R, T), got {_shape(rewards)} and {_shape(mask)}")
+    m = mask.bool()
+    r = torch.where(m, rewards.float(), torch.zeros((), device=rewards.device))
+    if mode == "return":
+        out = torch.zeros_like(r)
+        running = torch.zeros(r.shape[0], device=r.device)
+        for t in range(r.shape[1] - 1, -1, -1):
+            running = r[:, t] + gamma * running
+            out[:, t] = running
+        r = torch.where(m, out, torch.zeros((), device=r.device))
+    if whiten and m.any():
+        vals = r[m]
+        std = vals.std(unbiased=False) if vals.numel() > 1 else vals.new_zeros(())
+        r = torch.where(m, (r - vals.mean()) / std if std > 0 else r - vals.mean(), torch.zeros((), device=r.device))
+    return r
+
+
+def token_pg_loss(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    kl_coef: float = 0.05,
+    kl_estimator: str = "k3",
+    aggregation: str = "token_mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> LossOutput:
+    """Token-level PPO-style clipped policy-gradient loss with a KL to the reference (FiSAO objective).
+
+    Args:
+        weight: (V, D) lm_head weight; bias: optional (V,).
+        hidden: (R, T, D) or (R*T, D) policy hidden states at the positions predicting `targets`.
+        targets: (R, T) the sampled response tokens (shifted), `ignore_index` elsewhere.
+        advantages: (R, T) per-token advantages (see `token_advantages`), no gradient.
+        old_logprobs: (R, T) log-probs of the rollout policy; None = on-policy (the current
+            log-probs, detached: ratio 1, the plain policy gradient).
+        ref_logprobs: (R, T) reference log-probs; required when `kl_coef > 0`.
+        clip_eps: 0.2; clip_eps_high: upper clip (default = clip_eps).
+        kl_coef: 0.05; kl_estimator: "k3" (default), "k1" or "k2". aggregation: "token_mean" or "seq_mean".
+        ignore_index: -100. backend: primitive backend ("auto", "triton", "torch", "reference").
+
+    Returns:
+        `LossOutput(loss, metrics)` with "pg/loss", "pg/clip_frac", "pg/ratio_mean", "kl/mean",
+        "advantages/mean", "logps/mean" (all over response tokens).
+    """
+    check_pg_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, aggregation)
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError("targets must be a 2-D (R, T) tensor of sampled response tokens (shifted)")
+    n_seq, n_tok = targets.shape
+    if hidden.dim() == 3 and hidden.shape[:2] == (n_seq, n_tok):
+        h = hidden.flatten(0, 1)
+    elif hidden.dim() == 2 and hidden.shape[0] == n_seq * n_tok:
+        h = hidden
+    else:
+        raise ValueError(f"hidden must be ({n_seq}, {n_tok}, D) or ({n_seq * n_tok}, D) to match targets, "
+                         f"got {_shape(hidden)}")
+    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None and t.shape != targets.shape:
+            raise ValueError(f"{name} must have the (R, T) = {tuple(targets.shape)} shape of targets, got {_shape(t)}")
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (R, T) from the reference model; or set kl_coef=0")
+
+    mask = targets != ignore_index
+    zero = torch.zeros((), dtype=torch.float32, device=h.device)
+    stats = token_stats(h, weight, targets.reshape(-1), bias=bias, ignore_index=ignore_index, backend=backend)
+    logp = stats.logprobs.view(n_seq, n_tok)
+    old = logp.detach() if old_logprobs is None else torch.where(mask, old_logprobs.detach().float(), zero)
+    adv = torch.where(mask, advantages.detach().float(), zero)
+    log_ratio = torch.where(mask, logp - old, zero)
+    ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    per_token = -surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        diff = torch.where(mask, ref_logprobs.detach().float() - logp, zero)
+        if kl_estimator == "k1":
+            kl = -diff
+        elif kl_estimator == "k2":
+            kl = 0.5 * diff**2
+        else:
+            kl = torch.exp(diff) - diff - 1
+        per_token = per_token + kl_coef * kl
+    per_token = torch.where(mask, per_token, zero)
+    count = mask.sum().clamp(min=1)
+    if aggregation == "token_mean":
+        loss = per_token.sum() / count
+    else:
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    with torch.no_grad():
+        is_clipped = (surrogate != ratio * adv) & mask
+        metrics = {
+            "pg/loss": (torch.where(mask, -surrogate, zero).sum() / count).detach(),
+            "pg/clip_frac": is_clipped.sum().float() / count,
+            "pg/ratio_mean": torch.where(mask, ratio, zero).sum() / count,
+            "kl/mean": torch.where(mask, kl, zero).sum() / count,
+            "advantages/mean": adv.sum() / count,
+            "logps/mean": torch.where(mask, logp, zero).sum() / count,
+        }
+    return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
+
+@dataclass
+class Rollout:
+    """Sampled responses, laid out for teacher-forced scoring.
+
+    input_ids, attention_mask, labels: (R, L) right-padded prompt + response rows; labels hold the
+    response tokens (unshifted, the Hugging Face convention), `ignore_index` elsewhere.
+    pixel_values: (R, C, H, W). image_index: (R,) = arange(R). response_ids: R 1-D tensors (the
+    response tokens, eos included when generated). images: the R PIL images.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    image_index: torch.Tensor
+    response_ids: list[torch.Tensor]
+    images: list[Any]
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
+                "pixel_values": self.pixel_values, "image_index": self.image_index}
+
+
+def format_prompt(processor: Any, prompt: str, template: str = "USER: <image>\n{prompt} ASSISTANT:") -> str:
+    """The LLaVA-1.5 prompt for one question (an image placeholder inside the question is removed)."""
+    image_token = getattr(processor, "image_token", "<image>")
+    return template.format(prompt=prompt.replace(image_token, "").strip())
+
+
+def no_sample_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Token ids a rollout must never produce: the image placeholder (it would need image features) and padding."""
+    ids = {getattr(model.config, "image_token_id", None), getattr(model.config, "image_token_index", None)}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        ids.add(tokenizer.pad_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    processor: Any,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    ignore_index: int = -100,
+) -> Rollout:
+    """Sample one response per (image, prompt) with Hugging Face `generate` (one row at a time: no padding games)."""
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"rollout needs as many images as prompts (and at least one), got {len(images)} and "
+                         f"{len(prompts)}")
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device
+    rows, responses, pixels = [], [], []
+    for image, prompt in zip(images, prompts, strict=True):
+        inputs = processor(text=[format_prompt(processor, prompt)], images=[image], return_tensors="pt").to(device)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            suppress_tokens=no_sample_ids(model, tokenizer),
+        )
+        prompt_ids = inputs["input_ids"][0]
+        response = out[0, prompt_ids.numel():]
+        if tokenizer.eos_token_id is not None:
+            hits = (response == tokenizer.eos_token_id).nonzero()
+            if hits.numel():
+                response = response[: int(hits[0]) + 1]
+        rows.append((prompt_ids, response))
+        responses.append(response.cpu())
+        pixels.append(inputs["pixel_values"][0])
+    length = max(p.numel() + r.numel() for p, r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    labels = torch.full((n, length), ignore_index, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((n, length), dtype=torch.long, device=device)
+    for i, (p, r) in enumerate(rows):
+        ids = torch.cat([p, r])
+        input_ids[i, : ids.numel()] = ids
+        labels[i, p.numel() : ids.numel()] = r
+        attention_mask[i, : ids.numel()] = 1
+    return Rollout(input_ids, attention_mask, labels, torch.stack(pixels), torch.arange(n, device=device),
+                   responses, list(images))
+
+
+def response_hidden(
+    model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`(hidden (R, T', D), targets (R, T'), weight, bias)` of a batch's response window, for the primitive.
+
+    Gradient flows when enabled. Rows use `pixel_values[image_index]`.
+    """
+    from tpo_fast.trainer.model import backbone_hidden, encode_images, response_window, shift_labels, unwrap_llava
+
+    llava = unwrap_llava(model)
+    targets = shift_labels(batch["labels"], ignore_index)
+    window = response_window(targets, ignore_index)
+    feats = encode_images(llava, batch["pixel_values"])
+    hidden = backbone_hidden(llava, batch["input_ids"], batch["attention_mask"], feats[batch["image_index"]])
+    return hidden[:, window], targets[:, window].contiguous(), llava.lm_head.weight, llava.lm_head.bias
+
+
+def token_logprobs_of(
+    model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100, backend: str = "auto"
+) -> torch.Tensor:
+    """(R, T') fp32 per-token log-probs of the batch's responses under `model`, no gradient."""
+    with torch.no_grad():
+        hidden, targets, weight, bias = response_hidden(model, batch, ignore_index)
+        stats = token_stats(hidden.flatten(0, 1), weight, targets.reshape(-1), bias=bias,
+                            ignore_index=ignore_index, backend=backend)
+        return stats.logprobs.view(targets.shape)
+
+
+def rewards_to_grid(rewards: torch.Tensor, response_ids: Sequence[torch.Tensor], targets: torch.Tensor,
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Scatter the verifier's (N,) rewards onto the (R, T') target grid, row by row in token order."""
+    expected = sum(int(r.numel()) for r in response_ids)
+    if rewards.dim() != 1 or rewards.numel() != expected:
+        raise ValueError(f"the verifier must return (N,) = ({expected},) rewards, one per response token, "
+                         f"got {_shape(rewards)}")
+    grid = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    offset = 0
+    for i, ids in enumerate(response_ids):
+        cols = (targets[i] != ignore_index).nonzero().squeeze(1)
+        if cols.numel() != ids.numel():
+            raise ValueError(f"row {i}: {cols.numel()} target positions for {ids.numel()} response tokens")
+        grid[i, cols] = rewards[offset : offset + ids.numel()].to(grid.device).float()
+        offset += ids.numel()
+    return grid
+
+
+def fisao_step(
+    model: nn.Module,
+    ref_model: nn.Module | None,
+    processor: Any,
+    verifier: TokenVerifier,
+    optimizer: torch.optim.Optimizer,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    *,
+    ppo_epochs: int = 1,
+    max_new_tokens: int = 32,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    advantage: str = "reward",
+    gamma: float = 1.0,
+    whiten: bool = False,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    kl_coef: float = 0.05,
+    kl_estimator: str = "k3",
+    aggregation: str = "token_mean",
+    max_grad_norm: float | None = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> dict[str, float]:
+    """One FiSAO iteration: roll out, score every token with `verifier`, then `ppo_epochs` updates.
+
+    The rollout policy's log-probs (`old_logprobs`) and the reference's are computed once, before the
+    first update. `ref_model=None` with `kl_coef > 0` uses the PEFT model with its adapters
+    disabled. Returns the metrics of the last update plus "reward/mean" and "reward/nonzero" (the
+    fraction of tokens the verifier scored).
+    """
+    if not isinstance(ppo_epochs, int) or ppo_epochs < 1:
+        raise ValueError(f"ppo_epochs must be an int >= 1, got {ppo_epochs!r}")
+    check_pg_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, aggregation)
+    was_training = model.training
+    model.eval()
+    ro = rollout(model, processor, images, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                 temperature=temperature, ignore_index=ignore_index)
+    rewards = verifier.token_rewards(ro.images, ro.response_ids, processor.tokenizer)
+    batch = ro.batch()
+    old = token_logprobs_of(model, batch, ignore_index, backend)
+    ref = None
+    if kl_coef > 0:
+        if ref_model is not None:
+            ref = token_logprobs_of(ref_model, batch, ignore_index, backend)
+        elif hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                ref = token_logprobs_of(model, batch, ignore_index, backend)
+        else:
+            raise ValueError("kl_coef > 0 needs a reference: pass ref_model, use a PEFT model, or set kl_coef=0")
+    model.train(was_training)
+    out = None
+    for _ in range(ppo_epochs):
+        hidden, targets, weight, bias = response_hidden(model, batch, ignore_index)
+        grid = rewards_to_grid(rewards, ro.response_ids, targets, ignore_index)
+        adv = token_advantages(grid, targets != ignore_index, advantage, gamma, whiten)
+        out = token_pg_loss(
+            weight, hidden, targets, bias, advantages=adv, old_logprobs=old, ref_logprobs=ref, clip_eps=clip_eps,
+            clip_eps_high=clip_eps_high, kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation,
+            ignore_index=ignore_index, backend=backend,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        optimizer.step()
+    metrics = {k: float(v) for k, v in out.metrics.items()}
+    metrics["loss"] = float(out.loss.detach())
+    metrics["reward/mean"] = float(rewards.float().mean()) if rewards.numel() else 0.0
+    metrics["reward/nonzero"] = float((rewards != 0).float().mean()) if rewards.numel() else 0.0
+    metrics["tokens"] = float(rewards.numel())
+    return metrics
