@@ -74,6 +74,11 @@ def check_primitive_inputs(
                 f"corrupted_hidden must have the dtype of hidden ({hidden.dtype}), got {_desc(corrupted_hidden)}"
             )
         devices["corrupted_hidden"] = corrupted_hidden.device
+    check_same_device(devices)
+
+
+def check_same_device(devices: dict[str, torch.device]) -> None:
+    """Raise if the named inputs do not all live on one device."""
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on the same device, got {listing}")

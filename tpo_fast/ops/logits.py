@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast import _ext
-from tpo_fast.ops._validate import _desc, check_float
+from tpo_fast.ops._validate import _desc, check_float, check_same_device
 
 logger = logging.getLogger("tpo_fast")
 
@@ -367,9 +367,7 @@ def _check_inputs(logits, targets, corrupted_logits, shift: bool) -> None:
                 f"corrupted_logits must have the dtype of logits ({logits.dtype}), got {_desc(corrupted_logits)}"
             )
         devices["corrupted_logits"] = corrupted_logits.device
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
-        raise ValueError(f"all inputs must be on the same device, got {listing}")
+    check_same_device(devices)
 
 
 def _check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int, shift: bool) -> None:
