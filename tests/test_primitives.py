@@ -300,3 +300,20 @@ def test_bad_input_errors(mutate, exc, match):
 def test_corrupted_hidden_shape_error():
     with pytest.raises(ValueError, match="corrupted_hidden must have the shape of hidden"):
         tpo_fast.token_stats(torch.randn(6, 8), torch.randn(9, 8), torch.arange(6), corrupted_hidden=torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_n_by_v_allocation(backend, monkeypatch):
+    """The largest single allocation of a forward+backward stays far below N x V fp32."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tpo_fast.ops import torch_chunked
+
+    monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # the torch backend: O(chunk x V)
+    n, d, v = 128, 8, 2000
+    h, w, _, hc, y = make_inputs(n, d, v, torch.float32, bias=False, corrupted=True, ignore="none")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        s = tpo_fast.token_stats(h, w, y, corrupted_hidden=hc, backend=backend)
+        (s.logprobs.sum() + s.corrupted_target_logits.sum()).backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= n * v * 4 // 4, f"largest allocation {largest} B vs N x V fp32 = {n * v * 4} B"
