@@ -1,8 +1,9 @@
 """Turning benchmark rows into the Markdown table, the verdict, JSON, CSV and plots.
 
 One row schema for everything (STYLE.md): case fields, workload, contender, status, fwd/full
-times (median, quartiles, all repeats), peak MiB, TFLOP/s, correctness errors, and the derived
-speed-ups vs naive and vs the best peer, % of the matmul floor and memory as % of naive's.
+times (median, quartiles, all repeats), peak MiB, TFLOP/s (GB/s for the memory-bound `logits`
+workload), correctness errors, and the derived speed-ups vs naive and vs the best peer, % of the
+floor (matmul floor; memory floor for `logits`) and memory as % of naive's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from _workloads import flops
+from _workloads import LOGITS_TENSORS, WORKLOADS, flops
 
 MEMORY_HOW = {True: "torch.cuda.max_memory_allocated", False: "peak RSS of a child process per contender"}
 STATUS_ORDER = {"baseline": 0, "peer": 1, "ours": 2, "floor": 3, "selftest": 4}
@@ -43,6 +44,8 @@ CSV_FIELDS = [
     "fwd_tflops",
     "full_tflops",
     "full_gflop_counted",
+    "fwd_gbs",
+    "full_gbs",
     "speedup_vs_naive",
     "speedup_vs_best_peer",
     "best_peer",
@@ -81,7 +84,9 @@ def derive(rows: list[dict]) -> None:
                 r["best_peer"] = best["contender"]
             if floor and r is not floor:
                 r["pct_of_floor"] = 100 * _ms(floor, "full") / t
-            r["full_gflop_counted"] = flops(_case_of(r), r["workload"], "full", r["kind"] == "floor") / 1e9
+            counted = flops(_case_of(r), r["workload"], "full", r["kind"] == "floor")
+            if counted is not None:
+                r["full_gflop_counted"] = counted / 1e9
 
 
 def _case_of(r: dict):
@@ -122,18 +127,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
     cases: dict[str, dict] = {}
     for r in rows:
         cases.setdefault(r["case"], r)
-    for workload in ("primitive", "tpo", "dpo"):
+    for workload in WORKLOADS:
         for case, c in cases.items():
             group = [r for r in rows if r["case"] == case and r["workload"] == workload]
             if not group:
                 continue
             group.sort(key=lambda r: (STATUS_ORDER.get(r["kind"], 9), r["contender"] != "naive"))
+            memory_bound = workload == "logits"
             out += [
-                f"### {workload} · {case}: D={c['d']}, V={c['v']}, N={c['n']} rows "
-                f"({c['n_seq']} x {c['seq_len']}, {100 * c['valid_frac']:.0f}% valid) · {meta['dtype']}",
+                f"### {workload} · {case}: {_shape(workload, c)} · {meta['dtype']}",
                 "",
                 "| contender | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | vs naive | vs best peer "
-                "| % of floor | TFLOP/s | status |",
+                f"| % of floor | {'GB/s fwd / fwd+bwd' if memory_bound else 'TFLOP/s'} | status |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---|",
             ]
             for r in group:
@@ -146,13 +151,34 @@ def markdown(rows: list[dict], meta: dict) -> str:
                     f"| {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ms(r, 'full')} | {peak} "
                     f"| {_f(r.get('speedup_vs_naive'), '.2f', 'x')} "
                     f"| {_f(r.get('speedup_vs_best_peer'), '.2f', 'x')} "
-                    f"| {_f(r.get('pct_of_floor'), '.0f', '%')} | {_f(r.get('full_tflops'), '.3g')} "
+                    f"| {_f(r.get('pct_of_floor'), '.0f', '%')} | {_rate(r, memory_bound)} "
                     f"| {_status(r)} |"
                 )
             out.append("")
     out += ["### Verdict (fwd+bwd)", ""] + verdict(rows) + [""]
     out += footnotes(rows)
     return "\n".join(out)
+
+
+def _shape(workload: str, c: dict) -> str:
+    """The table heading's shape, in the terms of the workload's inputs."""
+    valid = f"{100 * c['valid_frac']:.0f}% valid"
+    if workload == "logits":
+        return f"{LOGITS_TENSORS} logits tensors (clean, corrupted) of N={c['n']} x V={c['v']}, {valid}"
+    rows = f"D={c['d']}, V={c['v']}, N={c['n']} rows ({c['n_seq']} x {c['seq_len']}, {valid})"
+    if workload == "povid":
+        return rows + f", + {c['n'] // 2} corrupted chosen rows per model"
+    if workload == "fisao":
+        return rows.replace("rows (", "rollout tokens (")
+    return rows
+
+
+def _rate(r: dict, memory_bound: bool) -> str:
+    if not memory_bound:
+        return _f(r.get("full_tflops"), ".3g")
+    if r.get("full_gbs") is None:
+        return "—"
+    return f"{_f(r.get('fwd_gbs'), '.3g')} / {r['full_gbs']:.3g}"
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -187,7 +213,10 @@ def verdict(rows: list[dict]) -> list[str]:
             if win.get("mem_pct_of_naive") is not None:
                 text += f", peak memory {win['mem_pct_of_naive']:.1f}% of naive's"
         if win.get("pct_of_floor") is not None:
-            text += f"; {win['pct_of_floor']:.0f}% of the matmul floor"
+            floor = "memory floor" if workload == "logits" else "matmul floor"
+            text += f"; {win['pct_of_floor']:.0f}% of the {floor}"
+        if win.get("full_gbs") is not None:
+            text += f" ({win['full_gbs']:.3g} GB/s)"
         skipped = [
             r["label"]
             for r in rows
@@ -224,8 +253,15 @@ def footnotes(rows: list[dict]) -> list[str]:
         "that skip padded rows can beat it. TFLOP/s credits every contender with an exact O(N)-memory "
         "kernel's work on all N rows: 2·N·D·V per clean forward, 8·N·D·V per clean branch with gradient "
         "(forward, recomputed logits, two gradient GEMMs); tpo and dpo fwd+bwd = 10·N·D·V; the floor is "
-        "credited with what it executes. Liger computes its gradients inside forward, so its fwd time "
-        "includes them.",
+        "credited with what it executes. povid counts 6·N·D·V fwd and 12·N·D·V fwd+bwd (the argmax sweep over "
+        "the N/2 corrupted chosen rows is N·D·V per model), fisao 2·N·D·V and 8·N·D·V (rollout and reference "
+        "log-probs are inputs). Liger computes its gradients inside forward, so its fwd time includes them.",
+        "",
+        "The logits workload is memory-bound, so its floor is the memory roofline, not matmuls: the memory "
+        "floor reads each of the two (N, V) logits tensors once (a row sum) and, in fwd+bwd, writes one (N, V) "
+        "gradient per tensor. GB/s = those bytes (fwd: 2·N·V·bytes per element read; fwd+bwd: + 2·N·V "
+        "written) / time, for every contender alike; contenders that skip ignored rows can pass 100% of "
+        "the floor.",
         "",
     ]
     return out

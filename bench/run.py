@@ -3,6 +3,8 @@
     python bench/run.py                          # CPU: small cases, ~2 minutes; GPU: the full grid
     python bench/run.py --cases gpu-target --workloads tpo --repeats 50
     python bench/run.py --cases d1024-v32000-n2048 --contenders naive,trl,tpo_fast-torch
+    python bench/run.py --workloads logits --cases gpu-target    # the logits-input op: GB/s, memory floor
+    python bench/run.py --workloads povid,fisao                  # POVID stage 2 and FiSAO's token PG loss
 
 Each (case, contender) runs in a fresh child process (multiprocessing spawn), so peak memory is
 that contender's alone. Writes the Markdown table to stdout and `<stem>.json`, `<stem>.csv`,
@@ -58,11 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--contenders",
         default=None,
-        help="comma list of naive, liger, trl, cce, tpo_fast-<backend> (or 'tpo_fast' for all), "
+        help="comma list of naive, liger, trl, cce, tpo_fast-<backend> (or 'tpo_fast' for all; 'cpp' is "
+        "the compiled extension, logits workload only), "
         "floor, and 'broken' (a deliberately wrong contender that tests the guard); "
         "default: all but 'broken'",
     )
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of primitive, tpo, dpo")
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma list of {', '.join(WORKLOADS)} (default: all); 'logits' is the logits-input op "
+        "tpo_fast.logits_logprobs on materialized (N, V) logits, 'povid' and 'fisao' the methods' losses",
+    )
     p.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 on CPU, bf16 on CUDA"
     )
@@ -213,35 +221,17 @@ def main(argv=None) -> int:
         case_rows: list[dict] = []
         for name in names:
             c = contenders[name]
-            reason = c.availability(device)
-            todo = [w for w in workloads if w in c.workloads]
+            todo = []
             for w in workloads:
+                base = {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w}
                 if w not in c.workloads:
-                    case_rows.append(
-                        {
-                            "contender": name,
-                            "label": c.label,
-                            "kind": c.kind,
-                            "workload": w,
-                            "status": "n/a",
-                            "reason": c.not_applicable.get(w, "not offered"),
-                        }
-                    )
-                elif reason:
-                    case_rows.append(
-                        {
-                            "contender": name,
-                            "label": c.label,
-                            "kind": c.kind,
-                            "workload": w,
-                            "status": "unavailable",
-                            "reason": reason,
-                            "note": c.workloads[w],
-                        }
-                    )
-            if reason or not todo:
-                if reason:
-                    print(f"[{case.name}] {name}: cannot run here: {reason}", file=sys.stderr)
+                    case_rows.append({**base, "status": "n/a", "reason": c.not_applicable.get(w, "not offered")})
+                elif reason := c.availability(device, w):
+                    case_rows.append({**base, "status": "unavailable", "reason": reason, "note": c.workloads[w]})
+                    print(f"[{case.name}] {name} {w}: cannot run here: {reason}", file=sys.stderr)
+                else:
+                    todo.append(w)
+            if not todo:
                 continue
             job = {
                 "case": {"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
@@ -261,7 +251,7 @@ def main(argv=None) -> int:
                 got = [
                     {
                         "contender": name,
-                        "label": c.label,
+                        "label": c.label_for(w),
                         "kind": c.kind,
                         "workload": w,
                         "status": "crashed",

@@ -40,6 +40,35 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
     assert set(good["check"]["errors"]) == {"out", "hidden", "corrupted_hidden", "weight"}
 
 
+@pytest.mark.parametrize("workload", ["logits", "povid", "fisao"])
+def test_guard_on_the_added_workloads(workload):
+    """The naive (official-style) contender passes the oracle's check on logits, povid and fisao, in fp32
+    and bf16, and the deliberately wrong one is rejected."""
+    contenders, measure, workloads = _bench_modules()
+    case = workloads.CASES["cpu-tiny"]
+    for dtype in ("fp32", "bf16"):
+        cfg = {"device": "cpu", "dtype": dtype, "seed": 0, "warmup": 0, "repeats": 1}
+        good = measure.measure_workload(contenders.Naive(), case, workload, cfg)
+        assert good["status"] == "ok", good
+        assert set(good["check"]["errors"]) == {"out", *workloads.GRAD_INPUTS[workload]}
+    bad = measure.measure_workload(contenders.Broken(), case, workload, cfg)
+    assert bad["status"] == "failed check" and "full_ms" not in bad, bad
+
+
+def test_streamed_logits_check_matches_the_full_oracle():
+    """The guard compares (N, V) logits gradients chunk by chunk; same errors as the full fp32 oracle."""
+    contenders, measure, w = _bench_modules()
+    inp = w.make_inputs(w.Case("t", 16, 96, 64), "logits", "cpu", torch.bfloat16)
+    out = contenders.Naive().run("logits", inp)
+    (out * inp["grad_logprobs"]).sum().backward()
+    got = {"out": out, "logits": inp["logits"].grad, "corrupted_logits": inp["corrupted_logits"].grad}
+    streamed = w.logits_errors(inp, got, torch.bfloat16, chunk=7)
+    ref, yard = w.oracle("logits", inp), w.oracle("logits", inp, round_to=torch.bfloat16)
+    for k, r in ref.items():
+        assert streamed[k][0] == pytest.approx(measure._rel_err(got[k], r), rel=1e-5, abs=1e-9)
+        assert streamed[k][1] == pytest.approx(measure._rel_err(yard[k], r), rel=1e-5, abs=1e-9)
+
+
 def test_oracle_matches_materialized_autograd():
     _, _, w = _bench_modules()
     case = w.Case("t", 16, 64, 32)
@@ -105,6 +134,7 @@ def test_runner_end_to_end(tmp_path):
     assert by[("liger", "tpo")]["status"] == "n/a"
     assert by[("liger", "dpo")]["status"] == "ok"
     assert "speedup_vs_naive" in by[("tpo_fast-torch", "tpo")]
+    assert "### tpo · cpu-tiny" in out and "### dpo · cpu-tiny" in out and "### logits" not in out
 
     with (tmp_path / "smoke.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -113,3 +143,55 @@ def test_runner_end_to_end(tmp_path):
     assert (tmp_path / "smoke_time.png").stat().st_size > 0 and (
         tmp_path / "smoke_memory.png"
     ).stat().st_size > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc")
+def test_runner_added_workloads(tmp_path):
+    """logits, povid and fisao through the one runner: same guard, row schema, tables and verdict."""
+    cmd = [
+        sys.executable,
+        str(BENCH / "run.py"),
+        "--device",
+        "cpu",
+        "--cases",
+        "cpu-tiny",
+        "--repeats",
+        "1",
+        "--workloads",
+        "logits,povid,fisao",
+        "--contenders",
+        "naive,tpo_fast-torch,tpo_fast-cpp,tpo_fast-cuda,floor",
+        "--out",
+        str(tmp_path),
+        "--stem",
+        "added",
+        "--no-plots",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for w in ("logits", "povid", "fisao"):
+        assert f"### {w} · cpu-tiny" in out and f"- {w} · cpu-tiny: **" in out, out[:3000]
+    assert "GB/s fwd / fwd+bwd" in out and "of the memory floor" in out
+
+    rows = json.loads((tmp_path / "added.json").read_text())["rows"]
+    by = {(r["contender"], r["workload"]): r for r in rows}
+    assert len(rows) == 5 * 3
+    for w in ("logits", "povid", "fisao"):
+        for name in ("naive", "tpo_fast-torch", "floor"):
+            assert by[(name, w)]["status"] == "ok", by[(name, w)]
+            assert by[(name, w)]["full_ms"]["median"] > 0
+        assert by[("naive", w)]["check"]["ok"] and by[("tpo_fast-torch", w)]["check"]["ok"]
+        assert "speedup_vs_naive" in by[("tpo_fast-torch", w)] and "pct_of_floor" in by[("tpo_fast-torch", w)]
+    logits = by[("tpo_fast-torch", "logits")]
+    assert logits["full_gbs"] > 0 and logits["fwd_gbs"] > 0 and "full_tflops" not in logits
+    assert by[("floor", "logits")]["label"] == "memory floor"
+    assert by[("tpo_fast-torch", "povid")]["full_tflops"] > 0
+    assert by[("tpo_fast-cpp", "povid")]["status"] == by[("tpo_fast-cpp", "fisao")]["status"] == "n/a"
+    from tpo_fast import _ext
+
+    assert by[("tpo_fast-cpp", "logits")]["status"] == ("ok" if _ext.HAS_CPU_EXT else "unavailable")
+    assert by[("tpo_fast-cuda", "logits")]["status"] == "unavailable"
+    with (tmp_path / "added.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {"fwd_gbs", "full_gbs"} <= set(table[0])

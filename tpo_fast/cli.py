@@ -12,13 +12,27 @@ import os
 import sys
 from collections.abc import Callable
 
+OBJECTIVES = ("tpo", "dpo", "povid")
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+
+def _add_train_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> None:
+    """The `train` arguments; with `objective` given there is no --objective flag (`tpo-fast povid`).
+
+    `--output-dir`, `--image-folder`, `--backend` and `--noise-weight` are accepted as the other
+    subcommands' spellings of `--output`, `--images`, `--loss-backend` and `--povid-noise-weight`.
+    """
     p.add_argument("--model", required=True, help="local LLaVA model folder (from_pretrained; nothing is downloaded)")
     p.add_argument("--data", required=True, help="preference records: .json, .jsonl or .parquet")
-    p.add_argument("--images", default=None, help="folder that the records' image paths are relative to")
-    p.add_argument("--output", required=True, help="output folder (checkpoints, logs, final model)")
-    p.add_argument("--objective", choices=("tpo", "dpo"), default="tpo")
+    p.add_argument("--images", "--image-folder", dest="images", default=None,
+                   help="folder that the records' image paths are relative to")
+    p.add_argument("--output", "--output-dir", dest="output", required=True,
+                   help="output folder (checkpoints, logs, final model)")
+    if objective is None:
+        p.add_argument("--objective", choices=OBJECTIVES, default="tpo")
+    else:
+        p.set_defaults(objective=objective)
+    p.add_argument("--povid-noise-weight", "--noise-weight", dest="povid_noise_weight", type=float, default=0.5,
+                   help="POVID: weight w of DPO(chosen vs noisy argmax); 1 - w goes to DPO(chosen vs rejected)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--offset", type=float, default=0.5, help="offset a of TPO's token weight")
     p.add_argument("--detach-weights", action="store_true", help="no gradient through the corrupted-image branch")
@@ -53,6 +67,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is present")
+    p.add_argument("--loss-backend", "--backend", dest="loss_backend", default="auto",
+                   choices=("auto", "triton", "torch", "reference"), help="fused loss backend")
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -65,7 +81,8 @@ def _run_train(a: argparse.Namespace) -> int:
 
     noise_seed = None if a.noise_seed < 0 else a.noise_seed
     args = TPOConfig(
-        output_dir=a.output, objective=a.objective, beta=a.beta, offset=a.offset, detach_weights=a.detach_weights,
+        output_dir=a.output, objective=a.objective, povid_noise_weight=a.povid_noise_weight, beta=a.beta,
+        offset=a.offset, detach_weights=a.detach_weights, loss_backend=a.loss_backend,
         loss_type=a.loss_type, reference=a.reference, precompute_reference=a.precompute_reference,
         num_train_epochs=a.epochs, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, warmup_steps=a.warmup_steps,
@@ -99,7 +116,7 @@ def _run_train(a: argparse.Namespace) -> int:
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200, help="training steps of 8 pairs (well under a second each on CPU)")
-    p.add_argument("--objective", choices=("tpo", "dpo"), default="tpo")
+    p.add_argument("--objective", choices=OBJECTIVES, default="tpo")
     p.add_argument("--output", default=None, help="keep the generated data and run here (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -117,7 +134,7 @@ def _run_demo(a: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "train": ("TPO/DPO-train a LLaVA model on preference records", _add_train_arguments, _run_train),
+    "train": ("TPO/DPO/POVID-train a LLaVA model on preference records", _add_train_arguments, _run_train),
     "demo": ("train a tiny random LLaVA on synthetic shapes, on CPU (no download)", _add_demo_arguments, _run_demo),
 }
 

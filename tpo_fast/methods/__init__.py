@@ -1,6 +1,7 @@
 """The other seed methods on the same primitives (SPEC.md): POVID, CSR and FiSAO.
 
-- `povid_loss` / `POVIDLoss` / `povid_step`: POVID stage 2 (stage 1 is `tpo_fast.loss.dpo_loss`).
+- `povid_loss` / `POVIDLoss` / `povid_step`: POVID stage 2 (stage 1 is `tpo_fast.loss.dpo_loss`);
+  train it with `TPOTrainer` and `TPOConfig(objective="povid")` (`tpo-fast train --objective povid`).
 - `token_pg_loss`, `VisionEncoderVerifier`, `TokenVerifier`, `fisao_step`: FiSAO's token-level
   verifier rewards and clipped policy gradient with a KL to the reference.
 - `run_csr`, `CLIPScorer`, `sentence_beam_search`, `mix_rewards`: CSR's self-rewarding data loop.

@@ -1,5 +1,7 @@
 """`tpo-fast csr | povid | fisao`: command-line entries of the other seed methods.
 
+`povid` is `tpo-fast train --objective povid` under another name: POVID trains with `TPOTrainer`.
+
 `register(subparsers)` adds the three subcommands to the `tpo-fast` parser; each sets
 `func=<callable(args) -> int>`. Models are local folders (`save_pretrained` of a LLaVA model and
 its processor): nothing is downloaded.
@@ -61,43 +63,14 @@ def run_csr_command(args: argparse.Namespace) -> int:
 
 
 def run_povid_command(args: argparse.Namespace) -> int:
-    """`tpo-fast povid`: POVID stage 2 on a preference file (chosen: ground truth, rejected: hallucinated)."""
-    import copy
+    """`tpo-fast povid`: an alias of `tpo-fast train --objective povid` (POVID stage 2 with `TPOTrainer`).
 
-    import torch
+    Chosen: ground truth, rejected: the hallucination-injected answer. Every `train` flag applies;
+    the older spellings `--output-dir`, `--image-folder`, `--noise-weight` and `--backend` still work.
+    """
+    from tpo_fast.cli import _run_train
 
-    from tpo_fast.methods.povid import povid_step
-    from tpo_fast.trainer.collator import TPOCollator
-    from tpo_fast.trainer.data import PreferenceDataset
-
-    torch.manual_seed(args.seed)
-    model, processor = _load(args.model)
-    model = _device(model)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    dataset = PreferenceDataset.from_file(args.data, args.image_folder, noise_step=args.noise_step,
-                                          noise_seed=args.noise_seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                         collate_fn=TPOCollator(processor, max_length=args.max_length))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    device = next(model.parameters()).device
-    step = 0
-    model.train()
-    for _ in range(args.epochs):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = povid_step(model, batch, ref_model=ref_model, beta=args.beta, noise_weight=args.noise_weight,
-                             loss_type=args.loss_type, backend=args.backend)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            step += 1
-            if step % args.logging_steps == 0:
-                print(json.dumps({"step": step, "loss": float(out.loss),
-                                  **{k: float(v) for k, v in out.metrics.items()}}))
-    model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    print(f"povid: {step} steps, saved to {args.output_dir}")
-    return 0
+    return _run_train(args)
 
 
 def run_fisao_command(args: argparse.Namespace) -> int:
@@ -172,17 +145,12 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=1, help="DPO epochs per iteration")
     p.set_defaults(func=run_csr_command)
 
-    p = subparsers.add_parser("povid", help="POVID stage 2: DPO vs hallucinated + vs the model's noisy-image argmax")
-    _common(p)
-    p.add_argument("--data", required=True, help="preference file (.json/.jsonl/.parquet): chosen, hallucinated")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--noise-weight", type=float, default=0.5)
-    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
-    p.add_argument("--noise-step", type=int, default=500)
-    p.add_argument("--noise-seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--logging-steps", type=int, default=1)
+    p = subparsers.add_parser(
+        "povid", help="POVID stage 2 (alias of `train --objective povid`): DPO vs hallucinated + vs noisy argmax"
+    )
+    from tpo_fast.cli import _add_train_arguments
+
+    _add_train_arguments(p, objective="povid")
     p.set_defaults(func=run_povid_command)
 
     p = subparsers.add_parser("fisao", help="FiSAO: token-verifier rewards + clipped token-level policy gradient")

@@ -21,7 +21,7 @@ expansion the open paths are pruned to the best `ceil(num_beams / 2)` and the wo
 `floor(num_beams / 2)` (keeping both ends is what lets the worst path survive to be the rejected
 answer); the best and the worst finished paths become the chosen and rejected responses, written
 as a preference file `load_preference_records` reads. Then DPO (beta 0.1) with the previous
-iteration's model as the reference; iterate (3 iterations in the paper).
+iteration's model as the reference (`TPOTrainer`, `objective="dpo"`); iterate (3 iterations in the paper).
 
 Candidates come from Hugging Face beam search (`num_beams = num_return_sequences = candidates`,
 stopping at the sentence end token or eos). The official uses diverse group beam search
@@ -304,39 +304,30 @@ def build_preferences(
     return len(pairs)
 
 
-def dpo_epoch(
-    model: nn.Module, ref_model: nn.Module, processor: Any, pref_file: str | os.PathLike,
-    optimizer: torch.optim.Optimizer,
-    *, beta: float = 0.1, batch_size: int = 2, epochs: int = 1, backend: str = "auto", seed: int = 0,
-) -> list[float]:
-    """DPO on a preference file against `ref_model` (the previous iteration); returns the step losses.
+def dpo_train(
+    model: nn.Module, ref_model: nn.Module, processor: Any, pref_file: str | os.PathLike, output_dir: str | os.PathLike,
+    *, beta: float = 0.1, lr: float = 1e-6, batch_size: int = 2, epochs: int = 1, backend: str = "auto", seed: int = 0,
+) -> float:
+    """DPO on a preference file against `ref_model` (the previous iteration); returns the mean step loss.
 
-    Uses the trainer's fused step (`tpo_fast.trainer.model.policy_loss`, objective "dpo").
+    `TPOTrainer` with `objective="dpo"` and `ref_model` as the reference: AdamW at a constant `lr`,
+    no gradient clipping, nothing saved (`output_dir` only holds the trainer's run files). The model
+    is trained in place on the device it is on.
     """
-    from tpo_fast.trainer.collator import TPOCollator
+    from tpo_fast.trainer.config import TPOConfig
     from tpo_fast.trainer.data import PreferenceDataset
-    from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores, unwrap_llava
+    from tpo_fast.trainer.trainer import TPOTrainer
 
-    options = StepOptions(objective="dpo", beta=beta, backend=backend)
-    dataset = PreferenceDataset.from_file(pref_file)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, collate_fn=TPOCollator(processor),
-        generator=torch.Generator().manual_seed(seed),
+    args = TPOConfig(
+        output_dir=str(output_dir), objective="dpo", reference="model", beta=beta, learning_rate=lr,
+        per_device_train_batch_size=batch_size, num_train_epochs=epochs, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=0.0, save_strategy="no", report_to="none", logging_steps=1, seed=seed,
+        loss_backend=backend, disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=next(model.parameters()).device.type == "cpu",
     )
-    device = next(model.parameters()).device
-    ref_llava = unwrap_llava(ref_model)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ref_scores = sequence_reference_scores(ref_llava, batch, options)
-            out = policy_loss(model, batch, options, ref_scores)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            losses.append(float(out["loss"].detach()))
-    return losses
+    dataset = PreferenceDataset.from_file(pref_file)
+    trainer = TPOTrainer(model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=processor)
+    return float(trainer.train().training_loss)
 
 
 def run_csr(
@@ -360,13 +351,11 @@ def run_csr(
         if n_pairs == 0:
             logger.warning("CSR iteration %d: no preference pairs; the model is left unchanged", k)
         else:
-            ref_model = copy.deepcopy(model).eval()  # the previous iteration's model
-            for p in ref_model.parameters():
-                p.requires_grad_(False)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-            losses = dpo_epoch(model, ref_model, processor, pref_file, optimizer, beta=beta, batch_size=batch_size,
-                               epochs=epochs, backend=options.backend, seed=seed + k)
-            summary["loss"] = sum(losses) / len(losses)
+            ref_model = copy.deepcopy(model)  # the previous iteration's model (TPOTrainer freezes it)
+            summary["loss"] = dpo_train(
+                model, ref_model, processor, pref_file, folder / "dpo", beta=beta, lr=lr, batch_size=batch_size,
+                epochs=epochs, backend=options.backend, seed=seed + k,
+            )
             del ref_model
         if save:
             model.save_pretrained(folder / "model")

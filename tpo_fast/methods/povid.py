@@ -22,6 +22,10 @@ chosen log-probs. Like the official code, `a_t` may equal the chosen token `y_t`
 Metrics: "rewards/*" come from the hallucinated pair (what the official logs), "rewards_noisy/*"
 from the noisy pair; "logps/{chosen,rejected,noisy}" and "noisy/argmax_match" (the fraction of
 chosen tokens whose corrupted-image argmax is the chosen token itself).
+
+Training: `TPOTrainer` with `TPOConfig(objective="povid", povid_noise_weight=0.5)` runs `povid_loss`
+inside the wrapped model's forward (`tpo_fast.trainer.model.policy_loss`); `povid_step` is that same
+step for one batch, `povid_model_reference_scores` the reference's (3B,) scores.
 """
 
 from __future__ import annotations
@@ -306,40 +310,17 @@ class POVIDLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-def povid_branches(
-    model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states of one POVID batch under a Hugging Face LLaVA model, no logits.
+def _step_options(
+    reference: str, *, beta: float = 0.1, noise_weight: float = 0.5, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0, average_log_prob: bool = False, ignore_index: int = -100, backend: str = "auto",
+):
+    from tpo_fast.trainer.model import StepOptions
 
-    `batch` is a `tpo_fast.trainer.collator.TPOCollator` batch (chosen rows first, clean and
-    corrupted images, `image_index`). The clean trunk runs over the 2B rows with gradient (when
-    enabled); the corrupted trunk runs over the B chosen rows only and without gradient, since only
-    its argmax is used. Returns `(hidden (2B, T', D), corrupted_hidden (B, T', D), targets (2B, T'))`
-    cut to the response window.
-    """
-    from tpo_fast.trainer.model import backbone_hidden, encode_images, response_window, shift_labels, unwrap_llava
-
-    llava = unwrap_llava(model)
-    for key in ("input_ids", "attention_mask", "labels", "pixel_values", "corrupted_pixel_values", "image_index"):
-        if key not in batch:
-            raise KeyError(f"a POVID batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)")
-    targets = shift_labels(batch["labels"], ignore_index)
-    window = response_window(targets, ignore_index)
-    n_pairs = targets.shape[0] // 2
-    ids, mask, index = batch["input_ids"], batch["attention_mask"], batch["image_index"]
-    clean = encode_images(llava, batch["pixel_values"])
-    hidden = backbone_hidden(llava, ids, mask, clean[index.repeat(2)])[:, window]
-    with torch.no_grad():
-        corrupted = encode_images(llava, batch["corrupted_pixel_values"])
-        corrupted_hidden = backbone_hidden(llava, ids[:n_pairs], mask[:n_pairs], corrupted[index])[:, window]
-    return hidden, corrupted_hidden, targets[:, window].contiguous()
-
-
-def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from tpo_fast.trainer.model import unwrap_llava
-
-    head = unwrap_llava(model).lm_head
-    return head.weight, head.bias
+    return StepOptions(
+        objective="povid", beta=beta, noise_weight=noise_weight, loss_type=loss_type,
+        label_smoothing=label_smoothing, average_log_prob=average_log_prob, reference=reference,
+        ignore_index=ignore_index, backend=backend,
+    )
 
 
 def povid_model_reference_scores(
@@ -350,14 +331,14 @@ def povid_model_reference_scores(
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(3B,) reference `(S_w, S_l, S_n)` of a batch under `ref_model` (its own argmax), no gradient."""
-    with torch.no_grad():
-        hidden, corrupted_hidden, targets = povid_branches(ref_model, batch, ignore_index)
-        weight, bias = _lm_head(ref_model)
-        return povid_reference_scores(
-            weight, hidden, corrupted_hidden, targets, bias,
-            average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend,
-        )
+    """(3B,) reference `(S_w, S_l, S_n)` of a batch under `ref_model` (its own argmax), no gradient.
+
+    The trainer's `sequence_reference_scores` with `objective="povid"`.
+    """
+    from tpo_fast.trainer.model import sequence_reference_scores, unwrap_llava
+
+    options = _step_options("model", average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
+    return sequence_reference_scores(unwrap_llava(ref_model), batch, options)
 
 
 def povid_step(
@@ -377,27 +358,36 @@ def povid_step(
 ) -> LossOutput:
     """The POVID stage-2 loss of one batch under a LLaVA `model` (call `.backward()` on `.loss`).
 
+    `batch` is a `tpo_fast.trainer.collator.TPOCollator` batch (chosen rows first, clean and
+    corrupted images, `image_index`). This is the trainer's step (`tpo_fast.trainer.model.policy_loss`
+    with `objective="povid"`): the clean trunk runs over the 2B rows, the corrupted trunk over the B
+    chosen rows without gradient (only its argmax is used), the vision tower once per distinct image,
+    no logits. For training loops prefer `TPOTrainer` with `TPOConfig(objective="povid")`.
+
     Reference: `ref_model` (a frozen copy), or `ref_seq_scores` (3B,) from a cache, or neither for a
     PEFT model, whose adapters are then disabled to score the reference; `reference_free` uses none.
     """
+    from tpo_fast.trainer.model import policy_loss
+
     if ref_model is not None and ref_seq_scores is not None:
         raise ValueError("pass ref_model or ref_seq_scores, not both")
     opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
-    if not reference_free and ref_seq_scores is None:
-        if ref_model is not None:
-            ref_seq_scores = povid_model_reference_scores(ref_model, batch, **opts)
-        elif hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                ref_seq_scores = povid_model_reference_scores(model, batch, **opts)
-        else:
-            raise ValueError(
-                "no reference: pass ref_model (a frozen copy of the starting model), ref_seq_scores, a PEFT "
-                "model (its adapters are disabled for the reference), or reference_free=True"
-            )
-    hidden, corrupted_hidden, targets = povid_branches(model, batch, ignore_index)
-    weight, bias = _lm_head(model)
-    return povid_loss(
-        weight, hidden, corrupted_hidden, targets, bias, ref_seq_scores=ref_seq_scores, beta=beta,
-        noise_weight=noise_weight, loss_type=loss_type, label_smoothing=label_smoothing,
-        reference_free=reference_free, **opts,
+    if reference_free:
+        reference = "none"
+    elif ref_seq_scores is not None:
+        reference = "precomputed"
+    elif ref_model is not None:
+        reference = "precomputed"
+        ref_seq_scores = povid_model_reference_scores(ref_model, batch, **opts)
+    elif hasattr(model, "disable_adapter"):
+        reference = "adapter"
+    else:
+        raise ValueError(
+            "no reference: pass ref_model (a frozen copy of the starting model), ref_seq_scores, a PEFT "
+            "model (its adapters are disabled for the reference), or reference_free=True"
+        )
+    options = _step_options(
+        reference, beta=beta, noise_weight=noise_weight, loss_type=loss_type, label_smoothing=label_smoothing, **opts
     )
+    out = policy_loss(model, batch, options, ref_seq_scores)
+    return LossOutput(out["loss"], out["metrics"])

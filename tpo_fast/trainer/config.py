@@ -16,12 +16,16 @@ class TPOConfig(TrainingArguments):
     Every `transformers.TrainingArguments` field applies (batch size, gradient accumulation,
     learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging). The TPO fields:
 
-    objective: "tpo" (token-level weights from the clean/corrupted visual score, SPEC.md) or "dpo"
-        (plain DPO on the clean image; no corrupted branch).
+    objective: "tpo" (token-level weights from the clean/corrupted visual score, SPEC.md), "dpo"
+        (plain DPO on the clean image; no corrupted branch) or "povid" (POVID stage 2, arXiv
+        2402.11411: `w DPO(chosen vs the corrupted-image argmax of the chosen text) + (1 - w)
+        DPO(chosen vs rejected)`; the corrupted branch runs over the chosen rows only, without gradient).
+    povid_noise_weight: POVID's `w` (0.5, the official); 0 is plain DPO. Used with objective="povid".
     beta: 0.1, the official code's (it never sets one). offset: the weight offset `a` (0.5).
     weighting: passed to the loss ("tpo" is the paper's self-calibrated weight).
     detach_weights: False (paper and official code): the corrupted branch keeps its gradient.
         True runs the corrupted branch without gradient (no activations kept, much cheaper).
+        TPO only (POVID's corrupted branch never carries gradient).
     loss_type: "sigmoid" (default), "hinge" or "ipo". label_smoothing: conservative DPO.
     average_log_prob: average instead of sum over response tokens (the paper sums).
     reference: where the reference scores come from.
@@ -39,7 +43,8 @@ class TPOConfig(TrainingArguments):
     loss_backend: the fused kernels' backend ("auto": triton on CUDA, torch on CPU).
     """
 
-    objective: str = field(default="tpo", metadata={"help": "tpo or dpo"})
+    objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})
+    povid_noise_weight: float = field(default=0.5, metadata={"help": "POVID: weight of the noisy-argmax DPO term"})
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the preference loss"})
     weighting: str = field(default="tpo", metadata={"help": "token weighting of the loss (tpo)"})
     offset: float = field(default=0.5, metadata={"help": "offset a of the self-calibrated weight"})
@@ -70,7 +75,7 @@ class TPOConfig(TrainingArguments):
             setattr(self, name, {"use_reentrant": False})
         super().__post_init__()
         for name, allowed in (
-            ("objective", ("tpo", "dpo")),
+            ("objective", ("tpo", "dpo", "povid")),
             ("reference", ("auto", "model", "adapter", "none")),
             ("loss_type", ("sigmoid", "hinge", "ipo")),
             ("noise_overflow", ("wrap", "clamp")),
@@ -78,5 +83,8 @@ class TPOConfig(TrainingArguments):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from tpo_fast.methods.povid import check_povid_options
+
+        check_povid_options(self.povid_noise_weight)
         if self.precompute_reference and self.reference == "none":
             raise ValueError("precompute_reference=True needs a reference; reference='none' has none")

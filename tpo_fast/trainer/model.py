@@ -1,8 +1,8 @@
-"""One TPO / DPO step on a Hugging Face LLaVA model, from final hidden states, without logits.
+"""One TPO / DPO / POVID step on a Hugging Face LLaVA model, from final hidden states, without logits.
 
 The step runs *inside the model's forward*: `route_forward(model, options)` patches the
 instance's `forward` so that `model(tpo_batch=batch)` computes the whole loss (images encoded once,
-two trunk forwards, the fused loss on the lm_head weight) and returns it, while any other call
+one trunk forward per branch, the fused loss on the lm_head weight) and returns it, while any other call
 falls through to the original forward. Inside the forward is where DDP's reducer, DeepSpeed
 ZeRO-3's parameter gathering and FSDP2's unsharding are active, so the loss sees the same
 parameters the trunk used:
@@ -20,6 +20,7 @@ parameters the trunk used:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,12 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tpo_fast.loss import dpo_loss, reference_sequence_scores, tpo_loss
+from tpo_fast.methods.povid import check_povid_options, povid_loss, povid_reference_scores
 
-OBJECTIVES = ("tpo", "dpo")
+OBJECTIVES = ("tpo", "dpo", "povid")
+# Which rows each objective runs on the corrupted image: TPO all 2B (its token weights), POVID the
+# B chosen rows (their argmax is the noisy sequence), DPO none.
+CORRUPTED_ROWS = {"tpo": "all", "dpo": None, "povid": "chosen"}
 REFERENCE_MODES = ("model", "adapter", "precomputed", "none")
 
 
@@ -42,6 +47,7 @@ class StepOptions:
     weighting: str = "tpo"
     offset: float = 0.5
     detach_weights: bool = False
+    noise_weight: float = 0.5
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     average_log_prob: bool = False
@@ -54,6 +60,17 @@ class StepOptions:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        check_povid_options(self.noise_weight)
+
+    @property
+    def corrupted_rows(self) -> str | None:
+        """"all", "chosen" or None: the rows that run on the corrupted image."""
+        return CORRUPTED_ROWS[self.objective]
+
+    @property
+    def corrupted_grad(self) -> bool:
+        """Whether the corrupted branch carries gradient (TPO without `detach_weights`; POVID's argmax never)."""
+        return self.objective == "tpo" and not self.detach_weights
 
 
 def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
@@ -117,33 +134,63 @@ def backbone_hidden(
 
 
 def branch_hidden(
-    llava: torch.nn.Module, batch: dict[str, torch.Tensor], need_corrupted: bool, corrupted_grad: bool
+    llava: torch.nn.Module, batch: dict[str, torch.Tensor], corrupted_rows: str | None, corrupted_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states of chosen+rejected on the clean image and (optionally) on the corrupted image.
 
-    One vision call for every distinct image (clean and corrupted together when both carry gradient),
-    one trunk forward per branch over the 2B rows. A corrupted branch without gradient runs under
-    `no_grad`, keeping no activations.
+    `corrupted_rows`: None (no corrupted branch), "all" (the 2B rows, TPO) or "chosen" (the B
+    chosen rows, POVID). One vision call for every distinct image (clean and corrupted together
+    when both carry gradient), one trunk forward per branch. A corrupted branch without gradient
+    runs under `no_grad`, keeping no activations.
     """
-    rows = batch["image_index"].repeat(2)  # chosen rows, then rejected rows: same images
-    clean_px, corrupted_px = batch["pixel_values"], batch["corrupted_pixel_values"]
+    if corrupted_rows not in (None, "all", "chosen"):
+        raise ValueError(f"corrupted_rows must be None, 'all' or 'chosen', got {corrupted_rows!r}")
+    index = batch["image_index"]
+    rows = index.repeat(2)  # chosen rows, then rejected rows: same images
+    clean_px = batch["pixel_values"]
     grad = torch.is_grad_enabled()
     corrupted_feats = None
-    if need_corrupted and corrupted_grad and grad:
-        feats = encode_images(llava, torch.cat([clean_px, corrupted_px]))
+    if corrupted_rows is not None and corrupted_grad and grad:
+        feats = encode_images(llava, torch.cat([clean_px, batch["corrupted_pixel_values"]]))
         clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
     else:
         clean_feats = encode_images(llava, clean_px)
     hidden = backbone_hidden(llava, batch["input_ids"], batch["attention_mask"], clean_feats[rows])
     corrupted_hidden = None
-    if need_corrupted:
+    if corrupted_rows is not None:
+        n = len(rows) if corrupted_rows == "all" else len(index)
         with torch.no_grad() if not corrupted_grad else contextlib.nullcontext():
             if corrupted_feats is None:
-                corrupted_feats = encode_images(llava, corrupted_px)
+                corrupted_feats = encode_images(llava, batch["corrupted_pixel_values"])
             corrupted_hidden = backbone_hidden(
-                llava, batch["input_ids"], batch["attention_mask"], corrupted_feats[rows]
+                llava, batch["input_ids"][:n], batch["attention_mask"][:n], corrupted_feats[rows[:n]]
             )
     return hidden, corrupted_hidden
+
+
+def response_branches(
+    llava: torch.nn.Module, batch: dict[str, torch.Tensor], options: StepOptions
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`(hidden, corrupted_hidden, targets)` of a batch cut to its response window, for the fused losses.
+
+    hidden: (2B, T', D) on the clean image; corrupted_hidden: the rows `options.corrupted_rows`
+    names on the corrupted image (None for DPO), with gradient only when `options.corrupted_grad`
+    and gradient is enabled; targets: (2B, T') shifted labels. Prompt and image columns before the
+    first response token are dropped (the lm_head work only ever sees response positions).
+    """
+    needed = ["input_ids", "attention_mask", "labels", "pixel_values", "image_index"]
+    if options.corrupted_rows is not None:
+        needed.append("corrupted_pixel_values")
+    for key in needed:
+        if key not in batch:
+            raise KeyError(
+                f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
+            )
+    hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad)
+    targets = shift_labels(batch["labels"], options.ignore_index)
+    window = response_window(targets, options.ignore_index)
+    corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
+    return hidden[:, window], corrupted_hidden, targets[:, window].contiguous()
 
 
 def _is_zero3(param: torch.Tensor | None) -> bool:
@@ -225,28 +272,27 @@ class _Zero3GatheredLoss(torch.autograd.Function):
 def sequence_reference_scores(
     llava: torch.nn.Module, batch: dict[str, torch.Tensor], options: StepOptions
 ) -> torch.Tensor:
-    """(2B,) reference sequence scores S_ref of the batch's rows under `llava` (no gradient).
+    """Reference sequence scores S_ref of the batch under `llava` (no gradient).
 
-    TPO: `sum_t m_t (logp_t + log c_t)` with the model's own clean and corrupted branches; DPO:
-    `sum_t m_t logp_t` (averages with `average_log_prob`).
+    TPO: (2B,) `sum_t m_t (logp_t + log c_t)` with the model's own clean and corrupted branches;
+    DPO: (2B,) `sum_t m_t logp_t`; POVID: (3B,) `(S_w, S_l, S_n)` with the model's own corrupted-image
+    argmax (`povid_reference_scores`). Averages instead of sums with `average_log_prob`.
     """
     with torch.no_grad():
-        hidden, corrupted_hidden = branch_hidden(llava, batch, options.objective == "tpo", corrupted_grad=False)
-        targets = shift_labels(batch["labels"], options.ignore_index)
-        window = response_window(targets, options.ignore_index)
-        targets = targets[:, window]
-        hidden = hidden[:, window]
-        corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
+        hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
         lm_head = llava.lm_head
+        opts = dict(average_log_prob=options.average_log_prob, ignore_index=options.ignore_index,
+                    backend=options.backend)
         with _gathered([lm_head.weight, lm_head.bias]):
             weight = _full(lm_head.weight, hidden.dtype)
             bias = _full(lm_head.bias, hidden.dtype)
             if options.objective == "tpo":
                 return reference_sequence_scores(
                     weight, hidden, corrupted_hidden, targets, bias, weighting=options.weighting,
-                    offset=options.offset, average_log_prob=options.average_log_prob,
-                    ignore_index=options.ignore_index, backend=options.backend,
+                    offset=options.offset, **opts,
                 )
+            if options.objective == "povid":
+                return povid_reference_scores(weight, hidden, corrupted_hidden, targets, bias, **opts)
             from tpo_fast import token_stats
 
             flat = targets.reshape(-1)
@@ -265,12 +311,11 @@ def policy_loss(
 ) -> dict[str, Any]:
     """The loss of one batch under the policy `model` (a LLaVA model, possibly inside PEFT).
 
-    `ref_seq_scores` (2B,) come from a separate reference model or a cache; with
-    `options.reference == "adapter"` they are computed here with the LoRA adapter disabled.
+    `ref_seq_scores` ((2B,), or (3B,) for POVID) come from a separate reference model or a cache;
+    with `options.reference == "adapter"` they are computed here with the LoRA adapter disabled.
     Returns `{"loss": scalar, "metrics": {name: scalar tensor}, "tokens": response tokens}`.
     """
     llava = unwrap_llava(model)
-    tpo = options.objective == "tpo"
     if options.reference == "adapter":
         if not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapter' needs a PEFT model (pass peft_config or a PeftModel)")
@@ -279,12 +324,7 @@ def policy_loss(
     if options.reference != "none" and ref_seq_scores is None:
         raise ValueError(f"reference={options.reference!r} needs reference scores for the batch; none were given")
 
-    hidden, corrupted_hidden = branch_hidden(llava, batch, tpo, corrupted_grad=not options.detach_weights)
-    targets = shift_labels(batch["labels"], options.ignore_index)
-    window = response_window(targets, options.ignore_index)
-    targets = targets[:, window].contiguous()
-    hidden = hidden[:, window]
-    corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
+    hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
     common = dict(
         ref_seq_scores=ref_seq_scores, beta=options.beta, loss_type=options.loss_type,
         label_smoothing=options.label_smoothing, reference_free=options.reference == "none",
@@ -292,11 +332,13 @@ def policy_loss(
     )
 
     def loss_fn(weight, bias, h, hc):
-        if tpo:
+        if options.objective == "tpo":
             return tpo_loss(
                 weight, h, hc, targets, bias, weighting=options.weighting, offset=options.offset,
                 detach_weights=options.detach_weights, **common,
             )
+        if options.objective == "povid":
+            return povid_loss(weight, h, hc, targets, bias, noise_weight=options.noise_weight, **common)
         return dpo_loss(weight, h, targets, bias, **common)
 
     lm_head = llava.lm_head
@@ -312,6 +354,29 @@ def policy_loss(
         loss, metrics = out.loss, {k: v.detach() for k, v in out.metrics.items()}
     tokens = (targets != options.ignore_index).sum()
     return {"loss": loss, "metrics": metrics, "tokens": tokens}
+
+
+def _routed_signature(original) -> inspect.Signature | None:
+    """The class forward's signature plus the keyword-only `tpo_*` arguments.
+
+    `generate` checks its inputs (`pixel_values`, ...) against `inspect.signature(model.forward)`, so
+    a routed model must keep advertising the original arguments to generate after training.
+    """
+    try:
+        sig = inspect.signature(original)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is p.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not p.VAR_KEYWORD and not p.name.startswith("tpo_")]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in (("tpo_batch", None), ("tpo_mode", "policy"), ("tpo_ref_scores", None))
+    ]
+    try:
+        return sig.replace(parameters=head + extra + var_kw)
+    except ValueError:
+        return None
 
 
 def route_forward(model: torch.nn.Module, options: StepOptions) -> torch.nn.Module:
@@ -339,6 +404,7 @@ def route_forward(model: torch.nn.Module, options: StepOptions) -> torch.nn.Modu
             raise ValueError(f"tpo_mode must be 'policy' or 'reference', got {tpo_mode!r}")
         return policy_loss(self, tpo_batch, opts, tpo_ref_scores)
 
+    forward.__signature__ = _routed_signature(type(model).forward)
     model.forward = types.MethodType(forward, model)
     model._tpo_routed = True
     return model

@@ -1,4 +1,4 @@
-"""`TPOTrainer`: token-level preference optimization (TPO, arXiv 2412.14487) of LLaVA models.
+"""`TPOTrainer`: token-level preference optimization (TPO, arXiv 2412.14487) of LLaVA models, and DPO / POVID.
 
 Not to be confused with TRL's `trl.experimental.tpo.TPOTrainer`, which is *Triple* Preference
 Optimization, a different method.
@@ -62,7 +62,7 @@ def peak_memory_mb() -> float:
 
 
 class TPOTrainer(Trainer):
-    """Trainer for TPO (token-level preference optimization, arXiv 2412.14487) and DPO on LLaVA models.
+    """Trainer for TPO (token-level preference optimization, arXiv 2412.14487), DPO and POVID on LLaVA models.
 
     Args:
         model: a `LlavaForConditionalGeneration` (or a `PeftModel` around one), or a local path.
@@ -78,6 +78,9 @@ class TPOTrainer(Trainer):
     for the batch's distinct clean and corrupted images, one trunk forward of chosen+rejected on
     the clean images and one on the corrupted images (no grad with `detach_weights=True`), and the
     fused TPO loss on the response positions' final hidden states and the lm_head weight.
+    `objective="dpo"` has no corrupted branch; `objective="povid"` runs the corrupted branch over
+    the chosen rows only and without gradient (its argmax is POVID's noisy sequence), and its
+    reference scores are (3B,) per batch: chosen, rejected and the reference's own noisy argmax.
     """
 
     def __init__(
@@ -96,6 +99,12 @@ class TPOTrainer(Trainer):
         args = args if args is not None else TPOConfig(output_dir="tpo-output")
         if not isinstance(args, TPOConfig):
             raise TypeError(f"args must be a TPOConfig, got {type(args).__name__}")
+        if args.n_gpu > 1:
+            # Single-process multi-GPU would wrap the model in nn.DataParallel, which splits the batch
+            # dict by rows and so separates chosen from rejected rows; use one device (as the base
+            # Trainer does for model-parallel models) and launch with torchrun for several.
+            logger.warning("%d GPUs in one process: training on one; use torchrun for data parallelism", args.n_gpu)
+            args._n_gpu = 1
         if isinstance(model, str):
             model = load_llava(model, torch.bfloat16 if args.bf16 else None)
         is_peft = peft_config is not None or hasattr(model, "disable_adapter")
@@ -119,7 +128,8 @@ class TPOTrainer(Trainer):
         self.reference_mode = mode
         self.step_options = StepOptions(
             objective=args.objective, beta=args.beta, weighting=args.weighting, offset=args.offset,
-            detach_weights=args.detach_weights, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+            detach_weights=args.detach_weights, noise_weight=args.povid_noise_weight, loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
             average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
         )
         route_forward(model, self.step_options)
@@ -229,8 +239,9 @@ class TPOTrainer(Trainer):
                 torch.save(cached, path)
                 logger.info("reference scores of %d records cached to %s", len(cached["index"]), path)
             self.accelerator.wait_for_everyone()
+        # One row per record: (chosen, rejected) scores, or (chosen, rejected, noisy) for POVID.
         index, scores = cached["index"], cached["scores"]
-        table = torch.full((int(index.max()) + 1, 2), float("nan"), dtype=torch.float64)
+        table = torch.full((int(index.max()) + 1, scores.shape[1]), float("nan"), dtype=torch.float64)
         table[index] = scores.double()
         self._ref_table = table
         # The reference model is no longer needed: free it.
@@ -241,7 +252,10 @@ class TPOTrainer(Trainer):
 
     @torch.no_grad()
     def _score_dataset(self, ds) -> dict[str, torch.Tensor]:
-        """(chosen, rejected) reference scores of every record; ranks split the work in equal shares."""
+        """(R, K) reference scores of every record, K = 2 (chosen, rejected) or 3 with POVID's noisy sequence.
+
+        Ranks split the work in equal shares.
+        """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         positions = list(range(rank, len(ds), world))
         share = -(-len(ds) // world)
@@ -254,9 +268,9 @@ class TPOTrainer(Trainer):
             batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
             batch = self._prepare_inputs(batch)
             s = score(batch).float().cpu()
-            half = s.shape[0] // 2
+            n = batch["index"].shape[0]
             indices.append(batch["index"].cpu())
-            values.append(torch.stack([s[:half], s[half:]], dim=1))
+            values.append(s.view(-1, n).t())  # (2B,) or (3B,) -> (B, 2) or (B, 3)
         self.model.train()
         index, scores = torch.cat(indices), torch.cat(values)
         if world > 1:
@@ -273,7 +287,8 @@ class TPOTrainer(Trainer):
             if torch.isnan(rows).any():
                 missing = inputs["index"][torch.isnan(rows).any(1)].tolist()
                 raise KeyError(f"records {missing} are not in the reference cache; delete it to recompute")
-            return torch.cat([rows[:, 0], rows[:, 1]]).to(device=inputs["input_ids"].device, dtype=torch.float32)
+            # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout.
+            return rows.t().reshape(-1).to(device=inputs["input_ids"].device, dtype=torch.float32)
         return None  # "adapter": computed inside the policy's forward; "none": reference-free
 
     # ----- checkpoints -----------------------------------------------------------------------
