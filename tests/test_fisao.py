@@ -255,3 +255,82 @@ def test_fisao_update_matches_full_logits(tiny):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, twin_params[name].grad, rtol=1e-3, atol=1e-6,
                                        msg=lambda m, k=name: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def fisao_dir(tmp_path_factory):
+    """A saved tiny LLaVA folder (model + processor), two images, prompts, an object list and a calibration file."""
+    import json
+
+    from PIL import Image
+
+    from tpo_fast.trainer.tiny import build_tiny_llava, build_tiny_processor
+
+    root = tmp_path_factory.mktemp("fisao")
+    processor = build_tiny_processor(WORDS)
+    model = build_tiny_llava(len(processor.tokenizer), seed=3)
+    model.save_pretrained(root / "llava")
+    processor.save_pretrained(root / "llava")
+    g = torch.Generator().manual_seed(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((torch.rand(30, 34, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
+    (root / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"image": "a.png", "question": "describe the image ."}, {"image": "b.png", "prompt": "what is there ?"})))
+    objects = ["dog", "cat", "bus", "mat"]
+    (root / "objects.txt").write_text("\n".join(objects))
+    # Calibration the verifier can pass: the two objects most similar to image a are "correct", the two
+    # least similar "hallucinated"; the thresholds are then the means of each pair.
+    verifier = VisionEncoderVerifier(model, processor.image_processor, objects=objects)
+    image = Image.open(root / "a.png").convert("RGB")
+    tok = processor.tokenizer
+    sims = {w: verifier.similarities([image], [torch.tensor([tok.convert_tokens_to_ids(w)])]).item() for w in objects}
+    ranked = sorted(sims, key=sims.get)
+    (root / "calibration.json").write_text(json.dumps([{"image": "a.png", "correct": ranked[2:],
+                                                         "hallucinated": ranked[:2]}]))
+    low, high = (sims[ranked[0]] + sims[ranked[1]]) / 2, (sims[ranked[2]] + sims[ranked[3]]) / 2
+    return root, low, high
+
+
+def test_fisao_cli_end_to_end(fisao_dir, capsys):
+    """`tpo-fast fisao`: calibrate from a file, roll out, reward object tokens, update, save a loadable model."""
+    import json
+
+    from tpo_fast.cli import main
+
+    root, low, high = fisao_dir
+    out = root / "run"
+    rc = main(["fisao", "--model", str(root / "llava"), "--prompts", str(root / "prompts.jsonl"), "--image-folder",
+               str(root), "--calibration", str(root / "calibration.json"), "--objects", str(root / "objects.txt"),
+               "--iterations", "2", "--batch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "8", "--lr", "1e-2",
+               "--backend", "torch", "--output-dir", str(out)])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"fisao: calibrated thresholds low={low:.4f} high={high:.4f}" in lines
+    steps = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [s["iteration"] for s in steps] == [1, 2]  # 2 prompts, batch 2: one step per iteration
+    for s in steps:
+        assert s["tokens"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in s.values())
+        assert -1 <= s["reward/mean"] <= 1 and s["kl/mean"] >= 0
+    assert any(s["reward/nonzero"] > 0 for s in steps)  # the verifier scored some sampled object tokens
+    # The saved folder is a complete model + processor, and training moved the weights.
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    AutoProcessor.from_pretrained(out)
+    before = LlavaForConditionalGeneration.from_pretrained(root / "llava").state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_fisao_cli_errors(fisao_dir, tmp_path):
+    from tpo_fast.cli import main
+
+    root, low, high = fisao_dir
+    common = ["fisao", "--prompts", str(root / "prompts.jsonl"), "--image-folder", str(root), "--output-dir",
+              str(tmp_path / "o"), "--backend", "torch"]
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(common + ["--model", str(tmp_path / "nope"), "--low", "0.1", "--high", "0.2"])
+    with pytest.raises(SystemExit, match="needs calibrated thresholds"):
+        main(common + ["--model", str(root / "llava")])
+    with pytest.raises(ValueError, match="high > low"):
+        main(common + ["--model", str(root / "llava"), "--low", "0.3", "--high", "0.2"])

@@ -1,4 +1,4 @@
-"""Two processes on gloo via torchrun: DDP and DeepSpeed ZeRO-3 through TPOTrainer, FSDP2 with
+"""Two processes on gloo via torchrun: DDP and DeepSpeed ZeRO-2 and ZeRO-3 through TPOTrainer, FSDP2 with
 `fully_shard` directly. Each must give the losses and updated weights of one process on the same
 global batch (tests/dist/tiny_setup.py::baseline_run)."""
 
@@ -32,9 +32,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_two_processes_match_one(baseline, mode, tmp_path):
-    if mode == "zero3":
+    if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
     folder, losses, state = baseline
     out = tmp_path / f"{mode}.pt"

@@ -77,7 +77,7 @@ def _run_train(a: argparse.Namespace) -> int:
 
     from tpo_fast.trainer.config import TPOConfig
     from tpo_fast.trainer.data import PreferenceDataset
-    from tpo_fast.trainer.trainer import TPOTrainer, load_llava
+    from tpo_fast.trainer.trainer import TPOTrainer, load_llava, training_weight_dtype
 
     noise_seed = None if a.noise_seed < 0 else a.noise_seed
     args = TPOConfig(
@@ -97,7 +97,8 @@ def _run_train(a: argparse.Namespace) -> int:
         corrupted_cache_dir=a.corrupted_cache, on_bad=a.bad_records,
     )
     processor = AutoProcessor.from_pretrained(a.model)
-    model = load_llava(a.model, torch.bfloat16 if a.bf16 else None, a.attn_implementation)
+    dtype = training_weight_dtype(a.bf16, lora=a.lora_r > 0, deepspeed=bool(a.deepspeed))
+    model = load_llava(a.model, dtype, a.attn_implementation)
     peft_config = None
     if a.lora_r > 0:
         from peft import LoraConfig

@@ -1,6 +1,6 @@
 """Run by `torchrun --nproc_per_node 2` from tests/test_trainer_dist.py: TPO training on gloo.
 
-Usage: run_dist.py MODE DATA_DIR OUT_FILE STEPS LR, MODE one of ddp | zero3 (through TPOTrainer)
+Usage: run_dist.py MODE DATA_DIR OUT_FILE STEPS LR, MODE one of ddp | zero2 | zero3 (through TPOTrainer)
 or fsdp2 (`fully_shard` directly, a manual loop: the HF Trainer falls back to DDP on CPU).
 Global batch 4 (2 per rank), sequential order, frozen-copy reference, SGD. Rank 0 saves
 {"losses": [...], "state": {name: tensor}} to OUT_FILE.
@@ -41,10 +41,13 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
     torch.manual_seed(0)
     model = tiny_model(proc)
     extra = {}
-    if mode == "zero3":
-        extra["deepspeed"] = {
+    if mode in ("zero2", "zero3"):
+        zero = {"stage": 2}
+        if mode == "zero3":
             # Threshold 0: every parameter is partitioned, the tiny lm_head too (the path a real one takes).
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        extra["deepspeed"] = {
+            "zero_optimization": zero,
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "bf16": {"enabled": False}, "fp16": {"enabled": False},
         }
@@ -68,6 +71,11 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = state_of(model.module)
     else:
+        if mode == "zero2":
+            # ZeRO-2 partitions gradients and optimizer state, not parameters: every rank holds them whole,
+            # and the separate reference is its own stage-0 (replicated) inference engine.
+            assert model.zero_optimization_stage() == 2 and trainer.model.lm_head.weight.numel() > 0
+            assert type(trainer.ref_model).__name__ == "DeepSpeedEngine"
         state = state_of(trainer.model)
     return losses, state
 
@@ -111,10 +119,10 @@ def main():
     mode, data_dir, out_file, steps, lr = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
     if mode == "fsdp2":
         losses, state = run_fsdp2(data_dir, out_file, steps, lr)
-    elif mode in ("ddp", "zero3"):
+    elif mode in ("ddp", "zero2", "zero3"):
         losses, state = run_trainer(mode, data_dir, out_file, steps, lr)
     else:
-        raise SystemExit(f"mode must be ddp, zero3 or fsdp2, got {mode!r}")
+        raise SystemExit(f"mode must be ddp, zero2, zero3 or fsdp2, got {mode!r}")
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"losses": losses, "state": state, "world": int(os.environ["WORLD_SIZE"])}, out_file)
     if dist.is_initialized():

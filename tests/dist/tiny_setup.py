@@ -74,5 +74,5 @@ def baseline_run(folder: str, steps: int, global_batch: int, lr: float, seed: in
         out["loss"].backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
     return losses, state_of(model)

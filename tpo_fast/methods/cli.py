@@ -85,7 +85,7 @@ def run_fisao_command(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, processor = _load(args.model)
-    model = _device(model)
+    model = _device(model).train()  # from_pretrained returns eval mode; the updates train
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     objects = None
     if args.objects:

@@ -54,6 +54,19 @@ def load_llava(path: str, dtype: torch.dtype | str | None = None, attn_implement
     )
 
 
+def training_weight_dtype(bf16: bool, lora: bool, deepspeed: bool) -> torch.dtype | None:
+    """The dtype to load trainable weights in.
+
+    The HF Trainer's optimizers update each weight in its own dtype (bf16=True only autocasts the
+    compute), so a bf16 weight loses every update below about |w| / 256: full fine-tuning without
+    DeepSpeed (which keeps fp32 master weights) loads fp32. LoRA (fp32 adapters on a frozen base) and
+    DeepSpeed load bf16 when bf16 is on; None keeps the checkpoint's dtype.
+    """
+    if not lora and not deepspeed:
+        return torch.float32
+    return torch.bfloat16 if bf16 else None
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process in MiB: CUDA allocator peak on GPU, else the peak resident set size."""
     if torch.cuda.is_available():
@@ -106,7 +119,8 @@ class TPOTrainer(Trainer):
             logger.warning("%d GPUs in one process: training on one; use torchrun for data parallelism", args.n_gpu)
             args._n_gpu = 1
         if isinstance(model, str):
-            model = load_llava(model, torch.bfloat16 if args.bf16 else None)
+            dtype = training_weight_dtype(args.bf16, lora=peft_config is not None, deepspeed=bool(args.deepspeed))
+            model = load_llava(model, dtype)
         is_peft = peft_config is not None or hasattr(model, "disable_adapter")
         mode = args.reference
         if mode == "auto":
@@ -149,6 +163,7 @@ class TPOTrainer(Trainer):
         # The routed forward takes **kwargs, which the Trainer reads as "scales the loss for
         # gradient accumulation itself"; it does not: the Trainer must divide.
         self.model_accepts_loss_kwargs = False
+        self._warn_low_precision_weights()
         self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._tokens_since_log = 0
@@ -156,6 +171,24 @@ class TPOTrainer(Trainer):
         self._ref_table: torch.Tensor | None = None
         if args.precompute_reference:
             self._precompute_reference()
+
+    def _warn_low_precision_weights(self) -> None:
+        """Warn when trainable weights are bf16/fp16 and no optimizer keeps fp32 master copies of them.
+
+        The HF Trainer's optimizers update each weight in its own dtype (bf16=True only autocasts the
+        compute), so a bf16 weight w drops every update smaller than about |w| / 256: at a learning rate of
+        5e-7 nearly all of them. DeepSpeed keeps fp32 master weights; LoRA adapters are fp32 under PEFT.
+        """
+        if self.is_deepspeed_enabled:
+            return
+        low = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()
+                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if low:
+            logger.warning(
+                "trainable weights are %s and the optimizer updates them in place without fp32 master weights: "
+                "updates below the weights' precision (about |w| / 256 in bf16) are lost. Load the model in float32 "
+                "(bf16=True autocasts the compute), train a LoRA adapter, or use DeepSpeed.", "/".join(low),
+            )
 
     # ----- reference ---------------------------------------------------------------------------
     def _prepare_reference(self, ref_model):
