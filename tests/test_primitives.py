@@ -14,6 +14,8 @@ import tpo_fast
 from tpo_fast.ops.reference import reference_token_stats
 
 BACKENDS = ["torch", "triton"]
+# Triton compiles only for CUDA tensors; on CPU it runs under the interpreter (conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, D, V): non-powers of two, D not a multiple of 16, V over one interpreter tile (512),
 # N over one row block (64).
 SHAPES = [(37, 24, 101), (16, 16, 16), (70, 40, 600)]
@@ -37,16 +39,16 @@ def poison_empty(monkeypatch):
 
 def make_inputs(n, d, v, dtype, bias, corrupted, ignore="some", scale=1.0):
     g = torch.Generator().manual_seed(n * 1000 + d * 10 + v)
-    h = (torch.randn(n, d, generator=g) * scale).to(dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_()
-    b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
-    hc = (torch.randn(n, d, generator=g) * scale).to(dtype).requires_grad_() if corrupted else None
+    h = (torch.randn(n, d, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(DEVICE, dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(DEVICE, dtype).requires_grad_() if bias else None
+    hc = (torch.randn(n, d, generator=g) * scale).to(DEVICE, dtype).requires_grad_() if corrupted else None
     y = torch.randint(0, v, (n,), generator=g)
     if ignore == "some":
         y[torch.rand(n, generator=g) < 0.3] = -100
     elif ignore == "all":
         y[:] = -100
-    return h, w, b, hc, y
+    return h, w, b, hc, y.to(DEVICE)
 
 
 def run(backend, h, w, b, hc, y, upstream, argmax=False):
@@ -79,7 +81,7 @@ def naive_bf16(h, w, b, hc, y, upstream):
         logits = logits + b
     lse = torch.logsumexp(logits.float(), -1)
     z = logits.float().gather(1, safe[:, None]).squeeze(1)
-    zero = torch.zeros(())
+    zero = torch.zeros((), device=h.device)
     outs = {
         "logprobs": torch.where(valid, z - lse, zero),
         "target_logits": torch.where(valid, z, zero),
@@ -114,7 +116,7 @@ def assert_close(name, got, want, atol, rtol):
 def test_fp32_matches_reference(backend, shape, bias, ignore):
     n, d, v = shape
     h, w, b, hc, y = make_inputs(n, d, v, torch.float32, bias, corrupted=True, ignore=ignore)
-    upstream = torch.randn(4, n)
+    upstream = torch.randn(4, n, device=DEVICE)
     s, outs, grads = run(backend, h, w, b, hc, y, upstream, argmax=True)
     ref_s, ref_outs, ref_grads = run("reference", h, w, b, hc, y, upstream, argmax=True)
     for k in outs:
@@ -131,7 +133,7 @@ def test_fp32_matches_reference(backend, shape, bias, ignore):
 def test_bf16_within_pytorch_error(backend, shape, bias):
     n, d, v = shape
     h, w, b, hc, y = make_inputs(n, d, v, torch.bfloat16, bias, corrupted=True)
-    upstream = torch.randn(4, n)
+    upstream = torch.randn(4, n, device=DEVICE)
     _, outs, grads = run(backend, h, w, b, hc, y, upstream)
     # fp32 truth on the same (bf16-rounded) values
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -150,9 +152,9 @@ def test_bf16_within_pytorch_error(backend, shape, bias):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored_give_zero_and_zero_grad(backend):
     h, w, b, hc, y = make_inputs(20, 24, 50, torch.float32, bias=True, corrupted=True, ignore="all")
-    s, outs, grads = run(backend, h, w, b, hc, y, torch.randn(4, 20))
+    s, outs, grads = run(backend, h, w, b, hc, y, torch.randn(4, 20, device=DEVICE))
     for k, o in outs.items():
-        assert torch.equal(o, torch.zeros(20)), k
+        assert torch.equal(o, torch.zeros(20, device=DEVICE)), k
     for k, g in grads.items():
         assert g is not None and torch.count_nonzero(g) == 0, k
 
@@ -160,7 +162,7 @@ def test_all_rows_ignored_give_zero_and_zero_grad(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_get_no_gradient(backend):
     h, w, b, hc, y = make_inputs(30, 24, 50, torch.float32, bias=False, corrupted=True, ignore="some")
-    _, _, grads = run(backend, h, w, b, hc, y, torch.randn(4, 30))
+    _, _, grads = run(backend, h, w, b, hc, y, torch.randn(4, 30, device=DEVICE))
     ignored = y == -100
     assert ignored.any()
     assert torch.count_nonzero(grads["hidden"][ignored]) == 0
@@ -169,9 +171,9 @@ def test_ignored_rows_get_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_empty_batch(backend):
-    h = torch.randn(0, 8, requires_grad=True)
-    w = torch.randn(10, 8, requires_grad=True)
-    y = torch.zeros(0, dtype=torch.long)
+    h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEVICE)
     lp = tpo_fast.token_logprobs(h, w, y, backend=backend)
     assert lp.shape == (0,) and lp.dtype == torch.float32
     lp.sum().backward()
@@ -226,7 +228,7 @@ def test_non_finite_input_stays_in_its_row(backend):
         h[5, 3] = float("nan")
         h[7, 0] = float("inf")
     lp = tpo_fast.token_logprobs(h, w, y, backend=backend)
-    bad = torch.zeros(20, dtype=torch.bool)
+    bad = torch.zeros(20, dtype=torch.bool, device=DEVICE)
     bad[[5, 7]] = True
     assert not torch.isfinite(lp[bad]).any()
     assert torch.isfinite(lp[~bad]).all()
@@ -234,10 +236,10 @@ def test_non_finite_input_stays_in_its_row(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    h_full = torch.randn(24, 40, dtype=torch.float32)
+    h_full = torch.randn(24, 40, dtype=torch.float32, device=DEVICE)
     h = h_full[:, ::2]  # (24, 20), stride 2
-    w = torch.randn(20, 33).t()  # (33, 20), transposed
-    y = torch.randint(0, 33, (48,))[::2]
+    w = torch.randn(20, 33, device=DEVICE).t()  # (33, 20), transposed
+    y = torch.randint(0, 33, (48,), device=DEVICE)[::2]
     ref = reference_token_stats(h, w, y)[0]
     assert_close("logprobs", tpo_fast.token_logprobs(h, w, y, backend=backend), ref, 1e-5, 1e-5)
 
@@ -245,7 +247,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_target_logits_forward_and_backward(backend):
     h, w, b, _, y = make_inputs(33, 20, 45, torch.float32, bias=True, corrupted=False)
-    g = torch.randn(33)
+    g = torch.randn(33, device=DEVICE)
     (tpo_fast.target_logits(h, w, y, bias=b, backend=backend) * g).sum().backward()
     got = [t.grad.clone() for t in (h, w, b)]
     for t in (h, w, b):
@@ -254,7 +256,7 @@ def test_target_logits_forward_and_backward(backend):
     (z * g).sum().backward()
     for name, a, t in zip(["hidden", "weight", "bias"], got, (h, w, b), strict=True):
         assert_close(f"grad {name}", a, t.grad, 1e-5, 1e-5)
-    assert torch.equal(z[y == -100], torch.zeros(int((y == -100).sum())))
+    assert torch.equal(z[y == -100], torch.zeros(int((y == -100).sum()), device=DEVICE))
 
 
 def test_int32_targets_accepted_and_auto_backend_on_cpu():
@@ -312,8 +314,19 @@ def test_no_n_by_v_allocation(backend, monkeypatch):
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # the torch backend: O(chunk x V)
     n, d, v = 128, 8, 2000
     h, w, _, hc, y = make_inputs(n, d, v, torch.float32, bias=False, corrupted=True, ignore="none")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         s = tpo_fast.token_stats(h, w, y, corrupted_hidden=hc, backend=backend)
         (s.logprobs.sum() + s.corrupted_target_logits.sum()).backward()
-    largest = max(e.cpu_memory_usage for e in prof.events())
+
+    if DEVICE == "cuda":  # peak above what is resident: every buffer the step holds at once
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        largest = torch.cuda.max_memory_allocated() - base
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest <= n * v * 4 // 4, f"largest allocation {largest} B vs N x V fp32 = {n * v * 4} B"
