@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import backend_device, moved
 from methods_reference import pg_loss_reference
 
 from tpo_fast.methods.fisao import (
@@ -54,7 +55,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_pg_loss_matches_reference(backend, bias, case):
     opts = dict(CASES[case])
-    h, w, b, y, old, ref, adv = make(bias)
+    h, w, b, y, old, ref, adv = moved(backend_device(backend), *make(bias))
     out = token_pg_loss(w, h, y, b, advantages=adv, old_logprobs=old, ref_logprobs=ref, backend=backend, **opts)
     g = torch.randn(())
     (out.loss * g).backward()

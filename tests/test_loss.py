@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import backend_device
 from loss_reference import reference_loss, reference_scores
 
 import tpo_fast
@@ -55,11 +56,11 @@ METRIC_KEYS = {
 VISUAL_KEYS = {"visual_score/chosen", "visual_score/rejected"}
 
 
-def make_batch(dtype=torch.float32, bias=True, all_padding=(), seed=0):
+def make_batch(dtype=torch.float32, bias=True, all_padding=(), seed=0, device="cpu"):
     """Policy and reference inputs; sequences 0..B-1 chosen, B..2B-1 rejected.
 
     Every sequence has a masked prompt prefix and some have trailing padding; indices listed in
-    `all_padding` have no response token at all.
+    `all_padding` have no response token at all. `device`: see `_device.backend_device`.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -90,6 +91,7 @@ def make_batch(dtype=torch.float32, bias=True, all_padding=(), seed=0):
         "ref_hidden": (hidden.float() + randn(2 * N_PAIRS, T, D, scale=0.2).float()).to(dtype),
         "ref_corrupted_hidden": (corrupted.float() + randn(2 * N_PAIRS, T, D, scale=0.2).float()).to(dtype),
     }
+    batch = {k: None if v is None else v.to(device) for k, v in batch.items()}
     for v in batch.values():
         if v is not None and v.dtype.is_floating_point:
             v.requires_grad_(True)
@@ -193,7 +195,7 @@ def assert_close(actual, expected, rtol, atol, name):
     atol scales with the tensor's largest element: fp32 accumulation-order error in a gradient is
     relative to the largest terms summed, not to each (possibly near-zero) element.
     """
-    actual, expected = actual.detach().double(), expected.detach().double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
@@ -264,7 +266,7 @@ def _cases():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", _cases())
 def test_matches_reference_fp32(options, backend):
-    batch = make_batch()
+    batch = make_batch(device=backend_device(backend))
     out, grads = run_fused(batch, options, backend)
     assert isinstance(out, LossOutput)
     assert set(out.metrics) == METRIC_KEYS | VISUAL_KEYS
@@ -278,7 +280,7 @@ def test_matches_reference_fp32(options, backend):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_layouts_and_bias(hidden_2d, bias, backend):
     options = dict(weighting="tpo", offset=0.5)
-    batch = make_batch(bias=bias)
+    batch = make_batch(bias=bias, device=backend_device(backend))
     out, grads = run_fused(batch, options, backend, hidden_2d=hidden_2d)
     compare(out, grads, *run_reference(batch, options))
 
@@ -325,7 +327,7 @@ def test_shared_reference_head_lora():
 def test_all_padding_sequence(weighting, average, backend):
     """A chosen and a rejected sequence without response tokens: S = 0, finite loss, no gradient there."""
     options = dict(weighting=weighting, average_log_prob=average)
-    batch = make_batch(all_padding=(1, 2))
+    batch = make_batch(all_padding=(1, 2), device=backend_device(backend))
     out, grads = run_fused(batch, options, backend)
     compare(out, grads, *run_reference(batch, options))
     for name in ("hidden", "corrupted_hidden"):
@@ -364,7 +366,7 @@ def test_matches_reference_bf16(options, backend):
     yardstick (flash-attn's `err <= 2 * pytorch_err + atol`). The fused path accumulates in fp32 and
     only rounds the returned gradients to bf16, so it must stay within that bound.
     """
-    batch = make_batch(dtype=torch.bfloat16, all_padding=(3,))
+    batch = make_batch(dtype=torch.bfloat16, all_padding=(3,), device=backend_device(backend))
     out, grads = run_fused(batch, options, backend)
     true_loss, true_metrics, true_grads = run_reference(batch, options, upcast=True)
     bf_loss, bf_metrics, bf_grads = run_reference(batch, options)
@@ -397,7 +399,7 @@ def test_matches_reference_bf16(options, backend):
 @pytest.mark.parametrize("weighting", ["tpo", "none"])
 def test_precomputed_reference_equals_reference_from_hidden(weighting, average, backend):
     options = dict(weighting=weighting, average_log_prob=average)
-    batch = make_batch()
+    batch = make_batch(device=backend_device(backend))
     base, base_grads = run_fused(batch, options, backend, ref_mode="hidden")
     for mode in ("seq", "token"):
         out, grads = run_fused(batch, options, backend, ref_mode=mode)
@@ -407,7 +409,7 @@ def test_precomputed_reference_equals_reference_from_hidden(weighting, average, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weighting", ["tpo", "none"])
 def test_reference_sequence_scores(weighting, backend):
-    batch = make_batch(all_padding=(0,))
+    batch = make_batch(all_padding=(0,), device=backend_device(backend))
     for average in (False, True):
         scores = reference_sequence_scores(
             batch["ref_weight"],
@@ -438,7 +440,7 @@ def test_reference_sequence_scores(weighting, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 def test_weighting_none_is_textbook_dpo(loss_type, backend):
-    batch = make_batch()
+    batch = make_batch(device=backend_device(backend))
     beta, targets = 0.3, batch["targets"]
     out = dpo_loss(
         batch["weight"],
@@ -500,7 +502,7 @@ def test_weighting_none_is_textbook_dpo(loss_type, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_detach_weights_gradient_into_corrupted_branch(backend):
-    batch = make_batch()
+    batch = make_batch(device=backend_device(backend))
     live, live_grads = run_fused(batch, dict(detach_weights=False), backend)
     _, _, ref_grads = run_reference(batch, dict(detach_weights=False))
     assert live_grads["corrupted_hidden"] is not None and live_grads["corrupted_hidden"].abs().max() > 1e-4
@@ -653,7 +655,7 @@ def test_sequence_scores_and_preference_loss_helpers():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_modules_equal_functional(backend):
-    batch = make_batch()
+    batch = make_batch(device=backend_device(backend))
     kw = dict(beta=0.2, offset=1.0, loss_type="hinge", average_log_prob=True, backend=backend)
     module = TPOLoss(**kw)
     ref = dict(

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _device import backend_device, moved
 from methods_reference import povid_loss_reference, povid_scores, povid_scores_from_logits
 
 from tpo_fast.loss import dpo_loss
@@ -47,7 +48,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_povid_loss_matches_reference(backend, bias, case):
     opts = CASES[case]
-    h, hc, w, b, y, rh, rhc, rw = make(bias)
+    h, hc, w, b, y, rh, rhc, rw = moved(backend_device(backend), *make(bias))
     rb = None if b is None else b.detach() + 0.01
     out = povid_loss(w, h, hc, y, b, ref_hidden=rh, ref_corrupted_hidden=rhc, ref_weight=rw, ref_bias=rb,
                      backend=backend, **opts)
