@@ -4,6 +4,7 @@ One program per (row block, vocabulary tile) recomputes its logits tile, turns i
 gradient tile in fp32 on chip, and accumulates `dH += dZ @ W_tile` and `dW_tile += dZ.T @ H`
 with fp32 atomics (as Cut Cross-Entropy does). The one-hot part of the gradient is rank-1 per
 row and handled by `indexed_dot.py`, so `softmax - 1` never cancels in low precision.
+With FILTER (Cut Cross-Entropy's gradient filtering) tiles of negligible softmax are skipped.
 """
 
 import triton
@@ -17,10 +18,12 @@ def token_stats_bwd_kernel(
     H, W, B, LSE, COEF,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32
     GH, GW, GB,  # fp32 outputs, accumulated atomically: [N, D], [V, D], [V]
     N, V, D,
+    FILTER_EPS,  # fp32; used only with FILTER
     HAS_BIAS: tl.constexpr,
     NEED_H: tl.constexpr,
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
+    FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,8 +59,12 @@ def token_stats_bwd_kernel(
         tl.atomic_add(GB + vcols, tl.sum(dz, axis=0), mask=v_mask)
     dz_in = dz.to(W.dtype.element_ty)
 
-    # 3. accumulate dH and dW over hidden-dimension chunks
-    for d0 in range(0, D, BLOCK_D):
+    # 3. accumulate dH and dW over hidden-dimension chunks. Gradient filtering (opt-in, inexact):
+    #    a tile whose every entry is below FILTER_EPS in magnitude skips both GEMMs and their atomics.
+    d_end = D
+    if FILTER:
+        d_end = tl.where(tl.max(tl.max(tl.abs(dz), axis=1), axis=0) < FILTER_EPS, 0, D)
+    for d0 in range(0, d_end, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         c_mask = cols < D
         if NEED_H:

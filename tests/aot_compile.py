@@ -35,8 +35,8 @@ def cases(dt: str, prec: str, cfg: TileConfig):
             "INTERPRET": False, **blocks}, cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32",
-            "N": "i32", "V": "i32", "D": "i32",
-        }, {"HAS_BIAS": flag, "NEED_H": True, "NEED_W": True, "NEED_B": flag, "DOT_PRECISION": prec,
+            "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
+        }, {"HAS_BIAS": flag, "NEED_H": True, "NEED_W": True, "NEED_B": flag, "FILTER": flag, "DOT_PRECISION": prec,
             "INTERPRET": False, **blocks}, cfg.num_warps, cfg.num_stages
         yield indexed_dot_fwd_kernel, {"H": p, "W": p, "B": p, "Y": "*i64", "Z": "*fp32", "N": "i32", "D": "i32"}, {
             "HAS_BIAS": flag, "BLOCK_N": 64, "BLOCK_D": 64}, 4, 3

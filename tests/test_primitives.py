@@ -330,3 +330,52 @@ def test_no_n_by_v_allocation(backend, monkeypatch):
             step()
         largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest <= n * v * 4 // 4, f"largest allocation {largest} B vs N x V fp32 = {n * v * 4} B"
+
+
+def _triton_grads(monkeypatch, eps, h, w, b, y, g):
+    monkeypatch.setenv("TPO_FAST_GRAD_FILTER_EPS", eps)
+    for t in (h, w, b):
+        t.grad = None
+    (tpo_fast.token_logprobs(h, w, y, bias=b, backend="triton") * g).sum().backward()
+    return [t.grad.clone() for t in (h, w, b)]
+
+
+def test_grad_filter_skips_negligible_tiles_within_its_bound(monkeypatch):
+    """Gradient filtering (opt-in): tiles of negligible softmax are dropped, the rest stays exact."""
+    n, d, v = 16, 16, 2000  # 4 vocabulary tiles under the interpreter (512 each)
+    h, w, b, _, y = make_inputs(n, d, v, torch.float32, bias=True, corrupted=False, ignore="none")
+    with torch.no_grad():
+        b[512:] -= 40.0  # the softmax lives in the first tile: the other three are below 1e-15
+        y.remainder_(512)
+    g = torch.randn(n, device=DEVICE)
+    exact = _triton_grads(monkeypatch, "", h, w, b, y, g)
+    ref = _triton_grads(monkeypatch, "0", h, w, b, y, g)
+    for a, e in zip(ref, exact, strict=True):  # "0" is exact too (atomics may reorder sums on a GPU)
+        assert_close("eps=0", a, e, atol=1e-6, rtol=1e-5)
+    filtered = _triton_grads(monkeypatch, "1e-6", h, w, b, y, g)
+    skipped_bound = 1e-6 * v * w.detach().abs().max()  # dropped |dz| < eps per entry
+    assert (filtered[0] - exact[0]).abs().max() <= skipped_bound
+    assert_close("grad weight", filtered[1], exact[1], atol=float(skipped_bound), rtol=0)
+    # the skipped tiles ran no GEMM: their weight rows got (tiny) gradient only without filtering
+    assert torch.count_nonzero(exact[1][512:]) > 0 and torch.count_nonzero(filtered[1][512:]) == 0
+    assert_close("grad weight, kept tile", filtered[1][:512], exact[1][:512], atol=1e-6, rtol=1e-5)
+    assert_close("grad bias", filtered[2], exact[2], atol=1e-6, rtol=1e-5)  # bias is never filtered
+
+
+def test_grad_filter_above_every_entry_leaves_the_one_hot_part(monkeypatch):
+    h, w, b, _, y = make_inputs(20, 16, 50, torch.float32, bias=False, corrupted=False, ignore="some")
+    g = torch.randn(20, device=DEVICE)
+    got = _triton_grads(monkeypatch, "10", h, w, torch.zeros(50, device=DEVICE, requires_grad=True), y, g)
+    for t in (h, w):
+        t.grad = None
+    (tpo_fast.target_logits(h, w, y, backend="reference") * g).sum().backward()  # logp minus its lse term
+    assert_close("grad hidden", got[0], h.grad, 1e-6, 1e-5)
+    assert_close("grad weight", got[1], w.grad, 1e-6, 1e-5)
+
+
+def test_grad_filter_bad_setting(monkeypatch):
+    h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
+    monkeypatch.setenv("TPO_FAST_GRAD_FILTER_EPS", "small")
+    lp = tpo_fast.token_logprobs(h, w, y, backend="triton")
+    with pytest.raises(ValueError, match="TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got 'small'"):
+        lp.sum().backward()

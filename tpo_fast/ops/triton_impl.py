@@ -51,6 +51,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def grad_filter_eps() -> float:
+    """Gradient filtering threshold from TPO_FAST_GRAD_FILTER_EPS (unset or 0: exact, the default).
+
+    With eps > 0 the backward skips every (row block, vocabulary tile) whose softmax gradient is
+    below eps in magnitude everywhere: the two gradient GEMMs of such a tile are dropped, which is
+    most tiles of a peaked softmax. The dropped mass per tile is below eps times its size, so the
+    gradient is no longer exact; the forward values and the loss are unaffected.
+    """
+    raw = os.environ.get("TPO_FAST_GRAD_FILTER_EPS", "")
+    try:
+        eps = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got {raw!r}") from None
+    if not eps >= 0.0:
+        raise ValueError(f"TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got {raw!r}")
+    return eps
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -113,14 +131,15 @@ def backward(
         return gh, gw, gb, ghc
     cfg = tile_config(n, v, d)
     dummy = lse
+    eps = grad_filter_eps()
     with _device_guard(hidden):
         if coef_p is not None and (need_h or need_w or need_b):
             grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
             token_stats_bwd_kernel[grid](
                 hidden, weight, bias if bias is not None else dummy, lse, coef_p,
                 gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
-                n, v, d,
-                HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
+                n, v, d, eps,
+                HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
                 DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
