@@ -36,11 +36,24 @@ def reference_token_stats(
     lse_out = torch.where(valid, lse, zero)
     zc = None
     if corrupted_hidden is not None:
-        zc = (corrupted_hidden.float() * w[safe]).sum(-1)
-        if bias is not None:
-            zc = zc + bias.float()[safe]
-        zc = torch.where(valid, zc, zero)
+        zc = reference_target_logits(corrupted_hidden, weight, targets, bias, ignore_index)
     argmax = None
     if return_argmax:
         argmax = torch.where(valid, logits.detach().argmax(-1), torch.full_like(safe, -1))
     return logp, z_out, lse_out, zc, argmax
+
+
+def reference_target_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """fp32 `hidden[i] . weight[targets[i]] (+ bias[targets[i]])`, 0 on ignored rows; plain autograd."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    z = (hidden.float() * weight.float()[safe]).sum(-1)
+    if bias is not None:
+        z = z + bias.float()[safe]
+    return torch.where(valid, z, torch.zeros((), dtype=torch.float32, device=z.device))

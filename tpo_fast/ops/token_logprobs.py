@@ -15,7 +15,7 @@ import torch
 
 from tpo_fast.ops import torch_chunked
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
-from tpo_fast.ops.reference import reference_token_stats
+from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
 
 logger = logging.getLogger("tpo_fast")
 
@@ -35,6 +35,41 @@ class TokenStats(NamedTuple):
     lse: torch.Tensor
     corrupted_target_logits: torch.Tensor | None
     argmax: torch.Tensor | None
+
+
+class _Compaction:
+    """The rows that carry a target (one host sync): kernels see only those, results go back in place."""
+
+    def __init__(self, valid: torch.Tensor) -> None:
+        self.n = valid.shape[0]
+        self.rows = valid.nonzero().squeeze(1)
+        self.active = self.rows.numel() != self.n
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The target-carrying rows of `t`, contiguous."""
+        if t is None:
+            return None
+        return (t.index_select(0, self.rows) if self.active else t).contiguous()
+
+    def put(self, x: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+        """`x` of the kept rows scattered back to all N rows, `fill` elsewhere (differentiable)."""
+        if x is None or not self.active:
+            return x
+        return torch.full((self.n,), fill, dtype=x.dtype, device=x.device).index_copy(0, self.rows, x)
+
+
+def _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend):
+    """Shared prologue of the primitives: validate, pick the backend, int64 targets and their mask."""
+    check_primitive_inputs(hidden, weight, targets, bias, corrupted_hidden)
+    backend = resolve_backend(backend, hidden.device)
+    targets = targets.long()
+    valid = targets != ignore_index
+    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    return backend, targets, valid
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 @dataclass(frozen=True)
@@ -160,44 +195,20 @@ def token_stats(
     Never allocates an N x V tensor except on the `reference` backend. Non-finite inputs give
     non-finite outputs on the rows they touch (as plain PyTorch would); they are not checked.
     """
-    check_primitive_inputs(hidden, weight, targets, bias, corrupted_hidden)
-    backend = resolve_backend(backend, hidden.device)
-    targets = targets.long()
-    valid = targets != ignore_index
-    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    backend, targets, valid = _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend)
     if backend == "reference":
         return TokenStats(
             *reference_token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax)
         )
-
-    n = hidden.shape[0]
-    rows = valid.nonzero().squeeze(1)
-    compact = rows.numel() != n
-    h, hc, t = hidden, corrupted_hidden, targets
-    if compact:
-        h = hidden.index_select(0, rows)
-        hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
-        t = targets.index_select(0, rows)
-    h = h.contiguous()
-    hc = None if hc is None else hc.contiguous()
+    rows = _Compaction(valid)
     params = _Params(backend=backend, want_argmax=return_argmax, has_corrupted=corrupted_hidden is not None)
     logp, z, lse, zc, argmax = _TokenStatsFunction.apply(
-        h, weight.contiguous(), None if bias is None else bias.contiguous(), hc, t.contiguous(), params
+        rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(corrupted_hidden), rows.take(targets),
+        params,
     )
-    if corrupted_hidden is None:
-        zc = None
-    if not return_argmax:
-        argmax = None
-    if compact:
-
-        def scatter(x: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
-            if x is None:
-                return None
-            out = torch.full((n,), fill, dtype=x.dtype, device=x.device)
-            return out.index_copy(0, rows, x)
-
-        logp, z, lse, zc = scatter(logp), scatter(z), scatter(lse), scatter(zc)
-        argmax = scatter(argmax, -1)
+    zc = rows.put(zc) if corrupted_hidden is not None else None
+    argmax = rows.put(argmax, -1) if return_argmax else None
+    logp, z, lse = rows.put(logp), rows.put(z), rows.put(lse)
     return TokenStats(logp, z, lse, zc, argmax)
 
 
@@ -270,26 +281,11 @@ def target_logits(
     Rows whose target is `ignore_index` give 0 and no gradient. The backward is rank-1:
     `d hidden[i] = g[i] * weight[targets[i]]`, `d weight[targets[i]] += g[i] * hidden[i]`.
     """
-    check_primitive_inputs(hidden, weight, targets, bias)
-    backend = resolve_backend(backend, hidden.device)
-    targets = targets.long()
-    valid = targets != ignore_index
-    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
     if backend == "reference":
-        safe = torch.where(valid, targets, torch.zeros_like(targets))
-        z = (hidden.float() * weight.float()[safe]).sum(-1)
-        if bias is not None:
-            z = z + bias.float()[safe]
-        return torch.where(valid, z, torch.zeros((), device=z.device))
-    n = hidden.shape[0]
-    rows = valid.nonzero().squeeze(1)
-    compact = rows.numel() != n
-    h, t = hidden, targets
-    if compact:
-        h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
+        return reference_target_logits(hidden, weight, targets, bias, ignore_index)
+    rows = _Compaction(valid)
     z = _TargetLogitsFunction.apply(
-        h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), t.contiguous(), backend
+        rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
     )
-    if compact:
-        z = torch.zeros(n, dtype=z.dtype, device=z.device).index_copy(0, rows, z)
-    return z
+    return rows.put(z)
