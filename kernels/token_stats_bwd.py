@@ -1,10 +1,12 @@
-"""Backward of the token primitive, softmax part: `dz = coef_p * softmax(z)` tile by tile.
+"""Backward of the token primitive, softmax part, fully fused: the gradient-filtering path.
 
 One program per (row block, vocabulary tile) recomputes its logits tile, turns it into the
-gradient tile in fp32 on chip, and accumulates `dH += dZ @ W_tile` and `dW_tile += dZ.T @ H`
-with fp32 atomics (as Cut Cross-Entropy does). The one-hot part of the gradient is rank-1 per
-row and handled by `indexed_dot.py`, so `softmax - 1` never cancels in low precision.
-With FILTER (Cut Cross-Entropy's gradient filtering) tiles of negligible softmax are skipped.
+gradient tile `coef_p * softmax(z)` in fp32 on chip, and accumulates `dH += dZ @ W_tile` and
+`dW_tile += dZ.T @ H` with fp32 atomics (as Cut Cross-Entropy does). Nothing of size N x V is
+stored, and with FILTER (Cut Cross-Entropy's gradient filtering) tiles of negligible softmax skip
+both GEMMs. The exact default backward is `softmax_grad.py` plus two dense GEMMs; this kernel is
+used when TPO_FAST_GRAD_FILTER_EPS > 0 (or TPO_FAST_BACKWARD=atomic). The one-hot part of the
+gradient is rank-1 per row and handled by `indexed_dot.py`.
 """
 
 import triton

@@ -1,8 +1,12 @@
-"""Forward of the token primitive: one sweep over vocabulary tiles per block of rows.
+"""Forward of the token primitive, vocabulary part: per-tile logsumexp partials, GEMM-shaped.
 
-Per row it produces the logsumexp of `z = h @ W.T (+ b)` (online max / sum-exp, fp32), the raw
-target logit `h . W[y] (+ b[y])`, optionally the corrupted-branch target logit `h~ . W[y]` from the
-same loaded `W[y]` rows, and optionally the argmax. Only (N,) statistics are written.
+One program per (row block, vocabulary tile), like one output tile of `H @ W.T`: it accumulates its
+`[BLOCK_N, BLOCK_V]` logits tile over the hidden dimension in fp32 on chip and writes only the
+tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. The launcher
+combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (and the argmax): a few bytes per
+row and tile leave the chip, never the logits. Programs are visited in groups of GROUP_N row blocks
+so that the `W` tiles a wave of programs reads stay in L2. The gathered target logits come from
+`indexed_dot.py`.
 """
 
 import triton
@@ -12,76 +16,59 @@ from tpo_fast.kernels._dot import mma
 
 
 @triton.jit
-def token_stats_fwd_kernel(
-    H, W, B, HC, Y,  # inputs: [N, D], [V, D], [V], [N, D], [N]
-    LSE, Z, ZC, ARGMAX,  # outputs: [N] fp32, [N] fp32, [N] fp32, [N] int64
-    N, V, D,
+def token_lse_partial_kernel(
+    H, W, B,  # inputs: [N, D], [V, D], [V]
+    H_DESC, W_DESC,  # TMA descriptors of H ([BLOCK_N, BLOCK_D] boxes) and W ([BLOCK_V, BLOCK_D]) when USE_TMA
+    M_PART, S_PART, ARG_PART,  # outputs: [N, S] fp32, [N, S] fp32, [N, S] int32 (S = cdiv(V, BLOCK_V))
+    N, V, D, S,
     HAS_BIAS: tl.constexpr,
-    HAS_CORRUPTED: tl.constexpr,
     WANT_ARGMAX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
+    # grouped order: consecutive programs walk GROUP_N row blocks before the next vocabulary tile
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * S
+    first_row_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_N)
+    pid_n = first_row_block + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    y = tl.load(Y + rows, mask=row_mask, other=0).to(tl.int64)
+    vcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = vcols < V
+    vcols64 = vcols.to(tl.int64)
 
-    # 1. gathered target logits; the W[y] rows serve the clean and the corrupted branch alike
-    z = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        m2 = row_mask[:, None] & (cols < D)[None, :]
-        w_y = tl.load(W + y[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        h = tl.load(H + rows64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        z += tl.sum(h * w_y, axis=1)
-        if HAS_CORRUPTED:
-            hc = tl.load(HC + rows64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            zc += tl.sum(hc * w_y, axis=1)
-    if HAS_BIAS:
-        b_y = tl.load(B + y, mask=row_mask, other=0.0).to(tl.float32)
-        z += b_y
-        zc += b_y
-
-    # 2. online logsumexp (and argmax) over vocabulary tiles, fp32 throughout
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        vcols = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-        v_mask = vcols < V
-        vcols64 = vcols.to(tl.int64)
-        logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        if USE_TMA:  # bulk tensor copies; the copy engine zero-fills rows and columns past the edges
+            h = H_DESC.load([pid_n * BLOCK_N, d0])
+            w = W_DESC.load([pid_v * BLOCK_V, d0])
+        else:
             cols = d0 + tl.arange(0, BLOCK_D)
             c_mask = cols < D
             h = tl.load(H + rows64[:, None] * D + cols[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
             w = tl.load(W + vcols64[:, None] * D + cols[None, :], mask=v_mask[:, None] & c_mask[None, :], other=0.0)
-            logits = mma(h, tl.trans(w), logits, DOT_PRECISION, INTERPRET)  # [BLOCK_N, BLOCK_V]
-        if HAS_BIAS:
-            logits += tl.load(B + vcols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where(v_mask[None, :], logits, float("-inf"))
-        tile_max = tl.max(logits, axis=1)
-        m_new = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
-        m = m_new
-        if WANT_ARGMAX:
-            # strictly greater keeps the first maximal index, as torch.argmax does
-            tile_arg = tl.argmax(logits, axis=1).to(tl.int64) + v0
-            better = tile_max > best
-            best_idx = tl.where(better, tile_arg, best_idx)
-            best = tl.where(better, tile_max, best)
+        logits = mma(h, tl.trans(w), logits, DOT_PRECISION, INTERPRET)  # [BLOCK_N, BLOCK_V]
+    if HAS_BIAS:
+        logits += tl.load(B + vcols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    logits = tl.where(v_mask[None, :], logits, float("-inf"))
 
-    # 3. epilogue: only (N,) statistics leave the chip
-    tl.store(LSE + rows, m + tl.log(s), mask=row_mask)
-    tl.store(Z + rows, z, mask=row_mask)
-    if HAS_CORRUPTED:
-        tl.store(ZC + rows, zc, mask=row_mask)
+    tile_max = tl.max(logits, axis=1)
+    # a tile whose logits are all -inf (masked vocabulary) contributes a zero sum, not NaN
+    shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+    out = rows64 * S + pid_v
+    tl.store(M_PART + out, tile_max, mask=row_mask)
+    tl.store(S_PART + out, tile_sum, mask=row_mask)
     if WANT_ARGMAX:
-        tl.store(ARGMAX + rows, best_idx, mask=row_mask)
+        # first maximal index within the tile; the launcher keeps the first maximal tile, as torch.argmax
+        tl.store(ARG_PART + out, (tl.argmax(logits, axis=1) + pid_v * BLOCK_V).to(tl.int32), mask=row_mask)

@@ -9,35 +9,47 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
 from tpo_fast.kernels.logits_logprobs import logits_backward_kernel, logits_forward_kernel
+from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
-from tpo_fast.kernels.token_stats_fwd import token_stats_fwd_kernel
-from tpo_fast.ops.triton_impl import TileConfig
+from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
+from tpo_fast.ops.triton_impl import _GPU_ATOMIC_TILES, _GPU_TILES, TileConfig
 
 DTYPES = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # H100 / A100 shared memory per block
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def cases(dt: str, prec: str, cfg: TileConfig):
+def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     p = f"*{dt}"
-    blocks = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
+    gemm = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_N": cfg.group_n}
+    blocks = {"BLOCK_N": atomic.block_n, "BLOCK_V": atomic.block_v, "BLOCK_D": atomic.block_d}
     for flag in (False, True):
-        yield token_stats_fwd_kernel, {
-            "H": p, "W": p, "B": p, "HC": p, "Y": "*i64", "LSE": "*fp32", "Z": "*fp32", "ZC": "*fp32",
-            "ARGMAX": "*i64", "N": "i32", "V": "i32", "D": "i32",
-        }, {"HAS_BIAS": flag, "HAS_CORRUPTED": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec,
-            "INTERPRET": False, **blocks}, cfg.num_warps, cfg.num_stages
+        # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
+        h_desc = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>" if flag else p
+        w_desc = f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>" if flag else p
+        yield token_lse_partial_kernel, {
+            "H": p, "W": p, "B": p, "H_DESC": h_desc, "W_DESC": w_desc, "M_PART": "*fp32", "S_PART": "*fp32",
+            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32",
+        }, {"HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
+            **gemm}, cfg.num_warps, cfg.num_stages
+        yield softmax_grad_kernel, {
+            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
+            "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32", "stride_dz": "i32",
+        }, {"HAS_BIAS": flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag, **gemm}, \
+            cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32",
             "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
         }, {"HAS_BIAS": flag, "NEED_H": True, "NEED_W": True, "NEED_B": flag, "FILTER": flag, "DOT_PRECISION": prec,
-            "INTERPRET": False, **blocks}, cfg.num_warps, cfg.num_stages
+            "INTERPRET": False, **blocks}, atomic.num_warps, atomic.num_stages
         yield indexed_dot_fwd_kernel, {"H": p, "W": p, "B": p, "Y": "*i64", "Z": "*fp32", "N": "i32", "D": "i32"}, {
             "HAS_BIAS": flag, "BLOCK_N": 64, "BLOCK_D": 64}, 4, 3
         yield indexed_dot_bwd_kernel, {
@@ -54,14 +66,23 @@ def cases(dt: str, prec: str, cfg: TileConfig):
     }, {"BLOCK_V": 4096}, 8, 3
 
 
+def aligned(sig: dict[str, str]) -> dict:
+    """What a launch specializes on for aligned tensors and D % 16 == 0 (16-byte divisibility): it enables
+    vector loads and the cp.async software pipeline, so shared memory is checked as it will be used."""
+    names = list(sig)
+    return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k in (
+        "D", "stride_dz", "stride_x", "stride_g")}
+
+
 def main(archs: list[int]) -> int:
-    cfg = TileConfig(64, 128, 64)  # the GPU defaults of tpo_fast.ops.triton_impl.tile_config
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         for dt, prec in DTYPES.items():
-            for fn, sig, consts, warps, stages in cases(dt, prec, cfg):
-                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            # the GPU defaults of tpo_fast.ops.triton_impl.tile_config
+            for fn, sig, consts, warps, stages in cases(dt, prec, _GPU_TILES[TORCH_DTYPE[dt]], _GPU_ATOMIC_TILES):
+                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
+                                attrs=aligned(sig))
                 k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
                 if k.metadata.shared > SMEM_LIMIT[arch]:
                     raise SystemExit(f"{fn.__name__} sm_{arch} {dt}: {k.metadata.shared} B of shared memory")

@@ -312,7 +312,8 @@ def test_no_n_by_v_allocation(backend, monkeypatch):
     from tpo_fast.ops import torch_chunked
 
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # the torch backend: O(chunk x V)
-    n, d, v = 128, 8, 2000
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", "0.05")  # the triton backend: one N x chunk buffer
+    n, d, v = 512, 8, 4000  # N x V well above the V x D buffers (weight copies, its gradient)
     h, w, _, hc, y = make_inputs(n, d, v, torch.float32, bias=False, corrupted=True, ignore="none")
 
     def step():
@@ -379,3 +380,101 @@ def test_grad_filter_bad_setting(monkeypatch):
     lp = tpo_fast.token_logprobs(h, w, y, backend="triton")
     with pytest.raises(ValueError, match="TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got 'small'"):
         lp.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "mode,chunk_mb,tma",
+    [("split", "0.01", "0"), ("split", "", "0"), ("split", "0.01", "1"), ("split", "", "1"), ("atomic", "", "0")],
+)
+def test_triton_backward_modes_match_reference(monkeypatch, mode, chunk_mb, tma):
+    """Both Triton backwards (split: gradient chunks + two GEMMs; atomic: fused) over many chunks, and
+    the bulk-tensor-copy (TMA) loads of the GEMM-shaped kernels (forced on: the interpreter runs them too)."""
+    monkeypatch.setenv("TPO_FAST_BACKWARD", mode)
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", chunk_mb)  # 10 KB: the vocabulary in several chunks
+    monkeypatch.setenv("TPO_FAST_TMA", tma)
+    from tpo_fast.ops import triton_impl
+
+    used = []
+    real = triton_impl._tma_descriptors
+
+    def spy(*args):
+        out = real(*args)
+        used.append(out[2])
+        return out
+
+    monkeypatch.setattr(triton_impl, "_tma_descriptors", spy)
+    n, d, v = 70, 40, 600  # D * 4 bytes is a multiple of 16: describable
+    h, w, b, hc, y = make_inputs(n, d, v, torch.float32, bias=True, corrupted=True, ignore="some")
+    upstream = torch.randn(4, n, device=DEVICE)
+    s, outs, grads = run("triton", h, w, b, hc, y, upstream, argmax=True)
+    ref_s, ref_outs, ref_grads = run("reference", h, w, b, hc, y, upstream, argmax=True)
+    for k in outs:
+        assert_close(k, outs[k], ref_outs[k], atol=1e-5, rtol=1e-5)
+    for k in grads:
+        assert_close(f"grad {k}", grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
+    assert torch.equal(s.argmax, ref_s.argmax)
+    assert used and all(used) == (tma == "1")
+    assert len(used) == (2 if mode == "split" else 1)  # forward, and the split backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_tiles_and_argmax_ties(backend):
+    """A vocabulary half at -inf bias (whole tiles contribute nothing) and argmax ties across tiles."""
+    n, d, v = 24, 16, 1100
+    h, w, b, _, y = make_inputs(n, d, v, torch.float32, bias=True, corrupted=False, ignore="none")
+    with torch.no_grad():
+        b[: v // 2] = float("-inf")
+        w[v - 1] = w[v // 2 + 3]  # an exact duplicate in a later tile: argmax keeps the first
+        b[v - 1] = b[v // 2 + 3]
+        w[v // 2 + 3] *= 50.0  # and make it the maximum for many rows
+        w[v - 1] *= 50.0
+        y.remainder_(v // 2).add_(v // 2)
+    upstream = torch.randn(4, n, device=DEVICE)
+    s, outs, grads = run(backend, h, w, b, None, y, upstream, argmax=True)
+    ref_s, ref_outs, ref_grads = run("reference", h, w, b, None, y, upstream, argmax=True)
+    for k in outs:
+        assert torch.isfinite(outs[k]).all(), k
+        assert_close(k, outs[k], ref_outs[k], atol=1e-4, rtol=1e-5)
+    for k in grads:
+        assert_close(f"grad {k}", grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
+    assert torch.equal(s.argmax, ref_s.argmax)
+    assert (s.argmax == v // 2 + 3).any() and not (s.argmax == v - 1).any()
+
+
+@pytest.mark.parametrize(
+    "var,value,match",
+    [
+        ("TPO_FAST_BACKWARD", "fused", "TPO_FAST_BACKWARD must be 'split' or 'atomic', got 'fused'"),
+        ("TPO_FAST_CHUNK_MB", "-3", "TPO_FAST_CHUNK_MB must be a positive number of MiB, got '-3'"),
+    ],
+)
+def test_triton_backward_bad_settings(monkeypatch, var, value, match):
+    h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
+    monkeypatch.setenv(var, value)
+    lp = tpo_fast.token_logprobs(h, w, y, backend="triton")
+    with pytest.raises(ValueError, match=match):
+        lp.sum().backward()
+
+
+def test_tma_bad_setting(monkeypatch):
+    h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
+    monkeypatch.setenv("TPO_FAST_TMA", "yes")
+    with pytest.raises(ValueError, match="TPO_FAST_TMA must be 'auto', '0' or '1', got 'yes'"):
+        tpo_fast.token_logprobs(h, w, y, backend="triton")
+
+
+@pytest.mark.parametrize("value", ["128,128,64,8", "128,100,64,8,3", "8,128,64,8,3", "128,128,64,6,3", "a,b,c,d,e"])
+def test_tile_override_bad_settings(monkeypatch, value):
+    from tpo_fast.ops.triton_impl import _tiles_from_env
+
+    monkeypatch.setenv("TPO_FAST_TILES", value)
+    with pytest.raises(ValueError, match="TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages"):
+        _tiles_from_env()
+
+
+@pytest.mark.parametrize("value,want", [("64,256,32,4,4,16", (64, 256, 32, 4, 4, 16)), ("128,128,64,8,3", (128, 128, 64, 8, 3, 8))])
+def test_tile_override_is_read(monkeypatch, value, want):
+    from tpo_fast.ops.triton_impl import TileConfig, _tiles_from_env
+
+    monkeypatch.setenv("TPO_FAST_TILES", value)
+    assert _tiles_from_env() == TileConfig(*want)

@@ -2,7 +2,8 @@
 
 Same contract as `torch_chunked.py`: rows are compacted (every target valid) and contiguous;
 outputs are fp32; gradients come back as fp32 buffers the autograd function casts. No N x V
-tensor is ever allocated here.
+tensor is ever allocated here: the forward writes per-tile partials (N x V/BLOCK_V), the exact
+backward one N x chunk gradient buffer (TPO_FAST_CHUNK_MB), the filtering backward nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import triton
 
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
+from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
-from tpo_fast.kernels.token_stats_fwd import token_stats_fwd_kernel
+from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
 
 
 def interpreter_enabled() -> bool:
@@ -31,17 +33,59 @@ class TileConfig:
     block_d: int
     num_warps: int = 8
     num_stages: int = 3
+    group_n: int = 8
 
 
 def _p2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def tile_config(n: int, v: int, d: int) -> TileConfig:
-    """Fixed default tiles. The interpreter runs one Python step per tile, so there tiles are large."""
+# GEMM-shaped kernels (forward partials, softmax gradient) on a GPU, by input dtype. fp32 inputs take
+# exact fp32 products (no tensor cores), so their tiles are smaller.
+# bf16/fp16: the fastest of bench/gpu_tune.py's sweep on an H200 at N=8192, D=4096, V=32000, with TMA
+# loads (2026-11-26; bench/TUNING.md has the table).
+_GPU_TILES = {
+    torch.bfloat16: TileConfig(128, 256, 64, num_warps=8, num_stages=3),
+    torch.float16: TileConfig(128, 256, 64, num_warps=8, num_stages=3),
+    torch.float32: TileConfig(64, 64, 32, num_warps=4, num_stages=3),
+}
+# The fused atomic backward (gradient filtering) holds a logits tile and two GEMM operands at once.
+_GPU_ATOMIC_TILES = TileConfig(64, 128, 64, num_warps=8, num_stages=3)
+
+
+def _tiles_from_env() -> TileConfig | None:
+    """TPO_FAST_TILES="block_n,block_v,block_d,num_warps,num_stages[,group_n]" overrides the GPU tiles
+    of the GEMM-shaped kernels (a tuning knob, read at each launch)."""
+    raw = os.environ.get("TPO_FAST_TILES", "")
+    if not raw:
+        return None
+    try:
+        vals = [int(x) for x in raw.split(",")]
+        if len(vals) not in (5, 6) or any(x <= 0 for x in vals) or any(x & (x - 1) for x in vals[:4]):
+            raise ValueError
+        if min(vals[:3]) < 16:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            "TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages[,group_n]': positive integers,"
+            f" blocks (>= 16) and warps powers of two, got {raw!r}"
+        ) from None
+    return TileConfig(*vals)
+
+
+def tile_config(n: int, v: int, d: int, dtype: torch.dtype = torch.bfloat16, atomic: bool = False) -> TileConfig:
+    """Tiles of the vocabulary kernels. The interpreter runs one Python step per tile, so there tiles are large."""
     if interpreter_enabled():
-        return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128))
-    return TileConfig(_p2(n, 16, 64), _p2(v, 16, 128), _p2(d, 16, 64))
+        return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128), group_n=4)
+    if atomic:
+        base = _GPU_ATOMIC_TILES
+    else:
+        base = _tiles_from_env() or _GPU_TILES.get(dtype, _GPU_TILES[torch.float32])
+    # never wider than the problem (a 16-row batch gets 16-row tiles)
+    return TileConfig(
+        min(base.block_n, _p2(n, 16, base.block_n)), min(base.block_v, _p2(v, 16, base.block_v)),
+        min(base.block_d, _p2(d, 16, base.block_d)), base.num_warps, base.num_stages, base.group_n,
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -54,10 +98,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def grad_filter_eps() -> float:
     """Gradient filtering threshold from TPO_FAST_GRAD_FILTER_EPS (unset or 0: exact, the default).
 
-    With eps > 0 the backward skips every (row block, vocabulary tile) whose softmax gradient is
-    below eps in magnitude everywhere: the two gradient GEMMs of such a tile are dropped, which is
-    most tiles of a peaked softmax. The dropped mass per tile is below eps times its size, so the
-    gradient is no longer exact; the forward values and the loss are unaffected.
+    With eps > 0 the backward runs the fused atomic kernel (`token_stats_bwd.py`) and skips every
+    (row block, vocabulary tile) whose softmax gradient is below eps in magnitude everywhere: the two
+    gradient GEMMs of such a tile are dropped, which is most tiles of a peaked softmax. The dropped
+    mass per tile is below eps times its size, so the gradient is no longer exact; the forward
+    values and the loss are unaffected.
     """
     raw = os.environ.get("TPO_FAST_GRAD_FILTER_EPS", "")
     try:
@@ -69,8 +114,81 @@ def grad_filter_eps() -> float:
     return eps
 
 
+def backward_mode() -> str:
+    """`split` (default: softmax-gradient chunks + two dense GEMMs, no atomics) or `atomic` (the fused
+    kernel, also what gradient filtering uses). Set by TPO_FAST_BACKWARD."""
+    mode = os.environ.get("TPO_FAST_BACKWARD", "") or "split"
+    if mode not in ("split", "atomic"):
+        raise ValueError(f"TPO_FAST_BACKWARD must be 'split' or 'atomic', got {mode!r}")
+    return mode
+
+
+def chunk_bytes() -> int:
+    """Budget of the split backward's gradient chunk buffer, TPO_FAST_CHUNK_MB (default 256 MiB)."""
+    raw = os.environ.get("TPO_FAST_CHUNK_MB", "")
+    try:
+        mb = float(raw) if raw else 256.0
+        if not mb > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"TPO_FAST_CHUNK_MB must be a positive number of MiB, got {raw!r}") from None
+    return int(mb * 2**20)
+
+
+def _tma_setting() -> str:
+    raw = os.environ.get("TPO_FAST_TMA", "") or "auto"
+    if raw not in ("auto", "0", "1"):
+        raise ValueError(f"TPO_FAST_TMA must be 'auto', '0' or '1', got {raw!r}")
+    return raw
+
+
+def _tma_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: TileConfig):
+    """(H descriptor, W descriptor, True) when the GEMM-shaped kernels load through the bulk tensor copy
+    engine (TMA: Hopper and newer), else (hidden, weight, False). TPO_FAST_TMA: `auto` (default: on
+    where the GPU has it and the rows are 16-byte aligned), `0` (never), `1` (also under the interpreter;
+    an input it cannot describe falls back to plain loads)."""
+    setting = _tma_setting()
+    if setting == "0":
+        return hidden, weight, False
+    if interpreter_enabled():
+        usable = setting == "1"
+    else:
+        usable = hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9
+    d = hidden.shape[1]
+    aligned = all(
+        t.stride(1) == 1 and t.stride(0) == d and t.data_ptr() % 16 == 0 and (d * t.element_size()) % 16 == 0
+        for t in (hidden, weight)
+    )
+    if not (usable and aligned):
+        return hidden, weight, False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side descriptors
+        return hidden, weight, False
+    return (
+        TensorDescriptor.from_tensor(hidden, [cfg.block_n, cfg.block_d]),
+        TensorDescriptor.from_tensor(weight, [cfg.block_v, cfg.block_d]),
+        True,
+    )
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def combine_lse_partials(
+    m_part: torch.Tensor, s_part: torch.Tensor, arg_part: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row: logsumexp from per-tile (max, sum of exp(z - max)), and the first index of the max."""
+    m = m_part.amax(dim=1)
+    finite = torch.isfinite(m)
+    shift = torch.where(finite, m, torch.zeros_like(m))
+    lse = torch.log((s_part * torch.exp(m_part - shift[:, None])).sum(dim=1)) + shift
+    lse = torch.where(m == float("inf"), m, lse)  # a +inf logit: logsumexp is +inf, as torch's
+    argmax = None
+    if arg_part is not None:
+        argmax = arg_part.gather(1, m_part.argmax(dim=1, keepdim=True)).squeeze(1).to(torch.int64)
+    return lse, argmax
 
 
 def forward(
@@ -84,26 +202,115 @@ def forward(
     """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows."""
     (n, d), v = hidden.shape, weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse, z = torch.empty(n, **f32), torch.empty(n, **f32)
-    zc = torch.empty(n, **f32) if corrupted_hidden is not None else None
-    argmax = torch.empty(n, dtype=torch.int64, device=hidden.device) if want_argmax else None
     if n == 0:
-        return lse, z, zc, argmax
-    cfg = tile_config(n, v, d)
+        lse = torch.empty(0, **f32)
+        argmax = torch.empty(0, dtype=torch.int64, device=hidden.device) if want_argmax else None
+        zc = torch.empty(0, **f32) if corrupted_hidden is not None else None
+        return lse, torch.empty(0, **f32), zc, argmax
+    cfg = tile_config(n, v, d, hidden.dtype)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    m_part = torch.empty((n, n_tiles), **f32)
+    s_part = torch.empty((n, n_tiles), **f32)
+    arg_part = torch.empty((n, n_tiles), dtype=torch.int32, device=hidden.device) if want_argmax else None
+    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg)
     with _device_guard(hidden):
-        token_stats_fwd_kernel[(triton.cdiv(n, cfg.block_n),)](
-            hidden, weight, bias if bias is not None else hidden,
-            corrupted_hidden if corrupted_hidden is not None else hidden, targets,
-            lse, z, zc if zc is not None else z, argmax if argmax is not None else targets,
-            n, v, d,
-            HAS_BIAS=bias is not None,
-            HAS_CORRUPTED=corrupted_hidden is not None,
-            WANT_ARGMAX=want_argmax,
-            DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        token_lse_partial_kernel[(triton.cdiv(n, cfg.block_n) * n_tiles,)](
+            hidden, weight, bias if bias is not None else hidden, h_desc, w_desc,
+            m_part, s_part, arg_part if arg_part is not None else m_part,
+            n, v, d, n_tiles,
+            HAS_BIAS=bias is not None, WANT_ARGMAX=want_argmax,
+            DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    lse, argmax = combine_lse_partials(m_part, s_part, arg_part)
+    z = gather_logits(hidden, weight, bias, targets)
+    zc = gather_logits(corrupted_hidden, weight, bias, targets) if corrupted_hidden is not None else None
     return lse, z, zc, argmax
+
+
+# How this torch multiplies 16-bit operands into fp32 on CUDA: "out" (mm.dtype_out), "alloc" (mm.dtype,
+# then a copy) or "widen" (fp32 GEMM on widened copies: exact, slower). Found on first use.
+_MIXED_MM: str | None = None
+
+
+def _mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    global _MIXED_MM
+    for mode in ([_MIXED_MM] if _MIXED_MM else ["out", "alloc", "widen"]):
+        try:
+            if mode == "out" and out is not None:
+                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
+            elif mode in ("out", "alloc"):
+                res = torch.mm(a, b, out_dtype=torch.float32)
+                res = out.copy_(res) if out is not None else res
+            else:
+                res = torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):
+            if _MIXED_MM:
+                raise
+            continue
+        _MIXED_MM = mode
+        return res
+    raise RuntimeError("no way to multiply 16-bit matrices into fp32 on this torch")  # unreachable: widen works
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b, with fp32 accumulation and one rounding for 16-bit operands."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        _mm_f32_cuda(a, b, out)
+    else:  # CPU has no mixed-dtype mm: widen (exact) and multiply in fp32
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(_mm_f32_cuda(a, b, None))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb) -> None:
+    """Softmax part of the gradient, chunk by chunk over the vocabulary: a Triton kernel writes the
+    chunk's `dZ` (input dtype), then `dW[chunk] = dZ.T @ H` and `dH += dZ @ W[chunk]` run as dense
+    GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most TPO_FAST_CHUNK_MB."""
+    (n, d), v = hidden.shape, weight.shape[0]
+    cfg = tile_config(n, v, d, hidden.dtype)
+    elem = hidden.element_size()
+    vc = (chunk_bytes() // max(1, n * elem)) // cfg.block_v * cfg.block_v
+    vc = min(max(vc, cfg.block_v), triton.cdiv(v, cfg.block_v) * cfg.block_v)
+    dz = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    gb_part = torch.empty((n_row_blocks, v), dtype=torch.float32, device=hidden.device) if gb is not None else None
+    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg)
+    for v0 in range(0, v, vc):
+        width = min(vc, v - v0)
+        with _device_guard(hidden):
+            softmax_grad_kernel[(n_row_blocks * triton.cdiv(width, cfg.block_v),)](
+                hidden, weight, bias if bias is not None else lse, lse, coef_p, h_desc, w_desc,
+                dz, gb_part if gb_part is not None else lse,
+                n, v, d, v0, width, dz.stride(0),
+                HAS_BIAS=bias is not None, NEED_B=gb is not None,
+                DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        chunk = dz[:, :width]
+        if gw is not None:
+            _mm_f32(chunk.t(), hidden, out=gw[v0:v0 + width])
+        if gh is not None:
+            if v0 == 0:
+                _mm_f32(chunk, weight[:width], out=gh)
+            else:
+                _addmm_f32_(gh, chunk, weight[v0:v0 + width])
+    if gb is not None:
+        gb.copy_(gb_part.sum(dim=0))
 
 
 def backward(
@@ -122,28 +329,36 @@ def backward(
     need_h, need_w, need_b, need_hc = needs
     (n, d), v = hidden.shape, weight.shape[0]
     dev = hidden.device
-    gh = torch.zeros((n, d), dtype=torch.float32, device=dev) if need_h else None
-    gw = torch.zeros((v, d), dtype=torch.float32, device=dev) if need_w else None
+    eps = grad_filter_eps()
+    softmax_part = coef_p is not None and (need_h or need_w or need_b) and n > 0
+    fused = softmax_part and (eps > 0 or backward_mode() == "atomic")
+    # the split backward writes every entry of gh and gw; the other paths accumulate into zeros
+    alloc = torch.empty if softmax_part and not fused else torch.zeros
+    gh = alloc((n, d), dtype=torch.float32, device=dev) if need_h else None
+    gw = alloc((v, d), dtype=torch.float32, device=dev) if need_w else None
     gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     has_second = g_zc is not None and corrupted_hidden is not None
     ghc = torch.empty((n, d), dtype=torch.float32, device=dev) if (need_hc and has_second) else None
     if n == 0:
         return gh, gw, gb, ghc
-    cfg = tile_config(n, v, d)
-    dummy = lse
-    eps = grad_filter_eps()
     with _device_guard(hidden):
-        if coef_p is not None and (need_h or need_w or need_b):
-            grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
-            token_stats_bwd_kernel[grid](
-                hidden, weight, bias if bias is not None else dummy, lse, coef_p,
-                gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
-                n, v, d, eps,
-                HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
-                DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+        if softmax_part:
+            if fused:
+                cfg = tile_config(n, v, d, hidden.dtype, atomic=True)
+                dummy = lse
+                grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+                token_stats_bwd_kernel[grid](
+                    hidden, weight, bias if bias is not None else dummy, lse, coef_p,
+                    gh if gh is not None else dummy, gw if gw is not None else dummy,
+                    gb if gb is not None else dummy,
+                    n, v, d, eps,
+                    HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
+                    DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
+                    BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
+            else:
+                _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb)
         if coef_y is not None or has_second:
             _launch_indexed_bwd(
                 hidden, corrupted_hidden if has_second else None, weight, targets,

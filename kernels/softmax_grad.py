@@ -1,0 +1,72 @@
+"""Backward of the token primitive, softmax part, for one vocabulary chunk: `dZ = coef * softmax(z)`.
+
+One program per (row block, vocabulary tile) of the chunk `[V0, V0 + VC)`, GEMM-shaped like the
+forward: it recomputes its logits tile in fp32 on chip, turns it into the gradient tile and stores
+it (in the input dtype) into the chunk buffer `DZ[N, VC]`. The launcher then finishes the chunk with
+two dense GEMMs, `dW[V0:V0+VC] = dZ.T @ H` and `dH += dZ @ W[V0:V0+VC]`: the split-reduction
+backward, deterministic and free of atomics. Column sums of the fp32 tile (the bias gradient) go
+to one partial row per row block, summed by the launcher. The one-hot part of the gradient is rank-1
+per row and handled by `indexed_dot.py`, so `softmax - 1` never cancels in low precision.
+"""
+
+import triton
+import triton.language as tl
+
+from tpo_fast.kernels._dot import mma
+
+
+@triton.jit
+def softmax_grad_kernel(
+    H, W, B, LSE, COEF,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32
+    H_DESC, W_DESC,  # TMA descriptors of H ([BLOCK_N, BLOCK_D] boxes) and W ([BLOCK_V, BLOCK_D]) when USE_TMA
+    DZ, GB_PART,  # outputs: [N, VC] (row stride stride_dz) in W's dtype, [cdiv(N, BLOCK_N), V] fp32
+    N, V, D, V0, VC, stride_dz,
+    HAS_BIAS: tl.constexpr,
+    NEED_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(VC, BLOCK_V)
+    first_row_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_N)
+    pid_n = first_row_block + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    vcols = V0 + local
+    v_mask = (local < VC) & (vcols < V)
+    vcols64 = vcols.to(tl.int64)
+
+    # 1. recompute the logits tile
+    logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if USE_TMA:  # bulk tensor copies; the copy engine zero-fills rows and columns past the edges
+            h = H_DESC.load([pid_n * BLOCK_N, d0])
+            w = W_DESC.load([V0 + pid_v * BLOCK_V, d0])
+        else:
+            cols = d0 + tl.arange(0, BLOCK_D)
+            c_mask = cols < D
+            h = tl.load(H + rows64[:, None] * D + cols[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+            w = tl.load(W + vcols64[:, None] * D + cols[None, :], mask=v_mask[:, None] & c_mask[None, :], other=0.0)
+        logits = mma(h, tl.trans(w), logits, DOT_PRECISION, INTERPRET)
+    if HAS_BIAS:
+        logits += tl.load(B + vcols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+
+    # 2. gradient tile in fp32; rows and columns outside the problem give 0
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
+    valid = row_mask[:, None] & v_mask[None, :]
+    dz = tl.where(valid, tl.exp(logits - lse[:, None]) * coef[:, None], 0.0)
+    tl.store(DZ + rows64[:, None] * stride_dz + local[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+    if NEED_B:
+        tl.store(GB_PART + pid_n.to(tl.int64) * V + vcols, tl.sum(dz, axis=0), mask=v_mask)
