@@ -2,6 +2,8 @@
 // errors first; the checks here guard direct callers of the extension.
 #include <torch/extension.h>
 
+#include <stdexcept>
+
 #include "logits_logprobs.h"
 
 namespace {
@@ -27,6 +29,17 @@ void check_row_stat(const at::Tensor& t, const at::Tensor& logits, const char* n
   TORCH_CHECK(t.device() == logits.device(), name, " must be on the device of logits");
 }
 
+// Input errors leave as std::runtime_error (Python RuntimeError) through this module's own pybind11
+// translator, whatever the torch build registered for c10::Error.
+template <typename F>
+auto guarded(F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
 bool is_cuda(const at::Tensor& logits) {
   if (!logits.is_cuda()) {
     TORCH_CHECK(logits.is_cpu(), "logits must be on CPU or CUDA, got ", logits.device());
@@ -39,7 +52,8 @@ bool is_cuda(const at::Tensor& logits) {
 }
 
 // Returns (lse, target_logit), both fp32 (N,); rows whose target is ignore_index hold 0.
-std::vector<at::Tensor> logits_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+std::vector<at::Tensor> logits_forward_impl(const at::Tensor& logits, const at::Tensor& targets,
+                                            int64_t ignore_index) {
   check_common(logits, targets);
   auto opts = logits.options().dtype(at::kFloat);
   auto lse = at::empty({logits.size(0)}, opts);
@@ -57,8 +71,9 @@ std::vector<at::Tensor> logits_forward(const at::Tensor& logits, const at::Tenso
 
 // Gradient w.r.t. logits: coef_p * softmax + coef_y * onehot(targets), 0 on ignored rows.
 // With inplace=True it is written into the logits buffer, which is returned.
-at::Tensor logits_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                           const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index, bool inplace) {
+at::Tensor logits_backward_impl(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index,
+                                bool inplace) {
   check_common(logits, targets);
   check_row_stat(lse, logits, "lse");
   check_row_stat(coef_p, logits, "coef_p");
@@ -73,6 +88,15 @@ at::Tensor logits_backward(const at::Tensor& logits, const at::Tensor& targets, 
     tpo_fast::logits_backward_cpu(logits, targets, lse, coef_p, coef_y, ignore_index, grad);
   }
   return grad;
+}
+
+std::vector<at::Tensor> logits_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  return guarded([&] { return logits_forward_impl(logits, targets, ignore_index); });
+}
+
+at::Tensor logits_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                           const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index, bool inplace) {
+  return guarded([&] { return logits_backward_impl(logits, targets, lse, coef_p, coef_y, ignore_index, inplace); });
 }
 
 bool has_cuda() {

@@ -1,12 +1,12 @@
-"""Backward of the token primitive, softmax part, for one vocabulary chunk: `dZ = coef * softmax(z)`.
+"""Backward of the token primitive for one vocabulary chunk: `dZ = coef_p * softmax(z) + coef_y * onehot(y)`.
 
 One program per (row block, vocabulary tile) of the chunk `[V0, V0 + VC)`, GEMM-shaped like the
 forward: it recomputes its logits tile in fp32 on chip, turns it into the gradient tile and stores
 it (in the input dtype) into the chunk buffer `DZ[N, VC]`. The launcher then finishes the chunk with
 two dense GEMMs, `dW[V0:V0+VC] = dZ.T @ H` and `dH += dZ @ W[V0:V0+VC]`: the split-reduction
 backward, deterministic and free of atomics. Column sums of the fp32 tile (the bias gradient) go
-to one partial row per row block, summed by the launcher. The one-hot part of the gradient is rank-1
-per row and handled by `indexed_dot.py`, so `softmax - 1` never cancels in low precision.
+to one partial row per row block, summed by the launcher. The one-hot term is added to the fp32 tile
+before its one rounding, so `softmax - 1` never cancels in low precision.
 """
 
 import triton
@@ -17,11 +17,12 @@ from tpo_fast.kernels._dot import mma
 
 @triton.jit
 def softmax_grad_kernel(
-    H, W, B, LSE, COEF,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32
+    H, W, B, LSE, COEF, Y, COEF_Y,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32, [N] int64, [N] fp32
     H_DESC, W_DESC,  # TMA descriptors of H ([BLOCK_N, BLOCK_D] boxes) and W ([BLOCK_V, BLOCK_D]) when USE_TMA
     DZ, GB_PART,  # outputs: [N, VC] (row stride stride_dz) in W's dtype, [cdiv(N, BLOCK_N), V] fp32
     N, V, D, V0, VC, stride_dz,
     HAS_BIAS: tl.constexpr,
+    HAS_ONEHOT: tl.constexpr,
     NEED_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -66,7 +67,12 @@ def softmax_grad_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
     valid = row_mask[:, None] & v_mask[None, :]
-    dz = tl.where(valid, tl.exp(logits - lse[:, None]) * coef[:, None], 0.0)
+    dz = tl.exp(logits - lse[:, None]) * coef[:, None]
+    if HAS_ONEHOT:
+        y = tl.load(Y + rows, mask=row_mask, other=-1)
+        coef_y = tl.load(COEF_Y + rows, mask=row_mask, other=0.0)
+        dz += tl.where(vcols64[None, :] == y[:, None], coef_y[:, None], 0.0)
+    dz = tl.where(valid, dz, 0.0)
     tl.store(DZ + rows64[:, None] * stride_dz + local[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
     if NEED_B:
         tl.store(GB_PART + pid_n.to(tl.int64) * V + vcols, tl.sum(dz, axis=0), mask=v_mask)

@@ -41,9 +41,11 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         }, {"HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
             **gemm}, cfg.num_warps, cfg.num_stages
         yield softmax_grad_kernel, {
-            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
+            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
+            "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
             "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32", "stride_dz": "i32",
-        }, {"HAS_BIAS": flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag, **gemm}, \
+        }, {"HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False,
+            "USE_TMA": flag, **gemm}, \
             cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32",

@@ -472,9 +472,42 @@ def test_tile_override_bad_settings(monkeypatch, value):
         _tiles_from_env()
 
 
-@pytest.mark.parametrize("value,want", [("64,256,32,4,4,16", (64, 256, 32, 4, 4, 16)), ("128,128,64,8,3", (128, 128, 64, 8, 3, 8))])
+@pytest.mark.parametrize(
+    "value,want", [("64,256,32,4,4,16", (64, 256, 32, 4, 4, 16)), ("128,128,64,8,3", (128, 128, 64, 8, 3, 8))]
+)
 def test_tile_override_is_read(monkeypatch, value, want):
     from tpo_fast.ops.triton_impl import TileConfig, _tiles_from_env
 
     monkeypatch.setenv("TPO_FAST_TILES", value)
     assert _tiles_from_env() == TileConfig(*want)
+
+
+def test_bf16_weight_gradient_needs_no_fp32_vocabulary_buffer(monkeypatch):
+    """The split backward writes dW in the weight's dtype: no V x D fp32 buffer, same values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", "0.01")
+    n, d, v = 16, 64, 4000
+    h, w, _, hc, y = make_inputs(n, d, v, torch.bfloat16, bias=False, corrupted=True, ignore="none")
+    y[1::2] = y[0]  # repeated targets: the corrupted rows' rank-1 part lands on shared weight rows
+    upstream = torch.randn(4, n, device=DEVICE)
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _, _, grads = run("triton", h, w, None, hc, y, upstream)
+        largest = torch.cuda.max_memory_allocated() - base
+        assert largest < v * d * 4, f"peak {largest} B vs V x D fp32 = {v * d * 4} B"
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _, _, grads = run("triton", h, w, None, hc, y, upstream)
+        largest = max(e.cpu_memory_usage for e in prof.events())
+        # the bf16 gradient itself is V x D x 2 B; an fp32 buffer would be twice that
+        assert largest < v * d * 3, f"largest allocation {largest} B vs V x D fp32 = {v * d * 4} B"
+    assert grads["weight"].dtype == torch.bfloat16
+    h32, w32, hc32 = (t.detach().float().requires_grad_() for t in (h, w, hc))
+    _, _, true = run("reference", h32, w32, None, hc32, y, upstream)
+    for k in grads:
+        err = (grads[k].float() - true[k]).norm() / true[k].norm()
+        assert err < 1e-2, (k, float(err))

@@ -276,10 +276,11 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb) -> None:
-    """Softmax part of the gradient, chunk by chunk over the vocabulary: a Triton kernel writes the
-    chunk's `dZ` (input dtype), then `dW[chunk] = dZ.T @ H` and `dH += dZ @ W[chunk]` run as dense
-    GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most TPO_FAST_CHUNK_MB."""
+def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb) -> None:
+    """The clean rows' gradient, chunk by chunk over the vocabulary: a Triton kernel writes the chunk's
+    `dZ = coef_p * softmax + coef_y * onehot` (input dtype, one rounding of an fp32 value), then
+    `dW[chunk] = dZ.T @ H` (straight into `gw`, in its dtype) and `dH += dZ @ W[chunk]` (fp32) run as
+    dense GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most TPO_FAST_CHUNK_MB."""
     (n, d), v = hidden.shape, weight.shape[0]
     cfg = tile_config(n, v, d, hidden.dtype)
     elem = hidden.element_size()
@@ -293,17 +294,18 @@ def _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb) -> None:
         width = min(vc, v - v0)
         with _device_guard(hidden):
             softmax_grad_kernel[(n_row_blocks * triton.cdiv(width, cfg.block_v),)](
-                hidden, weight, bias if bias is not None else lse, lse, coef_p, h_desc, w_desc,
+                hidden, weight, bias if bias is not None else lse, lse, coef_p, targets,
+                coef_y if coef_y is not None else lse, h_desc, w_desc,
                 dz, gb_part if gb_part is not None else lse,
                 n, v, d, v0, width, dz.stride(0),
-                HAS_BIAS=bias is not None, NEED_B=gb is not None,
+                HAS_BIAS=bias is not None, HAS_ONEHOT=coef_y is not None, NEED_B=gb is not None,
                 DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         chunk = dz[:, :width]
         if gw is not None:
-            _mm_f32(chunk.t(), hidden, out=gw[v0:v0 + width])
+            _mm_into(chunk.t(), hidden, out=gw[v0:v0 + width])
         if gh is not None:
             if v0 == 0:
                 _mm_f32(chunk, weight[:width], out=gh)
@@ -311,6 +313,26 @@ def _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb) -> None:
                 _addmm_f32_(gh, chunk, weight[v0:v0 + width])
     if gb is not None:
         gb.copy_(gb_part.sum(dim=0))
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b in out's dtype (fp32 accumulation, one rounding)."""
+    if out.dtype == torch.float32:
+        _mm_f32(a, b, out)
+    elif a.is_cuda:
+        torch.mm(a, b, out=out)  # cuBLAS accumulates 16-bit products in fp32
+    else:
+        out.copy_(torch.mm(a.float(), b.float()))
+
+
+def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype."""
+    contrib = g[:, None] * x.float()
+    if gw.dtype == torch.float32:
+        gw.index_add_(0, targets, contrib)
+        return
+    rows, inverse = torch.unique(targets, return_inverse=True)
+    gw[rows] = gw[rows].float().index_add_(0, inverse, contrib).to(gw.dtype)
 
 
 def backward(
@@ -325,40 +347,54 @@ def backward(
     g_zc: torch.Tensor | None,
     needs: tuple[bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """fp32 gradients for (hidden, weight, bias, corrupted_hidden); see `torch_chunked.backward`."""
+    """Gradients for (hidden, weight, bias, corrupted_hidden); see `torch_chunked.backward`.
+
+    fp32 buffers the autograd function casts, except the weight gradient of the split backward,
+    which its GEMMs write in the weight's own dtype (one rounding; no V x D fp32 buffer)."""
     need_h, need_w, need_b, need_hc = needs
     (n, d), v = hidden.shape, weight.shape[0]
     dev = hidden.device
     eps = grad_filter_eps()
     softmax_part = coef_p is not None and (need_h or need_w or need_b) and n > 0
     fused = softmax_part and (eps > 0 or backward_mode() == "atomic")
-    # the split backward writes every entry of gh and gw; the other paths accumulate into zeros
-    alloc = torch.empty if softmax_part and not fused else torch.zeros
-    gh = alloc((n, d), dtype=torch.float32, device=dev) if need_h else None
-    gw = alloc((v, d), dtype=torch.float32, device=dev) if need_w else None
-    gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    split = softmax_part and not fused
     has_second = g_zc is not None and corrupted_hidden is not None
+    if split:  # every entry of gh and gw is written by the GEMMs
+        gh = torch.empty((n, d), dtype=torch.float32, device=dev) if need_h else None
+        gw = torch.empty((v, d), dtype=weight.dtype, device=dev) if need_w else None
+    else:
+        gh = torch.zeros((n, d), dtype=torch.float32, device=dev) if need_h else None
+        gw = torch.zeros((v, d), dtype=torch.float32, device=dev) if need_w else None
+    gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     ghc = torch.empty((n, d), dtype=torch.float32, device=dev) if (need_hc and has_second) else None
     if n == 0:
         return gh, gw, gb, ghc
     with _device_guard(hidden):
-        if softmax_part:
-            if fused:
-                cfg = tile_config(n, v, d, hidden.dtype, atomic=True)
-                dummy = lse
-                grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
-                token_stats_bwd_kernel[grid](
-                    hidden, weight, bias if bias is not None else dummy, lse, coef_p,
-                    gh if gh is not None else dummy, gw if gw is not None else dummy,
-                    gb if gb is not None else dummy,
-                    n, v, d, eps,
-                    HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
-                    DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
-                    BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )
-            else:
-                _split_backward(hidden, weight, bias, lse, coef_p, gh, gw, gb)
+        if split:
+            _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb)
+            if has_second:  # the corrupted rows' logit gradient is g_zc * onehot(y): rank-1 per row
+                w_y = weight[targets].float()
+                if ghc is not None:
+                    torch.mul(g_zc[:, None], w_y, out=ghc)
+                if gw is not None:
+                    _scatter_rows_(gw, targets, g_zc, corrupted_hidden)
+                if gb is not None:
+                    gb.index_add_(0, targets, g_zc)
+            return gh, gw, gb, ghc
+        if fused:
+            cfg = tile_config(n, v, d, hidden.dtype, atomic=True)
+            dummy = lse
+            grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+            token_stats_bwd_kernel[grid](
+                hidden, weight, bias if bias is not None else dummy, lse, coef_p,
+                gh if gh is not None else dummy, gw if gw is not None else dummy,
+                gb if gb is not None else dummy,
+                n, v, d, eps,
+                HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
+                DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
         if coef_y is not None or has_second:
             _launch_indexed_bwd(
                 hidden, corrupted_hidden if has_second else None, weight, targets,

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tpo_fast.loss import dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.methods.povid import check_povid_options, povid_loss, povid_reference_scores
@@ -114,22 +113,43 @@ def encode_images(llava: torch.nn.Module, pixel_values: torch.Tensor) -> torch.T
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
+def _image_token_mask(
+    backbone: torch.nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor
+) -> torch.Tensor:
+    """(R, T, 1) mask of the image placeholder positions, checked against the number of features."""
+    if hasattr(backbone, "get_placeholder_mask"):
+        return backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+    config = backbone.config
+    token_id = getattr(config, "image_token_id", None)
+    if token_id is None:
+        token_id = config.image_token_index
+    mask = input_ids == token_id
+    if int(mask.sum()) * embeds.shape[-1] != features.numel():
+        raise ValueError(
+            f"image features and image tokens do not match: {int(mask.sum())} tokens, "
+            f"{features.numel() // embeds.shape[-1]} features"
+        )
+    return mask.unsqueeze(-1).to(embeds.device)
+
+
 def backbone_hidden(
     llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
 ) -> torch.Tensor:
     """(R, T, D) final hidden states (after the last norm) from the backbone `llava.model`, no lm_head.
 
     `image_features` (R, image_tokens, D) are the precomputed features of each row's image, so the
-    vision tower is not run again here.
+    vision tower is not run again here. They are scattered into the token embeddings at the image
+    placeholders, as `LlavaModel.forward` does, and the backbone runs on `inputs_embeds`, a path every
+    transformers version takes the same way. (Precomputed features cannot be handed to the backbone
+    itself: `mm_encoder_outputs` only exists from transformers 5.2x on, and older 5.x versions swallow
+    it into `**kwargs` and silently leave the placeholder embeddings in place.)
     """
-    encoded = BaseModelOutputWithPooling(pooler_output=list(image_features.unbind(0)))
-    out = llava.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mm_encoder_outputs={"image": encoded},
-        use_cache=False,
-        return_dict=True,
-    )
+    backbone = llava.model
+    embeds = backbone.get_input_embeddings()(input_ids)
+    features = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
+    mask = _image_token_mask(backbone, input_ids, embeds, features)
+    embeds = embeds.masked_scatter(mask, features)
+    out = backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True)
     return out.last_hidden_state
 
 
