@@ -5,13 +5,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench lint
+.PHONY: setup test test-compat bench lint
 
 setup:
 	bash scripts/setup.sh $(VENV)
 
 test: setup
 	$(PY) -m pytest tests -q -ra
+
+test-compat: setup
+	VENV=$(VENV) bash scripts/test_transformers_compat.sh
 
 bench: setup
 	$(PY) bench/run.py
