@@ -6,7 +6,8 @@
 #   4. bench/run.py --cases gpu-target (TPO, DPO) with the best tiles of step 2.
 # Logs and results go to $OUT (the device tool's folder, 8 files) or /tmp/tpo_fast_gpu.
 #
-#   run: bash scripts/gpu_check.sh   (timeout_s 500; carry .whl: liger-kernel, cut-cross-entropy, trl, dill)
+#   run: bash scripts/gpu_check.sh   (timeout_s 560; carry .whl: liger-kernel, cut-cross-entropy, trl, dill,
+#        datasets, multiprocess). Last runs and what they found: bench/TUNING.md.
 #   GPU_TUNE_ARGS="--tma 0,1 --no-atomic" picks the sweep (default: bench/gpu_tune.py's own).
 set -uo pipefail
 OUT="${OUT:-/tmp/tpo_fast_gpu}"
@@ -32,7 +33,7 @@ print(j.get('best_split_tiles', '-'), j.get('best_split_tma', 'auto'))" 2>/dev/n
 [ "$BEST_TILES" = "-" ] && BEST_TILES=""
 wait $BUILD; tail -1 "$OUT/build.log"
 stamp "tests"
-timeout 220 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 100 \
+timeout 260 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 240 \
     --ignore=tests/test_trainer_dist.py --ignore=tests/test_kernels_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
 tail -2 "$OUT/tests.log"
