@@ -195,3 +195,28 @@ def test_runner_added_workloads(tmp_path):
     with (tmp_path / "added.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and {"fwd_gbs", "full_gbs"} <= set(table[0])
+
+
+def test_gpu_tune_sweep_runs_and_checks_every_variant(tmp_path):
+    """bench/gpu_tune.py end to end on a tiny shape (CPU: Triton under the interpreter)."""
+    import os
+
+    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
+    cmd = [sys.executable, str(BENCH / "gpu_tune.py"), "--n", "48", "--d", "32", "--v", "300",
+           "--configs", "64,128,32,4,3", "--tma", "0,1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "tune.json").read_text())
+    assert set(out["accuracy"]) == {"random", "peaked"}
+    for row in out["accuracy"].values():
+        for method in ("split", "atomic", "filter"):
+            assert row[method][0] < 1e-4, row  # logp in fp32 statistics
+            assert max(row[method][1:]) < 2 * max(row["naive"][1:]) + 1e-3, row  # grads: bf16 rounding
+    labels = [r["variant"] for r in out["timings"]]
+    assert labels[:2] == ["split tma=0 tiles 64,128,32,4,3", "split tma=1 tiles 64,128,32,4,3"]
+    for r in out["timings"]:
+        assert "error" not in r, r
+        assert r["fwd_bwd_ms"] > 0
+        if r["rel_err_logp_gh_gw"] is not None:
+            assert max(r["rel_err_logp_gh_gw"]) < 1e-2, r
+    assert out["best_split_tiles"] == "64,128,32,4,3" and out["best_split_tma"] in ("0", "1")
