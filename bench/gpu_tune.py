@@ -274,8 +274,8 @@ def main() -> int:
         print(f"\nbest split: TPO_FAST_TMA={out['best_split_tma']} TPO_FAST_TILES={out['best_split_tiles']}")
     from tpo_fast.ops import triton_impl
 
-    out["mixed_mm"] = triton_impl._MIXED_MM
-    print(f"16-bit x 16-bit -> fp32 GEMM path: {out['mixed_mm']}")
+    out["mm_out_dtype"] = triton_impl._MM_OUT_DTYPE
+    print(f"cuBLAS 16-bit x 16-bit -> fp32 products (torch.mm out_dtype): {out['mm_out_dtype']}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "tune.json").write_text(json.dumps(out, indent=1))
     return 0

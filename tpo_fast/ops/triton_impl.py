@@ -229,31 +229,28 @@ def forward(
     return lse, z, zc, argmax
 
 
-# How this torch multiplies 16-bit operands into fp32 on CUDA: "out" (mm.dtype_out), "alloc" (mm.dtype,
-# then a copy) or "widen" (fp32 GEMM on widened copies: exact, slower). Found on first use.
-_MIXED_MM: str | None = None
+# Whether this torch has cuBLAS's 16-bit x 16-bit -> fp32 product (`torch.mm(..., out_dtype=)`, CUDA
+# only); None until the first try. Without it the operands are widened (exact, slower).
+_MM_OUT_DTYPE: bool | None = None
 
 
 def _mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    global _MIXED_MM
-    for mode in ([_MIXED_MM] if _MIXED_MM else ["out", "alloc", "widen"]):
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is not False:
         try:
-            if mode == "out" and out is not None:
-                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
-            elif mode in ("out", "alloc"):
+            if out is None:
                 res = torch.mm(a, b, out_dtype=torch.float32)
-                res = out.copy_(res) if out is not None else res
             else:
-                res = torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
+                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
+            _MM_OUT_DTYPE = True
+            return res
         except torch.OutOfMemoryError:
             raise
-        except (TypeError, RuntimeError):
-            if _MIXED_MM:
+        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or no kernel for it
+            if _MM_OUT_DTYPE:
                 raise
-            continue
-        _MIXED_MM = mode
-        return res
-    raise RuntimeError("no way to multiply 16-bit matrices into fp32 on this torch")  # unreachable: widen works
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
