@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from tpo_fast.kernels._dot import mma
+from tpo_fast.kernels._grid import grouped_tile
 
 
 @triton.jit
@@ -31,14 +32,7 @@ def token_lse_partial_kernel(
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # grouped order: consecutive programs walk GROUP_N row blocks before the next vocabulary tile
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_N * S
-    first_row_block = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_N)
-    pid_n = first_row_block + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), S, GROUP_N)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
