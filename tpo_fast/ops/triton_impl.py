@@ -61,9 +61,7 @@ def _tiles_from_env() -> TileConfig | None:
         return None
     try:
         vals = [int(x) for x in raw.split(",")]
-        if len(vals) not in (5, 6) or any(x <= 0 for x in vals) or any(x & (x - 1) for x in vals[:4]):
-            raise ValueError
-        if min(vals[:3]) < 16:
+        if len(vals) not in (5, 6) or min(vals) <= 0 or any(x & (x - 1) for x in vals[:4]) or min(vals[:3]) < 16:
             raise ValueError
     except ValueError:
         raise ValueError(
@@ -83,8 +81,8 @@ def tile_config(n: int, v: int, d: int, dtype: torch.dtype = torch.bfloat16, ato
         base = _tiles_from_env() or _GPU_TILES.get(dtype, _GPU_TILES[torch.float32])
     # never wider than the problem (a 16-row batch gets 16-row tiles)
     return TileConfig(
-        min(base.block_n, _p2(n, 16, base.block_n)), min(base.block_v, _p2(v, 16, base.block_v)),
-        min(base.block_d, _p2(d, 16, base.block_d)), base.num_warps, base.num_stages, base.group_n,
+        _p2(n, 16, base.block_n), _p2(v, 16, base.block_v), _p2(d, 16, base.block_d),
+        base.num_warps, base.num_stages, base.group_n,
     )
 
 
@@ -370,9 +368,8 @@ def backward(
         if split:
             _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb)
             if has_second:  # the corrupted rows' logit gradient is g_zc * onehot(y): rank-1 per row
-                w_y = weight[targets].float()
                 if ghc is not None:
-                    torch.mul(g_zc[:, None], w_y, out=ghc)
+                    torch.mul(g_zc[:, None], weight[targets].float(), out=ghc)
                 if gw is not None:
                     _scatter_rows_(gw, targets, g_zc, corrupted_hidden)
                 if gb is not None:
