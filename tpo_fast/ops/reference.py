@@ -1,12 +1,22 @@
 """Reference implementation of the token primitives: materializes the (N, V) fp32 logits.
 
-Written straight from SPEC.md, differentiable through plain autograd. It is the test oracle,
-the `reference` backend and the benchmark's exact baseline. Never use it for large N x V.
+Written straight from docs/math.md, differentiable through plain autograd (so it also supports
+second-order gradients, which the fused backends do not). It is the test oracle, the `reference`
+backend and the benchmark's exact baseline. Never use it for large N x V.
+
+Ignored rows (targets == ignore_index) are zeroed before any arithmetic, not only masked after it:
+`0 * nan` is nan, so a NaN or inf left in an ignored row of `hidden` would otherwise reach the
+weight gradient through the matmul's backward, while the fused backends never read those rows.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _valid_rows(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 `hidden` with the ignored rows replaced by zeros (whatever they held; no gradient reaches them)."""
+    return torch.where(valid[:, None], hidden.float(), torch.zeros((), dtype=torch.float32, device=hidden.device))
 
 
 def reference_token_stats(
@@ -25,7 +35,7 @@ def reference_token_stats(
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     w = weight.float()
-    logits = hidden.float() @ w.t()  # [N, V]
+    logits = _valid_rows(hidden, valid) @ w.t()  # [N, V]
     if bias is not None:
         logits = logits + bias.float()
     lse = torch.logsumexp(logits, dim=-1)
@@ -53,7 +63,7 @@ def reference_target_logits(
     """fp32 `hidden[i] . weight[targets[i]] (+ bias[targets[i]])`, 0 on ignored rows; plain autograd."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    z = (hidden.float() * weight.float()[safe]).sum(-1)
+    z = (_valid_rows(hidden, valid) * weight.float()[safe]).sum(-1)
     if bias is not None:
         z = z + bias.float()[safe]
     return torch.where(valid, z, torch.zeros((), dtype=torch.float32, device=z.device))

@@ -1,7 +1,7 @@
 """The fused token primitives: per-token log-probs, target logits and the corrupted-branch gather.
 
 `token_stats` is the one entry point the losses use; `token_logprobs` and `target_logits` are
-its two public faces from SPEC.md. Rows whose target is `ignore_index` are compacted away
+its two public faces from docs/math.md. Rows whose target is `ignore_index` are compacted away
 before any backend runs (they cost no vocabulary work) and scattered back as zeros.
 """
 
@@ -111,6 +111,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
+def _refuse_double_backward(name: str, backend: str) -> None:
+    """Raise when backward runs with create_graph=True: the hand-written backward is not differentiable.
+
+    Autograd runs a backward in grad mode exactly when the caller asked for `create_graph=True`.
+    Failing here, at the first backward, beats a graph that silently lacks the second-order terms.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"tpo_fast.{name}: second-order gradients (backward or autograd.grad with create_graph=True) are not "
+            f"supported by the {backend!r} backend, whose backward is written by hand. Pass backend='reference' "
+            "(plain autograd over materialized N x V logits, so O(N V) memory), which supports double backward."
+        )
+
+
 class _TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, corrupted_hidden, targets, params: _Params):
@@ -131,8 +145,9 @@ class _TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_z, g_lse, g_zc, _g_argmax):
-        hidden, weight, bias, corrupted_hidden, targets, lse = ctx.saved_tensors
         params: _Params = ctx.params
+        _refuse_double_backward("token_stats (token_logprobs, the losses)", params.backend)
+        hidden, weight, bias, corrupted_hidden, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b, need_hc = ctx.needs_input_grad[:4]
         # dz = g_logp * (onehot - p) + g_z * onehot + g_lse * p
         #    = (g_lse - g_logp) * p + (g_logp + g_z) * onehot
@@ -253,6 +268,7 @@ class _TargetLogitsFunction(torch.autograd.Function):
     def backward(ctx, g):
         if g is None:
             return None, None, None, None, None
+        _refuse_double_backward("target_logits", ctx.backend)
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh, gw, gb = _impl(ctx.backend).gather_backward(

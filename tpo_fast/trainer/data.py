@@ -56,7 +56,13 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         return records
     if suffix == ".json":
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); a .json preference "
+                    "file holds one list of records (use .jsonl for one record per line)"
+                ) from e
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
@@ -83,6 +89,21 @@ def _as_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     return None
+
+
+def _text_field(record: dict[str, Any], keys: tuple[str, ...], name: str) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why): a missing field and a field of the wrong type are told apart."""
+    value = _first(record, keys)
+    where = f"one of {list(keys)}" if len(keys) > 1 else repr(keys[0])
+    if value is None:
+        return None, f"missing {name} ({where})"
+    text = _as_text(value)
+    if text is None:
+        return None, (
+            f"{name} ({where}) must be a string or a chat list of {{'role', 'content'}} messages, "
+            f"got {type(value).__name__}"
+        )
+    return text, None
 
 
 def _image_source(value: Any) -> str | bytes | None:
@@ -125,14 +146,14 @@ def validate_record(
     image = _image_source(_first(record, IMAGE_KEYS))
     if image is None:
         return None, f"missing image (one of {list(IMAGE_KEYS)})"
-    prompt = _as_text(_first(record, PROMPT_KEYS))
+    prompt, why = _text_field(record, PROMPT_KEYS, "prompt")
     if prompt is None:
-        return None, f"missing prompt (one of {list(PROMPT_KEYS)})"
+        return None, why
     fields = {"image": image, "prompt": prompt}
     for name, keys in (("chosen", CHOSEN_KEYS), ("rejected", REJECTED_KEYS)):
-        text = _as_text(_first(record, keys))
+        text, why = _text_field(record, keys, f"{name} response")
         if text is None:
-            return None, f"missing {name} response"
+            return None, why
         if not text.strip():
             return None, f"empty {name} response"
         fields[name] = text
@@ -197,7 +218,7 @@ class PreferenceDataset(Dataset):
     image, so the collator encodes a shared image once), `image` and `corrupted_image` (PIL),
     `prompt`, `chosen`, `rejected`.
 
-    Corruption (SPEC.md): diffusion noise at `noise_step` (default 500). With `noise_seed` set
+    Corruption (docs/math.md): diffusion noise at `noise_step` (default 500). With `noise_seed` set
     (the default 0) the noise of each image is seeded from the seed and the image's key, so a
     rerun, another rank or a resumed run sees the same corrupted image, and a cached reference
     is exact; `noise_seed=None` draws fresh noise on every load, as the official code does.
