@@ -117,3 +117,25 @@ def test_non_string_response_is_a_wrong_type_not_missing(tmp_path, field):
     path.write_text(json.dumps([good, missing]))
     _, rejected = load_preference_records(path, tmp_path)
     assert "missing" in rejected[0].reason, rejected[0].reason
+
+
+def test_config_picks_the_cpu_and_keeps_bf16_there(tmp_path):
+    from tpo_fast.trainer.config import TPOConfig, has_accelerator
+
+    if has_accelerator():
+        pytest.skip("this machine has an accelerator")
+    args = TPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    assert args.use_cpu and args.bf16 and args.device.type == "cpu"
+
+
+def test_config_drops_bf16_on_a_gpu_without_it(tmp_path, monkeypatch, caplog):
+    import transformers.utils
+
+    from tpo_fast.trainer import config
+
+    monkeypatch.setattr(config, "has_accelerator", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with caplog.at_level("WARNING", logger="tpo_fast"):
+        args = config.TPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    assert not args.bf16 and "does not support bf16" in caplog.text

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from tpo_fast.trainer.collator import DEFAULT_PROMPT_TEMPLATE
+
+logger = logging.getLogger("tpo_fast")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a device other than the CPU (CUDA, ROCm, XPU, MPS, ...)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _env_cpu() -> bool:
+    # `accelerate launch --cpu` says so through the environment.
+    return os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+
+
+def bf16_supported(use_cpu: bool) -> bool:
+    """Whether bf16 autocast runs on the device training will use (always on CPU; Ampere+ on CUDA)."""
+    if use_cpu or not has_accelerator():
+        return True
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    return is_torch_bf16_gpu_available()
 
 
 @dataclass
@@ -14,9 +41,13 @@ class TPOConfig(TrainingArguments):
     """Training arguments for `TPOTrainer` (token-level preference optimization, arXiv 2412.14487).
 
     Every `transformers.TrainingArguments` field applies (batch size, gradient accumulation,
-    learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging). The TPO fields:
+    learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging), with two
+    differences so that one script runs anywhere: without a GPU (or other accelerator) `use_cpu`
+    is set for you, and `bf16=True` on a GPU without bf16 support (before Ampere) falls back to
+    fp32 with a warning instead of failing. bf16 on CPU is kept (autocast, slow but supported).
+    The TPO fields:
 
-    objective: "tpo" (token-level weights from the clean/corrupted visual score, SPEC.md), "dpo"
+    objective: "tpo" (token-level weights from the clean/corrupted visual score, docs/math.md), "dpo"
         (plain DPO on the clean image; no corrupted branch) or "povid" (POVID stage 2, arXiv
         2402.11411: `w DPO(chosen vs the corrupted-image argmax of the chosen text) + (1 - w)
         DPO(chosen vs rejected)`; the corrupted branch runs over the chosen rows only, without gradient).
@@ -73,6 +104,11 @@ class TPOConfig(TrainingArguments):
         )
         if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
             setattr(self, name, {"use_reentrant": False})
+        if not self.use_cpu and not has_accelerator():
+            self.use_cpu = True  # TrainingArguments otherwise rejects bf16 on a machine without a GPU
+        if (self.bf16 or self.bf16_full_eval) and not bf16_supported(self.use_cpu or _env_cpu()):
+            logger.warning("bf16=True but this GPU does not support bf16: training in fp32")
+            self.bf16 = self.bf16_full_eval = False
         super().__post_init__()
         for name, allowed in (
             ("objective", ("tpo", "dpo", "povid")),
