@@ -374,14 +374,6 @@ def test_grad_filter_above_every_entry_leaves_the_one_hot_part(monkeypatch):
     assert_close("grad weight", got[1], w.grad, 1e-6, 1e-5)
 
 
-def test_grad_filter_bad_setting(monkeypatch):
-    h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
-    monkeypatch.setenv("TPO_FAST_GRAD_FILTER_EPS", "small")
-    lp = tpo_fast.token_logprobs(h, w, y, backend="triton")
-    with pytest.raises(ValueError, match="TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got 'small'"):
-        lp.sum().backward()
-
-
 @pytest.mark.parametrize(
     "mode,chunk_mb,tma",
     [("split", "0.01", "0"), ("split", "", "0"), ("split", "0.01", "1"), ("split", "", "1"), ("atomic", "", "0")],
@@ -446,40 +438,37 @@ def test_masked_vocabulary_tiles_and_argmax_ties(backend):
     [
         ("TPO_FAST_BACKWARD", "fused", "TPO_FAST_BACKWARD must be 'split' or 'atomic', got 'fused'"),
         ("TPO_FAST_CHUNK_MB", "-3", "TPO_FAST_CHUNK_MB must be a positive number of MiB, got '-3'"),
+        ("TPO_FAST_GRAD_FILTER_EPS", "small", "TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got 'small'"),
+        ("TPO_FAST_TMA", "yes", "TPO_FAST_TMA must be 'auto', '0' or '1', got 'yes'"),
+        ("TPO_FAST_TILES", "128,128,64,8", "TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages"),
     ],
 )
-def test_triton_backward_bad_settings(monkeypatch, var, value, match):
+def test_bad_kernel_settings_fail_the_first_launch(monkeypatch, var, value, match):
+    """Every option is checked when the options are read (tpo_fast/ops/options.py), before any kernel runs."""
     h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
     monkeypatch.setenv(var, value)
-    lp = tpo_fast.token_logprobs(h, w, y, backend="triton")
     with pytest.raises(ValueError, match=match):
-        lp.sum().backward()
-
-
-def test_tma_bad_setting(monkeypatch):
-    h, w, _, _, y = make_inputs(8, 16, 20, torch.float32, bias=False, corrupted=False)
-    monkeypatch.setenv("TPO_FAST_TMA", "yes")
-    with pytest.raises(ValueError, match="TPO_FAST_TMA must be 'auto', '0' or '1', got 'yes'"):
         tpo_fast.token_logprobs(h, w, y, backend="triton")
 
 
 @pytest.mark.parametrize("value", ["128,128,64,8", "128,100,64,8,3", "8,128,64,8,3", "128,128,64,6,3", "a,b,c,d,e"])
 def test_tile_override_bad_settings(monkeypatch, value):
-    from tpo_fast.ops.triton_impl import _tiles_from_env
+    from tpo_fast.ops.options import KernelOptions
 
     monkeypatch.setenv("TPO_FAST_TILES", value)
     with pytest.raises(ValueError, match="TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages"):
-        _tiles_from_env()
+        KernelOptions.from_env()
 
 
 @pytest.mark.parametrize(
     "value,want", [("64,256,32,4,4,16", (64, 256, 32, 4, 4, 16)), ("128,128,64,8,3", (128, 128, 64, 8, 3, 8))]
 )
 def test_tile_override_is_read(monkeypatch, value, want):
-    from tpo_fast.ops.triton_impl import TileConfig, _tiles_from_env
+    from tpo_fast.ops.triton_impl import TileConfig, tile_config
 
     monkeypatch.setenv("TPO_FAST_TILES", value)
-    assert _tiles_from_env() == TileConfig(*want)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU tiles (the interpreter has its own)
+    assert tile_config(4096, 32000, 4096, torch.bfloat16) == TileConfig(*want)
 
 
 def test_bf16_weight_gradient_needs_no_fp32_vocabulary_buffer(monkeypatch):

@@ -7,6 +7,9 @@ into a cache directory, for editable installs and test machines where the instal
     from tpo_fast import _ext
     _ext.HAS_CPU_EXT, _ext.HAS_CUDA_EXT   # flags, updated by load_jit()
     _ext.load_jit()                       # builds once (minutes), then loads from the cache
+
+This module sits below `tpo_fast.ops` and reads no settings itself: the build folder comes as an
+argument (`backend="auto"` with TPO_FAST_JIT=1 passes `KernelOptions.ext_cache`, TPO_FAST_EXT_CACHE).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ def get() -> ModuleType | None:
     return _module
 
 
-def cache_dir() -> Path:
-    """Where `load_jit` builds: $TPO_FAST_EXT_CACHE, else ~/.cache/tpo_fast/ext/torch-<version>."""
-    root = os.environ.get("TPO_FAST_EXT_CACHE") or Path.home() / ".cache" / "tpo_fast" / "ext"
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where `load_jit` builds: `root` (default ~/.cache/tpo_fast/ext) / torch-<version>."""
+    root = root or Path.home() / ".cache" / "tpo_fast" / "ext"
     tag = torch.__version__.replace("+", "_")
     return Path(root) / f"torch-{tag}"
 
@@ -59,10 +62,14 @@ def compiler_available() -> bool:
     return shutil.which(cxx.split()[0]) is not None
 
 
-def load_jit(with_cuda: bool | None = None, verbose: bool = False) -> ModuleType:
+def load_jit(
+    with_cuda: bool | None = None, verbose: bool = False, cache_root: str | os.PathLike | None = None
+) -> ModuleType:
     """Build (first call: minutes; MAX_JOBS bounds the parallel jobs) and load the extension.
 
     with_cuda: compile the CUDA kernels too; default when torch has CUDA and nvcc (CUDA_HOME) is found.
+    cache_root: the build folder's root (see `cache_dir`); `tpo_fast.ops.options.current_options().ext_cache`
+    is what TPO_FAST_EXT_CACHE sets.
     Returns the module and updates `HAS_CPU_EXT` / `HAS_CUDA_EXT`. Raises RuntimeError without a compiler.
     """
     global _module, HAS_CPU_EXT, HAS_CUDA_EXT
@@ -84,7 +91,7 @@ def load_jit(with_cuda: bool | None = None, verbose: bool = False) -> ModuleType
     missing = [str(s) for s in sources if not s.exists()]
     if missing:
         raise RuntimeError(f"tpo_fast C++ sources not found ({', '.join(missing)}); load_jit needs a source checkout")
-    build_dir = cache_dir() / name
+    build_dir = cache_dir(cache_root) / name
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("tpo_fast: building %s in %s (JIT, first call only)", name, build_dir)
     _module = load(

@@ -14,7 +14,6 @@ kernels/logits_logprobs.py), "torch" (row-chunked PyTorch, fp32 per chunk only),
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ import torch
 
 from tpo_fast import _ext
 from tpo_fast.ops._validate import _desc, check_float, check_same_device
+from tpo_fast.ops.options import current_options, interpreter_enabled
 
 logger = logging.getLogger("tpo_fast")
 
@@ -55,10 +55,6 @@ class _Params:
     inplace_backward: bool
 
 
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Backend implementations: forward(x, t, ignore_index) -> (lse, z); backward(...) -> grad (x's dtype).
 # x is (N, V) with unit column stride and non-overlapping rows, t is int64 (N,) contiguous.
 
@@ -82,7 +78,7 @@ _TRITON_INTERPRET_MAX_BLOCK_V = 16384
 def _triton_block_v(v: int) -> int:
     import triton
 
-    cap = _TRITON_INTERPRET_MAX_BLOCK_V if _interpreter_enabled() else _TRITON_MAX_BLOCK_V
+    cap = _TRITON_INTERPRET_MAX_BLOCK_V if interpreter_enabled() else _TRITON_MAX_BLOCK_V
     return min(triton.next_power_of_2(v), cap)
 
 
@@ -163,13 +159,17 @@ _jit_tried = False
 
 
 def _maybe_jit() -> None:
-    """With TPO_FAST_JIT=1, `auto` builds the extension once (minutes) when the install has none."""
+    """With `KernelOptions.jit` (TPO_FAST_JIT=1), `auto` builds the extension once (minutes) when the
+    install has none, into `KernelOptions.ext_cache` (TPO_FAST_EXT_CACHE)."""
     global _jit_tried
-    if _jit_tried or _ext.HAS_CPU_EXT or os.environ.get("TPO_FAST_JIT", "0") != "1":
+    if _jit_tried or _ext.HAS_CPU_EXT:
+        return
+    opts = current_options()
+    if not opts.jit:
         return
     _jit_tried = True
     try:
-        _ext.load_jit()
+        _ext.load_jit(cache_root=opts.ext_cache)
     except Exception as e:  # noqa: BLE001 - a failed build only means a fallback backend
         logger.warning("tpo_fast: TPO_FAST_JIT=1 but building tpo_fast._C failed (%s)", e)
 
@@ -211,7 +211,7 @@ def resolve_logits_backend(backend: str, device: torch.device) -> str:
             )
         return backend
     if backend == "triton":
-        if device.type != "cuda" and not _interpreter_enabled():
+        if device.type != "cuda" and not interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 for the "
                 "CPU interpreter; use backend='cpp' or 'torch' on CPU"

@@ -3,13 +3,15 @@
 Same contract as `torch_chunked.py`: rows are compacted (every target valid) and contiguous;
 outputs are fp32; gradients come back as fp32 buffers the autograd function casts. No N x V
 tensor is ever allocated here: the forward writes per-tile partials (N x V/BLOCK_V), the exact
-backward one N x chunk gradient buffer (TPO_FAST_CHUNK_MB), the filtering backward nothing.
+backward one N x chunk gradient buffer (`KernelOptions.chunk_mb`), the filtering backward nothing.
+
+Kernel behaviour (tiles, TMA, chunk budget, TF32, backward mode, gradient filtering) comes from a
+`KernelOptions` (tpo_fast/ops/options.py): `forward`/`backward` take one, else use `current_options()`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +21,7 @@ from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from tpo_fast.ops.options import KernelOptions, current_options, interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -53,32 +51,19 @@ _GPU_TILES = {
 _GPU_ATOMIC_TILES = TileConfig(64, 128, 64, num_warps=8, num_stages=3)
 
 
-def _tiles_from_env() -> TileConfig | None:
-    """TPO_FAST_TILES="block_n,block_v,block_d,num_warps,num_stages[,group_n]" overrides the GPU tiles
-    of the GEMM-shaped kernels (a tuning knob, read at each launch)."""
-    raw = os.environ.get("TPO_FAST_TILES", "")
-    if not raw:
-        return None
-    try:
-        vals = [int(x) for x in raw.split(",")]
-        if len(vals) not in (5, 6) or min(vals) <= 0 or any(x & (x - 1) for x in vals[:4]) or min(vals[:3]) < 16:
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            "TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages[,group_n]': positive integers,"
-            f" blocks (>= 16) and warps powers of two, got {raw!r}"
-        ) from None
-    return TileConfig(*vals)
-
-
-def tile_config(n: int, v: int, d: int, dtype: torch.dtype = torch.bfloat16, atomic: bool = False) -> TileConfig:
-    """Tiles of the vocabulary kernels. The interpreter runs one Python step per tile, so there tiles are large."""
+def tile_config(
+    n: int, v: int, d: int, dtype: torch.dtype = torch.bfloat16, atomic: bool = False,
+    options: KernelOptions | None = None,
+) -> TileConfig:
+    """Tiles of the vocabulary kernels: `options.tiles` (TPO_FAST_TILES) or the tuned defaults, never wider
+    than the problem. The interpreter runs one Python step per tile, so there tiles are large."""
     if interpreter_enabled():
         return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128), group_n=4)
+    tiles = (options or current_options()).tiles
     if atomic:
         base = _GPU_ATOMIC_TILES
     else:
-        base = _tiles_from_env() or _GPU_TILES.get(dtype, _GPU_TILES[torch.float32])
+        base = TileConfig(*tiles) if tiles else _GPU_TILES.get(dtype, _GPU_TILES[torch.float32])
     # never wider than the problem (a 16-row batch gets 16-row tiles)
     return TileConfig(
         _p2(n, 16, base.block_n), _p2(v, 16, base.block_v), _p2(d, 16, base.block_d),
@@ -86,66 +71,24 @@ def tile_config(n: int, v: int, d: int, dtype: torch.dtype = torch.bfloat16, ato
     )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype: torch.dtype, options: KernelOptions | None = None) -> str:
     # fp32 inputs get exact fp32 products unless the user opts into TF32 (about 1e-3 relative error).
-    if dtype == torch.float32 and os.environ.get("TPO_FAST_ALLOW_TF32", "0") in ("", "0"):
+    if dtype == torch.float32 and not (options or current_options()).allow_tf32:
         return "ieee"
     return "tf32"
 
 
-def grad_filter_eps() -> float:
-    """Gradient filtering threshold from TPO_FAST_GRAD_FILTER_EPS (unset or 0: exact, the default).
-
-    With eps > 0 the backward runs the fused atomic kernel (`token_stats_bwd.py`) and skips every
-    (row block, vocabulary tile) whose softmax gradient is below eps in magnitude everywhere: the two
-    gradient GEMMs of such a tile are dropped, which is most tiles of a peaked softmax. The dropped
-    mass per tile is below eps times its size, so the gradient is no longer exact; the forward
-    values and the loss are unaffected.
-    """
-    raw = os.environ.get("TPO_FAST_GRAD_FILTER_EPS", "")
-    try:
-        eps = float(raw) if raw else 0.0
-    except ValueError:
-        raise ValueError(f"TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got {raw!r}") from None
-    if not eps >= 0.0:
-        raise ValueError(f"TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got {raw!r}")
-    return eps
+def chunk_bytes(options: KernelOptions | None = None) -> int:
+    """Budget of the split backward's gradient chunk buffer, `options.chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB)."""
+    return (options or current_options()).chunk_bytes
 
 
-def backward_mode() -> str:
-    """`split` (default: softmax-gradient chunks + two dense GEMMs, no atomics) or `atomic` (the fused
-    kernel, also what gradient filtering uses). Set by TPO_FAST_BACKWARD."""
-    mode = os.environ.get("TPO_FAST_BACKWARD", "") or "split"
-    if mode not in ("split", "atomic"):
-        raise ValueError(f"TPO_FAST_BACKWARD must be 'split' or 'atomic', got {mode!r}")
-    return mode
-
-
-def chunk_bytes() -> int:
-    """Budget of the split backward's gradient chunk buffer, TPO_FAST_CHUNK_MB (default 256 MiB)."""
-    raw = os.environ.get("TPO_FAST_CHUNK_MB", "")
-    try:
-        mb = float(raw) if raw else 256.0
-        if not mb > 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"TPO_FAST_CHUNK_MB must be a positive number of MiB, got {raw!r}") from None
-    return int(mb * 2**20)
-
-
-def _tma_setting() -> str:
-    raw = os.environ.get("TPO_FAST_TMA", "") or "auto"
-    if raw not in ("auto", "0", "1"):
-        raise ValueError(f"TPO_FAST_TMA must be 'auto', '0' or '1', got {raw!r}")
-    return raw
-
-
-def _tma_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: TileConfig):
+def _tma_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: TileConfig, options: KernelOptions | None = None):
     """(H descriptor, W descriptor, True) when the GEMM-shaped kernels load through the bulk tensor copy
-    engine (TMA: Hopper and newer), else (hidden, weight, False). TPO_FAST_TMA: `auto` (default: on
-    where the GPU has it and the rows are 16-byte aligned), `0` (never), `1` (also under the interpreter;
-    an input it cannot describe falls back to plain loads)."""
-    setting = _tma_setting()
+    engine (TMA: Hopper and newer), else (hidden, weight, False). `options.tma` (TPO_FAST_TMA): `auto`
+    (default: on where the GPU has it and the rows are 16-byte aligned), `0` (never), `1` (also under the
+    interpreter; an input it cannot describe falls back to plain loads)."""
+    setting = (options or current_options()).tma
     if setting == "0":
         return hidden, weight, False
     if interpreter_enabled():
@@ -196,8 +139,11 @@ def forward(
     corrupted_hidden: torch.Tensor | None,
     targets: torch.Tensor,
     want_argmax: bool,
+    options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows."""
+    """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows.
+
+    `options`: the kernel options (default: `current_options()`, read once per call)."""
     (n, d), v = hidden.shape, weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     if n == 0:
@@ -205,19 +151,20 @@ def forward(
         argmax = torch.empty(0, dtype=torch.int64, device=hidden.device) if want_argmax else None
         zc = torch.empty(0, **f32) if corrupted_hidden is not None else None
         return lse, torch.empty(0, **f32), zc, argmax
-    cfg = tile_config(n, v, d, hidden.dtype)
+    opts = options or current_options()
+    cfg = tile_config(n, v, d, hidden.dtype, options=opts)
     n_tiles = triton.cdiv(v, cfg.block_v)
     m_part = torch.empty((n, n_tiles), **f32)
     s_part = torch.empty((n, n_tiles), **f32)
     arg_part = torch.empty((n, n_tiles), dtype=torch.int32, device=hidden.device) if want_argmax else None
-    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg)
+    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg, opts)
     with _device_guard(hidden):
         token_lse_partial_kernel[(triton.cdiv(n, cfg.block_n) * n_tiles,)](
             hidden, weight, bias if bias is not None else hidden, h_desc, w_desc,
             m_part, s_part, arg_part if arg_part is not None else m_part,
             n, v, d, n_tiles,
             HAS_BIAS=bias is not None, WANT_ARGMAX=want_argmax,
-            DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
+            DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -271,20 +218,20 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb) -> None:
+def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts: KernelOptions) -> None:
     """The clean rows' gradient, chunk by chunk over the vocabulary: a Triton kernel writes the chunk's
     `dZ = coef_p * softmax + coef_y * onehot` (input dtype, one rounding of an fp32 value), then
     `dW[chunk] = dZ.T @ H` (straight into `gw`, in its dtype) and `dH += dZ @ W[chunk]` (fp32) run as
-    dense GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most TPO_FAST_CHUNK_MB."""
+    dense GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most `opts.chunk_mb`."""
     (n, d), v = hidden.shape, weight.shape[0]
-    cfg = tile_config(n, v, d, hidden.dtype)
+    cfg = tile_config(n, v, d, hidden.dtype, options=opts)
     elem = hidden.element_size()
-    vc = (chunk_bytes() // max(1, n * elem)) // cfg.block_v * cfg.block_v
+    vc = (chunk_bytes(opts) // max(1, n * elem)) // cfg.block_v * cfg.block_v
     vc = min(max(vc, cfg.block_v), triton.cdiv(v, cfg.block_v) * cfg.block_v)
     dz = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     gb_part = torch.empty((n_row_blocks, v), dtype=torch.float32, device=hidden.device) if gb is not None else None
-    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg)
+    h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg, opts)
     for v0 in range(0, v, vc):
         width = min(vc, v - v0)
         with _device_guard(hidden):
@@ -294,7 +241,7 @@ def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, 
                 dz, gb_part if gb_part is not None else lse,
                 n, v, d, v0, width, dz.stride(0),
                 HAS_BIAS=bias is not None, HAS_ONEHOT=coef_y is not None, NEED_B=gb is not None,
-                DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
+                DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -341,17 +288,24 @@ def backward(
     coef_y: torch.Tensor | None,
     g_zc: torch.Tensor | None,
     needs: tuple[bool, bool, bool, bool],
+    options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for (hidden, weight, bias, corrupted_hidden); see `torch_chunked.backward`.
 
     fp32 buffers the autograd function casts, except the weight gradient of the split backward,
-    which its GEMMs write in the weight's own dtype (one rounding; no V x D fp32 buffer)."""
+    which its GEMMs write in the weight's own dtype (one rounding; no V x D fp32 buffer).
+
+    `options.backward` picks the split or the fused atomic backward; `options.grad_filter_eps` > 0
+    (gradient filtering, opt-in) runs the atomic kernel and skips every (row block, vocabulary tile)
+    whose softmax gradient is below eps everywhere: most tiles of a peaked softmax. The dropped mass per
+    tile is below eps times its size, so the gradient is no longer exact; forward values and the loss are unaffected."""
     need_h, need_w, need_b, need_hc = needs
     (n, d), v = hidden.shape, weight.shape[0]
     dev = hidden.device
-    eps = grad_filter_eps()
+    opts = options or current_options()
+    eps = opts.grad_filter_eps
     softmax_part = coef_p is not None and (need_h or need_w or need_b) and n > 0
-    fused = softmax_part and (eps > 0 or backward_mode() == "atomic")
+    fused = softmax_part and (eps > 0 or opts.backward == "atomic")
     split = softmax_part and not fused
     has_second = g_zc is not None and corrupted_hidden is not None
     if split:  # every entry of gh and gw is written by the GEMMs
@@ -366,7 +320,7 @@ def backward(
         return gh, gw, gb, ghc
     with _device_guard(hidden):
         if split:
-            _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb)
+            _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts)
             if has_second:  # the corrupted rows' logit gradient is g_zc * onehot(y): rank-1 per row
                 if ghc is not None:
                     torch.mul(g_zc[:, None], weight[targets].float(), out=ghc)
@@ -376,7 +330,7 @@ def backward(
                     gb.index_add_(0, targets, g_zc)
             return gh, gw, gb, ghc
         if fused:
-            cfg = tile_config(n, v, d, hidden.dtype, atomic=True)
+            cfg = tile_config(n, v, d, hidden.dtype, atomic=True, options=opts)
             dummy = lse
             grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
             token_stats_bwd_kernel[grid](
@@ -385,7 +339,7 @@ def backward(
                 gb if gb is not None else dummy,
                 n, v, d, eps,
                 HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
-                DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRET=interpreter_enabled(),
+                DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )

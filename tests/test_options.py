@@ -1,0 +1,95 @@
+"""`KernelOptions`: one object for kernel behaviour, read from the environment in one place, set for a scope."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import tpo_fast
+from tpo_fast.ops import triton_impl
+from tpo_fast.ops.options import ENV_VARS, KernelOptions, current_options, kernel_options
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for var in ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_defaults_and_env(monkeypatch):
+    assert KernelOptions.from_env() == KernelOptions()
+    env = {"TPO_FAST_TILES": "64,128,32,4,3", "TPO_FAST_TMA": "0", "TPO_FAST_CHUNK_MB": "0.5",
+           "TPO_FAST_ALLOW_TF32": "1", "TPO_FAST_BACKWARD": "atomic", "TPO_FAST_GRAD_FILTER_EPS": "1e-6",
+           "TPO_FAST_JIT": "1", "TPO_FAST_EXT_CACHE": "/tmp/ext"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert KernelOptions.from_env() == KernelOptions(
+        tiles=(64, 128, 32, 4, 3), tma="0", chunk_mb=0.5, allow_tf32=True, backward="atomic", grad_filter_eps=1e-6,
+        jit=True, ext_cache="/tmp/ext",
+    )
+    assert KernelOptions.from_env().chunk_bytes == 2**19
+    monkeypatch.setenv("TPO_FAST_BACKWARD", "split")  # read again when the environment changes
+    assert current_options().backward == "split"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backward="fused"), "backward must be 'split' or 'atomic', got 'fused'"),
+        (dict(tma="yes"), "tma must be 'auto', '0' or '1', got 'yes'"),
+        (dict(chunk_mb=0), "chunk_mb must be a positive number of MiB, got 0"),
+        (dict(grad_filter_eps=-1.0), r"grad_filter_eps must be a number >= 0, got -1.0"),
+        (dict(tiles=(128, 100, 64, 8, 3)), "tiles must be 'block_n,block_v,block_d,num_warps,num_stages"),
+        (dict(allow_tf32=2), "allow_tf32 must be a bool, got 2"),
+    ],
+    ids=["backward", "tma", "chunk", "eps", "tiles", "tf32"],
+)
+def test_fields_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KernelOptions(**kwargs)
+
+
+def test_tma_takes_booleans_and_options_are_frozen():
+    assert KernelOptions(tma=True).tma == "1" and KernelOptions(tma=False).tma == "0"
+    with pytest.raises(AttributeError):
+        KernelOptions().backward = "atomic"  # type: ignore[misc]
+
+
+def test_scope_overrides_env_nests_and_reaches_other_threads(monkeypatch):
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", "8")
+    with kernel_options(backward="atomic") as outer:
+        assert outer == KernelOptions(chunk_mb=8.0, backward="atomic")
+        monkeypatch.setenv("TPO_FAST_CHUNK_MB", "not read in a scope")
+        with kernel_options(tma="0"):
+            assert current_options() == KernelOptions(chunk_mb=8.0, backward="atomic", tma="0")
+        seen = []  # autograd runs a CUDA backward on its own threads: the scope is process-wide
+        t = threading.Thread(target=lambda: seen.append(current_options()))
+        t.start()
+        t.join()
+        assert seen == [outer]
+    with pytest.raises(ValueError, match="TPO_FAST_CHUNK_MB must be a positive number of MiB"):
+        current_options()
+
+
+def test_scope_and_explicit_options_drive_the_triton_launches(monkeypatch):
+    """`kernel_options(backward="atomic")` around forward and backward: the split backward never runs;
+    explicit `options=` to the launcher wins over the scope."""
+    monkeypatch.setenv("TPO_FAST_BACKWARD", "bogus")  # would fail if the launch read the environment
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("the split backward ran inside kernel_options(backward='atomic')")
+
+    monkeypatch.setattr(triton_impl, "_split_backward", no_split)
+    h = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(20, 16, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 20, (8,), device=DEVICE)
+    with kernel_options(KernelOptions(), backward="atomic"):
+        tpo_fast.token_logprobs(h, w, y, backend="triton").sum().backward()
+        want = tpo_fast.token_logprobs(h.detach(), w.detach(), y, backend="reference")
+        lse, z, _, _ = triton_impl.forward(h.detach(), w.detach(), None, None, y, False, options=KernelOptions(tma="1"))
+    torch.testing.assert_close(z - lse, want, atol=1e-5, rtol=1e-5)
+    assert h.grad is not None and torch.isfinite(w.grad).all()

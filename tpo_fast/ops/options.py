@@ -1,0 +1,192 @@
+"""Kernel behaviour in one frozen dataclass, `KernelOptions`, and the one place that reads its variables.
+
+Three ways to set it, the later winning:
+
+    TPO_FAST_BACKWARD=atomic python train.py          # the environment, read by `KernelOptions.from_env()`
+    with kernel_options(backward="atomic"): ...       # a scope (process-wide, see `kernel_options`)
+    triton_impl.forward(..., options=KernelOptions(tma="0"))  # explicit, where a launcher takes it
+
+Launchers call `current_options()`: the innermost active scope, else the environment as it is now
+(so a variable changed between two launches, as bench/gpu_tune.py does, takes effect). A bad value
+raises the first time anything reads the options, naming the variable or field and what it accepts.
+
+Fields (variable, default): meaning.
+
+- `tiles` (TPO_FAST_TILES, None): GPU tiles of the GEMM-shaped kernels,
+  "block_n,block_v,block_d,num_warps,num_stages[,group_n]"; None: the tuned defaults of triton_impl.py.
+- `tma` (TPO_FAST_TMA, "auto"): bulk tensor copy loads; "auto" (Hopper and newer, 16-byte aligned rows),
+  "0" never, "1" also under the interpreter.
+- `chunk_mb` (TPO_FAST_CHUNK_MB, 256.0): MiB budget of the split backward's N x chunk gradient buffer.
+- `allow_tf32` (TPO_FAST_ALLOW_TF32, False): TF32 products for fp32 inputs (about 1e-3 relative error);
+  the variable turns it on with any value but "" and "0".
+- `backward` (TPO_FAST_BACKWARD, "split"): "split" (softmax-gradient chunks + two GEMMs, no atomics)
+  or "atomic" (the fused kernel).
+- `grad_filter_eps` (TPO_FAST_GRAD_FILTER_EPS, 0.0): > 0 skips vocabulary tiles whose softmax gradient
+  is below eps (atomic kernel; the gradient is then inexact, the loss is not).
+- `jit` (TPO_FAST_JIT, False): "1" lets `backend="auto"` build the C++ extension once when the
+  install has none.
+- `ext_cache` (TPO_FAST_EXT_CACHE, None): where that build goes (None: ~/.cache/tpo_fast/ext).
+
+Install-time switches (TPO_FAST_BUILD_EXT, TPO_FAST_BUILD_CUDA, TPO_FAST_CPU_ISA) belong to setup.py.
+`TRITON_INTERPRET` is Triton's own variable; `interpreter_enabled()` is the one place that reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+ENV_VARS = {
+    "tiles": "TPO_FAST_TILES",
+    "tma": "TPO_FAST_TMA",
+    "chunk_mb": "TPO_FAST_CHUNK_MB",
+    "allow_tf32": "TPO_FAST_ALLOW_TF32",
+    "backward": "TPO_FAST_BACKWARD",
+    "grad_filter_eps": "TPO_FAST_GRAD_FILTER_EPS",
+    "jit": "TPO_FAST_JIT",
+    "ext_cache": "TPO_FAST_EXT_CACHE",
+}
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET set, and not to "0")."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Each check takes the raw value (a string from the environment, or what the caller passed) and the
+# name to blame (the variable or the field), and returns the field's value.
+
+
+def _tiles(raw: str | Sequence[int] | None, name: str) -> tuple[int, ...] | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        vals = tuple(int(x) for x in (raw.split(",") if isinstance(raw, str) else raw))
+        ints = isinstance(raw, str) or all(isinstance(x, int) for x in raw)
+    except (TypeError, ValueError):
+        vals, ints = (), False
+    powers_of_two = not any(x & (x - 1) for x in vals[:4])
+    if ints and len(vals) in (5, 6) and min(vals) > 0 and min(vals[:3]) >= 16 and powers_of_two:
+        return vals
+    raise ValueError(
+        f"{name} must be 'block_n,block_v,block_d,num_warps,num_stages[,group_n]': positive integers,"
+        f" blocks (>= 16) and warps powers of two, got {raw!r}"
+    )
+
+
+def _choice(raw: str | bool | None, name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default, also for "" and None); True/False mean "1"/"0" where allowed."""
+    value = raw
+    if isinstance(raw, bool) and "1" in choices:
+        value = "1" if raw else "0"
+    elif raw is None or raw == "":
+        value = choices[0]
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {raw!r}")
+    return value
+
+
+def _number(raw: str | float, name: str, default: float, positive: bool, what: str) -> float:
+    try:
+        value = float(raw) if raw != "" else default
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (value > 0 if positive else value >= 0) or isinstance(raw, bool):
+        raise ValueError(f"{name} must be {what}, got {raw!r}")
+    return value
+
+
+def _flag(raw: str | bool, name: str, on: tuple[str, ...] | None) -> bool:
+    """A bool field; from the environment, `on` lists the values that mean True (None: all but "" and "0")."""
+    if isinstance(raw, bool):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError(f"{name} must be a bool, got {raw!r}")
+    return raw in on if on is not None else raw not in ("", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How the Triton kernels and the compiled extension behave; fields and variables in the module docstring.
+
+    Values are checked at construction: `KernelOptions(backward="fused")` raises
+    "backward must be 'split' or 'atomic', got 'fused'". `tma` also takes True/False for "1"/"0".
+    """
+
+    tiles: tuple[int, ...] | None = None
+    tma: str = "auto"
+    chunk_mb: float = 256.0
+    allow_tf32: bool = False
+    backward: str = "split"
+    grad_filter_eps: float = 0.0
+    jit: bool = False
+    ext_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in _checked(lambda field: getattr(self, field), lambda field: field).items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_env(cls) -> KernelOptions:
+        """The options the TPO_FAST_* variables give (unset or empty: the default), checked with the
+        variable's name in the message: "TPO_FAST_CHUNK_MB must be a positive number of MiB, got '-3'"."""
+        key = tuple(os.environ.get(var, "") for var in ENV_VARS.values())
+        cached = _ENV_CACHE.get(key)
+        if cached is None:
+            raw = dict(zip(ENV_VARS, key, strict=True))
+            values = _checked(raw.__getitem__, ENV_VARS.__getitem__, from_env=True)
+            _ENV_CACHE.clear()  # the environment rarely changes; one entry is enough
+            cached = _ENV_CACHE[key] = cls(**values)
+        return cached
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.chunk_mb * 2**20)
+
+
+def _checked(get, name_of, from_env: bool = False) -> dict:
+    """Every field's value, checked; `get(field)` the raw value, `name_of(field)` whom a message blames."""
+    ext_cache = get("ext_cache")
+    return {
+        "tiles": _tiles(get("tiles"), name_of("tiles")),
+        "tma": _choice(get("tma"), name_of("tma"), ("auto", "0", "1")),
+        "chunk_mb": _number(get("chunk_mb"), name_of("chunk_mb"), 256.0, True, "a positive number of MiB"),
+        "allow_tf32": _flag(get("allow_tf32"), name_of("allow_tf32"), None),
+        "backward": _choice(get("backward"), name_of("backward"), ("split", "atomic")),
+        "grad_filter_eps": _number(get("grad_filter_eps"), name_of("grad_filter_eps"), 0.0, False, "a number >= 0"),
+        "jit": _flag(get("jit"), name_of("jit"), ("1",)),
+        "ext_cache": (ext_cache or None) if from_env else (None if ext_cache is None else os.fspath(ext_cache)),
+    }
+
+
+_ENV_CACHE: dict[tuple[str, ...], KernelOptions] = {}
+# Active scopes, innermost last. Process-wide, not per thread: autograd runs a CUDA backward on its
+# own device threads, and a scope around `loss.backward()` must reach them.
+_SCOPES: list[tuple[object, KernelOptions]] = []
+
+
+def current_options() -> KernelOptions:
+    """The options a launch uses now: the innermost `kernel_options` scope, else `KernelOptions.from_env()`."""
+    return _SCOPES[-1][1] if _SCOPES else KernelOptions.from_env()
+
+
+@contextlib.contextmanager
+def kernel_options(options: KernelOptions | None = None, **overrides) -> Iterator[KernelOptions]:
+    """Use `options` (default: the current ones) with `overrides` applied, until the block ends.
+
+        with kernel_options(backward="atomic", grad_filter_eps=1e-6):
+            loss = tpo_loss(...); loss.backward()
+
+    The scope covers every thread of the process (autograd's included) and ignores the environment
+    while it is active; nested scopes start from the enclosing one.
+    """
+    opts = dataclasses.replace(options or current_options(), **overrides)
+    token = object()
+    _SCOPES.append((token, opts))
+    try:
+        yield opts
+    finally:
+        _SCOPES[:] = [s for s in _SCOPES if s[0] is not token]
