@@ -1,0 +1,61 @@
+"""The contenders: what each one runs on a workload's inputs, and whether it can run here.
+
+Every contender maps (workload, inputs) to one output tensor: the scalar loss for `tpo`, `dpo`,
+`povid` and `fisao`, the (N,) fp32 per-token log-probs (0 on padded rows) for `primitive`, and
+`cat(logp, z[y] - z~[y])` (2N,) for `logits`. The harness does the backward itself, so all contenders
+are timed and checked the same way. One module per family: `naive` (baseline and guard self-test),
+`per_token` (TRL, CCE), `liger`, `ours` (tpo_fast), `floor`.
+"""
+
+from __future__ import annotations
+
+from .base import Contender
+from .floor import Floor
+from .liger import Liger
+from .naive import Broken, Naive
+from .ours import TpoFast
+from .per_token import CCE, TRLChunked
+
+__all__ = [
+    "CCE",
+    "DEFAULT",
+    "TPO_FAST_BACKENDS",
+    "Broken",
+    "Contender",
+    "Floor",
+    "Liger",
+    "Naive",
+    "TRLChunked",
+    "TpoFast",
+    "all_contenders",
+    "tpo_fast_backends",
+]
+
+
+def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
+    """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list."""
+    out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
+    for b in backends:
+        out[f"tpo_fast-{b}"] = TpoFast(b)
+    out["floor"] = Floor()
+    out["broken"] = Broken()
+    return out
+
+
+def tpo_fast_backends() -> tuple[str, ...]:
+    """tpo_fast's backends worth timing: the GPU ones always (listed with a reason where they cannot
+    run), the compiled extension's CPU backend `cpp` (logits input), plus whatever else
+    `tpo_fast.BACKENDS` offers, but not `auto` or the materializing `reference`."""
+    from tpo_fast import BACKENDS
+
+    names = [
+        "triton",
+        "cuda",
+        "cpp",
+        *(b for b in BACKENDS if b not in ("auto", "reference", "triton", "cuda", "cpp", "torch")),
+    ]
+    return (*names, "torch")
+
+
+TPO_FAST_BACKENDS = tpo_fast_backends()
+DEFAULT = ("naive", "liger", "trl", "cce", *(f"tpo_fast-{b}" for b in TPO_FAST_BACKENDS), "floor")
