@@ -16,7 +16,7 @@ from tiny_setup import state_of, tiny_data, tiny_model, tiny_processor  # noqa: 
 
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.config import TPOConfig  # noqa: E402
-from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores, shift_labels  # noqa: E402
+from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores  # noqa: E402
 from tpo_fast.trainer.trainer import TPOTrainer  # noqa: E402
 
 
@@ -30,10 +30,11 @@ def _oracle_loss(model, ref, batch, beta=0.1, offset=0.5, detach=False):
     """SPEC.md's TPO loss from full logits of the ordinary LLaVA forward (pixel_values per row)."""
     rows = batch["image_index"].repeat(2)
 
-    def logits(m, px):
-        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=px[rows]).logits
+    def logits(m, px):  # position t predicts token t + 1: the last position predicts nothing
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=px[rows])
+        return out.logits[:, :-1]
 
-    targets = shift_labels(batch["labels"])
+    targets = batch["labels"][:, 1:]  # shifted here, not with the library's shift_labels
     mask = (targets != -100).float()
     t = targets.clamp_min(0)[..., None]
 
@@ -83,7 +84,7 @@ def test_step_matches_full_logits_oracle(setup, detach):
     for name, p in model.named_parameters():
         # Some gradients are zero in exact arithmetic (a key bias under softmax): absolute floor.
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
-    assert out["tokens"] == (shift_labels(batch["labels"]) != -100).sum()
+    assert out["tokens"] == (batch["labels"][:, 1:] != -100).sum()
 
 
 def _args(tmp_path, **kw):
