@@ -4,9 +4,10 @@ One program per (row block, vocabulary tile), like one output tile of `H @ W.T`:
 `[BLOCK_N, BLOCK_V]` logits tile over the hidden dimension in fp32 on chip and writes only the
 tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. The launcher
 combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (and the argmax): a few bytes per
-row and tile leave the chip, never the logits. Programs are visited in groups of GROUP_N row blocks
-so that the `W` tiles a wave of programs reads stay in L2. The gathered target logits come from
-`indexed_dot.py`.
+row and tile leave the chip, never the logits (unless STORE_LOGITS: the fused-gradient losses keep
+one chunk of fp32 logits and later overwrite it with the gradient, `softmax_grad_inplace.py`).
+Programs are visited in groups of GROUP_N row blocks so that the `W` tiles a wave of programs reads
+stay in L2. The gathered target logits come from `indexed_dot.py`.
 """
 
 import triton
@@ -31,6 +32,9 @@ def token_lse_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
+    Z_OUT=None,  # optional output: [N, V] fp32 logits (row stride stride_zo), for the fused-gradient losses
+    stride_zo=0,
+    STORE_LOGITS: tl.constexpr = False,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), S, GROUP_N)
 
@@ -54,6 +58,9 @@ def token_lse_partial_kernel(
         logits = mma(h, tl.trans(w), logits, DOT_PRECISION, INTERPRET)  # [BLOCK_N, BLOCK_V]
     if HAS_BIAS:
         logits += tl.load(B + vcols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_LOGITS:  # the fused-gradient losses keep the fp32 tile: their dZ is written over it later
+        z_ptrs = Z_OUT + rows64[:, None] * stride_zo + vcols64[None, :]
+        tl.store(z_ptrs, logits, mask=row_mask[:, None] & v_mask[None, :])
     logits = tl.where(v_mask[None, :], logits, float("-inf"))
 
     tile_max = tl.max(logits, axis=1)

@@ -157,9 +157,26 @@ def test_vision_verifier_similarity_and_rewards(tiny):
     assert (rewards[~objects] == 0).all()
     lin = ((2 * sims - verifier.high - verifier.low) / (verifier.high - verifier.low)).clamp(-1, 1)
     torch.testing.assert_close(rewards[objects], lin[objects])
+    # Step mode, thresholds at the least and the most similar of the 3 object tokens: +1 at or above `high`,
+    # -1 at or below `low`, 0 between and for every other token.
     verifier.mode = "step"
-    step = verifier.token_rewards(images, ids, tok)
-    assert set(step[objects].tolist()) <= {-1.0, 0.0, 1.0}
+    positions = objects.nonzero().squeeze(1)
+    order = positions[sims[positions].argsort()]
+    verifier.low, verifier.high = float(sims[order[0]]), float(sims[order[-1]])
+    want_step = torch.zeros(8)
+    want_step[order[0]], want_step[order[-1]] = -1.0, 1.0
+    assert torch.equal(verifier.token_rewards(images, ids, tok), want_step)
+
+
+@pytest.mark.parametrize("mode", ["linear", "step"])
+def test_rewards_from_similarity_exact_values(tiny, mode):
+    """Hand-computed rewards for thresholds low = 0.3, high = 0.7 (a non-object token always gets 0)."""
+    model, processor, _ = tiny
+    verifier = VisionEncoderVerifier(model, processor.image_processor, low=0.3, high=0.7, mode=mode)
+    sims = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3, 0.6, 0.95])
+    is_object = torch.tensor([1, 1, 1, 1, 1, 1, 0]).bool()
+    want = {"linear": [1.0, -1.0, 0.0, 1.0, -1.0, 0.5, 0.0], "step": [1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 0.0]}[mode]
+    torch.testing.assert_close(verifier.rewards_from_similarity(sims, is_object), torch.tensor(want))
 
 
 def test_vision_verifier_calibration(tiny):
@@ -197,7 +214,63 @@ class FixedVerifier:
         return (flat == self.dog).float() - (flat == self.cat).float()
 
 
-def test_fisao_step_rollout_then_update(tiny):
+def _full_logits_logps(model, batch):
+    """(R, L - 1) log-probs of `labels[:, 1:]` from the model's ordinary forward (shifted here), and their mask."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"][batch["image_index"]]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), targets != -100
+
+
+def _expected_update_metrics(template, forward_state, rollout_state, ref, ro, rewards, kl_coef=0.05, eps=0.2):
+    """FiSAO's metrics of one update, from full logits: the policy as it was at the update's forward
+    (`forward_state`), the rollout policy (`rollout_state`) for the ratio, the reference for the k3 KL."""
+    twin = copy.deepcopy(template).eval()
+    batch = ro.batch()
+    twin.load_state_dict(forward_state)
+    logp, mask = _full_logits_logps(twin, batch)
+    twin.load_state_dict(rollout_state)
+    old, _ = _full_logits_logps(twin, batch)
+    ref_logp, _ = _full_logits_logps(ref, batch)
+    adv = torch.zeros_like(logp)
+    offset = 0
+    for i, ids in enumerate(ro.response_ids):  # response tokens fill the masked positions in order
+        adv[i, mask[i]] = rewards[offset:offset + ids.numel()]
+        offset += ids.numel()
+    ratio = torch.exp(logp - old)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    diff = ref_logp - logp
+    kl = diff.exp() - diff - 1
+    n = mask.sum()
+    return {"loss": float(((-surrogate + kl_coef * kl) * mask).sum() / n), "kl/mean": float((kl * mask).sum() / n),
+            "pg/ratio_mean": float((ratio * mask).sum() / n), "reward/mean": float(rewards.mean()),
+            "tokens": float(rewards.numel())}
+
+
+def _spy_rollouts(monkeypatch):
+    import tpo_fast.methods.fisao as fisao_mod
+
+    rollouts = []
+    real = fisao_mod.rollout
+
+    def spy(*args, **kwargs):
+        rollouts.append(real(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(fisao_mod, "rollout", spy)
+    return rollouts
+
+
+def _snapshots_before_steps(opt, model):
+    """The model's state before every optimizer step: what each update's forward saw."""
+    states = []
+    opt.register_step_pre_hook(
+        lambda *_: states.append({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    return states
+
+
+def test_fisao_step_rollout_then_update(tiny, monkeypatch):
     model, processor, images = tiny
     tok = processor.tokenizer
     policy = copy.deepcopy(model)
@@ -205,16 +278,54 @@ def test_fisao_step_rollout_then_update(tiny):
     verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    rollouts, states = _spy_rollouts(monkeypatch), _snapshots_before_steps(opt, policy)
     torch.manual_seed(0)
     m = fisao_step(policy, ref, processor, verifier, opt, images, ["describe the image .", "what is there ?"],
                    ppo_epochs=2, max_new_tokens=6, backend="torch")
-    assert m["tokens"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
-    assert m["kl/mean"] >= 0  # k3 is non-negative; second epoch is off the rollout policy
+    (ro,) = rollouts
+    assert len(states) == 2
+    rewards = verifier.token_rewards(ro.images, ro.response_ids, tok)
+    # The second epoch is off the rollout policy (ratio != 1) and away from the reference (KL > 0).
+    want = _expected_update_metrics(model, states[1], states[0], ref, ro, rewards)
+    for key, value in want.items():
+        assert m[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert m["kl/mean"] > 1e-6 and m["pg/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
     changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
     assert "lm_head.weight" in changed
     assert all(p.grad is None for p in ref.parameters())
     with pytest.raises(ValueError, match="needs a reference"):
         fisao_step(policy, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=2)
+
+
+class ParityVerifier:
+    """Rewards +1 / -1 / 0 by token id modulo 3: every rollout gets non-zero rewards of both signs."""
+
+    def token_rewards(self, images, token_ids, tokenizer):
+        flat = torch.cat(list(token_ids))
+        return (flat % 3 == 0).float() - (flat % 3 == 1).float()
+
+
+def test_fisao_step_takes_reference_logprobs_from_the_reference_model(tiny, monkeypatch):
+    """With a reference distinct from the policy, one on-policy update's KL is the k3 estimate against the
+    reference's log-probs (computed here from its full logits); from the policy itself it would be 0."""
+    model, processor, images = tiny
+    policy = copy.deepcopy(model)
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    rollouts, states = _spy_rollouts(monkeypatch), _snapshots_before_steps(opt, policy)
+    m = fisao_step(policy, ref, processor, ParityVerifier(), opt, images, ["describe the image .", "what is there ?"],
+                   ppo_epochs=1, max_new_tokens=5, do_sample=False, kl_coef=0.5, backend="torch")
+    (ro,) = rollouts
+    rewards = ParityVerifier().token_rewards(None, ro.response_ids, None)
+    assert (rewards != 0).any()
+    want = _expected_update_metrics(model, states[0], states[0], ref, ro, rewards, kl_coef=0.5)
+    assert want["kl/mean"] > 1e-4
+    for key, value in want.items():
+        assert m[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert m["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy: the rollout policy is the policy
 
 
 def test_fisao_update_matches_full_logits(tiny):
@@ -292,14 +403,33 @@ def fisao_dir(tmp_path_factory):
     return root, low, high
 
 
-def test_fisao_cli_end_to_end(fisao_dir, capsys):
+def _oracle_rewards(model, processor, ro, objects, low, high):
+    """fp32 (N,) linear rewards of a rollout's tokens: cosine of the token embedding to the image's projected
+    patches (max), for object words only, mapped to [-1, 1] between the thresholds."""
+    tok = processor.tokenizer
+    with torch.no_grad():
+        pixels = processor.image_processor(ro.images, return_tensors="pt")["pixel_values"]
+        feats = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        emb = model.get_input_embeddings().weight
+        out = []
+        for r, ids in enumerate(ro.response_ids):
+            sim = F.cosine_similarity(emb[ids][:, None, :], feats[r][None], dim=-1).amax(-1)
+            is_object = torch.tensor([w in objects for w in tok.convert_ids_to_tokens(ids.tolist())])
+            out.append(torch.where(is_object, ((2 * sim - high - low) / (high - low)).clamp(-1, 1), 0.0))
+    return torch.cat(out)
+
+
+def test_fisao_cli_end_to_end(fisao_dir, capsys, monkeypatch):
     """`tpo-fast fisao`: calibrate from a file, roll out, reward object tokens, update, save a loadable model."""
     import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from tpo_fast.cli import main
 
     root, low, high = fisao_dir
     out = root / "run"
+    rollouts = _spy_rollouts(monkeypatch)
     rc = main(["fisao", "--model", str(root / "llava"), "--prompts", str(root / "prompts.jsonl"), "--image-folder",
                str(root), "--calibration", str(root / "calibration.json"), "--objects", str(root / "objects.txt"),
                "--iterations", "2", "--batch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "8", "--lr", "1e-2",
@@ -309,13 +439,19 @@ def test_fisao_cli_end_to_end(fisao_dir, capsys):
     assert f"fisao: calibrated thresholds low={low:.4f} high={high:.4f}" in lines
     steps = [json.loads(line) for line in lines if line.startswith("{")]
     assert [s["iteration"] for s in steps] == [1, 2]  # 2 prompts, batch 2: one step per iteration
-    for s in steps:
-        assert s["tokens"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in s.values())
-        assert -1 <= s["reward/mean"] <= 1 and s["kl/mean"] >= 0
+    # The rewards come from the frozen initial model (the reference), whatever the policy became.
+    initial = LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
+    processor = AutoProcessor.from_pretrained(root / "llava")
+    objects = set((root / "objects.txt").read_text().split())
+    assert len(rollouts) == len(steps)
+    for s, ro in zip(steps, rollouts, strict=True):
+        assert all(torch.isfinite(torch.tensor(v)) for v in s.values())
+        rewards = _oracle_rewards(initial, processor, ro, objects, low, high)
+        assert s["tokens"] == rewards.numel() > 0
+        assert s["reward/mean"] == pytest.approx(float(rewards.mean()), abs=1e-5)
+        assert s["reward/nonzero"] == pytest.approx(float((rewards != 0).float().mean()), abs=1e-6)
     assert any(s["reward/nonzero"] > 0 for s in steps)  # the verifier scored some sampled object tokens
     # The saved folder is a complete model + processor, and training moved the weights.
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     AutoProcessor.from_pretrained(out)
     before = LlavaForConditionalGeneration.from_pretrained(root / "llava").state_dict()
     after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()

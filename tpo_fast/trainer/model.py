@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tpo_fast.loss import dpo_loss, reference_sequence_scores, tpo_loss
-from tpo_fast.methods.povid import check_povid_options, povid_loss, povid_reference_scores
+from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 
 OBJECTIVES = ("tpo", "dpo", "povid")
 # Which rows each objective runs on the corrupted image: TPO all 2B (its token weights), POVID the

@@ -1,0 +1,154 @@
+"""Shared types and argument checks of the loss layer (every loss family uses these)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from tpo_fast.ops import BACKENDS
+
+WEIGHTINGS = ("tpo", "none")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+GRAD_MODES = ("fused", "recompute")
+
+
+class LossOutput(NamedTuple):
+    """What every loss returns.
+
+    loss: fp32 scalar, the mean over pairs (differentiable).
+    metrics: detached fp32 scalars keyed like TRL's DPO trainer logs ("rewards/chosen", ...).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _shape(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
+
+
+def real_scalar(name: str, value: object) -> float:
+    """`value` as a Python float when it is a real scalar (int, float, NumPy scalar, 0-d or 1-element
+    real tensor; not bool), else a TypeError that says what to pass."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+            return float(value.detach().reshape(()).item())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    elif hasattr(value, "dtype") and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        item = value.item()  # a 0-d NumPy array
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            return float(item)
+    raise TypeError(f"{name} must be a real number (int, float, NumPy scalar or 0-d tensor), got {_shape(value)}")
+
+
+def check_loss_options(
+    beta: float,
+    weighting: str = "tpo",
+    offset: float = 0.5,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> None:
+    """Raise ValueError for an option outside its domain (TypeError for a non-number); the message says
+    what to pass instead."""
+    beta = real_scalar("beta", beta)
+    if not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0 (TPO and DPO use 0.1), got {beta!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"weighting must be one of {WEIGHTINGS} ('tpo': token-weighted TPO, 'none': plain DPO), "
+            f"got {weighting!r}"
+        )
+    offset = real_scalar("offset", offset)
+    if not math.isfinite(offset) or offset < 0:
+        raise ValueError(
+            f"offset must be a finite number >= 0 (the paper uses 0.5, ablating 0, 0.5, 1), got {offset!r}"
+        )
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    label_smoothing = real_scalar("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(
+            f"label_smoothing must lie in [0, 0.5] (the assumed probability that a pair's label is flipped), "
+            f"got {label_smoothing!r}"
+        )
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(
+            f"label_smoothing only applies to loss_type='sigmoid' (conservative DPO), "
+            f"got loss_type={loss_type!r} "
+            f"with label_smoothing={label_smoothing}; set label_smoothing=0.0"
+        )
+
+
+def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> None:
+    """Raise ValueError for an unknown `grad_mode` or `backend`, TypeError for a non-integer ignore_index."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(
+            f"grad_mode must be one of {GRAD_MODES} ('fused': gradient computed in the forward, no logits "
+            f"recompute; 'recompute': the per-token primitive's backward), got {grad_mode!r}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int (default -100), got {ignore_index!r}")
+
+
+def num_pairs(n_seq: int, what: str) -> int:
+    if n_seq % 2 != 0 or n_seq == 0:
+        raise ValueError(
+            f"{what} must hold an even, non-zero number of sequences 2B (B chosen, then B rejected), "
+            f"got {n_seq}"
+        )
+    return n_seq // 2
+
+
+def as_scores(
+    name: str, scores: object, n: int, device: torch.device | None = None, label: str = "2B"
+) -> torch.Tensor:
+    """Sequence scores of shape (n,) as a detached fp32 tensor; a list/tuple of numbers is accepted."""
+    if isinstance(scores, (list, tuple)):
+        try:
+            scores = torch.tensor([float(x) for x in scores], dtype=torch.float32, device=device)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a tensor or a list of {n} numbers") from None
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (or a list of numbers) of shape ({label},) = ({n},), "
+                        f"got {_shape(scores)}")
+    if scores.shape != (n,):
+        raise ValueError(f"{name} must be of shape ({label},) = ({n},), got {_shape(scores)}")
+    return scores.detach().float()
+
+
+def check_targets(targets: object) -> torch.Tensor:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dim() != 2:
+        raise ValueError(
+            f"targets must be 2-D (2B, T) (chosen sequences first, then rejected), got {_shape(targets)}"
+        )
+    num_pairs(targets.shape[0], "targets")
+    return targets
+
+
+def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: str = "") -> torch.Tensor:
+    """(n_seq, n_tok, D) or (n_seq*n_tok, D) -> (n_seq*n_tok, D); `label` names n_seq in the error."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 3 and t.shape[:2] == (n_seq, n_tok):
+        return t.flatten(0, 1)
+    if t.dim() == 2 and t.shape[0] == n_seq * n_tok:
+        return t
+    raise ValueError(
+        f"{name} must be ({label}, T, D) = ({n_seq}, {n_tok}, D) or ({label}*T, D) = ({n_seq * n_tok}, D) to "
+        f"match the targets, got {_shape(t)}{hint}"
+    )
+
+
+def same_shape(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {_shape(t)}")

@@ -1,0 +1,188 @@
+"""`nn.Module` faces of the losses: the options are held by the module and validated at construction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpo_fast.loss._checks import LossOutput, check_kernel_options, check_loss_options
+from tpo_fast.loss.dpo import dpo_loss
+from tpo_fast.loss.povid import check_povid_options, povid_loss
+from tpo_fast.loss.tpo import tpo_loss
+
+
+class TPOLoss(nn.Module):
+    """`tpo_loss` with its options held by the module (validated at construction).
+
+    forward(weight, hidden, corrupted_hidden, targets, bias=None, *, ref_hidden=None,
+    ref_corrupted_hidden=None, ref_weight=None, ref_bias=None, ref_seq_scores=None,
+    ref_token_logprobs=None, ref_visual_scores=None) -> LossOutput. Token *Preference* Optimization,
+    not TRL's Triple Preference Optimization `TPOTrainer`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        weighting: str = "tpo",
+        offset: float = 0.5,
+        detach_weights: bool = False,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        average_log_prob: bool = False,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        grad_mode: str = "fused",
+    ) -> None:
+        super().__init__()
+        check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
+        check_kernel_options(grad_mode, backend, ignore_index)
+        self.beta = beta
+        self.weighting = weighting
+        self.offset = offset
+        self.detach_weights = detach_weights
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.reference_free = reference_free
+        self.average_log_prob = average_log_prob
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.grad_mode = grad_mode
+
+    def forward(
+        self,
+        weight: torch.Tensor,
+        hidden: torch.Tensor,
+        corrupted_hidden: torch.Tensor | None,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **ref_inputs: torch.Tensor | None,
+    ) -> LossOutput:
+        return tpo_loss(
+            weight,
+            hidden,
+            corrupted_hidden,
+            targets,
+            bias,
+            **ref_inputs,
+            beta=self.beta,
+            weighting=self.weighting,
+            offset=self.offset,
+            detach_weights=self.detach_weights,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            reference_free=self.reference_free,
+            average_log_prob=self.average_log_prob,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+            grad_mode=self.grad_mode,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, weighting={self.weighting!r}, offset={self.offset}, "
+            f"detach_weights={self.detach_weights}, loss_type={self.loss_type!r}, backend={self.backend!r}, "
+            f"grad_mode={self.grad_mode!r}"
+        )
+
+
+class DPOLoss(nn.Module):
+    """`dpo_loss` with its options held by the module (validated at construction).
+
+    forward(weight, hidden, targets, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
+    ref_seq_scores=None, ref_token_logprobs=None) -> LossOutput.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        average_log_prob: bool = False,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        grad_mode: str = "fused",
+    ) -> None:
+        super().__init__()
+        check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        check_kernel_options(grad_mode, backend, ignore_index)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.reference_free = reference_free
+        self.average_log_prob = average_log_prob
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.grad_mode = grad_mode
+
+    def forward(
+        self,
+        weight: torch.Tensor,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **ref_inputs: torch.Tensor | None,
+    ) -> LossOutput:
+        return dpo_loss(
+            weight,
+            hidden,
+            targets,
+            bias,
+            **ref_inputs,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            reference_free=self.reference_free,
+            average_log_prob=self.average_log_prob,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+            grad_mode=self.grad_mode,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, loss_type={self.loss_type!r}, backend={self.backend!r}, grad_mode={self.grad_mode!r}"
+
+
+class POVIDLoss(nn.Module):
+    """`povid_loss` with its options held by the module (validated at construction).
+
+    forward(weight, hidden, corrupted_hidden, targets, bias=None, *, ref_hidden=None,
+    ref_corrupted_hidden=None, ref_weight=None, ref_bias=None, ref_seq_scores=None) -> LossOutput.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        noise_weight: float = 0.5,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        average_log_prob: bool = False,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        grad_mode: str = "fused",
+    ) -> None:
+        super().__init__()
+        check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        check_povid_options(noise_weight)
+        check_kernel_options(grad_mode, backend, ignore_index)
+        self.options = dict(
+            beta=beta, noise_weight=noise_weight, loss_type=loss_type, label_smoothing=label_smoothing,
+            reference_free=reference_free, average_log_prob=average_log_prob, ignore_index=ignore_index,
+            backend=backend, grad_mode=grad_mode,
+        )
+
+    def forward(
+        self,
+        weight: torch.Tensor,
+        hidden: torch.Tensor,
+        corrupted_hidden: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **ref_inputs: torch.Tensor | None,
+    ) -> LossOutput:
+        return povid_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,156 @@
+"""Pair reductions shared by the DPO-family losses: token weights, sequence scores, the pair loss.
+
+Layout of every batch: `2B` sequences, the `B` chosen ones first, then the `B` rejected ones in the
+same pair order. The math is written out in docs/math.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tpo_fast.loss._checks import (
+    WEIGHTINGS,
+    LossOutput,
+    _shape,
+    as_scores,
+    check_loss_options,
+    num_pairs,
+    real_scalar,
+)
+
+
+def log_token_weights(visual_scores: torch.Tensor, offset: float = 0.5) -> torch.Tensor:
+    """fp32 `log c_t` for a (2B, T) tensor of visual scores `s_t`, chosen rows first.
+
+    Chosen rows: `log(a + sigmoid(s))`; rejected rows: `log(a + 1 - sigmoid(s)) = log(a + sigmoid(-s))`.
+    Written as `logaddexp(log a, logsigmoid(+-s))`, finite for any finite s even when a = 0 (where
+    `log(sigmoid(s))` would round to log(0) for s below about -88 in fp32).
+    """
+    n_pairs = num_pairs(visual_scores.shape[0], "visual_scores")
+    s = visual_scores.float()
+    sign = torch.ones(2 * n_pairs, 1, dtype=s.dtype, device=s.device)
+    sign[n_pairs:] = -1.0
+    log_sig = F.logsigmoid(sign * s)
+    if offset == 0:
+        return log_sig
+    return torch.logaddexp(torch.full_like(log_sig, math.log(offset)), log_sig)
+
+
+def _mask_tokens(mask: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    if mask.shape != shape:
+        raise ValueError(f"mask must have the shape (2B, T) = {tuple(shape)} of {name}, got {_shape(mask)}")
+    return mask.bool()
+
+
+def sequence_scores(
+    logprobs: torch.Tensor,
+    visual_scores: torch.Tensor | None,
+    mask: torch.Tensor,
+    weighting: str = "tpo",
+    offset: float = 0.5,
+    average_log_prob: bool = False,
+) -> torch.Tensor:
+    """Per-sequence fp32 score `S(y) = sum_t m_t (logp_t + log c_t)`, shape (2B,).
+
+    logprobs, visual_scores, mask: (2B, T), chosen sequences first. `weighting="none"` drops the
+    `log c` term (plain DPO; visual_scores may then be None). With `average_log_prob` the sum is
+    divided by the number of response tokens; a sequence without any gives 0, never NaN. Values at
+    masked positions are ignored (also non-finite ones) and receive no gradient.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be 2-D (2B, T), got {_shape(logprobs)}")
+    m = _mask_tokens(mask, logprobs.shape, "logprobs")
+    zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
+    # where() before any arithmetic so that garbage at masked positions cannot leak NaN gradients.
+    per_token = torch.where(m, logprobs.float(), zero)
+    if weighting == "tpo":
+        if visual_scores is None:
+            raise ValueError(
+                "weighting='tpo' needs visual scores (the corrupted branch); pass them or use 'none'"
+            )
+        if visual_scores.shape != logprobs.shape:
+            raise ValueError(
+                f"visual_scores must have the shape of logprobs {tuple(logprobs.shape)}, "
+                f"got {_shape(visual_scores)}"
+            )
+        s = torch.where(m, visual_scores.float(), zero)
+        per_token = per_token + torch.where(m, log_token_weights(s, offset), zero)
+    total = per_token.sum(-1)
+    if average_log_prob:
+        total = total / m.sum(-1).clamp(min=1)
+    return total
+
+
+def mean_visual_score(visual_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # The official metric: per sequence sum_t m s / (sum_t m + 1e-8).
+    m = mask.float()
+    s = torch.where(mask, visual_scores.detach().float(), torch.zeros((), device=m.device))
+    return s.sum(-1) / (m.sum(-1) + 1e-8)
+
+
+def preference_loss_from_sequence_scores(
+    policy_seq_scores: torch.Tensor,
+    ref_seq_scores: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> LossOutput:
+    """DPO-family loss from per-sequence scores, shape (2B,) each (chosen first, then rejected).
+
+    `l = (S_pi(w) - S_pi(l)) - (S_ref(w) - S_ref(l))` (reference terms 0 when `reference_free`), then
+    per pair `sigmoid`: `-logsigmoid(beta l)(1 - ls) - logsigmoid(-beta l) ls`, `hinge`: `relu(1 - beta l)`,
+    `ipo`: `(l - 1/(2 beta))^2`; the loss is the mean over pairs. Metrics "rewards/chosen",
+    "rewards/rejected" (`beta (S_pi - S_ref)`, batch means), "rewards/margins", "rewards/accuracies".
+    """
+    check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    beta = real_scalar("beta", beta)
+    if not isinstance(policy_seq_scores, torch.Tensor) or policy_seq_scores.dim() != 1:
+        raise ValueError(f"policy_seq_scores must be a 1-D (2B,) tensor, got {_shape(policy_seq_scores)}")
+    n_pairs = num_pairs(policy_seq_scores.shape[0], "policy_seq_scores")
+    policy = policy_seq_scores.float()
+    if reference_free:
+        if ref_seq_scores is not None:
+            raise ValueError(
+                "reference_free=True but ref_seq_scores was given; drop it or set reference_free=False"
+            )
+        ref = torch.zeros_like(policy)
+    else:
+        if ref_seq_scores is None:
+            raise ValueError("ref_seq_scores (2B,) is required unless reference_free=True")
+        ref = as_scores("ref_seq_scores", ref_seq_scores, 2 * n_pairs, policy.device)
+    losses = pair_losses(policy, ref, beta, loss_type, label_smoothing)
+    pi_chosen, pi_rejected = policy[:n_pairs], policy[n_pairs:]
+    ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
+    chosen_rewards = beta * (pi_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (pi_rejected - ref_rejected).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+    }
+    return LossOutput(losses.mean(), metrics)
+
+
+def pair_losses(
+    policy: torch.Tensor, ref: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-pair fp32 losses (B,) from (2B,) policy and reference scores (chosen first); options unchecked."""
+    n_pairs = policy.shape[0] // 2
+    beta, label_smoothing = float(beta), float(label_smoothing)
+    logits = (policy[:n_pairs] - policy[n_pairs:]) - (ref[:n_pairs] - ref[n_pairs:])
+    if loss_type == "sigmoid":
+        return (
+            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * logits) * label_smoothing
+        )
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logits)
+    return (logits - 1 / (2 * beta)) ** 2

@@ -1,0 +1,331 @@
+"""POVID (arXiv 2402.11411, github YiyangZhou/POVID) on the fused token primitive.
+
+Stage 1 is plain DPO on (ground truth, hallucination-injected answer): `tpo_fast.loss.dpo_loss`.
+Stage 2, as the official trainer (`tool/dpo_trainer_inherent.py`) computes it, adds a second
+dispreferred sequence made by the model itself. For the chosen text teacher-forced on the
+**corrupted** image it takes per position the argmax token
+
+    a_t = argmax_v z~_t[v]
+
+and scores that token sequence under the **clean** image, with the same logsumexp as the chosen
+log-probs (the official gathers `a_t` from `chosen_logits.log_softmax(-1)`):
+
+    logp(a_t) = z_t[a_t] - lse_t,      S_n = sum_t m_t logp(a_t)     (m_t: the chosen tokens' mask)
+    loss = w * DPO(S_w vs S_n) + (1 - w) * DPO(S_w vs S_l),          w = noise_weight = 0.5
+
+The reference computes its own argmax on its own corrupted branch. Nothing of size N x V exists:
+the argmax comes from the primitive's vocabulary sweep over the corrupted rows (no gradient, the
+official's `torch.max` has none either), `z_t[a_t]` is the O(N D) gather `target_logits`, and
+`lse_t` is the differentiable logsumexp returned by the same `token_stats` call that gives the
+chosen log-probs. Like the official code, `a_t` may equal the chosen token `y_t`.
+
+Metrics: "rewards/*" come from the hallucinated pair (what the official logs), "rewards_noisy/*"
+from the noisy pair; "logps/{chosen,rejected,noisy}" and "noisy/argmax_match" (the fraction of
+chosen tokens whose corrupted-image argmax is the chosen token itself).
+
+`grad_mode="fused"` (default) computes the loss and its gradient in one pass over whole pairs (the
+noisy argmax is a second target of the chosen rows, scored against the same clean softmax);
+`"recompute"` builds it on `token_stats` and `target_logits` with their recomputing backward.
+
+Training: `TPOTrainer` with `TPOConfig(objective="povid", povid_noise_weight=0.5)` runs `povid_loss`
+inside the wrapped model's forward (`tpo_fast.trainer.model.policy_loss`); `tpo_fast.methods.povid_step`
+is that same step for one batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tpo_fast.loss._checks import (
+    LossOutput,
+    _shape,
+    as_scores,
+    check_kernel_options,
+    check_loss_options,
+    real_scalar,
+    rows,
+)
+from tpo_fast.loss.pairs import pair_losses, preference_loss_from_sequence_scores
+from tpo_fast.loss.tpo import chunk_sequences
+from tpo_fast.ops import resolve_backend, target_logits, token_stats
+from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss
+
+
+def _check_targets(targets: object) -> tuple[int, int]:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dim() != 2 or targets.shape[0] % 2 != 0 or targets.shape[0] == 0:
+        raise ValueError(
+            f"targets must be 2-D (2B, T): B chosen rows, then B hallucinated (rejected) rows, got {_shape(targets)}"
+        )
+    return targets.shape[0] // 2, targets.shape[1]
+
+
+def _povid_rows(hidden, corrupted_hidden, n_pairs: int, n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = rows("hidden", hidden, 2 * n_pairs, n_tok)
+    hc = rows("corrupted_hidden", corrupted_hidden, n_pairs, n_tok, label="B",
+              hint="; corrupted hidden states cover the B chosen rows only")
+    if hc.shape[1] != h.shape[1]:
+        raise ValueError(f"corrupted_hidden must have the hidden size {h.shape[1]} of hidden, got {_shape(hc)}")
+    return h, hc
+
+
+def noisy_argmax(weight, corrupted_hidden, chosen_targets, bias, ignore_index: int, backend: str) -> torch.Tensor:
+    """(B*T,) argmax of the corrupted-image logits of the chosen rows (`ignore_index` where the chosen
+    token is), from one no-grad vocabulary sweep: POVID's noisy sequence."""
+    with torch.no_grad():
+        argmax = token_stats(
+            corrupted_hidden.detach(), weight.detach(), chosen_targets, bias=None if bias is None else bias.detach(),
+            ignore_index=ignore_index, return_argmax=True, backend=backend,
+        ).argmax
+    return torch.where(chosen_targets != ignore_index, argmax, torch.full_like(argmax, ignore_index))
+
+
+def check_povid_options(noise_weight: float) -> None:
+    """Raise ValueError unless `noise_weight` lies in [0, 1]."""
+    noise_weight = real_scalar("noise_weight", noise_weight)
+    if not math.isfinite(noise_weight) or not 0 <= noise_weight <= 1:
+        raise ValueError(
+            f"noise_weight must lie in [0, 1] (the official POVID uses 0.5; 0 is plain DPO), got {noise_weight!r}"
+        )
+
+
+def povid_sequence_scores(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    corrupted_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    average_log_prob: bool = False,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sequence scores `(S_w, S_l, S_n)` stacked as one fp32 (3B,) tensor, differentiable.
+
+    Args:
+        weight: (V, D) lm_head weight; bias: optional (V,).
+        hidden: (2B, T, D) or (2B*T, D) hidden states on the clean image, B chosen rows then B
+            hallucinated rows.
+        corrupted_hidden: (B, T, D) or (B*T, D) hidden states of the B chosen rows on the corrupted
+            image (only their per-row argmax is used: no gradient reaches them).
+        targets: (2B, T) shifted targets, `ignore_index` outside the responses.
+        average_log_prob: divide each score by its number of response tokens (official: False).
+
+    Returns:
+        (scores, extras): scores = cat(S_w (B,), S_l (B,), S_n (B,)); extras holds the detached
+        per-token "argmax" (B, T) (-1 at ignored positions) for diagnostics.
+    """
+    n_pairs, n_tok = _check_targets(targets)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    flat = targets.reshape(-1).long()
+    n_chosen = n_pairs * n_tok
+    chosen_flat = flat[:n_chosen]
+    valid = (targets != ignore_index)
+
+    # Clean branch, chosen and hallucinated rows: logp and the differentiable lse in one sweep.
+    stats = token_stats(h, weight, flat, bias=bias, ignore_index=ignore_index, backend=backend)
+    chosen_valid = chosen_flat != ignore_index
+    noisy_targets = noisy_argmax(weight, hc, chosen_flat, bias, ignore_index, backend)
+    # Second gather from the same lse: logp(a_t) = z_t[a_t] - lse_t under the clean image.
+    z_noisy = target_logits(h[:n_chosen], weight, noisy_targets, bias=bias, ignore_index=ignore_index, backend=backend)
+    zero = torch.zeros((), dtype=torch.float32, device=h.device)
+    logp_noisy = torch.where(chosen_valid, z_noisy - stats.lse[:n_chosen], zero)
+
+    logp = torch.where(valid.reshape(-1), stats.logprobs, zero).view(2 * n_pairs, n_tok)
+    logp_noisy = logp_noisy.view(n_pairs, n_tok)
+    scores = torch.cat([logp.sum(-1), logp_noisy.sum(-1)])
+    if average_log_prob:
+        counts = valid.sum(-1)
+        counts = torch.cat([counts, counts[:n_pairs]]).clamp(min=1)
+        scores = scores / counts
+    extras = {"argmax": noisy_targets.view(n_pairs, n_tok).masked_fill(~valid[:n_pairs], -1)}
+    return scores, extras
+
+
+def povid_reference_scores(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    corrupted_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    average_log_prob: bool = False,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The reference's (3B,) `(S_w, S_l, S_n)` under `no_grad`, with its own argmax; pass as `ref_seq_scores`.
+
+    Same inputs as `povid_sequence_scores`. Caching these is exact only when the corrupted image is
+    seeded per example (the official draws fresh noise at every load).
+    """
+    with torch.no_grad():
+        scores, _ = povid_sequence_scores(
+            weight, hidden, corrupted_hidden, targets, bias,
+            average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend,
+        )
+    return scores
+
+
+
+
+def _povid_reference(weight, bias, targets, ref: dict, reference_free: bool, opts: dict) -> torch.Tensor | None:
+    """The (3B,) reference scores from `ref_hidden` + `ref_corrupted_hidden` or `ref_seq_scores`."""
+    n_pairs = targets.shape[0] // 2
+    given = [n for n in ("ref_hidden", "ref_seq_scores") if ref[n] is not None]
+    if ref["ref_corrupted_hidden"] is not None and ref["ref_hidden"] is None:
+        raise ValueError("ref_corrupted_hidden was given without ref_hidden; pass both")
+    if (ref["ref_weight"] is not None or ref["ref_bias"] is not None) and ref["ref_hidden"] is None:
+        raise ValueError("ref_weight/ref_bias only apply to ref_hidden; drop them when passing ref_seq_scores")
+    if reference_free and given:
+        raise ValueError(
+            f"reference_free=True but reference inputs were given ({', '.join(given)}); "
+            "drop them or set reference_free=False"
+        )
+    if not reference_free and len(given) != 1:
+        raise ValueError(
+            "give exactly one reference: ref_hidden with ref_corrupted_hidden (the reference takes its own "
+            "argmax), or ref_seq_scores (3B,) from povid_reference_scores, or set reference_free=True; "
+            f"got {given or 'none'}"
+        )
+    if ref["ref_seq_scores"] is not None:
+        return as_scores("ref_seq_scores", ref["ref_seq_scores"], 3 * n_pairs, targets.device, label="3B")
+    if ref["ref_hidden"] is None:
+        return None
+    if ref["ref_corrupted_hidden"] is None:
+        raise ValueError("ref_hidden needs ref_corrupted_hidden: the reference scores its own noisy argmax")
+    ref_w = weight if ref["ref_weight"] is None else ref["ref_weight"]
+    ref_b = bias if ref["ref_bias"] is None else ref["ref_bias"]
+    if ref_w.shape != weight.shape:
+        raise ValueError(f"ref_weight must have the (V, D) shape of weight {tuple(weight.shape)}, got {_shape(ref_w)}")
+    return povid_reference_scores(ref_w, ref["ref_hidden"], ref["ref_corrupted_hidden"], targets, ref_b, **opts)
+
+
+def _objective(s_w, s_l, s_n, r_w, r_l, r_n, noise_weight: float, dpo: dict) -> torch.Tensor:
+    """Per-pair `w DPO(w vs noisy) + (1 - w) DPO(w vs hallucinated)` (reference terms may be None: 0)."""
+    zero = torch.zeros_like(s_w)
+    r_w, r_l, r_n = (zero if r is None else r for r in (r_w, r_l, r_n))
+    noisy = pair_losses(torch.cat([s_w, s_n]), torch.cat([r_w, r_n]), **dpo)
+    halluc = pair_losses(torch.cat([s_w, s_l]), torch.cat([r_w, r_l]), **dpo)
+    return noise_weight * noisy + (1 - noise_weight) * halluc
+
+
+def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, average_log_prob, ignore_index,
+                  backend):
+    """(loss, detached (3B,) scores, (B, T) argmax) from one fused pass over the clean rows."""
+    n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
+    flat = targets.reshape(-1).long()
+    noisy = noisy_argmax(weight, hc, flat[: n_pairs * n_tok], bias, ignore_index, backend)
+    second = torch.cat([noisy, torch.full_like(noisy, ignore_index)]).view(targets.shape)
+    counts = (targets != ignore_index).sum(-1).clamp(min=1).float()
+
+    def scores_of(logp, logp2, seqs):
+        s, s_n = logp.sum(-1), logp2[: logp2.shape[0] // 2].sum(-1)
+        if average_log_prob:
+            c = counts[seqs]
+            s, s_n = s / c, s_n / c[: c.shape[0] // 2]
+        return s, s_n
+
+    def chunk_loss(c: PairChunk) -> torch.Tensor:
+        seqs = chunk_sequences(c)
+        (s, s_n), p = scores_of(c.logprobs, c.second_logprobs, seqs), c.stop - c.first
+        ref = (None,) * 3
+        if ref_scores is not None:
+            pairs = seqs[:p]
+            ref = (ref_scores[pairs], ref_scores[pairs + c.n_pairs], ref_scores[pairs + 2 * c.n_pairs])
+        return _objective(s[:p], s[p:], s_n, *ref, noise_weight, dpo).sum() / c.n_pairs
+
+    out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, second_targets=second,
+                          ignore_index=ignore_index, backend=backend)
+    s, s_n = scores_of(out.logprobs, out.second_logprobs, torch.arange(2 * n_pairs, device=targets.device))
+    valid = targets[:n_pairs] != ignore_index
+    return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)
+
+
+def _metrics(scores, ref_scores, argmax, targets, n_pairs, dpo_checked: dict, ignore_index) -> dict:
+    s_w, s_l, s_n = scores.detach().split(n_pairs)
+    ref_noisy = ref_halluc = None
+    if ref_scores is not None:
+        r_w, r_l, r_n = ref_scores.split(n_pairs)
+        ref_noisy, ref_halluc = torch.cat([r_w, r_n]), torch.cat([r_w, r_l])
+    noisy = preference_loss_from_sequence_scores(torch.cat([s_w, s_n]), ref_noisy, **dpo_checked)
+    halluc = preference_loss_from_sequence_scores(torch.cat([s_w, s_l]), ref_halluc, **dpo_checked)
+    metrics = dict(halluc.metrics)
+    metrics.update({k.replace("rewards/", "rewards_noisy/"): v for k, v in noisy.metrics.items()})
+    metrics["logps/chosen"], metrics["logps/rejected"], metrics["logps/noisy"] = s_w.mean(), s_l.mean(), s_n.mean()
+    chosen_targets = targets[:n_pairs]
+    valid = chosen_targets != ignore_index
+    match = (argmax == chosen_targets) & valid
+    metrics["noisy/argmax_match"] = match.sum().float() / valid.sum().clamp(min=1)
+    return metrics
+
+
+def povid_loss(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    corrupted_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_corrupted_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_seq_scores: torch.Tensor | None = None,
+    beta: float = 0.1,
+    noise_weight: float = 0.5,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    average_log_prob: bool = False,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    grad_mode: str = "fused",
+) -> LossOutput:
+    """POVID stage-2 loss: `w DPO(chosen vs noisy argmax) + (1 - w) DPO(chosen vs hallucinated)`.
+
+    Args:
+        weight: (V, D) policy lm_head weight; bias: optional (V,).
+        hidden: (2B, T, D) or (2B*T, D) policy hidden states on the clean image: B chosen rows, then
+            B hallucinated rows in the same pair order.
+        corrupted_hidden: (B, T, D) or (B*T, D) policy hidden states of the chosen rows on the
+            corrupted image (argmax only: they receive no gradient).
+        targets: (2B, T) shifted targets; `ignore_index` (-100) on prompt, image and padding.
+        Reference, exactly one form unless `reference_free` (no gradient either way):
+          - ref_hidden (shape of hidden) and ref_corrupted_hidden (shape of corrupted_hidden), with
+            ref_weight / ref_bias defaulting to weight / bias (LoRA);
+          - ref_seq_scores: (3B,) precomputed `(S_w, S_l, S_n)`, see `povid_reference_scores`.
+        beta: 0.1. noise_weight: `w` = 0.5 (official); 0 gives plain DPO.
+        loss_type, label_smoothing, reference_free, average_log_prob: as for `tpo_fast.loss.dpo_loss`
+            (the official uses "sigmoid" or "hinge", no smoothing, summed log-probs).
+        ignore_index: -100. backend: primitive backend ("auto", "triton", "torch", "reference").
+        grad_mode: "fused" (default; gradient in the forward, backward once) or "recompute".
+
+    Returns:
+        `LossOutput(loss, metrics)`; see the module docstring for the metric names.
+    """
+    check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    check_povid_options(noise_weight)
+    check_kernel_options(grad_mode, backend, ignore_index)
+    n_pairs, n_tok = _check_targets(targets)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
+    ref = dict(ref_hidden=ref_hidden, ref_corrupted_hidden=ref_corrupted_hidden, ref_weight=ref_weight,
+               ref_bias=ref_bias, ref_seq_scores=ref_seq_scores)
+    ref_scores = _povid_reference(weight, bias, targets, ref, reference_free, opts)
+    w = real_scalar("noise_weight", noise_weight)
+    dpo = dict(beta=real_scalar("beta", beta), loss_type=loss_type,
+               label_smoothing=real_scalar("label_smoothing", label_smoothing))
+    if grad_mode == "fused" and resolve_backend(backend, h.device) != "reference":
+        loss, scores, argmax = _fused_scores(weight, h, hc, targets, bias, ref_scores, w, dpo, **opts)
+    else:
+        scores, extras = povid_sequence_scores(weight, h, hc, targets, bias, **opts)
+        argmax = extras["argmax"]
+        r = (None,) * 3 if ref_scores is None else ref_scores.split(n_pairs)
+        loss = _objective(*scores.split(n_pairs), *r, w, dpo).mean()
+    with torch.no_grad():
+        metrics = _metrics(scores, ref_scores, argmax, targets, n_pairs, dict(**dpo, reference_free=reference_free),
+                           ignore_index)
+    return LossOutput(loss, metrics)

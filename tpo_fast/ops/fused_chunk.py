@@ -1,0 +1,136 @@
+"""Per-chunk cores of the fused-gradient pair losses, one per backend (`fused_pairs.py` drives them).
+
+A core sees the compacted rows of one chunk of whole pairs. `stats` computes the chunk's logits once
+and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_y * onehot(y)
+[+ coef_y2 * onehot(y2)]`; `backprop` finishes `dH = dZ W`, `dW += dZ^T H` and `db += sum dZ`.
+The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
+
+- `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`.
+- `TritonChunk`: the GEMM-shaped Triton forward stores the fp32 logits tile while it reduces the
+  logsumexp (no second pass over the logits), a Triton kernel writes dZ in place over them, and
+  the two gradient GEMMs run on cuBLAS. dW accumulates in the weight's dtype with fp32 products
+  and one rounding per chunk (fp32 weights: fp32 throughout), so no V x D fp32 buffer exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpo_fast.ops import torch_chunked
+
+
+def _safe(y2: torch.Tensor) -> torch.Tensor:
+    # second targets are -1 where a row has none (its coefficient is then 0)
+    return y2.clamp(min=0)
+
+
+class TorchChunk:
+    """fp32 chunk core in plain PyTorch; gradient buffers are fp32 and cast once by the caller."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
+        self.w32 = weight.float()
+        self.b32 = None if bias is None else bias.float()
+        dev = weight.device
+        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+        self._buf: torch.Tensor | None = None
+        self._sumexp: torch.Tensor | None = None
+
+    def stats(
+        self, h: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """fp32 (lse, z[y], z[y2] | None) of the rows; keeps exp(z - max) for `logit_grad`."""
+        logits = torch_chunked._logits(h, self.w32, self.b32)  # [R, V] fp32, the chunk's one buffer
+        z = logits.gather(1, y[:, None]).squeeze(1)
+        z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
+        m = logits.amax(dim=-1, keepdim=True)
+        m.masked_fill_(~torch.isfinite(m), 0.0)
+        self._buf = logits.sub_(m).exp_()  # in place: exp(z - max)
+        self._sumexp = self._buf.sum(-1)
+        return self._sumexp.log() + m.squeeze(1), z, z2
+
+    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2) -> torch.Tensor:
+        dz = self._buf.mul_((coef_p / self._sumexp)[:, None])  # coef_p * softmax, in place
+        dz.scatter_add_(1, y[:, None], coef_y[:, None])
+        if y2 is not None:
+            dz.scatter_add_(1, _safe(y2)[:, None], coef_y2[:, None])
+        return dz
+
+    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool) -> torch.Tensor | None:
+        """fp32 dH of the rows (None unless need_h); accumulates dW and db."""
+        if self.gw is not None:
+            self.gw.addmm_(dz.t(), h.float())
+        if self.gb is not None:
+            self.gb += dz.sum(0)
+        return dz @ self.w32 if need_h else None
+
+    def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch_chunked.gather_logits(hc, self.w32, self.b32, y)
+
+    def gather_backward(self, hc: torch.Tensor, y: torch.Tensor, g: torch.Tensor, need_hc: bool) -> torch.Tensor | None:
+        if self.gw is not None:
+            self.gw.index_add_(0, y, g[:, None] * hc.float())
+        if self.gb is not None:
+            self.gb.index_add_(0, y, g)
+        return g[:, None] * self.w32[y] if need_hc else None
+
+    def release(self) -> None:
+        self._buf = self._sumexp = None
+
+
+class TritonChunk:
+    """Triton forward and dZ kernels, cuBLAS gradient GEMMs; dW in the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self.need_w = need_w
+        self.gw: torch.Tensor | None = None  # allocated by the first chunk's GEMM
+        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        self._buf: torch.Tensor | None = None
+        self._lse: torch.Tensor | None = None
+
+    def stats(self, h, y, y2):
+        from tpo_fast.ops import triton_fused
+
+        self._buf, self._lse = triton_fused.logits_and_lse(h, self.weight, self.bias)
+        z = self._buf.gather(1, y[:, None]).squeeze(1)
+        z2 = None if y2 is None else self._buf.gather(1, _safe(y2)[:, None]).squeeze(1)
+        return self._lse, z, z2
+
+    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2) -> torch.Tensor:
+        from tpo_fast.ops import triton_fused
+
+        return triton_fused.softmax_grad_inplace(
+            self._buf, self._lse, coef_p, y, coef_y, y2, coef_y2, self.weight.dtype
+        )
+
+    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool) -> torch.Tensor | None:
+        from tpo_fast.ops import triton_fused
+
+        if self.need_w:
+            self.gw = triton_fused.accumulate_dw(self.gw, dz, h, self.weight)
+        if self.gb is not None:
+            self.gb += dz.sum(0, dtype=torch.float32)
+        return triton_fused.mm_f32(dz, self.weight) if need_h else None
+
+    def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from tpo_fast.ops import triton_impl
+
+        return triton_impl.gather_logits(hc, self.weight, self.bias, y)
+
+    def gather_backward(self, hc, y, g, need_hc):
+        from tpo_fast.ops import triton_fused
+
+        if self.need_w:
+            self.gw = triton_fused.scatter_dw(self.gw, y, g, hc, self.weight)
+        if self.gb is not None:
+            self.gb.index_add_(0, y, g)
+        return g[:, None] * self.weight[y].float() if need_hc else None
+
+    def release(self) -> None:
+        self._buf = self._lse = None
+
+
+def make_core(backend: str, weight, bias, need_w: bool, need_b: bool):
+    cls = TritonChunk if backend == "triton" else TorchChunk
+    return cls(weight, bias, need_w, need_b)

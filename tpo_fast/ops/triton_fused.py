@@ -1,0 +1,105 @@
+"""Launchers of the fused-gradient pair losses' Triton path (`fused_chunk.TritonChunk` calls these).
+
+Per chunk of rows: the GEMM-shaped forward kernel stores the fp32 logits while it reduces their
+logsumexp partials (one write of the buffer), `softmax_grad_inplace_kernel` turns them into dZ in
+place (one read, one write), and cuBLAS runs `dH = dZ W` and `dW += dZ^T H` (or torch.mm on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
+from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
+from tpo_fast.ops import triton_impl
+from tpo_fast.ops.triton_impl import _device_guard, _dot_precision, _tma_descriptors, interpreter_enabled, tile_config
+
+
+def logits_and_lse(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits [R, V], fp32 lse [R]) of the rows, from one pass of the forward kernel."""
+    (r, d), v = h.shape, weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    buf = torch.empty((r, v), **f32)
+    if r == 0:
+        return buf, torch.empty(0, **f32)
+    cfg = tile_config(r, v, d, h.dtype)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    m_part = torch.empty((r, n_tiles), **f32)
+    s_part = torch.empty((r, n_tiles), **f32)
+    h_desc, w_desc, use_tma = _tma_descriptors(h, weight, cfg)
+    with _device_guard(h):
+        token_lse_partial_kernel[(triton.cdiv(r, cfg.block_n) * n_tiles,)](
+            h, weight, bias if bias is not None else h, h_desc, w_desc, m_part, s_part, m_part,
+            r, v, d, n_tiles,
+            HAS_BIAS=bias is not None, WANT_ARGMAX=False,
+            DOT_PRECISION=_dot_precision(h.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            Z_OUT=buf, stride_zo=v, STORE_LOGITS=True,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    lse, _ = triton_impl.combine_lse_partials(m_part, s_part, None)
+    return buf, lse
+
+
+def softmax_grad_inplace(
+    buf: torch.Tensor,
+    lse: torch.Tensor,
+    coef_p: torch.Tensor,
+    y: torch.Tensor,
+    coef_y: torch.Tensor,
+    y2: torch.Tensor | None,
+    coef_y2: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """dZ [R, V] in `dtype`, written over the fp32 logits `buf` (a strided view for 16-bit dtypes)."""
+    r, v = buf.shape
+    if dtype == torch.float32:
+        dz_store, stride_dz = buf, v
+    else:  # a 16-bit row lives in the first half of the bytes of its fp32 row
+        dz_store, stride_dz = buf.view(dtype), 2 * v
+    if r > 0:
+        interp = interpreter_enabled()
+        block_n = 16 if interp else 4
+        block_v = triton.next_power_of_2(min(v, 4096 if interp else 1024))
+        with _device_guard(buf):
+            softmax_grad_inplace_kernel[(triton.cdiv(r, block_n),)](
+                buf, dz_store, lse, coef_p, y, coef_y,
+                y2 if y2 is not None else y, coef_y2 if coef_y2 is not None else coef_y,
+                r, v, v, stride_dz,
+                HAS_Y2=y2 is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8,
+            )
+    return dz_store[:, :v]
+
+
+def mm_f32(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 `dz @ weight` (fp32 accumulation, one rounding for 16-bit operands)."""
+    out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
+    triton_impl._mm_f32(dz, weight, out)
+    return out
+
+
+def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`gw + dz^T h` in the weight's dtype: fp32 products, one rounding per chunk (None: the first chunk)."""
+    if gw is None:
+        gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        triton_impl._mm_into(dz.t(), h, out=gw)
+    elif gw.dtype == torch.float32:
+        triton_impl._addmm_f32_(gw, dz.t(), h)
+    elif gw.is_cuda:
+        gw.addmm_(dz.t(), h)  # cuBLAS: fp32 accumulation of the products and of the old value
+    else:
+        gw.copy_(torch.addmm(gw.float(), dz.t().float(), h.float()))
+    return gw
+
+
+def scatter_dw(
+    gw: torch.Tensor | None, y: torch.Tensor, g: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """`gw[y[i]] += g[i] * hc[i]` (the corrupted rows' rank-1 weight gradient), fp32 sums, one rounding."""
+    if gw is None:
+        gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    triton_impl._scatter_rows_(gw, y, g, hc)
+    return gw
