@@ -111,7 +111,7 @@ def test_sentence_log_probs_match_full_logits(workdir):
 
 
 def test_csr_cli_end_to_end(workdir):
-    from tpo_fast.methods.cli import main
+    from tpo_fast.cli import main
     from tpo_fast.trainer.data import load_preference_records
 
     root, _, _, clip, prompts = workdir
@@ -136,13 +136,15 @@ def test_csr_cli_end_to_end(workdir):
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
-def test_csr_cli_errors(workdir, tmp_path):
-    from tpo_fast.methods.cli import main
+def test_csr_cli_errors(workdir, tmp_path, capsys):
+    from tpo_fast.cli import main
 
     root, _, _, clip, prompts = workdir
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["csr", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--clip", str(clip),
-              "--output-dir", str(tmp_path / "o")])
+    assert main(["csr", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--clip", str(clip),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"tpo-fast csr: error: --model {tmp_path / 'nope'}: no such folder; " \
+        "pass a local folder saved with save_pretrained holding a LLaVA model and its processor (nothing is " \
+        "downloaded); `tpo-fast demo --output-dir DIR` saves a tiny model in DIR/model and pairs in DIR/data\n"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "no image"}]))
     with pytest.raises(ValueError, match="needs an image path"):

@@ -459,15 +459,15 @@ def test_fisao_cli_end_to_end(fisao_dir, capsys, monkeypatch):
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
 
 
-def test_fisao_cli_errors(fisao_dir, tmp_path):
+def test_fisao_cli_errors(fisao_dir, tmp_path, capsys):
     from tpo_fast.cli import main
 
     root, low, high = fisao_dir
     common = ["fisao", "--prompts", str(root / "prompts.jsonl"), "--image-folder", str(root), "--output-dir",
               str(tmp_path / "o"), "--backend", "torch"]
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(common + ["--model", str(tmp_path / "nope"), "--low", "0.1", "--high", "0.2"])
-    with pytest.raises(SystemExit, match="needs calibrated thresholds"):
-        main(common + ["--model", str(root / "llava")])
+    assert main(common + ["--model", str(tmp_path / "nope"), "--low", "0.1", "--high", "0.2"]) == 2
+    assert capsys.readouterr().err.startswith(f"tpo-fast fisao: error: --model {tmp_path / 'nope'}: no such folder")
+    assert main(common + ["--model", str(root / "llava")]) == 2
+    assert "needs calibrated thresholds; pass --calibration FILE, or both --low and --high" in capsys.readouterr().err
     with pytest.raises(ValueError, match="high > low"):
         main(common + ["--model", str(root / "llava"), "--low", "0.3", "--high", "0.2"])

@@ -1,0 +1,161 @@
+"""The `tpo-fast` command line: one table of subcommands, help for every flag, one spelling of each
+flag, and a one-line error (exit code 2) for a missing path before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tpo_fast.cli import SUBCOMMANDS, build_parser, main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_subcommand_is_in_the_table_with_a_description():
+    subs = _subparsers()
+    assert set(subs) == set(SUBCOMMANDS) >= {"train", "povid", "demo", "csr", "fisao"}
+    for name, p in subs.items():
+        assert p.description and p.description == SUBCOMMANDS[name].description, name
+    top = build_parser().format_help()
+    for name, cmd in SUBCOMMANDS.items():
+        assert name in top and cmd.description.split()[0] in top
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_flag_has_help_and_shows_its_default(command):
+    p = _subparsers()[command]
+    text = " ".join(p.format_help().split())
+    for action in p._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        flags = ", ".join(action.option_strings)
+        assert action.help and len(action.help) > 8, f"{command} {flags}: no help text"
+        shown = p.formatter_class(prog="x")._get_help_string(action)
+        assert "(required)" in shown or "(default: " in shown or "(none:" in shown, f"{command} {flags}: {shown}"
+        assert " ".join(shown.replace("%(default)s", str(action.default)).split()) in text
+
+
+@pytest.mark.parametrize("command", ["train", "povid", "csr", "fisao"])
+def test_one_spelling_of_each_flag_and_the_old_ones_as_aliases(command):
+    """`--output-dir`, `--image-folder`, `--backend` everywhere; `--output`, `--images`, `--loss-backend`
+    (the train spellings before) still parse to the same values."""
+    p = _subparsers()[command]
+    extra = {"train": ["--data", "d"], "povid": ["--data", "d"], "csr": ["--prompts", "p", "--clip", "c"],
+             "fisao": ["--prompts", "p"]}[command]
+    new = p.parse_args(["--model", "m", "--output-dir", "o", "--image-folder", "i", "--backend", "torch", *extra])
+    old = p.parse_args(["--model", "m", "--output", "o", "--images", "i", "--loss-backend", "torch", *extra])
+    assert new == old
+    assert (new.output_dir, new.image_folder, new.backend) == ("o", "i", "torch")
+
+
+def test_demo_output_spellings():
+    p = _subparsers()["demo"]
+    assert p.parse_args(["--output", "x"]).output_dir == p.parse_args(["--output-dir", "x"]).output_dir == "x"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model check (a config.json); nothing loads it in these tests."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _bad_commands(tmp_path, model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    train = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    return [
+        (["train", "--model", str(tmp_path / "nope"), *train[3:]], f"--model {tmp_path / 'nope'}: no such folder"),
+        (["train", "--model", str(tmp_path), *train[3:]], f"--model {tmp_path}: no config.json"),
+        ([*train[:3], "--data", str(tmp_path / "x.jsonl"), *train[5:]], f"--data {tmp_path / 'x.jsonl'}: no such file"),
+        ([*train[:3], "--data", str(tmp_path), *train[5:]], f"--data {tmp_path}: is a folder"),
+        ([*train, "--image-folder", str(tmp_path / "imgs")], f"--image-folder {tmp_path / 'imgs'}: no such folder"),
+        ([*train, "--resume"], "--resume: no checkpoint-N folder in --output-dir"),
+        ([*train, "--resume", str(tmp_path / "ck")], f"--resume {tmp_path / 'ck'}: no such folder"),
+        ([*train, "--resume", str(model_dir)], f"--resume {model_dir}: not a checkpoint"),
+        ([*train, "--deepspeed", str(tmp_path / "zero3.json")], f"--deepspeed {tmp_path / 'zero3.json'}: no such"),
+        (["povid", *train[1:3], "--data", str(tmp_path / "povid.jsonl"), *train[5:]], "--data"),
+        (["csr", "--model", str(model_dir), "--prompts", str(data), "--clip", str(tmp_path / "clip"),
+          "--output-dir", "o"], f"--clip {tmp_path / 'clip'}: no such folder"),
+        (["csr", "--model", str(model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--clip", str(model_dir),
+          "--output-dir", "o"], f"--prompts {tmp_path / 'prompts.jsonl'}: no such file"),
+        (["fisao", "--model", str(model_dir), "--prompts", str(data), "--output-dir", "o", "--calibration",
+          str(tmp_path / "cal.json")], f"--calibration {tmp_path / 'cal.json'}: no such file"),
+        (["fisao", "--model", str(model_dir), "--prompts", str(data), "--output-dir", "o", "--low", "0.1"],
+         "needs calibrated thresholds"),
+    ]
+
+
+def test_missing_paths_give_one_line_and_exit_code_2(tmp_path, model_dir, capsys, monkeypatch):
+    def never(args):
+        raise AssertionError("the subcommand ran despite a bad command line")
+
+    for name, cmd in SUBCOMMANDS.items():
+        monkeypatch.setitem(SUBCOMMANDS, name, type(cmd)(cmd.description, cmd.add_arguments, never, cmd.check))
+    for argv, want in _bad_commands(tmp_path, model_dir):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "", argv
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"tpo-fast {argv[0]}: error: "), captured.err
+        assert want in lines[0], (want, lines[0])
+        assert "; " in lines[0], f"no hint of what to do: {lines[0]}"  # "<what is wrong>; <what to do>"
+
+
+def test_entry_point_exits_2_before_importing_transformers(tmp_path):
+    """`python -m tpo_fast.cli` (the `tpo-fast` script runs the same `main`): exit code 2, one line, and
+    neither transformers nor a model was loaded."""
+    probe = ("import runpy, sys\n"
+             "try:\n    runpy.run_module('tpo_fast.cli', run_name='__main__')\n"
+             "except SystemExit as e:\n    print(e.code, 'transformers' in sys.modules)\n")
+    argv = ["train", "--model", str(tmp_path / "m"), "--data", "d.jsonl", "--output-dir", str(tmp_path / "o")]
+    r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and f"--model {tmp_path / 'm'}: no such folder" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_demo_keeps_a_model_that_train_goes_on_from(tmp_path, monkeypatch, capsys):
+    """`tpo-fast demo --output DIR` saves a loadable model and processor and prints the `train` command to
+    go on with; that command runs as printed (here on a shortened demo)."""
+    import tpo_fast.trainer.demo as demo_mod
+
+    real = demo_mod.run_demo
+
+    def short_demo(output_dir, **kw):
+        kw.update(max_steps=2, logging_steps=1, num_images=8, batch_size=4)
+        return real(output_dir, **kw)
+
+    monkeypatch.setattr(demo_mod, "run_demo", short_demo)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--output", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "model and processor: demo/model" in out
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    AutoProcessor.from_pretrained("demo/model")
+    LlavaForConditionalGeneration.from_pretrained("demo/model")
+    command = next(line for line in out.splitlines() if line.startswith("go on with: "))
+    argv = shlex.split(command.removeprefix("go on with: "))
+    assert argv[:2] == ["tpo-fast", "train"]
+    argv = [*argv[1:], "--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--backend", "torch"]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "processor_config.json").exists()
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert len([h for h in state["log_history"] if "loss" in h]) == 2

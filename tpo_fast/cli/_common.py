@@ -1,0 +1,138 @@
+"""What every `tpo-fast` subcommand shares: the help format, the shared flags and the path checks.
+
+Flag spellings are the same in every subcommand: `--output-dir`, `--image-folder`, `--backend`
+(the older `--output`, `--images`, `--loss-backend` still parse, as aliases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+OBJECTIVES = ("tpo", "dpo", "povid")
+# Where a newcomer gets a model and data to try a command on (the demo keeps both).
+DEMO_HINT = "`tpo-fast demo --output-dir DIR` saves a tiny model in DIR/model and pairs in DIR/data"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (or says what none means), or says it is required; epilogs
+    keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if not action.option_strings:  # positionals: the subcommand list
+            return action.help or ""
+        if action.required:
+            return f"{action.help} (required)"
+        if action.default is None:  # the help says what none means, or the default is said to be none
+            return action.help if "(none:" in action.help else f"{action.help} (default: none)"
+        return super()._get_help_string(action)
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before anything is loaded: one line on stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One row of the subcommand table: its one-line description, flags, pre-flight check and body."""
+
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    check: Callable[[argparse.Namespace], None] = lambda args: None
+    epilog: str | None = None
+
+
+def add_run_arguments(
+    p: argparse.ArgumentParser, *, output_help: str, lr: float, batch_size: int, seed: int, batch_help: str
+) -> None:
+    """The flags of every training subcommand, in one spelling."""
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="local folder of a LLaVA model and its processor (save_pretrained; nothing is downloaded)")
+    p.add_argument("--output-dir", "--output", dest="output_dir", required=True, metavar="DIR", help=output_help)
+    p.add_argument("--image-folder", "--images", dest="image_folder", default=None, metavar="DIR",
+                   help="folder that relative image paths in the data are resolved against (none: as written)")
+    p.add_argument("--backend", "--loss-backend", dest="backend", default="auto", choices=BACKENDS,
+                   help="backend of the fused log-prob kernels (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--lr", type=float, default=lr, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--seed", type=int, default=seed, help="random seed")
+
+
+def _need(path: str | None, flag: str, what: str, folder: bool) -> None:
+    if path is None:
+        return
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if not Path(path).exists():
+        raise UsageError(f"{flag} {path}: no such {kind}; {what}")
+    if Path(path).is_dir() != folder:
+        raise UsageError(f"{flag} {path}: is a {other}, not a {kind}; {what}")
+
+
+def need_file(path: str | None, flag: str, what: str) -> None:
+    """Raise UsageError unless `path` (when given) is an existing file; `what` says what to pass instead."""
+    _need(path, flag, what, folder=False)
+
+
+def need_dir(path: str | None, flag: str, what: str) -> None:
+    """Raise UsageError unless `path` (when given) is an existing folder."""
+    _need(path, flag, what, folder=True)
+
+
+PROMPTS_HELP = ".json or .jsonl file of {image, prompt} records"
+
+
+def add_prompt_run_arguments(p: argparse.ArgumentParser, *, output_help: str, batch_help: str) -> None:
+    """The flags of the subcommands that generate from prompts (csr, fisao)."""
+    add_run_arguments(p, output_help=output_help, lr=1e-6, batch_size=2, seed=0, batch_help=batch_help)
+    p.add_argument("--prompts", required=True, metavar="FILE", help=PROMPTS_HELP)
+
+
+def check_prompt_run(a: argparse.Namespace) -> None:
+    need_model(a.model)
+    need_file(a.prompts, "--prompts", f"pass a {PROMPTS_HELP}")
+    need_dir(a.image_folder, "--image-folder", "pass the folder that the prompts' image paths are relative to")
+
+
+def need_model(path: str, flag: str = "--model", kind: str = "a LLaVA model and its processor") -> None:
+    """A local model folder: exists and holds a config.json (from_pretrained would try the hub otherwise)."""
+    what = f"pass a local folder saved with save_pretrained holding {kind} (nothing is downloaded)"
+    if flag == "--model":
+        what += f"; {DEMO_HINT}"
+    need_dir(path, flag, what)
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{flag} {path}: no config.json in this folder; {what}")
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+def need_checkpoint(resume: str | bool | None, output_dir: str) -> None:
+    """`--resume` alone needs a checkpoint-N folder in the output folder; `--resume DIR` a checkpoint there."""
+    if resume is None:
+        return
+    if resume is True:
+        out = Path(output_dir)
+        if not out.is_dir() or not any(_CHECKPOINT.match(p.name) and p.is_dir() for p in out.iterdir()):
+            raise UsageError(f"--resume: no checkpoint-N folder in --output-dir {output_dir}; "
+                             "drop --resume to start a new run, or pass --resume CHECKPOINT_DIR")
+        return
+    what = "pass a checkpoint-N folder written by an earlier run, or --resume alone for the last one in --output-dir"
+    need_dir(resume, "--resume", what)
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise UsageError(f"--resume {resume}: not a checkpoint (no trainer_state.json); {what}")
+
+
+def load_model(path: str):
+    """(model, processor) from a checked local folder; the model on CUDA when there is one."""
+    import torch
+    from transformers import AutoProcessor
+
+    from tpo_fast.trainer.trainer import load_llava
+
+    model = load_llava(path)
+    return (model.to("cuda") if torch.cuda.is_available() else model), AutoProcessor.from_pretrained(path)

@@ -1,0 +1,80 @@
+"""`tpo-fast fisao`: roll out, reward object tokens with the vision-encoder verifier, clipped policy-gradient update."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_file
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_prompt_run_arguments(p, output_help="output folder: the trained model and its processor",
+                             batch_help="prompts per rollout and update")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="JSON list of {image, correct: [words], hallucinated: [words]} to fit the thresholds")
+    p.add_argument("--low", type=float, default=None,
+                   help="verifier threshold: similarity of a hallucinated object (reward -1); with --high")
+    p.add_argument("--high", type=float, default=None,
+                   help="verifier threshold: similarity of a present object (reward +1); with --low")
+    p.add_argument("--objects", default=None, metavar="FILE",
+                   help="file of object words, whitespace-separated (none: the COCO categories)")
+    p.add_argument("--reward-mode", choices=["linear", "step"], default="linear",
+                   help="object-token reward: linear between the thresholds, or step (+1 / 0 / -1)")
+    p.add_argument("--iterations", type=int, default=1, help="passes over the prompts")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="updates per rollout")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens sampled per rollout")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the probability ratio")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="weight of the KL to the reference")
+    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k3", help="per-token KL estimator")
+
+
+def check(a: argparse.Namespace) -> None:
+    check_prompt_run(a)
+    need_file(a.calibration, "--calibration", "pass a JSON list of {image, correct, hallucinated} records")
+    need_file(a.objects, "--objects", "pass a text file of object words, or leave it out for the COCO categories")
+    if a.calibration is None and (a.low is None or a.high is None):
+        raise UsageError("the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high")
+
+
+def run(a: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from tpo_fast.cli._common import load_model
+    from tpo_fast.methods.csr import read_prompts
+    from tpo_fast.methods.fisao import VisionEncoderVerifier, fisao_step
+    from tpo_fast.trainer.data import open_image
+
+    torch.manual_seed(a.seed)
+    model, processor = load_model(a.model)
+    model = model.train()  # from_pretrained returns eval mode; the updates train
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    objects = None
+    if a.objects:
+        objects = [w.strip() for w in Path(a.objects).read_text(encoding="utf-8").split() if w.strip()]
+    verifier = VisionEncoderVerifier(ref_model, processor.image_processor, objects=objects, low=a.low,
+                                     high=a.high, mode=a.reward_mode)
+    if a.calibration:
+        cal = json.loads(Path(a.calibration).read_text(encoding="utf-8"))
+        images = [open_image(c["image"], a.image_folder) for c in cal]
+        low, high = verifier.calibrate(images, [c["correct"] for c in cal], [c["hallucinated"] for c in cal],
+                                       processor.tokenizer)
+        print(f"fisao: calibrated thresholds low={low:.4f} high={high:.4f}")
+    prompts = read_prompts(a.prompts, a.image_folder)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
+    for it in range(a.iterations):
+        for start in range(0, len(prompts), a.batch_size):
+            chunk = prompts[start : start + a.batch_size]
+            images = [open_image(r["image"], None) for r in chunk]
+            metrics = fisao_step(
+                model, ref_model, processor, verifier, optimizer, images, [r["prompt"] for r in chunk],
+                ppo_epochs=a.ppo_epochs, max_new_tokens=a.max_new_tokens, clip_eps=a.clip_eps,
+                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, backend=a.backend,
+            )
+            print(json.dumps({"iteration": it + 1, **metrics}))
+    model.save_pretrained(a.output_dir)
+    processor.save_pretrained(a.output_dir)
+    return 0
