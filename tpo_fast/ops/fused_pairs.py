@@ -28,10 +28,8 @@ import torch
 
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
 from tpo_fast.ops.fused_chunk import make_core
+from tpo_fast.ops.options import current_options
 from tpo_fast.ops.token_logprobs import resolve_backend
-
-# Budget of one chunk's fp32 logits buffer when none is given (the rows of a chunk times V times 4 B).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 NO_SECOND_ORDER = (
     "a fused-gradient loss computes its gradient in the forward and has no second-order gradient; "
@@ -240,8 +238,9 @@ def fused_pair_loss(
         second_targets: optional (2B, T) second target ids scored against the same clean softmax
             (POVID's noisy argmax); `ignore_index` where a row has none.
         backend: "auto", "triton" or "torch" (the reference backend has no fused path).
-        chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default 256 MiB.
-            A single pair with more rows than the budget is processed alone.
+        chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default the kernel
+            options' `chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB). A single pair with more rows than the
+            budget is processed alone (its buffer is then larger than the budget).
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
@@ -267,7 +266,7 @@ def fused_pair_loss(
         second_targets = second_targets.long()
         s_flat = second_targets.reshape(-1)
         check_target_range(s_flat, s_flat != ignore_index, weight.shape[0], ignore_index)
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    budget = current_options().chunk_bytes if chunk_bytes is None else int(chunk_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     spec = _Spec(targets, second_targets, chunk_loss, ignore_index, backend, budget)

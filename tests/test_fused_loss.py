@@ -1,0 +1,312 @@
+"""The fused-gradient path (`grad_mode="fused"`, the default) against plain autograd on materialized logits.
+
+The oracle is the same loss with `grad_mode="recompute", backend="reference"`: it materializes the
+logits and differentiates through torch autograd, sharing none of the fused code (chunk planning,
+in-place dZ, the Triton kernels). Chunk budgets are shrunk with `kernel_options(chunk_mb=...)` so
+that every case runs several chunks. Shapes are tiny: the Triton cases run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _device import backend_device
+
+from tpo_fast.loss import DPOLoss, POVIDLoss, TPOLoss, dpo_loss, povid_loss, tpo_loss
+from tpo_fast.ops.fused_pairs import NO_SECOND_ORDER, PairChunk, fused_pair_loss, plan_chunks
+from tpo_fast.ops.options import kernel_options
+
+B, T, D, V = 3, 6, 16, 37
+IGNORE = -100
+BACKENDS = ["torch", "triton"]
+# chunk_mb giving a budget of `rows` fp32 logits rows of width V
+MB_PER_ROW = 4 * V / 2**20
+
+
+def batch(dtype=torch.float32, device="cpu", seed=0, bias=True, empty=(), lengths=None):
+    """Policy tensors: pairs (p, B + p) with prompts and unequal response lengths; `empty` lists
+    sequences without any response token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device).requires_grad_()
+
+    targets = torch.randint(0, V, (2 * B, T), generator=g)
+    lengths = lengths or [(1, 6), (2, 4), (0, 5), (3, 6), (1, 3), (2, 5)]  # [start, stop) of each response
+    for i, (a, z) in enumerate(lengths):
+        targets[i, :a] = IGNORE
+        targets[i, z:] = IGNORE
+    for i in empty:
+        targets[i] = IGNORE
+    return dict(
+        weight=randn(V, D, scale=0.4), bias=randn(V, scale=0.3) if bias else None,
+        hidden=randn(2 * B, T, D), corrupted_hidden=randn(2 * B, T, D), targets=targets.to(device),
+        ref_seq_scores=(torch.randn(2 * B, generator=g) * 3).to(device),
+    )
+
+
+def leaves(b, keys=("weight", "bias", "hidden", "corrupted_hidden")):
+    return {k: b[k] for k in keys if b.get(k) is not None and b[k].requires_grad}
+
+
+def grads_of(loss, tensors, upstream=1.0):
+    names = list(tensors)
+    g = torch.autograd.grad(loss * upstream, [tensors[k] for k in names], allow_unused=True)
+    return dict(zip(names, g, strict=True))
+
+
+def assert_same(actual, expected, tol, name):
+    if actual is None or expected is None:
+        assert actual is None and (expected is None or not expected.any()), f"{name}: {actual} vs {expected}"
+        return
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"{name}: max |diff| {err:.3g} > {tol * scale:.3g}"
+
+
+def run(fn, b, backend, upstream=1.0, chunk_rows=7, **kw):
+    """(loss, metrics, grads) of the fused path with a budget of `chunk_rows` rows, and of the oracle."""
+    with kernel_options(chunk_mb=chunk_rows * MB_PER_ROW):
+        out = fn(b, backend=backend, **kw)
+    ref = fn(b, backend="reference", grad_mode="recompute", **kw)
+    return out, grads_of(out.loss, leaves(b), upstream), ref, grads_of(ref.loss, leaves(b), upstream)
+
+
+def call_tpo(b, **kw):
+    return tpo_loss(b["weight"], b["hidden"], b["corrupted_hidden"], b["targets"], b["bias"],
+                    ref_seq_scores=b["ref_seq_scores"], **kw)
+
+
+def check(out, g, ref, gr, tol=2e-5):
+    assert_same(out.loss, ref.loss, tol, "loss")
+    assert set(out.metrics) == set(ref.metrics)
+    for k in ref.metrics:
+        assert_same(out.metrics[k], ref.metrics[k], tol, k)
+    for k in gr:
+        assert_same(g[k], gr[k], tol, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing", "detach_weights", "average_log_prob"),
+    [("sigmoid", 0.0, False, False), ("sigmoid", 0.2, True, False), ("hinge", 0.0, False, True),
+     ("ipo", 0.0, True, True)],
+)
+def test_tpo_matches_autograd(backend, loss_type, label_smoothing, detach_weights, average_log_prob):
+    b = batch(device=backend_device(backend))
+    out, g, ref, gr = run(call_tpo, b, backend, upstream=-2.5, loss_type=loss_type, label_smoothing=label_smoothing,
+                          detach_weights=detach_weights, average_log_prob=average_log_prob, beta=0.7)
+    check(out, g, ref, gr)
+    if detach_weights:
+        assert g["corrupted_hidden"] is None
+    else:
+        assert g["corrupted_hidden"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_rows", [1, 9, 11, 1000], ids=["pair-over-budget", "one-pair", "two-pairs", "one-chunk"])
+def test_chunk_budgets(backend, chunk_rows):
+    """Budgets below one pair (every pair alone, over budget), around one and two pairs, and above all."""
+    b = batch(device=backend_device(backend), empty=(4,))  # a rejected response with no token at all
+    out, g, ref, gr = run(call_tpo, b, backend, chunk_rows=chunk_rows)
+    check(out, g, ref, gr)
+
+
+def test_chunk_plan_holds_whole_pairs():
+    # pair rows 9, 6, 0, 12, 3 with a budget of 10 rows: a pair above the budget goes alone
+    assert plan_chunks([9, 6, 0, 12, 3], 10) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert plan_chunks([2, 2, 2], 100) == [(0, 3)]
+    assert plan_chunks([5, 5], 1) == [(0, 1), (1, 2)]
+    assert plan_chunks([], 4) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpo_and_modules(backend):
+    b = batch(device=backend_device(backend), bias=False)
+
+    def call(bb, **kw):
+        return dpo_loss(bb["weight"], bb["hidden"], bb["targets"], ref_seq_scores=bb["ref_seq_scores"], **kw)
+
+    out, g, ref, gr = run(call, b, backend, upstream=0.3)
+    check(out, g, ref, gr)
+    with kernel_options(chunk_mb=7 * MB_PER_ROW):
+        mod = DPOLoss(backend=backend)(b["weight"], b["hidden"], b["targets"], ref_seq_scores=b["ref_seq_scores"])
+        tmod = TPOLoss(backend=backend)(b["weight"], b["hidden"], b["corrupted_hidden"], b["targets"],
+                                        ref_seq_scores=b["ref_seq_scores"])
+    assert_same(mod.loss, ref.loss, 2e-5, "DPOLoss")
+    assert_same(tmod.loss, call_tpo(b, backend="reference").loss, 2e-5, "TPOLoss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_povid_matches_autograd(backend, average_log_prob):
+    b = batch(device=backend_device(backend))
+    hc = b["corrupted_hidden"][:B]
+    ref_scores = torch.randn(3 * B, generator=torch.Generator().manual_seed(3)).to(b["hidden"].device)
+
+    def call(bb, **kw):
+        return povid_loss(bb["weight"], bb["hidden"], hc, bb["targets"], bb["bias"], ref_seq_scores=ref_scores,
+                          average_log_prob=average_log_prob, loss_type="hinge", noise_weight=0.3, **kw)
+
+    out, g, ref, gr = run(call, b, backend, upstream=1.3)
+    check(out, g, ref, gr)
+    assert out.metrics["noisy/argmax_match"] == ref.metrics["noisy/argmax_match"]
+    with kernel_options(chunk_mb=7 * MB_PER_ROW):
+        mod = POVIDLoss(backend=backend, loss_type="hinge", noise_weight=0.3, average_log_prob=average_log_prob)
+        assert_same(mod(b["weight"], b["hidden"], hc, b["targets"], b["bias"], ref_seq_scores=ref_scores).loss,
+                    ref.loss, 2e-5, "POVIDLoss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_reference_hidden(backend):
+    """LoRA's frozen lm_head: no weight or bias gradient; the reference branch runs forward-only."""
+    b = batch(device=backend_device(backend))
+    b["weight"].requires_grad_(False)
+    b["bias"].requires_grad_(False)
+    rh = (b["hidden"].detach() + 0.1).requires_grad_()
+    rhc = (b["corrupted_hidden"].detach() - 0.1).requires_grad_()
+
+    def call(bb, **kw):
+        return tpo_loss(bb["weight"], bb["hidden"], bb["corrupted_hidden"], bb["targets"], bb["bias"],
+                        ref_hidden=rh, ref_corrupted_hidden=rhc, **kw)
+
+    out, g, ref, gr = run(call, b, backend)
+    check(out, g, ref, gr)
+    assert set(g) == {"hidden", "corrupted_hidden"}
+    fresh = call(b, backend=backend)
+    assert torch.autograd.grad(fresh.loss, [rh, rhc, b["hidden"]], allow_unused=True)[:2] == (None, None)
+
+
+def test_no_grad_does_no_gradient_work(monkeypatch):
+    b = batch()
+    calls = []
+    from tpo_fast.ops import fused_chunk
+
+    original = fused_chunk.TorchChunk.logit_grad
+    monkeypatch.setattr(fused_chunk.TorchChunk, "logit_grad", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        out = call_tpo(b, backend="torch")
+    assert not out.loss.requires_grad and calls == []
+    detached = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    out2 = call_tpo(detached, backend="torch")
+    assert not out2.loss.requires_grad and calls == []
+    assert out.loss.item() == out2.loss.item() == pytest.approx(call_tpo(b, backend="reference").loss.item(), rel=1e-5)
+    call_tpo(b, backend="torch").loss.backward()
+    assert calls, "the gradient path must have run when gradients are wanted"
+
+
+def test_backward_once_and_no_double_backward():
+    b = batch()
+    out = call_tpo(b, backend="torch")
+    with pytest.raises(RuntimeError, match="grad_mode='recompute'"):
+        torch.autograd.grad(out.loss, [b["hidden"]], create_graph=True)
+    out = call_tpo(b, backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+    assert "double backward" in NO_SECOND_ORDER
+
+
+def test_gradient_accumulation_sums_micro_batches():
+    """Two forwards and backwards into the same leaves give the sum of both gradients."""
+    b = batch()
+    leaves_ = leaves(b)
+    for _ in range(2):
+        call_tpo(b, backend="torch").loss.backward()
+    ref = grads_of(call_tpo(b, backend="reference", grad_mode="recompute").loss, leaves_, upstream=2.0)
+    for k, t in leaves_.items():
+        assert_same(t.grad, ref[k], 2e-5, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_within_project_bounds(backend):
+    """bf16: error against fp32 math on the same values <= 2x the plain bf16 path's error + one rounding."""
+    b = batch(dtype=torch.bfloat16, device=backend_device(backend))
+    b32 = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in b.items()}
+    b32["ref_seq_scores"] = b["ref_seq_scores"]
+    with kernel_options(chunk_mb=7 * MB_PER_ROW):
+        out = call_tpo(b, backend=backend)
+    g = grads_of(out.loss, leaves(b))
+    truth = call_tpo(b32, backend="reference", grad_mode="recompute")
+    gt = grads_of(truth.loss, leaves(b32))
+    plain = call_tpo(b, backend="reference", grad_mode="recompute")  # bf16 matmul, fp32 after
+    gp = grads_of(plain.loss, leaves(b))
+    for k in gt:
+        assert g[k].dtype == torch.bfloat16
+        err = (g[k].double() - gt[k].double()).abs().max().item()
+        plain_err = (gp[k].double() - gt[k].double()).abs().max().item()
+        assert err <= 2 * plain_err + 2.0**-8 * gt[k].abs().max().item(), (k, err, plain_err)
+
+
+def test_fused_pair_loss_contract():
+    """The ops-level API: the chunk callback sees whole pairs and its gradient reaches every input."""
+    b = batch()
+    h, hc = b["hidden"].flatten(0, 1), b["corrupted_hidden"].flatten(0, 1)
+    seen = []
+
+    def chunk_loss(c: PairChunk):
+        seen.append((c.first, c.stop, c.n_pairs, tuple(c.logprobs.shape)))
+        return (c.logprobs * (c.target_logits - c.corrupted_target_logits)).sum()
+
+    with kernel_options(chunk_mb=11 * MB_PER_ROW):
+        out = fused_pair_loss(h, b["weight"], b["targets"], chunk_loss, bias=b["bias"], corrupted_hidden=hc,
+                              backend="torch")
+    # pair rows: (5+2, 2+4, 5+2) valid tokens -> a budget of 11 rows gives one chunk per pair
+    assert seen == [(0, 1, 3, (2, T)), (1, 2, 3, (2, T)), (2, 3, 3, (2, T))]
+    valid = b["targets"] != IGNORE
+    logits = h @ b["weight"].t() + b["bias"]
+    y = b["targets"].reshape(-1).clamp(min=0)
+    z = logits.gather(1, y[:, None]).squeeze(1)
+    zc = (hc * b["weight"][y]).sum(-1) + b["bias"][y]
+    logp = z - logits.logsumexp(-1)
+    ref = torch.where(valid.reshape(-1), logp * (z - zc), 0.0).sum()
+    ins = leaves(b)
+    g, gr = grads_of(out.loss, ins, 0.5), grads_of(ref, ins, 0.5)
+    for k in ins:
+        assert_same(g[k], gr[k], 2e-5, k)
+    assert torch.equal(out.logprobs != 0, valid)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_targets_only_where_given(backend):
+    """Rows whose second target is ignored hold a constant 0: a loss summing every grid cell must give
+    them no softmax gradient (POVID's rejected rows, and any chosen token without a noisy target)."""
+    b = batch(device=backend_device(backend), bias=False)
+    h = b["hidden"].flatten(0, 1)
+    g = torch.Generator().manual_seed(5)
+    second = torch.randint(0, V, (2 * B, T), generator=g)
+    second[torch.rand(2 * B, T, generator=g) < 0.4] = IGNORE
+    second = second.to(h.device)
+    with kernel_options(chunk_mb=9 * MB_PER_ROW):
+        out = fused_pair_loss(h, b["weight"], b["targets"], lambda c: (c.second_logprobs * 0.7 + c.logprobs).sum(),
+                              second_targets=second, backend=backend)
+    valid = (b["targets"] != IGNORE).reshape(-1)
+    ls = torch.log_softmax(h @ b["weight"].t(), -1)
+    lp = ls.gather(1, b["targets"].reshape(-1).clamp(min=0)[:, None]).squeeze(1)
+    lp2 = ls.gather(1, second.reshape(-1).clamp(min=0)[:, None]).squeeze(1)
+    has2 = valid & (second.reshape(-1) != IGNORE)
+    ref = torch.where(valid, lp, 0.0).sum() + 0.7 * torch.where(has2, lp2, 0.0).sum()
+    ins = leaves(b)
+    assert_same(out.loss, ref, 1e-5, "loss")
+    g1, g2 = grads_of(out.loss, ins), grads_of(ref, ins)
+    for k in ins:
+        assert_same(g1[k], g2[k], 2e-5, k)
+
+
+def test_bad_arguments_say_what_to_fix():
+    b = batch()
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        call_tpo(b, grad_mode="fast")
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        TPOLoss(grad_mode="fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TPOLoss(backend="bogus")
+    with pytest.raises(ValueError, match="reference backend has no fused"):
+        fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], lambda c: c.logprobs.sum(),
+                        backend="reference")
+    with pytest.raises(ValueError, match="second_targets must have the shape"):
+        fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], lambda c: c.logprobs.sum(),
+                        second_targets=b["targets"][:, 1:])
+    with pytest.raises(ValueError, match=r"targets must be a 2-D \(2B, T\)"):
+        fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"][:5], lambda c: c.logprobs.sum())
