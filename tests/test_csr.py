@@ -110,15 +110,18 @@ def test_sentence_log_probs_match_full_logits(workdir):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
 
 
-def test_csr_cli_end_to_end(workdir):
+def test_csr_cli_end_to_end(workdir, monkeypatch):
+    from tpo_fast.methods import csr
     from tpo_fast.cli import main
     from tpo_fast.trainer.data import load_preference_records
 
     root, _, _, clip, prompts = workdir
     out = root / "run"
+    found, search = [], csr.sentence_beam_search
+    monkeypatch.setattr(csr, "sentence_beam_search", lambda *a, **k: found.append(search(*a, **k)) or found[-1])
     rc = main(["csr", "--model", str(root / "llava"), "--prompts", str(prompts), "--image-folder", str(root),
                "--clip", str(clip), "--iterations", "3", "--output-dir", str(out), "--num-beams", "2",
-               "--candidates", "2", "--max-sentences", "2", "--max-sentence-tokens", "4", "--lr", "1e-3",
+               "--candidates", "3", "--max-sentences", "2", "--max-sentence-tokens", "4", "--lr", "1e-3",
                "--backend", "torch"])
     assert rc == 0
     summary = json.loads((out / "csr_summary.json").read_text())
@@ -127,7 +130,14 @@ def test_csr_cli_end_to_end(workdir):
     records, bad = load_preference_records(out / "iter_1" / "preferences.json")
     assert not bad and len(records) == summary[0]["pairs"]
     pairs = json.loads((out / "iter_1" / "preferences.json").read_text())
-    assert all(p["chosen"] != p["rejected"] and p["chosen_score"] >= p["rejected_score"] for p in pairs)
+    # Each pair is the best and the worst path of its search, scored by the mean of its sentence values.
+    paths = [f for f in found[:2] if f is not None]  # iteration 1: one search per prompt
+    assert len(paths) == len(pairs) >= 1
+    for p, (best, worst) in zip(pairs, paths, strict=True):
+        assert (p["chosen"], p["rejected"]) == (" ".join(best.sentences), " ".join(worst.sentences))
+        assert p["chosen"] != p["rejected"]
+        assert p["chosen_score"] == pytest.approx(sum(best.values) / len(best.values), abs=1e-6)
+        assert p["rejected_score"] == pytest.approx(sum(worst.values) / len(worst.values), abs=1e-6)
     # Each iteration trains away from the previous one: the saved weights differ.
     from safetensors.torch import load_file
 
