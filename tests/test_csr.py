@@ -111,8 +111,8 @@ def test_sentence_log_probs_match_full_logits(workdir):
 
 
 def test_csr_cli_end_to_end(workdir, monkeypatch):
-    from tpo_fast.methods import csr
     from tpo_fast.cli import main
+    from tpo_fast.methods import csr
     from tpo_fast.trainer.data import load_preference_records
 
     root, _, _, clip, prompts = workdir
