@@ -139,3 +139,19 @@ def test_config_drops_bf16_on_a_gpu_without_it(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="tpo_fast"):
         args = config.TPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
     assert not args.bf16 and "does not support bf16" in caplog.text
+
+
+def test_reference_of_a_zero3_partitioned_policy_is_loaded_again(tmp_path):
+    from tpo_fast.trainer.tiny import save_tiny_llava
+    from tpo_fast.trainer.trainer import copy_of_policy, load_llava
+
+    folder = save_tiny_llava(tmp_path / "llava")
+    model = load_llava(str(folder))
+    for p in model.parameters():
+        p.ds_id = 0  # what deepspeed.zero.Init leaves on every partitioned parameter
+    ref = copy_of_policy(model)
+    assert ref is not model and not any(hasattr(p, "ds_id") for p in ref.parameters())
+    torch.testing.assert_close(dict(ref.named_parameters())["lm_head.weight"], model.lm_head.weight)
+    model.name_or_path = model.config._name_or_path = ""
+    with pytest.raises(ValueError, match="ZeRO-3.*ref_model"):
+        copy_of_policy(model)

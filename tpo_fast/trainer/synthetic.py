@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -46,6 +47,40 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+@dataclass(frozen=True)
+class Scene:
+    """One generated image: its file name, what is in it, and its preference pairs (image-relative)."""
+
+    name: str
+    colour: str
+    shape: str
+    position: str
+    pairs: tuple[dict[str, str], ...]
+
+
+def shapes_scenes(num_images: int = 48, pairs_per_image: int = 1, seed: int = 0) -> list[Scene]:
+    """The scenes `make_shapes_dataset` draws: the same for the same arguments, on any machine."""
+    rng = random.Random(seed)
+    scenes = []
+    for i in range(num_images):
+        colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS)
+        name = f"{i:04d}_{colour}_{shape}.png"
+        pairs = []
+        for _ in range(pairs_per_image):
+            if rng.random() < 0.5:
+                wrong = f"a {rng.choice([c for c in COLOURS if c != colour])} {shape}"
+            else:
+                wrong = f"a {colour} {rng.choice([s for s in SHAPES if s != shape])}"
+            pairs.append({
+                "image": name,
+                "question": rng.choice(QUESTIONS),
+                "chosen": f"there is a {colour} {shape} on the {position} .",
+                "rejected": f"there is {wrong} on the {position} .",
+            })
+        scenes.append(Scene(name, colour, shape, position, tuple(pairs)))
+    return scenes
+
+
 def make_shapes_dataset(
     folder: str | os.PathLike, num_images: int = 48, pairs_per_image: int = 1, image_size: int = 56, seed: int = 0
 ) -> Path:
@@ -53,27 +88,12 @@ def make_shapes_dataset(
 
     Returns the path of the JSONL file; its image paths are relative to `folder/images`.
     """
-    rng = random.Random(seed)
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(num_images):
-        colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS)
-        name = f"{i:04d}_{colour}_{shape}.png"
-        draw_shape(shape, colour, position, image_size).save(folder / "images" / name)
-        for _ in range(pairs_per_image):
-            if rng.random() < 0.5:
-                wrong = f"a {rng.choice([c for c in COLOURS if c != colour])} {shape}"
-            else:
-                wrong = f"a {colour} {rng.choice([s for s in SHAPES if s != shape])}"
-            lines.append({
-                "image": name,
-                "question": rng.choice(QUESTIONS),
-                "chosen": f"there is a {colour} {shape} on the {position} .",
-                "rejected": f"there is {wrong} on the {position} .",
-            })
     path = folder / "pairs.jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
+        for scene in shapes_scenes(num_images, pairs_per_image, seed):
+            draw_shape(scene.shape, scene.colour, scene.position, image_size).save(folder / "images" / scene.name)
+            for pair in scene.pairs:
+                f.write(json.dumps(pair) + "\n")
     return path

@@ -1,14 +1,22 @@
-"""Tiny random LLaVA models and processors built from configs, for the demo, tests and benchmarks.
+"""Tiny random LLaVA models and processors built from configs, for the demo, tests, docs and benchmarks.
 
 Nothing is downloaded: the tokenizer is a word-level `tokenizers` model over a given word list,
 the image processor a `CLIPImageProcessor` from arguments, the model a `LlavaForConditionalGeneration`
 with a small CLIP vision tower and a small Llama text model.
+
+`save_tiny_llava(folder)` writes such a model and its processor as a model folder that
+`TPOTrainer(folder)`, `AutoProcessor.from_pretrained(folder)` and `tpo-fast train --model folder`
+load like any LLaVA checkpoint; `save_tiny_clip(folder)` writes a tiny CLIP model for CSR's image
+reward. Both take a few seconds on a CPU and under 1 MB on disk.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -106,3 +114,65 @@ def build_tiny_llava(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config)
+
+
+def save_tiny_llava(
+    folder: str | os.PathLike, words: Iterable[str] | None = None, *, image_size: int = 28, patch_size: int = 7,
+    seed: int = 0, **model_kwargs,
+) -> Path:
+    """Build a tiny random LLaVA and its processor and save both to `folder`; returns the folder.
+
+    `words`: the tokenizer's word list (default: the shapes-world vocabulary of `synthetic.py`, which
+    covers `examples/`). `model_kwargs` go to `build_tiny_llava` (`text_hidden`, `num_layers`, ...).
+    """
+    if words is None:
+        from tpo_fast.trainer.synthetic import vocabulary
+
+        words = vocabulary()
+    processor = build_tiny_processor(words, image_size=image_size, patch_size=patch_size)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model = build_tiny_llava(
+        len(processor.tokenizer), image_token_id=image_token_id, image_size=image_size, patch_size=patch_size,
+        seed=seed, **model_kwargs,
+    )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_clip(folder: str | os.PathLike, *, image_size: int = 28, patch_size: int = 7, seed: int = 0) -> Path:
+    """Save a tiny random `CLIPModel` and its processor (character-level tokenizer) to `folder`.
+
+    The image-text scorer of CSR (`tpo-fast csr --clip folder`, `CLIPScorer(folder)`); returns the folder.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:  # the PIL backend needs no torchvision (transformers >= 5)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz.,?!'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

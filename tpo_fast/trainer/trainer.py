@@ -67,6 +67,25 @@ def training_weight_dtype(bf16: bool, lora: bool, deepspeed: bool) -> torch.dtyp
     return torch.bfloat16 if bf16 else None
 
 
+def copy_of_policy(model):
+    """A separate copy of the policy for the reference: a deep copy, or under ZeRO-3 a second load.
+
+    A model loaded while a ZeRO-3 config is active (`from_pretrained` under `deepspeed.zero.Init`)
+    holds only this rank's shards; a deep copy of it has empty weights that DeepSpeed cannot gather.
+    Such a model is loaded again from its folder, partitioned the same way.
+    """
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return copy.deepcopy(model)
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not path or not os.path.isdir(path):
+        raise ValueError(
+            "under DeepSpeed ZeRO-3 the policy's weights are partitioned and cannot be copied for the reference; "
+            "pass ref_model=..., the model as a local folder path, or use reference='adapter' (LoRA)"
+        )
+    logger.info("ZeRO-3: loading the reference model again from %s", path)
+    return load_llava(path, model.dtype, getattr(model.config, "_attn_implementation", None))
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process in MiB: CUDA allocator peak on GPU, else the peak resident set size."""
     if torch.cuda.is_available():
@@ -129,7 +148,7 @@ class TPOTrainer(Trainer):
             raise ValueError("reference='adapter' needs a LoRA adapter: pass peft_config or a PeftModel")
         if mode == "model" and ref_model is None:
             # Copied before the adapter is added and before any wrapper, so it is the untouched policy.
-            ref_model = copy.deepcopy(model)
+            ref_model = copy_of_policy(model)
         if mode != "model":
             ref_model = None
         if ref_model is not None:
