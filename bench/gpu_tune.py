@@ -124,7 +124,7 @@ def ours(h, w, y, g):
     return logp.detach(), h.grad, w.grad
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--d", type=int, default=4096)
@@ -135,21 +135,11 @@ def main() -> int:
     p.add_argument("--no-atomic", action="store_true", help="skip the atomic and gradient-filtering variants")
     p.add_argument("--filter-eps", type=float, default=2.0**-12)
     p.add_argument("--out", default="bench/results")
-    a = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    n, d, v = a.n, a.d, a.v
-    flop8 = 8.0 * n * d * v
-    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "n": n, "d": d, "v": v,
-                 "dtype": a.dtype, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    try:
-        import triton
+    return p.parse_args()
 
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    print(f"# gpu_tune: {out['device']}, N={n} D={d} V={v} {a.dtype}, torch {out['torch']}", flush=True)
 
+def _inputs(n, d, v, device, dtype):
+    """(h, w, y, g, h_peak): random hidden states, weight, targets, upstream gradient, and peaked hidden states."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(n, d, generator=gen).to(device, dtype)
     w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device, dtype)
@@ -158,24 +148,29 @@ def main() -> int:
     # peaked: each row points at its target's weight row (target probability ~0.8 at V=32000)
     # (|W[y]| ~ 1, so the target logit is ~log(4V) and the others ~N(0, 0.1))
     h_peak = (w[y].float() * math.log(4 * v) + 0.3 * torch.randn(n, d, generator=gen).to(device)).to(dtype)
+    return h, w, y, g, h_peak
 
-    # 1. ceilings
-    if device == "cuda":
-        m = 8192
-        x1 = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-        x2 = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-        t = timed(lambda: x1 @ x2, device)
-        out["ceiling_tflops"] = 2 * m**3 / t / 1e9
-        buf = torch.empty(2**30, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(buf)
-        t = timed(lambda: dst.copy_(buf), device)
-        out["ceiling_copy_gbs"] = 2 * buf.numel() / t / 1e6
-        del x1, x2, buf, dst
-        print(f"ceilings: {out['ceiling_tflops']:.0f} TFLOP/s bf16 GEMM, {out['ceiling_copy_gbs']:.0f} GB/s copy",
-              flush=True)
 
-    # 2. floors (cuBLAS in the input dtype)
-    grad_logits = torch.randn(n, v, device=device, dtype=dtype)
+def _ceilings(out: dict, device: str) -> None:
+    """1. A bf16 8192^3 cuBLAS product and a 1 GiB device copy (CUDA only)."""
+    if device != "cuda":
+        return
+    m = 8192
+    x1 = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    x2 = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    t = timed(lambda: x1 @ x2, device)
+    out["ceiling_tflops"] = 2 * m**3 / t / 1e9
+    buf = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(buf)
+    t = timed(lambda: dst.copy_(buf), device)
+    out["ceiling_copy_gbs"] = 2 * buf.numel() / t / 1e6
+    print(f"ceilings: {out['ceiling_tflops']:.0f} TFLOP/s bf16 GEMM, {out['ceiling_copy_gbs']:.0f} GB/s copy",
+          flush=True)
+
+
+def _floors(out: dict, h, w, device: str) -> None:
+    """2. The cuBLAS GEMMs of the primitive, in the input dtype."""
+    grad_logits = torch.randn(h.shape[0], w.shape[0], device=device, dtype=h.dtype)
     t_fwd = timed(lambda: h @ w.t(), device)
     t_dh = timed(lambda gl=grad_logits: gl @ w, device)
     t_dw = timed(lambda gl=grad_logits: gl.t() @ h, device)
@@ -185,7 +180,9 @@ def main() -> int:
     print(f"floors (cuBLAS): H@W.T {t_fwd:.2f} ms, dZ@W {t_dh:.2f}, dZ.T@H {t_dw:.2f}; "
           f"6NDV {t_fwd + t_dh + t_dw:.2f} ms, 8NDV {2 * t_fwd + t_dh + t_dw:.2f} ms", flush=True)
 
-    # 3. accuracy vs fp32 math on the same values
+
+def _accuracy(out: dict, a, h, h_peak, w, y, g):
+    """3. Relative errors vs fp32 math on random and peaked inputs; returns the fp32 reference on random."""
     acc = {}
     ref_random = None
     for name, hh in (("random", h), ("peaked", h_peak)):
@@ -211,8 +208,26 @@ def main() -> int:
     for name, row in acc.items():
         cells = [" / ".join(f"{x:.1e}" for x in row[k]) for k in ("naive", "split", "atomic", "filter")]
         print(f"| {name} | {row['p_target_mean']:.3f} | " + " | ".join(cells) + " |", flush=True)
+    return ref_random
 
-    # 4. timings
+
+def _variants(a, hg, hpg) -> list:
+    """(label, environment, hidden states) of every timed variant."""
+    eps = str(a.filter_eps)
+    variants = [(f"split tma={t} tiles {c}", dict(TPO_FAST_TILES=c, TPO_FAST_BACKWARD="split", TPO_FAST_TMA=t), hg)
+                for c in a.configs.split(";") if c for t in a.tma.split(",")]
+    variants += [] if a.no_atomic else [
+        ("atomic (default tiles)", dict(TPO_FAST_TILES=None, TPO_FAST_BACKWARD="atomic"), hg),
+        (f"filter eps={a.filter_eps:.1e}, random", dict(TPO_FAST_TILES=None, TPO_FAST_GRAD_FILTER_EPS=eps), hg),
+        (f"filter eps={a.filter_eps:.1e}, peaked", dict(TPO_FAST_TILES=None, TPO_FAST_GRAD_FILTER_EPS=eps), hpg),
+        ("split (default tiles), peaked", dict(TPO_FAST_TILES=None), hpg),
+    ]
+    return variants
+
+
+def _timings(out: dict, a, h, w, y, g, h_peak, ref_random, device: str) -> list:
+    """4. Forward and forward + backward per variant, each checked first where it sees the random inputs."""
+    flop8 = 8.0 * a.n * a.d * a.v
     hg = h.detach().clone().requires_grad_()
     wg = w.detach().clone().requires_grad_()
     hpg = h_peak.detach().clone().requires_grad_()
@@ -225,16 +240,7 @@ def main() -> int:
         tpo_fast.token_logprobs(hidden, wg, y, backend="triton").backward(g)
 
     rows = []
-    eps = str(a.filter_eps)
-    variants = [(f"split tma={t} tiles {c}", dict(TPO_FAST_TILES=c, TPO_FAST_BACKWARD="split", TPO_FAST_TMA=t), hg)
-                for c in a.configs.split(";") if c for t in a.tma.split(",")]
-    variants += [] if a.no_atomic else [
-        ("atomic (default tiles)", dict(TPO_FAST_TILES=None, TPO_FAST_BACKWARD="atomic"), hg),
-        (f"filter eps={a.filter_eps:.1e}, random", dict(TPO_FAST_TILES=None, TPO_FAST_GRAD_FILTER_EPS=eps), hg),
-        (f"filter eps={a.filter_eps:.1e}, peaked", dict(TPO_FAST_TILES=None, TPO_FAST_GRAD_FILTER_EPS=eps), hpg),
-        ("split (default tiles), peaked", dict(TPO_FAST_TILES=None), hpg),
-    ]
-    for label, kv, hidden in variants:
+    for label, kv, hidden in _variants(a, hg, hpg):
         try:
             with env(**kv):
                 fwd()  # compile
@@ -254,8 +260,11 @@ def main() -> int:
             r = {"variant": label, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         rows.append(r)
         print(json.dumps(r), flush=True)
-    out["timings"] = rows
-    print(f"\n## token_logprobs, N={n} D={d} V={v} {a.dtype}, {out['device']} (median ms; 8NDV FLOP)\n")
+    return rows
+
+
+def _report_timings(out: dict, rows: list, a) -> None:
+    print(f"\n## token_logprobs, N={a.n} D={a.d} V={a.v} {a.dtype}, {out['device']} (median ms; 8NDV FLOP)\n")
     print("| variant | fwd ms | fwd TFLOP/s | fwd+bwd ms | TFLOP/s | % of 989 | x 6NDV floor | peak MiB | rel. err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -272,6 +281,27 @@ def main() -> int:
         out["best_split_tiles"] = best["variant"].split()[-1]
         out["best_split_tma"] = best["variant"].split()[1].split("=")[1]
         print(f"\nbest split: TPO_FAST_TMA={out['best_split_tma']} TPO_FAST_TILES={out['best_split_tiles']}")
+
+
+def main() -> int:
+    a = _args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "n": a.n, "d": a.d,
+                 "v": a.v, "dtype": a.dtype, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"# gpu_tune: {out['device']}, N={a.n} D={a.d} V={a.v} {a.dtype}, torch {out['torch']}", flush=True)
+    h, w, y, g, h_peak = _inputs(a.n, a.d, a.v, device, dtype)
+    _ceilings(out, device)
+    _floors(out, h, w, device)
+    ref_random = _accuracy(out, a, h, h_peak, w, y, g)
+    out["timings"] = _timings(out, a, h, w, y, g, h_peak, ref_random, device)
+    _report_timings(out, out["timings"], a)
     from tpo_fast.ops import triton_impl
 
     out["mm_out_dtype"] = triton_impl._MM_OUT_DTYPE
