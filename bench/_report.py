@@ -1,168 +1,164 @@
-"""Turning benchmark rows into the Markdown table, the verdict, JSON, CSV and plots.
+"""The Markdown report: header, the legend, one table per (case, workload) with one line for the
+contenders that did not run, the verdict, and what each contender runs.
 
-One row schema for everything (STYLE.md): case fields, workload, contender, status, fwd/full
-times (median, quartiles, all repeats), peak MiB, TFLOP/s (GB/s for the memory-bound `logits`
-workload), correctness errors, and the derived speed-ups vs naive and vs the best peer, % of the
-floor (matmul floor; memory floor for `logits`) and memory as % of naive's.
+Ratios and verdicts only come from rows that pass the noise rule (`_derive`); a ratio whose two
+interquartile ranges overlap is printed with a leading `≈` (within noise).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
-
-from _workloads import LOGITS_TENSORS, WORKLOADS, flops
+from _derive import MAX_SPREAD_PCT, MIN_MEDIAN_MS, MIN_REPEATS, median, spread_pct, timing, within_noise
+from _workloads import LOGITS_TENSORS, WORKLOADS
 
 MEMORY_HOW = {True: "torch.cuda.max_memory_allocated", False: "peak RSS of a child process per contender"}
 STATUS_ORDER = {"baseline": 0, "peer": 1, "ours": 2, "floor": 3, "selftest": 4}
-CSV_FIELDS = [
-    "case",
-    "model",
-    "d",
-    "v",
-    "n",
-    "n_seq",
-    "seq_len",
-    "valid_frac",
-    "workload",
-    "contender",
-    "label",
-    "kind",
-    "device",
-    "dtype",
-    "status",
-    "reason",
-    "fwd_ms",
-    "fwd_ms_p25",
-    "fwd_ms_p75",
-    "full_ms",
-    "full_ms_p25",
-    "full_ms_p75",
-    "fwd_peak_mib",
-    "full_peak_mib",
-    "fwd_tflops",
-    "full_tflops",
-    "full_gflop_counted",
-    "fwd_gbs",
-    "full_gbs",
-    "speedup_vs_naive",
-    "speedup_vs_best_peer",
-    "best_peer",
-    "pct_of_floor",
-    "mem_pct_of_naive",
-    "max_rel_err",
-]
+NOT_RUN = ("n/a", "unavailable")
+RANKED = ("baseline", "peer", "ours")
 
 
-def _ms(row: dict, mode: str) -> float | None:
-    s = row.get(f"{mode}_ms")
-    return s["median"] if isinstance(s, dict) else None
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The whole report."""
+    out = [
+        f"## tpo_fast benchmark — {meta['device_name']} ({meta['device']}), {meta['dtype']}",
+        "",
+        f"torch {meta['versions'].get('torch')}, {meta['threads']} CPU threads, repeats {meta['repeats']} "
+        f"after {meta['warmup']} warm-up, seed {meta['seed']}.",
+        "",
+    ]
+    out += legend(meta["device"])
+    for workload in WORKLOADS:
+        for case in dict.fromkeys(r["case"] for r in rows):
+            group = [r for r in rows if r["case"] == case and r["workload"] == workload]
+            if group:
+                out += table(group, meta)
+    out += ["### Verdict (fwd+bwd)", ""] + verdict(rows) + [""]
+    out += footnotes(rows)
+    return "\n".join(out)
 
 
-def derive(rows: list[dict]) -> None:
-    """Add speed-ups, % of floor and memory vs naive to every timed row, per (case, workload)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["case"], r["workload"]), []).append(r)
-    for group in groups.values():
-        ok = [r for r in group if r["status"] == "ok"]
-        by = {r["contender"]: r for r in ok}
-        naive, floor = by.get("naive"), by.get("floor")
-        peers = [r for r in ok if r["kind"] == "peer" and _ms(r, "full")]
-        best = min(peers, key=lambda r: _ms(r, "full"), default=None)
-        for r in ok:
-            t = _ms(r, "full")
-            if t is None:
-                continue
-            if naive and r is not naive:
-                r["speedup_vs_naive"] = _ms(naive, "full") / t
-                if naive.get("full_peak_mib") and r.get("full_peak_mib") is not None:
-                    r["mem_pct_of_naive"] = 100 * r["full_peak_mib"] / naive["full_peak_mib"]
-            if best and r["kind"] in ("ours", "baseline", "peer") and r is not best:
-                r["speedup_vs_best_peer"] = _ms(best, "full") / t
-                r["best_peer"] = best["contender"]
-            if floor and r is not floor:
-                r["pct_of_floor"] = 100 * _ms(floor, "full") / t
-            counted = flops(_case_of(r), r["workload"], "full", r["kind"] == "floor")
-            if counted is not None:
-                r["full_gflop_counted"] = counted / 1e9
+def legend(device: str) -> list[str]:
+    """What the columns mean, before the tables."""
+    short = " (CUDA)" if device == "cuda" else " (CPU)"
+    return [
+        "### How to read the tables",
+        "",
+        "- **fwd ms, fwd+bwd ms**: median of the timed calls ± the interquartile range as % of the median.",
+        "- **peak MiB**: memory above the resident inputs during one call "
+        f"({MEMORY_HOW[device == 'cuda']}); in brackets as % of naive's.",
+        "- **vs naive**, **vs best peer**: the fwd+bwd median of naive (of the fastest checked of Liger, TRL and "
+        "CCE) divided by this row's; above 1x this row is faster.",
+        "- **% of floor**: the floor's fwd+bwd median / this row's, against the bare lm_head GEMMs over all N "
+        "rows, then over the valid (non-ignored) rows only. Contenders that skip padded rows can pass 100% of "
+        "the all-rows floor. `logits`: the memory floor (one read of each logits tensor, one gradient write).",
+        "- **TFLOP/s** credits every contender with an exact O(N)-memory kernel's work on all N rows: 2·N·D·V "
+        "per clean forward, 8·N·D·V per clean branch with gradient (forward, recomputed logits, two gradient "
+        "GEMMs): tpo and dpo fwd+bwd 10·N·D·V, povid 12·N·D·V (+ N·D·V per model for the argmax over the N/2 "
+        "corrupted chosen rows), primitive and fisao 8·N·D·V. A fused-gradient path that skips the recompute "
+        "is credited the same work. Floors are credited with what they execute. **GB/s** (`logits`): the "
+        "bytes the memory floor moves, for every contender alike.",
+        "- **Noise rule**: a row whose fwd+bwd timing has fewer than "
+        f"{MIN_REPEATS} repeats, a median under {MIN_MEDIAN_MS[device]:g} ms{short} or an interquartile range "
+        f"above {MAX_SPREAD_PCT:.0f}% of its median is marked `not compared` in its status: it gets no ratio, "
+        "no % of floor and no place in the verdict.",
+        "- **≈** before a ratio: within noise, the two rows' interquartile ranges overlap.",
+        "- **status**: `ok`; `failed check` (wrong loss or gradient against the fp32 oracle: not timed); "
+        "`error`, `crashed`, `OOM`. Contenders that cannot run here are named in one line under each table, "
+        "with the reason.",
+        "",
+    ]
 
 
-def _case_of(r: dict):
-    from _workloads import Case
+def table(group: list[dict], meta: dict) -> list[str]:
+    """One (case, workload) table and its `Not run` line."""
+    c, workload = group[0], group[0]["workload"]
+    memory_bound = workload == "logits"
+    shown = sorted(
+        (r for r in group if r["status"] not in NOT_RUN),
+        key=lambda r: (STATUS_ORDER.get(r["kind"], 9), r["contender"] != "naive"),
+    )
+    floor = "% of memory floor" if memory_bound else "% of floor all / valid rows"
+    out = [
+        f"### {workload} · {c['case']}: {_shape(workload, c)} · {meta['dtype']}",
+        "",
+        f"| contender | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | vs naive | vs best peer | {floor} "
+        f"| {'GB/s fwd / fwd+bwd' if memory_bound else 'TFLOP/s'} | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in shown:
+        out.append(
+            f"| {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ms(r, 'full')} | {_peak(r)} "
+            f"| {_ratio(r, 'speedup_vs_naive')} | {_ratio(r, 'speedup_vs_best_peer')} "
+            f"| {_floors(r, memory_bound)} | {_rate(r, memory_bound)} | {_status(r)} |"
+        )
+    if line := not_run_line(group):
+        out += ["", line]
+    return out + [""]
 
-    return Case(r["case"], r["d"], r["v"], r["n"], r["model"])
+
+def not_run_line(group: list[dict]) -> str | None:
+    """One line naming every contender that did not run, grouped by reason; None when all ran."""
+    by_reason: dict[str, list[str]] = {}
+    for r in group:
+        if r["status"] in NOT_RUN:
+            reason = f"n/a: {r['reason']}" if r["status"] == "n/a" else r["reason"]
+            by_reason.setdefault(reason, []).append(r["label"])
+    if not by_reason:
+        return None
+    return "Not run: " + "; ".join(f"{', '.join(labels)} — {why}" for why, labels in by_reason.items()) + "."
 
 
 def _fmt_ms(row: dict, mode: str) -> str:
-    s = row.get(f"{mode}_ms")
-    if not isinstance(s, dict):
+    s = timing(row, mode)
+    if s is None:
         return "—"
-    spread = (s["p75"] - s["p25"]) / s["median"] * 100 if s["median"] else 0.0
-    return f"{s['median']:.3g} ±{spread:.0f}%" if len(s["times"]) > 1 else f"{s['median']:.3g}"
+    return f"{s['median']:.3g} ±{spread_pct(s):.0f}%" if len(s["times"]) > 1 else f"{s['median']:.3g}"
 
 
 def _f(x, fmt: str, suffix: str = "") -> str:
     return "—" if x is None else f"{x:{fmt}}{suffix}"
 
 
+def _peak(r: dict) -> str:
+    if r.get("full_peak_mib") is None:
+        return "—"
+    peak = f"{_f(r.get('fwd_peak_mib'), '.1f')} / {r['full_peak_mib']:.1f}"
+    if r.get("mem_pct_of_naive") is not None:
+        peak += f" ({r['mem_pct_of_naive']:.0f}% of naive)"
+    return peak
+
+
+def _approx(r: dict, key: str) -> str:
+    return "≈" if r.get(f"{key}_within_noise") else ""
+
+
+def _ratio(r: dict, key: str) -> str:
+    x = r.get(key)
+    return "—" if x is None else f"{_approx(r, key)}{x:.2f}x"
+
+
+def _pct(r: dict, key: str) -> str:
+    x = r.get(key)
+    return "—" if x is None else f"{_approx(r, key)}{x:.0f}%" if x >= 10 else f"{_approx(r, key)}{x:.2g}%"
+
+
+def _floors(r: dict, memory_bound: bool) -> str:
+    if memory_bound:
+        return _pct(r, "pct_of_floor")
+    return f"{_pct(r, 'pct_of_floor')} / {_pct(r, 'pct_of_valid_floor')}"
+
+
 def _status(r: dict) -> str:
-    if r["status"] == "ok":
-        return "ok" + (f" ({r['memory_note']})" if r.get("memory_note") else "")
-    return f"{r['status']}: {r['reason']}"
-
-
-def markdown(rows: list[dict], meta: dict) -> str:
-    """The whole report: a header, one table per (case, workload), the verdict and footnotes."""
-    out = [
-        f"## tpo_fast benchmark — {meta['device_name']} ({meta['device']}), {meta['dtype']}",
-        "",
-        f"torch {meta['versions'].get('torch')}, {meta['threads']} CPU threads, repeats {meta['repeats']} "
-        f"after {meta['warmup']} warm-up, seed {meta['seed']}. Times are medians ± the interquartile range "
-        "as % of the median; peak MiB is memory above the resident inputs during one call "
-        f"({MEMORY_HOW[meta['device'] == 'cuda']}).",
-        "",
-    ]
-    cases: dict[str, dict] = {}
-    for r in rows:
-        cases.setdefault(r["case"], r)
-    for workload in WORKLOADS:
-        for case, c in cases.items():
-            group = [r for r in rows if r["case"] == case and r["workload"] == workload]
-            if not group:
-                continue
-            group.sort(key=lambda r: (STATUS_ORDER.get(r["kind"], 9), r["contender"] != "naive"))
-            memory_bound = workload == "logits"
-            out += [
-                f"### {workload} · {case}: {_shape(workload, c)} · {meta['dtype']}",
-                "",
-                "| contender | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | vs naive | vs best peer "
-                f"| % of floor | {'GB/s fwd / fwd+bwd' if memory_bound else 'TFLOP/s'} | status |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-            ]
-            for r in group:
-                peak = "—"
-                if r.get("full_peak_mib") is not None:
-                    peak = f"{_f(r.get('fwd_peak_mib'), '.1f')} / {r['full_peak_mib']:.1f}"
-                    if r.get("mem_pct_of_naive") is not None:
-                        peak += f" ({r['mem_pct_of_naive']:.0f}% of naive)"
-                out.append(
-                    f"| {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ms(r, 'full')} | {peak} "
-                    f"| {_f(r.get('speedup_vs_naive'), '.2f', 'x')} "
-                    f"| {_f(r.get('speedup_vs_best_peer'), '.2f', 'x')} "
-                    f"| {_f(r.get('pct_of_floor'), '.0f', '%')} | {_rate(r, memory_bound)} "
-                    f"| {_status(r)} |"
-                )
-            out.append("")
-    out += ["### Verdict (fwd+bwd)", ""] + verdict(rows) + [""]
-    out += footnotes(rows)
-    return "\n".join(out)
+    if r["status"] != "ok":
+        return f"{r['status']}: {r['reason']}"
+    notes = [r["memory_note"]] if r.get("memory_note") else []
+    if r.get("noise"):
+        notes.append(f"not compared: {r['noise']}")
+    return "ok" + (f"; {'; '.join(notes)}" if notes else "")
 
 
 def _shape(workload: str, c: dict) -> str:
     """The table heading's shape, in the terms of the workload's inputs."""
-    valid = f"{100 * c['valid_frac']:.0f}% valid"
+    valid = f"{100 * c['valid_frac']:.0f}% valid" if c.get("valid_frac") is not None else "valid rows unknown"
     if workload == "logits":
         return f"{LOGITS_TENSORS} logits tensors (clean, corrupted) of N={c['n']} x V={c['v']}, {valid}"
     rows = f"D={c['d']}, V={c['v']}, N={c['n']} rows ({c['n_seq']} x {c['seq_len']}, {valid})"
@@ -182,53 +178,57 @@ def _rate(r: dict, memory_bound: bool) -> str:
 
 
 def verdict(rows: list[dict]) -> list[str]:
-    """One plain sentence per (case, workload): who wins fwd+bwd and by how much."""
-    lines = []
-    keys = []
-    for r in rows:
-        if (r["case"], r["workload"]) not in keys:
-            keys.append((r["case"], r["workload"]))
-    for case, workload in keys:
-        ok = [
-            r
-            for r in rows
-            if r["case"] == case
-            and r["workload"] == workload
-            and r["status"] == "ok"
-            and r["kind"] in ("baseline", "peer", "ours")
-            and _ms(r, "full")
-        ]
-        if not ok:
-            lines.append(f"- {workload} · {case}: no contender produced a checked result.")
-            continue
-        win = min(ok, key=lambda r: _ms(r, "full"))
-        rest = [r for r in ok if r is not win]
-        runner = min(rest, key=lambda r: _ms(r, "full"), default=None)
-        text = f"- {workload} · {case}: **{win['label']}** wins at {_ms(win, 'full'):.3g} ms"
+    """One plain sentence per (case, workload): who wins fwd+bwd and by how much, from the rows that
+    pass the noise rule only."""
+    keys = list(dict.fromkeys((r["case"], r["workload"]) for r in rows))
+    return [_verdict_line([r for r in rows if (r["case"], r["workload"]) == k]) for k in keys]
+
+
+def _verdict_line(group: list[dict]) -> str:
+    head = f"- {group[0]['workload']} · {group[0]['case']}: "
+    timed = [r for r in group if r["status"] == "ok" and r["kind"] in RANKED and median(r)]
+    fair = [r for r in timed if not r.get("noise")]
+    flagged = [r for r in timed if r.get("noise")]
+    failed = [r["label"] for r in group if r["status"] not in ("ok", *NOT_RUN) and r["kind"] != "selftest"]
+    tail = ""
+    if flagged:
+        tail += f". Not ranked (timing too short or noisy): {', '.join(r['label'] for r in flagged)}"
+    if failed:
+        tail += f". Not compared: {', '.join(failed)} (see table)"
+    if not timed:
+        return head + "no contender produced a checked result" + tail + "."
+    if not fair:
+        why = "no verdict: every timing is too short or too noisy to compare; use a larger case or more --repeats"
+        return head + why + tail + "."
+    return head + _winner(fair) + tail + "."
+
+
+def _winner(fair: list[dict]) -> str:
+    win = min(fair, key=median)
+    runner = min((r for r in fair if r is not win), key=median, default=None)
+    if runner and within_noise(win, runner):
+        text = (
+            f"**{win['label']}** ({median(win):.3g} ms) and {runner['label']} ({median(runner):.3g} ms) tie "
+            "within noise (their interquartile ranges overlap)"
+        )
+    else:
+        text = f"**{win['label']}** wins at {median(win):.3g} ms"
         if runner:
-            text += f", {_ms(runner, 'full') / _ms(win, 'full'):.2f}x faster than the next, {runner['label']}"
-        naive = next((r for r in ok if r["contender"] == "naive"), None)
-        if naive and win is not naive:
-            text += f"; {_ms(naive, 'full') / _ms(win, 'full'):.2f}x vs naive"
-            if win.get("mem_pct_of_naive") is not None:
-                text += f", peak memory {win['mem_pct_of_naive']:.1f}% of naive's"
-        if win.get("pct_of_floor") is not None:
-            floor = "memory floor" if workload == "logits" else "matmul floor"
-            text += f"; {win['pct_of_floor']:.0f}% of the {floor}"
-        if win.get("full_gbs") is not None:
-            text += f" ({win['full_gbs']:.3g} GB/s)"
-        skipped = [
-            r["label"]
-            for r in rows
-            if r["case"] == case
-            and r["workload"] == workload
-            and r["status"] not in ("ok", "n/a")
-            and r["kind"] != "selftest"
-        ]
-        if skipped:
-            text += f". Not compared: {', '.join(skipped)} (see table)"
-        lines.append(text + ".")
-    return lines
+            text += f", {median(runner) / median(win):.2f}x faster than the next, {runner['label']}"
+    if win.get("speedup_vs_naive") is not None:
+        text += f"; {win['speedup_vs_naive']:.2f}x vs naive" + (
+            " (within noise)" if win["speedup_vs_naive_within_noise"] else ""
+        )
+        if win.get("mem_pct_of_naive") is not None:
+            text += f", peak memory {win['mem_pct_of_naive']:.1f}% of naive's"
+    floor = "memory floor" if win["workload"] == "logits" else "matmul floor"
+    if win.get("pct_of_floor") is not None:
+        text += f"; {win['pct_of_floor']:.0f}% of the {floor}"
+    if win.get("pct_of_valid_floor") is not None:
+        text += f" ({win['pct_of_valid_floor']:.0f}% of the valid-rows floor)"
+    if win.get("full_gbs") is not None:
+        text += f" ({win['full_gbs']:.3g} GB/s)"
+    return text
 
 
 def footnotes(rows: list[dict]) -> list[str]:
@@ -244,98 +244,10 @@ def footnotes(rows: list[dict]) -> list[str]:
             out += [f"- {label} · {w}: {n}" for w, n in by_workload.items()]
     out += [
         "",
-        "Notes: every contender gets the same random inputs (same seed) in the same dtype; its loss (or "
-        "log-probs) and every gradient are checked against an fp32 oracle before it is timed "
-        "(tolerance: 2x the error of plain PyTorch in that dtype plus a per-dtype floor); a contender that "
-        "fails is listed with its error and not timed. `vs best peer` compares with the fastest checked "
-        "of Liger, TRL and CCE. The matmul floor runs the bare lm_head GEMMs over all N rows (2·N·D·V per "
-        "clean forward, 6·N·D·V for the branch with gradient; the reference branch forward only); contenders "
-        "that skip padded rows can beat it. TFLOP/s credits every contender with an exact O(N)-memory "
-        "kernel's work on all N rows: 2·N·D·V per clean forward, 8·N·D·V per clean branch with gradient "
-        "(forward, recomputed logits, two gradient GEMMs); tpo and dpo fwd+bwd = 10·N·D·V; the floor is "
-        "credited with what it executes. povid counts 6·N·D·V fwd and 12·N·D·V fwd+bwd (the argmax sweep over "
-        "the N/2 corrupted chosen rows is N·D·V per model), fisao 2·N·D·V and 8·N·D·V (rollout and reference "
-        "log-probs are inputs). Liger computes its gradients inside forward, so its fwd time includes them.",
-        "",
-        "The logits workload is memory-bound, so its floor is the memory roofline, not matmuls: the memory "
-        "floor reads each of the two (N, V) logits tensors once (a row sum) and, in fwd+bwd, writes one (N, V) "
-        "gradient per tensor. GB/s = those bytes (fwd: 2·N·V·bytes per element read; fwd+bwd: + 2·N·V "
-        "written) / time, for every contender alike; contenders that skip ignored rows can pass 100% of "
-        "the floor.",
+        "Every contender gets the same random inputs (same seed) in the same dtype; its loss (or log-probs) "
+        "and every gradient are checked against an fp32 oracle before it is timed (tolerance: 2x the error "
+        "of plain PyTorch in that dtype plus a per-dtype floor). Liger computes its gradients inside forward, "
+        "and so does tpo_fast's fused grad_mode: their fwd time includes the gradient.",
         "",
     ]
     return out
-
-
-def write_json_csv(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, cpath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    with cpath.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            flat = dict(r, device=meta["device"], dtype=meta["dtype"])
-            for mode in ("fwd", "full"):
-                s = r.get(f"{mode}_ms")
-                flat[f"{mode}_ms"] = s["median"] if isinstance(s, dict) else None
-                flat[f"{mode}_ms_p25"] = s["p25"] if isinstance(s, dict) else None
-                flat[f"{mode}_ms_p75"] = s["p75"] if isinstance(s, dict) else None
-            if r.get("check"):
-                flat["max_rel_err"] = max(v["err"] for v in r["check"]["errors"].values())
-            w.writerow(flat)
-    return [jpath, cpath]
-
-
-def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
-    """PNG plots of fwd+bwd time and peak memory vs N, per contender, one panel per (workload, D x V)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["workload"], r["model"], r["d"], r["v"]) for r in rows})
-    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["contender"] for r in rows))}
-    paths = []
-    for metric, ylabel, fname in (
-        ("full_ms", "fwd+bwd time (ms)", "time"),
-        ("full_peak_mib", "peak memory above inputs (MiB)", "memory"),
-    ):
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-        for ax, (workload, model, d, v) in zip(axes[0], panels, strict=True):
-            sel = [
-                r for r in rows if (r["workload"], r["model"]) == (workload, model) and r["status"] == "ok"
-            ]
-            for name in dict.fromkeys(r["contender"] for r in sel):
-                pts = sorted((r["n"], _metric(r, metric), r["label"]) for r in sel if r["contender"] == name)
-                pts = [p for p in pts if p[1] is not None and p[1] > 0]
-                if pts:
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        marker="o",
-                        label=pts[0][2],
-                        color=colors[name],
-                    )
-            ax.set(
-                xscale="log",
-                yscale="log",
-                xlabel="N rows per clean branch",
-                ylabel=ylabel,
-                title=f"{workload} · {model} (D={d}, V={v})",
-            )
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{meta['device_name']} · {meta['dtype']}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"{stem}_{fname}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _metric(r: dict, metric: str) -> float | None:
-    if metric == "full_ms":
-        return _ms(r, "full")
-    return r.get(metric)

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _measure  # noqa: E402
 from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
-from _report import derive, markdown, plot, write_json_csv  # noqa: E402
+from _derive import derive  # noqa: E402
+from _output import plot, write_json_csv  # noqa: E402
+from _report import markdown  # noqa: E402
 from _workloads import PRESETS, WORKLOADS, parse_cases  # noqa: E402
 
 DEFAULTS = {  # per device: cases, dtype, repeats, warm-up
@@ -99,23 +101,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _contender_names(spec: str) -> list[str]:
+    """CLI names in the order asked; 'tpo_fast' stands for every tpo_fast contender, 'all' for the defaults."""
     names = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if item == "tpo_fast":
-            names += [f"tpo_fast-{b}" for b in TPO_FAST_BACKENDS]
+            names += [n for n in all_contenders(TPO_FAST_BACKENDS) if n.startswith("tpo_fast-")]
         elif item == "all":
             names += list(DEFAULT)
         else:
             names.append(item)
-    known = all_contenders(
-        TPO_FAST_BACKENDS + tuple(n.split("-", 1)[1] for n in names if n.startswith("tpo_fast-"))
-    )
+    known = all_contenders(_backends(names))
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(
             f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'tpo_fast'"
         )
     return list(dict.fromkeys(names))
+
+
+def _backends(names: list[str]) -> tuple[str, ...]:
+    """tpo_fast backends to build contenders for: the defaults and any named as `tpo_fast-<backend>[-recompute]`."""
+    named = (n.removeprefix("tpo_fast-").removesuffix("-recompute") for n in names if n.startswith("tpo_fast-"))
+    return tuple(dict.fromkeys((*TPO_FAST_BACKENDS, *named)))
 
 
 def _versions() -> dict:
@@ -167,10 +174,8 @@ def _run_child(job: dict, timeout: float) -> tuple[list[dict] | None, dict, str]
     return msg[1], msg[2], ""
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-
+def _settings(args: argparse.Namespace, torch) -> dict:
+    """The run's plan from the command line and the device's defaults; SystemExit on a bad option."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,20 +190,83 @@ def main(argv=None) -> int:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise SystemExit(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
     names = _contender_names(args.contenders or ",".join(DEFAULT))
-    backends = tuple(
-        dict.fromkeys(
-            TPO_FAST_BACKENDS + tuple(n.split("-", 1)[1] for n in names if n.startswith("tpo_fast-"))
-        )
-    )
+    backends = _backends(names)
     contenders = all_contenders(backends)
     # CCE's CPU path (torch_compile) runs only when asked for by name, not as part of the defaults.
     contenders["cce"].allow_cpu = args.contenders is not None and "cce" in args.contenders.split(",")
-    dtype = args.dtype or d_dtype
     repeats = args.repeats if args.repeats is not None else d_repeats
-    warmup = args.warmup if args.warmup is not None else d_warmup
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    return {
+        "device": device,
+        "cases": cases,
+        "workloads": workloads,
+        "names": names,
+        "backends": backends,
+        "contenders": contenders,
+        "dtype": args.dtype or d_dtype,
+        "repeats": repeats,
+        "warmup": args.warmup if args.warmup is not None else d_warmup,
+        "seed": args.seed,
+        "threads": args.threads,
+        "timeout": args.timeout,
+    }
 
+
+def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
+    """Rows of one (case, contender): `n/a` / `unavailable` rows from the parent, the rest measured in a child."""
+    c, device = plan["contenders"][name], plan["device"]
+    rows, todo = [], []
+    for w in plan["workloads"]:
+        base = {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w}
+        if w not in c.workloads:
+            rows.append({**base, "status": "n/a", "reason": c.not_applicable.get(w, "not offered")})
+        elif reason := c.availability(device, w):
+            rows.append({**base, "status": "unavailable", "reason": reason, "note": c.workloads[w]})
+            print(f"[{case.name}] {name} {w}: cannot run here: {reason}", file=sys.stderr)
+        else:
+            todo.append(w)
+    if not todo:
+        return rows
+    job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads")}
+    job.update(
+        case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
+        contender=name,
+        workloads=todo,
+    )
+    t0 = time.time()
+    got, info, err = _run_child(job, plan["timeout"])
+    if got is None:
+        why = err.splitlines()[0] if err else "no result"
+        got = [
+            {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
+             "reason": why, "note": c.workloads[w]}
+            for w in todo
+        ]
+        print(f"[{case.name}] {name}: {err}", file=sys.stderr)
+    if info.get("device_name") and device == "cuda":
+        meta["device_name"] = info["device_name"]
+    for r in got:
+        tag = r["status"] if r["status"] != "ok" else f"fwd+bwd {r['full_ms']['median']:.3g} ms"
+        print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
+    print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
+    return rows + got
+
+
+def _run_case(case, plan: dict, meta: dict) -> list[dict]:
+    rows = [r for name in plan["names"] for r in _run_contender(case, name, plan, meta)]
+    valid = {r["workload"]: r["valid_frac"] for r in rows if r.get("valid_frac") is not None}
+    for r in rows:
+        r.update(case.as_dict(), case=case.name, valid_frac=valid.get(r["workload"]))
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    plan = _settings(args, torch)
+    device, dtype = plan["device"], plan["dtype"]
     # A fixed mmap threshold makes glibc return every freed tensor to the OS at once, so each
     # call's peak RSS starts from the resident inputs only. Children inherit the environment.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -206,8 +274,8 @@ def main(argv=None) -> int:
         "device": device,
         "device_name": _cpu_name() if device == "cpu" else "cuda",
         "dtype": dtype,
-        "repeats": repeats,
-        "warmup": warmup,
+        "repeats": plan["repeats"],
+        "warmup": plan["warmup"],
         "seed": args.seed,
         "threads": args.threads or torch.get_num_threads(),
         "versions": _versions(),
@@ -215,74 +283,10 @@ def main(argv=None) -> int:
         "command": " ".join(sys.argv),
         "platform": platform.platform(),
     }
-    rows: list[dict] = []
     t_start = time.time()
-    for case in cases:
-        case_rows: list[dict] = []
-        for name in names:
-            c = contenders[name]
-            todo = []
-            for w in workloads:
-                base = {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w}
-                if w not in c.workloads:
-                    case_rows.append({**base, "status": "n/a", "reason": c.not_applicable.get(w, "not offered")})
-                elif reason := c.availability(device, w):
-                    case_rows.append({**base, "status": "unavailable", "reason": reason, "note": c.workloads[w]})
-                    print(f"[{case.name}] {name} {w}: cannot run here: {reason}", file=sys.stderr)
-                else:
-                    todo.append(w)
-            if not todo:
-                continue
-            job = {
-                "case": {"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
-                "contender": name,
-                "backends": backends,
-                "workloads": todo,
-                "device": device,
-                "dtype": dtype,
-                "repeats": repeats,
-                "warmup": warmup,
-                "seed": args.seed,
-                "threads": args.threads,
-            }
-            t0 = time.time()
-            got, info, err = _run_child(job, args.timeout)
-            if got is None:
-                got = [
-                    {
-                        "contender": name,
-                        "label": c.label_for(w),
-                        "kind": c.kind,
-                        "workload": w,
-                        "status": "crashed",
-                        "reason": err.splitlines()[0] if err else "no result",
-                        "note": c.workloads[w],
-                    }
-                    for w in todo
-                ]
-                print(f"[{case.name}] {name}: {err}", file=sys.stderr)
-            if info.get("device_name"):
-                meta["device_name"] = info["device_name"] if device == "cuda" else meta["device_name"]
-            for r in got:
-                tag = r["status"] if r["status"] != "ok" else f"fwd+bwd {r['full_ms']['median']:.3g} ms"
-                print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
-            print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
-            case_rows += got
-        valid = next((r["valid_frac"] for r in case_rows if r.get("valid_frac") is not None), None)
-        for r in case_rows:
-            r.update(
-                case=case.name,
-                model=case.model,
-                d=case.d,
-                v=case.v,
-                n=case.n,
-                n_seq=case.n_seq,
-                seq_len=case.seq_len,
-                valid_frac=valid,
-            )
-        rows += case_rows
+    rows = [r for case in plan["cases"] for r in _run_case(case, plan, meta)]
     meta["wall_s"] = round(time.time() - t_start, 1)
-    derive(rows)
+    derive(rows, device)
     print(markdown(rows, meta))
     stem = args.stem or f"results_{device}_{dtype}"
     paths = write_json_csv(rows, meta, args.out, stem)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import subprocess
 import sys
@@ -14,15 +15,26 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _bench_modules():
+def _bench(*names: str) -> list:
+    """bench/'s own modules (bench/ is a folder of scripts, not a package)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import _contenders
-        import _measure
-        import _workloads
+        return [importlib.import_module(name) for name in names]
     finally:
         sys.path.remove(str(BENCH))
-    return _contenders, _measure, _workloads
+
+
+def _bench_modules():
+    return _bench("_contenders", "_measure", "_workloads")
+
+
+def _report_modules():
+    return _bench("_derive", "_measure", "_report")
+
+
+def _grad_mode_landed() -> bool:
+    contenders, _, _ = _bench_modules()
+    return contenders.ours.grad_mode_default("tpo") is not None
 
 
 def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
@@ -95,6 +107,7 @@ def test_oracle_matches_materialized_autograd():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc")
 def test_runner_end_to_end(tmp_path):
+    names = "naive,tpo_fast-torch,tpo_fast-torch-recompute,tpo_fast-triton,broken,liger,floor,floor-valid"
     cmd = [
         sys.executable,
         str(BENCH / "run.py"),
@@ -107,7 +120,7 @@ def test_runner_end_to_end(tmp_path):
         "--workloads",
         "tpo,dpo",
         "--contenders",
-        "naive,tpo_fast-torch,tpo_fast-triton,broken,liger",
+        names,
         "--out",
         str(tmp_path),
         "--stem",
@@ -117,28 +130,48 @@ def test_runner_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| contender | fwd ms | fwd+bwd ms |" in out and "### Verdict" in out, out[:2000]
+    assert "| % of floor all / valid rows |" in out
+    assert out.index("### How to read the tables") < out.index("### tpo · cpu-tiny") < out.index("### Verdict")
 
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     by = {(r["contender"], r["workload"]): r for r in rows}
-    assert len(rows) == 5 * 2  # every contender listed for every workload, runnable or not
+    assert len(rows) == 8 * 2  # every contender listed for every workload, runnable or not
+    fused = _grad_mode_landed()
     for w in ("tpo", "dpo"):
         assert by[("naive", w)]["status"] == "ok" and by[("naive", w)]["full_ms"]["median"] > 0
-        assert by[("tpo_fast-torch", w)]["status"] == "ok"
-        assert by[("tpo_fast-torch", w)]["full_peak_mib"] is not None
+        ours = by[("tpo_fast-torch", w)]
+        assert ours["status"] == "ok" and ours["full_peak_mib"] is not None
+        assert ours["label"] == ("tpo_fast [torch] fused" if fused else "tpo_fast [torch]")
+        recompute = by[("tpo_fast-torch-recompute", w)]
+        assert recompute["status"] == ("ok" if fused else "unavailable"), recompute
+        if fused:
+            assert recompute["check"]["ok"] and "grad_mode='recompute'" in recompute["note"]
         broken = by[("broken", w)]
         assert broken["status"] == "failed check" and "full_ms" not in broken
-        assert (
-            by[("tpo_fast-triton", w)]["status"] == "unavailable"
-            and "CUDA" in by[("tpo_fast-triton", w)]["reason"]
-        )
+        triton = by[("tpo_fast-triton", w)]
+        assert triton["status"] == "unavailable" and triton["reason"].startswith("needs CUDA")
+        for name in ("floor", "floor-valid"):
+            assert by[(name, w)]["status"] == "ok" and by[(name, w)]["full_tflops"] > 0
+        # One repeat: every timing is flagged, so no ratio, no % of floor and no verdict.
+        assert ours["noise"].startswith("too few repeats (1 < 3)")
+        assert "speedup_vs_naive" not in ours and "pct_of_floor" not in ours and "pct_of_valid_floor" not in ours
+        assert f"- {w} · cpu-tiny: no verdict: every timing is too short or too noisy to compare" in out
+    valid = by[("floor-valid", "tpo")]["full_gflop_counted"] / by[("floor", "tpo")]["full_gflop_counted"]
+    assert valid == pytest.approx(by[("floor", "tpo")]["valid_frac"])  # tpo: every GEMM over the same rows
     assert by[("liger", "tpo")]["status"] == "n/a"
     assert by[("liger", "dpo")]["status"] == "ok"
-    assert "speedup_vs_naive" in by[("tpo_fast-torch", "tpo")]
+    triton_label = "tpo_fast [triton] fused" if fused else "tpo_fast [triton]"
+    assert (
+        f"Not run: {triton_label} — needs CUDA (the CPU Triton interpreter is far too slow to time); "
+        "Liger LigerFusedLinearDPOLoss — n/a: no per-token weights (DPO only)."
+    ) in out
+    assert "| tpo_fast [triton]" not in out and "| Liger" in out  # not-run contenders get no table row
     assert "### tpo · cpu-tiny" in out and "### dpo · cpu-tiny" in out and "### logits" not in out
 
     with (tmp_path / "smoke.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) and {"full_ms", "full_peak_mib", "speedup_vs_naive"} <= set(table[0])
+    assert len(table) == len(rows)
+    assert {"full_ms", "full_peak_mib", "speedup_vs_naive", "noise", "pct_of_valid_floor"} <= set(table[0])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "smoke_time.png").stat().st_size > 0 and (
         tmp_path / "smoke_memory.png"
@@ -160,7 +193,7 @@ def test_runner_added_workloads(tmp_path):
         "--workloads",
         "logits,povid,fisao",
         "--contenders",
-        "naive,tpo_fast-torch,tpo_fast-cpp,tpo_fast-cuda,floor",
+        "naive,tpo_fast-torch,tpo_fast-cpp,tpo_fast-cuda,floor,floor-valid",
         "--out",
         str(tmp_path),
         "--stem",
@@ -171,18 +204,22 @@ def test_runner_added_workloads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for w in ("logits", "povid", "fisao"):
-        assert f"### {w} · cpu-tiny" in out and f"- {w} · cpu-tiny: **" in out, out[:3000]
-    assert "GB/s fwd / fwd+bwd" in out and "of the memory floor" in out
+        assert f"### {w} · cpu-tiny" in out and f"- {w} · cpu-tiny: no verdict" in out, out[:3000]
+    assert "GB/s fwd / fwd+bwd" in out and "| % of memory floor |" in out
 
     rows = json.loads((tmp_path / "added.json").read_text())["rows"]
     by = {(r["contender"], r["workload"]): r for r in rows}
-    assert len(rows) == 5 * 3
+    assert len(rows) == 6 * 3
     for w in ("logits", "povid", "fisao"):
         for name in ("naive", "tpo_fast-torch", "floor"):
             assert by[(name, w)]["status"] == "ok", by[(name, w)]
             assert by[(name, w)]["full_ms"]["median"] > 0
         assert by[("naive", w)]["check"]["ok"] and by[("tpo_fast-torch", w)]["check"]["ok"]
-        assert "speedup_vs_naive" in by[("tpo_fast-torch", w)] and "pct_of_floor" in by[("tpo_fast-torch", w)]
+        assert by[("tpo_fast-torch", w)]["noise"].startswith("too few repeats")
+    assert by[("floor-valid", "logits")]["status"] == "n/a"
+    assert by[("floor-valid", "povid")]["status"] == by[("floor-valid", "fisao")]["status"] == "ok"
+    not_run = "Not run: tpo_fast [cpp], tpo_fast [cuda] — n/a: not a backend of this workload (povid_loss backends: "
+    assert not_run in out
     logits = by[("tpo_fast-torch", "logits")]
     assert logits["full_gbs"] > 0 and logits["fwd_gbs"] > 0 and "full_tflops" not in logits
     assert by[("floor", "logits")]["label"] == "memory floor"
@@ -192,6 +229,7 @@ def test_runner_added_workloads(tmp_path):
 
     assert by[("tpo_fast-cpp", "logits")]["status"] == ("ok" if _ext.HAS_CPU_EXT else "unavailable")
     assert by[("tpo_fast-cuda", "logits")]["status"] == "unavailable"
+    assert by[("tpo_fast-cuda", "povid")]["status"] == "n/a"  # not a backend of it, not "not built"
     with (tmp_path / "added.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and {"fwd_gbs", "full_gbs"} <= set(table[0])
@@ -220,3 +258,132 @@ def test_gpu_tune_sweep_runs_and_checks_every_variant(tmp_path):
         if r["rel_err_logp_gh_gw"] is not None:
             assert max(r["rel_err_logp_gh_gw"]) < 1e-2, r
     assert out["best_split_tiles"] == "64,128,32,4,3" and out["best_split_tma"] in ("0", "1")
+
+
+def _timed_row(contender: str, kind: str, times: list[float], **extra) -> dict:
+    """A synthetic ok row of the tpo workload with the given fwd+bwd times (ms)."""
+    _, measure, _ = _report_modules()
+    return {
+        "case": "cpu-tiny",
+        "workload": "tpo",
+        "contender": contender,
+        "label": contender,
+        "kind": kind,
+        "status": "ok",
+        **dict(d=64, v=512, n=64, n_seq=4, seq_len=16, valid_frac=0.875),
+        "full_ms": measure._stats(times),
+        "fwd_ms": measure._stats(times),
+        **extra,
+    }
+
+
+def test_noise_rule_flags_short_noisy_and_few_repeat_timings():
+    derive, _, report = _report_modules()
+    rows = [
+        _timed_row("naive", "baseline", [100.0, 110.0, 120.0]),
+        _timed_row("short", "ours", [1.0, 1.1, 1.2]),
+        _timed_row("noisy", "peer", [10.0, 20.0, 30.0]),
+        _timed_row("two", "ours", [50.0, 52.0]),
+        _timed_row("floor", "floor", [0.5, 0.6, 0.7, 0.8]),
+        _timed_row("good", "ours", [50.0, 51.0, 52.0]),
+    ]
+    derive.derive(rows, "cpu")
+    by = {r["contender"]: r for r in rows}
+    assert by["short"]["noise"] == "too short (1.1 ms < 5 ms)"
+    assert by["noisy"]["noise"] == "too noisy (IQR 50% > 25%)"
+    assert by["two"]["noise"] == "too few repeats (2 < 3)"
+    assert by["floor"]["noise"] == "too short (0.65 ms < 5 ms)"
+    assert by["naive"]["noise"] is None and by["good"]["noise"] is None
+    for name in ("short", "noisy", "two", "floor"):
+        assert not {"speedup_vs_naive", "speedup_vs_best_peer", "pct_of_floor"} & set(by[name]), by[name]
+    # A flagged floor gives nobody a % of floor; a flagged peer is no best peer.
+    assert "pct_of_floor" not in by["good"] and "speedup_vs_best_peer" not in by["good"]
+    assert by["good"]["speedup_vs_naive"] == pytest.approx(110 / 51)
+    gpu = [_timed_row("gpu", "ours", [1.5, 1.5, 1.5])]
+    derive.derive(gpu, "cuda")
+    assert gpu[0]["noise"] is None  # the CUDA threshold is 1 ms
+    table = report.table(rows, {"dtype": "fp32"})
+    short = "| short | 1.1 ±9% | 1.1 ±9% | — | — | — | — / — | — | ok; not compared: too short (1.1 ms < 5 ms) |"
+    assert short in table
+    assert report.verdict(rows) == [
+        "- tpo · cpu-tiny: **good** wins at 51 ms, 2.16x faster than the next, naive; 2.16x vs naive. "
+        "Not ranked (timing too short or noisy): short, noisy, two."
+    ]
+    flagged = [r for r in rows if r["noise"] or r["kind"] == "floor"]
+    assert report.verdict(flagged) == [
+        "- tpo · cpu-tiny: no verdict: every timing is too short or too noisy to compare; use a larger case "
+        "or more --repeats. Not ranked (timing too short or noisy): short, noisy, two."
+    ]
+
+
+def test_ratios_say_when_they_are_within_noise():
+    derive, _, report = _report_modules()
+    rows = [
+        _timed_row("naive", "baseline", [100.0, 110.0, 120.0]),  # IQR [105, 115]
+        _timed_row("peer", "peer", [98.0, 104.0, 110.0]),  # IQR [101, 107]: overlaps naive's
+        _timed_row("ours", "ours", [50.0, 51.0, 52.0]),
+        _timed_row("floor", "floor", [40.0, 41.0, 42.0]),
+        _timed_row("floor-valid", "floor", [30.0, 30.5, 31.0]),
+    ]
+    derive.derive(rows, "cpu")
+    by = {r["contender"]: r for r in rows}
+    assert by["peer"]["speedup_vs_naive_within_noise"] is True
+    assert by["ours"]["speedup_vs_naive_within_noise"] is False
+    assert by["ours"]["pct_of_floor"] == pytest.approx(100 * 41 / 51)
+    assert by["ours"]["pct_of_valid_floor"] == pytest.approx(100 * 30.5 / 51)
+    table = report.table(rows, {"dtype": "fp32"})
+    assert "| peer | 104 ±6% | 104 ±6% | — | ≈1.06x | — | 39% / 29% | — | ok |" in table
+    assert "| ours | 51 ±2% | 51 ±2% | — | 2.16x | 2.04x | 80% / 60% | — | ok |" in table
+    assert report.verdict(rows) == [
+        "- tpo · cpu-tiny: **ours** wins at 51 ms, 2.04x faster than the next, peer; 2.16x vs naive; "
+        "80% of the matmul floor (60% of the valid-rows floor)."
+    ]
+    tie = [_timed_row("naive", "baseline", [100.0, 110.0, 120.0]), _timed_row("peer", "peer", [98.0, 104.0, 110.0])]
+    derive.derive(tie, "cpu")
+    assert report.verdict(tie) == [
+        "- tpo · cpu-tiny: **peer** (104 ms) and naive (110 ms) tie within noise (their interquartile ranges "
+        "overlap); 1.06x vs naive (within noise)."
+    ]
+
+
+def test_contenders_that_did_not_run_share_one_line_with_their_reasons():
+    _, _, report = _report_modules()
+    other = "not a backend of this workload"
+    group = [
+        {"label": label, "status": status, "reason": reason}
+        for label, status, reason in [
+            ("naive", "ok", ""),
+            ("Liger", "n/a", "no per-token weights (DPO only)"),
+            ("tpo_fast [triton] fused", "unavailable", "needs CUDA"),
+            ("tpo_fast [cpp]", "n/a", other),
+            ("tpo_fast [cuda]", "n/a", other),
+            ("tpo_fast [triton] recompute", "unavailable", "needs CUDA"),
+        ]
+    ]
+    assert report.not_run_line(group) == (
+        "Not run: Liger — n/a: no per-token weights (DPO only); "
+        "tpo_fast [triton] fused, tpo_fast [triton] recompute — needs CUDA; "
+        "tpo_fast [cpp], tpo_fast [cuda] — n/a: not a backend of this workload."
+    )
+    assert report.not_run_line(group[:1]) is None
+
+
+def test_missing_extension_is_reported_as_not_built(monkeypatch):
+    """tpo_fast imports its extension while the package is initializing, so a missing `_C` reads as
+    "partially initialized module 'tpo_fast' (most likely due to a circular import)"; bench says what it is."""
+    import importlib.util
+
+    from tpo_fast import _ext
+
+    contenders, _, _ = _bench_modules()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(_ext, "HAS_CPU_EXT", False)
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tpo_fast._C" else find_spec(name, *a)
+    )
+    build = "pip install --no-build-isolation -e . (or python -c 'from tpo_fast import _ext; _ext.load_jit()')"
+    assert contenders.TpoFast("cpp").availability("cpu", "logits") == (
+        f"not built: tpo_fast._C is missing; run `{build}` to build"
+    )
+    assert contenders.TpoFast("cuda").availability("cpu", "logits") == "needs CUDA"

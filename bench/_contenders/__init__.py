@@ -10,10 +10,10 @@ are timed and checked the same way. One module per family: `naive` (baseline and
 from __future__ import annotations
 
 from .base import Contender
-from .floor import Floor
+from .floor import Floor, FloorValid
 from .liger import Liger
 from .naive import Broken, Naive
-from .ours import TpoFast
+from .ours import TpoFast, hidden_backends
 from .per_token import CCE, TRLChunked
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Broken",
     "Contender",
     "Floor",
+    "FloorValid",
     "Liger",
     "Naive",
     "TRLChunked",
@@ -33,11 +34,16 @@ __all__ = [
 
 
 def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
-    """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list."""
+    """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list; each
+    hidden-state one also gets its `tpo_fast-<backend>-recompute` contender."""
     out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
     for b in backends:
         out[f"tpo_fast-{b}"] = TpoFast(b)
+    for b in backends:
+        if b in hidden_backends():
+            out[f"tpo_fast-{b}-recompute"] = TpoFast(b, "recompute")
     out["floor"] = Floor()
+    out["floor-valid"] = FloorValid()
     out["broken"] = Broken()
     return out
 
@@ -58,4 +64,4 @@ def tpo_fast_backends() -> tuple[str, ...]:
 
 
 TPO_FAST_BACKENDS = tpo_fast_backends()
-DEFAULT = ("naive", "liger", "trl", "cce", *(f"tpo_fast-{b}" for b in TPO_FAST_BACKENDS), "floor")
+DEFAULT = tuple(n for n in all_contenders(TPO_FAST_BACKENDS) if n != "broken")

@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 import torch
-from _workloads import IGNORE_INDEX, pg_loss
+from _workloads import IGNORE_INDEX, flops, pg_loss
 
 
 @dataclass
@@ -32,6 +32,10 @@ class Contender:
 
     def run(self, workload: str, inp: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def executed_flops(self, case, workload: str, mode: str, inp: dict) -> float | None:
+        """FLOPs credited to one call (None for the memory-bound `logits`): see `_workloads.flops`."""
+        return flops(case, workload, mode, self.kind == "floor")
 
     def step(self, workload: str, inp: dict, backward: bool) -> torch.Tensor:
         """One timed call: forward, and with `backward` the backward of the loss (or of

@@ -1,5 +1,5 @@
 """Peers that give per-token log-probs from hidden states (TRL's chunked head, Cut Cross-Entropy);
-the losses are then combined in PyTorch with the same formulas as the oracle (SPEC.md)."""
+the losses are then combined in PyTorch with the same formulas as the oracle (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .base import NO_ARGMAX, NO_LOGITS_INPUT, Contender, fisao_from_logp, gather
 
 
 class _PerTokenPeer(Contender):
-    """A peer that gives per-token log-probs of valid rows; losses are combined in PyTorch (SPEC.md)."""
+    """A peer that gives per-token log-probs of valid rows; losses are combined in PyTorch (docs/math.md)."""
 
     def logprobs(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -96,8 +96,8 @@ class CCE(_PerTokenPeer):
             return reason
         if device != "cuda" and not self.allow_cpu:
             return (
-                "needs CUDA (Triton kernels); its torch_compile impl materializes N x V logits and "
-                "compiles for ~30 s on CPU: ask for it with --contenders cce"
+                "needs CUDA for its Triton kernels (on CPU, --contenders cce runs its torch_compile impl, "
+                "which materializes N x V logits and compiles for ~30 s)"
             )
         return None
 

@@ -1,4 +1,4 @@
-"""Benchmark cases, their random inputs, the SPEC.md loss math for peers, and the fp32 oracle.
+"""Benchmark cases, their random inputs, the loss math for peers (docs/math.md), and the fp32 oracle.
 
 A case is one lm_head shape (D, V) and N rows per clean branch, where N = 2B * T: B chosen and
 B rejected responses of T positions each (chosen first), the tail of every row padded with
@@ -8,8 +8,8 @@ drawn from the same seed on the same device.
 Workloads, one module each (`preference` holds the three that share one oracle):
   primitive  per-token log-probs of one branch, fwd and fwd+bwd with a fixed random upstream
              gradient on the (N,) log-probs; gradients for hidden and weight.
-  dpo        DPO loss (SPEC.md): policy clean branch with gradient, reference clean branch without.
-  tpo        TPO loss (SPEC.md): policy clean + corrupted branches with gradient, reference clean +
+  dpo        DPO loss (docs/math.md): policy clean branch with gradient, reference clean branch without.
+  tpo        TPO loss (docs/math.md): policy clean + corrupted branches with gradient, reference clean +
              corrupted without; gradients for hidden, corrupted hidden and weight.
   logits     the logits-input op on materialized (N, V) clean and corrupted logits (`logits.py`).
   povid      POVID stage 2: DPO of the chosen rows against the hallucinated rows and against the

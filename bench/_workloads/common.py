@@ -1,4 +1,4 @@
-"""What every workload shares: the loss constants, the seeded input draw, the SPEC.md loss formulas
+"""What every workload shares: the loss constants, the seeded input draw, the loss formulas (docs/math.md)
 that peers and the oracle use, and the chunked fp32 helpers the oracles are built from."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def preference_loss(
     visual: torch.Tensor | None = None,
     ref_visual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC.md's DPO (visual None) or TPO loss, sigmoid type, mean over pairs, from per-token tensors.
+    """docs/math.md's DPO (visual None) or TPO loss, sigmoid type, mean over pairs, from per-token tensors.
 
     logp, ref_logp: (2B, T) fp32 log-probs (anything at masked positions); visual, ref_visual:
     (2B, T) fp32 raw-logit visual scores `z - z~`. Peers and the oracle share this one formula.

@@ -1,0 +1,120 @@
+"""The run's files: JSON (metadata and every row with all repeats), CSV (the same rows, flat) and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from _derive import RATIOS, median
+
+CSV_FIELDS = [
+    "case",
+    "model",
+    "d",
+    "v",
+    "n",
+    "n_seq",
+    "seq_len",
+    "valid_frac",
+    "workload",
+    "contender",
+    "label",
+    "kind",
+    "device",
+    "dtype",
+    "status",
+    "reason",
+    "noise",
+    "fwd_ms",
+    "fwd_ms_p25",
+    "fwd_ms_p75",
+    "full_ms",
+    "full_ms_p25",
+    "full_ms_p75",
+    "fwd_peak_mib",
+    "full_peak_mib",
+    "fwd_tflops",
+    "full_tflops",
+    "full_gflop_counted",
+    "fwd_gbs",
+    "full_gbs",
+    *(f for k in RATIOS for f in (k, f"{k}_within_noise")),
+    "best_peer",
+    "mem_pct_of_naive",
+    "max_rel_err",
+]
+
+
+def write_json_csv(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            flat = dict(r, device=meta["device"], dtype=meta["dtype"])
+            for mode in ("fwd", "full"):
+                s = r.get(f"{mode}_ms")
+                flat[f"{mode}_ms"] = s["median"] if isinstance(s, dict) else None
+                flat[f"{mode}_ms_p25"] = s["p25"] if isinstance(s, dict) else None
+                flat[f"{mode}_ms_p75"] = s["p75"] if isinstance(s, dict) else None
+            if r.get("check"):
+                flat["max_rel_err"] = max(v["err"] for v in r["check"]["errors"].values())
+            w.writerow(flat)
+    return [jpath, cpath]
+
+
+def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+    """PNG plots of fwd+bwd time and peak memory vs N, per contender, one panel per (workload, D x V)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["workload"], r["model"], r["d"], r["v"]) for r in rows})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["contender"] for r in rows))}
+    paths = []
+    for metric, ylabel, fname in (
+        ("full_ms", "fwd+bwd time (ms)", "time"),
+        ("full_peak_mib", "peak memory above inputs (MiB)", "memory"),
+    ):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, (workload, model, d, v) in zip(axes[0], panels, strict=True):
+            sel = [
+                r for r in rows if (r["workload"], r["model"]) == (workload, model) and r["status"] == "ok"
+            ]
+            for name in dict.fromkeys(r["contender"] for r in sel):
+                pts = sorted((r["n"], _metric(r, metric), r["label"]) for r in sel if r["contender"] == name)
+                pts = [p for p in pts if p[1] is not None and p[1] > 0]
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker="o",
+                        label=pts[0][2],
+                        color=colors[name],
+                    )
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="N rows per clean branch",
+                ylabel=ylabel,
+                title=f"{workload} · {model} (D={d}, V={v})",
+            )
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{meta['device_name']} · {meta['dtype']}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_{fname}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _metric(r: dict, metric: str) -> float | None:
+    if metric == "full_ms":
+        return median(r)
+    return r.get(metric)
