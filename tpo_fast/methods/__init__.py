@@ -1,4 +1,4 @@
-"""The other seed methods on the same primitives (SPEC.md): POVID, CSR and FiSAO.
+"""The other seed methods on the same primitives (docs/math.md): POVID, CSR and FiSAO.
 
 - `povid_loss` / `POVIDLoss` / `povid_step`: POVID stage 2 (stage 1 is `tpo_fast.loss.dpo_loss`);
   train it with `TPOTrainer` and `TPOConfig(objective="povid")` (`tpo-fast train --objective povid`).

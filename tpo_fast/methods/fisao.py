@@ -1,6 +1,6 @@
 """FiSAO-style token-level alignment (arXiv 2410.14148, ICLR 2025) on the fused token primitive.
 
-No official code exists. tpo_fast treats FiSAO as (SPEC.md): a per-token reward `r_t` from a
+No official code exists. tpo_fast treats FiSAO as (docs/math.md): a per-token reward `r_t` from a
 pluggable verifier, plus a token-level policy-gradient objective with a KL to the reference,
 trained by rollout-then-update. The choices made here, where the paper leaves room:
 

@@ -1,4 +1,4 @@
-"""Image corruption for TPO's corrupted branch (SPEC.md, "Image corruption").
+"""Image corruption for TPO's corrupted branch (docs/math.md, "Image corruption").
 
 The official code (alibaba/TPO, `add_diffusion_noise`) takes the raw image as floats in [0, 1] at
 its original resolution, applies the forward diffusion step `t` of a 1000-step sigmoid schedule and
