@@ -72,6 +72,9 @@ class TPOConfig(TrainingArguments):
     max_length, prompt_template: the collator's (see `TPOCollator`).
     bad_records: "skip" or "error" for unusable records (see `load_preference_records`).
     loss_backend: the fused kernels' backend ("auto": triton on CUDA, torch on CPU).
+    loss_grad_mode: "fused" (default: TPO, DPO and POVID compute their gradient in the forward, chunk
+        by chunk of whole pairs, without recomputing the logits) or "recompute" (the per-token
+        primitive's recomputing backward).
     """
 
     objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})
@@ -94,6 +97,7 @@ class TPOConfig(TrainingArguments):
     prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata={"help": "prompt format"})
     bad_records: str = field(default="skip", metadata={"help": "skip or error"})
     loss_backend: str = field(default="auto", metadata={"help": "fused loss backend"})
+    loss_grad_mode: str = field(default="fused", metadata={"help": "fused (gradient in the forward) or recompute"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
 
     def __post_init__(self):
@@ -116,10 +120,11 @@ class TPOConfig(TrainingArguments):
             ("loss_type", ("sigmoid", "hinge", "ipo")),
             ("noise_overflow", ("wrap", "clamp")),
             ("bad_records", ("skip", "error")),
+            ("loss_grad_mode", ("fused", "recompute")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        from tpo_fast.methods.povid import check_povid_options
+        from tpo_fast.loss.povid import check_povid_options
 
         check_povid_options(self.povid_noise_weight)
         if self.precompute_reference and self.reference == "none":

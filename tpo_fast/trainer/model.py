@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tpo_fast.loss import dpo_loss, reference_sequence_scores, tpo_loss
+from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 
 OBJECTIVES = ("tpo", "dpo", "povid")
@@ -53,12 +53,15 @@ class StepOptions:
     reference: str = "model"
     ignore_index: int = -100
     backend: str = "auto"
+    grad_mode: str = "fused"
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
         check_povid_options(self.noise_weight)
 
     @property
@@ -254,18 +257,25 @@ def _full(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 class _Zero3GatheredLoss(torch.autograd.Function):
-    """The fused loss on a ZeRO-3 partitioned lm_head: gather in forward, gather and recompute in backward.
+    """The fused loss on a ZeRO-3 partitioned lm_head, applied while the weight is gathered (so autograd
+    records its full shape). With `grad_mode="fused"` the gradients are computed in the forward, while
+    the weight is gathered anyway, and backward only scales them: one gather, no recompute. With
+    "recompute" the forward runs without gradient and backward gathers again and differentiates.
 
-    Must be applied while the weight is gathered (so autograd records its full shape). Returns the
-    loss and the metric values stacked (not differentiable); their names are appended to the list `keys`.
+    Returns the loss and the metric values stacked (not differentiable); their names are appended to
+    the list `keys`.
     """
 
     @staticmethod
-    def forward(ctx, loss_fn, keys, weight, bias, hidden, corrupted_hidden):
-        with torch.no_grad():
-            out = loss_fn(weight.detach(), None if bias is None else bias.detach(), hidden, corrupted_hidden)
-        ctx.loss_fn, ctx.weight, ctx.bias = loss_fn, weight, bias
-        ctx.save_for_backward(hidden, corrupted_hidden)
+    def forward(ctx, loss_fn, keys, fused, weight, bias, hidden, corrupted_hidden):
+        need = ctx.needs_input_grad[3:7]
+        ctx.loss_fn, ctx.weight, ctx.bias, ctx.fused, ctx.grads = loss_fn, weight, bias, fused, None
+        if fused:
+            out, ctx.grads = _loss_and_grads(loss_fn, (weight, bias, hidden, corrupted_hidden), need, None)
+        else:
+            with torch.no_grad():
+                out = loss_fn(weight.detach(), None if bias is None else bias.detach(), hidden, corrupted_hidden)
+            ctx.save_for_backward(hidden, corrupted_hidden)
         keys.extend(sorted(out.metrics))
         metrics = torch.stack([out.metrics[k].detach().float().reshape(()) for k in keys])
         ctx.mark_non_differentiable(metrics)
@@ -273,20 +283,30 @@ class _Zero3GatheredLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
+        if ctx.fused:
+            if torch.is_grad_enabled():
+                raise RuntimeError("the fused-gradient loss has no second-order gradient; use grad_mode='recompute'")
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("backward ran twice through a fused-gradient loss; use grad_mode='recompute'")
+            return (None, None, None, *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads))
         hidden, corrupted_hidden = ctx.saved_tensors
-        weight, bias = ctx.weight, ctx.bias
-        need = ctx.needs_input_grad
-        with _gathered([weight, bias]), torch.enable_grad():
-            w = weight.detach().requires_grad_(need[2])
-            b = None if bias is None else bias.detach().requires_grad_(need[3])
-            h = hidden.detach().requires_grad_(need[4])
-            hc = None if corrupted_hidden is None else corrupted_hidden.detach().requires_grad_(need[5])
-            out = ctx.loss_fn(w, b, h, hc)
-            inputs = [x for x in (w, b, h, hc) if x is not None and x.requires_grad]
-            grads = iter(torch.autograd.grad(out.loss, inputs, grad_loss, allow_unused=True) if inputs else ())
-            # Fresh tensors: they outlive the gathered storage, released when the context exits.
-            result = [next(grads) if x is not None and x.requires_grad else None for x in (w, b, h, hc)]
-        return (None, None, *result)
+        with _gathered([ctx.weight, ctx.bias]):
+            _, grads = _loss_and_grads(ctx.loss_fn, (ctx.weight, ctx.bias, hidden, corrupted_hidden),
+                                       ctx.needs_input_grad[3:7], grad_loss)
+        return (None, None, None, *grads)
+
+
+def _loss_and_grads(loss_fn, inputs, need, grad_loss):
+    """loss_fn's output on detached copies of (weight, bias, hidden, corrupted_hidden) and the gradients
+    of its loss (scaled by grad_loss, or 1) with respect to those flagged in `need`; fresh tensors that
+    outlive a gathered weight's storage."""
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_(bool(n)) for x, n in zip(inputs, need, strict=True)]
+        out = loss_fn(*leaves)
+        wanted = [x for x in leaves if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad(out.loss, wanted, grad_loss, allow_unused=True) if wanted else ())
+        return out, [next(grads) if x is not None and x.requires_grad else None for x in leaves]
 
 
 def sequence_reference_scores(
@@ -349,6 +369,7 @@ def policy_loss(
         ref_seq_scores=ref_seq_scores, beta=options.beta, loss_type=options.loss_type,
         label_smoothing=options.label_smoothing, reference_free=options.reference == "none",
         average_log_prob=options.average_log_prob, ignore_index=options.ignore_index, backend=options.backend,
+        grad_mode=options.grad_mode,
     )
 
     def loss_fn(weight, bias, h, hc):
@@ -366,7 +387,7 @@ def policy_loss(
         keys: list[str] = []
         with _gathered([lm_head.weight, lm_head.bias]):
             loss, values = _Zero3GatheredLoss.apply(
-                loss_fn, keys, lm_head.weight, lm_head.bias, hidden, corrupted_hidden
+                loss_fn, keys, options.grad_mode == "fused", lm_head.weight, lm_head.bias, hidden, corrupted_hidden
             )
         metrics = dict(zip(keys, values.unbind(0), strict=False))
     else:

@@ -164,6 +164,7 @@ class TPOTrainer(Trainer):
             detach_weights=args.detach_weights, noise_weight=args.povid_noise_weight, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
             average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
+            grad_mode=args.loss_grad_mode,
         )
         route_forward(model, self.step_options)
         if ref_model is not None:
