@@ -2,7 +2,9 @@
 # The prepared device run for a session that has a GPU (issue 7), one command:
 #   1. editable install (no extension), then the C++/CUDA extension built in the background;
 #   2. bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, accuracy, tiles x TMA sweep;
-#   3. the test suite with compiled Triton kernels and the CUDA extension (no interpreter);
+#   3. the test suite with compiled Triton kernels and the CUDA extension (no interpreter); the checks that only
+#      a GPU run reaches (the CUDA extension's kernel, the split backward's 16-bit multi-chunk accumulation)
+#      are counted after it: skipped there means untested, a failed CUDA build fails;
 #   4. bench/run.py --cases gpu-target (TPO, DPO) with the best tiles of step 2.
 # Logs and results go to $OUT (the device tool's folder, 8 files) or /tmp/tpo_fast_gpu.
 #
@@ -37,6 +39,8 @@ timeout 260 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider
     --ignore=tests/test_trainer_dist.py --ignore=tests/test_kernels_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
 tail -2 "$OUT/tests.log"
+echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
+    | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
 stamp "bench/run.py with TPO_FAST_TILES=$BEST_TILES TPO_FAST_TMA=$BEST_TMA"
 TPO_FAST_TILES="$BEST_TILES" TPO_FAST_TMA="$BEST_TMA" timeout 110 python3 bench/run.py --cases gpu-target \
     --workloads tpo,dpo,primitive --contenders naive,liger,cce,trl,tpo_fast-triton,floor --repeats 10 --warmup 2 --timeout 60 \

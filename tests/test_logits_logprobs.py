@@ -3,6 +3,8 @@
 Backends on CPU: "cpp" (the compiled extension: the installed tpo_fast._C, else a JIT build into the
 cache; skipped only without a C++ compiler), "triton" (the twin under TRITON_INTERPRET=1, tiny shapes),
 "torch". The CUDA kernel's tests run only where a CUDA device is present and skip with the reason here.
+Where the CUDA kernels can be built (a CUDA device, a CUDA build of torch and nvcc), a failed build is a
+failure, not a skip: a broken kernel must not pass as "skipped" on a GPU machine.
 """
 
 from __future__ import annotations
@@ -29,20 +31,43 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-@pytest.fixture(scope="session")
-def ext():
-    """The compiled extension: installed, else built once via the JIT path (MAX_JOBS bounds the build)."""
-    want_cuda = HAS_CUDA
-    if _ext.HAS_CPU_EXT and (_ext.HAS_CUDA_EXT or not want_cuda):
+def cuda_build_unavailable() -> str | None:
+    """Why the CUDA kernels cannot be built here (no device, a CPU-only torch, no nvcc), or None if they can."""
+    if not HAS_CUDA:
+        return NO_CUDA_REASON
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return "the CUDA kernels need nvcc and a CUDA build of torch (CUDA_HOME not found)"
+    return None
+
+
+def load_ext():
+    """The compiled extension: installed, else built once via the JIT path (MAX_JOBS bounds the build).
+
+    Skips only where no build can work (no C++ compiler); a CPU-only extension is kept where the CUDA kernels
+    cannot be built. A build that should work and fails raises.
+    """
+    if _ext.HAS_CPU_EXT and (_ext.HAS_CUDA_EXT or cuda_build_unavailable() is not None):
         return _ext.get()
     if not _ext.compiler_available():
         pytest.skip(f"tpo_fast._C is not installed ({_ext.IMPORT_ERROR}) and no C++ compiler exists to build it")
-    if _ext.HAS_CPU_EXT and want_cuda:
-        try:
-            return _ext.load_jit(with_cuda=True)
-        except Exception as e:  # noqa: BLE001
-            pytest.skip(f"tpo_fast._C has no CUDA kernels and the JIT CUDA build failed: {e}")
+    if _ext.HAS_CPU_EXT:  # installed without CUDA kernels on a machine that can build them
+        return _ext.load_jit(with_cuda=True)
     return _ext.load_jit()
+
+
+def require_cuda_ext() -> None:
+    """Skip where the CUDA kernels cannot be built; fail where they can but the extension lacks them."""
+    why = cuda_build_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    assert _ext.HAS_CUDA_EXT, "tpo_fast._C has no CUDA kernels although CUDA, torch's CUDA and nvcc are present"
+
+
+@pytest.fixture(scope="session")
+def ext():
+    return load_ext()
 
 
 def _triton_ok() -> bool:
@@ -65,8 +90,7 @@ def backend(request):
         if not HAS_CUDA:
             pytest.skip(NO_CUDA_REASON)
         request.getfixturevalue("ext")
-        if not _ext.HAS_CUDA_EXT:
-            pytest.skip("tpo_fast._C was built without CUDA kernels")
+        require_cuda_ext()
         return name, "cuda"
     if name == "triton":
         if not _triton_ok():
@@ -370,8 +394,7 @@ def test_extension_checks_its_inputs(ext):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n, v", [(64, 32000), (33, 50257), (16, 7)], ids=["llama", "odd_vocab", "tiny_vocab"])
 def test_cuda_kernel_at_model_shapes(ext, dtype, n, v):
-    if not _ext.HAS_CUDA_EXT:
-        pytest.skip("tpo_fast._C was built without CUDA kernels")
+    require_cuda_ext()
     x, t = _inputs(n, v, dtype, "cuda")
     xc = _inputs(n, v, dtype, "cuda")[0]
     _check(*_run(logits_logprobs, x, t, xc, backend="cuda"), _ref(x, t, xc), dtype)
@@ -379,3 +402,44 @@ def test_cuda_kernel_at_model_shapes(ext, dtype, n, v):
     base = _inputs(n, v + 3, dtype, "cuda")[0]
     xs = base[:, 1 : v + 1]
     _check(*_run(logits_logprobs, xs, t, backend="cuda"), _ref(xs.contiguous(), t), dtype)
+
+
+@pytest.mark.parametrize(
+    "has_cuda, cuda_home, expect",
+    [(False, None, "cpu-extension"), (True, None, "skip"), (True, "/usr/local/cuda", "raise")],
+    ids=["no-cuda", "cuda-without-nvcc", "cuda-with-nvcc"],
+)
+def test_failed_cuda_build_is_a_failure_only_where_it_can_work(monkeypatch, has_cuda, cuda_home, expect):
+    """An installed CPU-only extension: where CUDA and nvcc exist the CUDA build is attempted and its failure
+    raises; without nvcc the CPU extension is used and the CUDA tests skip; without CUDA nothing is built."""
+    import sys
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "HAS_CUDA", has_cuda)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_ext, "HAS_CPU_EXT", True)
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
+    monkeypatch.setattr(_ext, "get", lambda: "cpu-extension")
+
+    def broken_build(with_cuda=None):
+        raise RuntimeError("nvcc: error")
+
+    monkeypatch.setattr(_ext, "load_jit", broken_build)
+    if expect == "raise":
+        try:
+            load_ext()
+        except pytest.skip.Exception as e:  # what a skip would hide on a GPU machine
+            pytest.fail(f"a CUDA build that should work failed and was skipped: {e.msg}")
+        except RuntimeError as e:
+            assert "nvcc: error" in str(e)
+        else:
+            pytest.fail("the failed CUDA build raised nothing")
+        with pytest.raises(AssertionError, match="no CUDA kernels"):
+            require_cuda_ext()
+        return
+    assert load_ext() == "cpu-extension"
+    with pytest.raises(pytest.skip.Exception):
+        require_cuda_ext()
