@@ -74,6 +74,29 @@ def token_advantages(
     return r
 
 
+def _kl(diff: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from `diff = ref_logp - logp` (Schulman's k1, k2, k3)."""
+    if estimator == "k1":
+        return -diff
+    if estimator == "k2":
+        return 0.5 * diff**2
+    return torch.exp(diff) - diff - 1
+
+
+def _pg_metrics(mask, surrogate, ratio, adv, kl, logp) -> dict[str, torch.Tensor]:
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    count = mask.sum().clamp(min=1)
+    is_clipped = (surrogate != ratio * adv) & mask
+    return {
+        "pg/loss": torch.where(mask, -surrogate, zero).sum() / count,
+        "pg/clip_frac": is_clipped.sum().float() / count,
+        "pg/ratio_mean": torch.where(mask, ratio, zero).sum() / count,
+        "kl/mean": torch.where(mask, kl, zero).sum() / count,
+        "advantages/mean": adv.sum() / count,
+        "logps/mean": torch.where(mask, logp, zero).sum() / count,
+    }
+
+
 def token_pg_loss(
     weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -140,13 +163,7 @@ def token_pg_loss(
     per_token = -surrogate
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
-        diff = torch.where(mask, ref_logprobs.detach().float() - logp, zero)
-        if kl_estimator == "k1":
-            kl = -diff
-        elif kl_estimator == "k2":
-            kl = 0.5 * diff**2
-        else:
-            kl = torch.exp(diff) - diff - 1
+        kl = _kl(torch.where(mask, ref_logprobs.detach().float() - logp, zero), kl_estimator)
         per_token = per_token + kl_coef * kl
     per_token = torch.where(mask, per_token, zero)
     count = mask.sum().clamp(min=1)
@@ -155,13 +172,5 @@ def token_pg_loss(
     else:
         loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     with torch.no_grad():
-        is_clipped = (surrogate != ratio * adv) & mask
-        metrics = {
-            "pg/loss": (torch.where(mask, -surrogate, zero).sum() / count).detach(),
-            "pg/clip_frac": is_clipped.sum().float() / count,
-            "pg/ratio_mean": torch.where(mask, ratio, zero).sum() / count,
-            "kl/mean": torch.where(mask, kl, zero).sum() / count,
-            "advantages/mean": adv.sum() / count,
-            "logps/mean": torch.where(mask, logp, zero).sum() / count,
-        }
+        metrics = _pg_metrics(mask, surrogate, ratio, adv, kl, logp)
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
