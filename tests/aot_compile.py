@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
 from tpo_fast.kernels.logits_logprobs import logits_backward_kernel, logits_forward_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
+from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
 from tpo_fast.ops.triton_impl import _GPU_ATOMIC_TILES, _GPU_TILES, TileConfig
@@ -37,9 +38,14 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         w_desc = f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>" if flag else p
         yield token_lse_partial_kernel, {
             "H": p, "W": p, "B": p, "H_DESC": h_desc, "W_DESC": w_desc, "M_PART": "*fp32", "S_PART": "*fp32",
-            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32",
+            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32", "Z_OUT": "*fp32", "stride_zo": "i32",
         }, {"HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
-            **gemm}, cfg.num_warps, cfg.num_stages
+            **gemm, "STORE_LOGITS": flag}, cfg.num_warps, cfg.num_stages
+        # the fused-gradient losses' dZ, written over fp32 logits in the input dtype
+        yield softmax_grad_inplace_kernel, {
+            "Z": "*fp32", "DZ": p, "LSE": "*fp32", "COEF_P": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", "Y2": "*i64",
+            "COEF_Y2": "*fp32", "R": "i32", "V": "i32", "stride_z": "i32", "stride_dz": "i32",
+        }, {"HAS_Y2": flag, "BLOCK_N": 4, "BLOCK_V": 1024}, 8, 3
         yield softmax_grad_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
             "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
@@ -73,7 +79,7 @@ def aligned(sig: dict[str, str]) -> dict:
     vector loads and the cp.async software pipeline, so shared memory is checked as it will be used."""
     names = list(sig)
     return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k in (
-        "D", "stride_dz", "stride_x", "stride_g")}
+        "D", "stride_dz", "stride_x", "stride_g", "stride_z", "stride_zo")}
 
 
 def main(archs: list[int]) -> int:
