@@ -78,8 +78,9 @@ def derive(rows: list[dict], device: str) -> None:
             _ratio(r, by.get("naive"), "speedup_vs_naive")
             if r["kind"] in ("ours", "baseline", "peer") and _ratio(r, best, "speedup_vs_best_peer"):
                 r["best_peer"] = best["contender"]
-            _ratio(r, by.get("floor"), "pct_of_floor", 100)
-            _ratio(r, by.get("floor-valid"), "pct_of_valid_floor", 100)
+            if r["kind"] != "floor":  # the floors are the yardsticks, not measured against each other
+                _ratio(r, by.get("floor"), "pct_of_floor", 100)
+                _ratio(r, by.get("floor-valid"), "pct_of_valid_floor", 100)
 
 
 def _ratio(r: dict, ref: dict | None, key: str, scale: float = 1.0) -> bool:

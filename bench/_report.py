@@ -221,11 +221,15 @@ def _winner(fair: list[dict]) -> str:
         )
         if win.get("mem_pct_of_naive") is not None:
             text += f", peak memory {win['mem_pct_of_naive']:.1f}% of naive's"
-    floor = "memory floor" if win["workload"] == "logits" else "matmul floor"
-    if win.get("pct_of_floor") is not None:
-        text += f"; {win['pct_of_floor']:.0f}% of the {floor}"
-    if win.get("pct_of_valid_floor") is not None:
-        text += f" ({win['pct_of_valid_floor']:.0f}% of the valid-rows floor)"
+    floors = {"pct_of_floor": "memory floor" if win["workload"] == "logits" else "matmul floor"}
+    floors["pct_of_valid_floor"] = "valid-rows floor"
+    of_floors = [
+        f"{win[k]:.0f}% of the {name}" + (" (within noise)" if win[f"{k}_within_noise"] else "")
+        for k, name in floors.items()
+        if win.get(k) is not None
+    ]
+    if of_floors:
+        text += "; " + ", ".join(of_floors)
     if win.get("full_gbs") is not None:
         text += f" ({win['full_gbs']:.3g} GB/s)"
     return text

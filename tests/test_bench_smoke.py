@@ -331,12 +331,13 @@ def test_ratios_say_when_they_are_within_noise():
     assert by["ours"]["speedup_vs_naive_within_noise"] is False
     assert by["ours"]["pct_of_floor"] == pytest.approx(100 * 41 / 51)
     assert by["ours"]["pct_of_valid_floor"] == pytest.approx(100 * 30.5 / 51)
+    assert "pct_of_floor" not in by["floor-valid"] and "pct_of_valid_floor" not in by["floor"]
     table = report.table(rows, {"dtype": "fp32"})
     assert "| peer | 104 ±6% | 104 ±6% | — | ≈1.06x | — | 39% / 29% | — | ok |" in table
     assert "| ours | 51 ±2% | 51 ±2% | — | 2.16x | 2.04x | 80% / 60% | — | ok |" in table
     assert report.verdict(rows) == [
         "- tpo · cpu-tiny: **ours** wins at 51 ms, 2.04x faster than the next, peer; 2.16x vs naive; "
-        "80% of the matmul floor (60% of the valid-rows floor)."
+        "80% of the matmul floor, 60% of the valid-rows floor."
     ]
     tie = [_timed_row("naive", "baseline", [100.0, 110.0, 120.0]), _timed_row("peer", "peer", [98.0, 104.0, 110.0])]
     derive.derive(tie, "cpu")
