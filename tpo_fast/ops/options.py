@@ -16,7 +16,8 @@ Fields (variable, default): meaning.
   "block_n,block_v,block_d,num_warps,num_stages[,group_n]"; None: the tuned defaults of triton_impl.py.
 - `tma` (TPO_FAST_TMA, "auto"): bulk tensor copy loads; "auto" (Hopper and newer, 16-byte aligned rows),
   "0" never, "1" also under the interpreter.
-- `chunk_mb` (TPO_FAST_CHUNK_MB, 256.0): MiB budget of the split backward's N x chunk gradient buffer.
+- `chunk_mb` (TPO_FAST_CHUNK_MB, 256.0): MiB budget of the split backward's N x chunk gradient buffer,
+  and of the fused-gradient losses' per-chunk fp32 logits buffer (rows x V x 4 B, whole pairs).
 - `allow_tf32` (TPO_FAST_ALLOW_TF32, False): TF32 products for fp32 inputs (about 1e-3 relative error);
   the variable turns it on with any value but "" and "0".
 - `backward` (TPO_FAST_BACKWARD, "split"): "split" (softmax-gradient chunks + two GEMMs, no atomics)
