@@ -48,7 +48,7 @@ def noise_flag(row: dict, device: str) -> str | None:
     if s["median"] < floor_ms:
         why.append(f"too short ({s['median']:.3g} ms < {floor_ms:g} ms)")
     if (spread := spread_pct(s)) > MAX_SPREAD_PCT:
-        why.append(f"too noisy (IQR {spread:.0f}% > {MAX_SPREAD_PCT:.0f}%)")
+        why.append(f"too noisy (IQR {spread:.3g}% > {MAX_SPREAD_PCT:g}%)")
     return "; ".join(why) or None
 
 

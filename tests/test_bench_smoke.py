@@ -299,6 +299,9 @@ def test_noise_rule_flags_short_noisy_and_few_repeat_timings():
     # A flagged floor gives nobody a % of floor; a flagged peer is no best peer.
     assert "pct_of_floor" not in by["good"] and "speedup_vs_best_peer" not in by["good"]
     assert by["good"]["speedup_vs_naive"] == pytest.approx(110 / 51)
+    edge = [_timed_row("at", "ours", [80.0, 100.0, 130.0]), _timed_row("above", "ours", [80.0, 100.0, 131.0])]
+    derive.derive(edge, "cpu")
+    assert edge[0]["noise"] is None and edge[1]["noise"] == "too noisy (IQR 25.5% > 25%)"  # 25% passes
     gpu = [_timed_row("gpu", "ours", [1.5, 1.5, 1.5])]
     derive.derive(gpu, "cuda")
     assert gpu[0]["noise"] is None  # the CUDA threshold is 1 ms
