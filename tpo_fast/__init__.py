@@ -5,12 +5,13 @@ the lm_head weight to per-token log-probs without ever materializing N x V logit
 """
 
 from tpo_fast.ops import BACKENDS, TokenStats, target_logits, token_logprobs, token_stats
-from tpo_fast.ops.logits import LogitsLogprobs, logits_logprobs
+from tpo_fast.ops.logits import LOGITS_BACKENDS, LogitsLogprobs, logits_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LOGITS_BACKENDS",
     "LogitsLogprobs",
     "TokenStats",
     "logits_logprobs",

@@ -14,6 +14,7 @@ argument (`backend="auto"` with TPO_FAST_JIT=1 passes `KernelOptions.ext_cache`,
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -30,7 +31,9 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 _module: ModuleType | None
 try:
-    from tpo_fast import _C as _module  # type: ignore[attr-defined]
+    # import_module, not `from tpo_fast import _C`: tpo_fast is still half-imported here, and the latter
+    # words a missing extension as "partially initialized module ... (most likely due to a circular import)"
+    _module = importlib.import_module("tpo_fast._C")
 except ImportError as e:
     _module = None
     IMPORT_ERROR: str | None = str(e)
