@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-compat bench lint
+.PHONY: setup test test-compat bench lint mutants
 
 setup:
 	bash scripts/setup.sh $(VENV)
@@ -21,3 +21,9 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check tpo_fast kernels bench tests
+
+# Mutation testing of one module in a copy of the tree (not CI; minutes per module on 2 cores), e.g.
+#   make mutants MODULE=tpo_fast/ops/torch_chunked.py [TESTS="tests/..."] [FUNCTIONS="forward backward"]
+# (docs/testing.md)
+mutants:
+	PY=$(PY) MODULE=$(MODULE) TESTS="$(TESTS)" FUNCTIONS="$(FUNCTIONS)" bash scripts/mutants.sh

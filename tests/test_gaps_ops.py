@@ -57,3 +57,112 @@ def test_split_backward_accumulates_16bit_chunks(monkeypatch, dtype):
         assert t.grad.dtype == dtype
         err, bound = _worst(t.grad.cpu(), e.grad), 2 * _worst(p.grad, e.grad) + ATOL[dtype]
         assert err <= bound, f"grad {name}: worst error {err:.3g} > {bound:.3g}"
+
+
+# Which inputs take gradient and which outputs get an upstream gradient: every branch of the backwards
+# (a frozen head, a frozen trunk, a corrupted branch with or without its own upstream gradient).
+GRAD_CASES = {
+    "all": dict(grads="hwbc", upstream="pzlc"),
+    "weight-only": dict(grads="w", upstream="p"),
+    "hidden-only": dict(grads="h", upstream="pz"),
+    "bias-only": dict(grads="b", upstream="p"),
+    "corrupted-upstream-only": dict(grads="hwbc", upstream="c"),
+    "corrupted-without-upstream": dict(grads="hwbc", upstream="p"),
+}
+
+
+@pytest.fixture
+def several_chunks(monkeypatch):
+    """Every chunked loop in several chunks: 4 rows per torch chunk, a few vocabulary tiles per Triton chunk."""
+    from tpo_fast.ops import torch_chunked
+
+    monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 4)
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", "0.01")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(GRAD_CASES), ids=list(GRAD_CASES))
+def test_chunked_backends_over_several_chunks(several_chunks, backend, case):
+    """Outputs and gradients over several chunks match the reference, for every subset of inputs taking gradient."""
+    grads, upstream = GRAD_CASES[case]["grads"], GRAD_CASES[case]["upstream"]
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 37, 24, 600
+    base = dict(h=torch.randn(n, d, generator=g), w=torch.randn(v, d, generator=g) / d**0.5,
+                b=torch.randn(v, generator=g) * 0.1, c=torch.randn(n, d, generator=g))
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::7] = -100
+    up = {k: torch.randn(n, generator=g) for k in "pzlc"}
+
+    def run(name):
+        dev = device if name != "reference" else "cpu"
+        t = {k: x.clone().to(dev).requires_grad_(k in grads) for k, x in base.items()}  # fresh leaves per run
+        s = tpo_fast.token_stats(t["h"], t["w"], y.to(t["h"].device), bias=t["b"], corrupted_hidden=t["c"],
+                                 backend=name)
+        outs = dict(p=s.logprobs, z=s.target_logits, l=s.lse, c=s.corrupted_target_logits)
+        sum(((outs[k] * up[k].to(outs[k].device)).sum() for k in upstream), torch.zeros((), device=outs["p"].device)) \
+            .backward()
+        return outs, {k: (None if x.grad is None else x.grad.cpu()) for k, x in t.items()}, s
+
+    outs, got, s = run(backend)
+    ref_outs, want, _ = run("reference")
+    assert s.argmax is None
+    for k in outs:
+        torch.testing.assert_close(outs[k].detach().cpu(), ref_outs[k].detach(), rtol=1e-5, atol=1e-5, msg=k)
+    for k in base:
+        if k not in grads or want[k] is None:
+            assert got[k] is None or not got[k].any(), f"grad of {k}: expected none"
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"grad of {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_argmax_and_absent_corrupted_branch_over_several_chunks(several_chunks, backend):
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(21, 16, generator=g).to(device), torch.randn(300, 16, generator=g).to(device)
+    y = torch.randint(0, 300, (21,), generator=g).to(device)
+    y[3] = -100
+    s = tpo_fast.token_stats(h, w, y, backend=backend, return_argmax=True)
+    assert s.corrupted_target_logits is None
+    assert s.argmax.dtype == torch.int64
+    want = (h @ w.t()).argmax(-1)
+    want[3] = -1
+    assert torch.equal(s.argmax, want)
+
+
+def test_torch_backend_with_a_vocabulary_above_the_row_budget():
+    """V above 32 Mi / 1024: the torch backend's chunk is smaller than its default 1024 rows."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(40_000, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 40_000, (6,), generator=g)
+    got = tpo_fast.token_logprobs(h, w, y, backend="torch")
+    want = torch.log_softmax(h.detach() @ w.detach().t(), -1).gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_target_logits_gradients_with_a_frozen_input(backend, frozen):
+    """The rank-1 gather backward builds only the gradients asked for; the others stay None."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(6)
+    base = dict(hidden=torch.randn(13, 8, generator=g), weight=torch.randn(50, 8, generator=g),
+                bias=torch.randn(50, generator=g))
+    y = torch.randint(0, 50, (13,), generator=g)
+    y[2] = -100
+    up = torch.randn(13, generator=g)
+    results = {}
+    for name in (backend, "reference"):
+        dev = device if name != "reference" else "cpu"
+        t = {k: x.clone().to(dev).requires_grad_(k != frozen) for k, x in base.items()}
+        out = tpo_fast.target_logits(t["hidden"], t["weight"], y.to(dev), bias=t["bias"], backend=name)
+        (out * up.to(dev)).sum().backward()
+        results[name] = (out.detach().cpu(), {k: None if x.grad is None else x.grad.cpu() for k, x in t.items()})
+    (out, grads), (want_out, want) = results[backend], results["reference"]
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    assert grads[frozen] is None
+    for k in base:
+        if k != frozen:
+            torch.testing.assert_close(grads[k], want[k], rtol=1e-5, atol=1e-5, msg=k)

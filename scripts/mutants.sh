@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Mutation testing of one module with mutmut 3, in a copy of the tree (the working tree is never touched):
+#
+#   make mutants MODULE=tpo_fast/ops/torch_chunked.py            # the module's default tests (below)
+#   make mutants MODULE=tpo_fast/loss TESTS="tests/test_loss.py"  # a folder, other tests
+#
+# The tracked and untracked-not-ignored files are copied to $MUTANTS_DIR/<module> (default /tmp/tpo_fast_mutants),
+# mutmut instruments the module there (mutants/ inside the copy), runs each mutant against the tests that reach
+# the mutated function, and the summary (killed / survived / timeout ... and the kill rate) is printed and
+# written to summary.txt in the copy; `cd <copy> && mutmut show <name>` shows one mutant's diff.
+# JOBS (default 2) bounds the parallel mutant runs; PYTEST_MARK selects tests (default "not slow"); PYTEST_ARGS
+# adds pytest options; FUNCTIONS="f g" mutates only those functions (or methods) of MODULE.
+# Not part of CI: one module takes minutes on 2 cores. docs/testing.md lists the known equivalent survivors.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PY:-.venv/bin/python}"
+case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; esac  # relative to the repository root (the Makefile's .venv/bin/python)
+MODULE="${MODULE:-${1:-}}"
+MODULE="${MODULE%/}"
+[ -n "$MODULE" ] || { echo "usage: make mutants MODULE=tpo_fast/<path> [TESTS=\"tests/test_x.py ...\"]" >&2; exit 2; }
+[ -e "$ROOT/$MODULE" ] || { echo "MODULE=$MODULE: no such file or folder under $ROOT" >&2; exit 2; }
+case "$MODULE" in tpo_fast/*) ;; *) echo "MODULE must lie in tpo_fast/ (got $MODULE)" >&2; exit 2 ;; esac
+"$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
+
+if [ -z "${TESTS:-}" ]; then
+    case "$MODULE" in
+        tpo_fast/ops/torch_chunked.py|tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
+            TESTS="tests/test_primitives.py tests/test_gaps_ops.py" ;;
+        tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py" ;;
+        tpo_fast/ops*) TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py" ;;
+        tpo_fast/loss*) TESTS="tests/test_loss.py tests/test_fused_loss.py tests/test_povid.py tests/test_fisao.py" ;;
+        tpo_fast/trainer/model.py)
+            TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_povid.py" ;;
+        tpo_fast/trainer*) TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_data_preferences.py" ;;
+        tpo_fast/methods*) TESTS="tests/test_csr.py tests/test_gaps_methods.py tests/test_fisao.py tests/test_povid.py" ;;
+        *) echo "no default tests for $MODULE: pass TESTS=\"tests/...\"" >&2; exit 2 ;;
+    esac
+fi
+
+SLUG="$(echo "$MODULE" | tr '/.' '__')"
+WORK="${MUTANTS_DIR:-/tmp/tpo_fast_mutants}/$SLUG"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} sh -c '[ -e "{}" ] && echo "{}"' \
+    | tar -cf - -T - && ls tpo_fast/_C*.so 2>/dev/null | tar -cf - -T - 2>/dev/null || true) | tar -xif - -C "$WORK"
+# tpo_fast.kernels installs from kernels/; in the copy it sits inside the package so the mutants import it from there.
+cp -r "$WORK/kernels" "$WORK/tpo_fast/kernels"
+ONLY="$MODULE"
+[ -d "$WORK/$MODULE" ] && ONLY="$MODULE/*"
+{
+    echo "[mutmut]"
+    echo "source_paths = tpo_fast"
+    echo "only_mutate = $ONLY"
+    echo "pytest_add_cli_args_test_selection ="
+    for t in $TESTS; do echo "    $t"; done
+    echo "pytest_add_cli_args ="
+    echo "    -p"
+    echo "    no:cacheprovider"
+    echo "    -m"
+    echo "    ${PYTEST_MARK:-not slow}"
+    for a in ${PYTEST_ARGS:-}; do echo "    $a"; done
+    echo "timeout_multiplier = 5.0"
+    echo "timeout_constant = 20.0"
+} > "$WORK/setup.cfg"
+
+cd "$WORK"
+echo "mutants of $MODULE in $WORK against: $TESTS"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+set +e
+NAMES=()
+for f in ${FUNCTIONS:-}; do NAMES+=("*.x_${f}__mutmut_*" "*ǁ${f}__mutmut_*"); done
+nice -n 10 "$PY" -m mutmut run --max-children "${JOBS:-2}" "${NAMES[@]}" > run.log 2>&1
+RC=$?
+set -e
+tail -5 run.log | tr '\r' '\n' | tail -3
+"$PY" -m mutmut results --all true > results.txt 2>&1 || true
+"$PY" - "$MODULE" "$(( $(date +%s) - T0 ))" <<'EOF' | tee summary.txt
+import collections, re, sys
+counts = collections.Counter()
+survivors = []
+for line in open("results.txt"):
+    m = re.match(r"\s*(\S+): (.+)$", line)
+    if not m:
+        continue
+    counts[m.group(2).strip()] += 1
+    if m.group(2).strip() == "survived":
+        survivors.append(m.group(1))
+total = sum(counts.values())
+killed = counts["killed"] + counts["timeout"] + counts.get("caught by type check", 0)
+tested = total - counts["no tests"] - counts["skipped"] - counts["not checked"]
+rate = 100.0 * killed / tested if tested else 0.0
+print(f"{sys.argv[1]}: {total} mutants, {dict(counts)}; killed {killed} of {tested} with tests = {rate:.1f}% "
+      f"({sys.argv[2]} s)")
+for name in survivors:
+    print(f"survived: {name}")
+EOF
+exit $RC
