@@ -159,3 +159,27 @@ def test_demo_keeps_a_model_that_train_goes_on_from(tmp_path, monkeypatch, capsy
     assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "processor_config.json").exists()
     state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
     assert len([h for h in state["log_history"] if "loss" in h]) == 2
+
+
+def test_train_grad_mode_reaches_the_config(tmp_path, model_dir, monkeypatch):
+    """`--grad-mode` (default fused) is `TPOConfig.loss_grad_mode`; anything else does not parse."""
+    import tpo_fast.trainer.config as config
+
+    p = _subparsers()["train"]
+    base = ["--model", str(model_dir), "--data", "d", "--output-dir", str(tmp_path / "o")]
+    assert p.parse_args(base).grad_mode == "fused"
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--grad-mode", "atomic"])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(config, "TPOConfig", capture)
+    with pytest.raises(Stop):
+        SUBCOMMANDS["train"].run(p.parse_args([*base, "--grad-mode", "recompute"]))
+    assert seen["loss_grad_mode"] == "recompute"

@@ -16,6 +16,7 @@ import os
 import sys
 
 from tpo_fast.cli import csr, demo, fisao, train
+from tpo_fast.cli import eval as eval_cmd
 from tpo_fast.cli._common import HelpFormatter, Subcommand, UsageError
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -30,6 +31,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                       csr.add_arguments, csr.run, csr.check),
     "fisao": Subcommand("FiSAO: vision-encoder token rewards + clipped token-level policy gradient",
                         fisao.add_arguments, fisao.run, fisao.check),
+    "eval": Subcommand("object hallucination on images with known objects: POPE yes/no probing and CHAIR captions",
+                       eval_cmd.add_arguments, eval_cmd.run, eval_cmd.check, epilog=eval_cmd.EPILOG),
 }
 
 

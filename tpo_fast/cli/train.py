@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference loss")
     p.add_argument("--offset", type=float, default=0.5, help="offset a of TPO's token weight")
     p.add_argument("--detach-weights", action="store_true", help="no gradient through the corrupted-image branch")
+    p.add_argument("--grad-mode", choices=("fused", "recompute"), default="fused",
+                   help="loss gradient: fused (computed in the forward, no logits recompute) or recompute "
+                        "(the per-token primitive's backward)")
     p.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo"), default="sigmoid",
                    help="preference loss on the reward margin")
     p.add_argument("--reference", choices=("auto", "model", "adapter", "none"), default="auto",
@@ -92,7 +95,7 @@ def run(a: argparse.Namespace) -> int:
     noise_seed = None if a.noise_seed < 0 else a.noise_seed
     args = TPOConfig(
         output_dir=a.output_dir, objective=a.objective, povid_noise_weight=a.povid_noise_weight, beta=a.beta,
-        offset=a.offset, detach_weights=a.detach_weights, loss_backend=a.backend,
+        offset=a.offset, detach_weights=a.detach_weights, loss_backend=a.backend, loss_grad_mode=a.grad_mode,
         loss_type=a.loss_type, reference=a.reference, precompute_reference=a.precompute_reference,
         num_train_epochs=a.epochs, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, warmup_steps=a.warmup_steps,

@@ -1,0 +1,264 @@
+"""The hallucination check (tpo_fast/methods/hallucination.py, `tpo-fast eval`): POPE metrics and CHAIR
+rates against hand-counted oracles, POPE's negative rules on a hand-made object list, yes/no answers
+that do not depend on the batch, and the command on a tiny model with its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tpo_fast.cli import main
+from tpo_fast.methods.hallucination import (
+    SPLITS,
+    EvalOptions,
+    ImageObjects,
+    Obj,
+    caption_mentions,
+    chair,
+    load_objects,
+    make_eval_set,
+    pope_metrics,
+    pope_probes,
+)
+
+
+def O(name: str) -> Obj:  # noqa: E743
+    colour, shape = name.split()
+    return Obj(colour, shape)
+
+
+def _items(*images: tuple[str, ...]) -> list[ImageObjects]:
+    return [ImageObjects(f"{i}.png", frozenset(O(n) for n in names)) for i, names in enumerate(images)]
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+def test_pope_metrics_on_counted_answers():
+    truth = [True] * 4 + [False] * 6
+    answers = [True, True, True, False] + [True, False, False, False, True, False]
+    # tp 3, fn 1, fp 2, tn 4
+    m = pope_metrics(truth, answers)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"], m["n"]) == (3, 1, 2, 4, 10)
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(2 * (3 / 5) * (3 / 4) / (3 / 5 + 3 / 4))
+    assert m["yes_ratio"] == pytest.approx(5 / 10)
+
+
+def test_pope_metrics_edges():
+    never = pope_metrics([True, False, False], [False, False, False])
+    assert (never["precision"], never["recall"], never["f1"], never["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
+    assert never["accuracy"] == pytest.approx(2 / 3)
+    always = pope_metrics([True, False, False, False], [True] * 4)
+    assert (always["precision"], always["recall"], always["yes_ratio"]) == (0.25, 1.0, 1.0)
+    with pytest.raises(ValueError, match="same length"):
+        pope_metrics([True], [True, False])
+
+
+def test_chair_on_fixed_captions():
+    captions = [
+        "there is a red circle on the left .",   # red, circle: fine; pair red circle: fine
+        "a blue circle and a blue square",       # blue (once), circle, square: blue and square wrong; both pairs wrong
+        "two circles .",                         # circle (plural): fine
+        "nothing here",                          # names nothing
+        "a red square",                          # red, square each there, but not as one object: the pair is wrong
+    ]
+    objects = [{O("red circle")}, {O("red circle")}, {O("red circle"), O("green square")}, {O("red circle")},
+               {O("red circle"), O("blue square")}]
+    c = chair(captions, objects)
+    assert (c["mentions"], c["pair_mentions"], c["captions"], c["silent"]) == (8, 4, 5, 1)
+    assert c["chair_i"] == pytest.approx(2 / 8)
+    assert c["chair_pairs"] == pytest.approx(3 / 4)
+    assert c["chair_s"] == pytest.approx(2 / 5)
+    assert caption_mentions("Blue blue circles, a blue circle", ["blue"], ["circle"]) == (
+        ["blue", "circle"], [O("blue circle")])
+    assert chair([], [])["chair_i"] == 0.0
+
+
+# ---- POPE's negative rules -----------------------------------------------------------------------------
+
+# red circle in 4 images, green triangle in 3, blue square and yellow square in 2 each; red circle and
+# blue square co-occur twice, green triangle and yellow square twice.
+ITEMS = _items(("red circle", "blue square"), ("red circle", "blue square"), ("green triangle", "yellow square"),
+               ("green triangle", "yellow square"), ("green triangle",), ("red circle",), ("red circle",))
+
+
+def _negatives(split: str, seed: int = 0, items=ITEMS) -> dict[int, list[Obj]]:
+    found: dict[int, list[Obj]] = {}
+    for p in pope_probes(items, split, seed=seed):
+        if not p.present:
+            found.setdefault(p.image, []).append(p.obj)
+    return found
+
+
+def test_popular_negatives_are_the_most_frequent_absent_objects():
+    neg = _negatives("popular")
+    assert neg[0] == [O("green triangle"), O("yellow square")]
+    assert neg[4] == [O("red circle")]  # 4 images, the most frequent
+    assert neg[5] == [O("green triangle")]  # red circle is there; green triangle (3) next
+
+
+def test_adversarial_negatives_co_occur_with_the_present_objects():
+    neg = _negatives("adversarial")
+    assert neg[4] == [O("yellow square")]  # co-occurs twice with green triangle (popular says red circle)
+    assert neg[5] == [O("blue square")]  # co-occurs twice with red circle
+    # Image 0: nothing co-occurs with red circle or blue square but each other; the near miss (a shared
+    # colour or shape) comes first, the most frequent of them: yellow square (a square, in 2 images), not
+    # the more frequent but unrelated green triangle.
+    assert neg[0][0] == O("yellow square") and O("green triangle") not in neg[0]
+
+
+def test_random_negatives_are_absent_balanced_and_seeded():
+    items = _items(*[("red circle",)] * 30)
+    neg = _negatives("random", items=items)
+    drawn = {o for objs in neg.values() for o in objs}
+    assert O("red circle") not in drawn and len(drawn) > 3  # not stuck on the popular or near ones
+    assert neg == _negatives("random", items=items) and neg != _negatives("random", seed=1, items=items)
+    for split in SPLITS:
+        probes = pope_probes(ITEMS, split)
+        assert sum(p.present for p in probes) == sum(not p.present for p in probes) == 11
+        assert all((p.obj in ITEMS[p.image].objects) == p.present for p in probes)
+
+
+def test_at_most_max_positives_per_image_and_bad_split():
+    items = _items(("red circle", "blue square", "green triangle", "yellow circle"))
+    probes = pope_probes(items, "popular", max_positives=3)
+    assert sum(p.present for p in probes) == 3 == sum(not p.present for p in probes)
+    with pytest.raises(ValueError, match="split must be one of"):
+        pope_probes(items, "hard")
+    with pytest.raises(ValueError, match="splits must be some of"):
+        EvalOptions(splits=("hard",))
+
+
+def test_cli_splits_are_the_recipes():
+    from tpo_fast.cli.eval import SPLITS as CLI_SPLITS
+
+    assert CLI_SPLITS == SPLITS
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+def test_eval_set_round_trip_and_bad_records(tmp_path):
+    path = make_eval_set(tmp_path / "set", 6, seed=3, max_objects=3)
+    items = load_objects(path, tmp_path / "set" / "images")
+    assert len(items) == 6 and all(1 <= len(i.objects) <= 3 for i in items)
+    again = load_objects(make_eval_set(tmp_path / "again", 6, seed=3, max_objects=3), tmp_path / "again" / "images")
+    assert [i.objects for i in items] == [i.objects for i in again]
+    single = load_objects(make_eval_set(tmp_path / "one", 4, seed=1), tmp_path / "one" / "images")
+    assert all(len(i.objects) == 1 for i in single)
+    bad = tmp_path / "bad.json"
+    image = items[0].image
+    for records, want in [([{"image": image}], "record #0: needs \"image\""),
+                          ([{"image": image, "objects": ["red"]}], "record #0: an object is"),
+                          ([{"image": image, "objects": [{"color": "red", "shape": "circle"}]},
+                            {"image": "nope.png", "objects": []}], "record #1: image"),
+                          ([], "no records")]:
+        bad.write_text(json.dumps(records))
+        with pytest.raises(ValueError, match=want):
+            load_objects(bad, tmp_path)
+
+
+# ---- on a tiny model ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny LLaVA whose tokenizer knows "yes" and "no", and a set of 6 images of 1 to 2 objects."""
+    from tpo_fast.trainer.synthetic import vocabulary
+    from tpo_fast.trainer.tiny import save_tiny_llava
+
+    root = tmp_path_factory.mktemp("eval")
+    model = save_tiny_llava(root / "model", [*vocabulary(), "yes", "no"])
+    objects = make_eval_set(root / "set", 6, seed=2, max_objects=2)
+    return root, model, objects
+
+
+def test_yes_no_answers_do_not_depend_on_the_batch(tiny):
+    from tpo_fast.cli._common import load_model
+    from tpo_fast.methods.hallucination import answer_token_ids, yes_no_answers
+    from tpo_fast.trainer.data import open_image
+
+    root, model_dir, objects = tiny
+    model, processor = load_model(str(model_dir))
+    ids = answer_token_ids(processor.tokenizer)
+    assert ids is not None
+    items = load_objects(objects, root / "set" / "images")
+    rng = random.Random(0)
+    questions = [f"is there a {rng.choice(['red', 'blue'])} circle {'in the image ' * rng.randint(0, 3)}?"
+                 for _ in items]
+    images = [open_image(i.image, None) for i in items]
+    alone = [yes_no_answers(model, processor, [im], [q], ids)[0] for im, q in zip(images, questions, strict=True)]
+    assert yes_no_answers(model, processor, images, questions, ids, batch_size=4) == alone
+    assert processor.tokenizer.padding_side == "right"  # restored
+
+
+def test_eval_command_on_a_tiny_model(tiny, tmp_path, capsys):
+    root, model_dir, objects = tiny
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", str(model_dir), "--images", str(root / "set" / "images"), "--objects", str(objects),
+            "--captions", "2", "--max-new-tokens", "4", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "POPE on 6 images, yes-no answers" in text and "CHAIR on 2 greedy captions" in text
+    report = json.loads(out.read_text())
+    assert report["answer_mode"] == "yes-no" and list(report["pope"]) == list(SPLITS)
+    for m in report["pope"].values():
+        assert m["tp"] + m["fn"] == m["fp"] + m["tn"] == m["n"] // 2 and 0 <= m["accuracy"] <= 1
+    assert len(report["captions"]) == report["chair"]["captions"] == 2
+    # the same model read by statements, one split, no captions
+    assert main([*argv[:7], "--answer-mode", "statement", "--split", "adversarial", "--captions", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "statement answers" in text and "adversarial" in text and "random" not in text and "CHAIR" not in text
+
+
+def test_yes_no_mode_needs_the_words(tmp_path, capsys):
+    from tpo_fast.trainer.tiny import save_tiny_llava
+
+    model = save_tiny_llava(tmp_path / "model")  # the demo's vocabulary: no "yes", no "no"
+    objects = make_eval_set(tmp_path / "set", 2)
+    argv = ["eval", "--model", str(model), "--image-folder", str(tmp_path / "set" / "images"), "--objects",
+            str(objects), "--answer-mode", "yes-no", "--captions", "0"]
+    assert main(argv) == 2
+    assert "answer_mode='yes-no' needs \"yes\" and \"no\"" in capsys.readouterr().err
+
+
+def test_eval_errors_are_one_line_before_loading(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # passes the check; never loaded below
+    images = tmp_path / "images"
+    images.mkdir()
+    objects = tmp_path / "objects.jsonl"
+    objects.write_text(json.dumps({"image": "missing.png", "objects": ["red circle"]}) + "\n")
+    ok = ["eval", "--model", str(model), "--image-folder", str(images), "--objects", str(objects)]
+    cases = [
+        (["eval", "--model", str(tmp_path / "nope"), *ok[3:]], f"--model {tmp_path / 'nope'}: no such folder"),
+        ([*ok[:3], "--image-folder", str(tmp_path / "imgs"), *ok[5:]], f"--image-folder {tmp_path / 'imgs'}: no such"),
+        ([*ok[:5], "--objects", str(tmp_path / "o.jsonl")], f"--objects {tmp_path / 'o.jsonl'}: no such file"),
+        ([*ok, "--split", "random,hard"], "--split random,hard: unknown split hard"),
+        ([*ok, "--json", str(tmp_path / "no" / "r.json")], "its folder does not exist"),
+        ([*ok, "--captions", "-1"], "--captions must be >= 0"),
+        (ok, f"{objects}: record #0: image {images / 'missing.png'} not found"),
+    ]
+    for argv, want in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert captured.out == "" and len(lines) == 1 and lines[0].startswith("tpo-fast eval: error: "), captured
+        assert want in lines[0] and "; " in lines[0], (want, lines[0])
+
+
+@pytest.mark.slow
+def test_demo_before_is_the_demos_initial_model(tmp_path):
+    """With a zero learning rate the demo's saved model is its initial one, so the rebuilt "before" model
+    must score exactly as the loaded "after" one."""
+    from tpo_fast.methods.hallucination import demo_before_after
+    from tpo_fast.trainer.demo import run_demo
+
+    r = run_demo(str(tmp_path), max_steps=2, logging_steps=1, num_images=8, batch_size=4, learning_rate=0.0,
+                 quiet=True)
+    reports = demo_before_after(r.model_dir, tmp_path / "eval", num_images=6, options=EvalOptions(captions=2))
+    assert reports["before"].to_dict() == reports["after"].to_dict()
+    assert reports["before"].answer_mode == "statement"
