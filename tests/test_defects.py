@@ -54,7 +54,7 @@ def test_reference_and_torch_agree_when_ignored_rows_are_poisoned():
         stats = tpo_fast.token_stats(hidden, weight, targets, bias=bias, corrupted_hidden=corrupted, backend=backend)
         (stats.logprobs.sum() + stats.corrupted_target_logits.sum()).backward()
         grads[backend] = [t.grad for t in (hidden, weight, bias, corrupted)]
-    for a, b in zip(grads["reference"], grads["torch"]):
+    for a, b in zip(grads["reference"], grads["torch"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
