@@ -12,6 +12,9 @@ A marker on the line just before a fence says how to treat the block:
     <!-- slow -->         run, marked `slow` (longer than a few seconds)
     <!-- skip: reason --> not run, for the reason given (e.g. `make test`, which runs this suite)
 
+A shell block with a `make` line is not run either, marked or not: `make test` and `make bench`
+install, then run this suite or the whole benchmark (mark such blocks `<!-- skip: ... -->` anyway).
+
 Each document runs in its own scratch folder that looks like the repository: `examples/` is a
 copy (a snippet may write there), `bench/results/` is empty, everything else is a link. Commands
 find the `tpo-fast`, `python`, `torchrun` of this interpreter first on PATH, never download
@@ -103,8 +106,12 @@ def _param(block: Block):
     return pytest.param(block, id=block.id, marks=marks)
 
 
+def _runs_make(block: Block) -> bool:
+    return block.kind == "shell" and any(line.strip().startswith("make ") for line in block.code.splitlines())
+
+
 def _runnable(block: Block) -> bool:
-    return block.marker not in ("gpu", "skip")
+    return block.marker not in ("gpu", "skip") and not _runs_make(block)
 
 
 class DocRun:
@@ -195,6 +202,8 @@ def test_doc_block_runs_as_written(block: Block, doc_runs):
         pytest.skip("marked <!-- gpu -->: needs a CUDA GPU")
     if block.marker == "skip":
         pytest.skip(f"marked <!-- skip -->: {block.reason or 'no reason given'}")
+    if _runs_make(block):
+        pytest.skip("runs make (set-up, then the whole test suite or benchmark); mark it <!-- skip: ... -->")
     doc_runs(block.doc).run(block)
 
 
