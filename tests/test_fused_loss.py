@@ -239,6 +239,20 @@ def test_bf16_within_project_bounds(backend):
         assert err <= 2 * plain_err + 2.0**-8 * gt[k].abs().max().item(), (k, err, plain_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_change_the_result(dtype):
+    """Under a bf16 autocast region (a trainer with bf16=True) the fused path computes exactly as outside."""
+    b = batch(dtype=dtype)
+    plain = call_tpo(b, backend="torch")
+    g_plain = grads_of(plain.loss, leaves(b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = call_tpo(b, backend="torch")
+    g_auto = grads_of(auto.loss, leaves(b))
+    assert auto.loss.dtype == torch.float32 and torch.equal(auto.loss, plain.loss)
+    for k in g_plain:
+        assert g_auto[k].dtype == dtype and torch.equal(g_auto[k], g_plain[k]), k
+
+
 def test_fused_pair_loss_contract():
     """The ops-level API: the chunk callback sees whole pairs and its gradient reaches every input."""
     b = batch()

@@ -274,11 +274,14 @@ def fused_pair_loss(
               None if corrupted_hidden is None else corrupted_hidden.contiguous())
     hidden = hidden.contiguous()
     inputs = (hidden, *inputs[1:])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        loss, logp, z, zc, logp2 = _FusedPairLossFunction.apply(*inputs, spec)
-    else:
-        with torch.no_grad():
-            loss, grids, _ = _run(spec, *inputs, (False, False, False, False))
-        logp, z, zc, logp2 = grids.logp, grids.z, grids.zc, grids.logp2
+    # Autocast must not touch the kernels' own precision choices (fp32 logits and statistics, GEMMs in
+    # the inputs' dtype): inside, every op runs as written, whatever the caller's autocast region says.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            loss, logp, z, zc, logp2 = _FusedPairLossFunction.apply(*inputs, spec)
+        else:
+            with torch.no_grad():
+                loss, grids, _ = _run(spec, *inputs, (False, False, False, False))
+            logp, z, zc, logp2 = grids.logp, grids.z, grids.zc, grids.logp2
     has_zc, has_y2 = corrupted_hidden is not None, second_targets is not None
     return FusedPairOutput(loss, logp, z, zc if has_zc else None, logp2 if has_y2 else None)
