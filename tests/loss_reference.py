@@ -1,4 +1,4 @@
-"""Test oracle for tpo_fast.loss, written straight from SPEC.md and independent of tpo_fast.
+"""Test oracle for tpo_fast.loss, written straight from docs/math.md and independent of tpo_fast.
 
 Like the official TPO code it materializes full fp32 logits (2B x T x V) for all four branches
 (policy and reference, clean and corrupted image): the lm_head runs in the input dtype, then the

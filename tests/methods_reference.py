@@ -1,4 +1,4 @@
-"""Test oracles for tpo_fast.methods (POVID, FiSAO), written from SPEC.md, independent of tpo_fast.
+"""Test oracles for tpo_fast.methods (POVID, FiSAO), written from docs/math.md, independent of tpo_fast.
 
 Like the official code they materialize full fp32 logits (rows x V) and use `log_softmax`,
 `argmax` and `gather`. Only for tiny shapes.
@@ -22,7 +22,7 @@ def masked_gather(logprobs: torch.Tensor, index: torch.Tensor, mask: torch.Tenso
 
 
 def dpo_losses(pi_w, pi_l, ref_w, ref_l, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair DPO losses (SPEC.md, DPO), plus the chosen and rejected rewards."""
+    """Per-pair DPO losses (docs/math.md, DPO), plus the chosen and rejected rewards."""
     logits = (pi_w - pi_l) - (ref_w - ref_l)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing

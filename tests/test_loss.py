@@ -537,7 +537,7 @@ def test_weighting_none_ignores_corrupted_for_gradient():
 
 @pytest.mark.parametrize("offset", [0.0, 0.5, 1.0])
 def test_log_token_weights_stable(offset):
-    """log c in fp32 matches float64 truth for |s| up to 300, with the gradient k / c from SPEC.md."""
+    """log c in fp32 matches float64 truth for |s| up to 300, with the gradient k / c from docs/math.md."""
     s = torch.tensor([[-300.0, -90.0, -20.0, -1.0, 0.0], [0.0, 1.0, 20.0, 90.0, 300.0]])
     s = torch.cat([s, s.flip(1)]).requires_grad_(True)  # rows 0-1 chosen, 2-3 rejected
     log_c = log_token_weights(s, offset)
