@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _device import backend_device
 
 import tpo_fast
 from tpo_fast.ops import triton_impl
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Both backends on CUDA when there is one (the torch backend's buffers must follow its inputs' device too),
+# else on the CPU (Triton under its interpreter, see conftest.py).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _worst(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -31,7 +33,7 @@ def test_split_backward_accumulates_16bit_chunks(monkeypatch, dtype):
     real = triton_impl._addmm_f32_
     monkeypatch.setattr(triton_impl, "_addmm_f32_", lambda acc, a, b: calls.append(a.dtype) or real(acc, a, b))
 
-    device = backend_device("triton")
+    device = DEVICE
     g = torch.Generator().manual_seed(7)
     n, d, v = 24, 32, 1500  # V not a multiple of any tile
     h32 = torch.randn(n, d, generator=g) * 2
@@ -85,7 +87,7 @@ def several_chunks(monkeypatch):
 def test_chunked_backends_over_several_chunks(several_chunks, backend, case):
     """Outputs and gradients over several chunks match the reference, for every subset of inputs taking gradient."""
     grads, upstream = GRAD_CASES[case]["grads"], GRAD_CASES[case]["upstream"]
-    device = backend_device(backend)
+    device = DEVICE
     g = torch.Generator().manual_seed(3)
     n, d, v = 37, 24, 600
     base = dict(h=torch.randn(n, d, generator=g), w=torch.randn(v, d, generator=g) / d**0.5,
@@ -118,7 +120,7 @@ def test_chunked_backends_over_several_chunks(several_chunks, backend, case):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_argmax_and_absent_corrupted_branch_over_several_chunks(several_chunks, backend):
-    device = backend_device(backend)
+    device = DEVICE
     g = torch.Generator().manual_seed(4)
     h, w = torch.randn(21, 16, generator=g).to(device), torch.randn(300, 16, generator=g).to(device)
     y = torch.randint(0, 300, (21,), generator=g).to(device)
@@ -146,7 +148,7 @@ def test_torch_backend_with_a_vocabulary_above_the_row_budget():
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
 def test_target_logits_gradients_with_a_frozen_input(backend, frozen):
     """The rank-1 gather backward builds only the gradients asked for; the others stay None."""
-    device = backend_device(backend)
+    device = DEVICE
     g = torch.Generator().manual_seed(6)
     base = dict(hidden=torch.randn(13, 8, generator=g), weight=torch.randn(50, 8, generator=g),
                 bias=torch.randn(50, generator=g))
