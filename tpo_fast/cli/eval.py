@@ -15,7 +15,7 @@ SPLITS = ("random", "popular", "adversarial")
 OBJECTS_HELP = ".json or .jsonl file, one {\"image\": PATH, \"objects\": [\"red circle\", ...]} record per image"
 
 EPILOG = """\
-example, on CPU, after `tpo-fast demo --output-dir demo` (which also writes held-out images to demo/eval):
+example, on CPU, after `tpo-fast demo --output-dir demo` (which also writes new shapes-world images to demo/eval):
   tpo-fast eval --model demo/model --image-folder demo/eval/images --objects demo/eval/objects.jsonl --captions 8
 
 The answers are read from next-token probabilities: yes when p("yes") > p("no") after the question;
