@@ -9,6 +9,8 @@ to what plain PyTorch achieves in the same dtype (err <= 2 * pytorch_err + atol)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -70,6 +72,7 @@ GRAD_CASES = {
     "bias-only": dict(grads="b", upstream="p"),
     "corrupted-upstream-only": dict(grads="hwbc", upstream="c"),
     "corrupted-without-upstream": dict(grads="hwbc", upstream="p"),
+    "lse-upstream-only": dict(grads="hwb", upstream="l"),
 }
 
 
@@ -145,7 +148,7 @@ def test_torch_backend_with_a_vocabulary_above_the_row_budget():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "bias"])
 def test_target_logits_gradients_with_a_frozen_input(backend, frozen):
     """The rank-1 gather backward builds only the gradients asked for; the others stay None."""
     device = DEVICE
@@ -168,3 +171,58 @@ def test_target_logits_gradients_with_a_frozen_input(backend, frozen):
     for k in base:
         if k != frozen:
             torch.testing.assert_close(grads[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_backend_resolution_without_the_interpreter(monkeypatch):
+    """"auto" is Triton on CUDA and torch elsewhere; an explicit "triton" needs CUDA tensors (or the interpreter)."""
+    from tpo_fast.ops.token_logprobs import resolve_backend
+
+    monkeypatch.setattr(triton_impl, "interpreter_enabled", lambda: False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects need no GPU
+    assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("torch", cpu) == "torch" and resolve_backend("torch", cuda) == "torch"
+    assert resolve_backend("triton", cuda) == "triton"
+    message = ("backend='triton' needs CUDA tensors (got cpu) or TRITON_INTERPRET=1 for the CPU interpreter; "
+               "use backend='torch' on CPU")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_backend("triton", cpu)
+
+
+def test_default_backend_and_custom_ignore_index():
+    g = torch.Generator().manual_seed(8)
+    h, w, b = torch.randn(9, 6, generator=g), torch.randn(30, 6, generator=g), torch.randn(30, generator=g)
+    y = torch.randint(0, 30, (9,), generator=g)
+    y[[1, 4]] = -1  # ignore_index=-1: -100 is not special here
+    full = h @ w.t() + b
+    want_logp = torch.where(y >= 0, full.log_softmax(-1).gather(-1, y.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    want_z = torch.where(y >= 0, full.gather(-1, y.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    for backend in ({}, {"backend": "torch"}, {"backend": "reference"}):  # {}: the default, "auto"
+        logp, z = tpo_fast.token_logprobs(h, w, y, bias=b, ignore_index=-1, return_target_logit=True, **backend)
+        torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, want_z, rtol=1e-5, atol=1e-5)
+        zt = tpo_fast.target_logits(h, w, y, bias=b, ignore_index=-1, **backend)
+        torch.testing.assert_close(zt, want_z, rtol=1e-5, atol=1e-5)
+        lse = tpo_fast.token_logprobs(h, w, y, bias=b, ignore_index=-1, return_lse=True, **backend)[1]
+        torch.testing.assert_close(lse[y >= 0], full.logsumexp(-1)[y >= 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        tpo_fast.target_logits(h, w, y, bias=torch.zeros(29), ignore_index=-1)
+
+
+@pytest.mark.parametrize("fn", ["token_logprobs", "target_logits"])
+def test_double_backward_only_through_the_reference(fn):
+    """Hand-written backwards refuse create_graph=True, naming the way out; "reference" supports it."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(5, 4, generator=g, requires_grad=True)
+    w = torch.randn(11, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (5,), generator=g)
+    f = getattr(tpo_fast, fn)
+    name = "token_stats (token_logprobs, the losses)" if fn == "token_logprobs" else "target_logits"
+    out = f(h, w, y, backend="torch")
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"tpo_fast.{name}: second-order gradients (backward or autograd.grad with create_graph=True) are not "
+            "supported by the 'torch' backend, whose backward is written by hand. Pass backend='reference' "
+            "(plain autograd over materialized N x V logits, so O(N V) memory), which supports double backward.")):
+        torch.autograd.grad(out.square().sum(), h, create_graph=True)
+    (gh,) = torch.autograd.grad(f(h, w, y, backend="reference").square().sum(), h, create_graph=True)
+    (ggw,) = torch.autograd.grad(gh.square().sum(), w)
+    assert ggw.abs().sum() > 0
