@@ -18,7 +18,7 @@ from __future__ import annotations
 MIN_REPEATS = 3
 MIN_MEDIAN_MS = {"cpu": 5.0, "cuda": 1.0}
 MAX_SPREAD_PCT = 25.0
-RATIOS = ("speedup_vs_naive", "speedup_vs_best_peer", "pct_of_floor", "pct_of_valid_floor")
+RATIOS = ("speedup_vs_naive", "speedup_vs_best_peer", "pct_of_floor", "pct_of_valid_floor", "speedup_vs_unshared")
 
 
 def timing(row: dict, mode: str = "full") -> dict | None:
@@ -61,7 +61,10 @@ def within_noise(a: dict, b: dict) -> bool:
 def derive(rows: list[dict], device: str) -> None:
     """Flag every timed row by the noise rule, then add, per (case, workload), the speed-ups vs naive
     and vs the best peer, % of the all-rows and valid-rows floors (each only between rows that pass the
-    rule, with whether it is within noise), and memory as % of naive's (memory is not timing noise)."""
+    rule, with whether it is within noise), and memory as % of naive's (memory is not timing noise).
+
+    "naive" is the row of kind "baseline" (the `naive` contender; in the step workload the official TPO
+    step). A step row with an `unshared` contender (shared prefix) also gets its speed-up over that one."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["workload"]), []).append(r)
@@ -72,10 +75,13 @@ def derive(rows: list[dict], device: str) -> None:
         _memory_vs_naive(ok)
         fair = [r for r in ok if not r["noise"]]
         by = {r["contender"]: r for r in fair}
+        naive = next((r for r in fair if r["kind"] == "baseline"), None)
         peers = [r for r in fair if r["kind"] == "peer"]
         best = min(peers, key=median, default=None)
         for r in fair:
-            _ratio(r, by.get("naive"), "speedup_vs_naive")
+            _ratio(r, naive, "speedup_vs_naive")
+            if r.get("unshared"):
+                _ratio(r, by.get(r["unshared"]), "speedup_vs_unshared")
             if r["kind"] in ("ours", "baseline", "peer") and _ratio(r, best, "speedup_vs_best_peer"):
                 r["best_peer"] = best["contender"]
             if r["kind"] != "floor":  # the floors are the yardsticks, not measured against each other
@@ -93,7 +99,7 @@ def _ratio(r: dict, ref: dict | None, key: str, scale: float = 1.0) -> bool:
 
 
 def _memory_vs_naive(ok: list[dict]) -> None:
-    naive = next((r for r in ok if r["contender"] == "naive"), None)
+    naive = next((r for r in ok if r["kind"] == "baseline"), None)
     if not naive or not naive.get("full_peak_mib"):
         return
     for r in ok:

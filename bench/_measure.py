@@ -190,21 +190,29 @@ def measure_workload(c: Contender, case: Case, workload: str, cfg: dict) -> dict
             if moved is not None:
                 row[f"{mode}_gbs"] = moved / seconds / 1e9
     except Exception as e:  # noqa: BLE001 - a contender failure becomes a row, the run goes on
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        if _is_oom(e):
-            row.update(status="OOM", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
-        else:
-            row.update(
-                status="error",
-                reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__,
-                traceback=traceback.format_exc(limit=6),
-            )
+        row.update(failure(e, device))
     return row
+
+
+def failure(e: BaseException, device: str, limit: int = 6) -> dict:
+    """The row fields of a contender that raised: status OOM or error, the reason in one line, the traceback."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if _is_oom(e):
+        return {"status": "OOM", "reason": f"out of memory: {str(e).splitlines()[0][:160]}"}
+    return {
+        "status": "error",
+        "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__,
+        "traceback": traceback.format_exc(limit=limit),
+    }
 
 
 def run_contender(job: dict) -> list[dict]:
     """Child-process entry: every requested workload of one (case, contender). Returns rows."""
+    if job["case"].get("step"):
+        from _measure_step import run_step_contender
+
+        return run_step_contender(job)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     case = Case(**job["case"])

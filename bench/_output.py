@@ -43,6 +43,13 @@ CSV_FIELDS = [
     "best_peer",
     "mem_pct_of_naive",
     "max_rel_err",
+    # the step workload
+    "tokens",
+    "tokens_per_s",
+    "total_peak_mib",
+    "max_micro_batch",
+    "max_micro_batch_exact",
+    "memory_budget_mib",
 ]
 
 
@@ -67,15 +74,20 @@ def write_json_csv(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> li
 
 
 def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
-    """PNG plots of fwd+bwd time and peak memory vs N, per contender, one panel per (workload, D x V)."""
+    """PNG plots of fwd+bwd time and peak memory vs N, per contender, one panel per (workload, D x V);
+    and `<stem>_step.png` for the step workload (see `plot_step`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    step = [r for r in rows if r["workload"] == "step"]
+    rows = [r for r in rows if r["workload"] != "step"]
+    paths = plot_step(step, meta, out_dir, stem) if step else []
+    if not rows:
+        return paths
     panels = sorted({(r["workload"], r["model"], r["d"], r["v"]) for r in rows})
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["contender"] for r in rows))}
-    paths = []
     for metric, ylabel, fname in (
         ("full_ms", "fwd+bwd time (ms)", "time"),
         ("full_peak_mib", "peak memory above inputs (MiB)", "memory"),
@@ -118,3 +130,36 @@ def _metric(r: dict, metric: str) -> float | None:
     if metric == "full_ms":
         return median(r)
     return r.get(metric)
+
+
+def plot_step(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+    """`<stem>_step.png`: per step case, bars of tokens/s, total peak memory and the largest micro-batch
+    in the budget, one bar per contender that ran (hatched: not compared by the noise rule)."""
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    metrics = (("tokens_per_s", "tokens / s"), ("total_peak_mib", "total peak MiB"),
+               ("max_micro_batch", "largest micro-batch (pairs)"))
+    fig, axes = plt.subplots(len(cases), 3, figsize=(15, 4 * len(cases)), squeeze=False)
+    for ax_row, case in zip(axes, cases, strict=True):
+        sel = [r for r in rows if r["case"] == case and r["status"] == "ok"]
+        labels = [r["label"].replace(" step", "").replace(", ", "\n") for r in sel]
+        for ax, (key, ylabel) in zip(ax_row, metrics, strict=True):
+            values = [r.get(key) or 0 for r in sel]
+            bars = ax.bar(range(len(sel)), values, color=[f"C{i % 10}" for i in range(len(sel))])
+            for bar, r in zip(bars, sel, strict=True):
+                if r.get("noise"):
+                    bar.set_hatch("//")
+                if key == "max_micro_batch" and r.get(key) is not None and not r.get("max_micro_batch_exact"):
+                    ax.annotate("≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+            ax.set_xticks(range(len(sel)), labels, fontsize=7, rotation=30, ha="right")
+            budget = next((r["memory_budget_mib"] for r in sel if r.get("memory_budget_mib")), None)
+            title = f"{ylabel}, ≤ {budget:g} MiB" if key == "max_micro_batch" and budget else ylabel
+            ax.set(ylabel=ylabel, title=f"{case} · {title}")
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"step · {meta['device_name']}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}_step.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

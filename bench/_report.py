@@ -25,20 +25,48 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"after {meta['warmup']} warm-up, seed {meta['seed']}.",
         "",
     ]
-    out += legend(meta["device"])
+    out += legend(meta["device"], step=any(r["workload"] == "step" for r in rows))
     for workload in WORKLOADS:
         for case in dict.fromkeys(r["case"] for r in rows):
             group = [r for r in rows if r["case"] == case and r["workload"] == workload]
             if group:
-                out += table(group, meta)
+                out += step_table(group) if workload == "step" else table(group, meta)
     out += ["### Verdict (fwd+bwd)", ""] + verdict(rows) + [""]
     out += footnotes(rows)
     return "\n".join(out)
 
 
-def legend(device: str) -> list[str]:
-    """What the columns mean, before the tables."""
+def legend(device: str, step: bool = False) -> list[str]:
+    """What the columns mean, before the tables (and the step tables' columns when `step`)."""
     short = " (CUDA)" if device == "cuda" else " (CPU)"
+    return _loss_legend(device, short) + (_step_legend(device) if step else []) + [
+        "- **Noise rule**: a row whose fwd+bwd (step) timing has fewer than "
+        f"{MIN_REPEATS} repeats, a median under {MIN_MEDIAN_MS[device]:g} ms{short} or an interquartile range "
+        f"above {MAX_SPREAD_PCT:.0f}% of its median is marked `not compared` in its status: it gets no ratio, "
+        "no % of floor and no place in the verdict.",
+        "- **≈** before a ratio: within noise, the two rows' interquartile ranges overlap.",
+        "- **status**: `ok`; `failed check` (wrong loss or gradient against the fp32 oracle: not timed); "
+        "`error`, `crashed`, `OOM`. Contenders that cannot run here are named in one line under each table, "
+        "with the reason.",
+        "",
+    ]
+
+
+def _step_legend(device: str) -> list[str]:
+    memory = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the child process"
+    return [
+        "- **step** tables (whole training steps): **step ms** = forward, backward and optimizer step, median "
+        "± IQR %; **tokens/s** = the pairs' tokens (per pair the prompt with its image tokens once, plus "
+        "chosen and rejected, no padding; the same count for every contender) / step time; **peak MiB** = "
+        f"the step's peak above what is resident before it / the total peak ({memory}) with weights, "
+        "reference and optimizer state; **largest micro-batch** = the most pairs whose step's total peak fits "
+        "the budget (doubling then bisecting; `≥` when the time bound or the cap stopped the search); **vs "
+        "official**, **vs TRL**, **vs unshared** = that row's step time / this row's (= the tokens/s ratio). "
+        "The check: at the first step the policy is its own reference, so every loss must be ln 2.",
+    ]
+
+
+def _loss_legend(device: str, short: str) -> list[str]:
     return [
         "### How to read the tables",
         "",
@@ -56,15 +84,6 @@ def legend(device: str) -> list[str]:
         "corrupted chosen rows), primitive and fisao 8·N·D·V. A fused-gradient path that skips the recompute "
         "is credited the same work. Floors are credited with what they execute. **GB/s** (`logits`): the "
         "bytes the memory floor moves, for every contender alike.",
-        "- **Noise rule**: a row whose fwd+bwd timing has fewer than "
-        f"{MIN_REPEATS} repeats, a median under {MIN_MEDIAN_MS[device]:g} ms{short} or an interquartile range "
-        f"above {MAX_SPREAD_PCT:.0f}% of its median is marked `not compared` in its status: it gets no ratio, "
-        "no % of floor and no place in the verdict.",
-        "- **≈** before a ratio: within noise, the two rows' interquartile ranges overlap.",
-        "- **status**: `ok`; `failed check` (wrong loss or gradient against the fp32 oracle: not timed); "
-        "`error`, `crashed`, `OOM`. Contenders that cannot run here are named in one line under each table, "
-        "with the reason.",
-        "",
     ]
 
 
@@ -90,6 +109,47 @@ def table(group: list[dict], meta: dict) -> list[str]:
             f"| {_ratio(r, 'speedup_vs_naive')} | {_ratio(r, 'speedup_vs_best_peer')} "
             f"| {_floors(r, memory_bound)} | {_rate(r, memory_bound)} | {_status(r)} |"
         )
+    return _with_not_run(out, group)
+
+
+def step_table(group: list[dict]) -> list[str]:
+    """One step-workload table (case x contenders) and its `Not run` line."""
+    c = group[0]
+    shown = sorted((r for r in group if r["status"] not in NOT_RUN),
+                   key=lambda r: (STATUS_ORDER.get(r["kind"], 9), r["contender"]))
+    tokens = next((r for r in group if r.get("tokens")), None)
+    data = (f"{tokens['tokens']} tokens ({tokens['padded_positions']} padded positions, rows of "
+            f"{tokens['seq_len']})" if tokens else "tokens unknown")
+    budget = f"{c['memory_budget_mib']:g}"
+    out = [
+        f"### step · {c['case']}: {c['model']} (text hidden {c['d']}, {c['layers']} layers, V={c['v']}, "
+        f"{c['image_tokens']} image tokens{', LoRA' if c.get('lora') else ''}), {c['n']} pairs = {data} · "
+        f"{c.get('dtype', '')}",
+        "",
+        f"| contender | step ms | tokens/s | peak MiB step / total | largest micro-batch ≤ {budget} MiB "
+        "| vs official | vs TRL | vs unshared | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in shown:
+        out.append(
+            f"| {r['label']} | {_fmt_ms(r, 'full')} | {_f(r.get('tokens_per_s'), '.0f')} "
+            f"| {_f(r.get('full_peak_mib'), '.0f')} / {_f(r.get('total_peak_mib'), '.0f')} | {_micro_batch(r)} "
+            f"| {_ratio(r, 'speedup_vs_naive')} | {_ratio(r, 'speedup_vs_best_peer')} "
+            f"| {_ratio(r, 'speedup_vs_unshared')} | {_status(r)} |"
+        )
+    return _with_not_run(out, group)
+
+
+def _micro_batch(r: dict) -> str:
+    if r.get("max_micro_batch") is None:
+        return "—"
+    if r["max_micro_batch"] == 0:
+        return "none (1 pair is over)"
+    return f"{'' if r.get('max_micro_batch_exact') else '≥'}{r['max_micro_batch']}"
+
+
+def _with_not_run(out: list[str], group: list[dict]) -> list[str]:
+    """A table's lines, then its `Not run` line if any, then a blank line."""
     if line := not_run_line(group):
         out += ["", line]
     return out + [""]
@@ -200,7 +260,27 @@ def _verdict_line(group: list[dict]) -> str:
     if not fair:
         why = "no verdict: every timing is too short or too noisy to compare; use a larger case or more --repeats"
         return head + why + tail + "."
+    if group[0]["workload"] == "step":
+        return head + _step_verdict(fair) + tail + "."
     return head + _winner(fair) + tail + "."
+
+
+# The step workload's comparisons: like with like (DPO vs DPO, TPO vs TPO, shared vs unshared).
+STEP_PAIRS = (("ours-dpo", "trl-dpo"), ("ours-dpo-shared", "trl-dpo"), ("ours-tpo", "official-tpo"),
+              ("ours-tpo-shared", "official-tpo"), ("ours-dpo-shared", "ours-dpo"), ("ours-tpo-shared", "ours-tpo"))
+
+
+def _step_verdict(fair: list[dict]) -> str:
+    """Each like-for-like pair of step rows that pass the noise rule: tokens/s ratio, within noise or not."""
+    by = {r["contender"]: r for r in fair}
+    parts = []
+    for a, b in STEP_PAIRS:
+        if a in by and b in by:
+            ra, rb = by[a], by[b]
+            ratio = median(rb) / median(ra)
+            noise = " (within noise)" if within_noise(ra, rb) else ""
+            parts.append(f"{ra['label']} {ratio:.2f}x the tokens/s of {rb['label']}{noise}")
+    return "; ".join(parts) if parts else "no like-for-like pair of rows passed the noise rule"
 
 
 def _winner(fair: list[dict]) -> str:
@@ -232,6 +312,8 @@ def _winner(fair: list[dict]) -> str:
         text += "; " + ", ".join(of_floors)
     if win.get("full_gbs") is not None:
         text += f" ({win['full_gbs']:.3g} GB/s)"
+    if win.get("tokens_per_s") is not None:
+        text += f" ({win['tokens_per_s']:.0f} tokens/s)"
     return text
 
 

@@ -5,6 +5,7 @@
     python bench/run.py --cases d1024-v32000-n2048 --contenders naive,trl,tpo_fast-torch
     python bench/run.py --workloads logits --cases gpu-target    # the logits-input op: GB/s, memory floor
     python bench/run.py --workloads povid,fisao                  # POVID stage 2 and FiSAO's token PG loss
+    python bench/run.py --workloads step --repeats 5             # whole training steps: official TPO, TRL, ours
 
 Each (case, contender) runs in a fresh child process (multiprocessing spawn), so peak memory is
 that contender's alone. Writes the Markdown table to stdout and `<stem>.json`, `<stem>.csv`,
@@ -30,13 +31,14 @@ from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
 from _derive import derive  # noqa: E402
 from _output import plot, write_json_csv  # noqa: E402
 from _report import markdown  # noqa: E402
-from _workloads import PRESETS, WORKLOADS, parse_cases  # noqa: E402
+from _workloads import DEFAULT_WORKLOADS, PRESETS, STEP_CASES, STEP_PRESETS, WORKLOADS, family, parse_cases  # noqa: E402
 
 DEFAULTS = {  # per device: cases, dtype, repeats, warm-up
     "cpu": ("cpu", "fp32", 5, 1),
     "cuda": ("gpu", "bf16", 20, 3),
 }
-PACKAGES = ("torch", "triton", "tpo-fast", "liger-kernel", "cut-cross-entropy", "trl", "transformers")
+STEP_DEFAULTS = {"cpu": ("cpu-step", 3, 1), "cuda": ("gpu-step", 10, 2)}  # step case preset, repeats, warm-up
+PACKAGES = ("torch", "triton", "tpo-fast", "liger-kernel", "cut-cross-entropy", "trl", "transformers", "peft")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,30 +59,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"comma list of case names, presets ({', '.join(PRESETS)}), '<model>-n<N>' "
         "(models llava7b, llava13b, qwen2vl7b) or 'd<D>-v<V>-n<N>'; default: 'cpu' on CPU "
         "(D=256, V=4096, N=512; 'cpu-sweep' adds N=256 and 1024), 'gpu' on CUDA "
-        "(3 models x N in 2048/8192/32768)",
+        f"(3 models x N in 2048/8192/32768). Step cases ({', '.join(STEP_CASES)}; presets "
+        f"{', '.join(STEP_PRESETS)}) run the step workload only; default with --workloads step: cpu-step on "
+        "CPU, gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA) on CUDA",
     )
     p.add_argument(
         "--contenders",
         default=None,
         help="comma list of naive, liger, trl, cce, tpo_fast-<backend> (or 'tpo_fast' for all; 'cpp' is "
         "the compiled extension, logits workload only), "
-        "floor, and 'broken' (a deliberately wrong contender that tests the guard); "
+        "floor, and 'broken' (a deliberately wrong contender that tests the guard); for the step workload "
+        "official-tpo, trl-dpo, ours-dpo, ours-dpo-shared, ours-tpo, ours-tpo-shared; "
         "default: all but 'broken'",
     )
     p.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma list of {', '.join(WORKLOADS)} (default: all); 'logits' is the logits-input op "
-        "tpo_fast.logits_logprobs on materialized (N, V) logits, 'povid' and 'fisao' the methods' losses",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma list of {', '.join(WORKLOADS)} (default: all but step); 'logits' is the logits-input op "
+        "tpo_fast.logits_logprobs on materialized (N, V) logits, 'povid' and 'fisao' the methods' losses, "
+        "'step' one whole training step of a LLaVA-shaped model (official TPO structure, TRL, ours)",
     )
     p.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 on CPU, bf16 on CUDA"
     )
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed calls per mode (default: 5 on CPU, 20 on CUDA)"
+        "--repeats", type=int, default=None,
+        help="timed calls per mode (default: 5 on CPU, 20 on CUDA; step workload: 3 on CPU, 10 on CUDA)",
     )
     p.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls first (default: 1 on CPU, 3 on CUDA)"
+        "--warmup", type=int, default=None,
+        help="untimed calls first (default: 1 on CPU, 3 on CUDA; step workload: 1 on CPU, 2 on CUDA)",
+    )
+    p.add_argument(
+        "--search-s", type=float, default=None,
+        help="step workload: seconds per contender for the largest-micro-batch search (default: the case's; "
+        "0 skips the search)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -182,13 +195,22 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
     d_cases, d_dtype, d_repeats, d_warmup = DEFAULTS[device]
-    try:
-        cases = parse_cases(args.cases or d_cases)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise SystemExit(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+    step_case, step_repeats, step_warmup = STEP_DEFAULTS[device]
+    default_cases = [c for c, fam in ((d_cases, "loss"), (step_case, "step")) if fam in map(family, workloads)]
+    try:
+        cases = parse_cases(args.cases or ",".join(default_cases))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not [c for c in cases if family(c) in map(family, workloads)]:
+        raise SystemExit(
+            f"no case runs these workloads: the step cases ({', '.join(STEP_CASES)}) run only --workloads step, "
+            "the other cases only the other workloads"
+        )
+    if args.repeats is None and family(cases[0]) == "step" and all(family(c) == "step" for c in cases):
+        d_repeats, d_warmup = step_repeats, step_warmup
     names = _contender_names(args.contenders or ",".join(DEFAULT))
     backends = _backends(names)
     contenders = all_contenders(backends)
@@ -210,30 +232,40 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "timeout": args.timeout,
+        "search_s": args.search_s,
     }
 
 
 def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
-    """Rows of one (case, contender): `n/a` / `unavailable` rows from the parent, the rest measured in a child."""
+    """Rows of one (case, contender): `n/a` / `unavailable` rows from the parent, the rest measured in a child.
+
+    Only the workloads of the case's family (step or loss) are listed, and only for contenders of that family.
+    """
     c, device = plan["contenders"][name], plan["device"]
     rows, todo = [], []
+    if c.family != family(case):
+        return rows
     for w in plan["workloads"]:
+        if family(w) != family(case):
+            continue
         base = {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w}
         if w not in c.workloads:
             rows.append({**base, "status": "n/a", "reason": c.not_applicable.get(w, "not offered")})
-        elif reason := c.availability(device, w):
+        elif reason := c.availability(device, w) or (c.family == "step" and c.case_availability(case, device)):
             rows.append({**base, "status": "unavailable", "reason": reason, "note": c.workloads[w]})
             print(f"[{case.name}] {name} {w}: cannot run here: {reason}", file=sys.stderr)
         else:
             todo.append(w)
     if not todo:
         return rows
-    job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads")}
+    job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads", "search_s")}
     job.update(
         case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
         contender=name,
         workloads=todo,
     )
+    if family(case) == "step":
+        job["case"] = case.job()
     t0 = time.time()
     got, info, err = _run_child(job, plan["timeout"])
     if got is None:
@@ -247,7 +279,8 @@ def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
     if info.get("device_name") and device == "cuda":
         meta["device_name"] = info["device_name"]
     for r in got:
-        tag = r["status"] if r["status"] != "ok" else f"fwd+bwd {r['full_ms']['median']:.3g} ms"
+        what = "step" if r["workload"] == "step" else "fwd+bwd"
+        tag = r["status"] if r["status"] != "ok" else f"{what} {r['full_ms']['median']:.3g} ms"
         print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
     print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
     return rows + got

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -237,8 +238,6 @@ def test_runner_added_workloads(tmp_path):
 
 def test_gpu_tune_sweep_runs_and_checks_every_variant(tmp_path):
     """bench/gpu_tune.py end to end on a tiny shape (CPU: Triton under the interpreter)."""
-    import os
-
     env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
     cmd = [sys.executable, str(BENCH / "gpu_tune.py"), "--n", "48", "--d", "32", "--v", "300",
            "--configs", "64,128,32,4,3", "--tma", "0,1", "--out", str(tmp_path)]
@@ -391,3 +390,57 @@ def test_missing_extension_is_reported_as_not_built(monkeypatch):
         f"not built: tpo_fast._C is missing; run `{build}` to build"
     )
     assert contenders.TpoFast("cuda").availability("cpu", "logits") == "needs CUDA"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc")
+def test_runner_step_workload(tmp_path):
+    """`--workloads step` on the tiny step case: one row per contender with step time, tokens/s, peak memory
+    and the largest micro-batch; the 7B case is listed as not run on CPU; TRL's note says which options it
+    used and why the others were not."""
+    pytest.importorskip("trl")
+    cmd = [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--cases", "step-tiny,llava7b-step",
+           "--workloads", "step", "--repeats", "1", "--search-s", "30",
+           "--contenders", "official-tpo,trl-dpo,ours-tpo,ours-tpo-shared",
+           "--out", str(tmp_path), "--stem", "step"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    head = "| contender | step ms | tokens/s | peak MiB step / total | largest micro-batch ≤ 512 MiB |"
+    assert head in out, out[:3000]
+    assert "### step · step-tiny" in out and "- step · step-tiny: no verdict" in out  # one repeat: not compared
+    assert "Not run: official TPO step (8 forwards, fp32 logits), TRL DPOTrainer, tpo_fast TPO step, tpo_fast TPO " \
+           "step, shared prefix — needs CUDA (llava-1.5-7b shapes in bf16)." in out
+
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    by = {(r["case"], r["contender"]): r for r in rows}
+    assert len(rows) == 2 * 4 and {r["workload"] for r in rows} == {"step"}
+    from tpo_fast.trainer.config import TPOConfig
+
+    shared_landed = "shared_prefix" in TPOConfig.__dataclass_fields__
+    for name in ("official-tpo", "trl-dpo", "ours-tpo", "ours-tpo-shared"):
+        assert by[("llava7b-step", name)]["status"] == "unavailable"
+        r = by[("step-tiny", name)]
+        if name == "ours-tpo-shared" and not shared_landed:
+            assert r["status"] == "unavailable" and "no shared_prefix option" in r["reason"], r
+            continue
+        assert r["status"] == "ok", r
+        assert r["check"]["ok"] and r["losses"][0] == pytest.approx(0.6931472, rel=1e-3)  # policy = reference
+        assert 0 < r["tokens"] < r["padded_positions"]  # prompt once per pair, no padding
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["full_ms"]["median"] / 1e3))
+        assert r["total_peak_mib"] > 0 and r["full_peak_mib"] is not None
+        assert r["max_micro_batch"] >= 0 and str(r["n"]) in r["micro_batch_probes"]
+        assert r["noise"].startswith("too few repeats (1 < 3)") and "speedup_vs_naive" not in r
+    tokens = {by[("step-tiny", n)]["tokens"] for n in ("official-tpo", "trl-dpo", "ours-tpo")}
+    assert len(tokens) == 1  # the same pairs, the same count, for every contender
+    trl = by[("step-tiny", "trl-dpo")]["note"]
+    assert "options used:" in trl and "not used: padding_free" in trl and "not used: precompute_ref_log_probs" in trl
+    if not torch.cuda.is_available():
+        assert "not used: use_liger_kernel" in trl
+    assert by[("step-tiny", "ours-tpo-shared")].get("unshared") == "ours-tpo"
+    with (tmp_path / "step.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {"tokens_per_s", "total_peak_mib", "max_micro_batch"} <= set(table[0])
+    assert any(float(t["tokens_per_s"] or 0) > 0 for t in table)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "step_step.png").stat().st_size > 0

@@ -15,6 +15,7 @@ from .liger import Liger
 from .naive import Broken, Naive
 from .ours import TpoFast, hidden_backends
 from .per_token import CCE, TRLChunked
+from .step import StepContender, step_contenders
 
 __all__ = [
     "CCE",
@@ -26,6 +27,7 @@ __all__ = [
     "FloorValid",
     "Liger",
     "Naive",
+    "StepContender",
     "TRLChunked",
     "TpoFast",
     "all_contenders",
@@ -35,7 +37,8 @@ __all__ = [
 
 def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
     """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list; each
-    hidden-state one also gets its `tpo_fast-<backend>-recompute` contender."""
+    hidden-state one also gets its `tpo_fast-<backend>-recompute` contender. The `step` workload's
+    contenders (`_contenders/step.py`) are listed too; each family only runs its own workloads."""
     out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
     for b in backends:
         out[f"tpo_fast-{b}"] = TpoFast(b)
@@ -44,6 +47,7 @@ def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
             out[f"tpo_fast-{b}-recompute"] = TpoFast(b, "recompute")
     out["floor"] = Floor()
     out["floor-valid"] = FloorValid()
+    out.update(step_contenders())  # the `step` workload's (family "step"): whole training steps
     out["broken"] = Broken()
     return out
 

@@ -19,6 +19,7 @@ class Contender:
     workloads: dict[str, str] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # per-workload label, where it differs
+    family = "loss"  # "loss": the loss workloads on hidden states / logits; "step": whole training steps
 
     def label_for(self, workload: str) -> str:
         return self.labels.get(workload, self.label)

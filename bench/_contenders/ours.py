@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 
 import torch
-from _workloads import BETA, CLIP_EPS, HIDDEN_WORKLOADS, KL_COEF, NOISE_WEIGHT, WORKLOADS
+from _workloads import BETA, CLIP_EPS, HIDDEN_WORKLOADS, KL_COEF, LOSS_WORKLOADS, NOISE_WEIGHT
 
 from .base import Contender, rows
 
@@ -103,7 +103,7 @@ class TpoFast(Contender):
         """({workload: what it runs}, {workload: why it does not apply})."""
         hidden, logits = hidden_backends(), logits_backends()
         runs, why_not = {}, {}
-        for w in WORKLOADS:
+        for w in LOSS_WORKLOADS:
             fn = ENTRY[w][0]
             if grad_mode and w not in PAIR_LOSSES:
                 why_not[w] = f"{fn} has no grad_mode: only the pair losses (tpo, dpo, povid) have a fused path"

@@ -15,6 +15,8 @@ Workloads, one module each (`preference` holds the three that share one oracle):
   povid      POVID stage 2: DPO of the chosen rows against the hallucinated rows and against the
              corrupted image's argmax tokens (`povid.py`).
   fisao      FiSAO's token-level clipped policy-gradient loss with a k3 KL (`fisao.py`).
+  step       one whole training step (forward, backward, optimizer) of a random LLaVA-shaped model on
+             shapes-world pairs (`step.py`); its cases are `StepCase`s and its contenders whole trainers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from . import fisao, logits, povid, preference
-from .cases import CASES, GPU_TOKENS, LOGITS_TENSORS, MODELS, PRESETS, Case, flops, parse_cases, traffic
+from .cases import CASES, GPU_TOKENS, LOGITS_TENSORS, MODELS, PRESETS, Case, flops, traffic
+from .cases import parse_cases as _parse_loss_cases
 from .common import (
     BETA,
     CLIP_EPS,
@@ -37,8 +40,11 @@ from .common import (
     sequence_score,
 )
 from .logits import logits_errors
+from .step import STEP_CASES, STEP_PRESETS, StepCase
 
-WORKLOADS = ("primitive", "tpo", "dpo", "logits", "povid", "fisao")
+WORKLOADS = ("primitive", "tpo", "dpo", "logits", "povid", "fisao", "step")
+LOSS_WORKLOADS = WORKLOADS[:-1]  # the loss family: inputs are hidden states (or logits) and a weight
+DEFAULT_WORKLOADS = LOSS_WORKLOADS  # `step` trains whole models for minutes: only when asked for
 HIDDEN_WORKLOADS = ("primitive", "tpo", "dpo", "povid", "fisao")  # inputs are hidden states and a weight
 GRAD_INPUTS = {
     "primitive": ("hidden", "weight"),
@@ -60,6 +66,7 @@ _EXTRA_INPUTS = {
 __all__ = [
     "BETA",
     "CASES",
+    "DEFAULT_WORKLOADS",
     "CLIP_EPS",
     "GPU_TOKENS",
     "GRAD_INPUTS",
@@ -67,12 +74,17 @@ __all__ = [
     "IGNORE_INDEX",
     "KL_COEF",
     "LOGITS_TENSORS",
+    "LOSS_WORKLOADS",
     "MODELS",
     "NOISE_WEIGHT",
     "OFFSET",
     "PRESETS",
+    "STEP_CASES",
+    "STEP_PRESETS",
     "WORKLOADS",
     "Case",
+    "StepCase",
+    "family",
     "flops",
     "logits_errors",
     "make_inputs",
@@ -84,6 +96,27 @@ __all__ = [
     "sequence_score",
     "traffic",
 ]
+
+
+def family(workload_or_case) -> str:
+    """"step" for the step workload and the step cases, "loss" for the others: each runs only with its own."""
+    return "step" if workload_or_case == "step" or isinstance(workload_or_case, StepCase) else "loss"
+
+
+def parse_cases(spec: str) -> list:
+    """Comma list of loss cases (see `cases.parse_cases`) and step cases (`STEP_CASES`, `STEP_PRESETS`)."""
+    out: list = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in STEP_PRESETS:
+            out += [STEP_CASES[name] for name in STEP_PRESETS[item]]
+        elif item in STEP_CASES:
+            out.append(STEP_CASES[item])
+        else:
+            try:
+                out += _parse_loss_cases(item)
+            except ValueError as e:
+                raise ValueError(f"{e}; step cases: {', '.join(STEP_CASES)}") from None
+    return out
 
 
 @torch.no_grad()

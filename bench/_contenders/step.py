@@ -1,0 +1,367 @@
+"""The `step` workload's contenders: one whole training step each, on the same model and pairs.
+
+- `official-tpo`: the official TPO code's step structure (docs/math.md "What one training step
+  needs"), written here independently of tpo_fast: eight forwards through the Hugging Face LLaVA
+  forward (policy and reference x chosen and rejected x clean and corrupted image), chosen and
+  rejected each padded to their own longest row, fp32 `B x T x V` logits over every position,
+  log_softmax + gather, the TPO weights from the raw target logits, four forwards with gradient
+  kept alive until one backward.
+- `trl-dpo`: TRL's `DPOTrainer` in its fastest configuration that runs here; the options tried and
+  why each was or was not used go into the row's note.
+- `ours-{dpo,tpo}[-shared]`: tpo_fast's `TPOTrainer` (objective "dpo" / "tpo"), without and with
+  `TPOConfig(shared_prefix=True)`.
+
+Each runs `train_step(batch)`: forward, backward, optimizer step, zero_grad, with the Hugging Face
+Trainer's default optimizer (fused AdamW) for all; no gradient clipping for any. Batches are
+prepared (collated, tokenized, moved to the device) outside the timed step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import math
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from _workloads import BETA, OFFSET
+from _workloads.step import StepCase, StepData, build_model, dtype_of, lora_config
+
+from .base import Contender, missing
+
+LEARNING_RATE = 1e-5
+OPTIONAL_TRL = ("use_liger_kernel", "padding_free", "precompute_ref_log_probs")
+
+
+def _optimizer(params, device: str):
+    """The Hugging Face Trainer's default optimizer and settings (fused AdamW), at LEARNING_RATE."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="tpo-bench-opt-"), learning_rate=LEARNING_RATE,
+                             use_cpu=device == "cpu", report_to="none")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return cls([p for p in params if p.requires_grad], **kwargs)
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+class StepContender(Contender):
+    """A contender of the `step` workload: `build` once, then `batch(pairs)` and `train_step(batch)`.
+
+    The default `train_step` is a Hugging Face Trainer's (`self.trainer`): its `training_step` (forward and
+    backward, as `train()` runs them), then the optimizer step, without the rest of the train loop."""
+
+    family = "step"
+
+    def __init__(self, name: str, kind: str, label: str, note: str):
+        super().__init__(name, kind, label, {"step": note})
+        self.notes: list[str] = []  # what the build found (options used, options that failed)
+
+    def availability(self, device, workload=None):
+        return None
+
+    def case_availability(self, case: StepCase, device: str) -> str | None:
+        if case.needs_cuda and device != "cuda":
+            return f"needs CUDA ({case.model} shapes in {case.dtype})"
+        return None
+
+    def build(self, case: StepCase, data: StepData, device: str) -> None:
+        raise NotImplementedError
+
+    def batch(self, pairs: int) -> dict:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict) -> float:
+        trainer = self.trainer
+        loss = trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def note(self) -> str:
+        return "; ".join([self.workloads["step"], *self.notes])
+
+
+# The official step structure ----------------------------------------------------------------------
+def _official_scores(logits: torch.Tensor, corrupted_logits: torch.Tensor, labels: torch.Tensor, chosen: bool):
+    """(R,) TPO sequence scores `sum_t m_t (logp_t + log c_t)` from full (R, T, V) fp32 logits, the official way."""
+    logits, corrupted_logits = logits[:, :-1], corrupted_logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    safe = targets.clamp(min=0).unsqueeze(-1)
+    logp = torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1)
+    visual = logits.gather(-1, safe).squeeze(-1) - corrupted_logits.gather(-1, safe).squeeze(-1)
+    sig = torch.sigmoid(visual)
+    c = OFFSET + sig if chosen else OFFSET + 1.0 - sig
+    return ((logp + torch.log(c)) * mask).sum(-1)
+
+
+class OfficialTPOStep(StepContender):
+    def __init__(self):
+        super().__init__(
+            "official-tpo", "baseline", "official TPO step (8 forwards, fp32 logits)",
+            "the official TPO code's step structure, written in bench/: 8 LLaVA forwards (policy, reference x "
+            "chosen, rejected x clean, corrupted image), each encoding its images, fp32 B x T x V logits over "
+            "every position, log_softmax + gather, 4 forwards with gradient alive until one backward; chosen and "
+            "rejected each padded to their own longest row. Not copied: the unused HF cross-entropy, the host copy "
+            "of the logits for a metric, the extra CLIP encodes (docs/math.md)",
+        )
+
+    def build(self, case, data, device):
+        self.device, self.data = device, data
+        policy = build_model(case, data.image_token_id, device)
+        if case.lora:
+            from peft import get_peft_model
+
+            self.policy, self.reference = get_peft_model(policy, lora_config(case)), None
+            self.notes.append("LoRA; reference = the policy with its adapter disabled")
+        else:
+            self.policy = policy
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.optimizer = _optimizer(self.policy.parameters(), device)
+        self.autocast = case.dtype == "bf16"
+
+    def batch(self, pairs):
+        b = self.data.padded_batch(pairs)
+        rows = b["image_index"]
+        out = {}
+        half = b["input_ids"].shape[0] // 2
+        for side, sl in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
+            mask = b["attention_mask"][sl]
+            length = int(mask.sum(1).max())
+            out[side] = {"input_ids": b["input_ids"][sl, :length], "attention_mask": mask[:, :length],
+                         "labels": b["labels"][sl, :length]}
+        out["pixel_values"] = b["pixel_values"][rows]
+        out["corrupted_pixel_values"] = b["corrupted_pixel_values"][rows]
+        return _to(out, self.device)
+
+    def _logits(self, model, rows, pixel_values):
+        out = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], pixel_values=pixel_values,
+                    use_cache=False)
+        return out.logits.to(torch.float32)
+
+    def _scores(self, model, batch):
+        """(chosen, rejected) sequence scores of one model: four forwards (two images x two sides)."""
+        scores = []
+        for side in ("chosen", "rejected"):
+            rows = batch[side]
+            clean = self._logits(model, rows, batch["pixel_values"])
+            corrupted = self._logits(model, rows, batch["corrupted_pixel_values"])
+            scores.append(_official_scores(clean, corrupted, rows["labels"], side == "chosen"))
+        return scores
+
+    def train_step(self, batch):
+        self.policy.train()
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            chosen, rejected = self._scores(self.policy, batch)
+            with torch.no_grad():
+                if self.reference is None:
+                    with self.policy.disable_adapter():
+                        ref_chosen, ref_rejected = self._scores(self.policy, batch)
+                else:
+                    ref_chosen, ref_rejected = self._scores(self.reference, batch)
+        loss = -F.logsigmoid(BETA * ((chosen - rejected) - (ref_chosen - ref_rejected))).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+# TRL's DPOTrainer ----------------------------------------------------------------------------------
+def _trl_rows(data: StepData) -> list[dict]:
+    return [{
+        "images": [r["image"]],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}],
+    } for r in data.records]
+
+
+def _module_state() -> dict:
+    """The globals of every loaded transformers model module: Liger patches some of them (the rotary
+    embedding function, the norm and MLP classes) for the whole process, not just for one model."""
+    import importlib
+    import sys
+
+    for name in ("llava", "llama", "clip"):  # loaded before the snapshot, not by the trial's model
+        importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+    return {name: dict(vars(mod)) for name, mod in list(sys.modules.items())
+            if name.startswith("transformers.models.") and mod is not None}
+
+
+def _restore(saved: dict) -> None:
+    import sys
+
+    for name, state in saved.items():
+        vars(sys.modules[name]).update(state)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:220]}"
+
+
+class TRLDPOStep(StepContender):
+    """TRL's DPOTrainer; each of OPTIONAL_TRL is tried on top of the base configuration and kept when it
+    builds, is not silently dropped by TRL, and trains one step."""
+
+    def __init__(self):
+        super().__init__(
+            "trl-dpo", "peer", "TRL DPOTrainer",
+            "TRL DPOTrainer on the same pairs (conversational rows with the image; its vision collator), its "
+            "chunked log-prob head (`add_fused_lm_head`), a frozen copy of the policy as reference (with LoRA: "
+            "the adapter disabled), gradient_checkpointing=False (TRL's default is True, slower)",
+        )
+
+    def availability(self, device, workload=None):
+        return missing("trl", "trl")
+
+    def _trainer(self, case, data, device, options):
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        model = build_model(case, data.image_token_id, device)
+        ref = None if case.lora else copy.deepcopy(model).requires_grad_(False).eval()
+        args = DPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="tpo-bench-trl-"), per_device_train_batch_size=case.pairs,
+            learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
+            disable_tqdm=True, beta=BETA, max_length=None, gradient_checkpointing=False,
+            bf16=case.dtype == "bf16", **options,
+        )
+        trainer = DPOTrainer(model, ref_model=ref, args=args, train_dataset=Dataset.from_list(_trl_rows(data)),
+                             processing_class=data.processor, peft_config=lora_config(case) if case.lora else None)
+        if options.get("use_liger_kernel"):
+            # The Trainer applies Liger's kernels when `train()` starts; the bench calls `training_step` itself.
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)
+        trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+        trainer.current_gradient_accumulation_steps = 1  # set by the train loop, which the bench bypasses
+        return trainer
+
+    def _dropped(self, trainer, option) -> str | None:
+        """Why TRL accepted `option` but does not use it, or None."""
+        if option == "padding_free" and not getattr(trainer, "padding_free", True):
+            return ("TRL 1.16 accepts it but warns it is 'temporarily unavailable' since its DPO refactor and pads "
+                    "(it also needs FlashAttention 2/3)")
+        return None
+
+    def build(self, case, data, device):
+        import trl
+
+        self.device, self.data, self.case = device, data, case
+        self.notes.append(f"trl {trl.__version__}")
+        used, failed = {}, []
+        trainer = None
+        for option in OPTIONAL_TRL:
+            trial = {**used, option: True}
+            saved = _module_state() if option == "use_liger_kernel" else None
+            try:
+                trainer = self._trainer(case, data, device, trial)
+                why = self._dropped(trainer, option)
+                if why is None:
+                    self.trainer = trainer
+                    self.train_step(self.batch(1))  # an option can build and still fail in the step
+            except Exception as e:  # noqa: BLE001 - the reason is the result
+                why = _first_line(e)
+            trainer = self.trainer = None
+            _free(device)
+            if why is None:
+                used[option] = True
+            else:
+                failed.append(f"{option}: {why}")
+                if saved is not None:
+                    _restore(saved)
+        self.trainer = self._trainer(case, data, device, used)
+        self.options = sorted(used)
+        self.notes.append("options used: " + (", ".join(f"{k}=True" for k in self.options) or "none of "
+                                              + ", ".join(OPTIONAL_TRL)))
+        self.notes += [f"not used: {f}" for f in failed]
+
+    def batch(self, pairs):
+        ds = self.trainer.train_dataset
+        batch = self.trainer.data_collator([ds[i] for i in self.data.indices(pairs)])
+        return self.trainer._prepare_inputs(batch)
+
+
+
+# tpo_fast's TPOTrainer -----------------------------------------------------------------------------
+def config_fields() -> set[str]:
+    from tpo_fast.trainer.config import TPOConfig
+
+    return {f.name for f in dataclasses.fields(TPOConfig)}
+
+
+class OursStep(StepContender):
+    def __init__(self, objective: str, shared: bool):
+        name = f"ours-{objective}" + ("-shared" if shared else "")
+        label = f"tpo_fast {objective.upper()} step" + (", shared prefix" if shared else "")
+        what = {"dpo": "one trunk forward of chosen+rejected with gradient, one reference forward",
+                "tpo": "clean and corrupted trunk forwards with gradient, the reference's two without"}[objective]
+        note = (f"tpo_fast TPOTrainer(objective={objective!r}): {what}; images encoded once per image; the fused "
+                "loss on the response positions' hidden states (no logits); a frozen copy as reference (with "
+                "LoRA: the adapter disabled)")
+        if shared:
+            note += "; TPOConfig(shared_prefix=True): image and prompt computed once per pair"
+        super().__init__(name, "ours", label, note)
+        self.objective, self.shared = objective, shared
+        self.unshared = f"ours-{objective}" if shared else None
+
+    def availability(self, device, workload=None):
+        if self.shared and "shared_prefix" not in config_fields():
+            return "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
+        return None
+
+    def build(self, case, data, device):
+        from tpo_fast.trainer.config import TPOConfig
+        from tpo_fast.trainer.trainer import TPOTrainer
+
+        self.device, self.data = device, data
+        fields = config_fields()
+        extra = {"shared_prefix": self.shared} if "shared_prefix" in fields else {}
+        args = TPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="tpo-bench-ours-"), objective=self.objective,
+            per_device_train_batch_size=case.pairs, learning_rate=LEARNING_RATE, report_to="none",
+            use_cpu=device == "cpu", save_strategy="no", disable_tqdm=True, bf16=case.dtype == "bf16", **extra,
+        )
+        model = build_model(case, data.image_token_id, device)
+        self.trainer = TPOTrainer(model, args=args, train_dataset=data.dataset, processing_class=data.processor,
+                                  peft_config=lora_config(case) if case.lora else None)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+        self.trainer.current_gradient_accumulation_steps = 1
+        used = [f"{k}={getattr(args, k)}" for k in ("shared_prefix", "padding_free") if k in fields]
+        used.append(f"loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}")
+        self.notes.append("TPOConfig: " + ", ".join(used))
+
+    def batch(self, pairs):
+        ds = self.data.dataset
+        return self.trainer._prepare_inputs(self.trainer.data_collator([ds[i] for i in self.data.indices(pairs)]))
+
+
+
+def step_contenders() -> dict[str, StepContender]:
+    out: dict[str, StepContender] = {"official-tpo": OfficialTPOStep(), "trl-dpo": TRLDPOStep()}
+    for objective in ("dpo", "tpo"):
+        for shared in (False, True):
+            c = OursStep(objective, shared)
+            out[c.name] = c
+    return out
+
+
+def expected_first_loss() -> float:
+    """Every contender's loss at the first step: the policy is its reference, so the margin is 0 and the loss ln 2."""
+    return math.log(2.0)
+
+
+__all__ = ["OfficialTPOStep", "OursStep", "StepContender", "TRLDPOStep", "dtype_of", "step_contenders"]

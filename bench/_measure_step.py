@@ -1,0 +1,211 @@
+"""Measuring one contender of the `step` workload, in its own child process (like `_measure.py`).
+
+Order: build (model, reference, optimizer, the contender's own trainer), the warm-up steps (the first
+one's loss is the check: policy = reference, so every contender must report ln 2), the timed steps
+with the peak memory of each, then the largest micro-batch that fits the case's memory budget.
+
+Memory, per step, measured the way `_measure.py` does: on CUDA `max_memory_allocated` after
+`reset_peak_memory_stats`; on CPU the peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) with
+glibc's mmap threshold pinned by the parent. Two numbers: `full_peak_mib`, the step's peak above what
+is resident before it (activations, logits, gradients), and `total_peak_mib`, the peak above the
+process before the model was built (CPU: after the imports) or above zero (CUDA): weights, reference,
+optimizer state and the step. The budget applies to the total.
+
+Largest micro-batch: steps of `pairs` pairs, doubling from the case's micro-batch while they fit (or
+halving while they do not), then bisecting between the largest that fit and the smallest that did
+not; a step over the budget or out of memory does not fit. Bounded by `case.max_pairs` and by
+`case.search_s` seconds (a probe predicted to end past the bound is not started); the row says which
+bound, if any, cut the search short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from _contenders.step import StepContender, expected_first_loss, step_contenders
+from _measure import _CpuMemory, _CudaMemory, _is_oom, _stats, failure
+from _workloads.step import STEP_CASES, StepCase, StepData
+
+CHECK_RTOL = 1e-3  # the first loss against ln 2 (fp32); bf16 rounding of the sequence scores: 1e-2
+CHECK_RTOL_BF16 = 1e-2
+
+
+class _Total:
+    """Peak memory above a fixed base (the process before the model), next to the per-step `_CpuMemory`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.base = _CpuMemory._status("VmRSS") if device == "cpu" else 0
+
+    def peak(self) -> float | None:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return (_CpuMemory._status("VmHWM") - self.base) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _one_step(c: StepContender, batch, device: str, mem, total: _Total) -> tuple[float, float, float | None, float]:
+    """(ms, loss, step peak MiB, total peak MiB) of one timed step."""
+    mem.start()
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = c.train_step(batch)
+    _sync(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, loss, mem.peak(), total.peak()
+
+
+def largest_micro_batch(c: StepContender, case: StepCase, device: str, mem, total: _Total, known: dict,
+                        step_s: float) -> dict:
+    """The largest micro-batch (pairs) whose step's total peak fits `case.memory_budget_mib`.
+
+    `known`: {pairs: total peak MiB} already measured; `step_s`: seconds of a step at `case.pairs`,
+    to predict a probe's time (linear in the pairs).
+    """
+    budget, cap = case.memory_budget_mib, case.max_pairs
+    probes = {p: {"total_peak_mib": v, "fits": v is not None and v <= budget} for p, v in known.items()}
+    start = time.monotonic()
+    bound = None
+
+    def probe(pairs: int) -> bool | None:
+        nonlocal bound
+        if pairs in probes:
+            return probes[pairs]["fits"]
+        predicted = step_s * pairs / case.pairs
+        if time.monotonic() - start + predicted > case.search_s:
+            bound = f"time bound ({case.search_s:g} s) reached before {pairs} pairs"
+            return None
+        peak, why = None, ""
+        try:
+            batch = c.batch(pairs)
+            _, _, _, peak = _one_step(c, batch, device, mem, total)
+            del batch
+        except Exception as e:  # noqa: BLE001 - out of memory is an answer; anything else is reported
+            if not _is_oom(e):
+                raise
+            why = "out of memory"
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        fits = peak is not None and peak <= budget
+        probes[pairs] = {"total_peak_mib": peak, "fits": fits, **({"why": why} if why else {})}
+        return fits
+
+    lo, hi = 0, None  # largest that fits, smallest that does not
+    pairs = case.pairs
+    while True:
+        fits = probe(pairs)
+        if fits is None:
+            break
+        if fits:
+            lo = pairs
+            if pairs >= cap:
+                bound = bound or f"cap of {cap} pairs"
+                break
+            if hi is not None:
+                break
+            pairs = min(2 * pairs, cap)
+        else:
+            hi = pairs
+            if pairs == 1 or lo:
+                break
+            pairs = max(1, pairs // 2)
+    while bound is None and hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        fits = probe(mid)
+        if fits is None:
+            break
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    exact = bound is None and (hi is not None and hi - lo == 1 or hi == 1)
+    return {
+        "max_micro_batch": lo,
+        "max_micro_batch_exact": exact,
+        "max_micro_batch_bound": None if exact else bound,
+        "micro_batch_probes": {str(k): v for k, v in sorted(probes.items())},
+        "memory_budget_mib": budget,
+        "search_took_s": round(time.monotonic() - start, 1),
+    }
+
+
+def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
+    """One row of the step workload for contender `c` on `case`."""
+    device = cfg["device"]
+    row = {"status": "ok", "reason": "", "note": c.workloads["step"]}
+    mem = _CudaMemory() if device == "cuda" else _CpuMemory()
+    if device == "cpu":
+        mem.start()  # for `total`: VmHWM reset to the RSS before the model
+    total = _Total(device)
+    try:
+        t0 = time.perf_counter()
+        data = StepData(case, cfg["seed"])
+        c.build(case, data, device)
+        row["note"] = c.note()
+        row["setup_s"] = round(time.perf_counter() - t0, 1)
+        counts = data.tokens(case.pairs)
+        row.update(tokens=counts["tokens"], response_tokens=counts["response"], padded_positions=counts["padded"],
+                   seq_len=counts["row_len"])
+        batch = c.batch(case.pairs)
+        losses = [c.train_step(batch) for _ in range(max(1, cfg["warmup"]))]
+        # 1. The check: policy = reference at the first step, so every loss is ln 2.
+        rtol = CHECK_RTOL_BF16 if case.dtype != "fp32" else CHECK_RTOL
+        want = expected_first_loss()
+        err = abs(losses[0] - want) / want
+        row["check"] = {"ok": bool(math.isfinite(losses[0]) and err <= rtol),
+                        "errors": {"first_loss": {"err": err if math.isfinite(err) else math.inf, "tol": rtol}}}
+        if not row["check"]["ok"]:
+            row.update(status="failed check",
+                       reason=f"wrong result, not timed: first loss {losses[0]:.6g}, expected ln 2 = {want:.6g}")
+            return row
+        # 2. Timed steps, each with its peak memory.
+        times, peaks, totals = [], [], []
+        for _ in range(cfg["repeats"]):
+            ms, loss, peak, tot = _one_step(c, batch, device, mem, total)
+            times.append(ms)
+            peaks.append(peak)
+            totals.append(tot)
+            losses.append(loss)
+        if not all(math.isfinite(x) for x in losses):
+            row.update(status="failed check", reason=f"non-finite loss during the timed steps: {losses}")
+            return row
+        row["full_ms"] = _stats(times)
+        row["losses"] = losses
+        row["full_peak_mib"] = None if None in peaks else max(peaks)
+        row["total_peak_mib"] = max(totals)
+        if mem.reason:
+            row["memory_note"] = mem.reason
+        row["tokens_per_s"] = row["tokens"] / (row["full_ms"]["median"] / 1e3)
+        del batch
+        # 3. The largest micro-batch in the budget.
+        if case.search_s > 0:
+            row.update(largest_micro_batch(c, case, device, mem, total, {case.pairs: row["total_peak_mib"]},
+                                           row["full_ms"]["median"] / 1e3))
+    except Exception as e:  # noqa: BLE001 - a contender failure becomes a row, the run goes on
+        row.update(failure(e, device, limit=8))
+    return row
+
+
+def run_step_contender(job: dict) -> list[dict]:
+    """Child-process entry for a step case: the one row of (case, contender)."""
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    case = STEP_CASES[job["case"]["name"]]
+    if job.get("search_s") is not None:
+        case = dataclasses.replace(case, search_s=job["search_s"])
+    c = step_contenders()[job["contender"]]
+    import transformers  # noqa: F401 - imported before the memory base, like every contender's libraries
+
+    import tpo_fast.trainer  # noqa: F401
+
+    if c.name == "trl-dpo":
+        import trl  # noqa: F401
+    row = measure_step(c, case, job)
+    row.update(contender=c.name, label=c.label_for("step"), kind=c.kind, workload="step",
+               unshared=getattr(c, "unshared", None))
+    return [row]
