@@ -61,39 +61,89 @@ def test_reference_model_is_frozen(setup, tmp_path, given):
     assert all(p.requires_grad for p in trainer.model.parameters())
 
 
-def test_dpo_objective_with_average_log_prob_matches_oracle(setup, tmp_path):
-    """`objective="dpo", average_log_prob=True` through the trainer: DPO on mean token log-probs (own shift)."""
+def _pair_loss(margin, beta, loss_type, label_smoothing):
+    """Per-pair DPO losses of the margin `(pi_w - pi_l) - (ref_w - ref_l)`, written out."""
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * margin)
+    if loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    return -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+
+
+DPO_CASES = {
+    "sigmoid-average": dict(average_log_prob=True),
+    "sigmoid-label-smoothing": dict(label_smoothing=0.2),
+    "hinge": dict(loss_type="hinge"),
+    "ipo-average": dict(loss_type="ipo", average_log_prob=True),
+    "reference-free": dict(reference="none"),
+}
+
+
+@pytest.mark.parametrize("case", list(DPO_CASES), ids=list(DPO_CASES))
+def test_dpo_objective_matches_oracle(setup, tmp_path, case):
+    """`objective="dpo"` through the trainer, each option reaching the loss: DPO on (mean) token log-probs."""
     ds, proc = setup
+    opts = DPO_CASES[case]
+    average, reference_free = opts.get("average_log_prob", False), opts.get("reference") == "none"
     policy = tiny_model(proc)
     with torch.no_grad():
         policy.lm_head.weight.mul_(5.0)  # a sharper policy: margins of order 1, far from the loss's flat middle
     ref = tiny_model(proc, seed=1)
     oracle_policy, oracle_ref = copy.deepcopy(policy), copy.deepcopy(ref)
     beta = 0.5
-    trainer = TPOTrainer(policy, ref_model=ref, args=_args(tmp_path, objective="dpo", average_log_prob=True,
-                                                               beta=beta), train_dataset=ds, processing_class=proc)
+    trainer = TPOTrainer(policy, ref_model=None if reference_free else ref,
+                         args=_args(tmp_path, objective="dpo", beta=beta, **opts), train_dataset=ds,
+                         processing_class=proc)
     batch = trainer.data_collator([ds[0], ds[1], ds[2]])
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
 
-    pi = _sequence_logps(oracle_policy, batch, average=True)
-    with torch.no_grad():
-        rf = _sequence_logps(oracle_ref, batch, average=True)
-    half = pi.shape[0] // 2
-    want = -F.logsigmoid(beta * ((pi[:half] - pi[half:]) - (rf[:half] - rf[half:]))).mean()
+    def oracle(average):
+        pi = _sequence_logps(oracle_policy, batch, average)
+        with torch.no_grad():
+            rf = torch.zeros_like(pi) if reference_free else _sequence_logps(oracle_ref, batch, average)
+        half = pi.shape[0] // 2
+        margin = (pi[:half] - pi[half:]) - (rf[:half] - rf[half:])
+        return _pair_loss(margin, beta, opts.get("loss_type", "sigmoid"), opts.get("label_smoothing", 0.0)).mean(), pi
+
+    want, pi = oracle(average)
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    # The sum would be a different loss: the averaging is what is being checked.
-    pi_sum, rf_sum = _sequence_logps(oracle_policy, batch, False), _sequence_logps(oracle_ref, batch, False)
-    summed = -F.logsigmoid(beta * ((pi_sum[:half] - pi_sum[half:]) - (rf_sum[:half] - rf_sum[half:]))).mean()
-    assert abs(float(summed.detach()) - float(want.detach())) > 1e-2
+    if average:  # the sum would be a different loss: the averaging is what is being checked
+        assert abs(float(oracle(False)[0].detach()) - float(want.detach())) > 1e-2
     grads = dict(oracle_policy.named_parameters())
     for name in ("lm_head.weight", "model.language_model.layers.0.self_attn.q_proj.weight"):
         got = dict(trainer.model.named_parameters())[name].grad
         torch.testing.assert_close(got, grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
     logged = trainer._stored_metrics["train"]
+    half = pi.shape[0] // 2
     torch.testing.assert_close(torch.tensor(logged["logps/chosen"][0]), pi[:half].mean().detach(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(offset=0.2), dict(weighting="none")], ids=["offset", "weighting-none"])
+def test_tpo_options_reach_the_step(setup, tmp_path, opts):
+    """TPOConfig's offset and weighting reach the trainer's step: its loss is the full-logits oracle's with them."""
+    from test_trainer import _oracle_loss
+
+    ds, proc = setup
+    policy = tiny_model(proc)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref = tiny_model(proc, seed=1)
+    oracle_policy = copy.deepcopy(policy)
+    trainer = TPOTrainer(policy, ref_model=ref, args=_args(tmp_path, **opts), train_dataset=ds, processing_class=proc)
+    batch = trainer.data_collator([ds[0], ds[1], ds[2]])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        if opts.get("weighting") == "none":  # plain DPO on summed log-probs, the clean image only
+            pi, rf = _sequence_logps(oracle_policy, batch, False), _sequence_logps(ref, batch, False)
+            half = pi.shape[0] // 2
+            want = -F.logsigmoid(0.1 * ((pi[:half] - pi[half:]) - (rf[:half] - rf[half:]))).mean()
+        else:
+            want, _ = _oracle_loss(oracle_policy, ref, batch, offset=opts["offset"])
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_accumulation_divides_the_accumulated_gradient(setup, tmp_path):
