@@ -75,6 +75,17 @@ class TPOConfig(TrainingArguments):
     loss_grad_mode: "fused" (default: TPO, DPO and POVID compute their gradient in the forward, chunk
         by chunk of whole pairs, without recomputing the logits) or "recompute" (the per-token
         primitive's recomputing backward).
+    shared_prefix: run the image tokens and prompt of a pair once (True, default): one sequence
+        [prompt, chosen, rejected] per pair, the rejected tokens masked from the chosen ones and both
+        responses positioned after the prompt, on the clean and on the corrupted image; reference
+        forwards alike. The loss and gradients are those of the padded rows (trainer/packing.py).
+    padding_free: pack the micro-batch's sequences into one row, position ids restarting per sequence
+        and a block-diagonal mask between them, so no padding token reaches the trunk or the lm_head.
+        None (default): on with attn_implementation="flex_attention", whose block mask skips the other
+        pairs; off with "sdpa" and "eager", which attend over the dense mask of the whole row (quadratic
+        in the micro-batch: slower than padded per-pair rows). Both options need a language model that
+        takes a 4D attention mask and position ids ("sdpa", "eager", "flex_attention"); on others
+        (flash_attention_2) the step logs once that it runs on padded rows.
     """
 
     objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})
@@ -98,6 +109,10 @@ class TPOConfig(TrainingArguments):
     bad_records: str = field(default="skip", metadata={"help": "skip or error"})
     loss_backend: str = field(default="auto", metadata={"help": "fused loss backend"})
     loss_grad_mode: str = field(default="fused", metadata={"help": "fused (gradient in the forward) or recompute"})
+    shared_prefix: bool = field(default=True, metadata={"help": "run a pair's image and prompt once"})
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "pack a micro-batch into one row, no padding (None: with flex_attention)"}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
 
     def __post_init__(self):
@@ -124,6 +139,10 @@ class TPOConfig(TrainingArguments):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.shared_prefix, bool):
+            raise ValueError(f"TPOConfig.shared_prefix must be True or False, got {self.shared_prefix!r}")
+        if not (self.padding_free is None or isinstance(self.padding_free, bool)):
+            raise ValueError(f"TPOConfig.padding_free must be None, True or False, got {self.padding_free!r}")
         from tpo_fast.loss.povid import check_povid_options
 
         check_povid_options(self.povid_noise_weight)

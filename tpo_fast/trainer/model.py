@@ -29,6 +29,7 @@ import torch
 
 from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
+from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
 
 OBJECTIVES = ("tpo", "dpo", "povid")
 # Which rows each objective runs on the corrupted image: TPO all 2B (its token weights), POVID the
@@ -54,6 +55,8 @@ class StepOptions:
     ignore_index: int = -100
     backend: str = "auto"
     grad_mode: str = "fused"
+    shared_prefix: bool = True
+    padding_free: bool | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -94,21 +97,6 @@ def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(R, T) labels -> (R, T) targets: the hidden state at position t predicts targets[:, t] = labels[:, t + 1]."""
-    targets = torch.full_like(labels, ignore_index)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
-def response_window(targets: torch.Tensor, ignore_index: int = -100) -> slice:
-    """The column range holding every target (prompt and image columns before it are dropped)."""
-    cols = (targets != ignore_index).any(0).nonzero()
-    if cols.numel() == 0:
-        raise ValueError("the batch has no response tokens (every label is ignore_index)")
-    return slice(int(cols[0]), int(cols[-1]) + 1)
-
-
 def encode_images(llava: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(U, C, H, W) images -> (U, image_tokens, D) projected features: the vision tower runs once per image."""
     out = llava.model.get_image_features(pixel_values=pixel_values, return_dict=True)
@@ -136,7 +124,8 @@ def _image_token_mask(
 
 
 def backbone_hidden(
-    llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
+    llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
     """(R, T, D) final hidden states (after the last norm) from the backbone `llava.model`, no lm_head.
 
@@ -145,26 +134,33 @@ def backbone_hidden(
     placeholders, as `LlavaModel.forward` does, and the backbone runs on `inputs_embeds`, a path every
     transformers version takes the same way. (Precomputed features cannot be handed to the backbone
     itself: `mm_encoder_outputs` only exists from transformers 5.2x on, and older 5.x versions swallow
-    it into `**kwargs` and silently leave the placeholder embeddings in place.)
+    it into `**kwargs` and silently leave the placeholder embeddings in place.) With a `packing`
+    (trainer/packing.py) the embeddings are gathered into its (N, L) rows: (N, L, D) out.
     """
     backbone = llava.model
     embeds = backbone.get_input_embeddings()(input_ids)
     features = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
     mask = _image_token_mask(backbone, input_ids, embeds, features)
     embeds = embeds.masked_scatter(mask, features)
-    out = backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True)
+    position_ids = None
+    if packing is not None:
+        embeds, attention_mask, position_ids = packing.inputs(embeds)
+    out = backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, return_dict=True)
     return out.last_hidden_state
 
 
 def branch_hidden(
-    llava: torch.nn.Module, batch: dict[str, torch.Tensor], corrupted_rows: str | None, corrupted_grad: bool
+    llava: torch.nn.Module, batch: dict[str, torch.Tensor], corrupted_rows: str | None, corrupted_grad: bool,
+    has_target: torch.Tensor, window: slice, packing: PackingMode | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states of chosen+rejected on the clean image and (optionally) on the corrupted image.
+    """Response grids (rows, T', D) of chosen+rejected on the clean image and (optionally) on the corrupted image.
 
     `corrupted_rows`: None (no corrupted branch), "all" (the 2B rows, TPO) or "chosen" (the B
     chosen rows, POVID). One vision call for every distinct image (clean and corrupted together
     when both carry gradient), one trunk forward per branch. A corrupted branch without gradient
-    runs under `no_grad`, keeping no activations.
+    runs under `no_grad`, keeping no activations. The grids hold the `window` columns; with `packing`
+    each branch runs packed and its grid is gathered back (zero where `has_target` (2B, T) is False).
     """
     if corrupted_rows not in (None, "all", "chosen"):
         raise ValueError(f"corrupted_rows must be None, 'all' or 'chosen', got {corrupted_rows!r}")
@@ -178,16 +174,24 @@ def branch_hidden(
         clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
     else:
         clean_feats = encode_images(llava, clean_px)
-    hidden = backbone_hidden(llava, batch["input_ids"], batch["attention_mask"], clean_feats[rows])
+
+    packs = {}  # by row count: TPO's corrupted branch reuses the clean branch's packing
+
+    def run(n: int, feats: torch.Tensor) -> torch.Tensor:  # the first n rows, on these images
+        ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
+        if packing is not None and n not in packs:
+            packs[n] = packing.pack(ids, mask, has_target[:n], window, pairs=n == len(rows))
+        pack = packs.get(n)
+        hidden = backbone_hidden(llava, ids, mask, feats[rows[:n]], pack)
+        return hidden[:, window] if pack is None else pack.responses(hidden)
+
+    hidden = run(len(rows), clean_feats)
     corrupted_hidden = None
     if corrupted_rows is not None:
-        n = len(rows) if corrupted_rows == "all" else len(index)
         with torch.no_grad() if not corrupted_grad else contextlib.nullcontext():
             if corrupted_feats is None:
                 corrupted_feats = encode_images(llava, batch["corrupted_pixel_values"])
-            corrupted_hidden = backbone_hidden(
-                llava, batch["input_ids"][:n], batch["attention_mask"][:n], corrupted_feats[rows[:n]]
-            )
+            corrupted_hidden = run(len(rows) if corrupted_rows == "all" else len(index), corrupted_feats)
     return hidden, corrupted_hidden
 
 
@@ -199,7 +203,8 @@ def response_branches(
     hidden: (2B, T', D) on the clean image; corrupted_hidden: the rows `options.corrupted_rows`
     names on the corrupted image (None for DPO), with gradient only when `options.corrupted_grad`
     and gradient is enabled; targets: (2B, T') shifted labels. Prompt and image columns before the
-    first response token are dropped (the lm_head work only ever sees response positions).
+    first response token are dropped (the lm_head work only ever sees response positions). The trunk
+    runs packed per `options.shared_prefix` / `padding_free` where the model allows (`packing_mode`).
     """
     needed = ["input_ids", "attention_mask", "labels", "pixel_values", "image_index"]
     if options.corrupted_rows is not None:
@@ -209,11 +214,12 @@ def response_branches(
             raise KeyError(
                 f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
             )
-    hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad)
     targets = shift_labels(batch["labels"], options.ignore_index)
     window = response_window(targets, options.ignore_index)
-    corrupted_hidden = None if corrupted_hidden is None else corrupted_hidden[:, window]
-    return hidden[:, window], corrupted_hidden, targets[:, window].contiguous()
+    hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad,
+                                             targets != options.ignore_index, window,
+                                             packing_mode(llava, options.shared_prefix, options.padding_free))
+    return hidden, corrupted_hidden, targets[:, window].contiguous()
 
 
 def _is_zero3(param: torch.Tensor | None) -> bool:

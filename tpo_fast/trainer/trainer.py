@@ -29,6 +29,7 @@ from transformers import Trainer
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
 from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
+from tpo_fast.trainer.packing import packing_mode
 
 logger = logging.getLogger("tpo_fast")
 
@@ -109,7 +110,9 @@ class TPOTrainer(Trainer):
     Each step runs, inside the (DDP / DeepSpeed / FSDP-wrapped) model's forward: one vision call
     for the batch's distinct clean and corrupted images, one trunk forward of chosen+rejected on
     the clean images and one on the corrupted images (no grad with `detach_weights=True`), and the
-    fused TPO loss on the response positions' final hidden states and the lm_head weight.
+    fused TPO loss on the response positions' final hidden states and the lm_head weight. With
+    `shared_prefix` and `padding_free` (the defaults) each trunk forward runs a pair's image and
+    prompt once and the micro-batch as one row without padding (trainer/packing.py).
     `objective="dpo"` has no corrupted branch; `objective="povid"` runs the corrupted branch over
     the chosen rows only and without gradient (its argmax is POVID's noisy sequence), and its
     reference scores are (3B,) per batch: chosen, rejected and the reference's own noisy argmax.
@@ -164,11 +167,14 @@ class TPOTrainer(Trainer):
             detach_weights=args.detach_weights, noise_weight=args.povid_noise_weight, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
             average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
-            grad_mode=args.loss_grad_mode,
+            grad_mode=args.loss_grad_mode, shared_prefix=args.shared_prefix, padding_free=args.padding_free,
         )
         route_forward(model, self.step_options)
         if ref_model is not None:
             route_forward(ref_model, self.step_options)
+        packing = packing_mode(unwrap_llava(model), args.shared_prefix, args.padding_free)  # logs why not, once
+        logger.info("trunk forwards: shared_prefix=%s, padding_free=%s", bool(packing and packing.shared_prefix),
+                    bool(packing and packing.padding_free))
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the LlavaProcessor) or a data_collator")

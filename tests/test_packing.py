@@ -1,0 +1,354 @@
+"""Shared-prefix and padding-free packing of the trunk forwards (tpo_fast/trainer/packing.py).
+
+Index maps, masks and position ids against oracles written out by hand on a tiny batch; then the packed
+step against the padded one on a tiny fp32 LLaVA: the same loss, reference scores and parameter
+gradients for TPO, DPO and POVID, with LoRA and gradient checkpointing, eager attention, unequal
+responses and a single pair; a clear error for an empty response; the fallback on other attention.
+"""
+
+import copy
+import logging
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+
+from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
+
+from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
+from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores  # noqa: E402
+from tpo_fast.trainer.packing import (  # noqa: E402
+    allowed_attention,
+    gather_responses,
+    pack_batch,
+    packed_attention_mask,
+    packing_mode,
+    response_window,
+    shift_labels,
+)
+
+PAD, X = 0, -100
+
+# Two pairs, T = 6. Pair 0: prompt [1 9 9], chosen [5 6 7], rejected [8 5]; pair 1: prompt [1 9], chosen [4],
+# rejected [3 2 2]. Rows: chosen 0, chosen 1, rejected 0, rejected 1.
+IDS = [[1, 9, 9, 5, 6, 7], [1, 9, 4, PAD, PAD, PAD], [1, 9, 9, 8, 5, PAD], [1, 9, 3, 2, 2, PAD]]
+LABELS = [[X, X, X, 5, 6, 7], [X, X, 4, X, X, X], [X, X, X, 8, 5, X], [X, X, 3, 2, 2, X]]
+
+
+def _hand_batch():
+    ids, labels = torch.tensor(IDS), torch.tensor(LABELS)
+    targets = shift_labels(labels)
+    return ids, (ids != PAD).long(), targets, response_window(targets)
+
+
+def _pack(paired=True, padding_free=True, **kw):
+    ids, mask, targets, window = _hand_batch()
+    return pack_batch(ids, mask, targets != X, window, paired=paired, padding_free=padding_free, **kw)
+
+
+def _matrix(rows):
+    return torch.tensor([[c == "1" for c in r] for r in rows])
+
+
+# The last token of every row is cut (it predicts nothing). Pair 0 keeps [1 9 9 5 6] and [1 9 9 8]: prefix
+# [1 9 9], chosen [5 6] at positions 3 4, rejected [8] at position 3. Pair 1 keeps [1 9] and [1 9 3 2]:
+# prefix [1 9], no chosen token of its own (the prefix's last position predicts its one token), rejected [3 2].
+SHARED_FREE = dict(
+    source=[[0, 1, 2, 3, 4, 15, 6, 7, 20, 21]],
+    position_ids=[[0, 1, 2, 3, 4, 3, 0, 1, 2, 3]],
+    group=[[0, 0, 0, 0, 0, 0, 1, 1, 1, 1]],
+    segment=[[0, 0, 0, 1, 1, 2, 0, 0, 2, 2]],
+    allowed=[_matrix([
+        "1000000000",
+        "1100000000",
+        "1110000000",
+        "1111000000",
+        "1111100000",
+        "1110010000",  # the rejected token sees the prefix and itself, not the chosen tokens 3 and 4
+        "0000001000",  # pair 1: nothing of pair 0
+        "0000001100",
+        "0000001110",
+        "0000001111",
+    ])],
+    # targets at (row, t): (0, 2) (0, 3) (0, 4) (1, 1) (2, 2) (2, 3) (3, 1) (3, 2) (3, 3); window t = 1..4
+    grid_source=[2, 3, 4, 7, 2, 5, 7, 8, 9],
+    grid_target=[1, 2, 3, 4, 9, 10, 12, 13, 14],
+)
+
+
+def test_shared_prefix_padding_free_index_maps_and_mask():
+    p = _pack()
+    for key in ("source", "position_ids", "group", "segment", "grid_source", "grid_target"):
+        assert getattr(p, key).tolist() == SHARED_FREE[key], key
+    assert p.grid_shape == (4, 4)
+    assert p.tokens == 10
+    allowed = allowed_attention(p)
+    assert torch.equal(allowed, torch.stack(SHARED_FREE["allowed"]))
+    # sdpa takes it as bool (True = attend), eager as an additive float mask
+    assert torch.equal(packed_attention_mask(p, torch.float32), allowed[:, None])
+    eager = packed_attention_mask(_pack(implementation="eager"), torch.float32)
+    assert eager.dtype == torch.float32 and torch.equal(eager == 0, allowed[:, None])
+    assert float(eager.min()) == torch.finfo(torch.float32).min
+
+
+def test_shared_prefix_with_padding_rows():
+    p = _pack(padding_free=False)
+    assert p.source.tolist() == [[0, 1, 2, 3, 4, 15], [6, 7, 20, 21, 0, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]
+    assert p.group.tolist() == [[0] * 6, [1, 1, 1, 1, -1, -1]]
+    assert p.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 2, 2, 0, 0]]
+    assert p.tokens == 10
+    allowed = allowed_attention(p)
+    assert torch.equal(allowed[0], SHARED_FREE["allowed"][0][:6, :6])
+    # padding slots see only themselves (a fully masked row is NaN in SDPA); no real token sees them
+    assert torch.equal(allowed[1], _matrix(["100000", "110000", "111000", "111100", "000010", "000001"]))
+    assert p.grid_source.tolist() == [2, 3, 4, 7, 2, 5, 7, 8, 9]
+    assert p.grid_target.tolist() == SHARED_FREE["grid_target"]
+
+
+def test_padding_free_without_shared_prefix():
+    p = _pack(paired=False)
+    # every row alone, cut after its last position with a target: 5 + 2 + 4 + 4 tokens
+    assert p.source.tolist() == [[0, 1, 2, 3, 4, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3]]
+    assert p.group.tolist() == [[0] * 5 + [1] * 2 + [2] * 4 + [3] * 4]
+    assert p.segment.tolist() == [[0] * 15]
+    expected = torch.zeros(15, 15, dtype=torch.bool)
+    for start, n in ((0, 5), (5, 2), (7, 4), (11, 4)):
+        expected[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(allowed_attention(p)[0], expected)
+    assert p.grid_source.tolist() == [2, 3, 4, 6, 9, 10, 12, 13, 14]
+
+
+def test_sliding_window_limits_position_distance():
+    p = _pack()
+    windowed = allowed_attention(p, sliding_window=2)
+    pos = p.position_ids[0]
+    assert torch.equal(windowed[0], SHARED_FREE["allowed"][0] & ((pos[:, None] - pos[None, :]) < 2))
+    assert torch.equal(packed_attention_mask(_pack(sliding_window=2), torch.float32)[:, 0], windowed)
+
+
+def test_flex_attention_block_mask_is_the_dense_mask():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    for window in (None, 2):
+        p = _pack(implementation="flex_attention", sliding_window=window)
+        block = packed_attention_mask(p, torch.float32)
+        assert isinstance(block, flex.BlockMask)
+        dense = flex.create_mask(block.mask_mod, 1, 1, 10, 10, device="cpu")
+        assert torch.equal(dense[:, 0], allowed_attention(p, window)), window
+
+
+def test_gather_responses_puts_each_target_position_in_its_grid_cell():
+    ids, mask, targets, window = _hand_batch()
+    p = _pack()
+    # a token's "hidden state" encodes (pair, position, token): what it must be wherever the grid reads it
+    pair = torch.arange(4)[:, None] % 2
+    value = (pair * 10000 + torch.arange(6) * 100 + ids).float()
+    grid = gather_responses(value.flatten()[p.source][..., None].expand(-1, -1, 3), p)
+    assert torch.equal(grid[..., 0], torch.where(targets != X, value, 0.0)[:, window])
+    # its backward sums the two rows' gradients into the shared prefix position
+    h = torch.zeros(1, 10, 1, requires_grad=True)
+    gather_responses(h, p).sum().backward()
+    assert h.grad[0, :, 0].tolist() == [0, 0, 2, 1, 1, 1, 0, 2, 1, 1]
+
+
+def test_empty_response_is_a_clear_error():
+    ids, mask, targets, window = _hand_batch()
+    has_target = targets != X
+    has_target[3] = False
+    with pytest.raises(ValueError, match="pair 1's rejected response is empty"):
+        pack_batch(ids, mask, has_target, window, paired=True, padding_free=True)
+
+
+def test_left_padding_is_refused():
+    ids, mask, targets, window = _hand_batch()
+    mask[1] = torch.tensor([0, 1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_batch(ids, mask, targets != X, window, paired=True, padding_free=True)
+
+
+def test_unsupported_attention_falls_back_once(caplog):
+    def fake(implementation, **config):
+        lm = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=implementation, **config),
+                                   forward=lambda inputs_embeds=None, attention_mask=None, position_ids=None: None)
+        return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
+
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        assert packing_mode(fake("flash_attention_2"), True, True) is None
+        assert packing_mode(fake("flash_attention_2"), True, False) is None
+    assert [r.message for r in caplog.records if "padded rows" in r.message] == [
+        "shared_prefix / padding_free are off, the step runs on padded rows: its attention implementation "
+        "'flash_attention_2' takes no 4D attention mask (load the model with attn_implementation='sdpa', 'eager' "
+        "or 'flex_attention')"
+    ]
+    assert packing_mode(fake("sdpa"), False, False) is None
+    mode = packing_mode(fake("sdpa"), True, False)
+    assert (mode.shared_prefix, mode.padding_free, mode.implementation, mode.sliding_window) == (
+        True, False, "sdpa", None)
+    # padding_free=None: one row only where the attention skips the masked blocks
+    assert packing_mode(fake("sdpa"), True, None).padding_free is False
+    assert packing_mode(fake("eager"), False, None) is None
+    assert packing_mode(fake("flex_attention"), True, None).padding_free is True
+    assert packing_mode(fake("flex_attention"), False, None).padding_free is True
+    assert packing_mode(fake("sdpa"), False, True).padding_free is True
+    assert packing_mode(fake("eager", sliding_window=4096), True, True).sliding_window == 4096
+    assert packing_mode(fake("sdpa", sliding_window=64, use_sliding_window=False), True, True).sliding_window is None
+    mixed = fake("sdpa", sliding_window=64, layer_types=["full_attention", "sliding_attention"])
+    assert packing_mode(mixed, True, True) is None
+
+
+# ----- the packed step against the padded one on a tiny LLaVA -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_data(str(tmp_path_factory.mktemp("data")), num_images=16), tiny_processor()
+
+
+def _uneven_batch(ds, proc, n=3):
+    """Pairs with responses of unequal lengths, prompts of unequal lengths and a pair whose responses
+    start alike."""
+    items = [ds[i] for i in range(n)]
+    edits = [
+        dict(chosen="there is a yellow square on the left . the square is yellow .", rejected="a blue circle ."),
+        dict(chosen="a red circle .", rejected=items[-1]["rejected"] + " there is a blue square on the top ."),
+    ]
+    items = [dict(item, **edit) for item, edit in zip(items, edits, strict=False)] + items[len(edits) :]
+    return TPOCollator(proc)(items)
+
+
+def _lora(model, checkpointing):
+    from peft import LoraConfig, get_peft_model
+
+    if checkpointing:  # transformers 5 renamed it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)
+    return get_peft_model(model, config).train()
+
+
+def _run(model, ref, batch, opts):
+    """(loss, reference scores, {parameter: gradient}) of one step; counts the trunk's tokens."""
+    seen = []
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = lm.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+    if opts.reference == "adapter":
+        ref_scores = None
+        with model.disable_adapter():
+            adapter_ref = sequence_reference_scores(lm, batch, opts)
+    else:
+        ref_scores = adapter_ref = sequence_reference_scores(ref, batch, opts)
+    out = policy_loss(model, batch, opts, ref_scores)
+    out["loss"].backward()
+    handle.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, adapter_ref, grads, seen
+
+
+def _assert_same_step(model, ref, batch, packed, **kw):
+    padded_opts = StepOptions(backend="torch", shared_prefix=False, padding_free=False, **kw)
+    packed_opts = StepOptions(backend="torch", **{**kw, **packed})
+    out0, ref0, grads0, seen0 = _run(copy.deepcopy(model), ref, batch, padded_opts)
+    out1, ref1, grads1, seen1 = _run(copy.deepcopy(model), ref, batch, packed_opts)
+    torch.testing.assert_close(ref1, ref0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1["loss"], out0["loss"], rtol=1e-5, atol=1e-6)
+    for key, value in out0["metrics"].items():
+        torch.testing.assert_close(out1["metrics"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert out1["tokens"] == out0["tokens"]
+    assert set(grads1) == set(grads0) and grads0
+    scale = max(float(g.abs().max()) for g in grads0.values())
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6 * scale, msg=name)
+    return seen0, seen1
+
+
+def _policy_and_reference(proc, **kw):
+    model = tiny_model(proc, **kw)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, tiny_model(proc, seed=1, **kw)
+
+
+CASES = {
+    "tpo": dict(objective="tpo"),
+    "tpo-detach": dict(objective="tpo", detach_weights=True),
+    "dpo": dict(objective="dpo"),
+    "povid": dict(objective="povid"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("packed", [dict(padding_free=True), dict(), dict(shared_prefix=False, padding_free=True)],
+                         ids=["shared-prefix+padding-free", "shared-prefix", "padding-free"])
+def test_packed_step_equals_padded_step(setup, case, packed):
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model, ref = _policy_and_reference(proc)
+    seen0, seen1 = _assert_same_step(model, ref, batch, packed, reference="model", **CASES[case])
+    rows, width = batch["input_ids"].shape
+    assert seen0[-1] == (rows if CASES[case]["objective"] != "povid" else rows // 2, width)
+    if packed.get("padding_free"):
+        assert all(n == 1 for n, _ in seen1)
+    else:  # the default on sdpa: one row per pair
+        assert all(n == rows // 2 for n, _ in seen1)
+    if packed.get("shared_prefix", True):
+        # the clean branch: fewer trunk tokens than the padded batch's real tokens (each prompt runs once)
+        clean = [s for s in seen1 if s[0] * s[1] < int(batch["attention_mask"].sum())]
+        assert clean, seen1
+
+
+@pytest.mark.parametrize("objective", ["tpo", "dpo", "povid"])
+def test_packed_step_with_lora_and_gradient_checkpointing(setup, objective):
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model = _lora(tiny_model(proc), checkpointing=True)
+    assert model.get_base_model().model.language_model.gradient_checkpointing  # the flag kept its old name
+    _assert_same_step(model, None, batch, dict(padding_free=True), reference="adapter", objective=objective)
+
+
+def test_packed_step_with_eager_attention(setup):
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model, ref = _policy_and_reference(proc, attn_implementation="eager")
+    for packed in (dict(), dict(padding_free=True)):
+        _assert_same_step(model, ref, batch, packed, reference="model", objective="tpo")
+
+
+def test_packed_step_with_a_single_pair(setup):
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc, n=1)
+    assert batch["input_ids"].shape[0] == 2
+    model, ref = _policy_and_reference(proc)
+    _, seen = _assert_same_step(model, ref, batch, dict(padding_free=True), reference="model", objective="tpo")
+    assert seen[-1][0] == 1
+
+
+def test_packed_step_refuses_an_empty_response(setup):
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    batch["labels"][4] = -100  # pair 1's rejected response
+    model, ref = _policy_and_reference(proc)
+    opts = StepOptions(backend="torch", reference="none", objective="dpo")
+    with pytest.raises(ValueError, match="pair 1's rejected response is empty"):
+        policy_loss(model, batch, opts)
+
+
+def test_config_options(tmp_path):
+    from tpo_fast.trainer.config import TPOConfig
+
+    args = TPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert args.shared_prefix is True and args.padding_free is None
+    with pytest.raises(ValueError, match="shared_prefix must be True or False"):
+        TPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, shared_prefix="yes")
+    with pytest.raises(ValueError, match="padding_free must be None, True or False"):
+        TPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, padding_free=1)

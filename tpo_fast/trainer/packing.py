@@ -1,0 +1,359 @@
+"""Packing a preference batch for the trunk: one shared prompt prefix per pair, and padding-free rows.
+
+The collator's batch is padded: (2B, T) rows, the B chosen rows first, then the B rejected rows,
+each row `[prompt with image tokens, response, padding]`. The chosen and rejected rows of a pair
+start with the same tokens (image and prompt), so the trunk can run them once:
+
+    shared prefix:  [prefix | chosen response | rejected response]   one sequence per pair
+                    positions 0..p-1 | p..      | p..                 (both responses continue from p)
+                    the rejected tokens see the prefix and themselves, never the chosen tokens
+
+and with `padding_free` every pair's sequence goes into one row (block-diagonal attention across
+pairs), so no padding token reaches the trunk or the lm_head. One row pays off where the attention
+skips the masked blocks (FlexAttention's block mask); SDPA and eager attend over the dense (L, L)
+mask, quadratic in the whole micro-batch, which costs more than the padding of per-pair rows saves, so
+by default (`padding_free=None`) they keep one row per pair. Tokens are also cut after each
+row's last position that predicts a target (the final response token predicts nothing).
+
+A packing is only index maps: which padded (row, column) each packed token comes from, its
+position id, which sequence (`group`) and which part of it (`segment`: 0 prefix, 1 first response,
+2 second) it belongs to, and where each needed hidden state goes in the (R, T') response grid the
+losses take. So the embeddings (image features scattered in) are built on the padded batch as
+before and gathered, and gradients flow back through the gathers: the prefix gets the sum of
+both responses' gradients, once.
+
+The prefix of a pair is the longest common prefix of its two rows (up to the first token either row
+does not keep): it always holds the image and the prompt, and any identical first response tokens.
+Its last position predicts the first response token of both responses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("tpo_fast")
+
+# Attention implementations that take a prepared 4D mask (returned as is by transformers' mask builders).
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+# Those whose cost follows the mask's non-empty blocks, not L^2: where one padding-free row pays off.
+BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Index maps from a padded (R, T) batch to N packed rows of length L and back.
+
+    source: (N, L) flat index `row * T + column` into the padded batch of each packed token
+        (0 on padding slots). position_ids: (N, L) the token's column in its padded row (0 on padding).
+    group: (N, L) the packed sequence (pair, or single row) of each token, -1 on padding.
+    segment: (N, L) 0 for the prefix, 1 and 2 for the chosen and rejected responses of a pair.
+    grid_source, grid_target: (K,) for every response-grid cell with a target, its flat index
+        into the packed (N * L) hidden states and into the (R * T') grid.
+    grid_shape: (R, T'), the padded rows by the response window's width.
+    implementation, sliding_window: the attention the mask is built for (see `packed_attention_mask`).
+    """
+
+    source: torch.Tensor
+    position_ids: torch.Tensor
+    group: torch.Tensor
+    segment: torch.Tensor
+    grid_source: torch.Tensor
+    grid_target: torch.Tensor
+    grid_shape: tuple[int, int]
+    implementation: str = "sdpa"
+    sliding_window: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the trunk runs on, padding slots excluded."""
+        return int((self.group >= 0).sum())
+
+    def inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """(R, T, D) padded input embeddings -> the trunk's `(inputs_embeds, attention_mask, position_ids)`."""
+        packed = embeds.flatten(0, 1)[self.source]
+        return packed, packed_attention_mask(self, packed.dtype), self.position_ids
+
+    def responses(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, L, D) packed hidden states -> the (R, T', D) response grid (`gather_responses`)."""
+        return gather_responses(hidden, self)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(R, T) labels -> (R, T) targets: the hidden state at position t predicts targets[:, t] = labels[:, t + 1]."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def response_window(targets: torch.Tensor, ignore_index: int = -100) -> slice:
+    """The column range holding every target (prompt and image columns before it are dropped)."""
+    cols = (targets != ignore_index).any(0).nonzero()
+    if cols.numel() == 0:
+        raise ValueError("the batch has no response tokens (every label is ignore_index)")
+    return slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> torch.Tensor:
+    """(R,) tokens each row keeps: up to and including its last position with a target."""
+    rows, width = targets_valid.shape
+    lengths = attention_mask.sum(1)
+    if not bool((attention_mask == (torch.arange(width) < lengths[:, None])).all()):
+        raise ValueError("packing needs right-padded rows (attention_mask 1...1 0...0); "
+                         "set shared_prefix=False and padding_free=False for other layouts")
+    empty = (~targets_valid.any(1)).nonzero().flatten().tolist()
+    if empty:
+        r = empty[0]
+        what = (f"pair {r % (rows // 2)}'s {'chosen' if r < rows // 2 else 'rejected'}" if paired else f"row {r}'s")
+        raise ValueError(
+            f"{what} response is empty (no label other than ignore_index after the first position); "
+            f"drop the record, or give it at least one response token"
+        )
+    last = width - 1 - targets_valid.flip(1).int().argmax(1)
+    kept = last + 1
+    if bool((kept > lengths).any()):
+        raise ValueError("labels on padding positions (attention_mask 0); the collator masks padding with ignore_index")
+    return kept
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+def _sequence(ids: torch.Tensor, kept: list[int], rows: tuple[int, ...], width: int):
+    """One packed sequence: the rows' common prefix (taken from the first row), then each row's own tokens.
+
+    Returns (sources, positions, segments, {row: (prefix length, offset of the row's own tokens)}).
+    A single row is all prefix.
+    """
+    first = rows[0]
+    prefix = kept[first]
+    for r in rows[1:]:
+        prefix = min(prefix, _common_prefix(ids[first, : kept[first]], ids[r, : kept[r]]))
+    cols = [torch.arange(prefix)]
+    srcs = [first * width + cols[0]]
+    segs = [torch.zeros(prefix, dtype=torch.long)]
+    where = {}
+    offset = prefix
+    for s, r in enumerate(rows, start=1):
+        where[r] = (prefix, offset)
+        if len(rows) > 1:
+            own = torch.arange(prefix, kept[r])
+            cols.append(own)
+            srcs.append(r * width + own)
+            segs.append(torch.full((len(own),), s, dtype=torch.long))
+            offset += len(own)
+    return torch.cat(srcs), torch.cat(cols), torch.cat(segs), where
+
+
+def pack_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    has_target: torch.Tensor,
+    window: slice,
+    *,
+    paired: bool,
+    padding_free: bool,
+    implementation: str = "sdpa",
+    sliding_window: int | None = None,
+) -> Packing:
+    """The packing of a right-padded (R, T) batch whose response grid is `targets[:, window]`.
+
+    `has_target`: (R, T) bool, `targets != ignore_index` for the shifted labels (`shift_labels`:
+    position t predicts `targets[:, t]`); only those positions' hidden states reach the grid.
+    `paired`: rows i and R/2 + i are a pair's chosen and rejected rows and share their common
+    prefix; otherwise every row is its own sequence. `padding_free`: all sequences in one row
+    (N = 1); otherwise one sequence per row, padded to the longest (N = B pairs or R rows).
+    Raises ValueError for a row without any target (an empty response) or a left-padded row.
+    """
+    ids, mask = input_ids.detach().cpu(), attention_mask.detach().cpu().bool()
+    valid = has_target.detach().cpu().bool()
+    rows, width = valid.shape
+    if paired and rows % 2:
+        raise ValueError(f"paired packing needs chosen and rejected rows (an even count), got {rows} rows")
+    kept = _row_lengths(mask, valid, paired).tolist()
+    members = [(i, rows // 2 + i) for i in range(rows // 2)] if paired else [(r,) for r in range(rows)]
+
+    sequences = [_sequence(ids, kept, group_rows, width) for group_rows in members]
+    sizes = [len(s[0]) for s in sequences]
+    n_rows, length = (1, sum(sizes)) if padding_free else (len(sequences), max(sizes))
+    source = torch.zeros(n_rows * length, dtype=torch.long)
+    position = torch.zeros_like(source)
+    group = torch.full_like(source, -1)
+    segment = torch.zeros_like(source)
+    start = 0
+    row_start = {}  # padded row -> (flat start of its sequence, prefix length, offset of its own tokens)
+    for g, ((src, pos, seg, where), size) in enumerate(zip(sequences, sizes, strict=True)):
+        if not padding_free:
+            start = g * length
+        span = slice(start, start + size)
+        source[span], position[span], segment[span], group[span] = src, pos, seg, g
+        for r, (prefix, offset) in where.items():
+            row_start[r] = (start, prefix, offset)
+        start += size
+
+    # Response grid: cell (r, t - window.start) for every position t with a target.
+    grid_width = window.stop - window.start
+    grid_rows, cols = valid.nonzero(as_tuple=True)
+    if len(cols) and (int(cols.min()) < window.start or int(cols.max()) >= window.stop):
+        raise ValueError(f"targets outside the response window {window}")
+    starts = torch.tensor([row_start[r] for r in range(rows)], dtype=torch.long).view(rows, 3)
+    base, prefix, offset = starts[grid_rows].unbind(1)
+    local = torch.where(cols < prefix, cols, offset + cols - prefix)
+    return Packing(
+        source=source.view(n_rows, length).to(input_ids.device),
+        position_ids=position.view(n_rows, length).to(input_ids.device),
+        group=group.view(n_rows, length).to(input_ids.device),
+        segment=segment.view(n_rows, length).to(input_ids.device),
+        grid_source=(base + local).to(input_ids.device),
+        grid_target=(grid_rows * grid_width + cols - window.start).to(input_ids.device),
+        grid_shape=(rows, grid_width),
+        implementation=implementation,
+        sliding_window=sliding_window,
+    )
+
+
+def allowed_attention(packing: Packing, sliding_window: int | None = None) -> torch.Tensor:
+    """(N, L, L) bool: query token q may attend key token k.
+
+    Same sequence, k not after q, and k in the prefix or in q's own segment (the rejected response
+    never sees the chosen one); with `sliding_window`, `position(q) - position(k) < sliding_window`.
+    Padding slots attend only to themselves (a fully masked row gives NaN in SDPA); no real token
+    sees them.
+    """
+    g, s, pos = packing.group, packing.segment, packing.position_ids
+    n = g.shape[1]
+    idx = torch.arange(n, device=g.device)
+    allowed = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0)
+    allowed &= idx[:, None] >= idx[None, :]
+    allowed &= (s[:, None, :] == 0) | (s[:, :, None] == s[:, None, :])
+    if sliding_window is not None:
+        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+    return allowed | torch.eye(n, dtype=torch.bool, device=g.device)
+
+
+def _block_mask(packing: Packing, sliding_window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g, s, pos = packing.group, packing.segment, packing.position_ids
+
+    def mask_mod(b, h, q, k):
+        ok = (g[b, q] == g[b, k]) & (g[b, q] >= 0) & (q >= k) & ((s[b, k] == 0) | (s[b, q] == s[b, k]))
+        if sliding_window is not None:
+            ok = ok & (pos[b, q] - pos[b, k] < sliding_window)
+        return ok | (q == k)
+
+    n, length = g.shape
+    return create_block_mask(mask_mod, B=n, H=None, Q_LEN=length, KV_LEN=length, device=g.device)
+
+
+def packed_attention_mask(packing: Packing, dtype: torch.dtype):
+    """The 4D attention mask of a packing for its attention implementation (`packing.implementation`).
+
+    "sdpa": (N, 1, L, L) bool, True = attend; "eager": the same as an additive float mask in
+    `dtype` (0 or the dtype's minimum); "flex_attention": a `BlockMask`, whose empty blocks
+    (other pairs, the rejected-to-chosen block) are skipped rather than masked.
+    """
+    implementation, sliding_window = packing.implementation, packing.sliding_window
+    if implementation == "flex_attention":
+        return _block_mask(packing, sliding_window)
+    allowed = allowed_attention(packing, sliding_window)[:, None]
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    raise ValueError(f"no packed mask for attention {implementation!r}; use one of {MASK_IMPLEMENTATIONS}")
+
+
+def gather_responses(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(N, L, D) packed hidden states -> (R, T', D) response grid; zeros where there is no target."""
+    d = hidden.shape[-1]
+    rows, width = packing.grid_shape
+    picked = hidden.reshape(-1, d).index_select(0, packing.grid_source)
+    return hidden.new_zeros(rows * width, d).index_copy(0, packing.grid_target, picked).view(rows, width, d)
+
+
+def _sliding_window(config) -> tuple[bool, int | None]:
+    """(supported, window) of a text config: one attention kind for every layer, its window if sliding."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if kinds - {"full_attention", "sliding_attention"} or len(kinds) > 1:
+        return False, None
+    if kinds == {"full_attention"} or getattr(config, "use_sliding_window", True) is False:
+        return True, None
+    return True, window
+
+
+def packing_support(llava: torch.nn.Module) -> tuple[str | None, str, int | None]:
+    """(reason, implementation, sliding_window) of a LLaVA model's language model: why it cannot run a
+    packed batch (None when it can), its attention implementation, and the sliding window the packed
+    mask must apply (None: full attention)."""
+    language_model = getattr(getattr(llava, "model", None), "language_model", None)
+    if language_model is None:
+        return "the model has no `.model.language_model`", "", None
+    config = language_model.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in MASK_IMPLEMENTATIONS:
+        return (f"its attention implementation {implementation!r} takes no 4D attention mask "
+                f"(load the model with attn_implementation='sdpa', 'eager' or 'flex_attention')"), implementation, None
+    try:
+        params = inspect.signature(language_model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "position_ids" not in params:
+        return f"{type(language_model).__name__}.forward takes no position_ids", implementation, None
+    ok, window = _sliding_window(config)
+    if not ok:
+        return ("its layers mix attention kinds (full and sliding window), which one 4D mask cannot describe",
+                implementation, None)
+    return None, implementation, window
+
+
+@dataclass(frozen=True)
+class PackingMode:
+    """How a step packs its batch on a given model (see `packing_mode`)."""
+
+    shared_prefix: bool
+    padding_free: bool
+    implementation: str
+    sliding_window: int | None
+
+    def pack(self, input_ids, attention_mask, has_target, window: slice, *, pairs: bool) -> Packing:
+        """`pack_batch` of these rows; `pairs`: the rows are the chosen and rejected rows of whole pairs,
+        which share their prefix when `shared_prefix` (the chosen-only POVID branch is packed row by row)."""
+        return pack_batch(
+            input_ids, attention_mask, has_target, window, paired=self.shared_prefix and pairs,
+            padding_free=self.padding_free, implementation=self.implementation, sliding_window=self.sliding_window,
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool | None = None) -> PackingMode | None:
+    """The packing this model runs with, or None for the padded rows.
+
+    `padding_free=None` packs a micro-batch into one row only where the attention skips the blocks its
+    mask removes (flex_attention); with sdpa and eager the dense (L, L) mask of one row costs more
+    attention than the padding it saves, so each pair keeps its own row. None is also returned
+    (logged once per reason) when the model cannot take a packed batch.
+    """
+    if not shared_prefix and padding_free is False:
+        return None
+    reason, implementation, window = packing_support(llava)
+    if padding_free is None:
+        padding_free = implementation in BLOCK_SPARSE_IMPLEMENTATIONS
+    if not (shared_prefix or padding_free):
+        return None
+    if reason is not None:
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            logger.warning("shared_prefix / padding_free are off, the step runs on padded rows: %s", reason)
+        return None
+    return PackingMode(shared_prefix, padding_free, implementation, window)
