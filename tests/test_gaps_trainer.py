@@ -203,8 +203,6 @@ def test_reference_cache_is_recomputed_when_an_option_changes_the_scores(setup, 
     assert torch.equal(again, got)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the reference-cache fingerprint (TPOTrainer._cache_fingerprint) "
-                   "holds no trace of the reference model, so a cache scored by another model is reused")
 def test_reference_cache_is_recomputed_for_another_reference_model(setup, tmp_path):
     ds, proc = setup
     cache = str(tmp_path / "ref_scores.pt")

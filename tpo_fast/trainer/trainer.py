@@ -16,6 +16,7 @@ train_dataset=..., processing_class=processor, peft_config=...)`, `.train()`, `.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import resource
@@ -92,6 +93,29 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def weights_digest(named_parameters) -> str:
+    """sha256 of every parameter's name and shape and of its float64 sum and sum of squares.
+
+    Sums add up over shards, so under ZeRO-3 each rank sums its partition and an all-reduce gives every
+    rank the same digest. O(parameters) reads, once per cache check. The sums are hashed as fp32: a
+    different summation order may at worst make a cache look stale (recomputed), never the reverse
+    for weights that differ.
+    """
+    names, stats, partitioned, device = [], [], False, None
+    for name, p in named_parameters:
+        partitioned |= hasattr(p, "ds_tensor")
+        local = getattr(p, "ds_tensor", p).detach()
+        device = local.device
+        names.append(f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}")
+        stats.append(torch.stack([local.double().sum(), local.double().square().sum()]))
+    values = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    digest = hashlib.sha256("\n".join(names).encode())
+    digest.update(values.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TPOTrainer(Trainer):
@@ -267,7 +291,18 @@ class TPOTrainer(Trainer):
             "average_log_prob": a.average_log_prob, "noise_step": getattr(ds, "noise_step", None),
             "noise_seed": getattr(ds, "noise_seed", None), "overflow": getattr(ds, "overflow", None),
             "size": len(ds), "max_length": a.max_length, "prompt_template": a.prompt_template,
+            "reference_weights": self._reference_digest(),
         }
+
+    def _reference_digest(self) -> str:
+        """A digest of the reference's weights, so that a cache scored by another model is not reused:
+        the separate reference model, or the policy's base weights when the reference is the policy
+        with its LoRA adapter disabled."""
+        if self.reference_mode == "model":
+            ref = getattr(self.ref_model, "module", self.ref_model)  # a DeepSpeed engine wraps the model
+            return weights_digest(ref.named_parameters())
+        params = ((n, p) for n, p in self.model.named_parameters() if "lora_" not in n)
+        return weights_digest(params)
 
     def _precompute_reference(self):
         ds = self.train_dataset
