@@ -5,7 +5,8 @@
 #   3. the test suite with compiled Triton kernels and the CUDA extension (no interpreter); the checks that only
 #      a GPU run reaches (the CUDA extension's kernel, the split backward's 16-bit multi-chunk accumulation)
 #      are counted after it: skipped there means untested, a failed CUDA build fails;
-#   4. bench/run.py --cases gpu-target (TPO, DPO) with the best tiles of step 2.
+#   4. bench/run.py --cases gpu-target (TPO, DPO, POVID, primitive) with the best tiles of step 2: the fused-gradient
+#      losses (default) against their recompute path, the peers and both matmul floors (all rows, valid rows).
 # Logs and results go to $OUT (the device tool's folder, 8 files) or /tmp/tpo_fast_gpu.
 #
 #   run: bash scripts/gpu_check.sh   (timeout_s 560; carry .whl: liger-kernel, cut-cross-entropy, trl, dill,
@@ -35,15 +36,18 @@ print(j.get('best_split_tiles', '-'), j.get('best_split_tma', 'auto'))" 2>/dev/n
 [ "$BEST_TILES" = "-" ] && BEST_TILES=""
 wait $BUILD; tail -1 "$OUT/build.log"
 stamp "tests"
-timeout 260 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 240 \
+timeout 250 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 240 \
     --ignore=tests/test_trainer_dist.py --ignore=tests/test_kernels_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
 tail -2 "$OUT/tests.log"
+echo "fused-gradient losses on the GPU (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
+    | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
 echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
     | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
 stamp "bench/run.py with TPO_FAST_TILES=$BEST_TILES TPO_FAST_TMA=$BEST_TMA"
-TPO_FAST_TILES="$BEST_TILES" TPO_FAST_TMA="$BEST_TMA" timeout 110 python3 bench/run.py --cases gpu-target \
-    --workloads tpo,dpo,primitive --contenders naive,liger,cce,trl,tpo_fast-triton,floor --repeats 10 --warmup 2 --timeout 60 \
+TPO_FAST_TILES="$BEST_TILES" TPO_FAST_TMA="$BEST_TMA" timeout 150 python3 bench/run.py --cases gpu-target \
+    --workloads tpo,dpo,povid,primitive --contenders naive,liger,cce,trl,tpo_fast-triton,tpo_fast-triton-recompute,floor,floor-valid \
+    --repeats 10 --warmup 2 --timeout 60 \
     --out "$OUT" --stem gpu --no-plots > "$OUT/bench.md" 2> "$OUT/bench.err"
-echo "bench rc=$?"; grep -E "^\| (naive|Liger|Cut|tpo_fast|matmul)|^### " "$OUT/bench.md"
+echo "bench rc=$?"; grep -E "^\| (naive|Liger|Cut|TRL|tpo_fast|matmul)|^### |^- " "$OUT/bench.md"
 stamp "done"

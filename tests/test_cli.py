@@ -183,3 +183,29 @@ def test_train_grad_mode_reaches_the_config(tmp_path, model_dir, monkeypatch):
     with pytest.raises(Stop):
         SUBCOMMANDS["train"].run(p.parse_args([*base, "--grad-mode", "recompute"]))
     assert seen["loss_grad_mode"] == "recompute"
+
+
+@pytest.mark.parametrize(
+    ("flags", "shared", "padding_free"),
+    [([], True, None), (["--no-shared-prefix"], False, None), (["--padding-free", "on"], True, True),
+     (["--no-shared-prefix", "--padding-free", "off"], False, False)],
+)
+def test_train_packing_flags_reach_the_config(tmp_path, model_dir, monkeypatch, flags, shared, padding_free):
+    """`--no-shared-prefix` and `--padding-free auto|on|off` are TPOConfig's shared_prefix / padding_free."""
+    import tpo_fast.trainer.config as config
+
+    p = _subparsers()["train"]
+    base = ["--model", str(model_dir), "--data", "d", "--output-dir", str(tmp_path / "o")]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(config, "TPOConfig", capture)
+    with pytest.raises(Stop):
+        SUBCOMMANDS["train"].run(p.parse_args([*base, *flags]))
+    assert (seen["shared_prefix"], seen["padding_free"]) == (shared, padding_free)

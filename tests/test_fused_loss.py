@@ -324,3 +324,20 @@ def test_bad_arguments_say_what_to_fix():
                         second_targets=b["targets"][:, 1:])
     with pytest.raises(ValueError, match=r"targets must be a 2-D \(2B, T\)"):
         fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"][:5], lambda c: c.logprobs.sum())
+
+
+@pytest.mark.parametrize(("chunk_mb", "expected_mb"), [(None, 128), (64, 64), (1024, 128)])
+def test_torch_backend_caps_its_chunk_at_128_mib(monkeypatch, chunk_mb, expected_mb):
+    """The torch backend's logits chunk is min(chunk_mb, 128 MiB), like its recomputing backward's."""
+    from tpo_fast.ops import fused_pairs
+
+    seen = []
+    original = fused_pairs.plan_chunks
+    monkeypatch.setattr(fused_pairs, "plan_chunks", lambda rows, budget: seen.append(budget) or original(rows, budget))
+    b = batch()
+    if chunk_mb is None:
+        call_tpo(b, backend="torch")
+    else:
+        with kernel_options(chunk_mb=chunk_mb):
+            call_tpo(b, backend="torch")
+    assert seen == [expected_mb * 2**20 // (4 * V)]

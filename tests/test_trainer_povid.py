@@ -19,7 +19,7 @@ from tiny_setup import state_of, tiny_data, tiny_model, tiny_processor  # noqa: 
 from tpo_fast.methods.povid import povid_step  # noqa: E402
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.config import TPOConfig  # noqa: E402
-from tpo_fast.trainer.model import StepOptions, route_forward, shift_labels  # noqa: E402
+from tpo_fast.trainer.model import StepOptions, route_forward  # noqa: E402
 from tpo_fast.trainer.trainer import TPOTrainer  # noqa: E402
 
 
@@ -39,7 +39,9 @@ def _oracle(model, batch, grad):
     with torch.no_grad():
         corrupted = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
                           pixel_values=batch["corrupted_pixel_values"][idx]).logits
-    return povid_scores_from_logits(logits, corrupted, shift_labels(batch["labels"]))
+    targets = torch.full_like(batch["labels"], -100)  # shifted here, not by the library's own helper
+    targets[:, :-1] = batch["labels"][:, 1:]
+    return povid_scores_from_logits(logits, corrupted, targets)
 
 
 def test_routed_povid_step_matches_full_logits_oracle(setup):
@@ -72,10 +74,11 @@ def test_routed_povid_step_matches_full_logits_oracle(setup):
     ref_scores = ref(tpo_batch=batch, tpo_mode="reference")
     out = policy(tpo_batch=batch, tpo_ref_scores=ref_scores)
     out["loss"].backward()
-    # Vision tower once per distinct image: clean with gradient, corrupted without; the corrupted
-    # trunk runs over the 3 chosen rows only, without gradient.
+    # Vision tower once per distinct image: clean with gradient, corrupted without. The clean trunk runs
+    # one packed row per pair (shared prefix: [image + prompt, chosen, rejected]); the corrupted trunk
+    # runs over the 3 chosen rows only, without gradient.
     assert seen["vision"] == [(2, True), (2, False)]
-    assert seen["trunk"] == [(2 * n, True), (n, False)]
+    assert seen["trunk"] == [(n, True), (n, False)]
 
     ref_hook.remove()  # the oracle needs the full logits
     s_w, s_l, s_n = _oracle(oracle, batch, grad=True)

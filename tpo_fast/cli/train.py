@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--grad-mode", choices=("fused", "recompute"), default="fused",
                    help="loss gradient: fused (computed in the forward, no logits recompute) or recompute "
                         "(the per-token primitive's backward)")
+    p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                   help="run each pair's image and prompt twice (padded rows) instead of once per pair")
+    p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
+                   help="pack a micro-batch into one row without padding: auto (only with flex_attention, "
+                        "whose block mask skips the other pairs), on, off")
     p.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo"), default="sigmoid",
                    help="preference loss on the reward margin")
     p.add_argument("--reference", choices=("auto", "model", "adapter", "none"), default="auto",
@@ -96,6 +101,7 @@ def run(a: argparse.Namespace) -> int:
     args = TPOConfig(
         output_dir=a.output_dir, objective=a.objective, povid_noise_weight=a.povid_noise_weight, beta=a.beta,
         offset=a.offset, detach_weights=a.detach_weights, loss_backend=a.backend, loss_grad_mode=a.grad_mode,
+        shared_prefix=a.shared_prefix, padding_free={"auto": None, "on": True, "off": False}[a.padding_free],
         loss_type=a.loss_type, reference=a.reference, precompute_reference=a.precompute_reference,
         num_train_epochs=a.epochs, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, warmup_steps=a.warmup_steps,

@@ -31,6 +31,9 @@ from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.token_logprobs import resolve_backend
 
+# The torch backend's chunk budget cap, the fp32 logits chunk of `torch_chunked` (32 Mi elements).
+TORCH_CHUNK_BYTES = 128 * 2**20
+
 NO_SECOND_ORDER = (
     "a fused-gradient loss computes its gradient in the forward and has no second-order gradient; "
     "pass grad_mode='recompute' with backend='reference' for double backward (create_graph=True)"
@@ -239,8 +242,9 @@ def fused_pair_loss(
             (POVID's noisy argmax); `ignore_index` where a row has none.
         backend: "auto", "triton" or "torch" (the reference backend has no fused path).
         chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default the kernel
-            options' `chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB). A single pair with more rows than the
-            budget is processed alone (its buffer is then larger than the budget).
+            options' `chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB), at most 128 MiB on the torch backend.
+            A single pair with more rows than the budget is processed alone (its buffer is then
+            larger than the budget).
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
@@ -266,7 +270,13 @@ def fused_pair_loss(
         second_targets = second_targets.long()
         s_flat = second_targets.reshape(-1)
         check_target_range(s_flat, s_flat != ignore_index, weight.shape[0], ignore_index)
-    budget = current_options().chunk_bytes if chunk_bytes is None else int(chunk_bytes)
+    if chunk_bytes is None:
+        # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
+        # larger buffer buys no GEMM speed and only raises the peak.
+        chunk_bytes = current_options().chunk_bytes
+        if backend == "torch":
+            chunk_bytes = min(chunk_bytes, TORCH_CHUNK_BYTES)
+    budget = int(chunk_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     spec = _Spec(targets, second_targets, chunk_loss, ignore_index, backend, budget)
