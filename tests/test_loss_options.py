@@ -127,3 +127,10 @@ def test_sequence_scores_accept_a_list_or_say_so():
     listed = tpo_loss(w, h, h + 0.1, y, ref_seq_scores=REF.tolist())
     tensor = tpo_loss(w, h, h + 0.1, y, ref_seq_scores=REF)
     assert listed.loss.item() == tensor.loss.item()
+
+
+def test_non_tensor_scores_get_a_value_error():
+    with pytest.raises(ValueError, match=r"policy_seq_scores must be a 1-D \(2B,\) tensor"):
+        preference_loss_from_sequence_scores([1.0, 2.0, 3.0, 4.0], REF)
+    with pytest.raises(ValueError, match="logprobs must be 2-D"):
+        sequence_scores([[0.0, 1.0]], None, torch.ones(1, 2, dtype=torch.bool), "none")
