@@ -194,7 +194,6 @@ class _FusedPairLossFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:4])
         loss, grids, grads = _run(spec, hidden, weight, bias, corrupted_hidden, needs)
         ctx.grads = grads
-        ctx.used = False
         extra = [grids.logp, grids.z]
         extra += [t if t is not None else torch.empty(0, device=hidden.device) for t in (grids.zc, grids.logp2)]
         ctx.mark_non_differentiable(*extra)
@@ -202,17 +201,21 @@ class _FusedPairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        if torch.is_grad_enabled():
-            raise RuntimeError(NO_SECOND_ORDER)
-        if ctx.used:
-            raise RuntimeError(
-                "backward ran twice through a fused-gradient loss, whose stored gradients are used once; "
-                "recompute the loss for each backward, or pass grad_mode='recompute'"
-            )
-        ctx.used = True
-        grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*out, None)
+        return (*take_stored_grads(ctx, grad_loss), None)
+
+
+def take_stored_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients a fused-gradient forward stored on `ctx.grads`, scaled by `grad_loss` in place and
+    released: once per forward, never under `create_graph` (the backward of every fused-gradient Function)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_SECOND_ORDER)
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(
+            "backward ran twice through a fused-gradient loss, whose stored gradients are used once; "
+            "recompute the loss for each backward, or pass grad_mode='recompute'"
+        )
+    return [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
 
 
 def fused_pair_loss(
@@ -280,10 +283,9 @@ def fused_pair_loss(
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     spec = _Spec(targets, second_targets, chunk_loss, ignore_index, backend, budget)
+    hidden = hidden.contiguous()
     inputs = (hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
               None if corrupted_hidden is None else corrupted_hidden.contiguous())
-    hidden = hidden.contiguous()
-    inputs = (hidden, *inputs[1:])
     # Autocast must not touch the kernels' own precision choices (fp32 logits and statistics, GEMMs in
     # the inputs' dtype): inside, every op runs as written, whatever the caller's autocast region says.
     with torch.autocast(hidden.device.type, enabled=False):

@@ -29,6 +29,7 @@ import torch
 
 from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
+from tpo_fast.ops.fused_pairs import take_stored_grads
 from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
 
 OBJECTIVES = ("tpo", "dpo", "povid")
@@ -290,12 +291,7 @@ class _Zero3GatheredLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         if ctx.fused:
-            if torch.is_grad_enabled():
-                raise RuntimeError("the fused-gradient loss has no second-order gradient; use grad_mode='recompute'")
-            grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                raise RuntimeError("backward ran twice through a fused-gradient loss; use grad_mode='recompute'")
-            return (None, None, None, *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads))
+            return (None, None, None, *take_stored_grads(ctx, grad_loss))
         hidden, corrupted_hidden = ctx.saved_tensors
         with _gathered([ctx.weight, ctx.bias]):
             _, grads = _loss_and_grads(ctx.loss_fn, (ctx.weight, ctx.bias, hidden, corrupted_hidden),
