@@ -148,6 +148,8 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
         c.build(case, data, device)
         row["note"] = c.note()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
+        if getattr(c, "reference_cache_s_per_pair", None) is not None:
+            row["reference_cache_s_per_pair"] = c.reference_cache_s_per_pair
         counts = data.tokens(case.pairs)
         row.update(tokens=counts["tokens"], response_tokens=counts["response"], padded_positions=counts["padded"],
                    seq_len=counts["row_len"])

@@ -267,7 +267,9 @@ def _verdict_line(group: list[dict]) -> str:
 
 # The step workload's comparisons: like with like (DPO vs DPO, TPO vs TPO, shared vs unshared).
 STEP_PAIRS = (("ours-dpo", "trl-dpo"), ("ours-dpo-shared", "trl-dpo"), ("ours-tpo", "official-tpo"),
-              ("ours-tpo-shared", "official-tpo"), ("ours-dpo-shared", "ours-dpo"), ("ours-tpo-shared", "ours-tpo"))
+              ("ours-tpo-shared", "official-tpo"), ("ours-tpo-shared-refcache", "official-tpo"),
+              ("ours-dpo-shared", "ours-dpo"), ("ours-tpo-shared", "ours-tpo"),
+              ("ours-tpo-shared-refcache", "ours-tpo-shared"))
 
 
 def _step_verdict(fair: list[dict]) -> str:

@@ -400,7 +400,7 @@ def test_runner_step_workload(tmp_path):
     pytest.importorskip("trl")
     cmd = [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--cases", "step-tiny,llava7b-step",
            "--workloads", "step", "--repeats", "1", "--search-s", "30",
-           "--contenders", "official-tpo,trl-dpo,ours-tpo,ours-tpo-shared",
+           "--contenders", "official-tpo,trl-dpo,ours-tpo,ours-tpo-shared,ours-tpo-shared-refcache",
            "--out", str(tmp_path), "--stem", "step"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -409,16 +409,17 @@ def test_runner_step_workload(tmp_path):
     head = "| contender | step ms | tokens/s | peak MiB step / total | largest micro-batch ≤ 512 MiB |"
     assert head in out, out[:3000]
     assert "### step · step-tiny" in out and "- step · step-tiny: no verdict" in out  # one repeat: not compared
-    assert "Not run: official TPO step (8 forwards, fp32 logits), TRL DPOTrainer, tpo_fast TPO step, tpo_fast TPO " \
-           "step, shared prefix — needs CUDA (llava-1.5-7b shapes in bf16)." in out
+    assert ("Not run: official TPO step (8 forwards, fp32 logits), TRL DPOTrainer, tpo_fast TPO step, tpo_fast TPO "
+            "step, shared prefix, tpo_fast TPO step, shared prefix, cached reference — needs CUDA (llava-1.5-7b "
+            "shapes in bf16).") in out
 
     rows = json.loads((tmp_path / "step.json").read_text())["rows"]
     by = {(r["case"], r["contender"]): r for r in rows}
-    assert len(rows) == 2 * 4 and {r["workload"] for r in rows} == {"step"}
+    assert len(rows) == 2 * 5 and {r["workload"] for r in rows} == {"step"}
     from tpo_fast.trainer.config import TPOConfig
 
     shared_landed = "shared_prefix" in TPOConfig.__dataclass_fields__
-    for name in ("official-tpo", "trl-dpo", "ours-tpo", "ours-tpo-shared"):
+    for name in ("official-tpo", "trl-dpo", "ours-tpo", "ours-tpo-shared", "ours-tpo-shared-refcache"):
         assert by[("llava7b-step", name)]["status"] == "unavailable"
         r = by[("step-tiny", name)]
         if name == "ours-tpo-shared" and not shared_landed:
@@ -438,6 +439,9 @@ def test_runner_step_workload(tmp_path):
     if not torch.cuda.is_available():
         assert "not used: use_liger_kernel" in trl
     assert by[("step-tiny", "ours-tpo-shared")].get("unshared") == "ours-tpo"
+    cached = by[("step-tiny", "ours-tpo-shared-refcache")]  # the reference scored once, before the timed steps
+    assert cached["reference_cache_s_per_pair"] > 0 and "reference cache:" in cached["note"]
+    assert "precompute_reference=True" in cached["note"]
     with (tmp_path / "step.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and {"tokens_per_s", "total_peak_mib", "max_micro_batch"} <= set(table[0])

@@ -10,6 +10,9 @@
   why each was or was not used go into the row's note.
 - `ours-{dpo,tpo}[-shared]`: tpo_fast's `TPOTrainer` (objective "dpo" / "tpo"), without and with
   `TPOConfig(shared_prefix=True)`.
+- `ours-tpo-shared-refcache`: the shared-prefix TPO step with `precompute_reference=True`: the frozen
+  reference scores the pairs once before the timed steps (that time goes into the row's note, and
+  `reference_cache_s_per_pair` into the row), so a step runs only the policy's two forwards.
 
 Each runs `train_step(batch)`: forward, backward, optimizer step, zero_grad, with the Hugging Face
 Trainer's default optimizer (fused AdamW) for all; no gradient clipping for any. Batches are
@@ -304,19 +307,27 @@ def config_fields() -> set[str]:
 
 
 class OursStep(StepContender):
-    def __init__(self, objective: str, shared: bool):
-        name = f"ours-{objective}" + ("-shared" if shared else "")
-        label = f"tpo_fast {objective.upper()} step" + (", shared prefix" if shared else "")
-        what = {"dpo": "one trunk forward of chosen+rejected with gradient, one reference forward",
-                "tpo": "clean and corrupted trunk forwards with gradient, the reference's two without"}[objective]
+    def __init__(self, objective: str, shared: bool, precomputed: bool = False):
+        name = f"ours-{objective}" + ("-shared" if shared else "") + ("-refcache" if precomputed else "")
+        label = (f"tpo_fast {objective.upper()} step" + (", shared prefix" if shared else "")
+                 + (", cached reference" if precomputed else ""))
+        ref = {"dpo": "one reference forward", "tpo": "the reference's two without"}[objective]
+        if precomputed:
+            ref = "no reference forward (scores cached once per data set, before the timed steps)"
+        what = {"dpo": "one trunk forward of chosen+rejected with gradient, ",
+                "tpo": "clean and corrupted trunk forwards with gradient, "}[objective] + ref
         note = (f"tpo_fast TPOTrainer(objective={objective!r}): {what}; images encoded once per image; the fused "
                 "loss on the response positions' hidden states (no logits); a frozen copy as reference (with "
                 "LoRA: the adapter disabled)")
         if shared:
             note += "; TPOConfig(shared_prefix=True): image and prompt computed once per pair"
+        if precomputed:
+            note += ("; TPOConfig(precompute_reference=True): the frozen reference scores every pair once "
+                     "(its time is in the note, amortized per epoch) and the step reads the cache")
         super().__init__(name, "ours", label, note)
-        self.objective, self.shared = objective, shared
-        self.unshared = f"ours-{objective}" if shared else None
+        self.objective, self.shared, self.precomputed = objective, shared, precomputed
+        # The row it is compared with: the shared prefix against the unshared step, the cache against no cache.
+        self.unshared = f"ours-{objective}" if shared and not precomputed else None
 
     def availability(self, device, workload=None):
         if self.shared and "shared_prefix" not in config_fields():
@@ -324,23 +335,39 @@ class OursStep(StepContender):
         return None
 
     def build(self, case, data, device):
+        import time
+
         from tpo_fast.trainer.config import TPOConfig
         from tpo_fast.trainer.trainer import TPOTrainer
 
         self.device, self.data = device, data
         fields = config_fields()
         extra = {"shared_prefix": self.shared} if "shared_prefix" in fields else {}
+        dataset = data.dataset
+        if self.precomputed:
+            # Only the pairs a step of this run can draw: the timed micro-batch and the micro-batch search's.
+            used = max(case.pairs, case.max_pairs if case.search_s > 0 else 0)
+            dataset = torch.utils.data.Subset(data.dataset, range(min(len(data.dataset), used)))
+            extra["precompute_reference"] = True
         args = TPOConfig(
             output_dir=tempfile.mkdtemp(prefix="tpo-bench-ours-"), objective=self.objective,
-            per_device_train_batch_size=case.pairs, learning_rate=LEARNING_RATE, report_to="none",
-            use_cpu=device == "cpu", save_strategy="no", disable_tqdm=True, bf16=case.dtype == "bf16", **extra,
+            per_device_train_batch_size=case.pairs, per_device_eval_batch_size=case.pairs,
+            learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
+            disable_tqdm=True, bf16=case.dtype == "bf16", **extra,
         )
         model = build_model(case, data.image_token_id, device)
-        self.trainer = TPOTrainer(model, args=args, train_dataset=data.dataset, processing_class=data.processor,
+        t0 = time.perf_counter()
+        self.trainer = TPOTrainer(model, args=args, train_dataset=dataset, processing_class=data.processor,
                                   peft_config=lora_config(case) if case.lora else None)
+        if self.precomputed:
+            took = time.perf_counter() - t0
+            self.reference_cache_s_per_pair = took / len(dataset)
+            self.notes.append(f"reference cache: {took:.1f} s for {len(dataset)} pairs, "
+                              f"{self.reference_cache_s_per_pair:.2f} s per pair, paid once per data set")
         self.trainer.create_optimizer_and_scheduler(num_training_steps=1000)
         self.trainer.current_gradient_accumulation_steps = 1
-        used = [f"{k}={getattr(args, k)}" for k in ("shared_prefix", "padding_free") if k in fields]
+        used = [f"{k}={getattr(args, k)}" for k in ("shared_prefix", "padding_free", "precompute_reference")
+                if k in fields]
         used.append(f"loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}")
         self.notes.append("TPOConfig: " + ", ".join(used))
 
@@ -349,13 +376,14 @@ class OursStep(StepContender):
         return self.trainer._prepare_inputs(self.trainer.data_collator([ds[i] for i in self.data.indices(pairs)]))
 
 
-
 def step_contenders() -> dict[str, StepContender]:
     out: dict[str, StepContender] = {"official-tpo": OfficialTPOStep(), "trl-dpo": TRLDPOStep()}
     for objective in ("dpo", "tpo"):
         for shared in (False, True):
             c = OursStep(objective, shared)
             out[c.name] = c
+    c = OursStep("tpo", shared=True, precomputed=True)
+    out[c.name] = c
     return out
 
 
