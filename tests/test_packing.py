@@ -352,3 +352,27 @@ def test_config_options(tmp_path):
         TPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, shared_prefix="yes")
     with pytest.raises(ValueError, match="padding_free must be None, True or False"):
         TPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, padding_free=1)
+
+
+
+
+# FlexAttention on CPU: no backward ("FlexAttention does not support backward on CPU"), and without gradient
+# torch 2.13's inductor emits a CPU kernel that does not compile (CppCompileError in the flex template).
+NO_CPU_FLEX = "FlexAttention trains on CUDA only (no CPU backward; the CPU forward kernel fails to compile)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CPU_FLEX)
+def test_packed_step_with_flex_attention(setup):
+    """FlexAttention (block-sparse, padding-free by default): the reference scores and the training step
+    through its BlockMask equal the padded rows', with one packed row per branch."""
+    ds, proc = setup
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
+    model, ref = _policy_and_reference(proc, attn_implementation="flex_attention")
+    model, ref = model.cuda(), ref.cuda()
+    for objective in ("tpo", "dpo", "povid"):
+        padded = sequence_reference_scores(ref, batch, StepOptions(
+            backend="torch", objective=objective, shared_prefix=False, padding_free=False))
+        packed = sequence_reference_scores(ref, batch, StepOptions(backend="torch", objective=objective))
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4, msg=objective)
+    _, seen = _assert_same_step(model, ref, batch, dict(), reference="model", objective="tpo")
+    assert seen and all(n == 1 for n, _ in seen)
