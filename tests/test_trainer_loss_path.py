@@ -1,0 +1,404 @@
+"""`policy_loss`, `sequence_reference_scores` and `response_branches` (tpo_fast/trainer/model.py) on a tiny
+random LLaVA: the paths mutation testing of model.py found unguarded.
+
+- an lm_head bias reaches every objective's loss, gradient and reference scores;
+- the ZeRO-3 branch (`_Zero3GatheredLoss`), reached in-process by marking the lm_head as an already
+  gathered ZeRO-3 parameter, gives the plain step's loss, metrics and gradients;
+- `ignore_index`, `backend`, `grad_mode`, `average_log_prob` and `padding_free` reach the losses and the trunk;
+- a one-token response's averaged DPO reference score; the batch keys each objective needs; the errors;
+- the lm_head is cast to the dtype of the hidden states (bf16 trunk, fp32 lm_head).
+
+Oracles materialize full fp32 logits with the ordinary LLaVA forward (so the lm_head and its bias run as
+`nn.Linear`) and shift the labels themselves, never through the library's `shift_labels`.
+"""
+
+import copy
+import inspect
+import os
+import re
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+
+from loss_reference import token_terms, weighted_scores  # noqa: E402
+from methods_reference import dpo_losses, povid_scores_from_logits  # noqa: E402
+from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
+
+import tpo_fast  # noqa: E402
+from tpo_fast.trainer import model as model_module  # noqa: E402
+from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
+from tpo_fast.trainer.model import (  # noqa: E402
+    StepOptions,
+    policy_loss,
+    response_branches,
+    sequence_reference_scores,
+)
+
+OBJECTIVES = ("tpo", "dpo", "povid")
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return tiny_data(str(folder), num_images=4), tiny_processor()
+
+
+@pytest.fixture
+def batch(setup):
+    ds, proc = setup
+    return TPOCollator(proc)([ds[0], ds[1], ds[2]])  # 3 pairs, responses of unequal lengths
+
+
+def _model(proc, bias=True, seed=0):
+    """A tiny LLaVA with a sharper lm_head (margins of order 1) and, by default, a large lm_head bias."""
+    model = tiny_model(proc, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+    if bias:
+        gen = torch.Generator().manual_seed(seed + 100)
+        model.lm_head.bias = torch.nn.Parameter(2.0 * torch.randn(model.lm_head.out_features, generator=gen))
+    return model
+
+
+def _ref_scores(batch, objective):
+    """Fixed reference scores ((2B,), or (3B,) for POVID), as a reference model or a cache would give."""
+    n = batch["image_index"].shape[0] * (3 if objective == "povid" else 2)
+    return -20.0 + 3.0 * torch.randn(n, generator=torch.Generator().manual_seed(7))
+
+
+def _relabel(batch, ignore_index):
+    """The batch with its ignored labels (-100) written as `ignore_index`."""
+    labels = batch["labels"]
+    return dict(batch, labels=labels.masked_fill(labels == -100, ignore_index))
+
+
+def _shifted(labels, ignore_index=-100):
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def _logits(model, batch, pixel_values, rows):
+    """fp32 logits (rows, T, V) of the ordinary LLaVA forward over the first `rows` rows."""
+    image = batch["image_index"].repeat(2)[:rows]
+    out = model(input_ids=batch["input_ids"][:rows], attention_mask=batch["attention_mask"][:rows],
+                pixel_values=pixel_values[image])
+    return out.logits.float()
+
+
+def _oracle_scores(model, batch, objective, average=False):
+    """The sequence scores policy_loss / sequence_reference_scores compute, from full logits.
+
+    TPO: (2B,) `sum_t m_t (logp_t + log c_t)`; DPO: (2B,) `sum_t m_t logp_t`; POVID: (3B,) `(S_w, S_l, S_n)`.
+    """
+    targets = _shifted(batch["labels"])
+    rows = targets.shape[0]
+    logits = _logits(model, batch, batch["pixel_values"], rows)
+    if objective == "povid":
+        with torch.no_grad():  # the noisy sequence is an argmax: no gradient
+            corrupted = _logits(model, batch, batch["corrupted_pixel_values"], rows // 2)
+        return torch.cat(povid_scores_from_logits(logits, corrupted, targets, average))
+    corrupted = _logits(model, batch, batch["corrupted_pixel_values"], rows) if objective == "tpo" else None
+    logp, s, mask = token_terms(logits, corrupted, targets, -100)
+    return weighted_scores(logp, s, mask, "tpo" if objective == "tpo" else "none", 0.5, average)
+
+
+def _oracle_loss(scores, ref, objective, noise_weight=0.5):
+    if objective == "povid":
+        (s_w, s_l, s_n), (r_w, r_l, r_n) = scores.chunk(3), ref.chunk(3)
+        noisy, halluc = dpo_losses(s_w, s_n, r_w, r_n, BETA)[0], dpo_losses(s_w, s_l, r_w, r_l, BETA)[0]
+        return (noise_weight * noisy + (1 - noise_weight) * halluc).mean()
+    (s_w, s_l), (r_w, r_l) = scores.chunk(2), ref.chunk(2)
+    return dpo_losses(s_w, s_l, r_w, r_l, BETA)[0].mean()
+
+
+def _without_bias(model):
+    twin = copy.deepcopy(model)
+    twin.lm_head.bias = None
+    return twin
+
+
+# -- the lm_head bias --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_lm_head_bias_reaches_the_policy_loss_and_its_gradient(setup, batch, objective):
+    _, proc = setup
+    model = _model(proc)
+    oracle = copy.deepcopy(model)
+    ref = _ref_scores(batch, objective)
+    out = policy_loss(model, batch, StepOptions(objective=objective, beta=BETA, backend="torch"), ref)
+    out["loss"].backward()
+
+    want = _oracle_loss(_oracle_scores(oracle, batch, objective), ref, objective)
+    want.backward()
+    torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the bias changes the loss: the case tests something
+        unbiased = _oracle_loss(_oracle_scores(_without_bias(oracle), batch, objective), ref, objective)
+    assert abs(float(unbiased) - float(want.detach())) > 1e-2
+    grads = dict(oracle.named_parameters())
+    for name in ("lm_head.bias", "lm_head.weight", "model.language_model.layers.1.mlp.down_proj.weight"):
+        got = dict(model.named_parameters())[name].grad
+        assert got is not None, name
+        torch.testing.assert_close(got, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_lm_head_bias_reaches_the_reference_scores(setup, batch, objective):
+    _, proc = setup
+    model = _model(proc)
+    opts = StepOptions(objective=objective, backend="torch")
+    got = sequence_reference_scores(model, batch, opts)
+    with torch.no_grad():
+        want = _oracle_scores(model, batch, objective)
+        unbiased = _oracle_scores(_without_bias(model), batch, objective)
+    assert (want - unbiased).abs().max() > 1e-1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_dpo_reference_scores_average_a_one_token_response(setup, batch):
+    """average_log_prob divides each row by its own token count, one for a one-token response."""
+    _, proc = setup
+    labels = batch["labels"].clone()
+    cols = (labels[1] != -100).nonzero().flatten()
+    labels[1, cols[1] :] = -100  # pair 1's chosen response keeps its first token only
+    batch = dict(batch, labels=labels)
+    model = _model(proc)
+    got = sequence_reference_scores(model, batch, StepOptions(objective="dpo", average_log_prob=True, backend="torch"))
+    with torch.no_grad():
+        want = _oracle_scores(model, batch, "dpo", average=True)
+        summed = _oracle_scores(model, batch, "dpo")
+    assert (_shifted(labels) != -100).sum(-1)[1] == 1
+    torch.testing.assert_close(want[1], summed[1])  # the mean of one token is that token's log-prob
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the ZeRO-3 branch, in process ---------------------------------------------------------------------------
+
+
+def _mark_zero3(model):
+    """Mark the lm_head as ZeRO-3 parameters a module hook has already gathered (nothing to gather here)."""
+    for p in (model.lm_head.weight, model.lm_head.bias):
+        p.ds_id = 0
+        p.ds_status = types.SimpleNamespace(name="AVAILABLE")
+
+
+@pytest.mark.parametrize("grad_mode", ["fused", "recompute"])
+def test_zero3_branch_gives_the_plain_step(setup, batch, monkeypatch, grad_mode):
+    _, proc = setup
+    plain = _model(proc)
+    marked = copy.deepcopy(plain)
+    _mark_zero3(marked)
+
+    applied, loss_calls = [], []
+    apply, tpo_loss = model_module._Zero3GatheredLoss.apply, model_module.tpo_loss
+
+    def counted_apply(*args):
+        applied.append(len(args))
+        return apply(*args)
+
+    def counted_loss(*args, **kwargs):
+        loss_calls.append(torch.is_grad_enabled())
+        return tpo_loss(*args, **kwargs)
+
+    monkeypatch.setattr(model_module._Zero3GatheredLoss, "apply", counted_apply)
+    monkeypatch.setattr(model_module, "tpo_loss", counted_loss)
+    opts = StepOptions(beta=BETA, backend="torch", grad_mode=grad_mode)
+    ref = _ref_scores(batch, "tpo")
+    runs = {}
+    for name, model in (("plain", plain), ("zero3", marked)):
+        loss_calls.clear()
+        out = policy_loss(model, batch, opts, ref)
+        out["loss"].backward()
+        runs[name] = out, list(loss_calls)
+    assert applied == [7]  # the marked model, and only it, went through _Zero3GatheredLoss
+    (out0, calls0), (out1, calls1) = runs["plain"], runs["zero3"]
+    assert calls0 == [True]
+    # fused: the gradient is computed in the (gathered) forward, once; recompute: the forward runs without
+    # gradient and the backward computes the loss again
+    assert calls1 == ([True] if grad_mode == "fused" else [False, True])
+
+    torch.testing.assert_close(out1["loss"], out0["loss"], rtol=1e-6, atol=1e-7)
+    assert sorted(out1["metrics"]) == sorted(out0["metrics"]) and len(out0["metrics"]) == 8
+    for key, value in out0["metrics"].items():
+        torch.testing.assert_close(out1["metrics"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert out1["tokens"] == out0["tokens"]
+    grads0 = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    grads1 = {n: p.grad for n, p in marked.named_parameters() if p.grad is not None}
+    assert set(grads1) == set(grads0) and {"lm_head.weight", "lm_head.bias"} < set(grads0)
+    scale = max(float(g.abs().max()) for g in grads0.values())
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+# -- options reaching the losses and the trunk ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_another_ignore_index_gives_the_same_step(setup, batch, objective):
+    """Labels written with ignore_index=-1 and StepOptions(ignore_index=-1): the default step, exactly."""
+    _, proc = setup
+    model = _model(proc)
+    kw = dict(objective=objective, beta=BETA, backend="torch")
+    default, other = StepOptions(**kw), StepOptions(ignore_index=-1, **kw)
+    relabeled = _relabel(batch, -1)
+    assert int((relabeled["labels"] == -1).sum()) > 0 and int((relabeled["labels"] == -100).sum()) == 0
+
+    with torch.no_grad():
+        h0, hc0, t0 = response_branches(model, batch, default)
+        h1, hc1, t1 = response_branches(model, relabeled, other)
+    torch.testing.assert_close(h1, h0, rtol=0, atol=0)  # same window, same rows
+    torch.testing.assert_close(hc1, hc0, rtol=0, atol=0)
+    assert torch.equal(t1, t0.masked_fill(t0 == -100, -1))
+    assert -100 not in t1
+
+    ref0 = sequence_reference_scores(model, batch, default)
+    ref1 = sequence_reference_scores(model, relabeled, other)
+    torch.testing.assert_close(ref1, ref0, rtol=1e-6, atol=1e-6)
+    out0, out1 = policy_loss(model, batch, default, ref0), policy_loss(model, relabeled, other, ref0)
+    torch.testing.assert_close(out1["loss"], out0["loss"], rtol=1e-6, atol=1e-7)
+    for key, value in out0["metrics"].items():
+        torch.testing.assert_close(out1["metrics"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert out1["tokens"] == out0["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _record(monkeypatch, owner, name, calls):
+    """Replace `owner.name` by a wrapper that records its arguments (defaults filled in) and calls through."""
+    fn = getattr(owner, name)
+    signature = inspect.signature(fn)
+
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append((name, dict(bound.arguments)))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_options_reach_the_loss_functions(setup, batch, monkeypatch, objective):
+    """backend and grad_mode change no value on a CPU: check that they (and the rest) are passed on."""
+    _, proc = setup
+    calls = []
+    for name in ("tpo_loss", "dpo_loss", "povid_loss", "reference_sequence_scores", "povid_reference_scores"):
+        _record(monkeypatch, model_module, name, calls)
+    _record(monkeypatch, tpo_fast, "token_stats", calls)  # model.py imports it from tpo_fast when it runs
+    model = _model(proc)
+    opts = StepOptions(objective=objective, beta=BETA, backend="reference", grad_mode="recompute", ignore_index=-1,
+                       average_log_prob=True)
+    batch = _relabel(batch, -1)
+    ref = sequence_reference_scores(model, batch, opts)
+    policy_loss(model, batch, opts, ref)["loss"].backward()
+
+    reference = {"tpo": "reference_sequence_scores", "dpo": "token_stats", "povid": "povid_reference_scores"}
+    assert [name for name, _ in calls] == [reference[objective], f"{objective}_loss"]
+    for name, args in calls:
+        assert args["backend"] == "reference", name
+        assert args["ignore_index"] == -1, name
+        assert args["bias"] is model.lm_head.bias, name
+        if name != "token_stats":
+            assert args["average_log_prob"] is True, name
+        if name.endswith("_loss"):
+            assert args["grad_mode"] == "recompute", name
+            assert args["beta"] == BETA and args["ref_seq_scores"] is ref, name
+
+
+def test_padding_free_reaches_the_trunk(setup, batch):
+    """padding_free=True without a shared prefix: the trunk runs one row of the batch's kept tokens, no padding."""
+    _, proc = setup
+    model = _model(proc, bias=False)
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    kw = dict(objective="dpo", reference="none", backend="torch", shared_prefix=False)
+    packed = policy_loss(model, batch, StepOptions(padding_free=True, **kw))
+    padded = policy_loss(model, batch, StepOptions(padding_free=False, **kw))
+    # A row keeps its tokens up to the last one that predicts a label: as many as the column of its last label.
+    labels = batch["labels"]
+    last_label = torch.stack([(row != -100).nonzero().max() for row in labels])
+    assert bool((last_label < batch["attention_mask"].sum(1)).all())
+    assert seen == [(1, int(last_label.sum())), tuple(labels.shape)]
+    torch.testing.assert_close(packed["loss"], padded["loss"], rtol=1e-5, atol=1e-6)
+
+
+# -- required keys and errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["tpo", "povid"])
+def test_corrupted_objectives_need_corrupted_pixel_values(setup, batch, objective):
+    _, proc = setup
+    model = _model(proc, bias=False)
+    del batch["corrupted_pixel_values"]
+    with pytest.raises(KeyError) as error:
+        response_branches(model, batch, StepOptions(objective=objective, backend="torch"))
+    message = str(error.value)
+    assert f"a {objective} batch needs 'corrupted_pixel_values'" in message and "TPOCollator" in message
+
+
+def test_dpo_needs_no_corrupted_pixel_values(setup, batch):
+    _, proc = setup
+    model = _model(proc, bias=False)
+    opts = StepOptions(objective="dpo", backend="torch")
+    with torch.no_grad():
+        h0, hc0, t0 = response_branches(model, batch, opts)
+        del batch["corrupted_pixel_values"]
+        h1, hc1, t1 = response_branches(model, batch, opts)
+    assert hc0 is None and hc1 is None
+    torch.testing.assert_close(h1, h0, rtol=0, atol=0)
+    assert torch.equal(t1, t0)
+
+
+def test_adapter_reference_needs_a_peft_model(setup, batch):
+    _, proc = setup
+    message = "reference='adapter' needs a PEFT model (pass peft_config or a PeftModel)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        policy_loss(_model(proc, bias=False), batch, StepOptions(reference="adapter", backend="torch"))
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_reference_scores_are_required(setup, batch, reference):
+    _, proc = setup
+    message = f"reference={reference!r} needs reference scores for the batch; none were given"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        policy_loss(_model(proc, bias=False), batch, StepOptions(reference=reference, backend="torch"))
+
+
+# -- dtype -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_lm_head_is_cast_to_the_dtype_of_the_hidden_states(setup, batch, objective):
+    """A bf16 trunk under an fp32 lm_head (weight and bias): the step is the one of the lm_head cast to bf16,
+    bit for bit, and the fp32 parameters get the bf16 gradients."""
+    _, proc = setup
+    mixed = _model(proc)
+    head = {k: v.detach().clone() for k, v in mixed.lm_head.state_dict().items()}
+    mixed.to(torch.bfloat16)
+    mixed.lm_head.float().load_state_dict(head)  # fp32 values a bf16 cast rounds
+    assert mixed.lm_head.weight.dtype == mixed.lm_head.bias.dtype == torch.float32
+    cast = copy.deepcopy(mixed)
+    cast.lm_head.to(torch.bfloat16)
+    for name in ("weight", "bias"):
+        assert not torch.equal(getattr(cast.lm_head, name).float(), head[name]), name
+
+    opts = StepOptions(objective=objective, beta=BETA, backend="torch")
+    ref = _ref_scores(batch, objective)
+    runs = []
+    for model in (mixed, cast):
+        scores = sequence_reference_scores(model, batch, opts)
+        out = policy_loss(model, batch, opts, ref)
+        out["loss"].backward()
+        runs.append((scores, out["loss"]))
+    (scores0, loss0), (scores1, loss1) = runs
+    torch.testing.assert_close(scores0, scores1, rtol=0, atol=0)
+    torch.testing.assert_close(loss0, loss1, rtol=0, atol=0)
+    for name in ("weight", "bias"):
+        got, want = getattr(mixed.lm_head, name).grad, getattr(cast.lm_head, name).grad
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=0, msg=name)
