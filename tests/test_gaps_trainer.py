@@ -213,3 +213,20 @@ def test_reference_cache_is_recomputed_for_another_reference_model(setup, tmp_pa
                              train_dataset=ds, processing_class=proc)
         tables.append(trainer._ref_table.clone())
     assert not torch.allclose(tables[0], tables[1])
+
+
+def test_precomputed_reference_frees_the_reference_model(setup, tmp_path):
+    """Once the reference scores are cached the reference model is not kept anywhere (accelerate's list of
+    prepared models included): its memory goes back before training."""
+    import gc
+    import weakref
+
+    ds, proc = setup
+    ref = tiny_model(proc, seed=1)
+    alive = weakref.ref(ref)
+    trainer = TPOTrainer(tiny_model(proc), ref_model=ref, args=_args(tmp_path, precompute_reference=True),
+                         train_dataset=ds, processing_class=proc)
+    del ref
+    gc.collect()
+    assert trainer.ref_model is None and trainer.reference_mode == "precomputed"
+    assert alive() is None, gc.get_referrers(alive())[:3]

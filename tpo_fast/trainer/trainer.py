@@ -16,6 +16,7 @@ train_dataset=..., processing_class=processor, peft_config=...)`, `.train()`, `.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import logging
 import os
@@ -338,8 +339,12 @@ class TPOTrainer(Trainer):
         table = torch.full((int(index.max()) + 1, scores.shape[1]), float("nan"), dtype=torch.float64)
         table[index] = scores.double()
         self._ref_table = table
-        # The reference model is no longer needed: free it.
-        self.ref_model = None
+        # The reference model is no longer needed: free it (accelerate keeps every prepared model in a list).
+        ref, self.ref_model = self.ref_model, None
+        if ref is not None and hasattr(self.accelerator, "_models"):
+            self.accelerator._models = [m for m in self.accelerator._models if m is not ref]
+        del ref
+        gc.collect()
         self.reference_mode = "precomputed"
         self.step_options = StepOptions(**{**self.step_options.__dict__, "reference": "precomputed"})
         route_forward(self.model, self.step_options)
