@@ -30,7 +30,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/ops*) TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py" ;;
         tpo_fast/loss*) TESTS="tests/test_loss.py tests/test_fused_loss.py tests/test_povid.py tests/test_fisao.py" ;;
         tpo_fast/trainer/model.py)
-            TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_povid.py" ;;
+            TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_povid.py tests/test_trainer_loss_path.py" ;;
         tpo_fast/trainer*) TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_data_preferences.py" ;;
         tpo_fast/methods*) TESTS="tests/test_csr.py tests/test_gaps_methods.py tests/test_fisao.py tests/test_povid.py" ;;
         *) echo "no default tests for $MODULE: pass TESTS=\"tests/...\"" >&2; exit 2 ;;

@@ -184,6 +184,8 @@ def test_dpo_reference_scores_average_a_one_token_response(setup, batch):
 def _mark_zero3(model):
     """Mark the lm_head as ZeRO-3 parameters a module hook has already gathered (nothing to gather here)."""
     for p in (model.lm_head.weight, model.lm_head.bias):
+        if p is None:
+            continue
         p.ds_id = 0
         p.ds_status = types.SimpleNamespace(name="AVAILABLE")
 
@@ -231,6 +233,45 @@ def test_zero3_branch_gives_the_plain_step(setup, batch, monkeypatch, grad_mode)
     grads0 = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
     grads1 = {n: p.grad for n, p in marked.named_parameters() if p.grad is not None}
     assert set(grads1) == set(grads0) and {"lm_head.weight", "lm_head.bias"} < set(grads0)
+    scale = max(float(g.abs().max()) for g in grads0.values())
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("grad_mode", ["fused", "recompute"])
+@pytest.mark.parametrize("variant", ["no-bias", "frozen-head", "no-grad", "upstream"])
+def test_zero3_branch_variants(setup, batch, grad_mode, variant):
+    """The ZeRO-3 branch against the plain step where its gradient bookkeeping differs: an lm_head without bias
+    (a None input), a frozen lm_head (LoRA: inputs that need no gradient), no gradient at all (evaluation) and
+    an upstream gradient other than 1 (loss scaling, accumulation)."""
+    _, proc = setup
+    plain = _model(proc, bias=variant != "no-bias")
+    if variant == "frozen-head":
+        for p in plain.lm_head.parameters():
+            p.requires_grad_(False)
+    marked = copy.deepcopy(plain)
+    _mark_zero3(marked)
+    opts = StepOptions(beta=BETA, backend="torch", grad_mode=grad_mode)
+    ref = _ref_scores(batch, "tpo")
+    outs = []
+    for model in (plain, marked):
+        if variant == "no-grad":
+            with torch.no_grad():
+                outs.append(policy_loss(model, batch, opts, ref))
+            continue
+        out = policy_loss(model, batch, opts, ref)
+        (out["loss"] * (2.5 if variant == "upstream" else 1.0)).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], rtol=1e-6, atol=1e-7)
+    for key, value in outs[0]["metrics"].items():
+        torch.testing.assert_close(outs[1]["metrics"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+    grads0 = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    grads1 = {n: p.grad for n, p in marked.named_parameters() if p.grad is not None}
+    assert set(grads1) == set(grads0)
+    if variant == "no-grad":
+        assert not grads0 and not outs[1]["loss"].requires_grad
+        return
+    assert grads0 and ("lm_head.weight" in grads0) == (variant != "frozen-head")
     scale = max(float(g.abs().max()) for g in grads0.values())
     for name, g in grads0.items():
         torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
