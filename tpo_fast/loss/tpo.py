@@ -397,7 +397,7 @@ def tpo_loss(
     if hc is not None and (weighting == "none" or detach_weights):
         # Out of the graph entirely: corrupted_hidden gets no gradient (None, not a zero buffer).
         hc = hc.detach()
-    if grad_mode == "fused" and resolve_backend(backend, h.device) != "reference":
+    if o.grad_mode == "fused" and resolve_backend(o.backend, h.device) != "reference":
         return _fused(weight, h, hc, targets, bias, ref_scores, o)
     policy_logprobs, policy_s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend)
     return tpo_loss_from_logprobs(
