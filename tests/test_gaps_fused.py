@@ -175,3 +175,20 @@ def test_a_second_backward_says_how_to_recompute():
     with pytest.raises(RuntimeError, match="backward ran twice through a fused-gradient loss, whose stored gradients "
                        "are used once; recompute the loss for each backward, or pass grad_mode='recompute'"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_whose_logits_differ_by_hundreds(backend):
+    """Each row's logsumexp is taken around its own maximum: a row with logits near +300 and one near -300 in the
+    same chunk both stay finite and exact (a shared maximum underflows the second; none overflows the first)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    t, y = inputs(7)
+    with torch.no_grad():
+        h = t["h"].view(2 * B, T, D)
+        h[0] *= 60.0  # chosen sequence 0: logits of a few hundred
+        h[B] *= -60.0  # its rejected sequence: logits of minus a few hundred
+    dev = backend_device(backend)
+    t = dict(zip(t, moved(dev, *t.values()), strict=True))
+    out = check(t, y.to(dev), backend=backend)
+    assert torch.isfinite(out.logprobs).all() and out.logprobs.abs().max() > 50

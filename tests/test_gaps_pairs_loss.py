@@ -339,3 +339,27 @@ def test_visual_score_metrics_on_input_device_under_meta_default():
     for key, part in (("visual_score/chosen", vis[:2]), ("visual_score/rejected", vis[2:])):
         assert out.metrics[key].device == S.device
         torch.testing.assert_close(out.metrics[key], part.mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_loss_average_log_prob_against_materialized_logits(average):
+    """dpo_loss passes average_log_prob on: the per-sequence mean (or sum) of target log-probs, from full logits."""
+    g = torch.Generator().manual_seed(3)
+    n_seq, t, d, v = 4, 5, 6, 11
+    h = torch.randn(n_seq, t, d, generator=g)
+    w = torch.randn(v, d, generator=g)
+    y = torch.randint(0, v, (n_seq, t), generator=g)
+    y[0, :2] = -100
+    y[3, 1:] = -100  # a one-token response
+    ref = torch.randn(n_seq, generator=g)
+    logp = (h @ w.t()).log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    mask = (y != -100).float()
+    s = (logp * mask).sum(-1)
+    if average:
+        s = s / mask.sum(-1)
+    margin = 0.1 * ((s[:2] - ref[:2]) - (s[2:] - ref[2:]))
+    want = -F.logsigmoid(margin).mean()
+    for grad_mode, backend in (("fused", "torch"), ("recompute", "reference")):
+        got = dpo_loss(w, h.reshape(-1, d), y, ref_seq_scores=ref, average_log_prob=average, grad_mode=grad_mode,
+                       backend=backend).loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
