@@ -93,3 +93,45 @@ def test_scope_and_explicit_options_drive_the_triton_launches(monkeypatch):
         lse, z, _, _ = triton_impl.forward(h.detach(), w.detach(), None, None, y, False, options=KernelOptions(tma="1"))
     torch.testing.assert_close(z - lse, want, atol=1e-5, rtol=1e-5)
     assert h.grad is not None and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("value, enabled", [(None, False), ("", False), ("0", False), ("1", True)])
+def test_interpreter_flag(monkeypatch, value, enabled):
+    """TRITON_INTERPRET unset, empty or "0" means compiled kernels; anything else the CPU interpreter."""
+    from tpo_fast.ops.options import interpreter_enabled
+
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_enabled() is enabled
+
+
+@pytest.mark.parametrize("tiles, ok", [
+    ((16, 16, 16, 1, 1), True),  # the smallest blocks, one warp, one stage
+    ((16, 16, 16, 4, 0), False),  # zero stages
+    ((8, 16, 16, 4, 2), False),  # a block under 16
+    ((16, 16, 16, 4, 2, 0), False),  # a zero group
+])
+def test_tile_bounds(tiles, ok):
+    if ok:
+        assert KernelOptions(tiles=tiles).tiles == tiles
+        assert KernelOptions(tiles=",".join(map(str, tiles))).tiles == tiles
+    else:
+        with pytest.raises(ValueError, match="blocks \\(>= 16\\) and warps powers of two"):
+            KernelOptions(tiles=tiles)
+
+
+@pytest.mark.parametrize("value, jit", [("1", True), ("0", False), ("", False), ("yes", False), ("true", False)])
+def test_jit_is_on_only_for_one(monkeypatch, value, jit):
+    """TPO_FAST_JIT builds the extension only for "1" (a stray "yes" must not start a compiler)."""
+    monkeypatch.setenv("TPO_FAST_JIT", value)
+    assert KernelOptions.from_env().jit is jit
+
+
+def test_ext_cache_from_env_and_as_a_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("TPO_FAST_EXT_CACHE", str(tmp_path / "env"))
+    assert KernelOptions.from_env().ext_cache == str(tmp_path / "env")
+    opts = KernelOptions(ext_cache=tmp_path / "given")  # a Path is stored as its string
+    assert opts.ext_cache == str(tmp_path / "given") and isinstance(opts.ext_cache, str)
+    assert KernelOptions(ext_cache=None).ext_cache is None
