@@ -215,6 +215,28 @@ def test_whole_messages(call, exc, expected):
         call()
 
 
+@pytest.mark.parametrize("grad_mode", ["fused", "recompute"])
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"loss_type": "dpo"}, "loss_type must be one of ('sigmoid', 'hinge', 'ipo'), got 'dpo'"),
+        ({"label_smoothing": 0.7},
+         "label_smoothing must lie in [0, 0.5] (the assumed probability that a pair's label is flipped), got 0.7"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1},
+         "label_smoothing only applies to loss_type='sigmoid' (conservative DPO), got loss_type='ipo' "
+         "with label_smoothing=0.1; set label_smoothing=0.0"),
+    ],
+)
+def test_options_are_checked_before_any_vocabulary_sweep(monkeypatch, grad_mode, options, expected):
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a primitive ran before the options were checked")
+
+    for name in ("token_stats", "target_logits", "fused_pair_loss"):
+        monkeypatch.setattr(povid_module, name, no_sweep)
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        povid_loss(W, H, HC, Y, BIAS, ref_seq_scores=RSEQ, backend="torch", grad_mode=grad_mode, **options)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Values against the full-logits oracle.
 
@@ -377,15 +399,17 @@ def test_recompute_on_the_reference_backend_allows_double_backward():
 
 
 @pytest.mark.parametrize("grad_mode", ["fused", "recompute"])
-def test_default_device_is_not_used(grad_mode):
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_default_device_is_not_used(grad_mode, average_log_prob):
     b = batch(seed=8)
     args = (b["w"], b["h"], b["hc"], b["y"], b["bias"])
-    want = oracle_scores(*args)
+    want = oracle_scores(*args, average_log_prob=average_log_prob)
     ref = [-1.0, -2.0, -3.0, -1.5, -2.5, -0.5]
     loss, metrics = oracle_loss(want, torch.tensor(ref))
     with torch.device("meta"):  # a default device other than the inputs' (e.g. torch.set_default_device("cuda"))
-        scores, extras = povid_sequence_scores(*args, backend="torch")
-        out = povid_loss(*args, ref_seq_scores=ref, backend="torch", grad_mode=grad_mode)
+        scores, extras = povid_sequence_scores(*args, average_log_prob=average_log_prob, backend="torch")
+        out = povid_loss(*args, ref_seq_scores=ref, average_log_prob=average_log_prob, backend="torch",
+                         grad_mode=grad_mode)
     assert scores.device == extras["argmax"].device == out.loss.device == torch.device("cpu")
     _close(scores, want)
     _close(out.loss, loss)
