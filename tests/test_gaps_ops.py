@@ -228,3 +228,62 @@ def test_double_backward_only_through_the_reference(fn):
     (gh,) = torch.autograd.grad(f(h, w, y, backend="reference").square().sum(), h, create_graph=True)
     (ggw,) = torch.autograd.grad(gh.square().sum(), w)
     assert ggw.abs().sum() > 0
+
+
+def _validate_cases():
+    """(call, exception, whole message) for every input error of ops/_validate.py, through the public primitive."""
+    import re
+
+    h, w, y = torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)
+
+    def call(**kw):
+        args = dict(hidden=h, weight=w, targets=y, bias=None, corrupted_hidden=None)
+        args.update(kw)
+        return lambda: tpo_fast.token_stats(args["hidden"], args["weight"], args["targets"], args["bias"],
+                                            args["corrupted_hidden"], backend="torch")
+
+    meta = torch.zeros(5, device="meta")
+    cases = [
+        (call(hidden=[1.0]), TypeError, "hidden must be a torch.Tensor, got list"),
+        (call(weight=w.double()), TypeError,
+         "weight must be float32, float16 or bfloat16, got float64 of shape (5, 4)"),
+        (call(hidden=h[0]), ValueError,
+         "hidden must be 2-D (N, D), got float32 of shape (4,); flatten (B, T, D) with .flatten(0, 1)"),
+        (call(weight=w[0]), ValueError, "weight must be 2-D (V, D), got float32 of shape (4,)"),
+        (call(weight=w[:, :3]), ValueError, "hidden and weight must share the hidden size D: hidden is float32 of "
+         "shape (3, 4), weight is float32 of shape (5, 3)"),
+        (call(weight=w[:0]), ValueError, "weight must have at least one vocabulary row, got float32 of shape (0, 4)"),
+        (call(weight=w.half()), TypeError, "hidden and weight must have the same dtype, got hidden float32 of shape "
+         "(3, 4) and weight float16 of shape (5, 4); cast one of them (e.g. hidden.to(weight.dtype))"),
+        (call(targets=[0, 1, 2]), TypeError, "targets must be a torch.Tensor, got list"),
+        (call(targets=y.bool()), TypeError, "targets must be an integer tensor (int64) of shape (N,), got bool of "
+         "shape (3,)"),
+        (call(targets=y[:2]), ValueError, "targets must be of shape (N,) = (3,) to match hidden (3, 4), got int64 of "
+         "shape (2,)"),
+        (call(bias="b"), TypeError, "bias must be a torch.Tensor, got str"),
+        (call(bias=torch.zeros(4)), ValueError, "bias must be of shape (V,) = (5,), got float32 of shape (4,)"),
+        (call(corrupted_hidden=torch.zeros(3, 4, dtype=torch.int32)), TypeError,
+         "corrupted_hidden must be float32, float16 or bfloat16, got int32 of shape (3, 4)"),
+        (call(corrupted_hidden=h[:2]), ValueError,
+         "corrupted_hidden must have the shape of hidden (3, 4), got float32 of shape (2, 4)"),
+        (call(corrupted_hidden=h.half()), TypeError,
+         "corrupted_hidden must have the dtype of hidden (torch.float32), got float16 of shape (3, 4)"),
+        (call(bias=meta), ValueError, "all inputs must be on the same device, got hidden on cpu, weight on cpu, "
+         "targets on cpu, bias on meta"),
+        (call(corrupted_hidden=torch.zeros(3, 4, device="meta")), ValueError, "all inputs must be on the same "
+         "device, got hidden on cpu, weight on cpu, targets on cpu, corrupted_hidden on meta"),
+    ]
+    return [pytest.param(f, e, "^" + re.escape(m) + "$", id=m[:40]) for f, e, m in cases]
+
+
+@pytest.mark.parametrize("fn, exc, pattern", _validate_cases())
+def test_input_errors_have_their_whole_message(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+def test_a_one_word_vocabulary_is_valid():
+    """V = 1 is a valid head (log-prob 0 for every target), unlike V = 0."""
+    h, w = torch.randn(3, 4), torch.randn(1, 4)
+    logp = tpo_fast.token_logprobs(h, w, torch.zeros(3, dtype=torch.long), backend="torch")
+    torch.testing.assert_close(logp, torch.zeros(3))
