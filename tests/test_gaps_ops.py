@@ -204,8 +204,12 @@ def test_default_backend_and_custom_ignore_index():
         torch.testing.assert_close(zt, want_z, rtol=1e-5, atol=1e-5)
         lse = tpo_fast.token_logprobs(h, w, y, bias=b, ignore_index=-1, return_lse=True, **backend)[1]
         torch.testing.assert_close(lse[y >= 0], full.logsumexp(-1)[y >= 0], rtol=1e-5, atol=1e-5)
-        stats = tpo_fast.token_stats(h, w, y, b, None, -1, **backend)
+        hc = h.flip(0)
+        stats = tpo_fast.token_stats(h, w, y, b, hc, -1, **backend)
         torch.testing.assert_close(stats.logprobs, want_logp, rtol=1e-5, atol=1e-5)
+        want_zc = torch.where(y >= 0, (hc @ w.t() + b).gather(-1, y.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        torch.testing.assert_close(stats.corrupted_target_logits, want_zc, rtol=1e-5, atol=1e-5)
+        assert stats.argmax is None  # not asked for
     with pytest.raises(ValueError, match="bias"):
         tpo_fast.target_logits(h, w, y, bias=torch.zeros(29), ignore_index=-1)
 
