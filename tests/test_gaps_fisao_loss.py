@@ -6,6 +6,10 @@ on the inputs' device and in fp32 whatever torch's default device and dtype are.
 
 Expected messages are written out literally; expected values are computed here from full logits, sharing no code
 with tpo_fast.
+
+Equivalent mutants left alive: `continue` -> `break` for clip_eps_high=None (the last item of the loop); whitening's
+`numel() > 1` -> `>= 1` / `or True` (std(unbiased=False) of one value is already 0); `zero` built without dtype
+(a 0-d tensor does not promote the fp32 operands of torch.where); `sum(+1)` for `sum(-1)` on (R, T).
 """
 
 from __future__ import annotations
