@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from _spies import record_calls
 from methods_reference import dpo_losses, logits_of, povid_scores
 
 import tpo_fast.loss.povid as povid_module
@@ -355,33 +356,26 @@ def test_empty_responses():
 
 def test_recording_the_lower_layer(monkeypatch):
     calls = []
+    record_calls(monkeypatch, povid_module, ("token_stats", "target_logits", "fused_pair_loss"), calls)
 
-    def recorder(name, fn):
-        def wrapper(*args, **kwargs):
-            calls.append((name, kwargs.get("backend"), kwargs.get("ignore_index")))
-            return fn(*args, **kwargs)
+    def seen():  # (function, backend, ignore_index) of each call since the last look
+        out = [(name, a["backend"], a["ignore_index"]) for name, a in calls]
+        calls.clear()
+        return out
 
-        return wrapper
-
-    for name in ("token_stats", "target_logits", "fused_pair_loss"):
-        monkeypatch.setattr(povid_module, name, recorder(name, getattr(povid_module, name)))
     b = batch(seed=6, ign=-7)
     args = (b["w"], b["h"], b["hc"], b["y"], b["bias"])
     seq = [("token_stats", "torch", -7), ("token_stats", "torch", -7), ("target_logits", "torch", -7)]
     povid_sequence_scores(*args, ignore_index=-7, backend="torch")
-    assert calls == seq
-    calls.clear()
+    assert seen() == seq
     povid_reference_scores(*args, ignore_index=-7, backend="reference")
-    assert calls == [(n, "reference", -7) for n, _, _ in seq]
-    calls.clear()
+    assert seen() == [(n, "reference", -7) for n, _, _ in seq]
     povid_loss(*args, ref_hidden=b["ref_h"], ref_corrupted_hidden=b["ref_hc"], ignore_index=-7, backend="torch")
-    assert calls == seq + [("token_stats", "torch", -7), ("fused_pair_loss", "torch", -7)]
-    calls.clear()
+    assert seen() == seq + [("token_stats", "torch", -7), ("fused_pair_loss", "torch", -7)]
     povid_loss(*args, ref_seq_scores=RSEQ, ignore_index=-7, backend="torch", grad_mode="recompute")
-    assert calls == seq
-    calls.clear()
+    assert seen() == seq
     povid_loss(*args, ref_seq_scores=RSEQ, ignore_index=-7, backend="reference", grad_mode="fused")
-    assert calls == [(n, "reference", -7) for n, _, _ in seq]
+    assert seen() == [(n, "reference", -7) for n, _, _ in seq]
 
 
 def test_recompute_on_the_reference_backend_allows_double_backward():

@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from _spies import record_calls
 from loss_reference import reference_loss, reference_scores, weighted_scores
 
 import tpo_fast.loss.tpo as tpo_module
@@ -320,25 +321,20 @@ def test_options_reach_the_loss_with_the_in_model_reference(grad_mode, options):
 def test_recording_the_lower_layer(monkeypatch):
     """backend and ignore_index reach `fused_pair_loss` (fused) and `token_stats` (recompute, reference)."""
     calls = []
+    record_calls(monkeypatch, tpo_module, ("fused_pair_loss", "token_stats"), calls)
 
-    def recorder(name, fn):
-        def wrapper(*args, **kwargs):
-            calls.append((name, kwargs.get("backend"), kwargs.get("ignore_index")))
-            return fn(*args, **kwargs)
+    def seen():  # (function, backend, ignore_index) of each call since the last look
+        out = [(name, a["backend"], a["ignore_index"]) for name, a in calls]
+        calls.clear()
+        return out
 
-        return wrapper
-
-    monkeypatch.setattr(tpo_module, "fused_pair_loss", recorder("fused", tpo_module.fused_pair_loss))
-    monkeypatch.setattr(tpo_module, "token_stats", recorder("stats", tpo_module.token_stats))
     b = batch(seed=7, ignore_index=-7)
     tpo_loss(*policy_args(b), **model_ref(b), ignore_index=-7, backend="torch")
-    assert calls == [("stats", "torch", -7), ("fused", "torch", -7)]
-    calls.clear()
+    assert seen() == [("token_stats", "torch", -7), ("fused_pair_loss", "torch", -7)]
     tpo_loss(*policy_args(b), ref_seq_scores=RSEQ, ignore_index=-7, backend="torch", grad_mode="recompute")
-    assert calls == [("stats", "torch", -7)]
-    calls.clear()
+    assert seen() == [("token_stats", "torch", -7)]
     reference_sequence_scores(*policy_args(b), ignore_index=-7, backend="reference")
-    assert calls == [("stats", "reference", -7)]
+    assert seen() == [("token_stats", "reference", -7)]
 
 
 def test_recompute_on_the_reference_backend_allows_double_backward():

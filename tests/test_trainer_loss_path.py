@@ -13,7 +13,6 @@ Oracles materialize full fp32 logits with the ordinary LLaVA forward (so the lm_
 """
 
 import copy
-import inspect
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
+from _spies import record_calls  # noqa: E402
 from loss_reference import token_terms, weighted_scores  # noqa: E402
 from methods_reference import dpo_losses, povid_scores_from_logits  # noqa: E402
 from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
@@ -308,28 +308,14 @@ def test_another_ignore_index_gives_the_same_step(setup, batch, objective):
     assert out1["tokens"] == out0["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _record(monkeypatch, owner, name, calls):
-    """Replace `owner.name` by a wrapper that records its arguments (defaults filled in) and calls through."""
-    fn = getattr(owner, name)
-    signature = inspect.signature(fn)
-
-    def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append((name, dict(bound.arguments)))
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-
-
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_options_reach_the_loss_functions(setup, batch, monkeypatch, objective):
     """backend and grad_mode change no value on a CPU: check that they (and the rest) are passed on."""
     _, proc = setup
     calls = []
-    for name in ("tpo_loss", "dpo_loss", "povid_loss", "reference_sequence_scores", "povid_reference_scores"):
-        _record(monkeypatch, model_module, name, calls)
-    _record(monkeypatch, tpo_fast, "token_stats", calls)  # model.py imports it from tpo_fast when it runs
+    record_calls(monkeypatch, model_module,
+                 ("tpo_loss", "dpo_loss", "povid_loss", "reference_sequence_scores", "povid_reference_scores"), calls)
+    record_calls(monkeypatch, tpo_fast, ("token_stats",), calls)  # model.py imports it from tpo_fast when it runs
     model = _model(proc)
     opts = StepOptions(objective=objective, beta=BETA, backend="reference", grad_mode="recompute", ignore_index=-1,
                        average_log_prob=True)
