@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import math
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -335,8 +336,6 @@ class OursStep(StepContender):
         return None
 
     def build(self, case, data, device):
-        import time
-
         from tpo_fast.trainer.config import TPOConfig
         from tpo_fast.trainer.trainer import TPOTrainer
 
@@ -346,8 +345,8 @@ class OursStep(StepContender):
         dataset = data.dataset
         if self.precomputed:
             # Only the pairs a step of this run can draw: the timed micro-batch and the micro-batch search's.
-            used = max(case.pairs, case.max_pairs if case.search_s > 0 else 0)
-            dataset = torch.utils.data.Subset(data.dataset, range(min(len(data.dataset), used)))
+            drawn = max(case.pairs, case.max_pairs if case.search_s > 0 else 0)
+            dataset = torch.utils.data.Subset(data.dataset, range(min(len(data.dataset), drawn)))
             extra["precompute_reference"] = True
         args = TPOConfig(
             output_dir=tempfile.mkdtemp(prefix="tpo-bench-ours-"), objective=self.objective,
