@@ -27,6 +27,8 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/ops/torch_chunked.py|tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py" ;;
         tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py" ;;
+        tpo_fast/ops/triton_fused.py)
+            TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py tests/test_gaps_triton_fused.py" ;;
         tpo_fast/ops*) TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py" ;;
         tpo_fast/loss*) TESTS="tests/test_loss.py tests/test_loss_options.py tests/test_fused_loss.py tests/test_povid.py tests/test_fisao.py tests/test_gaps_tpo_loss.py tests/test_gaps_pairs_loss.py tests/test_gaps_povid_loss.py tests/test_gaps_modules.py tests/test_gaps_fisao_loss.py" ;;
         tpo_fast/trainer/model.py)

@@ -19,4 +19,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def default_float64():
+    """torch's default dtype set to float64 for one test: buffers that must be fp32 have to say so."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

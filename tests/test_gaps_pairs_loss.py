@@ -276,16 +276,6 @@ def _oracle_log_weights(s, offset):
     return torch.log(torch.cat([offset + sig[:n], offset + 1 - sig[n:]])).float()
 
 
-@pytest.fixture
-def default_float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 @pytest.mark.parametrize("offset", [0.5, 0.0, 1.0])
 def test_log_token_weights_fp32_under_float64_default(default_float64, offset):
     out = log_token_weights(S, offset)
