@@ -22,12 +22,14 @@ from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores  # noqa: E402
 from tpo_fast.trainer.packing import (  # noqa: E402
+    SEGMENT_ATTENTION,
     allowed_attention,
     gather_responses,
     pack_batch,
     packed_attention_mask,
     packing_mode,
     response_window,
+    segment_attention,
     shift_labels,
 )
 
@@ -132,6 +134,80 @@ def test_sliding_window_limits_position_distance():
     assert torch.equal(packed_attention_mask(_pack(sliding_window=2), torch.float32)[:, 0], windowed)
 
 
+def test_spans_of_padding_free_packings():
+    # (start, prefix, first response, second response) per sequence; pair 1's chosen token is its prefix's last
+    assert _pack().spans == ((0, 3, 2, 1), (6, 2, 0, 2))
+    assert _pack(paired=False).spans == ((0, 5, 0, 0), (5, 2, 0, 0), (7, 4, 0, 0), (11, 4, 0, 0))
+    assert _pack(padding_free=False).spans == ()
+
+
+def _masked_attention(q, k, v, allowed, scale):
+    """Attention written out: softmax over the allowed keys of q.k * scale, key heads repeated per query head."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("paired", [True, False], ids=["shared-prefix", "rows"])
+def test_segment_attention_equals_the_masked_attention(paired):
+    p = _pack(paired=paired, implementation=SEGMENT_ATTENTION)
+    length = p.source.shape[1]
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, length, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, length, 8, dtype=torch.float64, requires_grad=True)  # grouped-query: 2 key heads
+    v = torch.randn(1, 2, length, 8, dtype=torch.float64, requires_grad=True)
+    mask = packed_attention_mask(p, torch.float64)
+    assert mask.shape == (1, 1, 0, 0)
+    module = torch.nn.Module()
+    out, weights = segment_attention(module, q, k, v, mask, scaling=0.3, tpo_fast_spans=p.spans)
+    assert weights is None and out.shape == (1, length, 4, 8)
+    expected = _masked_attention(q, k, v, allowed_attention(p)[:, None], 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_segment_attention_without_spans_is_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    allowed[1, :, :, 0] = False
+    allowed[1, :, 0, 0] = True
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = segment_attention(module, q, k, v, allowed, scaling=0.5)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, allowed, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_segment_attention_errors():
+    p = _pack(implementation=SEGMENT_ATTENTION)
+    q = torch.randn(1, 2, 10, 4)
+    module = torch.nn.Module()
+    placeholder = packed_attention_mask(p, torch.float32)
+    with pytest.raises(RuntimeError, match="^a padding-free packed row reached the attention without its spans: "
+                       "this transformers version does not pass the model's keyword arguments on to the "
+                       "attention; set padding_free=False$"):
+        segment_attention(module, q, q, q, placeholder)
+    with pytest.raises(ValueError, match="^the spans cover 9 of the row's 10 tokens$"):
+        segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (6, 2, 0, 1)))
+    with pytest.raises(ValueError, match="^segment attention runs on one packed row, got a batch of 2$"):
+        segment_attention(module, q.repeat(2, 1, 1, 1), q, q, placeholder, tpo_fast_spans=p.spans)
+    with pytest.raises(ValueError, match="^tpo_fast_sdpa attends whole sequences; a sliding window needs the dense "
+                       r"mask \(implementation 'sdpa'\)$"):
+        packed_attention_mask(_pack(implementation=SEGMENT_ATTENTION, sliding_window=2), torch.float32)
+    # one row per sequence: the dense mask, as for sdpa
+    rows = _pack(padding_free=False, implementation=SEGMENT_ATTENTION)
+    assert torch.equal(packed_attention_mask(rows, torch.float32), allowed_attention(rows)[:, None])
+    embeds = torch.randn(4, 6, 3)
+    assert "tpo_fast_spans" not in rows.inputs(embeds)
+    assert _pack(implementation=SEGMENT_ATTENTION).inputs(embeds)["tpo_fast_spans"] == ((0, 3, 2, 1), (6, 2, 0, 2))
+
+
 def test_flex_attention_block_mask_is_the_dense_mask():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     for window in (None, 2):
@@ -189,9 +265,20 @@ def test_unsupported_attention_falls_back_once(caplog):
     mode = packing_mode(fake("sdpa"), True, False)
     assert (mode.shared_prefix, mode.padding_free, mode.implementation, mode.sliding_window) == (
         True, False, "sdpa", None)
-    # padding_free=None: one row only where the attention skips the masked blocks
-    assert packing_mode(fake("sdpa"), True, None).padding_free is False
+    # padding_free=None: one row only where the attention skips the masked blocks: flex_attention, and sdpa
+    # (full attention), which is switched to the per-sequence segment attention
+    model = fake("sdpa")
+    mode = packing_mode(model, True, None)
+    assert (mode.padding_free, mode.implementation) == (True, SEGMENT_ATTENTION)
+    assert model.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+    mode = packing_mode(model, False, None)  # an already switched model
+    assert (mode.shared_prefix, mode.padding_free, mode.implementation) == (False, True, SEGMENT_ATTENTION)
+    windowed = fake("sdpa", sliding_window=64)
+    assert packing_mode(windowed, True, None).padding_free is False
+    assert packing_mode(windowed, True, True).implementation == "sdpa"  # dense mask: windows need it
+    assert windowed.model.language_model.config._attn_implementation == "sdpa"
     assert packing_mode(fake("eager"), False, None) is None
+    assert packing_mode(fake("eager"), True, None).padding_free is False
     assert packing_mode(fake("flex_attention"), True, None).padding_free is True
     assert packing_mode(fake("flex_attention"), False, None).padding_free is True
     assert packing_mode(fake("sdpa"), False, True).padding_free is True
@@ -240,7 +327,7 @@ def _run(model, ref, batch, opts):
     seen = []
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     handle = lm.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+        lambda m, a, kw: seen.append((*kw["inputs_embeds"].shape[:2], kw.get("tpo_fast_spans"))), with_kwargs=True)
     if opts.reference == "adapter":
         ref_scores = None
         with model.disable_adapter():
@@ -288,7 +375,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("packed", [dict(padding_free=True), dict(), dict(shared_prefix=False, padding_free=True)],
+@pytest.mark.parametrize("packed", [dict(), dict(padding_free=False), dict(shared_prefix=False, padding_free=True)],
                          ids=["shared-prefix+padding-free", "shared-prefix", "padding-free"])
 def test_packed_step_equals_padded_step(setup, case, packed):
     ds, proc = setup
@@ -296,11 +383,11 @@ def test_packed_step_equals_padded_step(setup, case, packed):
     model, ref = _policy_and_reference(proc)
     seen0, seen1 = _assert_same_step(model, ref, batch, packed, reference="model", **CASES[case])
     rows, width = batch["input_ids"].shape
-    assert seen0[-1] == (rows if CASES[case]["objective"] != "povid" else rows // 2, width)
-    if packed.get("padding_free"):
-        assert all(n == 1 for n, _ in seen1)
-    else:  # the default on sdpa: one row per pair
-        assert all(n == rows // 2 for n, _ in seen1)
+    assert seen0[-1][:2] == (rows if CASES[case]["objective"] != "povid" else rows // 2, width)
+    if packed.get("padding_free", True):  # the default on sdpa: one row, attended sequence by sequence
+        assert all(n == 1 and spans for n, _, spans in seen1)
+    else:  # one row per pair, the dense mask
+        assert all(n == rows // 2 and not spans for n, _, spans in seen1)
     if packed.get("shared_prefix", True):
         # the clean branch: fewer trunk tokens than the padded batch's real tokens (each prompt runs once)
         clean = [s for s in seen1 if s[0] * s[1] < int(batch["attention_mask"].sum())]
@@ -375,4 +462,4 @@ def test_packed_step_with_flex_attention(setup):
         packed = sequence_reference_scores(ref, batch, StepOptions(backend="torch", objective=objective))
         torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4, msg=objective)
     _, seen = _assert_same_step(model, ref, batch, dict(), reference="model", objective="tpo")
-    assert seen and all(n == 1 for n, _ in seen)
+    assert seen and all(n == 1 for n, _, _ in seen)

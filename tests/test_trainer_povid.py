@@ -56,12 +56,14 @@ def test_routed_povid_step_matches_full_logits_oracle(setup):
     oracle = copy.deepcopy(policy)
     twin = copy.deepcopy(policy)
 
-    seen = {"vision": [], "trunk": []}
+    seen = {"vision": [], "trunk": [], "tokens": []}
     policy.model.vision_tower.register_forward_hook(
         lambda m, args, out: seen["vision"].append((args[0].shape[0], torch.is_grad_enabled())))
-    policy.model.language_model.register_forward_hook(
-        lambda m, args, kwargs, out: seen["trunk"].append((kwargs["inputs_embeds"].shape[0], torch.is_grad_enabled())),
-        with_kwargs=True)
+    def trunk(m, args, kwargs, out):
+        seen["trunk"].append((kwargs["inputs_embeds"].shape[0], torch.is_grad_enabled()))
+        seen["tokens"].append(kwargs["inputs_embeds"].shape[1])
+
+    policy.model.language_model.register_forward_hook(trunk, with_kwargs=True)
 
     def no_logits(*_):
         raise AssertionError("the lm_head module ran: a (rows x V) logits tensor was built")
@@ -75,10 +77,12 @@ def test_routed_povid_step_matches_full_logits_oracle(setup):
     out = policy(tpo_batch=batch, tpo_ref_scores=ref_scores)
     out["loss"].backward()
     # Vision tower once per distinct image: clean with gradient, corrupted without. The clean trunk runs
-    # one packed row per pair (shared prefix: [image + prompt, chosen, rejected]); the corrupted trunk
-    # runs over the 3 chosen rows only, without gradient.
+    # one padding-free packed row (shared prefix: [image + prompt, chosen, rejected] per pair); the corrupted
+    # trunk runs over the 3 chosen rows only (3 sequences in one row), without gradient.
     assert seen["vision"] == [(2, True), (2, False)]
-    assert seen["trunk"] == [(n, True), (n, False)]
+    assert seen["trunk"] == [(1, True), (1, False)]
+    rows = int(batch["attention_mask"][:n].sum())  # the chosen rows' real tokens: more than one pair's prefix
+    assert seen["tokens"][1] < rows < seen["tokens"][0] < int(batch["attention_mask"].sum())
 
     ref_hook.remove()  # the oracle needs the full logits
     s_w, s_l, s_n = _oracle(oracle, batch, grad=True)

@@ -80,11 +80,14 @@ class TPOConfig(TrainingArguments):
         responses positioned after the prompt, on the clean and on the corrupted image; reference
         forwards alike. The loss and gradients are those of the padded rows (trainer/packing.py).
     padding_free: pack the micro-batch's sequences into one row, position ids restarting per sequence
-        and a block-diagonal mask between them, so no padding token reaches the trunk or the lm_head.
-        None (default): on with attn_implementation="flex_attention", whose block mask skips the other
-        pairs; off with "sdpa" and "eager", which attend over the dense mask of the whole row (quadratic
-        in the micro-batch: slower than padded per-pair rows). Both options need a language model that
-        takes a 4D attention mask and position ids ("sdpa", "eager", "flex_attention"); on others
+        and no attention between them, so no padding token reaches the trunk or the lm_head.
+        None (default): on where the attention skips the other sequences: attn_implementation=
+        "flex_attention" (its block mask), and "sdpa" without a sliding window, whose language model is
+        switched to "tpo_fast_sdpa" (sdpa for every call; a packed row's attention runs sequence by
+        sequence, two SDPA calls per pair, like flash-attn's varlen kernels); off with "eager" (and sdpa
+        with a sliding window), which attend over the dense mask of the whole row (quadratic in the
+        micro-batch: slower than padded per-pair rows). Both options need a language model that takes
+        a 4D attention mask and position ids ("sdpa", "eager", "flex_attention"); on others
         (flash_attention_2) the step logs once that it runs on padded rows.
     """
 
@@ -111,7 +114,7 @@ class TPOConfig(TrainingArguments):
     loss_grad_mode: str = field(default="fused", metadata={"help": "fused (gradient in the forward) or recompute"})
     shared_prefix: bool = field(default=True, metadata={"help": "run a pair's image and prompt once"})
     padding_free: bool | None = field(
-        default=None, metadata={"help": "pack a micro-batch into one row, no padding (None: with flex_attention)"}
+        default=None, metadata={"help": "one row per micro-batch, no padding (None: with sdpa and flex_attention)"}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
 

@@ -143,11 +143,10 @@ def backbone_hidden(
     features = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
     mask = _image_token_mask(backbone, input_ids, embeds, features)
     embeds = embeds.masked_scatter(mask, features)
-    position_ids = None
+    inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=None)
     if packing is not None:
-        embeds, attention_mask, position_ids = packing.inputs(embeds)
-    out = backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, return_dict=True)
+        inputs = packing.inputs(embeds)
+    out = backbone(**inputs, use_cache=False, return_dict=True)
     return out.last_hidden_state
 
 

@@ -10,10 +10,14 @@ start with the same tokens (image and prompt), so the trunk can run them once:
 
 and with `padding_free` every pair's sequence goes into one row (block-diagonal attention across
 pairs), so no padding token reaches the trunk or the lm_head. One row pays off where the attention
-skips the masked blocks (FlexAttention's block mask); SDPA and eager attend over the dense (L, L)
+skips the masked blocks: FlexAttention's block mask, and `segment_attention` below, which an sdpa
+model is switched to (`SEGMENT_ATTENTION`): every projection and MLP runs on the packed row, and the
+attention runs per sequence, as flash-attn's varlen kernels do, with two SDPA calls per pair (prefix +
+first response, causal; second response over prefix and itself). Eager attends over the dense (L, L)
 mask, quadratic in the whole micro-batch, which costs more than the padding of per-pair rows saves, so
-by default (`padding_free=None`) they keep one row per pair. Tokens are also cut after each
-row's last position that predicts a target (the final response token predicts nothing).
+by default (`padding_free=None`) it keeps one row per pair, as sdpa does with a sliding window. Tokens
+are also cut after each row's last position that predicts a target (the final response token predicts
+nothing).
 
 A packing is only index maps: which padded (row, column) each packed token comes from, its
 position id, which sequence (`group`) and which part of it (`segment`: 0 prefix, 1 first response,
@@ -37,10 +41,13 @@ import torch
 
 logger = logging.getLogger("tpo_fast")
 
+# The attention implementation an sdpa language model is switched to for padding-free rows: sdpa for every
+# call, except that a packed row's attention runs sequence by sequence (`segment_attention`).
+SEGMENT_ATTENTION = "tpo_fast_sdpa"
 # Attention implementations that take a prepared 4D mask (returned as is by transformers' mask builders).
-MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", SEGMENT_ATTENTION)
 # Those whose cost follows the mask's non-empty blocks, not L^2: where one padding-free row pays off.
-BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
+BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention", SEGMENT_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,9 @@ class Packing:
         into the packed (N * L) hidden states and into the (R * T') grid.
     grid_shape: (R, T'), the padded rows by the response window's width.
     implementation, sliding_window: the attention the mask is built for (see `packed_attention_mask`).
+    spans: for a one-row (padding-free) packing, per sequence `(start, prefix, first, second)`: its first
+        column and the lengths of its prefix and of its two responses (0, 0 for a single row, all prefix);
+        `segment_attention` attends within them. Empty for one row per sequence.
     """
 
     source: torch.Tensor
@@ -66,16 +76,22 @@ class Packing:
     grid_shape: tuple[int, int]
     implementation: str = "sdpa"
     sliding_window: int | None = None
+    spans: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def tokens(self) -> int:
         """Tokens the trunk runs on, padding slots excluded."""
         return int((self.group >= 0).sum())
 
-    def inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor]:
-        """(R, T, D) padded input embeddings -> the trunk's `(inputs_embeds, attention_mask, position_ids)`."""
+    def inputs(self, embeds: torch.Tensor) -> dict[str, object]:
+        """(R, T, D) padded input embeddings -> the trunk's keyword arguments: `inputs_embeds`, `attention_mask`,
+        `position_ids`, and for `SEGMENT_ATTENTION` on one row the spans its attention reads (`tpo_fast_spans`)."""
         packed = embeds.flatten(0, 1)[self.source]
-        return packed, packed_attention_mask(self, packed.dtype), self.position_ids
+        out = dict(inputs_embeds=packed, attention_mask=packed_attention_mask(self, packed.dtype),
+                   position_ids=self.position_ids)
+        if self.implementation == SEGMENT_ATTENTION and self.spans:
+            out["tpo_fast_spans"] = self.spans
+        return out
 
     def responses(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, L, D) packed hidden states -> the (R, T', D) response grid (`gather_responses`)."""
@@ -188,6 +204,7 @@ def pack_batch(
     segment = torch.zeros_like(source)
     start = 0
     row_start = {}  # padded row -> (flat start of its sequence, prefix length, offset of its own tokens)
+    spans = []
     for g, ((src, pos, seg, where), size) in enumerate(zip(sequences, sizes, strict=True)):
         if not padding_free:
             start = g * length
@@ -195,6 +212,8 @@ def pack_batch(
         source[span], position[span], segment[span], group[span] = src, pos, seg, g
         for r, (prefix, offset) in where.items():
             row_start[r] = (start, prefix, offset)
+        if padding_free:
+            spans.append((start, *(int((seg == s).sum()) for s in range(3))))
         start += size
 
     # Response grid: cell (r, t - window.start) for every position t with a target.
@@ -215,6 +234,7 @@ def pack_batch(
         grid_shape=(rows, grid_width),
         implementation=implementation,
         sliding_window=sliding_window,
+        spans=tuple(spans),
     )
 
 
@@ -255,20 +275,92 @@ def _block_mask(packing: Packing, sliding_window: int | None):
 def packed_attention_mask(packing: Packing, dtype: torch.dtype):
     """The 4D attention mask of a packing for its attention implementation (`packing.implementation`).
 
-    "sdpa": (N, 1, L, L) bool, True = attend; "eager": the same as an additive float mask in
-    `dtype` (0 or the dtype's minimum); "flex_attention": a `BlockMask`, whose empty blocks
-    (other pairs, the rejected-to-chosen block) are skipped rather than masked.
+    "sdpa" (and `SEGMENT_ATTENTION` on one row per sequence): (N, 1, L, L) bool, True = attend;
+    `SEGMENT_ATTENTION` on a padding-free row: an empty (1, 1, 0, 0) placeholder (the spans say it all);
+    "eager": the dense mask as an additive float mask in `dtype` (0 or the dtype's minimum);
+    "flex_attention": a `BlockMask`, whose empty blocks (other pairs, the rejected-to-chosen block) are
+    skipped rather than masked.
     """
     implementation, sliding_window = packing.implementation, packing.sliding_window
     if implementation == "flex_attention":
         return _block_mask(packing, sliding_window)
+    if implementation == SEGMENT_ATTENTION and packing.spans:
+        if sliding_window is not None:
+            raise ValueError(f"{SEGMENT_ATTENTION} attends whole sequences; a sliding window needs the dense mask "
+                             f"(implementation 'sdpa')")
+        # Unused by `segment_attention`; an empty mask so that any other attention fails at once, never silently.
+        return torch.zeros(packing.source.shape[0], 1, 0, 0, dtype=torch.bool, device=packing.source.device)
     allowed = allowed_attention(packing, sliding_window)[:, None]
-    if implementation == "sdpa":
+    if implementation in ("sdpa", SEGMENT_ATTENTION):
         return allowed
     if implementation == "eager":
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
     raise ValueError(f"no packed mask for attention {implementation!r}; use one of {MASK_IMPLEMENTATIONS}")
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    tpo_fast_spans: tuple[tuple[int, int, int, int], ...] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function of `SEGMENT_ATTENTION` (transformers' attention interface signature).
+
+    Without `tpo_fast_spans` it is transformers' sdpa. With them (a padding-free packed row, query and
+    key (1, heads, L, head_dim)), each sequence `(start, prefix, first, second)` attends only within
+    itself, as the packed mask says (`allowed_attention`), in two SDPA calls: prefix + first response
+    causally (`is_causal`, which skips the upper blocks), then the second response's queries over the
+    prefix and its own keys (never the first response). No (L, L) mask is built, and the work is per
+    sequence, not quadratic in the micro-batch. Returns ((1, L, heads, head_dim), None) like sdpa.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if tpo_fast_spans is None:
+        if attention_mask is not None and attention_mask.numel() == 0:
+            raise RuntimeError("a padding-free packed row reached the attention without its spans: this transformers "
+                               "version does not pass the model's keyword arguments on to the attention; set "
+                               "padding_free=False")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"segment attention runs on one packed row, got a batch of {query.shape[0]}")
+    repeats = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    pieces = []
+    for start, prefix, first, second in tpo_fast_spans:
+        head = slice(start, start + prefix + first)
+        pieces.append(sdpa(query[:, :, head], key[:, :, head], value[:, :, head], dropout_p=dropout, scale=scaling,
+                           is_causal=True))
+        if second:
+            tail = slice(head.stop, head.stop + second)
+            keys = torch.cat([key[:, :, start : start + prefix], key[:, :, tail]], 2)
+            values = torch.cat([value[:, :, start : start + prefix], value[:, :, tail]], 2)
+            # query i of the second response sees the prefix and its own keys 0..i
+            mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
+            pieces.append(sdpa(query[:, :, tail], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
+    end = tpo_fast_spans[-1][0] + sum(tpo_fast_spans[-1][1:]) if tpo_fast_spans else 0
+    if end != query.shape[2]:
+        raise ValueError(f"the spans cover {end} of the row's {query.shape[2]} tokens")
+    return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+
+
+def use_segment_attention(language_model: torch.nn.Module) -> None:
+    """Switch an sdpa language model to `SEGMENT_ATTENTION` (registered with transformers on first use): sdpa
+    for every call (masks built by transformers' sdpa mask), per-sequence attention for packed rows."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+        AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+    language_model.config._attn_implementation = SEGMENT_ATTENTION
 
 
 def gather_responses(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -340,15 +432,18 @@ def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool
     """The packing this model runs with, or None for the padded rows.
 
     `padding_free=None` packs a micro-batch into one row only where the attention skips the blocks its
-    mask removes (flex_attention); with sdpa and eager the dense (L, L) mask of one row costs more
-    attention than the padding it saves, so each pair keeps its own row. None is also returned
-    (logged once per reason) when the model cannot take a packed batch.
+    mask removes: flex_attention, and sdpa without a sliding window, which is switched to
+    `SEGMENT_ATTENTION` (`use_segment_attention`: the language model's config names it from then on).
+    With eager (or a sliding window) the dense (L, L) mask of one row costs more attention than the
+    padding it saves, so each pair keeps its own row. None is also returned (logged once per reason)
+    when the model cannot take a packed batch.
     """
     if not shared_prefix and padding_free is False:
         return None
     reason, implementation, window = packing_support(llava)
+    segments = implementation in ("sdpa", SEGMENT_ATTENTION) and window is None
     if padding_free is None:
-        padding_free = implementation in BLOCK_SPARSE_IMPLEMENTATIONS
+        padding_free = implementation in BLOCK_SPARSE_IMPLEMENTATIONS or segments
     if not (shared_prefix or padding_free):
         return None
     if reason is not None:
@@ -356,4 +451,7 @@ def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool
             _WARNED.add(reason)
             logger.warning("shared_prefix / padding_free are off, the step runs on padded rows: %s", reason)
         return None
+    if padding_free and segments:
+        use_segment_attention(llava.model.language_model)
+        implementation = SEGMENT_ATTENTION
     return PackingMode(shared_prefix, padding_free, implementation, window)
