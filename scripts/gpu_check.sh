@@ -42,7 +42,7 @@ echo "tests rc=$?"; grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[
 tail -2 "$OUT/tests.log"
 echo "fused-gradient losses on the GPU (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
     | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
-echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
+echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
     | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
 stamp "bench/run.py with TPO_FAST_TILES=$BEST_TILES TPO_FAST_TMA=$BEST_TMA"
 TPO_FAST_TILES="$BEST_TILES" TPO_FAST_TMA="$BEST_TMA" timeout 150 python3 bench/run.py --cases gpu-target \

@@ -452,9 +452,20 @@ NO_CPU_FLEX = "FlexAttention trains on CUDA only (no CPU backward; the CPU forwa
 def test_packed_step_with_flex_attention(setup):
     """FlexAttention (block-sparse, padding-free by default): the reference scores and the training step
     through its BlockMask equal the padded rows', with one packed row per branch."""
+    _check_cuda_packed_step(setup, "flex_attention")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA SDPA kernels (the CPU run is the tests above)")
+def test_packed_step_with_segment_attention_on_cuda(setup):
+    """SDPA's CUDA kernels behind the segment attention (causal flash for prefix + first response, the
+    masked kernel for the second): the packed step equals the padded one there too."""
+    _check_cuda_packed_step(setup, "sdpa")
+
+
+def _check_cuda_packed_step(setup, implementation):
     ds, proc = setup
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
-    model, ref = _policy_and_reference(proc, attn_implementation="flex_attention")
+    model, ref = _policy_and_reference(proc, attn_implementation=implementation)
     model, ref = model.cuda(), ref.cuda()
     for objective in ("tpo", "dpo", "povid"):
         padded = sequence_reference_scores(ref, batch, StepOptions(
