@@ -139,8 +139,10 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     gh = torch.zeros_like(hidden) if need_h else None
     ghc = torch.zeros_like(corrupted_hidden) if need_hc else None
     offsets = torch.arange(n_tok, device=targets.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for first, stop in chunks:
+
+    def one_chunk(first: int, stop: int) -> torch.Tensor:
+        # Its own frame: the chunk's logits / dZ buffer and its row copies die on return, before the
+        # next chunk allocates its own (a loop variable would keep them alive through the next GEMM).
         pairs = torch.arange(first, stop, device=targets.device)
         seqs = torch.cat([pairs, pairs + n_pairs])
         m = valid[seqs]
@@ -150,9 +152,10 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         if y2_all is not None:
             y2 = y2_all[seqs][m]
             y2 = torch.where(y2 == spec.ignore_index, torch.full_like(y2, -1), y2)
-        lse, z, z2 = core.stats(h, y, y2)
+        # the corrupted gather first: its temporaries are gone before the logits buffer exists
         hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
         zc = None if hc is None else core.gather(hc, y)
+        lse, z, z2 = core.stats(h, y, y2)
         logp2 = None if z2 is None else torch.where(y2 >= 0, z2 - lse, torch.zeros_like(z2))
         chunk = PairChunk(
             first, stop, n_pairs, _grid(m, z - lse, want_grad), _grid(m, z, want_grad),
@@ -175,14 +178,19 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
                 coef_p = -g_logp if g_logp2_r is None else -(g_logp + g_logp2_r)
                 dz = core.logit_grad(coef_p.contiguous(), y, (g_logp + g_z).contiguous(), y2, g_logp2_r)
                 gh_rows = core.backprop(dz, h, need_h)
+                del dz  # the logits buffer, now dZ: `release` frees it before the corrupted branch's temporaries
                 if gh is not None:
                     gh.index_copy_(0, rows, gh_rows.to(gh.dtype))
-            if hc is not None and (need_hc or need_w or need_b):
-                ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, m, n, h).contiguous(), need_hc)
-                if ghc is not None:
-                    ghc.index_copy_(0, rows, ghc_rows.to(ghc.dtype))
         core.release()
-        total = total + loss.detach().float()
+        if want_grad and hc is not None and (need_hc or need_w or need_b):
+            ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, m, n, h).contiguous(), need_hc)
+            if ghc is not None:
+                ghc.index_copy_(0, rows, ghc_rows.to(ghc.dtype))
+        return loss.detach().float()
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for first, stop in chunks:
+        total = total + one_chunk(first, stop)
     gw = None if core.gw is None else core.gw.to(weight.dtype)
     gb = None if core.gb is None else core.gb.to(bias.dtype)
     return total, grids, (gh, gw, gb, ghc)
