@@ -442,6 +442,10 @@ def test_runner_step_workload(tmp_path):
     cached = by[("step-tiny", "ours-tpo-shared-refcache")]  # the reference scored once, before the timed steps
     assert cached["reference_cache_s_per_pair"] > 0 and "reference cache:" in cached["note"]
     assert "precompute_reference=True" in cached["note"]
+    # the step's trunk layout is named: on this SDPA model, one padding-free row attended sequence by sequence
+    for name in ("ours-tpo", "ours-tpo-shared"):
+        assert "trunk rows: one padding-free row per micro-batch, attention tpo_fast_sdpa" in by[("step-tiny", name)][
+            "note"]
     with (tmp_path / "step.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and {"tokens_per_s", "total_peak_mib", "max_micro_batch"} <= set(table[0])

@@ -307,6 +307,22 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TPOConfig)}
 
 
+def trunk_rows(trainer) -> str:
+    """How this tpo_fast lays out the trunk's rows on its model (the packing `padding_free=None` resolves to)."""
+    try:
+        from tpo_fast.trainer.model import unwrap_llava
+        from tpo_fast.trainer.packing import packing_mode
+    except ImportError:  # a tpo_fast from before packing
+        return "trunk rows: padded"
+    opts = trainer.step_options
+    mode = packing_mode(unwrap_llava(trainer.model), opts.shared_prefix, opts.padding_free)
+    if mode is None:
+        return "trunk rows: padded"
+    if mode.padding_free:
+        return f"trunk rows: one padding-free row per micro-batch, attention {mode.implementation}"
+    return f"trunk rows: one per {'pair' if mode.shared_prefix else 'row'}, padded, dense mask ({mode.implementation})"
+
+
 class OursStep(StepContender):
     def __init__(self, objective: str, shared: bool, precomputed: bool = False):
         name = f"ours-{objective}" + ("-shared" if shared else "") + ("-refcache" if precomputed else "")
@@ -368,7 +384,7 @@ class OursStep(StepContender):
         used = [f"{k}={getattr(args, k)}" for k in ("shared_prefix", "padding_free", "precompute_reference")
                 if k in fields]
         used.append(f"loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}")
-        self.notes.append("TPOConfig: " + ", ".join(used))
+        self.notes.append("TPOConfig: " + ", ".join(used) + "; " + trunk_rows(self.trainer))
 
     def batch(self, pairs):
         ds = self.data.dataset
