@@ -1,0 +1,378 @@
+"""`tpo_fast.ops.triton_impl` helpers and launchers called directly, at the edges mutation testing found
+unguarded (docs/testing.md): tile sizes and their clamps, the dot precision, the TMA descriptor decision, the
+logsumexp combine of per-tile partials (infinite rows, argmax ties), empty inputs, the fp32 GEMM helpers
+(including the CUDA helper's `out_dtype` fallback protocol, which runs on CPU tensors too), the 16-bit row
+scatter, and the buffers' dtype and device under a float64 default dtype and a `meta` default device.
+
+Oracles are independent of the code under test: materialized `h @ W.T + b`, `torch.logsumexp`, `index_add`
+in fp64, exact expected tile sizes. Triton runs under its CPU interpreter (conftest.py); shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpo_fast.ops import triton_impl
+from tpo_fast.ops.options import KernelOptions
+from tpo_fast.ops.triton_impl import TileConfig
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU edges (interpreter, default device)")
+
+
+def _gpu(monkeypatch):
+    """The launch decisions a compiled (GPU) run would take, without launching anything."""
+    monkeypatch.setattr(triton_impl, "interpreter_enabled", lambda: False)
+
+
+@pytest.mark.parametrize("x, lo, hi, want", [
+    (0, 16, 64, 16), (1, 16, 64, 16), (17, 16, 64, 32), (32, 16, 64, 32), (33, 16, 64, 64), (1000, 16, 64, 64),
+    (-5, 1, 8, 1), (3.7, 1, 8, 4),
+])
+def test_p2_clamps_the_next_power_of_two(x, lo, hi, want):
+    assert triton_impl._p2(x, lo, hi) == want
+
+
+def test_interpreter_tiles():
+    assert triton_impl.tile_config(5, 20, 8) == TileConfig(16, 32, 16, 8, 3, 4)
+    assert triton_impl.tile_config(100, 1000, 300, torch.float32) == TileConfig(64, 512, 128, 8, 3, 4)
+
+
+@pytest.mark.parametrize("dtype, want", [
+    (torch.bfloat16, TileConfig(128, 256, 64, 8, 3, 8)),
+    (torch.float16, TileConfig(128, 256, 64, 8, 3, 8)),
+    (torch.float32, TileConfig(64, 64, 32, 4, 3, 8)),
+    (torch.float64, TileConfig(64, 64, 32, 4, 3, 8)),  # an untuned dtype gets the fp32 tiles
+])
+def test_gpu_tiles_by_dtype_and_clamped_to_the_problem(monkeypatch, dtype, want):
+    _gpu(monkeypatch)
+    opts = KernelOptions()
+    assert triton_impl.tile_config(8192, 32000, 4096, dtype, options=opts) == want
+    small = triton_impl.tile_config(5, 20, 8, dtype, options=opts)
+    assert small == TileConfig(16, 32, 16, want.num_warps, want.num_stages, want.group_n)
+    assert triton_impl.tile_config(8192, 32000, 4096, options=opts) == TileConfig(128, 256, 64, 8, 3, 8)  # bf16
+
+
+def test_gpu_tiles_atomic_and_override(monkeypatch):
+    _gpu(monkeypatch)
+    tiled = KernelOptions(tiles=(32, 64, 16, 2, 2, 4))
+    assert triton_impl.tile_config(8192, 32000, 4096, torch.float32, atomic=True, options=tiled) == \
+        TileConfig(64, 128, 64, 8, 3, 8)  # the atomic backward ignores the override
+    assert triton_impl.tile_config(8192, 32000, 4096, torch.float32, options=tiled) == TileConfig(32, 64, 16, 2, 2, 4)
+    assert triton_impl.tile_config(20, 100, 40, torch.float32, atomic=True, options=KernelOptions()) == \
+        TileConfig(32, 128, 64, 8, 3, 8)
+
+
+def test_dot_precision():
+    assert triton_impl._dot_precision(torch.float32, KernelOptions()) == "ieee"
+    assert triton_impl._dot_precision(torch.float32, KernelOptions(allow_tf32=True)) == "tf32"
+    assert triton_impl._dot_precision(torch.bfloat16, KernelOptions()) == "tf32"
+    assert triton_impl._dot_precision(torch.float32) == "ieee"  # current_options(): TF32 off by default
+
+
+def test_chunk_bytes():
+    assert triton_impl.chunk_bytes(KernelOptions(chunk_mb=0.5)) == 2**19
+    assert triton_impl.chunk_bytes() == 256 * 2**20
+
+
+def test_tma_descriptor_decision(monkeypatch):
+    cfg = TileConfig(16, 32, 16)
+    h, w = torch.randn(5, 8), torch.randn(20, 8)  # 8 fp32 = 32 bytes per row: describable
+    on = KernelOptions(tma="1")
+    hd, wd, used = triton_impl._tma_descriptors(h, w, cfg, on)
+    assert used is True
+    assert list(hd.block_shape) == [16, 16] and list(wd.block_shape) == [32, 16]
+    assert list(hd.shape) == [5, 8] and list(wd.shape) == [20, 8]
+    for opts in (KernelOptions(tma="0"), KernelOptions(tma="auto")):  # auto: not under the interpreter
+        assert triton_impl._tma_descriptors(h, w, cfg, opts) == (h, w, False)
+    # each condition of "describable" alone: a column stride, a row stride, a misaligned start, a row of 12 bytes
+    wide = torch.randn(5, 16)
+    for hh, ww in [(h.t().contiguous().t(), w), (wide[:, :8], w), (torch.randn(41)[1:].view(5, 8), w),
+                   (torch.randn(5, 3), torch.randn(20, 3)), (h, w.t().contiguous().t())]:
+        got = triton_impl._tma_descriptors(hh, ww, cfg, on)
+        assert got[0] is hh and got[1] is ww and got[2] is False
+    _gpu(monkeypatch)  # compiled: CPU tensors have no copy engine
+    assert triton_impl._tma_descriptors(h, w, cfg, on) == (h, w, False)
+    assert triton_impl._tma_descriptors(h, w, cfg, KernelOptions(tma="0")) == (h, w, False)
+
+
+def test_combine_lse_partials_infinite_rows_and_ties():
+    inf = float("inf")
+    m = torch.tensor([[1.0, 3.0], [-inf, -inf], [2.0, inf], [5.0, 5.0]])
+    s = torch.tensor([[2.0, 1.5], [0.0, 0.0], [1.0, 1.0], [1.0, 3.0]])
+    arg = torch.tensor([[4, 9], [0, 7], [1, 11], [2, 6]], dtype=torch.int32)
+    lse, am = triton_impl.combine_lse_partials(m, s, arg)
+    want0 = torch.tensor([1.0, 3.0], dtype=torch.float64).exp() @ torch.tensor([2.0, 1.5], dtype=torch.float64)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse[0].double(), want0.log(), rtol=1e-6, atol=1e-6)
+    assert lse[1] == -inf and lse[2] == inf
+    want3 = torch.tensor(4.0, dtype=torch.float64).log() + 5.0
+    torch.testing.assert_close(lse[3].double(), want3, rtol=1e-6, atol=1e-6)
+    assert am.dtype == torch.int64 and am.tolist() == [9, 0, 11, 2]  # a tie: the first tile's index
+    assert triton_impl.combine_lse_partials(m, s, None)[1] is None
+
+
+D, V = 8, 20
+
+
+def _inputs(n: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h, w, b = torch.randn(n, D, generator=g), torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    y = torch.randint(0, V, (n,), generator=g)
+    return h.to(dtype), w.to(dtype), b.to(dtype), y
+
+
+@pytest.mark.parametrize("argmax, second", [(True, True), (False, False)], ids=["all", "none"])
+def test_forward_and_gathers_of_no_rows(argmax, second):
+    h, w, b, y = _inputs(0)
+    lse, z, zc, am = triton_impl.forward(h, w, b, h if second else None, y, argmax)
+    for t in (lse, z) + ((zc,) if second else ()):
+        assert t.shape == (0,) and t.dtype == torch.float32
+    assert (zc is None) is not second
+    assert am is None if not argmax else (am.shape == (0,) and am.dtype == torch.int64)
+    z0 = triton_impl.gather_logits(h, w, b, y)
+    assert z0.shape == (0,) and z0.dtype == torch.float32
+    gh, gw, gb = triton_impl.gather_backward(h, w, y, torch.zeros(0), (True, True, True))
+    assert gh.shape == (0, D) and gh.dtype == torch.float32
+    assert torch.equal(gw, torch.zeros(V, D)) and torch.equal(gb, torch.zeros(V))
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+def test_backward_of_no_rows(mode):
+    h, w, b, y = _inputs(0)
+    e = torch.zeros(0)
+    gh, gw, gb, ghc = triton_impl.backward(h, w, b, h, y, e, e, e, e, (True, True, True, True),
+                                           KernelOptions(backward=mode))
+    assert gh.shape == (0, D) and ghc.shape == (0, D) and gh.dtype == ghc.dtype == torch.float32
+    assert torch.equal(gw, torch.zeros(V, D)) and torch.equal(gb, torch.zeros(V))
+
+
+def test_gather_logits_and_backward_one_row_and_repeats():
+    h, w, b, _ = _inputs(4, seed=1)
+    y = torch.tensor([5, 5, 0, V - 1])
+    g = torch.tensor([0.5, -2.0, 1.5, 3.0])
+    want_z = (h.double() * w.double()[y]).sum(-1) + b.double()[y]
+    torch.testing.assert_close(triton_impl.gather_logits(h, w, b, y).double(), want_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(triton_impl.gather_logits(h[:1], w, None, y[:1]).double(),
+                               (h.double()[0] * w.double()[5]).sum()[None], rtol=1e-6, atol=1e-6)
+    gh, gw, gb = triton_impl.gather_backward(h, w, y, g, (True, True, True))
+    torch.testing.assert_close(gh.double(), g.double()[:, None] * w.double()[y], rtol=1e-6, atol=1e-6)
+    want_gw = torch.zeros(V, D, dtype=torch.float64).index_add_(0, y, g.double()[:, None] * h.double())
+    torch.testing.assert_close(gw.double(), want_gw, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb.double(), torch.zeros(V, dtype=torch.float64).index_add_(0, y, g.double()))
+    assert triton_impl.gather_backward(h, w, y, g, (False, False, False)) == (None, None, None)
+
+
+class _MmSpy:
+    """torch.mm with an optional fake `out_dtype` kernel (CPU torch has none), recording the keywords seen."""
+
+    def __init__(self, real, supports: bool, error: type[BaseException] | None = None):
+        self.real, self.supports, self.error, self.calls = real, supports, error, []
+
+    def __call__(self, a, b, *, out=None, out_dtype=None):
+        self.calls.append(out_dtype)
+        if out_dtype is not None:
+            if self.error is not None:
+                raise self.error("no kernel")
+            if not self.supports:
+                raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+            assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+            res = self.real(a.float(), b.float())
+            return res if out is None else out.copy_(res)
+        return self.real(a, b) if out is None else self.real(a, b, out=out)
+
+
+def _ab(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 5, generator=g).bfloat16(), torch.randn(5, 4, generator=g).bfloat16()
+
+
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
+def test_mm_f32_cuda_out_dtype_protocol(monkeypatch, with_out):
+    """The first success fixes `_MM_OUT_DTYPE = True` (a later failure then raises); a TypeError or
+    RuntimeError on the first try fixes it False (widened operands from then on, no more tries)."""
+    a, b = _ab()
+    want = a.double() @ b.double()
+    real = torch.mm
+
+    def call():
+        out = torch.full((3, 4), float("nan")) if with_out else None
+        res = triton_impl._mm_f32_cuda(a, b, out)
+        assert res.dtype == torch.float32 and res.shape == (3, 4)
+        if with_out:
+            assert res.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(res.double(), want, rtol=1e-6, atol=1e-6)
+
+    monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
+    spy = _MmSpy(real, supports=True)
+    monkeypatch.setattr(torch, "mm", spy)
+    call()
+    assert triton_impl._MM_OUT_DTYPE is True and spy.calls == [torch.float32]
+    monkeypatch.setattr(torch, "mm", _MmSpy(real, supports=True, error=RuntimeError))
+    with pytest.raises(RuntimeError, match="^no kernel$"):
+        triton_impl._mm_f32_cuda(a, b, None)
+
+    for error in (None, RuntimeError):
+        monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
+        spy = _MmSpy(real, supports=False, error=error)
+        monkeypatch.setattr(torch, "mm", spy)
+        call()
+        assert triton_impl._MM_OUT_DTYPE is False and spy.calls == [torch.float32, None]
+        call()
+        assert spy.calls == [torch.float32, None, None]  # no second try
+
+    monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
+    monkeypatch.setattr(torch, "mm", _MmSpy(real, supports=True, error=torch.OutOfMemoryError))
+    with pytest.raises(torch.OutOfMemoryError):
+        triton_impl._mm_f32_cuda(a, b, None)
+    assert triton_impl._MM_OUT_DTYPE is None  # out of memory says nothing about the keyword
+
+
+def test_mm_into_and_addmm_f32_on_cpu():
+    a, b = _ab(4)
+    want = a.double() @ b.double()
+    out = torch.full((3, 4), float("nan"))
+    triton_impl._mm_f32(a, b, out)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    acc = torch.ones(3, 4)
+    triton_impl._addmm_f32_(acc, a, b)
+    torch.testing.assert_close(acc.double(), want + 1, rtol=1e-6, atol=1e-6)
+    acc32 = torch.ones(3, 4)
+    triton_impl._addmm_f32_(acc32, a.float(), b.float())
+    torch.testing.assert_close(acc32.double(), want + 1, rtol=1e-6, atol=1e-6)
+    o16 = torch.zeros(3, 4, dtype=torch.bfloat16)
+    triton_impl._mm_into(a, b, o16)
+    assert torch.equal(o16, (a.float() @ b.float()).bfloat16())
+    o32 = torch.full((3, 4), float("nan"))
+    triton_impl._mm_into(a, b, o32)
+    torch.testing.assert_close(o32.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scatter_rows_sums_repeats_before_one_rounding(dtype):
+    """Two contributions of 2**-8 to a row of 1.0: bf16 rounds 1 + 2**-8 back to 1 if added one at a time."""
+    gw = torch.ones(V, D, dtype=dtype)
+    targets = torch.tensor([3, 3, 7])
+    g = torch.tensor([2.0**-8, 2.0**-8, -0.5])
+    x = torch.ones(3, D, dtype=dtype)
+    triton_impl._scatter_rows_(gw, targets, g, x)
+    want = torch.ones(V, D)
+    want[3] += 2.0**-7
+    want[7] -= 0.5
+    assert gw.dtype == dtype and torch.equal(gw.float(), want)
+
+
+def _grad_args(n, seed=5):
+    h, w, b, y = _inputs(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    lse = (h.double() @ w.double().t() + b.double()).logsumexp(-1).float()
+    coef_p, coef_y, g_zc = (torch.randn(n, generator=g) for _ in range(3))
+    return h, w, b, y, lse, coef_p, coef_y, g_zc
+
+
+def _grad_oracle(h, w, b, y, lse, coef_p, coef_y, g_zc, hc):
+    """dZ = coef_p * softmax + coef_y * onehot(y); the corrupted rows' rank-1 part g_zc * onehot(y); fp64."""
+    z = h.double() @ w.double().t() + b.double()
+    onehot = torch.nn.functional.one_hot(y, V).double()
+    dz = coef_p.double()[:, None] * (z - lse.double()[:, None]).exp() + coef_y.double()[:, None] * onehot
+    dzc = g_zc.double()[:, None] * onehot
+    return dz @ w.double(), dz.t() @ h.double() + dzc.t() @ hc.double(), dz.sum(0) + dzc.sum(0), dzc @ w.double()
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_backward_one_row_and_a_few(mode, n):
+    h, w, b, y, lse, coef_p, coef_y, g_zc = _grad_args(n)
+    hc = h.flip(1)
+    got = triton_impl.backward(h, w, b, hc, y, lse, coef_p, coef_y, g_zc, (True, True, True, True),
+                               KernelOptions(backward=mode))
+    for name, gt, want in zip(("h", "w", "b", "hc"), got, _grad_oracle(h, w, b, y, lse, coef_p, coef_y, g_zc, hc),
+                              strict=True):
+        assert gt.dtype == torch.float32, name
+        torch.testing.assert_close(gt.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    gh, gw, gb = triton_impl.gather_backward(h, w, y, g_zc, (True, True, True))
+    torch.testing.assert_close(gh.double(), g_zc.double()[:, None] * w.double()[y], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+def test_backward_returns_only_the_gradients_asked_for(mode):
+    h, w, b, y, lse, coef_p, coef_y, g_zc = _grad_args(3)
+    opts = KernelOptions(backward=mode)
+    assert triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (False,) * 4, opts) == (None,) * 4
+    gh, gw, gb, ghc = triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (False, True, False, False), opts)
+    assert gh is None and gb is None and ghc is None and gw.shape == (V, D)
+
+
+def test_explicit_options_reach_every_launch_decision(monkeypatch):
+    """`options=` (not the environment or the scope) picks the tiles, the dot precision, the TMA loads and the
+    chunk budget, each for the input's dtype; the atomic backward asks for its own tiles."""
+    from _spies import record_calls
+
+    calls: list = []
+    record_calls(monkeypatch, triton_impl, ["tile_config", "_dot_precision", "_tma_descriptors", "chunk_bytes"], calls)
+    h, w, b, y, lse, coef_p, coef_y, g_zc = _grad_args(3)
+    split = KernelOptions(tma="1", allow_tf32=True, chunk_mb=0.5)
+    triton_impl.forward(h, w, b, None, y, False, options=split)
+    triton_impl.backward(h, w, b, None, y, lse, coef_p, coef_y, None, (True, True, True, False), split)
+    atomic = KernelOptions(backward="atomic", allow_tf32=True)
+    triton_impl.backward(h, w, b, None, y, lse, coef_p, coef_y, None, (True, True, True, False), atomic)
+    seen = [(name, args.get("options"), args.get("dtype"), args.get("atomic")) for name, args in calls]
+    f32 = torch.float32
+    assert seen == [
+        ("tile_config", split, f32, False), ("_tma_descriptors", split, None, None),
+        ("_dot_precision", split, f32, None),
+        ("tile_config", split, f32, False), ("chunk_bytes", split, None, None), ("_tma_descriptors", split, None, None),
+        ("_dot_precision", split, f32, None),
+        ("tile_config", atomic, f32, True), ("_dot_precision", atomic, f32, None),
+    ]
+    assert [args["cfg"] for name, args in calls if name == "_tma_descriptors"] == [TileConfig(16, 32, 16, 8, 3, 4)] * 2
+
+
+def test_split_chunks_of_the_budget(monkeypatch):
+    """A budget under one vocabulary tile of rows is rounded up to one tile: the whole (one-tile) vocabulary in a
+    single chunk, so nothing is accumulated across chunks."""
+    from _spies import record_calls
+
+    calls: list = []
+    record_calls(monkeypatch, triton_impl, ["_addmm_f32_"], calls)
+    n, v = 3, 200  # block_v 256 under the interpreter: one tile
+    g = torch.Generator().manual_seed(9)
+    h, w, b = torch.randn(n, D, generator=g), torch.randn(v, D, generator=g), torch.randn(v, generator=g)
+    y = torch.tensor([0, 150, 199])
+    lse = (h.double() @ w.double().t() + b.double()).logsumexp(-1).float()
+    coef_p, coef_y = -torch.ones(n), torch.ones(n)
+    opts = KernelOptions(chunk_mb=n * 4 * 16 / 2**20)  # 16 columns' worth: rounded up to one tile
+    gh, gw, gb, _ = triton_impl.backward(h, w, b, None, y, lse, coef_p, coef_y, None, (True, True, True, False), opts)
+    assert calls == []  # one chunk: no accumulation
+    z = h.double() @ w.double().t() + b.double()
+    dz = -(z - lse.double()[:, None]).exp() + torch.nn.functional.one_hot(y, v).double()
+    torch.testing.assert_close(gh.double(), dz @ w.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw.double(), dz.t() @ h.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb.double(), dz.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _all_launches(h, w, b, y, lse, coef_p, coef_y, g_zc):
+    outs = list(triton_impl.forward(h, w, b, h, y, True))
+    outs += list(triton_impl.forward(h[:0], w, b, h[:0], y[:0], True))
+    outs += [triton_impl.gather_logits(h, w, b, y)]
+    outs += list(triton_impl.gather_backward(h, w, y, g_zc, (True, True, True)))
+    for mode in ("split", "atomic"):
+        opts = KernelOptions(backward=mode)
+        outs += list(triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (True,) * 4, opts))
+        outs += list(triton_impl.backward(h, w, b, None, y, lse, coef_p, None, None, (True,) * 4, opts))
+        outs += list(triton_impl.backward(h, w, None, h, y, lse, None, None, g_zc, (True,) * 4, opts))
+    return [o for o in outs if o is not None]
+
+
+def test_buffers_fp32_under_float64_default(default_float64):
+    outs = _all_launches(*(t if t.dtype == torch.int64 else t.float() for t in _grad_args(3)))
+    assert len(outs) == 34
+    assert [o.dtype for o in outs] == [torch.float32] * 3 + [torch.int64] + [torch.float32] * 3 + [torch.int64] + \
+        [torch.float32] * 26
+
+
+def test_buffers_on_the_inputs_device_under_meta_default():
+    args = _grad_args(3)
+    with torch.device("meta"):
+        outs = _all_launches(*args)
+    assert len(outs) == 34 and {o.device.type for o in outs} == {"cpu"}
