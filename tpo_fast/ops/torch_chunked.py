@@ -40,9 +40,10 @@ def forward(
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     z = torch.empty_like(lse)
     argmax = torch.empty(n, dtype=torch.int64, device=hidden.device) if want_argmax else None
-    step = _chunk_rows(v)
-    for s in range(0, n, step):
-        e = min(n, s + step)
+
+    def one_chunk(s: int, e: int) -> None:
+        # Its own frame: the chunk's logits buffer dies on return, before the next chunk's GEMM allocates
+        # its own (a loop variable would keep it alive through that GEMM: two chunk x V buffers at the peak).
         logits = _logits(hidden[s:e], w32, b32)  # [chunk, V]
         z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
         if argmax is not None:
@@ -51,6 +52,10 @@ def forward(
         m = logits.amax(dim=-1, keepdim=True)
         m.masked_fill_(~torch.isfinite(m), 0.0)  # all -inf rows, or inf/NaN: let them propagate
         lse[s:e] = logits.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))
+
+    step = _chunk_rows(v)
+    for s in range(0, n, step):
+        one_chunk(s, min(n, s + step))
     zc = None
     if corrupted_hidden is not None:
         zc = gather_logits(corrupted_hidden, w32, b32, targets)
@@ -109,18 +114,24 @@ def backward(
     b32 = None if bias is None else bias.float()
     gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
     gw = gb = None
+
+    def one_chunk(s: int, e: int, gw: torch.Tensor | None, gb: torch.Tensor | None):
+        # Its own frame: the chunk's logits / dS buffer dies on return, before the next chunk's GEMM allocates
+        # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
+        logits = _logits(hidden[s:e], w32, b32)
+        ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
+        if gh is not None:
+            torch.mm(ds, w32, out=gh[s:e])
+        if need_w:
+            gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
+        if need_b:
+            gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
+        return gw, gb
+
     if coef_p is not None and (need_h or need_w or need_b):
         step = _chunk_rows(v)
         for s in range(0, n, step):
-            e = min(n, s + step)
-            logits = _logits(hidden[s:e], w32, b32)
-            ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
-            if gh is not None:
-                torch.mm(ds, w32, out=gh[s:e])
-            if need_w:
-                gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
-            if need_b:
-                gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
+            gw, gb = one_chunk(s, min(n, s + step), gw, gb)
     if need_w and gw is None:
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     if need_b and gb is None:
