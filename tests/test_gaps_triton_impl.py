@@ -292,6 +292,11 @@ def test_backward_one_row_and_a_few(mode, n):
         torch.testing.assert_close(gt.double(), want, rtol=1e-5, atol=1e-5, msg=name)
     gh, gw, gb = triton_impl.gather_backward(h, w, y, g_zc, (True, True, True))
     torch.testing.assert_close(gh.double(), g_zc.double()[:, None] * w.double()[y], rtol=1e-6, atol=1e-6)
+    lse_f, z, zc, am = triton_impl.forward(h, w, b, hc, y, True)
+    full = h.double() @ w.double().t() + b.double()
+    torch.testing.assert_close(lse_f.double(), full.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(z.double(), full.gather(1, y[:, None]).squeeze(1), rtol=1e-6, atol=1e-5)
+    assert am.tolist() == full.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("mode", ["split", "atomic"])
@@ -301,6 +306,8 @@ def test_backward_returns_only_the_gradients_asked_for(mode):
     assert triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (False,) * 4, opts) == (None,) * 4
     gh, gw, gb, ghc = triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (False, True, False, False), opts)
     assert gh is None and gb is None and ghc is None and gw.shape == (V, D)
+    gh, gw, gb, ghc = triton_impl.backward(h, w, b, h, y, lse, coef_p, coef_y, g_zc, (True, False, False, False), opts)
+    assert gw is None and gb is None and ghc is None and gh.shape == (3, D)
 
 
 def test_explicit_options_reach_every_launch_decision(monkeypatch):
@@ -349,6 +356,17 @@ def test_split_chunks_of_the_budget(monkeypatch):
     torch.testing.assert_close(gh.double(), dz @ w.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw.double(), dz.t() @ h.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb.double(), dz.sum(0), rtol=1e-5, atol=1e-5)
+    # 600 columns are two 512-column tiles; a budget of 1.5 tiles of rows gives chunks of one tile (an integer width)
+    w2, b2 = torch.randn(600, D, generator=g), torch.randn(600, generator=g)
+    lse2 = (h.double() @ w2.double().t() + b2.double()).logsumexp(-1).float()
+    opts2 = KernelOptions(chunk_mb=n * 4 * 768 / 2**20)
+    gh2, gw2, _, _ = triton_impl.backward(h, w2, b2, None, y, lse2, coef_p, coef_y, None, (True, True, False, False),
+                                          opts2)
+    assert len(calls) == 1  # two chunks: the second one accumulates
+    dz2 = -(h.double() @ w2.double().t() + b2.double() - lse2.double()[:, None]).exp() + \
+        torch.nn.functional.one_hot(y, 600).double()
+    torch.testing.assert_close(gh2.double(), dz2 @ w2.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw2.double(), dz2.t() @ h.double(), rtol=1e-5, atol=1e-5)
 
 
 def _all_launches(h, w, b, y, lse, coef_p, coef_y, g_zc):
