@@ -390,7 +390,8 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     v = x.shape[-1]
     rows = x.reshape(-1, v)
     if rows.shape[0] > 1 and (rows.stride(1) != 1 or rows.stride(0) < v):
-        rows = rows.contiguous()
+        # not .contiguous(): torch calls an (N, 1) column with any column stride contiguous and keeps that stride
+        rows = rows.clone(memory_format=torch.contiguous_format)
     elif rows.shape[0] == 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
