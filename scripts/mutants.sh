@@ -26,7 +26,7 @@ if [ -z "${TESTS:-}" ]; then
     case "$MODULE" in
         tpo_fast/ops/torch_chunked.py|tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py" ;;
-        tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py" ;;
+        tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py tests/test_gaps_logits.py" ;;
         tpo_fast/ops/triton_impl.py)  # the Triton launches under the interpreter: about 25 s for these files
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py tests/test_options.py tests/test_gaps_triton_impl.py" ;;
         tpo_fast/ops/triton_fused.py)
