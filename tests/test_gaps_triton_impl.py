@@ -2,13 +2,18 @@
 unguarded (docs/testing.md): tile sizes and their clamps, the dot precision, the TMA descriptor decision, the
 logsumexp combine of per-tile partials (infinite rows, argmax ties), empty inputs, the fp32 GEMM helpers
 (including the CUDA helper's `out_dtype` fallback protocol, which runs on CPU tensors too), the 16-bit row
-scatter, and the buffers' dtype and device under a float64 default dtype and a `meta` default device.
+scatter, the buffers' dtype and device under a float64 default dtype and a `meta` default device, the split
+backward's chunk width under a large budget, corrupted rows without their gradient, and every launch's settings
+(tiles, warps, stages, dot precision, TMA and interpreter flags; spies stand for the kernels, also as a GPU run
+would launch them).
 
 Oracles are independent of the code under test: materialized `h @ W.T + b`, `torch.logsumexp`, `index_add`
 in fp64, exact expected tile sizes. Triton runs under its CPU interpreter (conftest.py); shapes are tiny.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -394,3 +399,169 @@ def test_buffers_on_the_inputs_device_under_meta_default():
     with torch.device("meta"):
         outs = _all_launches(*args)
     assert len(outs) == 34 and {o.device.type for o in outs} == {"cpu"}
+
+
+class _LaunchSpy:
+    """Stands for a Triton kernel: `kernel[grid](*args, **kwargs)` records (grid, kwargs) and runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+_KERNELS = ("token_lse_partial_kernel", "softmax_grad_kernel", "token_stats_bwd_kernel", "indexed_dot_fwd_kernel",
+            "indexed_dot_bwd_kernel")
+
+
+def _tiles(bn, bv, bd, warps, stages, group=None):
+    t = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    return t if group is None else {**t, "GROUP_N": group}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "gpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_launch_settings_reach_the_kernels(monkeypatch, compiled, dtype):
+    """Every launch's tiles, warps, stages, dot precision, TMA and interpreter flags, under the interpreter and as a
+    GPU run would take them (the interpreter ignores warps and stages; spies stand for the kernels, nothing runs).
+    n, v, d = 100, 300, 200: every tile is clamped by the problem in one dimension and by its cap in another."""
+    if compiled:
+        _gpu(monkeypatch)
+    spies = {name: _LaunchSpy() for name in _KERNELS}
+    for name, spy in spies.items():
+        monkeypatch.setattr(triton_impl, name, spy)
+    n, v, d = 100, 300, 200
+    h, w, b, y = torch.zeros(n, d, dtype=dtype), torch.zeros(v, d, dtype=dtype), torch.zeros(v, dtype=dtype), \
+        torch.zeros(n, dtype=torch.long)
+    f = torch.zeros(n)
+    tma = KernelOptions(tma="1")  # describable rows: TMA loads under the interpreter, none for CPU tensors on a GPU run
+    triton_impl.forward(h, w, b, h, y, True, options=tma)
+    triton_impl.backward(h, w, b, h, y, f, f, f, f, (True,) * 4, tma)
+    triton_impl.backward(h, w, b, h, y, f, f, f, f, (True,) * 4, KernelOptions(backward="atomic"))
+    triton_impl.gather_backward(h, w, y, f, (True, True, True))
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    flags = dict(DOT_PRECISION=prec, INTERPRET=not compiled)
+    if not compiled:
+        gemm = atomic = _tiles(64, 512, 128, 8, 3, 4)
+        indexed = dict(BLOCK_N=64, BLOCK_D=128, num_warps=4)
+    else:
+        gemm = _tiles(64, 64, 32, 4, 3, 8) if dtype == torch.float32 else _tiles(128, 256, 64, 8, 3, 8)
+        atomic = _tiles(64, 128, 64, 8, 3)
+        indexed = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4)
+    atomic = {k: val for k, val in atomic.items() if k != "GROUP_N"}
+    tiles = -(-n // gemm["BLOCK_N"]) * -(-v // gemm["BLOCK_V"])
+    assert spies["token_lse_partial_kernel"].launches == [
+        ((tiles,), dict(HAS_BIAS=True, WANT_ARGMAX=True, **flags, USE_TMA=not compiled, **gemm))]
+    assert spies["softmax_grad_kernel"].launches == [
+        ((tiles,), dict(HAS_BIAS=True, HAS_ONEHOT=True, NEED_B=True, **flags, USE_TMA=not compiled, **gemm))]
+    assert spies["token_stats_bwd_kernel"].launches == [
+        ((2, -(-v // atomic["BLOCK_V"])), dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=False,
+                                               **flags, **atomic))]
+    assert spies["indexed_dot_fwd_kernel"].launches == [((2,), dict(HAS_BIAS=True, **indexed))] * 2
+    assert spies["indexed_dot_bwd_kernel"].launches == [  # the atomic backward's one-hot part, then the gather's
+        ((2,), dict(HAS_SECOND=True, ACCUM_H=True, NEED_H=True, NEED_HC=True, NEED_W=True, NEED_B=True, **indexed)),
+        ((2,), dict(HAS_SECOND=False, ACCUM_H=False, NEED_H=True, NEED_HC=False, NEED_W=True, NEED_B=True, **indexed)),
+    ]
+
+
+def test_forward_without_argmax_returns_none():
+    h, w, b, y = _inputs(3)
+    lse, z, zc, am = triton_impl.forward(h, w, b, None, y, False)
+    assert am is None and zc is None
+    full = h.double() @ w.double().t() + b.double()
+    torch.testing.assert_close(lse.double(), full.logsumexp(-1), rtol=1e-6, atol=1e-5)
+
+
+def test_split_budget_of_many_tiles_is_one_whole_chunk():
+    """A budget far wider than the vocabulary: one chunk of whole tiles (an integer width: the chunk loop steps by
+    it) covering the 9 tiles of a 4100-column vocabulary, not a chunk of budget / tile columns."""
+    n, v = 1, 4100
+    g = torch.Generator().manual_seed(11)
+    h, w = torch.randn(n, D, generator=g), torch.randn(v, D, generator=g)
+    y = torch.tensor([v - 1])
+    z = h.double() @ w.double().t()
+    lse = z.logsumexp(-1).float()
+    gh, gw, gb, ghc = triton_impl.backward(h, w, None, None, y, lse, -torch.ones(n), torch.ones(n), None,
+                                           (True, True, False, False), KernelOptions(chunk_mb=1024.0))
+    dz = -(z - lse.double()[:, None]).exp() + torch.nn.functional.one_hot(y, v).double()
+    torch.testing.assert_close(gh.double(), dz @ w.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw.double(), dz.t() @ h.double(), rtol=1e-5, atol=1e-5)
+    assert gb is None and ghc is None
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+def test_corrupted_rows_without_their_gradient_add_nothing(mode):
+    """corrupted_hidden given but g_zc None: the corrupted rows contribute to no gradient, and get none."""
+    h, w, b, y, lse, coef_p, coef_y, _ = _grad_args(3)
+    hc = h.flip(1)
+    gh, gw, gb, ghc = triton_impl.backward(h, w, b, hc, y, lse, coef_p, coef_y, None, (True, True, True, True),
+                                           KernelOptions(backward=mode))
+    want = _grad_oracle(h, w, b, y, lse, coef_p, coef_y, torch.zeros(3), hc)
+    for name, got, exp in zip(("h", "w", "b"), (gh, gw, gb), want[:3], strict=True):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5, msg=name)
+    assert ghc is None
+
+
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the helpers' `is_cuda` branches run here (torch.mm runs on the CPU;
+    the CUDA-only calls in them are faked by the tests)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_cuda_branches_of_the_mm_helpers(monkeypatch):
+    """16-bit operands on CUDA: `_mm_f32` and `_addmm_f32_` go through `_mm_f32_cuda` with their own operands and
+    output, `_mm_into` a 16-bit output through one `torch.mm(a, b, out=out)` (cuBLAS accumulates in fp32)."""
+    a, b = _ab(6)
+    ac = a.as_subclass(_CudaLooking)
+    want = a.double() @ b.double()
+    calls = []
+
+    def fake_mm_f32_cuda(x, y, out):
+        calls.append((x, y, out))
+        res = torch.mm(x.float(), y.float())
+        return res if out is None else out.copy_(res)
+
+    monkeypatch.setattr(triton_impl, "_mm_f32_cuda", fake_mm_f32_cuda)
+    out = torch.full((3, 4), float("nan"))
+    triton_impl._mm_f32(ac, b, out)
+    assert len(calls) == 1 and calls[0][0] is ac and calls[0][1] is b and calls[0][2] is out
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    acc = torch.ones(3, 4)
+    triton_impl._addmm_f32_(acc, ac, b)
+    assert len(calls) == 2 and calls[1][0] is ac and calls[1][1] is b and calls[1][2] is None
+    torch.testing.assert_close(acc.double(), want + 1, rtol=1e-6, atol=1e-6)
+    o16 = torch.zeros(3, 4, dtype=torch.bfloat16)
+    triton_impl._mm_into(ac, b, o16)
+    assert len(calls) == 2 and torch.equal(o16, torch.mm(a, b))
+
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or "guard")
+    t = torch.zeros(2).as_subclass(_CudaLooking)
+    assert triton_impl._device_guard(t) == "guard" and entered == [t.device]
+    assert isinstance(triton_impl._device_guard(torch.zeros(2)), type(contextlib.nullcontext()))
+    assert entered == [t.device]
+
+
+@pytest.mark.parametrize("capability, used", [((9, 0), True), ((10, 0), True), ((8, 9), False)])
+def test_tma_on_a_gpu_from_hopper_on(monkeypatch, capability, used):
+    """A compiled run with `tma=auto` or `1` loads through TMA on compute capability 9 and up (the major version),
+    never with `tma=0`; the capability asked for is the input's device's."""
+    _gpu(monkeypatch)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: asked.append(dev) or capability)
+    cfg = TileConfig(16, 32, 16)
+    h, w = torch.randn(5, 8).as_subclass(_CudaLooking), torch.randn(20, 8)
+    for tma in ("auto", "1"):
+        got = triton_impl._tma_descriptors(h, w, cfg, KernelOptions(tma=tma))
+        assert got[2] is used
+        if not used:
+            assert got[0] is h and got[1] is w
+    assert asked == [h.device] * 2
+    assert triton_impl._tma_descriptors(h, w, cfg, KernelOptions(tma="0")) == (h, w, False)
+    assert asked == [h.device] * 2  # tma=0 asks nothing
