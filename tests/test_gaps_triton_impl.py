@@ -14,6 +14,7 @@ in fp64, exact expected tile sizes. Triton runs under its CPU interpreter (conft
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -565,3 +566,15 @@ def test_tma_on_a_gpu_from_hopper_on(monkeypatch, capability, used):
     assert asked == [h.device] * 2
     assert triton_impl._tma_descriptors(h, w, cfg, KernelOptions(tma="0")) == (h, w, False)
     assert asked == [h.device] * 2  # tma=0 asks nothing
+
+
+def test_gpu_tiles_never_under_16(monkeypatch):
+    _gpu(monkeypatch)
+    assert triton_impl.tile_config(3, 10, 5, torch.float32, options=KernelOptions()) == TileConfig(16, 16, 16, 4, 3, 8)
+
+
+def test_tma_without_host_descriptors_falls_back(monkeypatch):
+    """A Triton without `triton.tools.tensor_descriptor`: plain loads, and the launch is told so."""
+    monkeypatch.setitem(sys.modules, "triton.tools.tensor_descriptor", None)
+    h, w = torch.randn(5, 8), torch.randn(20, 8)
+    assert triton_impl._tma_descriptors(h, w, TileConfig(16, 32, 16), KernelOptions(tma="1")) == (h, w, False)
