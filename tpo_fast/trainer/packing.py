@@ -46,8 +46,9 @@ logger = logging.getLogger("tpo_fast")
 SEGMENT_ATTENTION = "tpo_fast_sdpa"
 # Attention implementations that take a prepared 4D mask (returned as is by transformers' mask builders).
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", SEGMENT_ATTENTION)
-# Those whose cost follows the mask's non-empty blocks, not L^2: where one padding-free row pays off.
-BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention", SEGMENT_ATTENTION)
+# Those whose cost follows the mask's non-empty blocks, not L^2: where one padding-free row pays off (as it
+# does on sdpa through SEGMENT_ATTENTION, see `packing_mode`).
+BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,9 @@ def segment_attention(
                                       **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"segment attention runs on one packed row, got a batch of {query.shape[0]}")
+    end = tpo_fast_spans[-1][0] + sum(tpo_fast_spans[-1][1:]) if tpo_fast_spans else 0
+    if end != query.shape[2]:
+        raise ValueError(f"the spans cover {end} of the row's {query.shape[2]} tokens")
     repeats = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -345,9 +349,6 @@ def segment_attention(
             # query i of the second response sees the prefix and its own keys 0..i
             mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
             pieces.append(sdpa(query[:, :, tail], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
-    end = tpo_fast_spans[-1][0] + sum(tpo_fast_spans[-1][1:]) if tpo_fast_spans else 0
-    if end != query.shape[2]:
-        raise ValueError(f"the spans cover {end} of the row's {query.shape[2]} tokens")
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
 
 
