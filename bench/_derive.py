@@ -72,6 +72,8 @@ def derive(rows: list[dict], device: str) -> None:
         ok = [r for r in group if r["status"] == "ok" and median(r)]
         for r in ok:
             r["noise"] = noise_flag(r, device)
+            if r.get("step_gflop") is not None:
+                r["step_gflops"] = r["step_gflop"] / (median(r) / 1e3)
         _memory_vs_naive(ok)
         fair = [r for r in ok if not r["noise"]]
         by = {r["contender"]: r for r in fair}

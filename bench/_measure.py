@@ -5,9 +5,16 @@ resident inputs, the correctness guard against the fp32 oracle, and only then th
 
 Memory: on CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus what was
 allocated just before the call. On CPU the process's peak RSS (`VmHWM`, reset through
-`/proc/self/clear_refs`) minus its RSS just before the call; the parent starts each child with a
+`/proc/self/clear_refs`) minus its RSS just before the call, in a child that the parent starts with a
 fixed glibc mmap threshold so freed tensors go back to the OS and the next peak is a real one.
 Time: CUDA events on CUDA, `time.perf_counter` on CPU; median and quartiles over the repeats.
+
+Phases (`job["phase"]`): on CUDA one child does it all ("all"). On CPU the pinned mmap threshold,
+which makes every allocation of 64 KiB or more a fresh, zero-filled mapping, would also slow the
+timed calls, and by how much depends on each contender's allocation pattern (a training step of many
+mid-sized activations lost a third of its speed). So the parent runs two children there: "memory"
+(pinned threshold: warm-up, peaks, guard) and then, for the rows that passed, "time" (glibc's default
+allocator, as users run: warm-up, timed calls).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from _contenders import Contender, all_contenders
 from _workloads import GRAD_INPUTS, IGNORE_INDEX, Case, logits_errors, make_inputs, oracle, traffic
 
+PHASES = ("all", "memory", "time")  # what a child measures (module docstring)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Allowed relative error (max |got - ref| / max |ref|) on top of twice what plain PyTorch reaches
 # in the same dtype (flash-attn's rule; the per-dtype floor follows CCE's test table).
@@ -136,8 +144,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def measure_workload(c: Contender, case: Case, workload: str, cfg: dict) -> dict:
-    """One row: memory, guard, then times, for `c` on (case, workload)."""
+    """One row: memory, guard, then times, for `c` on (case, workload); `cfg["phase"]` picks which (PHASES)."""
     device, dtype_name = cfg["device"], cfg["dtype"]
+    phase = cfg.get("phase", "all")
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     row = {"status": "ok", "reason": "", "note": c.workloads.get(workload, "")}
     inp = make_inputs(case, workload, device, DTYPES[dtype_name], cfg["seed"])
     row["valid_frac"] = (inp["targets"] != IGNORE_INDEX).float().mean().item()
@@ -146,52 +157,64 @@ def measure_workload(c: Contender, case: Case, workload: str, cfg: dict) -> dict
         for _ in range(max(1, cfg["warmup"])):
             c.step(workload, inp, True)
             _clear(inp)
-        # 1. Peak memory above the resident inputs: one forward, then one forward+backward.
-        mem.start()
-        out = c.step(workload, inp, False)
-        row["fwd_peak_mib"] = mem.peak()
-        del out
-        mem.start()
-        out = c.step(workload, inp, True)
-        row["full_peak_mib"] = mem.peak()
-        if mem.reason:
-            row["memory_note"] = mem.reason
-        # 2. The guard, on the outputs of the fwd+bwd call just measured.
-        if c.kind != "floor":
-            row["check"] = check(workload, inp, out, dtype_name)
-            if not row["check"]["ok"]:
-                bad = {
-                    k: f"{v['err']:.2e} > {v['tol']:.2e}"
-                    for k, v in row["check"]["errors"].items()
-                    if not v["err"] <= v["tol"]
-                }
-                row.update(
-                    status="failed check",
-                    reason="wrong result, not timed: "
-                    + ", ".join(f"{k} rel. err {v}" for k, v in bad.items()),
-                )
-                return row
-        del out
-        _clear(inp)
-        # 3. Times.
-        for mode, bwd in (("fwd", False), ("full", True)):
-            times = []
-            for _ in range(cfg["repeats"]):
-                times.append(_timed(lambda b=bwd: c.step(workload, inp, b), device))
-                _clear(inp)
-            row[f"{mode}_ms"] = _stats(times)
-            seconds = row[f"{mode}_ms"]["median"] / 1e3
-            counted = c.executed_flops(case, workload, mode, inp)
-            if counted is not None:
-                row[f"{mode}_tflops"] = counted / seconds / 1e12
-                if mode == "full":
-                    row["full_gflop_counted"] = counted / 1e9
-            moved = traffic(case, workload, mode, DTYPES[dtype_name].itemsize)
-            if moved is not None:
-                row[f"{mode}_gbs"] = moved / seconds / 1e9
+        if phase != "time":
+            _memory_and_guard(c, workload, inp, dtype_name, mem, row)
+        if phase != "memory" and row["status"] == "ok":
+            _times(c, case, workload, inp, cfg, row)
     except Exception as e:  # noqa: BLE001 - a contender failure becomes a row, the run goes on
         row.update(failure(e, device))
     return row
+
+
+def _memory_and_guard(c: Contender, workload: str, inp: dict, dtype_name: str, mem, row: dict) -> None:
+    """Peaks of one forward and one forward+backward, then the guard on the latter's outputs (into `row`)."""
+    # 1. Peak memory above the resident inputs: one forward, then one forward+backward.
+    mem.start()
+    out = c.step(workload, inp, False)
+    row["fwd_peak_mib"] = mem.peak()
+    del out
+    mem.start()
+    out = c.step(workload, inp, True)
+    row["full_peak_mib"] = mem.peak()
+    if mem.reason:
+        row["memory_note"] = mem.reason
+    # 2. The guard, on the outputs of the fwd+bwd call just measured.
+    if c.kind != "floor":
+        row["check"] = check(workload, inp, out, dtype_name)
+        if not row["check"]["ok"]:
+            bad = {
+                k: f"{v['err']:.2e} > {v['tol']:.2e}"
+                for k, v in row["check"]["errors"].items()
+                if not v["err"] <= v["tol"]
+            }
+            row.update(
+                status="failed check",
+                reason="wrong result, not timed: "
+                + ", ".join(f"{k} rel. err {v}" for k, v in bad.items()),
+            )
+            return
+    del out
+    _clear(inp)
+
+
+def _times(c: Contender, case: Case, workload: str, inp: dict, cfg: dict, row: dict) -> None:
+    """`--repeats` timed forwards, then forwards+backwards, with their TFLOP/s and GB/s (into `row`)."""
+    device, dtype_name = cfg["device"], cfg["dtype"]
+    for mode, bwd in (("fwd", False), ("full", True)):
+        times = []
+        for _ in range(cfg["repeats"]):
+            times.append(_timed(lambda b=bwd: c.step(workload, inp, b), device))
+            _clear(inp)
+        row[f"{mode}_ms"] = _stats(times)
+        seconds = row[f"{mode}_ms"]["median"] / 1e3
+        counted = c.executed_flops(case, workload, mode, inp)
+        if counted is not None:
+            row[f"{mode}_tflops"] = counted / seconds / 1e12
+            if mode == "full":
+                row["full_gflop_counted"] = counted / 1e9
+        moved = traffic(case, workload, mode, DTYPES[dtype_name].itemsize)
+        if moved is not None:
+            row[f"{mode}_gbs"] = moved / seconds / 1e9
 
 
 def failure(e: BaseException, device: str, limit: int = 6) -> dict:

@@ -3,6 +3,9 @@
 Order: build (model, reference, optimizer, the contender's own trainer), the warm-up steps (the first
 one's loss is the check: policy = reference, so every contender must report ln 2), the timed steps
 with the peak memory of each, then the largest micro-batch that fits the case's memory budget.
+On CPU the parent splits this over two children, as `_measure.py` says: "memory" (pinned mmap
+threshold: build, warm-up, two steps for their peaks, the micro-batch search) and "time" (glibc's
+default allocator: build, warm-up, the timed steps).
 
 Memory, per step, measured the way `_measure.py` does: on CUDA `max_memory_allocated` after
 `reset_peak_memory_stats`; on CPU the peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) with
@@ -10,6 +13,9 @@ glibc's mmap threshold pinned by the parent. Two numbers: `full_peak_mib`, the s
 is resident before it (activations, logits, gradients), and `total_peak_mib`, the peak above the
 process before the model was built (CPU: after the imports) or above zero (CUDA): weights, reference,
 optimizer state and the step. The budget applies to the total.
+
+Work: on CPU the memory child counts one more step's FLOPs (`counted_gflop`), so a step-time ratio can
+be read against the work ratio of the same two rows.
 
 Largest micro-batch: steps of `pairs` pairs, doubling from the case's micro-batch while they fit (or
 halving while they do not), then bisecting between the largest that fit and the smallest that did
@@ -26,7 +32,7 @@ import time
 
 import torch
 from _contenders.step import StepContender, expected_first_loss, step_contenders
-from _measure import _CpuMemory, _CudaMemory, _is_oom, _stats, failure
+from _measure import PHASES, _CpuMemory, _CudaMemory, _is_oom, _stats, failure
 from _workloads.step import STEP_CASES, StepCase, StepData
 
 CHECK_RTOL = 1e-3  # the first loss against ln 2 (fp32); bf16 rounding of the sequence scores: 1e-2
@@ -49,6 +55,17 @@ class _Total:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def counted_gflop(c: StepContender, batch) -> float:
+    """GFLOP of one more step as `torch.utils.flop_counter` counts its aten operators (matmuls, attention,
+    convolutions; elementwise work is not counted). Only meaningful where every kernel is an aten operator:
+    on CUDA the Triton and custom kernels are invisible to it, so the step workload counts on CPU only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        c.train_step(batch)
+    return counter.get_total_flops() / 1e9
 
 
 def _one_step(c: StepContender, batch, device: str, mem, total: _Total) -> tuple[float, float, float | None, float]:
@@ -134,9 +151,15 @@ def largest_micro_batch(c: StepContender, case: StepCase, device: str, mem, tota
     }
 
 
+MEMORY_STEPS = 2  # steps whose peaks a "memory" child takes (the max): a step's peak is deterministic
+
+
 def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
-    """One row of the step workload for contender `c` on `case`."""
+    """One row of the step workload for contender `c` on `case`; `cfg["phase"]` picks which part (PHASES)."""
     device = cfg["device"]
+    phase = cfg.get("phase", "all")
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     row = {"status": "ok", "reason": "", "note": c.workloads["step"]}
     mem = _CudaMemory() if device == "cuda" else _CpuMemory()
     if device == "cpu":
@@ -165,9 +188,10 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
             row.update(status="failed check",
                        reason=f"wrong result, not timed: first loss {losses[0]:.6g}, expected ln 2 = {want:.6g}")
             return row
-        # 2. Timed steps, each with its peak memory.
+        # 2. Timed steps ("time", "all"), or steps for their peaks only ("memory"); each with its peak memory.
+        steps = cfg["repeats"] if phase != "memory" else min(MEMORY_STEPS, cfg["repeats"])
         times, peaks, totals = [], [], []
-        for _ in range(cfg["repeats"]):
+        for _ in range(steps):
             ms, loss, peak, tot = _one_step(c, batch, device, mem, total)
             times.append(ms)
             peaks.append(peak)
@@ -176,18 +200,22 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
         if not all(math.isfinite(x) for x in losses):
             row.update(status="failed check", reason=f"non-finite loss during the timed steps: {losses}")
             return row
-        row["full_ms"] = _stats(times)
         row["losses"] = losses
-        row["full_peak_mib"] = None if None in peaks else max(peaks)
-        row["total_peak_mib"] = max(totals)
-        if mem.reason:
-            row["memory_note"] = mem.reason
-        row["tokens_per_s"] = row["tokens"] / (row["full_ms"]["median"] / 1e3)
+        if phase != "memory":
+            row["full_ms"] = _stats(times)
+            row["tokens_per_s"] = row["tokens"] / (row["full_ms"]["median"] / 1e3)
+        if phase != "time":
+            row["full_peak_mib"] = None if None in peaks else max(peaks)
+            row["total_peak_mib"] = max(totals)
+            if mem.reason:
+                row["memory_note"] = mem.reason
+            if device == "cpu":
+                row["step_gflop"] = counted_gflop(c, batch)
         del batch
         # 3. The largest micro-batch in the budget.
-        if case.search_s > 0:
+        if phase != "time" and case.search_s > 0:
             row.update(largest_micro_batch(c, case, device, mem, total, {case.pairs: row["total_peak_mib"]},
-                                           row["full_ms"]["median"] / 1e3))
+                                           _stats(times)["median"] / 1e3))
     except Exception as e:  # noqa: BLE001 - a contender failure becomes a row, the run goes on
         row.update(failure(e, device, limit=8))
     return row

@@ -46,6 +46,8 @@ CSV_FIELDS = [
     # the step workload
     "tokens",
     "tokens_per_s",
+    "step_gflop",
+    "step_gflops",
     "total_peak_mib",
     "max_micro_batch",
     "max_micro_batch_exact",

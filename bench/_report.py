@@ -10,7 +10,11 @@ from __future__ import annotations
 from _derive import MAX_SPREAD_PCT, MIN_MEDIAN_MS, MIN_REPEATS, median, spread_pct, timing, within_noise
 from _workloads import LOGITS_TENSORS, WORKLOADS
 
-MEMORY_HOW = {True: "torch.cuda.max_memory_allocated", False: "peak RSS of a child process per contender"}
+MEMORY_HOW = {
+    True: "torch.cuda.max_memory_allocated",
+    False: "peak RSS of a child process per contender with glibc's mmap threshold pinned; the times come from a "
+    "second child under the default allocator",
+}
 STATUS_ORDER = {"baseline": 0, "peer": 1, "ours": 2, "floor": 3, "selftest": 4}
 NOT_RUN = ("n/a", "unavailable")
 RANKED = ("baseline", "peer", "ours")
@@ -53,13 +57,17 @@ def legend(device: str, step: bool = False) -> list[str]:
 
 
 def _step_legend(device: str) -> list[str]:
-    memory = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the child process"
+    memory = MEMORY_HOW[device == "cuda"]
     return [
         "- **step** tables (whole training steps): **step ms** = forward, backward and optimizer step, median "
         "± IQR %; **tokens/s** = the pairs' tokens (per pair the prompt with its image tokens once, plus "
         "chosen and rejected, no padding; the same count for every contender) / step time; **peak MiB** = "
         f"the step's peak above what is resident before it / the total peak ({memory}) with weights, "
-        "reference and optimizer state; **largest micro-batch** = the most pairs whose step's total peak fits "
+        "reference and optimizer state; **GFLOP / step** = one step's work as `torch.utils.flop_counter` counts "
+        "it (matmuls and attention, not elementwise work; CPU only: on CUDA the Triton kernels are invisible "
+        "to it), and **GFLOP/s** that work / the step time: a speed-up above the GFLOP ratio of two rows "
+        "comes from running faster, not from doing less; "
+        "**largest micro-batch** = the most pairs whose step's total peak fits "
         "the budget (doubling then bisecting; `≥` when the time bound or the cap stopped the search); **vs "
         "official**, **vs TRL**, **vs unshared** = that row's step time / this row's (= the tokens/s ratio). "
         "The check: at the first step the policy is its own reference, so every loss must be ln 2.",
@@ -126,13 +134,15 @@ def step_table(group: list[dict]) -> list[str]:
         f"{c['image_tokens']} image tokens{', LoRA' if c.get('lora') else ''}), {c['n']} pairs = {data} · "
         f"{c.get('dtype', '')}",
         "",
-        f"| contender | step ms | tokens/s | peak MiB step / total | largest micro-batch ≤ {budget} MiB "
-        "| vs official | vs TRL | vs unshared | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| contender | step ms | tokens/s | GFLOP / step · GFLOP/s | peak MiB step / total "
+        f"| largest micro-batch ≤ {budget} MiB | vs official | vs TRL | vs unshared | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in shown:
+        work = (f"{r['step_gflop']:.0f} · {_f(r.get('step_gflops'), '.0f')}" if r.get("step_gflop") is not None
+                else "—")
         out.append(
-            f"| {r['label']} | {_fmt_ms(r, 'full')} | {_f(r.get('tokens_per_s'), '.0f')} "
+            f"| {r['label']} | {_fmt_ms(r, 'full')} | {_f(r.get('tokens_per_s'), '.0f')} | {work} "
             f"| {_f(r.get('full_peak_mib'), '.0f')} / {_f(r.get('total_peak_mib'), '.0f')} | {_micro_batch(r)} "
             f"| {_ratio(r, 'speedup_vs_naive')} | {_ratio(r, 'speedup_vs_best_peer')} "
             f"| {_ratio(r, 'speedup_vs_unshared')} | {_status(r)} |"

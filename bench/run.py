@@ -159,12 +159,36 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def _run_child(job: dict, timeout: float) -> tuple[list[dict] | None, dict, str]:
-    """Run one (case, contender) in a spawned child; returns (rows or None, info, error text)."""
+# glibc reads it when a process starts: a child spawned with it returns every freed tensor of 64 KiB
+# or more to the OS at once, so each call's peak RSS starts from the resident inputs only.
+PINNED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _child_env(phase: str) -> dict[str, str | None]:
+    """Environment changes for a child of `phase`: the memory child pins glibc's mmap threshold (unless the
+    user set one); the time child runs with the allocator the user's environment gives (glibc's default)."""
+    if phase == "time":
+        return {}
+    return {k: os.environ.get(k, v) for k, v in PINNED_MMAP.items()}
+
+
+def _run_child(job: dict, timeout: float, env: dict[str, str | None] | None = None
+               ) -> tuple[list[dict] | None, dict, str]:
+    """Run one (case, contender) in a spawned child with `env` added to this environment; returns
+    (rows or None, info, error text)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_measure.child_main, args=(job, send), daemon=True)
-    proc.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:
+        os.environ.update({k: v for k, v in (env or {}).items() if v is not None})
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     send.close()
     msg = None
     if recv.poll(timeout):
@@ -267,15 +291,7 @@ def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
     if family(case) == "step":
         job["case"] = case.job()
     t0 = time.time()
-    got, info, err = _run_child(job, plan["timeout"])
-    if got is None:
-        why = err.splitlines()[0] if err else "no result"
-        got = [
-            {"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
-             "reason": why, "note": c.workloads[w]}
-            for w in todo
-        ]
-        print(f"[{case.name}] {name}: {err}", file=sys.stderr)
+    got, info = _measured_rows(job, plan["timeout"], c, name, case.name, todo)
     if info.get("device_name") and device == "cuda":
         meta["device_name"] = info["device_name"]
     for r in got:
@@ -284,6 +300,31 @@ def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
         print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
     print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
     return rows + got
+
+
+def _measured_rows(job: dict, timeout: float, c, name: str, case_name: str, todo: list[str]
+                   ) -> tuple[list[dict], dict]:
+    """The rows of `todo` measured in children: one child on CUDA ("all"); on CPU a "memory" child with the
+    pinned mmap threshold, then a "time" child under the default allocator for the rows that passed its
+    guard (`_measure.py`'s phases). Each row holds the memory child's fields updated with the time child's."""
+    phases = ["all"] if job["device"] == "cuda" else ["memory", "time"]
+    rows: dict[str, dict] = {}
+    info: dict = {}
+    for phase in phases:
+        ws = [w for w in todo if rows.get(w, {}).get("status", "ok") == "ok"]
+        if not ws:
+            break
+        got, info, err = _run_child({**job, "phase": phase, "workloads": ws}, timeout, _child_env(phase))
+        if got is None:
+            why = err.splitlines()[0] if err else "no result"
+            if len(phases) > 1:
+                why = f"{phase} child: {why}"
+            got = [{"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
+                    "reason": why, "note": c.workloads[w]} for w in ws]
+            print(f"[{case_name}] {name} ({phase}): {err}", file=sys.stderr)
+        for r in got:
+            rows[r["workload"]] = {**rows.get(r["workload"], {}), **r}
+    return [rows[w] for w in todo if w in rows], info
 
 
 def _run_case(case, plan: dict, meta: dict) -> list[dict]:
@@ -300,9 +341,6 @@ def main(argv=None) -> int:
 
     plan = _settings(args, torch)
     device, dtype = plan["device"], plan["dtype"]
-    # A fixed mmap threshold makes glibc return every freed tensor to the OS at once, so each
-    # call's peak RSS starts from the resident inputs only. Children inherit the environment.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     meta = {
         "device": device,
         "device_name": _cpu_name() if device == "cpu" else "cuda",

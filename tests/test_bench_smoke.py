@@ -53,6 +53,90 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
     assert set(good["check"]["errors"]) == {"out", "hidden", "corrupted_hidden", "weight"}
 
 
+def test_memory_and_time_phases_measure_only_their_part():
+    """A "memory" child measures the peaks and runs the guard but times nothing; a "time" child times but
+    measures no peak; an unknown phase is refused before any work."""
+    contenders, measure, workloads = _bench_modules()
+    case = workloads.CASES["cpu-tiny"]
+    c = contenders.Naive()
+    c.setup("cpu")
+    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 2}
+    memory = measure.measure_workload(c, case, "tpo", {**cfg, "phase": "memory"})
+    assert memory["status"] == "ok" and memory["check"]["ok"], memory
+    assert "full_peak_mib" in memory and "fwd_peak_mib" in memory
+    assert "full_ms" not in memory and "fwd_ms" not in memory
+    timed = measure.measure_workload(c, case, "tpo", {**cfg, "phase": "time"})
+    assert timed["status"] == "ok" and len(timed["full_ms"]["times"]) == 2 and len(timed["fwd_ms"]["times"]) == 2
+    assert "full_peak_mib" not in timed and "fwd_peak_mib" not in timed and "check" not in timed
+    with pytest.raises(ValueError, match=r"^phase must be one of \('all', 'memory', 'time'\), got 'timing'$"):
+        measure.measure_workload(c, case, "tpo", {**cfg, "phase": "timing"})
+
+
+def test_cpu_rows_take_memory_from_a_pinned_child_and_times_from_a_default_one(monkeypatch):
+    """On CPU the runner starts a memory child with glibc's mmap threshold pinned, then a time child with the
+    environment as it is, only for the rows that passed the memory child's guard, and merges the two."""
+    (run,) = _bench("run")
+    contenders, _, _ = _bench_modules()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    calls = []
+
+    def fake_child(job, timeout, env=None):
+        calls.append((job["phase"], list(job["workloads"]), dict(env or {})))
+        if job["phase"] == "memory":
+            return [{"workload": "tpo", "status": "ok", "full_peak_mib": 7.0, "check": {"ok": True}},
+                    {"workload": "dpo", "status": "failed check", "reason": "wrong result, not timed"}], {}, ""
+        return [{"workload": "tpo", "status": "ok", "full_ms": {"median": 3.0}}], {}, ""
+
+    monkeypatch.setattr(run, "_run_child", fake_child)
+    c = contenders.Naive()
+    job = {"device": "cpu"}
+    rows, _ = run._measured_rows(job, 60.0, c, "naive", "cpu-tiny", ["tpo", "dpo"])
+    assert calls == [("memory", ["tpo", "dpo"], {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("time", ["tpo"], {})]
+    assert rows == [
+        {"workload": "tpo", "status": "ok", "full_peak_mib": 7.0, "check": {"ok": True}, "full_ms": {"median": 3.0}},
+        {"workload": "dpo", "status": "failed check", "reason": "wrong result, not timed"},
+    ]
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the parent's own environment is left as it was
+    # A user's own threshold is kept for the memory child; CUDA runs one child that does both.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    calls.clear()
+    run._measured_rows(job, 60.0, c, "naive", "cpu-tiny", ["tpo"])
+    assert [(p, e) for p, _, e in calls] == [("memory", {"MALLOC_MMAP_THRESHOLD_": "131072"}), ("time", {})]
+    calls.clear()
+    run._measured_rows({"device": "cuda"}, 60.0, c, "naive", "gpu-target", ["tpo"])
+    assert [p for p, _, _ in calls] == ["all"]
+
+
+def test_a_child_gets_its_environment_and_the_parent_keeps_its_own(monkeypatch):
+    """`_run_child(env=...)` hands the variables to the spawned child only (glibc reads them at its start)."""
+    (run,) = _bench("run")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    seen = {}
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.conn = args[1]
+
+        def start(self):
+            seen["env"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+            self.conn.send(("ok", [], {}))
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+    class FakeContext:
+        Pipe = staticmethod(__import__("multiprocessing").Pipe)
+        Process = FakeProcess
+
+    monkeypatch.setattr(run.mp, "get_context", lambda method: FakeContext())
+    assert run._run_child({}, 5.0, {"MALLOC_MMAP_THRESHOLD_": "65536"}) == ([], {}, "")
+    assert seen["env"] == "65536" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    assert run._run_child({}, 5.0, {}) == ([], {}, "") and seen["env"] is None
+
+
 @pytest.mark.parametrize("workload", ["logits", "povid", "fisao"])
 def test_guard_on_the_added_workloads(workload):
     """The naive (official-style) contender passes the oracle's check on logits, povid and fisao, in fp32
@@ -406,7 +490,8 @@ def test_runner_step_workload(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    head = "| contender | step ms | tokens/s | peak MiB step / total | largest micro-batch ≤ 512 MiB |"
+    head = ("| contender | step ms | tokens/s | GFLOP / step · GFLOP/s | peak MiB step / total "
+            "| largest micro-batch ≤ 512 MiB |")
     assert head in out, out[:3000]
     assert "### step · step-tiny" in out and "- step · step-tiny: no verdict" in out  # one repeat: not compared
     assert ("Not run: official TPO step (8 forwards, fp32 logits), TRL DPOTrainer, tpo_fast TPO step, tpo_fast TPO "
@@ -429,9 +514,14 @@ def test_runner_step_workload(tmp_path):
         assert r["check"]["ok"] and r["losses"][0] == pytest.approx(0.6931472, rel=1e-3)  # policy = reference
         assert 0 < r["tokens"] < r["padded_positions"]  # prompt once per pair, no padding
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["full_ms"]["median"] / 1e3))
+        assert r["step_gflop"] > 0
+        assert r["step_gflops"] == pytest.approx(r["step_gflop"] / (r["full_ms"]["median"] / 1e3))
         assert r["total_peak_mib"] > 0 and r["full_peak_mib"] is not None
         assert r["max_micro_batch"] >= 0 and str(r["n"]) in r["micro_batch_probes"]
         assert r["noise"].startswith("too few repeats (1 < 3)") and "speedup_vs_naive" not in r
+    # the work counted: the official structure's eight forwards with full logits do more than our TPO step
+    assert by[("step-tiny", "official-tpo")]["step_gflop"] > by[("step-tiny", "ours-tpo")]["step_gflop"]
+    assert by[("step-tiny", "ours-tpo")]["step_gflop"] > by[("step-tiny", "ours-tpo-shared")]["step_gflop"]
     tokens = {by[("step-tiny", n)]["tokens"] for n in ("official-tpo", "trl-dpo", "ours-tpo")}
     assert len(tokens) == 1  # the same pairs, the same count, for every contender
     trl = by[("step-tiny", "trl-dpo")]["note"]
