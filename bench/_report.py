@@ -26,7 +26,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"## tpo_fast benchmark — {meta['device_name']} ({meta['device']}), {meta['dtype']}",
         "",
         f"torch {meta['versions'].get('torch')}, {meta['threads']} CPU threads, repeats {meta['repeats']} "
-        f"after {meta['warmup']} warm-up, seed {meta['seed']}.",
+        f"after {meta['warmup']} warm-up{_rounds(meta)}, seed {meta['seed']}.",
         "",
     ]
     out += legend(meta["device"], step=any(r["workload"] == "step" for r in rows))
@@ -38,6 +38,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out += ["### Verdict (fwd+bwd)", ""] + verdict(rows) + [""]
     out += footnotes(rows)
     return "\n".join(out)
+
+
+def _rounds(meta: dict) -> str:
+    rounds = meta.get("rounds", 1)
+    if rounds <= 1:
+        return ""
+    return (f", in {rounds} rounds (each round times every contender in turn in a fresh child, its own warm-up "
+            "first; the median is over all rounds)")
 
 
 def legend(device: str, step: bool = False) -> list[str]:
@@ -147,6 +155,10 @@ def step_table(group: list[dict]) -> list[str]:
             f"| {_ratio(r, 'speedup_vs_naive')} | {_ratio(r, 'speedup_vs_best_peer')} "
             f"| {_ratio(r, 'speedup_vs_unshared')} | {_status(r)} |"
         )
+    rounds = [r for r in shown if len(r.get("round_medians_ms", [])) > 1]
+    if rounds:
+        out += ["", "Step median of each round (s), in the order run: " + "; ".join(
+            f"{r['label']} {' / '.join(f'{ms / 1e3:.3g}' for ms in r['round_medians_ms'])}" for r in rounds) + "."]
     return _with_not_run(out, group)
 
 

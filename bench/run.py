@@ -6,6 +6,7 @@
     python bench/run.py --workloads logits --cases gpu-target    # the logits-input op: GB/s, memory floor
     python bench/run.py --workloads povid,fisao                  # POVID stage 2 and FiSAO's token PG loss
     python bench/run.py --workloads step --repeats 5             # whole training steps: official TPO, TRL, ours
+    python bench/run.py --workloads step --repeats 6 --rounds 3  # the same, the contenders timed in turn
 
 Each (case, contender) runs in a fresh child process (multiprocessing spawn), so peak memory is
 that contender's alone. Writes the Markdown table to stdout and `<stem>.json`, `<stem>.csv`,
@@ -89,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--warmup", type=int, default=None,
         help="untimed calls first (default: 1 on CPU, 3 on CUDA; step workload: 1 on CPU, 2 on CUDA)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="CPU: spread the --repeats timed calls over this many rounds, each round timing every contender "
+        "once more in its own child, so that a drift of the host's speed during the run reaches every "
+        "contender alike (default 1: each contender's calls in one go)",
     )
     p.add_argument(
         "--search-s", type=float, default=None,
@@ -243,6 +250,11 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     repeats = args.repeats if args.repeats is not None else d_repeats
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if args.rounds < 1 or args.rounds > repeats:
+        raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {args.rounds}")
+    if args.rounds > 1 and device == "cuda":
+        raise SystemExit("--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
+                         "child per contender measures memory and time (leave --rounds at 1)")
     return {
         "device": device,
         "cases": cases,
@@ -252,6 +264,7 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "contenders": contenders,
         "dtype": args.dtype or d_dtype,
         "repeats": repeats,
+        "rounds": args.rounds,
         "warmup": args.warmup if args.warmup is not None else d_warmup,
         "seed": args.seed,
         "threads": args.threads,
@@ -260,15 +273,15 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     }
 
 
-def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
-    """Rows of one (case, contender): `n/a` / `unavailable` rows from the parent, the rest measured in a child.
+def _job(case, name: str, plan: dict) -> tuple[list[dict], dict | None]:
+    """(rows the parent fills: `n/a` / `unavailable`, the child job for the rest or None) of one (case, contender).
 
     Only the workloads of the case's family (step or loss) are listed, and only for contenders of that family.
     """
     c, device = plan["contenders"][name], plan["device"]
     rows, todo = [], []
     if c.family != family(case):
-        return rows
+        return rows, None
     for w in plan["workloads"]:
         if family(w) != family(case):
             continue
@@ -281,7 +294,7 @@ def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
         else:
             todo.append(w)
     if not todo:
-        return rows
+        return rows, None
     job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads", "search_s")}
     job.update(
         case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
@@ -290,45 +303,91 @@ def _run_contender(case, name: str, plan: dict, meta: dict) -> list[dict]:
     )
     if family(case) == "step":
         job["case"] = case.job()
-    t0 = time.time()
-    got, info = _measured_rows(job, plan["timeout"], c, name, case.name, todo)
-    if info.get("device_name") and device == "cuda":
+    return rows, job
+
+
+def _phase_rows(job: dict, phase: str, plan: dict, case_name: str, meta: dict) -> dict[str, dict]:
+    """{workload: row} of one child of `phase` (`_measure.py`'s phases) over `job["workloads"]`."""
+    name = job["contender"]
+    c = plan["contenders"][name]
+    got, info, err = _run_child({**job, "phase": phase}, plan["timeout"], _child_env(phase))
+    if got is None:
+        why = err.splitlines()[0] if err else "no result"
+        if phase != "all":
+            why = f"{phase} child: {why}"
+        got = [{"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
+                "reason": why, "note": c.workloads[w]} for w in job["workloads"]]
+        print(f"[{case_name}] {name} ({phase}): {err}", file=sys.stderr)
+    if info.get("device_name") and job["device"] == "cuda":
         meta["device_name"] = info["device_name"]
-    for r in got:
-        what = "step" if r["workload"] == "step" else "fwd+bwd"
-        tag = r["status"] if r["status"] != "ok" else f"{what} {r['full_ms']['median']:.3g} ms"
-        print(f"[{case.name}] {name} {r['workload']}: {tag}", file=sys.stderr)
-    print(f"[{case.name}] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
-    return rows + got
+    return {r["workload"]: r for r in got}
 
 
-def _measured_rows(job: dict, timeout: float, c, name: str, case_name: str, todo: list[str]
-                   ) -> tuple[list[dict], dict]:
-    """The rows of `todo` measured in children: one child on CUDA ("all"); on CPU a "memory" child with the
-    pinned mmap threshold, then a "time" child under the default allocator for the rows that passed its
-    guard (`_measure.py`'s phases). Each row holds the memory child's fields updated with the time child's."""
-    phases = ["all"] if job["device"] == "cuda" else ["memory", "time"]
-    rows: dict[str, dict] = {}
-    info: dict = {}
-    for phase in phases:
-        ws = [w for w in todo if rows.get(w, {}).get("status", "ok") == "ok"]
-        if not ws:
-            break
-        got, info, err = _run_child({**job, "phase": phase, "workloads": ws}, timeout, _child_env(phase))
-        if got is None:
-            why = err.splitlines()[0] if err else "no result"
-            if len(phases) > 1:
-                why = f"{phase} child: {why}"
-            got = [{"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
-                    "reason": why, "note": c.workloads[w]} for w in ws]
-            print(f"[{case_name}] {name} ({phase}): {err}", file=sys.stderr)
-        for r in got:
-            rows[r["workload"]] = {**rows.get(r["workload"], {}), **r}
-    return [rows[w] for w in todo if w in rows], info
+def round_repeats(repeats: int, rounds: int) -> list[int]:
+    """The timed calls of each round: `repeats` spread over `rounds`, the first rounds taking the remainder."""
+    return [repeats // rounds + (k < repeats % rounds) for k in range(rounds)]
+
+
+RATES = {"fwd": ("fwd_tflops", "fwd_gbs"), "full": ("full_tflops", "full_gbs", "tokens_per_s")}
+
+
+def merge_round(row: dict, timed: dict) -> None:
+    """Fold one time child's row into `row`: times appended (stats over all rounds so far), each rate
+    (work / median time) rescaled to the merged median, the round's step (fwd+bwd) median recorded."""
+    if timed["status"] != "ok":
+        row.update(timed)
+        return
+    rates = {k: timed.pop(k) for ks in RATES.values() for k in ks if k in timed}
+    modes = {m: timed.pop(f"{m}_ms") for m in RATES if f"{m}_ms" in timed}
+    row.update(timed)
+    for mode, got in modes.items():
+        old = row.get(f"{mode}_ms")
+        merged = _measure._stats((old["times"] if old else []) + got["times"])
+        row[f"{mode}_ms"] = merged
+        for k in RATES[mode]:
+            if k in rates:
+                row[k] = rates[k] * got["median"] / merged["median"]
+    if "full" in modes:
+        row.setdefault("round_medians_ms", []).append(modes["full"]["median"])
 
 
 def _run_case(case, plan: dict, meta: dict) -> list[dict]:
-    rows = [r for name in plan["names"] for r in _run_contender(case, name, plan, meta)]
+    """Every row of one case. On CUDA each contender's one child measures everything. On CPU each contender's
+    memory child runs first, then the time children in `plan["rounds"]` rounds, each round visiting every
+    contender in turn, so that a drift of the host's speed during the run reaches every contender alike."""
+    rows, jobs = [], []
+    for name in plan["names"]:
+        fixed, job = _job(case, name, plan)
+        rows += fixed
+        if job is not None:
+            jobs.append(job)
+    cpu = plan["device"] != "cuda"
+    t0 = {}
+    measured: dict[str, dict[str, dict]] = {}
+    for job in jobs:
+        t0[job["contender"]] = time.time()
+        measured[job["contender"]] = _phase_rows(job, "memory" if cpu else "all", plan, case.name, meta)
+        t0[job["contender"]] -= time.time()
+    for repeats in round_repeats(plan["repeats"], plan["rounds"]) if cpu else []:
+        for job in jobs:
+            mine = measured[job["contender"]]
+            ws = [w for w in job["workloads"] if mine[w]["status"] == "ok"]
+            if not ws:
+                continue
+            t = time.time()
+            got = _phase_rows({**job, "workloads": ws, "repeats": repeats}, "time", plan, case.name, meta)
+            for w in ws:
+                merge_round(mine[w], got[w])
+            t0[job["contender"]] -= time.time() - t
+    for job in jobs:
+        name = job["contender"]
+        for w in job["workloads"]:
+            r = measured[name][w]
+            what = "step" if r["workload"] == "step" else "fwd+bwd"
+            tag = r["status"] if r["status"] != "ok" else f"{what} {r['full_ms']['median']:.3g} ms"
+            print(f"[{case.name}] {name} {w}: {tag}", file=sys.stderr)
+            rows.append(r)
+        print(f"[{case.name}] {name}: {-t0[name]:.1f} s", file=sys.stderr)
     valid = {r["workload"]: r["valid_frac"] for r in rows if r.get("valid_frac") is not None}
     for r in rows:
         r.update(case.as_dict(), case=case.name, valid_frac=valid.get(r["workload"]))
@@ -346,6 +405,7 @@ def main(argv=None) -> int:
         "device_name": _cpu_name() if device == "cpu" else "cuda",
         "dtype": dtype,
         "repeats": plan["repeats"],
+        "rounds": plan["rounds"],
         "warmup": plan["warmup"],
         "seed": args.seed,
         "threads": args.threads or torch.get_num_threads(),

@@ -72,39 +72,84 @@ def test_memory_and_time_phases_measure_only_their_part():
         measure.measure_workload(c, case, "tpo", {**cfg, "phase": "timing"})
 
 
-def test_cpu_rows_take_memory_from_a_pinned_child_and_times_from_a_default_one(monkeypatch):
-    """On CPU the runner starts a memory child with glibc's mmap threshold pinned, then a time child with the
-    environment as it is, only for the rows that passed the memory child's guard, and merges the two."""
-    (run,) = _bench("run")
-    contenders, _, _ = _bench_modules()
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+def _fake_children(run, monkeypatch, memory_status: dict, times: dict):
+    """`run._run_child` replaced: memory rows with `memory_status[workload]`, time rows whose fwd+bwd
+    times come from `times[contender]` (popped, one list per round); every call is logged."""
     calls = []
 
     def fake_child(job, timeout, env=None):
-        calls.append((job["phase"], list(job["workloads"]), dict(env or {})))
+        calls.append((job["phase"], job["contender"], list(job["workloads"]), job["repeats"], dict(env or {})))
         if job["phase"] == "memory":
-            return [{"workload": "tpo", "status": "ok", "full_peak_mib": 7.0, "check": {"ok": True}},
-                    {"workload": "dpo", "status": "failed check", "reason": "wrong result, not timed"}], {}, ""
-        return [{"workload": "tpo", "status": "ok", "full_ms": {"median": 3.0}}], {}, ""
+            rows = [{"contender": job["contender"], "workload": w, "status": memory_status[w], "full_peak_mib": 7.0}
+                    for w in job["workloads"]]
+            return rows, {}, ""
+        got = times[job["contender"]].pop(0)
+        assert len(got) == job["repeats"]
+        median = sorted(got)[len(got) // 2]
+        return [{"contender": job["contender"], "workload": w, "status": "ok",
+                 "full_ms": {"median": median, "times": got},
+                 "full_tflops": 6.0 / median} for w in job["workloads"]], {}, ""
 
     monkeypatch.setattr(run, "_run_child", fake_child)
-    c = contenders.Naive()
-    job = {"device": "cpu"}
-    rows, _ = run._measured_rows(job, 60.0, c, "naive", "cpu-tiny", ["tpo", "dpo"])
-    assert calls == [("memory", ["tpo", "dpo"], {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("time", ["tpo"], {})]
-    assert rows == [
-        {"workload": "tpo", "status": "ok", "full_peak_mib": 7.0, "check": {"ok": True}, "full_ms": {"median": 3.0}},
-        {"workload": "dpo", "status": "failed check", "reason": "wrong result, not timed"},
+    return calls
+
+
+def _fake_plan(run, device: str, repeats: int, rounds: int) -> dict:
+    contenders, _, workloads = _bench_modules()
+    names = ["naive", "floor"]
+    known = contenders.all_contenders(("torch",))
+    return {"device": device, "contenders": {n: known[n] for n in names}, "names": names,
+            "workloads": ["tpo", "dpo"], "backends": ("torch",), "dtype": "fp32", "repeats": repeats,
+            "rounds": rounds, "warmup": 1, "seed": 0, "threads": None, "search_s": None, "timeout": 60.0}
+
+
+def test_cpu_rows_take_memory_from_a_pinned_child_and_times_from_default_ones_in_rounds(monkeypatch):
+    """On CPU: every contender's memory child (glibc's mmap threshold pinned) first; then the time children
+    (the environment as it is) round by round, every contender in turn, only for the rows that passed the
+    memory child's guard; the rows merge the memory fields and the times of every round."""
+    (run,) = _bench("run")
+    _, _, workloads = _bench_modules()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    times = {"naive": [[10.0, 30.0], [20.0]], "floor": [[1.0, 1.0], [4.0]]}
+    calls = _fake_children(run, monkeypatch, {"tpo": "ok", "dpo": "failed check"}, times)
+    rows = run._run_case(workloads.CASES["cpu-tiny"], _fake_plan(run, "cpu", 3, 2), {})
+    pinned = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    assert calls == [
+        ("memory", "naive", ["tpo", "dpo"], 3, pinned), ("memory", "floor", ["tpo", "dpo"], 3, pinned),
+        ("time", "naive", ["tpo"], 2, {}), ("time", "floor", ["tpo"], 2, {}),
+        ("time", "naive", ["tpo"], 1, {}), ("time", "floor", ["tpo"], 1, {}),
     ]
+    by = {(r["contender"], r["workload"]): r for r in rows}
+    naive = by[("naive", "tpo")]
+    assert naive["full_ms"]["times"] == [10.0, 30.0, 20.0] and naive["full_ms"]["median"] == 20.0
+    assert naive["round_medians_ms"] == [30.0, 20.0] and naive["full_peak_mib"] == 7.0
+    assert naive["full_tflops"] == pytest.approx(6.0 / 20.0)  # the rate follows the merged median
+    assert by[("floor", "tpo")]["full_ms"]["times"] == [1.0, 1.0, 4.0]
+    assert by[("naive", "dpo")]["status"] == "failed check" and "full_ms" not in by[("naive", "dpo")]
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the parent's own environment is left as it was
-    # A user's own threshold is kept for the memory child; CUDA runs one child that does both.
+    # A user's own threshold is kept for the memory child; CUDA runs one child per contender that does both.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    calls = _fake_children(run, monkeypatch, {"tpo": "ok", "dpo": "ok"}, {"naive": [[1.0]], "floor": [[1.0]]})
+    run._run_case(workloads.CASES["cpu-tiny"], _fake_plan(run, "cpu", 1, 1), {})
+    assert [(c[0], c[4]) for c in calls][:2] == [("memory", {"MALLOC_MMAP_THRESHOLD_": "131072"})] * 2
+    assert [c[0] for c in calls][2:] == ["time", "time"] and calls[2][4] == {}
+    calls = _fake_children(run, monkeypatch, {"tpo": "ok", "dpo": "ok"}, {})
     calls.clear()
-    run._measured_rows(job, 60.0, c, "naive", "cpu-tiny", ["tpo"])
-    assert [(p, e) for p, _, e in calls] == [("memory", {"MALLOC_MMAP_THRESHOLD_": "131072"}), ("time", {})]
-    calls.clear()
-    run._measured_rows({"device": "cuda"}, 60.0, c, "naive", "gpu-target", ["tpo"])
-    assert [p for p, _, _ in calls] == ["all"]
+    monkeypatch.setattr(run, "_run_child", lambda job, timeout, env=None: (
+        calls.append(job["phase"]) or ([{"contender": job["contender"], "workload": w, "status": "ok",
+                                         "full_ms": {"median": 1.0}} for w in job["workloads"]], {}, "")))
+    run._run_case(workloads.CASES["cpu-tiny"], _fake_plan(run, "cuda", 2, 1), {})
+    assert calls == ["all", "all"]
+
+
+def test_rounds_split_the_repeats_and_are_checked():
+    (run,) = _bench("run")
+    assert run.round_repeats(5, 2) == [3, 2] and run.round_repeats(6, 3) == [2, 2, 2] and run.round_repeats(1, 1) == [1]
+    import torch as _torch
+
+    with pytest.raises(SystemExit, match=r"^--rounds must be between 1 and --repeats \(2\), got 3$"):
+        run._settings(run.parse_args(["--device", "cpu", "--repeats", "2", "--rounds", "3"]), _torch)
+    assert run._settings(run.parse_args(["--device", "cpu", "--repeats", "4", "--rounds", "2"]), _torch)["rounds"] == 2
 
 
 def test_a_child_gets_its_environment_and_the_parent_keeps_its_own(monkeypatch):
@@ -483,7 +528,7 @@ def test_runner_step_workload(tmp_path):
     used and why the others were not."""
     pytest.importorskip("trl")
     cmd = [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--cases", "step-tiny,llava7b-step",
-           "--workloads", "step", "--repeats", "1", "--search-s", "30",
+           "--workloads", "step", "--repeats", "2", "--rounds", "2", "--search-s", "30",
            "--contenders", "official-tpo,trl-dpo,ours-tpo,ours-tpo-shared,ours-tpo-shared-refcache",
            "--out", str(tmp_path), "--stem", "step"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -493,7 +538,8 @@ def test_runner_step_workload(tmp_path):
     head = ("| contender | step ms | tokens/s | GFLOP / step · GFLOP/s | peak MiB step / total "
             "| largest micro-batch ≤ 512 MiB |")
     assert head in out, out[:3000]
-    assert "### step · step-tiny" in out and "- step · step-tiny: no verdict" in out  # one repeat: not compared
+    assert "### step · step-tiny" in out and "- step · step-tiny: no verdict" in out  # two repeats: not compared
+    assert "in 2 rounds" in out and "Step median of each round (s), in the order run: official TPO step" in out
     assert ("Not run: official TPO step (8 forwards, fp32 logits), TRL DPOTrainer, tpo_fast TPO step, tpo_fast TPO "
             "step, shared prefix, tpo_fast TPO step, shared prefix, cached reference — needs CUDA (llava-1.5-7b "
             "shapes in bf16).") in out
@@ -518,7 +564,8 @@ def test_runner_step_workload(tmp_path):
         assert r["step_gflops"] == pytest.approx(r["step_gflop"] / (r["full_ms"]["median"] / 1e3))
         assert r["total_peak_mib"] > 0 and r["full_peak_mib"] is not None
         assert r["max_micro_batch"] >= 0 and str(r["n"]) in r["micro_batch_probes"]
-        assert r["noise"].startswith("too few repeats (1 < 3)") and "speedup_vs_naive" not in r
+        assert r["noise"].startswith("too few repeats (2 < 3)") and "speedup_vs_naive" not in r
+        assert len(r["full_ms"]["times"]) == 2 and len(r["round_medians_ms"]) == 2  # one step in each round
     # the work counted: the official structure's eight forwards with full logits do more than our TPO step
     assert by[("step-tiny", "official-tpo")]["step_gflop"] > by[("step-tiny", "ours-tpo")]["step_gflop"]
     assert by[("step-tiny", "ours-tpo")]["step_gflop"] > by[("step-tiny", "ours-tpo-shared")]["step_gflop"]
