@@ -57,13 +57,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cpu_attention_flops():
+    """FlopCounterMode formulas for the CPU flash attention kernels, which torch's counter has none for (it
+    counts the CUDA ones): the same count as its CUDA formulas (no discount for a causal mask)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    ops = torch.ops.aten
+    return {ops._scaled_dot_product_flash_attention_for_cpu: forward,
+            ops._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
 def counted_gflop(c: StepContender, batch) -> float:
     """GFLOP of one more step as `torch.utils.flop_counter` counts its aten operators (matmuls, attention,
     convolutions; elementwise work is not counted). Only meaningful where every kernel is an aten operator:
     on CUDA the Triton and custom kernels are invisible to it, so the step workload counts on CPU only."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         c.train_step(batch)
     return counter.get_total_flops() / 1e9
 

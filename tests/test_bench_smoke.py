@@ -142,6 +142,22 @@ def test_cpu_rows_take_memory_from_a_pinned_child_and_times_from_default_ones_in
     assert calls == ["all", "all"]
 
 
+def test_step_flop_count_includes_cpu_attention():
+    """torch's FlopCounterMode has no formula for the CPU flash attention kernels; the step workload's count
+    adds one: forward 4·B·H·Lq·Lk·d, backward 10·B·H·Lq·Lk·d (two and five matmuls of 2·B·H·Lq·Lk·d)."""
+    (measure_step,) = _bench("_measure_step")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 24, 16, requires_grad=True)
+    kv = torch.randn(2, 4, 40, 16, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=measure_step._cpu_attention_flops()) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+    assert counter.get_total_flops() == 4 * 2 * 4 * 24 * 40 * 16
+    with FlopCounterMode(display=False, custom_mapping=measure_step._cpu_attention_flops()) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 10 * 2 * 4 * 24 * 40 * 16
+
+
 def test_rounds_split_the_repeats_and_are_checked():
     (run,) = _bench("run")
     assert run.round_repeats(5, 2) == [3, 2] and run.round_repeats(6, 3) == [2, 2, 2] and run.round_repeats(1, 1) == [1]
