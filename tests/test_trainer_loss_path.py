@@ -142,10 +142,31 @@ def test_lm_head_bias_reaches_the_policy_loss_and_its_gradient(setup, batch, obj
         unbiased = _oracle_loss(_oracle_scores(_without_bias(oracle), batch, objective), ref, objective)
     assert abs(float(unbiased) - float(want.detach())) > 1e-2
     grads = dict(oracle.named_parameters())
-    for name in ("lm_head.bias", "lm_head.weight", "model.language_model.layers.1.mlp.down_proj.weight"):
+    names = ("lm_head.bias", "lm_head.weight", "model.language_model.layers.1.mlp.down_proj.weight",
+             "model.language_model.embed_tokens.weight")  # the last: both image branches' token embeddings
+    for name in names:
         got = dict(model.named_parameters())[name].grad
         assert got is not None, name
         torch.testing.assert_close(got, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_one_token_embedding_lookup_per_step(setup, batch, objective):
+    """The clean and corrupted branches share one lookup of the token embeddings (they differ only at the
+    image placeholders), so the step's backward builds one embedding gradient, not one per branch."""
+    _, proc = setup
+    model = _model(proc)
+    calls = []
+    embed = model.model.language_model.embed_tokens
+    handle = embed.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        out = policy_loss(model, batch, StepOptions(objective=objective, beta=BETA, backend="torch"),
+                          _ref_scores(batch, objective))
+    finally:
+        handle.remove()
+    assert calls == [tuple(batch["input_ids"].shape)]
+    out["loss"].backward()
+    assert embed.weight.grad is not None
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

@@ -126,7 +126,7 @@ def _image_token_mask(
 
 def backbone_hidden(
     llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor,
-    packing: Packing | None = None,
+    packing: Packing | None = None, token_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(R, T, D) final hidden states (after the last norm) from the backbone `llava.model`, no lm_head.
 
@@ -137,9 +137,11 @@ def backbone_hidden(
     itself: `mm_encoder_outputs` only exists from transformers 5.2x on, and older 5.x versions swallow
     it into `**kwargs` and silently leave the placeholder embeddings in place.) With a `packing`
     (trainer/packing.py) the embeddings are gathered into its (N, L) rows: (N, L, D) out.
+    `token_embeds`: the input embeddings of `input_ids`, when the caller already looked them up (two image
+    branches over the same ids share one lookup, so their backward builds one embedding gradient, not two).
     """
     backbone = llava.model
-    embeds = backbone.get_input_embeddings()(input_ids)
+    embeds = backbone.get_input_embeddings()(input_ids) if token_embeds is None else token_embeds
     features = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
     mask = _image_token_mask(backbone, input_ids, embeds, features)
     embeds = embeds.masked_scatter(mask, features)
@@ -176,13 +178,16 @@ def branch_hidden(
         clean_feats = encode_images(llava, clean_px)
 
     packs = {}  # by row count: TPO's corrupted branch reuses the clean branch's packing
+    # One token-embedding lookup for both branches (they differ only at the image placeholders, which each
+    # branch fills with its own features): one embedding gradient in backward instead of one per branch.
+    embeds = llava.model.get_input_embeddings()(batch["input_ids"]) if corrupted_rows is not None else None
 
     def run(n: int, feats: torch.Tensor) -> torch.Tensor:  # the first n rows, on these images
         ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
         if packing is not None and n not in packs:
             packs[n] = packing.pack(ids, mask, has_target[:n], window, pairs=n == len(rows))
         pack = packs.get(n)
-        hidden = backbone_hidden(llava, ids, mask, feats[rows[:n]], pack)
+        hidden = backbone_hidden(llava, ids, mask, feats[rows[:n]], pack, None if embeds is None else embeds[:n])
         return hidden[:, window] if pack is None else pack.responses(hidden)
 
     hidden = run(len(rows), clean_feats)
