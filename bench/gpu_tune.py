@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _env import env  # noqa: E402 - bench/ is this script's folder
+
 import tpo_fast  # noqa: E402
 
 DENSE_BF16_PEAK = 989e12  # H100/H200 SXM datasheet, dense bf16
@@ -55,23 +55,6 @@ def timed(fn, device: str, grad_to_none=None) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[1]
-
-
-@contextmanager
-def env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: v for k, v in kv.items() if v is not None})
-    for k, v in kv.items():
-        if v is None:
-            os.environ.pop(k, None)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def peak_mib(fn, device: str) -> float:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure  # noqa: E402
 from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
 from _derive import derive  # noqa: E402
+from _env import env as child_env  # noqa: E402
 from _output import plot, write_json_csv  # noqa: E402
 from _report import markdown  # noqa: E402
 from _workloads import DEFAULT_WORKLOADS, PRESETS, STEP_CASES, STEP_PRESETS, WORKLOADS, family, parse_cases  # noqa: E402
@@ -171,7 +172,7 @@ def _cpu_name() -> str:
 PINNED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _child_env(phase: str) -> dict[str, str | None]:
+def _child_env(phase: str) -> dict[str, str]:
     """Environment changes for a child of `phase`: the memory child pins glibc's mmap threshold (unless the
     user set one); the time child runs with the allocator the user's environment gives (glibc's default)."""
     if phase == "time":
@@ -179,23 +180,15 @@ def _child_env(phase: str) -> dict[str, str | None]:
     return {k: os.environ.get(k, v) for k, v in PINNED_MMAP.items()}
 
 
-def _run_child(job: dict, timeout: float, env: dict[str, str | None] | None = None
+def _run_child(job: dict, timeout: float, env: dict[str, str] | None = None
                ) -> tuple[list[dict] | None, dict, str]:
     """Run one (case, contender) in a spawned child with `env` added to this environment; returns
     (rows or None, info, error text)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_measure.child_main, args=(job, send), daemon=True)
-    saved = {k: os.environ.get(k) for k in env or {}}
-    try:
-        os.environ.update({k: v for k, v in (env or {}).items() if v is not None})
+    with child_env(**(env or {})):  # the child is spawned with it; this process keeps its own
         proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     send.close()
     msg = None
     if recv.poll(timeout):
@@ -362,12 +355,12 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
         if job is not None:
             jobs.append(job)
     cpu = plan["device"] != "cuda"
-    t0 = {}
+    took = {job["contender"]: 0.0 for job in jobs}  # seconds in each contender's children
     measured: dict[str, dict[str, dict]] = {}
     for job in jobs:
-        t0[job["contender"]] = time.time()
+        t = time.time()
         measured[job["contender"]] = _phase_rows(job, "memory" if cpu else "all", plan, case.name, meta)
-        t0[job["contender"]] -= time.time()
+        took[job["contender"]] += time.time() - t
     for repeats in round_repeats(plan["repeats"], plan["rounds"]) if cpu else []:
         for job in jobs:
             mine = measured[job["contender"]]
@@ -378,7 +371,7 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
             got = _phase_rows({**job, "workloads": ws, "repeats": repeats}, "time", plan, case.name, meta)
             for w in ws:
                 merge_round(mine[w], got[w])
-            t0[job["contender"]] -= time.time() - t
+            took[job["contender"]] += time.time() - t
     for job in jobs:
         name = job["contender"]
         for w in job["workloads"]:
@@ -387,7 +380,7 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
             tag = r["status"] if r["status"] != "ok" else f"{what} {r['full_ms']['median']:.3g} ms"
             print(f"[{case.name}] {name} {w}: {tag}", file=sys.stderr)
             rows.append(r)
-        print(f"[{case.name}] {name}: {-t0[name]:.1f} s", file=sys.stderr)
+        print(f"[{case.name}] {name}: {took[name]:.1f} s", file=sys.stderr)
     valid = {r["workload"]: r["valid_frac"] for r in rows if r.get("valid_frac") is not None}
     for r in rows:
         r.update(case.as_dict(), case=case.name, valid_frac=valid.get(r["workload"]))
