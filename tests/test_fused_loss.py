@@ -341,3 +341,21 @@ def test_torch_backend_caps_its_chunk_at_128_mib(monkeypatch, chunk_mb, expected
         with kernel_options(chunk_mb=chunk_mb):
             call_tpo(b, backend="torch")
     assert seen == [expected_mb * 2**20 // (4 * V)]
+
+
+def call_dpo(b, **kw):
+    return dpo_loss(b["weight"], b["hidden"], b["targets"], b["bias"], ref_seq_scores=b["ref_seq_scores"], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+def test_every_response_ignored_gives_zero_gradients(backend, loss):
+    """No row to backpropagate: the loss is the reference's and every gradient is an exact zero tensor
+    (the weight gradient is written by the first chunk's GEMM, so here it must still exist)."""
+    b = batch(device=backend_device(backend), empty=range(2 * B))
+    if loss == "dpo":
+        del b["corrupted_hidden"]
+    out, g, ref, gr = run(call_tpo if loss == "tpo" else call_dpo, b, backend)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), abs=1e-6)
+    for k in leaves(b):
+        assert g[k] is not None and g[k].shape == b[k].shape and not g[k].any(), k

@@ -30,9 +30,9 @@ class TorchChunk:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
         self.w32 = weight.float()
         self.b32 = None if bias is None else bias.float()
-        dev = weight.device
-        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
-        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+        self.need_w = need_w
+        self.gw: torch.Tensor | None = None  # written by the first chunk's GEMM (even of 0 rows): no zero fill
+        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         self._buf: torch.Tensor | None = None
         self._sumexp: torch.Tensor | None = None
 
@@ -58,8 +58,11 @@ class TorchChunk:
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool) -> torch.Tensor | None:
         """fp32 dH of the rows (None unless need_h); accumulates dW and db."""
-        if self.gw is not None:
-            self.gw.addmm_(dz.t(), h.float())
+        if self.need_w:
+            if self.gw is None:
+                self.gw = torch.mm(dz.t(), h.float())
+            else:
+                self.gw.addmm_(dz.t(), h.float())
         if self.gb is not None:
             self.gb += dz.sum(0)
         return dz @ self.w32 if need_h else None
@@ -68,7 +71,9 @@ class TorchChunk:
         return torch_chunked.gather_logits(hc, self.w32, self.b32, y)
 
     def gather_backward(self, hc: torch.Tensor, y: torch.Tensor, g: torch.Tensor, need_hc: bool) -> torch.Tensor | None:
-        if self.gw is not None:
+        if self.need_w:
+            if self.gw is None:
+                self.gw = torch.zeros(self.w32.shape, dtype=torch.float32, device=self.w32.device)
             self.gw.index_add_(0, y, g[:, None] * hc.float())
         if self.gb is not None:
             self.gb.index_add_(0, y, g)
