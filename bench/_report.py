@@ -16,7 +16,7 @@ MEMORY_HOW = {
     "second child under the default allocator",
 }
 STATUS_ORDER = {"baseline": 0, "peer": 1, "ours": 2, "floor": 3, "selftest": 4}
-NOT_RUN = ("n/a", "unavailable")
+NOT_RUN = ("n/a", "unavailable", "not run")
 RANKED = ("baseline", "peer", "ours")
 
 

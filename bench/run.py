@@ -118,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=3600, help="seconds per (case, contender) child before it is killed"
     )
+    p.add_argument(
+        "--deadline-s", type=float, default=None,
+        help="seconds for the whole run: a child gets at most what is left, contenders not reached by then "
+        "are listed as not run, and the tables, JSON and CSV are still written (default: no deadline)",
+    )
     return p.parse_args(argv)
 
 
@@ -243,6 +248,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     repeats = args.repeats if args.repeats is not None else d_repeats
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        raise SystemExit(f"--deadline-s must be a positive number of seconds, got {args.deadline_s:g}")
     if args.rounds < 1 or args.rounds > repeats:
         raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {args.rounds}")
     if args.rounds > 1 and device == "cuda":
@@ -263,6 +270,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "threads": args.threads,
         "timeout": args.timeout,
         "search_s": args.search_s,
+        "deadline": None if args.deadline_s is None else time.time() + args.deadline_s,
+        "deadline_s": args.deadline_s,
     }
 
 
@@ -303,17 +312,38 @@ def _phase_rows(job: dict, phase: str, plan: dict, case_name: str, meta: dict) -
     """{workload: row} of one child of `phase` (`_measure.py`'s phases) over `job["workloads"]`."""
     name = job["contender"]
     c = plan["contenders"][name]
-    got, info, err = _run_child({**job, "phase": phase}, plan["timeout"], _child_env(phase))
+
+    def rows(status: str, why: str) -> list[dict]:
+        return [{"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": status,
+                 "reason": why, "note": c.workloads[w]} for w in job["workloads"]]
+
+    timeout, cut = plan["timeout"], False
+    if plan.get("deadline") is not None:
+        left = plan["deadline"] - time.time()
+        if left <= 0:
+            return {r["workload"]: r for r in rows("not run", _deadline_reason(plan, "before it started"))}
+        timeout, cut = min(timeout, left), left < timeout
+    got, info, err = _run_child({**job, "phase": phase}, timeout, _child_env(phase))
+    if got is None and cut and err.startswith("killed after"):
+        got = rows("not run", _deadline_reason(plan, "while it ran"))
+        err = got[0]["reason"]
     if got is None:
         why = err.splitlines()[0] if err else "no result"
         if phase != "all":
             why = f"{phase} child: {why}"
-        got = [{"contender": name, "label": c.label_for(w), "kind": c.kind, "workload": w, "status": "crashed",
-                "reason": why, "note": c.workloads[w]} for w in job["workloads"]]
+        got = rows("crashed", why)
         print(f"[{case_name}] {name} ({phase}): {err}", file=sys.stderr)
     if info.get("device_name") and job["device"] == "cuda":
         meta["device_name"] = info["device_name"]
     return {r["workload"]: r for r in got}
+
+
+def _deadline_reason(plan: dict, when: str) -> str:
+    return f"the run's deadline (--deadline-s {plan['deadline_s']:g}) came {when}"
+
+
+def _past_deadline(plan: dict) -> bool:
+    return plan.get("deadline") is not None and time.time() >= plan["deadline"]
 
 
 def round_repeats(repeats: int, rounds: int) -> list[int]:
@@ -365,7 +395,7 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
         for job in jobs:
             mine = measured[job["contender"]]
             ws = [w for w in job["workloads"] if mine[w]["status"] == "ok"]
-            if not ws:
+            if not ws or _past_deadline(plan):
                 continue
             t = time.time()
             got = _phase_rows({**job, "workloads": ws, "repeats": repeats}, "time", plan, case.name, meta)
@@ -376,6 +406,8 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
         name = job["contender"]
         for w in job["workloads"]:
             r = measured[name][w]
+            if r["status"] == "ok" and "full_ms" not in r:  # measured, but the deadline came before any timing
+                r.update(status="not run", reason=_deadline_reason(plan, "before its timed calls"))
             what = "step" if r["workload"] == "step" else "fwd+bwd"
             tag = r["status"] if r["status"] != "ok" else f"{what} {r['full_ms']['median']:.3g} ms"
             print(f"[{case.name}] {name} {w}: {tag}", file=sys.stderr)

@@ -1,53 +1,147 @@
 #!/usr/bin/env bash
-# The prepared device run for a session that has a GPU (issue 7), one command:
-#   1. editable install (no extension), then the C++/CUDA extension built in the background;
-#   2. bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, accuracy, tiles x TMA sweep;
-#   3. the test suite with compiled Triton kernels and the CUDA extension (no interpreter); the checks that only
-#      a GPU run reaches (the CUDA extension's kernel, the split backward's 16-bit multi-chunk accumulation)
-#      are counted after it: skipped there means untested, a failed CUDA build fails;
-#   4. bench/run.py --cases gpu-target (TPO, DPO, POVID, primitive) with the best tiles of step 2: the fused-gradient
-#      losses (default) against their recompute path, the peers and both matmul floors (all rows, valid rows).
-# Logs and results go to $OUT (the device tool's folder, 8 files) or /tmp/tpo_fast_gpu.
+# The prepared device run for a session that has a GPU. Such a session has 15 minutes of device time, the
+# machine's start included, and one command may run 10; so the work is split into parts, run in the order the
+# open issues need them, over two calls of the device tool:
 #
-#   run: bash scripts/gpu_check.sh   (timeout_s 560; carry .whl: liger-kernel, cut-cross-entropy, trl, dill,
-#        datasets, multiprocess). Last runs and what they found: bench/TUNING.md.
-#   GPU_TUNE_ARGS="--tma 0,1 --no-atomic" picks the sweep (default: bench/gpu_tune.py's own).
+#   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
+#   call 1:       bash scripts/gpu_check.sh           timeout_s 580, carry [".whl"]: install bench step kernel-tests
+#   call 2, at once while the machine is warm, with what is left (about 3 minutes):
+#                 bash scripts/gpu_check.sh install search      timeout_s = the seconds left - 30
+#   a later session, or one with time to spare: tune, tests
+#
+# Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
+# runs long is cut with its finished rows written, and the next part still runs:
+#   install       editable install, the C++/CUDA extension built in the background (kernel-tests wait for it)
+#   bench         bench/run.py --cases gpu-target, losses TPO, DPO, POVID and the primitive: the fused-gradient
+#                 losses (default, Triton and cuBLAS GEMMs) against their recompute path, the peers, both
+#                 matmul floors (issue 14)                                                                  160 s
+#   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
+#                 contender's step time, tokens/s and peak memory; no micro-batch search (issue 15)          280 s
+#   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension; the checks
+#                 only a GPU reaches are counted after them: skipped there means untested                    110 s
+#   search        the step case's largest micro-batch in 80 GB, for the official structure, TRL and ours,
+#                 within SEARCH_S seconds in all (default 150)
+#   tune          bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, tiles x TMA sweep     140 s
+#   tests         the whole suite (the trainer's tests too)                                                  250 s
+#
+# What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log and
+# results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
+# Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
+#   BENCH_CASES=d64-v512-n64 STEP_CASE=step-tiny bash scripts/gpu_check.sh bench step
 set -uo pipefail
 OUT="${OUT:-/tmp/tpo_fast_gpu}"
+PY="${PYTHON:-python3}"
+WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench step kernel-tests)
+BUILD=""
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/report.md"; }
+pack() { tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null; }
+# The rows of a bench report worth reading in the reply: the tables and the verdicts.
+tables() { grep -E "^\| |^### |^- |^## " "$1" | grep -vE "^\|---" | cut -c1-400 | tee -a "$OUT/report.md"; }
+
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/build.log"
-TPO_FAST_BUILD_EXT=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1 \
-    || { tail -20 "$OUT/build.log"; exit 1; }
-(MAX_JOBS=6 python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; echo "ext build rc=$?" >> "$OUT/build.log") &
-BUILD=$!
-stamp "installed; tuning"
-# shellcheck disable=SC2086
-timeout 140 python3 bench/gpu_tune.py --out "$OUT" ${GPU_TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.md" | grep -v '^{'
-read -r BEST_TILES BEST_TMA < <(python3 -c "import json; j = json.load(open('$OUT/tune.json'));
-print(j.get('best_split_tiles', '-'), j.get('best_split_tma', 'auto'))" 2>/dev/null || echo "- auto")
-[ "$BEST_TILES" = "-" ] && BEST_TILES=""
-wait $BUILD; tail -1 "$OUT/build.log"
-stamp "tests"
-timeout 250 python3 -m pytest tests -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 240 \
-    --ignore=tests/test_trainer_dist.py --ignore=tests/test_kernels_compile.py > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
-tail -2 "$OUT/tests.log"
-echo "fused-gradient losses on the GPU (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
-    | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
-echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
-    | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')"
-stamp "bench/run.py with TPO_FAST_TILES=$BEST_TILES TPO_FAST_TMA=$BEST_TMA"
-TPO_FAST_TILES="$BEST_TILES" TPO_FAST_TMA="$BEST_TMA" timeout 150 python3 bench/run.py --cases gpu-target \
-    --workloads tpo,dpo,povid,primitive --contenders naive,liger,cce,trl,tpo_fast-triton,tpo_fast-triton-recompute,floor,floor-valid \
-    --repeats 10 --warmup 2 --timeout 60 \
-    --out "$OUT" --stem gpu --no-plots > "$OUT/bench.md" 2> "$OUT/bench.err"
-echo "bench rc=$?"; grep -E "^\| (naive|Liger|Cut|TRL|tpo_fast|matmul)|^### |^- " "$OUT/bench.md"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)"
+  "$PY" -c "import trl, liger_kernel, cut_cross_entropy; print('trl', trl.__version__)" 2>&1 | tail -1
+} | tee "$OUT/report.md"
+
+part_install() {
+    TPO_FAST_BUILD_EXT=0 "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/build.log" 2>&1 \
+        || { tail -20 "$WORK/build.log"; return 1; }
+    (MAX_JOBS=6 "$PY" setup.py build_ext --inplace >> "$WORK/build.log" 2>&1; echo "ext build rc=$?" >> "$WORK/build.log") &
+    BUILD=$!
+}
+
+part_bench() {
+    timeout 160 "$PY" bench/run.py --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
+        --contenders naive,trl,liger,tpo_fast-triton,floor,floor-valid,tpo_fast-torch,tpo_fast-triton-recompute,cce \
+        --repeats 10 --warmup 2 --timeout 60 --deadline-s 140 --out "$WORK" --stem gpu_losses --no-plots \
+        > "$WORK/bench.md" 2> "$WORK/bench.err"
+    echo "bench rc=$?" | tee -a "$OUT/report.md"
+    tables "$WORK/bench.md"
+}
+
+part_step() {
+    timeout 280 "$PY" bench/run.py --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 --warmup 2 \
+        --contenders official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache \
+        --search-s 0 --timeout 100 --deadline-s 260 --out "$WORK" --stem gpu_step --no-plots \
+        > "$WORK/step.md" 2> "$WORK/step.err"
+    echo "step rc=$?" | tee -a "$OUT/report.md"
+    tables "$WORK/step.md"
+}
+
+part_search() {
+    local total=${SEARCH_S:-150}
+    timeout $((total + 20)) "$PY" bench/run.py --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 2 \
+        --warmup 1 --contenders ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared --search-s $((total / 5)) \
+        --timeout $((total / 2)) --deadline-s "$total" --out "$WORK" --stem gpu_step_search --no-plots \
+        > "$WORK/search.md" 2> "$WORK/search.err"
+    echo "search rc=$?" | tee -a "$OUT/report.md"
+    tables "$WORK/search.md"
+}
+
+wait_build() {
+    if [ -n "$BUILD" ]; then wait "$BUILD"; BUILD=""; fi
+    [ -f "$WORK/build.log" ] && tail -1 "$WORK/build.log" | tee -a "$OUT/report.md"
+}
+
+run_tests() {  # $1: seconds, then the test paths
+    local limit=$1; shift
+    timeout "$limit" "$PY" -m pytest "$@" -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 100 \
+        > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?" | tee -a "$OUT/report.md"
+    grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40 \
+        | tee -a "$OUT/report.md"
+    tail -2 "$OUT/tests.log" | tee -a "$OUT/report.md"
+    echo "fused-gradient losses (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
+        | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
+    echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
+        | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
+}
+
+part_kernel_tests() {
+    wait_build
+    run_tests 110 tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
+        tests/test_gaps_triton_fused.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py tests/test_gaps_logits.py \
+        tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
+        tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
+        tests/test_options.py tests/test_packing.py
+}
+
+part_tests() {
+    wait_build
+    run_tests 250 tests --ignore=tests/test_trainer_dist.py --ignore=tests/test_kernels_compile.py
+}
+
+part_tune() {
+    # shellcheck disable=SC2086
+    timeout 140 "$PY" bench/gpu_tune.py --out "$WORK" ${GPU_TUNE_ARGS:-} > "$WORK/tune.md" 2>&1
+    echo "tune rc=$?" | tee -a "$OUT/report.md"
+    grep -v '^{' "$WORK/tune.md" | tail -40 | tee -a "$OUT/report.md"
+}
+
+for part in "${PARTS[@]}"; do
+    stamp "part: $part"
+    case "$part" in
+        install) part_install ;;
+        bench) part_bench ;;
+        step) part_step ;;
+        search) part_search ;;
+        kernel-tests) part_kernel_tests ;;
+        tests) part_tests ;;
+        tune) part_tune ;;
+        *) echo "unknown part '$part': install, bench, step, kernel-tests, search, tune, tests"; exit 2 ;;
+    esac
+    pack
+done
+wait_build
+pack
 stamp "done"

@@ -142,6 +142,63 @@ def test_cpu_rows_take_memory_from_a_pinned_child_and_times_from_default_ones_in
     assert calls == ["all", "all"]
 
 
+class _Clock:
+    """A stand-in for `run.time`: `time()` reads `now`, which the fake children advance."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_deadline_gives_each_child_what_is_left_and_lists_the_rest_as_not_run(monkeypatch):
+    """--deadline-s: a child's timeout is min(--timeout, time left); a child killed at the deadline and the
+    contenders never reached are `not run` rows (named in the not-run line, not failures), the others keep
+    their results."""
+    (run, report) = _bench("run", "_report")
+    _, _, workloads = _bench_modules()
+    clock = _Clock()
+    monkeypatch.setattr(run, "time", clock)
+    timeouts = []
+
+    def fake_child(job, timeout, env=None):
+        timeouts.append(timeout)
+        clock.now += 50.0
+        if len(timeouts) == 2:
+            return None, {}, f"killed after {timeout:.0f} s"
+        return [{"contender": job["contender"], "workload": w, "status": "ok", "full_ms": {"median": 1.0}}
+                for w in job["workloads"]], {}, ""
+
+    monkeypatch.setattr(run, "_run_child", fake_child)
+    plan = _fake_plan(run, "cuda", 2, 1)
+    known = plan["contenders"] | _bench_modules()[0].all_contenders(("torch",))
+    plan.update(names=["naive", "floor", "trl", "floor-valid"], contenders=known, workloads=["tpo"],
+                timeout=100.0, deadline=120.0, deadline_s=120.0)
+    rows = run._run_case(workloads.CASES["cpu-tiny"], plan, {})
+    assert timeouts == [100.0, 70.0, 20.0]  # the fourth contender's child never started
+    status = {r["contender"]: (r["status"], r.get("reason", "")) for r in rows}
+    assert status["naive"][0] == status["trl"][0] == "ok"
+    assert status["floor"] == ("not run", "the run's deadline (--deadline-s 120) came while it ran")
+    assert status["floor-valid"] == ("not run", "the run's deadline (--deadline-s 120) came before it started")
+    line = report.not_run_line(rows)
+    assert "came while it ran" in line and "came before it started" in line
+    # On CPU, rows measured by their memory child but never timed before the deadline are `not run` too.
+    clock.now = 0.0
+    calls = _fake_children(run, monkeypatch, {"tpo": "ok", "dpo": "ok"}, {"naive": [[1.0]], "floor": [[1.0]]})
+    plan = {**_fake_plan(run, "cpu", 1, 1), "deadline": -1.0, "deadline_s": 5.0}
+    rows = run._run_case(workloads.CASES["cpu-tiny"], plan, {})
+    assert calls == [] and {r["status"] for r in rows} == {"not run"}
+    plan["deadline"] = 10.0
+    calls = _fake_children(run, monkeypatch, {"tpo": "ok", "dpo": "ok"}, {"naive": [[1.0]], "floor": [[1.0]]})
+    monkeypatch.setattr(run, "_run_child", lambda job, timeout, env=None, f=run._run_child: (
+        setattr(clock, "now", clock.now + 6.0), f(job, timeout, env))[1])
+    rows = run._run_case(workloads.CASES["cpu-tiny"], plan, {})
+    assert [c[0] for c in calls] == ["memory", "memory"]  # the clock passed 10 s before any time child
+    assert {(r["status"], r["reason"]) for r in rows} == {
+        ("not run", "the run's deadline (--deadline-s 5) came before its timed calls")}
+
+
 def test_step_flop_count_includes_cpu_attention():
     """torch's FlopCounterMode has no formula for the CPU flash attention kernels; the step workload's count
     adds one: forward 4·B·H·Lq·Lk·d, backward 10·B·H·Lq·Lk·d (two and five matmuls of 2·B·H·Lq·Lk·d)."""
@@ -166,6 +223,10 @@ def test_rounds_split_the_repeats_and_are_checked():
     with pytest.raises(SystemExit, match=r"^--rounds must be between 1 and --repeats \(2\), got 3$"):
         run._settings(run.parse_args(["--device", "cpu", "--repeats", "2", "--rounds", "3"]), _torch)
     assert run._settings(run.parse_args(["--device", "cpu", "--repeats", "4", "--rounds", "2"]), _torch)["rounds"] == 2
+    with pytest.raises(SystemExit, match=r"^--deadline-s must be a positive number of seconds, got 0$"):
+        run._settings(run.parse_args(["--device", "cpu", "--deadline-s", "0"]), _torch)
+    plan = run._settings(run.parse_args(["--device", "cpu", "--deadline-s", "30"]), _torch)
+    assert plan["deadline_s"] == 30.0 and 0 < plan["deadline"] - run.time.time() <= 30.0
 
 
 def test_a_child_gets_its_environment_and_the_parent_keeps_its_own(monkeypatch):
