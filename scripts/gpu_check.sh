@@ -40,8 +40,12 @@ PARTS=("$@")
 BUILD=""
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/report.md"; }
 pack() { tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null; }
-# The rows of a bench report worth reading in the reply: the tables and the verdicts.
-tables() { grep -E "^\| |^### |^- |^## " "$1" | grep -vE "^\|---" | cut -c1-400 | tee -a "$OUT/report.md"; }
+# The lines of a bench report worth reading in the reply: the tables, who did not run, the verdicts (not the
+# legend or the contenders' notes, which the JSON keeps).
+tables() {
+    awk '/^### How to read|^### What each contender runs/ {skip = 1; next} /^##/ {skip = 0}
+         !skip && /^(\| |### |## |- |Not run|Round medians)/ && !/^\|---/' "$1" | cut -c1-400 | tee -a "$OUT/report.md"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
