@@ -57,9 +57,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_attention_flops():
-    """FlopCounterMode formulas for the CPU flash attention kernels, which torch's counter has none for (it
-    counts the CUDA ones): the same count as its CUDA formulas (no discount for a causal mask)."""
+def _missing_flop_formulas():
+    """FlopCounterMode formulas for operators torch's counter has none for: the CPU flash attention kernels
+    (it counts the CUDA ones; the same count here, no discount for a causal mask) and the in-place `addmm_`
+    (2·m·k·n, as for `addmm`), which accumulates the fused losses' lm_head weight gradient chunk by chunk."""
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
     def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -68,9 +69,13 @@ def _cpu_attention_flops():
     def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return sdpa_backward_flop_count(grad_out, query, key, value)
 
+    def addmm_(acc, a, b, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a[0] * a[1] * b[1]
+
     ops = torch.ops.aten
     return {ops._scaled_dot_product_flash_attention_for_cpu: forward,
-            ops._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+            ops._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+            ops.addmm_: addmm_}
 
 
 def counted_gflop(c: StepContender, batch) -> float:
@@ -79,7 +84,7 @@ def counted_gflop(c: StepContender, batch) -> float:
     on CUDA the Triton and custom kernels are invisible to it, so the step workload counts on CPU only."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_missing_flop_formulas()) as counter:
         c.train_step(batch)
     return counter.get_total_flops() / 1e9
 

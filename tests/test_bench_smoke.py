@@ -199,20 +199,38 @@ def test_deadline_gives_each_child_what_is_left_and_lists_the_rest_as_not_run(mo
         ("not run", "the run's deadline (--deadline-s 5) came before its timed calls")}
 
 
-def test_step_flop_count_includes_cpu_attention():
-    """torch's FlopCounterMode has no formula for the CPU flash attention kernels; the step workload's count
-    adds one: forward 4·B·H·Lq·Lk·d, backward 10·B·H·Lq·Lk·d (two and five matmuls of 2·B·H·Lq·Lk·d)."""
+def test_step_flop_count_includes_cpu_attention_and_in_place_addmm():
+    """torch's FlopCounterMode has no formula for the CPU flash attention kernels nor for `addmm_`; the step
+    workload's count adds them: attention forward 4·B·H·Lq·Lk·d, backward 10·B·H·Lq·Lk·d (two and five
+    matmuls of 2·B·H·Lq·Lk·d); `acc.addmm_(a, b)` 2·m·k·n, the fused loss's dW accumulation."""
     (measure_step,) = _bench("_measure_step")
     from torch.utils.flop_counter import FlopCounterMode
 
+    def counted(fn) -> int:
+        with FlopCounterMode(display=False, custom_mapping=measure_step._missing_flop_formulas()) as counter:
+            fn()
+        return counter.get_total_flops()
+
     q = torch.randn(2, 4, 24, 16, requires_grad=True)
     kv = torch.randn(2, 4, 40, 16, requires_grad=True)
-    with FlopCounterMode(display=False, custom_mapping=measure_step._cpu_attention_flops()) as counter:
-        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
-    assert counter.get_total_flops() == 4 * 2 * 4 * 24 * 40 * 16
-    with FlopCounterMode(display=False, custom_mapping=measure_step._cpu_attention_flops()) as counter:
-        out.sum().backward()
-    assert counter.get_total_flops() == 10 * 2 * 4 * 24 * 40 * 16
+    out = []
+    assert counted(lambda: out.append(torch.nn.functional.scaled_dot_product_attention(q, kv, kv))) == \
+        4 * 2 * 4 * 24 * 40 * 16
+    assert counted(lambda: out[0].sum().backward()) == 10 * 2 * 4 * 24 * 40 * 16
+    acc, a, b = torch.zeros(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+    assert counted(lambda: acc.addmm_(a, b)) == 2 * 6 * 3 * 5 == counted(lambda: torch.addmm(acc, a, b))
+    # The fused TPO loss's whole gradient, chunk after chunk: 6NDV over the valid rows, whatever the chunking.
+    from tpo_fast.loss import dpo_loss
+    from tpo_fast.ops.options import kernel_options
+
+    n_valid, d, v = 2 * 2 * 7, 8, 64
+    w = torch.randn(v, d, requires_grad=True)
+    h = torch.randn(4, 7, d, requires_grad=True)
+    y = torch.randint(0, v, (4, 7))
+    for chunk_rows in (7, 1000):  # two chunks (one pair each, over the budget), then one
+        with kernel_options(chunk_mb=chunk_rows * 4 * v / 2**20):
+            assert counted(lambda: dpo_loss(w, h, y, ref_seq_scores=torch.zeros(4)).loss.backward()) == \
+                6 * n_valid * d * v
 
 
 def test_rounds_split_the_repeats_and_are_checked():
