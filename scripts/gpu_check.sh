@@ -37,6 +37,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_AR
 T0=$(date +%s)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench step kernel-tests)
+KNOWN="install bench step kernel-tests search tune tests"
+for part in "${PARTS[@]}"; do  # before any device time is spent
+    case " $KNOWN " in
+        *" $part "*) ;;
+        *) echo "unknown part '$part': ${KNOWN// /, }"; exit 2 ;;
+    esac
+done
 BUILD=""
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/report.md"; }
 pack() { tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null; }
@@ -146,7 +153,6 @@ for part in "${PARTS[@]}"; do
         kernel-tests) part_kernel_tests ;;
         tests) part_tests ;;
         tune) part_tune ;;
-        *) echo "unknown part '$part': install, bench, step, kernel-tests, search, tune, tests"; exit 2 ;;
     esac
     pack
 done

@@ -1,0 +1,50 @@
+"""scripts/gpu_check.sh, the prepared run for a session that is lent a GPU for a few minutes: its plumbing
+(parts, report, packed results) is checked here on CPU, so a broken script does not cost a device session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _run(tmp_path: Path, *parts: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(["bash", str(SCRIPT), *parts], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_scripts_parse():
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script.name
+
+
+def test_unknown_part_is_refused(tmp_path):
+    got = _run(tmp_path, "benchmark")
+    assert got.returncode == 2
+    assert "unknown part 'benchmark': install, bench, step, kernel-tests, search, tune, tests" in got.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU the script itself is the check")
+def test_bench_part_reports_its_tables_and_packs_its_results(tmp_path):
+    """The `bench` part on a tiny case: the reply (stdout and report.md) holds the tables, the not-run line and
+    the verdicts but not the legend; results.tar.gz holds the JSON, CSV and the full report."""
+    got = _run(tmp_path, "bench", BENCH_CASES="d32-v256-n32")
+    assert got.returncode == 0, got.stdout + got.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "bench rc=0" in report and "part: bench" in report and "done" in report
+    assert "### tpo · d32-v256-n32" in report and "| tpo_fast [torch] fused |" in report
+    assert "Not run: " in report and "needs CUDA" in report  # the Triton rows, on a CPU
+    assert "### Verdict" in report and "How to read" not in report and "What each contender runs" not in report
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"gpu_losses.json", "gpu_losses.csv", "bench.md", "bench.err"} <= names
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.tar.gz"]
