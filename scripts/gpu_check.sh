@@ -20,7 +20,8 @@
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension; the checks
 #                 only a GPU reaches are counted after them: skipped there means untested                    110 s
 #   search        the step case's largest micro-batch in 80 GB, for the official structure, TRL and ours,
-#                 within SEARCH_S seconds in all (default 150)
+#                 within SEARCH_S seconds in all (default 150); SEARCH_CONTENDERS names others
+#                 (default ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared)
 #   tune          bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, tiles x TMA sweep     140 s
 #   tests         the whole suite (the trainer's tests too)                                                  250 s
 #
@@ -96,7 +97,7 @@ part_step() {
 part_search() {
     local total=${SEARCH_S:-150}
     timeout $((total + 20)) "$PY" bench/run.py --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 2 \
-        --warmup 1 --contenders ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared --search-s $((total / 5)) \
+        --warmup 1 --contenders "${SEARCH_CONTENDERS:-ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared}" --search-s $((total / 5)) \
         --timeout $((total / 2)) --deadline-s "$total" --out "$WORK" --stem gpu_step_search --no-plots \
         > "$WORK/search.md" 2> "$WORK/search.err"
     echo "search rc=$?" | tee -a "$OUT/report.md"
