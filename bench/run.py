@@ -326,7 +326,6 @@ def _phase_rows(job: dict, phase: str, plan: dict, case_name: str, meta: dict) -
     got, info, err = _run_child({**job, "phase": phase}, timeout, _child_env(phase))
     if got is None and cut and err.startswith("killed after"):
         got = rows("not run", _deadline_reason(plan, "while it ran"))
-        err = got[0]["reason"]
     if got is None:
         why = err.splitlines()[0] if err else "no result"
         if phase != "all":

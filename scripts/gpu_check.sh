@@ -76,32 +76,32 @@ part_install() {
     BUILD=$!
 }
 
+bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: seconds, then bench/run.py's arguments
+    local name=$1 stem=$2 limit=$3; shift 3
+    # --deadline-s inside the outer limit, so that run.py still writes what it finished
+    timeout "$limit" "$PY" bench/run.py "$@" --deadline-s $((limit - 20)) --out "$WORK" --stem "$stem" --no-plots \
+        > "$WORK/$name.md" 2> "$WORK/$name.err"
+    echo "$name rc=$?" | tee -a "$OUT/report.md"
+    tables "$WORK/$name.md"
+}
+
 part_bench() {
-    timeout 160 "$PY" bench/run.py --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
+    bench_run bench gpu_losses 160 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
         --contenders naive,trl,liger,tpo_fast-triton,floor,floor-valid,tpo_fast-torch,tpo_fast-triton-recompute,cce \
-        --repeats 10 --warmup 2 --timeout 60 --deadline-s 140 --out "$WORK" --stem gpu_losses --no-plots \
-        > "$WORK/bench.md" 2> "$WORK/bench.err"
-    echo "bench rc=$?" | tee -a "$OUT/report.md"
-    tables "$WORK/bench.md"
+        --repeats 10 --warmup 2 --timeout 60
 }
 
 part_step() {
-    timeout 280 "$PY" bench/run.py --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 --warmup 2 \
+    bench_run step gpu_step 280 --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 --warmup 2 \
         --contenders official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache \
-        --search-s 0 --timeout 100 --deadline-s 260 --out "$WORK" --stem gpu_step --no-plots \
-        > "$WORK/step.md" 2> "$WORK/step.err"
-    echo "step rc=$?" | tee -a "$OUT/report.md"
-    tables "$WORK/step.md"
+        --search-s 0 --timeout 100
 }
 
 part_search() {
     local total=${SEARCH_S:-150}
-    timeout $((total + 20)) "$PY" bench/run.py --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 2 \
-        --warmup 1 --contenders "${SEARCH_CONTENDERS:-ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared}" --search-s $((total / 5)) \
-        --timeout $((total / 2)) --deadline-s "$total" --out "$WORK" --stem gpu_step_search --no-plots \
-        > "$WORK/search.md" 2> "$WORK/search.err"
-    echo "search rc=$?" | tee -a "$OUT/report.md"
-    tables "$WORK/search.md"
+    bench_run search gpu_step_search $((total + 20)) --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 2 \
+        --warmup 1 --contenders "${SEARCH_CONTENDERS:-ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared}" \
+        --search-s $((total / 5)) --timeout $((total / 2))
 }
 
 wait_build() {
