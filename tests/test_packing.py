@@ -254,11 +254,11 @@ def test_unsupported_attention_falls_back_once(caplog):
         return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
 
     with caplog.at_level(logging.WARNING, logger="tpo_fast"):
-        assert packing_mode(fake("flash_attention_2"), True, True) is None
-        assert packing_mode(fake("flash_attention_2"), True, False) is None
+        assert packing_mode(fake("paged|sdpa"), True, True) is None
+        assert packing_mode(fake("paged|sdpa"), True, False) is None
     assert [r.message for r in caplog.records if "padded rows" in r.message] == [
         "shared_prefix / padding_free are off, the step runs on padded rows: its attention implementation "
-        "'flash_attention_2' takes no 4D attention mask (load the model with attn_implementation='sdpa', 'eager' "
+        "'paged|sdpa' takes no 4D attention mask (load the model with attn_implementation='sdpa', 'eager' "
         "or 'flex_attention')"
     ]
     assert packing_mode(fake("sdpa"), False, False) is None
@@ -286,6 +286,35 @@ def test_unsupported_attention_falls_back_once(caplog):
     assert packing_mode(fake("sdpa", sliding_window=64, use_sliding_window=False), True, True).sliding_window is None
     mixed = fake("sdpa", sliding_window=64, layer_types=["full_attention", "sliding_attention"])
     assert packing_mode(mixed, True, True) is None
+
+
+@pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_models_are_switched_to_segment_attention(caplog, flash):
+    """flash-attn takes no 4D mask: a packed step runs its language model on SEGMENT_ATTENTION instead (the
+    trainer's own default attention on CUDA with flash-attn installed must not silently lose the packing)."""
+    def fake(**config):
+        lm = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=flash, **config),
+                                   forward=lambda inputs_embeds=None, attention_mask=None, position_ids=None: None)
+        return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
+
+    unpacked = fake()
+    assert packing_mode(unpacked, False, False) is None
+    assert unpacked.model.language_model.config._attn_implementation == flash  # kept where nothing is packed
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        for shared_prefix, padding_free, expected in [(True, None, True), (True, False, False), (False, None, True)]:
+            model = fake()
+            mode = packing_mode(model, shared_prefix, padding_free)
+            assert (mode.shared_prefix, mode.padding_free, mode.implementation) == (
+                shared_prefix, expected, SEGMENT_ATTENTION)
+            assert model.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+        windowed = fake(sliding_window=64)
+        mode = packing_mode(windowed, True, None)  # a window: one row per pair on sdpa's dense mask
+        assert (mode.padding_free, mode.implementation, mode.sliding_window) == (False, "sdpa", 64)
+        assert windowed.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+    switched = [r.message for r in caplog.records if "switched" in r.message]
+    assert switched == [f"the language model's attention {flash!r} takes no 4D mask: switched to "
+                        f"'{SEGMENT_ATTENTION}' (SDPA, flash kernels on CUDA) for packed batches (shared_prefix / "
+                        f"padding_free); set both off to keep {flash!r}"]
 
 
 # ----- the packed step against the padded one on a tiny LLaVA -------------------------------------------
@@ -341,10 +370,12 @@ def _run(model, ref, batch, opts):
     return out, adapter_ref, grads, seen
 
 
-def _assert_same_step(model, ref, batch, packed, **kw):
+def _assert_same_step(model, ref, batch, packed, padded=None, **kw):
+    """`padded`: the (model, reference) of the padded step, when not `model` and `ref` themselves."""
     padded_opts = StepOptions(backend="torch", shared_prefix=False, padding_free=False, **kw)
     packed_opts = StepOptions(backend="torch", **{**kw, **packed})
-    out0, ref0, grads0, seen0 = _run(copy.deepcopy(model), ref, batch, padded_opts)
+    padded_model, padded_ref = padded or (model, ref)
+    out0, ref0, grads0, seen0 = _run(copy.deepcopy(padded_model), padded_ref, batch, padded_opts)
     out1, ref1, grads1, seen1 = _run(copy.deepcopy(model), ref, batch, packed_opts)
     torch.testing.assert_close(ref1, ref0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out1["loss"], out0["loss"], rtol=1e-5, atol=1e-6)
@@ -409,6 +440,36 @@ def test_packed_step_with_eager_attention(setup):
     model, ref = _policy_and_reference(proc, attn_implementation="eager")
     for packed in (dict(), dict(padding_free=True)):
         _assert_same_step(model, ref, batch, packed, reference="model", objective="tpo")
+
+
+def test_default_attention_is_sdpa_for_a_packed_step(monkeypatch):
+    from tpo_fast.trainer.trainer import default_attn_implementation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert default_attn_implementation() == "flash_attention_2"
+    assert default_attn_implementation(packed=True) == "sdpa"
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed: import fails
+    assert default_attn_implementation() == "sdpa"
+
+
+def test_packed_step_on_a_flash_attention_model(setup):
+    """A model loaded with flash_attention_2 (faked here: flash-attn needs CUDA) trains packed, with the padded
+    sdpa step's loss and gradients, its language models switched to the segment attention."""
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model, ref = _policy_and_reference(proc)
+
+    def as_flash(m):
+        m = copy.deepcopy(m)
+        m.model.language_model.config._attn_implementation = "flash_attention_2"
+        return m
+
+    flash_model, flash_ref = as_flash(model), as_flash(ref)
+    _, seen = _assert_same_step(flash_model, flash_ref, batch, dict(), reference="model", objective="tpo",
+                                padded=(model, ref))
+    assert all(n == 1 and spans for n, _, spans in seen)
+    assert flash_ref.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
 
 
 def test_packed_step_with_a_single_pair(setup):

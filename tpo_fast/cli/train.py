@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 with a warning where unsupported)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--attn-implementation", default=None,
-                   help="attention kernel: sdpa, or flash_attention_2 when installed (none: the best available)")
+                   help="attention kernel: sdpa, or flash_attention_2 when installed (none: sdpa for a packed step "
+                        "(shared prefix or padding-free), else flash_attention_2 where installed on CUDA)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains the full model")
     p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (none: 2 x --lora-r)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
@@ -117,7 +118,7 @@ def run(a: argparse.Namespace) -> int:
     )
     processor = AutoProcessor.from_pretrained(a.model)
     dtype = training_weight_dtype(a.bf16, lora=a.lora_r > 0, deepspeed=bool(a.deepspeed))
-    model = load_llava(a.model, dtype, a.attn_implementation)
+    model = load_llava(a.model, dtype, a.attn_implementation, packed=a.shared_prefix or a.padding_free != "off")
     peft_config = None
     if a.lora_r > 0:
         from peft import LoraConfig

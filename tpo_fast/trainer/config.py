@@ -87,8 +87,9 @@ class TPOConfig(TrainingArguments):
         sequence, two SDPA calls per pair, like flash-attn's varlen kernels); off with "eager" (and sdpa
         with a sliding window), which attend over the dense mask of the whole row (quadratic in the
         micro-batch: slower than padded per-pair rows). Both options need a language model that takes
-        a 4D attention mask and position ids ("sdpa", "eager", "flex_attention"); on others
-        (flash_attention_2) the step logs once that it runs on padded rows.
+        a 4D attention mask and position ids ("sdpa", "eager", "flex_attention"); a flash_attention_2 (or 3)
+        language model is switched to "tpo_fast_sdpa" (logged once), on others the step logs once that it
+        runs on padded rows.
     """
 
     objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})

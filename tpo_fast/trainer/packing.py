@@ -49,6 +49,10 @@ MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", SEGMENT_ATTENTION)
 # Those whose cost follows the mask's non-empty blocks, not L^2: where one padding-free row pays off (as it
 # does on sdpa through SEGMENT_ATTENTION, see `packing_mode`).
 BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
+# flash-attn's implementations take no 4D mask; a packed step switches their language model to SEGMENT_ATTENTION
+# (SDPA, which runs PyTorch's own flash-attention kernels on CUDA), so that the trainer's default attention on a
+# CUDA machine with flash-attn installed (`default_attn_implementation`) still trains packed.
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
 @dataclass(frozen=True)
@@ -392,7 +396,7 @@ def packing_support(llava: torch.nn.Module) -> tuple[str | None, str, int | None
         return "the model has no `.model.language_model`", "", None
     config = language_model.config
     implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in MASK_IMPLEMENTATIONS:
+    if implementation not in MASK_IMPLEMENTATIONS + FLASH_IMPLEMENTATIONS:
         return (f"its attention implementation {implementation!r} takes no 4D attention mask "
                 f"(load the model with attn_implementation='sdpa', 'eager' or 'flex_attention')"), implementation, None
     try:
@@ -436,23 +440,35 @@ def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool
     mask removes: flex_attention, and sdpa without a sliding window, which is switched to
     `SEGMENT_ATTENTION` (`use_segment_attention`: the language model's config names it from then on).
     With eager (or a sliding window) the dense (L, L) mask of one row costs more attention than the
-    padding it saves, so each pair keeps its own row. None is also returned (logged once per reason)
-    when the model cannot take a packed batch.
+    padding it saves, so each pair keeps its own row. A flash-attn model (`FLASH_IMPLEMENTATIONS`) is
+    switched to `SEGMENT_ATTENTION` whenever it packs (logged once) and then packs as sdpa does. None is
+    also returned (logged once per reason) when the model cannot take a packed batch.
     """
     if not shared_prefix and padding_free is False:
         return None
     reason, implementation, window = packing_support(llava)
-    segments = implementation in ("sdpa", SEGMENT_ATTENTION) and window is None
+    flash = implementation in FLASH_IMPLEMENTATIONS
+    segments = (flash or implementation in ("sdpa", SEGMENT_ATTENTION)) and window is None
     if padding_free is None:
         padding_free = implementation in BLOCK_SPARSE_IMPLEMENTATIONS or segments
     if not (shared_prefix or padding_free):
         return None
     if reason is not None:
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            logger.warning("shared_prefix / padding_free are off, the step runs on padded rows: %s", reason)
+        _log_once(logging.WARNING, f"shared_prefix / padding_free are off, the step runs on padded rows: {reason}")
         return None
-    if padding_free and segments:
+    if flash:
+        _log_once(logging.WARNING, f"the language model's attention {implementation!r} takes no 4D mask: switched "
+                                   f"to {SEGMENT_ATTENTION!r} (SDPA, flash kernels on CUDA) for packed batches "
+                                   f"(shared_prefix / padding_free); set both off to keep {implementation!r}")
+        use_segment_attention(llava.model.language_model)
+        implementation = SEGMENT_ATTENTION if window is None else "sdpa"  # a window needs sdpa's dense mask
+    elif padding_free and segments:
         use_segment_attention(llava.model.language_model)
         implementation = SEGMENT_ATTENTION
     return PackingMode(shared_prefix, padding_free, implementation, window)
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.log(level, message)

@@ -36,9 +36,14 @@ from tpo_fast.trainer.packing import packing_mode
 logger = logging.getLogger("tpo_fast")
 
 
-def default_attn_implementation() -> str:
-    """"flash_attention_2" when flash-attn is installed and CUDA is present, else "sdpa"."""
-    if torch.cuda.is_available():
+def default_attn_implementation(packed: bool = False) -> str:
+    """"flash_attention_2" when flash-attn is installed and CUDA is present, else "sdpa".
+
+    `packed`: the model will train with `shared_prefix` or `padding_free`, which need an attention that
+    takes a 4D mask: "sdpa" then (on CUDA it runs PyTorch's own flash-attention kernels, and the packed
+    step attends sequence by sequence; a flash_attention_2 model would be switched to it anyway).
+    """
+    if torch.cuda.is_available() and not packed:
         try:
             import flash_attn  # noqa: F401
 
@@ -48,12 +53,16 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def load_llava(path: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None):
-    """Load a local `LlavaForConditionalGeneration` (no download: HF_HUB_OFFLINE applies)."""
+def load_llava(
+    path: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None, packed: bool = False
+):
+    """Load a local `LlavaForConditionalGeneration` (no download: HF_HUB_OFFLINE applies).
+
+    `attn_implementation` None: `default_attn_implementation(packed)`; `packed`: it will train packed."""
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation()
+        path, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation(packed)
     )
 
 
@@ -167,7 +176,7 @@ class TPOTrainer(Trainer):
             args._n_gpu = 1
         if isinstance(model, str):
             dtype = training_weight_dtype(args.bf16, lora=peft_config is not None, deepspeed=bool(args.deepspeed))
-            model = load_llava(model, dtype)
+            model = load_llava(model, dtype, packed=args.shared_prefix or args.padding_free is not False)
         is_peft = peft_config is not None or hasattr(model, "disable_adapter")
         mode = args.reference
         if mode == "auto":
