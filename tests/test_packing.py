@@ -172,6 +172,19 @@ def test_segment_attention_equals_the_masked_attention(paired):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_second_response_bias_on_cuda_is_the_cpu_mask():
+    """On CUDA the second response attends through `causal_lower_right` (no mask tensor), elsewhere through the
+    boolean mask: both are 'query i sees the prefix and its own keys 0..i'."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    for prefix, second in [(3, 1), (3, 4), (0, 5), (7, 2)]:
+        expected = torch.zeros(second, prefix + second, dtype=torch.bool)
+        for i in range(second):
+            expected[i, : prefix + i + 1] = True
+        assert torch.equal(causal_lower_right(second, prefix + second)._materialize(torch.device("cpu")), expected)
+        assert torch.equal(torch.ones(second, prefix + second, dtype=torch.bool).tril(prefix), expected)
+
+
 def test_segment_attention_without_spans_is_sdpa():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
@@ -519,7 +532,7 @@ def test_packed_step_with_flex_attention(setup):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA SDPA kernels (the CPU run is the tests above)")
 def test_packed_step_with_segment_attention_on_cuda(setup):
     """SDPA's CUDA kernels behind the segment attention (causal flash for prefix + first response, the
-    masked kernel for the second): the packed step equals the padded one there too."""
+    bottom-right causal flash for the second, through CausalBias): the packed step equals the padded one there too."""
     _check_cuda_packed_step(setup, "sdpa")
 
 

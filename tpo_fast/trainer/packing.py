@@ -324,6 +324,7 @@ def segment_attention(
     prefix and its own keys (never the first response). No (L, L) mask is built, and the work is per
     sequence, not quadratic in the micro-batch. Returns ((1, L, heads, head_dim), None) like sdpa.
     """
+    from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if tpo_fast_spans is None:
@@ -350,8 +351,13 @@ def segment_attention(
             tail = slice(head.stop, head.stop + second)
             keys = torch.cat([key[:, :, start : start + prefix], key[:, :, tail]], 2)
             values = torch.cat([value[:, :, start : start + prefix], value[:, :, tail]], 2)
-            # query i of the second response sees the prefix and its own keys 0..i
-            mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
+            # query i of the second response sees the prefix and its own keys 0..i: causal, aligned to the
+            # bottom right. On CUDA as a CausalBias, which runs flash (or memory-efficient) attention with no
+            # mask tensor; elsewhere that bias would materialize the same boolean mask after a warning per call.
+            if query.is_cuda:
+                mask = causal_lower_right(second, prefix + second)
+            else:
+                mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
             pieces.append(sdpa(query[:, :, tail], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
 
