@@ -108,7 +108,8 @@ STEP_CASES: dict[str, StepCase] = {
         memory_budget_mib=3072, max_pairs=32, search_s=60, records=32,
     ),
     # cpu-step with LLaVA-1.5's 576 image tokens (336 px / 14): how the shared prefix's gain grows with the prefix
-    # (on cpu-step the image and prompt are 29% of the unshared trunk's tokens, here about half).
+    # (the second copy of image and prompt that sharing removes: 29% of the unshared trunk's tokens on cpu-step,
+    # about 41% here).
     "cpu-step-576": StepCase(
         "cpu-step-576", "llava-h512-l4", text_hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376,
         vocab=32000, image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2,

@@ -96,6 +96,7 @@ def run(a: argparse.Namespace) -> int:
 
     from tpo_fast.trainer.config import TPOConfig
     from tpo_fast.trainer.data import PreferenceDataset
+    from tpo_fast.trainer.packing import may_pack
     from tpo_fast.trainer.trainer import TPOTrainer, load_llava, training_weight_dtype
 
     noise_seed = None if a.noise_seed < 0 else a.noise_seed
@@ -118,7 +119,7 @@ def run(a: argparse.Namespace) -> int:
     )
     processor = AutoProcessor.from_pretrained(a.model)
     dtype = training_weight_dtype(a.bf16, lora=a.lora_r > 0, deepspeed=bool(a.deepspeed))
-    model = load_llava(a.model, dtype, a.attn_implementation, packed=a.shared_prefix or a.padding_free != "off")
+    model = load_llava(a.model, dtype, a.attn_implementation, packed=may_pack(args.shared_prefix, args.padding_free))
     peft_config = None
     if a.lora_r > 0:
         from peft import LoraConfig

@@ -439,6 +439,12 @@ class PackingMode:
 _WARNED: set[str] = set()
 
 
+def may_pack(shared_prefix: bool, padding_free: bool | None) -> bool:
+    """Whether these options can pack a batch at all (`packing_mode` returns None when not): the model then
+    needs an attention that takes a 4D mask."""
+    return shared_prefix or padding_free is not False
+
+
 def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool | None = None) -> PackingMode | None:
     """The packing this model runs with, or None for the padded rows.
 
@@ -450,7 +456,7 @@ def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool
     switched to `SEGMENT_ATTENTION` whenever it packs (logged once) and then packs as sdpa does. None is
     also returned (logged once per reason) when the model cannot take a packed batch.
     """
-    if not shared_prefix and padding_free is False:
+    if not may_pack(shared_prefix, padding_free):
         return None
     reason, implementation, window = packing_support(llava)
     flash = implementation in FLASH_IMPLEMENTATIONS

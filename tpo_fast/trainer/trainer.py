@@ -31,7 +31,7 @@ from transformers import Trainer
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
 from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
-from tpo_fast.trainer.packing import packing_mode
+from tpo_fast.trainer.packing import may_pack, packing_mode
 
 logger = logging.getLogger("tpo_fast")
 
@@ -176,7 +176,7 @@ class TPOTrainer(Trainer):
             args._n_gpu = 1
         if isinstance(model, str):
             dtype = training_weight_dtype(args.bf16, lora=peft_config is not None, deepspeed=bool(args.deepspeed))
-            model = load_llava(model, dtype, packed=args.shared_prefix or args.padding_free is not False)
+            model = load_llava(model, dtype, packed=may_pack(args.shared_prefix, args.padding_free))
         is_peft = peft_config is not None or hasattr(model, "disable_adapter")
         mode = args.reference
         if mode == "auto":
