@@ -80,6 +80,8 @@ def _bad_commands(tmp_path, model_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text("")
     train = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    fisao = ["--model", str(model_dir), "--prompts", str(data), "--output-dir", "o"]
+    csr = [*fisao, "--clip", str(model_dir)]
     return [
         (["train", "--model", str(tmp_path / "nope"), *train[3:]], f"--model {tmp_path / 'nope'}: no such folder"),
         (["train", "--model", str(tmp_path), *train[3:]], f"--model {tmp_path}: no config.json"),
@@ -99,6 +101,20 @@ def _bad_commands(tmp_path, model_dir):
           str(tmp_path / "cal.json")], f"--calibration {tmp_path / 'cal.json'}: no such file"),
         (["fisao", "--model", str(model_dir), "--prompts", str(data), "--output-dir", "o", "--low", "0.1"],
          "needs calibrated thresholds"),
+        (["fisao", *fisao, "--low", "0.5", "--high", "0.2"], "--low 0.5 --high 0.2: the hallucinated objects'"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--iterations", "-1"], "--iterations -1: must be >= 1"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--clip-eps", "0"], "--clip-eps 0: the clipped ratio"),
+        (["csr", *csr, "--num-beams", "1"], "--num-beams 1: must be >= 2"),
+        (["csr", *csr, "--iterations", "0"], "--iterations 0: must be >= 1"),
+        (["csr", *csr, "--lam", "1.5"], "--beta 0.1 --lam 1.5: out of range; pass --beta > 0"),
+        ([*train, "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        ([*train, "--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
+        ([*train, "--max-length", "-5"], "--max-length -5: must be >= 1"),
+        ([*train, "--noise-step", "1000"], "--noise-step 1000: the diffusion schedule has steps 0 to 999"),
+        ([*train, "--beta", "0"], "--beta 0.0: must be > 0"),
+        (["demo", "--steps", "1"], "--steps 1: must be >= 2"),
+        (["demo", "--eval-captions", "-1"], "--eval-captions -1: must be >= 0"),
     ]
 
 
@@ -128,6 +144,28 @@ def test_entry_point_exits_2_before_importing_transformers(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and f"--model {tmp_path / 'm'}: no such folder" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("steps, logging_steps", [(2, 1), (3, 1), (39, 19), (40, 20), (200, 20)])
+def test_demo_logs_at_least_twice(monkeypatch, steps, logging_steps):
+    """A short demo (`--steps` under twice the 20-step logging window) used to train, then fail for want of a
+    second logged window; now its window shrinks so that it logs twice."""
+    import tpo_fast.trainer.demo as demo_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(output_dir, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(demo_mod, "run_demo", record)
+    with pytest.raises(Stop):
+        main(["demo", "--steps", str(steps)])
+    assert seen["max_steps"] == steps and seen["logging_steps"] == logging_steps
+    assert steps // seen["logging_steps"] >= 2
 
 
 @pytest.mark.slow

@@ -233,6 +233,47 @@ def test_nan_stays_in_its_row(backend):
     _assert_close(out.logprobs[keep], ref.logprobs[keep], "logprobs", **FWD_TOL)
 
 
+def test_nan_in_an_ignored_row_gets_zero_gradient_on_every_backend(backend):
+    """An ignored row holding NaN or inf gets an exactly zero gradient and zero outputs, on the reference too (its
+    log_softmax backward used to give 0 * NaN = NaN over the whole ignored row)."""
+    name, device = backend
+    x, t = _inputs(4, 41, torch.float32, device, ignore_frac=0.0)
+    t[3] = IGNORE
+    x[3, 5], x[3, 9] = float("nan"), float("inf")
+    for fn in (lambda a, b: logits_logprobs(a, b, backend=name), lambda a, b: reference_logits_logprobs(a, b, IGNORE)):
+        xg = x.clone().requires_grad_()
+        out = fn(xg, t)
+        assert out.logprobs[3].item() == 0 and out.target_logits[3].item() == 0 and out.lse[3].item() == 0
+        (out.logprobs.sum() + out.target_logits.sum() + out.lse.sum()).backward()
+        assert torch.equal(xg.grad[3], torch.zeros_like(xg.grad[3]))
+        assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_second_order_gradients(backend, inplace):
+    """create_graph=True: the torch backend's backward is differentiable torch and matches the reference's
+    gradient-penalty gradient; the hand-written backends (and any in-place backward) refuse instead of silently
+    dropping the second-order terms."""
+    name, device = backend
+    x, t = _inputs(5, 23, torch.float32, device, ignore_frac=0.2)
+
+    def penalized(fn):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        loss = _grads(out)
+        (g,) = torch.autograd.grad(loss, xg, create_graph=True)
+        (loss + (g**2).sum()).backward()
+        return xg.grad
+
+    expected = penalized(lambda a: reference_logits_logprobs(a, t, IGNORE))
+    run = lambda a: logits_logprobs(a.clone() if inplace else a, t, backend=name, inplace_backward=inplace)  # noqa: E731
+    if name == "torch" and not inplace:
+        _assert_close(penalized(run), expected, "penalized grad", atol=1e-5, rtol=1e-5)
+    else:
+        with pytest.raises(RuntimeError, match="second-order gradients \\(create_graph=True\\) are not supported"):
+            penalized(run)
+
+
 def test_target_logits_only_gradient(backend):
     # Only the gathered logit carries gradient: the softmax term vanishes (and the compiled kernels skip it).
     name, device = backend

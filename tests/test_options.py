@@ -41,8 +41,8 @@ def test_defaults_and_env(monkeypatch):
     [
         (dict(backward="fused"), "backward must be 'split' or 'atomic', got 'fused'"),
         (dict(tma="yes"), "tma must be 'auto', '0' or '1', got 'yes'"),
-        (dict(chunk_mb=0), "chunk_mb must be a positive number of MiB, got 0"),
-        (dict(grad_filter_eps=-1.0), r"grad_filter_eps must be a number >= 0, got -1.0"),
+        (dict(chunk_mb=0), "chunk_mb must be a positive, finite number of MiB, got 0"),
+        (dict(grad_filter_eps=-1.0), r"grad_filter_eps must be a finite number >= 0, got -1.0"),
         (dict(tiles=(128, 100, 64, 8, 3)), "tiles must be 'block_n,block_v,block_d,num_warps,num_stages"),
         (dict(allow_tf32=2), "allow_tf32 must be a bool, got 2"),
     ],
@@ -71,7 +71,7 @@ def test_scope_overrides_env_nests_and_reaches_other_threads(monkeypatch):
         t.start()
         t.join()
         assert seen == [outer]
-    with pytest.raises(ValueError, match="TPO_FAST_CHUNK_MB must be a positive number of MiB"):
+    with pytest.raises(ValueError, match="TPO_FAST_CHUNK_MB must be a positive, finite number of MiB"):
         current_options()
 
 
@@ -122,11 +122,33 @@ def test_tile_bounds(tiles, ok):
             KernelOptions(tiles=tiles)
 
 
-@pytest.mark.parametrize("value, jit", [("1", True), ("0", False), ("", False), ("yes", False), ("true", False)])
+@pytest.mark.parametrize("value, jit", [("1", True), ("0", False), ("", False)])
 def test_jit_is_on_only_for_one(monkeypatch, value, jit):
-    """TPO_FAST_JIT builds the extension only for "1" (a stray "yes" must not start a compiler)."""
+    """TPO_FAST_JIT builds the extension only for "1"."""
     monkeypatch.setenv("TPO_FAST_JIT", value)
     assert KernelOptions.from_env().jit is jit
+
+
+@pytest.mark.parametrize("variable", ["TPO_FAST_JIT", "TPO_FAST_ALLOW_TF32"])
+@pytest.mark.parametrize("value", ["yes", "true", "false", "off", " 1"])
+def test_flag_variables_refuse_other_spellings(monkeypatch, variable, value):
+    """A stray "yes" must not start a compiler, nor "false" switch TF32 on: any value but "1", "0", "" is an error
+    naming the variable."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable} must be '1' \\(on\\), '0' or '' \\(off\\), got {value!r}"):
+        KernelOptions.from_env()
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("TPO_FAST_CHUNK_MB", "inf"), ("TPO_FAST_CHUNK_MB", "nan"), ("TPO_FAST_GRAD_FILTER_EPS", "inf"),
+    ("TPO_FAST_GRAD_FILTER_EPS", "-inf"),
+])
+def test_number_variables_must_be_finite(monkeypatch, variable, value):
+    """An infinite chunk budget used to pass the check and crash the backward with an OverflowError; an infinite
+    filter eps silently zeroed every softmax gradient."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable} must be a (positive, )?finite number"):
+        KernelOptions.from_env()
 
 
 def test_ext_cache_from_env_and_as_a_path(monkeypatch, tmp_path):

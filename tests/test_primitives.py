@@ -437,8 +437,8 @@ def test_masked_vocabulary_tiles_and_argmax_ties(backend):
     "var,value,match",
     [
         ("TPO_FAST_BACKWARD", "fused", "TPO_FAST_BACKWARD must be 'split' or 'atomic', got 'fused'"),
-        ("TPO_FAST_CHUNK_MB", "-3", "TPO_FAST_CHUNK_MB must be a positive number of MiB, got '-3'"),
-        ("TPO_FAST_GRAD_FILTER_EPS", "small", "TPO_FAST_GRAD_FILTER_EPS must be a number >= 0, got 'small'"),
+        ("TPO_FAST_CHUNK_MB", "-3", "TPO_FAST_CHUNK_MB must be a positive, finite number of MiB, got '-3'"),
+        ("TPO_FAST_GRAD_FILTER_EPS", "small", "TPO_FAST_GRAD_FILTER_EPS must be a finite number >= 0, got 'small'"),
         ("TPO_FAST_TMA", "yes", "TPO_FAST_TMA must be 'auto', '0' or '1', got 'yes'"),
         ("TPO_FAST_TILES", "128,128,64,8", "TPO_FAST_TILES must be 'block_n,block_v,block_d,num_warps,num_stages"),
     ],

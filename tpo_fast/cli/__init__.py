@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         "noisy-image argmax)", functools.partial(train.add_arguments, objective="povid"),
                         train.run, train.check),
     "demo": Subcommand("train a tiny random LLaVA on generated shapes, on CPU, no download; keeps model and data",
-                       demo.add_arguments, demo.run),
+                       demo.add_arguments, demo.run, demo.check),
     "csr": Subcommand("calibrated self-rewarding: sentence beam search + CLIP reward + DPO, iterated",
                       csr.add_arguments, csr.run, csr.check),
     "fisao": Subcommand("FiSAO: vision-encoder token rewards + clipped token-level policy gradient",

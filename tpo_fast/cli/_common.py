@@ -83,6 +83,15 @@ def need_dir(path: str | None, flag: str, what: str) -> None:
     _need(path, flag, what, folder=True)
 
 
+def need_at_least(**minimums: tuple[float | None, float]) -> None:
+    """Raise UsageError for the first flag below its minimum: `need_at_least(batch_size=(a.batch_size, 1))` checks
+    `--batch-size` >= 1. A value of None (an unset optional flag) passes; NaN fails."""
+    for name, (value, minimum) in minimums.items():
+        if value is not None and not value >= minimum:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {value}: must be >= {minimum:g}; pass a value in range")
+
+
 PROMPTS_HELP = ".json or .jsonl file of {image, prompt} records"
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tpo_fast.cli._common import add_prompt_run_arguments, check_prompt_run, need_model
+from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_at_least, need_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check(a: argparse.Namespace) -> None:
     check_prompt_run(a)
     need_model(a.clip, "--clip", "a CLIPModel and its processor")
+    need_at_least(batch_size=(a.batch_size, 1), iterations=(a.iterations, 1), num_beams=(a.num_beams, 2),
+                  candidates=(a.candidates, 1), max_sentences=(a.max_sentences, 1),
+                  max_sentence_tokens=(a.max_sentence_tokens, 1), epochs=(a.epochs, 1), beta=(a.beta, 0),
+                  lam=(a.lam, 0))
+    if a.beta == 0 or a.lam > 1:
+        raise UsageError(f"--beta {a.beta} --lam {a.lam}: out of range; pass --beta > 0 and --lam in [0, 1]")
 
 
 def run(a: argparse.Namespace) -> int:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from tpo_fast.cli._common import OBJECTIVES
+from tpo_fast.cli._common import OBJECTIVES, need_at_least
+
+# The demo logs every 20 steps; shorter runs log twice (first and last window), the least its summary reads.
+LOGGING_STEPS = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=200, help="training steps of 8 pairs (well under a second each on CPU)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="training steps of 8 pairs (well under a second each on CPU); at least 2")
     p.add_argument("--objective", choices=OBJECTIVES, default="tpo", help="tpo, dpo or povid")
     p.add_argument("--output-dir", "--output", dest="output_dir", default=None, metavar="DIR",
                    help="keep the trained model (DIR/model) and the data (DIR/data) here (none: a temporary folder)")
@@ -21,10 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-captions", type=int, default=8, help="greedy captions of those for the CHAIR rates")
 
 
+def check(a: argparse.Namespace) -> None:
+    need_at_least(steps=(a.steps, 2), eval_images=(a.eval_images, 0), eval_captions=(a.eval_captions, 0))
+
+
 def run(a: argparse.Namespace) -> int:
     from tpo_fast.trainer.demo import run_demo
 
-    r = run_demo(a.output_dir, max_steps=a.steps, objective=a.objective, seed=a.seed)
+    logging_steps = min(LOGGING_STEPS, a.steps // 2)  # at least two logged windows: the before and the after
+    r = run_demo(a.output_dir, max_steps=a.steps, objective=a.objective, seed=a.seed, logging_steps=logging_steps)
     print(f"\n{'step':>6} {'loss':>8} {'reward acc':>11} {'margin':>8}")
     for h in r.history:
         print(f"{h['step']:>6} {h['loss']:>8.4f} {h['rewards/accuracies']:>11.3f} {h['rewards/margins']:>8.3f}")

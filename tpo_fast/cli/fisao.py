@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_file
+from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_at_least, need_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,13 @@ def check(a: argparse.Namespace) -> None:
     need_file(a.objects, "--objects", "pass a text file of object words, or leave it out for the COCO categories")
     if a.calibration is None and (a.low is None or a.high is None):
         raise UsageError("the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high")
+    if a.low is not None and a.high is not None and not a.low < a.high:
+        raise UsageError(f"--low {a.low} --high {a.high}: the hallucinated objects' threshold must be below the "
+                         f"present objects'; pass --low < --high")
+    need_at_least(batch_size=(a.batch_size, 1), iterations=(a.iterations, 1), ppo_epochs=(a.ppo_epochs, 1),
+                  max_new_tokens=(a.max_new_tokens, 1), clip_eps=(a.clip_eps, 0), kl_coef=(a.kl_coef, 0))
+    if a.clip_eps == 0:
+        raise UsageError("--clip-eps 0: the clipped ratio would never move; pass a clip range > 0, e.g. 0.2")
 
 
 def run(a: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ import argparse
 from tpo_fast.cli._common import (
     DEMO_HINT,
     OBJECTIVES,
+    UsageError,
     add_run_arguments,
+    need_at_least,
     need_checkpoint,
     need_dir,
     need_file,
@@ -88,6 +90,13 @@ def check(a: argparse.Namespace) -> None:
     need_dir(a.image_folder, "--image-folder", "pass the folder that the records' image paths are relative to")
     need_file(a.deepspeed, "--deepspeed", "pass a DeepSpeed JSON config file")
     need_checkpoint(a.resume, a.output_dir)
+    need_at_least(batch_size=(a.batch_size, 1), grad_accum=(a.grad_accum, 1), max_length=(a.max_length, 1),
+                  logging_steps=(a.logging_steps, 1), save_steps=(a.save_steps, 1), warmup_steps=(a.warmup_steps, 0),
+                  lora_r=(a.lora_r, 0), noise_step=(a.noise_step, 0), epochs=(a.epochs, 0))
+    if a.noise_step > 999:
+        raise UsageError(f"--noise-step {a.noise_step}: the diffusion schedule has steps 0 to 999; pass one of those")
+    if not a.beta > 0:
+        raise UsageError(f"--beta {a.beta}: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1")
 
 
 def run(a: argparse.Namespace) -> int:

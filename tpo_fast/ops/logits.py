@@ -284,6 +284,14 @@ class _LogitsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_z, g_lse, g_logp_c, g_z_c):
         logits, corrupted, targets, lse, lse_c = ctx.saved_tensors
         p: _Params = ctx.params
+        if torch.is_grad_enabled() and (p.backend != "torch" or p.inplace_backward):
+            # create_graph=True: only the torch backend's backward is plain differentiable torch (and lse, a saved
+            # output, carries its own graph); the compiled and Triton ones would silently drop second-order terms.
+            what = "inplace_backward=True" if p.inplace_backward else f"the {p.backend!r} backend"
+            raise RuntimeError(
+                f"tpo_fast.logits_logprobs: second-order gradients (create_graph=True) are not supported with {what}, "
+                "whose backward is written by hand; pass backend='torch' (or 'reference') and inplace_backward=False"
+            )
         impl = _IMPLS[p.backend]
 
         def branch(x, lse_x, g_lp, g_zz, g_l):
@@ -321,10 +329,13 @@ def reference_logits_logprobs(
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
 
     def branch(x):
-        logp_all = torch.log_softmax(x.float(), dim=-1)  # [N, V]
+        # Ignored rows are zeroed before any reduction: their gradient is then exactly 0, even where they hold
+        # NaN or inf (log_softmax's backward would give 0 * NaN = NaN there), as on the other backends.
+        xf = torch.where(valid[:, None], x.float(), 0.0)
+        logp_all = torch.log_softmax(xf, dim=-1)  # [N, V]
         logp = logp_all.gather(1, safe[:, None]).squeeze(1)
-        z = x.float().gather(1, safe[:, None]).squeeze(1)
-        lse = torch.logsumexp(x.float(), dim=-1)
+        z = xf.gather(1, safe[:, None]).squeeze(1)
+        lse = torch.logsumexp(xf, dim=-1)
         return torch.where(valid, logp, zero), torch.where(valid, z, zero), torch.where(valid, lse, zero)
 
     logp, z, lse = branch(logits)

@@ -19,13 +19,13 @@ Fields (variable, default): meaning.
 - `chunk_mb` (TPO_FAST_CHUNK_MB, 256.0): MiB budget of the split backward's N x chunk gradient buffer,
   and of the fused-gradient losses' per-chunk fp32 logits buffer (rows x V x 4 B, whole pairs).
 - `allow_tf32` (TPO_FAST_ALLOW_TF32, False): TF32 products for fp32 inputs (about 1e-3 relative error);
-  the variable turns it on with any value but "" and "0".
+  the variable is "1" (on), "0" or "" (off); any other value is an error, never a guess.
 - `backward` (TPO_FAST_BACKWARD, "split"): "split" (softmax-gradient chunks + two GEMMs, no atomics)
   or "atomic" (the fused kernel).
 - `grad_filter_eps` (TPO_FAST_GRAD_FILTER_EPS, 0.0): > 0 skips vocabulary tiles whose softmax gradient
   is below eps (atomic kernel; the gradient is then inexact, the loss is not).
 - `jit` (TPO_FAST_JIT, False): "1" lets `backend="auto"` build the C++ extension once when the
-  install has none.
+  install has none ("0" or "" off; any other value is an error).
 - `ext_cache` (TPO_FAST_EXT_CACHE, None): where that build goes (None: ~/.cache/tpo_fast/ext).
 
 Install-time switches (TPO_FAST_BUILD_EXT, TPO_FAST_BUILD_CUDA, TPO_FAST_CPU_ISA) belong to setup.py.
@@ -95,18 +95,21 @@ def _number(raw: str | float, name: str, default: float, positive: bool, what: s
         value = float(raw) if raw != "" else default
     except (TypeError, ValueError):
         value = math.nan
-    if not (value > 0 if positive else value >= 0) or isinstance(raw, bool):
+    if not math.isfinite(value) or not (value > 0 if positive else value >= 0) or isinstance(raw, bool):
         raise ValueError(f"{name} must be {what}, got {raw!r}")
     return value
 
 
-def _flag(raw: str | bool, name: str, on: tuple[str, ...] | None) -> bool:
-    """A bool field; from the environment, `on` lists the values that mean True (None: all but "" and "0")."""
+def _flag(raw: str | bool, name: str) -> bool:
+    """A bool field; from the environment "1" is True, "0" or "" False, and anything else an error (a stray
+    "false" or "yes" must neither switch TF32 on nor start a compiler)."""
     if isinstance(raw, bool):
         return raw
-    if not isinstance(raw, str):
-        raise ValueError(f"{name} must be a bool, got {raw!r}")
-    return raw in on if on is not None else raw not in ("", "0")
+    if raw in ("", "0", "1"):
+        return raw == "1"
+    if isinstance(raw, str):
+        raise ValueError(f"{name} must be '1' (on), '0' or '' (off), got {raw!r}")
+    raise ValueError(f"{name} must be a bool, got {raw!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +136,7 @@ class KernelOptions:
     @classmethod
     def from_env(cls) -> KernelOptions:
         """The options the TPO_FAST_* variables give (unset or empty: the default), checked with the
-        variable's name in the message: "TPO_FAST_CHUNK_MB must be a positive number of MiB, got '-3'"."""
+        variable's name in the message: "TPO_FAST_CHUNK_MB must be a positive, finite number of MiB, got '-3'"."""
         key = tuple(os.environ.get(var, "") for var in ENV_VARS.values())
         cached = _ENV_CACHE.get(key)
         if cached is None:
@@ -154,11 +157,12 @@ def _checked(get, name_of, from_env: bool = False) -> dict:
     return {
         "tiles": _tiles(get("tiles"), name_of("tiles")),
         "tma": _choice(get("tma"), name_of("tma"), ("auto", "0", "1")),
-        "chunk_mb": _number(get("chunk_mb"), name_of("chunk_mb"), 256.0, True, "a positive number of MiB"),
-        "allow_tf32": _flag(get("allow_tf32"), name_of("allow_tf32"), None),
+        "chunk_mb": _number(get("chunk_mb"), name_of("chunk_mb"), 256.0, True, "a positive, finite number of MiB"),
+        "allow_tf32": _flag(get("allow_tf32"), name_of("allow_tf32")),
         "backward": _choice(get("backward"), name_of("backward"), ("split", "atomic")),
-        "grad_filter_eps": _number(get("grad_filter_eps"), name_of("grad_filter_eps"), 0.0, False, "a number >= 0"),
-        "jit": _flag(get("jit"), name_of("jit"), ("1",)),
+        "grad_filter_eps": _number(get("grad_filter_eps"), name_of("grad_filter_eps"), 0.0, False,
+                                   "a finite number >= 0"),
+        "jit": _flag(get("jit"), name_of("jit")),
         "ext_cache": (ext_cache or None) if from_env else (None if ext_cache is None else os.fspath(ext_cache)),
     }
 
