@@ -112,6 +112,7 @@ def test_token_advantages():
 
 def test_object_words():
     assert token_word("▁Dogs") == "dogs" and token_word("Ġcat") == "cat"
+    assert token_word("▁dog,") == "dog" and token_word("Ġ(cat).") == "cat" and token_word("▁.") == ""
     objs = frozenset({"dog", "bus"})
     assert is_object_word("dogs", objs) and is_object_word("buses", objs) and not is_object_word("the", objs)
 
@@ -469,5 +470,6 @@ def test_fisao_cli_errors(fisao_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"tpo-fast fisao: error: --model {tmp_path / 'nope'}: no such folder")
     assert main(common + ["--model", str(root / "llava")]) == 2
     assert "needs calibrated thresholds; pass --calibration FILE, or both --low and --high" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="high > low"):
-        main(common + ["--model", str(root / "llava"), "--low", "0.3", "--high", "0.2"])
+    # found before the model loads: one line, exit code 2 (it used to be the verifier's ValueError after loading)
+    assert main(common + ["--model", str(root / "llava"), "--low", "0.3", "--high", "0.2"]) == 2
+    assert "--low 0.3 --high 0.2: the hallucinated objects' threshold must be below" in capsys.readouterr().err

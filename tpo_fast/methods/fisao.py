@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -78,8 +79,9 @@ class TokenVerifier(Protocol):
 
 
 def token_word(token: str) -> str:
-    """A token's text as a lower-case word: tokenizer space markers and punctuation stripped."""
-    return re.sub(r"^(▁|Ġ|##)+", "", token).strip().lower()
+    """A token's text as a lower-case word: tokenizer space markers, then surrounding whitespace and ASCII
+    punctuation stripped ("▁Dog," -> "dog"; a punctuation-only token gives "")."""
+    return re.sub(r"^(▁|Ġ|##)+", "", token).strip().strip(string.punctuation).lower()
 
 
 def is_object_word(word: str, objects: frozenset[str] | set[str]) -> bool:
