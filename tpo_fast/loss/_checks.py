@@ -110,7 +110,11 @@ def num_pairs(n_seq: int, what: str) -> int:
 def as_scores(
     name: str, scores: object, n: int, device: torch.device | None = None, label: str = "2B"
 ) -> torch.Tensor:
-    """Sequence scores of shape (n,) as a detached fp32 tensor; a list/tuple of numbers is accepted."""
+    """Sequence scores of shape (n,) as a detached fp32 tensor; a list/tuple of numbers is accepted.
+
+    A tensor must already be on `device` (that of the loss inputs, when given): it is not moved, and
+    the error says so (a silent copy would hide a host-device transfer in every step).
+    """
     if isinstance(scores, (list, tuple)):
         try:
             scores = torch.tensor([float(x) for x in scores], dtype=torch.float32, device=device)
@@ -121,7 +125,18 @@ def as_scores(
                         f"got {_shape(scores)}")
     if scores.shape != (n,):
         raise ValueError(f"{name} must be of shape ({label},) = ({n},), got {_shape(scores)}")
+    if device is not None:
+        same_device(name, scores, torch.device(device))
     return scores.detach().float()
+
+
+def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """Raise ValueError unless `t` lives on `device`, the device of the loss inputs."""
+    if t.device != device:
+        raise ValueError(
+            f"{name} is on {t.device} but the loss inputs are on {device}; move it there first "
+            f"({name}.to({str(device)!r}))"
+        )
 
 
 def check_targets(targets: object) -> torch.Tensor:

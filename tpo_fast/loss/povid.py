@@ -72,15 +72,23 @@ def _povid_rows(hidden, corrupted_hidden, n_pairs: int, n_tok: int) -> tuple[tor
     return h, hc
 
 
+def no_noisy_token(ignore_index: int) -> int:
+    """The noisy sequence's "no token here" marker: `ignore_index` when it is negative (no argmax can
+    equal it), else -1. A non-negative ignore_index (e.g. a pad id) is a real token id that the argmax
+    may equal, and such an argmax token is scored like any other."""
+    return ignore_index if ignore_index < 0 else -1
+
+
 def noisy_argmax(weight, corrupted_hidden, chosen_targets, bias, ignore_index: int, backend: str) -> torch.Tensor:
-    """(B*T,) argmax of the corrupted-image logits of the chosen rows (`ignore_index` where the chosen
-    token is), from one no-grad vocabulary sweep: POVID's noisy sequence."""
+    """(B*T,) argmax of the corrupted-image logits of the chosen rows (`no_noisy_token(ignore_index)`
+    where the chosen token is ignored), from one no-grad vocabulary sweep: POVID's noisy sequence."""
     with torch.no_grad():
         argmax = token_stats(
             corrupted_hidden.detach(), weight.detach(), chosen_targets, bias=None if bias is None else bias.detach(),
             ignore_index=ignore_index, return_argmax=True, backend=backend,
         ).argmax
-    return torch.where(chosen_targets != ignore_index, argmax, torch.full_like(argmax, ignore_index))
+    none = no_noisy_token(ignore_index)
+    return torch.where(chosen_targets != ignore_index, argmax, torch.full_like(argmax, none))
 
 
 def check_povid_options(noise_weight: float) -> None:
@@ -130,7 +138,8 @@ def povid_sequence_scores(
     chosen_valid = chosen_flat != ignore_index
     noisy_targets = noisy_argmax(weight, hc, chosen_flat, bias, ignore_index, backend)
     # Second gather from the same lse: logp(a_t) = z_t[a_t] - lse_t under the clean image.
-    z_noisy = target_logits(h[:n_chosen], weight, noisy_targets, bias=bias, ignore_index=ignore_index, backend=backend)
+    z_noisy = target_logits(h[:n_chosen], weight, noisy_targets, bias=bias, ignore_index=no_noisy_token(ignore_index),
+                            backend=backend)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp_noisy = torch.where(chosen_valid, z_noisy - stats.lse[:n_chosen], zero)
 
@@ -218,7 +227,8 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
     n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
     flat = targets.reshape(-1).long()
     noisy = noisy_argmax(weight, hc, flat[: n_pairs * n_tok], bias, ignore_index, backend)
-    second = torch.cat([noisy, torch.full_like(noisy, ignore_index)]).view(targets.shape)
+    none = no_noisy_token(ignore_index)
+    second = torch.cat([noisy, torch.full_like(noisy, none)]).view(targets.shape)
     counts = (targets != ignore_index).sum(-1).clamp(min=1).float()
 
     def scores_of(logp, logp2, seqs):
@@ -238,7 +248,7 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
         return _objective(s[:p], s[p:], s_n, *ref, noise_weight, dpo).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, second_targets=second,
-                          ignore_index=ignore_index, backend=backend)
+                          ignore_index=ignore_index, backend=backend, second_ignore_index=none)
     s, s_n = scores_of(out.logprobs, out.second_logprobs, torch.arange(2 * n_pairs, device=targets.device))
     valid = targets[:n_pairs] != ignore_index
     return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)
@@ -300,7 +310,9 @@ def povid_loss(
         beta: 0.1. noise_weight: `w` = 0.5 (official); 0 gives plain DPO.
         loss_type, label_smoothing, reference_free, average_log_prob: as for `tpo_fast.loss.dpo_loss`
             (the official uses "sigmoid" or "hinge", no smoothing, summed log-probs).
-        ignore_index: -100. backend: primitive backend ("auto", "triton", "torch", "reference").
+        ignore_index: -100. A non-negative one (a pad id) is a real token id: a noisy argmax equal to
+            it is scored like any other token. backend: primitive backend ("auto", "triton", "torch",
+            "reference").
         grad_mode: "fused" (default; gradient in the forward, backward once) or "recompute".
 
     Returns:

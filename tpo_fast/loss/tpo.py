@@ -37,6 +37,7 @@ from tpo_fast.loss._checks import (
     num_pairs,
     real_scalar,
     rows,
+    same_device,
     same_shape,
 )
 from tpo_fast.loss.pairs import (
@@ -82,8 +83,10 @@ def _logprob_reference(ref_logprobs, ref_visual_scores, ref_seq_scores, m, weigh
     if ref_logprobs is None:
         raise ValueError("ref_visual_scores was given without ref_logprobs; pass both (2B, T) tensors")
     same_shape("ref_logprobs", ref_logprobs, m, "policy_logprobs")
+    same_device("ref_logprobs", ref_logprobs, m.device)
     if ref_visual_scores is not None:
         same_shape("ref_visual_scores", ref_visual_scores, m, "policy_logprobs")
+        same_device("ref_visual_scores", ref_visual_scores, m.device)
     elif weighting == "tpo":
         raise ValueError(
             "weighting='tpo' needs ref_visual_scores (2B, T) with ref_logprobs: "

@@ -6,6 +6,17 @@ logit gradient dZ, and multiplied back into dH = dZ W (2NDV) and dW += dZ^T H (2
 recomputed in backward (the per-token primitive's path costs 8NDV), and only rows with a target
 (response tokens) ever reach a GEMM. Backward only scales the stored gradients by `grad_output`.
 
+Precision of the stored gradients: they are computed at `grad_output = 1` and kept in fp32 until
+backward, which multiplies them by `grad_output` in fp32 and casts once to the input's dtype, so a
+16-bit input gets `(fp32 gradient * grad_output).to(dtype)`, as the recomputing path gives it: a loss
+scale beyond fp16's range (GradScaler's 65536) or a `grad_output` bf16 cannot hold (1/3) is used
+exactly. Memory: dH and dH~ are kept for the target-carrying rows only (R x D fp32, usually less
+than the N x D 16-bit tensor they scatter into), dW (torch backend) and db are the fp32 accumulators
+themselves. The exception is the Triton backend's dW of a 16-bit weight, which accumulates in the
+weight's dtype by design (no V x D fp32 buffer): it is scaled in fp32 and cast once, but was rounded
+once per chunk before. The Triton backend also feeds its GEMMs a 16-bit dZ, computed before any
+loss scale is known (docs/loss.md, mixed precision).
+
 A chunk holds whole pairs (chosen sequence p and rejected sequence B + p, and their corrupted-image
 rows), so every sequence-level term of a pair (its summed, weighted log-probs, the sigmoid / hinge /
 IPO term, the TPO token weights) is known inside the chunk. The loss itself is supplied by the loss
@@ -30,6 +41,7 @@ from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
 from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.token_logprobs import resolve_backend
+from tpo_fast.ops.torch_chunked import autocast_off
 
 # The torch backend's chunk budget cap, the fp32 logits chunk of `torch_chunked` (32 Mi elements).
 TORCH_CHUNK_BYTES = 128 * 2**20
@@ -72,11 +84,55 @@ class FusedPairOutput(NamedTuple):
 @dataclass(frozen=True)
 class _Spec:
     targets: torch.Tensor  # (2B, T) int64
-    second_targets: torch.Tensor | None  # (2B, T) int64, ignore_index where none
+    second_targets: torch.Tensor | None  # (2B, T) int64, second_ignore_index where none
     chunk_loss: Callable[[PairChunk], torch.Tensor]
     ignore_index: int
+    second_ignore_index: int
     backend: str
     chunk_bytes: int
+
+
+# Elements scaled per step when a 16-bit stored gradient is multiplied in fp32 (16 MiB of fp32 at a time).
+_SCALE_STEP = 1 << 22
+
+
+def _scale_(g: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """`g` times the fp32 scalar `grad_output` in place: in fp32, then one rounding into g's dtype.
+
+    A 16-bit `g` goes through fp32 a slice at a time (no full-size fp32 copy), so neither the product's
+    range (fp16 overflows at 65504) nor a rounding of `grad_output` to g's dtype enters the result.
+    """
+    if g.dtype == torch.float32:
+        return g.mul_(grad_output)
+    if not g.is_contiguous():
+        return g.copy_(g.float().mul_(grad_output))
+    flat = g.view(-1)
+    for start in range(0, flat.numel(), _SCALE_STEP):
+        part = flat[start:start + _SCALE_STEP]
+        part.copy_(part.float().mul_(grad_output))
+    return g
+
+
+class StoredGrad:
+    """A gradient a fused-gradient forward computed at `grad_output = 1`, kept until backward scales it.
+
+    `value` is fp32 (or, for the Triton backend's dW of a 16-bit weight, already in `dtype`); `scaled`
+    returns `(value * grad_output).to(dtype)` with the product in fp32 and one rounding. With `rows`,
+    `value` holds only those rows of an (n_rows, D) gradient; the others are 0.
+    """
+
+    def __init__(self, value: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None,
+                 n_rows: int = 0) -> None:
+        self.value, self.dtype, self.rows, self.n_rows = value, dtype, rows, n_rows
+
+    def scaled(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient times `grad_output` (a 0-d tensor) in `dtype`; consumes `value` (scaled in place)."""
+        g = _scale_(self.value, grad_output).to(self.dtype)
+        self.value = None
+        if self.rows is None:
+            return g
+        out = torch.zeros((self.n_rows, *g.shape[1:]), dtype=self.dtype, device=g.device)
+        return out.index_copy_(0, self.rows, g)
 
 
 def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]:
@@ -136,11 +192,16 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     chunks = plan_chunks(pair_rows, max(1, spec.chunk_bytes // (4 * v)))
     core = make_core(spec.backend, weight, bias, need_w, need_b and bias is not None)
     grids = _Grids(targets, corrupted_hidden is not None, y2_all is not None)
-    gh = torch.zeros_like(hidden) if need_h else None
-    ghc = torch.zeros_like(corrupted_hidden) if need_hc else None
+    # dH and dH~ of the target-carrying rows only, fp32 until backward scales them (see the module doc):
+    # a chunk's n rows sit at [at, at + n) in chunk order, their indices into `hidden` in `row_index`.
+    n_rows = sum(pair_rows)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    gh = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_h else None
+    ghc = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_hc else None
+    row_index = torch.empty(n_rows, dtype=torch.long, device=hidden.device) if (need_h or need_hc) else None
     offsets = torch.arange(n_tok, device=targets.device)
 
-    def one_chunk(first: int, stop: int) -> torch.Tensor:
+    def one_chunk(first: int, stop: int, at: int) -> torch.Tensor:
         # Its own frame: the chunk's logits / dZ buffer and its row copies die on return, before the
         # next chunk allocates its own (a loop variable would keep them alive through the next GEMM).
         pairs = torch.arange(first, stop, device=targets.device)
@@ -151,7 +212,8 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         y2 = None
         if y2_all is not None:
             y2 = y2_all[seqs][m]
-            y2 = torch.where(y2 == spec.ignore_index, torch.full_like(y2, -1), y2)
+            # -1 inside, the cores' "no second target" (whatever marker the caller used)
+            y2 = torch.where(y2 == spec.second_ignore_index, torch.full_like(y2, -1), y2)
         # the corrupted gather first: its temporaries are gone before the logits buffer exists
         hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
         zc = None if hc is None else core.gather(hc, y)
@@ -164,13 +226,16 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         with torch.enable_grad() if want_grad else torch.no_grad():
             loss = spec.chunk_loss(chunk)
         grids.put(seqs, chunk)
+        n = rows.numel()
+        g_zc = None
         if want_grad:
             leaves = [chunk.logprobs, chunk.target_logits, chunk.corrupted_target_logits, chunk.second_logprobs]
             used = [t for t in leaves if t is not None]
             grads = iter(torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * 4)
             g_logp, g_z, g_zc, g_logp2 = (next(grads) if t is not None else None for t in leaves)
-            n = rows.numel()
             g_logp, g_z = _row_grad(g_logp, m, n, h), _row_grad(g_z, m, n, h)
+            if row_index is not None:
+                row_index[at:at + n] = rows
             if need_h or need_w or need_b:
                 g_logp2_r = None
                 if logp2 is not None:  # rows without a second target hold a constant 0: no gradient
@@ -180,20 +245,29 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
                 gh_rows = core.backprop(dz, h, need_h)
                 del dz  # the logits buffer, now dZ: `release` frees it before the corrupted branch's temporaries
                 if gh is not None:
-                    gh.index_copy_(0, rows, gh_rows.to(gh.dtype))
+                    gh[at:at + n] = gh_rows
         core.release()
-        if want_grad and hc is not None and (need_hc or need_w or need_b):
+        # No gradient reached the corrupted grid (weighting="none", detached weights): skip its backward
+        # entirely, or a non-finite corrupted row would put 0 * inf = NaN into dW and db.
+        if g_zc is not None and hc is not None and (need_hc or need_w or need_b):
             ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, m, n, h).contiguous(), need_hc)
             if ghc is not None:
-                ghc.index_copy_(0, rows, ghc_rows.to(ghc.dtype))
+                ghc[at:at + n] = ghc_rows
         return loss.detach().float()
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    at = 0
     for first, stop in chunks:
-        total = total + one_chunk(first, stop)
-    gw = None if core.gw is None else core.gw.to(weight.dtype)
-    gb = None if core.gb is None else core.gb.to(bias.dtype)
-    return total, grids, (gh, gw, gb, ghc)
+        total = total + one_chunk(first, stop, at)
+        at += sum(pair_rows[first:stop])
+    n_all = hidden.shape[0]
+    grads = (
+        None if gh is None else StoredGrad(gh, hidden.dtype, row_index, n_all),
+        None if core.gw is None else StoredGrad(core.gw, weight.dtype),
+        None if core.gb is None else StoredGrad(core.gb, bias.dtype),
+        None if ghc is None else StoredGrad(ghc, corrupted_hidden.dtype, row_index, n_all),
+    )
+    return total, grids, grads
 
 
 class _FusedPairLossFunction(torch.autograd.Function):
@@ -213,8 +287,13 @@ class _FusedPairLossFunction(torch.autograd.Function):
 
 
 def take_stored_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
-    """The gradients a fused-gradient forward stored on `ctx.grads`, scaled by `grad_loss` in place and
-    released: once per forward, never under `create_graph` (the backward of every fused-gradient Function)."""
+    """The gradients a fused-gradient forward stored on `ctx.grads`, scaled by `grad_loss` and released:
+    once per forward, never under `create_graph` (the backward of every fused-gradient Function).
+
+    Entries are `StoredGrad` (fp32 until here: `(g * grad_loss).to(dtype)`, one rounding) or plain
+    tensors, scaled in place with the product taken in fp32 and rounded once into their dtype (never
+    `grad_loss` rounded to a 16-bit dtype, never a 16-bit product that overflows).
+    """
     if torch.is_grad_enabled():
         raise RuntimeError(NO_SECOND_ORDER)
     grads, ctx.grads = ctx.grads, None
@@ -223,7 +302,10 @@ def take_stored_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]
             "backward ran twice through a fused-gradient loss, whose stored gradients are used once; "
             "recompute the loss for each backward, or pass grad_mode='recompute'"
         )
-    return [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+    scale = grad_loss.detach().float()
+    with autocast_off():
+        return [None if g is None else g.scaled(scale) if isinstance(g, StoredGrad) else _scale_(g, scale)
+                for g in grads]
 
 
 def fused_pair_loss(
@@ -237,6 +319,7 @@ def fused_pair_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_bytes: int | None = None,
+    second_ignore_index: int | None = None,
 ) -> FusedPairOutput:
     """A pair loss and its gradient in one pass over the vocabulary, chunk by chunk of whole pairs.
 
@@ -249,18 +332,22 @@ def fused_pair_loss(
             in the chunk's grids; called under `torch.enable_grad()` when a gradient is wanted.
         corrupted_hidden: optional (2B*T, D) hidden states of the same tokens on the corrupted image:
             only their gathered target logit is computed (gradient by gather, no vocabulary sweep).
-        second_targets: optional (2B, T) second target ids scored against the same clean softmax
-            (POVID's noisy argmax); `ignore_index` where a row has none.
+        second_targets: optional (2B, T) integer second target ids scored against the same clean
+            softmax (POVID's noisy argmax); `second_ignore_index` where a row has none.
         backend: "auto", "triton" or "torch" (the reference backend has no fused path).
         chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default the kernel
             options' `chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB), at most 128 MiB on the torch backend.
             A single pair with more rows than the budget is processed alone (its buffer is then
             larger than the budget).
+        second_ignore_index: the `second_targets` value of rows without a second target; default
+            `ignore_index`. Pass a negative one (POVID passes -1) when `ignore_index` is a real token
+            id (>= 0) that a second target may equal.
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
-        `grad_output`; it runs once per forward and has no second-order gradient. Under
-        `torch.no_grad()`, or when no input requires grad, no gradient work is done at all.
+        `grad_output` (in fp32, one rounding into the input's dtype); it runs once per forward and
+        has no second-order gradient. Under `torch.no_grad()`, or when no input requires grad, no
+        gradient work is done at all. Autocast regions do not change what is computed.
     """
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or targets.shape[0] % 2 or targets.shape[0] == 0:
         raise ValueError(
@@ -274,13 +361,25 @@ def fused_pair_loss(
         raise ValueError("the reference backend has no fused-gradient path; use grad_mode='recompute' with it")
     targets = targets.long()
     check_target_range(flat.long(), flat != ignore_index, weight.shape[0], ignore_index)
+    second_ignore = ignore_index if second_ignore_index is None else second_ignore_index
     if second_targets is not None:
+        if not isinstance(second_targets, torch.Tensor):
+            raise TypeError(f"second_targets must be a torch.Tensor, got {type(second_targets).__name__}")
+        dtype = second_targets.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(
+                f"second_targets must be an integer tensor (int64) of shape (2B, T) = {tuple(targets.shape)}, "
+                f"got {str(dtype).replace('torch.', '')} of shape {tuple(second_targets.shape)}"
+            )
         if second_targets.shape != targets.shape:
             raise ValueError(f"second_targets must have the shape of targets {tuple(targets.shape)}, "
                              f"got {tuple(second_targets.shape)}")
+        if second_targets.device != targets.device:
+            raise ValueError(f"second_targets must be on the device of targets ({targets.device}), "
+                             f"got {second_targets.device}")
         second_targets = second_targets.long()
         s_flat = second_targets.reshape(-1)
-        check_target_range(s_flat, s_flat != ignore_index, weight.shape[0], ignore_index)
+        check_target_range(s_flat, s_flat != second_ignore, weight.shape[0], second_ignore)
     if chunk_bytes is None:
         # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
         # larger buffer buys no GEMM speed and only raises the peak.
@@ -290,13 +389,13 @@ def fused_pair_loss(
     budget = int(chunk_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
-    spec = _Spec(targets, second_targets, chunk_loss, ignore_index, backend, budget)
+    spec = _Spec(targets, second_targets, chunk_loss, ignore_index, int(second_ignore), backend, budget)
     hidden = hidden.contiguous()
     inputs = (hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
               None if corrupted_hidden is None else corrupted_hidden.contiguous())
     # Autocast must not touch the kernels' own precision choices (fp32 logits and statistics, GEMMs in
     # the inputs' dtype): inside, every op runs as written, whatever the caller's autocast region says.
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off():
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             loss, logp, z, zc, logp2 = _FusedPairLossFunction.apply(*inputs, spec)
         else:

@@ -3,6 +3,9 @@
 `token_stats` is the one entry point the losses use; `token_logprobs` and `target_logits` are
 its two public faces from docs/math.md. Rows whose target is `ignore_index` are compacted away
 before any backend runs (they cost no vocabulary work) and scattered back as zeros.
+
+Every backend's forward, and the hand-written backwards, run with autocast off (`autocast_off`):
+an enclosing `torch.autocast` region does not change what the primitives compute.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from tpo_fast.ops import torch_chunked
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
+from tpo_fast.ops.torch_chunked import autocast_off
 
 logger = logging.getLogger("tpo_fast")
 
@@ -144,6 +148,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         return logp, z, lse, zc, argmax
 
     @staticmethod
+    @autocast_off()
     def backward(ctx, g_logp, g_z, g_lse, g_zc, _g_argmax):
         params: _Params = ctx.params
         _refuse_double_backward("token_stats (token_logprobs, the losses)", params.backend)
@@ -209,7 +214,15 @@ def token_stats(
 
     Never allocates an N x V tensor except on the `reference` backend. Non-finite inputs give
     non-finite outputs on the rows they touch (as plain PyTorch would); they are not checked.
+    An enclosing autocast region changes nothing (autocast is off inside; the `reference` backend's
+    plain-autograd backward follows autocast like any PyTorch graph if backward itself runs in one).
     """
+    with autocast_off():
+        return _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend)
+
+
+def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend) -> TokenStats:
+    """`token_stats` itself, run by it inside an autocast-free region."""
     backend, targets, valid = _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend)
     if backend == "reference":
         return TokenStats(
@@ -265,6 +278,7 @@ class _TargetLogitsFunction(torch.autograd.Function):
         return impl.gather_logits(hidden, weight, bias, targets)
 
     @staticmethod
+    @autocast_off()
     def backward(ctx, g):
         if g is None:
             return None, None, None, None, None
@@ -296,12 +310,14 @@ def target_logits(
     This is all a TPO corrupted-image branch needs. hidden (N, D), weight (V, D), targets (N,).
     Rows whose target is `ignore_index` give 0 and no gradient. The backward is rank-1:
     `d hidden[i] = g[i] * weight[targets[i]]`, `d weight[targets[i]] += g[i] * hidden[i]`.
+    Autocast is off inside, as for `token_stats`.
     """
-    backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
-    if backend == "reference":
-        return reference_target_logits(hidden, weight, targets, bias, ignore_index)
-    rows = _Compaction(valid)
-    z = _TargetLogitsFunction.apply(
-        rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
-    )
-    return rows.put(z)
+    with autocast_off():
+        backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
+        if backend == "reference":
+            return reference_target_logits(hidden, weight, targets, bias, ignore_index)
+        rows = _Compaction(valid)
+        z = _TargetLogitsFunction.apply(
+            rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
+        )
+        return rows.put(z)

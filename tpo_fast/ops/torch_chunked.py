@@ -2,12 +2,28 @@
 
 Same contract as the Triton launchers in `triton_impl.py`: rows are already compacted (every
 target valid), forward returns per-row statistics only, and backward recomputes the logits
-chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32.
+chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
+(`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """A region (or, as `@autocast_off()`, a function) where CPU and CUDA autocast are off.
+
+    The primitives choose their own precision (fp32 logits and statistics); an enclosing
+    `torch.autocast` region, e.g. a trainer's bf16 autocast, must not turn their matmuls into 16-bit
+    ones. Used around every forward and hand-written backward of the primitives and fused losses.
+    """
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 # Rows per chunk: chunk * V fp32 logits live at a time (4096 * 32000 * 4 B = 500 MiB at most).
 DEFAULT_CHUNK_ROWS = 1024
@@ -25,6 +41,7 @@ def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None) -> tor
     return z
 
 
+@autocast_off()
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -62,6 +79,7 @@ def forward(
     return lse, z, zc, argmax
 
 
+@autocast_off()
 def gather_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
@@ -72,6 +90,7 @@ def gather_logits(
     return out
 
 
+@autocast_off()
 def gather_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -91,6 +110,7 @@ def gather_backward(
     return gh, gw, gb
 
 
+@autocast_off()
 def backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
