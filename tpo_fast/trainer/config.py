@@ -67,10 +67,14 @@ class TPOConfig(TrainingArguments):
         cache the scores to `reference_cache` (default `<output_dir>/reference_scores.pt`), free the
         reference model and train against the cache. Exact only with seeded corruption (the
         dataset's `noise_seed` not None): the same corrupted image at caching and training time.
-    noise_step, noise_seed, noise_overflow, corrupted_cache_dir: the image corruption (see
-        `PreferenceDataset`; used when the trainer or CLI builds the dataset).
-    max_length, prompt_template: the collator's (see `TPOCollator`).
-    bad_records: "skip" or "error" for unusable records (see `load_preference_records`).
+    noise_step, noise_seed, noise_overflow, corrupted_cache_dir, bad_records: how `tpo-fast train` builds its
+        `PreferenceDataset` (`noise_step`, `noise_seed`, `overflow`, `corrupted_cache_dir`, `on_bad`; see there and
+        `load_preference_records`). `TPOTrainer` never builds a dataset: it uses the one it is given, with that
+        dataset's own values, and logs a warning when a `PreferenceDataset` it is given was built with other values
+        than these. Checked here all the same (noise_step in [0, 999], noise_overflow "wrap" or "clamp", a
+        corrupted_cache_dir or precompute_reference needs noise_seed not None).
+    max_length, prompt_template: the collator's (see `TPOCollator`); max_length None or >= 1, the template holds
+        "{prompt}" (the collator also checks for the processor's image token).
     loss_backend: the fused kernels' backend ("auto": triton on CUDA, torch on CPU).
     loss_grad_mode: "fused" (default: TPO, DPO and POVID compute their gradient in the forward, chunk
         by chunk of whole pairs, without recomputing the logits) or "recompute" (the per-token
@@ -147,8 +151,70 @@ class TPOConfig(TrainingArguments):
             raise ValueError(f"TPOConfig.shared_prefix must be True or False, got {self.shared_prefix!r}")
         if not (self.padding_free is None or isinstance(self.padding_free, bool)):
             raise ValueError(f"TPOConfig.padding_free must be None, True or False, got {self.padding_free!r}")
-        from tpo_fast.loss.povid import check_povid_options
-
-        check_povid_options(self.povid_noise_weight)
+        for name in ("detach_weights", "average_log_prob", "precompute_reference"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TPOConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_loss_options()
+        self._check_data_options()
         if self.precompute_reference and self.reference == "none":
             raise ValueError("precompute_reference=True needs a reference; reference='none' has none")
+        if self.reference_cache is not None and not self.precompute_reference:
+            logger.warning("TPOConfig.reference_cache=%r is unused without precompute_reference=True",
+                           self.reference_cache)
+        if self.detach_weights and self.objective != "tpo":
+            logger.warning("TPOConfig.detach_weights=True has no effect with objective=%r (TPO only: DPO has no "
+                           "corrupted branch, POVID's never carries gradient)", self.objective)
+
+    def _check_loss_options(self) -> None:
+        """The loss options, by the loss layer's own checks (the same domains as `tpo_loss` / `dpo_loss`)."""
+        from tpo_fast.loss import check_loss_options
+        from tpo_fast.loss._checks import check_kernel_options
+        from tpo_fast.loss.povid import check_povid_options
+
+        try:
+            check_loss_options(self.beta, self.weighting, self.offset, self.loss_type, self.label_smoothing)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid TPOConfig: {e}") from e
+        try:
+            check_povid_options(self.povid_noise_weight)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid TPOConfig.povid_noise_weight: {e}") from e
+        try:  # loss_grad_mode was checked above: an error here is about the backend
+            check_kernel_options(self.loss_grad_mode, self.loss_backend, -100)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid TPOConfig.loss_backend: {e}") from e
+
+    def _check_data_options(self) -> None:
+        """The corruption, collator and cache options (see the class docstring)."""
+        from tpo_fast.trainer.data import check_noise_options
+
+        try:
+            check_noise_options(self.noise_step, self.noise_seed, self.noise_overflow)
+        except ValueError as e:
+            raise ValueError(f"invalid TPOConfig: {e}") from e
+        if self.noise_seed is None and self.corrupted_cache_dir is not None:
+            raise ValueError(
+                "TPOConfig.corrupted_cache_dir needs a seeded noise: set noise_seed to an int, or corrupted_cache_dir "
+                "to None (fresh noise cannot be cached)"
+            )
+        if self.noise_seed is None and self.precompute_reference:
+            raise ValueError(
+                "TPOConfig.precompute_reference=True needs seeded corruption: set noise_seed to an int (with fresh "
+                "noise the cached reference would not have seen the corrupted image trained on)"
+            )
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1
+        ):
+            raise ValueError(
+                f"TPOConfig.max_length must be None (no limit) or an int >= 1 (tokens per row), got {self.max_length!r}"
+            )
+        template = self.prompt_template
+        try:
+            ok = isinstance(template, str) and "{prompt}" in template and bool(template.format(prompt=""))
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                "TPOConfig.prompt_template must be a format string with '{prompt}' and the image token (other braces "
+                f"doubled), like {DEFAULT_PROMPT_TEMPLATE!r}; got {template!r}"
+            )

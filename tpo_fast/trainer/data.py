@@ -8,9 +8,11 @@ chooses (`on_bad="skip" | "error"`), so an epoch never dies half-way on a bad fi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tpo_fast.trainer.corruption import add_diffusion_noise, example_seed
+from tpo_fast.trainer.corruption import NUM_DIFFUSION_STEPS, OVERFLOW_MODES, add_diffusion_noise, example_seed
 
 logger = logging.getLogger("tpo_fast")
 
@@ -28,6 +30,7 @@ PROMPT_KEYS = ("prompt", "question", "query")
 CHOSEN_KEYS = ("chosen",)
 REJECTED_KEYS = ("rejected",)
 BAD_RECORD_MODES = ("skip", "error")
+RECORD_FIELDS = ("image", "prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,35 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
+def _content_text(content: Any) -> str | None:
+    """A message's content as text: a string as is, or a TRL / HF list of typed parts.
+
+    In a list of parts the `{"type": "text", "text": ...}` parts are joined with a space (as LLaVA-1.5's chat
+    template does) and `{"type": "image"}` parts are dropped: the record's one image is placed by the collator's
+    prompt template, which is also what becomes of an image placeholder written in a string prompt. None when the
+    content is neither, or a part is not one of those two types, or the parts hold no text.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            return None
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind != "image":
+            return None
+    return " ".join(t.strip() for t in texts) if texts else None
+
+
 def _as_text(value: Any) -> str | None:
-    # RLHF-V style chat lists: [{"role": ..., "content": ...}]; keep the last message's content.
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        value = value[-1].get("content")
-    if isinstance(value, str):
-        return value
-    return None
+    # Chat lists (RLHF-V, TRL conversational): [{"role": ..., "content": ...}]; keep the last message's content.
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        value = value[-1]["content"]
+    return _content_text(value)
 
 
 def _text_field(record: dict[str, Any], keys: tuple[str, ...], name: str) -> tuple[str | None, str | None]:
@@ -100,10 +125,18 @@ def _text_field(record: dict[str, Any], keys: tuple[str, ...], name: str) -> tup
     text = _as_text(value)
     if text is None:
         return None, (
-            f"{name} ({where}) must be a string or a chat list of {{'role', 'content'}} messages, "
-            f"got {type(value).__name__}"
+            f"{name} ({where}) must be a string or a chat list of {{'role', 'content'}} messages whose last "
+            f"content is a string or a list of {{'type': 'text', 'text': ...}} / {{'type': 'image'}} parts with some "
+            f"text, got {_describe(value)}"
         )
     return text, None
+
+
+def _describe(value: Any) -> str:
+    """A short description of a bad field value for an error message (its type, and a chat list's last content)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        return f"a chat list whose last content is {value[-1]['content']!r:.120}"
+    return f"{type(value).__name__} {value!r:.120}"
 
 
 def _image_source(value: Any) -> str | bytes | None:
@@ -211,19 +244,71 @@ def load_preference_records(
     return records, bad
 
 
+def check_noise_options(noise_step: Any, noise_seed: Any, overflow: Any) -> None:
+    """Raise ValueError unless `noise_step` is an int in [0, 999], `noise_seed` an int or None and `overflow`
+    one of "wrap", "clamp"; the message says what to pass."""
+    step_ok = isinstance(noise_step, numbers.Integral) and not isinstance(noise_step, bool)
+    if not step_ok or not 0 <= noise_step < NUM_DIFFUSION_STEPS:
+        raise ValueError(
+            f"noise_step must be an int in [0, {NUM_DIFFUSION_STEPS - 1}] (the diffusion step of the image "
+            f"corruption; the paper uses 500), got {noise_step!r}"
+        )
+    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral)):
+        raise ValueError(f"noise_seed must be an int, or None for fresh noise on every load, got {noise_seed!r}")
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(
+            f"overflow must be one of {OVERFLOW_MODES} ('wrap': the official code's modulo 256, 'clamp': to "
+            f"[0, 255]), got {overflow!r}"
+        )
+
+
+def _indexed_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` with every one checked for the normalised fields, and a record without "index" given its
+    position (a copy; the caller's dicts are not changed)."""
+    out = []
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {position} is a {type(record).__name__}, not a dict")
+        missing = [k for k in RECORD_FIELDS if k not in record]
+        if missing:
+            raise ValueError(
+                f"record {position} lacks {missing}: PreferenceDataset takes normalised records "
+                f"({list(RECORD_FIELDS)} and optionally 'index'); load raw files with PreferenceDataset.from_file "
+                "or load_preference_records"
+            )
+        if "index" not in record:
+            record = {**record, "index": position}
+        index = record["index"]
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+            raise ValueError(
+                f"record {position} has index {index!r}; an index must be an int >= 0 (leave it out to number "
+                "the records by position)"
+            )
+        out.append(record)
+    return out
+
+
 class PreferenceDataset(Dataset):
     """Preference pairs with their clean and corrupted images.
 
-    Each item is a dict: `index` (position in the source file), `image_key` (identifies the
-    image, so the collator encodes a shared image once), `image` and `corrupted_image` (PIL),
-    `prompt`, `chosen`, `rejected`.
+    `records` are normalised records, as `load_preference_records` returns them: dicts with `image` (a path
+    relative to `image_folder`, an absolute path, or inline bytes), `prompt`, `chosen`, `rejected` and `index`
+    (the record's position in its source file; it keys the reference cache, so it must be unique). A record
+    without `index` gets its position in `records`. Raw file records (`question`, chat lists, ...) go through
+    `load_preference_records` or `PreferenceDataset.from_file` first.
 
-    Corruption (docs/math.md): diffusion noise at `noise_step` (default 500). With `noise_seed` set
-    (the default 0) the noise of each image is seeded from the seed and the image's key, so a
-    rerun, another rank or a resumed run sees the same corrupted image, and a cached reference
-    is exact; `noise_seed=None` draws fresh noise on every load, as the official code does.
-    `corrupted_cache_dir` stores the corrupted images as PNG (lossless) on first use; it needs a
-    seeded noise.
+    Each item is a dict: `index`, `image_key` (identifies the image, so the collator encodes a shared image
+    once), `image` and `corrupted_image` (PIL), `prompt`, `chosen`, `rejected`.
+
+    Corruption (docs/math.md): diffusion noise at `noise_step` (0 to 999, default 500), pixels past [0, 255]
+    handled by `overflow` ("wrap", the official code's, or "clamp"). With `noise_seed` set (the default 0) the
+    noise of each image is seeded from the seed and the image's key, so a rerun, another rank or a resumed run
+    sees the same corrupted image, and a cached reference is exact; `noise_seed=None` draws fresh noise on every
+    load, as the official code does. `corrupted_cache_dir` stores the corrupted images as PNG (lossless) on
+    first use; it needs a seeded noise. A cache entry is named after the noise (seed, step, overflow) and the
+    image file itself (its absolute path, size and modification time; the content digest of inline bytes), so
+    two data sets sharing a cache folder never share an entry for different images, and an image replaced in
+    place gets a new entry.
     """
 
     def __init__(
@@ -237,13 +322,14 @@ class PreferenceDataset(Dataset):
         corrupted_cache_dir: str | os.PathLike | None = None,
         on_bad: str = "skip",
     ):
+        check_noise_options(noise_step, noise_seed, overflow)
         if corrupted_cache_dir is not None and noise_seed is None:
             raise ValueError(
                 "corrupted_cache_dir needs a seeded noise (noise_seed not None): fresh noise cannot be cached"
             )
         if on_bad not in BAD_RECORD_MODES:
             raise ValueError(f"on_bad must be one of {BAD_RECORD_MODES}, got {on_bad!r}")
-        self.records = records
+        self.records = _indexed_records(records)
         self.image_folder = image_folder
         self.noise_step = noise_step
         self.noise_seed = noise_seed
@@ -266,17 +352,32 @@ class PreferenceDataset(Dataset):
     def _key(record: dict[str, Any]) -> str:
         image = record["image"]
         if isinstance(image, bytes):
-            import hashlib
-
             return "bytes:" + hashlib.blake2b(image, digest_size=16).hexdigest()
         return str(image)
 
-    def corrupt(self, image: Image.Image, key: str) -> Image.Image:
-        """The corrupted image for `key`, from the cache when there is one."""
+    def _source_id(self, source: str | bytes) -> str:
+        """What identifies an image file in the corrupted-image cache: the digest of inline bytes, or the
+        absolute path of the file with its size and modification time (a file replaced in place is another)."""
+        if isinstance(source, bytes):
+            return "bytes:" + hashlib.blake2b(source, digest_size=16).hexdigest()
+        path = Path(source)
+        if self.image_folder is not None and not path.is_absolute():
+            path = Path(self.image_folder) / path
+        path = path.resolve()
+        stat = path.stat()
+        return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+    def corrupt(self, image: Image.Image, key: str, source: str | bytes | None = None) -> Image.Image:
+        """The corrupted image for `key`, from the cache when there is one.
+
+        `source` (the record's image: a path or inline bytes; default `key`) names the image file in the cache.
+        """
         seed = None if self.noise_seed is None else example_seed(self.noise_seed, key)
         cache = None
         if self.corrupted_cache_dir is not None:
-            cache = self.corrupted_cache_dir / f"{seed:016x}_t{self.noise_step}_{self.overflow}.png"
+            file_id = hashlib.blake2b(self._source_id(key if source is None else source).encode(), digest_size=8)
+            name = f"{seed:016x}_{file_id.hexdigest()}_t{self.noise_step}_{self.overflow}.png"
+            cache = self.corrupted_cache_dir / name
             if cache.exists():
                 return Image.open(cache).convert("RGB")
         corrupted = add_diffusion_noise(image, self.noise_step, seed=seed, overflow=self.overflow)
@@ -296,7 +397,7 @@ class PreferenceDataset(Dataset):
             # Fresh noise makes every load distinct: nothing to share with another pair.
             "dedupe_key": key if self.noise_seed is not None else None,
             "image": image,
-            "corrupted_image": self.corrupt(image, key),
+            "corrupted_image": self.corrupt(image, key, record["image"]),
             "prompt": record["prompt"],
             "chosen": record["chosen"],
             "rejected": record["rejected"],
@@ -320,4 +421,7 @@ class PreferenceDataset(Dataset):
                     self.records[i]["index"], type(e).__name__, e, item["index"],
                 )
                 return item
-            raise RuntimeError("no preference record can be loaded any more") from e
+            raise RuntimeError(
+                f"no preference record can be loaded any more: #{self.records[i]['index']} failed with "
+                f"{type(e).__name__}: {e}, and so did every other record"
+            ) from e

@@ -75,6 +75,7 @@ def run_demo(
         output_dir=os.path.join(work, "run"), objective=objective, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, max_steps=max_steps, logging_steps=logging_steps, lr_scheduler_type="constant",
         warmup_steps=0, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
+        noise_seed=seed,
         disable_tqdm=quiet, dataloader_num_workers=0,
     )
     trainer = TPOTrainer(model, args=args, train_dataset=dataset, processing_class=processor)

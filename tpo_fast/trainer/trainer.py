@@ -15,9 +15,9 @@ train_dataset=..., processing_class=processor, peft_config=...)`, `.train()`, `.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
-import hashlib
 import logging
 import os
 import resource
@@ -30,8 +30,18 @@ from transformers import Trainer
 
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
+from tpo_fast.trainer.data import PreferenceDataset
 from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
 from tpo_fast.trainer.packing import may_pack, packing_mode
+from tpo_fast.trainer.reference_cache import (
+    base_dataset,
+    dataset_digest,
+    lookup_scores,
+    processor_identity,
+    read_reference_cache,
+    score_table,
+    weights_digest,
+)
 
 logger = logging.getLogger("tpo_fast")
 
@@ -103,29 +113,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def weights_digest(named_parameters) -> str:
-    """sha256 of every parameter's name and shape and of its float64 sum and sum of squares.
-
-    Sums add up over shards, so under ZeRO-3 each rank sums its partition and an all-reduce gives every
-    rank the same digest. O(parameters) reads, once per cache check. The sums are hashed as fp32: a
-    different summation order may at worst make a cache look stale (recomputed), never the reverse
-    for weights that differ.
-    """
-    names, stats, partitioned, device = [], [], False, None
-    for name, p in named_parameters:
-        partitioned |= hasattr(p, "ds_tensor")
-        local = getattr(p, "ds_tensor", p).detach()
-        device = local.device
-        names.append(f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}")
-        stats.append(torch.stack([local.double().sum(), local.double().square().sum()]))
-    values = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64, device=device)
-    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-    digest = hashlib.sha256("\n".join(names).encode())
-    digest.update(values.float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class TPOTrainer(Trainer):
@@ -228,7 +215,11 @@ class TPOTrainer(Trainer):
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._tokens_since_log = 0
         self._time_of_log: float | None = None
-        self._ref_table: torch.Tensor | None = None
+        self._ref_table: torch.Tensor | None = None  # the train table of a precomputed reference
+        self._ref_tables: dict[str, torch.Tensor] = {}
+        self._ref_table_names: list[tuple[Any, str]] = []
+        self._eval_table: str | None = None  # the table evaluate() / predict() reads now
+        self._warn_dataset_settings()
         if args.precompute_reference:
             self._precompute_reference()
 
@@ -293,15 +284,65 @@ class TPOTrainer(Trainer):
 
         return score_adapter
 
-    def _cache_fingerprint(self) -> dict[str, Any]:
-        ds = self.train_dataset
+    def _reference_datasets(self) -> list[tuple[str, Any]]:
+        """(table name, dataset) of every dataset the trainer may score: "train", then "eval" (one eval dataset) or
+        "eval/<key>" (a dict of them). A dataset given twice (the same object) is scored once, under its first name."""
+        named = [("train", self.train_dataset)]
+        if isinstance(self.eval_dataset, dict):
+            named += [(f"eval/{key}", ds) for key, ds in self.eval_dataset.items()]
+        elif self.eval_dataset is not None:
+            named.append(("eval", self.eval_dataset))
+        out: list[tuple[str, Any]] = []
+        for name, ds in named:
+            if ds is not None and not any(ds is seen for _, seen in out):
+                out.append((name, ds))
+        return out
+
+    def _warn_dataset_settings(self) -> None:
+        """Warn when a `PreferenceDataset` given to the trainer was built with other corruption / bad-record
+        settings than the config's: the trainer uses the dataset as built; the config's fields only configure the
+        dataset that `tpo-fast train` builds."""
+        a = self.args
+        wanted = (("noise_step", "noise_step", a.noise_step), ("noise_seed", "noise_seed", a.noise_seed),
+                  ("overflow", "noise_overflow", a.noise_overflow), ("on_bad", "bad_records", a.bad_records),
+                  ("corrupted_cache_dir", "corrupted_cache_dir", a.corrupted_cache_dir))
+
+        def same(attr: str, have: Any, want: Any) -> bool:
+            if attr == "corrupted_cache_dir" and have is not None and want is not None:
+                return os.path.abspath(os.fspath(have)) == os.path.abspath(os.fspath(want))
+            return have == want
+
+        for name, ds in self._reference_datasets():
+            base = base_dataset(ds)
+            if not isinstance(base, PreferenceDataset):
+                continue
+            diffs = [f"{field}={want!r} (dataset: {attr}={getattr(base, attr)!r})" for attr, field, want in wanted
+                     if not same(attr, getattr(base, attr), want)]
+            if diffs:
+                logger.warning(
+                    "the %s dataset was built with other settings than TPOConfig's %s; TPOTrainer uses the dataset as "
+                    "it was built (these TPOConfig fields only configure the dataset `tpo-fast train` builds): build "
+                    "the PreferenceDataset with the config's values, or set the config's to the dataset's",
+                    name, ", ".join(diffs),
+                )
+
+    def _cache_settings(self) -> dict[str, Any]:
+        """The part of every table's fingerprint that does not depend on the dataset."""
         a = self.args
         return {
             "objective": a.objective, "weighting": a.weighting, "offset": a.offset,
-            "average_log_prob": a.average_log_prob, "noise_step": getattr(ds, "noise_step", None),
-            "noise_seed": getattr(ds, "noise_seed", None), "overflow": getattr(ds, "overflow", None),
-            "size": len(ds), "max_length": a.max_length, "prompt_template": a.prompt_template,
+            "average_log_prob": a.average_log_prob, "max_length": a.max_length, "prompt_template": a.prompt_template,
+            "processor": processor_identity(self.processing_class or getattr(self.data_collator, "processor", None)),
             "reference_weights": self._reference_digest(),
+        }
+
+    @staticmethod
+    def _dataset_fingerprint(ds: Any) -> dict[str, Any]:
+        """The part of a table's fingerprint that identifies its dataset: corruption, size and content."""
+        base = base_dataset(ds)
+        return {
+            "noise_step": getattr(base, "noise_step", None), "noise_seed": getattr(base, "noise_seed", None),
+            "overflow": getattr(base, "overflow", None), "size": len(ds), "records": dataset_digest(ds),
         }
 
     def _reference_digest(self) -> str:
@@ -314,40 +355,57 @@ class TPOTrainer(Trainer):
         params = ((n, p) for n, p in self.model.named_parameters() if "lora_" not in n)
         return weights_digest(params)
 
+    @property
+    def _reference_cache_path(self) -> str:
+        return self.args.reference_cache or os.path.join(self.args.output_dir, "reference_scores.pt")
+
     def _precompute_reference(self):
-        ds = self.train_dataset
-        if ds is None:
+        """Score every dataset the trainer was given (train and eval) with the reference, each into its own table of
+        the cache file (reused per table when its fingerprint matches), then free the reference model."""
+        if self.train_dataset is None:
             raise ValueError("precompute_reference=True needs a train_dataset")
-        if getattr(ds, "noise_seed", 0) is None:
-            raise ValueError(
-                "precompute_reference=True needs seeded corruption (the dataset's noise_seed must not be None): "
-                "with fresh noise every load the cached reference would not match the corrupted image trained on"
-            )
+        datasets = self._reference_datasets()
+        for name, ds in datasets:
+            if getattr(base_dataset(ds), "noise_seed", 0) is None:
+                raise ValueError(
+                    f"precompute_reference=True needs seeded corruption (the {name} dataset's noise_seed must not be "
+                    "None): with fresh noise every load the cached reference would not match the corrupted image "
+                    "trained on"
+                )
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         if self.reference_mode == "adapter" and zero3:
             raise ValueError(
                 "precompute_reference with reference='adapter' is not supported under ZeRO-3 (the policy is not yet "
                 "wrapped by DeepSpeed at init); pass a separate ref_model or use ZeRO-2"
             )
-        path = self.args.reference_cache or os.path.join(self.args.output_dir, "reference_scores.pt")
-        fingerprint = self._cache_fingerprint()
-        cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
-        if cached is not None and cached.get("fingerprint") == fingerprint:
-            logger.info("reference scores loaded from %s", path)
-        else:
-            if cached is not None:
-                logger.warning("reference cache %s was made with other settings; recomputing it", path)
-            cached = {"fingerprint": fingerprint, **self._score_dataset(ds)}
+        path = self._reference_cache_path
+        settings = self._cache_settings()
+        stored = read_reference_cache(path)
+        tables, changed = {}, False
+        for name, ds in datasets:
+            fingerprint = {**settings, **self._dataset_fingerprint(ds)}
+            entry = stored.get(name)
+            if entry is not None and entry.get("fingerprint") == fingerprint:
+                logger.info("reference scores of the %s dataset loaded from %s", name, path)
+            else:
+                if entry is not None:
+                    logger.warning("reference cache %s: the %s table was made with other settings or data; "
+                                   "recomputing it", path, name)
+                entry = {"fingerprint": fingerprint, **self._score_dataset(ds)}
+                changed = True
+            tables[name] = entry
+        if changed:
             if self.accelerator.is_main_process:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                torch.save(cached, path)
-                logger.info("reference scores of %d records cached to %s", len(cached["index"]), path)
+                evals = {name: entry for name, entry in tables.items() if name != "train"}
+                torch.save({**tables["train"], "eval_tables": evals}, path)
+                logger.info("reference scores of %s cached to %s",
+                            ", ".join(f"{len(t['index'])} {n} records" for n, t in tables.items()), path)
             self.accelerator.wait_for_everyone()
         # One row per record: (chosen, rejected) scores, or (chosen, rejected, noisy) for POVID.
-        index, scores = cached["index"], cached["scores"]
-        table = torch.full((int(index.max()) + 1, scores.shape[1]), float("nan"), dtype=torch.float64)
-        table[index] = scores.double()
-        self._ref_table = table
+        self._ref_tables = {name: score_table(entry) for name, entry in tables.items()}
+        self._ref_table_names = [(ds, name) for name, ds in datasets]
+        self._ref_table = self._ref_tables["train"]
         # The reference model is no longer needed: free it (accelerate keeps every prepared model in a list).
         ref, self.ref_model = self.ref_model, None
         if ref is not None and hasattr(self.accelerator, "_models"):
@@ -386,15 +444,56 @@ class TPOTrainer(Trainer):
             scores = self.accelerator.gather(scores.to(self.args.device)).cpu()
         return {"index": index, "scores": scores}
 
-    def _reference_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _table_name_of(self, dataset: Any) -> str:
+        """The reference table scored from `dataset` (the very object given to the trainer), or a clear error."""
+        for ds, name in self._ref_table_names:
+            if ds is dataset:
+                return name
+        raise ValueError(
+            "precompute_reference=True: this dataset was not scored by the reference, which was freed after scoring "
+            "the datasets given to TPOTrainer; pass it to TPOTrainer as eval_dataset=... (a dict of datasets for "
+            "several) so that its records get their own reference scores, then evaluate(eval_dataset=<its key>)"
+        )
+
+    @contextlib.contextmanager
+    def _reference_table_for(self, dataset: Any):
+        """Evaluate against the reference table of `dataset` (a dataset, or a key of the eval_dataset dict)."""
+        if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):
+            dataset = self.eval_dataset.get(dataset)
+        if self.reference_mode != "precomputed" or dataset is None or isinstance(dataset, str):
+            yield  # reference scores computed per batch, or no such dataset: the base Trainer says what is missing
+            return
+        previous, self._eval_table = self._eval_table, self._table_name_of(dataset)
+        try:
+            yield
+        finally:
+            self._eval_table = previous
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`; with a precomputed reference each eval dataset is scored against its own table."""
+        target = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(target, dict):  # the base Trainer calls back once per dataset
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        with self._reference_table_for(target):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict`; with a precomputed reference `test_dataset` must be one the trainer was given."""
+        with self._reference_table_for(test_dataset):
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
+    def _reference_scores(self, inputs: dict[str, torch.Tensor], training: bool = True) -> torch.Tensor | None:
         if self.reference_mode == "model":
             with torch.no_grad():
                 return self.ref_model(tpo_batch=inputs, tpo_mode="reference")
         if self.reference_mode == "precomputed":
-            rows = self._ref_table[inputs["index"].cpu()]
-            if torch.isnan(rows).any():
-                missing = inputs["index"][torch.isnan(rows).any(1)].tolist()
-                raise KeyError(f"records {missing} are not in the reference cache; delete it to recompute")
+            name = "train" if training else self._eval_table
+            if name is None:
+                raise ValueError(
+                    "precompute_reference=True: no reference table for this evaluation; evaluate through "
+                    "trainer.evaluate() / trainer.predict() on a dataset given to TPOTrainer (train or eval_dataset)"
+                )
+            rows = lookup_scores(self._ref_tables[name], inputs["index"].cpu(), name, self._reference_cache_path)
             # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout.
             return rows.t().reshape(-1).to(device=inputs["input_ids"].device, dtype=torch.float32)
         return None  # "adapter": computed inside the policy's forward; "none": reference-free
@@ -421,7 +520,7 @@ class TPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._time_of_log is None:
             self._time_of_log = time.perf_counter()
-        out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs))
+        out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs, training=model.training))
         split = "train" if model.training else "eval"
         for key, value in out["metrics"].items():
             self._stored_metrics[split][key].append(float(value))
@@ -438,6 +537,8 @@ class TPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "train" if "loss" in logs else "eval"
         prefix = "" if split == "train" else "eval_"
+        if split == "eval":  # one of a dict of eval datasets logs "eval_<name>_loss": its metrics take that prefix
+            prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval_") and k.endswith("_loss")), prefix)
         stored = self._stored_metrics.pop(split, {})
         if stored:
             keys = sorted(stored)

@@ -1,0 +1,188 @@
+"""The precomputed reference's cache (`TPOConfig(precompute_reference=True)`): what identifies it, and its tables.
+
+The cache file holds one table of reference sequence scores per dataset, keyed by record index: the train
+table's {"fingerprint", "index", "scores"} at the top level and "eval_tables": {"eval" or "eval/<key>": the same}
+for each eval dataset. A table is reused only when its fingerprint matches: the loss settings, the processor
+(`processor_identity`), the reference's weights (`weights_digest`) and the dataset's content (`dataset_digest`).
+`TPOTrainer` scores, stores and reads the tables; this module holds the pieces that need no trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from typing import Any
+
+import torch
+
+_POSITION_PRIME = 65521  # weights (flat position mod this prime) + 1 of `weights_digest`'s third sum
+_DIGEST_CHUNK = 1 << 22  # elements per chunk of the position-weighted sum (bounded temporaries on a GPU)
+
+
+def _position_weighted_sum(flat: torch.Tensor, start: int) -> torch.Tensor:
+    """float64 sum of `flat[j] * ((start + j) mod 65521 + 1)`, in chunks; `start`: flat position of `flat[0]`."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for lo in range(0, flat.numel(), _DIGEST_CHUNK):
+        chunk = flat[lo : lo + _DIGEST_CHUNK].double()
+        positions = torch.arange(start + lo, start + lo + chunk.numel(), dtype=torch.int64, device=flat.device)
+        total += (chunk * (positions % _POSITION_PRIME + 1).double()).sum()
+    return total
+
+
+def _partition_start(p: torch.Tensor, local: torch.Tensor) -> int:
+    """Flat position of a ZeRO-3 partition's first element in its parameter (rank in the group x partition size)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank(group=getattr(p, "ds_process_group", None)) * local.numel()
+
+
+def weights_digest(named_parameters) -> str:
+    """sha256 of every parameter's name and shape and of three float64 reductions of its values: the sum, the sum
+    of squares and a position-weighted sum (element at flat position i weighted by (i mod 65521) + 1).
+
+    What it detects: another set of names or shapes, and any change of values that moves one of the three sums by
+    more than fp32 rounding (they are hashed as fp32): a perturbation or an optimizer step that is not negligible
+    against the sums, a row or column permutation (the weighted sum sees elements move). What it does not: a change
+    that keeps all three sums within fp32 rounding (relative 6e-8), such as an update far below the weights'
+    scale, or an exchange of elements a multiple of 65521 positions apart (or of equal values). It is a cheap
+    identity check for the reference cache, not a cryptographic hash of the weights. Conversely the same weights
+    summed in another order (another device, world size or partitioning) may give another digest: the cache is
+    then recomputed, never wrongly reused on that account.
+
+    Sums add up over shards, so under ZeRO-3 each rank reduces its partition (positions offset by the partition's
+    start) and an all-reduce gives every rank the same digest. O(parameters) reads, once per cache check.
+    """
+    names, stats, partitioned, device = [], [], False, None
+    for name, p in named_parameters:
+        partitioned |= hasattr(p, "ds_tensor")
+        local = getattr(p, "ds_tensor", p).detach()
+        device = local.device
+        start = _partition_start(p, local) if hasattr(p, "ds_tensor") else 0
+        names.append(f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}")
+        flat = local.reshape(-1)
+        stats.append(torch.stack([flat.double().sum(), flat.double().square().sum(),
+                                  _position_weighted_sum(flat, start)]))
+    values = torch.stack(stats) if stats else torch.zeros(0, 3, dtype=torch.float64, device=device)
+    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    digest = hashlib.sha256("\n".join(names).encode())
+    digest.update(values.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_dataset(ds: Any) -> Any:
+    """The dataset under `torch.utils.data.Subset` wrappers (itself when there is none)."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return ds
+
+
+def _subset_positions(ds: Any) -> list[int] | None:
+    """The base dataset's positions that a chain of `Subset`s selects, in order; None without a Subset."""
+    if not isinstance(ds, torch.utils.data.Subset):
+        return None
+    inner = _subset_positions(ds.dataset)
+    return [int(i) if inner is None else inner[int(i)] for i in ds.indices]
+
+
+def dataset_digest(ds: Any) -> str:
+    """sha256 of a preference dataset's content, to tell whether a reference cache was scored from it.
+
+    A `PreferenceDataset` (or a `Subset` of one): its image folder's absolute path and, per record in order, the
+    index, the image (its path as written, or the blake2b digest of inline bytes), prompt, chosen and rejected;
+    an image file replaced in place under the same path is not seen (delete the cache). Any other dataset: the
+    same fields of every item, `image_key` for the image; that loads every item once (images decoded).
+
+    Raises ValueError when two records share an index: the cache is keyed by index.
+    """
+    base, positions = base_dataset(ds), _subset_positions(ds)
+    records = getattr(base, "records", None)
+    digest = hashlib.sha256()
+    indices: list[int] = []
+    if isinstance(records, list):
+        folder = getattr(base, "image_folder", None)
+        digest.update(f"records|{None if folder is None else os.path.abspath(os.fspath(folder))}".encode())
+        for i in range(len(records)) if positions is None else positions:
+            r = records[i]
+            image = r["image"]
+            image_id = "bytes:" + hashlib.blake2b(image, digest_size=16).hexdigest() if isinstance(image, bytes) else (
+                f"path:{os.fspath(image)}"
+            )
+            indices.append(int(r["index"]))
+            digest.update(json.dumps([indices[-1], image_id, r["prompt"], r["chosen"], r["rejected"]]).encode())
+    else:
+        digest.update(b"items")
+        for i in range(len(ds)):
+            item = ds[i]
+            indices.append(int(item["index"]))
+            digest.update(json.dumps(
+                [indices[-1], str(item.get("image_key")), item["prompt"], item["chosen"], item["rejected"]]
+            ).encode())
+    if len(set(indices)) != len(indices):
+        repeated = sorted(i for i, n in Counter(indices).items() if n > 1)
+        raise ValueError(
+            f"records share the index values {repeated[:10]}: with precompute_reference=True the reference cache is "
+            "keyed by each record's 'index', which must be unique within a dataset (drop the 'index' keys of "
+            "hand-built records to number them by position)"
+        )
+    return digest.hexdigest()
+
+
+def processor_identity(processor: Any) -> dict[str, Any]:
+    """What identifies a processor for the reference cache: its class, the tokenizer's name_or_path, length and a
+    digest of its vocabulary, and a digest of the image processor's settings."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    identity: dict[str, Any] = {"class": None if processor is None else type(processor).__name__}
+    if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        identity.update(
+            tokenizer=type(tokenizer).__name__, name_or_path=str(getattr(tokenizer, "name_or_path", "")),
+            vocab_size=len(tokenizer), vocab=hashlib.sha256(vocab.encode()).hexdigest(),
+        )
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and hasattr(image_processor, "to_json_string"):
+        identity["image_processor"] = hashlib.sha256(image_processor.to_json_string().encode()).hexdigest()
+    return identity
+
+
+
+def score_table(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(max index + 1, K) float64 table of a cache entry's scores by record index; NaN rows: records not scored."""
+    index, scores = entry["index"], entry["scores"]
+    table = torch.full((int(index.max()) + 1 if index.numel() else 0, scores.shape[1]), math.nan, dtype=torch.float64)
+    table[index] = scores.double()
+    return table
+
+
+def lookup_scores(table: torch.Tensor, index: torch.Tensor, name: str, path: str) -> torch.Tensor:
+    """The (B, K) rows of `table` for record indices `index`, or a ValueError naming the records it lacks."""
+    inside = (index >= 0) & (index < table.shape[0])
+    rows = torch.full((index.numel(), table.shape[1]), math.nan, dtype=torch.float64)
+    rows[inside] = table[index[inside]]
+    missing = torch.isnan(rows).any(1)
+    if missing.any():
+        raise ValueError(
+            f"records {index[missing].tolist()} are not in the reference cache's {name!r} table ({path}, "
+            f"{int((~torch.isnan(table).any(1)).sum())} records scored at TPOTrainer init): with "
+            "precompute_reference=True every dataset trained or evaluated on must be given to TPOTrainer "
+            "(train_dataset=..., eval_dataset=... or a dict of them) and keep its records; delete the cache file "
+            "to recompute it"
+        )
+    return rows
+
+
+
+def read_reference_cache(path: str) -> dict[str, dict[str, Any]]:
+    """The tables of a cache file by name ({} without a file): the train table at the top level, as a cache with
+    only a train set always had it, and the eval datasets' under "eval_tables"."""
+    if not os.path.exists(path):
+        return {}
+    cached = torch.load(path, weights_only=True)
+    tables = dict(cached.get("eval_tables", {}))
+    if "fingerprint" in cached:
+        tables["train"] = {key: cached[key] for key in ("fingerprint", "index", "scores")}
+    return tables
+
