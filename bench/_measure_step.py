@@ -37,6 +37,11 @@ from _workloads.step import STEP_CASES, StepCase, StepData
 
 CHECK_RTOL = 1e-3  # the first loss against ln 2 (fp32); bf16 rounding of the sequence scores: 1e-2
 CHECK_RTOL_BF16 = 1e-2
+# The first optimizer step (same data, weights, optimizer and learning rate for every contender) lowers the loss by
+# the same drop for every correct implementation of an objective: in fp32 it must be a real drop, and it must
+# equal the independent implementation's (official TPO, TRL's DPO) within these relative tolerances.
+MIN_FIRST_DROP = 1e-4  # fp32: the loss after one step at least this far below the first
+DROP_RTOL = {"fp32": 0.02, "bf16": 0.15, "fp16": 0.15}
 
 
 class _Total:
@@ -181,7 +186,7 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
     phase = cfg.get("phase", "all")
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    row = {"status": "ok", "reason": "", "note": c.workloads["step"]}
+    row = {"status": "ok", "reason": "", "note": c.workloads["step"], "objective": c.objective, "oracle": c.oracle}
     mem = _CudaMemory() if device == "cuda" else _CpuMemory()
     if device == "cpu":
         mem.start()  # for `total`: VmHWM reset to the RSS before the model
@@ -222,6 +227,15 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
             row.update(status="failed check", reason=f"non-finite loss during the timed steps: {losses}")
             return row
         row["losses"] = losses
+        drop = losses[0] - losses[1]
+        # not a relative error: "err" None, the drop and its floor beside it (fp32 only; bf16 relies on the cross-check)
+        row["check"]["errors"]["first_drop"] = {"err": None, "tol": None, "drop": drop,
+                                                "min": MIN_FIRST_DROP if case.dtype == "fp32" else None}
+        if case.dtype == "fp32" and not drop >= MIN_FIRST_DROP:
+            row.update(status="failed check", reason=f"the loss did not fall after an optimizer step on the same batch "
+                                                     f"({losses[0]:.6g} -> {losses[1]:.6g}): nothing was trained")
+            row["check"]["ok"] = False
+            return row
         if phase != "memory":
             row["full_ms"] = _stats(times)
             row["tokens_per_s"] = row["tokens"] / (row["full_ms"]["median"] / 1e3)
@@ -240,6 +254,40 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - a contender failure becomes a row, the run goes on
         row.update(failure(e, device, limit=8))
     return row
+
+
+def cross_check_steps(rows: list[dict]) -> None:
+    """Check each step row's first-step loss drop against its objective's independent implementation, in place.
+
+    Every contender starts from the same weights, data, optimizer and learning rate, so the loss after the first
+    optimizer step is the same for every correct implementation of an objective (to rounding): a row whose drop
+    differs from the oracle row's (official TPO for TPO, TRL's DPOTrainer for DPO) by more than `DROP_RTOL` becomes
+    `failed check`. This catches what the first loss (ln 2 for any scoring, with policy = reference) cannot: the
+    wrong tokens scored, the wrong loss, a gradient lost. Rows without an oracle in the run are noted, not failed.
+    """
+    steps = [r for r in rows if r.get("workload") == "step" and r.get("status") == "ok" and r.get("losses")]
+    for objective in {r.get("objective") for r in steps}:
+        mine = [r for r in steps if r.get("objective") == objective]
+        oracle = next((r for r in mine if r.get("oracle")), None)
+        for r in mine:
+            if r is oracle:
+                continue
+            errors = r.setdefault("check", {"ok": True, "errors": {}}).setdefault("errors", {})
+            if oracle is None:
+                errors["first_drop_vs_oracle"] = {"err": None, "tol": None,
+                                                  "note": f"no independent {objective} step in this run"}
+                continue
+            want = oracle["losses"][0] - oracle["losses"][1]
+            got = r["losses"][0] - r["losses"][1]
+            tol = DROP_RTOL.get(r.get("dtype", "fp32"), DROP_RTOL["bf16"])
+            err = abs(got - want) / max(abs(want), 1e-12)
+            errors["first_drop_vs_oracle"] = {"err": err, "tol": tol, "oracle": oracle["contender"]}
+            if not err <= tol:
+                r["check"]["ok"] = False
+                r.update(status="failed check",
+                         reason=f"its first optimizer step lowers the loss by {got:.6g}, {oracle['label']}'s by "
+                                f"{want:.6g} ({err:.1%} apart, tolerance {tol:.0%}): it does not train the same "
+                                f"{objective.upper()} objective")
 
 
 def run_step_contender(job: dict) -> list[dict]:

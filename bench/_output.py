@@ -70,7 +70,8 @@ def write_json_csv(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> li
                 flat[f"{mode}_ms_p25"] = s["p25"] if isinstance(s, dict) else None
                 flat[f"{mode}_ms_p75"] = s["p75"] if isinstance(s, dict) else None
             if r.get("check"):
-                flat["max_rel_err"] = max(v["err"] for v in r["check"]["errors"].values())
+                errs = [v["err"] for v in r["check"]["errors"].values() if isinstance(v.get("err"), (int, float))]
+                flat["max_rel_err"] = max(errs, default=None)
             w.writerow(flat)
     return [jpath, cpath]
 

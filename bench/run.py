@@ -31,6 +31,7 @@ import _measure  # noqa: E402
 from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
 from _derive import derive  # noqa: E402
 from _env import env as child_env  # noqa: E402
+from _measure_step import cross_check_steps  # noqa: E402
 from _output import plot, write_json_csv  # noqa: E402
 from _report import markdown  # noqa: E402
 from _workloads import DEFAULT_WORKLOADS, PRESETS, STEP_CASES, STEP_PRESETS, WORKLOADS, family, parse_cases  # noqa: E402
@@ -238,7 +239,7 @@ def _settings(args: argparse.Namespace, torch) -> dict:
             f"no case runs these workloads: the step cases ({', '.join(STEP_CASES)}) run only --workloads step, "
             "the other cases only the other workloads"
         )
-    if args.repeats is None and family(cases[0]) == "step" and all(family(c) == "step" for c in cases):
+    if family(cases[0]) == "step" and all(family(c) == "step" for c in cases):  # the step defaults, each on its own
         d_repeats, d_warmup = step_repeats, step_warmup
     names = _contender_names(args.contenders or ",".join(DEFAULT))
     backends = _backends(names)
@@ -248,6 +249,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     repeats = args.repeats if args.repeats is not None else d_repeats
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if args.warmup is not None and args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1: the first, untimed call is also the one whose result is checked")
     if args.deadline_s is not None and args.deadline_s <= 0:
         raise SystemExit(f"--deadline-s must be a positive number of seconds, got {args.deadline_s:g}")
     if args.rounds < 1 or args.rounds > repeats:
@@ -415,6 +418,10 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
     valid = {r["workload"]: r["valid_frac"] for r in rows if r.get("valid_frac") is not None}
     for r in rows:
         r.update(case.as_dict(), case=case.name, valid_frac=valid.get(r["workload"]))
+    cross_check_steps(rows)
+    for r in rows:
+        if r.get("workload") == "step" and r["status"] == "failed check" and "full_ms" in r:
+            print(f"[{case.name}] {r['contender']} step: failed check after timing: {r['reason']}", file=sys.stderr)
     return rows
 
 

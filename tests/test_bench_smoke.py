@@ -233,6 +233,76 @@ def test_step_flop_count_includes_cpu_attention_and_in_place_addmm():
                 6 * n_valid * d * v
 
 
+def test_step_check_fails_a_contender_that_does_not_train():
+    """The first loss is ln 2 for any scoring (policy = reference), so the step check also requires the loss to fall
+    after one optimizer step: a step without backward and optimizer step used to pass and be timed."""
+    (measure_step, step_contenders, step_workload, workloads) = _bench(
+        "_measure_step", "_contenders.step", "_workloads.step", "_workloads")
+    import dataclasses
+
+    class NoTraining(step_contenders.OfficialTPOStep):
+        def train_step(self, batch):
+            with torch.no_grad():
+                chosen, rejected = self._scores(self.policy, batch)
+                ref_chosen, ref_rejected = self._scores(self.reference, batch)
+            margin = (chosen - rejected) - (ref_chosen - ref_rejected)
+            return float(-torch.nn.functional.logsigmoid(workloads.BETA * margin).mean())
+
+    case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], search_s=0)
+    cfg = {"device": "cpu", "phase": "time", "seed": 0, "warmup": 1, "repeats": 2}
+    row = measure_step.measure_step(NoTraining(), case, cfg)
+    assert row["status"] == "failed check" and "nothing was trained" in row["reason"], row
+    assert row["check"]["ok"] is False and row["check"]["errors"]["first_drop"]["drop"] == 0
+
+
+def _step_row(contender, objective, oracle, losses, dtype="fp32", label=None):
+    return {"workload": "step", "status": "ok", "contender": contender, "objective": objective, "oracle": oracle,
+            "losses": losses, "dtype": dtype, "label": label or contender, "check": {"ok": True, "errors": {}}}
+
+
+def test_cross_check_fails_a_step_that_trains_another_objective():
+    """Every contender's first optimizer step starts from the same weights, data and optimizer: its loss drop must
+    equal the independent implementation's (official TPO, TRL) within DROP_RTOL, or the row fails its check."""
+    (measure_step,) = _bench("_measure_step")
+    ln2 = 0.6931472
+    rows = [
+        _step_row("official-tpo", "tpo", True, [ln2, 0.1067], label="official"),
+        _step_row("ours-tpo", "tpo", False, [ln2, 0.10670 + 0.0005]),  # 0.085% of the drop apart: the same step
+        _step_row("mutant-tpo", "tpo", False, [ln2, 0.30]),  # scores other tokens: another drop
+        _step_row("ours-dpo", "dpo", False, [ln2, 0.4933]),  # no TRL row in this run: noted, not failed
+        _step_row("bf16-tpo", "tpo", False, [ln2, 0.1067 + 0.05], dtype="bf16"),  # 8.5% apart: within bf16's 15%
+    ]
+    measure_step.cross_check_steps(rows)
+    by = {r["contender"]: r for r in rows}
+    assert by["ours-tpo"]["status"] == "ok" and by["ours-tpo"]["check"]["ok"]
+    got = by["ours-tpo"]["check"]["errors"]["first_drop_vs_oracle"]
+    assert got["oracle"] == "official-tpo" and got["tol"] == 0.02
+    assert got["err"] == pytest.approx(0.0005 / (ln2 - 0.1067))
+    bad = by["mutant-tpo"]
+    assert bad["status"] == "failed check" and not bad["check"]["ok"]
+    assert "does not train the same TPO objective" in bad["reason"] and "official's" in bad["reason"]
+    assert by["ours-dpo"]["status"] == "ok"
+    assert by["ours-dpo"]["check"]["errors"]["first_drop_vs_oracle"]["note"] == "no independent dpo step in this run"
+    assert by["bf16-tpo"]["status"] == "ok" and by["official-tpo"]["status"] == "ok"
+
+
+def test_cached_reference_verdict_counts_the_cache_scoring():
+    """The cached-reference step moves the reference's scoring out of the timed step; its verdict against a step
+    that pays for its reference also gives the ratio with that scoring spread over one pass over the data."""
+    (report,) = _bench("_report")
+
+    def timed(ms):
+        return {"median": ms, "p25": ms * 0.99, "p75": ms * 1.01, "times": [ms] * 3}
+
+    official = {"contender": "official-tpo", "label": "official", "full_ms": timed(18800.0)}
+    cached = {"contender": "ours-tpo-shared-refcache", "label": "cached", "full_ms": timed(4110.0), "pairs": 4,
+              "reference_cache_s_per_pair": 0.41}
+    text = report._step_verdict([official, cached])
+    assert report.amortized_ratio(cached, official) == pytest.approx(18800.0 / (4110.0 + 0.41 * 4 * 1e3))
+    assert ("cached 4.57x the tokens/s of official (3.27x counting the cache's scoring in a one-epoch run, 0.41 s "
+            "per pair, paid once per data set: 1.64 s per step of 4 pairs over one epoch)") in text
+
+
 def test_rounds_split_the_repeats_and_are_checked():
     (run,) = _bench("run")
     assert run.round_repeats(5, 2) == [3, 2] and run.round_repeats(6, 3) == [2, 2, 2] and run.round_repeats(1, 1) == [1]
@@ -290,6 +360,25 @@ def test_guard_on_the_added_workloads(workload):
         assert set(good["check"]["errors"]) == {"out", *workloads.GRAD_INPUTS[workload]}
     bad = measure.measure_workload(contenders.Broken(), case, workload, cfg)
     assert bad["status"] == "failed check" and "full_ms" not in bad, bad
+
+
+def test_fisao_guard_rejects_a_loss_without_its_kl_term():
+    """The reference log-probs are drawn a log-prob apart from the policy's, so FiSAO's KL term is well above the
+    bf16 tolerance: a contender that drops it (the reference set to its own log-probs, k3 = 0) fails the check in
+    fp32 and in bf16 (with the reference 0.2 apart it passed in bf16)."""
+    contenders, measure, workloads = _bench_modules()
+    naive_mod = sys.modules["_contenders.naive"]
+
+    class NoKL(contenders.Naive):
+        def run(self, workload, inp):
+            logp, _ = contenders.Naive._logp_and_z(inp["hidden"], inp["weight"], inp["targets"])
+            return naive_mod.fisao_from_logp(logp, {**inp, "ref_logprobs": logp.detach()})
+
+    case = workloads.CASES["cpu-small"]
+    for dtype in ("fp32", "bf16"):
+        cfg = {"device": "cpu", "dtype": dtype, "seed": 0, "warmup": 1, "repeats": 1}
+        bad = measure.measure_workload(NoKL("no-kl"), case, "fisao", cfg)
+        assert bad["status"] == "failed check", (dtype, bad["check"])
 
 
 def test_streamed_logits_check_matches_the_full_oracle():
@@ -653,6 +742,10 @@ def test_runner_step_workload(tmp_path):
             continue
         assert r["status"] == "ok", r
         assert r["check"]["ok"] and r["losses"][0] == pytest.approx(0.6931472, rel=1e-3)  # policy = reference
+        assert r["check"]["errors"]["first_drop"]["drop"] > 1e-4  # one optimizer step lowers the loss
+        if name != "official-tpo" and name != "trl-dpo":  # checked against the independent TPO step's first drop
+            assert r["check"]["errors"]["first_drop_vs_oracle"]["oracle"] == "official-tpo"
+            assert r["check"]["errors"]["first_drop_vs_oracle"]["err"] < 0.02
         assert 0 < r["tokens"] < r["padded_positions"]  # prompt once per pair, no padding
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["full_ms"]["median"] / 1e3))
         assert r["step_gflop"] > 0

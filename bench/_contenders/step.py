@@ -66,6 +66,10 @@ class StepContender(Contender):
     backward, as `train()` runs them), then the optimizer step, without the rest of the train loop."""
 
     family = "step"
+    # The loss it trains ("tpo" or "dpo"), and whether it is an implementation independent of tpo_fast whose
+    # first optimizer step the others of its objective are checked against (`cross_check_steps`).
+    objective = ""
+    oracle = False
 
     def __init__(self, name: str, kind: str, label: str, note: str):
         super().__init__(name, kind, label, {"step": note})
@@ -111,6 +115,8 @@ def _official_scores(logits: torch.Tensor, corrupted_logits: torch.Tensor, label
 
 
 class OfficialTPOStep(StepContender):
+    objective, oracle = "tpo", True
+
     def __init__(self):
         super().__init__(
             "official-tpo", "baseline", "official TPO step (8 forwards, fp32 logits)",
@@ -219,6 +225,8 @@ def _first_line(e: BaseException) -> str:
 class TRLDPOStep(StepContender):
     """TRL's DPOTrainer; each of OPTIONAL_TRL is tried on top of the base configuration and kept when it
     builds, is not silently dropped by TRL, and trains one step."""
+
+    objective, oracle = "dpo", True
 
     def __init__(self):
         super().__init__(
