@@ -484,3 +484,26 @@ def test_failed_cuda_build_is_a_failure_only_where_it_can_work(monkeypatch, has_
     assert load_ext() == "cpu-extension"
     with pytest.raises(pytest.skip.Exception):
         require_cuda_ext()
+
+
+def test_triton_launches_run_under_the_tensors_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensor's: the logits kernels, forward and backward, run
+    inside `_device_guard(logits)` as the hidden-state launchers do (logits on cuda:1 while cuda:0 is current)."""
+    if not _triton_ok():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    import contextlib
+
+    from tpo_fast.ops import triton_impl
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        entered.append(t)
+        yield
+
+    monkeypatch.setattr(triton_impl, "_device_guard", guard)
+    x, t = _inputs(4, 37, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    x.requires_grad_()
+    logits_logprobs(x, t, backend="triton").logprobs.sum().backward()
+    assert len(entered) == 2 and all(e.shape == x.shape for e in entered)

@@ -86,29 +86,33 @@ class _TritonImpl:
     @staticmethod
     def forward(x, t, ignore_index):
         from tpo_fast.kernels.logits_logprobs import logits_forward_kernel
+        from tpo_fast.ops.triton_impl import _device_guard
 
         n, v = x.shape
         lse = torch.empty(n, dtype=torch.float32, device=x.device)
         z = torch.empty(n, dtype=torch.float32, device=x.device)
         if n:
             block = _triton_block_v(v)
-            logits_forward_kernel[(n,)](
-                x, x.stride(0), t, lse, z, v, ignore_index, BLOCK_V=block, num_warps=8 if block >= 2048 else 4
-            )
+            with _device_guard(x):  # Triton launches on the current device, not the tensor's (cuda:1 under cuda:0)
+                logits_forward_kernel[(n,)](
+                    x, x.stride(0), t, lse, z, v, ignore_index, BLOCK_V=block, num_warps=8 if block >= 2048 else 4
+                )
         return lse, z
 
     @staticmethod
     def backward(x, t, lse, coef_p, coef_y, ignore_index, inplace):
         from tpo_fast.kernels.logits_logprobs import logits_backward_kernel
+        from tpo_fast.ops.triton_impl import _device_guard
 
         n, v = x.shape
         g = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         if n:
             block = _triton_block_v(v)
-            logits_backward_kernel[(n,)](
-                x, x.stride(0), g, g.stride(0), t, lse, coef_p, coef_y, v, ignore_index,
-                BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-            )
+            with _device_guard(x):
+                logits_backward_kernel[(n,)](
+                    x, x.stride(0), g, g.stride(0), t, lse, coef_p, coef_y, v, ignore_index,
+                    BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+                )
         return g
 
 
