@@ -95,15 +95,10 @@ def test_fused_16bit_gradients_equal_the_fp32_ones_scaled_then_cast(dtype, grad_
         assert torch.equal(g16[k], g32[k].to(dtype)), f"{k}: {(g16[k].float() - g32[k]).abs().max().item():.3g}"
 
 
-TRITON_FP16_DZ = pytest.mark.xfail(
-    strict=True, reason="the Triton backend feeds its GEMMs a 16-bit dZ computed at grad_output = 1: fp16 entries "
-    "below 2^-24 are lost before any loss scale applies (docs/loss.md, mixed precision)")
-
-
 @pytest.mark.parametrize(("backend", "dtype", "grad_output", "beta"), [
     *[("torch", *case) for case in SCALED],
     ("triton", *SCALED[0]),
-    pytest.param("triton", *SCALED[1], marks=TRITON_FP16_DZ),
+    ("triton", *SCALED[1]),  # fp16 on triton: the losses take the recomputing path (`uses_fused_gradient`)
     ("triton", *SCALED[2]),
 ], ids=["torch-fp16-65536", "torch-fp16-tiny", "torch-bf16-third", "triton-fp16-65536", "triton-fp16-tiny",
         "triton-bf16-third"])
@@ -131,6 +126,37 @@ def test_fused_16bit_gradients_against_the_fp32_oracle(backend, dtype, grad_outp
         else:
             err = (got - expected).abs().max().item()
             assert err <= 2**-7 * expected.abs().max().item(), f"{k}: {err:.3g}"
+
+
+def test_fp16_on_triton_takes_the_recomputing_path(monkeypatch, caplog):
+    """The Triton fused path feeds its GEMMs a 16-bit dZ formed at grad_output = 1, so fp16 loses the small
+    gradients a loss scale exists to keep: `grad_mode="fused"` runs the recomputing path there (logged once), and
+    everywhere else (torch backend, bf16, fp32) the fused one; the reference backend never fuses."""
+    import logging
+
+    from tpo_fast.ops import fused_pairs
+
+    monkeypatch.setattr(fused_pairs, "_ANNOUNCED", set())
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="tpo_fast"):
+        assert not fused_pairs.uses_fused_gradient("fused", "triton", cpu, torch.float16)
+        assert not fused_pairs.uses_fused_gradient("fused", "triton", cpu, torch.float16)
+    assert [r.message for r in caplog.records].count(
+        "tpo_fast: fp16 on the triton backend computes the loss's gradient in backward (grad_mode='recompute'): "
+        "the fused path's 16-bit dZ would be rounded before the loss scale") == 1
+    assert fused_pairs.uses_fused_gradient("fused", "triton", cpu, torch.bfloat16)
+    assert fused_pairs.uses_fused_gradient("fused", "triton", cpu, torch.float32)
+    assert fused_pairs.uses_fused_gradient("fused", "torch", cpu, torch.float16)
+    assert not fused_pairs.uses_fused_gradient("fused", "reference", cpu, torch.float32)
+    assert not fused_pairs.uses_fused_gradient("recompute", "torch", cpu, torch.float32)
+    # and the losses follow it: no fused pair loss runs for fp16 on triton
+    calls = []
+    real = fused_pairs.fused_pair_loss
+    monkeypatch.setattr("tpo_fast.loss.tpo.fused_pair_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tpo_grads(batch(torch.float16), 1.0, backend="triton")
+    assert calls == []
+    tpo_grads(batch(torch.bfloat16), 1.0, backend="triton")
+    assert calls == [1]
 
 
 @pytest.mark.parametrize(("dtype", "grad_output"), [(torch.float16, 65536.0), (torch.bfloat16, 1.0 / 3.0)])

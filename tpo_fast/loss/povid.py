@@ -49,8 +49,8 @@ from tpo_fast.loss._checks import (
 )
 from tpo_fast.loss.pairs import pair_losses, preference_loss_from_sequence_scores
 from tpo_fast.loss.tpo import chunk_sequences
-from tpo_fast.ops import resolve_backend, target_logits, token_stats
-from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss
+from tpo_fast.ops import target_logits, token_stats
+from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
 
 
 def _check_targets(targets: object) -> tuple[int, int]:
@@ -330,7 +330,7 @@ def povid_loss(
     w = real_scalar("noise_weight", noise_weight)
     dpo = dict(beta=real_scalar("beta", beta), loss_type=loss_type,
                label_smoothing=real_scalar("label_smoothing", label_smoothing))
-    if grad_mode == "fused" and resolve_backend(backend, h.device) != "reference":
+    if uses_fused_gradient(grad_mode, backend, h.device, weight.dtype):
         loss, scores, argmax = _fused_scores(weight, h, hc, targets, bias, ref_scores, w, dpo, **opts)
     else:
         scores, extras = povid_sequence_scores(weight, h, hc, targets, bias, **opts)

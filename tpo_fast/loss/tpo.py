@@ -46,8 +46,8 @@ from tpo_fast.loss.pairs import (
     preference_loss_from_sequence_scores,
     sequence_scores,
 )
-from tpo_fast.ops import resolve_backend, token_stats
-from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss
+from tpo_fast.ops import token_stats
+from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
 
 _ROW_HINT = "; targets must be shifted so that hidden row t predicts targets[:, t]"
 
@@ -400,7 +400,7 @@ def tpo_loss(
     if hc is not None and (weighting == "none" or detach_weights):
         # Out of the graph entirely: corrupted_hidden gets no gradient (None, not a zero buffer).
         hc = hc.detach()
-    if o.grad_mode == "fused" and resolve_backend(o.backend, h.device) != "reference":
+    if uses_fused_gradient(o.grad_mode, o.backend, h.device, weight.dtype):
         return _fused(weight, h, hc, targets, bias, ref_scores, o)
     policy_logprobs, policy_s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend)
     return tpo_loss_from_logprobs(

@@ -15,7 +15,8 @@ than the N x D 16-bit tensor they scatter into), dW (torch backend) and db are t
 themselves. The exception is the Triton backend's dW of a 16-bit weight, which accumulates in the
 weight's dtype by design (no V x D fp32 buffer): it is scaled in fp32 and cast once, but was rounded
 once per chunk before. The Triton backend also feeds its GEMMs a 16-bit dZ, computed before any
-loss scale is known (docs/loss.md, mixed precision).
+loss scale is known: fine in bf16, not in fp16, which the losses therefore send to the recomputing
+path (`uses_fused_gradient`; docs/loss.md, mixed precision).
 
 A chunk holds whole pairs (chosen sequence p and rejected sequence B + p, and their corrupted-image
 rows), so every sequence-level term of a pair (its summed, weighted log-probs, the sigmoid / hinge /
@@ -31,6 +32,7 @@ and the corrupted row's is `g_zc onehot(y)`, a gather on W[y]: never a vocabular
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,6 +44,33 @@ from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.token_logprobs import resolve_backend
 from tpo_fast.ops.torch_chunked import autocast_off
+
+logger = logging.getLogger("tpo_fast")
+_ANNOUNCED: set[str] = set()
+
+
+def uses_fused_gradient(grad_mode: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a loss called with `grad_mode` runs this module's fused-gradient path (else the recomputing one).
+
+    "fused" runs it on the torch and triton backends wherever it is exact: not on the reference backend
+    (plain autograd), and not for fp16 on the triton backend, whose GEMMs take a 16-bit dZ computed at
+    `grad_output = 1`, before any loss scale is known, so that fp16's range (entries below 2^-24 flush to 0)
+    would drop the small gradients that GradScaler's scale exists to keep; the recomputing path forms dZ in
+    backward, scale included. That switch is logged once. `dtype`: the lm_head weight's, the dZ dtype.
+    """
+    if grad_mode != "fused":
+        return False
+    resolved = resolve_backend(backend, device)
+    if resolved == "reference":
+        return False
+    if resolved == "triton" and dtype == torch.float16:
+        if "fp16" not in _ANNOUNCED:
+            _ANNOUNCED.add("fp16")
+            logger.info("tpo_fast: fp16 on the triton backend computes the loss's gradient in backward "
+                        "(grad_mode='recompute'): the fused path's 16-bit dZ would be rounded before the loss scale")
+        return False
+    return True
+
 
 # The torch backend's chunk budget cap, the fp32 logits chunk of `torch_chunked` (32 Mi elements).
 TORCH_CHUNK_BYTES = 128 * 2**20

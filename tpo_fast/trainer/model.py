@@ -29,7 +29,7 @@ import torch
 
 from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
-from tpo_fast.ops.fused_pairs import take_stored_grads
+from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
 from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
 
 OBJECTIVES = ("tpo", "dpo", "povid")
@@ -391,9 +391,10 @@ def policy_loss(
     lm_head = llava.lm_head
     if _is_zero3(lm_head.weight):
         keys: list[str] = []
+        fused = uses_fused_gradient(options.grad_mode, options.backend, hidden.device, lm_head.weight.dtype)
         with _gathered([lm_head.weight, lm_head.bias]):
             loss, values = _Zero3GatheredLoss.apply(
-                loss_fn, keys, options.grad_mode == "fused", lm_head.weight, lm_head.bias, hidden, corrupted_hidden
+                loss_fn, keys, fused, lm_head.weight, lm_head.bias, hidden, corrupted_hidden
             )
         metrics = dict(zip(keys, values.unbind(0), strict=False))
     else:
