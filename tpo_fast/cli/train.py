@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="run each pair's image and prompt twice (padded rows) instead of once per pair")
     p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
-                   help="pack a micro-batch into one row without padding: auto (only with flex_attention, "
-                        "whose block mask skips the other pairs), on, off")
+                   help="pack a micro-batch into one row without padding: auto (flex_attention, whose block mask "
+                        "skips the other pairs, and SDPA without a sliding window, attended sequence by sequence "
+                        "through tpo_fast_sdpa; not eager), on, off")
     p.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo"), default="sigmoid",
                    help="preference loss on the reward margin")
     p.add_argument("--reference", choices=("auto", "model", "adapter", "none"), default="auto",
@@ -75,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
                    help="folder caching corrupted images (created; needs a seeded noise)")
     p.add_argument("--max-length", type=int, default=None, help="longest row in tokens (none: no cut)")
     p.add_argument("--bad-records", choices=("skip", "error"), default="skip",
-                   help="unusable records: skip them with a warning naming each, or stop at the first")
+                   help="unusable records: skip them with a warning naming each, or fail listing every bad one")
     p.add_argument("--logging-steps", type=int, default=10, help="log the metrics every this many steps")
     p.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT_DIR",
