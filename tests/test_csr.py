@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tpo_fast.methods.csr import CSROptions, mix_rewards, sentence_log_probs
+from tpo_fast.methods.csr import CLIPScorer, CSROptions, mix_rewards, sentence_beam_search, sentence_log_probs
 
 WORDS = ["a", "dog", "cat", "on", "the", "mat", "is", "there", "describe", "image", "red", "and", "bus", "what"]
 
@@ -160,3 +160,36 @@ def test_csr_cli_errors(workdir, tmp_path, capsys):
     with pytest.raises(ValueError, match="needs an image path"):
         main(["csr", "--model", str(root / "llava"), "--prompts", str(bad), "--clip", str(clip),
               "--output-dir", str(tmp_path / "o")])
+
+
+def test_sentences_end_at_their_stop_token_whatever_the_padding(workdir, monkeypatch):
+    """Beam search pads the rows that stopped early with eos when the pad id is 0 (the tiny tokenizer's; LLaMA's
+    unk-as-pad): a sentence that stopped at "." must stay open (expanded at the next depth, its ids ending at the
+    "."), not end the path with an eos the model never produced."""
+    from PIL import Image
+
+    root, model, processor, clip_dir, _ = workdir
+    tok = processor.tokenizer
+    the, cat, dot, eos = tok.convert_tokens_to_ids(["the", "cat", "."]) + [tok.eos_token_id]
+    assert tok.pad_token_id == 0 and eos != 0
+    # what beam search returns with pad id 0: rows that stopped at "." padded with eos; one row ends itself
+    rows = [[the, dot, eos, eos], [cat, the, dot, eos], [the, cat, the, eos], [cat, dot, eos, eos]]
+    inputs_seen = []
+
+    def generate(input_ids, num_return_sequences, **kw):
+        inputs_seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids.expand(num_return_sequences, -1), torch.tensor(rows[:num_return_sequences])], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    opts = CSROptions(num_beams=2, candidates=4, max_sentences=2, max_sentence_tokens=4, backend="torch")
+    best, worst = sentence_beam_search(model, processor, CLIPScorer(str(clip_dir)), Image.open(root / "a.png"),
+                                       "describe the image .", opts)
+    # depth 0 expands the prompt; the paths kept (num_beams of the three that stopped at ".", the one that ended
+    # with its own eos is finished) are expanded again at depth 1, each after its sentence and nothing more
+    prompt = len(inputs_seen[0])
+    continued = [ids[prompt:] for ids in inputs_seen[1:]]
+    assert len(continued) == 2, continued
+    assert all(ids in ([the, dot], [cat, the, dot], [cat, dot]) for ids in continued), continued
+    for path in (best, worst):
+        assert eos not in path.ids[:-1], path
+    assert max(len(best.sentences), len(worst.sentences)) == 2

@@ -123,6 +123,19 @@ def test_random_negatives_are_absent_balanced_and_seeded():
         assert all((p.obj in ITEMS[p.image].objects) == p.present for p in probes)
 
 
+def test_the_same_present_objects_in_every_split():
+    """POPE's splits differ only in their absent objects: with more objects per image than `max_positives`, each
+    split used to draw its own present ones (from the split's generator), so recall did not compare across splits."""
+    objects = ("red circle", "blue square", "green triangle", "yellow circle", "red square")
+    items = _items(*[objects] * 6)
+    for seed in (0, 1, 2):
+        asked = {split: sorted((p.image, p.obj) for p in pope_probes(items, split, seed=seed, max_positives=3)
+                               if p.present) for split in SPLITS}
+        assert asked["random"] == asked["popular"] == asked["adversarial"], (seed, asked)
+        assert len(asked["random"]) == 6 * 3
+        assert len({frozenset(o for i, o in asked["random"] if i == k) for k in range(6)}) > 1  # drawn per image
+
+
 def test_at_most_max_positives_per_image_and_bad_split():
     items = _items(("red circle", "blue square", "green triangle", "yellow circle"))
     probes = pope_probes(items, "popular", max_positives=3)

@@ -213,9 +213,12 @@ def sentence_beam_search(
             )
             cands, texts, seen = [], [], set()
             for row in out[:, ids.shape[1]:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id) + 1]
-                while row and row[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != tokenizer.eos_token_id:
+                # A row ends at its first stop token (eos or "."): beam search pads the rows that stopped early,
+                # with eos when there is no pad id (or pad id 0), and that padding is no part of the sentence.
+                end = next((j for j, token in enumerate(row) if token in stops), None)
+                if end is not None:
+                    row = row[: end + 1]
+                while row and row[-1] == tokenizer.pad_token_id and row[-1] not in stops:
                     row.pop()
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if not text or tuple(row) in seen:
@@ -233,7 +236,7 @@ def sentence_beam_search(
             for cand, text, value in zip(cands, texts, values.tolist(), strict=True):
                 child = SearchPath(path.ids + cand, path.sentences + [text], path.values + [value])
                 child.done = (
-                    tokenizer.eos_token_id in cand or depth == options.max_sentences - 1
+                    cand[-1] == tokenizer.eos_token_id or depth == options.max_sentences - 1
                     or len(child.ids) >= options.max_response_tokens
                 )
                 (finished if child.done else children).append(child)

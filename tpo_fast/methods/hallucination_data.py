@@ -152,7 +152,10 @@ def pope_probes(
     probes = []
     for i, item in enumerate(items):
         present = sorted(item.objects)
-        positives = present if len(present) <= max_positives else sorted(rng.sample(present, max_positives))
+        # The same present objects in every split (POPE: only the absent ones follow the split's rule), drawn
+        # from a generator of the image alone, so that recall compares across splits.
+        positives = present if len(present) <= max_positives else sorted(
+            random.Random(f"{seed}-positives-{i}").sample(present, max_positives))
         absent = [o for o in sorted(candidates) if o not in item.objects]
         k = min(len(positives), len(absent))
         if split == "random":
