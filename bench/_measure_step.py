@@ -42,6 +42,8 @@ CHECK_RTOL_BF16 = 1e-2
 # equal the independent implementation's (official TPO, TRL's DPO) within these relative tolerances.
 MIN_FIRST_DROP = 1e-4  # fp32: the loss after one step at least this far below the first
 DROP_RTOL = {"fp32": 0.02, "bf16": 0.15, "fp16": 0.15}
+# 16-bit: an oracle drop below this is within the losses' rounding noise; such a row is noted, not judged.
+MIN_DROP_16BIT = 1e-3
 
 
 class _Total:
@@ -279,7 +281,12 @@ def cross_check_steps(rows: list[dict]) -> None:
                 continue
             want = oracle["losses"][0] - oracle["losses"][1]
             got = r["losses"][0] - r["losses"][1]
-            tol = DROP_RTOL.get(r.get("dtype", "fp32"), DROP_RTOL["bf16"])
+            dtype = r.get("dtype", "fp32")
+            if dtype != "fp32" and not abs(want) >= MIN_DROP_16BIT:
+                errors["first_drop_vs_oracle"] = {"err": None, "tol": None, "oracle": oracle["contender"],
+                                                  "note": f"the oracle's first drop {want:.3g} is within {dtype} noise"}
+                continue
+            tol = DROP_RTOL.get(dtype, DROP_RTOL["bf16"])
             err = abs(got - want) / max(abs(want), 1e-12)
             errors["first_drop_vs_oracle"] = {"err": err, "tol": tol, "oracle": oracle["contender"]}
             if not err <= tol:
