@@ -193,3 +193,19 @@ def test_sentences_end_at_their_stop_token_whatever_the_padding(workdir, monkeyp
     for path in (best, worst):
         assert eos not in path.ids[:-1], path
     assert max(len(best.sentences), len(worst.sentences)) == 2
+
+
+def test_prompts_with_a_missing_image_fail_when_read(tmp_path, monkeypatch):
+    """A missing image is found when the prompts are read, naming the record, not midway through a search."""
+    from tpo_fast.methods.csr import read_prompts
+
+    (tmp_path / "a.png").write_bytes(b"")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"image": name, "prompt": "p"}) for name in ("a.png", "b.png")))
+    with pytest.raises(ValueError, match=f"record #1's image {tmp_path / 'b.png'} does not exist$"):
+        read_prompts(prompts, tmp_path)
+    monkeypatch.chdir(tmp_path / "..")  # relative paths without an image folder: read from the working folder
+    with pytest.raises(ValueError, match="record #0's image a.png does not exist \\(relative paths are read from"):
+        read_prompts(prompts)
+    prompts.write_text(json.dumps({"image": "a.png", "prompt": "p"}))
+    assert [r["image"] for r in read_prompts(prompts, tmp_path)] == [str((tmp_path / "a.png").resolve())]

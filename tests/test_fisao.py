@@ -115,6 +115,13 @@ def test_object_words():
     assert token_word("▁dog,") == "dog" and token_word("Ġ(cat).") == "cat" and token_word("▁.") == ""
     objs = frozenset({"dog", "bus"})
     assert is_object_word("dogs", objs) and is_object_word("buses", objs) and not is_object_word("the", objs)
+    # the default objects: COCO's head nouns, not the modifiers of its two-word categories; irregular plurals
+    from tpo_fast.methods.fisao import COCO_OBJECTS
+
+    for word in ("hydrant", "sign", "meter", "bear", "dog", "men", "women", "children", "dryer", "people"):
+        assert is_object_word(word, COCO_OBJECTS), word
+    for word in ("hot", "stop", "fire", "parking", "teddy", "traffic", "light"):
+        assert not is_object_word(word, COCO_OBJECTS), word
 
 
 WORDS = ["a", "dog", "cat", "on", "the", "mat", "is", "there", "describe", "image", "red", "and", "bus", "."]

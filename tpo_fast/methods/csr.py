@@ -270,6 +270,10 @@ def read_prompts(path: str | os.PathLike, image_folder: str | os.PathLike | None
                              f"(one of {list(PROMPT_KEYS)})")
         if image_folder is not None and not Path(image).is_absolute():
             image = str(Path(image_folder) / image)
+        if not Path(image).is_file():  # found here, not midway through an iteration's search
+            where = "" if image_folder is not None else " (relative paths are read from the working folder: pass the " \
+                "image folder)"
+            raise ValueError(f"{path}: record #{i}'s image {image} does not exist{where}")
         records.append({"image": str(Path(image).resolve()), "prompt": prompt, "index": i})
     if not records:
         raise ValueError(f"{path}: no prompt records")

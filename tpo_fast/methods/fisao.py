@@ -49,14 +49,17 @@ logger = logging.getLogger("tpo_fast")
 
 REWARD_MODES = ("linear", "step")
 
-# Head nouns of the 80 COCO categories and common synonyms (the objects hallucination benchmarks count).
+# Head nouns of the 80 COCO categories and common synonyms (the objects hallucination benchmarks count), one
+# token-sized word each: a two-word category contributes its noun ("fire hydrant" -> "hydrant", "hot dog" -> "dog",
+# "teddy bear" -> "bear"), never its modifier ("hot", "stop", "fire", "parking", "teddy" are no objects). "traffic
+# light" is left out: "light" is mostly an adjective ("light blue"). Irregular plurals are listed.
 COCO_OBJECTS = frozenset("""
-person man woman boy girl child people bicycle bike car motorcycle airplane plane bus train truck boat
-traffic light fire hydrant stop sign parking meter bench bird cat dog horse sheep cow elephant bear zebra
-giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard
-surfboard racket bottle glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot
-hot pizza donut cake chair couch sofa plant bed table toilet tv television laptop mouse remote keyboard
-phone microwave oven toaster sink refrigerator fridge book clock vase scissors teddy toothbrush
+person man men woman women boy girl child children people bicycle bike car motorcycle airplane plane bus train
+truck boat hydrant sign meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella
+handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard surfboard racket bottle glass cup fork
+knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair couch sofa plant bed table
+toilet tv television laptop mouse remote keyboard phone microwave oven toaster sink refrigerator fridge book clock
+vase scissors toothbrush drier dryer
 """.split())
 
 
