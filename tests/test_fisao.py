@@ -336,6 +336,26 @@ def test_fisao_step_takes_reference_logprobs_from_the_reference_model(tiny, monk
     assert m["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy: the rollout policy is the policy
 
 
+def test_rollout_without_a_pad_token(tiny):
+    """A tokenizer without a pad token (LLaMA's own) used to crash the rollout's padded batch (torch.full of None);
+    now the padding slots take the eos id, masked out of attention and labels."""
+    from tpo_fast.methods.fisao import rollout
+
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    saved = tok.pad_token
+    tok.pad_token = None
+    try:
+        assert tok.pad_token_id is None
+        ro = rollout(model, processor, images, ["describe the image .", "what is there ?"], max_new_tokens=4)
+    finally:
+        tok.pad_token = saved
+    mask = ro.attention_mask.bool()
+    assert (ro.input_ids[~mask] == tok.eos_token_id).all() and (ro.labels[~mask] == -100).all()
+    for i, response in enumerate(ro.response_ids):  # the labels are the sampled tokens
+        assert ro.labels[i][ro.labels[i] != -100].tolist() == response.tolist()
+
+
 def test_fisao_update_matches_full_logits(tiny):
     # One update on a fixed rollout, fused path vs full logits from the model's own forward.
     from tpo_fast.methods.fisao import response_hidden, rollout, token_logprobs_of

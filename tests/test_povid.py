@@ -219,3 +219,8 @@ def test_povid_step_needs_a_reference(tiny_batch):
         povid_step(model, batch)
     with pytest.raises(KeyError, match="corrupted_pixel_values"):
         povid_step(model, {k: v for k, v in batch.items() if k != "corrupted_pixel_values"}, reference_free=True)
+    # a reference passed with reference_free=True was silently ignored
+    with pytest.raises(ValueError, match="reference_free=True uses no reference: drop ref_model / ref_seq_scores"):
+        povid_step(model, batch, ref_model=model, reference_free=True)
+    with pytest.raises(ValueError, match="reference_free=True uses no reference"):
+        povid_step(model, batch, ref_seq_scores=torch.zeros(3 * batch["input_ids"].shape[0] // 2), reference_free=True)

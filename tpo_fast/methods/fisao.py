@@ -306,7 +306,9 @@ def rollout(
         pixels.append(inputs["pixel_values"][0])
     length = max(p.numel() + r.numel() for p, r in rows)
     n = len(rows)
-    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    # padding slots are masked out of attention and labels: any id will do where the tokenizer has no pad token
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((n, length), pad, dtype=torch.long, device=device)
     labels = torch.full((n, length), ignore_index, dtype=torch.long, device=device)
     attention_mask = torch.zeros((n, length), dtype=torch.long, device=device)
     for i, (p, r) in enumerate(rows):

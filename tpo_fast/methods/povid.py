@@ -80,6 +80,8 @@ def povid_step(
 
     if ref_model is not None and ref_seq_scores is not None:
         raise ValueError("pass ref_model or ref_seq_scores, not both")
+    if reference_free and (ref_model is not None or ref_seq_scores is not None):
+        raise ValueError("reference_free=True uses no reference: drop ref_model / ref_seq_scores, or reference_free")
     opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
     if reference_free:
         reference = "none"
