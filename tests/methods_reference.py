@@ -89,7 +89,7 @@ def pg_loss_reference(
     Per token (mask m): ratio = exp(logp - old), surrogate = min(ratio A, clip(ratio, 1 - e, 1 + e_high) A),
     kl: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1;
     per-token loss = -surrogate + kl_coef kl; "token_mean" averages over all response tokens,
-    "seq_mean" over each sequence's tokens then over sequences. hidden (R, T, D), rest (R, T).
+    "seq_mean" over each sequence's tokens then over the sequences that have tokens. hidden (R, T, D), rest (R, T).
     """
     mask = targets != ignore_index
     logp = masked_gather(logits_of(hidden, weight, bias).log_softmax(-1), targets, mask)
@@ -106,4 +106,5 @@ def pg_loss_reference(
     per_token = (-surrogate + kl_coef * kl) * mask
     if aggregation == "token_mean":
         return per_token.sum() / mask.sum().clamp(min=1)
-    return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    seq_means = [per_token[i].sum() / mask[i].sum() for i in range(mask.shape[0]) if mask[i].any()]
+    return torch.stack(seq_means).mean() if seq_means else per_token.sum() * 0

@@ -374,3 +374,73 @@ def test_precomputed_reference_on_another_device_is_refused():
     with pytest.raises(ValueError, match="ref_logprobs is on meta but the loss inputs are on cpu"):
         tpo_loss_from_logprobs(torch.zeros(2 * B, T), None, torch.ones(2 * B, T, dtype=torch.bool),
                                torch.zeros(2 * B, T, device="meta"), weighting="none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The public API's edges (a second review).
+
+
+def test_pair_losses_refuses_an_unknown_loss_type_and_a_nonpositive_beta():
+    """`pair_losses` is exported: a typo in loss_type used to run IPO silently, beta=0 a bare ZeroDivisionError."""
+    from tpo_fast.loss import pair_losses
+
+    p, r = torch.tensor([1.0, 2.0, 0.5, 0.1]), torch.zeros(4)
+    with pytest.raises(ValueError, match="loss_type must be 'sigmoid', 'hinge' or 'ipo', got 'hinged'"):
+        pair_losses(p, r, 0.3, "hinged")
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        pair_losses(p, r, 0.0, "ipo")
+    x = torch.tensor([0.5, 1.9])  # chosen minus rejected margins
+    torch.testing.assert_close(pair_losses(p, r, 0.3, "ipo"), (x - 1 / 0.6) ** 2)
+    torch.testing.assert_close(pair_losses(p, r, 0.3, "hinge"), torch.relu(1 - 0.3 * x))
+
+
+def test_token_pg_loss_edges():
+    """kl_coef=0 makes the KL a metric only (an infinite k3 used to give 0 * inf = NaN); the clip and KL options
+    take any real scalar like the other losses' options; seq_mean averages over the sequences that have tokens."""
+    from tpo_fast.loss import token_pg_loss
+
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(11, 6, generator=g), torch.randn(3, 4, 6, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (3, 4), generator=g)
+    adv = torch.randn(3, 4, generator=g)
+    ref = torch.zeros(3, 4)
+    ref[0, 2] = 200.0  # ref - logp far above 88: k3 = exp(...) is inf
+    out = token_pg_loss(w, h, y, advantages=adv, ref_logprobs=ref, kl_coef=0, backend="torch")
+    plain = token_pg_loss(w, h, y, advantages=adv, kl_coef=0.0, backend="torch")
+    assert torch.isfinite(out.loss) and out.loss.item() == plain.loss.item()
+    import numpy as np
+
+    a = token_pg_loss(w, h, y, advantages=adv, ref_logprobs=torch.zeros(3, 4), clip_eps=np.float32(0.25),
+                      kl_coef=torch.tensor(0.05), backend="torch").loss
+    b = token_pg_loss(w, h, y, advantages=adv, ref_logprobs=torch.zeros(3, 4), clip_eps=0.25, kl_coef=0.05,
+                      backend="torch").loss
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    with pytest.raises(TypeError, match="kl_coef must be a real number"):
+        token_pg_loss(w, h, y, advantages=adv, kl_coef=True, backend="torch")
+    with pytest.raises(TypeError, match="advantages must be a torch.Tensor, got NoneType"):
+        token_pg_loss(w, h, y, advantages=None, kl_coef=0.0, backend="torch")
+    # an empty third sequence does not dilute seq_mean: the mean of the other two sequences' token means
+    y_empty = y.clone()
+    y_empty[2] = -100
+    two = token_pg_loss(w, h[:2], y[:2], advantages=adv[:2], kl_coef=0.0, aggregation="seq_mean", backend="torch")
+    three = token_pg_loss(w, h, y_empty, advantages=adv, kl_coef=0.0, aggregation="seq_mean", backend="torch")
+    assert three.loss.item() == pytest.approx(two.loss.item(), rel=1e-6)
+
+
+def test_losses_name_an_argument_of_the_wrong_type():
+    b = batch()
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        tpo_loss(b["weight"].tolist(), b["hidden"], b["corrupted_hidden"], b["targets"], reference_free=True)
+    with pytest.raises(TypeError, match="ref_weight must be a torch.Tensor, got list"):
+        dpo_loss(b["weight"], b["hidden"], b["targets"], ref_hidden=b["hidden"], ref_weight=[1.0])
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        povid_loss([1.0], b["hidden"], b["corrupted_hidden"], b["targets"], reference_free=True)
+
+
+def test_module_repr_shows_every_option():
+    from tpo_fast.loss import DPOLoss, TPOLoss
+
+    text = repr(TPOLoss(label_smoothing=0.1, reference_free=True, average_log_prob=True, ignore_index=0))
+    assert "label_smoothing=0.1, reference_free=True, average_log_prob=True, ignore_index=0" in text
+    text = repr(DPOLoss(label_smoothing=0.2, ignore_index=-1))
+    assert "label_smoothing=0.2" in text and "ignore_index=-1" in text

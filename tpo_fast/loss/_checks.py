@@ -150,6 +150,14 @@ def check_targets(targets: object) -> torch.Tensor:
     return targets
 
 
+def check_tensors(**named: object) -> None:
+    """TypeError naming the first argument that is neither a torch.Tensor nor None (None: an optional input left
+    out; required ones are checked where they are used)."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: str = "") -> torch.Tensor:
     """(n_seq, n_tok, D) or (n_seq*n_tok, D) -> (n_seq*n_tok, D); `label` names n_seq in the error."""
     if not isinstance(t, torch.Tensor):

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from tpo_fast.loss._checks import LossOutput, _shape
+from tpo_fast.loss._checks import LossOutput, _shape, real_scalar
 from tpo_fast.ops import token_stats
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -29,21 +29,25 @@ ADVANTAGES = ("reward", "return")
 
 
 def check_pg_options(clip_eps: float, clip_eps_high: float | None, kl_coef: float, kl_estimator: str,
-                     aggregation: str) -> None:
-    """Raise ValueError for an option outside its domain."""
+                     aggregation: str) -> tuple[float, float | None, float]:
+    """(clip_eps, clip_eps_high, kl_coef) as floats: real scalars (int, float, NumPy scalar, 0-d tensor; not bool,
+    else TypeError) in their domains (else ValueError), as the other losses check theirs."""
+    raw = {"clip_eps": clip_eps, "clip_eps_high": clip_eps_high, "kl_coef": kl_coef}  # as given, for the messages
+    clip_eps = real_scalar("clip_eps", clip_eps)
+    clip_eps_high = None if clip_eps_high is None else real_scalar("clip_eps_high", clip_eps_high)
+    kl_coef = real_scalar("kl_coef", kl_coef)
     for name, value in (("clip_eps", clip_eps), ("clip_eps_high", clip_eps_high)):
-        if value is None and name == "clip_eps_high":
-            continue
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0 (PPO uses 0.2), got {value!r}")
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{name} must be a finite number > 0 (PPO uses 0.2), got {raw[name]!r}")
     if clip_eps >= 1:
-        raise ValueError(f"clip_eps must be < 1 (the ratio is clipped to [1 - clip_eps, ...]), got {clip_eps}")
-    if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        raise ValueError(f"clip_eps must be < 1 (the ratio is clipped to [1 - clip_eps, ...]), got {raw['clip_eps']}")
+    if not math.isfinite(kl_coef) or kl_coef < 0:
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {raw['kl_coef']!r}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    return clip_eps, clip_eps_high, kl_coef
 
 
 def token_advantages(
@@ -125,14 +129,20 @@ def token_pg_loss(
             log-probs, detached: ratio 1, the plain policy gradient).
         ref_logprobs: (R, T) reference log-probs; required when `kl_coef > 0`.
         clip_eps: 0.2; clip_eps_high: upper clip (default = clip_eps).
-        kl_coef: 0.05; kl_estimator: "k3" (default), "k1" or "k2". aggregation: "token_mean" or "seq_mean".
+        kl_coef: 0.05 (0: the KL is a metric only); kl_estimator: "k3" (default), "k1" or "k2".
+        aggregation: "token_mean" (over every response token) or "seq_mean" (each sequence's token mean, then
+            the mean over the sequences that have response tokens).
         ignore_index: -100. backend: primitive backend ("auto", "triton", "torch", "reference").
 
     Returns:
         `LossOutput(loss, metrics)` with "pg/loss", "pg/clip_frac", "pg/ratio_mean", "kl/mean",
         "advantages/mean", "logps/mean" (all over response tokens).
     """
-    check_pg_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, aggregation)
+    clip_eps, clip_eps_high, kl_coef = check_pg_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, aggregation)
+    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("hidden", hidden), ("weight", weight)):
+        if not (isinstance(t, torch.Tensor) or (t is None and name in ("old_logprobs", "ref_logprobs"))):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise ValueError("targets must be a 2-D (R, T) tensor of sampled response tokens (shifted)")
     n_seq, n_tok = targets.shape
@@ -164,13 +174,16 @@ def token_pg_loss(
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
         kl = _kl(torch.where(mask, ref_logprobs.detach().float() - logp, zero), kl_estimator)
-        per_token = per_token + kl_coef * kl
+        if kl_coef > 0:  # at 0 the KL is a metric only: an infinite k3 (ref - logp > 88) must not give 0 * inf
+            per_token = per_token + kl_coef * kl
     per_token = torch.where(mask, per_token, zero)
     count = mask.sum().clamp(min=1)
     if aggregation == "token_mean":
         loss = per_token.sum() / count
     else:
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        # the mean over the sequences that have response tokens (an empty one has no token mean)
+        has = mask.any(-1)
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / has.sum().clamp(min=1)
     with torch.no_grad():
         metrics = _pg_metrics(mask, surrogate, ratio, adv, kl, logp)
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})

@@ -81,7 +81,9 @@ class TPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, weighting={self.weighting!r}, offset={self.offset}, "
-            f"detach_weights={self.detach_weights}, loss_type={self.loss_type!r}, backend={self.backend!r}, "
+            f"detach_weights={self.detach_weights}, loss_type={self.loss_type!r}, "
+            f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, "
+            f"average_log_prob={self.average_log_prob}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
             f"grad_mode={self.grad_mode!r}"
         )
 
@@ -141,7 +143,11 @@ class DPOLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, loss_type={self.loss_type!r}, backend={self.backend!r}, grad_mode={self.grad_mode!r}"
+        return (
+            f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+            f"reference_free={self.reference_free}, average_log_prob={self.average_log_prob}, "
+            f"ignore_index={self.ignore_index}, backend={self.backend!r}, grad_mode={self.grad_mode!r}"
+        )
 
 
 class POVIDLoss(nn.Module):

@@ -142,9 +142,16 @@ def preference_loss_from_sequence_scores(
 def pair_losses(
     policy: torch.Tensor, ref: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Per-pair fp32 losses (B,) from (2B,) policy and reference scores (chosen first); options unchecked."""
+    """Per-pair fp32 losses (B,) from (2B,) policy and reference scores (chosen first).
+
+    `preference_loss_from_sequence_scores` checks every option; here only what a typo would silently change: an
+    unknown `loss_type` (ValueError, never a silent IPO) and `beta` <= 0 (the IPO target 1 / (2 beta))."""
     n_pairs = policy.shape[0] // 2
     beta, label_smoothing = float(beta), float(label_smoothing)
+    if loss_type not in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"loss_type must be 'sigmoid', 'hinge' or 'ipo', got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be a finite number > 0 (DPO uses 0.1), got {beta}")
     logits = (policy[:n_pairs] - policy[n_pairs:]) - (ref[:n_pairs] - ref[n_pairs:])
     if loss_type == "sigmoid":
         return (

@@ -44,6 +44,7 @@ from tpo_fast.loss._checks import (
     as_scores,
     check_kernel_options,
     check_loss_options,
+    check_tensors,
     real_scalar,
     rows,
 )
@@ -321,6 +322,9 @@ def povid_loss(
     check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
     check_povid_options(noise_weight)
     check_kernel_options(grad_mode, backend, ignore_index)
+    check_tensors(weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor (the (V, D) lm_head weight), got None")
     n_pairs, n_tok = _check_targets(targets)
     h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
     opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)

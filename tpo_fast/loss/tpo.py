@@ -34,6 +34,7 @@ from tpo_fast.loss._checks import (
     check_kernel_options,
     check_loss_options,
     check_targets,
+    check_tensors,
     num_pairs,
     real_scalar,
     rows,
@@ -388,6 +389,9 @@ def tpo_loss(
     """
     check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
     check_kernel_options(grad_mode, backend, ignore_index)
+    check_tensors(weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor (the (V, D) lm_head weight), got None")
     o = _Options(real_scalar("beta", beta), weighting, real_scalar("offset", offset), bool(detach_weights), loss_type,
                  real_scalar("label_smoothing", label_smoothing), bool(reference_free), bool(average_log_prob),
                  int(ignore_index), backend, grad_mode)
