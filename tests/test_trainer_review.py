@@ -343,3 +343,69 @@ def test_weights_digest_sees_permuted_rows_and_columns_not_a_copy():
             w[where_a] = w[where_b].clone()
         assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
         assert weights_digest(other.named_parameters()) != digest, index
+
+
+# -- evaluation metrics, the best model, tokens/s (a second review) ------------------------------------------
+
+
+def _ref_trainer(proc, tmp_path, train, eval_dataset=None, **kw):
+    """A trainer whose reference differs from the policy (seed 1), so that the rewards metrics are not all 0."""
+    args = _args(tmp_path, per_device_eval_batch_size=2, per_device_train_batch_size=2, **kw)
+    return TPOTrainer(tiny_model(proc), ref_model=tiny_model(proc, seed=1), args=args, train_dataset=train,
+                      eval_dataset=eval_dataset, processing_class=proc)
+
+
+def test_each_evaluation_reports_its_own_step_metrics_under_its_prefix(data, tmp_path):
+    """predict() used to leave its step metrics to be averaged into the next evaluate() (and report none itself);
+    evaluate(metric_key_prefix="val") reported them under "eval_"."""
+    train, eval4, eval6, proc = data
+    tr = _ref_trainer(proc, tmp_path, train)
+    keys = ("rewards/accuracies", "rewards/margins", "logps/chosen")
+    a = tr.evaluate(eval4)
+    b = tr.evaluate(eval6)
+    predicted = tr.predict(eval4).metrics
+    assert {k: predicted[f"test_{k}"] for k in keys} == {k: a[f"eval_{k}"] for k in keys}
+    again = tr.evaluate(eval6)
+    assert {k: again[f"eval_{k}"] for k in keys} == {k: b[f"eval_{k}"] for k in keys}
+    val = tr.evaluate(eval6, metric_key_prefix="val")
+    assert {k: val[f"val_{k}"] for k in keys} == {k: b[f"eval_{k}"] for k in keys}
+    assert not [k for k in val if k.startswith("eval_")], sorted(val)
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(data, tmp_path):
+    """The base Trainer loaded the best checkpoint's legacy-keyed state dict as is and silently kept the last
+    weights; the best checkpoint's weights must be the model's at the end."""
+    from transformers import LlavaForConditionalGeneration
+
+    train, eval4, _, proc = data
+    tr = _ref_trainer(proc, tmp_path, train, eval4, max_steps=3, eval_strategy="steps", eval_steps=1,
+                      save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                      metric_for_best_model="eval_loss", greater_is_better=False, learning_rate=0.2,
+                      detach_weights=True)
+    tr.train()
+    losses = [h["eval_loss"] for h in tr.state.log_history if "eval_loss" in h]
+    best = tr.state.best_model_checkpoint
+    assert best.endswith(f"checkpoint-{1 + losses.index(min(losses))}")
+    final = dict(tr.model.state_dict())
+    saved = LlavaForConditionalGeneration.from_pretrained(best).state_dict()
+    assert max(float((final[k] - saved[k]).abs().max()) for k in saved) == 0
+    assert best != str(tmp_path / "out" / "checkpoint-3")  # at this learning rate the last step overshoots
+    last = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "checkpoint-3").state_dict()
+    assert max(float((final[k] - last[k]).abs().max()) for k in last) > 0
+
+
+def test_tokens_per_second_counts_training_time_only(data, tmp_path, monkeypatch):
+    """The clock of tokens/s started at the first compute_loss in any mode (an evaluate() before train() counted
+    its time, and the wait after it); an evaluation inside a logging window is no training time either."""
+    import tpo_fast.trainer.trainer as trainer_mod
+
+    train, eval4, _, proc = data
+    tr = _ref_trainer(proc, tmp_path, train)
+    tr.evaluate(eval4)
+    assert tr._time_of_log is None  # evaluation starts no training clock
+    clock = iter([10.0, 25.0])  # the evaluation below starts at 10 and ends at 25 on a fake clock
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: next(clock))
+    tr._time_of_log = 4.0  # a training window open since t = 4
+    with tr._evaluation("eval"):
+        pass
+    assert tr._time_of_log == 4.0 + 15.0

@@ -219,6 +219,7 @@ class TPOTrainer(Trainer):
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._ref_table_names: list[tuple[Any, str]] = []
         self._eval_table: str | None = None  # the table evaluate() / predict() reads now
+        self._metric_prefix: str | None = None  # the running evaluate() / predict()'s metric_key_prefix + "_"
         self._warn_dataset_settings()
         if args.precompute_reference:
             self._precompute_reference()
@@ -469,18 +470,40 @@ class TPOTrainer(Trainer):
         finally:
             self._eval_table = previous
 
+    @contextlib.contextmanager
+    def _evaluation(self, metric_key_prefix: str):
+        """An evaluate() / predict() run: its step metrics are collected apart from any other run's (and from the
+        training window's), and reported under `metric_key_prefix`."""
+        previous = self._metric_prefix, self._stored_metrics.pop("eval", None)
+        self._metric_prefix = metric_key_prefix + "_"
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._time_of_log is not None:  # an evaluation inside a training logging window is no training time
+                self._time_of_log += time.perf_counter() - started
+            self._stored_metrics.pop("eval", None)
+            self._metric_prefix = previous[0]
+            if previous[1] is not None:
+                self._stored_metrics["eval"] = previous[1]
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """`Trainer.evaluate`; with a precomputed reference each eval dataset is scored against its own table."""
+        """`Trainer.evaluate`, with the step metrics (rewards, log-probs, visual scores) averaged over the run and
+        logged under `metric_key_prefix`; with a precomputed reference each eval dataset is scored against its own
+        table."""
         target = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(target, dict):  # the base Trainer calls back once per dataset
+        if isinstance(target, dict):  # the base Trainer calls back once per dataset, "<prefix>_<name>"
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        with self._reference_table_for(target):
+        with self._reference_table_for(target), self._evaluation(metric_key_prefix):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
-        """`Trainer.predict`; with a precomputed reference `test_dataset` must be one the trainer was given."""
-        with self._reference_table_for(test_dataset):
-            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        """`Trainer.predict`, its metrics including the step metrics under `metric_key_prefix`; with a precomputed
+        reference `test_dataset` must be one the trainer was given."""
+        with self._reference_table_for(test_dataset), self._evaluation(metric_key_prefix):
+            output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
+            output.metrics.update(self._pop_metric_means("eval", self._metric_prefix))
+        return output
 
     def _reference_scores(self, inputs: dict[str, torch.Tensor], training: bool = True) -> torch.Tensor | None:
         if self.reference_mode == "model":
@@ -516,9 +539,18 @@ class TPOTrainer(Trainer):
         llava.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
 
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the best checkpoint through `_load_from_checkpoint` (the base Trainer would load
+        the legacy-keyed state dict as is and silently keep the last weights); DeepSpeed, FSDP and PEFT keep theirs."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(self.model, "peft_config"):
+            return super()._load_best_model()
+        logger.info("loading the best model from %s (score %s)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     # ----- step ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._time_of_log is None:
+        if self._time_of_log is None and model.training:  # tokens/s counts training time only
             self._time_of_log = time.perf_counter()
         out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs, training=model.training))
         split = "train" if model.training else "eval"
@@ -534,17 +566,24 @@ class TPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "train" if "loss" in logs else "eval"
-        prefix = "" if split == "train" else "eval_"
-        if split == "eval":  # one of a dict of eval datasets logs "eval_<name>_loss": its metrics take that prefix
-            prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval_") and k.endswith("_loss")), prefix)
+    def _pop_metric_means(self, split: str, prefix: str) -> dict[str, float]:
+        """The stored step metrics of `split` ("train" or "eval"), averaged (over ranks too) and prefixed; removed."""
         stored = self._stored_metrics.pop(split, {})
-        if stored:
-            keys = sorted(stored)
-            means = torch.tensor([sum(v) / len(v) for v in (stored[k] for k in keys)], device=self.args.device)
-            means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
-            logs.update({prefix + k: round(float(v), 6) for k, v in zip(keys, means, strict=False)})
+        if not stored:
+            return {}
+        keys = sorted(stored)
+        means = torch.tensor([sum(v) / len(v) for v in (stored[k] for k in keys)], device=self.args.device)
+        means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
+        return {prefix + k: round(float(v), 6) for k, v in zip(keys, means, strict=False)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The base log, plus the step metrics averaged over the logging window (training: under no prefix, with
+        tokens/s and peak memory) or over the evaluate() run (under its metric_key_prefix)."""
+        split = "train" if "loss" in logs else "eval"
+        if split == "train":
+            logs.update(self._pop_metric_means("train", ""))
+        elif self._metric_prefix is not None and f"{self._metric_prefix}loss" in logs:  # the evaluate() run's log
+            logs.update(self._pop_metric_means("eval", self._metric_prefix))
         if split == "train" and self._time_of_log is not None:
             now = time.perf_counter()
             tokens = torch.tensor(float(self._tokens_since_log), device=self.args.device)
