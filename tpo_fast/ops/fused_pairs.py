@@ -10,8 +10,9 @@ Precision of the stored gradients: they are computed at `grad_output = 1` and ke
 backward, which multiplies them by `grad_output` in fp32 and casts once to the input's dtype, so a
 16-bit input gets `(fp32 gradient * grad_output).to(dtype)`, as the recomputing path gives it: a loss
 scale beyond fp16's range (GradScaler's 65536) or a `grad_output` bf16 cannot hold (1/3) is used
-exactly. Memory: dH and dH~ are kept for the target-carrying rows only (R x D fp32, usually less
-than the N x D 16-bit tensor they scatter into), dW (torch backend) and db are the fp32 accumulators
+exactly. Memory: for 16-bit inputs dH and dH~ are kept for the target-carrying rows only (R x D fp32,
+usually less than the N x D 16-bit tensor they scatter into); for fp32 inputs they are the (N, D)
+gradients themselves, written row by row as before. dW (torch backend) and db are the fp32 accumulators
 themselves. The exception is the Triton backend's dW of a 16-bit weight, which accumulates in the
 weight's dtype by design (no V x D fp32 buffer): it is scaled in fp32 and cast once, but was rounded
 once per chunk before. The Triton backend also feeds its GEMMs a 16-bit dZ, computed before any
@@ -164,6 +165,14 @@ class StoredGrad:
         return out.index_copy_(0, self.rows, g)
 
 
+def _put_rows(g: torch.Tensor, g_rows: torch.Tensor, rows: torch.Tensor, at: int, full: bool) -> None:
+    """A chunk's row gradients into the stored buffer: by row index into a full (N, D) one, else at [at, at + n)."""
+    if full:
+        g.index_copy_(0, rows, g_rows)
+    else:
+        g[at:at + g_rows.shape[0]] = g_rows
+
+
 def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]:
     """Consecutive pair ranges [first, stop) whose valid rows fit `budget_rows`; a larger pair goes alone."""
     chunks, first, rows = [], 0, 0
@@ -221,13 +230,16 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     chunks = plan_chunks(pair_rows, max(1, spec.chunk_bytes // (4 * v)))
     core = make_core(spec.backend, weight, bias, need_w, need_b and bias is not None)
     grids = _Grids(targets, corrupted_hidden is not None, y2_all is not None)
-    # dH and dH~ of the target-carrying rows only, fp32 until backward scales them (see the module doc):
-    # a chunk's n rows sit at [at, at + n) in chunk order, their indices into `hidden` in `row_index`.
-    n_rows = sum(pair_rows)
+    # dH and dH~ in fp32 until backward scales them (see the module doc). For 16-bit inputs a chunk's n rows
+    # sit at [at, at + n) in chunk order, their indices into `hidden` in `row_index`.
+    # fp32 inputs: the full (N, D) gradients themselves, written row by row (no second buffer, no scatter in
+    # backward). 16-bit inputs: fp32 rows of the target-carrying tokens, scattered into the input dtype in backward.
+    full = hidden.dtype == torch.float32
+    n_rows = hidden.shape[0] if full else sum(pair_rows)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_h else None
     ghc = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_hc else None
-    row_index = torch.empty(n_rows, dtype=torch.long, device=hidden.device) if (need_h or need_hc) else None
+    row_index = None if full or not (need_h or need_hc) else torch.empty(n_rows, dtype=torch.long, device=hidden.device)
     offsets = torch.arange(n_tok, device=targets.device)
 
     def one_chunk(first: int, stop: int, at: int) -> torch.Tensor:
@@ -274,14 +286,14 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
                 gh_rows = core.backprop(dz, h, need_h)
                 del dz  # the logits buffer, now dZ: `release` frees it before the corrupted branch's temporaries
                 if gh is not None:
-                    gh[at:at + n] = gh_rows
+                    _put_rows(gh, gh_rows, rows, at, full)
         core.release()
         # No gradient reached the corrupted grid (weighting="none", detached weights): skip its backward
         # entirely, or a non-finite corrupted row would put 0 * inf = NaN into dW and db.
         if g_zc is not None and hc is not None and (need_hc or need_w or need_b):
             ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, m, n, h).contiguous(), need_hc)
             if ghc is not None:
-                ghc[at:at + n] = ghc_rows
+                _put_rows(ghc, ghc_rows, rows, at, full)
         return loss.detach().float()
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
