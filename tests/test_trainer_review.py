@@ -126,6 +126,20 @@ def test_reference_cache_is_not_reused_for_other_records_of_the_same_size(data, 
     assert torch.equal(again, fresh) and "reference scores of the train dataset loaded from" in caplog.text
 
 
+def test_reference_cache_made_when_responses_were_tokenized_alone_is_scored_again(data, tmp_path):
+    """A table from before responses were labelled as continuations of their prompt has no 'response_tokens'
+    in its fingerprint: its scores may cover other tokens, so it is not reused."""
+    train, _, _, proc = data
+    cache = str(tmp_path / "old.pt")
+    fresh = _trainer(proc, tmp_path / "a", train, precompute_reference=True, reference_cache=cache)._ref_table.clone()
+    stored = torch.load(cache, weights_only=False)
+    assert stored["fingerprint"].pop("response_tokens") == "continuation"
+    stored["scores"] = stored["scores"] + 1.0  # what the old tokens scored: anything else
+    torch.save(stored, cache)
+    got = _trainer(proc, tmp_path / "b", train, precompute_reference=True, reference_cache=cache)._ref_table
+    assert torch.equal(got, fresh)
+
+
 def test_dataset_digest_covers_the_records(data, tmp_path):
     from tpo_fast.trainer.reference_cache import dataset_digest
 

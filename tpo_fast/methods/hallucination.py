@@ -208,10 +208,13 @@ def statement_shares(
     `image`, fp32 (K,)."""
     from tpo_fast.methods.csr import sentence_log_probs
     from tpo_fast.methods.fisao import format_prompt
+    from tpo_fast.trainer.collator import continuation_ids
 
     device = next(model.parameters()).device
-    inputs = processor(text=[format_prompt(processor, prompt)], images=[image], return_tensors="pt").to(device)
-    cands = [processor.tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in statements]
+    text = format_prompt(processor, prompt)
+    inputs = processor(text=[text], images=[image], return_tensors="pt").to(device)
+    text_ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
+    cands = [continuation_ids(processor.tokenizer, text, text_ids, " " + s) for s in statements]
     mean = sentence_log_probs(model, inputs["input_ids"][0], inputs["pixel_values"], [], cands, backend)
     return (mean * torch.tensor([len(c) for c in cands], dtype=torch.float32)).softmax(-1)
 

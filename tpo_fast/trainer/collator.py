@@ -11,6 +11,31 @@ logger = logging.getLogger("tpo_fast")
 
 DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
+_warned_split = False
+
+
+def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text: str) -> list[int]:
+    """The token ids `text` gets when it follows `context`, as a tokenizer splits `context + text` at once.
+
+    `context_ids` are `tokenizer(context)`'s ids (special tokens included). Tokenizing `text` alone is not the
+    same: a Llama SentencePiece tokenizer with the legacy prefix normalizer (Llama-2's) turns a response
+    " Yes" alone into ["▁", "▁Yes"], where the whole conversation has ["▁Yes"]: the lone "▁" would become a
+    trained target that generation never produces. When the joint ids do not start with `context_ids` (the
+    tokenizer merged the context's last token with the text's first), the text is tokenized alone, with a
+    warning the first time.
+    """
+    global _warned_split
+    joint = tokenizer(context + text, add_special_tokens=True)["input_ids"]
+    if joint[: len(context_ids)] == context_ids:
+        return joint[len(context_ids):]
+    if not _warned_split:
+        logger.warning(
+            "the tokenizer merges the prompt's last token with the response's first (prompt ends %r, response "
+            "starts %r); responses are tokenized apart from the prompt", context[-12:], text[:12],
+        )
+        _warned_split = True
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
 
 class TPOCollator:
     """Turn `PreferenceDataset` items into model inputs.
@@ -30,7 +55,9 @@ class TPOCollator:
         prompt_template: format string with `{prompt}` and the image placeholder (default
             LLaVA-1.5's "USER: <image>\\n{prompt} ASSISTANT:"); an image placeholder inside the
             record's prompt is removed, the template places the image.
-        response_prefix: prepended to every response (a space, as LLaVA-1.5's template expects).
+        response_prefix: prepended to every response (a space, as LLaVA-1.5's template expects). Each
+            response is tokenized as the continuation of its prompt (`continuation_ids`), as in the whole
+            conversation, so a SentencePiece tokenizer adds no lone "▁" token before it.
         max_length: longest row; responses are cut to fit, prompts (which carry the image tokens)
             never are. None: no limit.
         ignore_index: label of positions without a target (default -100).
@@ -77,7 +104,7 @@ class TPOCollator:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         responses = []
         for text in (item["chosen"], item["rejected"]):
-            ids = self.tokenizer(self.response_prefix + text.strip(), add_special_tokens=False)["input_ids"] + eos
+            ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip()) + eos
             if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
                 keep = max(1, self.max_length - len(prompt_ids))
                 if not self._warned_truncation:

@@ -335,6 +335,9 @@ class TPOTrainer(Trainer):
             "average_log_prob": a.average_log_prob, "max_length": a.max_length, "prompt_template": a.prompt_template,
             "processor": processor_identity(self.processing_class or getattr(self.data_collator, "processor", None)),
             "reference_weights": self._reference_digest(),
+            # How the collator labels responses: as continuations of their prompt (`continuation_ids`). Tables
+            # made when responses were tokenized alone lack this key and are scored again.
+            "response_tokens": "continuation",
         }
 
     @staticmethod
