@@ -12,14 +12,19 @@ import sys
 import pytest
 
 
-def test_triton_kernels_compile_for_sm90(tmp_path):
+def _compile_script(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run tests/`script` with the real compiler (interpreter off), after checking Triton can target NVIDIA."""
     triton = pytest.importorskip("triton")
     backends = getattr(triton, "backends", None)
     if backends is None or "nvidia" not in getattr(backends, "backends", {}):
         pytest.skip("this Triton build has no NVIDIA backend to compile for")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    script = os.path.join(os.path.dirname(__file__), "aot_compile.py")
-    proc = subprocess.run([sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=600)
+    path = os.path.join(os.path.dirname(__file__), script)
+    return subprocess.run([sys.executable, path, *args], env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    proc = _compile_script(tmp_path, "aot_compile.py", "90")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "compiled 42 kernels" in proc.stdout
 
@@ -27,13 +32,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
 def test_every_launch_of_the_launchers_compiles_for_sm90(tmp_path):
     """The launchers driven with meta tensors over the benchmark's shape, odd shapes and every backward
     option; each launch compiled with its exact specialization (tests/launch_compile.py)."""
-    triton = pytest.importorskip("triton")
-    backends = getattr(triton, "backends", None)
-    if backends is None or "nvidia" not in getattr(backends, "backends", {}):
-        pytest.skip("this Triton build has no NVIDIA backend to compile for")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    script = os.path.join(os.path.dirname(__file__), "launch_compile.py")
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=1200)
+    proc = _compile_script(tmp_path, "launch_compile.py")
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
