@@ -320,10 +320,14 @@ def test_flash_attention_models_are_switched_to_segment_attention(caplog, flash)
             assert (mode.shared_prefix, mode.padding_free, mode.implementation) == (
                 shared_prefix, expected, SEGMENT_ATTENTION)
             assert model.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
-        windowed = fake(sliding_window=64)
-        mode = packing_mode(windowed, True, None)  # a window: one row per pair on sdpa's dense mask
-        assert (mode.padding_free, mode.implementation, mode.sliding_window) == (False, "sdpa", 64)
-        assert windowed.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+        for padding_free, expected in [(None, False), (True, True)]:
+            windowed = fake(sliding_window=64)
+            # a window: sdpa's dense mask, at the switch and at every later call (the trainer calls it at
+            # init and at each step, when the config already names SEGMENT_ATTENTION)
+            for _ in range(2):
+                mode = packing_mode(windowed, True, padding_free)
+                assert (mode.padding_free, mode.implementation, mode.sliding_window) == (expected, "sdpa", 64)
+                assert windowed.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
     switched = [r.message for r in caplog.records if "switched" in r.message]
     assert switched == [f"the language model's attention {flash!r} takes no 4D mask: switched to "
                         f"'{SEGMENT_ATTENTION}' (SDPA, flash kernels on CUDA) for packed batches (shared_prefix / "

@@ -477,6 +477,8 @@ def packing_mode(llava: torch.nn.Module, shared_prefix: bool, padding_free: bool
     elif padding_free and segments:
         use_segment_attention(llava.model.language_model)
         implementation = SEGMENT_ATTENTION
+    elif implementation == SEGMENT_ATTENTION and window is not None:
+        implementation = "sdpa"  # switched by an earlier call (a flash model): a window still needs the dense mask
     return PackingMode(shared_prefix, padding_free, implementation, window)
 
 
