@@ -136,6 +136,40 @@ def test_seeded_noise_reproduces_and_fresh_noise_does_not(tmp_path):
         PreferenceDataset(ds.records, ds.image_folder, noise_seed=None, corrupted_cache_dir=tmp_path / "c2")
 
 
+def test_collator_shares_an_image_slot_only_for_the_same_file_and_noise(tmp_path):
+    """Two data sets whose folders both hold an image named as the other's: a combined batch must give each
+    pair its own image (the slot was keyed by the name as written, so the second pair got the first's)."""
+    records = [{"index": 0, "image": "0000.png", "prompt": "what colour ?", "chosen": "red", "rejected": "blue"}]
+    for folder, colour in (("a", (200, 10, 10)), ("b", (10, 10, 200))):
+        os.makedirs(tmp_path / folder)
+        Image.new("RGB", (28, 28), colour).save(tmp_path / folder / "0000.png")
+    first = PreferenceDataset(records, str(tmp_path / "a"), noise_seed=0)
+    second = PreferenceDataset(records, str(tmp_path / "b"), noise_seed=0)
+    collate = TPOCollator(tiny_processor())
+    mixed = collate([first[0], torch.utils.data.ConcatDataset([first, second])[1]])
+    assert mixed["image_index"].tolist() == [0, 1]
+    own = collate([second[0]])
+    torch.testing.assert_close(mixed["pixel_values"][1], own["pixel_values"][0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed["corrupted_pixel_values"][1], own["corrupted_pixel_values"][0], rtol=0, atol=0)
+    assert collate([first[0], first[0]])["image_index"].tolist() == [0, 0]  # the same file and noise: one slot
+    other_noise = PreferenceDataset(records, str(tmp_path / "a"), noise_seed=0, noise_step=100)
+    assert collate([first[0], other_noise[0]])["image_index"].tolist() == [0, 1]
+
+
+def test_a_response_with_the_image_placeholder_is_a_bad_record(tmp_path):
+    _write_images(tmp_path / "img")
+    rows = GOOD + [{"image": "red.png", "question": "q", "chosen": "a <image> b", "rejected": "c"}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    records, bad = load_preference_records(path, tmp_path / "img", on_bad="skip")
+    assert [r["index"] for r in records] == [0, 1]
+    assert len(bad) == 1 and "the chosen response holds the image placeholder '<image>'" in str(bad)
+    # records built in Python skip that check: the collator names the record
+    ds = PreferenceDataset([{**GOOD[0], "prompt": "q", "rejected": "x <image>", "index": 7}], tmp_path / "img")
+    with pytest.raises(ValueError, match="record #7: the rejected response holds the image token '<image>'"):
+        TPOCollator(tiny_processor())([ds[0]])
+
+
 def test_collator_layout(tmp_path):
     ds = tiny_data(str(tmp_path / "d"), num_images=3)
     proc = tiny_processor()

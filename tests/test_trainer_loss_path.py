@@ -389,6 +389,24 @@ def test_corrupted_objectives_need_corrupted_pixel_values(setup, batch, objectiv
     assert f"a {objective} batch needs 'corrupted_pixel_values'" in message and "TPOCollator" in message
 
 
+@pytest.mark.parametrize("objective", ["tpo", "dpo"])
+def test_rows_and_images_that_disagree_are_named(setup, batch, objective):
+    """A hand-built batch whose image_index does not match its rows ran the first rows only (or paired the
+    wrong ones) and failed later with an unrelated shape or image-feature message."""
+    _, proc = setup
+    model = _model(proc, bias=False)
+    opts = StepOptions(objective=objective, backend="torch")
+    short = {**batch, "image_index": batch["image_index"][:2]}  # 3 pairs, 2 entries
+    with pytest.raises(ValueError, match=r"the batch has 6 rows and an image_index of shape \(2,\)"):
+        response_branches(model, short, opts)
+    odd = {k: (v[:5] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="the batch has 5 rows"):
+        response_branches(model, odd, opts)
+    far = {**batch, "image_index": torch.tensor([0, 1, 3])}  # 3 images in the batch
+    with pytest.raises(ValueError, match=r"image_index holds \[0, 1, 3\], but pixel_values has 3 images"):
+        response_branches(model, far, opts)
+
+
 def test_dpo_needs_no_corrupted_pixel_values(setup, batch):
     _, proc = setup
     model = _model(proc, bias=False)

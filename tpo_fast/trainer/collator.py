@@ -103,7 +103,12 @@ class TPOCollator:
         prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         responses = []
-        for text in (item["chosen"], item["rejected"]):
+        for name, text in (("chosen", item["chosen"]), ("rejected", item["rejected"])):
+            if self.image_token in text:
+                raise ValueError(
+                    f"record #{item['index']}: the {name} response holds the image token {self.image_token!r}, "
+                    "which the model would take for an image position; remove it from the response"
+                )
             ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip()) + eos
             if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
                 keep = max(1, self.max_length - len(prompt_ids))

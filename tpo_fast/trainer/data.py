@@ -27,6 +27,7 @@ logger = logging.getLogger("tpo_fast")
 
 IMAGE_KEYS = ("image", "image_path", "img_path", "images")
 PROMPT_KEYS = ("prompt", "question", "query")
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's image token as written in text; the prompt template places the image
 CHOSEN_KEYS = ("chosen",)
 REJECTED_KEYS = ("rejected",)
 BAD_RECORD_MODES = ("skip", "error")
@@ -189,6 +190,9 @@ def validate_record(
             return None, why
         if not text.strip():
             return None, f"empty {name} response"
+        if IMAGE_PLACEHOLDER in text:
+            return None, (f"the {name} response holds the image placeholder {IMAGE_PLACEHOLDER!r}: the image goes "
+                          "before the prompt, never inside a response")
         fields[name] = text
     if check_images:
         try:
@@ -394,8 +398,11 @@ class PreferenceDataset(Dataset):
         return {
             "index": record["index"],
             "image_key": key,
-            # Fresh noise makes every load distinct: nothing to share with another pair.
-            "dedupe_key": key if self.noise_seed is not None else None,
+            # Pairs share one image slot when they load the same file (the absolute source, not the name as
+            # written: two data sets may each have a "0000.png") with the same noise. Fresh noise makes every
+            # load distinct: nothing to share with another pair.
+            "dedupe_key": (self._source_id(record["image"]), key, self.noise_seed, self.noise_step, self.overflow)
+            if self.noise_seed is not None else None,
             "image": image,
             "corrupted_image": self.corrupt(image, key, record["image"]),
             "prompt": record["prompt"],

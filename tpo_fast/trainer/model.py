@@ -200,6 +200,23 @@ def branch_hidden(
     return hidden, corrupted_hidden
 
 
+def check_batch_images(batch: dict[str, torch.Tensor]) -> None:
+    """A batch's rows and images agree: 2B rows (B chosen, then B rejected) for the B pairs of `image_index`,
+    each of which names one of the `pixel_values` (and `corrupted_pixel_values`) images."""
+    rows, index = batch["input_ids"].shape[0], batch["image_index"]
+    if index.dim() != 1 or rows != 2 * index.numel():
+        raise ValueError(
+            f"the batch has {rows} rows and an image_index of shape {tuple(index.shape)}: TPOCollator's layout is "
+            "2B rows (the B chosen rows, then the B rejected rows) and image_index (B,), one image per pair"
+        )
+    for key in ("pixel_values", "corrupted_pixel_values"):
+        if key in batch and index.numel() and not 0 <= int(index.min()) <= int(index.max()) < len(batch[key]):
+            raise ValueError(
+                f"image_index holds {index.tolist()}, but {key} has {len(batch[key])} images: each pair's entry "
+                f"must index one of them"
+            )
+
+
 def response_branches(
     llava: torch.nn.Module, batch: dict[str, torch.Tensor], options: StepOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -219,6 +236,7 @@ def response_branches(
             raise KeyError(
                 f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
             )
+    check_batch_images(batch)
     targets = shift_labels(batch["labels"], options.ignore_index)
     window = response_window(targets, options.ignore_index)
     hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad,
