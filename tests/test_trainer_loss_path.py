@@ -407,6 +407,30 @@ def test_rows_and_images_that_disagree_are_named(setup, batch, objective):
         response_branches(model, far, opts)
 
 
+def test_an_adapter_on_lm_head_is_refused_and_modules_to_save_trains(setup, batch):
+    """LoRA in lm_head's place: PEFT's `lm_head.weight` is the frozen base weight, so the fused loss left the
+    adapter out silently (loss of the base head, no gradient for lora_A/B). It is refused; a trained copy
+    (modules_to_save) is the head the loss sees, and the adapter reference (adapters disabled) is fine."""
+    peft = pytest.importorskip("peft")
+    _, proc = setup
+    opts = StepOptions(objective="dpo", backend="torch", reference="none")
+    lora = peft.get_peft_model(_model(proc, bias=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False))
+    llava = lora.base_model.model
+    with pytest.raises(ValueError, match="lm_head carries an active PEFT adapter .*modules_to_save=\\['lm_head'\\]"):
+        policy_loss(llava, batch, opts)
+    with lora.disable_adapter():  # the adapter reference: the base head, as the loss reads it
+        sequence_reference_scores(llava, batch, opts)
+    saved = peft.get_peft_model(_model(proc, bias=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], lora_dropout=0.0))
+    llava = saved.base_model.model
+    trained = llava.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        trained.add_(0.5)  # the trained copy now differs from the original head
+    policy_loss(llava, batch, opts)["loss"].backward()
+    assert trained.grad is not None and trained.grad.abs().max() > 0
+
+
 def test_dpo_needs_no_corrupted_pixel_values(setup, batch):
     _, proc = setup
     model = _model(proc, bias=False)

@@ -245,6 +245,23 @@ def response_branches(
     return hidden, corrupted_hidden, targets[:, window].contiguous()
 
 
+def plain_lm_head(llava: torch.nn.Module) -> torch.nn.Module:
+    """`llava.lm_head`, whose `weight` and `bias` the fused losses read directly, refused where those are not
+    what the head computes: an lm_head with an active, unmerged PEFT adapter (LoRA in `target_modules`) would
+    have its adapter silently left out (PEFT's `weight` is the frozen base weight). Disabled adapters (the
+    adapter reference) and `modules_to_save` (a trained copy: its `weight` is the active copy's) are fine."""
+    head = llava.lm_head
+    adapters = [a for a in getattr(head, "active_adapters", None) or [] if a in (getattr(head, "lora_A", None) or {})]
+    other = hasattr(head, "base_layer") and not hasattr(head, "lora_A")
+    if (adapters or other) and not getattr(head, "merged", False) and not getattr(head, "disable_adapters", False):
+        raise ValueError(
+            f"lm_head carries an active PEFT adapter ({type(head).__name__}), which the fused losses cannot see: "
+            "they take the lm_head weight itself. Leave lm_head out of the adapter's target_modules (train it "
+            "whole with modules_to_save=['lm_head'] if it must change), or merge the adapter first"
+        )
+    return head
+
+
 def _is_zero3(param: torch.Tensor | None) -> bool:
     return param is not None and hasattr(param, "ds_id")
 
@@ -344,7 +361,7 @@ def sequence_reference_scores(
     """
     with torch.no_grad():
         hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
-        lm_head = llava.lm_head
+        lm_head = plain_lm_head(llava)
         opts = dict(average_log_prob=options.average_log_prob, ignore_index=options.ignore_index,
                     backend=options.backend)
         with _gathered([lm_head.weight, lm_head.bias]):
@@ -406,7 +423,7 @@ def policy_loss(
             return povid_loss(weight, h, hc, targets, bias, noise_weight=options.noise_weight, **common)
         return dpo_loss(weight, h, targets, bias, **common)
 
-    lm_head = llava.lm_head
+    lm_head = plain_lm_head(llava)
     if _is_zero3(lm_head.weight):
         keys: list[str] = []
         fused = uses_fused_gradient(options.grad_mode, options.backend, hidden.device, lm_head.weight.dtype)
