@@ -113,6 +113,10 @@ def _bad_commands(tmp_path, model_dir):
         ([*train, "--max-length", "-5"], "--max-length -5: must be >= 1"),
         ([*train, "--noise-step", "1000"], "--noise-step 1000: the diffusion schedule has steps 0 to 999"),
         ([*train, "--beta", "0"], "--beta 0.0: must be > 0"),
+        ([*train, "--noise-seed", "-1", "--precompute-reference"],
+         "--noise-seed -1 (fresh noise at every load) with --precompute-reference"),
+        ([*train, "--noise-seed", "-1", "--corrupted-cache", str(tmp_path / "cc")],
+         "--noise-seed -1 (fresh noise at every load) with --corrupted-cache"),
         (["demo", "--steps", "1"], "--steps 1: must be >= 2"),
         (["demo", "--eval-captions", "-1"], "--eval-captions -1: must be >= 0"),
     ]

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
                    help="loss gradient: fused (computed in the forward, no logits recompute) or recompute "
                         "(the per-token primitive's backward)")
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
-                   help="run each pair's image and prompt twice (padded rows) instead of once per pair")
+                   help="turn the shared prefix off: run each pair's image and prompt twice (padded rows) instead "
+                        "of once per pair (without this flag: shared_prefix=%(default)s)")
     p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
                    help="pack a micro-batch into one row without padding: auto (flex_attention, whose block mask "
                         "skips the other pairs, and SDPA without a sliding window, attended sequence by sequence "
@@ -98,6 +99,11 @@ def check(a: argparse.Namespace) -> None:
         raise UsageError(f"--noise-step {a.noise_step}: the diffusion schedule has steps 0 to 999; pass one of those")
     if not a.beta > 0:
         raise UsageError(f"--beta {a.beta}: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1")
+    if a.noise_seed < 0:
+        for flag, given in (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache)):
+            if given:
+                raise UsageError(f"--noise-seed {a.noise_seed} (fresh noise at every load) with {flag}: cached scores "
+                                 "or images would not match the images trained on; pass a seed >= 0")
 
 
 def run(a: argparse.Namespace) -> int:
