@@ -186,8 +186,14 @@ def test_demo_keeps_a_model_that_train_goes_on_from(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(demo_mod, "run_demo", short_demo)
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--output", "demo"]) == 0
+    assert main(["demo", "--output", "demo", "--eval-images", "6", "--eval-captions", "2"]) == 0
     out = capsys.readouterr().out
+    # the printed eval command repeats the after half: the same captions (it used eval's default of 16)
+    again = shlex.split(next(line for line in out.splitlines() if line.startswith("again: ")).removeprefix("again: "))
+    assert again[:2] == ["tpo-fast", "eval"]
+    assert main([*again[1:], "--json", "again.json"]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["chair"]["captions"] == 2
+    capsys.readouterr()
     assert "model and processor: demo/model" in out
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

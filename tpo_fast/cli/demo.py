@@ -50,7 +50,7 @@ def run(a: argparse.Namespace) -> int:
         for c in reports["after"].captions[:3]:
             print(f"  after, {os.path.basename(c['image'])}: {c['caption']!r}")
         print(f"again: tpo-fast eval --model {r.model_dir} --image-folder {eval_dir}/images "
-              f"--objects {eval_dir}/objects.jsonl")
+              f"--objects {eval_dir}/objects.jsonl --captions {a.eval_captions}")
     print(f"\nmodel and processor: {r.model_dir}\npairs: {r.data_file}\nimages: {r.image_folder}")
     print(f"go on with: tpo-fast train --model {r.model_dir} --data {r.data_file} --image-folder {r.image_folder} "
           "--output-dir run --max-steps 20 --lr 1e-3")
