@@ -53,3 +53,27 @@ def test_two_processes_match_one(baseline, mode, tmp_path):
     for name, value in state.items():
         torch.testing.assert_close(result["state"][name], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, name=name: f"{mode}: {name}: {m}")
+
+
+@pytest.mark.slow
+def test_zero3_cli_reloads_the_reference_and_trains(tmp_path):
+    """docs/trainer.md's CPU check of the ZeRO-3 config, as written: `tpo-fast train` under torchrun with the
+    default reference, which ZeRO-3 loads a second time from the model folder. With transformers' `kernels`
+    integration installed, that second load lost its per-instance kernel setup and the first step failed
+    ("'LlamaAttention' object has no attribute '_kernel_funcs'") until the modeling classes were imported
+    before the first load (`import_submodel_classes`)."""
+    pytest.importorskip("deepspeed")
+    from tpo_fast.trainer.tiny import save_tiny_llava
+
+    root = os.path.dirname(HERE)
+    model = save_tiny_llava(tmp_path / "tiny-llava")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tpo_fast.cli", "train", "--model", str(model),
+           "--data", os.path.join(root, "examples", "rlhf-v.jsonl"), "--image-folder",
+           os.path.join(root, "examples", "images"), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+           "--deepspeed", os.path.join(root, "examples", "deepspeed", "zero3.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "ZeRO-3: loading the reference model again" in proc.stderr + proc.stdout

@@ -100,7 +100,8 @@ def check(a: argparse.Namespace) -> None:
     if not a.beta > 0:
         raise UsageError(f"--beta {a.beta}: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1")
     if a.noise_seed < 0:
-        for flag, given in (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache)):
+        cached = (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache))
+        for flag, given in cached:
             if given:
                 raise UsageError(f"--noise-seed {a.noise_seed} (fresh noise at every load) with {flag}: cached scores "
                                  "or images would not match the images trained on; pass a seed >= 0")

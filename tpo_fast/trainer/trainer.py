@@ -63,6 +63,25 @@ def default_attn_implementation(packed: bool = False) -> str:
     return "sdpa"
 
 
+def import_submodel_classes(path: str) -> None:
+    """Import the modeling modules of a LLaVA folder's text and vision models before any model is built.
+
+    Under a ZeRO-3 config `from_pretrained` builds the model inside `deepspeed.zero.Init`, which wraps the
+    `__init__` of every module class defined while it is active and, on exit, restores the `__init__` the
+    class had when it was defined. A text model class first imported there (LLaVA imports its text model
+    lazily) loses what a decorator set on it after its definition, such as the `kernels` package's
+    per-instance setup (transformers 5.25 with `kernels` installed): the next load of the model (the
+    reference's) then fails at its first forward ("no attribute '_kernel_funcs'"). Imported first, the
+    classes are defined outside that context."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    for sub in (getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None and type(sub) in MODEL_MAPPING:
+            MODEL_MAPPING[type(sub)]  # the lazy mapping imports the class's module
+
+
 def load_llava(
     path: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None, packed: bool = False
 ):
@@ -71,6 +90,7 @@ def load_llava(
     `attn_implementation` None: `default_attn_implementation(packed)`; `packed`: it will train packed."""
     from transformers import LlavaForConditionalGeneration
 
+    import_submodel_classes(path)
     return LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation(packed)
     )
