@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
                         "(the per-token primitive's backward)")
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="turn the shared prefix off: run each pair's image and prompt twice (padded rows) instead "
-                        "of once per pair (without this flag: shared_prefix=%(default)s)")
+                        "of once per pair (default: shared_prefix=%(default)s, the shared prefix on)")
     p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
                    help="pack a micro-batch into one row without padding: auto (flex_attention, whose block mask "
                         "skips the other pairs, and SDPA without a sliding window, attended sequence by sequence "
