@@ -783,3 +783,13 @@ def test_runner_step_workload(tmp_path):
     assert any(float(t["tokens_per_s"] or 0) > 0 for t in table)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "step_step.png").stat().st_size > 0
+
+
+def test_step_batches_move_every_tensor_to_the_device():
+    """The official step's batch holds its rows per side in nested dicts: they stayed on the CPU and the
+    contender failed on the first CUDA run ("index is on cpu"). The meta device stands in for CUDA."""
+    (step,) = _bench("_contenders.step")
+    rows = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3)}
+    moved = step._to({"chosen": rows, "rejected": dict(rows), "pixel_values": torch.zeros(1), "n": 3}, "meta")
+    assert moved["n"] == 3 and moved["pixel_values"].is_meta
+    assert all(t.is_meta for side in ("chosen", "rejected") for t in moved[side].values())

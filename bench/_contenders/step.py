@@ -50,7 +50,9 @@ def _optimizer(params, device: str):
 
 
 def _to(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`, nested dicts (the official step's per-side rows) included."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else _to(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def _free(device: str) -> None:
