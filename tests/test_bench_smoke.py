@@ -461,7 +461,7 @@ def test_runner_end_to_end(tmp_path):
         assert by[("naive", w)]["status"] == "ok" and by[("naive", w)]["full_ms"]["median"] > 0
         ours = by[("tpo_fast-torch", w)]
         assert ours["status"] == "ok" and ours["full_peak_mib"] is not None
-        assert ours["label"] == ("tpo_fast [torch] fused" if fused else "tpo_fast [torch]")
+        assert ours["label"] == ("tpo_fast [torch] auto" if fused else "tpo_fast [torch]")
         recompute = by[("tpo_fast-torch-recompute", w)]
         assert recompute["status"] == ("ok" if fused else "unavailable"), recompute
         if fused:
@@ -480,7 +480,7 @@ def test_runner_end_to_end(tmp_path):
     assert valid == pytest.approx(by[("floor", "tpo")]["valid_frac"])  # tpo: every GEMM over the same rows
     assert by[("liger", "tpo")]["status"] == "n/a"
     assert by[("liger", "dpo")]["status"] == "ok"
-    triton_label = "tpo_fast [triton] fused" if fused else "tpo_fast [triton]"
+    triton_label = "tpo_fast [triton] auto" if fused else "tpo_fast [triton]"
     assert (
         f"Not run: {triton_label} — needs CUDA (the CPU Triton interpreter is far too slow to time); "
         "Liger LigerFusedLinearDPOLoss — n/a: no per-token weights (DPO only)."

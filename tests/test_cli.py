@@ -210,12 +210,12 @@ def test_demo_keeps_a_model_that_train_goes_on_from(tmp_path, monkeypatch, capsy
 
 
 def test_train_grad_mode_reaches_the_config(tmp_path, model_dir, monkeypatch):
-    """`--grad-mode` (default fused) is `TPOConfig.loss_grad_mode`; anything else does not parse."""
+    """`--grad-mode` (default auto) is `TPOConfig.loss_grad_mode`; anything else does not parse."""
     import tpo_fast.trainer.config as config
 
     p = _subparsers()["train"]
     base = ["--model", str(model_dir), "--data", "d", "--output-dir", str(tmp_path / "o")]
-    assert p.parse_args(base).grad_mode == "fused"
+    assert p.parse_args(base).grad_mode == "auto"
     with pytest.raises(SystemExit):
         p.parse_args([*base, "--grad-mode", "atomic"])
     seen = {}

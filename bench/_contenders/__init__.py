@@ -37,13 +37,15 @@ __all__ = [
 
 def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
     """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list; each
-    hidden-state one also gets its `tpo_fast-<backend>-recompute` contender. The `step` workload's
+    hidden-state one also gets its `tpo_fast-<backend>-fused` and `-recompute` contenders (the plain one runs
+    the losses' default, "auto"). The `step` workload's
     contenders (`_contenders/step.py`) are listed too; each family only runs its own workloads."""
     out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
     for b in backends:
         out[f"tpo_fast-{b}"] = TpoFast(b)
     for b in backends:
         if b in hidden_backends():
+            out[f"tpo_fast-{b}-fused"] = TpoFast(b, "fused")
             out[f"tpo_fast-{b}-recompute"] = TpoFast(b, "recompute")
     out["floor"] = Floor()
     out["floor-valid"] = FloorValid()

@@ -39,9 +39,10 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference loss")
     p.add_argument("--offset", type=float, default=0.5, help="offset a of TPO's token weight")
     p.add_argument("--detach-weights", action="store_true", help="no gradient through the corrupted-image branch")
-    p.add_argument("--grad-mode", choices=("fused", "recompute"), default="fused",
-                   help="loss gradient: fused (computed in the forward, no logits recompute) or recompute "
-                        "(the per-token primitive's backward)")
+    p.add_argument("--grad-mode", choices=("auto", "fused", "recompute"), default="auto",
+                   help="loss gradient: fused (computed in the forward, no logits recompute), recompute "
+                        "(the per-token primitive's backward), or auto: fused on the CPU, recompute on CUDA, where "
+                        "the fused path is slower for now (H200, 2026-12-04)")
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="turn the shared prefix off: run each pair's image and prompt twice (padded rows) instead "
                         "of once per pair (default: shared_prefix=%(default)s, the shared prefix on)")

@@ -10,8 +10,9 @@ One module per loss family, above `tpo_fast.ops` and below the trainer:
 - `pairs.py`: the shared pair reductions (token weights, sequence scores, the pair loss).
 - `modules.py`: `TPOLoss`, `DPOLoss`, `POVIDLoss`.
 
-TPO, DPO and POVID take `grad_mode="fused"` (default: gradient computed in the forward, chunk by
-chunk of whole pairs, no logits recompute) or `"recompute"` (the per-token primitive's backward).
+TPO, DPO and POVID take `grad_mode="fused"` (gradient computed in the forward, chunk by chunk of whole
+pairs, no logits recompute), `"recompute"` (the per-token primitive's backward) or `"auto"` (default:
+fused on the CPU, recompute on CUDA, where the fused path is slower for now).
 The math is in docs/math.md.
 """
 

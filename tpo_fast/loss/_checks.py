@@ -12,7 +12,7 @@ from tpo_fast.ops import BACKENDS
 
 WEIGHTINGS = ("tpo", "none")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-GRAD_MODES = ("fused", "recompute")
+GRAD_MODES = ("auto", "fused", "recompute")
 
 
 class LossOutput(NamedTuple):
@@ -89,8 +89,9 @@ def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> 
     """Raise ValueError for an unknown `grad_mode` or `backend`, TypeError for a non-integer ignore_index."""
     if grad_mode not in GRAD_MODES:
         raise ValueError(
-            f"grad_mode must be one of {GRAD_MODES} ('fused': gradient computed in the forward, no logits "
-            f"recompute; 'recompute': the per-token primitive's backward), got {grad_mode!r}"
+            f"grad_mode must be one of {GRAD_MODES} ('auto': fused on the CPU, recompute on CUDA; 'fused': "
+            f"gradient computed in the forward, no logits recompute; 'recompute': the per-token primitive's "
+            f"backward), got {grad_mode!r}"
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

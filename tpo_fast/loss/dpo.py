@@ -29,7 +29,7 @@ def dpo_loss(
     average_log_prob: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
-    grad_mode: str = "fused",
+    grad_mode: str = "auto",
 ) -> LossOutput:
     """Plain DPO (`S = sum_t m_t logp_t`, no token weights, no corrupted branch), as POVID trains.
 

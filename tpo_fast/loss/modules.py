@@ -32,7 +32,7 @@ class TPOLoss(nn.Module):
         average_log_prob: bool = False,
         ignore_index: int = -100,
         backend: str = "auto",
-        grad_mode: str = "fused",
+        grad_mode: str = "auto",
     ) -> None:
         super().__init__()
         check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
@@ -104,7 +104,7 @@ class DPOLoss(nn.Module):
         average_log_prob: bool = False,
         ignore_index: int = -100,
         backend: str = "auto",
-        grad_mode: str = "fused",
+        grad_mode: str = "auto",
     ) -> None:
         super().__init__()
         check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
@@ -167,7 +167,7 @@ class POVIDLoss(nn.Module):
         average_log_prob: bool = False,
         ignore_index: int = -100,
         backend: str = "auto",
-        grad_mode: str = "fused",
+        grad_mode: str = "auto",
     ) -> None:
         super().__init__()
         check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)

@@ -23,8 +23,9 @@ Metrics: "rewards/*" come from the hallucinated pair (what the official logs), "
 from the noisy pair; "logps/{chosen,rejected,noisy}" and "noisy/argmax_match" (the fraction of
 chosen tokens whose corrupted-image argmax is the chosen token itself).
 
-`grad_mode="fused"` (default) computes the loss and its gradient in one pass over whole pairs (the
-noisy argmax is a second target of the chosen rows, scored against the same clean softmax);
+`grad_mode="fused"` (what the default "auto" runs on the CPU; on CUDA it runs "recompute") computes the
+loss and its gradient in one pass over whole pairs (the noisy argmax is a second target of the chosen rows,
+scored against the same clean softmax);
 `"recompute"` builds it on `token_stats` and `target_logits` with their recomputing backward.
 
 Training: `TPOTrainer` with `TPOConfig(objective="povid", povid_noise_weight=0.5)` runs `povid_loss`
@@ -293,7 +294,7 @@ def povid_loss(
     average_log_prob: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
-    grad_mode: str = "fused",
+    grad_mode: str = "auto",
 ) -> LossOutput:
     """POVID stage-2 loss: `w DPO(chosen vs noisy argmax) + (1 - w) DPO(chosen vs hallucinated)`.
 
@@ -314,7 +315,8 @@ def povid_loss(
         ignore_index: -100. A non-negative one (a pad id) is a real token id: a noisy argmax equal to
             it is scored like any other token. backend: primitive backend ("auto", "triton", "torch",
             "reference").
-        grad_mode: "fused" (default; gradient in the forward, backward once) or "recompute".
+        grad_mode: "auto" (default: "fused" on the CPU, "recompute" on CUDA), "fused" (gradient in the
+            forward, backward once) or "recompute".
 
     Returns:
         `LossOutput(loss, metrics)`; see the module docstring for the metric names.

@@ -55,7 +55,7 @@ class StepOptions:
     reference: str = "model"
     ignore_index: int = -100
     backend: str = "auto"
-    grad_mode: str = "fused"
+    grad_mode: str = "auto"
     shared_prefix: bool = True
     padding_free: bool | None = None
 
