@@ -12,13 +12,13 @@
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
 # runs long is cut with its finished rows written, and the next part still runs:
 #   install       editable install; when a test part follows, the C++/CUDA extension built in the background
-#   bench         bench/run.py --cases gpu-target, the TPO, DPO and POVID losses: the fused-gradient
-#                 losses (default, Triton and cuBLAS GEMMs) against their recompute path, the peers, both
-#                 matmul floors (issue 14)                                                                  160 s
+#   bench         bench/run.py --cases gpu-target, the TPO, DPO and POVID losses: the default (auto: the
+#                 recompute path on CUDA) and the fused-gradient path on Triton, the peers, both matmul
+#                 floors, the torch backend's default (issue 14)                                            160 s
 #   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
 #                 contender's step time, tokens/s and peak memory; no micro-batch search (issue 15)          280 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension; the checks
-#                 only a GPU reaches are counted after them: skipped there means untested                    110 s
+#                 only a GPU reaches are counted after them: skipped there means untested                    170 s
 #   search        the step case's largest micro-batch in 80 GB, for the official structure, TRL and ours,
 #                 within SEARCH_S seconds in all (default 150); SEARCH_CONTENDERS names others
 #                 (default ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared)
@@ -87,7 +87,7 @@ bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: sec
 
 part_bench() {
     bench_run bench gpu_losses 160 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
-        --contenders naive,trl,liger,tpo_fast-triton,floor,floor-valid,tpo_fast-torch,tpo_fast-triton-recompute,cce \
+        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-fused,floor,floor-valid,tpo_fast-torch,cce \
         --repeats 10 --warmup 2 --timeout 60
 }
 
@@ -125,7 +125,7 @@ run_tests() {  # $1: seconds, then the test paths
 
 part_kernel_tests() {
     wait_build
-    run_tests 110 tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
+    run_tests 170 tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
         tests/test_gaps_triton_fused.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py tests/test_gaps_logits.py \
         tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
