@@ -167,8 +167,9 @@ MESSAGES = [
                  "label_smoothing only applies to loss_type='sigmoid' (conservative DPO), got loss_type='hinge' "
                  "with label_smoothing=0.2; set label_smoothing=0.0", id="label-smoothing-hinge"),
     pytest.param(_loss(grad_mode="two-pass"), ValueError,
-                 "grad_mode must be one of ('fused', 'recompute') ('fused': gradient computed in the forward, no "
-                 "logits recompute; 'recompute': the per-token primitive's backward), got 'two-pass'", id="grad-mode"),
+                 "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused on the CPU, recompute on "
+                 "CUDA; 'fused': gradient computed in the forward, no logits recompute; 'recompute': the per-token "
+                 "primitive's backward), got 'two-pass'", id="grad-mode"),
     pytest.param(_loss(backend="cuda"), ValueError,
                  "backend must be one of ('auto', 'triton', 'torch', 'reference'), got 'cuda'", id="backend"),
     pytest.param(_loss(ignore_index=-1.0), TypeError, "ignore_index must be an int (default -100), got -1.0",
