@@ -209,8 +209,11 @@ def check_batch_images(batch: dict[str, torch.Tensor]) -> None:
             f"the batch has {rows} rows and an image_index of shape {tuple(index.shape)}: TPOCollator's layout is "
             "2B rows (the B chosen rows, then the B rejected rows) and image_index (B,), one image per pair"
         )
+    if not index.numel():
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()  # one read of the bounds (one host sync on CUDA)
     for key in ("pixel_values", "corrupted_pixel_values"):
-        if key in batch and index.numel() and not 0 <= int(index.min()) <= int(index.max()) < len(batch[key]):
+        if key in batch and not 0 <= low <= high < len(batch[key]):
             raise ValueError(
                 f"image_index holds {index.tolist()}, but {key} has {len(batch[key])} images: each pair's entry "
                 f"must index one of them"
