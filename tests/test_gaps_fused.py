@@ -211,3 +211,15 @@ def test_auto_grad_mode_is_fused_on_the_cpu_and_recompute_on_cuda():
     assert not uses_fused_gradient("recompute", "torch", cpu, torch.float32)
     for fn in (tpo_loss, dpo_loss, povid_loss):
         assert inspect.signature(fn).parameters["grad_mode"].default == "auto"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (6, 33)])
+def test_valid_row_index_lists_the_true_entries_in_order(shape):
+    """The sync-free index of the chunk plan equals `nonzero` on any mask (none, all, random)."""
+    from tpo_fast.ops.fused_pairs import valid_row_index
+
+    g = torch.Generator().manual_seed(shape[1])
+    for valid in (torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),
+                  torch.rand(shape, generator=g) < 0.4):
+        expected = valid.reshape(-1).nonzero().squeeze(1).tolist()
+        assert valid_row_index(valid, len(expected)).tolist() == expected

@@ -193,6 +193,56 @@ def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]
     return chunks
 
 
+def valid_row_index(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """The flat indices of the True entries of `valid`, in order, given their count: no host sync.
+
+    `nonzero` (or boolean-mask indexing) must read the count back from the device before it can
+    allocate its output, a `cudaStreamSynchronize` each time; with the count already known on the
+    host (the plan's one sync), a cumulative sum places every index without one.
+    """
+    flat = valid.reshape(-1)
+    slot = torch.cumsum(flat, 0) - 1
+    slot = torch.where(flat, slot, torch.full_like(slot, n_valid))  # invalid entries land in a spare slot
+    out = torch.empty(n_valid + 1, dtype=torch.long, device=valid.device)
+    out.scatter_(0, slot, torch.arange(flat.numel(), device=valid.device))
+    return out[:n_valid]
+
+
+class _Plan:
+    """Where each chunk's rows are, computed once per call (one host sync), so that no chunk needs another.
+
+    Sequence s (chosen p, rejected B + p) owns the slice [start[s], start[s + 1]) of `index`, the flat
+    indices into `hidden` of the batch's target-carrying rows. A chunk of pairs [f, g) is the rows of its
+    chosen sequences f..g-1, then of its rejected ones: two slices, never a boolean mask.
+    """
+
+    def __init__(self, valid: torch.Tensor, budget_rows: int) -> None:
+        n_seq, self.n_tok = valid.shape
+        self.n_pairs = n_seq // 2
+        per_seq = valid.sum(1).tolist()  # the one host sync of the call's bookkeeping
+        self.start = [0]
+        for n in per_seq:
+            self.start.append(self.start[-1] + n)
+        b = self.n_pairs
+        self.pair_rows = [per_seq[p] + per_seq[b + p] for p in range(b)]
+        self.chunks = plan_chunks(self.pair_rows, budget_rows)
+        self.index = valid_row_index(valid, self.start[-1])
+        self.valid = valid
+
+    def rows(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat row indices into `hidden`, the same rows' indices into the chunk's flattened (2P, T) grid)."""
+        b, t, p = self.n_pairs, self.n_tok, stop - first
+        chosen = self.index[self.start[first]:self.start[stop]]
+        rejected = self.index[self.start[b + first]:self.start[b + stop]]
+        rows = torch.cat([chosen, rejected])
+        local = torch.cat([chosen - first * t, rejected - (b + first - p) * t])
+        return rows, local
+
+    def mask(self, first: int, stop: int) -> torch.Tensor:
+        b = self.n_pairs
+        return torch.cat([self.valid[first:stop], self.valid[b + first:b + stop]])
+
+
 class _Grids:
     """The batch's (2B, T) fp32 grids, filled chunk by chunk (detached: they feed the metrics)."""
 
@@ -204,76 +254,75 @@ class _Grids:
         self.zc = zeros() if has_zc else None
         self.logp2 = zeros() if has_y2 else None
 
-    def put(self, seqs: torch.Tensor, chunk: PairChunk) -> None:
-        for full, part in ((self.logp, chunk.logprobs), (self.z, chunk.target_logits),
-                           (self.zc, chunk.corrupted_target_logits), (self.logp2, chunk.second_logprobs)):
+    def put(self, rows: torch.Tensor, logp, z, zc, logp2) -> None:
+        """The chunk's per-row values at their flat positions `rows`."""
+        for full, part in ((self.logp, logp), (self.z, z), (self.zc, zc), (self.logp2, logp2)):
             if full is not None:
-                full[seqs] = part.detach()
+                full.view(-1).index_copy_(0, rows, part)
+
+    def chunk(self, grid: torch.Tensor | None, plan: _Plan, first: int, stop: int, grad: bool):
+        """The chunk's (2P, T) copy of `grid` (0 at ignored rows), a leaf that requires grad when `grad`."""
+        if grid is None:
+            return None
+        b = plan.n_pairs
+        return torch.cat([grid[first:stop], grid[b + first:b + stop]]).requires_grad_(grad)
 
 
-def _grid(mask: torch.Tensor, rows: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
-    if rows is None:
-        return None
-    g = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    g[mask] = rows
-    return g.requires_grad_(grad)
-
-
-def _row_grad(g: torch.Tensor | None, mask: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.float32, device=like.device) if g is None else g[mask]
+def _row_grad(g: torch.Tensor | None, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The chunk rows' entries of a (2P, T) grid gradient (0 where autograd gave none)."""
+    if g is None:
+        return torch.zeros(local.shape[0], dtype=torch.float32, device=like.device)
+    return g.reshape(-1).index_select(0, local)
 
 
 def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
-    """The chunk loop. Returns (loss, grids, (gh, gw, gb, ghc)); gradients only where `needs` says."""
+    """The chunk loop. Returns (loss, grids, (gh, gw, gb, ghc)); gradients only where `needs` says.
+
+    Host syncs: one for the plan (the rows per sequence); the chunks themselves index with precomputed
+    integer slices and never read a device value back, so on CUDA the host runs ahead of the GPU.
+    """
     need_h, need_w, need_b, need_hc = needs
     want_grad = any(needs)
     targets, y2_all = spec.targets, spec.second_targets
-    n_seq, n_tok = targets.shape
-    n_pairs = n_seq // 2
-    valid = targets != spec.ignore_index
-    per_seq = valid.sum(1)
-    pair_rows = (per_seq[:n_pairs] + per_seq[n_pairs:]).tolist()  # one host sync
     v = weight.shape[0]
-    chunks = plan_chunks(pair_rows, max(1, spec.chunk_bytes // (4 * v)))
+    plan = _Plan(targets != spec.ignore_index, max(1, spec.chunk_bytes // (4 * v)))
+    flat_y = targets.reshape(-1)
+    flat_y2 = None
+    if y2_all is not None:
+        # -1 inside, the cores' "no second target" (whatever marker the caller used)
+        flat_y2 = torch.where(y2_all == spec.second_ignore_index, torch.full_like(y2_all, -1), y2_all).reshape(-1)
     core = make_core(spec.backend, weight, bias, need_w, need_b and bias is not None)
     grids = _Grids(targets, corrupted_hidden is not None, y2_all is not None)
-    # dH and dH~ in fp32 until backward scales them (see the module doc). For 16-bit inputs a chunk's n rows
-    # sit at [at, at + n) in chunk order, their indices into `hidden` in `row_index`.
-    # fp32 inputs: the full (N, D) gradients themselves, written row by row (no second buffer, no scatter in
-    # backward). 16-bit inputs: fp32 rows of the target-carrying tokens, scattered into the input dtype in backward.
+    # dH and dH~ in fp32 until backward scales them (see the module doc). fp32 inputs: the full (N, D)
+    # gradients themselves, written row by row (no second buffer, no scatter in backward). 16-bit inputs:
+    # fp32 rows of the target-carrying tokens in chunk order, their indices into `hidden` in `row_index`,
+    # scattered into the input dtype in backward.
     full = hidden.dtype == torch.float32
-    n_rows = hidden.shape[0] if full else sum(pair_rows)
+    n_rows = hidden.shape[0] if full else plan.start[-1]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_h else None
     ghc = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_hc else None
     row_index = None if full or not (need_h or need_hc) else torch.empty(n_rows, dtype=torch.long, device=hidden.device)
-    offsets = torch.arange(n_tok, device=targets.device)
 
     def one_chunk(first: int, stop: int, at: int) -> torch.Tensor:
         # Its own frame: the chunk's logits / dZ buffer and its row copies die on return, before the
         # next chunk allocates its own (a loop variable would keep them alive through the next GEMM).
-        pairs = torch.arange(first, stop, device=targets.device)
-        seqs = torch.cat([pairs, pairs + n_pairs])
-        m = valid[seqs]
-        rows = (seqs[:, None] * n_tok + offsets)[m]  # the chunk's target-carrying rows of `hidden`
-        h, y = hidden.index_select(0, rows), targets[seqs][m]
-        y2 = None
-        if y2_all is not None:
-            y2 = y2_all[seqs][m]
-            # -1 inside, the cores' "no second target" (whatever marker the caller used)
-            y2 = torch.where(y2 == spec.second_ignore_index, torch.full_like(y2, -1), y2)
+        rows, local = plan.rows(first, stop)  # the chunk's target-carrying rows of `hidden`
+        h, y = hidden.index_select(0, rows), flat_y.index_select(0, rows)
+        y2 = None if flat_y2 is None else flat_y2.index_select(0, rows)
         # the corrupted gather first: its temporaries are gone before the logits buffer exists
         hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
         zc = None if hc is None else core.gather(hc, y)
         lse, z, z2 = core.stats(h, y, y2)
         logp2 = None if z2 is None else torch.where(y2 >= 0, z2 - lse, torch.zeros_like(z2))
+        grids.put(rows, z - lse, z, zc, logp2)
         chunk = PairChunk(
-            first, stop, n_pairs, _grid(m, z - lse, want_grad), _grid(m, z, want_grad),
-            _grid(m, zc, want_grad), _grid(m, logp2, want_grad), m,
+            first, stop, plan.n_pairs, grids.chunk(grids.logp, plan, first, stop, want_grad),
+            grids.chunk(grids.z, plan, first, stop, want_grad), grids.chunk(grids.zc, plan, first, stop, want_grad),
+            grids.chunk(grids.logp2, plan, first, stop, want_grad), plan.mask(first, stop),
         )
         with torch.enable_grad() if want_grad else torch.no_grad():
             loss = spec.chunk_loss(chunk)
-        grids.put(seqs, chunk)
         n = rows.numel()
         g_zc = None
         if want_grad:
@@ -281,13 +330,13 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
             used = [t for t in leaves if t is not None]
             grads = iter(torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * 4)
             g_logp, g_z, g_zc, g_logp2 = (next(grads) if t is not None else None for t in leaves)
-            g_logp, g_z = _row_grad(g_logp, m, n, h), _row_grad(g_z, m, n, h)
+            g_logp, g_z = _row_grad(g_logp, local, h), _row_grad(g_z, local, h)
             if row_index is not None:
                 row_index[at:at + n] = rows
             if need_h or need_w or need_b:
                 g_logp2_r = None
                 if logp2 is not None:  # rows without a second target hold a constant 0: no gradient
-                    g_logp2_r = torch.where(y2 >= 0, _row_grad(g_logp2, m, n, h), 0.0)
+                    g_logp2_r = torch.where(y2 >= 0, _row_grad(g_logp2, local, h), 0.0)
                 coef_p = -g_logp if g_logp2_r is None else -(g_logp + g_logp2_r)
                 dz = core.logit_grad(coef_p.contiguous(), y, (g_logp + g_z).contiguous(), y2, g_logp2_r)
                 gh_rows = core.backprop(dz, h, need_h)
@@ -298,16 +347,15 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         # No gradient reached the corrupted grid (weighting="none", detached weights): skip its backward
         # entirely, or a non-finite corrupted row would put 0 * inf = NaN into dW and db.
         if g_zc is not None and hc is not None and (need_hc or need_w or need_b):
-            ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, m, n, h).contiguous(), need_hc)
+            ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, local, h).contiguous(), need_hc)
             if ghc is not None:
                 _put_rows(ghc, ghc_rows, rows, at, full)
         return loss.detach().float()
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    at = 0
-    for first, stop in chunks:
-        total = total + one_chunk(first, stop, at)
-        at += sum(pair_rows[first:stop])
+    for first, stop in plan.chunks:
+        b = plan.n_pairs  # rows before the chunk: its predecessors' chosen and rejected ones
+        total = total + one_chunk(first, stop, plan.start[first] + plan.start[b + first] - plan.start[b])
     n_all = hidden.shape[0]
     grads = (
         None if gh is None else StoredGrad(gh, hidden.dtype, row_index, n_all),
