@@ -147,8 +147,15 @@ def _contender_names(spec: str) -> list[str]:
 
 
 def _backends(names: list[str]) -> tuple[str, ...]:
-    """tpo_fast backends to build contenders for: the defaults and any named as `tpo_fast-<backend>[-recompute]`."""
-    named = (n.removeprefix("tpo_fast-").removesuffix("-recompute") for n in names if n.startswith("tpo_fast-"))
+    """tpo_fast backends to build contenders for: the defaults and any named as
+    `tpo_fast-<backend>[-recompute|-fused|-fused-tgemm]`."""
+    named = []
+    for n in names:
+        if n.startswith("tpo_fast-"):
+            n = n.removeprefix("tpo_fast-")
+            for suffix in ("-fused-tgemm", "-recompute", "-fused"):
+                n = n.removesuffix(suffix)
+            named.append(n)
     return tuple(dict.fromkeys((*TPO_FAST_BACKENDS, *named)))
 
 

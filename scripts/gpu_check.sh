@@ -13,8 +13,8 @@
 # runs long is cut with its finished rows written, and the next part still runs:
 #   install       editable install; when a test part follows, the C++/CUDA extension built in the background
 #   bench         bench/run.py --cases gpu-target, the TPO, DPO and POVID losses: the default (auto: the
-#                 recompute path on CUDA) and the fused-gradient path on Triton, the peers, both matmul
-#                 floors, the torch backend's default (issue 14)                                            160 s
+#                 recompute path on CUDA) and the fused-gradient path on Triton (its gradient GEMMs by cuBLAS,
+#                 and by Triton), the peers, both matmul floors, the torch backend's default (issue 14)       180 s
 #   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
 #                 contender's step time, tokens/s and peak memory; no micro-batch search (issue 15)          280 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first the three
@@ -87,8 +87,8 @@ bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: sec
 }
 
 part_bench() {
-    bench_run bench gpu_losses 160 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
-        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-fused,floor,floor-valid,tpo_fast-torch,cce \
+    bench_run bench gpu_losses 180 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
+        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-fused,tpo_fast-triton-fused-tgemm,floor,floor-valid,tpo_fast-torch,cce \
         --repeats 10 --warmup 2 --timeout 60
 }
 

@@ -10,7 +10,8 @@ an sm_90 block fails here, before a GPU ever sees it.
 
 Shapes: the benchmark's (N=8192, D=4096, V=32000), a row count that picks the small tiles, odd sizes that
 disable the bulk tensor copies (TMA), and a one-row case; bf16, fp16, fp32; the split, atomic and
-gradient-filter backwards; TF32; bias and corrupted rows; TMA on where the rows allow it, and off.
+gradient-filter backwards; the fused losses' Triton gradient GEMMs; TF32; bias and corrupted rows; TMA on
+where the rows allow it, and off.
 
 Run with TRITON_INTERPRET=0: python tests/launch_compile.py. Prints "compiled K launches, F failed" and
 exits 1 on a failure. It uses Triton's JIT internals (the argument binder and `_pack_args`); where a Triton
@@ -106,7 +107,11 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
     triton_impl.gather_backward(h, w, y, f32(), (True, True, bias))
     buf, lse = triton_fused.logits_and_lse(h, w, b)
     triton_fused.softmax_grad_inplace(buf, lse, f32(), y, f32(), y, f32(), dtype)
-    triton_fused.softmax_grad_inplace(buf, lse, f32(), y, f32(), None, None, dtype)
+    dz = triton_fused.softmax_grad_inplace(buf, lse, f32(), y, f32(), None, None, dtype)
+    if opts.grad_gemm == "triton":  # the two gradient GEMMs on the in-place dZ (16-bit rows at stride 2V)
+        triton_fused.triton_mm(dz, w, torch.empty(n, d, dtype=torch.float32, **meta))
+        for accumulate in (False, True):
+            triton_fused.triton_mm(dz.t(), h, torch.empty(v, d, dtype=dtype, **meta), accumulate=accumulate)
     x = torch.empty(n, v, dtype=dtype, **meta)
     lse2, _ = logits_mod._TritonImpl.forward(x, y, -100)
     logits_mod._TritonImpl.backward(x, y, lse2, f32(), f32(), -100, True)
@@ -119,7 +124,8 @@ def main() -> int:
     for tma in (True, False):
         triton_impl._tma_descriptors = triton_fused._tma_descriptors = _descriptors(tma)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            options = [KernelOptions(), KernelOptions(backward="atomic"), KernelOptions(grad_filter_eps=1e-6)]
+            options = [KernelOptions(grad_gemm="triton"), KernelOptions(backward="atomic"),
+                       KernelOptions(grad_filter_eps=1e-6)]
             if dtype == torch.float32:
                 options.append(KernelOptions(allow_tf32=True))
             for n, d, v in SHAPES:

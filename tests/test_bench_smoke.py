@@ -793,3 +793,30 @@ def test_step_batches_move_every_tensor_to_the_device():
     moved = step._to({"chosen": rows, "rejected": dict(rows), "pixel_values": torch.zeros(1), "n": 3}, "meta")
     assert moved["n"] == 3 and moved["pixel_values"].is_meta
     assert all(t.is_meta for side in ("chosen", "rejected") for t in moved[side].values())
+
+
+def test_triton_gemm_contender_runs_the_fused_path_with_triton_gemms(monkeypatch):
+    """`tpo_fast-triton-fused-tgemm` times the fused path with its two gradient GEMMs by Triton: named on the
+    command line it is built (its backend parsed out of the name), its note says what it runs, and its run
+    reaches `triton_mm` (driven here in-process under the interpreter, tiny) with the same loss as cuBLAS's."""
+    from tpo_fast.ops import triton_fused
+
+    contenders, _, w = _bench_modules()
+    (run,) = _bench("run")
+    assert run._backends(["tpo_fast-triton-fused-tgemm", "tpo_fast-torch-recompute"]) == run._backends([])
+    c = contenders.all_contenders(("triton",))["tpo_fast-triton-fused-tgemm"]
+    assert c.label == "tpo_fast [triton] fused, triton gradient GEMMs"
+    assert "grad_gemm='triton'" in c.workloads["tpo"] and "grad_mode='fused'" in c.workloads["tpo"]
+    assert c.availability("cpu", "tpo") == "needs CUDA (the CPU Triton interpreter is far too slow to time)"
+    calls = []
+    original = triton_fused.triton_mm
+    monkeypatch.setattr(triton_fused, "triton_mm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    inp = w.make_inputs(w.Case("t", 8, 40, 24), "tpo", "cpu", torch.float32)
+    c.setup("cpu")
+    loss = c.run("tpo", inp)
+    assert len(calls) >= 2
+    plain = contenders.all_contenders(("triton",))["tpo_fast-triton-fused"]
+    plain.setup("cpu")
+    n = len(calls)
+    torch.testing.assert_close(plain.run("tpo", inp), loss, rtol=1e-5, atol=1e-6)
+    assert len(calls) == n  # the plain fused contender keeps cuBLAS (torch.mm)

@@ -40,5 +40,5 @@ def test_every_launch_of_the_launchers_compiles_for_sm90(tmp_path):
     # every kernel of tpo_fast.kernels was reached through a launcher
     for name in ("token_lse_partial_kernel", "softmax_grad_kernel", "softmax_grad_inplace_kernel",
                  "token_stats_bwd_kernel", "indexed_dot_fwd_kernel", "indexed_dot_bwd_kernel",
-                 "logits_forward_kernel", "logits_backward_kernel"):
+                 "logits_forward_kernel", "logits_backward_kernel", "matmul_kernel"):
         assert name in proc.stdout, name

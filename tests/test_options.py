@@ -24,12 +24,13 @@ def test_defaults_and_env(monkeypatch):
     assert KernelOptions.from_env() == KernelOptions()
     env = {"TPO_FAST_TILES": "64,128,32,4,3", "TPO_FAST_TMA": "0", "TPO_FAST_CHUNK_MB": "0.5",
            "TPO_FAST_ALLOW_TF32": "1", "TPO_FAST_BACKWARD": "atomic", "TPO_FAST_GRAD_FILTER_EPS": "1e-6",
+           "TPO_FAST_GRAD_GEMM": "triton",
            "TPO_FAST_JIT": "1", "TPO_FAST_EXT_CACHE": "/tmp/ext"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert KernelOptions.from_env() == KernelOptions(
         tiles=(64, 128, 32, 4, 3), tma="0", chunk_mb=0.5, allow_tf32=True, backward="atomic", grad_filter_eps=1e-6,
-        jit=True, ext_cache="/tmp/ext",
+        grad_gemm="triton", jit=True, ext_cache="/tmp/ext",
     )
     assert KernelOptions.from_env().chunk_bytes == 2**19
     monkeypatch.setenv("TPO_FAST_BACKWARD", "split")  # read again when the environment changes
@@ -41,12 +42,13 @@ def test_defaults_and_env(monkeypatch):
     [
         (dict(backward="fused"), "backward must be 'split' or 'atomic', got 'fused'"),
         (dict(tma="yes"), "tma must be 'auto', '0' or '1', got 'yes'"),
+        (dict(grad_gemm="cublas"), "grad_gemm must be 'torch' or 'triton', got 'cublas'"),
         (dict(chunk_mb=0), "chunk_mb must be a positive, finite number of MiB, got 0"),
         (dict(grad_filter_eps=-1.0), r"grad_filter_eps must be a finite number >= 0, got -1.0"),
         (dict(tiles=(128, 100, 64, 8, 3)), "tiles must be 'block_n,block_v,block_d,num_warps,num_stages"),
         (dict(allow_tf32=2), "allow_tf32 must be a bool, got 2"),
     ],
-    ids=["backward", "tma", "chunk", "eps", "tiles", "tf32"],
+    ids=["backward", "tma", "gemm", "chunk", "eps", "tiles", "tf32"],
 )
 def test_fields_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -38,8 +38,9 @@ __all__ = [
 def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
     """Every contender by CLI name, in table order. `backends`: tpo_fast backends to list; each
     hidden-state one also gets its `tpo_fast-<backend>-fused` and `-recompute` contenders (the plain one runs
-    the losses' default, "auto"). The `step` workload's
-    contenders (`_contenders/step.py`) are listed too; each family only runs its own workloads."""
+    the losses' default, "auto"), and triton `tpo_fast-triton-fused-tgemm` (its gradient GEMMs by Triton).
+    The `step` workload's contenders (`_contenders/step.py`) are listed too; each family only runs its own
+    workloads."""
     out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
     for b in backends:
         out[f"tpo_fast-{b}"] = TpoFast(b)
@@ -47,6 +48,8 @@ def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
         if b in hidden_backends():
             out[f"tpo_fast-{b}-fused"] = TpoFast(b, "fused")
             out[f"tpo_fast-{b}-recompute"] = TpoFast(b, "recompute")
+            if b == "triton":  # its gradient GEMMs by Triton instead of cuBLAS (TPO_FAST_GRAD_GEMM=triton)
+                out[f"tpo_fast-{b}-fused-tgemm"] = TpoFast(b, "fused", grad_gemm="triton")
     out["floor"] = Floor()
     out["floor-valid"] = FloorValid()
     out.update(step_contenders())  # the `step` workload's (family "step"): whole training steps

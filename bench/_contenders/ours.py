@@ -82,17 +82,20 @@ class TpoFast(Contender):
     token_pg_loss (hidden-state backends) and logits_logprobs (logits backends). With
     `grad_mode="recompute"`: the pair losses only, on their per-token recompute path."""
 
-    def __init__(self, backend: str, grad_mode: str | None = None):
+    def __init__(self, backend: str, grad_mode: str | None = None, grad_gemm: str | None = None):
         runs, why_not = self._plan(backend, grad_mode)
-        suffix = f"-{grad_mode}" if grad_mode else ""
+        suffix = (f"-{grad_mode}" if grad_mode else "") + ("-tgemm" if grad_gemm == "triton" else "")
+        if grad_gemm:  # the fused path's two gradient GEMMs (KernelOptions.grad_gemm, TPO_FAST_GRAD_GEMM)
+            runs = {w: f"{call}, under kernel_options(grad_gemm='{grad_gemm}')" for w, call in runs.items()}
         super().__init__(
             f"tpo_fast-{backend}{suffix}",
             "ours",
-            f"tpo_fast [{backend}]" + (f" {grad_mode}" if grad_mode else ""),
+            f"tpo_fast [{backend}]" + (f" {grad_mode}" if grad_mode else "")
+            + (f", {grad_gemm} gradient GEMMs" if grad_gemm else ""),
             runs,
             why_not,
         )
-        self.backend, self.grad_mode = backend, grad_mode
+        self.backend, self.grad_mode, self.grad_gemm = backend, grad_mode, grad_gemm
         if grad_mode is None:  # name the path the default runs, where the loss has a choice
             for w in runs:
                 if w in PAIR_LOSSES and (mode := grad_mode_default(w)):
@@ -146,7 +149,12 @@ class TpoFast(Contender):
         self._mode = {"grad_mode": self.grad_mode} if self.grad_mode else {}
 
     def run(self, workload, inp):
-        return getattr(self, f"_{workload}")(self._fn[workload], inp)
+        if self.grad_gemm is None:
+            return getattr(self, f"_{workload}")(self._fn[workload], inp)
+        from tpo_fast.ops.options import kernel_options
+
+        with kernel_options(grad_gemm=self.grad_gemm):  # the fused path runs its GEMMs in the forward
+            return getattr(self, f"_{workload}")(self._fn[workload], inp)
 
     def _logits(self, fn, inp):
         r = fn(inp["logits"], inp["targets"], corrupted_logits=inp["corrupted_logits"], backend=self.backend)

@@ -22,6 +22,9 @@ Fields (variable, default): meaning.
   the variable is "1" (on), "0" or "" (off); any other value is an error, never a guess.
 - `backward` (TPO_FAST_BACKWARD, "split"): "split" (softmax-gradient chunks + two GEMMs, no atomics)
   or "atomic" (the fused kernel).
+- `grad_gemm` (TPO_FAST_GRAD_GEMM, "torch"): the two gradient GEMMs of the fused-gradient losses on the
+  triton backend, `dH = dZ W` and `dW += dZ^T H`: "torch" (torch.mm: cuBLAS on a GPU) or "triton"
+  (`kernels/matmul.py`, the vocabulary kernels' tiles), to measure one against the other.
 - `grad_filter_eps` (TPO_FAST_GRAD_FILTER_EPS, 0.0): > 0 skips vocabulary tiles whose softmax gradient
   is below eps (atomic kernel; the gradient is then inexact, the loss is not).
 - `jit` (TPO_FAST_JIT, False): "1" lets `backend="auto"` build the C++ extension once when the
@@ -46,6 +49,7 @@ ENV_VARS = {
     "chunk_mb": "TPO_FAST_CHUNK_MB",
     "allow_tf32": "TPO_FAST_ALLOW_TF32",
     "backward": "TPO_FAST_BACKWARD",
+    "grad_gemm": "TPO_FAST_GRAD_GEMM",
     "grad_filter_eps": "TPO_FAST_GRAD_FILTER_EPS",
     "jit": "TPO_FAST_JIT",
     "ext_cache": "TPO_FAST_EXT_CACHE",
@@ -125,6 +129,7 @@ class KernelOptions:
     chunk_mb: float = 256.0
     allow_tf32: bool = False
     backward: str = "split"
+    grad_gemm: str = "torch"
     grad_filter_eps: float = 0.0
     jit: bool = False
     ext_cache: str | None = None
@@ -160,6 +165,7 @@ def _checked(get, name_of, from_env: bool = False) -> dict:
         "chunk_mb": _number(get("chunk_mb"), name_of("chunk_mb"), 256.0, True, "a positive, finite number of MiB"),
         "allow_tf32": _flag(get("allow_tf32"), name_of("allow_tf32")),
         "backward": _choice(get("backward"), name_of("backward"), ("split", "atomic")),
+        "grad_gemm": _choice(get("grad_gemm"), name_of("grad_gemm"), ("torch", "triton")),
         "grad_filter_eps": _number(get("grad_filter_eps"), name_of("grad_filter_eps"), 0.0, False,
                                    "a finite number >= 0"),
         "jit": _flag(get("jit"), name_of("jit")),

@@ -2,7 +2,9 @@
 
 Per chunk of rows: the GEMM-shaped forward kernel stores the fp32 logits while it reduces their
 logsumexp partials (one write of the buffer), `softmax_grad_inplace_kernel` turns them into dZ in
-place (one read, one write), and cuBLAS runs `dH = dZ W` and `dW += dZ^T H` (or torch.mm on CPU).
+place (one read, one write), and cuBLAS runs `dH = dZ W` and `dW += dZ^T H` (torch.mm; on the CPU its
+own GEMM), or with `KernelOptions.grad_gemm = "triton"` (TPO_FAST_GRAD_GEMM=triton) `matmul_kernel`
+with the vocabulary kernels' tiles, so that the two can be measured against each other.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from tpo_fast.kernels.matmul import matmul_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
 from tpo_fast.ops import triton_impl
+from tpo_fast.ops.options import current_options
 from tpo_fast.ops.triton_impl import _device_guard, _dot_precision, _tma_descriptors, interpreter_enabled, tile_config
 
 
@@ -74,15 +78,43 @@ def softmax_grad_inplace(
     return dz_store[:, :v]
 
 
+def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """`out = a @ b` (or `out += a @ b`) with `matmul_kernel`: fp32 products summed on chip, one rounding
+    into out's dtype. a, b: 2-D, any strides, one dtype; out: (M, N) fp32 or that dtype."""
+    (m, k), n = a.shape, b.shape[1]
+    if b.shape[0] != k or out.shape != (m, n) or a.dtype != b.dtype:
+        raise ValueError(f"triton_mm: {tuple(a.shape)} {a.dtype} @ {tuple(b.shape)} {b.dtype} into "
+                         f"{tuple(out.shape)}")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out if accumulate else out.zero_()
+    cfg = tile_config(m, n, k, a.dtype)  # the vocabulary kernels' tiles: rows x columns, inner block
+    with _device_guard(out):
+        matmul_kernel[(triton.cdiv(m, cfg.block_n) * triton.cdiv(n, cfg.block_v),)](
+            a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
+            ACCUMULATE=accumulate, DOT_PRECISION=_dot_precision(a.dtype), INTERPRET=interpreter_enabled(),
+            BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_v, BLOCK_K=cfg.block_d, GROUP_M=cfg.group_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
+
+
 def mm_f32(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 `dz @ weight` (fp32 accumulation, one rounding for 16-bit operands)."""
     out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
+    if current_options().grad_gemm == "triton":
+        return triton_mm(dz, weight, out)
     triton_impl._mm_f32(dz, weight, out)
     return out
 
 
 def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`gw + dz^T h` in the weight's dtype: fp32 products, one rounding per chunk (None: the first chunk)."""
+    if current_options().grad_gemm == "triton":
+        if gw is None:
+            return triton_mm(dz.t(), h, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
+        return triton_mm(dz.t(), h, gw, accumulate=True)
     if gw is None:
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         triton_impl._mm_into(dz.t(), h, out=gw)
