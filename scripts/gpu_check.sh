@@ -6,7 +6,7 @@
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
 #   call 1:       bash scripts/gpu_check.sh           timeout_s 580, carry [".whl"]: install bench step kernel-tests
 #   call 2, at once while the machine is warm, with what is left (about 3 minutes):
-#                 bash scripts/gpu_check.sh install search      timeout_s = the seconds left - 30
+#                 bash scripts/gpu_check.sh install profile search      timeout_s = the seconds left - 30
 #   a later session, or one with time to spare: tune, tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
@@ -20,6 +20,9 @@
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first the three
 #                 that failed on the first run, alone, 60 s); the checks only a GPU reaches are counted after
 #                 them: skipped there means untested                                                     150 s
+#   profile       bench/profile_loss.py at gpu-target: TPO and DPO, fused (chunk budgets 256 and 1024 MiB,
+#                 cuBLAS and Triton gradient GEMMs) and recompute: wall time against kernel time, launches,
+#                 host syncs (is the fused path still bound by the host?)                                    90 s
 #   search        the step case's largest micro-batch in 80 GB, for the official structure, TRL and ours,
 #                 within SEARCH_S seconds in all (default 150); SEARCH_CONTENDERS names others
 #                 (default ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared)
@@ -30,6 +33,7 @@
 # results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
 # Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
 #   BENCH_CASES=d64-v512-n64 STEP_CASE=step-tiny bash scripts/gpu_check.sh bench step
+#   BENCH_CASES=d64-v512-n64 PROFILE_BACKEND=torch bash scripts/gpu_check.sh profile
 set -uo pipefail
 OUT="${OUT:-/tmp/tpo_fast_gpu}"
 PY="${PYTHON:-python3}"
@@ -39,7 +43,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_AR
 T0=$(date +%s)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench step kernel-tests)
-KNOWN="install bench step kernel-tests search tune tests"
+KNOWN="install bench step kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
         *" $part "*) ;;
@@ -96,6 +100,14 @@ part_step() {
     bench_run step gpu_step 280 --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 --warmup 2 \
         --contenders official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache \
         --search-s 0 --timeout 100
+}
+
+part_profile() {
+    timeout 90 "$PY" bench/profile_loss.py --case "${BENCH_CASES:-gpu-target}" --backend "${PROFILE_BACKEND:-triton}" \
+        --chunk-mb 256,1024 \
+        --grad-gemm torch,triton --repeats 10 > "$WORK/profile.md" 2> "$WORK/profile.err"
+    echo "profile rc=$?" | tee -a "$OUT/report.md"
+    grep -E "^(\||## )" "$WORK/profile.md" | tee -a "$OUT/report.md"
 }
 
 part_search() {
@@ -160,6 +172,7 @@ for part in "${PARTS[@]}"; do
         install) part_install ;;
         bench) part_bench ;;
         step) part_step ;;
+        profile) part_profile ;;
         search) part_search ;;
         kernel-tests) part_kernel_tests ;;
         tests) part_tests ;;

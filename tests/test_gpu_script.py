@@ -30,7 +30,7 @@ def test_scripts_parse():
 def test_unknown_part_is_refused(tmp_path):
     got = _run(tmp_path, "benchmark")
     assert got.returncode == 2
-    assert "unknown part 'benchmark': install, bench, step, kernel-tests, search, tune, tests" in got.stdout
+    assert "unknown part 'benchmark': install, bench, step, kernel-tests, profile, search, tune, tests" in got.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU the script itself is the check")
@@ -48,3 +48,15 @@ def test_bench_part_reports_its_tables_and_packs_its_results(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert {"gpu_losses.json", "gpu_losses.csv", "bench.md", "bench.err"} <= names
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.tar.gz"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU the script itself is the check")
+def test_profile_part_reports_its_table(tmp_path):
+    """The `profile` part (bench/profile_loss.py) on a tiny case with the torch backend: its table reaches the
+    reply, one row per workload, mode, chunk budget and gradient GEMM."""
+    got = _run(tmp_path, "profile", BENCH_CASES="d32-v256-n32", PROFILE_BACKEND="torch")
+    assert got.returncode == 0, got.stdout + got.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "profile rc=0" in report
+    rows = [line for line in report.splitlines() if line.startswith("| tpo |") or line.startswith("| dpo |")]
+    assert len(rows) == 2 * (2 * 2 + 1), report  # (256, 1024) x (torch, triton) fused, and recompute

@@ -1,0 +1,129 @@
+"""Where a pair loss's time goes: wall time against GPU kernel time, kernel launches and host syncs, per
+`grad_mode`, chunk budget and gradient GEMM. The question it answers: is a path bound by its kernels or
+by the host that launches them (the fused-gradient losses' first H200 run: 7.8 ms of kernels in 21 ms)?
+
+    python bench/profile_loss.py                                      # CUDA: the gpu-target case, bf16
+    python bench/profile_loss.py --case d64-v512-n64 --backend torch --dtype fp32 --chunk-mb 0.05,256
+
+Each row: the losses as `python bench/run.py` calls them (same inputs, `_contenders.ours.TpoFast`), timed
+fwd+bwd (`--repeats`, median, synchronized), then one more call under torch.profiler: the device's
+kernel time (its kernel, memcpy and memset events; the profiler's own "Activity Buffer Request" left
+out), the kernel launches and the host synchronizations it recorded. On the CPU the device columns
+are empty and `aten ops` counts the operators dispatched: the host work a GPU run would launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _contenders.ours import TpoFast  # noqa: E402
+from _workloads import make_inputs, parse_cases  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize")  # what a read-back (.item(), nonzero) waits in
+PROFILER_OWN = "Activity Buffer Request"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _call(contender: TpoFast, workload: str, inp: dict) -> None:
+    for k in ("hidden", "corrupted_hidden", "weight"):
+        if k in inp:
+            inp[k].grad = None
+    contender.run(workload, inp).backward()
+
+
+def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: int) -> dict:
+    """{'wall_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops'} of one contender on one workload."""
+    _call(contender, workload, inp)  # warm-up: compilation, cuBLAS's workspace, the allocator's pools
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        _call(contender, workload, inp)
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _call(contender, workload, inp)
+        _sync(device)
+    events = prof.events()
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != PROFILER_OWN]
+    out = {
+        "wall_ms": statistics.median(times),
+        "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
+        "kernel_ms": None,
+        "launches": None,
+        "syncs": None,
+    }
+    if device == "cuda":
+        out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
+        out["launches"] = sum(1 for e in events if e.name in LAUNCHES)
+        out["syncs"] = sum(1 for e in events if e.name in SYNCS)  # not the measurement's cudaDeviceSynchronize
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--case", default="gpu-target", help="one loss case of bench/run.py (default: gpu-target)")
+    p.add_argument("--workloads", default="tpo,dpo", help="pair losses to profile (default: tpo,dpo)")
+    p.add_argument("--backend", default="triton", help="tpo_fast backend (default: triton)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--modes", default="fused,recompute", help="grad_mode values (default: fused,recompute)")
+    p.add_argument("--chunk-mb", default="256,1024",
+                   help="TPO_FAST_CHUNK_MB values for the fused rows (default: 256,1024)")
+    p.add_argument("--grad-gemm", default="torch",
+                   help="KernelOptions.grad_gemm values for the fused rows, comma list of torch, triton "
+                        "(default: torch)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per row (default: 10)")
+    args = p.parse_args(argv)
+    from tpo_fast.ops.options import kernel_options
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    cases = parse_cases(args.case)
+    if len(cases) != 1:
+        p.error(f"--case names {len(cases)} cases; give one")
+    case = cases[0]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"## {args.backend} backend on {name}, case {case.name}, {str(dtype).replace('torch.', '')}\n")
+    print("| workload | grad_mode | chunk MiB | gradient GEMMs | wall ms | kernel ms | launches | syncs | aten ops |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for workload in filter(None, args.workloads.split(",")):
+        inp = make_inputs(case, workload, device, dtype)
+        for mode in filter(None, args.modes.split(",")):
+            fused = mode == "fused"
+            for chunk_mb in (args.chunk_mb.split(",") if fused else ["-"]):
+                for gemm in (args.grad_gemm.split(",") if fused else ["-"]):
+                    contender = TpoFast(args.backend, mode, grad_gemm=None if gemm in ("-", "torch") else gemm)
+                    contender.setup(device)
+                    opts = {} if chunk_mb == "-" else {"chunk_mb": float(chunk_mb)}
+                    with kernel_options(**opts):
+                        r = measure(contender, workload, inp, device, args.repeats)
+
+                    def cell(v, fmt="{:.2f}"):
+                        return "" if v is None else fmt.format(v)
+
+                    print(f"| {workload} | {mode} | {chunk_mb} | {gemm} | {r['wall_ms']:.2f} | {cell(r['kernel_ms'])} "
+                          f"| {cell(r['launches'], '{}')} | {cell(r['syncs'], '{}')} | {r['aten_ops']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
