@@ -33,7 +33,7 @@
 # results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
 # Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
 #   BENCH_CASES=d64-v512-n64 STEP_CASE=step-tiny bash scripts/gpu_check.sh bench step
-#   BENCH_CASES=d64-v512-n64 PROFILE_BACKEND=torch bash scripts/gpu_check.sh profile
+#   BENCH_CASES=d64-v512-n64 PROFILE_BACKEND=torch PROFILE_GEMMS=torch bash scripts/gpu_check.sh profile
 set -uo pipefail
 OUT="${OUT:-/tmp/tpo_fast_gpu}"
 PY="${PYTHON:-python3}"
@@ -105,7 +105,7 @@ part_step() {
 part_profile() {
     timeout 90 "$PY" bench/profile_loss.py --case "${BENCH_CASES:-gpu-target}" --backend "${PROFILE_BACKEND:-triton}" \
         --chunk-mb 256,1024 \
-        --grad-gemm torch,triton --repeats 10 > "$WORK/profile.md" 2> "$WORK/profile.err"
+        --grad-gemm "${PROFILE_GEMMS:-torch,triton}" --repeats 10 > "$WORK/profile.md" 2> "$WORK/profile.err"
     echo "profile rc=$?" | tee -a "$OUT/report.md"
     grep -E "^(\||## )" "$WORK/profile.md" | tee -a "$OUT/report.md"
 }

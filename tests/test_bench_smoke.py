@@ -816,15 +816,18 @@ def test_triton_gemm_contender_runs_the_fused_path_with_triton_gemms(monkeypatch
     loss = c.run("tpo", inp)
     assert len(calls) >= 2
     plain = contenders.all_contenders(("triton",))["tpo_fast-triton-fused"]
+    assert plain.label == "tpo_fast [triton] fused" and "grad_gemm='torch'" in plain.workloads["tpo"]
     plain.setup("cpu")
     n = len(calls)
+    monkeypatch.setenv("TPO_FAST_GRAD_GEMM", "triton")  # the plain one is pinned: it stays the cuBLAS baseline
     torch.testing.assert_close(plain.run("tpo", inp), loss, rtol=1e-5, atol=1e-6)
-    assert len(calls) == n  # the plain fused contender keeps cuBLAS (torch.mm)
+    assert len(calls) == n
 
 
 def test_profile_loss_script_runs_where_it_is_documented_to():
     """bench/profile_loss.py, the docstring's CPU command at a tiny case: one row per (workload, mode, chunk
-    budget), the fused rows with more chunks dispatching more operators (the host work a GPU would launch)."""
+    budget), the fused rows with more chunks dispatching more operators (the host work a GPU would launch); the
+    triton backend's GEMM choice refused on another backend."""
     proc = subprocess.run(
         [sys.executable, str(BENCH / "profile_loss.py"), "--case", "d64-v512-n64", "--backend", "torch",
          "--dtype", "fp32", "--chunk-mb", "0.05,256", "--repeats", "2"],
@@ -834,8 +837,13 @@ def test_profile_loss_script_runs_where_it_is_documented_to():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tpo") or
             line.startswith("| dpo")]
     assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
-        (w, m, c) for w in ("tpo", "dpo") for m, c in (("fused", "0.05"), ("fused", "256"), ("recompute", "-"))
-    ]
+        (w, m, c) for w in ("tpo", "dpo") for m, c in (("fused", "0.05"), ("fused", "128"), ("recompute", "-"))
+    ]  # 256 MiB is the torch backend's cap, 128
     ops = {(r[0].strip(), r[2].strip()): int(r[8]) for r in rows}
-    assert ops[("tpo", "0.05")] > ops[("tpo", "256")] and ops[("dpo", "0.05")] > ops[("dpo", "256")]
+    assert ops[("tpo", "0.05")] > ops[("tpo", "128")] and ops[("dpo", "0.05")] > ops[("dpo", "128")]
     assert all(float(r[4]) > 0 and not r[5].strip() for r in rows)  # wall time; no device column on the CPU
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "profile_loss.py"), "--case", "d64-v512-n64", "--backend", "torch",
+         "--grad-gemm", "triton"], capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "other backends have one choice: torch" in bad.stderr

@@ -46,7 +46,8 @@ def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
         out[f"tpo_fast-{b}"] = TpoFast(b)
     for b in backends:
         if b in hidden_backends():
-            out[f"tpo_fast-{b}-fused"] = TpoFast(b, "fused")
+            # triton: the gradient GEMMs pinned to cuBLAS, so that -fused against -fused-tgemm compares the two
+            out[f"tpo_fast-{b}-fused"] = TpoFast(b, "fused", grad_gemm="torch" if b == "triton" else None)
             out[f"tpo_fast-{b}-recompute"] = TpoFast(b, "recompute")
             if b == "triton":  # its gradient GEMMs by Triton instead of cuBLAS (TPO_FAST_GRAD_GEMM=triton)
                 out[f"tpo_fast-{b}-fused-tgemm"] = TpoFast(b, "fused", grad_gemm="triton")

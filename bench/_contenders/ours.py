@@ -85,13 +85,13 @@ class TpoFast(Contender):
     def __init__(self, backend: str, grad_mode: str | None = None, grad_gemm: str | None = None):
         runs, why_not = self._plan(backend, grad_mode)
         suffix = (f"-{grad_mode}" if grad_mode else "") + ("-tgemm" if grad_gemm == "triton" else "")
-        if grad_gemm:  # the fused path's two gradient GEMMs (KernelOptions.grad_gemm, TPO_FAST_GRAD_GEMM)
+        if grad_gemm:  # the fused path's two gradient GEMMs (KernelOptions.grad_gemm), whatever TPO_FAST_GRAD_GEMM says
             runs = {w: f"{call}, under kernel_options(grad_gemm='{grad_gemm}')" for w, call in runs.items()}
         super().__init__(
             f"tpo_fast-{backend}{suffix}",
             "ours",
             f"tpo_fast [{backend}]" + (f" {grad_mode}" if grad_mode else "")
-            + (f", {grad_gemm} gradient GEMMs" if grad_gemm else ""),
+            + (", triton gradient GEMMs" if grad_gemm == "triton" else ""),
             runs,
             why_not,
         )
