@@ -119,7 +119,7 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
 
 def main() -> int:
     host_errors = []
-    # the 16-bit weight gradient's row scatter is torch alone (torch.unique has no meta kernel): not a launch
+    # the 16-bit weight gradient's row scatter is torch alone (sort, scatter, index_put): not a launch
     triton_impl._scatter_rows_ = lambda gw, targets, g, x: None
     for tma in (True, False):
         triton_impl._tma_descriptors = triton_fused._tma_descriptors = _descriptors(tma)

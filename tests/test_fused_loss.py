@@ -383,9 +383,10 @@ class _SyncProneOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["tpo", "dpo", "povid"])
-def test_chunks_never_wait_for_the_device(monkeypatch, backend, loss):
+def test_chunks_never_wait_for_the_device(monkeypatch, backend, loss, dtype):
     """On CUDA every read-back stalls the host until the GPU drains, and the chunk loop's launches stop
     overlapping the GPU's work (the first H200 run: 38 syncs per fused TPO call, host-bound). The chunk
     loop (`_run`) reads back once, the plan's rows per sequence (`tolist`, which no dispatch mode sees);
@@ -402,7 +403,7 @@ def test_chunks_never_wait_for_the_device(monkeypatch, backend, loss):
         return result
 
     monkeypatch.setattr(fused_pairs, "_run", watched)
-    b = batch(device=backend_device(backend))
+    b = batch(dtype=dtype, device=backend_device(backend))  # bf16 triton: dW's 16-bit row scatter too
     hc = b["corrupted_hidden"][:B]
     calls = {
         "tpo": call_tpo,

@@ -268,6 +268,24 @@ def test_scatter_rows_sums_repeats_before_one_rounding(dtype):
     assert gw.dtype == dtype and torch.equal(gw.float(), want)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("r", "v"), [(1, 5), (9, 3), (64, 20), (300, 1000)])
+def test_scatter_rows_of_unsorted_repeated_targets(dtype, r, v):
+    """The sync-free 16-bit scatter (distinct targets in fixed slots, no `torch.unique`): each touched row gets
+    its fp32 sum once rounded, every other row stays bit for bit; targets unsorted, repeated, one distinct."""
+    g = torch.Generator().manual_seed(r * v)
+    gw = torch.randn(v, 6, generator=g).to(dtype)
+    targets = torch.randint(0, v, (r,), generator=g)
+    coef, x = torch.randn(r, generator=g), torch.randn(r, 6, generator=g).to(dtype)
+    summed = gw.float().index_add(0, targets, coef[:, None] * x.float())
+    touched = torch.zeros(v, dtype=torch.bool)
+    touched[targets] = True
+    want = torch.where(touched[:, None], summed.to(dtype), gw)
+    triton_impl._scatter_rows_(gw, targets, coef, x)
+    assert torch.equal(gw, want)
+
+
 def _grad_args(n, seed=5):
     h, w, b, y = _inputs(n, seed)
     g = torch.Generator().manual_seed(seed + 1)

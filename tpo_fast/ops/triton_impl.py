@@ -268,13 +268,30 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype."""
+    """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype.
+
+    For a 16-bit gw the contributions are first summed per distinct target (fp32), then each touched row
+    is updated once. Without a host sync: `torch.unique` would read its output size back from the GPU (once
+    per fused-loss chunk), so the distinct targets get the R slots of the sorted ones instead, slot s for
+    the s-th distinct id; the unused slots repeat slot 0's row and value, so every write to a row is the same.
+    """
     contrib = g[:, None] * x.float()
     if gw.dtype == torch.float32:
         gw.index_add_(0, targets, contrib)
         return
-    rows, inverse = torch.unique(targets, return_inverse=True)
-    gw[rows] = gw[rows].float().index_add_(0, inverse, contrib).to(gw.dtype)
+    r = targets.shape[0]
+    if r == 0:
+        return
+    ids, _ = targets.sort()
+    new_id = torch.ones(r, dtype=torch.bool, device=ids.device)
+    new_id[1:] = ids[1:] != ids[:-1]
+    slot = new_id.cumsum(0) - 1  # the distinct id's slot, of each sorted position
+    slot_of = torch.empty_like(slot).scatter_(0, targets.argsort(stable=True), slot)  # ... of each input row
+    sums = torch.zeros_like(contrib).index_add_(0, slot_of, contrib)
+    rows = ids[:1].expand(r).clone().scatter_(0, slot, ids)  # slot -> its id; unused slots: slot 0's id
+    used = torch.arange(r, device=ids.device) <= slot[-1]
+    sums = torch.where(used[:, None], sums, sums[:1])
+    gw.index_put_((rows,), (gw[rows].float() + sums).to(gw.dtype))
 
 
 def backward(
