@@ -421,3 +421,42 @@ def test_chunks_never_wait_for_the_device(monkeypatch, backend, loss, dtype):
     assert inner == [[], []]
     assert whole[9] == whole[1000]
     assert whole[9][1] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
+@pytest.mark.parametrize("loss", ["tpo", "dpo", "povid"])
+def test_chunk_loop_never_synchronizes_on_cuda(monkeypatch, loss):
+    """The GPU counterpart of test_chunks_never_wait_for_the_device, which a dispatch mode cannot fully see
+    (device-to-host copies, `tolist`): from the plan's one read-back to the end of the chunk loop,
+    `torch.cuda.set_sync_debug_mode("error")` turns any synchronizing CUDA call into an error. bf16 on the
+    triton backend, every input trainable (the weight's 16-bit row scatter included), six chunks."""
+    from tpo_fast.ops import fused_pairs
+
+    b = batch(dtype=torch.bfloat16, device="cuda")
+    hc = b["corrupted_hidden"][:B]
+    calls = {
+        "tpo": call_tpo,
+        "dpo": call_dpo,
+        "povid": lambda bb, **kw: povid_loss(bb["weight"], bb["hidden"], hc, bb["targets"], bb["bias"],
+                                             ref_seq_scores=torch.zeros(3 * B, device="cuda"), **kw),
+    }
+    with kernel_options(chunk_mb=9 * MB_PER_ROW):
+        calls[loss](b, backend="triton", grad_mode="fused").loss.backward()  # compiles every kernel first
+    plan_init, run = fused_pairs._Plan.__init__, fused_pairs._run
+
+    def init(self, *args):
+        plan_init(self, *args)
+        torch.cuda.set_sync_debug_mode("error")
+
+    def watched(*args):
+        try:
+            return run(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(fused_pairs._Plan, "__init__", init)
+    monkeypatch.setattr(fused_pairs, "_run", watched)
+    with kernel_options(chunk_mb=9 * MB_PER_ROW):
+        out = calls[loss](b, backend="triton", grad_mode="fused")
+    assert torch.cuda.get_sync_debug_mode() == 0
+    out.loss.backward()
