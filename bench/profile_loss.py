@@ -6,10 +6,11 @@ by the host that launches them (the fused-gradient losses' first H200 run: 7.8 m
     python bench/profile_loss.py --case d64-v512-n64 --backend torch --dtype fp32 --chunk-mb 0.05,256
 
 Each row: the losses as `python bench/run.py` calls them (same inputs, `_contenders.ours.TpoFast`), timed
-fwd+bwd (`--repeats`, median, synchronized), then one more call under torch.profiler: the device's
-kernel time (its kernel, memcpy and memset events; the profiler's own "Activity Buffer Request" left
-out), the kernel launches and the host synchronizations it recorded. On the CPU the device columns
-are empty and `aten ops` counts the operators dispatched: the host work a GPU run would launch.
+fwd+bwd (`--repeats`, median, synchronized; and the host's share, until the backward returns), then one
+more call under torch.profiler: the device's kernel time (its kernel, memcpy and memset events; the
+profiler's own "Activity Buffer Request" left out), the kernel launches and the host synchronizations it
+recorded. On the CPU the device columns are empty and `aten ops` counts the operators dispatched: the
+host work a GPU run would launch.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def _call(contender: TpoFast, workload: str, inp: dict) -> None:
 
 
 def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: int) -> dict:
-    """{'wall_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops'} of one contender on one workload."""
+    """{'wall_ms', 'host_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops'} of one contender on one workload.
+
+    host_ms: from the call to the return of its backward, before the final synchronize: on a GPU, close to
+    wall_ms means the host (launches, read-backs) bounds the call; well below it, the kernels do."""
     _call(contender, workload, inp)  # warm-up: compilation, cuBLAS's workspace, the allocator's pools
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
         _call(contender, workload, inp)
+        host.append(1e3 * (time.perf_counter() - t0))  # until the last launch returns (or a read-back waited)
         _sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -67,6 +72,7 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
                  and not getattr(e, "is_user_annotation", False)]  # kernels, copies, fills; not the ranges
     out = {
         "wall_ms": statistics.median(times),
+        "host_ms": statistics.median(host),
         "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
         "kernel_ms": None,
         "launches": None,
@@ -108,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     gemms = list(dict.fromkeys(filter(None, args.grad_gemm.split(","))))
     if args.backend != "triton" and gemms != ["torch"]:
         p.error("--grad-gemm picks the triton backend's gradient GEMMs; other backends have one choice: torch")
-    print("| workload | grad_mode | chunk MiB | gradient GEMMs | wall ms | kernel ms | launches | syncs | aten ops |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| workload | grad_mode | chunk MiB | gradient GEMMs | wall ms | host ms | kernel ms | launches | syncs "
+          "| aten ops |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for workload in filter(None, args.workloads.split(",")):
         inp = make_inputs(case, workload, device, dtype)
         for mode in filter(None, args.modes.split(",")):
             # the path that runs: "fused" falls back to recompute where it is not exact (fp16 on triton)
             fused = uses_fused_gradient(mode, args.backend, torch.device(device), dtype)
             if mode == "fused" and not fused:
-                print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | |")
+                print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | | |")
                 continue
             chunks = ["-"]
             if fused:  # the torch backend caps its buffer: list the budgets that differ
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                     def cell(v, fmt="{:.2f}"):
                         return "" if v is None else fmt.format(v)
 
-                    print(f"| {workload} | {mode} | {chunk_mb} | {gemm} | {r['wall_ms']:.2f} | {cell(r['kernel_ms'])} "
+                    print(f"| {workload} | {mode} | {chunk_mb} | {gemm} | {r['wall_ms']:.2f} | {r['host_ms']:.2f} "
+                          f"| {cell(r['kernel_ms'])} "
                           f"| {cell(r['launches'], '{}')} | {cell(r['syncs'], '{}')} | {r['aten_ops']} |", flush=True)
     return 0
 
