@@ -4,22 +4,26 @@
 # open issues need them, over two calls of the device tool:
 #
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
-#   call 1:       bash scripts/gpu_check.sh           timeout_s 580, carry [".whl"]: install bench step kernel-tests
-#   call 2, at once while the machine is warm, with what is left (about 3 minutes):
-#                 bash scripts/gpu_check.sh install profile search      timeout_s = the seconds left - 30
-#   a later session, or one with time to spare: tune, tests
+#   call 1:       bash scripts/gpu_check.sh           timeout_s 580, carry [".whl"]: install bench profile kernel-tests
+#                 (about 470 s: the loss benchmark, the fused path's profile, the GPU tests)
+#   call 2, at once while the machine is warm, with what is left (about 4 minutes):
+#                 STEP_CONTENDERS=official-tpo,ours-tpo-shared,ours-tpo,trl-dpo STEP_S=<left - 60> \
+#                 bash scripts/gpu_check.sh install step      timeout_s = the seconds left - 30
+#                 (the step rows the first H200 run missed: the official TPO structure against ours, issue 15)
+#   a later session, or one with time to spare: step (all contenders), search, tune, tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
 # runs long is cut with its finished rows written, and the next part still runs:
 #   install       editable install; when a test part follows, the C++/CUDA extension built in the background
 #   bench         bench/run.py --cases gpu-target, the TPO, DPO and POVID losses: the default (auto: the
 #                 recompute path on CUDA) and the fused-gradient path on Triton (its gradient GEMMs by cuBLAS,
-#                 and by Triton), the peers, both matmul floors, the torch backend's default (issue 14)       180 s
+#                 and by Triton), the peers, both matmul floors, the torch backend's default (issue 14)       170 s
 #   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
-#                 contender's step time, tokens/s and peak memory; no micro-batch search (issue 15)          280 s
+#                 contender's (or STEP_CONTENDERS') step time, tokens/s and peak memory; no micro-batch
+#                 search (issue 15)                                                        STEP_S, default 280 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first the three
 #                 that failed on the first run, alone, 60 s); the checks only a GPU reaches are counted after
-#                 them: skipped there means untested                                                     150 s
+#                 them: skipped there means untested                                                     130 s
 #   profile       bench/profile_loss.py at gpu-target: TPO and DPO, fused (chunk budgets 256 and 1024 MiB,
 #                 cuBLAS and Triton gradient GEMMs) and recompute: wall time against kernel time, launches,
 #                 host syncs (is the fused path still bound by the host?)                                    90 s
@@ -42,7 +46,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench step kernel-tests)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile kernel-tests)
 KNOWN="install bench step kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
@@ -91,15 +95,15 @@ bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: sec
 }
 
 part_bench() {
-    bench_run bench gpu_losses 180 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
+    bench_run bench gpu_losses 170 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
         --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-fused,tpo_fast-triton-fused-tgemm,floor,floor-valid,tpo_fast-torch,cce \
         --repeats 10 --warmup 2 --timeout 60
 }
 
 part_step() {
-    bench_run step gpu_step 280 --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 --warmup 2 \
-        --contenders official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache \
-        --search-s 0 --timeout 100
+    local contenders=official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache
+    bench_run step gpu_step "${STEP_S:-280}" --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 \
+        --warmup 2 --contenders "${STEP_CONTENDERS:-$contenders}" --search-s 0 --timeout 100
 }
 
 part_profile() {
@@ -147,7 +151,7 @@ part_kernel_tests() {
     echo "first tests rc=$?" | tee -a "$OUT/report.md"
     grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_first.log" | head -30 | tee -a "$OUT/report.md"
     tail -1 "$OUT/tests_first.log" | tee -a "$OUT/report.md"
-    run_tests 150 tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
+    run_tests 130 tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
         tests/test_gaps_triton_fused.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py tests/test_gaps_logits.py \
         tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
