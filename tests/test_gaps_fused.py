@@ -223,3 +223,19 @@ def test_valid_row_index_lists_the_true_entries_in_order(shape):
                   torch.rand(shape, generator=g) < 0.4):
         expected = valid.reshape(-1).nonzero().squeeze(1).tolist()
         assert valid_row_index(valid, len(expected)).tolist() == expected
+
+
+def test_torch_core_statistics_of_infinite_logit_rows():
+    """A row with a +inf logit has logsumexp +inf (as torch.logsumexp), a row of all -inf logits -inf: the shift
+    by the row max must not turn them into NaN (inf - inf), and a finite row is untouched."""
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(3, 4, generator=g), torch.randn(2, 4, generator=g)
+    y = torch.tensor([1, 2])
+    inf = float("inf")
+    for bias, want in ((torch.tensor([inf, 0.0, 0.0]), inf), (torch.full((3,), -inf), -inf)):
+        core = fused_chunk.TorchChunk(w, bias, need_w=False, need_b=False)
+        lse, z, _ = core.stats(h, y, None)
+        assert lse.tolist() == [want, want]
+        assert (h @ w.t() + bias).logsumexp(-1).tolist() == [want, want]
+    core = fused_chunk.TorchChunk(w, None, need_w=False, need_b=False)
+    torch.testing.assert_close(core.stats(h, y, None)[0], (h @ w.t()).logsumexp(-1))

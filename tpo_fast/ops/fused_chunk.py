@@ -44,7 +44,7 @@ class TorchChunk:
         z = logits.gather(1, y[:, None]).squeeze(1)
         z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
         m = logits.amax(dim=-1, keepdim=True)
-        m.masked_fill_(~torch.isfinite(m), 0.0)
+        m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite row max shifts by 0
         self._buf = logits.sub_(m).exp_()  # in place: exp(z - max)
         self._sumexp = self._buf.sum(-1)
         return self._sumexp.log() + m.squeeze(1), z, z2

@@ -122,8 +122,7 @@ def combine_lse_partials(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: logsumexp from per-tile (max, sum of exp(z - max)), and the first index of the max."""
     m = m_part.amax(dim=1)
-    finite = torch.isfinite(m)
-    shift = torch.where(finite, m, torch.zeros_like(m))
+    shift = m.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # non-finite maxima shift by 0 (one kernel)
     lse = torch.log((s_part * torch.exp(m_part - shift[:, None])).sum(dim=1)) + shift
     lse = torch.where(m == float("inf"), m, lse)  # a +inf logit: logsumexp is +inf, as torch's
     argmax = None
