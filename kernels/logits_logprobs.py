@@ -7,6 +7,8 @@ Rows whose target is `ignore_index` do no vocabulary work in forward (the loop b
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
+
 
 @triton.jit
 def logits_forward_kernel(
@@ -39,6 +41,7 @@ def logits_forward_kernel(
 def logits_backward_kernel(
     X, stride_x, G, stride_g, T, LSE, CP, CY, V, ignore_index,
     BLOCK_V: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
 ):
     # G may alias X (in-place backward): each tile is loaded before it is stored.
     row = tl.program_id(0).to(tl.int64)
@@ -57,4 +60,4 @@ def logits_backward_kernel(
         g = tl.where(valid, cp * tl.exp(x - lse), 0.0)
         # the one-hot term is folded in fp32, before rounding (bf16 `p - 1` would cancel)
         g = g + tl.where(start + cols == t, cy, 0.0)
-        tl.store(g_row + start + cols, g.to(G.dtype.element_ty), mask=mask)
+        tl.store(g_row + start + cols, round_to(g, G.dtype.element_ty, INTERPRET), mask=mask)

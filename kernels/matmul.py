@@ -11,6 +11,7 @@ ACCUMULATE adds the old C in fp32 before the one rounding into C's dtype. The al
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
 from tpo_fast.kernels._dot import mma
 from tpo_fast.kernels._grid import grouped_tile
 
@@ -46,4 +47,4 @@ def matmul_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, round_to(acc, C.dtype.element_ty, INTERPRET), mask=mask)

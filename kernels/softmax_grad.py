@@ -12,6 +12,7 @@ before its one rounding, so `softmax - 1` never cancels in low precision.
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
 from tpo_fast.kernels._dot import mma
 from tpo_fast.kernels._grid import grouped_tile
 
@@ -68,6 +69,7 @@ def softmax_grad_kernel(
         coef_y = tl.load(COEF_Y + rows, mask=row_mask, other=0.0)
         dz += tl.where(vcols64[None, :] == y[:, None], coef_y[:, None], 0.0)
     dz = tl.where(valid, dz, 0.0)
-    tl.store(DZ + rows64[:, None] * stride_dz + local[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+    dz_store = round_to(dz, DZ.dtype.element_ty, INTERPRET)
+    tl.store(DZ + rows64[:, None] * stride_dz + local[None, :], dz_store, mask=valid)
     if NEED_B:
         tl.store(GB_PART + pid_n.to(tl.int64) * V + vcols, tl.sum(dz, axis=0), mask=v_mask)

@@ -12,6 +12,8 @@ later tile reads below `v0 + BV`. One read and one write of the buffer, no secon
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
+
 
 @triton.jit
 def softmax_grad_inplace_kernel(
@@ -21,6 +23,7 @@ def softmax_grad_inplace_kernel(
     HAS_Y2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < R
@@ -43,4 +46,5 @@ def softmax_grad_inplace_kernel(
         dz += tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
         if HAS_Y2:
             dz += tl.where(cols[None, :] == y2[:, None], coef_y2[:, None], 0.0)
-        tl.store(DZ + rows64[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+        dz = round_to(dz, DZ.dtype.element_ty, INTERPRET)
+        tl.store(DZ + rows64[:, None] * stride_dz + cols[None, :], dz, mask=mask)

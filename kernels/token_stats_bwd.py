@@ -12,6 +12,7 @@ gradient is rank-1 per row and handled by `indexed_dot.py`.
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
 from tpo_fast.kernels._dot import mma
 
 
@@ -59,7 +60,7 @@ def token_stats_bwd_kernel(
     dz = tl.where(valid, tl.exp(logits - lse[:, None]) * coef[:, None], 0.0)  # [BLOCK_N, BLOCK_V]
     if NEED_B:
         tl.atomic_add(GB + vcols, tl.sum(dz, axis=0), mask=v_mask)
-    dz_in = dz.to(W.dtype.element_ty)
+    dz_in = round_to(dz, W.dtype.element_ty, INTERPRET)
 
     # 3. accumulate dH and dW over hidden-dimension chunks. Gradient filtering (opt-in, inexact):
     #    a tile whose every entry is below FILTER_EPS in magnitude skips both GEMMs and their atomics.

@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
 from tpo_fast.kernels.logits_logprobs import logits_backward_kernel, logits_forward_kernel
+from tpo_fast.kernels.matmul import matmul_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
@@ -45,7 +46,13 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         yield softmax_grad_inplace_kernel, {
             "Z": "*fp32", "DZ": p, "LSE": "*fp32", "COEF_P": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", "Y2": "*i64",
             "COEF_Y2": "*fp32", "R": "i32", "V": "i32", "stride_z": "i32", "stride_dz": "i32",
-        }, {"HAS_Y2": flag, "BLOCK_N": 4, "BLOCK_V": 1024}, 8, 3
+        }, {"HAS_Y2": flag, "BLOCK_N": 4, "BLOCK_V": 1024, "INTERPRET": False}, 8, 3
+        # the fused-gradient losses' Triton gradient GEMMs (grad_gemm="triton"): fp32 dH, dW in the input dtype
+        yield matmul_kernel, {
+            "A": p, "B": p, "C": "*fp32" if flag else p, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+            "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_cn": "i32",
+        }, {"ACCUMULATE": not flag, "DOT_PRECISION": prec, "INTERPRET": False, "BLOCK_M": cfg.block_n,
+            "BLOCK_N": cfg.block_v, "BLOCK_K": cfg.block_d, "GROUP_M": cfg.group_n}, cfg.num_warps, cfg.num_stages
         yield softmax_grad_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
             "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
@@ -71,7 +78,7 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     yield logits_backward_kernel, {
         "X": p, "stride_x": "i64", "G": p, "stride_g": "i64", "T": "*i64", "LSE": "*fp32", "CP": "*fp32",
         "CY": "*fp32", "V": "i32", "ignore_index": "i64",
-    }, {"BLOCK_V": 4096}, 8, 3
+    }, {"BLOCK_V": 4096, "INTERPRET": False}, 8, 3
 
 
 def aligned(sig: dict[str, str]) -> dict:

@@ -301,7 +301,8 @@ def test_triton_launch_settings(monkeypatch, n, v, block, warps):
         g = logits_mod._TritonImpl.backward(x, t, f, f, f, IGNORE, False)
         assert g is not x and g.shape == x.shape and g.dtype == x.dtype
     assert fwd.launches == [((n,), {"BLOCK_V": block, "num_warps": warps})]
-    assert bwd.launches == [((n,), {"BLOCK_V": block, "num_warps": warps})]
+    # the backward's 16-bit store rounds as a GPU does under the interpreter too (kernels/_cast.py)
+    assert bwd.launches == [((n,), {"BLOCK_V": block, "INTERPRET": interpreter_enabled(), "num_warps": warps})]
 
 
 def test_torch_chunks_hold_as_many_rows_as_fit(monkeypatch):

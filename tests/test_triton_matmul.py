@@ -133,3 +133,13 @@ def test_torch_backend_ignores_grad_gemm(monkeypatch):
     with kernel_options(grad_gemm="triton"):
         CALLS["dpo"](x, backend="torch", grad_mode="fused").loss.backward()
     assert x["w"].grad is not None
+
+
+def test_bf16_store_rounds_to_nearest_even_as_on_a_gpu():
+    """K = 1: every output is one fp32 product, so the only rounding left is the store's into bf16, which must be
+    round-to-nearest-even (the GPU's, and torch's `.bfloat16()`), also under the interpreter, whose own cast
+    truncates (kernels/_cast.py). Half of random values would differ by one ulp under truncation."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(64, 1, generator=g).to(DEVICE), torch.randn(1, 48, generator=g).to(DEVICE)
+    out = triton_fused.triton_mm(a, b, torch.empty(64, 48, dtype=torch.bfloat16, device=DEVICE))
+    assert torch.equal(out, (a @ b).bfloat16())

@@ -111,7 +111,7 @@ class _TritonImpl:
             with _device_guard(x):
                 logits_backward_kernel[(n,)](
                     x, x.stride(0), g, g.stride(0), t, lse, coef_p, coef_y, v, ignore_index,
-                    BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+                    BLOCK_V=block, INTERPRET=interpreter_enabled(), num_warps=8 if block >= 2048 else 4,
                 )
         return g
 

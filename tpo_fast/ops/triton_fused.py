@@ -73,7 +73,7 @@ def softmax_grad_inplace(
                 buf, dz_store, lse, coef_p, y, coef_y,
                 y2 if y2 is not None else y, coef_y2 if coef_y2 is not None else coef_y,
                 r, v, v, stride_dz,
-                HAS_Y2=y2 is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8,
+                HAS_Y2=y2 is not None, BLOCK_N=block_n, BLOCK_V=block_v, INTERPRET=interp, num_warps=8,
             )
     return dz_store[:, :v]
 
