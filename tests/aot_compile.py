@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
 from tpo_fast.kernels.logits_logprobs import logits_backward_kernel, logits_forward_kernel
 from tpo_fast.kernels.matmul import matmul_kernel
+from tpo_fast.kernels.scale import scale_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
@@ -72,6 +73,8 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "GW": "*fp32", "GB": "*fp32", "N": "i32", "D": "i32",
         }, {"HAS_SECOND": flag, "ACCUM_H": flag, "NEED_H": True, "NEED_HC": flag, "NEED_W": True, "NEED_B": flag,
             "BLOCK_N": 64, "BLOCK_D": 64}, 4, 3
+    if dt != "fp32":  # the backward's scaling of a stored 16-bit weight gradient
+        yield scale_kernel, {"G": p, "S": "*fp32", "N": "i32"}, {"INTERPRET": False, "BLOCK": 4096}, 8, 3
     yield logits_forward_kernel, {
         "X": p, "stride_x": "i64", "T": "*i64", "LSE": "*fp32", "Z": "*fp32", "V": "i32", "ignore_index": "i64",
     }, {"BLOCK_V": 4096}, 8, 3

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from tpo_fast.kernels.matmul import matmul_kernel
+from tpo_fast.kernels.scale import scale_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
 from tpo_fast.ops import triton_impl
@@ -135,3 +136,17 @@ def scatter_dw(
         gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     triton_impl._scatter_rows_(gw, y, g, hc)
     return gw
+
+
+def scale_(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`g *= factor` in place for a contiguous 16-bit `g` and an fp32 0-d `factor` on its device: the product in
+    fp32, one rounding (`kernels/scale.py`); no host sync."""
+    if g.dtype not in (torch.bfloat16, torch.float16) or not g.is_contiguous():
+        raise ValueError(f"scale_ takes a contiguous 16-bit tensor, got {g.dtype} (contiguous={g.is_contiguous()})")
+    n = g.numel()
+    if n:
+        s = factor.detach().to(device=g.device, dtype=torch.float32).reshape(1)
+        block = 1024 if interpreter_enabled() else 4096
+        with _device_guard(g):
+            scale_kernel[(triton.cdiv(n, block),)](g, s, n, INTERPRET=interpreter_enabled(), BLOCK=block, num_warps=8)
+    return g

@@ -1,0 +1,47 @@
+"""`triton_fused.scale_` (`kernels/scale.py`): the fused-gradient losses' backward scaling of a stored 16-bit
+gradient by the fp32 `grad_output`, one kernel on CUDA where PyTorch takes three per slice.
+
+Oracle: the same product taken by PyTorch in fp64 and rounded once into the dtype (`.to(dtype)`, round to
+nearest even; the interpreter's own truncating cast is corrected by `kernels/_cast.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpo_fast.ops import fused_pairs, triton_fused
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy, fp16 inf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n", [0, 1, 1023, 1025, 3000])
+@pytest.mark.parametrize("factor", [1 / 3, 65536.0, -2.0**-20, 1.0])
+def test_scale_is_the_fp32_product_rounded_once(dtype, n, factor):
+    """1/3 is not a bf16 value, 65536 (GradScaler's scale) overflows fp16 products to inf as the exact product
+    does; sizes around the interpreter's 1024-element block, and none."""
+    g = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype).to(DEVICE)
+    want = (g.double() * factor).to(dtype)
+    s = torch.tensor(factor, dtype=torch.float32, device=DEVICE)
+    got = triton_fused.scale_(g, s)
+    assert got is g and torch.equal(g, want)
+
+
+def test_scale_refuses_what_it_cannot_scale_in_place():
+    with pytest.raises(ValueError, match=r"scale_ takes a contiguous 16-bit tensor, got torch.float32"):
+        triton_fused.scale_(torch.ones(4), torch.tensor(2.0))
+    with pytest.raises(ValueError, match=r"contiguous=False"):
+        triton_fused.scale_(torch.ones(4, 4, dtype=torch.bfloat16).t(), torch.tensor(2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of the losses' backward is CUDA's")
+def test_stored_16bit_gradients_scale_with_the_kernel_on_cuda(monkeypatch):
+    """A stored 16-bit dW (the triton backend's) is scaled by `scale_` on CUDA: one kernel for the V x D tensor."""
+    calls = []
+    original = triton_fused.scale_
+    monkeypatch.setattr(triton_fused, "scale_", lambda g, s: calls.append(g.shape) or original(g, s))
+    g = torch.randn(300, 64, device="cuda").bfloat16()
+    want = (g.double() * 0.3).bfloat16()
+    out = fused_pairs.StoredGrad(g, torch.bfloat16).scaled(torch.tensor(0.3, device="cuda"))
+    assert calls == [torch.Size([300, 64])] and torch.equal(out, want)
