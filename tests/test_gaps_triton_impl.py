@@ -467,8 +467,9 @@ def test_launch_settings_reach_the_kernels(monkeypatch, compiled, dtype):
     else:
         gemm = _tiles(64, 64, 32, 4, 3, 8) if dtype == torch.float32 else _tiles(128, 256, 64, 8, 3, 8)
         atomic = _tiles(64, 128, 64, 8, 3)
-        indexed = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4)
+        indexed = dict(BLOCK_N=4, BLOCK_D=256, num_warps=4)  # many programs for a memory-bound gather
     atomic = {k: val for k, val in atomic.items() if k != "GROUP_N"}
+    rows = -(-n // indexed["BLOCK_N"])
     tiles = -(-n // gemm["BLOCK_N"]) * -(-v // gemm["BLOCK_V"])
     assert spies["token_lse_partial_kernel"].launches == [
         ((tiles,), dict(HAS_BIAS=True, WANT_ARGMAX=True, **flags, USE_TMA=not compiled, **gemm))]
@@ -477,10 +478,12 @@ def test_launch_settings_reach_the_kernels(monkeypatch, compiled, dtype):
     assert spies["token_stats_bwd_kernel"].launches == [
         ((2, -(-v // atomic["BLOCK_V"])), dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=False,
                                                **flags, **atomic))]
-    assert spies["indexed_dot_fwd_kernel"].launches == [((2,), dict(HAS_BIAS=True, **indexed))] * 2
+    assert spies["indexed_dot_fwd_kernel"].launches == [((rows,), dict(HAS_BIAS=True, **indexed))] * 2
     assert spies["indexed_dot_bwd_kernel"].launches == [  # the atomic backward's one-hot part, then the gather's
-        ((2,), dict(HAS_SECOND=True, ACCUM_H=True, NEED_H=True, NEED_HC=True, NEED_W=True, NEED_B=True, **indexed)),
-        ((2,), dict(HAS_SECOND=False, ACCUM_H=False, NEED_H=True, NEED_HC=False, NEED_W=True, NEED_B=True, **indexed)),
+        ((rows,), dict(HAS_SECOND=True, ACCUM_H=True, NEED_H=True, NEED_HC=True, NEED_W=True, NEED_B=True,
+                       **indexed)),
+        ((rows,), dict(HAS_SECOND=False, ACCUM_H=False, NEED_H=True, NEED_HC=False, NEED_W=True, NEED_B=True,
+                       **indexed)),
     ]
 
 

@@ -369,9 +369,19 @@ def backward(
     return gh, gw, gb, ghc
 
 
+def _indexed_tiles(n: int, d: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) of the gather kernels (`kernels/indexed_dot.py`). On a GPU 4 rows per program, D in
+    256-wide steps: a memory-bound row gather needs many programs (at 64 rows a program, the first H200
+    profile had 25 programs for a 1575-row chunk, 129 us where its 26 MB take about 6 us); the interpreter
+    runs one Python step per tile, so there tiles are large."""
+    if interpreter_enabled():
+        return _p2(n, 16, 64), _p2(d, 16, 128)
+    return 4, _p2(d, 16, 256)
+
+
 def _launch_indexed_bwd(hidden, second_hidden, weight, targets, g, g_second, gh, ghc, gw, gb, accum_h):
     n, d = hidden.shape
-    block_n, block_d = _p2(n, 16, 64), _p2(d, 16, 128 if interpreter_enabled() else 64)
+    block_n, block_d = _indexed_tiles(n, d)
     dummy = g
     indexed_dot_bwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, second_hidden if second_hidden is not None else hidden, weight, targets,
@@ -393,7 +403,7 @@ def gather_logits(
     z = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return z
-    block_n, block_d = _p2(n, 16, 64), _p2(d, 16, 128 if interpreter_enabled() else 64)
+    block_n, block_d = _indexed_tiles(n, d)
     with _device_guard(hidden):
         indexed_dot_fwd_kernel[(triton.cdiv(n, block_n),)](
             hidden, weight, bias if bias is not None else z, targets, z, n, d,
