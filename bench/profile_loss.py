@@ -1,14 +1,14 @@
 """Where a pair loss's time goes: wall time against GPU kernel time, kernel launches and host syncs, per
 `grad_mode`, chunk budget and gradient GEMM. The question it answers: is a path bound by its kernels or
-by the host that launches them (the fused-gradient losses' first H200 run: 7.8 ms of kernels in 21 ms)?
+by the host that launches them (the fused-gradient losses' first H200 run: 11.3 ms of kernels in 21 ms)?
 
     python bench/profile_loss.py                                      # CUDA: the gpu-target case, bf16
     python bench/profile_loss.py --case d64-v512-n64 --backend torch --dtype fp32 --chunk-mb 0.05,256
 
 Each row: the losses as `python bench/run.py` calls them (same inputs, `_contenders.ours.TpoFast`), timed
 fwd+bwd (`--repeats`, median, synchronized; and the host's share, until the backward returns), then one
-more call under torch.profiler: the device's kernel time (its kernel, memcpy and memset events; the
-profiler's own "Activity Buffer Request" left out), the kernel launches and the host synchronizations it
+more call under torch.profiler: the device's kernel time (the sum of its device events, kernels, copies and
+fills, each once), the kernel launches and the host synchronizations it
 recorded. On the CPU the device columns are empty and `aten ops` counts the operators dispatched: the
 host work a GPU run would launch.
 """
@@ -68,8 +68,10 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
         _call(contender, workload, inp)
         _sync(device)
     events = prof.events()
+    # the device's own events (kernels, copies, fills), each once; CPU-side rows that merely show kernels
+    # again ("Activity Buffer Request", the ops' "self CUDA") are not device events
     on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != PROFILER_OWN
-                 and not getattr(e, "is_user_annotation", False)]  # kernels, copies, fills; not the ranges
+                 and not getattr(e, "is_user_annotation", False)]
     out = {
         "wall_ms": statistics.median(times),
         "host_ms": statistics.median(host),
