@@ -64,8 +64,9 @@ def uses_fused_gradient(grad_mode: str, backend: str, device: torch.device, dtyp
     """
     if grad_mode == "auto":
         # Measured (H200, bf16, N=8192, D=4096, V=32000, 2026-12-04): on CUDA the fused path is slower than
-        # the recomputing one (TPO 21 vs 12 ms, DPO 17 vs 10 ms; its chunks are bound by host-side work and
-        # syncs), on the CPU faster (fp32, d1024-v32000-n2048: TPO 2.34 vs 2.97 s). "auto" takes the faster.
+        # the recomputing one (TPO 21 vs 12 ms, DPO 17 vs 10 ms; its chunks were bound by host-side work and
+        # syncs, since removed but not yet re-timed: scripts/gpu_check.sh's bench and profile parts), on the
+        # CPU faster (fp32, d1024-v32000-n2048: TPO 2.34 vs 2.97 s). "auto" takes the faster as measured.
         grad_mode = "recompute" if torch.device(device).type == "cuda" else "fused"
     if grad_mode != "fused":
         return False
