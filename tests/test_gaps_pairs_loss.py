@@ -354,3 +354,17 @@ def test_dpo_loss_average_log_prob_against_materialized_logits(average):
         got = dpo_loss(w, h.reshape(-1, d), y, ref_seq_scores=ref, average_log_prob=average, grad_mode=grad_mode,
                        backend=backend).loss
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_loss_without_smoothing_at_an_infinite_margin():
+    """label_smoothing=0: the loss is -logsigmoid(beta * margin) alone, so an infinite margin gives 0 (or inf),
+    never the 0 * inf = NaN of a zero-weighted second term; with smoothing both terms count."""
+    from tpo_fast.loss.pairs import pair_losses
+
+    inf = float("inf")
+    policy, ref = torch.tensor([inf, -inf, 0.0, 0.0]), torch.zeros(4)  # pairs: (inf, 0), (-inf, 0)
+    assert pair_losses(policy, ref, 0.1).tolist() == [0.0, inf]
+    smoothed = pair_losses(torch.tensor([2.0, 0.0]), torch.zeros(2), 0.5, label_smoothing=0.2)
+    want = -torch.nn.functional.logsigmoid(torch.tensor(1.0)) * 0.8 - torch.nn.functional.logsigmoid(
+        torch.tensor(-1.0)) * 0.2
+    torch.testing.assert_close(smoothed, want.reshape(1))

@@ -18,7 +18,7 @@ from loss_reference import reference_loss, reference_scores, weighted_scores
 
 import tpo_fast.loss.tpo as tpo_module
 from tpo_fast.loss import reference_sequence_scores, tpo_loss, tpo_loss_from_logprobs
-from tpo_fast.loss.tpo import chunk_sequences
+from tpo_fast.loss.tpo import chunk_rows
 from tpo_fast.ops.fused_pairs import PairChunk
 
 N_PAIRS, T, D, V = 2, 5, 6, 11
@@ -351,15 +351,15 @@ def test_recompute_on_the_reference_backend_allows_double_backward():
 # Device placement: what the loss builds itself follows its inputs, not torch's default device.
 
 
-def test_chunk_sequences_indices():
+def test_chunk_rows_are_the_chunks_chosen_then_rejected_sequences():
     mask = torch.ones(4, 3, dtype=torch.bool)
     grid = torch.zeros(4, 3)
-    chunk = PairChunk(1, 3, 4, grid, grid, None, None, mask)
-    assert chunk_sequences(chunk).tolist() == [1, 2, 5, 6]
+    chunk = PairChunk(1, 3, 4, grid, grid, None, None, mask)  # pairs 1, 2 of 4: sequences 1, 2 and 5, 6
+    per_seq = torch.arange(8.0) * 10
+    assert chunk_rows(per_seq, chunk).tolist() == [10.0, 20.0, 50.0, 60.0]
     with torch.device("meta"):  # a default device other than the inputs' (e.g. torch.set_default_device("cuda"))
-        idx = chunk_sequences(chunk)
-    assert idx.device == mask.device
-    assert idx.tolist() == [1, 2, 5, 6]
+        rows = chunk_rows(per_seq, chunk)
+    assert rows.device == per_seq.device and rows.tolist() == [10.0, 20.0, 50.0, 60.0]
 
 
 def test_list_reference_scores_follow_the_inputs_not_the_default_device():

@@ -154,6 +154,8 @@ def pair_losses(
         raise ValueError(f"beta must be a finite number > 0 (DPO uses 0.1), got {beta}")
     logits = (policy[:n_pairs] - policy[n_pairs:]) - (ref[:n_pairs] - ref[n_pairs:])
     if loss_type == "sigmoid":
+        if label_smoothing == 0:  # the default: no second term (nor its NaN, 0 * inf, at an infinite margin)
+            return -F.logsigmoid(beta * logits)
         return (
             -F.logsigmoid(beta * logits) * (1 - label_smoothing)
             - F.logsigmoid(-beta * logits) * label_smoothing

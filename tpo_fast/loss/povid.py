@@ -50,7 +50,7 @@ from tpo_fast.loss._checks import (
     rows,
 )
 from tpo_fast.loss.pairs import pair_losses, preference_loss_from_sequence_scores
-from tpo_fast.loss.tpo import chunk_sequences
+from tpo_fast.loss.tpo import chunk_rows
 from tpo_fast.ops import target_logits, token_stats
 from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
 
@@ -233,25 +233,23 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
     second = torch.cat([noisy, torch.full_like(noisy, none)]).view(targets.shape)
     counts = (targets != ignore_index).sum(-1).clamp(min=1).float()
 
-    def scores_of(logp, logp2, seqs):
+    def scores_of(logp, logp2, c):
         s, s_n = logp.sum(-1), logp2[: logp2.shape[0] // 2].sum(-1)
         if average_log_prob:
-            c = counts[seqs]
-            s, s_n = s / c, s_n / c[: c.shape[0] // 2]
+            n = counts if c is None else chunk_rows(counts, c)
+            s, s_n = s / n, s_n / n[: n.shape[0] // 2]
         return s, s_n
 
     def chunk_loss(c: PairChunk) -> torch.Tensor:
-        seqs = chunk_sequences(c)
-        (s, s_n), p = scores_of(c.logprobs, c.second_logprobs, seqs), c.stop - c.first
+        (s, s_n), p = scores_of(c.logprobs, c.second_logprobs, c), c.stop - c.first
         ref = (None,) * 3
-        if ref_scores is not None:
-            pairs = seqs[:p]
-            ref = (ref_scores[pairs], ref_scores[pairs + c.n_pairs], ref_scores[pairs + 2 * c.n_pairs])
+        if ref_scores is not None:  # (3B,): chosen, rejected, noisy; the chunk's pairs of each
+            ref = tuple(ref_scores[k * c.n_pairs + c.first:k * c.n_pairs + c.stop] for k in range(3))
         return _objective(s[:p], s[p:], s_n, *ref, noise_weight, dpo).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, second_targets=second,
                           ignore_index=ignore_index, backend=backend, second_ignore_index=none)
-    s, s_n = scores_of(out.logprobs, out.second_logprobs, torch.arange(2 * n_pairs, device=targets.device))
+    s, s_n = scores_of(out.logprobs, out.second_logprobs, None)
     valid = targets[:n_pairs] != ignore_index
     return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)
 
