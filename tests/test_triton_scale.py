@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
 from tpo_fast.ops import fused_pairs, triton_fused
+from tpo_fast.ops.options import interpreter_enabled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,11 +41,37 @@ def test_scale_refuses_what_it_cannot_scale_in_place():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of the losses' backward is CUDA's")
 def test_stored_16bit_gradients_scale_with_the_kernel_on_cuda(monkeypatch):
-    """A stored 16-bit dW (the triton backend's) is scaled by `scale_` on CUDA: one kernel for the V x D tensor."""
+    """A stored 16-bit dW of the triton backend is scaled by `scale_` on CUDA: one kernel for the V x D tensor;
+    other backends' gradients never need Triton there."""
     calls = []
     original = triton_fused.scale_
     monkeypatch.setattr(triton_fused, "scale_", lambda g, s: calls.append(g.shape) or original(g, s))
     g = torch.randn(300, 64, device="cuda").bfloat16()
     want = (g.double() * 0.3).bfloat16()
-    out = fused_pairs.StoredGrad(g, torch.bfloat16).scaled(torch.tensor(0.3, device="cuda"))
+    out = fused_pairs.StoredGrad(g, torch.bfloat16, triton_kernel=True).scaled(torch.tensor(0.3, device="cuda"))
     assert calls == [torch.Size([300, 64])] and torch.equal(out, want)
+    other = torch.randn(300, 64, device="cuda").bfloat16()  # another backend's 16-bit gradient: no Triton
+    fused_pairs.StoredGrad(other, torch.bfloat16).scaled(torch.tensor(0.3, device="cuda"))
+    assert len(calls) == 1
+
+
+@triton.jit
+def _store_rounded(X, Y, N, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(Y + offs, round_to(tl.load(X + offs, mask=mask), Y.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def test_round_to_bf16_matches_torch_bit_for_bit():
+    """`kernels/_cast.py::round_to` on random fp32 bit patterns and the edges: ties to even, carries into the
+    exponent and to inf, subnormals, -0, inf, NaN with a payload only in the low bits (stays NaN)."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (20000,), generator=g).to(torch.int32)
+    edges = torch.tensor([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x00018000, 0x00020000, 0x806D9E98, 0x7F800001,
+                          0x7F800000, -0x80000000, 0], dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits, edges]).view(torch.float32).to(DEVICE)
+    y = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    _store_rounded[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), INTERPRET=interpreter_enabled(), BLOCK=1024)
+    want = x.bfloat16()
+    same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
+    assert bool(same.all()), x[~same][:5]

@@ -33,7 +33,6 @@ and the corrupted row's is `g_zc onehot(y)`, a gather on W[y]: never a vocabular
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,18 +134,19 @@ class _Spec:
 _SCALE_STEP = 1 << 22
 
 
-def _scale_(g: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def _scale_(g: torch.Tensor, grad_output: torch.Tensor, triton_kernel: bool = False) -> torch.Tensor:
     """`g` times the fp32 scalar `grad_output` in place: in fp32, then one rounding into g's dtype.
 
     A 16-bit `g` goes through fp32 a slice at a time (no full-size fp32 copy), so neither the product's
-    range (fp16 overflows at 65504) nor a rounding of `grad_output` to g's dtype enters the result; on CUDA
-    (contiguous, Triton installed) one kernel does the same in one read and one write (`kernels/scale.py`).
+    range (fp16 overflows at 65504) nor a rounding of `grad_output` to g's dtype enters the result. With
+    `triton_kernel` (the triton backend's own gradients), a contiguous CUDA `g` takes one kernel instead, one
+    read and one write (`kernels/scale.py`); other backends never need Triton here.
     """
     if g.dtype == torch.float32:
         return g.mul_(grad_output)
     if not g.is_contiguous():
         return g.copy_(g.float().mul_(grad_output))
-    if g.is_cuda and importlib.util.find_spec("triton") is not None:
+    if triton_kernel and g.is_cuda:
         from tpo_fast.ops import triton_fused  # one kernel, where the slices below take three per 16 MiB
 
         return triton_fused.scale_(g, grad_output)
@@ -162,16 +162,18 @@ class StoredGrad:
 
     `value` is fp32 (or, for the Triton backend's dW of a 16-bit weight, already in `dtype`); `scaled`
     returns `(value * grad_output).to(dtype)` with the product in fp32 and one rounding. With `rows`,
-    `value` holds only those rows of an (n_rows, D) gradient; the others are 0.
+    `value` holds only those rows of an (n_rows, D) gradient; the others are 0. `triton_kernel`: the triton
+    backend's gradient, which on CUDA its own scaling kernel may scale.
     """
 
     def __init__(self, value: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None,
-                 n_rows: int = 0) -> None:
+                 n_rows: int = 0, triton_kernel: bool = False) -> None:
         self.value, self.dtype, self.rows, self.n_rows = value, dtype, rows, n_rows
+        self.triton_kernel = triton_kernel
 
     def scaled(self, grad_output: torch.Tensor) -> torch.Tensor:
         """The gradient times `grad_output` (a 0-d tensor) in `dtype`; consumes `value` (scaled in place)."""
-        g = _scale_(self.value, grad_output).to(self.dtype)
+        g = _scale_(self.value, grad_output, self.triton_kernel).to(self.dtype)
         self.value = None
         if self.rows is None:
             return g
@@ -366,7 +368,7 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     n_all = hidden.shape[0]
     grads = (
         None if gh is None else StoredGrad(gh, hidden.dtype, row_index, n_all),
-        None if core.gw is None else StoredGrad(core.gw, weight.dtype),
+        None if core.gw is None else StoredGrad(core.gw, weight.dtype, triton_kernel=spec.backend == "triton"),
         None if core.gb is None else StoredGrad(core.gb, bias.dtype),
         None if ghc is None else StoredGrad(ghc, corrupted_hidden.dtype, row_index, n_all),
     )
