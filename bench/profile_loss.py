@@ -47,8 +47,24 @@ def _call(contender: TpoFast, workload: str, inp: dict) -> None:
     contender.run(workload, inp).backward()
 
 
+def device_events(events) -> list:
+    """The device's own events (kernels, copies, fills), each once. CPU-side rows that merely show kernels again
+    ("Activity Buffer Request", an op's "self CUDA") and user ranges are not device events."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != PROFILER_OWN
+            and not getattr(e, "is_user_annotation", False)]
+
+
+def kernel_totals(on_device: list) -> list[tuple[float, int, str]]:
+    """(total ms, calls, name) per device event name, largest total first."""
+    by_name: dict[str, list[float]] = {}
+    for e in on_device:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+    return sorted(((sum(t), len(t), name) for name, t in by_name.items()), reverse=True)
+
+
 def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: int) -> dict:
-    """{'wall_ms', 'host_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops'} of one contender on one workload.
+    """{'wall_ms', 'host_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops', 'kernels'} of one contender on one
+    workload; 'kernels': (total ms, calls, name) per device event name, largest first (CUDA only).
 
     host_ms: from the call to the return of its backward, before the final synchronize: on a GPU, close to
     wall_ms means the host (launches, read-backs) bounds the call; well below it, the kernels do."""
@@ -68,10 +84,7 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
         _call(contender, workload, inp)
         _sync(device)
     events = prof.events()
-    # the device's own events (kernels, copies, fills), each once; CPU-side rows that merely show kernels
-    # again ("Activity Buffer Request", the ops' "self CUDA") are not device events
-    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != PROFILER_OWN
-                 and not getattr(e, "is_user_annotation", False)]
+    on_device = device_events(events)
     out = {
         "wall_ms": statistics.median(times),
         "host_ms": statistics.median(host),
@@ -79,9 +92,11 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
         "kernel_ms": None,
         "launches": None,
         "syncs": None,
+        "kernels": [],
     }
     if device == "cuda":
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
+        out["kernels"] = kernel_totals(on_device)
         out["launches"] = sum(1 for e in events if e.name in LAUNCHES)
         out["syncs"] = sum(1 for e in events if e.name in SYNCS)  # not the measurement's cudaDeviceSynchronize
     return out
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KernelOptions.grad_gemm values for the fused rows, comma list of torch, triton "
                         "(default: torch)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (default: 10)")
+    p.add_argument("--top-kernels", type=int, default=8,
+                   help="after the table, each row's largest kernels by device time (CUDA; default: 8, 0: none)")
     args = p.parse_args(argv)
     from tpo_fast.ops.fused_pairs import TORCH_CHUNK_BYTES, uses_fused_gradient
     from tpo_fast.ops.options import kernel_options
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     gemms = list(dict.fromkeys(filter(None, args.grad_gemm.split(","))))
     if args.backend != "triton" and gemms != ["torch"]:
         p.error("--grad-gemm picks the triton backend's gradient GEMMs; other backends have one choice: torch")
+    tops = []  # (row label, kernels) for the tables after the main one
     print("| workload | grad_mode | chunk MiB | gradient GEMMs | wall ms | host ms | kernel ms | launches | syncs "
           "| aten ops |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -145,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {workload} | {mode} | {chunk_mb} | {gemm} | {r['wall_ms']:.2f} | {r['host_ms']:.2f} "
                           f"| {cell(r['kernel_ms'])} "
                           f"| {cell(r['launches'], '{}')} | {cell(r['syncs'], '{}')} | {r['aten_ops']} |", flush=True)
+                    if r["kernels"] and args.top_kernels > 0:
+                        tops.append((f"{workload} {mode} {chunk_mb} MiB {gemm}", r["kernels"][:args.top_kernels]))
+    for label, kernels in tops:
+        print(f"\n### largest kernels: {label}\n\n| kernel | calls | ms |\n|---|---:|---:|")
+        for ms, calls, name in kernels:
+            print(f"| {name[:90]} | {calls} | {ms:.3f} |")
     return 0
 
 

@@ -109,7 +109,7 @@ part_step() {
 part_profile() {
     timeout 90 "$PY" bench/profile_loss.py --case "${BENCH_CASES:-gpu-target}" --backend "${PROFILE_BACKEND:-triton}" \
         --chunk-mb 256,1024 \
-        --grad-gemm "${PROFILE_GEMMS:-torch,triton}" --repeats 10 > "$WORK/profile.md" 2> "$WORK/profile.err"
+        --grad-gemm "${PROFILE_GEMMS:-torch,triton}" --repeats 10 --top-kernels 6 > "$WORK/profile.md" 2> "$WORK/profile.err"
     echo "profile rc=$?" | tee -a "$OUT/report.md"
     grep -E "^(\||## )" "$WORK/profile.md" | tee -a "$OUT/report.md"
 }

@@ -847,3 +847,23 @@ def test_profile_loss_script_runs_where_it_is_documented_to():
          "--grad-gemm", "triton"], capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "other backends have one choice: torch" in bad.stderr
+
+
+def test_profile_loss_counts_each_device_event_once():
+    """The kernel time and the largest-kernels table of bench/profile_loss.py: device events only (not the CPU
+    rows that show the same kernels again, nor the profiler's "Activity Buffer Request" or user ranges),
+    summed per name, largest first. Fake events: the CPU machine has no CUDA profile."""
+    from types import SimpleNamespace
+
+    (profile_loss,) = _bench("profile_loss")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("gemm", 500.0), event("scale", 40.0), event("gemm", 300.0), event("aten::mm", 800.0, cpu),
+              event("Activity Buffer Request", 900.0), event("my range", 1000.0, annotation=True)]
+    on_device = profile_loss.device_events(events)
+    assert [e.name for e in on_device] == ["gemm", "scale", "gemm"]
+    assert profile_loss.kernel_totals(on_device) == [(0.8, 2, "gemm"), (0.04, 1, "scale")]
