@@ -111,7 +111,7 @@ part_profile() {
         --chunk-mb 256,1024 \
         --grad-gemm "${PROFILE_GEMMS:-torch,triton}" --repeats 10 --top-kernels 6 > "$WORK/profile.md" 2> "$WORK/profile.err"
     echo "profile rc=$?" | tee -a "$OUT/report.md"
-    grep -E "^(\||## )" "$WORK/profile.md" | tee -a "$OUT/report.md"
+    grep -E "^(\||##)" "$WORK/profile.md" | tee -a "$OUT/report.md"  # the table, the kernel tables and their titles
 }
 
 part_search() {
