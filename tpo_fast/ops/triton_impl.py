@@ -281,11 +281,11 @@ def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: 
     r = targets.shape[0]
     if r == 0:
         return
-    ids, _ = targets.sort()
+    ids, order = targets.sort()  # any sorting permutation does: equal ids share a slot
     new_id = torch.ones(r, dtype=torch.bool, device=ids.device)
     new_id[1:] = ids[1:] != ids[:-1]
     slot = new_id.cumsum(0) - 1  # the distinct id's slot, of each sorted position
-    slot_of = torch.empty_like(slot).scatter_(0, targets.argsort(stable=True), slot)  # ... of each input row
+    slot_of = torch.empty_like(slot).scatter_(0, order, slot)  # ... of each input row
     sums = torch.zeros_like(contrib).index_add_(0, slot_of, contrib)
     rows = ids[:1].expand(r).clone().scatter_(0, slot, ids)  # slot -> its id; unused slots: slot 0's id
     used = torch.arange(r, device=ids.device) <= slot[-1]
