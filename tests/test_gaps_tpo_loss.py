@@ -18,7 +18,6 @@ from loss_reference import reference_loss, reference_scores, weighted_scores
 
 import tpo_fast.loss.tpo as tpo_module
 from tpo_fast.loss import reference_sequence_scores, tpo_loss, tpo_loss_from_logprobs
-from tpo_fast.loss.tpo import chunk_rows
 from tpo_fast.ops.fused_pairs import PairChunk
 
 N_PAIRS, T, D, V = 2, 5, 6, 11
@@ -351,14 +350,14 @@ def test_recompute_on_the_reference_backend_allows_double_backward():
 # Device placement: what the loss builds itself follows its inputs, not torch's default device.
 
 
-def test_chunk_rows_are_the_chunks_chosen_then_rejected_sequences():
+def test_rows_of_a_chunk_are_its_chosen_then_rejected_sequences():
     mask = torch.ones(4, 3, dtype=torch.bool)
     grid = torch.zeros(4, 3)
     chunk = PairChunk(1, 3, 4, grid, grid, None, None, mask)  # pairs 1, 2 of 4: sequences 1, 2 and 5, 6
     per_seq = torch.arange(8.0) * 10
-    assert chunk_rows(per_seq, chunk).tolist() == [10.0, 20.0, 50.0, 60.0]
+    assert chunk.rows_of(per_seq).tolist() == [10.0, 20.0, 50.0, 60.0]
     with torch.device("meta"):  # a default device other than the inputs' (e.g. torch.set_default_device("cuda"))
-        rows = chunk_rows(per_seq, chunk)
+        rows = chunk.rows_of(per_seq)
     assert rows.device == per_seq.device and rows.tolist() == [10.0, 20.0, 50.0, 60.0]
 
 

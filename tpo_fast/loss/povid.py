@@ -50,7 +50,6 @@ from tpo_fast.loss._checks import (
     rows,
 )
 from tpo_fast.loss.pairs import pair_losses, preference_loss_from_sequence_scores
-from tpo_fast.loss.tpo import chunk_rows
 from tpo_fast.ops import target_logits, token_stats
 from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
 
@@ -236,7 +235,7 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
     def scores_of(logp, logp2, c):
         s, s_n = logp.sum(-1), logp2[: logp2.shape[0] // 2].sum(-1)
         if average_log_prob:
-            n = counts if c is None else chunk_rows(counts, c)
+            n = counts if c is None else c.rows_of(counts)
             s, s_n = s / n, s_n / n[: n.shape[0] // 2]
         return s, s_n
 

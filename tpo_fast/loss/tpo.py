@@ -248,12 +248,6 @@ class _Options:
     grad_mode: str
 
 
-def chunk_rows(t: torch.Tensor, c: PairChunk) -> torch.Tensor:
-    """The entries of a per-sequence tensor `t` (2B, ...) that belong to chunk `c`: its chosen sequences, then
-    its rejected ones, as the chunk's grids hold them (two slices and one copy; no index tensor)."""
-    return torch.cat([t[c.first:c.stop], t[c.n_pairs + c.first:c.n_pairs + c.stop]])
-
-
 def _fused(weight, h, hc, targets, bias, ref_scores, o: _Options) -> LossOutput:
     """The loss and its gradient from one pass (`fused_pair_loss`); metrics from the detached grids."""
 
@@ -263,7 +257,7 @@ def _fused(weight, h, hc, targets, bias, ref_scores, o: _Options) -> LossOutput:
             s = c.target_logits - c.corrupted_target_logits
             s = s.detach() if o.detach_weights else s
         scores = sequence_scores(c.logprobs, s, c.mask, o.weighting, o.offset, o.average_log_prob)
-        ref = torch.zeros_like(scores) if ref_scores is None else chunk_rows(ref_scores, c)
+        ref = torch.zeros_like(scores) if ref_scores is None else c.rows_of(ref_scores)
         return pair_losses(scores, ref, o.beta, o.loss_type, o.label_smoothing).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, corrupted_hidden=hc,

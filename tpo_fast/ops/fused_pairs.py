@@ -108,6 +108,16 @@ class PairChunk(NamedTuple):
     second_logprobs: torch.Tensor | None
     mask: torch.Tensor
 
+    def rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The entries of a per-sequence tensor `t` (2B, ...) that belong to this chunk, in its grids' order."""
+        return pair_range_rows(t, self.first, self.stop, self.n_pairs)
+
+
+def pair_range_rows(t: torch.Tensor, first: int, stop: int, n_pairs: int) -> torch.Tensor:
+    """Rows of a per-sequence tensor `t` (2B, ...) of pairs [first, stop): their chosen sequences, then their
+    rejected ones (two slices, one copy; no index tensor)."""
+    return torch.cat([t[first:stop], t[n_pairs + first:n_pairs + stop]])
+
 
 class FusedPairOutput(NamedTuple):
     """The loss (fp32 scalar, differentiable) and the detached (2B, T) grids of the whole batch."""
@@ -248,8 +258,7 @@ class _Plan:
         return rows, local
 
     def mask(self, first: int, stop: int) -> torch.Tensor:
-        b = self.n_pairs
-        return torch.cat([self.valid[first:stop], self.valid[b + first:b + stop]])
+        return pair_range_rows(self.valid, first, stop, self.n_pairs)
 
 
 class _Grids:
@@ -269,12 +278,12 @@ class _Grids:
             if full is not None:
                 full.view(-1).index_copy_(0, rows, part)
 
-    def chunk(self, grid: torch.Tensor | None, plan: _Plan, first: int, stop: int, grad: bool):
+    @staticmethod
+    def chunk(grid: torch.Tensor | None, plan: _Plan, first: int, stop: int, grad: bool):
         """The chunk's (2P, T) copy of `grid` (0 at ignored rows), a leaf that requires grad when `grad`."""
         if grid is None:
             return None
-        b = plan.n_pairs
-        return torch.cat([grid[first:stop], grid[b + first:b + stop]]).requires_grad_(grad)
+        return pair_range_rows(grid, first, stop, plan.n_pairs).requires_grad_(grad)
 
 
 def _row_grad(g: torch.Tensor | None, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
