@@ -3,6 +3,7 @@ that runs the pair losses with `grad_mode="recompute"` (the per-token primitive'
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -149,11 +150,11 @@ class TpoFast(Contender):
         self._mode = {"grad_mode": self.grad_mode} if self.grad_mode else {}
 
     def run(self, workload, inp):
-        if self.grad_gemm is None:
-            return getattr(self, f"_{workload}")(self._fn[workload], inp)
         from tpo_fast.ops.options import kernel_options
 
-        with kernel_options(grad_gemm=self.grad_gemm):  # the fused path runs its GEMMs in the forward
+        # the fused path runs its gradient GEMMs in the forward, so the scope covers them
+        scope = contextlib.nullcontext() if self.grad_gemm is None else kernel_options(grad_gemm=self.grad_gemm)
+        with scope:
             return getattr(self, f"_{workload}")(self._fn[workload], inp)
 
     def _logits(self, fn, inp):
