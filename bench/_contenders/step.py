@@ -55,6 +55,15 @@ def _to(batch: dict, device: str) -> dict:
             for k, v in batch.items()}
 
 
+def _prepare_like_train(trainer) -> None:
+    """What a Hugging Face Trainer's `train()` does to the model and optimizer before its first step, on one
+    device: `accelerator.prepare`, which (with bf16=True) wraps the model's forward in the mixed-precision
+    autocast. The bench calls `training_step` itself; without this, peft's fp32 LoRA adapters on a bf16
+    model run their matmuls in fp32, a step that `train()` never takes (the official structure runs under
+    `torch.autocast`, as its code does)."""
+    trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+
+
 def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -65,7 +74,8 @@ class StepContender(Contender):
     """A contender of the `step` workload: `build` once, then `batch(pairs)` and `train_step(batch)`.
 
     The default `train_step` is a Hugging Face Trainer's (`self.trainer`): its `training_step` (forward and
-    backward, as `train()` runs them), then the optimizer step, without the rest of the train loop."""
+    backward, as `train()` runs them, on the model and optimizer prepared as `train()` prepares them:
+    `_prepare_like_train`), then the optimizer step, without the rest of the train loop."""
 
     family = "step"
     # The loss it trains ("tpo" or "dpo"), and whether it is an implementation independent of tpo_fast whose
@@ -93,7 +103,7 @@ class StepContender(Contender):
 
     def train_step(self, batch: dict) -> float:
         trainer = self.trainer
-        loss = trainer.training_step(trainer.model, batch)
+        loss = trainer.training_step(trainer.model_wrapped, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         return float(loss)
@@ -262,6 +272,7 @@ class TRLDPOStep(StepContender):
             apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)
         trainer.create_optimizer_and_scheduler(num_training_steps=1000)
         trainer.current_gradient_accumulation_steps = 1  # set by the train loop, which the bench bypasses
+        _prepare_like_train(trainer)
         return trainer
 
     def _dropped(self, trainer, option) -> str | None:
@@ -391,6 +402,7 @@ class OursStep(StepContender):
                               f"{self.reference_cache_s_per_pair:.2f} s per pair, paid once per data set")
         self.trainer.create_optimizer_and_scheduler(num_training_steps=1000)
         self.trainer.current_gradient_accumulation_steps = 1
+        _prepare_like_train(self.trainer)
         used = [f"{k}={getattr(args, k)}" for k in ("shared_prefix", "padding_free", "precompute_reference")
                 if k in fields]
         used.append(f"loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}")
