@@ -343,6 +343,27 @@ def test_torch_backend_caps_its_chunk_at_128_mib(monkeypatch, chunk_mb, expected
     assert seen == [expected_mb * 2**20 // (4 * V)]
 
 
+@pytest.mark.parametrize(("chunk_mb", "expected_mb"), [(None, 1024), (64, 64), (2048, 2048)])
+def test_triton_backend_chunk_default_is_1024_mib_and_chunk_mb_overrides_it(monkeypatch, chunk_mb, expected_mb):
+    """On the triton backend the fused losses' logits chunk is `chunk_mb` when set, else 1024 MiB (fewer, larger
+    chunks: the split backward's own buffer keeps its 256 MiB default)."""
+    from tpo_fast.ops import fused_pairs, triton_impl
+
+    seen = []
+    original = fused_pairs.plan_chunks
+    monkeypatch.setattr(fused_pairs, "plan_chunks", lambda rows, budget: seen.append(budget) or original(rows, budget))
+    monkeypatch.delenv("TPO_FAST_CHUNK_MB", raising=False)
+    b = batch()
+    with torch.no_grad():  # the plan is all this looks at: no gradient work under the interpreter
+        if chunk_mb is None:
+            call_tpo(b, backend="triton")
+            assert triton_impl.chunk_bytes() == 256 * 2**20
+        else:
+            with kernel_options(chunk_mb=chunk_mb):
+                call_tpo(b, backend="triton")
+    assert seen == [expected_mb * 2**20 // (4 * V)]
+
+
 def call_dpo(b, **kw):
     return dpo_loss(b["weight"], b["hidden"], b["targets"], b["bias"], ref_seq_scores=b["ref_seq_scores"], **kw)
 

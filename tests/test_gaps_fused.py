@@ -194,10 +194,10 @@ def test_rows_whose_logits_differ_by_hundreds(backend):
     assert torch.isfinite(out.logprobs).all() and out.logprobs.abs().max() > 50
 
 
-def test_auto_grad_mode_is_fused_on_the_cpu_and_recompute_on_cuda():
-    """The losses' default, "auto", takes the path measured faster on each device (H200, 2026-12-04: on CUDA
-    the fused path is slower, TPO 21 vs 12 ms; on the CPU it is faster, 2.34 vs 2.97 s); "fused" and
-    "recompute" stay as asked."""
+def test_auto_grad_mode_is_fused_on_the_cpu_and_on_cuda():
+    """The losses' default, "auto", takes the path measured faster (H200, 2026-12-04, second run: fused TPO 13.0
+    vs 14.6 ms recomputing; CPU 2.27 vs 2.87 s), except fp16 on the triton backend; "fused" and "recompute" stay
+    as asked."""
     import inspect
 
     from tpo_fast.loss import dpo_loss, povid_loss, tpo_loss
@@ -205,8 +205,9 @@ def test_auto_grad_mode_is_fused_on_the_cpu_and_recompute_on_cuda():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert uses_fused_gradient("auto", "torch", cpu, torch.float32)
-    assert not uses_fused_gradient("auto", "torch", cuda, torch.bfloat16)
-    assert not uses_fused_gradient("auto", "triton", cuda, torch.bfloat16)
+    assert uses_fused_gradient("auto", "torch", cuda, torch.bfloat16)
+    assert uses_fused_gradient("auto", "triton", cuda, torch.bfloat16)
+    assert not uses_fused_gradient("auto", "triton", cuda, torch.float16)
     assert uses_fused_gradient("fused", "torch", cuda, torch.bfloat16)
     assert not uses_fused_gradient("recompute", "torch", cpu, torch.float32)
     for fn in (tpo_loss, dpo_loss, povid_loss):

@@ -191,8 +191,8 @@ MESSAGES = [
     pytest.param(_dpo(ref_seq_scores=RSEQ, label_smoothing=None), TypeError, f"label_smoothing {REAL} NoneType",
                  id="dpo-smoothing-none"),
     pytest.param(_dpo(ref_seq_scores=RSEQ, grad_mode="double"), ValueError,
-                 "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused on the CPU, recompute on "
-                 "CUDA; 'fused': gradient computed in the forward, no logits recompute; 'recompute': the per-token "
+                 "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused, except fp16 on triton; "
+                 "'fused': gradient computed in the forward, no logits recompute; 'recompute': the per-token "
                  "primitive's backward), got 'double'",
                  id="dpo-grad-mode"),
     pytest.param(_dpo(ref_seq_scores=RSEQ, backend="cuda"), ValueError,

@@ -167,8 +167,8 @@ MESSAGES = [
                  "label_smoothing only applies to loss_type='sigmoid' (conservative DPO), got loss_type='hinge' "
                  "with label_smoothing=0.2; set label_smoothing=0.0", id="label-smoothing-hinge"),
     pytest.param(_loss(grad_mode="two-pass"), ValueError,
-                 "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused on the CPU, recompute on "
-                 "CUDA; 'fused': gradient computed in the forward, no logits recompute; 'recompute': the per-token "
+                 "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused, except fp16 on triton; "
+                 "'fused': gradient computed in the forward, no logits recompute; 'recompute': the per-token "
                  "primitive's backward), got 'two-pass'", id="grad-mode"),
     pytest.param(_loss(backend="cuda"), ValueError,
                  "backend must be one of ('auto', 'triton', 'torch', 'reference'), got 'cuda'", id="backend"),

@@ -32,7 +32,9 @@ def test_defaults_and_env(monkeypatch):
         tiles=(64, 128, 32, 4, 3), tma="0", chunk_mb=0.5, allow_tf32=True, backward="atomic", grad_filter_eps=1e-6,
         grad_gemm="triton", jit=True, ext_cache="/tmp/ext",
     )
-    assert KernelOptions.from_env().chunk_bytes == 2**19
+    assert KernelOptions.from_env().chunk_bytes(256.0) == 2**19  # set: the buffer's default does not apply
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", "")
+    assert KernelOptions.from_env().chunk_mb is None and KernelOptions.from_env().chunk_bytes(3.0) == 3 * 2**20
     monkeypatch.setenv("TPO_FAST_BACKWARD", "split")  # read again when the environment changes
     assert current_options().backward == "split"
 

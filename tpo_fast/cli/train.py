@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--detach-weights", action="store_true", help="no gradient through the corrupted-image branch")
     p.add_argument("--grad-mode", choices=("auto", "fused", "recompute"), default="auto",
                    help="loss gradient: fused (computed in the forward, no logits recompute), recompute "
-                        "(the per-token primitive's backward), or auto: fused on the CPU, recompute on CUDA, where "
-                        "the fused path is slower for now (H200, 2026-12-04)")
+                        "(the per-token primitive's backward), or auto: fused, measured the faster on the CPU and "
+                        "on an H200 (recompute for fp16 on the triton backend)")
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="turn the shared prefix off: run each pair's image and prompt twice (padded rows) instead "
                         "of once per pair (default: shared_prefix=%(default)s, the shared prefix on)")

@@ -89,7 +89,7 @@ def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> 
     """Raise ValueError for an unknown `grad_mode` or `backend`, TypeError for a non-integer ignore_index."""
     if grad_mode not in GRAD_MODES:
         raise ValueError(
-            f"grad_mode must be one of {GRAD_MODES} ('auto': fused on the CPU, recompute on CUDA; 'fused': "
+            f"grad_mode must be one of {GRAD_MODES} ('auto': fused, except fp16 on triton; 'fused': "
             f"gradient computed in the forward, no logits recompute; 'recompute': the per-token primitive's "
             f"backward), got {grad_mode!r}"
         )

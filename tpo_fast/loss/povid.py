@@ -23,7 +23,7 @@ Metrics: "rewards/*" come from the hallucinated pair (what the official logs), "
 from the noisy pair; "logps/{chosen,rejected,noisy}" and "noisy/argmax_match" (the fraction of
 chosen tokens whose corrupted-image argmax is the chosen token itself).
 
-`grad_mode="fused"` (what the default "auto" runs on the CPU; on CUDA it runs "recompute") computes the
+`grad_mode="fused"` (what the default "auto" runs, except for fp16 on the triton backend) computes the
 loss and its gradient in one pass over whole pairs (the noisy argmax is a second target of the chosen rows,
 scored against the same clean softmax);
 `"recompute"` builds it on `token_stats` and `target_logits` with their recomputing backward.
@@ -312,7 +312,7 @@ def povid_loss(
         ignore_index: -100. A non-negative one (a pad id) is a real token id: a noisy argmax equal to
             it is scored like any other token. backend: primitive backend ("auto", "triton", "torch",
             "reference").
-        grad_mode: "auto" (default: "fused" on the CPU, "recompute" on CUDA), "fused" (gradient in the
+        grad_mode: "auto" (default: "fused"; "recompute" for fp16 on triton), "fused" (gradient in the
             forward, backward once) or "recompute".
 
     Returns:

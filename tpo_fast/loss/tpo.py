@@ -15,8 +15,8 @@ Per response token with mask `m_t` (docs/math.md has the derivation):
     l = (S_pi(y^w) - S_pi(y^l)) - (S_ref(y^w) - S_ref(y^l))
     loss = mean over pairs of -log sigmoid(beta * l)   (or hinge / ipo, with label smoothing)
 
-`grad_mode="auto"` (default) is `"fused"` on the CPU and `"recompute"` on CUDA, the faster of the two as
-measured (on CUDA the fused path is slower for now). `"fused"` computes the loss and its exact gradient in
+`grad_mode="auto"` (default) is `"fused"`, the faster of the two as measured on the CPU and on an H200
+(`"recompute"` for fp16 on the triton backend). `"fused"` computes the loss and its exact gradient in
 one pass over whole pairs
 (`tpo_fast.ops.fused_pair_loss`: 6NDV, no logits recompute); `"recompute"` builds the loss on the
 per-token primitive `token_stats`, whose backward recomputes the logits (8NDV) and which supports
@@ -374,7 +374,8 @@ def tpo_loss(
             0.0, False, False).
         ignore_index: -100. backend: primitive backend, "auto" (triton on CUDA, torch on CPU),
             "triton", "torch" or "reference".
-        grad_mode: "auto" (default): "fused" on the CPU, "recompute" on CUDA (measured faster there).
+        grad_mode: "auto" (default): "fused" (measured faster on the CPU and on an H200; "recompute" for fp16
+            on the triton backend).
             "fused": the gradient is computed in the forward, chunk by chunk of whole
             pairs, and backward only scales it (no logits recompute; backward once, no double
             backward). "recompute": the per-token primitive's recomputing backward. The reference

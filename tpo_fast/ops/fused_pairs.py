@@ -42,7 +42,7 @@ import torch
 
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
 from tpo_fast.ops.fused_chunk import make_core
-from tpo_fast.ops.options import current_options
+from tpo_fast.ops.options import FUSED_CHUNK_MB, current_options
 from tpo_fast.ops.token_logprobs import resolve_backend
 from tpo_fast.ops.torch_chunked import autocast_off
 
@@ -53,20 +53,17 @@ _ANNOUNCED: set[str] = set()
 def uses_fused_gradient(grad_mode: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a loss called with `grad_mode` runs this module's fused-gradient path (else the recomputing one).
 
-    "auto" (the losses' default) is "fused" on the CPU and "recompute" on CUDA, the faster of the two as
-    measured (see below). "fused" runs it on the torch and triton backends wherever it is exact: not on the
-    reference backend
-    (plain autograd), and not for fp16 on the triton backend, whose GEMMs take a 16-bit dZ computed at
-    `grad_output = 1`, before any loss scale is known, so that fp16's range (entries below 2^-24 flush to 0)
-    would drop the small gradients that GradScaler's scale exists to keep; the recomputing path forms dZ in
-    backward, scale included. That switch is logged once. `dtype`: the lm_head weight's, the dZ dtype.
+    "auto" (the losses' default) is "fused", the faster of the two as measured on the CPU and on CUDA (see
+    below). "fused" runs it on the torch and triton backends wherever it is exact: not on the reference
+    backend (plain autograd), and not for fp16 on the triton backend, whose GEMMs take a 16-bit dZ computed
+    at `grad_output = 1`, before any loss scale is known, so that fp16's range (entries below 2^-24 flush to
+    0) would drop the small gradients that GradScaler's scale exists to keep; the recomputing path forms dZ
+    in backward, scale included. That switch is logged once. `dtype`: the lm_head weight's, the dZ dtype.
     """
     if grad_mode == "auto":
-        # Measured (H200, bf16, N=8192, D=4096, V=32000, 2026-12-04): on CUDA the fused path is slower than
-        # the recomputing one (TPO 21 vs 12 ms, DPO 17 vs 10 ms; its chunks were bound by host-side work and
-        # syncs, since removed but not yet re-timed: scripts/gpu_check.sh's bench and profile parts), on the
-        # CPU faster (fp32, d1024-v32000-n2048: TPO 2.34 vs 2.97 s). "auto" takes the faster as measured.
-        grad_mode = "recompute" if torch.device(device).type == "cuda" else "fused"
+        # Measured, fwd+bwd, fused against recomputing: H200, bf16, N=8192, D=4096, V=32000 (2026-12-04, 1024 MiB
+        # chunks): TPO 13.0 vs 14.6 ms, DPO 11.7 vs 13.3 ms; CPU, fp32, d1024-v32000-n2048: TPO 2.27 vs 2.87 s.
+        grad_mode = "fused"
     if grad_mode != "fused":
         return False
     resolved = resolve_backend(backend, device)
@@ -450,7 +447,8 @@ def fused_pair_loss(
             softmax (POVID's noisy argmax); `second_ignore_index` where a row has none.
         backend: "auto", "triton" or "torch" (the reference backend has no fused path).
         chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default the kernel
-            options' `chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB), at most 128 MiB on the torch backend.
+            options' `chunk_mb` (TPO_FAST_CHUNK_MB; unset: `FUSED_CHUNK_MB`, 1024 MiB), at most 128 MiB
+            on the torch backend.
             A single pair with more rows than the budget is processed alone (its buffer is then
             larger than the budget).
         second_ignore_index: the `second_targets` value of rows without a second target; default
@@ -497,7 +495,7 @@ def fused_pair_loss(
     if chunk_bytes is None:
         # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
         # larger buffer buys no GEMM speed and only raises the peak.
-        chunk_bytes = current_options().chunk_bytes
+        chunk_bytes = current_options().chunk_bytes(FUSED_CHUNK_MB)
         if backend == "torch":
             chunk_bytes = min(chunk_bytes, TORCH_CHUNK_BYTES)
     budget = int(chunk_bytes)

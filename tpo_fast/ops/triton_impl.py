@@ -21,7 +21,7 @@ from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
-from tpo_fast.ops.options import KernelOptions, current_options, interpreter_enabled
+from tpo_fast.ops.options import SPLIT_CHUNK_MB, KernelOptions, current_options, interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ def _dot_precision(dtype: torch.dtype, options: KernelOptions | None = None) -> 
 
 
 def chunk_bytes(options: KernelOptions | None = None) -> int:
-    """Budget of the split backward's gradient chunk buffer, `options.chunk_mb` (TPO_FAST_CHUNK_MB, 256 MiB)."""
-    return (options or current_options()).chunk_bytes
+    """Budget of the split backward's gradient chunk buffer, `options.chunk_mb` (TPO_FAST_CHUNK_MB; unset:
+    `SPLIT_CHUNK_MB`, 256 MiB)."""
+    return (options or current_options()).chunk_bytes(SPLIT_CHUNK_MB)
 
 
 def _tma_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: TileConfig, options: KernelOptions | None = None):
