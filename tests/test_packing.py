@@ -172,6 +172,41 @@ def test_segment_attention_equals_the_masked_attention(paired):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_segment_attention_backward_allocates_a_fixed_number_of_row_sized_tensors():
+    """The backward of one packed row's attention makes the same few row-sized tensors (the joined q, k, v
+    gradients) whatever the number of sequences in the row. Per-sequence slices of the row gave each slice a
+    row-sized zero-filled gradient (`slice_backward`) and a row-sized sum: 30 such tensors for 2 sequences, 94 for
+    6, work quadratic in the micro-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def row_sized_tensors_in_backward(n_sequences):
+        spans, start = [], 0
+        for i in range(n_sequences):
+            prefix, first, second = 5, 3 + i % 2, 2 - (i == 1) * 2  # sequence 1 has no second response
+            spans.append((start, prefix, first, second))
+            start += prefix + first + second
+        torch.manual_seed(n_sequences)
+        q, k, v = (torch.randn(1, 2, start, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=tuple(spans))
+        made = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                result = func(*args, **(kwargs or {}))
+                outs = result if isinstance(result, (tuple, list)) else [result]
+                made.extend(func.__name__ for t in outs if isinstance(t, torch.Tensor) and t.numel() >= q.numel())
+                return result
+
+        grad = torch.randn_like(out)
+        with Record():
+            torch.autograd.grad(out, (q, k, v), grad)
+        return made
+
+    two, six = row_sized_tensors_in_backward(2), row_sized_tensors_in_backward(6)
+    assert len(two) == len(six) <= 4, (two, six)
+    assert "slice_backward.default" not in six
+
+
 def test_second_response_bias_on_cuda_is_the_cpu_mask():
     """On CUDA the second response attends through `causal_lower_right` (no mask tensor), elsewhere through the
     boolean mask: both are 'query i sees the prefix and its own keys 0..i'."""
@@ -208,6 +243,8 @@ def test_segment_attention_errors():
         segment_attention(module, q, q, q, placeholder)
     with pytest.raises(ValueError, match="^the spans cover 9 of the row's 10 tokens$"):
         segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (6, 2, 0, 1)))
+    with pytest.raises(ValueError, match="^the spans must tile the row in order: a span starts at 7, not at 6$"):
+        segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (7, 2, 0, 1)))
     with pytest.raises(ValueError, match="^segment attention runs on one packed row, got a batch of 2$"):
         segment_attention(module, q.repeat(2, 1, 1, 1), q, q, placeholder, tpo_fast_spans=p.spans)
     with pytest.raises(ValueError, match="^tpo_fast_sdpa attends whole sequences; a sliding window needs the dense "

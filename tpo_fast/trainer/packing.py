@@ -336,21 +336,28 @@ def segment_attention(
                                       **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"segment attention runs on one packed row, got a batch of {query.shape[0]}")
-    end = tpo_fast_spans[-1][0] + sum(tpo_fast_spans[-1][1:]) if tpo_fast_spans else 0
-    if end != query.shape[2]:
-        raise ValueError(f"the spans cover {end} of the row's {query.shape[2]} tokens")
+    offset = 0
+    for start, *lengths in tpo_fast_spans:
+        if start != offset:
+            raise ValueError(f"the spans must tile the row in order: a span starts at {start}, not at {offset}")
+        offset += sum(lengths)
+    if offset != query.shape[2]:
+        raise ValueError(f"the spans cover {offset} of the row's {query.shape[2]} tokens")
     repeats = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    # One split per tensor into (prefix + first response, second response) pieces: its backward joins the pieces'
+    # gradients into one row-sized buffer. Slicing the row per sequence instead gave every slice a row-sized
+    # zero-filled gradient in backward (`slice_backward`), summed one by one: work quadratic in the micro-batch.
+    sizes = [n for _, prefix, first, second in tpo_fast_spans for n in (prefix + first, second)]
+    queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
     pieces = []
-    for start, prefix, first, second in tpo_fast_spans:
-        head = slice(start, start + prefix + first)
-        pieces.append(sdpa(query[:, :, head], key[:, :, head], value[:, :, head], dropout_p=dropout, scale=scaling,
-                           is_causal=True))
+    for i, (_, prefix, first, second) in enumerate(tpo_fast_spans):
+        head_keys, head_values = keys[2 * i], values[2 * i]
+        pieces.append(sdpa(queries[2 * i], head_keys, head_values, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
-            tail = slice(head.stop, head.stop + second)
-            keys = torch.cat([key[:, :, start : start + prefix], key[:, :, tail]], 2)
-            values = torch.cat([value[:, :, start : start + prefix], value[:, :, tail]], 2)
+            tail_keys = torch.cat([head_keys[:, :, :prefix], keys[2 * i + 1]], 2)
+            tail_values = torch.cat([head_values[:, :, :prefix], values[2 * i + 1]], 2)
             # query i of the second response sees the prefix and its own keys 0..i: causal, aligned to the
             # bottom right. On CUDA as a CausalBias, which runs flash (or memory-efficient) attention with no
             # mask tensor; elsewhere that bias would materialize the same boolean mask after a warning per call.
@@ -358,7 +365,8 @@ def segment_attention(
                 mask = causal_lower_right(second, prefix + second)
             else:
                 mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
-            pieces.append(sdpa(query[:, :, tail], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
+            pieces.append(sdpa(queries[2 * i + 1], tail_keys, tail_values, attn_mask=mask, dropout_p=dropout,
+                               scale=scaling))
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
 
 
