@@ -352,7 +352,7 @@ def segment_attention(
     sizes = [n for _, prefix, first, second in tpo_fast_spans for n in (prefix + first, second)]
     queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
     pieces = []
-    for i, (_, prefix, first, second) in enumerate(tpo_fast_spans):
+    for i, (_, prefix, _first, second) in enumerate(tpo_fast_spans):
         head_keys, head_values = keys[2 * i], values[2 * i]
         pieces.append(sdpa(queries[2 * i], head_keys, head_values, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
