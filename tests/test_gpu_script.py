@@ -41,8 +41,8 @@ def test_bench_part_reports_its_tables_and_packs_its_results(tmp_path):
     assert got.returncode == 0, got.stdout + got.stderr
     report = (tmp_path / "out" / "report.md").read_text()
     assert "bench rc=0" in report and "part: bench" in report and "done" in report
-    assert "### tpo · d32-v256-n32" in report and "| tpo_fast [torch] auto |" in report
-    assert "Not run: " in report and "needs CUDA" in report  # the Triton rows, on a CPU
+    assert "### tpo · d32-v256-n32" in report and "| TRL chunked log-prob head |" in report
+    assert "Not run: " in report and "tpo_fast [triton] auto, tpo_fast [triton] recompute — needs CUDA" in report
     assert "### Verdict" in report and "How to read" not in report and "What each contender runs" not in report
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
