@@ -157,3 +157,41 @@ def test_accelerate_launch_single_process(setup, tmp_path):
     assert set(saved) == set(initial)
     assert not torch.equal(saved["lm_head.weight"], initial["lm_head.weight"])
     assert (out / "processor_config.json").exists()
+
+
+_LIGER_CHECK = r"""
+import sys, tempfile
+sys.path.insert(0, {dist!r})
+from tiny_setup import tiny_data, tiny_model, tiny_processor
+from transformers.integrations.liger import apply_liger_kernel
+from tpo_fast.trainer.config import TPOConfig
+from tpo_fast.trainer.trainer import TPOTrainer
+
+proc = tiny_processor()
+ds = tiny_data(tempfile.mkdtemp(), num_images=4)
+args = TPOConfig(output_dir=tempfile.mkdtemp(), use_liger_kernel=True, use_cpu=True, report_to="none")
+assert args.liger_kernel_config == {{"fused_linear_cross_entropy": False}}, args.liger_kernel_config
+trainer = TPOTrainer(tiny_model(proc, seed=1), ref_model=tiny_model(proc, seed=101), args=args, train_dataset=ds,
+                     processing_class=proc)
+routed = trainer.model.forward
+apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)  # what Trainer.train() does first
+assert trainer.model.forward == routed, trainer.model.forward
+assert "LigerRMSNorm" in repr(trainer.model.model.language_model.norm.forward)  # its trunk kernels did apply
+print("routed forward kept")
+"""
+
+
+def test_use_liger_kernel_keeps_the_routed_forward(tmp_path):
+    """`use_liger_kernel=True`: `Trainer.train()` applies Liger's kernels to the model, and Liger's fused linear
+    cross-entropy (on by default) replaced the instance's forward, through which the step runs. TPOConfig keeps
+    that one off (the loss is tpo_fast's), and refuses it when asked for. In a subprocess: Liger also patches
+    transformers' module-level functions (RoPE), which must not leak into other tests."""
+    pytest.importorskip("liger_kernel")
+    with pytest.raises(ValueError, match=r"fused_linear_cross_entropy': True\} would replace the model's forward"):
+        TPOConfig(output_dir=str(tmp_path), use_liger_kernel=True, use_cpu=True, report_to="none",
+                  liger_kernel_config={"fused_linear_cross_entropy": True})
+    assert TPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none").liger_kernel_config is None
+    script = _LIGER_CHECK.format(dist=os.path.join(HERE, "dist"))
+    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert got.returncode == 0 and "routed forward kept" in got.stdout, got.stdout + got.stderr[-3000:]

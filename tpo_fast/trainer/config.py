@@ -158,6 +158,7 @@ class TPOConfig(TrainingArguments):
                 raise ValueError(f"TPOConfig.{name} must be True or False, got {getattr(self, name)!r}")
         self._check_loss_options()
         self._check_data_options()
+        self._check_liger_options()
         if self.precompute_reference and self.reference == "none":
             raise ValueError("precompute_reference=True needs a reference; reference='none' has none")
         if self.reference_cache is not None and not self.precompute_reference:
@@ -166,6 +167,22 @@ class TPOConfig(TrainingArguments):
         if self.detach_weights and self.objective != "tpo":
             logger.warning("TPOConfig.detach_weights=True has no effect with objective=%r (TPO only: DPO has no "
                            "corrupted branch, POVID's never carries gradient)", self.objective)
+
+    def _check_liger_options(self) -> None:
+        """`use_liger_kernel=True` (the Trainer applies Liger's kernels when `train()` starts) keeps Liger off the
+        lm_head: the step's loss is tpo_fast's, and Liger's fused linear cross-entropy would replace the model's
+        forward, through which the trainer routes its step. Its other kernels (RMSNorm, SwiGLU, RoPE) apply."""
+        if not self.use_liger_kernel:
+            return
+        config = dict(self.liger_kernel_config or {})
+        if config.get("fused_linear_cross_entropy"):
+            raise ValueError(
+                "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, "
+                "through which TPOTrainer runs its step (its loss is tpo_fast's, on the hidden states): leave it "
+                "out; use_liger_kernel=True applies Liger's other kernels"
+            )
+        config["fused_linear_cross_entropy"] = False
+        self.liger_kernel_config = config
 
     def _check_loss_options(self) -> None:
         """The loss options, by the loss layer's own checks (the same domains as `tpo_loss` / `dpo_loss`)."""
