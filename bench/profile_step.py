@@ -3,12 +3,15 @@
     python bench/profile_step.py --case step-toy --contenders trl-dpo,ours-dpo
     python bench/profile_step.py --case cpu-step --contenders trl-dpo,ours-dpo,official-tpo --steps 1
     python bench/profile_step.py --case step-toy --contenders trl-dpo --trl-compact   # TRL's head on valid rows
+    python bench/profile_step.py --case llava7b-step --contenders ours-tpo-shared,trl-dpo   # on a GPU
 
 Each contender is built as `python bench/run.py --workloads step` builds it (same model, pairs and
 options; TRL's options are tried the same way), warmed up with one step, then `--steps` steps run
 under `torch.profiler`. Printed per contender: the step time, the operators by self time, and the
 time by module (the `record_function` ranges this script puts around the vision tower, the decoder
-layers, the lm_head and the loss). docs/bench.md ("Where TRL's time goes") quotes these tables.
+layers, the lm_head and the loss). On CUDA (`--device cuda`, the default where there is one) the times
+are the GPU's: kernels by self device time, the ranges' device time, and the kernel launches per step.
+docs/bench.md ("Where TRL's time goes") quotes the CPU tables.
 """
 
 from __future__ import annotations
@@ -97,32 +100,47 @@ def models_of(c) -> list[torch.nn.Module]:
     return [m for m in (getattr(c, "policy", None), getattr(c, "reference", None)) if m is not None]
 
 
-def profile(name: str, case, steps: int, rows: int) -> None:
+def profile(name: str, case, steps: int, rows: int, device: str = "cpu") -> None:
     c = step_contenders()[name]
     data = StepData(case)
-    c.build(case, data, "cpu")
+    c.build(case, data, device)
     batch = c.batch(case.pairs)
     c.train_step(batch)
+    cuda = device == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for m in models_of(c):
             stack.enter_context(module_ranges(m))
         stack.enter_context(trl_head_range())
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(steps):
                 with torch.autograd.profiler.record_function("step"):
                     c.train_step(batch)
+            if cuda:
+                torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
-    print(f"\n## {c.label} · {case.name}: {wall * 1e3:.0f} ms per profiled step ({total:.0f} ms of operator self "
-          f"time); {c.note()}\n")
+    # On CUDA the device's times: an operator's self device time is its kernels' time.
+    self_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    range_time = "device_time_total" if cuda else "cpu_time_total"
+    total = sum(getattr(e, self_time) for e in events) / steps / 1e3
+    what = "kernel time" if cuda else "operator self time"
+    print(f"\n## {c.label} · {case.name} ({device}): {wall * 1e3:.0f} ms per profiled step ({total:.0f} ms of {what})"
+          f"; {c.note()}\n")
+    if cuda:
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                           "cuLaunchKernelEx"))
+        syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        print(f"Kernel launches per step: {launches // steps}; host synchronizations per step: {syncs // steps}\n")
     print("Time inside each range (forward ranges; their backward runs outside them, see the operators):")
-    for e in sorted(events, key=lambda e: -e.cpu_time_total):
+    for e in sorted(events, key=lambda e: -getattr(e, range_time)):
         if e.key in {*RANGES.values(), HEAD, TRL_HEAD}:
-            print(f"  {e.key:<32} {e.cpu_time_total / steps / 1e3:9.1f} ms  ({e.count // steps} calls per step)")
+            print(f"  {e.key:<32} {getattr(e, range_time) / steps / 1e3:9.1f} ms  ({e.count // steps} calls per step)")
     print()
-    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    print(events.table(sort_by=self_time, row_limit=rows, max_name_column_width=60))
 
 
 def main() -> None:
@@ -132,6 +150,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=15, help="operators listed per contender")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the steps run (default: cuda where there is one, else cpu)")
     p.add_argument("--trl-compact", action="store_true",
                    help="TRL's head scores only the valid (response) positions on CPU too, as it does on CUDA/XPU "
                    "(a patch of trl.trainer.utils._use_triton, which only decides that compaction there): how much "
@@ -145,7 +165,7 @@ def main() -> None:
         utils._use_triton = lambda device: True
     case = STEP_CASES[a.case]
     for name in a.contenders.split(","):
-        profile(name.strip(), case, a.steps, a.rows)
+        profile(name.strip(), case, a.steps, a.rows, a.device)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
 #   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh    timeout_s 480
 #                 (install bench profile kernel-tests, about 330 s: the losses with auto = fused in 1024 MiB
 #                 chunks, the profile of that default, the GPU tests)
+#   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install step-profile
+#                 (where the 7B step's time goes, ours against TRL's: the shared-prefix TPO step ran at about
+#                 0.7x TRL's work per second in the second run)
 #   a later session, or one with time to spare: search, tune, tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
@@ -28,6 +31,9 @@
 #   profile       bench/profile_loss.py at gpu-target: TPO and DPO, fused (the default 1024 MiB chunk and
 #                 2048, cuBLAS gradient GEMMs) and recompute: wall time against kernel time, launches, host
 #                 syncs, the largest kernels                                                                 60 s
+#   step-profile  bench/profile_step.py --case llava7b-step on CUDA: kernels by device time, launches and host
+#                 syncs per step, the decoder layers' and vision tower's device time, for STEP_PROFILE_CONTENDERS
+#                 (default ours-tpo-shared,trl-dpo)                                                          150 s
 #   search        the step case's largest micro-batch in 80 GB, for the official structure, TRL and ours,
 #                 within SEARCH_S seconds in all (default 150); SEARCH_CONTENDERS names others
 #                 (default ours-tpo-shared,official-tpo,trl-dpo,ours-dpo-shared)
@@ -48,7 +54,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_AR
 T0=$(date +%s)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile kernel-tests)
-KNOWN="install bench step kernel-tests profile search tune tests"
+KNOWN="install bench step step-profile kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
         *" $part "*) ;;
@@ -115,6 +121,13 @@ part_profile() {
     grep -E "^(\||##)" "$WORK/profile.md" | tee -a "$OUT/report.md"  # the table, the kernel tables and their titles
 }
 
+part_step_profile() {
+    timeout 150 "$PY" bench/profile_step.py --case "${STEP_CASE:-llava7b-step}" --steps 2 --rows 25 \
+        --contenders "${STEP_PROFILE_CONTENDERS:-ours-tpo-shared,trl-dpo}" > "$WORK/step_profile.md" 2> "$WORK/step_profile.err"
+    echo "step-profile rc=$?" | tee -a "$OUT/report.md"
+    grep -vE "^-+|^\s*$|^USDT" "$WORK/step_profile.md" | cut -c1-240 | tee -a "$OUT/report.md"
+}
+
 part_search() {
     local total=${SEARCH_S:-150}
     bench_run search gpu_step_search $((total + 20)) --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 2 \
@@ -176,6 +189,7 @@ for part in "${PARTS[@]}"; do
         install) part_install ;;
         bench) part_bench ;;
         step) part_step ;;
+        step-profile) part_step_profile ;;
         profile) part_profile ;;
         search) part_search ;;
         kernel-tests) part_kernel_tests ;;

@@ -897,3 +897,18 @@ def test_profile_loss_counts_each_device_event_once():
     on_device = profile_loss.device_events(events)
     assert [e.name for e in on_device] == ["gemm", "scale", "gemm"]
     assert profile_loss.kernel_totals(on_device) == [(0.8, 2, "gemm"), (0.04, 1, "scale")]
+
+
+def test_profile_step_prints_the_step_time_the_ranges_and_the_operators():
+    """bench/profile_step.py on the tiny step case, on the CPU (on CUDA the same tables hold device times, and
+    a line counts kernel launches and host synchronizations)."""
+    cmd = [sys.executable, str(BENCH / "profile_step.py"), "--case", "step-tiny", "--contenders", "ours-tpo-shared",
+           "--steps", "1", "--rows", "5", "--device", "cpu"]
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert got.returncode == 0, got.stderr[-3000:]
+    out = got.stdout
+    assert "## tpo_fast TPO step, shared prefix · step-tiny (cpu): " in out and " ms per profiled step (" in out
+    assert "of operator self time)" in out and "Kernel launches" not in out
+    ranges = out.split("Time inside each range", 1)[1]
+    assert "decoder layers" in ranges and "(8 calls per step)" in ranges  # 2 layers x 4 trunk passes
+    assert "aten::mm" in ranges
