@@ -141,6 +141,36 @@ def test_spans_of_padding_free_packings():
     assert _pack(padding_free=False).spans == ()
 
 
+@pytest.mark.parametrize(("paired", "padding_free"), [(True, True), (True, False), (False, True), (False, False)])
+def test_twice_packs_two_stacked_batches_side_by_side(paired, padding_free):
+    """`Packing.twice`: the packing of a (R, T) batch applied to two batches stacked into (2R, T), for one trunk call
+    over both image branches. Its packed inputs are the two packings' inputs side by side (along the row for one
+    padding-free row, as more rows otherwise), neither copy attends to the other, and the response grid is the
+    first batch's grid, then the second's."""
+    p = _pack(paired=paired, padding_free=padding_free)
+    rows, width = _hand_batch()[0].shape
+    first, second = torch.randn(rows, width, 3), torch.randn(rows, width, 3)
+    both = p.twice(rows * width)
+    dim = 1 if padding_free else 0
+    got = both.inputs(torch.cat([first, second]))
+    one, two = p.inputs(first), p.inputs(second)
+    assert torch.equal(got["inputs_embeds"], torch.cat([one["inputs_embeds"], two["inputs_embeds"]], dim))
+    assert torch.equal(got["position_ids"], torch.cat([one["position_ids"], two["position_ids"]], dim))
+    assert both.tokens == 2 * p.tokens and both.grid_shape == (2 * rows, p.grid_shape[1])
+    # the grid of a trunk that returns its input: both batches' grids, in order
+    grids = torch.cat([p.responses(one["inputs_embeds"]), p.responses(two["inputs_embeds"])])
+    assert torch.equal(both.responses(got["inputs_embeds"]), grids)
+    # attention: each copy as alone, nothing across
+    allowed, alone = allowed_attention(both), allowed_attention(p)
+    if padding_free:
+        length = p.source.shape[1]
+        assert torch.equal(allowed[:, :length, :length], alone) and torch.equal(allowed[:, length:, length:], alone)
+        assert not allowed[:, length:, :length].any() and not allowed[:, :length, length:].any()
+        assert both.spans == p.spans + tuple((start + length, *rest) for start, *rest in p.spans)
+    else:
+        assert torch.equal(allowed, torch.cat([alone, alone]))
+
+
 def _masked_attention(q, k, v, allowed, scale):
     """Attention written out: softmax over the allowed keys of q.k * scale, key heads repeated per query head."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
@@ -459,6 +489,12 @@ CASES = {
 }
 
 
+# The policy's trunk calls in a step and the image branches each call runs: TPO's clean and corrupted
+# branches share one call when both carry gradient (the default) or neither does (a reference); a detached
+# corrupted branch, and POVID's corrupted chosen rows, run on their own.
+BRANCHES_PER_CALL = {"tpo": [2], "tpo-detach": [1, 1], "dpo": [1], "povid": [1, 1]}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("packed", [dict(), dict(padding_free=False), dict(shared_prefix=False, padding_free=True)],
                          ids=["shared-prefix+padding-free", "shared-prefix", "padding-free"])
@@ -468,15 +504,21 @@ def test_packed_step_equals_padded_step(setup, case, packed):
     model, ref = _policy_and_reference(proc)
     seen0, seen1 = _assert_same_step(model, ref, batch, packed, reference="model", **CASES[case])
     rows, width = batch["input_ids"].shape
-    assert seen0[-1][:2] == (rows if CASES[case]["objective"] != "povid" else rows // 2, width)
+    branches = BRANCHES_PER_CALL[case]
+    assert len(seen0) == len(seen1) == len(branches), (seen0, seen1)
+    povid_rows = [rows, rows // 2]  # clean (all rows), corrupted (chosen rows)
+    padded_rows = povid_rows if case == "povid" else [b * rows for b in branches]
+    assert [s[:2] for s in seen0] == [(n, width) for n in padded_rows]
     if packed.get("padding_free", True):  # the default on sdpa: one row, attended sequence by sequence
         assert all(n == 1 and spans for n, _, spans in seen1)
-    else:  # one row per pair, the dense mask
-        assert all(n == rows // 2 and not spans for n, _, spans in seen1)
+        if packed.get("shared_prefix", True) and case != "povid":  # one sequence per pair and branch
+            assert [len(spans) for _, _, spans in seen1] == [b * rows // 2 for b in branches]
+    else:  # one row per pair and branch, the dense mask
+        assert [n for n, _, _ in seen1] == [b * rows // 2 for b in branches] and not any(s for _, _, s in seen1)
     if packed.get("shared_prefix", True):
-        # the clean branch: fewer trunk tokens than the padded batch's real tokens (each prompt runs once)
-        clean = [s for s in seen1 if s[0] * s[1] < int(batch["attention_mask"].sum())]
-        assert clean, seen1
+        # per branch, fewer trunk tokens than the padded batch's real tokens (each prompt runs once)
+        tokens = [n * length // b for (n, length, _), b in zip(seen1, branches, strict=True)]
+        assert min(tokens) < int(batch["attention_mask"].sum()), seen1
 
 
 @pytest.mark.parametrize("objective", ["tpo", "dpo", "povid"])
@@ -485,7 +527,14 @@ def test_packed_step_with_lora_and_gradient_checkpointing(setup, objective):
     batch = _uneven_batch(ds, proc)
     model = _lora(tiny_model(proc), checkpointing=True)
     assert model.get_base_model().model.language_model.gradient_checkpointing  # the flag kept its old name
-    _assert_same_step(model, None, batch, dict(padding_free=True), reference="adapter", objective=objective)
+    seen0, seen1 = _assert_same_step(model, None, batch, dict(padding_free=True), reference="adapter",
+                                     objective=objective)
+    # `_run`'s adapter-disabled reference scores, policy_loss's own, then the policy's: TPO's two image branches
+    # share one trunk call in each
+    rows, width = batch["input_ids"].shape
+    expected = {"tpo": [2 * rows] * 3, "dpo": [rows] * 3, "povid": [rows, rows // 2] * 3}
+    assert [s[:2] for s in seen0] == [(n, width) for n in expected[objective]]
+    assert len(seen1) == len(seen0) and all(n == 1 for n, _, _ in seen1)
 
 
 def test_packed_step_with_eager_attention(setup):

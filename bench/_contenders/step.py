@@ -349,11 +349,11 @@ class OursStep(StepContender):
         name = f"ours-{objective}" + ("-shared" if shared else "") + ("-refcache" if precomputed else "")
         label = (f"tpo_fast {objective.upper()} step" + (", shared prefix" if shared else "")
                  + (", cached reference" if precomputed else ""))
-        ref = {"dpo": "one reference forward", "tpo": "the reference's two without"}[objective]
+        ref = {"dpo": "one reference forward", "tpo": "the reference's without"}[objective]
         if precomputed:
             ref = "no reference forward (scores cached once per data set, before the timed steps)"
         what = {"dpo": "one trunk forward of chosen+rejected with gradient, ",
-                "tpo": "clean and corrupted trunk forwards with gradient, "}[objective] + ref
+                "tpo": "one trunk forward of clean and corrupted images with gradient, "}[objective] + ref
         note = (f"tpo_fast TPOTrainer(objective={objective!r}): {what}; images encoded once per image; the fused "
                 "loss on the response positions' hidden states (no logits); a frozen copy as reference (with "
                 "LoRA: the adapter disabled)")

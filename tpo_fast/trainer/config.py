@@ -127,7 +127,7 @@ class TPOConfig(TrainingArguments):
 
     def __post_init__(self):
         # Non-reentrant checkpointing needs no requires_grad inputs (frozen embeddings under LoRA)
-        # and works with DDP and the two trunk forwards of a step. transformers 5 renamed the field.
+        # and works with DDP and a step's trunk forwards. transformers 5 renamed the field.
         name = "activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs") else (
             "gradient_checkpointing_kwargs"
         )

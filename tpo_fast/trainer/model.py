@@ -2,7 +2,8 @@
 
 The step runs *inside the model's forward*: `route_forward(model, options)` patches the
 instance's `forward` so that `model(tpo_batch=batch)` computes the whole loss (images encoded once,
-one trunk forward per branch, the fused loss on the lm_head weight) and returns it, while any other call
+one trunk forward for TPO's clean and corrupted branches together, the fused loss on the lm_head weight)
+and returns it, while any other call
 falls through to the original forward. Inside the forward is where DDP's reducer, DeepSpeed
 ZeRO-3's parameter gathering and FSDP2's unsharding are active, so the loss sees the same
 parameters the trunk used:
@@ -159,19 +160,23 @@ def branch_hidden(
     """Response grids (rows, T', D) of chosen+rejected on the clean image and (optionally) on the corrupted image.
 
     `corrupted_rows`: None (no corrupted branch), "all" (the 2B rows, TPO) or "chosen" (the B
-    chosen rows, POVID). One vision call for every distinct image (clean and corrupted together
-    when both carry gradient), one trunk forward per branch. A corrupted branch without gradient
-    runs under `no_grad`, keeping no activations. The grids hold the `window` columns; with `packing`
-    each branch runs packed and its grid is gathered back (zero where `has_target` (2B, T) is False).
+    chosen rows, POVID). One vision call for every distinct image, clean and corrupted together when both
+    branches run with gradient or both without. TPO's two branches (the same rows) then also share one trunk
+    call, their rows stacked (one packed row twice as long, or twice the rows), so that every layer's
+    launches and host work cover both branches' tokens at once. A corrupted branch without gradient while
+    the clean one has it runs on its own under `no_grad`, keeping no activations. The grids hold the
+    `window` columns; with `packing` each branch runs packed and its grid is gathered back (zero where
+    `has_target` (2B, T) is False).
     """
     if corrupted_rows not in (None, "all", "chosen"):
         raise ValueError(f"corrupted_rows must be None, 'all' or 'chosen', got {corrupted_rows!r}")
     index = batch["image_index"]
     rows = index.repeat(2)  # chosen rows, then rejected rows: same images
     clean_px = batch["pixel_values"]
-    grad = torch.is_grad_enabled()
+    # Both branches with gradient, or both without (a reference, no_grad): one vision call, and for TPO one trunk call.
+    same_grad = corrupted_rows is not None and (corrupted_grad or not torch.is_grad_enabled())
     corrupted_feats = None
-    if corrupted_rows is not None and corrupted_grad and grad:
+    if same_grad:
         feats = encode_images(llava, torch.cat([clean_px, batch["corrupted_pixel_values"]]))
         clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
     else:
@@ -182,14 +187,28 @@ def branch_hidden(
     # branch fills with its own features): one embedding gradient in backward instead of one per branch.
     embeds = llava.model.get_input_embeddings()(batch["input_ids"]) if corrupted_rows is not None else None
 
-    def run(n: int, feats: torch.Tensor) -> torch.Tensor:  # the first n rows, on these images
+    def run(n: int, feats: torch.Tensor, second: torch.Tensor | None = None):
+        """The grid of the first n rows on the images `feats`; with `second`, the grids on both images from one
+        trunk call (the rows stacked: a second padded batch after the first)."""
         ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
         if packing is not None and n not in packs:
             packs[n] = packing.pack(ids, mask, has_target[:n], window, pairs=n == len(rows))
         pack = packs.get(n)
-        hidden = backbone_hidden(llava, ids, mask, feats[rows[:n]], pack, None if embeds is None else embeds[:n])
-        return hidden[:, window] if pack is None else pack.responses(hidden)
+        tokens = None if embeds is None else embeds[:n]
+        feats = feats[rows[:n]]
+        if second is not None:
+            if pack is not None:
+                pack = pack.twice(ids.numel())
+            ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+            tokens = None if tokens is None else tokens.repeat(2, 1, 1)
+            feats = torch.cat([feats, second[rows[:n]]])
+        hidden = backbone_hidden(llava, ids, mask, feats, pack, tokens)
+        grid = hidden[:, window] if pack is None else pack.responses(hidden)
+        return grid if second is None else grid.chunk(2)
 
+    if corrupted_rows == "all" and same_grad:
+        hidden, corrupted_hidden = run(len(rows), clean_feats, corrupted_feats)
+        return hidden, corrupted_hidden
     hidden = run(len(rows), clean_feats)
     corrupted_hidden = None
     if corrupted_rows is not None:

@@ -33,6 +33,7 @@ Its last position predicts the first response token of both responses.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
@@ -97,6 +98,29 @@ class Packing:
         if self.implementation == SEGMENT_ATTENTION and self.spans:
             out["tpo_fast_spans"] = self.spans
         return out
+
+    def twice(self, batch_tokens: int) -> Packing:
+        """This packing applied to two (R, T) batches stacked into one (2R, T) batch (`batch_tokens` = R * T): the
+        same sequences twice, the second copy reading the second batch. A one-row (padding-free) packing
+        grows along its row, its spans repeated after the first copy's; one row per sequence gets twice the
+        rows. The second copy's sequences are other groups, so neither copy attends to the other, and
+        `responses` returns the (2R, T') grid: the first batch's rows, then the second's."""
+        one_row = bool(self.spans)
+        dim = 1 if one_row else 0
+        sequences = len(self.spans) if one_row else self.source.shape[0]
+        rows, width = self.grid_shape
+        length = self.source.shape[1]
+        return dataclasses.replace(
+            self,
+            source=torch.cat([self.source, self.source + batch_tokens], dim),
+            position_ids=torch.cat([self.position_ids, self.position_ids], dim),
+            group=torch.cat([self.group, torch.where(self.group >= 0, self.group + sequences, self.group)], dim),
+            segment=torch.cat([self.segment, self.segment], dim),
+            grid_source=torch.cat([self.grid_source, self.grid_source + self.source.numel()]),
+            grid_target=torch.cat([self.grid_target, self.grid_target + rows * width]),
+            grid_shape=(2 * rows, width),
+            spans=self.spans + tuple((start + length, *rest) for start, *rest in self.spans),
+        )
 
     def responses(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, L, D) packed hidden states -> the (R, T', D) response grid (`gather_responses`)."""

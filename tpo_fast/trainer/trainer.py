@@ -150,7 +150,8 @@ class TPOTrainer(Trainer):
 
     Each step runs, inside the (DDP / DeepSpeed / FSDP-wrapped) model's forward: one vision call
     for the batch's distinct clean and corrupted images, one trunk forward of chosen+rejected on
-    the clean images and one on the corrupted images (no grad with `detach_weights=True`), and the
+    the clean and the corrupted images together (the corrupted one apart and without gradient with
+    `detach_weights=True`), and the
     fused TPO loss on the response positions' final hidden states and the lm_head weight. With
     `shared_prefix` and `padding_free` (the defaults) each trunk forward runs a pair's image and
     prompt once and the micro-batch as one row without padding (trainer/packing.py).
