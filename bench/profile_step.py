@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _contenders.step import step_contenders  # noqa: E402
 from _workloads.step import STEP_CASES, StepData  # noqa: E402
+from profile_loss import LAUNCHES, SYNCS  # noqa: E402
 
 # Module classes whose forward (and backward, through autograd's record of it) gets its own range.
 RANGES = {"CLIPVisionModel": "vision tower", "LlavaMultiModalProjector": "projector",
@@ -131,9 +132,10 @@ def profile(name: str, case, steps: int, rows: int, device: str = "cpu") -> None
     print(f"\n## {c.label} · {case.name} ({device}): {wall * 1e3:.0f} ms per profiled step ({total:.0f} ms of {what})"
           f"; {c.note()}\n")
     if cuda:
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
-                                                           "cuLaunchKernelEx"))
-        syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        # the loss profiler's runtime-call names: its syncs are read-backs' waits, not this script's own
+        # cudaDeviceSynchronize
+        launches = sum(e.count for e in events if e.key in LAUNCHES)
+        syncs = sum(e.count for e in events if e.key in SYNCS)
         print(f"Kernel launches per step: {launches // steps}; host synchronizations per step: {syncs // steps}\n")
     print("Time inside each range (forward ranges; their backward runs outside them, see the operators):")
     for e in sorted(events, key=lambda e: -getattr(e, range_time)):
