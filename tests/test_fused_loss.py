@@ -8,6 +8,8 @@ that every case runs several chunks. Shapes are tiny: the Triton cases run under
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from _device import backend_device
@@ -326,42 +328,36 @@ def test_bad_arguments_say_what_to_fix():
         fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"][:5], lambda c: c.logprobs.sum())
 
 
-@pytest.mark.parametrize(("chunk_mb", "expected_mb"), [(None, 128), (64, 64), (1024, 128)])
-def test_torch_backend_caps_its_chunk_at_128_mib(monkeypatch, chunk_mb, expected_mb):
-    """The torch backend's logits chunk is min(chunk_mb, 128 MiB), like its recomputing backward's."""
+def _planned_budgets(monkeypatch, backend: str, chunk_mb: float | None, grad: bool = True) -> list[int]:
+    """The rows-per-chunk budgets the fused TPO loss plans on `backend` with `chunk_mb` set (None: unset)."""
     from tpo_fast.ops import fused_pairs
 
     seen = []
     original = fused_pairs.plan_chunks
     monkeypatch.setattr(fused_pairs, "plan_chunks", lambda rows, budget: seen.append(budget) or original(rows, budget))
-    b = batch()
-    if chunk_mb is None:
-        call_tpo(b, backend="torch")
-    else:
-        with kernel_options(chunk_mb=chunk_mb):
-            call_tpo(b, backend="torch")
-    assert seen == [expected_mb * 2**20 // (4 * V)]
+    monkeypatch.delenv("TPO_FAST_CHUNK_MB", raising=False)
+    scope = contextlib.nullcontext() if chunk_mb is None else kernel_options(chunk_mb=chunk_mb)
+    with torch.set_grad_enabled(grad), scope:
+        call_tpo(batch(), backend=backend)
+    return seen
+
+
+@pytest.mark.parametrize(("chunk_mb", "expected_mb"), [(None, 128), (64, 64), (1024, 128)])
+def test_torch_backend_caps_its_chunk_at_128_mib(monkeypatch, chunk_mb, expected_mb):
+    """The torch backend's logits chunk is min(chunk_mb, 128 MiB), like its recomputing backward's."""
+    assert _planned_budgets(monkeypatch, "torch", chunk_mb) == [expected_mb * 2**20 // (4 * V)]
 
 
 @pytest.mark.parametrize(("chunk_mb", "expected_mb"), [(None, 1024), (64, 64), (2048, 2048)])
 def test_triton_backend_chunk_default_is_1024_mib_and_chunk_mb_overrides_it(monkeypatch, chunk_mb, expected_mb):
     """On the triton backend the fused losses' logits chunk is `chunk_mb` when set, else 1024 MiB (fewer, larger
     chunks: the split backward's own buffer keeps its 256 MiB default)."""
-    from tpo_fast.ops import fused_pairs, triton_impl
+    from tpo_fast.ops import triton_impl
 
-    seen = []
-    original = fused_pairs.plan_chunks
-    monkeypatch.setattr(fused_pairs, "plan_chunks", lambda rows, budget: seen.append(budget) or original(rows, budget))
-    monkeypatch.delenv("TPO_FAST_CHUNK_MB", raising=False)
-    b = batch()
-    with torch.no_grad():  # the plan is all this looks at: no gradient work under the interpreter
-        if chunk_mb is None:
-            call_tpo(b, backend="triton")
-            assert triton_impl.chunk_bytes() == 256 * 2**20
-        else:
-            with kernel_options(chunk_mb=chunk_mb):
-                call_tpo(b, backend="triton")
-    assert seen == [expected_mb * 2**20 // (4 * V)]
+    # without gradient: the plan is all this looks at, and no gradient work runs under the interpreter
+    assert _planned_budgets(monkeypatch, "triton", chunk_mb, grad=False) == [expected_mb * 2**20 // (4 * V)]
+    if chunk_mb is None:
+        assert triton_impl.chunk_bytes() == 256 * 2**20
 
 
 def call_dpo(b, **kw):
