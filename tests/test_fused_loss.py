@@ -477,3 +477,136 @@ def test_chunk_loop_never_synchronizes_on_cuda(monkeypatch, loss):
         out = calls[loss](b, backend="triton", grad_mode="fused")
     assert torch.cuda.get_sync_debug_mode() == 0
     out.loss.backward()
+
+
+def _reference_model(b, seed=5):
+    """A reference with its own lm_head (weight and bias) and hidden states near the policy's, no gradient."""
+    g = torch.Generator().manual_seed(seed)
+    dev = b["hidden"].device
+
+    def near(t, scale):
+        return (t.detach().float() + scale * torch.randn(t.shape, generator=g).to(dev)).to(t.dtype)
+
+    return dict(ref_hidden=near(b["hidden"], 0.2), ref_corrupted_hidden=near(b["corrupted_hidden"], 0.2),
+                ref_weight=near(b["weight"], 0.05), ref_bias=near(b["bias"], 0.05))
+
+
+def _call_with_model_reference(loss, ref):
+    def call(bb, **kw):
+        if loss == "tpo":
+            return tpo_loss(bb["weight"], bb["hidden"], bb["corrupted_hidden"], bb["targets"], bb["bias"], **ref, **kw)
+        dpo_ref = {k: v for k, v in ref.items() if k != "ref_corrupted_hidden"}
+        return dpo_loss(bb["weight"], bb["hidden"], bb["targets"], bb["bias"], **dpo_ref, **kw)
+
+    return call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+def test_model_reference_with_its_own_head_in_the_fused_pass(backend, loss):
+    """A model reference (ref_hidden, ref_weight, ref_bias) is scored by the fused pass itself, chunk by chunk
+    on the policy's rows (`PairBranch`): loss, metrics (the rewards hold the reference's scores) and
+    gradients equal plain autograd's over materialized logits, over three chunks."""
+    b = batch(device=backend_device(backend), seed=3)
+    out, g, ref, gr = run(_call_with_model_reference(loss, _reference_model(b)), b, backend, upstream=0.7)
+    check(out, g, ref, gr)
+    with_grad = {k for k, v in g.items() if v is not None}
+    assert with_grad == {"weight", "bias", "hidden"} | ({"corrupted_hidden"} if loss == "tpo" else set())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_branch_grids_are_its_token_stats(backend, dtype):
+    """`fused_pair_loss(reference=PairBranch(...))` returns the reference's per-token grids: exactly what
+    `token_stats` gives on the same backend (the same forward), 0 at ignored positions, over six chunks."""
+    import tpo_fast
+    from tpo_fast.ops.fused_pairs import PairBranch
+
+    b = batch(dtype=dtype, device=backend_device(backend), seed=4)
+    r = _reference_model(b)
+    rh, rhc = r["ref_hidden"].flatten(0, 1), r["ref_corrupted_hidden"].flatten(0, 1)
+    branch = PairBranch(rh, r["ref_weight"], r["ref_bias"], rhc)
+    flat = b["targets"].flatten()
+    with kernel_options(chunk_mb=2 * MB_PER_ROW):
+        out = fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], lambda c: c.logprobs.sum(),
+                              b["bias"], b["corrupted_hidden"].flatten(0, 1), backend=backend, reference=branch)
+    want = tpo_fast.token_stats(rh, r["ref_weight"], flat, r["ref_bias"], rhc, backend=backend)
+    shape = b["targets"].shape
+    assert torch.equal(out.ref_logprobs, want.logprobs.view(shape))
+    assert torch.equal(out.ref_target_logits, want.target_logits.view(shape))
+    assert torch.equal(out.ref_corrupted_target_logits, want.corrupted_target_logits.view(shape))
+    assert not out.ref_logprobs[b["targets"] == IGNORE].any()
+
+
+class _ReadBacks(_SyncProneOps):
+    """`_SyncProneOps` plus `Tensor.tolist`, a read-back no dispatch mode sees."""
+
+    def __enter__(self):
+        original = self._tolist = torch.Tensor.tolist
+        seen = self.seen
+
+        def tolist(t):
+            seen.append("tolist")
+            return original(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+def test_a_loss_with_a_model_reference_reads_the_device_back_once(backend, loss):
+    """On CUDA a read-back waits for the GPU to drain; the launches after it no longer overlap the GPU's
+    work. A fused loss with a model reference reads back once, before any vocabulary kernel: the plan's
+    rows per sequence, with the count of out-of-range targets in the same read (the second H200 profile:
+    4 per call, one of them waiting for the reference's whole sweep). Its backward reads back never."""
+    b = batch(device=backend_device(backend), seed=6)
+    call = _call_with_model_reference(loss, _reference_model(b))
+    with _ReadBacks() as forward:
+        out = call(b, backend=backend, grad_mode="fused")
+    with _ReadBacks() as backward:
+        out.loss.backward()
+    assert forward.seen == ["tolist"]
+    assert backward.seen == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_stats_reads_the_device_back_once(backend):
+    """The per-token primitive (a reference's or POVID's pass) reads back once: the count of target-carrying
+    rows and of out-of-range targets together (it was two: the range check, then `nonzero`)."""
+    import tpo_fast
+
+    b = batch(device=backend_device(backend), seed=7)
+    flat = b["targets"].flatten()
+    with _ReadBacks() as mode:
+        stats = tpo_fast.token_stats(b["hidden"].flatten(0, 1), b["weight"], flat, b["bias"],
+                                     b["corrupted_hidden"].flatten(0, 1), backend=backend)
+    assert mode.seen == ["tolist"]
+    want = tpo_fast.token_stats(b["hidden"].flatten(0, 1), b["weight"], flat, b["bias"],
+                                b["corrupted_hidden"].flatten(0, 1), backend="reference")
+    for got, exp in zip(stats[:4], want[:4], strict=True):
+        assert_same(got, exp, 2e-5, "token_stats")
+
+
+@pytest.mark.parametrize("where", ["targets", "reference"])
+def test_out_of_range_targets_raise_before_any_vocabulary_work(monkeypatch, where):
+    """The range check rides on the plan's read-back: a target >= V still raises, naming it, and no core
+    (policy or reference) has computed anything."""
+    from tpo_fast.ops import fused_chunk
+
+    b = batch(seed=8)
+    bad = b["targets"].clone()
+    bad[1, 4] = V + 2
+    b["targets"] = bad
+    ran = []
+    monkeypatch.setattr(fused_chunk.TorchChunk, "stats", lambda *a: ran.append("stats"))
+    monkeypatch.setattr(fused_chunk.TorchChunk, "forward_stats", lambda *a: ran.append("forward_stats"))
+    call = _call_with_model_reference("tpo", _reference_model(b)) if where == "reference" else call_tpo
+    with pytest.raises(ValueError, match=rf"^targets must lie in \[0, V\) = \[0, {V}\) or equal ignore_index=-100; "
+                                         rf"targets\[{T + 4}\] = {V + 2}$"):
+        call(b, backend="torch")
+    assert ran == []

@@ -157,7 +157,7 @@ def test_input_errors_name_what_to_fix():
     bad[0, 0] = V
     with pytest.raises(ValueError, match=r"ignore_index=-1; targets\[0\] = 23"):
         fused_pair_loss(*args, torch.where(bad == IGNORE, -1, bad), chunk_loss, ignore_index=-1)
-    with pytest.raises(ValueError, match=r"ignore_index=-100; targets\[1\] = 23"):
+    with pytest.raises(ValueError, match=r"^second_targets must lie in .*ignore_index=-100; second_targets\[1\] = 23"):
         y2 = torch.full_like(y, IGNORE)
         y2[0, 1] = V
         fused_pair_loss(*args, y, chunk_loss, second_targets=y2)
@@ -217,7 +217,7 @@ def test_auto_grad_mode_is_fused_on_the_cpu_and_on_cuda():
 @pytest.mark.parametrize("shape", [(1, 1), (4, 7), (6, 33)])
 def test_valid_row_index_lists_the_true_entries_in_order(shape):
     """The sync-free index of the chunk plan equals `nonzero` on any mask (none, all, random)."""
-    from tpo_fast.ops.fused_pairs import valid_row_index
+    from tpo_fast.ops.token_logprobs import valid_row_index
 
     g = torch.Generator().manual_seed(shape[1])
     for valid in (torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),

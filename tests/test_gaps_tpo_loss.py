@@ -318,7 +318,8 @@ def test_options_reach_the_loss_with_the_in_model_reference(grad_mode, options):
 
 
 def test_recording_the_lower_layer(monkeypatch):
-    """backend and ignore_index reach `fused_pair_loss` (fused) and `token_stats` (recompute, reference)."""
+    """backend and ignore_index reach `fused_pair_loss` (fused) and `token_stats` (recompute, reference). The
+    fused path scores an in-model reference in its own pass (`reference=`), not in a `token_stats` call."""
     calls = []
     record_calls(monkeypatch, tpo_module, ("fused_pair_loss", "token_stats"), calls)
 
@@ -329,7 +330,13 @@ def test_recording_the_lower_layer(monkeypatch):
 
     b = batch(seed=7, ignore_index=-7)
     tpo_loss(*policy_args(b), **model_ref(b), ignore_index=-7, backend="torch")
-    assert seen() == [("token_stats", "torch", -7), ("fused_pair_loss", "torch", -7)]
+    branch = calls[0][1]["reference"]
+    ref = model_ref(b)
+    assert branch.hidden.equal(ref["ref_hidden"].flatten(0, 1))
+    assert branch.corrupted_hidden.equal(ref["ref_corrupted_hidden"].flatten(0, 1))
+    assert seen() == [("fused_pair_loss", "torch", -7)]
+    tpo_loss(*policy_args(b), **model_ref(b), ignore_index=-7, backend="torch", grad_mode="recompute")
+    assert seen() == [("token_stats", "torch", -7), ("token_stats", "torch", -7)]
     tpo_loss(*policy_args(b), ref_seq_scores=RSEQ, ignore_index=-7, backend="torch", grad_mode="recompute")
     assert seen() == [("token_stats", "torch", -7)]
     reference_sequence_scores(*policy_args(b), ignore_index=-7, backend="reference")

@@ -50,7 +50,7 @@ from tpo_fast.loss.pairs import (
     sequence_scores,
 )
 from tpo_fast.ops import token_stats
-from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
+from tpo_fast.ops.fused_pairs import PairBranch, PairChunk, fused_pair_loss, uses_fused_gradient
 
 _ROW_HINT = "; targets must be shifted so that hidden row t predicts targets[:, t]"
 
@@ -248,8 +248,17 @@ class _Options:
     grad_mode: str
 
 
-def _fused(weight, h, hc, targets, bias, ref_scores, o: _Options) -> LossOutput:
-    """The loss and its gradient from one pass (`fused_pair_loss`); metrics from the detached grids."""
+def _visual(z: torch.Tensor, zc: torch.Tensor | None, o: _Options) -> torch.Tensor | None:
+    return z - zc if o.weighting == "tpo" else None
+
+
+def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
+    """The loss and its gradient from one pass (`fused_pair_loss`); metrics from the detached grids.
+
+    `reference`: the (2B,) reference scores, None (reference-free), or a `PairBranch` (a model reference's
+    hidden states), which the same pass scores chunk by chunk, within its one host read-back."""
+    branch = reference if isinstance(reference, PairBranch) else None
+    ref_scores = None if branch is not None else reference
 
     def chunk_loss(c: PairChunk) -> torch.Tensor:
         s = None
@@ -257,11 +266,19 @@ def _fused(weight, h, hc, targets, bias, ref_scores, o: _Options) -> LossOutput:
             s = c.target_logits - c.corrupted_target_logits
             s = s.detach() if o.detach_weights else s
         scores = sequence_scores(c.logprobs, s, c.mask, o.weighting, o.offset, o.average_log_prob)
-        ref = torch.zeros_like(scores) if ref_scores is None else c.rows_of(ref_scores)
+        if branch is not None:
+            ref_s = _visual(c.ref_target_logits, c.ref_corrupted_target_logits, o)
+            ref = sequence_scores(c.ref_logprobs, ref_s, c.mask, o.weighting, o.offset, o.average_log_prob)
+        else:
+            ref = torch.zeros_like(scores) if ref_scores is None else c.rows_of(ref_scores)
         return pair_losses(scores, ref, o.beta, o.loss_type, o.label_smoothing).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, corrupted_hidden=hc,
-                          ignore_index=o.ignore_index, backend=o.backend)
+                          ignore_index=o.ignore_index, backend=o.backend, reference=branch)
+    if branch is not None:  # the metrics' rewards: the reference's scores of the whole batch
+        ref_s = _visual(out.ref_target_logits, out.ref_corrupted_target_logits, o)
+        ref_scores = sequence_scores(out.ref_logprobs, ref_s, targets != o.ignore_index, o.weighting, o.offset,
+                                     o.average_log_prob)
     s_full = None
     if out.corrupted_target_logits is not None:
         s_full = out.target_logits - out.corrupted_target_logits
@@ -299,8 +316,10 @@ def _check_reference_form(given, reference_free, ref_visual_scores, ref_token_lo
         )
 
 
-def _model_reference(weight, bias, h, targets, ref, o: _Options) -> torch.Tensor | None:
-    """(2B,) reference scores from whichever reference form `ref` (a dict of the ref_* arguments) holds."""
+def _model_reference(weight, bias, h, targets, ref, o: _Options, as_branch: bool = False):
+    """(2B,) reference scores from whichever reference form `ref` (a dict of the ref_* arguments) holds;
+    None when reference-free. With `as_branch`, a model reference (ref_hidden) comes back unscored, as the
+    `PairBranch` that the fused pass scores on its own rows."""
     given = [k for k in ("ref_hidden", "ref_seq_scores", "ref_token_logprobs") if ref[k] is not None]
     for name in ("ref_token_logprobs", "ref_visual_scores"):
         t = ref[name]
@@ -324,6 +343,8 @@ def _model_reference(weight, bias, h, targets, ref, o: _Options) -> torch.Tensor
         raise ValueError(f"ref_hidden must have the shape of hidden {tuple(h.shape)}, got {_shape(ref['ref_hidden'])}")
     rh, rhc = _branch_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"] if o.weighting == "tpo" else None,
                            targets, o.weighting, names=("ref_hidden", "ref_corrupted_hidden"))
+    if as_branch:
+        return PairBranch(*(None if t is None else t.detach() for t in (rh, ref_w, ref_b, rhc)))
     with torch.no_grad():
         logp, s = _branch_stats(ref_w, rh, rhc, targets, ref_b, o.ignore_index, o.backend)
         return sequence_scores(logp, s, mask, o.weighting, o.offset, o.average_log_prob)
@@ -398,11 +419,12 @@ def tpo_loss(
     ref = dict(ref_hidden=ref_hidden, ref_corrupted_hidden=ref_corrupted_hidden, ref_weight=ref_weight,
                ref_bias=ref_bias, ref_seq_scores=ref_seq_scores, ref_token_logprobs=ref_token_logprobs,
                ref_visual_scores=ref_visual_scores)
-    ref_scores = _model_reference(weight, bias, h, targets, ref, o)
+    fused = uses_fused_gradient(o.grad_mode, o.backend, h.device, weight.dtype)
+    ref_scores = _model_reference(weight, bias, h, targets, ref, o, as_branch=fused)
     if hc is not None and (weighting == "none" or detach_weights):
         # Out of the graph entirely: corrupted_hidden gets no gradient (None, not a zero buffer).
         hc = hc.detach()
-    if uses_fused_gradient(o.grad_mode, o.backend, h.device, weight.dtype):
+    if fused:
         return _fused(weight, h, hc, targets, bias, ref_scores, o)
     policy_logprobs, policy_s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend)
     return tpo_loss_from_logprobs(

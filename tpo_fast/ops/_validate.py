@@ -84,12 +84,27 @@ def check_same_device(devices: dict[str, torch.device]) -> None:
         raise ValueError(f"all inputs must be on the same device, got {listing}")
 
 
+def out_of_range(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The device-side bool mask of the non-ignored targets outside [0, V): no host sync.
+
+    Callers count it in the one read-back they make anyway (the rows that carry a target) and call
+    `raise_out_of_range` when the count is not 0."""
+    return valid & ((targets < 0) | (targets >= vocab_size))
+
+
+def raise_out_of_range(targets: torch.Tensor, bad: torch.Tensor, vocab_size: int, ignore_index: int,
+                       name: str = "targets") -> None:
+    """Raise the error of a non-ignored target outside [0, V), naming the first (flat index) in `bad`."""
+    flat, bad = targets.reshape(-1), bad.reshape(-1)
+    first = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"{name} must lie in [0, V) = [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+        f"{name}[{first}] = {int(flat[first])}"
+    )
+
+
 def check_target_range(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raise if a non-ignored target lies outside [0, V). One host sync."""
-    bad = valid & ((targets < 0) | (targets >= vocab_size))
+    bad = out_of_range(targets, valid, vocab_size)
     if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"targets must lie in [0, V) = [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"targets[{first}] = {int(targets[first])}"
-        )
+        raise_out_of_range(targets, bad, vocab_size, ignore_index)

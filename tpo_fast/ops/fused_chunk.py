@@ -70,6 +70,10 @@ class TorchChunk:
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch_chunked.gather_logits(hc, self.w32, self.b32, y)
 
+    def forward_stats(self, h, hc, y):
+        """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch)."""
+        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False)[:3]
+
     def gather_backward(self, hc: torch.Tensor, y: torch.Tensor, g: torch.Tensor, need_hc: bool) -> torch.Tensor | None:
         if self.need_w:
             if self.gw is None:
@@ -122,6 +126,13 @@ class TritonChunk:
         from tpo_fast.ops import triton_impl
 
         return triton_impl.gather_logits(hc, self.weight, self.bias, y)
+
+    def forward_stats(self, h, hc, y):
+        """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch): the
+        per-token primitive's forward kernel, which reduces the logits tile by tile and stores none."""
+        from tpo_fast.ops import triton_impl
+
+        return triton_impl.forward(h, self.weight, self.bias, hc, y, False)[:3]
 
     def gather_backward(self, hc, y, g, need_hc):
         from tpo_fast.ops import triton_fused

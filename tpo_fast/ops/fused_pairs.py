@@ -40,10 +40,10 @@ from typing import NamedTuple
 
 import torch
 
-from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
+from tpo_fast.ops._validate import check_primitive_inputs, out_of_range, raise_out_of_range
 from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import FUSED_CHUNK_MB, current_options
-from tpo_fast.ops.token_logprobs import resolve_backend
+from tpo_fast.ops.token_logprobs import resolve_backend, valid_row_index
 from tpo_fast.ops.torch_chunked import autocast_off
 
 logger = logging.getLogger("tpo_fast")
@@ -94,6 +94,9 @@ class PairChunk(NamedTuple):
     Grids are 0 where `mask` is False. `target_logits` is the raw clean `z[y]`, `logprobs` is
     `z[y] - lse`, `corrupted_target_logits` the corrupted branch's `h~ . W[y]` (None without it),
     `second_logprobs` `z[y2] - lse` for the second targets (None without them; 0 where y2 is ignored).
+    With a `reference` branch, `ref_logprobs`, `ref_target_logits` and `ref_corrupted_target_logits` are
+    the same statistics of the reference model (no gradient; None without it, the last without its
+    corrupted branch).
     """
 
     first: int
@@ -104,6 +107,9 @@ class PairChunk(NamedTuple):
     corrupted_target_logits: torch.Tensor | None
     second_logprobs: torch.Tensor | None
     mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    ref_target_logits: torch.Tensor | None = None
+    ref_corrupted_target_logits: torch.Tensor | None = None
 
     def rows_of(self, t: torch.Tensor) -> torch.Tensor:
         """The entries of a per-sequence tensor `t` (2B, ...) that belong to this chunk, in its grids' order."""
@@ -116,14 +122,29 @@ def pair_range_rows(t: torch.Tensor, first: int, stop: int, n_pairs: int) -> tor
     return torch.cat([t[first:stop], t[n_pairs + first:n_pairs + stop]])
 
 
+class PairBranch(NamedTuple):
+    """A second model's branch over the same targets, scored without gradient inside the chunk loop: the
+    reference of a DPO / TPO loss. `hidden` (and `corrupted_hidden`) (2B*T, D) like the policy's,
+    `weight` (V, D), `bias` (V,) or None. Its chunks reuse the policy's rows and its one host read-back."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    corrupted_hidden: torch.Tensor | None = None
+
+
 class FusedPairOutput(NamedTuple):
-    """The loss (fp32 scalar, differentiable) and the detached (2B, T) grids of the whole batch."""
+    """The loss (fp32 scalar, differentiable) and the detached (2B, T) grids of the whole batch (the
+    reference's too when one was given)."""
 
     loss: torch.Tensor
     logprobs: torch.Tensor
     target_logits: torch.Tensor
     corrupted_target_logits: torch.Tensor | None
     second_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None = None
+    ref_target_logits: torch.Tensor | None = None
+    ref_corrupted_target_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +156,9 @@ class _Spec:
     second_ignore_index: int
     backend: str
     chunk_bytes: int
+    reference: PairBranch | None = None
+    # (flat targets, their out-of-range mask, ignore value, name): counted in the plan's one read-back
+    range_checks: tuple[tuple[torch.Tensor, torch.Tensor, int, str], ...] = ()
 
 
 # Elements scaled per step when a 16-bit stored gradient is multiplied in fp32 (16 MiB of fp32 at a time).
@@ -209,33 +233,25 @@ def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]
     return chunks
 
 
-def valid_row_index(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """The flat indices of the True entries of `valid`, in order, given their count: no host sync.
-
-    `nonzero` (or boolean-mask indexing) must read the count back from the device before it can
-    allocate its output, a `cudaStreamSynchronize` each time; with the count already known on the
-    host (the plan's one sync), a cumulative sum places every index without one.
-    """
-    flat = valid.reshape(-1)
-    slot = torch.cumsum(flat, 0) - 1
-    slot = torch.where(flat, slot, torch.full_like(slot, n_valid))  # invalid entries land in a spare slot
-    out = torch.empty(n_valid + 1, dtype=torch.long, device=valid.device)
-    out.scatter_(0, slot, torch.arange(flat.numel(), device=valid.device))
-    return out[:n_valid]
-
-
 class _Plan:
     """Where each chunk's rows are, computed once per call (one host sync), so that no chunk needs another.
 
     Sequence s (chosen p, rejected B + p) owns the slice [start[s], start[s + 1]) of `index`, the flat
     indices into `hidden` of the batch's target-carrying rows. A chunk of pairs [f, g) is the rows of its
     chosen sequences f..g-1, then of its rejected ones: two slices, never a boolean mask.
+    `range_checks`: (flat targets, out-of-range mask, ignore value, name); their counts come back in the
+    same read-back, and a non-zero one raises before any kernel indexes the weight with them.
     """
 
-    def __init__(self, valid: torch.Tensor, budget_rows: int) -> None:
+    def __init__(self, valid: torch.Tensor, budget_rows: int, vocab_size: int, range_checks=()) -> None:
         n_seq, self.n_tok = valid.shape
         self.n_pairs = n_seq // 2
-        per_seq = valid.sum(1).tolist()  # the one host sync of the call's bookkeeping
+        counts = [valid.sum(1)] + [bad.sum().view(1) for _, bad, _, _ in range_checks]
+        read = torch.cat(counts).tolist()  # the one host sync of the call
+        per_seq = read[:n_seq]
+        for (targets, bad, ignore, name), n_bad in zip(range_checks, read[n_seq:], strict=True):
+            if n_bad:
+                raise_out_of_range(targets, bad, vocab_size, ignore, name)
         self.start = [0]
         for n in per_seq:
             self.start.append(self.start[-1] + n)
@@ -261,19 +277,28 @@ class _Plan:
 class _Grids:
     """The batch's (2B, T) fp32 grids, filled chunk by chunk (detached: they feed the metrics)."""
 
-    def __init__(self, targets: torch.Tensor, has_zc: bool, has_y2: bool) -> None:
-        def zeros():
-            return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    def __init__(self, targets: torch.Tensor, has_zc: bool, has_y2: bool, reference: PairBranch | None) -> None:
+        def zeros(want: bool = True):
+            return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device) if want else None
 
-        self.logp, self.z = zeros(), zeros()
-        self.zc = zeros() if has_zc else None
-        self.logp2 = zeros() if has_y2 else None
+        self.logp, self.z, self.zc, self.logp2 = zeros(), zeros(), zeros(has_zc), zeros(has_y2)
+        has_ref = reference is not None
+        self.ref_logp, self.ref_z = zeros(has_ref), zeros(has_ref)
+        self.ref_zc = zeros(has_ref and reference.corrupted_hidden is not None)
+
+    @staticmethod
+    def _put(rows: torch.Tensor, *pairs) -> None:
+        for full, part in pairs:
+            if full is not None:
+                full.view(-1).index_copy_(0, rows, part)
 
     def put(self, rows: torch.Tensor, logp, z, zc, logp2) -> None:
         """The chunk's per-row values at their flat positions `rows`."""
-        for full, part in ((self.logp, logp), (self.z, z), (self.zc, zc), (self.logp2, logp2)):
-            if full is not None:
-                full.view(-1).index_copy_(0, rows, part)
+        self._put(rows, (self.logp, logp), (self.z, z), (self.zc, zc), (self.logp2, logp2))
+
+    def put_reference(self, rows: torch.Tensor, logp, z, zc) -> None:
+        """The reference's per-row values of the chunk at their flat positions `rows`."""
+        self._put(rows, (self.ref_logp, logp), (self.ref_z, z), (self.ref_zc, zc))
 
     @staticmethod
     def chunk(grid: torch.Tensor | None, plan: _Plan, first: int, stop: int, grad: bool):
@@ -298,16 +323,17 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     """
     need_h, need_w, need_b, need_hc = needs
     want_grad = any(needs)
-    targets, y2_all = spec.targets, spec.second_targets
+    targets, y2_all, ref = spec.targets, spec.second_targets, spec.reference
     v = weight.shape[0]
-    plan = _Plan(targets != spec.ignore_index, max(1, spec.chunk_bytes // (4 * v)))
+    plan = _Plan(targets != spec.ignore_index, max(1, spec.chunk_bytes // (4 * v)), v, spec.range_checks)
     flat_y = targets.reshape(-1)
     flat_y2 = None
     if y2_all is not None:
         # -1 inside, the cores' "no second target" (whatever marker the caller used)
         flat_y2 = torch.where(y2_all == spec.second_ignore_index, torch.full_like(y2_all, -1), y2_all).reshape(-1)
     core = make_core(spec.backend, weight, bias, need_w, need_b and bias is not None)
-    grids = _Grids(targets, corrupted_hidden is not None, y2_all is not None)
+    ref_core = None if ref is None else make_core(spec.backend, ref.weight, ref.bias, False, False)
+    grids = _Grids(targets, corrupted_hidden is not None, y2_all is not None, ref)
     # dH and dH~ in fp32 until backward scales them (see the module doc). fp32 inputs: the full (N, D)
     # gradients themselves, written row by row (no second buffer, no scatter in backward). 16-bit inputs:
     # fp32 rows of the target-carrying tokens in chunk order, their indices into `hidden` in `row_index`,
@@ -323,7 +349,13 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         # Its own frame: the chunk's logits / dZ buffer and its row copies die on return, before the
         # next chunk allocates its own (a loop variable would keep them alive through the next GEMM).
         rows, local = plan.rows(first, stop)  # the chunk's target-carrying rows of `hidden`
-        h, y = hidden.index_select(0, rows), flat_y.index_select(0, rows)
+        y = flat_y.index_select(0, rows)
+        if ref is not None:  # the reference first: its row copies are gone before the policy's buffer exists
+            r_hc = None if ref.corrupted_hidden is None else ref.corrupted_hidden.index_select(0, rows)
+            r_lse, r_z, r_zc = ref_core.forward_stats(ref.hidden.index_select(0, rows), r_hc, y)
+            grids.put_reference(rows, r_z - r_lse, r_z, r_zc)
+            del r_hc
+        h = hidden.index_select(0, rows)
         y2 = None if flat_y2 is None else flat_y2.index_select(0, rows)
         # the corrupted gather first: its temporaries are gone before the logits buffer exists
         hc = None if corrupted_hidden is None else corrupted_hidden.index_select(0, rows)
@@ -335,6 +367,7 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
             first, stop, plan.n_pairs, grids.chunk(grids.logp, plan, first, stop, want_grad),
             grids.chunk(grids.z, plan, first, stop, want_grad), grids.chunk(grids.zc, plan, first, stop, want_grad),
             grids.chunk(grids.logp2, plan, first, stop, want_grad), plan.mask(first, stop),
+            *(grids.chunk(g, plan, first, stop, False) for g in (grids.ref_logp, grids.ref_z, grids.ref_zc)),
         )
         with torch.enable_grad() if want_grad else torch.no_grad():
             loss = spec.chunk_loss(chunk)
@@ -388,7 +421,8 @@ class _FusedPairLossFunction(torch.autograd.Function):
         loss, grids, grads = _run(spec, hidden, weight, bias, corrupted_hidden, needs)
         ctx.grads = grads
         extra = [grids.logp, grids.z]
-        extra += [t if t is not None else torch.empty(0, device=hidden.device) for t in (grids.zc, grids.logp2)]
+        extra += [t if t is not None else torch.empty(0, device=hidden.device)
+                  for t in (grids.zc, grids.logp2, grids.ref_logp, grids.ref_z, grids.ref_zc)]
         ctx.mark_non_differentiable(*extra)
         return (loss, *extra)
 
@@ -431,6 +465,7 @@ def fused_pair_loss(
     backend: str = "auto",
     chunk_bytes: int | None = None,
     second_ignore_index: int | None = None,
+    reference: PairBranch | None = None,
 ) -> FusedPairOutput:
     """A pair loss and its gradient in one pass over the vocabulary, chunk by chunk of whole pairs.
 
@@ -454,6 +489,9 @@ def fused_pair_loss(
         second_ignore_index: the `second_targets` value of rows without a second target; default
             `ignore_index`. Pass a negative one (POVID passes -1) when `ignore_index` is a real token
             id (>= 0) that a second target may equal.
+        reference: optional `PairBranch`, a reference model's hidden states (and corrupted ones) and
+            lm_head on the same targets: scored chunk by chunk without gradient (its `PairChunk.ref_*`
+            grids), on the policy's rows, so that the whole call reads the device back once.
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
@@ -471,8 +509,12 @@ def fused_pair_loss(
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         raise ValueError("the reference backend has no fused-gradient path; use grad_mode='recompute' with it")
+    if reference is not None:
+        _check_reference(reference, hidden, weight, flat)
     targets = targets.long()
-    check_target_range(flat.long(), flat != ignore_index, weight.shape[0], ignore_index)
+    flat = flat.long()
+    # counted in the plan's read-back, the call's only one (each check of its own would stall the GPU once)
+    checks = [(flat, out_of_range(flat, flat != ignore_index, weight.shape[0]), ignore_index, "targets")]
     second_ignore = ignore_index if second_ignore_index is None else second_ignore_index
     if second_targets is not None:
         if not isinstance(second_targets, torch.Tensor):
@@ -491,7 +533,8 @@ def fused_pair_loss(
                              f"got {second_targets.device}")
         second_targets = second_targets.long()
         s_flat = second_targets.reshape(-1)
-        check_target_range(s_flat, s_flat != second_ignore, weight.shape[0], second_ignore)
+        checks.append((s_flat, out_of_range(s_flat, s_flat != second_ignore, weight.shape[0]), second_ignore,
+                       "second_targets"))
     if chunk_bytes is None:
         # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
         # larger buffer buys no GEMM speed and only raises the peak.
@@ -501,7 +544,10 @@ def fused_pair_loss(
     budget = int(chunk_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
-    spec = _Spec(targets, second_targets, chunk_loss, ignore_index, int(second_ignore), backend, budget)
+    if reference is not None:
+        reference = PairBranch(*(None if t is None else t.contiguous() for t in reference))
+    spec = _Spec(targets, second_targets, chunk_loss, ignore_index, int(second_ignore), backend, budget, reference,
+                 tuple(checks))
     hidden = hidden.contiguous()
     inputs = (hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
               None if corrupted_hidden is None else corrupted_hidden.contiguous())
@@ -509,10 +555,30 @@ def fused_pair_loss(
     # the inputs' dtype): inside, every op runs as written, whatever the caller's autocast region says.
     with autocast_off():
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            loss, logp, z, zc, logp2 = _FusedPairLossFunction.apply(*inputs, spec)
+            loss, logp, z, zc, logp2, ref_logp, ref_z, ref_zc = _FusedPairLossFunction.apply(*inputs, spec)
         else:
             with torch.no_grad():
                 loss, grids, _ = _run(spec, *inputs, (False, False, False, False))
             logp, z, zc, logp2 = grids.logp, grids.z, grids.zc, grids.logp2
+            ref_logp, ref_z, ref_zc = grids.ref_logp, grids.ref_z, grids.ref_zc
     has_zc, has_y2 = corrupted_hidden is not None, second_targets is not None
-    return FusedPairOutput(loss, logp, z, zc if has_zc else None, logp2 if has_y2 else None)
+    has_ref = reference is not None
+    has_ref_zc = has_ref and reference.corrupted_hidden is not None
+    return FusedPairOutput(loss, logp, z, zc if has_zc else None, logp2 if has_y2 else None,
+                           ref_logp if has_ref else None, ref_z if has_ref else None, ref_zc if has_ref_zc else None)
+
+
+def _check_reference(reference, hidden: torch.Tensor, weight: torch.Tensor, flat_targets: torch.Tensor) -> None:
+    """The reference branch's own input checks, and its shapes and device against the policy's."""
+    if not isinstance(reference, PairBranch):
+        raise TypeError(f"reference must be a tpo_fast.ops.fused_pairs.PairBranch, got {type(reference).__name__}")
+    check_primitive_inputs(reference.hidden, reference.weight, flat_targets, reference.bias, reference.corrupted_hidden)
+    if reference.hidden.shape != hidden.shape:
+        raise ValueError(f"the reference's hidden must have the policy's shape {tuple(hidden.shape)}, "
+                         f"got {tuple(reference.hidden.shape)}")
+    if reference.weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the reference's weight must have the policy's vocabulary size {weight.shape[0]}, "
+                         f"got {tuple(reference.weight.shape)}")
+    if reference.hidden.device != hidden.device:
+        raise ValueError(f"the reference must be on the policy's device ({hidden.device}), "
+                         f"got {reference.hidden.device}")

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops import torch_chunked
-from tpo_fast.ops._validate import check_primitive_inputs, check_target_range
+from tpo_fast.ops._validate import check_primitive_inputs, check_target_range, out_of_range, raise_out_of_range
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
 from tpo_fast.ops.torch_chunked import autocast_off
 
@@ -41,13 +41,37 @@ class TokenStats(NamedTuple):
     argmax: torch.Tensor | None
 
 
-class _Compaction:
-    """The rows that carry a target (one host sync): kernels see only those, results go back in place."""
+def valid_row_index(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """The flat indices of the True entries of `valid`, in order, given their count: no host sync.
 
-    def __init__(self, valid: torch.Tensor) -> None:
+    `nonzero` (or boolean-mask indexing) must read the count back from the device before it can
+    allocate its output, a `cudaStreamSynchronize` each time; with the count already known on the
+    host (from the caller's one read-back), a cumulative sum places every index without one.
+    """
+    flat = valid.reshape(-1)
+    slot = torch.cumsum(flat, 0) - 1
+    slot = torch.where(flat, slot, torch.full_like(slot, n_valid))  # invalid entries land in a spare slot
+    out = torch.empty(n_valid + 1, dtype=torch.long, device=valid.device)
+    out.scatter_(0, slot, torch.arange(flat.numel(), device=valid.device))
+    return out[:n_valid]
+
+
+class _Compaction:
+    """The rows that carry a target: kernels see only those, results go back in place.
+
+    One host read-back per call, which also checks the targets' range: the count of target-carrying
+    rows and of out-of-range targets come back together (on CUDA a read-back waits for the GPU to drain,
+    so two checks in a row would stall the launches twice).
+    """
+
+    def __init__(self, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
         self.n = valid.shape[0]
-        self.rows = valid.nonzero().squeeze(1)
-        self.active = self.rows.numel() != self.n
+        bad = out_of_range(targets, valid, vocab_size)
+        n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+        if n_bad:
+            raise_out_of_range(targets, bad, vocab_size, ignore_index)
+        self.active = n_valid != self.n
+        self.rows = valid_row_index(valid, n_valid) if self.active else None
 
     def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """The target-carrying rows of `t`, contiguous."""
@@ -63,12 +87,14 @@ class _Compaction:
 
 
 def _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend):
-    """Shared prologue of the primitives: validate, pick the backend, int64 targets and their mask."""
+    """Shared prologue of the primitives: validate the inputs (the target range is checked by `_Compaction`,
+    or here on the reference backend, which compacts nothing), pick the backend, int64 targets and their mask."""
     check_primitive_inputs(hidden, weight, targets, bias, corrupted_hidden)
     backend = resolve_backend(backend, hidden.device)
     targets = targets.long()
     valid = targets != ignore_index
-    check_target_range(targets, valid, weight.shape[0], ignore_index)
+    if backend == "reference":
+        check_target_range(targets, valid, weight.shape[0], ignore_index)
     return backend, targets, valid
 
 
@@ -228,7 +254,7 @@ def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, 
         return TokenStats(
             *reference_token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax)
         )
-    rows = _Compaction(valid)
+    rows = _Compaction(targets, valid, weight.shape[0], ignore_index)
     params = _Params(backend=backend, want_argmax=return_argmax, has_corrupted=corrupted_hidden is not None)
     logp, z, lse, zc, argmax = _TokenStatsFunction.apply(
         rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(corrupted_hidden), rows.take(targets),
@@ -316,7 +342,7 @@ def target_logits(
         backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
         if backend == "reference":
             return reference_target_logits(hidden, weight, targets, bias, ignore_index)
-        rows = _Compaction(valid)
+        rows = _Compaction(targets, valid, weight.shape[0], ignore_index)
         z = _TargetLogitsFunction.apply(
             rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
         )
