@@ -18,6 +18,7 @@ from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd
 from tpo_fast.kernels.logits_logprobs import logits_backward_kernel, logits_forward_kernel
 from tpo_fast.kernels.matmul import matmul_kernel
 from tpo_fast.kernels.scale import scale_kernel
+from tpo_fast.kernels.scatter_rows import scatter_rows_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
@@ -75,6 +76,10 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "BLOCK_N": 64, "BLOCK_D": 64}, 4, 3
     if dt != "fp32":  # the backward's scaling of a stored 16-bit weight gradient
         yield scale_kernel, {"G": p, "S": "*fp32", "N": "i32"}, {"INTERPRET": False, "BLOCK": 4096}, 8, 3
+        yield scatter_rows_kernel, {
+            "GW": p, "IDS": "*i64", "ORDER": "*i64", "FIRST": "*i64", "STOP": "*i64", "G": "*fp32", "X": p, "D": "i32",
+            "stride_gw": "i32", "stride_x": "i32",
+        }, {"INTERPRET": False, "BLOCK_D": 1024}, 4, 3
     yield logits_forward_kernel, {
         "X": p, "stride_x": "i64", "T": "*i64", "LSE": "*fp32", "Z": "*fp32", "V": "i32", "ignore_index": "i64",
     }, {"BLOCK_V": 4096}, 8, 3

@@ -10,7 +10,7 @@ an sm_90 block fails here, before a GPU ever sees it.
 
 Shapes: the benchmark's (N=8192, D=4096, V=32000), a row count that picks the small tiles, odd sizes that
 disable the bulk tensor copies (TMA), and a one-row case; bf16, fp16, fp32; the split, atomic and
-gradient-filter backwards; the fused losses' Triton gradient GEMMs and 16-bit gradient scaling; TF32; bias
+gradient-filter backwards; the fused losses' Triton gradient GEMMs, 16-bit gradient scaling and row scatter; TF32; bias
 and corrupted rows; TMA on where the rows allow it, and off.
 
 Run with TRITON_INTERPRET=0: python tests/launch_compile.py. Prints "compiled K launches, F failed" and
@@ -112,8 +112,9 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
         triton_fused.triton_mm(dz, w, torch.empty(n, d, dtype=torch.float32, **meta))
         for accumulate in (False, True):
             triton_fused.triton_mm(dz.t(), h, torch.empty(v, d, dtype=dtype, **meta), accumulate=accumulate)
-    if dtype != torch.float32:  # the backward's scaling of the stored 16-bit dW
+    if dtype != torch.float32:  # the backward's scaling of the stored 16-bit dW, the corrupted rows' dW scatter
         triton_fused.scale_(torch.empty(v, d, dtype=dtype, **meta), torch.empty((), **meta))
+        triton_fused.scatter_dw(torch.empty(v, d, dtype=dtype, **meta), y, f32(), h, w)
     x = torch.empty(n, v, dtype=dtype, **meta)
     lse2, _ = logits_mod._TritonImpl.forward(x, y, -100)
     logits_mod._TritonImpl.backward(x, y, lse2, f32(), f32(), -100, True)
@@ -121,8 +122,6 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
 
 def main() -> int:
     host_errors = []
-    # the 16-bit weight gradient's row scatter is torch alone (sort, scatter, index_put): not a launch
-    triton_impl._scatter_rows_ = lambda gw, targets, g, x: None
     for tma in (True, False):
         triton_impl._tma_descriptors = triton_fused._tma_descriptors = _descriptors(tma)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -62,16 +62,16 @@ def watch(monkeypatch):
         w.rows.append((w.chunk, "h", _ref(h)))
         return out
 
-    def spy_backprop(self, dz, h, need_h):
-        out = backprop(self, dz, h, need_h)
+    def spy_backprop(self, dz, h, need_h, rows_out=None):
+        out = backprop(self, dz, h, need_h, rows_out)
         if out is not None:
             w.rows.append((w.chunk, "dH rows", _ref(out)))
         return out
 
-    def spy_gather_backward(self, hc, y, g, need_hc):
+    def spy_gather_backward(self, hc, y, g, need_hc, rows_out=None):
         assert not w.alive(earlier_only=False), f"alive at the corrupted gather backward of chunk {w.chunk}"
         w.checked.append("gather_backward")
-        out = gather_backward(self, hc, y, g, need_hc)
+        out = gather_backward(self, hc, y, g, need_hc, rows_out)
         if out is not None:
             w.rows.append((w.chunk, "dH~ rows", _ref(out)))
         return out

@@ -286,6 +286,29 @@ def test_scatter_rows_of_unsorted_repeated_targets(dtype, r, v):
     assert torch.equal(gw, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_scatter_rows_of_a_long_run_over_two_column_blocks(dtype):
+    """`scatter_rows_kernel`: a frequent token (200 of 260 rows, one program sums its whole run) and D = 1100 (two
+    column blocks of 1024, the second partial). Oracle: the fp64 sum, added to the old row and rounded once; the
+    kernel sums in fp32, so a touched row may round to the neighbour of the exact result (at most one unit in
+    the last place); untouched rows stay bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    v, d = 40, 1100
+    gw = torch.randn(v, d, generator=g).to(dtype)
+    targets = torch.randint(0, v, (260,), generator=g)
+    targets[torch.randperm(260, generator=g)[:200]] = 17
+    coef, x = torch.randn(260, generator=g), torch.randn(260, d, generator=g).to(dtype)
+    want = gw.double().index_add(0, targets, coef.double()[:, None] * x.double())
+    touched = torch.zeros(v, dtype=torch.bool)
+    touched[targets] = True
+    before = gw.clone()
+    triton_impl._scatter_rows_(gw, targets, coef, x)
+    assert torch.equal(gw[~touched], before[~touched])
+    step = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)  # one unit in the last place
+    err = (gw.double() - want).abs() / want.abs().clamp(min=1.0)
+    assert err[touched].max() <= step, "a touched row is off by more than one 16-bit rounding"
+
+
 def _grad_args(n, seed=5):
     h, w, b, y = _inputs(n, seed)
     g = torch.Generator().manual_seed(seed + 1)

@@ -193,6 +193,36 @@ def test_stored_activation_gradients_are_fp32_target_rows_only():
     assert gw.value.dtype == gb.value.dtype == torch.float32 and gw.dtype == torch.bfloat16
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_16bit_row_gradients_are_written_where_they_are_stored(monkeypatch, backend):
+    """dH and dH~ of each chunk land in their slice of the stored fp32 rows straight from the GEMM and the
+    gather's product: no chunk-sized temporary and no copy (R x D x 4 bytes each, per chunk). Three chunks."""
+    from tpo_fast.ops import fused_chunk
+
+    b = batch(torch.bfloat16)
+    h, hc = b["hidden"].detach().flatten(0, 1), b["corrupted_hidden"].detach().flatten(0, 1)
+    core = fused_chunk.TritonChunk if backend == "triton" else fused_chunk.TorchChunk
+    written = []
+    for name in ("backprop", "gather_backward"):
+        original = getattr(core, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            out = _original(self, *args)
+            written.append((_name, out.data_ptr(), out.shape[0]))
+            return out
+
+        monkeypatch.setattr(core, name, spy)
+    spec = _Spec(b["targets"], None, lambda c: c.logprobs.sum() + c.corrupted_target_logits.sum(), IGNORE, IGNORE,
+                 backend, 5 * 4 * V)
+    _, _, (gh, _, _, ghc) = _run(spec, h, b["weight"].detach(), b["bias"].detach(), hc, (True, True, True, True))
+    row_bytes = gh.value.stride(0) * 4
+    for name, g in (("backprop", gh.value), ("gather_backward", ghc.value)):
+        starts = [(ptr - g.data_ptr()) // row_bytes for n, ptr, _ in written if n == name]
+        sizes = [rows for n, _, rows in written if n == name]
+        assert len(starts) >= 2 and starts == [sum(sizes[:i]) for i in range(len(sizes))], (name, starts, sizes)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. POVID with ignore_index >= 0: the noisy argmax may be that token id.
 

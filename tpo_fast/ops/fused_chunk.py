@@ -56,8 +56,8 @@ class TorchChunk:
             dz.scatter_add_(1, _safe(y2)[:, None], coef_y2[:, None])
         return dz
 
-    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool) -> torch.Tensor | None:
-        """fp32 dH of the rows (None unless need_h); accumulates dW and db."""
+    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
+        """fp32 dH of the rows (None unless need_h), into `out` when given; accumulates dW and db."""
         if self.need_w:
             if self.gw is None:
                 self.gw = torch.mm(dz.t(), h.float())
@@ -65,7 +65,7 @@ class TorchChunk:
                 self.gw.addmm_(dz.t(), h.float())
         if self.gb is not None:
             self.gb += dz.sum(0)
-        return dz @ self.w32 if need_h else None
+        return torch.mm(dz, self.w32, out=out) if need_h else None
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch_chunked.gather_logits(hc, self.w32, self.b32, y)
@@ -74,14 +74,15 @@ class TorchChunk:
         """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch)."""
         return torch_chunked.forward(h, self.w32, self.b32, hc, y, False)[:3]
 
-    def gather_backward(self, hc: torch.Tensor, y: torch.Tensor, g: torch.Tensor, need_hc: bool) -> torch.Tensor | None:
+    def gather_backward(self, hc, y, g, need_hc: bool, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """fp32 dH~ = g W[y] of the corrupted rows (None unless need_hc), into `out` when given; dW[y] += g h~."""
         if self.need_w:
             if self.gw is None:
                 self.gw = torch.zeros(self.w32.shape, dtype=torch.float32, device=self.w32.device)
             self.gw.index_add_(0, y, g[:, None] * hc.float())
         if self.gb is not None:
             self.gb.index_add_(0, y, g)
-        return g[:, None] * self.w32[y] if need_hc else None
+        return torch.mul(self.w32[y], g[:, None], out=out) if need_hc else None
 
     def release(self) -> None:
         self._buf = self._sumexp = None
@@ -113,14 +114,14 @@ class TritonChunk:
             self._buf, self._lse, coef_p, y, coef_y, y2, coef_y2, self.weight.dtype
         )
 
-    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool) -> torch.Tensor | None:
+    def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
         from tpo_fast.ops import triton_fused
 
         if self.need_w:
             self.gw = triton_fused.accumulate_dw(self.gw, dz, h, self.weight)
         if self.gb is not None:
             self.gb += dz.sum(0, dtype=torch.float32)
-        return triton_fused.mm_f32(dz, self.weight) if need_h else None
+        return triton_fused.mm_f32(dz, self.weight, out) if need_h else None
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from tpo_fast.ops import triton_impl
@@ -134,14 +135,15 @@ class TritonChunk:
 
         return triton_impl.forward(h, self.weight, self.bias, hc, y, False)[:3]
 
-    def gather_backward(self, hc, y, g, need_hc):
+    def gather_backward(self, hc, y, g, need_hc, out=None):
         from tpo_fast.ops import triton_fused
 
         if self.need_w:
             self.gw = triton_fused.scatter_dw(self.gw, y, g, hc, self.weight)
         if self.gb is not None:
             self.gb.index_add_(0, y, g)
-        return g[:, None] * self.weight[y].float() if need_hc else None
+        # the 16-bit rows widen inside the product (exact), one kernel into fp32
+        return torch.mul(self.weight[y], g[:, None], out=out) if need_hc else None
 
     def release(self) -> None:
         self._buf = self._lse = None

@@ -203,8 +203,15 @@ class StoredGrad:
         self.triton_kernel = triton_kernel
 
     def scaled(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """The gradient times `grad_output` (a 0-d tensor) in `dtype`; consumes `value` (scaled in place)."""
-        g = _scale_(self.value, grad_output, self.triton_kernel).to(self.dtype)
+        """The gradient times `grad_output` (a 0-d tensor) in `dtype`; consumes `value`.
+
+        An fp32 `value` of a 16-bit gradient: one multiply whose fp32 product is rounded once as it is
+        stored (`out=` in `dtype`); otherwise `value` is scaled in place (`_scale_`)."""
+        if self.value.dtype == torch.float32 and self.dtype != torch.float32:
+            g = torch.mul(self.value, grad_output, out=torch.empty(self.value.shape, dtype=self.dtype,
+                                                                  device=self.value.device))
+        else:
+            g = _scale_(self.value, grad_output, self.triton_kernel).to(self.dtype)
         self.value = None
         if self.rows is None:
             return g
@@ -212,12 +219,16 @@ class StoredGrad:
         return out.index_copy_(0, self.rows, g)
 
 
-def _put_rows(g: torch.Tensor, g_rows: torch.Tensor, rows: torch.Tensor, at: int, full: bool) -> None:
-    """A chunk's row gradients into the stored buffer: by row index into a full (N, D) one, else at [at, at + n)."""
-    if full:
+def _rows_out(g: torch.Tensor | None, at: int, n: int, full: bool) -> torch.Tensor | None:
+    """Where a chunk's row gradients are written: the slice [at, at + n) of a stored buffer of target rows in
+    chunk order (16-bit inputs: the GEMM or product writes there, no copy), or None for a full (N, D) one."""
+    return None if g is None or full else g[at:at + n]
+
+
+def _put_rows(g: torch.Tensor | None, g_rows: torch.Tensor | None, rows: torch.Tensor, full: bool) -> None:
+    """A chunk's row gradients into a full (N, D) stored buffer, by row index (the sliced ones are written)."""
+    if g is not None and full:
         g.index_copy_(0, rows, g_rows)
-    else:
-        g[at:at + g_rows.shape[0]] = g_rows
 
 
 def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]:
@@ -387,17 +398,16 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
                     g_logp2_r = torch.where(y2 >= 0, _row_grad(g_logp2, local, h), 0.0)
                 coef_p = -g_logp if g_logp2_r is None else -(g_logp + g_logp2_r)
                 dz = core.logit_grad(coef_p.contiguous(), y, (g_logp + g_z).contiguous(), y2, g_logp2_r)
-                gh_rows = core.backprop(dz, h, need_h)
+                gh_rows = core.backprop(dz, h, need_h, _rows_out(gh, at, n, full))
                 del dz  # the logits buffer, now dZ: `release` frees it before the corrupted branch's temporaries
-                if gh is not None:
-                    _put_rows(gh, gh_rows, rows, at, full)
+                _put_rows(gh, gh_rows, rows, full)
         core.release()
         # No gradient reached the corrupted grid (weighting="none", detached weights): skip its backward
         # entirely, or a non-finite corrupted row would put 0 * inf = NaN into dW and db.
         if g_zc is not None and hc is not None and (need_hc or need_w or need_b):
-            ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, local, h).contiguous(), need_hc)
-            if ghc is not None:
-                _put_rows(ghc, ghc_rows, rows, at, full)
+            ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, local, h).contiguous(), need_hc,
+                                            _rows_out(ghc, at, n, full))
+            _put_rows(ghc, ghc_rows, rows, full)
         return loss.detach().float()
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -101,9 +101,10 @@ def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: b
     return out
 
 
-def mm_f32(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 `dz @ weight` (fp32 accumulation, one rounding for 16-bit operands)."""
-    out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
+def mm_f32(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 `dz @ weight` (fp32 accumulation, one rounding for 16-bit operands), into `out` when given."""
+    if out is None:
+        out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
     if current_options().grad_gemm == "triton":
         return triton_mm(dz, weight, out)
     triton_impl._mm_f32(dz, weight, out)

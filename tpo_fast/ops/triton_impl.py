@@ -18,6 +18,7 @@ import torch
 import triton
 
 from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd_kernel
+from tpo_fast.kernels.scatter_rows import scatter_rows_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
@@ -270,28 +271,27 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
     """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype.
 
-    For a 16-bit gw the contributions are first summed per distinct target (fp32), then each touched row
-    is updated once. Without a host sync: `torch.unique` would read its output size back from the GPU (once
-    per fused-loss chunk), so the distinct targets get the R slots of the sorted ones instead, slot s for
-    the s-th distinct id; the unused slots repeat slot 0's row and value, so every write to a row is the same.
+    An fp32 gw takes `index_add_`. A 16-bit gw takes `scatter_rows_kernel` (`kernels/scatter_rows.py`): the
+    rows sorted by target, one program per run of equal targets and block of columns, its fp32 sum added
+    to the weight row once. Without a host sync: `torch.unique` would read its output size back from the
+    GPU (once per fused-loss chunk); the runs are found by `searchsorted` on the sorted targets instead.
     """
-    contrib = g[:, None] * x.float()
     if gw.dtype == torch.float32:
-        gw.index_add_(0, targets, contrib)
+        gw.index_add_(0, targets, g[:, None] * x.float())
         return
-    r = targets.shape[0]
-    if r == 0:
+    r, d = x.shape
+    if r == 0 or d == 0:
         return
-    ids, order = targets.sort()  # any sorting permutation does: equal ids share a slot
-    new_id = torch.ones(r, dtype=torch.bool, device=ids.device)
-    new_id[1:] = ids[1:] != ids[:-1]
-    slot = new_id.cumsum(0) - 1  # the distinct id's slot, of each sorted position
-    slot_of = torch.empty_like(slot).scatter_(0, order, slot)  # ... of each input row
-    sums = torch.zeros_like(contrib).index_add_(0, slot_of, contrib)
-    rows = ids[:1].expand(r).clone().scatter_(0, slot, ids)  # slot -> its id; unused slots: slot 0's id
-    used = torch.arange(r, device=ids.device) <= slot[-1]
-    sums = torch.where(used[:, None], sums, sums[:1])
-    gw.index_put_((rows,), (gw[rows].float() + sums).to(gw.dtype))
+    ids, order = targets.sort()  # any sorting permutation does: equal ids form one run
+    first = torch.searchsorted(ids, ids)  # each sorted position's run: [first, stop)
+    stop = torch.searchsorted(ids, ids, right=True)
+    x = x.contiguous() if x.stride(1) != 1 else x
+    block_d = min(triton.next_power_of_2(d), 1024)
+    with _device_guard(gw):
+        scatter_rows_kernel[(r, triton.cdiv(d, block_d))](
+            gw, ids, order, first, stop, g.float().contiguous(), x, d, gw.stride(0), x.stride(0),
+            INTERPRET=interpreter_enabled(), BLOCK_D=block_d, num_warps=4,
+        )
 
 
 def backward(
