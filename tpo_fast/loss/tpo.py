@@ -142,7 +142,7 @@ def tpo_loss_from_logprobs(
     check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
     if not isinstance(policy_logprobs, torch.Tensor) or policy_logprobs.dim() != 2:
         raise ValueError(f"policy_logprobs must be 2-D (2B, T), got {_shape(policy_logprobs)}")
-    n_pairs = num_pairs(policy_logprobs.shape[0], "policy_logprobs")
+    num_pairs(policy_logprobs.shape[0], "policy_logprobs")  # raises for an odd number of rows
     m = _token_mask(mask, policy_logprobs.shape)
     if weighting == "tpo" and policy_visual_scores is None:
         raise ValueError(
@@ -161,16 +161,22 @@ def tpo_loss_from_logprobs(
         policy_scores, ref_scores, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         reference_free=reference_free,
     )
-    metrics = out.metrics
+    return LossOutput(out.loss, _token_metrics(out.metrics, policy_logprobs, policy_visual_scores, m, average_log_prob))
+
+
+def _token_metrics(metrics: dict, logprobs: torch.Tensor, visual_scores: torch.Tensor | None, m: torch.Tensor,
+                   average_log_prob: bool) -> dict:
+    """`metrics` plus the policy's "logps/*" and (with visual scores) "visual_score/*" entries."""
+    n_pairs = logprobs.shape[0] // 2
     with torch.no_grad():
-        logps = sequence_scores(policy_logprobs.detach(), None, m, "none", average_log_prob=average_log_prob)
+        logps = sequence_scores(logprobs.detach(), None, m, "none", average_log_prob=average_log_prob)
         metrics["logps/chosen"] = logps[:n_pairs].mean()
         metrics["logps/rejected"] = logps[n_pairs:].mean()
-        if policy_visual_scores is not None:
-            vis = mean_visual_score(policy_visual_scores, m)
+        if visual_scores is not None:
+            vis = mean_visual_score(visual_scores, m)
             metrics["visual_score/chosen"] = vis[:n_pairs].mean()
             metrics["visual_score/rejected"] = vis[n_pairs:].mean()
-    return LossOutput(out.loss, metrics)
+    return metrics
 
 
 def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index, backend):
@@ -259,6 +265,7 @@ def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
     hidden states), which the same pass scores chunk by chunk, within its one host read-back."""
     branch = reference if isinstance(reference, PairBranch) else None
     ref_scores = None if branch is not None else reference
+    parts = []  # each chunk's detached (first, stop, policy scores, reference scores): the metrics' rewards
 
     def chunk_loss(c: PairChunk) -> torch.Tensor:
         s = None
@@ -271,23 +278,30 @@ def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
             ref = sequence_scores(c.ref_logprobs, ref_s, c.mask, o.weighting, o.offset, o.average_log_prob)
         else:
             ref = torch.zeros_like(scores) if ref_scores is None else c.rows_of(ref_scores)
+        parts.append((c.first, c.stop, scores.detach(), ref))
         return pair_losses(scores, ref, o.beta, o.loss_type, o.label_smoothing).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, corrupted_hidden=hc,
                           ignore_index=o.ignore_index, backend=o.backend, reference=branch)
-    if branch is not None:  # the metrics' rewards: the reference's scores of the whole batch
-        ref_s = _visual(out.ref_target_logits, out.ref_corrupted_target_logits, o)
-        ref_scores = sequence_scores(out.ref_logprobs, ref_s, targets != o.ignore_index, o.weighting, o.offset,
-                                     o.average_log_prob)
-    s_full = None
-    if out.corrupted_target_logits is not None:
-        s_full = out.target_logits - out.corrupted_target_logits
-    metrics = tpo_loss_from_logprobs(
-        out.logprobs, s_full, targets != o.ignore_index, ref_seq_scores=ref_scores, beta=o.beta,
-        weighting=o.weighting, offset=o.offset, loss_type=o.loss_type, label_smoothing=o.label_smoothing,
-        reference_free=o.reference_free, average_log_prob=o.average_log_prob,
-    ).metrics
+    # the metrics from the scores the chunks computed (none recomputed from the grids)
+    policy_scores, chunk_ref = (_batch_order(parts, k) for k in (2, 3))
+    pref = preference_loss_from_sequence_scores(
+        policy_scores, None if o.reference_free else chunk_ref, beta=o.beta, loss_type=o.loss_type,
+        label_smoothing=o.label_smoothing, reference_free=o.reference_free,
+    )
+    s_full = None if out.corrupted_target_logits is None else out.target_logits - out.corrupted_target_logits
+    metrics = _token_metrics(pref.metrics, out.logprobs, s_full, targets != o.ignore_index, o.average_log_prob)
     return LossOutput(out.loss, metrics)
+
+
+def _batch_order(parts: list, k: int) -> torch.Tensor:
+    """Entry k of each chunk's (first, stop, policy scores, reference scores), as one (2B,) tensor in batch order
+    (the chunks' chosen sequences, then their rejected ones)."""
+    if len(parts) == 1:  # one chunk of every pair: already in batch order
+        return parts[0][k]
+    sizes = [stop - first for first, stop, *_ in parts]
+    return torch.cat([p[k][:n] for p, n in zip(parts, sizes, strict=True)]
+                     + [p[k][n:] for p, n in zip(parts, sizes, strict=True)])
 
 
 def _check_reference_form(given, reference_free, ref_visual_scores, ref_token_logprobs, ref_corrupted_hidden,
