@@ -2,8 +2,8 @@
 
 One program per (row block, vocabulary tile), like one output tile of `H @ W.T`: it accumulates its
 `[BLOCK_N, BLOCK_V]` logits tile over the hidden dimension in fp32 on chip and writes only the
-tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. The launcher
-combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (and the argmax): a few bytes per
+tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. `lse_combine_kernel`
+combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (the launcher the argmax): a few bytes per
 row and tile leave the chip, never the logits (unless STORE_LOGITS: the fused-gradient losses keep
 one chunk of fp32 logits and later overwrite it with the gradient, `softmax_grad_inplace.py`).
 Programs are visited in groups of GROUP_N row blocks so that the `W` tiles a wave of programs reads
@@ -73,3 +73,38 @@ def token_lse_partial_kernel(
     if WANT_ARGMAX:
         # first maximal index within the tile; the launcher keeps the first maximal tile, as torch.argmax
         tl.store(ARG_PART + out, (tl.argmax(logits, axis=1) + pid_v * BLOCK_V).to(tl.int32), mask=row_mask)
+
+
+@triton.jit
+def lse_combine_kernel(
+    M_PART, S_PART, LSE,  # [N, S] fp32 tile maxima and sums of exp(z - tile max) (token_lse_partial_kernel's), [N] out
+    N, S,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per row, the logsumexp from its S tile partials: `m + log(sum_s S_s exp(M_s - m))`, m the row's largest
+    tile max (shifted by 0 where it is not finite). A +inf max gives +inf, a NaN one NaN, as torch.logsumexp."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    base = rows.to(tl.int64)[:, None] * S
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    nan = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (cols < S)[None, :]
+        mp = tl.load(M_PART + base + cols[None, :], mask=mask, other=float("-inf"))
+        m = tl.maximum(m, tl.max(mp, axis=1))
+        nan = tl.maximum(nan, tl.max((mp != mp).to(tl.int32), axis=1))  # a max reduction may drop NaN: count it
+    shift = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (cols < S)[None, :]
+        mp = tl.load(M_PART + base + cols[None, :], mask=mask, other=float("-inf"))
+        sp = tl.load(S_PART + base + cols[None, :], mask=mask, other=0.0)
+        total += tl.sum(sp * tl.exp(mp - shift[:, None]), axis=1)
+    total = tl.where(row_mask, total, 1.0)  # rows past N: no log(0) (the interpreter's numpy would warn)
+    lse = tl.log(total) + shift
+    lse = tl.where(m == float("inf"), m, lse)
+    lse = tl.where(nan > 0, float("nan"), lse)
+    tl.store(LSE + rows, lse, mask=row_mask)

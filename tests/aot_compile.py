@@ -22,7 +22,7 @@ from tpo_fast.kernels.scatter_rows import scatter_rows_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
-from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
+from tpo_fast.kernels.token_stats_fwd import lse_combine_kernel, token_lse_partial_kernel
 from tpo_fast.ops.triton_impl import _GPU_ATOMIC_TILES, _GPU_TILES, TileConfig
 
 DTYPES = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
@@ -80,6 +80,9 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "GW": p, "IDS": "*i64", "ORDER": "*i64", "FIRST": "*i64", "STOP": "*i64", "G": "*fp32", "X": p, "D": "i32",
             "stride_gw": "i32", "stride_x": "i32",
         }, {"INTERPRET": False, "BLOCK_D": 1024}, 4, 3
+    if dt == "fp32":  # the logsumexp from the forward's fp32 tile partials, whatever the inputs' dtype
+        yield lse_combine_kernel, {"M_PART": "*fp32", "S_PART": "*fp32", "LSE": "*fp32", "N": "i32", "S": "i32"}, {
+            "BLOCK_N": 16, "BLOCK_S": 128}, 4, 3
     yield logits_forward_kernel, {
         "X": p, "stride_x": "i64", "T": "*i64", "LSE": "*fp32", "Z": "*fp32", "V": "i32", "ignore_index": "i64",
     }, {"BLOCK_V": 4096}, 8, 3

@@ -118,6 +118,23 @@ def test_combine_lse_partials_infinite_rows_and_ties():
     assert triton_impl.combine_lse_partials(m, s, None)[1] is None
 
 
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, NaN rows
+def test_combine_lse_partials_over_many_tiles_and_a_nan_row():
+    """`lse_combine_kernel`: 300 tiles (three column blocks of 128, the last partial), 37 rows (three row blocks,
+    the last partial); a NaN tile max gives a NaN row and leaves the others alone. Oracle: fp64 logsumexp of
+    `M_s + log S_s`."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(37, 300, generator=g) * 4
+    s = torch.rand(37, 300, generator=g) * 5 + 0.5
+    m[5, 123] = float("nan")
+    lse, _ = triton_impl.combine_lse_partials(m, s, None)
+    want = (m.double() + s.double().log()).logsumexp(1)
+    assert torch.isnan(lse[5]) and not torch.isnan(lse[torch.arange(37) != 5]).any()
+    keep = torch.arange(37) != 5
+    torch.testing.assert_close(lse[keep].double(), want[keep], rtol=1e-6, atol=1e-6)
+
+
 D, V = 8, 20
 
 

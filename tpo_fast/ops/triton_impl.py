@@ -21,7 +21,7 @@ from tpo_fast.kernels.indexed_dot import indexed_dot_bwd_kernel, indexed_dot_fwd
 from tpo_fast.kernels.scatter_rows import scatter_rows_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
-from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
+from tpo_fast.kernels.token_stats_fwd import lse_combine_kernel, token_lse_partial_kernel
 from tpo_fast.ops.options import SPLIT_CHUNK_MB, KernelOptions, current_options, interpreter_enabled
 
 
@@ -122,11 +122,16 @@ def _device_guard(t: torch.Tensor):
 def combine_lse_partials(
     m_part: torch.Tensor, s_part: torch.Tensor, arg_part: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per row: logsumexp from per-tile (max, sum of exp(z - max)), and the first index of the max."""
-    m = m_part.amax(dim=1)
-    shift = m.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # non-finite maxima shift by 0 (one kernel)
-    lse = torch.log((s_part * torch.exp(m_part - shift[:, None])).sum(dim=1)) + shift
-    lse = torch.where(m == float("inf"), m, lse)  # a +inf logit: logsumexp is +inf, as torch's
+    """Per row: logsumexp from per-tile (max, sum of exp(z - max)) (`lse_combine_kernel`, one launch), and the
+    first index of the max."""
+    n, n_tiles = m_part.shape
+    lse = torch.empty(n, dtype=torch.float32, device=m_part.device)
+    if n:
+        block_s = min(triton.next_power_of_2(max(n_tiles, 1)), 128)
+        with _device_guard(m_part):
+            lse_combine_kernel[(triton.cdiv(n, 16),)](
+                m_part.contiguous(), s_part.contiguous(), lse, n, n_tiles, BLOCK_N=16, BLOCK_S=block_s, num_warps=4,
+            )
     argmax = None
     if arg_part is not None:
         argmax = arg_part.gather(1, m_part.argmax(dim=1, keepdim=True)).squeeze(1).to(torch.int64)
