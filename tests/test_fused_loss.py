@@ -610,3 +610,16 @@ def test_out_of_range_targets_raise_before_any_vocabulary_work(monkeypatch, wher
                                          rf"targets\[{T + 4}\] = {V + 2}$"):
         call(b, backend="torch")
     assert ran == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+def test_model_reference_when_every_response_is_ignored(backend, loss):
+    """No target-carrying row: the reference's sweep runs on zero rows, its grids stay 0, the loss is ln 2 (both
+    scores 0) as the oracle's, and every gradient is an exact zero tensor."""
+    b = batch(device=backend_device(backend), empty=range(2 * B))
+    out, g, ref, gr = run(_call_with_model_reference(loss, _reference_model(b)), b, backend)
+    check(out, g, ref, gr)
+    assert out.loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)
+    for k in ("weight", "bias", "hidden") + (("corrupted_hidden",) if loss == "tpo" else ()):
+        assert g[k] is not None and g[k].shape == b[k].shape and not g[k].any(), k

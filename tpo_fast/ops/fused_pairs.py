@@ -118,7 +118,10 @@ class PairChunk(NamedTuple):
 
 def pair_range_rows(t: torch.Tensor, first: int, stop: int, n_pairs: int) -> torch.Tensor:
     """Rows of a per-sequence tensor `t` (2B, ...) of pairs [first, stop): their chosen sequences, then their
-    rejected ones (two slices, one copy; no index tensor)."""
+    rejected ones (two slices, one copy; no index tensor). Every pair: `t`'s own rows in order, detached, no copy
+    (a chunk of the whole batch)."""
+    if first == 0 and stop == n_pairs:
+        return t.detach()
     return torch.cat([t[first:stop], t[n_pairs + first:n_pairs + stop]])
 
 
@@ -289,13 +292,12 @@ class _Grids:
     """The batch's (2B, T) fp32 grids, filled chunk by chunk (detached: they feed the metrics)."""
 
     def __init__(self, targets: torch.Tensor, has_zc: bool, has_y2: bool, reference: PairBranch | None) -> None:
-        def zeros(want: bool = True):
-            return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device) if want else None
-
-        self.logp, self.z, self.zc, self.logp2 = zeros(), zeros(), zeros(has_zc), zeros(has_y2)
         has_ref = reference is not None
-        self.ref_logp, self.ref_z = zeros(has_ref), zeros(has_ref)
-        self.ref_zc = zeros(has_ref and reference.corrupted_hidden is not None)
+        wanted = [True, True, has_zc, has_y2, has_ref, has_ref, has_ref and reference.corrupted_hidden is not None]
+        # one zero fill for all of them (one launch on a GPU, not seven)
+        block = iter(torch.zeros((sum(wanted), *targets.shape), dtype=torch.float32, device=targets.device))
+        self.logp, self.z, self.zc, self.logp2, self.ref_logp, self.ref_z, self.ref_zc = (
+            next(block) if want else None for want in wanted)
 
     @staticmethod
     def _put(rows: torch.Tensor, *pairs) -> None:
