@@ -623,3 +623,27 @@ def test_model_reference_when_every_response_is_ignored(backend, loss):
     assert out.loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)
     for k in ("weight", "bias", "hidden") + (("corrupted_hidden",) if loss == "tpo" else ()):
         assert g[k] is not None and g[k].shape == b[k].shape and not g[k].any(), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
+@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+def test_a_loss_with_a_model_reference_synchronizes_once_on_cuda(loss):
+    """The GPU counterpart of test_a_loss_with_a_model_reference_reads_the_device_back_once, which a dispatch mode
+    cannot fully see: under `torch.cuda.set_sync_debug_mode("warn")` every synchronizing CUDA call warns, and a
+    whole fused call (bf16, triton, a model reference, every input trainable, six chunks) warns once."""
+    import warnings
+
+    b = batch(dtype=torch.bfloat16, device="cuda", seed=9)
+    call = _call_with_model_reference(loss, _reference_model(b))
+    with kernel_options(chunk_mb=9 * MB_PER_ROW):
+        call(b, backend="triton", grad_mode="fused").loss.backward()  # compiles every kernel first
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = call(b, backend="triton", grad_mode="fused")
+                out.loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message)[:120] for w in syncs]
