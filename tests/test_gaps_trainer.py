@@ -117,7 +117,7 @@ def test_dpo_objective_matches_oracle(setup, tmp_path, case):
         torch.testing.assert_close(got, grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
     logged = trainer._stored_metrics["train"]
     half = pi.shape[0] // 2
-    torch.testing.assert_close(torch.tensor(logged["logps/chosen"][0]), pi[:half].mean().detach(),
+    torch.testing.assert_close(torch.as_tensor(logged["logps/chosen"][0]), pi[:half].mean().detach(),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -423,3 +423,42 @@ def test_tokens_per_second_counts_training_time_only(data, tmp_path, monkeypatch
     with tr._evaluation("eval"):
         pass
     assert tr._time_of_log == 4.0 + 15.0
+
+
+def test_the_step_leaves_metrics_and_token_counts_on_the_device(data, tmp_path):
+    """compute_loss read each metric (float()) and the token count (int()) back every step: on a GPU the host then
+    waits for the forward to finish before it can queue the backward. Now they stay device tensors until a log
+    averages them (one read-back per log); the logged means are the steps' own values."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    train, _, _, proc = data
+    tr = _ref_trainer(proc, tmp_path, train)
+    batch = tr._prepare_inputs(tr.data_collator([train[i] for i in range(2)]))
+
+    class ReadsInTrainer(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] == "_local_scalar_dense":
+                frames = [f for f in traceback.extract_stack() if "/tpo_fast/" in f.filename]
+                if frames and frames[-1].filename.endswith("trainer/trainer.py"):
+                    self.seen.append(f"{frames[-1].name}:{frames[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    tr.model.train()
+    seen = []
+    for _ in range(2):
+        with ReadsInTrainer() as mode:
+            tr.compute_loss(tr.model, batch)
+        seen += mode.seen
+    assert seen == []
+    stored = tr._stored_metrics["train"]
+    assert all(isinstance(v, torch.Tensor) and len(vs) == 2 for vs in stored.values() for v in vs)
+    logs = tr._pop_metric_means("train", "")
+    for key in ("rewards/margins", "logps/chosen"):
+        assert logs[key] == pytest.approx(round(float(torch.stack(stored[key]).mean()), 6), abs=1e-6)
+    assert int(tr._tokens_since_log) == 2 * int(batch["attention_mask"].sum())

@@ -233,8 +233,10 @@ class TPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._warn_low_precision_weights()
         self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
-        self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self._tokens_since_log = 0
+        # Step metrics and the token count stay on the device until a log reads them: a read-back per step (float(),
+        # int()) would make the host wait for the forward before it could queue the backward.
+        self._stored_metrics: dict[str, dict[str, list[torch.Tensor | float]]] = defaultdict(lambda: defaultdict(list))
+        self._tokens_since_log: torch.Tensor | int = 0
         self._time_of_log: float | None = None
         self._ref_table: torch.Tensor | None = None  # the train table of a precomputed reference
         self._ref_tables: dict[str, torch.Tensor] = {}
@@ -579,9 +581,9 @@ class TPOTrainer(Trainer):
         out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs, training=model.training))
         split = "train" if model.training else "eval"
         for key, value in out["metrics"].items():
-            self._stored_metrics[split][key].append(float(value))
+            self._stored_metrics[split][key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
         if model.training:
-            self._tokens_since_log += int(inputs["attention_mask"].sum())
+            self._tokens_since_log = self._tokens_since_log + inputs["attention_mask"].sum()
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -596,7 +598,12 @@ class TPOTrainer(Trainer):
         if not stored:
             return {}
         keys = sorted(stored)
-        means = torch.tensor([sum(v) / len(v) for v in (stored[k] for k in keys)], device=self.args.device)
+        dev = self.args.device
+
+        def mean(values):  # the stored device tensors (and numbers) of one metric: one read-back per log, not per step
+            return torch.stack([torch.as_tensor(x, dtype=torch.float32).to(dev) for x in values]).mean()
+
+        means = torch.stack([mean(stored[k]) for k in keys])
         means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
         return {prefix + k: round(float(v), 6) for k, v in zip(keys, means, strict=False)}
 
@@ -610,7 +617,7 @@ class TPOTrainer(Trainer):
             logs.update(self._pop_metric_means("eval", self._metric_prefix))
         if split == "train" and self._time_of_log is not None:
             now = time.perf_counter()
-            tokens = torch.tensor(float(self._tokens_since_log), device=self.args.device)
+            tokens = torch.as_tensor(self._tokens_since_log, dtype=torch.float32).to(self.args.device)
             if self.accelerator.num_processes > 1:
                 tokens = self.accelerator.reduce(tokens, reduction="sum")
             logs["tokens_per_second"] = round(float(tokens) / max(now - self._time_of_log, 1e-9), 2)
