@@ -240,3 +240,25 @@ def test_torch_core_statistics_of_infinite_logit_rows():
         assert (h @ w.t() + bias).logsumexp(-1).tolist() == [want, want]
     core = fused_chunk.TorchChunk(w, None, need_w=False, need_b=False)
     torch.testing.assert_close(core.stats(h, y, None)[0], (h @ w.t()).logsumexp(-1))
+
+
+def test_reference_branch_errors_name_what_to_fix():
+    """`fused_pair_loss(reference=...)`: a reference of the wrong kind, rows, vocabulary or dtypes is refused
+    before any work, with a message naming the reference."""
+    from tpo_fast.ops.fused_pairs import PairBranch
+
+    t, y = inputs(5)
+    args = (t["h"], t["w"], y, chunk_loss)
+    with pytest.raises(TypeError, match=r"^reference must be a tpo_fast.ops.fused_pairs.PairBranch, got tuple$"):
+        fused_pair_loss(*args, reference=(t["h"], t["w"]))
+    with pytest.raises(ValueError, match=r"^the reference's hidden must have the policy's shape \(30, 8\), got "
+                                         r"\(29, 8\)$"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"][:-1], t["w"]))
+    with pytest.raises(ValueError, match=r"^the reference's weight must have the policy's vocabulary size 23, got "
+                                         r"\(22, 8\)$"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"][:-1]))
+    with pytest.raises(TypeError, match=r"^the reference's inputs: hidden and weight must have the same dtype, "
+                                        r"got hidden bfloat16"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"].bfloat16(), t["w"]))
+    with pytest.raises(ValueError, match=r"^the reference's inputs: corrupted_hidden must have the shape"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], None, t["h"][:-1]))

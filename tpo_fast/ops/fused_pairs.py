@@ -581,16 +581,19 @@ def fused_pair_loss(
 
 
 def _check_reference(reference, hidden: torch.Tensor, weight: torch.Tensor, flat_targets: torch.Tensor) -> None:
-    """The reference branch's own input checks, and its shapes and device against the policy's."""
+    """The reference branch's shapes and device against the policy's, then its own input checks (named)."""
     if not isinstance(reference, PairBranch):
         raise TypeError(f"reference must be a tpo_fast.ops.fused_pairs.PairBranch, got {type(reference).__name__}")
-    check_primitive_inputs(reference.hidden, reference.weight, flat_targets, reference.bias, reference.corrupted_hidden)
-    if reference.hidden.shape != hidden.shape:
+    rh, rw = reference.hidden, reference.weight
+    if isinstance(rh, torch.Tensor) and rh.shape != hidden.shape:
         raise ValueError(f"the reference's hidden must have the policy's shape {tuple(hidden.shape)}, "
-                         f"got {tuple(reference.hidden.shape)}")
-    if reference.weight.shape[0] != weight.shape[0]:
+                         f"got {tuple(rh.shape)}")
+    if isinstance(rw, torch.Tensor) and (rw.dim() != 2 or rw.shape[0] != weight.shape[0]):
         raise ValueError(f"the reference's weight must have the policy's vocabulary size {weight.shape[0]}, "
-                         f"got {tuple(reference.weight.shape)}")
-    if reference.hidden.device != hidden.device:
-        raise ValueError(f"the reference must be on the policy's device ({hidden.device}), "
-                         f"got {reference.hidden.device}")
+                         f"got {tuple(rw.shape)}")
+    if isinstance(rh, torch.Tensor) and rh.device != hidden.device:
+        raise ValueError(f"the reference must be on the policy's device ({hidden.device}), got {rh.device}")
+    try:
+        check_primitive_inputs(rh, rw, flat_targets, reference.bias, reference.corrupted_hidden)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"the reference's inputs: {e}") from None
