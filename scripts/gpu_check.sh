@@ -4,12 +4,13 @@
 # open issues need them, over two calls of the device tool:
 #
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
-#   call 1:       bash scripts/gpu_check.sh install step    timeout_s 400, carry [".whl"]
-#                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run of
-#                 2026-12-04 timed only the official structure, TRL and our shared-prefix TPO step after it)
-#   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh    timeout_s 480
-#                 (install bench profile kernel-tests, about 330 s: the losses with auto = fused in 1024 MiB
-#                 chunks, the profile of that default, the GPU tests)
+#   call 1:       bash scripts/gpu_check.sh    timeout_s 480, carry [".whl"]
+#                 (install bench profile kernel-tests, about 330 s: the fused losses changed since the second run
+#                 of 2026-12-04 (one host read-back per call, the reference scored in the chunk loop, fewer small
+#                 kernels, new Triton kernels scatter_rows_kernel and lse_combine_kernel), unmeasured on a GPU)
+#   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh install step    timeout_s 400
+#                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run
+#                 timed only the official structure, TRL and our shared-prefix TPO step after it)
 #   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install step-profile
 #                 (where the 7B step's time goes, ours against TRL's: the shared-prefix TPO step ran at about
 #                 0.7x TRL's work per second in the second run)
