@@ -96,7 +96,8 @@ class PairChunk(NamedTuple):
     `second_logprobs` `z[y2] - lse` for the second targets (None without them; 0 where y2 is ignored).
     With a `reference` branch, `ref_logprobs`, `ref_target_logits` and `ref_corrupted_target_logits` are
     the same statistics of the reference model (no gradient; None without it, the last without its
-    corrupted branch).
+    corrupted branch). A chunk of every pair sees the batch's own grids (views, no copy): read them,
+    never write them in place.
     """
 
     first: int
