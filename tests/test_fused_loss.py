@@ -527,8 +527,12 @@ def test_reference_branch_grids_are_its_token_stats(backend, dtype):
     rh, rhc = r["ref_hidden"].flatten(0, 1), r["ref_corrupted_hidden"].flatten(0, 1)
     branch = PairBranch(rh, r["ref_weight"], r["ref_bias"], rhc)
     flat = b["targets"].flatten()
+    def chunk_loss(c):
+        assert not any(g.requires_grad for g in (c.ref_logprobs, c.ref_target_logits, c.ref_corrupted_target_logits))
+        return c.logprobs.sum()
+
     with kernel_options(chunk_mb=2 * MB_PER_ROW):
-        out = fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], lambda c: c.logprobs.sum(),
+        out = fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], chunk_loss,
                               b["bias"], b["corrupted_hidden"].flatten(0, 1), backend=backend, reference=branch)
     want = tpo_fast.token_stats(rh, r["ref_weight"], flat, r["ref_bias"], rhc, backend=backend)
     shape = b["targets"].shape
@@ -647,3 +651,40 @@ def test_a_loss_with_a_model_reference_synchronizes_once_on_cuda(loss):
                 torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in seen if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == 1, [str(w.message)[:120] for w in syncs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_fields_without_a_branch_are_none(backend):
+    """`FusedPairOutput` has None, not an empty tensor, for every branch the call did not have: no corrupted rows,
+    no second targets, no reference; with a reference but no corrupted reference rows, its corrupted grid."""
+    from tpo_fast.ops.fused_pairs import PairBranch
+
+    b = batch(device=backend_device(backend), seed=10)
+    h, w = b["hidden"].flatten(0, 1), b["weight"]
+    out = fused_pair_loss(h, w, b["targets"], lambda c: c.logprobs.sum(), backend=backend)
+    assert out.corrupted_target_logits is None and out.second_logprobs is None
+    assert out.ref_logprobs is None and out.ref_target_logits is None and out.ref_corrupted_target_logits is None
+    out = fused_pair_loss(h, w, b["targets"], lambda c: c.logprobs.sum(), backend=backend,
+                          reference=PairBranch(h.detach() + 0.1, w.detach()))
+    assert out.ref_logprobs.shape == out.ref_target_logits.shape == b["targets"].shape
+    assert out.ref_corrupted_target_logits is None
+
+
+@pytest.mark.parametrize("budget_rows", [1000, 9])
+def test_a_chunk_of_every_pair_reads_the_batch_grids_in_place(budget_rows):
+    """One chunk holding every pair sees the batch's grids themselves (no copy); several chunks see copies of
+    their rows."""
+    b = batch(seed=11)
+    storages = []
+
+    def chunk_loss(c):
+        storages.append(c.logprobs.untyped_storage().data_ptr())
+        return c.logprobs.sum()
+
+    with kernel_options(chunk_mb=budget_rows * MB_PER_ROW):
+        out = fused_pair_loss(b["hidden"].flatten(0, 1), b["weight"], b["targets"], chunk_loss, backend="torch")
+    same = [ptr == out.logprobs.untyped_storage().data_ptr() for ptr in storages]
+    if budget_rows == 1000:
+        assert same == [True]
+    else:
+        assert len(same) > 1 and not any(same)

@@ -262,3 +262,5 @@ def test_reference_branch_errors_name_what_to_fix():
         fused_pair_loss(*args, reference=PairBranch(t["h"].bfloat16(), t["w"]))
     with pytest.raises(ValueError, match=r"^the reference's inputs: corrupted_hidden must have the shape"):
         fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], None, t["h"][:-1]))
+    with pytest.raises(ValueError, match=r"^the reference's inputs: bias must be of shape \(V,\) = \(23,\)"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], torch.zeros(22)))
