@@ -291,3 +291,20 @@ def test_a_one_word_vocabulary_is_valid():
     h, w = torch.randn(3, 4), torch.randn(1, 4)
     logp = tpo_fast.token_logprobs(h, w, torch.zeros(3, dtype=torch.long), backend="torch")
     torch.testing.assert_close(logp, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("fn", ["token_stats", "target_logits"])
+def test_an_out_of_range_target_is_named_whole(backend, fn):
+    """The range check rides on the compaction's one read-back (the reference backend, which compacts nothing, checks
+    on its own): the whole message names V, the ignore value and the first bad target, whichever the backend."""
+    from tpo_fast.ops import target_logits, token_stats
+
+    dev = DEVICE if backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, generator=g).to(dev), torch.randn(5, 4, generator=g).to(dev)
+    y = torch.tensor([0, -7, -1, 7, -7, 2], device=dev)
+    call = token_stats if fn == "token_stats" else target_logits
+    want = "targets must lie in [0, V) = [0, 5) or equal ignore_index=-7; targets[2] = -1"
+    with pytest.raises(ValueError, match="^" + re.escape(want) + "$"):
+        call(h, w, y, ignore_index=-7, backend=backend)
