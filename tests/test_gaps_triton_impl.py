@@ -326,6 +326,23 @@ def test_scatter_rows_of_a_long_run_over_two_column_blocks(dtype):
     assert err[touched].max() <= step, "a touched row is off by more than one 16-bit rounding"
 
 
+@pytest.mark.parametrize("d", [1, 6])
+def test_scatter_rows_of_column_strided_rows_and_a_single_column(d):
+    """`x` whose columns are not adjacent (a transposed view: the kernel reads rows at unit column stride, so the
+    launcher makes them so) and a one-column gradient; oracle as in the test above."""
+    g = torch.Generator().manual_seed(d)
+    gw = torch.randn(9, d, generator=g).bfloat16()
+    targets = torch.tensor([4, 1, 4, 8, 4])
+    coef = torch.randn(5, generator=g)
+    x = torch.randn(d, 5, generator=g).bfloat16().t()  # (5, d), strides (1, 5)
+    summed = gw.float().index_add(0, targets, coef[:, None] * x.float())
+    touched = torch.zeros(9, dtype=torch.bool)
+    touched[targets] = True
+    want = torch.where(touched[:, None], summed.bfloat16(), gw)
+    triton_impl._scatter_rows_(gw, targets, coef, x)
+    assert torch.equal(gw, want)
+
+
 def _grad_args(n, seed=5):
     h, w, b, y = _inputs(n, seed)
     g = torch.Generator().manual_seed(seed + 1)
