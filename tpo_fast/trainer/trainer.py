@@ -605,7 +605,7 @@ class TPOTrainer(Trainer):
 
         means = torch.stack([mean(stored[k]) for k in keys])
         means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
-        return {prefix + k: round(float(v), 6) for k, v in zip(keys, means, strict=False)}
+        return {prefix + k: round(v, 6) for k, v in zip(keys, means.tolist(), strict=True)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The base log, plus the step metrics averaged over the logging window (training: under no prefix, with
