@@ -6,6 +6,10 @@ PyTorch the sync-free way to sum first is about twenty kernels over R x D fp32 b
 fp32 index_add_, a gather, a cast, an index_put_). Here the rows come sorted by target: program (p, d)
 sums the run of equal targets that starts at sorted position p, over one block of columns, in fp32, and
 adds it to its weight row once. Programs at a position that does not start a run do nothing.
+
+A run is read BLOCK_R rows per step: its loads are independent of one another, so a frequent token (a run of a
+few hundred rows of real text: ".", "the") costs about run / BLOCK_R memory round trips, not one per row, and
+its program no longer outlasts the whole rest of the grid.
 """
 
 import triton
@@ -21,6 +25,7 @@ def scatter_rows_kernel(
     G, X,  # [R] fp32 coefficients, [R, D] rows (any float dtype)
     D, stride_gw, stride_x,
     INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     p = tl.program_id(0).to(tl.int64)
@@ -28,12 +33,16 @@ def scatter_rows_kernel(
     cols = offs < D
     starts = tl.load(FIRST + p) == p  # a run of equal targets starts at sorted position p
     stop = tl.where(starts, tl.load(STOP + p), p)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for q in range(p, stop):
-        r = tl.load(ORDER + q)
-        x = tl.load(X + r * stride_x + offs, mask=cols, other=0.0).to(tl.float32)
-        acc += tl.load(G + r) * x
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for q0 in range(p, stop, BLOCK_R):
+        q = q0 + tl.arange(0, BLOCK_R)
+        in_run = q < stop
+        r = tl.load(ORDER + q, mask=in_run, other=0)
+        g = tl.load(G + r, mask=in_run, other=0.0)
+        x = tl.load(X + r[:, None] * stride_x + offs[None, :], mask=in_run[:, None] & cols[None, :], other=0.0)
+        acc += g[:, None] * x.to(tl.float32)
+    total = tl.sum(acc, axis=0)
     write = offs < tl.where(starts, D, 0)  # only the run's first program touches the row
     row = GW + tl.load(IDS + p) * stride_gw + offs
     old = tl.load(row, mask=write, other=0.0).to(tl.float32)
-    tl.store(row, round_to(old + acc, GW.dtype.element_ty, INTERPRET), mask=write)
+    tl.store(row, round_to(old + total, GW.dtype.element_ty, INTERPRET), mask=write)

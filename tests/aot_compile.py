@@ -79,7 +79,7 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         yield scatter_rows_kernel, {
             "GW": p, "IDS": "*i64", "ORDER": "*i64", "FIRST": "*i64", "STOP": "*i64", "G": "*fp32", "X": p, "D": "i32",
             "stride_gw": "i32", "stride_x": "i32",
-        }, {"INTERPRET": False, "BLOCK_D": 1024}, 4, 3
+        }, {"INTERPRET": False, "BLOCK_R": 4, "BLOCK_D": 1024}, 4, 3
     if dt == "fp32":  # the logsumexp from the forward's fp32 tile partials, whatever the inputs' dtype
         yield lse_combine_kernel, {"M_PART": "*fp32", "S_PART": "*fp32", "LSE": "*fp32", "N": "i32", "S": "i32"}, {
             "BLOCK_N": 16, "BLOCK_S": 128}, 4, 3

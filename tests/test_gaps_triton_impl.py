@@ -305,15 +305,18 @@ def test_scatter_rows_of_unsorted_repeated_targets(dtype, r, v):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_scatter_rows_of_a_long_run_over_two_column_blocks(dtype):
-    """`scatter_rows_kernel`: a frequent token (200 of 260 rows, one program sums its whole run) and D = 1100 (two
-    column blocks of 1024, the second partial). Oracle: the fp64 sum, added to the old row and rounded once; the
+    """`scatter_rows_kernel`: a frequent token (201 of 260 rows: one program sums its whole run, 4 rows a step, the
+    last step partial), a token of 5 rows (one row past a step) and D = 1100 (two column blocks of 1024, the
+    second partial). Oracle: the fp64 sum, added to the old row and rounded once; the
     kernel sums in fp32, so a touched row may round to the neighbour of the exact result (at most one unit in
     the last place); untouched rows stay bit for bit."""
     g = torch.Generator().manual_seed(11)
     v, d = 40, 1100
     gw = torch.randn(v, d, generator=g).to(dtype)
     targets = torch.randint(0, v, (260,), generator=g)
-    targets[torch.randperm(260, generator=g)[:200]] = 17
+    targets = torch.where(targets == 17, 18, targets).where(targets != 29, 30)  # 17 and 29 only as set below
+    spots = torch.randperm(260, generator=g)
+    targets[spots[:201]], targets[spots[201:206]] = 17, 29
     coef, x = torch.randn(260, generator=g), torch.randn(260, d, generator=g).to(dtype)
     want = gw.double().index_add(0, targets, coef.double()[:, None] * x.double())
     touched = torch.zeros(v, dtype=torch.bool)

@@ -50,6 +50,9 @@ _GPU_TILES = {
 }
 # The fused atomic backward (gradient filtering) holds a logits tile and two GEMM operands at once.
 _GPU_ATOMIC_TILES = TileConfig(64, 128, 64, num_warps=8, num_stages=3)
+# Rows of a run of equal targets that `scatter_rows_kernel` loads per step (a [4, 1024] tile over 128 threads:
+# four independent row loads in flight, few enough registers that the grid's many empty programs still pack the SMs).
+_SCATTER_ROWS = 4
 
 
 def tile_config(
@@ -277,9 +280,10 @@ def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: 
     """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype.
 
     An fp32 gw takes `index_add_`. A 16-bit gw takes `scatter_rows_kernel` (`kernels/scatter_rows.py`): the
-    rows sorted by target, one program per run of equal targets and block of columns, its fp32 sum added
-    to the weight row once. Without a host sync: `torch.unique` would read its output size back from the
-    GPU (once per fused-loss chunk); the runs are found by `searchsorted` on the sorted targets instead.
+    rows sorted by target, one program per run of equal targets and block of columns, reading the run
+    `_SCATTER_ROWS` rows at a time, its fp32 sum added to the weight row once. Without a host sync:
+    `torch.unique` would read its output size back from the GPU (once per fused-loss chunk); the runs are
+    found by `searchsorted` on the sorted targets instead.
     """
     if gw.dtype == torch.float32:
         gw.index_add_(0, targets, g[:, None] * x.float())
@@ -295,7 +299,7 @@ def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: 
     with _device_guard(gw):
         scatter_rows_kernel[(r, triton.cdiv(d, block_d))](
             gw, ids, order, first, stop, g.float().contiguous(), x, d, gw.stride(0), x.stride(0),
-            INTERPRET=interpreter_enabled(), BLOCK_D=block_d, num_warps=4,
+            INTERPRET=interpreter_enabled(), BLOCK_R=_SCATTER_ROWS, BLOCK_D=block_d, num_warps=4,
         )
 
 
