@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cases",
         default=None,
         help=f"comma list of case names, presets ({', '.join(PRESETS)}), '<model>-n<N>' "
-        "(models llava7b, llava13b, qwen2vl7b) or 'd<D>-v<V>-n<N>'; default: 'cpu' on CPU "
+        "(models llava7b, llava13b, qwen2vl7b) or 'd<D>-v<V>-n<N>', each with an optional '-zipf' suffix (targets "
+        "drawn by a text-like Zipf law, where frequent tokens repeat, instead of uniformly); default: 'cpu' on CPU "
         "(D=256, V=4096, N=512; 'cpu-sweep' adds N=256 and 1024), 'gpu' on CUDA "
         f"(3 models x N in 2048/8192/32768). Step cases ({', '.join(STEP_CASES)}; presets "
         f"{', '.join(STEP_PRESETS)}) run the step workload only; default with --workloads step: cpu-step on "
@@ -309,7 +310,7 @@ def _job(case, name: str, plan: dict) -> tuple[list[dict], dict | None]:
         return rows, None
     job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads", "search_s")}
     job.update(
-        case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model},
+        case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model, "targets": case.targets},
         contender=name,
         workloads=todo,
     )

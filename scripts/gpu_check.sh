@@ -5,9 +5,10 @@
 #
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
 #   call 1:       bash scripts/gpu_check.sh    timeout_s 480, carry [".whl"]
-#                 (install bench profile kernel-tests, about 330 s: the fused losses changed since the second run
-#                 of 2026-12-04 (one host read-back per call, the reference scored in the chunk loop, fewer small
-#                 kernels, new Triton kernels scatter_rows_kernel and lse_combine_kernel), unmeasured on a GPU)
+#                 (install bench profile kernel-tests zipf, about 380 s: the fused losses changed since the second
+#                 run of 2026-12-04 (one host read-back per call, the reference scored in the chunk loop, fewer small
+#                 kernels, new Triton kernels scatter_rows_kernel and lse_combine_kernel), unmeasured on a GPU; then
+#                 the same losses on text-like targets, whose frequent tokens make long runs for scatter_rows_kernel)
 #   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh install step    timeout_s 400
 #                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run
 #                 timed only the official structure, TRL and our shared-prefix TPO step after it)
@@ -25,6 +26,8 @@
 #   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
 #                 contender's (or STEP_CONTENDERS') step time, tokens/s and peak memory; no micro-batch
 #                 search (issue 15)                                                        STEP_S, default 280 s
+#   zipf          bench/run.py --cases gpu-target-zipf: TPO and DPO with targets drawn by a Zipf law (the most
+#                 frequent token about 3% of them, as in tokenized text), TRL, ours and the valid-rows floor      60 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first, alone
 #                 and with a fault handler, the extension's input checks, which crashed the process in the
 #                 second run, 60 s); the checks only a GPU reaches are counted after them: skipped there means
@@ -44,7 +47,7 @@
 # What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log and
 # results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
 # Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
-#   BENCH_CASES=d64-v512-n64 STEP_CASE=step-tiny bash scripts/gpu_check.sh bench step
+#   BENCH_CASES=d64-v512-n64 ZIPF_CASES=d64-v512-n64-zipf STEP_CASE=step-tiny bash scripts/gpu_check.sh bench zipf step
 #   BENCH_CASES=d64-v512-n64 PROFILE_BACKEND=torch PROFILE_GEMMS=torch bash scripts/gpu_check.sh profile
 set -uo pipefail
 OUT="${OUT:-/tmp/tpo_fast_gpu}"
@@ -54,8 +57,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile kernel-tests)
-KNOWN="install bench step step-profile kernel-tests profile search tune tests"
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile kernel-tests zipf)
+KNOWN="install bench zipf step step-profile kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
         *" $part "*) ;;
@@ -106,6 +109,11 @@ part_bench() {
     bench_run bench gpu_losses 150 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
         --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-recompute,floor,floor-valid,cce \
         --repeats 10 --warmup 2 --timeout 60
+}
+
+part_zipf() {
+    bench_run zipf gpu_losses_zipf 60 --cases "${ZIPF_CASES:-gpu-target-zipf}" --workloads tpo,dpo \
+        --contenders trl,tpo_fast-triton,floor-valid --repeats 10 --warmup 2 --timeout 30
 }
 
 part_step() {
@@ -189,6 +197,7 @@ for part in "${PARTS[@]}"; do
     case "$part" in
         install) part_install ;;
         bench) part_bench ;;
+        zipf) part_zipf ;;
         step) part_step ;;
         step-profile) part_step_profile ;;
         profile) part_profile ;;

@@ -913,3 +913,37 @@ def test_profile_step_prints_the_step_time_the_ranges_and_the_operators():
     # 2 layers x 2 trunk calls (the reference copy, the policy), each over both image branches
     assert "decoder layers" in ranges and "(4 calls per step)" in ranges
     assert "aten::mm" in ranges
+
+
+def test_zipf_cases_draw_repeated_targets_the_same_for_every_contender():
+    """A "-zipf" case (any case name, preset or shape with the suffix) draws its targets by the Zipf-Mandelbrot
+    law: at V = 32000 the most frequent token takes about 1 / 3.7 / sum_k 1 / (k + 2.7) = 2.9% of the targets
+    (a uniform draw: about 1 / V), the same targets on every draw of the seed, and the contenders pass the
+    oracle's check on them."""
+    contenders, measure, workloads = _bench_modules()
+    cases = workloads.parse_cases("d64-v32000-n2048-zipf,gpu-target-zipf,cpu-tiny")
+    assert [(c.name, c.targets) for c in cases] == [
+        ("d64-v32000-n2048-zipf", "zipf"), ("llava7b-n8192-zipf", "zipf"), ("cpu-tiny", "uniform")]
+    assert (cases[1].d, cases[1].v, cases[1].n) == (4096, 32000, 8192)
+    share = (1 / 3.7) / sum(1 / (k + 2.7) for k in range(1, 32001))
+    assert 0.028 < share < 0.030
+
+    def valid_targets(case):
+        y = workloads.make_inputs(case, "tpo", "cpu", torch.float32)["targets"]
+        return y[y != workloads.IGNORE_INDEX]
+
+    zipf = valid_targets(cases[0])
+    assert torch.equal(zipf, valid_targets(cases[0]))
+    top = int(torch.bincount(zipf).max())
+    # Binomial(n, share): mean 43 at n = 1500, sd 6.5; a uniform draw's largest count over 32000 ids is 1 to 3.
+    assert abs(top - share * zipf.numel()) < 5 * (share * zipf.numel()) ** 0.5, (top, zipf.numel())
+    uniform = valid_targets(workloads.parse_cases("d64-v32000-n2048")[0])
+    assert int(torch.bincount(uniform).max()) <= 4
+
+    tiny = workloads.parse_cases("cpu-tiny-zipf")[0]
+    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
+    for c in (contenders.Naive(), contenders.TpoFast("torch")):
+        c.setup("cpu")
+        for workload in ("tpo", "dpo"):
+            row = measure.measure_workload(c, tiny, workload, cfg)
+            assert row["status"] == "ok", row

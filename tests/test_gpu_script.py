@@ -30,7 +30,7 @@ def test_scripts_parse():
 def test_unknown_part_is_refused(tmp_path):
     got = _run(tmp_path, "benchmark")
     assert got.returncode == 2
-    assert ("unknown part 'benchmark': install, bench, step, step-profile, kernel-tests, profile, search, tune, "
+    assert ("unknown part 'benchmark': install, bench, zipf, step, step-profile, kernel-tests, profile, search, tune, "
             "tests") in got.stdout
 
 
@@ -38,16 +38,17 @@ def test_unknown_part_is_refused(tmp_path):
 def test_bench_part_reports_its_tables_and_packs_its_results(tmp_path):
     """The `bench` part on a tiny case: the reply (stdout and report.md) holds the tables, the not-run line and
     the verdicts but not the legend; results.tar.gz holds the JSON, CSV and the full report."""
-    got = _run(tmp_path, "bench", BENCH_CASES="d32-v256-n32")
+    got = _run(tmp_path, "bench", "zipf", BENCH_CASES="d32-v256-n32", ZIPF_CASES="d32-v256-n32-zipf")
     assert got.returncode == 0, got.stdout + got.stderr
     report = (tmp_path / "out" / "report.md").read_text()
     assert "bench rc=0" in report and "part: bench" in report and "done" in report
+    assert "zipf rc=0" in report and "### tpo · d32-v256-n32-zipf" in report
     assert "### tpo · d32-v256-n32" in report and "| TRL chunked log-prob head |" in report
     assert "Not run: " in report and "tpo_fast [triton] auto, tpo_fast [triton] recompute — needs CUDA" in report
     assert "### Verdict" in report and "How to read" not in report and "What each contender runs" not in report
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"gpu_losses.json", "gpu_losses.csv", "bench.md", "bench.err"} <= names
+    assert {"gpu_losses.json", "gpu_losses.csv", "bench.md", "bench.err", "gpu_losses_zipf.json", "zipf.md"} <= names
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.tar.gz"]
 
 

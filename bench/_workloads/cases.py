@@ -4,7 +4,7 @@ bytes each workload is credited with."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # lm_head shapes of the models TPO is trained on (hidden size D, vocabulary V).
 MODELS = {
@@ -13,6 +13,11 @@ MODELS = {
     "qwen2vl7b": (3584, 152064),  # Qwen2-VL-7B
 }
 GPU_TOKENS = (2048, 8192, 32768)
+# Zipf-Mandelbrot law of the "-zipf" cases: P(rank k) proportional to 1 / (k + ZIPF_SHIFT)**ZIPF_EXPONENT, ranks
+# 1..V. s = 1, q = 2.7 puts the most frequent token near 3% of the targets at V = 32000, as in tokenized English.
+ZIPF_EXPONENT = 1.0
+ZIPF_SHIFT = 2.7
+TARGET_LAWS = ("uniform", "zipf")
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,9 @@ class Case:
     v: int
     n: int
     model: str = "custom"
+    # How the targets are drawn: "uniform" over the vocabulary, or "zipf" (`ZIPF`: a text-like frequency law,
+    # where a few tokens repeat hundreds of times per batch, as ".", "the" and "</s>" do in real responses).
+    targets: str = "uniform"
 
     @property
     def seq_len(self) -> int:
@@ -61,9 +69,14 @@ _CUSTOM = re.compile(r"^d(\d+)-v(\d+)-n(\d+)$")
 
 
 def parse_cases(spec: str) -> list[Case]:
-    """Comma list of case names, presets (`cpu`, `gpu`, `gpu-target`, ...) or `d{D}-v{V}-n{N}`."""
+    """Comma list of case names, presets (`cpu`, `gpu`, `gpu-target`, ...) or `d{D}-v{V}-n{N}`; a "-zipf" suffix
+    on any of them draws the targets from the Zipf-Mandelbrot law (`ZIPF_EXPONENT`) instead of uniformly."""
     out: list[Case] = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item.endswith("-zipf"):
+            base = item.removesuffix("-zipf")
+            out += [replace(c, name=f"{c.name}-zipf", targets="zipf") for c in parse_cases(base)]
+            continue
         if item in PRESETS:
             out += [parse_cases(c)[0] for c in PRESETS[item]]
         elif item in CASES:
@@ -80,7 +93,7 @@ def parse_cases(spec: str) -> list[Case]:
         else:
             raise ValueError(
                 f"unknown case {item!r}: use a name ({', '.join(CASES)}), a preset ({', '.join(PRESETS)}), "
-                "'<model>-n<N>' or 'd<D>-v<V>-n<N>'"
+                "'<model>-n<N>' or 'd<D>-v<V>-n<N>', each with an optional '-zipf' suffix"
             )
     for c in out:
         if c.n % c.seq_len or c.n_seq % 2 or c.n < 8:

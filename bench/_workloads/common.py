@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cases import Case
+from .cases import TARGET_LAWS, ZIPF_EXPONENT, ZIPF_SHIFT, Case
 
 IGNORE_INDEX = -100
 BETA = 0.1
@@ -33,9 +33,20 @@ class Draw:
         return torch.randint(low, high, shape, generator=self.g, device=self.device)
 
     def padded_targets(self) -> torch.Tensor:
-        """(2B, T) random targets, the tail of each row (0-40% of it) set to IGNORE_INDEX."""
+        """(2B, T) random targets, the tail of each row (0-40% of it) set to IGNORE_INDEX. Uniform over the
+        vocabulary, or for a "zipf" case drawn from the Zipf-Mandelbrot law (`cases.ZIPF_EXPONENT`), its ranks
+        given to token ids in a random order (frequent tokens are not the low ids)."""
         n_seq, t, v = self.case.n_seq, self.case.seq_len, self.case.v
-        targets = self.randint(0, v, (n_seq, t))
+        if self.case.targets == "zipf":
+            ranks = torch.arange(1, v + 1, dtype=torch.float64, device=self.device)
+            law = (ranks + ZIPF_SHIFT).pow(-ZIPF_EXPONENT)
+            drawn = torch.multinomial(law / law.sum(), n_seq * t, replacement=True, generator=self.g)
+            token_of_rank = torch.randperm(v, generator=self.g, device=self.device)
+            targets = token_of_rank[drawn].view(n_seq, t)
+        elif self.case.targets == "uniform":
+            targets = self.randint(0, v, (n_seq, t))
+        else:
+            raise ValueError(f"case {self.case.name}: targets must be one of {TARGET_LAWS}, got {self.case.targets!r}")
         lengths = self.randint((6 * t) // 10, t + 1, (n_seq,))
         pad = torch.arange(t, device=self.device)[None, :] >= lengths[:, None]
         return targets.masked_fill(pad, IGNORE_INDEX)
