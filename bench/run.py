@@ -309,13 +309,12 @@ def _job(case, name: str, plan: dict) -> tuple[list[dict], dict | None]:
     if not todo:
         return rows, None
     job = {k: plan[k] for k in ("backends", "device", "dtype", "repeats", "warmup", "seed", "threads", "search_s")}
-    job.update(
-        case={"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model, "targets": case.targets},
-        contender=name,
-        workloads=todo,
-    )
+    job.update(contender=name, workloads=todo)
     if family(case) == "step":
         job["case"] = case.job()
+    else:
+        job["case"] = {"name": case.name, "d": case.d, "v": case.v, "n": case.n, "model": case.model,
+                       "targets": case.targets}
     return rows, job
 
 
