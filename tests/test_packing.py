@@ -638,3 +638,44 @@ def _check_cuda_packed_step(setup, implementation):
         torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4, msg=objective)
     _, seen = _assert_same_step(model, ref, batch, dict(), reference="model", objective="tpo")
     assert seen and all(n == 1 for n, _, _ in seen)
+
+
+def test_segment_attention_keeps_no_copy_of_the_second_response_keys_for_backward():
+    """Autograd keeps, for one packed row's attention, only views of the row's q, k, v and the pieces' outputs
+    (and their logsumexps): the second response's attention, over a copy of the prefix's keys and values and its
+    own, is checkpointed, so that copy (prefix + second keys long) is rebuilt in backward instead of kept, and its
+    output is not kept twice. Gradients are those of the masked attention (the test above) either way."""
+    spans, start = [], 0
+    for prefix, first, second in [(7, 3, 2), (6, 2, 0), (11, 1, 5)]:  # tails of 9 and 16 keys: no other length
+        spans.append((start, prefix, first, second))
+        start += prefix + first + second
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, start, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=tuple(spans))
+    tails = {prefix + second for _, prefix, _, second in spans if second}
+    assert not [t.shape for t in kept if t.dim() == 4 and t.shape[2] in tails], "a copy of the tail keys is kept"
+    row = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept
+           if t.untyped_storage().data_ptr() not in row}
+    # the two causal pieces' outputs (prefix + first rows) and their fp32 logsumexps, nothing else
+    heads_rows = sum(prefix + first for _, prefix, first, _ in spans)
+    assert sum(own.values()) <= heads_rows * 2 * 4 * 8 + heads_rows * 2 * 8, own
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    allowed = torch.zeros(start, start, dtype=torch.bool)
+    for s0, prefix, first, second in spans:
+        head = torch.ones(prefix + first, prefix + first, dtype=torch.bool).tril()
+        allowed[s0 : s0 + prefix + first, s0 : s0 + prefix + first] = head
+        tail = slice(s0 + prefix + first, s0 + prefix + first + second)
+        allowed[tail, s0 : s0 + prefix] = True
+        allowed[tail, tail] = torch.ones(second, second, dtype=torch.bool).tril()
+    want = torch.autograd.grad(_masked_attention(q, k, v, allowed[None, None], 0.5), (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

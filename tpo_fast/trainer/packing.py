@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger("tpo_fast")
 
@@ -348,7 +349,6 @@ def segment_attention(
     prefix and its own keys (never the first response). No (L, L) mask is built, and the work is per
     sequence, not quadratic in the micro-batch. Returns ((1, L, heads, head_dim), None) like sdpa.
     """
-    from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if tpo_fast_spans is None:
@@ -375,23 +375,38 @@ def segment_attention(
     # zero-filled gradient in backward (`slice_backward`), summed one by one: work quadratic in the micro-batch.
     sizes = [n for _, prefix, first, second in tpo_fast_spans for n in (prefix + first, second)]
     queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
+    # The second response's keys and values are a copy (the prefix's, then its own); kept for backward they would
+    # add about 1.7 hidden-sized tensors per token and layer (9% of a LoRA step's activations at LLaVA-1.5-7B
+    # shapes). Under autograd its attention is checkpointed instead: backward rebuilds the copy and reruns that
+    # attention's forward, some 25% of the row's attention FLOPs, 1% of the layer's.
+    keep_less = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     pieces = []
     for i, (_, prefix, _first, second) in enumerate(tpo_fast_spans):
         head_keys, head_values = keys[2 * i], values[2 * i]
         pieces.append(sdpa(queries[2 * i], head_keys, head_values, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
-            tail_keys = torch.cat([head_keys[:, :, :prefix], keys[2 * i + 1]], 2)
-            tail_values = torch.cat([head_values[:, :, :prefix], values[2 * i + 1]], 2)
-            # query i of the second response sees the prefix and its own keys 0..i: causal, aligned to the
-            # bottom right. On CUDA as a CausalBias, which runs flash (or memory-efficient) attention with no
-            # mask tensor; elsewhere that bias would materialize the same boolean mask after a warning per call.
-            if query.is_cuda:
-                mask = causal_lower_right(second, prefix + second)
-            else:
-                mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
-            pieces.append(sdpa(queries[2 * i + 1], tail_keys, tail_values, attn_mask=mask, dropout_p=dropout,
-                               scale=scaling))
+            args = (queries[2 * i + 1], head_keys[:, :, :prefix], head_values[:, :, :prefix], keys[2 * i + 1],
+                    values[2 * i + 1], dropout, scaling)
+            pieces.append(checkpoint(_second_response, *args, use_reentrant=False) if keep_less
+                          else _second_response(*args))
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+
+
+def _second_response(query, prefix_keys, prefix_values, keys, values, dropout: float, scaling: float | None):
+    """SDPA of a second response's queries (1, heads, s, dim) over the prefix's keys and its own: query i sees
+    the prefix and its own keys 0..i, causal aligned to the bottom right. On CUDA as a CausalBias, which runs
+    flash (or memory-efficient) attention with no mask tensor; elsewhere that bias would materialize the same
+    boolean mask after a warning per call."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    prefix, second = prefix_keys.shape[2], keys.shape[2]
+    tail_keys, tail_values = torch.cat([prefix_keys, keys], 2), torch.cat([prefix_values, values], 2)
+    if query.is_cuda:
+        mask = causal_lower_right(second, prefix + second)
+    else:
+        mask = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
+    return torch.nn.functional.scaled_dot_product_attention(query, tail_keys, tail_values, attn_mask=mask,
+                                                            dropout_p=dropout, scale=scaling)
 
 
 def use_segment_attention(language_model: torch.nn.Module) -> None:
