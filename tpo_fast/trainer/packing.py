@@ -349,7 +349,7 @@ def segment_attention(
     prefix and its own keys (never the first response). No (L, L) mask is built, and the work is per
     sequence, not quadratic in the micro-batch. Returns ((1, L, heads, head_dim), None) like sdpa.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if tpo_fast_spans is None:
         if attention_mask is not None and attention_mask.numel() == 0:
@@ -367,29 +367,39 @@ def segment_attention(
         offset += sum(lengths)
     if offset != query.shape[2]:
         raise ValueError(f"the spans cover {offset} of the row's {query.shape[2]} tokens")
+    # Under autograd the row's attention is checkpointed: backward reruns its forward (about 2% of a layer's
+    # forward FLOPs at LLaVA-1.5-7B shapes) instead of keeping what its pieces make, which only this per-sequence
+    # layout adds to a layer's activations: each piece's output besides their joined copy (the o_proj input),
+    # the second responses' copies of the prefix's keys and values, and grouped-query attention's repeated keys
+    # and values. Autograd keeps the row's q, k and v, as for plain SDPA.
+    args = (query, key, value, tpo_fast_spans, dropout, scaling)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return checkpoint(_row_attention, *args, use_reentrant=False), None
+    return _row_attention(*args), None
+
+
+def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ...], dropout: float,
+                   scaling: float | None) -> torch.Tensor:
+    """`segment_attention` of one packed row: (1, heads, L, dim) q and (1, kv heads, L, dim) k, v -> (1, L, heads,
+    dim), two SDPA calls per sequence of `spans`."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     repeats = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     # One split per tensor into (prefix + first response, second response) pieces: its backward joins the pieces'
     # gradients into one row-sized buffer. Slicing the row per sequence instead gave every slice a row-sized
     # zero-filled gradient in backward (`slice_backward`), summed one by one: work quadratic in the micro-batch.
-    sizes = [n for _, prefix, first, second in tpo_fast_spans for n in (prefix + first, second)]
+    sizes = [n for _, prefix, first, second in spans for n in (prefix + first, second)]
     queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
-    # The second response's keys and values are a copy (the prefix's, then its own); kept for backward they would
-    # add about 1.7 hidden-sized tensors per token and layer (9% of a LoRA step's activations at LLaVA-1.5-7B
-    # shapes). Under autograd its attention is checkpointed instead: backward rebuilds the copy and reruns that
-    # attention's forward, some 25% of the row's attention FLOPs, 1% of the layer's.
-    keep_less = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     pieces = []
-    for i, (_, prefix, _first, second) in enumerate(tpo_fast_spans):
+    for i, (_, prefix, _first, second) in enumerate(spans):
         head_keys, head_values = keys[2 * i], values[2 * i]
-        pieces.append(sdpa(queries[2 * i], head_keys, head_values, dropout_p=dropout, scale=scaling, is_causal=True))
+        pieces.append(torch.nn.functional.scaled_dot_product_attention(
+            queries[2 * i], head_keys, head_values, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
-            args = (queries[2 * i + 1], head_keys[:, :, :prefix], head_values[:, :, :prefix], keys[2 * i + 1],
-                    values[2 * i + 1], dropout, scaling)
-            pieces.append(checkpoint(_second_response, *args, use_reentrant=False) if keep_less
-                          else _second_response(*args))
-    return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+            pieces.append(_second_response(queries[2 * i + 1], head_keys[:, :, :prefix], head_values[:, :, :prefix],
+                                           keys[2 * i + 1], values[2 * i + 1], dropout, scaling))
+    return torch.cat(pieces, 2).transpose(1, 2).contiguous()
 
 
 def _second_response(query, prefix_keys, prefix_values, keys, values, dropout: float, scaling: float | None):
