@@ -31,6 +31,7 @@ import torch
 from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
+from tpo_fast.trainer.activations import shared_lora_inputs
 from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
 
 OBJECTIVES = ("tpo", "dpo", "povid")
@@ -59,6 +60,7 @@ class StepOptions:
     grad_mode: str = "auto"
     shared_prefix: bool = True
     padding_free: bool | None = None
+    lean_activations: bool = True
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -427,7 +429,9 @@ def policy_loss(
     if options.reference != "none" and ref_seq_scores is None:
         raise ValueError(f"reference={options.reference!r} needs reference scores for the batch; none were given")
 
-    hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
+    device_type = batch["input_ids"].device.type
+    with shared_lora_inputs(llava, device_type) if options.lean_activations else contextlib.nullcontext():
+        hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
     common = dict(
         ref_seq_scores=ref_seq_scores, beta=options.beta, loss_type=options.loss_type,
         label_smoothing=options.label_smoothing, reference_free=options.reference == "none",

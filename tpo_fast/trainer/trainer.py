@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from tpo_fast.trainer.activations import use_lean_norms
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
 from tpo_fast.trainer.data import PreferenceDataset
@@ -210,10 +211,13 @@ class TPOTrainer(Trainer):
             label_smoothing=args.label_smoothing,
             average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
             grad_mode=args.loss_grad_mode, shared_prefix=args.shared_prefix, padding_free=args.padding_free,
+            lean_activations=args.lean_activations,
         )
         route_forward(model, self.step_options)
         if ref_model is not None:
             route_forward(ref_model, self.step_options)
+        if args.lean_activations:
+            logger.info("RMSNorms keeping their 16-bit input for backward: %d", use_lean_norms(unwrap_llava(model)))
         packing = packing_mode(unwrap_llava(model), args.shared_prefix, args.padding_free)  # logs why not, once
         logger.info("trunk forwards: shared_prefix=%s, padding_free=%s", bool(packing and packing.shared_prefix),
                     bool(packing and packing.padding_free))
