@@ -11,7 +11,9 @@
 #                 the same losses on text-like targets, whose frequent tokens make long runs for scatter_rows_kernel)
 #   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh install step    timeout_s 400
 #                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run
-#                 timed only the official structure, TRL and our shared-prefix TPO step after it)
+#                 timed only the official structure, TRL and our shared-prefix TPO step after it; our steps'
+#                 peak memory since the checkpointed packed attention and lean_activations, estimated from
+#                 51 GB to about 36 GB by a CPU count, unmeasured)
 #   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install step-profile
 #                 (where the 7B step's time goes, ours against TRL's: the shared-prefix TPO step ran at about
 #                 0.7x TRL's work per second in the second run)

@@ -116,6 +116,15 @@ STEP_CASES: dict[str, StepCase] = {
         vision_intermediate=128, pairs=4, prompt_words=56, response_min=64, response_max=256,
         memory_budget_mib=3072, max_pairs=32, search_s=60, records=32,
     ),
+    # cpu-step-576 as the 7B case trains it: bf16 weights under bf16 autocast, LoRA on the text model's linear
+    # layers (rank 16 at this width), LLaVA-1.5-7B's MLP ratio and head size, so activations keep the 7B step's
+    # proportions. Where the CPU can show the step's memory per micro-batch with LoRA.
+    "cpu-step-lora": StepCase(
+        "cpu-step-lora", "llava-h512-l4", text_hidden=512, layers=4, heads=4, kv_heads=4, intermediate=1376,
+        vocab=32000, image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2,
+        vision_intermediate=128, pairs=4, prompt_words=56, response_min=64, response_max=256, dtype="bf16",
+        lora=True, lora_rank=16, memory_budget_mib=3072, max_pairs=32, search_s=60, records=32,
+    ),
     # LLaVA-1.5-7B: Vicuna-7B text shapes, CLIP ViT-L/14-336 vision shapes (576 image tokens), random
     # init, bf16, LoRA r=128 on the text model's linear layers (LLaVA-1.5's LoRA recipe); the budget is
     # an 80 GB card's.
