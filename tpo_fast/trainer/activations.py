@@ -28,12 +28,9 @@ on a bf16 step at hidden size 512 (README, "Changed since the second H200 run").
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 
 import torch
-
-logger = logging.getLogger("tpo_fast")
 
 # Norm classes whose forward is the formula above (checked per transformers version by tests/test_activations.py).
 LEAN_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")

@@ -100,8 +100,8 @@ class TPOConfig(TrainingArguments):
         language models of LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision) keep their 16-bit input, not the fp32
         copy Hugging Face's forward makes; and under bf16/fp16 autocast the LoRA adapters of a layer keep its
         input itself, not a copy each (peft's cast to the adapter's fp32 is off during the step's trunk
-        forward). On a bf16 LoRA model at LLaVA-1.5-7B shapes: about a quarter less activation memory by
-        count; nothing changes on fp32. False keeps the model's and peft's own behaviour.
+        forward). On a bf16 LoRA model at LLaVA-1.5-7B's proportions: a fifth less activation memory (counted
+        at hidden size 512); nothing changes on fp32. False keeps the model's and peft's own behaviour.
     """
 
     objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})
