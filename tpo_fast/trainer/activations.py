@@ -17,8 +17,8 @@ Two places where a Hugging Face LoRA step keeps a copy of a tensor that backward
   bf16 model) and autocast casts it back to bf16 for the matmul: every adapter then keeps its own bf16 copy of
   its input for the weight gradient, where q, k and v (and gate and up) share one input. Under autocast the
   matmul runs in bf16 either way, so peft's cast is switched off during the step's trunk forward
-  (`shared_lora_inputs`; peft's `cast_input_dtype_enabled`): the adapters keep the input itself, shared, and
-  the values are the same.
+  (`shared_lora_inputs`, through peft's `disable_input_dtype_casting`): the adapters keep the input itself,
+  shared, and the values are the same.
 
 With LoRA on every linear layer, at LLaVA-1.5-7B's proportions, a decoder layer keeps about 24 hidden-sized
 16-bit tensors per token (MLP-sized ones counted as 2.7); these remove 2 (norms) and 3 (LoRA copies), counted
@@ -68,27 +68,25 @@ def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def shared_lora_inputs(module: torch.nn.Module, device_type: str):
-    """Within: peft's cast of each LoRA layer's input to its adapter's dtype is off, when autocast to a 16-bit
-    dtype is on for `device_type` (mixed precision), where the adapter's matmul is cast to that dtype anyway.
-    The adapters then keep their layer's input itself for backward, one tensor shared by the layers that read
-    it, instead of a copy each; the forward's values are the same. Without autocast, or on peft versions
-    without the switch (`cast_input_dtype_enabled`), nothing changes. Restored on exit, so inference after
-    training (often without autocast, where an fp32 adapter needs the cast) sees peft's own behaviour."""
-    layers = []
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in (torch.bfloat16,
-                                                                                           torch.float16):
-        for sub in module.modules():
-            lora_a = getattr(sub, "lora_A", None)
-            if (isinstance(lora_a, torch.nn.ModuleDict) and len(lora_a) and hasattr(sub, "_cast_input_dtype")
-                    and getattr(sub, "cast_input_dtype_enabled", True)):
-                layers.append(sub)
-    for sub in layers:
-        sub.cast_input_dtype_enabled = False
+    """Within: peft's cast of each adapter layer's input to its adapter's dtype is off (peft's own
+    `disable_input_dtype_casting`), when autocast to a 16-bit dtype is on for `device_type` (mixed precision),
+    where the adapter's matmul is cast to that dtype anyway. The adapters then keep their layer's input itself
+    for backward, one tensor shared by the layers that read it, instead of a copy each; the forward's values are
+    the same. Yields how many adapter layers it switched: 0 without autocast, without peft, or on peft versions
+    without the switch, where nothing changes. Restored on exit, so inference after training (often without
+    autocast, where an fp32 adapter needs the cast) sees peft's own behaviour."""
+    autocast16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in (
+        torch.bfloat16, torch.float16)
     try:
-        yield len(layers)
-    finally:
-        for sub in layers:
-            sub.cast_input_dtype_enabled = True
+        from peft.helpers import disable_input_dtype_casting
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        autocast16 = False
+    if not autocast16:
+        yield 0
+        return
+    with disable_input_dtype_casting(module):
+        yield sum(isinstance(sub, BaseTunerLayer) for sub in module.modules())
 
 
 def use_lean_norms(module: torch.nn.Module) -> int:
