@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
 from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
 
+from tpo_fast.trainer import packing  # noqa: E402
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores  # noqa: E402
 from tpo_fast.trainer.packing import (  # noqa: E402
@@ -31,6 +32,7 @@ from tpo_fast.trainer.packing import (  # noqa: E402
     response_window,
     segment_attention,
     shift_labels,
+    varlen_layout,
 )
 
 PAD, X = 0, -100
@@ -180,6 +182,16 @@ def _masked_attention(q, k, v, allowed, scale):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
+def _assert_same_attention(out, expected, leaves):
+    """`out` equals `expected` (float64), and so do their gradients with respect to `leaves` for one random grad."""
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, leaves, grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("paired", [True, False], ids=["shared-prefix", "rows"])
 def test_segment_attention_equals_the_masked_attention(paired):
     p = _pack(paired=paired, implementation=SEGMENT_ATTENTION)
@@ -194,12 +206,7 @@ def test_segment_attention_equals_the_masked_attention(paired):
     out, weights = segment_attention(module, q, k, v, mask, scaling=0.3, tpo_fast_spans=p.spans)
     assert weights is None and out.shape == (1, length, 4, 8)
     expected = _masked_attention(q, k, v, allowed_attention(p)[:, None], 0.3)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(expected, (q, k, v), grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    _assert_same_attention(out, expected, (q, k, v))
 
 
 def test_segment_attention_backward_allocates_a_fixed_number_of_row_sized_tensors():
@@ -235,6 +242,185 @@ def test_segment_attention_backward_allocates_a_fixed_number_of_row_sized_tensor
     two, six = row_sized_tensors_in_backward(2), row_sized_tensors_in_backward(6)
     assert len(two) == len(six) <= 4, (two, six)
     assert "slice_backward.default" not in six
+
+
+# ----- the one-call varlen attention of a packed row (CUDA), its layout checked on the CPU ----------------
+
+
+def _oracle_varlen(calls, **expected_extra):
+    """A stand-in for `torch.nn.attention.varlen.varlen_attn`, written from its contract: the pieces' queries and keys
+    lie after one another (cumulative counts `cu_q`, `cu_k`), each piece attends causally with the mask aligned to
+    the bottom right (query i of nq sees keys 0 .. nk - nq + i). Records each call's keyword arguments."""
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append(kw)
+        assert kw.pop("window_size", (-1, 0)) == (-1, 0) and kw.pop("is_causal", True) is True
+        assert set(kw) == set(expected_extra), kw
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and q.dim() == k.dim() == 3 and q.is_contiguous()
+        scale = kw.get("scale") or q.shape[-1] ** -0.5
+        out = []
+        for i in range(len(cu_q) - 1):
+            qi, ki, vi = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
+            nq, nk = len(qi), len(ki)
+            assert nq <= max_q and nk <= max_k
+            seen = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            scores = torch.einsum("qhd,khd->hqk", qi, ki) * scale
+            out.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), vi))
+        assert sum(len(o) for o in out) == len(q)
+        return torch.cat(out)
+
+    return varlen
+
+
+def test_varlen_layout_of_the_hand_packing():
+    """Row [1 9 9 5 6 | 8 | 1 9 | 3 2]: pair 0's prefix 0..2, chosen 3..4, rejected 5; pair 1's prefix 6..7, no
+    chosen token, rejected 8..9. Pieces: 0..4 over keys 0..4; 5 over 0..2 and 5; 6..7 over 6..7; 8..9 over 6..9."""
+    layout = varlen_layout(_pack(implementation=SEGMENT_ATTENTION).spans)
+    assert layout.key_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 6, 7, 8, 9]
+    assert layout.cu_q.tolist() == [0, 5, 6, 8, 10] and layout.cu_k.tolist() == [0, 5, 9, 11, 15]
+    assert (layout.max_q, layout.max_k) == (5, 5) and layout.cu_q.dtype == torch.int32
+    # single rows (no second response): one piece each, the keys in place
+    rows = varlen_layout(((0, 4, 0, 0), (4, 2, 0, 0)))
+    assert rows.key_index.tolist() == list(range(6)) and rows.cu_q.tolist() == rows.cu_k.tolist() == [0, 4, 6]
+    with pytest.raises(ValueError, match="^a varlen layout needs at least one span$"):
+        varlen_layout(())
+
+
+VARLEN_APIS = {
+    "window_size": (dict(window_size=(-1, 0)), True),  # torch 2.13's signature
+    "is_causal": (dict(is_causal=True), False),  # the first one: is_causal, no scale
+}
+
+
+@pytest.mark.parametrize("api", list(VARLEN_APIS))
+def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatch, api):
+    """The packed row through one varlen call (the stand-in above, on the CPU) equals the attention under the packed
+    mask, forward and gradients, with grouped-query key heads; the call is made once in forward and once more in
+    backward (the checkpoint's rerun), with the scale where the API takes one."""
+    causal, takes_scale = VARLEN_APIS[api]
+    calls = []
+    monkeypatch.setattr(packing, "varlen_api",
+                        lambda: (_oracle_varlen(calls, **({"scale": 0.3} if takes_scale else {})), causal, takes_scale))
+    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+    p = _pack(implementation=SEGMENT_ATTENTION)
+    length = p.source.shape[1]
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, length, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = 0.3 if takes_scale else 8**-0.5
+    out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=scale, tpo_fast_spans=p.spans,
+                               tpo_fast_varlen=varlen_layout(p.spans))
+    assert len(calls) == 1 and out.shape == (1, length, 4, 8)
+    expected = _masked_attention(q, k, v, allowed_attention(p)[:, None], scale)
+    _assert_same_attention(out, expected, (q, k, v))
+    assert len(calls) == 2
+
+
+def test_varlen_is_only_used_where_it_can_run(monkeypatch):
+    """The layout is built on CUDA only, and only when TPO_FAST_VARLEN is not 0; a layer runs the varlen call only in
+    fp16/bf16 with flash attention's head sizes and no dropout: on the CPU never, whatever is passed."""
+    from tpo_fast.trainer.packing import VARLEN_ENV, varlen_usable, varlen_wanted
+
+    assert not varlen_wanted(torch.device("cpu"))
+    assert "tpo_fast_varlen" not in _pack(implementation=SEGMENT_ATTENTION).inputs(torch.randn(4, 6, 3))
+    for value in ("0", "1", ""):
+        monkeypatch.setenv(VARLEN_ENV, value)
+        assert not varlen_wanted(torch.device("cpu"))
+    monkeypatch.setenv(VARLEN_ENV, "yes")
+    with pytest.raises(ValueError, match=r"^TPO_FAST_VARLEN must be 0 \(two SDPA calls per sequence\) or 1 \(one "
+                       r"varlen call on CUDA\), got 'yes'$"):
+        varlen_wanted(torch.device("cuda"))
+    monkeypatch.delenv(VARLEN_ENV)
+    q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    assert not varlen_usable(q, 0.0, None)
+    # a layout passed to the CPU attention is ignored: the SDPA path runs, and gives the masked attention
+    monkeypatch.setattr(packing, "varlen_api", lambda: pytest.fail("the varlen call ran on the CPU"))
+    p = _pack(implementation=SEGMENT_ATTENTION)
+    q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64) for _ in range(3))
+    out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=p.spans,
+                               tpo_fast_varlen=varlen_layout(p.spans))
+    torch.testing.assert_close(out, _masked_attention(q, k, v, allowed_attention(p)[:, None], 0.5))
+
+
+def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch):
+    """The whole packed TPO step with the varlen layout built by `Packing.inputs` and handed by the model to every
+    layer's attention (the stand-in call on the CPU): the padded step's loss, reference scores and gradients."""
+    calls = []
+    monkeypatch.setattr(packing, "varlen_api", lambda: (_oracle_varlen(calls, scale=None), {"window_size": (-1, 0)},
+                                                        True))
+    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+    monkeypatch.setattr(packing, "varlen_wanted", lambda device: True)
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model, ref = _policy_and_reference(proc)
+    calls_per_scale = {}
+
+    def count(kw):
+        calls_per_scale[kw["scale"]] = calls_per_scale.get(kw["scale"], 0) + 1
+
+    _, seen = _assert_same_step(model, ref, batch, dict(), reference="model", objective="tpo")
+    for kw in calls:
+        count(kw)
+    layers = model.config.text_config.num_hidden_layers
+    # per layer: the reference's call (no gradient), the policy's forward and its checkpointed rerun
+    assert len(calls) == 3 * layers and len(seen) == 1, (len(calls), seen)
+    assert list(calls_per_scale) == [model.config.text_config.head_dim**-0.5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
+    """On CUDA, the packed row's one varlen call (torch's flash-attention kernel) against the two SDPA calls per
+    sequence, in the dtype both run in: forward and the q, k, v gradients within 16-bit rounding, against the fp32
+    masked attention as the judge; the varlen call is the one that ran."""
+    from tpo_fast.trainer.packing import VARLEN_ENV, varlen_api, varlen_usable
+
+    if varlen_api() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    spans, start = [], 0
+    for prefix, first, second in [(120, 37, 64), (97, 0, 55), (130, 70, 1), (64, 9, 0)]:
+        spans.append((start, prefix, first, second))
+        start += prefix + first + second
+    spans = tuple(spans)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, start, 64, device="cuda") for _ in range(3))
+    assert varlen_usable(q.to(dtype), 0.0, 0.125) and not varlen_usable(q, 0.0, 0.125)  # fp32: SDPA
+    allowed = torch.zeros(start, start, dtype=torch.bool, device="cuda")
+    for s0, prefix, first, second in spans:
+        allowed[s0 : s0 + prefix + first, s0 : s0 + prefix + first] = torch.ones(
+            prefix + first, prefix + first, dtype=torch.bool, device="cuda").tril()
+        tail = slice(s0 + prefix + first, s0 + prefix + first + second)
+        allowed[tail, s0 : s0 + prefix] = True
+        allowed[tail, tail] = torch.ones(second, second, dtype=torch.bool, device="cuda").tril()
+    grad = torch.randn(1, start, 4, 64, device="cuda")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    judge = _masked_attention(*leaves, allowed[None, None], 0.125)
+    judge_grads = torch.autograd.grad(judge, leaves, grad)
+
+    def run(varlen):
+        if varlen:
+            monkeypatch.delenv(VARLEN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(VARLEN_ENV, "0")
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        layout = packing.varlen_layout(spans, "cuda") if packing.varlen_wanted(q.device) else None
+        assert (layout is not None) == varlen
+        out, _ = segment_attention(torch.nn.Module(), *leaves, None, scaling=0.125, tpo_fast_spans=spans,
+                                   tpo_fast_varlen=layout)
+        return out, torch.autograd.grad(out, leaves, grad.to(dtype))
+
+    api = packing.varlen_api()
+    used = []
+    monkeypatch.setattr(packing, "varlen_api", lambda: (lambda *a, **kw: used.append(1) or api[0](*a, **kw), *api[1:]))
+    out, grads = run(varlen=True)
+    assert used, "the varlen call did not run"
+    used.clear()
+    sdpa_out, sdpa_grads = run(varlen=False)
+    assert not used
+    for got, sdpa, want in zip((out, *grads), (sdpa_out, *sdpa_grads), (judge, *judge_grads), strict=True):
+        # the varlen call within twice the SDPA path's own error against the fp32 judge, plus a rounding floor
+        err, sdpa_err = (float((t.float() - want).abs().max()) for t in (got, sdpa))
+        assert err <= 2 * sdpa_err + 4 * torch.finfo(dtype).eps * float(want.abs().max()), (err, sdpa_err)
 
 
 def test_second_response_bias_on_cuda_is_the_cpu_mask():
@@ -640,7 +826,8 @@ def _check_cuda_packed_step(setup, implementation):
     assert seen and all(n == 1 for n, _, _ in seen)
 
 
-def test_segment_attention_keeps_only_the_rows_q_k_v_for_backward():
+@pytest.mark.parametrize("varlen", [False, True], ids=["sdpa", "varlen"])
+def test_segment_attention_keeps_only_the_rows_q_k_v_for_backward(monkeypatch, varlen):
     """Autograd keeps, for one packed row's attention, only the row's q, k and v, as for one plain SDPA call: the
     row's attention is checkpointed, so what its per-sequence pieces make (each piece's output besides their
     joined copy, the second response's copy of the prefix's keys and values, prefix + second keys long, and
@@ -659,8 +846,15 @@ def test_segment_attention_keeps_only_the_rows_q_k_v_for_backward():
         kept.append(t)
         return t
 
+    layout = None
+    if varlen:  # the one-call layout (the CPU stand-in for the varlen kernel): its gathered keys are not kept either
+        monkeypatch.setattr(packing, "varlen_api", lambda: (_oracle_varlen([], scale=0.5), {"window_size": (-1, 0)},
+                                                            True))
+        monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+        layout = varlen_layout(tuple(spans))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=tuple(spans))
+        out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=tuple(spans),
+                                   tpo_fast_varlen=layout)
     tails = {prefix + second for _, prefix, _, second in spans if second}
     assert not [t.shape for t in kept if t.dim() == 4 and t.shape[2] in tails], "a copy of the tail keys is kept"
     row = {t.untyped_storage().data_ptr() for t in (q, k, v)}

@@ -344,7 +344,15 @@ def trunk_rows(trainer) -> str:
     if mode is None:
         return "trunk rows: padded"
     if mode.padding_free:
-        return f"trunk rows: one padding-free row per micro-batch, attention {mode.implementation}"
+        how = f"attention {mode.implementation}"
+        try:
+            from tpo_fast.trainer.packing import SEGMENT_ATTENTION, varlen_wanted
+        except ImportError:  # a tpo_fast from before the varlen call
+            varlen_wanted = None
+        device = next(trainer.model.parameters()).device
+        if varlen_wanted is not None and mode.implementation == SEGMENT_ATTENTION and varlen_wanted(device):
+            how += " (one flash-attention varlen call per layer in 16-bit, TPO_FAST_VARLEN=0 turns it off)"
+        return f"trunk rows: one padding-free row per micro-batch, {how}"
     return f"trunk rows: one per {'pair' if mode.shared_prefix else 'row'}, padded, dense mask ({mode.implementation})"
 
 

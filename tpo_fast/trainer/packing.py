@@ -34,8 +34,11 @@ Its last position predicts the first response token of both responses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +58,9 @@ BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
 # (SDPA, which runs PyTorch's own flash-attention kernels on CUDA), so that the trainer's default attention on a
 # CUDA machine with flash-attn installed (`default_attn_implementation`) still trains packed.
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# "0" turns off the one-call varlen attention of a packed row on CUDA (`VarlenLayout`): the row is then attended
+# with two SDPA calls per sequence, as on the CPU. Unset or "1": on.
+VARLEN_ENV = "TPO_FAST_VARLEN"
 
 
 @dataclass(frozen=True)
@@ -92,12 +98,15 @@ class Packing:
 
     def inputs(self, embeds: torch.Tensor) -> dict[str, object]:
         """(R, T, D) padded input embeddings -> the trunk's keyword arguments: `inputs_embeds`, `attention_mask`,
-        `position_ids`, and for `SEGMENT_ATTENTION` on one row the spans its attention reads (`tpo_fast_spans`)."""
+        `position_ids`, and for `SEGMENT_ATTENTION` on one row the spans its attention reads (`tpo_fast_spans`),
+        and on CUDA their `VarlenLayout` (`tpo_fast_varlen`: built once here for every layer of the call)."""
         packed = embeds.flatten(0, 1)[self.source]
         out = dict(inputs_embeds=packed, attention_mask=packed_attention_mask(self, packed.dtype),
                    position_ids=self.position_ids)
         if self.implementation == SEGMENT_ATTENTION and self.spans:
             out["tpo_fast_spans"] = self.spans
+            if varlen_wanted(packed.device):
+                out["tpo_fast_varlen"] = varlen_layout(self.spans, packed.device)
         return out
 
     def twice(self, batch_tokens: int) -> Packing:
@@ -338,16 +347,19 @@ def segment_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     tpo_fast_spans: tuple[tuple[int, int, int, int], ...] | None = None,
+    tpo_fast_varlen: VarlenLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The attention function of `SEGMENT_ATTENTION` (transformers' attention interface signature).
 
     Without `tpo_fast_spans` it is transformers' sdpa. With them (a padding-free packed row, query and
     key (1, heads, L, head_dim)), each sequence `(start, prefix, first, second)` attends only within
-    itself, as the packed mask says (`allowed_attention`), in two SDPA calls: prefix + first response
-    causally (`is_causal`, which skips the upper blocks), then the second response's queries over the
-    prefix and its own keys (never the first response). No (L, L) mask is built, and the work is per
-    sequence, not quadratic in the micro-batch. Returns ((1, L, heads, head_dim), None) like sdpa.
+    itself, as the packed mask says (`allowed_attention`): prefix + first response causally, then the second
+    response's queries over the prefix and its own keys (never the first response). With `tpo_fast_varlen` (the
+    row's `VarlenLayout`, on CUDA in 16 bits) that is one flash-attention varlen call for the whole row;
+    otherwise two SDPA calls per sequence (`is_causal` for the first piece, which skips the upper blocks). No
+    (L, L) mask is built, and the work is per sequence, not quadratic in the micro-batch. Returns
+    ((1, L, heads, head_dim), None) like sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -367,25 +379,126 @@ def segment_attention(
         offset += sum(lengths)
     if offset != query.shape[2]:
         raise ValueError(f"the spans cover {offset} of the row's {query.shape[2]} tokens")
+    if tpo_fast_varlen is not None and not varlen_usable(query, dropout, scaling):
+        tpo_fast_varlen = None
     # Under autograd the row's attention is checkpointed: backward reruns its forward (about 2% of a layer's
     # forward FLOPs at LLaVA-1.5-7B shapes) instead of keeping what its pieces make, which only this per-sequence
     # layout adds to a layer's activations: each piece's output besides their joined copy (the o_proj input),
-    # the second responses' copies of the prefix's keys and values, and grouped-query attention's repeated keys
-    # and values. Autograd keeps the row's q, k and v, as for plain SDPA.
-    args = (query, key, value, tpo_fast_spans, dropout, scaling)
+    # the second responses' copies of the prefix's keys and values (the varlen call's gathered keys and values),
+    # and grouped-query attention's repeated keys and values. Autograd keeps the row's q, k and v, as for plain SDPA.
+    args = (query, key, value, tpo_fast_spans, dropout, scaling, tpo_fast_varlen)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return checkpoint(_row_attention, *args, use_reentrant=False), None
     return _row_attention(*args), None
 
 
+@dataclass(frozen=True)
+class VarlenLayout:
+    """A padding-free row's attention as one varlen (flash-attention) call over its pieces.
+
+    Every sequence `(start, prefix, first, second)` of the row gives one piece, prefix + first response, whose
+    queries see its keys causally, and, with a second response, a second piece: the second response's queries
+    over the prefix's keys followed by its own, causal aligned to the bottom right (query i sees the prefix and
+    its own keys 0..i). The pieces' queries are the row's tokens in order, so the queries need no gather; the
+    keys (and values) are gathered once per layer: `key_index` (T_k,) holds the row position of each, piece
+    after piece. `cu_q`, `cu_k` (P + 1,) int32: the pieces' cumulative query and key counts; `max_q`, `max_k`:
+    the longest piece's.
+    """
+
+    key_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def varlen_layout(spans: tuple[tuple[int, int, int, int], ...], device: torch.device | str = "cpu") -> VarlenLayout:
+    """The `VarlenLayout` of a padding-free row's spans, its tensors on `device` (copied from pinned memory without
+    waiting on the device, so that building it never stalls the host)."""
+    keys, q_lens, k_lens = [], [], []
+    for start, prefix, first, second in spans:
+        head = prefix + first
+        keys.append(torch.arange(start, start + head))
+        q_lens.append(head)
+        k_lens.append(head)
+        if second:
+            keys += [torch.arange(start, start + prefix), torch.arange(start + head, start + head + second)]
+            q_lens.append(second)
+            k_lens.append(prefix + second)
+    if not q_lens:
+        raise ValueError("a varlen layout needs at least one span")
+    key_index = torch.cat(keys)
+    cu = torch.zeros(2, len(q_lens) + 1, dtype=torch.int32)
+    cu[0, 1:] = torch.tensor(q_lens).cumsum(0)
+    cu[1, 1:] = torch.tensor(k_lens).cumsum(0)
+    device = torch.device(device)
+    if device.type == "cuda":
+        key_index, cu = (t.pin_memory().to(device, non_blocking=True) for t in (key_index, cu))
+    else:
+        key_index, cu = key_index.to(device), cu.to(device)
+    return VarlenLayout(key_index, cu[0], cu[1], max(q_lens), max(k_lens))
+
+
+@functools.cache
+def varlen_api() -> tuple | None:
+    """(varlen_attn, its causal keyword arguments, whether it takes `scale`) of this torch, or None where it has none.
+
+    `torch.nn.attention.varlen.varlen_attn` took `is_causal` when it appeared and takes `window_size=(-1, 0)`
+    for causal attention since; flash attention's causal mask is aligned to the bottom right either way."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "scale" in params
+
+
+def _varlen_env() -> bool:
+    value = os.environ.get(VARLEN_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{VARLEN_ENV} must be 0 (two SDPA calls per sequence) or 1 (one varlen call on CUDA), "
+                         f"got {value!r}")
+    return value != "0"
+
+
+def varlen_wanted(device: torch.device) -> bool:
+    """Whether a packed row on `device` gets a `VarlenLayout`: CUDA, a torch with varlen attention, and
+    `TPO_FAST_VARLEN` not "0". Whether the call then uses it is `varlen_usable`'s decision (dtype, head size)."""
+    return device.type == "cuda" and _varlen_env() and varlen_api() is not None
+
+
+def varlen_usable(query: torch.Tensor, dropout: float, scaling: float | None) -> bool:
+    """Whether this layer's attention can be the varlen call: flash attention on CUDA (compute capability 8.0 on,
+    not turned off by `torch.backends.cuda.enable_flash_sdp(False)` or an `sdpa_kernel` context without it),
+    fp16 or bf16 queries, a head size that is a multiple of 8 up to 256, no attention dropout, and a scale the
+    call can take. Otherwise the row is attended sequence by sequence with SDPA, which picks its own kernel."""
+    head = query.shape[-1]
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    api = varlen_api()
+    if api is None or head % 8 or head > 256 or not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    if not api[2] and scaling is not None and not math.isclose(scaling, head**-0.5, rel_tol=1e-6):
+        return False
+    return torch.cuda.get_device_capability(query.device) >= (8, 0)
+
+
 def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ...], dropout: float,
-                   scaling: float | None) -> torch.Tensor:
+                   scaling: float | None, varlen: VarlenLayout | None = None) -> torch.Tensor:
     """`segment_attention` of one packed row: (1, heads, L, dim) q and (1, kv heads, L, dim) k, v -> (1, L, heads,
-    dim), two SDPA calls per sequence of `spans`."""
+    dim): one varlen call with `varlen`, else two SDPA calls per sequence of `spans`."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     repeats = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
+    if varlen is not None:
+        return _varlen_row_attention(query, key, value, varlen, scaling)
     # One split per tensor into (prefix + first response, second response) pieces: its backward joins the pieces'
     # gradients into one row-sized buffer. Slicing the row per sequence instead gave every slice a row-sized
     # zero-filled gradient in backward (`slice_backward`), summed one by one: work quadratic in the micro-batch.
@@ -400,6 +513,18 @@ def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ..
             pieces.append(_second_response(queries[2 * i + 1], head_keys[:, :, :prefix], head_values[:, :, :prefix],
                                            keys[2 * i + 1], values[2 * i + 1], dropout, scaling))
     return torch.cat(pieces, 2).transpose(1, 2).contiguous()
+
+
+def _varlen_row_attention(query, key, value, varlen: VarlenLayout, scaling: float | None) -> torch.Tensor:
+    """One varlen call for a packed row: (1, heads, L, dim) q, k, v -> (1, L, heads, dim). The queries are the row's
+    tokens as they are (L, heads, dim); the keys and values are gathered into the pieces' order (`VarlenLayout`)."""
+    fn, causal, takes_scale = varlen_api()
+    q = query[0].transpose(0, 1).contiguous()
+    k = key[0].transpose(0, 1).index_select(0, varlen.key_index)
+    v = value[0].transpose(0, 1).index_select(0, varlen.key_index)
+    extra = {"scale": scaling} if takes_scale else {}
+    out = fn(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **causal, **extra)
+    return out.unsqueeze(0)
 
 
 def _second_response(query, prefix_keys, prefix_values, keys, values, dropout: float, scaling: float | None):
