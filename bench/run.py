@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma list of naive, liger, trl, cce, tpo_fast-<backend> (or 'tpo_fast' for all; 'cpp' is "
         "the compiled extension, logits workload only), "
         "floor, and 'broken' (a deliberately wrong contender that tests the guard); for the step workload "
-        "official-tpo, trl-dpo, ours-dpo, ours-dpo-shared, ours-tpo, ours-tpo-shared, ours-tpo-shared-refcache; "
+        "official-tpo, trl-dpo, ours-dpo, ours-dpo-shared, ours-tpo, ours-tpo-shared, ours-tpo-shared-refcache, "
+        "ours-tpo-shared-sdpa (CUDA); "
         "default: all but 'broken'",
     )
     p.add_argument(

@@ -119,7 +119,7 @@ part_zipf() {
 }
 
 part_step() {
-    local contenders=official-tpo,trl-dpo,ours-tpo-shared,ours-tpo,ours-dpo-shared,ours-dpo,ours-tpo-shared-refcache
+    local contenders=official-tpo,trl-dpo,ours-tpo-shared,ours-tpo-shared-sdpa,ours-dpo-shared,ours-tpo,ours-dpo,ours-tpo-shared-refcache
     bench_run step gpu_step "${STEP_S:-280}" --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 \
         --warmup 2 --contenders "${STEP_CONTENDERS:-$contenders}" --search-s 0 --timeout 100
 }

@@ -285,6 +285,29 @@ def test_step_contenders_run_their_lora_matmuls_under_bf16_autocast(name):
     assert seen and set(seen) == {(True, torch.bfloat16)}, set(seen)
 
 
+def test_sdpa_step_contender_turns_the_varlen_call_off(monkeypatch):
+    """`ours-tpo-shared-sdpa`, the A/B of the one-call varlen attention: off CUDA it is the same step as
+    `ours-tpo-shared` and is not run; built, it sets TPO_FAST_VARLEN=0 in its own process, so its trainer's packed
+    rows are attended with SDPA (its note says so); it is compared with the unshared step like its twin."""
+    import dataclasses
+
+    from tpo_fast.ops.options import ENV_VARS
+
+    VARLEN_ENV = ENV_VARS["varlen"]
+
+    (step_contenders, step_workload) = _bench("_contenders.step", "_workloads.step")
+    contender = step_contenders.step_contenders()["ours-tpo-shared-sdpa"]
+    assert contender.availability("cpu", "step") == (
+        "not run: the same step as ours-tpo-shared off CUDA (the varlen call runs on CUDA only)")
+    assert contender.unshared == "ours-tpo" and f"{VARLEN_ENV}=0" in contender.note()
+    monkeypatch.delenv(VARLEN_ENV, raising=False)
+    case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], search_s=0)
+    monkeypatch.setenv(VARLEN_ENV, "1")  # restored after the test
+    contender.build(case, step_workload.StepData(case), "cpu")
+    assert os.environ[VARLEN_ENV] == "0"
+    assert step_contenders.step_contenders()["ours-tpo-shared"].availability("cpu", "step") is None
+
+
 def _step_row(contender, objective, oracle, losses, dtype="fp32", label=None):
     return {"workload": "step", "status": "ok", "contender": contender, "objective": objective, "oracle": oracle,
             "losses": losses, "dtype": dtype, "label": label or contender, "check": {"ok": True, "errors": {}}}

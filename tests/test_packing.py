@@ -319,7 +319,10 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
 def test_varlen_is_only_used_where_it_can_run(monkeypatch):
     """The layout is built on CUDA only, and only when TPO_FAST_VARLEN is not 0; a layer runs the varlen call only in
     fp16/bf16 with flash attention's head sizes and no dropout: on the CPU never, whatever is passed."""
-    from tpo_fast.trainer.packing import VARLEN_ENV, varlen_usable, varlen_wanted
+    from tpo_fast.ops.options import ENV_VARS, kernel_options
+    from tpo_fast.trainer.packing import varlen_usable, varlen_wanted
+
+    VARLEN_ENV = ENV_VARS["varlen"]
 
     assert not varlen_wanted(torch.device("cpu"))
     assert "tpo_fast_varlen" not in _pack(implementation=SEGMENT_ATTENTION).inputs(torch.randn(4, 6, 3))
@@ -327,10 +330,23 @@ def test_varlen_is_only_used_where_it_can_run(monkeypatch):
         monkeypatch.setenv(VARLEN_ENV, value)
         assert not varlen_wanted(torch.device("cpu"))
     monkeypatch.setenv(VARLEN_ENV, "yes")
-    with pytest.raises(ValueError, match=r"^TPO_FAST_VARLEN must be 0 \(two SDPA calls per sequence\) or 1 \(one "
-                       r"varlen call on CUDA\), got 'yes'$"):
+    with pytest.raises(ValueError, match="^TPO_FAST_VARLEN must be '1' or '0', got 'yes'$"):
         varlen_wanted(torch.device("cuda"))
     monkeypatch.delenv(VARLEN_ENV)
+    # the switch itself, as varlen_wanted reads it (the CUDA and torch conditions aside)
+    monkeypatch.setattr(packing, "varlen_api", lambda: ("a varlen call", {}, True))
+    cuda = types.SimpleNamespace(type="cuda")
+    assert varlen_wanted(cuda)
+    with kernel_options(varlen=False):
+        assert not varlen_wanted(cuda)
+    monkeypatch.setenv(VARLEN_ENV, "0")
+    assert not varlen_wanted(cuda)
+    monkeypatch.setenv(VARLEN_ENV, "1")
+    assert varlen_wanted(cuda)
+    monkeypatch.setattr(packing, "varlen_api", lambda: None)  # a torch without torch.nn.attention.varlen
+    assert not varlen_wanted(cuda)
+    monkeypatch.delenv(VARLEN_ENV)
+    monkeypatch.undo()
     q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
     assert not varlen_usable(q, 0.0, None)
     # a layout passed to the CPU attention is ignored: the SDPA path runs, and gives the masked attention
@@ -373,8 +389,10 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
     """On CUDA, the packed row's one varlen call (torch's flash-attention kernel) against the two SDPA calls per
     sequence, in the dtype both run in: forward and the q, k, v gradients within 16-bit rounding, against the fp32
     masked attention as the judge; the varlen call is the one that ran."""
-    from tpo_fast.trainer.packing import VARLEN_ENV, varlen_api, varlen_usable
+    from tpo_fast.ops.options import ENV_VARS
+    from tpo_fast.trainer.packing import varlen_api, varlen_usable
 
+    VARLEN_ENV = ENV_VARS["varlen"]
     if varlen_api() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     spans, start = [], 0

@@ -13,6 +13,8 @@
 - `ours-tpo-shared-refcache`: the shared-prefix TPO step with `precompute_reference=True`: the frozen
   reference scores the pairs once before the timed steps (that time goes into the row's note, and
   `reference_cache_s_per_pair` into the row), so a step runs only the policy's two forwards.
+- `ours-tpo-shared-sdpa` (CUDA only): the shared-prefix TPO step with `TPO_FAST_VARLEN=0`, its packed row attended
+  with two SDPA calls per sequence instead of one flash-attention varlen call per layer (the A/B of that call).
 
 Each runs `train_step(batch)`: forward, backward, optimizer step, zero_grad, with the Hugging Face
 Trainer's default optimizer (fused AdamW) for all; no gradient clipping for any. Batches are
@@ -25,6 +27,7 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import tempfile
 import time
 
@@ -41,6 +44,7 @@ from .base import Contender, missing
 # 0.067 and TRL's and ours agree within 1.1%. The step time does not depend on it.
 LEARNING_RATE = 1e-4
 OPTIONAL_TRL = ("use_liger_kernel", "padding_free", "precompute_ref_log_probs")
+VARLEN_ENV = "TPO_FAST_VARLEN"  # tpo_fast.trainer.packing's switch (named here too: older tpo_fast versions lack it)
 
 
 def _optimizer(params, device: str):
@@ -357,10 +361,11 @@ def trunk_rows(trainer) -> str:
 
 
 class OursStep(StepContender):
-    def __init__(self, objective: str, shared: bool, precomputed: bool = False):
-        name = f"ours-{objective}" + ("-shared" if shared else "") + ("-refcache" if precomputed else "")
+    def __init__(self, objective: str, shared: bool, precomputed: bool = False, sdpa: bool = False):
+        name = (f"ours-{objective}" + ("-shared" if shared else "") + ("-refcache" if precomputed else "")
+                + ("-sdpa" if sdpa else ""))
         label = (f"tpo_fast {objective.upper()} step" + (", shared prefix" if shared else "")
-                 + (", cached reference" if precomputed else ""))
+                 + (", cached reference" if precomputed else "") + (", SDPA per sequence" if sdpa else ""))
         ref = {"dpo": "one reference forward", "tpo": "the reference's without"}[objective]
         if precomputed:
             ref = "no reference forward (scores cached once per data set, before the timed steps)"
@@ -374,14 +379,26 @@ class OursStep(StepContender):
         if precomputed:
             note += ("; TPOConfig(precompute_reference=True): the frozen reference scores every pair once "
                      "(its time is in the note, amortized per epoch) and the step reads the cache")
+        if sdpa:
+            note += (f"; {VARLEN_ENV}=0: a packed row attended with two SDPA calls per sequence on CUDA too, not one "
+                     "flash-attention varlen call per layer (the A/B of that call)")
         super().__init__(name, "ours", label, note)
-        self.objective, self.shared, self.precomputed = objective, shared, precomputed
+        self.objective, self.shared, self.precomputed, self.sdpa = objective, shared, precomputed, sdpa
         # The row it is compared with: the shared prefix against the unshared step, the cache against no cache.
         self.unshared = f"ours-{objective}" if shared and not precomputed else None
 
     def availability(self, device, workload=None):
         if self.shared and "shared_prefix" not in config_fields():
             return "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
+        if self.sdpa:
+            try:
+                from tpo_fast.trainer.packing import varlen_api
+            except ImportError:
+                return "not run: this tpo_fast has no varlen attention to compare with"
+            if device != "cuda":
+                return f"not run: the same step as {self.name[:-5]} off CUDA (the varlen call runs on CUDA only)"
+            if varlen_api() is None:
+                return "not run: this torch has no torch.nn.attention.varlen"
         return None
 
     def build(self, case, data, device):
@@ -389,6 +406,8 @@ class OursStep(StepContender):
         from tpo_fast.trainer.trainer import TPOTrainer
 
         self.device, self.data = device, data
+        if self.sdpa:
+            os.environ[VARLEN_ENV] = "0"  # this contender's own process (bench/run.py runs each in a fresh one)
         fields = config_fields()
         extra = {"shared_prefix": self.shared} if "shared_prefix" in fields else {}
         dataset = data.dataset
@@ -431,8 +450,8 @@ def step_contenders() -> dict[str, StepContender]:
         for shared in (False, True):
             c = OursStep(objective, shared)
             out[c.name] = c
-    c = OursStep("tpo", shared=True, precomputed=True)
-    out[c.name] = c
+    for c in (OursStep("tpo", shared=True, precomputed=True), OursStep("tpo", shared=True, sdpa=True)):
+        out[c.name] = c
     return out
 
 

@@ -44,6 +44,7 @@ from tpo_fast.loss.fisao import (  # noqa: F401  (the loss lives in the loss lay
     token_pg_loss,
 )
 from tpo_fast.ops import token_stats
+from tpo_fast.trainer.adapters import adapters_disabled
 
 logger = logging.getLogger("tpo_fast")
 
@@ -413,7 +414,7 @@ def fisao_step(
         if ref_model is not None:
             ref = token_logprobs_of(ref_model, batch, ignore_index, backend)
         elif hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
+            with adapters_disabled(model):
                 ref = token_logprobs_of(model, batch, ignore_index, backend)
         else:
             raise ValueError("kl_coef > 0 needs a reference: pass ref_model, use a PEFT model, or set kl_coef=0")

@@ -32,6 +32,9 @@ Fields (variable, default): meaning.
 - `jit` (TPO_FAST_JIT, False): "1" lets `backend="auto"` build the C++ extension once when the
   install has none ("0" or "" off; any other value is an error).
 - `ext_cache` (TPO_FAST_EXT_CACHE, None): where that build goes (None: ~/.cache/tpo_fast/ext).
+- `varlen` (TPO_FAST_VARLEN, True): the trainer's padding-free packed row attended by one flash-attention
+  varlen call per layer on CUDA (16-bit; `tpo_fast.trainer.packing`); "0" keeps two SDPA calls per sequence.
+  The variable is "1" or "" (on) or "0" (off); any other value is an error.
 
 Install-time switches (TPO_FAST_BUILD_EXT, TPO_FAST_BUILD_CUDA, TPO_FAST_CPU_ISA) belong to setup.py.
 `TRITON_INTERPRET` is Triton's own variable; `interpreter_enabled()` is the one place that reads it.
@@ -61,6 +64,7 @@ ENV_VARS = {
     "grad_filter_eps": "TPO_FAST_GRAD_FILTER_EPS",
     "jit": "TPO_FAST_JIT",
     "ext_cache": "TPO_FAST_EXT_CACHE",
+    "varlen": "TPO_FAST_VARLEN",
 }
 
 
@@ -148,6 +152,7 @@ class KernelOptions:
     grad_filter_eps: float = 0.0
     jit: bool = False
     ext_cache: str | None = None
+    varlen: bool = True
 
     def __post_init__(self) -> None:
         for name, value in _checked(lambda field: getattr(self, field), lambda field: field).items():
@@ -185,6 +190,7 @@ def _checked(get, name_of, from_env: bool = False) -> dict:
                                    "a finite number >= 0"),
         "jit": _flag(get("jit"), name_of("jit")),
         "ext_cache": (ext_cache or None) if from_env else (None if ext_cache is None else os.fspath(ext_cache)),
+        "varlen": _choice(get("varlen"), name_of("varlen"), ("1", "0")) == "1",
     }
 
 

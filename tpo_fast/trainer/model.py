@@ -32,6 +32,7 @@ from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_l
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
 from tpo_fast.trainer.activations import shared_lora_inputs
+from tpo_fast.trainer.adapters import adapters_disabled
 from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
 
 OBJECTIVES = ("tpo", "dpo", "povid")
@@ -424,7 +425,7 @@ def policy_loss(
     if options.reference == "adapter":
         if not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapter' needs a PEFT model (pass peft_config or a PeftModel)")
-        with model.disable_adapter():
+        with adapters_disabled(model):
             ref_seq_scores = sequence_reference_scores(llava, batch, options)
     if options.reference != "none" and ref_seq_scores is None:
         raise ValueError(f"reference={options.reference!r} needs reference scores for the batch; none were given")

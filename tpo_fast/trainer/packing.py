@@ -38,11 +38,12 @@ import functools
 import inspect
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from tpo_fast.ops.options import current_options
 
 logger = logging.getLogger("tpo_fast")
 
@@ -58,9 +59,6 @@ BLOCK_SPARSE_IMPLEMENTATIONS = ("flex_attention",)
 # (SDPA, which runs PyTorch's own flash-attention kernels on CUDA), so that the trainer's default attention on a
 # CUDA machine with flash-attn installed (`default_attn_implementation`) still trains packed.
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-# "0" turns off the one-call varlen attention of a packed row on CUDA (`VarlenLayout`): the row is then attended
-# with two SDPA calls per sequence, as on the CPU. Unset or "1": on.
-VARLEN_ENV = "TPO_FAST_VARLEN"
 
 
 @dataclass(frozen=True)
@@ -459,18 +457,11 @@ def varlen_api() -> tuple | None:
     return varlen_attn, causal, "scale" in params
 
 
-def _varlen_env() -> bool:
-    value = os.environ.get(VARLEN_ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{VARLEN_ENV} must be 0 (two SDPA calls per sequence) or 1 (one varlen call on CUDA), "
-                         f"got {value!r}")
-    return value != "0"
-
-
 def varlen_wanted(device: torch.device) -> bool:
-    """Whether a packed row on `device` gets a `VarlenLayout`: CUDA, a torch with varlen attention, and
-    `TPO_FAST_VARLEN` not "0". Whether the call then uses it is `varlen_usable`'s decision (dtype, head size)."""
-    return device.type == "cuda" and _varlen_env() and varlen_api() is not None
+    """Whether a packed row on `device` gets a `VarlenLayout`: CUDA, a torch with varlen attention, and the kernel
+    option `varlen` on (`TPO_FAST_VARLEN` not "0", or `kernel_options(varlen=False)`: tpo_fast.ops.options).
+    Whether the call then uses it is `varlen_usable`'s decision (dtype, head size)."""
+    return device.type == "cuda" and current_options().varlen and varlen_api() is not None
 
 
 def varlen_usable(query: torch.Tensor, dropout: float, scaling: float | None) -> bool:

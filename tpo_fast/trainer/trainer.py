@@ -29,6 +29,7 @@ import torch
 from transformers import Trainer
 
 from tpo_fast.trainer.activations import use_lean_norms
+from tpo_fast.trainer.adapters import adapters_disabled
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
 from tpo_fast.trainer.data import PreferenceDataset
@@ -307,7 +308,7 @@ class TPOTrainer(Trainer):
         llava = unwrap_llava(model)
 
         def score_adapter(batch):
-            with model.disable_adapter():
+            with adapters_disabled(model):
                 return sequence_reference_scores(llava, batch, self.step_options)
 
         return score_adapter
