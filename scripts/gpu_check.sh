@@ -13,7 +13,10 @@
 #                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run
 #                 timed only the official structure, TRL and our shared-prefix TPO step after it; our steps'
 #                 peak memory since the checkpointed packed attention and lean_activations, estimated from
-#                 51 GB to about 36 GB by a CPU count, unmeasured)
+#                 51 GB to about 36 GB by a CPU count, unmeasured; the packed row's one varlen call per layer
+#                 against the two SDPA calls per sequence: ours-tpo-shared against ours-tpo-shared-sdpa, whose
+#                 host work bench/host_time.py puts at 245 and 711 ms a step on a CPU, TRL's at 522; the
+#                 kernel-tests part of call 1 checks the varlen kernel against the SDPA path first)
 #   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install step-profile
 #                 (where the 7B step's time goes, ours against TRL's: the shared-prefix TPO step ran at about
 #                 0.7x TRL's work per second in the second run)

@@ -938,6 +938,29 @@ def test_profile_step_prints_the_step_time_the_ranges_and_the_operators():
     assert "aten::mm" in ranges
 
 
+def test_host_time_counts_the_operators_of_each_path():
+    """bench/host_time.py on the tiny step case: one row per contender with its step time and operators per step.
+    With --cuda-path the packed row goes through the varlen layout and the stand-in kernel: one attention operator
+    per layer and trunk call instead of two SDPA calls per sequence, so fewer operators than the CPU path."""
+    def run(*extra):
+        cmd = [sys.executable, str(BENCH / "host_time.py"), "--case", "step-tiny", "--contenders", "ours-tpo-shared",
+               "--steps", "1", *extra]
+        got = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert got.returncode == 0, got.stderr[-3000:]
+        rows = [line for line in got.stdout.splitlines() if line.startswith("| ours-tpo-shared |")]
+        assert len(rows) == 1, got.stdout
+        _, name, ms, ops, _ = rows[0].split("|")
+        assert float(ms) > 0
+        return got.stdout, int(ops)
+
+    out, cpu_ops = run()
+    assert "## Host time per step · step-tiny (2 text layers, 1 vision layers, 2 pairs, fp32) · CPU path" in out
+    out, cuda_ops = run("--cuda-path")
+    assert "CUDA path (varlen stand-in)" in out
+    assert 0 < cuda_ops < cpu_ops, (cuda_ops, cpu_ops)
+
+
 def test_zipf_cases_draw_repeated_targets_the_same_for_every_contender():
     """A "-zipf" case (any case name, preset or shape with the suffix) draws its targets by the Zipf-Mandelbrot
     law: at V = 32000 the most frequent token takes about 1 / 3.7 / sum_k 1 / (k + 2.7) = 2.9% of the targets

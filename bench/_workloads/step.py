@@ -134,6 +134,16 @@ STEP_CASES: dict[str, StepCase] = {
         vision_intermediate=4096, pairs=4, prompt_words=56, response_min=64, response_max=256, dtype="bf16",
         lora=True, needs_cuda=True, memory_budget_mib=80 * 1024, max_pairs=64, search_s=240, records=64,
     ),
+    # The 7B case's structure at toy widths, on a CPU: the same 32 text layers (LoRA on their 7 linear layers), 24
+    # vision layers, 4 pairs and bf16 autocast, so every contender issues the operators, Python calls and module
+    # hooks of its 7B step, on tensors small enough that its step time is the host's work: the time a GPU step
+    # cannot go below where the host, not the device, is the bottleneck (docs/bench.md, "Host time").
+    "llava7b-host": StepCase(
+        "llava7b-host", "llava-1.5-7b-structure", text_hidden=64, layers=32, heads=8, kv_heads=8, intermediate=176,
+        vocab=512, image_size=56, patch_size=14, vision_hidden=32, vision_layers=24, vision_heads=2,
+        vision_intermediate=64, pairs=4, prompt_words=8, response_min=4, response_max=8, dtype="bf16", lora=True,
+        lora_rank=8, memory_budget_mib=1024, max_pairs=8, search_s=0, records=8,
+    ),
 }
 STEP_PRESETS = {"cpu-step": ["cpu-step"], "gpu-step": ["llava7b-step"]}
 
