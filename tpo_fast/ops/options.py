@@ -50,7 +50,7 @@ from collections.abc import Iterator, Sequence
 
 # The chunk buffers' budgets when `chunk_mb` is unset. The fused losses' is the larger: on an H200 (bf16,
 # N=8192, D=4096, V=32000, 2026-12-04) their chunks are bound by the host's per-chunk work, so fewer chunks
-# are faster (TPO fwd+bwd 18.5 ms in 256 MiB chunks, 13.0 ms in 1024 MiB: README "On an H200").
+# are faster (TPO fwd+bwd 18.5 ms in 256 MiB chunks, 13.0 ms in 1024 MiB: README "On an H200, second run").
 SPLIT_CHUNK_MB = 256.0
 FUSED_CHUNK_MB = 1024.0
 
