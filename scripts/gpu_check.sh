@@ -164,7 +164,7 @@ run_tests() {  # $1: seconds, then the test paths
     tail -2 "$OUT/tests.log" | tee -a "$OUT/report.md"
     echo "fused-gradient losses (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
         | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
-    echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_chunk_loop_never_synchronizes_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
+    echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_varlen_attention_on_cuda|test_packed_bf16_step_on_cuda|test_chunk_loop_never_synchronizes_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
         | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
 }
 

@@ -830,6 +830,46 @@ def test_packed_step_with_segment_attention_on_cuda(setup):
     _check_cuda_packed_step(setup, "sdpa")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
+def test_packed_bf16_step_on_cuda_runs_the_varlen_call(setup, monkeypatch):
+    """On CUDA in bf16 the packed step's attention is the varlen call, once per layer and trunk call (the reference's,
+    the policy's forward and its checkpointed rerun), handed through the model's keyword arguments; the step gives
+    the SDPA path's reference scores, loss and gradients within bf16 rounding (grouped-query heads, head size 16)."""
+    from tpo_fast.ops.options import ENV_VARS
+
+    api = packing.varlen_api()
+    if api is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    calls = []
+    monkeypatch.setattr(packing, "varlen_api", lambda: (lambda *a, **kw: calls.append(1) or api[0](*a, **kw), *api[1:]))
+    ds, proc = setup
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
+    model, ref = _policy_and_reference(proc)
+    model, ref = model.cuda().to(torch.bfloat16), ref.cuda().to(torch.bfloat16)
+    opts = StepOptions(backend="torch", objective="tpo", reference="model")
+
+    def step(varlen):
+        monkeypatch.setenv(ENV_VARS["varlen"], "1" if varlen else "0")
+        policy = copy.deepcopy(model)
+        ref_scores = sequence_reference_scores(ref, batch, opts)
+        out = policy_loss(policy, batch, opts, ref_scores)
+        out["loss"].backward()
+        grads = {n: p.grad.float() for n, p in policy.named_parameters() if p.grad is not None}
+        return ref_scores.float(), out["loss"].float(), grads
+
+    ref1, loss1, grads1 = step(varlen=True)
+    assert len(calls) == 3 * model.config.text_config.num_hidden_layers, len(calls)
+    calls.clear()
+    ref0, loss0, grads0 = step(varlen=False)
+    assert not calls
+    torch.testing.assert_close(ref1, ref0, rtol=2e-2, atol=2e-2 * float(ref0.abs().max()))
+    torch.testing.assert_close(loss1, loss0, rtol=2e-2, atol=2e-2)
+    assert set(grads1) == set(grads0) and grads0
+    scale = max(float(g.abs().max()) for g in grads0.values())
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=5e-2, atol=5e-2 * scale, msg=name)
+
+
 def _check_cuda_packed_step(setup, implementation):
     ds, proc = setup
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
