@@ -289,6 +289,7 @@ def test_varlen_layout_of_the_hand_packing():
 VARLEN_APIS = {
     "window_size": (dict(window_size=(-1, 0)), True),  # torch 2.13's signature
     "is_causal": (dict(is_causal=True), False),  # the first one: is_causal, no scale
+    "with-lse": (dict(window_size=(-1, 0)), True),  # one that also returns the log-sum-exp
 }
 
 
@@ -299,8 +300,14 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
     backward (the checkpoint's rerun), with the scale where the API takes one."""
     causal, takes_scale = VARLEN_APIS[api]
     calls = []
-    monkeypatch.setattr(packing, "varlen_api",
-                        lambda: (_oracle_varlen(calls, **({"scale": 0.3} if takes_scale else {})), causal, takes_scale))
+    oracle = _oracle_varlen(calls, **({"scale": 0.3} if takes_scale else {}))
+    if api == "with-lse":
+        plain = oracle
+
+        def oracle(*args, **kwargs):
+            return plain(*args, **kwargs), torch.zeros(1)
+
+    monkeypatch.setattr(packing, "varlen_api", lambda: (oracle, causal, takes_scale))
     monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
     p = _pack(implementation=SEGMENT_ATTENTION)
     length = p.source.shape[1]

@@ -515,6 +515,8 @@ def _varlen_row_attention(query, key, value, varlen: VarlenLayout, scaling: floa
     v = value[0].transpose(0, 1).index_select(0, varlen.key_index)
     extra = {"scale": scaling} if takes_scale else {}
     out = fn(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **causal, **extra)
+    if isinstance(out, tuple):  # a torch whose varlen_attn returns its log-sum-exp too
+        out = out[0]
     return out.unsqueeze(0)
 
 
