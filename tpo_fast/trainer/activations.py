@@ -32,6 +32,8 @@ import types
 
 import torch
 
+from tpo_fast.trainer.adapters import layer_flags
+
 # Norm classes whose forward is the formula above (checked per transformers version by tests/test_activations.py).
 LEAN_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
@@ -84,19 +86,10 @@ def shared_lora_inputs(module: torch.nn.Module, device_type: str):
     # The flag peft's own `disable_input_dtype_casting` switches (peft 0.15 on), on every tuner layer, each
     # layer's value restored; one walk over the modules where peft's helper takes two named walks (about 7 ms of
     # host time a step at LLaVA-1.5-7B's 3000 modules, while the device waits for the policy's first kernels).
-    layers = [sub for sub in module.modules() if isinstance(sub, BaseTunerLayer)] if autocast16 else []
-    layers = [sub for sub in layers if hasattr(sub, "cast_input_dtype_enabled")]
-    if not layers:
-        yield 0
-        return
-    before = [sub.cast_input_dtype_enabled for sub in layers]
-    for sub in layers:
-        sub.cast_input_dtype_enabled = False
-    try:
+    layers = [sub for sub in module.modules()
+              if isinstance(sub, BaseTunerLayer) and hasattr(sub, "cast_input_dtype_enabled")] if autocast16 else []
+    with layer_flags(layers, "cast_input_dtype_enabled", False):
         yield len(layers)
-    finally:
-        for sub, flag in zip(layers, before, strict=True):
-            sub.cast_input_dtype_enabled = flag
 
 
 def use_lean_norms(module: torch.nn.Module) -> int:

@@ -53,6 +53,19 @@ def switchable_layers(model: torch.nn.Module) -> list[torch.nn.Module] | None:
 
 
 @contextlib.contextmanager
+def layer_flags(layers: list[torch.nn.Module], name: str, value: bool) -> Iterator[None]:
+    """Within: the attribute `name` is `value` on every one of `layers`; on exit each layer gets its own value back."""
+    before = [getattr(m, name) for m in layers]
+    for m in layers:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before, strict=True):
+            setattr(m, name, flag)
+
+
+@contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Within: `model`'s adapters are off (the base model's forward), as under `model.disable_adapter()`, with
     each layer's own flag restored on exit (a layer disabled before stays disabled). `model` is a PEFT model, or
@@ -64,16 +77,7 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
         with model.disable_adapter():
             yield
         return
-    before = [m._disable_adapters for m in layers]
-    was_disabled = getattr(model, "_adapters_disabled", None)
-    for m in layers:
-        m._disable_adapters = True
-    if was_disabled is not None:
-        model._adapters_disabled = True
-    try:
+    # peft's own switch also sets the model's `_adapters_disabled`, where its version has one
+    marked = [model] if isinstance(getattr(model, "_adapters_disabled", None), bool) else []
+    with layer_flags(layers, "_disable_adapters", True), layer_flags(marked, "_adapters_disabled", True):
         yield
-    finally:
-        for m, flag in zip(layers, before, strict=True):
-            m._disable_adapters = flag
-        if was_disabled is not None:
-            model._adapters_disabled = was_disabled
