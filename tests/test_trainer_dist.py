@@ -1,6 +1,8 @@
 """Two processes on gloo via torchrun: DDP and DeepSpeed ZeRO-2 and ZeRO-3 through TPOTrainer, FSDP2 with
 `fully_shard` directly. Each must give the losses and updated weights of one process on the same
-global batch (tests/dist/tiny_setup.py::baseline_run)."""
+global batch (tests/dist/tiny_setup.py::baseline_run). The `-lora` modes train a LoRA adapter against the
+adapter-disabled policy as reference, shared prefix packed and under gradient checkpointing; their one-process
+oracle trains the same adapter on padded rows against a frozen copy of the base model."""
 
 import os
 import socket
@@ -19,10 +21,20 @@ STEPS, LR = 2, 0.5
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("dist") / "data")
-    losses, state = baseline_run(folder, steps=STEPS, global_batch=4, lr=LR)
-    return folder, losses, state
+def data_folder(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dist") / "data")
+
+
+@pytest.fixture(scope="module")
+def baseline(data_folder):
+    losses, state = baseline_run(data_folder, steps=STEPS, global_batch=4, lr=LR)
+    return data_folder, losses, state
+
+
+@pytest.fixture(scope="module")
+def lora_baseline(data_folder):
+    losses, state = baseline_run(data_folder, steps=STEPS, global_batch=4, lr=LR, lora=True)
+    return data_folder, losses, state
 
 
 def _free_port() -> int:
@@ -32,11 +44,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp2"])
-def test_two_processes_match_one(baseline, mode, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp2", "ddp-lora", "zero3-lora", "fsdp2-lora"])
+def test_two_processes_match_one(request, mode, tmp_path):
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
-    folder, losses, state = baseline
+    if mode.endswith("-lora"):
+        pytest.importorskip("peft")
+    folder, losses, state = request.getfixturevalue("lora_baseline" if mode.endswith("-lora") else "baseline")
     out = tmp_path / f"{mode}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}

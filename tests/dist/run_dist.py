@@ -1,8 +1,10 @@
 """Run by `torchrun --nproc_per_node 2` from tests/test_trainer_dist.py: TPO training on gloo.
 
 Usage: run_dist.py MODE DATA_DIR OUT_FILE STEPS LR, MODE one of ddp | zero2 | zero3 (through TPOTrainer)
-or fsdp2 (`fully_shard` directly, a manual loop: the HF Trainer falls back to DDP on CPU).
-Global batch 4 (2 per rank), sequential order, frozen-copy reference, SGD. Rank 0 saves
+or fsdp2 (`fully_shard` directly, a manual loop: the HF Trainer falls back to DDP on CPU), each optionally with
+a `-lora` suffix. Global batch 4 (2 per rank), sequential order, SGD. Without the suffix: the full model trains
+against a frozen-copy reference. With it: a LoRA adapter trains (`tiny_setup.tiny_lora_model`), the reference is
+the policy with its adapter switched off (reference="adapter") and gradient checkpointing is on. Rank 0 saves
 {"losses": [...], "state": {name: tensor}} to OUT_FILE.
 """
 
@@ -17,14 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from tiny_setup import load_tiny_data, state_of, tiny_model, tiny_processor  # noqa: E402
+from tiny_setup import load_tiny_data, state_of, tiny_lora_model, tiny_model, tiny_processor  # noqa: E402
 
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 
 PER_RANK = 2
 
 
-def run_trainer(mode, data_dir, out_file, steps, lr):
+def run_trainer(mode, data_dir, out_file, steps, lr, lora=False):
     from torch.utils.data import SequentialSampler
 
     from tpo_fast.trainer.config import TPOConfig
@@ -39,8 +41,8 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
     # (zero.Init), which the tiny model's weight initialisation does not survive; DeepSpeed partitions
     # this model when the engine is created instead.
     torch.manual_seed(0)
-    model = tiny_model(proc)
-    extra = {}
+    model = tiny_lora_model(proc) if lora else tiny_model(proc)
+    extra = {"reference": "adapter", "gradient_checkpointing": True} if lora else {"reference": "model"}
     if mode in ("zero2", "zero3"):
         zero = {"stage": 2}
         if mode == "zero3":
@@ -55,8 +57,7 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
         output_dir=os.path.join(os.path.dirname(out_file), f"run-{mode}"), per_device_train_batch_size=PER_RANK,
         learning_rate=lr, max_steps=steps, logging_steps=1, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=0.0, optim="sgd", save_strategy="no", report_to="none",
-        use_cpu=True, seed=0, disable_tqdm=True, loss_backend="torch", ddp_backend="gloo", reference="model",
-        **extra,
+        use_cpu=True, seed=0, disable_tqdm=True, loss_backend="torch", ddp_backend="gloo", **extra,
     )
     trainer = SequentialTPOTrainer(model, args=args, train_dataset=ds, processing_class=proc)
     trainer.train()
@@ -66,7 +67,8 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
         import deepspeed
 
         # The lm_head weight is a 0-element shard outside the forward: the fused loss gathered it.
-        assert model.module.lm_head.weight.numel() == 0 and model.module.lm_head.weight.ds_numel > 0
+        head = model.module.get_output_embeddings()
+        assert head.weight.numel() == 0 and head.weight.ds_numel > 0
         params = list(model.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = state_of(model.module)
@@ -76,36 +78,45 @@ def run_trainer(mode, data_dir, out_file, steps, lr):
             # and the separate reference is its own stage-0 (replicated) inference engine.
             assert model.zero_optimization_stage() == 2 and trainer.model.lm_head.weight.numel() > 0
             assert type(trainer.ref_model).__name__ == "DeepSpeedEngine"
+        if lora:
+            assert trainer.ref_model is None and trainer.reference_mode == "adapter"
         state = state_of(trainer.model)
     return losses, state
 
 
-def run_fsdp2(data_dir, out_file, steps, lr):
+def run_fsdp2(data_dir, out_file, steps, lr, lora=False):
     from torch.distributed.fsdp import fully_shard
 
-    from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores
+    from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ds, proc = load_tiny_data(data_dir), tiny_processor()
     collate = TPOCollator(proc)
     torch.manual_seed(0)
-    model = tiny_model(proc)
-    ref = copy.deepcopy(model).requires_grad_(False).eval()
-    opts = StepOptions(reference="model", backend="torch")
-    for layer in list(model.model.language_model.layers) + list(model.model.vision_tower.vision_model.encoder.layers
-                                                                if hasattr(model.model.vision_tower, "vision_model")
-                                                                else model.model.vision_tower.encoder.layers):
+    if lora:
+        model, ref = tiny_lora_model(proc), None
+        unwrap_llava(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opts = StepOptions(reference="adapter", backend="torch")
+    else:
+        model = tiny_model(proc)
+        ref = copy.deepcopy(model).requires_grad_(False).eval()
+        opts = StepOptions(reference="model", backend="torch")
+    llava = unwrap_llava(model)
+    vision = llava.model.vision_tower
+    vision_layers = vision.vision_model.encoder.layers if hasattr(vision, "vision_model") else vision.encoder.layers
+    for layer in list(llava.model.language_model.layers) + list(vision_layers):
         fully_shard(layer)
     fully_shard(model)  # the root group holds embeddings, projector, norm and lm_head
     route_forward(model, opts)
-    assert type(model.lm_head.weight).__name__ == "DTensor"
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    assert type(llava.lm_head.weight).__name__ == "DTensor"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         start = step * PER_RANK * world + rank * PER_RANK
         batch = collate([ds[i] for i in range(start, start + PER_RANK)])
-        out = model(tpo_batch=batch, tpo_ref_scores=sequence_reference_scores(ref, batch, opts))
+        ref_scores = None if ref is None else sequence_reference_scores(ref, batch, opts)
+        out = model(tpo_batch=batch, tpo_ref_scores=ref_scores)
         out["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -117,12 +128,13 @@ def run_fsdp2(data_dir, out_file, steps, lr):
 
 def main():
     mode, data_dir, out_file, steps, lr = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-    if mode == "fsdp2":
-        losses, state = run_fsdp2(data_dir, out_file, steps, lr)
-    elif mode in ("ddp", "zero2", "zero3"):
-        losses, state = run_trainer(mode, data_dir, out_file, steps, lr)
+    base, lora = mode.removesuffix("-lora"), mode.endswith("-lora")
+    if base == "fsdp2":
+        losses, state = run_fsdp2(data_dir, out_file, steps, lr, lora)
+    elif base in ("ddp", "zero2", "zero3"):
+        losses, state = run_trainer(base, data_dir, out_file, steps, lr, lora)
     else:
-        raise SystemExit(f"mode must be ddp, zero2, zero3 or fsdp2, got {mode!r}")
+        raise SystemExit(f"mode must be ddp, zero2, zero3 or fsdp2, optionally with -lora, got {mode!r}")
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"losses": losses, "state": state, "world": int(os.environ["WORLD_SIZE"])}, out_file)
     if dist.is_initialized():

@@ -38,6 +38,24 @@ def tiny_model(processor, seed: int = 0, **kwargs):
     )
 
 
+def lora_config():
+    """LoRA on every text linear layer, random B as well as A (`init_lora_weights=False`): the policy differs from
+    its adapter-disabled reference from the first step, and both factors get gradients."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+
+
+def tiny_lora_model(processor, seed: int = 0):
+    """`tiny_model` with `lora_config()`'s adapter, its random factors drawn from seed + 1."""
+    from peft import get_peft_model
+
+    model = tiny_model(processor, seed=seed)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, lora_config())
+
+
 def state_of(model) -> dict[str, torch.Tensor]:
     """A plain CPU fp32 copy of the parameters by name (DTensor / ZeRO-3 shards gathered)."""
     out = {}
@@ -48,9 +66,13 @@ def state_of(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def baseline_run(folder: str, steps: int, global_batch: int, lr: float, seed: int = 0):
-    """One process, manual loop: sequential global batches, frozen-copy reference, AdamW, no clipping.
+def baseline_run(folder: str, steps: int, global_batch: int, lr: float, seed: int = 0, lora: bool = False):
+    """One process, manual loop: sequential global batches, frozen-copy reference, SGD, no clipping.
 
+    With `lora`: the policy is `tiny_lora_model`, the reference a frozen copy of the model before the adapter was
+    added, and the step runs on plain padded rows (no shared prefix, no packing, no gradient checkpointing): an
+    oracle for the 2-process LoRA runs, which take the reference from the policy with its adapter switched off
+    and run the shared-prefix packed step under gradient checkpointing.
     Returns (losses per step, final parameters) -- what the 2-process runs must reproduce.
     """
     import copy
@@ -61,11 +83,16 @@ def baseline_run(folder: str, steps: int, global_batch: int, lr: float, seed: in
     proc = tiny_processor()
     collate = TPOCollator(proc)
     torch.manual_seed(seed)
-    model = tiny_model(proc, seed=seed)
-    ref = copy.deepcopy(model).requires_grad_(False).eval()
-    opts = StepOptions(reference="model", backend="torch")
+    if lora:
+        ref = tiny_model(proc, seed=seed).requires_grad_(False).eval()
+        model = tiny_lora_model(proc, seed=seed)
+        opts = StepOptions(reference="model", backend="torch", shared_prefix=False, padding_free=False)
+    else:
+        model = tiny_model(proc, seed=seed)
+        ref = copy.deepcopy(model).requires_grad_(False).eval()
+        opts = StepOptions(reference="model", backend="torch")
     route_forward(model, opts)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         batch = collate([ds[i] for i in range(step * global_batch, (step + 1) * global_batch)])
