@@ -383,6 +383,76 @@ def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch):
     assert {kw["scale"] for kw in calls} == {model.config.text_config.head_dim**-0.5}
 
 
+def _top_left_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+    """A varlen call whose causal mask is aligned to the top left (query i sees keys 0..i): wrong for a piece with
+    more keys than queries, right for a square one."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        seen = torch.ones(len(qi), len(ki), dtype=torch.bool).tril()
+        scores = torch.einsum("qhd,khd->hqk", qi, ki) * q.shape[-1] ** -0.5
+        out.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), vi))
+    return torch.cat(out)
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("varlen backward is not implemented on this build")
+
+
+def _raising_varlen(q, *args, **kw):
+    raise NotImplementedError("no kernel for this device")
+
+
+@pytest.mark.parametrize("case", ["contract", "top_left", "no_backward", "raises"])
+def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, case):
+    """`varlen_failure` runs one tiny call, forward and backward, against plain causal attention, once per process and
+    (dtype, head size, device): a call written from the contract passes; a top-left causal mask, a call without
+    backward and a call that raises are reported (a warning, once), so that the rows go to SDPA instead."""
+    calls = []
+    oracle = _oracle_varlen(calls)
+    stand_ins = {
+        "contract": oracle,
+        "top_left": lambda *a, **kw: calls.append(kw) or _top_left_varlen(*a, **kw),
+        "no_backward": lambda *a, **kw: calls.append(kw) or _NoBackward.apply(oracle(*a, **kw)),
+        "raises": lambda *a, **kw: calls.append(kw) or _raising_varlen(*a, **kw),
+    }
+    expected = {
+        "contract": None,
+        "top_left": "its output differs from plain causal attention (bottom-right aligned for a piece with more keys "
+                    "than queries) by ",
+        "no_backward": "the call raised RuntimeError: varlen backward is not implemented on this build",
+        "raises": "the call raised NotImplementedError: no kernel for this device",
+    }[case]
+    monkeypatch.setattr(packing, "varlen_api", lambda: (stand_ins[case], {"window_size": (-1, 0)}, True))
+    packing.varlen_failure.cache_clear()
+    packed = []
+    try:
+        # outside the caller's saved-tensor hooks (a checkpointed layer's): the probe records nothing there
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), \
+                caplog.at_level(logging.WARNING, logger="tpo_fast"):
+            why = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"))
+            again = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"))
+    finally:
+        packing.varlen_failure.cache_clear()
+    assert packed == []
+    assert len(calls) == (2 if case == "no_backward" else 1)  # cached: one probe (no_backward calls the oracle too)
+    assert again == why
+    warnings = [r.getMessage() for r in caplog.records if "varlen attention call is not used" in r.getMessage()]
+    if expected is None:
+        assert why is None and warnings == []
+    else:
+        assert why.startswith(expected), why
+        assert warnings == [f"tpo_fast: the varlen attention call is not used for bfloat16, head size 8, on cpu: "
+                            f"{why}; packed rows are attended with two SDPA calls per pair instead (TPO_FAST_VARLEN=0 "
+                            "skips this check)"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
@@ -439,6 +509,19 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
         # the varlen call within twice the SDPA path's own error against the fp32 judge, plus a rounding floor
         err, sdpa_err = (float((t.float() - want).abs().max()) for t in (got, sdpa))
         assert err <= 2 * sdpa_err + 4 * torch.finfo(dtype).eps * float(want.abs().max()), (err, sdpa_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
+def test_varlen_is_not_used_where_the_probe_failed(monkeypatch):
+    """A layer that could take the varlen call does not when the probe of its dtype and head size failed."""
+    from tpo_fast.trainer.packing import varlen_api, varlen_usable
+
+    if varlen_api() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
+    assert varlen_usable(q, 0.0, None)
+    monkeypatch.setattr(packing, "varlen_failure", lambda dtype, head, device: "its output differs")
+    assert not varlen_usable(q, 0.0, None)
 
 
 def test_second_response_bias_on_cuda_is_the_cpu_mask():

@@ -33,11 +33,14 @@ Its last position predicts the first response token of both responses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -477,7 +480,89 @@ def varlen_usable(query: torch.Tensor, dropout: float, scaling: float | None) ->
         return False
     if not api[2] and scaling is not None and not math.isclose(scaling, head**-0.5, rel_tol=1e-6):
         return False
-    return torch.cuda.get_device_capability(query.device) >= (8, 0)
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return False
+    return varlen_failure(query.dtype, head, query.device) is None
+
+
+# A probe's pieces (query count, key count): a causal square and a second response's bottom-right causal piece.
+_PROBE_PIECES = ((5, 5), (3, 7))
+_PROBE_HEADS = 2
+# On outputs and gradients of order 1: attention computed in bf16 throughout errs by up to 0.025 there, fp16 by 0.006;
+# a causal mask aligned to the top left, by more than 2.
+_PROBE_TOLERANCE = 0.1
+
+
+@functools.cache
+def varlen_failure(dtype: torch.dtype, head: int, device: torch.device) -> str | None:
+    """Why this torch's varlen call cannot attend packed rows of `dtype` and head size `head` on `device`, or None.
+
+    Checked once per process and (dtype, head, device): one tiny call over a causal piece and a second response's
+    piece (fewer queries than keys, so its causal mask must be aligned to the bottom right), forward and backward,
+    against plain attention in float64. It runs in a thread of its own, outside the caller's autocast, grad mode and
+    saved-tensor hooks (a layer under gradient checkpointing must not record it). A failure (the call raises, has
+    no backward on this build, or masks otherwise) is logged once as a warning, and packed rows are then attended
+    with two SDPA calls per pair, as with `TPO_FAST_VARLEN=0`."""
+    found: list[str | None] = []
+    thread = threading.Thread(target=lambda: found.append(_probe_varlen(dtype, head, torch.device(device))))
+    thread.start()
+    thread.join()
+    why = found[0] if found else "the probe's thread ended without a result"
+    if why is not None:
+        logger.warning("tpo_fast: the varlen attention call is not used for %s, head size %d, on %s: %s; packed rows "
+                       "are attended with two SDPA calls per pair instead (TPO_FAST_VARLEN=0 skips this check)",
+                       str(dtype).replace("torch.", ""), head, device, why)
+    return why
+
+
+def _probe_varlen(dtype: torch.dtype, head: int, device: torch.device) -> str | None:
+    api = varlen_api()
+    if api is None:
+        return "this torch has no torch.nn.attention.varlen"
+    fn, causal, _ = api
+    gen = torch.Generator().manual_seed(0)
+    n_q, n_k = (sum(p[i] for p in _PROBE_PIECES) for i in (0, 1))
+    q, k, v = (torch.randn(n, _PROBE_HEADS, head, generator=gen) for n in (n_q, n_k, n_k))
+    grad_out = torch.randn(n_q, _PROBE_HEADS, head, generator=gen)
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(p[i] for p in _PROBE_PIECES)], dtype=torch.int32)
+                  for i in (0, 1))
+    max_q, max_k = (max(p[i] for p in _PROBE_PIECES) for i in (0, 1))
+    try:
+        with contextlib.ExitStack() as stack:
+            if device.type == "cuda":
+                stack.enter_context(torch.cuda.device(device))
+            leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves, cu_q.to(device), cu_k.to(device), max_q, max_k, **causal)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(grad_out.to(device, dtype))
+            got = [out.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves]
+    except Exception as e:  # noqa: BLE001 - whatever the call raises, the SDPA path remains
+        return f"the call raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    want = _probe_reference(q, k, v, grad_out, cu_q.tolist(), cu_k.tolist())
+    for name, a, b in zip(("output", "query gradient", "key gradient", "value gradient"), got, want, strict=True):
+        if a.shape != b.shape:
+            return f"its {name} has the shape {tuple(a.shape)}, not {tuple(b.shape)}"
+        err = (a - b).abs().max().item()
+        if not err <= _PROBE_TOLERANCE:
+            return (f"its {name} differs from plain causal attention (bottom-right aligned for a piece with more keys "
+                    f"than queries) by {err:.3g}")
+    return None
+
+
+def _probe_reference(q, k, v, grad_out, cu_q: list[int], cu_k: list[int]) -> list[torch.Tensor]:
+    """Output and q, k, v gradients of causal attention per piece (query i of a piece of s queries and t keys sees
+    keys 0..t - s + i), in float64 on the CPU, with `grad_out` as the output's gradient."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    pieces = []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q), itertools.pairwise(cu_k), strict=True):
+        s, t = q1 - q0, k1 - k0
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k[k0:k1]) * q.shape[-1] ** -0.5
+        allowed = torch.arange(t)[None, :] <= torch.arange(s)[:, None] + (t - s)
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        pieces.append(torch.einsum("hqk,khd->qhd", weights, v[k0:k1]))
+    out = torch.cat(pieces)
+    out.backward(grad_out.double())
+    return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
 
 
 def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ...], dropout: float,
