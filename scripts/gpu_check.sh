@@ -4,6 +4,9 @@
 # open issues need them, over two calls of the device tool:
 #
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
+#   every call:   kind nvidia-h200 (the device tool's default became an H100 of about 78 GiB: the official
+#                 structure's 7B step peaked at 90 GB in the second H200 run, and every GPU table so far is an
+#                 H200's, so ratios stay comparable)
 #   call 1:       bash scripts/gpu_check.sh    timeout_s 480, carry [".whl"]
 #                 (install bench profile kernel-tests zipf, about 380 s: the fused losses changed since the second
 #                 run of 2026-12-04 (one host read-back per call, the reference scored in the chunk loop, fewer small
