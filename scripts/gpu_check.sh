@@ -7,22 +7,26 @@
 #   every call:   kind nvidia-h200 (the device tool's default became an H100 of about 78 GiB: the official
 #                 structure's 7B step peaked at 90 GB in the second H200 run, and every GPU table so far is an
 #                 H200's, so ratios stay comparable)
-#   call 1:       bash scripts/gpu_check.sh    timeout_s 480, carry [".whl"]
-#                 (install bench profile kernel-tests zipf, about 380 s: the fused losses changed since the second
-#                 run of 2026-12-04 (one host read-back per call, the reference scored in the chunk loop, fewer small
-#                 kernels, new Triton kernels scatter_rows_kernel and lse_combine_kernel), unmeasured on a GPU; then
-#                 the same losses on text-like targets, whose frequent tokens make long runs for scatter_rows_kernel)
-#   call 2, at once while the machine is warm:  bash scripts/gpu_check.sh install step    timeout_s 400
-#                 (about 330 s: every step contender, since the bench's autocast fix; the second H200 run
-#                 timed only the official structure, TRL and our shared-prefix TPO step after it; our steps'
-#                 peak memory since the checkpointed packed attention and lean_activations, estimated from
-#                 51 GB to about 36 GB by a CPU count, unmeasured; the packed row's one varlen call per layer
-#                 against the two SDPA calls per sequence: ours-tpo-shared against ours-tpo-shared-sdpa, whose
-#                 host work bench/host_time.py puts at 245 and 711 ms a step on a CPU, TRL's at 522; the
-#                 kernel-tests part of call 1 checks the varlen kernel against the SDPA path first)
-#   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install step-profile
-#                 (where the 7B step's time goes, ours against TRL's: the shared-prefix TPO step ran at about
-#                 0.7x TRL's work per second in the second run)
+#   call 1:       bash scripts/gpu_check.sh    timeout_s 520, carry [".whl"]
+#                 (install bench step, about 460 s: the two measured targets first. bench: the fused losses changed
+#                 since the second run of 2026-12-04 (one host read-back per call, the reference scored in the chunk
+#                 loop, fewer small kernels, new Triton kernels scatter_rows_kernel and lse_combine_kernel), unmeasured
+#                 on a GPU. step: the step contenders in the order the targets need them (official, TRL, our
+#                 shared-prefix TPO step, the same with the cached reference, our shared-prefix DPO step, then the
+#                 SDPA A/B of the varlen call and the unshared steps, as far as STEP_S allows); the second H200 run
+#                 timed only the first three. Our steps' peak memory since the checkpointed packed attention and
+#                 lean_activations, estimated from 51 GB to about 36 GB by a CPU count, is unmeasured; so is the
+#                 packed row's one varlen call per layer (bench/host_time.py puts the host work at 245 ms a step
+#                 against 711 with the SDPA calls, TRL's at 522). The step's own check (first loss ln 2, first drop
+#                 against the official or TRL's within 15%) guards the numbers, and a varlen call that fails its
+#                 one-time probe against plain attention falls back to SDPA with a warning in the log)
+#   call 2, at once while the machine is warm:  SEARCH_S=100 bash scripts/gpu_check.sh install kernel-tests search
+#                 timeout_s 330 (about 290 s: the kernel, op and loss tests with compiled kernels, the varlen
+#                 kernel against the SDPA path among them; then the largest micro-batch in 80 GB, issue 15's last
+#                 GPU number)
+#   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install profile zipf
+#                 (where the loss's time goes, and the losses on text-like targets, whose frequent tokens make
+#                 long runs for scatter_rows_kernel); then step-profile (the 7B step's time, ours against TRL's)
 #   a later session, or one with time to spare: search, tune, tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
@@ -65,7 +69,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile kernel-tests zipf)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench step)
 KNOWN="install bench zipf step step-profile kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
@@ -125,7 +129,7 @@ part_zipf() {
 }
 
 part_step() {
-    local contenders=official-tpo,trl-dpo,ours-tpo-shared,ours-tpo-shared-sdpa,ours-dpo-shared,ours-tpo,ours-dpo,ours-tpo-shared-refcache
+    local contenders=official-tpo,trl-dpo,ours-tpo-shared,ours-tpo-shared-refcache,ours-dpo-shared,ours-tpo-shared-sdpa,ours-tpo,ours-dpo
     bench_run step gpu_step "${STEP_S:-280}" --workloads step --cases "${STEP_CASE:-gpu-step}" --repeats 5 \
         --warmup 2 --contenders "${STEP_CONTENDERS:-$contenders}" --search-s 0 --timeout 100
 }
