@@ -2,35 +2,52 @@
 // errors first; the checks here guard direct callers of the extension.
 #include <torch/extension.h>
 
+#include <sstream>
 #include <stdexcept>
 
 #include "logits_logprobs.h"
 
 namespace {
 
+// This file's input errors are thrown as std::runtime_error (Python RuntimeError) from here, not built as
+// c10::Error by TORCH_CHECK: no backtrace is captured and no frame of libc10 is unwound on the way out. The
+// second H200 run's build of this extension (its own gcc) crashed on the first such error; this path is the
+// smaller one, whatever the cause.
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream msg;
+  (msg << ... << args);
+  throw std::runtime_error(msg.str());
+}
+
+#define TPO_REQUIRE(cond, ...) \
+  do {                         \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (0)
+
 void check_common(const at::Tensor& logits, const at::Tensor& targets) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D (N, V), got ", logits.dim(), "-D");
-  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one vocabulary column");
-  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(1) == 1, "logits must be contiguous in the last dim");
-  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+  TPO_REQUIRE(logits.dim() == 2, "logits must be 2-D (N, V), got ", logits.dim(), "-D");
+  TPO_REQUIRE(logits.size(1) > 0, "logits must have at least one vocabulary column");
+  TPO_REQUIRE(logits.size(0) <= 1 || logits.stride(1) == 1, "logits must be contiguous in the last dim");
+  TPO_REQUIRE(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
               "logits rows must not overlap (stride(0) >= V)");
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+  TPO_REQUIRE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "logits must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0),
+  TPO_REQUIRE(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0),
               "targets must be int64 of shape (N,) = (", logits.size(0), ",)");
-  TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
-  TORCH_CHECK(targets.device() == logits.device(), "targets must be on the device of logits");
+  TPO_REQUIRE(targets.is_contiguous(), "targets must be contiguous");
+  TPO_REQUIRE(targets.device() == logits.device(), "targets must be on the device of logits");
 }
 
 void check_row_stat(const at::Tensor& t, const at::Tensor& logits, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(),
+  TPO_REQUIRE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(),
               name, " must be a contiguous float32 tensor of shape (N,) = (", logits.size(0), ",)");
-  TORCH_CHECK(t.device() == logits.device(), name, " must be on the device of logits");
+  TPO_REQUIRE(t.device() == logits.device(), name, " must be on the device of logits");
 }
 
-// Input errors leave as std::runtime_error (Python RuntimeError) through this module's own pybind11
-// translator, whatever the torch build registered for c10::Error.
+// A c10::Error from below (a kernel's own check) leaves as std::runtime_error (Python RuntimeError) through
+// this module's own pybind11 translator, whatever the torch build registered for c10::Error.
 template <typename F>
 auto guarded(F&& body) -> decltype(body()) {
   try {
@@ -42,11 +59,11 @@ auto guarded(F&& body) -> decltype(body()) {
 
 bool is_cuda(const at::Tensor& logits) {
   if (!logits.is_cuda()) {
-    TORCH_CHECK(logits.is_cpu(), "logits must be on CPU or CUDA, got ", logits.device());
+    TPO_REQUIRE(logits.is_cpu(), "logits must be on CPU or CUDA, got ", logits.device());
     return false;
   }
 #ifndef TPO_FAST_WITH_CUDA
-  TORCH_CHECK(false, "tpo_fast._C was built without CUDA; use backend='triton' or 'torch' for CUDA tensors");
+  fail("tpo_fast._C was built without CUDA; use backend='triton' or 'torch' for CUDA tensors");
 #endif
   return true;
 }
