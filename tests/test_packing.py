@@ -7,9 +7,12 @@ responses and a single pair; a clear error for an empty response; the fallback o
 """
 
 import copy
+import functools
+import inspect
 import logging
 import os
 import sys
+import threading
 import types
 
 import pytest
@@ -290,16 +293,34 @@ VARLEN_APIS = {
     "window_size": (dict(window_size=(-1, 0)), True),  # torch 2.13's signature
     "is_causal": (dict(is_causal=True), False),  # the first one: is_causal, no scale
     "with-lse": (dict(window_size=(-1, 0)), True),  # one that also returns the log-sum-exp
+    "enable_gqa": (dict(window_size=(-1, 0)), True),  # torch 2.13's grouped-query form
+    "enable_gqa-failed": (dict(window_size=(-1, 0)), True),  # the same, its probe failed: repeated keys
 }
+
+
+def _gqa_varlen(inner, key_heads):
+    """A varlen call with torch 2.13's grouped-query form, written from its contract: with `enable_gqa`, k and v
+    may have fewer heads, query head h reading key head h // (query heads / key heads); records the key heads."""
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
+        key_heads.append((k.shape[1], enable_gqa))
+        assert enable_gqa or k.shape[1] == q.shape[1]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return inner(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size,
+                     **({} if scale is None else {"scale": scale}))
+
+    return varlen
 
 
 @pytest.mark.parametrize("api", list(VARLEN_APIS))
 def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatch, api):
     """The packed row through one varlen call (the stand-in above, on the CPU) equals the attention under the packed
     mask, forward and gradients, with grouped-query key heads; the call is made once in forward and once more in
-    backward (the checkpoint's rerun), with the scale where the API takes one."""
+    backward (the checkpoint's rerun), with the scale where the API takes one. A call with the grouped-query form
+    gets the 2 key heads as they are, unless its probe failed: then the keys repeated to the 4 query heads."""
     causal, takes_scale = VARLEN_APIS[api]
-    calls = []
+    calls, key_heads, probed = [], [], []
     oracle = _oracle_varlen(calls, **({"scale": 0.3} if takes_scale else {}))
     if api == "with-lse":
         plain = oracle
@@ -307,6 +328,11 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
         def oracle(*args, **kwargs):
             return plain(*args, **kwargs), torch.zeros(1)
 
+    if api.startswith("enable_gqa"):
+        oracle = _gqa_varlen(oracle, key_heads)
+        failed = api.endswith("failed")
+        monkeypatch.setattr(packing, "varlen_failure",
+                            lambda *args, **kw: probed.append((args, kw)) or ("a probe failed" if failed else None))
     monkeypatch.setattr(packing, "varlen_api", lambda: (oracle, causal, takes_scale))
     monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
     p = _pack(implementation=SEGMENT_ATTENTION)
@@ -321,6 +347,11 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
     expected = _masked_attention(q, k, v, allowed_attention(p)[:, None], scale)
     _assert_same_attention(out, expected, (q, k, v))
     assert len(calls) == 2
+    if api.startswith("enable_gqa"):
+        assert key_heads == [(4, False)] * 2 if api.endswith("failed") else key_heads == [(2, True)] * 2
+        assert probed and all(a == (torch.float64, 8, q.device) and kw == {"gqa": True} for a, kw in probed)
+    else:
+        assert key_heads == probed == []
 
 
 def test_varlen_is_only_used_where_it_can_run(monkeypatch):
@@ -365,12 +396,18 @@ def test_varlen_is_only_used_where_it_can_run(monkeypatch):
     torch.testing.assert_close(out, _masked_attention(q, k, v, allowed_attention(p)[:, None], 0.5))
 
 
-def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch):
+@pytest.mark.parametrize("gqa", [False, True], ids=["repeated_keys", "enable_gqa"])
+def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch, gqa):
     """The whole packed TPO step with the varlen layout built by `Packing.inputs` and handed by the model to every
-    layer's attention (the stand-in call on the CPU): the padded step's loss, reference scores and gradients."""
-    calls = []
-    monkeypatch.setattr(packing, "varlen_api", lambda: (_oracle_varlen(calls, scale=None), {"window_size": (-1, 0)},
-                                                        True))
+    layer's attention (the stand-in call on the CPU): the padded step's loss, reference scores and gradients. The
+    tiny model's 4 query heads share 2 key heads: repeated before the call, or passed as they are to its
+    grouped-query form."""
+    calls, key_heads = [], []
+    call = _oracle_varlen(calls, scale=None)
+    if gqa:
+        call = _gqa_varlen(call, key_heads)
+        monkeypatch.setattr(packing, "varlen_failure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(packing, "varlen_api", lambda: (call, {"window_size": (-1, 0)}, True))
     monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
     monkeypatch.setattr(packing, "varlen_wanted", lambda device: True)
     ds, proc = setup
@@ -381,6 +418,7 @@ def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch):
     # per layer: the reference's call (no gradient), the policy's forward and its checkpointed rerun
     assert len(calls) == 3 * layers and len(seen) == 1, (len(calls), seen)
     assert {kw["scale"] for kw in calls} == {model.config.text_config.head_dim**-0.5}
+    assert key_heads == ([(2, True)] * 3 * layers if gqa else [])
 
 
 def _top_left_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
@@ -409,11 +447,22 @@ def _raising_varlen(q, *args, **kw):
     raise NotImplementedError("no kernel for this device")
 
 
-@pytest.mark.parametrize("case", ["contract", "top_left", "no_backward", "raises"])
+def _tiled_gqa_varlen(inner):
+    """A grouped-query varlen call that maps query head h to key head h % (key heads): the wrong grouping."""
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+        group = q.shape[1] // k.shape[1]
+        return inner(q, k.repeat(1, group, 1), v.repeat(1, group, 1), cu_q, cu_k, max_q, max_k, window_size=window_size)
+
+    return varlen
+
+
+@pytest.mark.parametrize("case", ["contract", "top_left", "no_backward", "raises", "gqa_contract", "gqa_tiled"])
 def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, case):
     """`varlen_failure` runs one tiny call, forward and backward, against plain causal attention, once per process and
-    (dtype, head size, device): a call written from the contract passes; a top-left causal mask, a call without
-    backward and a call that raises are reported (a warning, once), so that the rows go to SDPA instead."""
+    (dtype, head size, device, grouped-query form): a call written from the contract passes; a top-left causal mask,
+    a call without backward, a call that raises and a grouped-query call that groups the heads otherwise are
+    reported (a warning, once), so that the rows go to SDPA, or to the plain call on repeated keys, instead."""
     calls = []
     oracle = _oracle_varlen(calls)
     stand_ins = {
@@ -421,13 +470,19 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
         "top_left": lambda *a, **kw: calls.append(kw) or _top_left_varlen(*a, **kw),
         "no_backward": lambda *a, **kw: calls.append(kw) or _NoBackward.apply(oracle(*a, **kw)),
         "raises": lambda *a, **kw: calls.append(kw) or _raising_varlen(*a, **kw),
+        "gqa_contract": _gqa_varlen(oracle, []),
+        "gqa_tiled": _tiled_gqa_varlen(oracle),
     }
+    gqa = case.startswith("gqa")
     expected = {
         "contract": None,
         "top_left": "its output differs from plain causal attention (bottom-right aligned for a piece with more keys "
                     "than queries) by ",
         "no_backward": "the call raised RuntimeError: varlen backward is not implemented on this build",
         "raises": "the call raised NotImplementedError: no kernel for this device",
+        "gqa_contract": None,
+        "gqa_tiled": "its output differs from plain causal attention (bottom-right aligned for a piece with more keys "
+                     "than queries, query head h reading key head h // (query heads / key heads)) by ",
     }[case]
     monkeypatch.setattr(packing, "varlen_api", lambda: (stand_ins[case], {"window_size": (-1, 0)}, True))
     packing.varlen_failure.cache_clear()
@@ -436,16 +491,21 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
         # outside the caller's saved-tensor hooks (a checkpointed layer's): the probe records nothing there
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), \
                 caplog.at_level(logging.WARNING, logger="tpo_fast"):
-            why = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"))
-            again = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"))
+            why = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
+            again = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
     finally:
         packing.varlen_failure.cache_clear()
     assert packed == []
     assert len(calls) == (2 if case == "no_backward" else 1)  # cached: one probe (no_backward calls the oracle too)
     assert again == why
-    warnings = [r.getMessage() for r in caplog.records if "varlen attention call is not used" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "is not used for" in r.getMessage()]
     if expected is None:
         assert why is None and warnings == []
+    elif gqa:
+        assert why.startswith(expected), why
+        assert warnings == ["tpo_fast: the grouped-query form (enable_gqa) of the varlen attention call is not used "
+                            f"for bfloat16, head size 8, on cpu: {why}; keys and values are repeated to every query "
+                            "head instead (TPO_FAST_VARLEN=0 skips this check)"]
     else:
         assert why.startswith(expected), why
         assert warnings == [f"tpo_fast: the varlen attention call is not used for bfloat16, head size 8, on cpu: "
@@ -454,11 +514,13 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
+def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype, kv_heads):
     """On CUDA, the packed row's one varlen call (torch's flash-attention kernel) against the two SDPA calls per
     sequence, in the dtype both run in: forward and the q, k, v gradients within 16-bit rounding, against the fp32
-    masked attention as the judge; the varlen call is the one that ran."""
+    masked attention as the judge; the varlen call is the one that ran. With grouped-query key heads too (the
+    call's `enable_gqa` form where this torch has it, else repeated keys)."""
     from tpo_fast.ops.options import ENV_VARS
     from tpo_fast.trainer.packing import varlen_api, varlen_usable
 
@@ -471,7 +533,8 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
         start += prefix + first + second
     spans = tuple(spans)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 4, start, 64, device="cuda") for _ in range(3))
+    q = torch.randn(1, 4, start, 64, device="cuda")
+    k, v = (torch.randn(1, kv_heads, start, 64, device="cuda") for _ in range(2))
     assert varlen_usable(q.to(dtype), 0.0, 0.125) and not varlen_usable(q, 0.0, 0.125)  # fp32: SDPA
     allowed = torch.zeros(start, start, dtype=torch.bool, device="cuda")
     for s0, prefix, first, second in spans:
@@ -499,9 +562,18 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype):
 
     api = packing.varlen_api()
     used = []
-    monkeypatch.setattr(packing, "varlen_api", lambda: (lambda *a, **kw: used.append(1) or api[0](*a, **kw), *api[1:]))
+
+    @functools.wraps(api[0])  # the same signature, so that its grouped-query form is seen
+    def counted(*args, **kwargs):
+        used.append((args[0].shape[0], kwargs.get("enable_gqa", False)))  # (query rows, grouped-query form)
+        return api[0](*args, **kwargs)
+
+    monkeypatch.setattr(packing, "varlen_api", lambda: (counted, *api[1:]))
     out, grads = run(varlen=True)
-    assert used, "the varlen call did not run"
+    row_calls = [gqa for rows, gqa in used if rows == start]  # not the probes' tiny calls
+    assert row_calls, "the varlen call did not run"
+    # grouped-query keys go to a call that takes them as they are (its probe passed, or this test fails here)
+    assert set(row_calls) == {kv_heads < 4 and "enable_gqa" in inspect.signature(api[0]).parameters}
     used.clear()
     sdpa_out, sdpa_grads = run(varlen=False)
     assert not used
@@ -924,7 +996,14 @@ def test_packed_bf16_step_on_cuda_runs_the_varlen_call(setup, monkeypatch):
     if api is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     calls = []
-    monkeypatch.setattr(packing, "varlen_api", lambda: (lambda *a, **kw: calls.append(1) or api[0](*a, **kw), *api[1:]))
+
+    @functools.wraps(api[0])  # the same signature, so that its grouped-query form is seen
+    def counted(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # the layers' calls, not the probes' (own thread)
+            calls.append(1)
+        return api[0](*args, **kwargs)
+
+    monkeypatch.setattr(packing, "varlen_api", lambda: (counted, *api[1:]))
     ds, proc = setup
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
     model, ref = _policy_and_reference(proc)

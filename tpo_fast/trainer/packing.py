@@ -460,6 +460,15 @@ def varlen_api() -> tuple | None:
     return varlen_attn, causal, "scale" in params
 
 
+@functools.lru_cache(maxsize=8)
+def _takes_gqa(fn) -> bool:
+    """Whether the varlen call `fn` takes `enable_gqa` (torch 2.13 does; its first form did not)."""
+    try:
+        return "enable_gqa" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def varlen_wanted(device: torch.device) -> bool:
     """Whether a packed row on `device` gets a `VarlenLayout`: CUDA, a torch with varlen attention, and the kernel
     option `varlen` on (`TPO_FAST_VARLEN` not "0", or `kernel_options(varlen=False)`: tpo_fast.ops.options).
@@ -487,42 +496,50 @@ def varlen_usable(query: torch.Tensor, dropout: float, scaling: float | None) ->
 
 # A probe's pieces (query count, key count): a causal square and a second response's bottom-right causal piece.
 _PROBE_PIECES = ((5, 5), (3, 7))
-_PROBE_HEADS = 2
+# Query heads, and key heads of the grouped-query form: query heads 0-1 read key head 0, 2-3 key head 1.
+_PROBE_HEADS, _PROBE_KV_HEADS_GQA = 4, 2
 # On outputs and gradients of order 1: attention computed in bf16 throughout errs by up to 0.025 there, fp16 by 0.006;
 # a causal mask aligned to the top left, by more than 2.
 _PROBE_TOLERANCE = 0.1
 
 
 @functools.cache
-def varlen_failure(dtype: torch.dtype, head: int, device: torch.device) -> str | None:
-    """Why this torch's varlen call cannot attend packed rows of `dtype` and head size `head` on `device`, or None.
+def varlen_failure(dtype: torch.dtype, head: int, device: torch.device, gqa: bool = False) -> str | None:
+    """Why this torch's varlen call cannot attend packed rows of `dtype` and head size `head` on `device`, or None;
+    with `gqa`, why its grouped-query form (`enable_gqa=True`, fewer key and value heads than query heads) cannot.
 
-    Checked once per process and (dtype, head, device): one tiny call over a causal piece and a second response's
-    piece (fewer queries than keys, so its causal mask must be aligned to the bottom right), forward and backward,
-    against plain attention in float64. It runs in a thread of its own, outside the caller's autocast, grad mode and
-    saved-tensor hooks (a layer under gradient checkpointing must not record it). A failure (the call raises, has
-    no backward on this build, or masks otherwise) is logged once as a warning, and packed rows are then attended
-    with two SDPA calls per pair, as with `TPO_FAST_VARLEN=0`."""
+    Checked once per process and (dtype, head, device, gqa): one tiny call over a causal piece and a second
+    response's piece (fewer queries than keys, so its causal mask must be aligned to the bottom right), forward and
+    backward, against plain attention in float64. It runs in a thread of its own, outside the caller's autocast, grad
+    mode and saved-tensor hooks (a layer under gradient checkpointing must not record it). A failure (the call
+    raises, has no backward on this build, or masks or groups the heads otherwise) is logged once as a warning; the
+    packed rows are then attended with two SDPA calls per pair, as with `TPO_FAST_VARLEN=0`, or, where only the
+    grouped-query form failed, by the plain call on keys and values repeated to every query head."""
     found: list[str | None] = []
-    thread = threading.Thread(target=lambda: found.append(_probe_varlen(dtype, head, torch.device(device))))
+    thread = threading.Thread(target=lambda: found.append(_probe_varlen(dtype, head, torch.device(device), gqa)))
     thread.start()
     thread.join()
     why = found[0] if found else "the probe's thread ended without a result"
     if why is not None:
-        logger.warning("tpo_fast: the varlen attention call is not used for %s, head size %d, on %s: %s; packed rows "
-                       "are attended with two SDPA calls per pair instead (TPO_FAST_VARLEN=0 skips this check)",
-                       str(dtype).replace("torch.", ""), head, device, why)
+        what, instead = (("grouped-query form (enable_gqa) of the varlen attention call",
+                          "keys and values are repeated to every query head instead") if gqa else
+                         ("varlen attention call", "packed rows are attended with two SDPA calls per pair instead"))
+        logger.warning("tpo_fast: the %s is not used for %s, head size %d, on %s: %s; %s (TPO_FAST_VARLEN=0 skips this "
+                       "check)", what, str(dtype).replace("torch.", ""), head, device, why, instead)
     return why
 
 
-def _probe_varlen(dtype: torch.dtype, head: int, device: torch.device) -> str | None:
+def _probe_varlen(dtype: torch.dtype, head: int, device: torch.device, gqa: bool = False) -> str | None:
     api = varlen_api()
     if api is None:
         return "this torch has no torch.nn.attention.varlen"
     fn, causal, _ = api
+    causal = {**causal, "enable_gqa": True} if gqa else causal
     gen = torch.Generator().manual_seed(0)
     n_q, n_k = (sum(p[i] for p in _PROBE_PIECES) for i in (0, 1))
-    q, k, v = (torch.randn(n, _PROBE_HEADS, head, generator=gen) for n in (n_q, n_k, n_k))
+    kv_heads = _PROBE_KV_HEADS_GQA if gqa else _PROBE_HEADS
+    q = torch.randn(n_q, _PROBE_HEADS, head, generator=gen)
+    k, v = (torch.randn(n_k, kv_heads, head, generator=gen) for _ in range(2))
     grad_out = torch.randn(n_q, _PROBE_HEADS, head, generator=gen)
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(p[i] for p in _PROBE_PIECES)], dtype=torch.int32)
                   for i in (0, 1))
@@ -544,22 +561,26 @@ def _probe_varlen(dtype: torch.dtype, head: int, device: torch.device) -> str | 
             return f"its {name} has the shape {tuple(a.shape)}, not {tuple(b.shape)}"
         err = (a - b).abs().max().item()
         if not err <= _PROBE_TOLERANCE:
+            groups = ", query head h reading key head h // (query heads / key heads)" if gqa else ""
             return (f"its {name} differs from plain causal attention (bottom-right aligned for a piece with more keys "
-                    f"than queries) by {err:.3g}")
+                    f"than queries{groups}) by {err:.3g}")
     return None
 
 
 def _probe_reference(q, k, v, grad_out, cu_q: list[int], cu_k: list[int]) -> list[torch.Tensor]:
     """Output and q, k, v gradients of causal attention per piece (query i of a piece of s queries and t keys sees
-    keys 0..t - s + i), in float64 on the CPU, with `grad_out` as the output's gradient."""
+    keys 0..t - s + i), in float64 on the CPU, with `grad_out` as the output's gradient. With fewer key heads than
+    query heads, query head h reads key head h // (query heads / key heads)."""
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    keys, values = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     pieces = []
     for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q), itertools.pairwise(cu_k), strict=True):
         s, t = q1 - q0, k1 - k0
-        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k[k0:k1]) * q.shape[-1] ** -0.5
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], keys[k0:k1]) * q.shape[-1] ** -0.5
         allowed = torch.arange(t)[None, :] <= torch.arange(s)[:, None] + (t - s)
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        pieces.append(torch.einsum("hqk,khd->qhd", weights, v[k0:k1]))
+        pieces.append(torch.einsum("hqk,khd->qhd", weights, values[k0:k1]))
     out = torch.cat(pieces)
     out.backward(grad_out.double())
     return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
@@ -571,10 +592,10 @@ def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ..
     dim): one varlen call with `varlen`, else two SDPA calls per sequence of `spans`."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    repeats = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     if varlen is not None:
         return _varlen_row_attention(query, key, value, varlen, scaling)
+    repeats = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     # One split per tensor into (prefix + first response, second response) pieces: its backward joins the pieces'
     # gradients into one row-sized buffer. Slicing the row per sequence instead gave every slice a row-sized
     # zero-filled gradient in backward (`slice_backward`), summed one by one: work quadratic in the micro-batch.
@@ -592,13 +613,23 @@ def _row_attention(query, key, value, spans: tuple[tuple[int, int, int, int], ..
 
 
 def _varlen_row_attention(query, key, value, varlen: VarlenLayout, scaling: float | None) -> torch.Tensor:
-    """One varlen call for a packed row: (1, heads, L, dim) q, k, v -> (1, L, heads, dim). The queries are the row's
-    tokens as they are (L, heads, dim); the keys and values are gathered into the pieces' order (`VarlenLayout`)."""
+    """One varlen call for a packed row: (1, heads, L, dim) q and (1, kv heads, L, dim) k, v -> (1, L, heads, dim).
+    The queries are the row's tokens as they are (L, heads, dim); the keys and values are gathered into the pieces'
+    order (`VarlenLayout`). Grouped-query keys and values go to the call as they are (`enable_gqa`) where it takes
+    that form and its probe passed, else repeated to every query head first."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     fn, causal, takes_scale = varlen_api()
+    extra = {"scale": scaling} if takes_scale else {}
+    repeats = query.shape[1] // key.shape[1]
+    if repeats > 1:
+        if _takes_gqa(fn) and varlen_failure(query.dtype, query.shape[-1], query.device, gqa=True) is None:
+            extra["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     q = query[0].transpose(0, 1).contiguous()
     k = key[0].transpose(0, 1).index_select(0, varlen.key_index)
     v = value[0].transpose(0, 1).index_select(0, varlen.key_index)
-    extra = {"scale": scaling} if takes_scale else {}
     out = fn(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **causal, **extra)
     if isinstance(out, tuple):  # a torch whose varlen_attn returns its log-sum-exp too
         out = out[0]
