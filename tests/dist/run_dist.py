@@ -78,9 +78,15 @@ def run_trainer(mode, data_dir, out_file, steps, lr, lora=False):
             # and the separate reference is its own stage-0 (replicated) inference engine.
             assert model.zero_optimization_stage() == 2 and trainer.model.lm_head.weight.numel() > 0
             assert type(trainer.ref_model).__name__ == "DeepSpeedEngine"
-        if lora:
-            assert trainer.ref_model is None and trainer.reference_mode == "adapter"
         state = state_of(trainer.model)
+    if lora:  # what the mode claims to exercise did run
+        from tpo_fast.trainer.model import unwrap_llava
+        from tpo_fast.trainer.packing import SEGMENT_ATTENTION
+
+        llava = unwrap_llava(trainer.model)
+        assert trainer.ref_model is None and trainer.reference_mode == "adapter"
+        assert llava.model.language_model.gradient_checkpointing
+        assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION  # the packed shared-prefix rows
     return losses, state
 
 
@@ -123,6 +129,11 @@ def run_fsdp2(data_dir, out_file, steps, lr, lora=False):
         loss = out["loss"].detach().clone()
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
+    if lora:  # the packed shared-prefix rows, under gradient checkpointing
+        from tpo_fast.trainer.packing import SEGMENT_ATTENTION
+
+        assert llava.model.language_model.gradient_checkpointing
+        assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION
     return losses, state_of(model)
 
 
