@@ -20,10 +20,11 @@
 #                 against 711 with the SDPA calls, TRL's at 522). The step's own check (first loss ln 2, first drop
 #                 against the official or TRL's within 15%) guards the numbers, and a varlen call that fails its
 #                 one-time probe against plain attention falls back to SDPA with a warning in the log)
-#   call 2, at once while the machine is warm:  SEARCH_S=100 bash scripts/gpu_check.sh install kernel-tests search
-#                 timeout_s 330 (about 290 s: the kernel, op and loss tests with compiled kernels, the varlen
-#                 kernel against the SDPA path among them; then the largest micro-batch in 80 GB, issue 15's last
-#                 GPU number)
+#   call 2, at once while the machine is warm:  SEARCH_S=100 bash scripts/gpu_check.sh install search kernel-tests
+#                 timeout_s 330 (about 300 s: the largest micro-batch in 80 GB, issue 15's last GPU number, while
+#                 the CUDA extension builds; then the kernel, op and loss tests with compiled kernels, the varlen
+#                 kernel against the SDPA path among them; call 1's bench already checked every loss and gradient
+#                 against the fp32 oracle at the target shape)
 #   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install profile zipf
 #                 (where the loss's time goes, and the losses on text-like targets, whose frequent tokens make
 #                 long runs for scatter_rows_kernel); then step-profile (the 7B step's time, ours against TRL's)
