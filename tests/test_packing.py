@@ -434,26 +434,19 @@ def _top_left_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
     return torch.cat(out)
 
 
-class _NoBackward(torch.autograd.Function):
+class _Passthrough(torch.autograd.Function):
+    """x unchanged; its backward either missing (raises, as on a build without one) or wrong (doubled)."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, backward):
+        ctx.backward_kind = backward
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("varlen backward is not implemented on this build")
-
-
-class _DoubledQueryGrad(torch.autograd.Function):
-    """The query passes through unchanged; its gradient comes back doubled (a wrong backward, a right forward)."""
-
-    @staticmethod
-    def forward(ctx, q):
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * grad
+        if ctx.backward_kind == "missing":
+            raise RuntimeError("varlen backward is not implemented on this build")
+        return 2 * grad, None
 
 
 def _raising_varlen(q, *args, **kw):
@@ -486,11 +479,11 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
     stand_ins = {
         "contract": oracle,
         "top_left": lambda *a, **kw: calls.append(kw) or _top_left_varlen(*a, **kw),
-        "no_backward": lambda *a, **kw: calls.append(kw) or _NoBackward.apply(oracle(*a, **kw)),
+        "no_backward": lambda *a, **kw: calls.append(kw) or _Passthrough.apply(oracle(*a, **kw), "missing"),
         "raises": lambda *a, **kw: calls.append(kw) or _raising_varlen(*a, **kw),
         "with_lse": lambda *a, **kw: (oracle(*a, **kw), torch.zeros(1)),
         "raises_silently": lambda *a, **kw: calls.append(kw) or _raising_silently(*a, **kw),
-        "wrong_query_grad": lambda q, *a, **kw: oracle(_DoubledQueryGrad.apply(q), *a, **kw),
+        "wrong_query_grad": lambda q, *a, **kw: oracle(_Passthrough.apply(q, "doubled"), *a, **kw),
         "wrong_shape": lambda *a, **kw: oracle(*a, **kw).flatten(1),
         "gqa_contract": _gqa_varlen(oracle, []),
         "gqa_tiled": _tiled_gqa_varlen(oracle),
