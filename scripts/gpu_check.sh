@@ -6,7 +6,8 @@
 #   here, first:  bash scripts/gpu_wheels.sh          (.whl/: TRL, Liger, Cut Cross-Entropy and their needs)
 #   every call:   kind nvidia-h200 (the device tool's default became an H100 of about 78 GiB: the official
 #                 structure's 7B step peaked at 90 GB in the second H200 run, and every GPU table so far is an
-#                 H200's, so ratios stay comparable)
+#                 H200's, so ratios stay comparable). Given an H100 all the same: STEP_CASE=llava7b-step-2p for
+#                 the step part (2 pairs, where the official structure fits), and say so beside the numbers
 #   call 1:       bash scripts/gpu_check.sh    timeout_s 520, carry [".whl"]
 #                 (install bench step, about 460 s: the two measured targets first. bench: the fused losses changed
 #                 since the second run of 2026-12-04 (one host read-back per call, the reference scored in the chunk

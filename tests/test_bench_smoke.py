@@ -993,3 +993,14 @@ def test_zipf_cases_draw_repeated_targets_the_same_for_every_contender():
         for workload in ("tpo", "dpo"):
             row = measure.measure_workload(c, tiny, workload, cfg)
             assert row["status"] == "ok", row
+
+
+def test_the_two_pair_7b_step_case_is_the_7b_case_at_two_pairs():
+    """`llava7b-step-2p` (an 80 GB card, where the official structure's 4-pair step does not fit) differs from
+    `llava7b-step` in its name and its micro-batch only."""
+    import dataclasses
+
+    (step,) = _bench("_workloads.step")
+    four, two = step.STEP_CASES["llava7b-step"], step.STEP_CASES["llava7b-step-2p"]
+    assert (two.pairs, four.pairs) == (2, 4) and two.needs_cuda
+    assert dataclasses.replace(two, name=four.name, pairs=four.pairs) == four
