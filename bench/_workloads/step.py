@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -134,14 +134,6 @@ STEP_CASES: dict[str, StepCase] = {
         vision_intermediate=4096, pairs=4, prompt_words=56, response_min=64, response_max=256, dtype="bf16",
         lora=True, needs_cuda=True, memory_budget_mib=80 * 1024, max_pairs=64, search_s=240, records=64,
     ),
-    # llava7b-step at 2 pairs, for a card of about 80 GB (an H100): there the official structure's 4-pair step (107 GB
-    # in all on an H200, 2026-12-04) runs out of memory, and no row could be compared with it.
-    "llava7b-step-2p": StepCase(
-        "llava7b-step-2p", "llava-1.5-7b", text_hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
-        vocab=32000, image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
-        vision_intermediate=4096, pairs=2, prompt_words=56, response_min=64, response_max=256, dtype="bf16",
-        lora=True, needs_cuda=True, memory_budget_mib=80 * 1024, max_pairs=64, search_s=240, records=64,
-    ),
     # The 7B case's structure at toy widths, on a CPU: the same 32 text layers (LoRA on their 7 linear layers), 24
     # vision layers, 4 pairs and bf16 autocast, so every contender issues the operators, Python calls and module
     # hooks of its 7B step, on tensors small enough that its step time is the host's work: the time a GPU step
@@ -153,6 +145,9 @@ STEP_CASES: dict[str, StepCase] = {
         lora_rank=8, memory_budget_mib=1024, max_pairs=8, search_s=0, records=8,
     ),
 }
+# llava7b-step at 2 pairs, for a card of about 80 GB (an H100): there the official structure's 4-pair step (107 GB in
+# all on an H200, 2026-12-04) runs out of memory, and no row could be compared with it.
+STEP_CASES["llava7b-step-2p"] = replace(STEP_CASES["llava7b-step"], name="llava7b-step-2p", pairs=2)
 STEP_PRESETS = {"cpu-step": ["cpu-step"], "gpu-step": ["llava7b-step"]}
 
 # Prompt and response text: sentences of the shapes world (tpo_fast.trainer.synthetic's vocabulary).
