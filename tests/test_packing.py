@@ -250,10 +250,12 @@ def test_segment_attention_backward_allocates_a_fixed_number_of_row_sized_tensor
 # ----- the one-call varlen attention of a packed row (CUDA), its layout checked on the CPU ----------------
 
 
-def _oracle_varlen(calls, **expected_extra):
+def _oracle_varlen(calls, top_left=False, **expected_extra):
     """A stand-in for `torch.nn.attention.varlen.varlen_attn`, written from its contract: the pieces' queries and keys
     lie after one another (cumulative counts `cu_q`, `cu_k`), each piece attends causally with the mask aligned to
-    the bottom right (query i of nq sees keys 0 .. nk - nq + i). Records each call's keyword arguments."""
+    the bottom right (query i of nq sees keys 0 .. nk - nq + i). Records each call's keyword arguments. `top_left`:
+    the mask aligned to the top left instead (query i sees keys 0..i), a wrong call for a piece with more keys than
+    queries, right for a square one."""
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
         calls.append(kw)
@@ -266,7 +268,7 @@ def _oracle_varlen(calls, **expected_extra):
             qi, ki, vi = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
             nq, nk = len(qi), len(ki)
             assert nq <= max_q and nk <= max_k
-            seen = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            seen = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (0 if top_left else nk - nq)
             scores = torch.einsum("qhd,khd->hqk", qi, ki) * scale
             out.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), vi))
         assert sum(len(o) for o in out) == len(q)
@@ -299,15 +301,16 @@ VARLEN_APIS = {
 }
 
 
-def _gqa_varlen(inner, key_heads):
+def _gqa_varlen(inner, key_heads, tiled=False):
     """A varlen call with torch 2.13's grouped-query form, written from its contract: with `enable_gqa`, k and v
-    may have fewer heads, query head h reading key head h // (query heads / key heads); records the key heads."""
+    may have fewer heads, query head h reading key head h // (query heads / key heads); records the key heads.
+    `tiled`: query head h reads key head h % (key heads) instead, the wrong grouping."""
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
         key_heads.append((k.shape[1], enable_gqa))
         assert enable_gqa or k.shape[1] == q.shape[1]
         group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        k, v = (t.repeat(1, group, 1) if tiled else t.repeat_interleave(group, 1) for t in (k, v))
         return inner(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size,
                      **({} if scale is None else {"scale": scale}))
 
@@ -422,18 +425,6 @@ def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch, gqa):
     assert key_heads == ([(2, True)] * 3 * layers if gqa else [])
 
 
-def _top_left_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
-    """A varlen call whose causal mask is aligned to the top left (query i sees keys 0..i): wrong for a piece with
-    more keys than queries, right for a square one."""
-    out = []
-    for i in range(len(cu_q) - 1):
-        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
-        seen = torch.ones(len(qi), len(ki), dtype=torch.bool).tril()
-        scores = torch.einsum("qhd,khd->hqk", qi, ki) * q.shape[-1] ** -0.5
-        out.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), vi))
-    return torch.cat(out)
-
-
 class _Passthrough(torch.autograd.Function):
     """x unchanged; its backward either missing (raises, as on a build without one) or wrong (doubled)."""
 
@@ -453,16 +444,6 @@ def _raising_varlen(q, *args, **kw):
     raise NotImplementedError("no kernel for this device")
 
 
-def _tiled_gqa_varlen(inner):
-    """A grouped-query varlen call that maps query head h to key head h % (key heads): the wrong grouping."""
-
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
-        group = q.shape[1] // k.shape[1]
-        return inner(q, k.repeat(1, group, 1), v.repeat(1, group, 1), cu_q, cu_k, max_q, max_k, window_size=window_size)
-
-    return varlen
-
-
 def _raising_silently(*args, **kw):
     raise RuntimeError()
 
@@ -478,7 +459,7 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
     oracle = _oracle_varlen(calls)
     stand_ins = {
         "contract": oracle,
-        "top_left": lambda *a, **kw: calls.append(kw) or _top_left_varlen(*a, **kw),
+        "top_left": _oracle_varlen(calls, top_left=True),
         "no_backward": lambda *a, **kw: calls.append(kw) or _Passthrough.apply(oracle(*a, **kw), "missing"),
         "raises": lambda *a, **kw: calls.append(kw) or _raising_varlen(*a, **kw),
         "with_lse": lambda *a, **kw: (oracle(*a, **kw), torch.zeros(1)),
@@ -486,7 +467,7 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
         "wrong_query_grad": lambda q, *a, **kw: oracle(_Passthrough.apply(q, "doubled"), *a, **kw),
         "wrong_shape": lambda *a, **kw: oracle(*a, **kw).flatten(1),
         "gqa_contract": _gqa_varlen(oracle, []),
-        "gqa_tiled": _tiled_gqa_varlen(oracle),
+        "gqa_tiled": _gqa_varlen(oracle, [], tiled=True),
     }
     gqa = case.startswith("gqa")
     expected = {

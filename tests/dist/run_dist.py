@@ -81,13 +81,18 @@ def run_trainer(mode, data_dir, out_file, steps, lr, lora=False):
         state = state_of(trainer.model)
     if lora:  # what the mode claims to exercise did run
         from tpo_fast.trainer.model import unwrap_llava
-        from tpo_fast.trainer.packing import SEGMENT_ATTENTION
 
-        llava = unwrap_llava(trainer.model)
         assert trainer.ref_model is None and trainer.reference_mode == "adapter"
-        assert llava.model.language_model.gradient_checkpointing
-        assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION  # the packed shared-prefix rows
+        assert_packed_and_checkpointed(unwrap_llava(trainer.model))
     return losses, state
+
+
+def assert_packed_and_checkpointed(llava):
+    """The LoRA modes' step: the packed shared-prefix rows' attention, under gradient checkpointing."""
+    from tpo_fast.trainer.packing import SEGMENT_ATTENTION
+
+    assert llava.model.language_model.gradient_checkpointing
+    assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION
 
 
 def run_fsdp2(data_dir, out_file, steps, lr, lora=False):
@@ -129,11 +134,8 @@ def run_fsdp2(data_dir, out_file, steps, lr, lora=False):
         loss = out["loss"].detach().clone()
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
-    if lora:  # the packed shared-prefix rows, under gradient checkpointing
-        from tpo_fast.trainer.packing import SEGMENT_ATTENTION
-
-        assert llava.model.language_model.gradient_checkpointing
-        assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION
+    if lora:
+        assert_packed_and_checkpointed(llava)
     return losses, state_of(model)
 
 
