@@ -51,12 +51,17 @@ def use_cuda_path_standin() -> None:
     """Route the trainer's packed rows through the varlen path on the CPU, with a one-operator stand-in kernel."""
     from tpo_fast.trainer import packing
 
+    try:
+        from tpo_fast.trainer import row_attention
+    except ImportError:  # a tpo_fast from before trainer/row_attention.py, whose packing.py held the varlen call
+        row_attention = packing
+
     def standin(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
         return q * 1.0
 
-    packing.varlen_api = lambda: (standin, {"window_size": (-1, 0)}, True)
-    packing.varlen_usable = lambda query, dropout, scaling: True
-    packing.varlen_wanted = lambda device: True
+    row_attention.varlen_api = lambda: (standin, {"window_size": (-1, 0)}, True)
+    row_attention.varlen_usable = lambda query, dropout, scaling: True
+    packing.varlen_wanted = lambda device: True  # where Packing.inputs looks it up
 
 
 def host_time(name: str, case, data: StepData, steps: int) -> tuple[float, int]:

@@ -1,4 +1,5 @@
-"""Shared-prefix and padding-free packing of the trunk forwards (tpo_fast/trainer/packing.py).
+"""Shared-prefix and padding-free packing of the trunk forwards (tpo_fast/trainer/packing.py), and how a packed
+row attends (tpo_fast/trainer/row_attention.py: per-sequence SDPA, the varlen call and its probe).
 
 Index maps, masks and position ids against oracles written out by hand on a tiny batch; then the packed
 step against the padded one on a tiny fp32 LLaVA: the same loss, reference scores and parameter
@@ -22,21 +23,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
 from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
 
-from tpo_fast.trainer import packing  # noqa: E402
+from tpo_fast.trainer import packing, row_attention  # noqa: E402
 from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.model import StepOptions, policy_loss, sequence_reference_scores  # noqa: E402
 from tpo_fast.trainer.packing import (  # noqa: E402
-    SEGMENT_ATTENTION,
     allowed_attention,
     gather_responses,
     pack_batch,
     packed_attention_mask,
     packing_mode,
     response_window,
-    segment_attention,
     shift_labels,
-    varlen_layout,
 )
+from tpo_fast.trainer.row_attention import SEGMENT_ATTENTION, segment_attention, varlen_layout  # noqa: E402
 
 PAD, X = 0, -100
 
@@ -335,10 +334,10 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
     if api.startswith("enable_gqa"):
         oracle = _gqa_varlen(oracle, key_heads)
         failed = api.endswith("failed")
-        monkeypatch.setattr(packing, "varlen_failure",
+        monkeypatch.setattr(row_attention, "varlen_failure",
                             lambda *args, **kw: probed.append((args, kw)) or ("a probe failed" if failed else None))
-    monkeypatch.setattr(packing, "varlen_api", lambda: (oracle, causal, takes_scale))
-    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: (oracle, causal, takes_scale))
+    monkeypatch.setattr(row_attention, "varlen_usable", lambda query, dropout, scaling: True)
     p = _pack(implementation=SEGMENT_ATTENTION)
     length = p.source.shape[1]
     torch.manual_seed(0)
@@ -362,7 +361,7 @@ def test_varlen_is_only_used_where_it_can_run(monkeypatch):
     """The layout is built on CUDA only, and only when TPO_FAST_VARLEN is not 0; a layer runs the varlen call only in
     fp16/bf16 with flash attention's head sizes and no dropout: on the CPU never, whatever is passed."""
     from tpo_fast.ops.options import ENV_VARS, kernel_options
-    from tpo_fast.trainer.packing import varlen_usable, varlen_wanted
+    from tpo_fast.trainer.row_attention import varlen_usable, varlen_wanted
 
     VARLEN_ENV = ENV_VARS["varlen"]
 
@@ -376,7 +375,7 @@ def test_varlen_is_only_used_where_it_can_run(monkeypatch):
         varlen_wanted(torch.device("cuda"))
     monkeypatch.delenv(VARLEN_ENV)
     # the switch itself, as varlen_wanted reads it (the CUDA and torch conditions aside)
-    monkeypatch.setattr(packing, "varlen_api", lambda: ("a varlen call", {}, True))
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: ("a varlen call", {}, True))
     cuda = types.SimpleNamespace(type="cuda")
     assert varlen_wanted(cuda)
     with kernel_options(varlen=False):
@@ -385,14 +384,14 @@ def test_varlen_is_only_used_where_it_can_run(monkeypatch):
     assert not varlen_wanted(cuda)
     monkeypatch.setenv(VARLEN_ENV, "1")
     assert varlen_wanted(cuda)
-    monkeypatch.setattr(packing, "varlen_api", lambda: None)  # a torch without torch.nn.attention.varlen
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: None)  # a torch without torch.nn.attention.varlen
     assert not varlen_wanted(cuda)
     monkeypatch.delenv(VARLEN_ENV)
     monkeypatch.undo()
     q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
     assert not varlen_usable(q, 0.0, None)
     # a layout passed to the CPU attention is ignored: the SDPA path runs, and gives the masked attention
-    monkeypatch.setattr(packing, "varlen_api", lambda: pytest.fail("the varlen call ran on the CPU"))
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: pytest.fail("the varlen call ran on the CPU"))
     p = _pack(implementation=SEGMENT_ATTENTION)
     q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64) for _ in range(3))
     out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=p.spans,
@@ -410,9 +409,9 @@ def test_packed_step_through_varlen_equals_padded_step(setup, monkeypatch, gqa):
     call = _oracle_varlen(calls, scale=None)
     if gqa:
         call = _gqa_varlen(call, key_heads)
-        monkeypatch.setattr(packing, "varlen_failure", lambda *args, **kwargs: None)
-    monkeypatch.setattr(packing, "varlen_api", lambda: (call, {"window_size": (-1, 0)}, True))
-    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+        monkeypatch.setattr(row_attention, "varlen_failure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: (call, {"window_size": (-1, 0)}, True))
+    monkeypatch.setattr(row_attention, "varlen_usable", lambda query, dropout, scaling: True)
     monkeypatch.setattr(packing, "varlen_wanted", lambda device: True)
     ds, proc = setup
     batch = _uneven_batch(ds, proc)
@@ -487,17 +486,17 @@ def test_varlen_probe_decides_once_whether_the_call_serves(monkeypatch, caplog, 
                      "than queries, query head h reading key head h // (query heads / key heads)) by ",
     }[case]
     api = None if case == "no_varlen" else (stand_ins[case], {"window_size": (-1, 0)}, True)
-    monkeypatch.setattr(packing, "varlen_api", lambda: api)
-    packing.varlen_failure.cache_clear()
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: api)
+    row_attention.varlen_failure.cache_clear()
     packed = []
     try:
         # outside the caller's saved-tensor hooks (a checkpointed layer's): the probe records nothing there
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), \
                 caplog.at_level(logging.WARNING, logger="tpo_fast"):
-            why = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
-            again = packing.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
+            why = row_attention.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
+            again = row_attention.varlen_failure(torch.bfloat16, 8, torch.device("cpu"), gqa=gqa)
     finally:
-        packing.varlen_failure.cache_clear()
+        row_attention.varlen_failure.cache_clear()
     assert packed == []
     # cached: one probe (no_backward calls the oracle too; a torch without the call makes none)
     assert len(calls) == {"no_backward": 2, "no_varlen": 0}.get(case, 1)
@@ -528,7 +527,7 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype, kv_he
     masked attention as the judge; the varlen call is the one that ran. With grouped-query key heads too (the
     call's `enable_gqa` form where this torch has it, else repeated keys)."""
     from tpo_fast.ops.options import ENV_VARS
-    from tpo_fast.trainer.packing import varlen_api, varlen_usable
+    from tpo_fast.trainer.row_attention import varlen_api, varlen_usable
 
     VARLEN_ENV = ENV_VARS["varlen"]
     if varlen_api() is None:
@@ -560,13 +559,13 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype, kv_he
         else:
             monkeypatch.setenv(VARLEN_ENV, "0")
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        layout = packing.varlen_layout(spans, "cuda") if packing.varlen_wanted(q.device) else None
+        layout = row_attention.varlen_layout(spans, "cuda") if packing.varlen_wanted(q.device) else None
         assert (layout is not None) == varlen
         out, _ = segment_attention(torch.nn.Module(), *leaves, None, scaling=0.125, tpo_fast_spans=spans,
                                    tpo_fast_varlen=layout)
         return out, torch.autograd.grad(out, leaves, grad.to(dtype))
 
-    api = packing.varlen_api()
+    api = row_attention.varlen_api()
     used = []
 
     @functools.wraps(api[0])  # the same signature, so that its grouped-query form is seen
@@ -574,7 +573,7 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype, kv_he
         used.append((args[0].shape[0], kwargs.get("enable_gqa", False)))  # (query rows, grouped-query form)
         return api[0](*args, **kwargs)
 
-    monkeypatch.setattr(packing, "varlen_api", lambda: (counted, *api[1:]))
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: (counted, *api[1:]))
     out, grads = run(varlen=True)
     row_calls = [gqa for rows, gqa in used if rows == start]  # not the probes' tiny calls
     assert row_calls, "the varlen call did not run"
@@ -592,13 +591,13 @@ def test_varlen_attention_on_cuda_equals_the_sdpa_path(monkeypatch, dtype, kv_he
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen kernel runs on CUDA")
 def test_varlen_is_not_used_where_the_probe_failed(monkeypatch):
     """A layer that could take the varlen call does not when the probe of its dtype and head size failed."""
-    from tpo_fast.trainer.packing import varlen_api, varlen_usable
+    from tpo_fast.trainer.row_attention import varlen_api, varlen_usable
 
     if varlen_api() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
     assert varlen_usable(q, 0.0, None)
-    monkeypatch.setattr(packing, "varlen_failure", lambda dtype, head, device: "its output differs")
+    monkeypatch.setattr(row_attention, "varlen_failure", lambda dtype, head, device: "its output differs")
     assert not varlen_usable(q, 0.0, None)
 
 
@@ -1002,7 +1001,7 @@ def test_packed_bf16_step_on_cuda_runs_the_varlen_call(setup, monkeypatch):
     the SDPA path's reference scores, loss and gradients within bf16 rounding (grouped-query heads, head size 16)."""
     from tpo_fast.ops.options import ENV_VARS
 
-    api = packing.varlen_api()
+    api = row_attention.varlen_api()
     if api is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     calls = []
@@ -1013,7 +1012,7 @@ def test_packed_bf16_step_on_cuda_runs_the_varlen_call(setup, monkeypatch):
             calls.append(1)
         return api[0](*args, **kwargs)
 
-    monkeypatch.setattr(packing, "varlen_api", lambda: (counted, *api[1:]))
+    monkeypatch.setattr(row_attention, "varlen_api", lambda: (counted, *api[1:]))
     ds, proc = setup
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _uneven_batch(ds, proc).items()}
     model, ref = _policy_and_reference(proc)
@@ -1078,9 +1077,9 @@ def test_segment_attention_keeps_only_the_rows_q_k_v_for_backward(monkeypatch, v
 
     layout = None
     if varlen:  # the one-call layout (the CPU stand-in for the varlen kernel): its gathered keys are not kept either
-        monkeypatch.setattr(packing, "varlen_api", lambda: (_oracle_varlen([], scale=0.5), {"window_size": (-1, 0)},
-                                                            True))
-        monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout, scaling: True)
+        call = _oracle_varlen([], scale=0.5)
+        monkeypatch.setattr(row_attention, "varlen_api", lambda: (call, {"window_size": (-1, 0)}, True))
+        monkeypatch.setattr(row_attention, "varlen_usable", lambda query, dropout, scaling: True)
         layout = varlen_layout(tuple(spans))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.5, tpo_fast_spans=tuple(spans),

@@ -44,7 +44,8 @@ from .base import Contender, missing
 # 0.067 and TRL's and ours agree within 1.1%. The step time does not depend on it.
 LEARNING_RATE = 1e-4
 OPTIONAL_TRL = ("use_liger_kernel", "padding_free", "precompute_ref_log_probs")
-VARLEN_ENV = "TPO_FAST_VARLEN"  # tpo_fast.trainer.packing's switch (named here too: older tpo_fast versions lack it)
+# tpo_fast.trainer.row_attention's switch (named here too: older tpo_fast versions lack it)
+VARLEN_ENV = "TPO_FAST_VARLEN"
 
 
 def _optimizer(params, device: str):
@@ -392,9 +393,12 @@ class OursStep(StepContender):
             return "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
         if self.sdpa:
             try:
-                from tpo_fast.trainer.packing import varlen_api
+                from tpo_fast.trainer.row_attention import varlen_api
             except ImportError:
-                return "not run: this tpo_fast has no varlen attention to compare with"
+                try:  # a tpo_fast from before trainer/row_attention.py
+                    from tpo_fast.trainer.packing import varlen_api
+                except ImportError:
+                    return "not run: this tpo_fast has no varlen attention to compare with"
             if device != "cuda":
                 return f"not run: the same step as {self.name[:-5]} off CUDA (the varlen call runs on CUDA only)"
             if varlen_api() is None:

@@ -89,7 +89,7 @@ def run_trainer(mode, data_dir, out_file, steps, lr, lora=False):
 
 def assert_packed_and_checkpointed(llava):
     """The LoRA modes' step: the packed shared-prefix rows' attention, under gradient checkpointing."""
-    from tpo_fast.trainer.packing import SEGMENT_ATTENTION
+    from tpo_fast.trainer.row_attention import SEGMENT_ATTENTION
 
     assert llava.model.language_model.gradient_checkpointing
     assert llava.config.text_config._attn_implementation == SEGMENT_ATTENTION

@@ -33,7 +33,7 @@ Fields (variable, default): meaning.
   install has none ("0" or "" off; any other value is an error).
 - `ext_cache` (TPO_FAST_EXT_CACHE, None): where that build goes (None: ~/.cache/tpo_fast/ext).
 - `varlen` (TPO_FAST_VARLEN, True): the trainer's padding-free packed row attended by one flash-attention
-  varlen call per layer on CUDA (16-bit; `tpo_fast.trainer.packing`); "0" keeps two SDPA calls per sequence.
+  varlen call per layer on CUDA (16-bit; `tpo_fast.trainer.row_attention`); "0" keeps two SDPA calls per sequence.
   The variable is "1" or "" (on) or "0" (off); any other value is an error.
 
 Install-time switches (TPO_FAST_BUILD_EXT, TPO_FAST_BUILD_CUDA, TPO_FAST_CPU_ISA) belong to setup.py.
