@@ -35,6 +35,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/loss*) TESTS="tests/test_loss.py tests/test_loss_options.py tests/test_fused_loss.py tests/test_povid.py tests/test_fisao.py tests/test_gaps_tpo_loss.py tests/test_gaps_pairs_loss.py tests/test_gaps_povid_loss.py tests/test_gaps_modules.py tests/test_gaps_fisao_loss.py" ;;
         tpo_fast/trainer/model.py)
             TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_povid.py tests/test_trainer_loss_path.py" ;;
+        tpo_fast/trainer/packing.py|tpo_fast/trainer/row_attention.py) TESTS="tests/test_packing.py" ;;
         tpo_fast/trainer*) TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_data_preferences.py" ;;
         tpo_fast/methods*) TESTS="tests/test_csr.py tests/test_gaps_methods.py tests/test_fisao.py tests/test_povid.py" ;;
         *) echo "no default tests for $MODULE: pass TESTS=\"tests/...\"" >&2; exit 2 ;;

@@ -96,9 +96,15 @@ def test_shared_prefix_padding_free_index_maps_and_mask():
     assert torch.equal(allowed, torch.stack(SHARED_FREE["allowed"]))
     # sdpa takes it as bool (True = attend), eager as an additive float mask
     assert torch.equal(packed_attention_mask(p, torch.float32), allowed[:, None])
-    eager = packed_attention_mask(_pack(implementation="eager"), torch.float32)
-    assert eager.dtype == torch.float32 and torch.equal(eager == 0, allowed[:, None])
-    assert float(eager.min()) == torch.finfo(torch.float32).min
+    for dtype in (torch.float32, torch.bfloat16):  # in the model's dtype: a float32 mask would upcast bf16 scores
+        eager = packed_attention_mask(_pack(implementation="eager"), dtype)
+        assert eager.dtype == dtype and torch.equal(eager == 0, allowed[:, None])
+        assert float(eager.min()) == torch.finfo(dtype).min
+    # SEGMENT_ATTENTION on one row: an empty bool placeholder (its spans say it all); an unknown attention: an error
+    placeholder = packed_attention_mask(_pack(implementation=SEGMENT_ATTENTION), torch.float32)
+    assert (placeholder.shape, placeholder.dtype) == ((1, 1, 0, 0), torch.bool)
+    with pytest.raises(ValueError, match="no packed mask for attention 'paged'; use one of"):
+        packed_attention_mask(_pack(implementation="paged"), torch.float32)
 
 
 def test_shared_prefix_with_padding_rows():
@@ -682,6 +688,12 @@ def test_empty_response_is_a_clear_error():
     has_target[3] = False
     with pytest.raises(ValueError, match="pair 1's rejected response is empty"):
         pack_batch(ids, mask, has_target, window, paired=True, padding_free=True)
+    # rows 0, 1 are the chosen ones of pairs 0, 1, rows 2, 3 their rejected ones; unpaired, a row is named by index
+    for row, paired, name in [(1, True, "pair 1's chosen"), (2, True, "pair 0's rejected"), (2, False, "row 2's")]:
+        has_target = targets != X
+        has_target[row] = False
+        with pytest.raises(ValueError, match=f"{name} response is empty"):
+            pack_batch(ids, mask, has_target, window, paired=paired, padding_free=True)
 
 
 def test_left_padding_is_refused():
@@ -691,13 +703,41 @@ def test_left_padding_is_refused():
         pack_batch(ids, mask, targets != X, window, paired=True, padding_free=True)
 
 
+def test_inconsistent_batches_are_clear_errors():
+    """Each other input error of pack_batch and response_window, with the message that says what is wrong."""
+    ids, mask, targets, window = _hand_batch()
+    has_target = targets != X
+    assert window == slice(1, 5)
+    # Row 1 is [1 9 4] and 3 padding slots; a label on its first padding slot (column 3) is the shifted target
+    # of position 2, its last real token; one further in, of position 3.
+    for column in (2, 3):
+        on_padding = has_target.clone()
+        on_padding[1, column] = True
+        with pytest.raises(ValueError, match=r"labels on padding positions \(attention_mask 0\)"):
+            pack_batch(ids, mask, on_padding, window, paired=True, padding_free=True)
+    # Targets sit in columns 1 to 4: a window that leaves out either end is refused, the exact one is not.
+    for narrow in (slice(2, 5), slice(1, 4)):
+        with pytest.raises(ValueError, match=r"targets outside the response window slice\(%d, %d, None\)"
+                           % (narrow.start, narrow.stop)):
+            pack_batch(ids, mask, has_target, narrow, paired=False, padding_free=True)
+    assert pack_batch(ids, mask, has_target, window, paired=False, padding_free=True).grid_shape == (4, 4)
+    with pytest.raises(ValueError, match=r"an even count\), got 3 rows"):
+        pack_batch(ids[:3], mask[:3], has_target[:3], window, paired=True, padding_free=True)
+    with pytest.raises(ValueError, match=r"no response tokens \(every label is ignore_index\)"):
+        response_window(torch.full((2, 4), X))
+    assert response_window(torch.tensor([[X, X, 7, X]])) == slice(2, 3)  # a single target
+
+
+def _fake_llava(implementation, **config):
+    """A stand-in LLaVA whose language model has this attention implementation and these config fields."""
+    lm = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=implementation, **config),
+                               forward=lambda inputs_embeds=None, attention_mask=None, position_ids=None: None)
+    return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
+
+
 def test_unsupported_attention_falls_back_once(caplog, monkeypatch):
     monkeypatch.setattr(packing, "_WARNED", set())  # whatever an earlier test of this process logged
-
-    def fake(implementation, **config):
-        lm = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=implementation, **config),
-                                   forward=lambda inputs_embeds=None, attention_mask=None, position_ids=None: None)
-        return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
+    fake = _fake_llava
 
     with caplog.at_level(logging.WARNING, logger="tpo_fast"):
         assert packing_mode(fake("paged|sdpa"), True, True) is None
@@ -732,6 +772,24 @@ def test_unsupported_attention_falls_back_once(caplog, monkeypatch):
     assert packing_mode(fake("sdpa", sliding_window=64, use_sliding_window=False), True, True).sliding_window is None
     mixed = fake("sdpa", sliding_window=64, layer_types=["full_attention", "sliding_attention"])
     assert packing_mode(mixed, True, True) is None
+    # per-layer kinds (Qwen2, Gemma): all full attention needs no window whatever `sliding_window` says; all sliding
+    # applies it; an unknown kind cannot be packed
+    full = fake("sdpa", sliding_window=64, layer_types=["full_attention"] * 2)
+    assert (packing_mode(full, True, None).padding_free, packing_mode(full, True, True).sliding_window) == (True, None)
+    assert packing_mode(fake("sdpa", sliding_window=64, layer_types=["sliding_attention"] * 2), True, True
+                        ).sliding_window == 64
+    assert packing_mode(fake("sdpa", layer_types=["chunked_attention"] * 2), True, True) is None
+    # a window keeps an eager model eager (only a switched model falls back from SEGMENT_ATTENTION to sdpa)
+    assert packing_mode(fake("eager", sliding_window=64), True, True).implementation == "eager"
+    # why a model cannot pack, in the warning's words
+    assert packing.packing_support(types.SimpleNamespace()) == ("the model has no `.model.language_model`", "", None)
+    assert packing_mode(fake(None), True, True).implementation == "eager"  # no implementation named: eager
+    lm = fake("sdpa").model.language_model
+    lm.forward = lambda inputs_embeds=None, attention_mask=None: None
+    assert packing.packing_support(types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm)))[0] == (
+        "SimpleNamespace.forward takes no position_ids")
+    assert packing.packing_support(mixed)[0] == (
+        "its layers mix attention kinds (full and sliding window), which one 4D mask cannot describe")
 
 
 @pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])
@@ -739,11 +797,7 @@ def test_flash_attention_models_are_switched_to_segment_attention(caplog, monkey
     """flash-attn takes no 4D mask: a packed step runs its language model on SEGMENT_ATTENTION instead (the
     trainer's own default attention on CUDA with flash-attn installed must not silently lose the packing)."""
     monkeypatch.setattr(packing, "_WARNED", set())  # whatever an earlier test of this process logged
-
-    def fake(**config):
-        lm = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=flash, **config),
-                                   forward=lambda inputs_embeds=None, attention_mask=None, position_ids=None: None)
-        return types.SimpleNamespace(model=types.SimpleNamespace(language_model=lm))
+    fake = functools.partial(_fake_llava, flash)
 
     unpacked = fake()
     assert packing_mode(unpacked, False, False) is None
@@ -911,6 +965,37 @@ def test_packed_step_with_eager_attention(setup):
     model, ref = _policy_and_reference(proc, attn_implementation="eager")
     for packed in (dict(), dict(padding_free=True)):
         _assert_same_step(model, ref, batch, packed, reference="model", objective="tpo")
+
+
+def _windowed_llava(proc, seed: int, window: int):
+    """`tiny_model` with a Mistral language model whose attention sees only the last `window` positions."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    base = tiny_model(proc, seed=seed).config
+    t = base.text_config
+    text = MistralConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=512,
+                         pad_token_id=t.pad_token_id, tie_word_embeddings=False, sliding_window=window)
+    config = LlavaConfig(vision_config=base.vision_config, text_config=text, image_token_id=base.image_token_id,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def test_packed_step_with_a_sliding_window(setup):
+    """A Mistral-style window of 8 positions, well inside the pairs' 16 image tokens and prompt: the packed mask
+    applies it by position, as the model's own mask does on the padded rows, for the shared prefix (one row per
+    pair) and for one padding-free row (then the dense mask: SEGMENT_ATTENTION attends whole sequences)."""
+    ds, proc = setup
+    batch = _uneven_batch(ds, proc)
+    model, ref = _windowed_llava(proc, 0, 8), _windowed_llava(proc, 1, 8)
+    modes = [(packing_mode(model, True, padding_free), padding_free) for padding_free in (None, True)]
+    assert [(m.padding_free, m.implementation, m.sliding_window) for m, _ in modes] == [
+        (False, "sdpa", 8), (True, "sdpa", 8)]
+    for _, padding_free in modes:
+        _assert_same_step(model, ref, batch, dict(padding_free=padding_free), reference="model", objective="tpo")
 
 
 def test_default_attention_is_sdpa_for_a_packed_step(monkeypatch):

@@ -161,7 +161,9 @@ def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, pair
         )
     last = width - 1 - targets_valid.flip(1).int().argmax(1)
     kept = last + 1
-    if bool((kept > lengths).any()):
+    # Position t's target is the label of position t + 1, so a row's last real token (position length - 1) has
+    # none: a target there, or after it, is a label on padding.
+    if bool((kept >= lengths).any()):
         raise ValueError("labels on padding positions (attention_mask 0); the collator masks padding with ignore_index")
     return kept
 
