@@ -342,8 +342,10 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
         failed = api.endswith("failed")
         monkeypatch.setattr(row_attention, "varlen_failure",
                             lambda *args, **kw: probed.append((args, kw)) or ("a probe failed" if failed else None))
+    asked = []  # what varlen_usable is asked: the layer's dropout and scale
     monkeypatch.setattr(row_attention, "varlen_api", lambda: (oracle, causal, takes_scale))
-    monkeypatch.setattr(row_attention, "varlen_usable", lambda query, dropout, scaling: True)
+    monkeypatch.setattr(row_attention, "varlen_usable", lambda query, dropout, scaling: asked.append(
+        (dropout, scaling)) or True)
     p = _pack(implementation=SEGMENT_ATTENTION)
     length = p.source.shape[1]
     torch.manual_seed(0)
@@ -352,7 +354,7 @@ def test_segment_attention_through_varlen_equals_the_masked_attention(monkeypatc
     scale = 0.3 if takes_scale else 8**-0.5
     out, _ = segment_attention(torch.nn.Module(), q, k, v, None, scaling=scale, tpo_fast_spans=p.spans,
                                tpo_fast_varlen=varlen_layout(p.spans))
-    assert len(calls) == 1 and out.shape == (1, length, 4, 8)
+    assert len(calls) == 1 and out.shape == (1, length, 4, 8) and asked == [(0.0, scale)]
     expected = _masked_attention(q, k, v, allowed_attention(p)[:, None], scale)
     _assert_same_attention(out, expected, (q, k, v))
     assert len(calls) == 2
@@ -628,8 +630,29 @@ def test_segment_attention_without_spans_is_sdpa():
     allowed[1, :, 0, 0] = True
     module = torch.nn.Module()
     module.is_causal = True
-    out, _ = segment_attention(module, q, k, v, allowed, scaling=0.5)
-    torch.testing.assert_close(out, _masked_attention(q, k, v, allowed, 0.5), rtol=1e-5, atol=1e-6)
+    out, _ = segment_attention(module, q, k, v, allowed, scaling=0.3)  # not the default scale (head size 4: 0.5)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, allowed, 0.3), rtol=1e-5, atol=1e-6)
+    # without a mask: the module's causality, unless the call's keyword arguments (passed on) say otherwise
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    full = torch.ones(5, 5, dtype=torch.bool)
+    for is_causal, kwargs, mask in [(True, {}, causal), (False, {}, full), (True, {"is_causal": False}, full)]:
+        module.is_causal = is_causal
+        out, _ = segment_attention(module, q, k, v, None, scaling=0.3, **kwargs)
+        torch.testing.assert_close(out, _masked_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-6)
+    # the dropout reaches SDPA (p = 1 drops every weight: an exact zero)
+    assert not segment_attention(module, q, k, v, allowed, dropout=1.0, scaling=0.3)[0].any()
+
+
+def test_segment_attention_applies_the_attention_dropout():
+    """A packed row's pieces (first and second responses) get the layer's attention dropout: with p = 1 every
+    attention weight is dropped, so the output is exactly zero, where without dropout it is not."""
+    p = _pack(implementation=SEGMENT_ATTENTION)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 10, 4)
+    module = torch.nn.Module()
+    assert segment_attention(module, q, q, q, None, scaling=0.3, tpo_fast_spans=p.spans)[0].abs().min() > 0
+    out, _ = segment_attention(module, q, q, q, None, dropout=1.0, scaling=0.3, tpo_fast_spans=p.spans)
+    assert not out.any()
 
 
 def test_segment_attention_errors():
@@ -645,8 +668,8 @@ def test_segment_attention_errors():
         segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (6, 2, 0, 1)))
     with pytest.raises(ValueError, match="^the spans must tile the row in order: a span starts at 7, not at 6$"):
         segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (7, 2, 0, 1)))
-    with pytest.raises(ValueError, match="^segment attention runs on one packed row, got a batch of 2$"):
-        segment_attention(module, q.repeat(2, 1, 1, 1), q, q, placeholder, tpo_fast_spans=p.spans)
+    with pytest.raises(ValueError, match="^segment attention runs on one packed row, got a batch of 3$"):
+        segment_attention(module, q.repeat(3, 1, 1, 1), q, q, placeholder, tpo_fast_spans=p.spans)
     with pytest.raises(ValueError, match="^tpo_fast_sdpa attends whole sequences; a sliding window needs the dense "
                        r"mask \(implementation 'sdpa'\)$"):
         packed_attention_mask(_pack(implementation=SEGMENT_ATTENTION, sliding_window=2), torch.float32)
@@ -1026,6 +1049,23 @@ def test_packed_step_on_a_flash_attention_model(setup):
                                 padded=(model, ref))
     assert all(n == 1 and spans for n, _, spans in seen)
     assert flash_ref.model.language_model.config._attn_implementation == SEGMENT_ATTENTION
+
+
+def test_a_switched_model_runs_its_own_forwards_as_before(setup):
+    """After a packed step switched an sdpa language model to SEGMENT_ATTENTION, its ordinary forwards (evaluation,
+    generation: a 2D padding mask, no spans) build their masks and attend as sdpa did."""
+    _, proc = setup
+    model = tiny_model(proc).eval()
+    lm = model.model.language_model
+    ids = torch.randint(5, len(proc.tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        before = lm(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert packing_mode(model, True, None).implementation == SEGMENT_ATTENTION
+        assert lm.config._attn_implementation == SEGMENT_ATTENTION
+        after = lm(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(after[1, :4], before[1, :4], rtol=0, atol=0)
 
 
 def test_packed_step_with_a_single_pair(setup):
