@@ -68,6 +68,47 @@ def test_lean_norm_is_the_models_norm(name, dtype, weight_dtype):
         assert torch.equal(lean.weight.grad, hf.weight.grad)  # the same product and sum
 
 
+def test_lean_norm_gradients_with_one_input_frozen():
+    """LoRA freezes the norm's weight while x needs its gradient; a frozen trunk input with a trained weight is the
+    other case. Each gets its own gradient, equal to autograd's through the module, and the other none."""
+    hf, lean = _pair("LlamaRMSNorm", torch.bfloat16, torch.bfloat16)
+    x = (torch.randn(3, 7, 96) * 3).to(torch.bfloat16)
+    for x_grad, weight_grad in ((True, False), (False, True)):
+        for m in (hf, lean):
+            m.weight.grad = None
+            m.weight.requires_grad_(weight_grad)
+        xa, xb = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+        ya, yb = hf(xa), lean(xb)
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        if x_grad:
+            assert lean.weight.grad is None and xb.grad is not None
+            ulp = 2.0**-7
+            err = (xb.grad.double() - xa.grad.double()).abs() / xa.grad.double().abs().clamp(min=1e-2)
+            assert err.max() <= ulp, err.max()
+        else:
+            assert xb.grad is None and torch.equal(lean.weight.grad, hf.weight.grad)
+
+
+def test_only_the_listed_norm_classes_are_switched():
+    """A norm of another formula is left alone even where it has the same `variance_epsilon` field (Gemma's
+    RMSNorm scales by 1 + weight), and so is every other module; switching twice changes nothing."""
+    class GemmaRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    gemma = GemmaRMSNorm()
+    model = torch.nn.Sequential(gemma, torch.nn.Linear(4, 4), _norm_class("LlamaRMSNorm")(4))
+    assert use_lean_norms(model) == 1 and use_lean_norms(model) == 0
+    assert type(gemma).forward is GemmaRMSNorm.forward and "forward" not in vars(gemma)
+
+
 def test_lean_norm_keeps_the_16_bit_input_not_an_fp32_copy():
     """What autograd keeps for backward of a bf16 norm: Hugging Face's forward keeps an fp32 copy of x (twice x's
     bytes); the lean one keeps x itself and one fp32 number per token."""

@@ -122,3 +122,28 @@ def test_peft_switch_where_flags_are_not_all(processor, monkeypatch):
     with pytest.raises(ValueError, match="^Linear has no adapters to disable \\(a PEFT model has\\)$"):
         with adapters_disabled(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_which_adapter_configs_the_flags_switch(processor):
+    """The decision alone, per adapter config: flags switch LoRA-like adapters (a config with no `bias` field, like
+    IA3's, included); prompt learning, adaption prompts (LLaMA-Adapter: its own forward) and a trained bias go
+    through peft's context."""
+    import types
+
+    model = _peft_model(processor)
+    layers = switchable_layers(model)
+    assert layers and all(isinstance(m._disable_adapters, bool) for m in layers)
+    lora = model.peft_config["default"]
+    cases = [
+        (types.SimpleNamespace(is_prompt_learning=False), True),  # neither `bias` nor `is_adaption_prompt`
+        (types.SimpleNamespace(is_prompt_learning=False, is_adaption_prompt=False, bias="none"), True),
+        (types.SimpleNamespace(is_prompt_learning=True, is_adaption_prompt=False, bias="none"), False),
+        (types.SimpleNamespace(is_prompt_learning=False, is_adaption_prompt=True, bias="none"), False),
+        (types.SimpleNamespace(is_prompt_learning=False, bias="lora_only"), False),
+    ]
+    try:
+        for config, switchable in cases:
+            model.peft_config["default"] = config
+            assert (switchable_layers(model) == layers if switchable else switchable_layers(model) is None), config
+    finally:
+        model.peft_config["default"] = lora
