@@ -431,6 +431,63 @@ def test_an_adapter_on_lm_head_is_refused_and_modules_to_save_trains(setup, batc
     assert trained.grad is not None and trained.grad.abs().max() > 0
 
 
+def test_adapters_on_lm_head_other_than_active_lora(setup, batch):
+    """A merged LoRA head is the weight the loss reads (allowed, and the merged head's loss); any other adapter kind
+    on lm_head (IA3 here: a wrapper without lora_A) is refused like an active LoRA."""
+    peft = pytest.importorskip("peft")
+    _, proc = setup
+    opts = StepOptions(objective="dpo", backend="torch", reference="none")
+    lora = peft.get_peft_model(_model(proc, bias=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False))
+    llava = lora.base_model.model
+    lora.merge_adapter()
+    merged = policy_loss(llava, batch, opts)["loss"]
+    plain = _model(proc, bias=False)
+    with torch.no_grad():
+        plain.lm_head.weight.copy_(llava.lm_head.base_layer.weight)  # the merged weight
+    torch.testing.assert_close(merged, policy_loss(plain, batch, opts)["loss"], rtol=1e-6, atol=1e-6)
+    ia3 = peft.get_peft_model(_model(proc, bias=False), peft.IA3Config(target_modules=["lm_head"],
+                                                                       feedforward_modules=[]))
+    with pytest.raises(ValueError, match=r"lm_head carries an active PEFT adapter \(Linear\)"):
+        policy_loss(ia3.base_model.model, batch, opts)
+
+
+def test_llava_found_inside_wrappers_and_other_models_refused(setup):
+    """unwrap_llava: through PEFT and DDP-style `.module` wrappers, nested; a causal LM without a vision backbone
+    (an `lm_head` but no `get_image_features`) and a bare module are refused, by name."""
+    _, proc = setup
+    llava = _model(proc, bias=False)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert model_module.unwrap_llava(Wrapper(Wrapper(llava))) is llava
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(llava, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model_module.unwrap_llava(Wrapper(lora)) is llava
+    text_only = types.SimpleNamespace(lm_head=torch.nn.Linear(2, 2), model=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"expected a LLaVA-style model .*, got SimpleNamespace$"):
+        model_module.unwrap_llava(text_only)
+    with pytest.raises(TypeError, match=r", got Linear$"):
+        model_module.unwrap_llava(torch.nn.Linear(2, 2))
+
+
+def test_image_token_mask_from_the_config_where_the_model_has_no_helper():
+    """Transformers versions whose LLaVA model has no `get_placeholder_mask`: the placeholders are the config's
+    image token (`image_token_id`, or the older `image_token_index`), checked against the number of features."""
+    ids = torch.tensor([[5, 7, 7, 9], [7, 7, 1, 2]])
+    embeds = torch.zeros(2, 4, 3)
+    features = torch.ones(4 * 3)
+    for config in (types.SimpleNamespace(image_token_id=7), types.SimpleNamespace(image_token_index=7)):
+        mask = model_module._image_token_mask(types.SimpleNamespace(config=config), ids, embeds, features)
+        assert mask.shape == (2, 4, 1) and mask[..., 0].tolist() == (ids == 7).tolist()
+    backbone = types.SimpleNamespace(config=types.SimpleNamespace(image_token_id=7))
+    with pytest.raises(ValueError, match="^image features and image tokens do not match: 4 tokens, 3 features$"):
+        model_module._image_token_mask(backbone, ids, embeds, torch.ones(3 * 3))
+
+
 def test_dpo_needs_no_corrupted_pixel_values(setup, batch):
     _, proc = setup
     model = _model(proc, bias=False)
