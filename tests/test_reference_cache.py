@@ -1,0 +1,149 @@
+"""tpo_fast/trainer/reference_cache.py: what identifies a precomputed reference cache, against oracles written from
+its documentation (a wrongly reused cache trains against the wrong reference scores, silently).
+
+The trainer-level behaviour (a cache reused, recomputed, refused) is in test_trainer_review.py and
+test_gaps_trainer.py; here each identity piece on its own: `weights_digest` as its documented formula (chunked,
+positions past the prime, ZeRO-3 partitions), `dataset_digest` on inline image bytes and on datasets without
+records, `processor_identity` field by field, and the tables' reading and lookup.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+
+from tiny_setup import tiny_processor  # noqa: E402
+
+from tpo_fast.trainer import reference_cache as rc  # noqa: E402
+from tpo_fast.trainer.data import PreferenceDataset  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _digest_oracle(named: list[tuple[str, torch.Tensor]]) -> str:
+    """weights_digest's docstring, in NumPy: sha256 of "name:shape" lines, then per parameter the float64 sum, sum of
+    squares and sum of x[i] * (i mod 65521 + 1), hashed as float32."""
+    h = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in named).encode())
+    rows = []
+    for _, p in named:
+        x = p.detach().numpy().astype(np.float64).ravel()
+        i = np.arange(x.size, dtype=np.int64)
+        rows.append([x.sum(), (x * x).sum(), (x * (i % 65521 + 1)).sum()])
+    h.update(np.asarray(rows, dtype=np.float64).reshape(-1, 3).astype(np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    # 70000 elements: positions past the prime 65521 (their weights wrap around to 1, 2, ...)
+    return [("a.weight", torch.randn(3, 4, generator=gen)), ("b", torch.randn(70000, generator=gen)),
+            ("c.bias", torch.randn(5, generator=gen))]
+
+
+def test_weights_digest_is_its_documented_formula(monkeypatch):
+    named = _params()
+    assert rc.weights_digest(named) == _digest_oracle(named)
+    monkeypatch.setattr(rc, "_DIGEST_CHUNK", 7)  # many chunks, the last one partial: the same sums
+    assert rc.weights_digest(named) == _digest_oracle(named)
+    assert rc.weights_digest([]) == hashlib.sha256(b"").hexdigest()  # nothing to hash: names and values empty
+
+
+def test_position_weighted_sum_adds_up_over_partitions(monkeypatch):
+    """ZeRO-3 ranks each reduce their partition with its flat start: the partial sums add up to the whole's, in one
+    chunk or many."""
+    x = _params()[1][1]
+    whole = float(rc._position_weighted_sum(x, 0))
+    i = np.arange(x.numel(), dtype=np.int64)
+    assert whole == pytest.approx(float((x.double().numpy() * (i % 65521 + 1)).sum()), rel=1e-12)
+    for chunk in (rc._DIGEST_CHUNK, 9):
+        monkeypatch.setattr(rc, "_DIGEST_CHUNK", chunk)
+        parts = sum(float(rc._position_weighted_sum(x[lo:hi], lo)) for lo, hi in ((0, 40000), (40000, 70000)))
+        assert parts == pytest.approx(whole, rel=1e-12)
+
+
+def test_weights_digest_of_a_zero3_parameter_reads_its_partition():
+    """A DeepSpeed ZeRO-3 parameter holds an empty placeholder; its partition is `ds_tensor` and its shape
+    `ds_shape`. On one rank (no process group: partition start 0) the digest is the whole parameter's."""
+    named = _params()
+    partitioned = []
+    for name, p in named:
+        placeholder = torch.nn.Parameter(torch.empty(0))
+        placeholder.ds_tensor, placeholder.ds_shape = p.reshape(-1).clone(), p.shape
+        partitioned.append((name, placeholder))
+    assert rc.weights_digest(partitioned) == rc.weights_digest(named)
+
+
+def _records(images):
+    return [dict(image=image, prompt="what is it?", chosen="a red circle .", rejected="a blue square .", index=i)
+            for i, image in enumerate(images)]
+
+
+def test_dataset_digest_sees_inline_image_bytes_and_image_keys(tmp_path):
+    """Records with inline image bytes (parquet sets ship them) differ only there: their digests differ, and the
+    same bytes give the same digest. A dataset without records is digested item by item, its `image_key` too."""
+    one = rc.dataset_digest(PreferenceDataset(_records([b"\x89PNG one", b"\x89PNG two"]), str(tmp_path)))
+    assert one == rc.dataset_digest(PreferenceDataset(_records([b"\x89PNG one", b"\x89PNG two"]), str(tmp_path)))
+    assert one != rc.dataset_digest(PreferenceDataset(_records([b"\x89PNG one", b"\x89PNG 2"]), str(tmp_path)))
+    # the same record as a path to an image file named like the bytes: another image
+    assert one != rc.dataset_digest(PreferenceDataset(_records(["\x89PNG one", b"\x89PNG two"]), str(tmp_path)))
+    items = [dict(r, image_key=f"img{i}") for i, r in enumerate(_records(["x", "y"]))]
+    moved = [dict(items[0]), dict(items[1], image_key="img9")]
+    assert rc.dataset_digest(items) != rc.dataset_digest(moved)
+    # a dataset without an image folder: no folder path in the digest, nothing refused
+    assert rc.dataset_digest(PreferenceDataset(_records(["/abs/a.png"]))) != rc.dataset_digest(
+        PreferenceDataset(_records(["/abs/b.png"])))
+
+
+def test_processor_identity_field_by_field():
+    proc = tiny_processor()
+    tok = proc.tokenizer
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    image = hashlib.sha256(proc.image_processor.to_json_string().encode()).hexdigest()
+    assert rc.processor_identity(proc) == {
+        "class": type(proc).__name__, "tokenizer": type(tok).__name__, "name_or_path": str(tok.name_or_path),
+        "vocab_size": len(tok), "vocab": vocab, "image_processor": image}
+    # a bare tokenizer is its own tokenizer (its vocabulary identifies it); no processor at all: only its absence
+    assert rc.processor_identity(tok) == {
+        "class": type(tok).__name__, "tokenizer": type(tok).__name__, "name_or_path": str(tok.name_or_path),
+        "vocab_size": len(tok), "vocab": vocab}
+    assert rc.processor_identity(None) == {"class": None}
+
+
+def test_score_tables_and_their_lookup(tmp_path):
+    entry = {"index": torch.tensor([3, 0, 2]), "scores": torch.tensor([[1.0, 2.0], [5.0, 6.0], [7.0, 8.0]])}
+    table = rc.score_table(entry)
+    assert table.dtype == torch.float64 and table.shape == (4, 2)
+    assert table[0].tolist() == [5.0, 6.0] and table[2].tolist() == [7.0, 8.0] and table[3].tolist() == [1.0, 2.0]
+    assert all(math.isnan(v) for v in table[1].tolist())
+    assert rc.lookup_scores(table, torch.tensor([3, 0, 3]), "train", "c.pt").tolist() == [[1, 2], [5, 6], [1, 2]]
+    empty = rc.score_table({"index": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0, 2)})
+    assert empty.shape == (0, 2)
+    # unscored, past the end (exactly at the table's length too) and negative: one error naming them all
+    for index in ([1, 0], [4], [7, -1]):
+        missing = [i for i in index if i not in (0, 2, 3)]
+        with pytest.raises(ValueError, match=re.escape(f"records {missing} are not in the reference cache's 'eval/x' "
+                                                      "table (c.pt, 3 records scored at TPOTrainer init)")):
+            rc.lookup_scores(table, torch.tensor(index), "eval/x", "c.pt")
+
+
+def test_read_reference_cache_returns_every_table(tmp_path):
+    path = str(tmp_path / "cache.pt")
+    assert rc.read_reference_cache(path) == {}
+    train = {"fingerprint": "f0", "index": torch.tensor([0]), "scores": torch.ones(1, 2)}
+    evals = {"eval": {"fingerprint": "f1", "index": torch.tensor([0]), "scores": torch.zeros(1, 2)}}
+    torch.save({**train, "eval_tables": evals}, path)
+    tables = rc.read_reference_cache(path)
+    assert sorted(tables) == ["eval", "train"]
+    assert tables["train"]["fingerprint"] == "f0" and tables["eval"]["fingerprint"] == "f1"
+    torch.save({"eval_tables": evals}, path)  # eval tables only (the train table not scored yet)
+    assert sorted(rc.read_reference_cache(path)) == ["eval"]
+    torch.save(train, path)  # a train table only, as a cache without eval sets always had it
+    assert sorted(rc.read_reference_cache(path)) == ["train"]
