@@ -208,3 +208,123 @@ def test_collator_truncates_responses_only(tmp_path):
     assert ((batch["labels"] != -100).sum(1) >= 1).all()
     image_id = 4
     assert ((batch["input_ids"] == image_id).sum(1) == 16).all()
+
+
+def test_file_shapes_and_their_errors(tmp_path):
+    """A .json file may wrap its list as {"data": [...]}; a .jsonl file may hold blank lines anywhere, and a line
+    that is not JSON is a bad record that names its line; other shapes and file types are refused by name."""
+    _write_images(tmp_path / "img")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": GOOD, "version": 1}))
+    assert [r["chosen"] for r in load_preference_records(tmp_path / "wrapped.json", tmp_path / "img")[0]] == [
+        "red", "blue"]
+    (tmp_path / "p.jsonl").write_text(f"\n{json.dumps(GOOD[0])}\n\n{{oops\n   \n{json.dumps(GOOD[1])}\n")
+    records, bad = load_preference_records(tmp_path / "p.jsonl", tmp_path / "img")
+    assert [r["chosen"] for r in records] == ["red", "blue"] and [r["index"] for r in records] == [0, 2]
+    assert [(b.index, b.reason.split(" (")[0]) for b in bad] == [(1, "line 4 is not valid JSON")]
+    (tmp_path / "dict.json").write_text(json.dumps({"records": GOOD}))
+    with pytest.raises(ValueError, match=r"dict\.json: a \.json preference file must hold a list of records, "
+                                         r"got dict$"):
+        load_preference_records(tmp_path / "dict.json")
+    (tmp_path / "p.csv").write_text("image,prompt\n")
+    with pytest.raises(ValueError, match=r"p\.csv: unsupported preference file type '\.csv'; use \.json, \.jsonl or "
+                                         r"\.parquet$"):
+        load_preference_records(tmp_path / "p.csv")
+
+
+def test_image_fields_of_every_shape(tmp_path):
+    """An image as a path, a parquet struct with only a path, TRL's one-image list; a list of two images is a bad
+    record (one image per pair); a grayscale or RGBA file is loaded as RGB; with check_images=False a missing file
+    is only found when the item loads."""
+    _write_images(tmp_path / "img")
+    Image.new("L", (8, 8), 77).save(tmp_path / "img" / "gray.png")
+    Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(tmp_path / "img" / "alpha.png")
+    base = {"question": "q", "chosen": "a", "rejected": "b"}
+    rows = [dict(base, image={"bytes": None, "path": "red.png"}), dict(base, images=["blue.png"]),
+            dict(base, images=["red.png", "blue.png"]), dict(base, image="gray.png"), dict(base, image="alpha.png")]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    records, bad = load_preference_records(tmp_path / "p.json", tmp_path / "img")
+    assert [r["image"] for r in records] == ["red.png", "blue.png", "gray.png", "alpha.png"]
+    assert [b.index for b in bad] == [2] and "image" in bad[0].reason
+    ds = PreferenceDataset(records, tmp_path / "img")
+    assert [ds[i]["image"].mode for i in range(4)] == ["RGB"] * 4
+    assert ds[2]["image"].getpixel((0, 0)) == (77, 77, 77) and ds[3]["image"].getpixel((0, 0)) == (1, 2, 3)
+    (tmp_path / "q.json").write_text(json.dumps([dict(base, image="missing.png"), dict(base, image="red.png")]))
+    unchecked, none_bad = load_preference_records(tmp_path / "q.json", tmp_path / "img", check_images=False)
+    assert [r["image"] for r in unchecked] == ["missing.png", "red.png"] and not none_bad
+
+
+def test_noise_options_reach_the_corruption(tmp_path):
+    """noise_step and overflow are the ones add_diffusion_noise gets, seeded per image key; from_file passes its
+    options on (and on_bad, for the records it loads)."""
+    from tpo_fast.trainer.corruption import example_seed
+
+    _write_images(tmp_path / "img")
+    (tmp_path / "p.json").write_text(json.dumps(GOOD + BAD[:1]))
+    for step, overflow in ((200, "clamp"), (900, "wrap")):
+        ds = PreferenceDataset.from_file(tmp_path / "p.json", tmp_path / "img", noise_step=step, noise_seed=3,
+                                         overflow=overflow)
+        assert (ds.noise_step, ds.noise_seed, ds.overflow, len(ds)) == (step, 3, overflow, 2)
+        item = ds[0]
+        want = add_diffusion_noise(item["image"], step, seed=example_seed(3, "red.png"), overflow=overflow)
+        assert np.array_equal(np.asarray(item["corrupted_image"]), np.asarray(want))
+    other = add_diffusion_noise(item["image"], 900, seed=example_seed(3, "red.png"), overflow="clamp")
+    assert not np.array_equal(np.asarray(item["corrupted_image"]), np.asarray(other))  # overflow matters here
+    with pytest.raises(ValueError, match="1 bad preference record"):
+        PreferenceDataset.from_file(tmp_path / "p.json", tmp_path / "img", on_bad="error")
+
+
+def test_a_broken_record_is_replaced_by_the_next_loadable_one(tmp_path, caplog):
+    """Records 1 and 2 of 4 break after loading: record 1 is served by record 3 (the next that loads, not the
+    previous one), with a warning naming both; when every record breaks, one error says so."""
+    _write_images(tmp_path / "img")
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "img" / f"{name}.png")
+    rows = [{"image": f"{n}.png", "question": "q", "chosen": "a", "rejected": "b"} for n in "abcd"]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    ds = PreferenceDataset.from_file(tmp_path / "p.json", tmp_path / "img")
+    os.remove(tmp_path / "img" / "b.png")
+    os.remove(tmp_path / "img" / "c.png")
+    with caplog.at_level("WARNING", logger="tpo_fast"):
+        assert ds[1]["index"] == 3 and ds[2]["index"] == 3
+    assert "preference record #1 failed to load (FileNotFoundError: " in caplog.text and "b.png" in caplog.text
+    assert "used record #3 in its place" in caplog.text
+    for name in "ad":
+        os.remove(tmp_path / "img" / f"{name}.png")
+    with pytest.raises(RuntimeError, match=r"no preference record can be loaded any more: #0 failed with "
+                                           r"FileNotFoundError: .*, and so did every other record"):
+        ds[0]
+
+
+def test_record_indices_and_long_bad_record_lists(tmp_path):
+    """An index must be an int >= 0 (not a bool, a string or a negative number), by record position; more than 20
+    bad records are listed 20 at a time with the count of the rest."""
+    rec = {"image": "red.png", "prompt": "q", "chosen": "a", "rejected": "b"}
+    for index in (True, -1, "3", 2.0):
+        with pytest.raises(ValueError, match=rf"^record 1 has index {index!r}; an index must be an int >= 0 "):
+            PreferenceDataset([rec, dict(rec, index=index)])
+    assert [r["index"] for r in PreferenceDataset([dict(rec, index=np.int64(5)), rec]).records] == [5, 1]
+    _write_images(tmp_path / "img")
+    (tmp_path / "p.json").write_text(json.dumps(GOOD + [BAD[0]] * 25))
+    with pytest.raises(ValueError, match=r": 25 bad preference record\(s\): #2: [^#]*(; #\d+: [^#]*){19} \(and 5 "
+                                         r"more\)\. Fix them"):
+        load_preference_records(tmp_path / "p.json", tmp_path / "img", on_bad="error")
+
+
+def test_relative_paths_without_a_folder_and_inline_bytes_in_the_cache(tmp_path, monkeypatch):
+    """Without an image folder a relative path is relative to the working directory. Inline image bytes go
+    through the corrupted-image cache (named by their digest; the cache folder and its parents are created) and
+    read back the same; fresh noise (noise_seed=None) gives no dedupe key, so no two pairs share its image slot."""
+    import io
+
+    _write_images(tmp_path / "img")
+    monkeypatch.chdir(tmp_path / "img")
+    rec = {"image": "red.png", "prompt": "q", "chosen": "a", "rejected": "b"}
+    assert PreferenceDataset([rec])[0]["image"].getpixel((0, 0)) == (200, 10, 10)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    cache = tmp_path / "deep" / "cache"
+    ds = PreferenceDataset([dict(rec, image=buf.getvalue())], corrupted_cache_dir=cache)
+    first = np.asarray(ds[0]["corrupted_image"])
+    assert len(list(cache.glob("*.png"))) == 1
+    assert np.array_equal(np.asarray(ds[0]["corrupted_image"]), first)
+    assert ds[0]["dedupe_key"] is not None and PreferenceDataset([rec], noise_seed=None)[0]["dedupe_key"] is None
