@@ -328,3 +328,35 @@ def test_relative_paths_without_a_folder_and_inline_bytes_in_the_cache(tmp_path,
     assert len(list(cache.glob("*.png"))) == 1
     assert np.array_equal(np.asarray(ds[0]["corrupted_image"]), first)
     assert ds[0]["dedupe_key"] is not None and PreferenceDataset([rec], noise_seed=None)[0]["dedupe_key"] is None
+
+
+def test_collator_limits_templates_and_image_slots(tmp_path):
+    """max_length: a row that fits exactly is not cut, one token more cuts the longer response to the limit, and a
+    prompt that alone fills it keeps one response token; a template needs both '{prompt}' and the image token;
+    items without a dedupe key (other datasets) share an image slot by their image key."""
+    import copy
+
+    ds = tiny_data(str(tmp_path / "d"), num_images=2)
+    proc = tiny_processor()
+    full = TPOCollator(proc)([ds[0]])
+    lengths = full["attention_mask"].sum(1).tolist()
+    prompt = int(((full["labels"][0] == -100) & (full["attention_mask"][0] == 1)).sum())
+    longest = max(lengths)
+    exact = TPOCollator(proc, max_length=longest)([ds[0]])
+    assert torch.equal(exact["input_ids"], full["input_ids"]) and torch.equal(exact["labels"], full["labels"])
+    cut = TPOCollator(proc, max_length=longest - 1)([ds[0]])
+    assert cut["attention_mask"].sum(1).tolist() == [min(n, longest - 1) for n in lengths]
+    tight = TPOCollator(proc, max_length=prompt)([ds[0]])  # the prompt alone fills it
+    assert ((tight["labels"] != -100).sum(1) == 1).all()
+    for template in ("USER: {prompt} ASSISTANT:", "USER: <image> ASSISTANT:"):
+        with pytest.raises(ValueError, match="prompt_template must contain '{prompt}' and the image token '<image>'"):
+            TPOCollator(proc, prompt_template=template)
+    a, b = copy.copy(ds[0]), copy.copy(ds[1])
+    for item in (a, b):
+        item.pop("dedupe_key")
+    b["image_key"] = a["image_key"]
+    assert TPOCollator(proc)([a, b])["image_index"].tolist() == [0, 0]
+    b["image_key"] = "another"
+    assert TPOCollator(proc)([a, b])["image_index"].tolist() == [0, 1]
+    fresh = PreferenceDataset(ds.records, ds.image_folder, noise_seed=None)  # fresh noise: no load shares a slot
+    assert TPOCollator(proc)([fresh[0], fresh[0]])["image_index"].tolist() == [0, 1]

@@ -120,6 +120,52 @@ def test_collator_labels_each_response_as_the_conversation_tokenizes_it(style):
         assert batch["input_ids"][row, :n_prompt].tolist() == tok(prompt)["input_ids"]
 
 
+def test_a_tokenizer_that_adds_bos_gives_each_row_one_at_its_start(monkeypatch, caplog):
+    """Llama's tokenizer.json adds "<s>" to every text it encodes with special tokens: the prompt (the row's start)
+    gets it, the responses (continuations of the prompt) do not, and they are labelled as without it; the
+    conversation starts with the prompt's tokens, "<s>" included, so nothing falls back to tokenizing alone."""
+    from tokenizers.processors import TemplateProcessing
+
+    monkeypatch.setattr(collator_mod, "_warned_split", False)
+
+    plain = _processor("metaspace")
+    processor = _processor("metaspace")
+    tok = processor.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert tok("ASSISTANT:")["input_ids"][0] == tok.bos_token_id
+    image = Image.new("RGB", (14, 14), (200, 10, 10))
+    item = {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
+            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a",
+            "index": 0}
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        batch, without = TPOCollator(processor)([item]), TPOCollator(plain)([item])
+    assert "merges the prompt's last token" not in caplog.text
+    for row in range(2):
+        ids = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
+        assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+        assert ids[1:] == without["input_ids"][row][without["attention_mask"][row] == 1].tolist()
+        labels, plain_labels = batch["labels"][row], without["labels"][row]
+        assert labels[labels != -100].tolist() == plain_labels[plain_labels != -100].tolist()
+    # where the conversation does not start with the prompt's tokens (a merge across the boundary; here forced by
+    # context ids that cannot match), the response is tokenized alone: without "<s>" either
+    alone = continuation_ids(tok, "ASSISTANT:", [tok.unk_token_id], " Yes, there is")
+    assert alone and tok.bos_token_id not in alone
+
+
+def test_image_tokens_per_image_follow_the_processor():
+    """Patches per side squared, plus the processor's extra tokens (CLS), minus one where the model drops CLS
+    ("default" strategy); no extra tokens counted when the processor names none."""
+    import types
+
+    collator = TPOCollator(_processor("metaspace"))
+    px = torch.zeros(1, 3, 28, 21)  # 4 x 3 patches of 7
+    for extra, strategy, want in [(1, "default", 12), (1, "full", 13), (0, "full", 12), (None, "full", 12),
+                                  (0, "default", 11)]:
+        collator.processor = types.SimpleNamespace(patch_size=7, num_additional_image_tokens=extra,
+                                                   vision_feature_select_strategy=strategy)
+        assert collator._num_image_tokens(px) == want, (extra, strategy)
+
+
 def test_statement_candidates_are_scored_as_continuations_of_the_question(monkeypatch):
     import tpo_fast.methods.csr as csr
     from tpo_fast.methods.hallucination import statement_shares
