@@ -38,6 +38,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/trainer/packing.py|tpo_fast/trainer/row_attention.py) TESTS="tests/test_packing.py" ;;
         tpo_fast/trainer/reference_cache.py) TESTS="tests/test_reference_cache.py tests/test_gaps_trainer.py tests/test_trainer_review.py" ;;
         tpo_fast/trainer/adapters.py) TESTS="tests/test_adapters.py" ;;
+        tpo_fast/trainer/config.py) TESTS="tests/test_config.py tests/test_defects.py tests/test_trainer_extra.py" ;;
         tpo_fast/trainer/collator.py) TESTS="tests/test_data_preferences.py tests/test_tokenization.py tests/test_packing.py tests/test_trainer_loss_path.py tests/test_defects.py tests/test_gaps_trainer.py" ;;
         tpo_fast/trainer/data.py) TESTS="tests/test_data_preferences.py tests/test_defects.py tests/test_gaps_trainer.py tests/test_trainer_review.py tests/test_trainer.py tests/test_povid.py tests/test_csr.py tests/test_eval.py" ;;
         tpo_fast/trainer/activations.py) TESTS="tests/test_activations.py" ;;
