@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _contenders.step import step_contenders  # noqa: E402
+from _contenders.step import step_contenders, varlen_module  # noqa: E402
 from _workloads.step import STEP_CASES, StepData  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -51,10 +51,7 @@ def use_cuda_path_standin() -> None:
     """Route the trainer's packed rows through the varlen path on the CPU, with a one-operator stand-in kernel."""
     from tpo_fast.trainer import packing
 
-    try:
-        from tpo_fast.trainer import row_attention
-    except ImportError:  # a tpo_fast from before trainer/row_attention.py, whose packing.py held the varlen call
-        row_attention = packing
+    row_attention = varlen_module() or packing  # packing.py held the varlen call before trainer/row_attention.py
 
     def standin(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
         return q * 1.0

@@ -1,5 +1,6 @@
 """Preference data: loading JSON / JSONL / parquet, bad records, image corruption, the collator."""
 
+import io
 import json
 import os
 import sys
@@ -74,15 +75,18 @@ def test_bad_records_error_lists_every_index(tmp_path):
         load_preference_records(path, tmp_path / "img", on_bad="error")
 
 
-def test_inline_image_bytes(tmp_path):
-    import io
-
+def _png_bytes(colour) -> bytes:
+    """An 8 x 8 PNG of one colour, as inline image bytes."""
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_inline_image_bytes(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "question": "q", "chosen": "a", "rejected": "b"}]
+    rows = [{"image": {"bytes": _png_bytes((1, 2, 3)), "path": None}, "question": "q", "chosen": "a", "rejected": "b"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
     records, bad = load_preference_records(tmp_path / "p.parquet")
     item = PreferenceDataset(records)[0]
@@ -314,16 +318,12 @@ def test_relative_paths_without_a_folder_and_inline_bytes_in_the_cache(tmp_path,
     """Without an image folder a relative path is relative to the working directory. Inline image bytes go
     through the corrupted-image cache (named by their digest; the cache folder and its parents are created) and
     read back the same; fresh noise (noise_seed=None) gives no dedupe key, so no two pairs share its image slot."""
-    import io
-
     _write_images(tmp_path / "img")
     monkeypatch.chdir(tmp_path / "img")
     rec = {"image": "red.png", "prompt": "q", "chosen": "a", "rejected": "b"}
     assert PreferenceDataset([rec])[0]["image"].getpixel((0, 0)) == (200, 10, 10)
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
     cache = tmp_path / "deep" / "cache"
-    ds = PreferenceDataset([dict(rec, image=buf.getvalue())], corrupted_cache_dir=cache)
+    ds = PreferenceDataset([dict(rec, image=_png_bytes((1, 2, 3)))], corrupted_cache_dir=cache)
     first = np.asarray(ds[0]["corrupted_image"])
     assert len(list(cache.glob("*.png"))) == 1
     assert np.array_equal(np.asarray(ds[0]["corrupted_image"]), first)

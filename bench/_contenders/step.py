@@ -337,6 +337,22 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TPOConfig)}
 
 
+def varlen_module():
+    """The tpo_fast module that holds the varlen attention call (`varlen_api`, `varlen_usable`):
+    `tpo_fast.trainer.row_attention`, or `tpo_fast.trainer.packing` in a tpo_fast from before that module; None in
+    one from before the call (the bench also times older tpo_fast versions through PYTHONPATH)."""
+    try:
+        from tpo_fast.trainer import row_attention
+
+        return row_attention
+    except ImportError:
+        try:
+            from tpo_fast.trainer import packing
+        except ImportError:  # a tpo_fast from before packing
+            return None
+        return packing if hasattr(packing, "varlen_api") else None
+
+
 def trunk_rows(trainer) -> str:
     """How this tpo_fast lays out the trunk's rows on its model (the packing `padding_free=None` resolves to)."""
     try:
@@ -392,16 +408,12 @@ class OursStep(StepContender):
         if self.shared and "shared_prefix" not in config_fields():
             return "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
         if self.sdpa:
-            try:
-                from tpo_fast.trainer.row_attention import varlen_api
-            except ImportError:
-                try:  # a tpo_fast from before trainer/row_attention.py
-                    from tpo_fast.trainer.packing import varlen_api
-                except ImportError:
-                    return "not run: this tpo_fast has no varlen attention to compare with"
+            module = varlen_module()
+            if module is None:
+                return "not run: this tpo_fast has no varlen attention to compare with"
             if device != "cuda":
                 return f"not run: the same step as {self.name[:-5]} off CUDA (the varlen call runs on CUDA only)"
-            if varlen_api() is None:
+            if module.varlen_api() is None:
                 return "not run: this torch has no torch.nn.attention.varlen"
         return None
 
