@@ -81,6 +81,34 @@ def test_weights_digest_of_a_zero3_parameter_reads_its_partition():
     assert rc.weights_digest(partitioned) == rc.weights_digest(named)
 
 
+def _zero3_digest_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of a gloo group: every parameter ZeRO-3 style, its flat values padded with zeros to a multiple of
+    the world size and this rank's slice in `ds_tensor`; writes the digest it computes."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        partitioned = []
+        for name, p in _params():
+            size = -(-p.numel() // world)
+            flat = torch.cat([p.reshape(-1), torch.zeros(size * world - p.numel())])
+            placeholder = torch.nn.Parameter(torch.empty(0))
+            placeholder.ds_tensor, placeholder.ds_shape = flat[rank * size:(rank + 1) * size].clone(), p.shape
+            partitioned.append((name, placeholder))
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(rc.weights_digest(partitioned))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_weights_digest_under_zero3_is_the_whole_parameters_on_every_rank(tmp_path, world):
+    """Each rank reduces its own partition (b's 70000 elements split across the prime 65521, c's 5 padded) and the
+    all-reduce adds the partial sums: every rank gets the one-process digest of the whole parameters."""
+    torch.multiprocessing.spawn(_zero3_digest_worker, args=(world, str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=world, join=True)
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
+    assert digests == [_digest_oracle(_params())] * world
+
+
 def _records(images):
     return [dict(image=image, prompt="what is it?", chosen="a red circle .", rejected="a blue square .", index=i)
             for i, image in enumerate(images)]

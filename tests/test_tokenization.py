@@ -120,6 +120,26 @@ def test_collator_labels_each_response_as_the_conversation_tokenizes_it(style):
         assert batch["input_ids"][row, :n_prompt].tolist() == tok(prompt)["input_ids"]
 
 
+def test_a_tokenizer_without_an_eos_token_ends_each_response_on_its_last_word():
+    """With no EOS token (eos_token_id None) nothing is appended: each response's labels are its own tokens, and
+    the row holds no None or stray id in its place."""
+    processor = _processor("metaspace")
+    tok = processor.tokenizer
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    image = Image.new("RGB", (14, 14), (200, 10, 10))
+    item = {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
+            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a",
+            "index": 0}
+    batch = TPOCollator(processor)([item])
+    want = {0: ["▁Yes,", "▁there", "▁is", "▁a", "▁red", "▁circle."], 1: ["▁No,", "▁a", "▁blue", "▁square", "."]}
+    for row, tokens in want.items():
+        labels = batch["labels"][row]
+        assert _tokens(tok, labels[labels != -100].tolist()) == tokens
+        real = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
+        assert _tokens(tok, real[-len(tokens):]) == tokens
+
+
 def test_a_tokenizer_that_adds_bos_gives_each_row_one_at_its_start(monkeypatch, caplog):
     """Llama's tokenizer.json adds "<s>" to every text it encodes with special tokens: the prompt (the row's start)
     gets it, the responses (continuations of the prompt) do not, and they are labelled as without it; the
