@@ -78,6 +78,45 @@ def test_chair_on_fixed_captions():
     assert chair([], [])["chair_i"] == 0.0
 
 
+def test_pope_metrics_where_counts_tie_or_vanish():
+    """One probe (accuracy over 1, not 2); tp equal to fp and to fn (precision, recall and F1 of 1/2, where a
+    difference in place of a sum would read 0); no positive probe at all (recall 0, defined)."""
+    one = pope_metrics([True], [True])
+    assert (one["accuracy"], one["precision"], one["recall"], one["f1"], one["yes_ratio"]) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    tied = pope_metrics([True, True, False], [True, False, True])  # tp 1, fn 1, fp 1, tn 0
+    assert (tied["tp"], tied["fn"], tied["fp"], tied["tn"]) == (1, 1, 1, 0)
+    assert (tied["precision"], tied["recall"], tied["f1"]) == (0.5, 0.5, 0.5)
+    assert tied["accuracy"] == pytest.approx(1 / 3) and tied["yes_ratio"] == pytest.approx(2 / 3)
+    none_there = pope_metrics([False, False], [True, False])
+    assert (none_there["precision"], none_there["recall"], none_there["f1"], none_there["accuracy"]) == (
+        0.0, 0.0, 0.0, 0.5)
+
+
+def test_chair_counts_a_caption_wrong_by_its_pair_alone_and_defines_empty_rates():
+    """A caption whose colour and shape words are each in the image but not as one object is a hallucinating
+    caption (CHAIR_s); one that names the object right is not. No pairs named: CHAIR_pairs 0; no captions: 0."""
+    two = {O("red circle"), O("blue square")}
+    assert chair(["a red circle"], [two])["chair_s"] == 0.0
+    wrong_pair = chair(["a red square"], [two])
+    assert (wrong_pair["chair_i"], wrong_pair["chair_pairs"], wrong_pair["chair_s"]) == (0.0, 1.0, 1.0)
+    words_only = chair(["red and circle"], [two])
+    assert (words_only["pair_mentions"], words_only["chair_pairs"], words_only["chair_s"]) == (0, 0.0, 0.0)
+    empty = chair([], [])
+    assert (empty["chair_i"], empty["chair_pairs"], empty["chair_s"], empty["captions"]) == (0.0, 0.0, 0.0, 0)
+    with pytest.raises(ValueError, match=r"^one object list per caption: got 1 captions and 2 lists$"):
+        chair(["a red circle"], [two, two])
+
+
+def test_plural_shape_words_are_named_by_their_singular():
+    """"-es" plurals ("boxes": stem without "es") and "-s" plurals ("stars") of any shape vocabulary; a word that
+    merely starts with a shape ("start") or ends in "s" without being a plural ("glass") is left as it is."""
+    named, pairs = caption_mentions("We START with two red Boxes, three stars, a glass and one BOX .",
+                                    ["red"], ["box", "star"])
+    assert named == ["red", "box", "star"] and pairs == [O("red box")]
+    assert caption_mentions("a start", ["red"], ["star"]) == ([], [])
+    assert caption_mentions("circles and squares", [], ["circle", "square"])[0] == ["circle", "square"]
+
+
 # ---- POPE's negative rules -----------------------------------------------------------------------------
 
 # red circle in 4 images, green triangle in 3, blue square and yellow square in 2 each; red circle and
@@ -116,6 +155,8 @@ def test_random_negatives_are_absent_balanced_and_seeded():
     neg = _negatives("random", items=items)
     drawn = {o for objs in neg.values() for o in objs}
     assert O("red circle") not in drawn and len(drawn) > 3  # not stuck on the popular or near ones
+    # unrelated objects too (sharing neither colour nor shape), which the adversarial rule ranks after near misses
+    assert any(o.colour != "red" and o.shape != "circle" for o in drawn)
     assert neg == _negatives("random", items=items) and neg != _negatives("random", seed=1, items=items)
     for split in SPLITS:
         probes = pope_probes(ITEMS, split)
@@ -152,6 +193,14 @@ def test_cli_splits_are_the_recipes():
     assert CLI_SPLITS == SPLITS
 
 
+def test_pope_probes_default_to_seed_0_and_three_positives():
+    items = _items(*[("red circle", "blue square", "green triangle", "yellow circle")] * 4, ("red square",))
+    for split in SPLITS:
+        assert pope_probes(items, split) == pope_probes(items, split, seed=0, max_positives=3)
+        assert pope_probes(items, split) != pope_probes(items, split, seed=1)
+        assert sum(p.present for p in pope_probes(items, split)) == 4 * 3 + 1
+
+
 # ---- data ---------------------------------------------------------------------------------------------
 
 def test_eval_set_round_trip_and_bad_records(tmp_path):
@@ -172,6 +221,81 @@ def test_eval_set_round_trip_and_bad_records(tmp_path):
         bad.write_text(json.dumps(records))
         with pytest.raises(ValueError, match=want):
             load_objects(bad, tmp_path)
+
+
+def test_object_records_accept_either_spelling_and_normalise_case_and_spaces(tmp_path):
+    """Objects as "colour shape" strings or {"colour"/"color", "shape"} dicts, lower-cased and stripped; an empty or
+    non-string field is refused by name; a record that is not an object, or a line that is not JSON, names its
+    index; an absolute image path is kept as it is."""
+    path = make_eval_set(tmp_path / "set", 2, seed=1)
+    image = str(load_objects(path, tmp_path / "set" / "images")[0].image)  # absolute
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"image": image, "objects": ["Red Circle", {"colour": " Blue ", "shape": "SQUARE "},
+                                                             {"color": "green", "shape": "triangle"}]}]))
+    (item,) = load_objects(good, tmp_path / "elsewhere")
+    assert item.image == image
+    assert item.objects == {O("red circle"), O("blue square"), O("green triangle")}
+    bad = tmp_path / "bad.json"
+    for objects in ([{"colour": " ", "shape": "circle"}], [{"colour": "red", "shape": ""}],
+                    [{"colour": 3, "shape": "circle"}], [{"shape": "circle"}], ["red big circle"], [7]):
+        bad.write_text(json.dumps([{"image": image, "objects": objects}]))
+        with pytest.raises(ValueError, match=r"record #0: an object is \"colour shape\" or "):
+            load_objects(bad, tmp_path)
+    bad.write_text(json.dumps([{"image": image, "objects": []}, [1, 2]]))
+    with pytest.raises(ValueError, match=r"bad\.json: record #1: not an object$"):
+        load_objects(bad, tmp_path)
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text(json.dumps({"image": image, "objects": []}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record #1: line 2 is not valid JSON"):
+        load_objects(lines, tmp_path)
+
+
+def test_eval_set_scenes_put_each_object_in_its_own_quadrant(tmp_path):
+    """max_objects > 1: 1 to max_objects distinct objects of the shapes world, each drawn in the middle of its own
+    quadrant (the quadrant's centre has the object's colour), the other quadrants background; one object per image
+    at max_objects=1, drawn at image_size; the defaults are 48 images of 56 pixels from seed 1; the folder may be
+    written again; max_objects outside 1..4 is refused."""
+    from PIL import Image
+
+    from tpo_fast.trainer.synthetic import COLOURS, POSITIONS, SHAPES, draw_shape
+
+    background = (245, 245, 240)
+    path = make_eval_set(tmp_path / "four", 8, seed=5, max_objects=4)
+    items = load_objects(path, tmp_path / "four" / "images")
+    assert sorted({len(i.objects) for i in items}) == [1, 2, 3, 4]
+    for item in items:
+        assert all(o.colour in COLOURS and o.shape in SHAPES for o in item.objects)
+        image = Image.open(item.image)
+        assert image.size == (56, 56)
+        centres = [image.getpixel(((q % 2) * 28 + 14, (q // 2) * 28 + 14)) for q in range(4)]
+        assert sorted(c for c in centres if c != background) == sorted(COLOURS[o.colour] for o in item.objects)
+        assert centres.count(background) == 4 - len(item.objects)
+        # each drawn quadrant is the shapes world's drawing of one of the image's objects, each object once
+        tiles = [image.crop(((q % 2) * 28, (q // 2) * 28, (q % 2) * 28 + 28, (q // 2) * 28 + 28)).tobytes()
+                 for q in range(4) if centres[q] != background]
+        drawn = sorted(draw_shape(o.shape, o.colour, "middle", 28).tobytes() for o in item.objects)
+        assert sorted(tiles) == drawn
+    two = load_objects(make_eval_set(tmp_path / "two", 8, seed=5, max_objects=2), tmp_path / "two" / "images")
+    assert sorted({len(i.objects) for i in two}) == [1, 2]
+    small = load_objects(make_eval_set(tmp_path / "small", 3, seed=1, image_size=40), tmp_path / "small" / "images")
+    assert [Image.open(i.image).size for i in small] == [(40, 40)] * 3 and all(len(i.objects) == 1 for i in small)
+    for item in small:
+        (obj,) = item.objects
+        assert obj.colour in COLOURS and obj.shape in SHAPES
+        picture = Image.open(item.image).convert("RGB").tobytes()
+        assert any(picture == draw_shape(obj.shape, obj.colour, where, 40).tobytes() for where in POSITIONS)
+    seed2 = make_eval_set(tmp_path / "seed2", 3, seed=2, image_size=40)
+    other_seed = load_objects(seed2, tmp_path / "seed2" / "images")
+    assert [i.objects for i in other_seed] != [i.objects for i in small]
+    default = make_eval_set(tmp_path / "default")
+    assert default.name == "objects.jsonl"
+    assert default.read_text() == make_eval_set(tmp_path / "seeded", 48, seed=1).read_text()
+    defaults = load_objects(default, tmp_path / "default" / "images")
+    assert len(defaults) == 48 and Image.open(defaults[0].image).size == (56, 56)
+    assert make_eval_set(tmp_path / "default").read_text() == default.read_text()  # written again in place
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=rf"^max_objects must be 1 to 4 \(one per quadrant\), got {bad}$"):
+            make_eval_set(tmp_path / "bad", 2, max_objects=bad)
 
 
 # ---- on a tiny model ------------------------------------------------------------------------------------
