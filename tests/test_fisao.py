@@ -500,3 +500,153 @@ def test_fisao_cli_errors(fisao_dir, tmp_path, capsys):
     # found before the model loads: one line, exit code 2 (it used to be the verifier's ValueError after loading)
     assert main(common + ["--model", str(root / "llava"), "--low", "0.3", "--high", "0.2"]) == 2
     assert "--low 0.3 --high 0.2: the hallucinated objects' threshold must be below" in capsys.readouterr().err
+
+
+# ---- wiring found untested by a mutation run of methods/fisao.py ------------------------------------------------
+
+
+def test_plural_rule_needs_the_singular_in_the_objects_and_grid_rows_follow_in_order():
+    """A word ending in "es" or "s" is an object word only when its stem is an object ("yes" is not); the rewards of
+    the third row start after the first two rows' tokens, not after the second's alone."""
+    objs = frozenset({"dog", "box"})
+    assert not is_object_word("yes", objs) and not is_object_word("cats", objs) and is_object_word("boxes", objs)
+    targets = torch.tensor([[5, 6, -100], [7, -100, -100], [-100, 8, 9]])
+    ids = [torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([8, 9])]
+    grid = rewards_to_grid(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), ids, targets)
+    torch.testing.assert_close(grid, torch.tensor([[1.0, 2, 0], [3, 0, 0], [0, 4, 5]]))
+    with pytest.raises(ValueError, match=r"^row 1: 2 target positions for 1 response tokens$"):
+        rewards_to_grid(torch.ones(5), ids, torch.tensor([[5, 6, -100], [7, 1, -100], [-100, 8, 9]]))
+    # another ignore index: -1 marks the non-target positions
+    other = rewards_to_grid(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), ids, targets.masked_fill(targets == -100, -1),
+                            ignore_index=-1)
+    torch.testing.assert_close(other, grid)
+
+
+def test_word_tokens_prompts_and_suppressed_ids(tiny):
+    """A calibration word is one known token (a word the tokenizer does not know is its unk token: refused, and the
+    calibration names it); the prompt drops the processor's own image token; rollouts never sample the image token or
+    a pad token distinct from EOS."""
+    import types
+
+    from tpo_fast.methods.fisao import format_prompt, no_sample_ids
+
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    verifier = VisionEncoderVerifier(model, processor.image_processor, objects=["dog", "cat"])
+    assert verifier._word_token("dog", tok) == tok.convert_tokens_to_ids("dog")
+    assert verifier._word_token("zebra", tok) is None  # unknown: the unk token
+    assert format_prompt(types.SimpleNamespace(image_token="<img>"), "<img> what is there ?") == (
+        "USER: <image>\nwhat is there ? ASSISTANT:")
+    assert format_prompt(object(), "<image>\nwhat ?", template="Q: {prompt}") == "Q: what ?"
+    config = types.SimpleNamespace(image_token_id=None, image_token_index=31)
+    fake = types.SimpleNamespace(config=config)
+    assert no_sample_ids(fake, types.SimpleNamespace(pad_token_id=3, eos_token_id=2)) == [3, 31]
+    assert no_sample_ids(fake, types.SimpleNamespace(pad_token_id=2, eos_token_id=2)) == [31]  # pad is EOS: allowed
+    assert no_sample_ids(fake, types.SimpleNamespace(pad_token_id=None, eos_token_id=2)) == [31]
+    config.image_token_id, config.image_token_index = 30, None
+    assert no_sample_ids(fake, types.SimpleNamespace(pad_token_id=None, eos_token_id=2)) == [30]
+
+
+def test_fisao_step_passes_every_option_to_its_parts(tiny, monkeypatch):
+    """Each option of fisao_step reaches the rollout, the advantages, the loss and the clipping as given (spies
+    around the real functions), and ppo_epochs updates run."""
+    import tpo_fast.methods.fisao as fisao_mod
+
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    calls: dict[str, list] = {"rollout": [], "advantages": [], "loss": [], "clip": []}
+
+    def spy(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name].append((args, kwargs))
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(fisao_mod, "rollout", spy("rollout", fisao_mod.rollout))
+    monkeypatch.setattr(fisao_mod, "token_advantages", spy("advantages", fisao_mod.token_advantages))
+    monkeypatch.setattr(fisao_mod, "token_pg_loss", spy("loss", fisao_mod.token_pg_loss))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy("clip", torch.nn.utils.clip_grad_norm_))
+    policy, ref = copy.deepcopy(model), copy.deepcopy(model).eval()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
+    # prompts of unequal lengths: the response window holds ignored positions, where the ignore index matters
+    fisao_step(policy, ref, processor, verifier, opt, images, ["a ?", "describe the image ."], ppo_epochs=3,
+               max_new_tokens=3, do_sample=True, temperature=0.7, advantage="return", gamma=0.9, whiten=True,
+               clip_eps=0.1, clip_eps_high=0.3, kl_coef=0.2, kl_estimator="k2", aggregation="seq_mean",
+               max_grad_norm=0.5, ignore_index=-7, backend="torch")
+    ((_, roll),) = calls["rollout"]
+    assert (roll["max_new_tokens"], roll["do_sample"], roll["temperature"], roll["ignore_index"]) == (3, True, 0.7, -7)
+    assert len(calls["advantages"]) == len(calls["loss"]) == len(calls["clip"]) == 3
+    args, _ = calls["advantages"][0]
+    assert args[2:] == ("return", 0.9, True)
+    args, kw = calls["loss"][0]
+    assert args[3] is None  # the tiny LLaVA's lm_head has no bias
+    assert {k: kw[k] for k in ("clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "aggregation", "ignore_index",
+                               "backend")} == dict(clip_eps=0.1, clip_eps_high=0.3, kl_coef=0.2, kl_estimator="k2",
+                                                   aggregation="seq_mean", ignore_index=-7, backend="torch")
+    assert kw["ref_logprobs"] is not None and kw["old_logprobs"] is not None
+    assert all(kw["old_logprobs"] is k["old_logprobs"] for _, k in calls["loss"])  # computed once, before the updates
+    assert calls["clip"][0][0][1] == 0.5
+    calls["clip"].clear()
+    fisao_step(policy, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=2, kl_coef=0.0,
+               max_grad_norm=None, backend="torch")
+    assert calls["clip"] == [] and calls["loss"][-1][1]["ref_logprobs"] is None  # no clipping, no reference
+
+
+def test_fisao_reference_of_a_peft_policy_is_its_base_model(tiny, monkeypatch):
+    """ref_model=None on a PEFT policy: the reference log-probs are the policy's with its adapter disabled (the base
+    model's), not the adapted policy's. A LoRA adapter on lm_head is refused: the loss reads the head's weight, which
+    is PEFT's frozen base weight, so the adapter would have been left out of the update and the ratios silently."""
+    from peft import LoraConfig, get_peft_model
+
+    import tpo_fast.methods.fisao as fisao_mod
+
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    base = copy.deepcopy(model).eval()
+    torch.manual_seed(0)
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    seen = []
+    real = fisao_mod.token_pg_loss
+    monkeypatch.setattr(fisao_mod, "token_pg_loss", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    rollouts = _spy_rollouts(monkeypatch)
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
+    fisao_step(policy, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=3, do_sample=False,
+               kl_coef=0.1, backend="torch")
+    (ro,) = rollouts
+    batch = ro.batch()
+    want, mask = _full_logits_logps(base, batch)
+    adapted, _ = _full_logits_logps(policy, batch)
+    ref = seen[0]["ref_logprobs"]
+    window = mask.any(0).nonzero().squeeze(1)
+    got_mask = mask[:, window.min():window.max() + 1]
+    torch.testing.assert_close(ref[got_mask], want[:, window.min():window.max() + 1][got_mask], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref[got_mask], adapted[:, window.min():window.max() + 1][got_mask], atol=1e-3)
+    head_lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"lm_head carries an active PEFT adapter"):
+        fisao_step(head_lora, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=2,
+                   do_sample=False, kl_coef=0.1, backend="torch")
+
+
+def test_calibration_skips_words_that_are_not_one_token_and_says_which(tiny, caplog):
+    """Unknown words are left out of the means and named once in a warning; a side with no known word at all, or
+    lists that do not pair with the images, is refused with what to fix."""
+    import logging
+
+    model, processor, images = tiny
+    tok = processor.tokenizer
+    verifier = VisionEncoderVerifier(model, processor.image_processor, objects=["dog", "cat", "bus", "mat"])
+    sims = {w: verifier.similarities(images[:1], [torch.tensor([tok.convert_tokens_to_ids(w)])]).item()
+            for w in ("dog", "cat", "bus", "mat")}
+    hi, lo = max(sims, key=sims.get), min(sims, key=sims.get)
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        low, high = verifier.calibrate(images[:1], [[hi, "zebra"]], [["giraffe", lo, "zebra"]], tok)
+    assert (low, high) == (pytest.approx(sims[lo], abs=1e-6), pytest.approx(sims[hi], abs=1e-6))
+    assert "calibrate: skipped words that are not one token: ['giraffe', 'zebra']" in caplog.text
+    with pytest.raises(ValueError, match=r"^no hallucinated object word is a single token of this tokenizer"):
+        verifier.calibrate(images[:1], [[hi]], [["zebra"]], tok)
+    with pytest.raises(ValueError, match=r"^calibrate needs one list of correct and one of hallucinated objects"):
+        verifier.calibrate(images, [[hi]], [[lo]], tok)

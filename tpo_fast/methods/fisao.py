@@ -326,16 +326,25 @@ def response_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`(hidden (R, T', D), targets (R, T'), weight, bias)` of a batch's response window, for the primitive.
 
-    Gradient flows when enabled. Rows use `pixel_values[image_index]`.
+    Gradient flows when enabled. Rows use `pixel_values[image_index]`. An lm_head with an active, unmerged PEFT
+    adapter raises ValueError (its `weight` is the frozen base weight: the adapter would be silently left out).
     """
-    from tpo_fast.trainer.model import backbone_hidden, encode_images, response_window, shift_labels, unwrap_llava
+    from tpo_fast.trainer.model import (
+        backbone_hidden,
+        encode_images,
+        plain_lm_head,
+        response_window,
+        shift_labels,
+        unwrap_llava,
+    )
 
     llava = unwrap_llava(model)
+    head = plain_lm_head(llava)  # an active PEFT adapter on lm_head would be left out: refused
     targets = shift_labels(batch["labels"], ignore_index)
     window = response_window(targets, ignore_index)
     feats = encode_images(llava, batch["pixel_values"])
     hidden = backbone_hidden(llava, batch["input_ids"], batch["attention_mask"], feats[batch["image_index"]])
-    return hidden[:, window], targets[:, window].contiguous(), llava.lm_head.weight, llava.lm_head.bias
+    return hidden[:, window], targets[:, window].contiguous(), head.weight, head.bias
 
 
 def token_logprobs_of(
