@@ -108,6 +108,19 @@ def test_sentence_log_probs_match_full_logits(workdir):
             logp = logits[-n - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(cand)[:, None]).squeeze(-1)
             want.append(logp.mean())
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    # a LoRA adapter on lm_head: the primitive reads the head's base weight, so the scores would leave the adapter
+    # out; refused, where a LoRA on the text layers is scored with it (equal to the adapted model's full logits)
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    head_lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, init_lora_weights=False,
+                                                                target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"lm_head carries an active PEFT adapter"):
+        sentence_log_probs(head_lora, inputs["input_ids"][0], inputs["pixel_values"], prefix, cands, backend="torch")
+    with head_lora.disable_adapter():  # a disabled adapter (the adapter reference) is the base head
+        torch.testing.assert_close(sentence_log_probs(head_lora, inputs["input_ids"][0], inputs["pixel_values"],
+                                                      prefix, cands, backend="torch"), got, rtol=1e-5, atol=1e-5)
 
 
 def test_csr_cli_end_to_end(workdir, monkeypatch):

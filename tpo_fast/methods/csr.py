@@ -160,10 +160,14 @@ def sentence_log_probs(
     model: nn.Module, prompt_ids: torch.Tensor, pixel_values: torch.Tensor, prefix: list[int],
     candidates: list[list[int]], backend: str = "auto",
 ) -> torch.Tensor:
-    """`R_text`: mean log-prob of each candidate's tokens given prompt + prefix, fp32 (K,), via the primitive."""
-    from tpo_fast.trainer.model import backbone_hidden, encode_images, shift_labels, unwrap_llava
+    """`R_text`: mean log-prob of each candidate's tokens given prompt + prefix, fp32 (K,), via the primitive.
+
+    An lm_head with an active, unmerged PEFT adapter raises ValueError (the primitive reads the head's weight, PEFT's
+    frozen base weight: the adapter would be silently left out of the scores)."""
+    from tpo_fast.trainer.model import backbone_hidden, encode_images, plain_lm_head, shift_labels, unwrap_llava
 
     llava = unwrap_llava(model)
+    lm_head = plain_lm_head(llava)
     device = prompt_ids.device
     head = prompt_ids.tolist() + prefix
     length = len(head) + max(len(c) for c in candidates)
@@ -181,8 +185,8 @@ def sentence_log_probs(
     targets = shift_labels(labels)
     start = len(head) - 1
     hidden, targets = hidden[:, start:], targets[:, start:].contiguous()
-    stats = token_stats(hidden.reshape(-1, hidden.shape[-1]), llava.lm_head.weight, targets.reshape(-1),
-                        bias=llava.lm_head.bias, backend=backend)
+    stats = token_stats(hidden.reshape(-1, hidden.shape[-1]), lm_head.weight, targets.reshape(-1),
+                        bias=lm_head.bias, backend=backend)
     logp = stats.logprobs.view(targets.shape)
     counts = (targets != -100).sum(-1).clamp(min=1)
     return (logp.sum(-1) / counts).float().cpu()
