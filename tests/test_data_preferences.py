@@ -314,9 +314,9 @@ def test_record_indices_and_long_bad_record_lists(tmp_path):
                                          r"more\)\. Fix them"):
         load_preference_records(tmp_path / "p.json", tmp_path / "img", on_bad="error")
     # exactly 20 are all listed, with no count of the rest; 21 list 20 and count the 21st as "1 more"
+    listing = "; ".join(f"#{i}: missing rejected response ('rejected')" for i in range(2, 22))  # records #2..#21
     for n, more in ((20, ""), (21, " (and 1 more)")):
         (tmp_path / "p.json").write_text(json.dumps(GOOD + [BAD[0]] * n))
-        listing = "; ".join(f"#{i}: missing rejected response ('rejected')" for i in range(2, 22)[:20])
         with pytest.raises(ValueError, match=re.escape(f": {n} bad preference record(s): {listing}{more}. Fix them")):
             load_preference_records(tmp_path / "p.json", tmp_path / "img", on_bad="error")
 

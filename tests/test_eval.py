@@ -203,13 +203,18 @@ def test_pope_probes_default_to_seed_0_and_three_positives():
 
 # ---- data ---------------------------------------------------------------------------------------------
 
+def _eval_set(folder, *args, **kwargs) -> list[ImageObjects]:
+    """`make_eval_set(folder, ...)` written, then loaded back with its images."""
+    return load_objects(make_eval_set(folder, *args, **kwargs), folder / "images")
+
+
 def test_eval_set_round_trip_and_bad_records(tmp_path):
     path = make_eval_set(tmp_path / "set", 6, seed=3, max_objects=3)
     items = load_objects(path, tmp_path / "set" / "images")
     assert len(items) == 6 and all(1 <= len(i.objects) <= 3 for i in items)
-    again = load_objects(make_eval_set(tmp_path / "again", 6, seed=3, max_objects=3), tmp_path / "again" / "images")
+    again = _eval_set(tmp_path / "again", 6, seed=3, max_objects=3)
     assert [i.objects for i in items] == [i.objects for i in again]
-    single = load_objects(make_eval_set(tmp_path / "one", 4, seed=1), tmp_path / "one" / "images")
+    single = _eval_set(tmp_path / "one", 4, seed=1)
     assert all(len(i.objects) == 1 for i in single)
     bad = tmp_path / "bad.json"
     image = items[0].image
@@ -260,8 +265,7 @@ def test_eval_set_scenes_put_each_object_in_its_own_quadrant(tmp_path):
     from tpo_fast.trainer.synthetic import COLOURS, POSITIONS, SHAPES, draw_shape
 
     background = (245, 245, 240)
-    path = make_eval_set(tmp_path / "four", 8, seed=5, max_objects=4)
-    items = load_objects(path, tmp_path / "four" / "images")
+    items = _eval_set(tmp_path / "four", 8, seed=5, max_objects=4)
     assert sorted({len(i.objects) for i in items}) == [1, 2, 3, 4]
     for item in items:
         assert all(o.colour in COLOURS and o.shape in SHAPES for o in item.objects)
@@ -275,17 +279,16 @@ def test_eval_set_scenes_put_each_object_in_its_own_quadrant(tmp_path):
                  for q in range(4) if centres[q] != background]
         drawn = sorted(draw_shape(o.shape, o.colour, "middle", 28).tobytes() for o in item.objects)
         assert sorted(tiles) == drawn
-    two = load_objects(make_eval_set(tmp_path / "two", 8, seed=5, max_objects=2), tmp_path / "two" / "images")
+    two = _eval_set(tmp_path / "two", 8, seed=5, max_objects=2)
     assert sorted({len(i.objects) for i in two}) == [1, 2]
-    small = load_objects(make_eval_set(tmp_path / "small", 3, seed=1, image_size=40), tmp_path / "small" / "images")
+    small = _eval_set(tmp_path / "small", 3, seed=1, image_size=40)
     assert [Image.open(i.image).size for i in small] == [(40, 40)] * 3 and all(len(i.objects) == 1 for i in small)
     for item in small:
         (obj,) = item.objects
         assert obj.colour in COLOURS and obj.shape in SHAPES
         picture = Image.open(item.image).convert("RGB").tobytes()
         assert any(picture == draw_shape(obj.shape, obj.colour, where, 40).tobytes() for where in POSITIONS)
-    seed2 = make_eval_set(tmp_path / "seed2", 3, seed=2, image_size=40)
-    other_seed = load_objects(seed2, tmp_path / "seed2" / "images")
+    other_seed = _eval_set(tmp_path / "seed2", 3, seed=2, image_size=40)
     assert [i.objects for i in other_seed] != [i.objects for i in small]
     default = make_eval_set(tmp_path / "default")
     assert default.name == "objects.jsonl"

@@ -270,6 +270,19 @@ def _spy_rollouts(monkeypatch):
     return rollouts
 
 
+def _record_calls(monkeypatch, owner, name: str) -> list[tuple[tuple, dict]]:
+    """Wrap `owner.name` so that every call's (args, kwargs) is recorded; the real function still runs."""
+    calls = []
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
 def _snapshots_before_steps(opt, model):
     """The model's state before every optimizer step: what each update's forward saw."""
     states = []
@@ -554,18 +567,10 @@ def test_fisao_step_passes_every_option_to_its_parts(tiny, monkeypatch):
 
     model, processor, images = tiny
     tok = processor.tokenizer
-    calls: dict[str, list] = {"rollout": [], "advantages": [], "loss": [], "clip": []}
-
-    def spy(name, real):
-        def wrapped(*args, **kwargs):
-            calls[name].append((args, kwargs))
-            return real(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(fisao_mod, "rollout", spy("rollout", fisao_mod.rollout))
-    monkeypatch.setattr(fisao_mod, "token_advantages", spy("advantages", fisao_mod.token_advantages))
-    monkeypatch.setattr(fisao_mod, "token_pg_loss", spy("loss", fisao_mod.token_pg_loss))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy("clip", torch.nn.utils.clip_grad_norm_))
+    calls = {"rollout": _record_calls(monkeypatch, fisao_mod, "rollout"),
+             "advantages": _record_calls(monkeypatch, fisao_mod, "token_advantages"),
+             "loss": _record_calls(monkeypatch, fisao_mod, "token_pg_loss"),
+             "clip": _record_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_")}
     policy, ref = copy.deepcopy(model), copy.deepcopy(model).eval()
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
@@ -607,9 +612,7 @@ def test_fisao_reference_of_a_peft_policy_is_its_base_model(tiny, monkeypatch):
     torch.manual_seed(0)
     policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                              target_modules=r".*language_model.*\.(q_proj|v_proj)"))
-    seen = []
-    real = fisao_mod.token_pg_loss
-    monkeypatch.setattr(fisao_mod, "token_pg_loss", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    losses = _record_calls(monkeypatch, fisao_mod, "token_pg_loss")
     rollouts = _spy_rollouts(monkeypatch)
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
@@ -619,11 +622,12 @@ def test_fisao_reference_of_a_peft_policy_is_its_base_model(tiny, monkeypatch):
     batch = ro.batch()
     want, mask = _full_logits_logps(base, batch)
     adapted, _ = _full_logits_logps(policy, batch)
-    ref = seen[0]["ref_logprobs"]
-    window = mask.any(0).nonzero().squeeze(1)
-    got_mask = mask[:, window.min():window.max() + 1]
-    torch.testing.assert_close(ref[got_mask], want[:, window.min():window.max() + 1][got_mask], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(ref[got_mask], adapted[:, window.min():window.max() + 1][got_mask], atol=1e-3)
+    ref = losses[0][1]["ref_logprobs"]  # over the response window: the columns holding any response token
+    columns = mask.any(0).nonzero().squeeze(1)
+    window = slice(int(columns.min()), int(columns.max()) + 1)
+    tokens = mask[:, window]
+    torch.testing.assert_close(ref[tokens], want[:, window][tokens], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref[tokens], adapted[:, window][tokens], atol=1e-3)
     head_lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                 target_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"lm_head carries an active PEFT adapter"):

@@ -98,14 +98,18 @@ def _processor(style: str):
                           image_token="<image>")
 
 
+def _item() -> dict:
+    """One preference item on a 14 x 14 red image (clean and corrupted alike)."""
+    image = Image.new("RGB", (14, 14), (200, 10, 10))
+    return {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
+            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a", "index": 0}
+
+
 @pytest.mark.parametrize("style", ["legacy", "metaspace"])
 def test_collator_labels_each_response_as_the_conversation_tokenizes_it(style):
     processor = _processor(style)
     tok = processor.tokenizer
-    image = Image.new("RGB", (14, 14), (200, 10, 10))
-    item = {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
-            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a",
-            "index": 0}
+    item = _item()
     batch = TPOCollator(processor)([item])
     want = {
         0: ["▁Yes,", "▁there", "▁is", "▁a", "▁red", "▁circle.", "</s>"],
@@ -127,10 +131,7 @@ def test_a_tokenizer_without_an_eos_token_ends_each_response_on_its_last_word():
     tok = processor.tokenizer
     tok.eos_token = None
     assert tok.eos_token_id is None
-    image = Image.new("RGB", (14, 14), (200, 10, 10))
-    item = {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
-            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a",
-            "index": 0}
+    item = _item()
     batch = TPOCollator(processor)([item])
     want = {0: ["▁Yes,", "▁there", "▁is", "▁a", "▁red", "▁circle."], 1: ["▁No,", "▁a", "▁blue", "▁square", "."]}
     for row, tokens in want.items():
@@ -153,10 +154,7 @@ def test_a_tokenizer_that_adds_bos_gives_each_row_one_at_its_start(monkeypatch, 
     tok = processor.tokenizer
     tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     assert tok("ASSISTANT:")["input_ids"][0] == tok.bos_token_id
-    image = Image.new("RGB", (14, 14), (200, 10, 10))
-    item = {"prompt": "<image>\nwhat is in the image?", "chosen": "Yes, there is a red circle.",
-            "rejected": "No, a blue square.", "image": image, "corrupted_image": image, "image_key": "a",
-            "index": 0}
+    item = _item()
     with caplog.at_level(logging.WARNING, logger="tpo_fast"):
         batch, without = TPOCollator(processor)([item]), TPOCollator(plain)([item])
     assert "merges the prompt's last token" not in caplog.text

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
+from test_trainer import _args, _losses  # noqa: E402
 from tiny_setup import lora_config, tiny_data, tiny_model, tiny_processor  # noqa: E402
 
 from tpo_fast.trainer import trainer as trainer_mod  # noqa: E402
@@ -35,14 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
     return tiny_data(str(root / "data"), num_images=4, seed=0), tiny_processor()
-
-
-def _args(tmp_path, **kw) -> TPOConfig:
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
-                max_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                loss_backend="torch")
-    base.update(kw)
-    return TPOConfig(**base)
 
 
 # -- the config reaches the step and the collator ----------------------------------------------------------
@@ -474,8 +467,7 @@ def test_resuming_a_lora_run_continues_from_the_checkpoints_adapter(setup, tmp_p
                          processing_class=proc)
     assert not all(torch.equal(a, b) for a, b in zip(adapter(resumed).values(), adapter(full).values(), strict=True))
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
-    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (full, resumed)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-5)
     want = adapter(full)
     for name, value in adapter(resumed).items():
         torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
