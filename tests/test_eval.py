@@ -398,7 +398,193 @@ def test_demo_before_is_the_demos_initial_model(tmp_path):
     from tpo_fast.trainer.demo import run_demo
 
     r = run_demo(str(tmp_path), max_steps=2, logging_steps=1, num_images=8, batch_size=4, learning_rate=0.0,
-                 quiet=True)
-    reports = demo_before_after(r.model_dir, tmp_path / "eval", num_images=6, options=EvalOptions(captions=2))
+                 quiet=True, seed=1)
+    reports = demo_before_after(r.model_dir, tmp_path / "eval", seed=1, num_images=6, options=EvalOptions(captions=2))
     assert reports["before"].to_dict() == reports["after"].to_dict()
-    assert reports["before"].answer_mode == "statement"
+    assert (reports["before"].answer_mode, reports["before"].images) == ("statement", 6)
+    # on new images: the eval set of seed + 1, not the demo's training images (seed)
+    written = (tmp_path / "eval" / "objects.jsonl").read_text()
+    assert written == make_eval_set(tmp_path / "seed2", 6, seed=2).read_text()
+    assert written != make_eval_set(tmp_path / "seed1", 6, seed=1).read_text()
+
+
+def test_before_and_after_needs_the_demos_model(tmp_path):
+    from tpo_fast.methods.hallucination import demo_before_after
+    from tpo_fast.trainer.tiny import save_tiny_llava
+
+    model = save_tiny_llava(tmp_path / "model", num_layers=3)  # one layer more than the demo's
+    with pytest.raises(RuntimeError, match=f"^{model} is not the demo's tiny model \\(its weights differ in names or "
+                                           "shapes from build_tiny_llava's\\); evaluate it with `tpo-fast eval` "
+                                           "instead$"):
+        demo_before_after(model, tmp_path / "eval", num_images=2)
+
+
+# ---- evaluate's wiring, with stand-ins for the model's answers ------------------------------------------
+
+class _Tokenizer:
+    """Word -> id; unknown words are unk (0); adds a BOS (1) unless told not to, as LLaMA's does."""
+
+    unk_token_id = 0
+
+    def __init__(self, ids: dict[str, int]):
+        self.ids = ids
+
+    def __call__(self, word, add_special_tokens=True):
+        return {"input_ids": [1] * add_special_tokens + [self.ids.get(word, 0)]}
+
+
+def _processor(ids: dict[str, int]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tokenizer=_Tokenizer(ids))
+
+
+def _scripted_items(folder) -> list[ImageObjects]:
+    """Three blank images of sizes 2, 3, 4 (to tell them apart), naming a colour and a shape the shapes world lacks."""
+    from PIL import Image
+
+    (folder / "images").mkdir()
+    records = [["red circle", "blue hexagon"], ["green square"], ["purple hexagon"]]
+    for i in range(3):
+        Image.new("RGB", (i + 2, i + 2)).save(folder / "images" / f"{i}.png")
+    (folder / "objects.json").write_text(json.dumps([{"image": f"{i}.png", "objects": r}
+                                                     for i, r in enumerate(records)]))
+    return load_objects(folder / "objects.json", folder / "images")
+
+
+def test_answer_words_are_single_distinct_tokens_without_special_ones():
+    from tpo_fast.methods.hallucination import answer_token_ids
+
+    assert answer_token_ids(_Tokenizer({"yes": 5, "Yes": 6, "no": 7, "NO": 7})) == ([5, 6], [7])
+    assert answer_token_ids(_Tokenizer({"yes": 5})) is None  # no "no"
+    assert answer_token_ids(_Tokenizer({"no": 5})) is None
+    assert answer_token_ids(_Tokenizer({"yes": 5, "no": 5})) is None  # one token for both
+
+
+def test_evaluate_asks_each_probe_once_and_scores_its_answer(tmp_path, monkeypatch):
+    import torch
+
+    from tpo_fast.methods import hallucination
+    from tpo_fast.methods.hallucination import evaluate, vocabulary
+
+    items = _scripted_items(tmp_path)
+    seen = {}
+
+    def yes_no(model, processor, images, questions, ids, batch_size=16):
+        seen.update(training=model.training, sizes=[im.size for im in images], questions=list(questions), ids=ids,
+                    batch_size=batch_size)
+        return ["red" in q or "hexagon" in q for q in questions]
+
+    def captions(model, processor, images, prompt, max_new_tokens):
+        seen.update(captioned=([im.size for im in images], prompt, max_new_tokens, model.training))
+        return ["a purple hexagon", "a red square ."]
+
+    monkeypatch.setattr(hallucination, "yes_no_answers", yes_no)
+    monkeypatch.setattr(hallucination, "greedy_captions", captions)
+    model = torch.nn.Linear(1, 1)
+    options = EvalOptions(splits=("adversarial", "random"), captions=2, max_new_tokens=7, question="any {object} ?",
+                          caption_prompt="say .", max_positives=1, seed=4, batch_size=3)
+    report = evaluate(model, _processor({"yes": 5, "Yes": 6, "no": 7}), items, options)
+    colours, shapes = vocabulary(items)
+    candidates = [Obj(c, s) for c in colours for s in shapes]
+    probes = {s: pope_probes(items, s, seed=4, max_positives=1, candidates=candidates) for s in options.splits}
+    for other in (dict(seed=0, max_positives=1), dict(seed=4, max_positives=3)):  # the options change the probes
+        assert probes != {s: pope_probes(items, s, candidates=candidates, **other) for s in options.splits}
+    asked = sorted({(p.image, p.obj) for ps in probes.values() for p in ps})
+    assert seen["questions"] == [f"any {o.name} ?" for _, o in asked]  # each (image, object) once
+    assert seen["sizes"] == [(i + 2, i + 2) for i, _ in asked]
+    assert (seen["ids"], seen["batch_size"], seen["training"]) == (([5, 6], [7]), 3, False)
+    assert model.training  # restored
+    assert (report.answer_mode, report.images) == ("yes-no", 3)
+    assert list(report.pope) == ["adversarial", "random"]
+    for split, ps in probes.items():
+        assert report.pope[split] == pope_metrics([p.present for p in ps],
+                                                  ["red" in p.obj.name or "hexagon" in p.obj.name for p in ps])
+    # CHAIR on the first two images, with the file's own colours and shapes ("purple", "hexagon")
+    assert seen["captioned"] == ([(2, 2), (3, 3)], "say .", 7, False)
+    assert report.chair == chair(["a purple hexagon", "a red square ."], [items[0].objects, items[1].objects],
+                                 colours, shapes)
+    assert report.chair != chair(["a purple hexagon", "a red square ."], [items[0].objects, items[1].objects])
+    assert report.captions == [
+        {"image": items[0].image, "objects": ["blue hexagon", "red circle"], "caption": "a purple hexagon"},
+        {"image": items[1].image, "objects": ["green square"], "caption": "a red square ."},
+    ]
+
+
+def test_evaluate_by_statements_says_yes_above_the_uniform_share(tmp_path, monkeypatch):
+    import torch
+
+    from tpo_fast.methods import hallucination
+    from tpo_fast.methods.hallucination import evaluate, vocabulary
+
+    items = _scripted_items(tmp_path)
+    colours, shapes = vocabulary(items)
+    candidates = [Obj(c, s) for c in colours for s in shapes]
+    k = len(candidates)
+    times_uniform = {O("red circle"): 1.5, O("purple hexagon"): 2.5, O("green square"): 1.0}  # 1.0: not above
+    calls = []
+
+    def shares(model, processor, image, prompt, statements, backend="auto"):
+        calls.append((image.size, prompt, list(statements), backend))
+        return torch.tensor([times_uniform.get(o, 0.5) / k for o in candidates])
+
+    monkeypatch.setattr(hallucination, "statement_shares", shares)
+    options = EvalOptions(splits=("popular",), captions=0, statement="{object} here", statement_prompt="look .",
+                          backend="torch")
+    report = evaluate(torch.nn.Linear(1, 1), _processor({"yes": 5}), items, options)  # auto: no "no", statements
+    (ps,) = [pope_probes(items, "popular", candidates=candidates)]
+    assert calls == [((i + 2, i + 2), "look .", [f"{o.name} here" for o in candidates], "torch")
+                     for i in sorted({p.image for p in ps})]
+    assert report.answer_mode == "statement" and report.chair is None and report.captions == []
+    assert report.pope == {"popular": pope_metrics([p.present for p in ps],
+                                                   [times_uniform.get(p.obj, 0) > 1 for p in ps])}
+    calls.clear()
+    explicit = evaluate(torch.nn.Linear(1, 1), _processor({}), items, EvalOptions(**{**options.__dict__,
+                                                                                     "answer_mode": "statement"}))
+    assert explicit == report
+    with pytest.raises(ValueError, match="^answer_mode='yes-no' needs \"yes\" and \"no\" to be single tokens of the "
+                                         "tokenizer; use answer_mode='statement' \\(or 'auto'\\)$"):
+        evaluate(torch.nn.Linear(1, 1), _processor({}), items, EvalOptions(answer_mode="yes-no"))
+
+
+def test_eval_options_are_checked():
+    with pytest.raises(ValueError, match="^splits must be some of random, popular, adversarial, got random, hard$"):
+        EvalOptions(splits=("random", "hard"))
+    with pytest.raises(ValueError, match="^splits must be some of random, popular, adversarial, got none$"):
+        EvalOptions(splits=())
+    with pytest.raises(ValueError, match="^answer_mode must be one of auto, yes-no, statement, got 'maybe'$"):
+        EvalOptions(answer_mode="maybe")
+    for name, low in (("captions", 0), ("max_new_tokens", 1), ("max_positives", 1), ("batch_size", 1)):
+        EvalOptions(**{name: low})
+        for bad in (low - 1, float(low + 1)):
+            with pytest.raises(ValueError, match=f"^{name} must be an int >= {low}, got {bad!r}$"):
+                EvalOptions(**{name: bad})
+
+
+def test_report_tables_side_by_side():
+    from tpo_fast.methods.hallucination import HallucinationReport, compare_tables
+
+    m = dict(accuracy=0.75, precision=2 / 3, recall=1.0, f1=0.8, yes_ratio=0.75)
+    rates = dict(chair_i=0.25, chair_pairs=0.5, chair_s=1 / 3, mentions=8, pair_mentions=4, captions=3, silent=1)
+    before = HallucinationReport("yes-no", 4, {"random": m, "adversarial": {**m, "accuracy": 0.5}}, rates)
+    after = HallucinationReport("yes-no", 4, {"random": {**m, "f1": 0.125}, "adversarial": m},
+                                dict(rates, chair_i=0.0, chair_pairs=0.0, chair_s=0.0, mentions=5, pair_mentions=2,
+                                     silent=0))
+    assert before.table() == (
+        "POPE on 4 images, yes-no answers\n"
+        "split         accuracy precision    recall        f1 yes_ratio\n"
+        "random           0.750     0.667     1.000     0.800     0.750\n"
+        "adversarial      0.500     0.667     1.000     0.800     0.750\n"
+        "CHAIR on 3 greedy captions: CHAIR_i 0.250 (colour/shape words named: 8), CHAIR_pairs 0.500 (pairs: 4), "
+        "CHAIR_s 0.333, captions naming nothing: 1")
+    assert compare_tables({"before": before, "after": after}) == (
+        "POPE on 4 images, yes-no answers (before -> after)\n"
+        "split              accuracy      precision         recall             f1      yes_ratio\n"
+        "random       0.750 -> 0.750 0.667 -> 0.667 1.000 -> 1.000 0.800 -> 0.125 0.750 -> 0.750\n"
+        "adversarial  0.500 -> 0.750 0.667 -> 0.667 1.000 -> 1.000 0.800 -> 0.800 0.750 -> 0.750\n"
+        "CHAIR on 3 greedy captions: CHAIR_i 0.250 -> 0.000 (colour/shape words named: 8 -> 5), CHAIR_pairs "
+        "0.500 -> 0.000 (pairs: 4 -> 2), CHAIR_s 0.333 -> 0.000, captions naming nothing: 1 -> 0")
+    assert HallucinationReport("statement", 4, {"random": m}, None).table() == (
+        "POPE on 4 images, statement answers\n"
+        "split         accuracy precision    recall        f1 yes_ratio\n"
+        "random           0.750     0.667     1.000     0.800     0.750")
