@@ -10,7 +10,13 @@ from _device import backend_device, moved
 from methods_reference import povid_loss_reference, povid_scores, povid_scores_from_logits
 
 from tpo_fast.loss import dpo_loss
-from tpo_fast.methods.povid import POVIDLoss, povid_loss, povid_reference_scores, povid_step
+from tpo_fast.methods.povid import (
+    POVIDLoss,
+    povid_loss,
+    povid_model_reference_scores,
+    povid_reference_scores,
+    povid_step,
+)
 
 B, T, D, V = 2, 7, 24, 101
 
@@ -171,15 +177,39 @@ def tiny_batch(tmp_path_factory):
     return model, batch
 
 
-def test_povid_step_on_tiny_llava_matches_full_logits(tiny_batch):
+STEP_CASES = {  # povid_step's keywords, and where its reference comes from
+    "defaults": dict(),
+    "hinge-average": dict(loss_type="hinge", average_log_prob=True, beta=0.3, noise_weight=0.2),
+    "ipo": dict(loss_type="ipo", beta=0.5),
+    "smoothing-precomputed": dict(label_smoothing=0.2, reference="precomputed"),
+    "ignore-index": dict(ignore_index=-7, average_log_prob=True),
+    "reference-free": dict(reference="none"),
+    "adapter": dict(reference="adapter"),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES), ids=list(STEP_CASES))
+def test_povid_step_on_tiny_llava_matches_full_logits(tiny_batch, case):
+    """`povid_step`'s loss, metrics and gradients against full logits (methods_reference.py), each keyword and
+    each kind of reference reaching the loss."""
+    from methods_reference import dpo_losses
+
     model, batch = tiny_batch
-    policy = copy.deepcopy(model)
+    opts = dict(STEP_CASES[case])
+    reference = opts.pop("reference", "model")
+    ignore = opts.get("ignore_index", -100)
+    if ignore != -100:
+        batch = {**batch, "labels": batch["labels"].masked_fill(batch["labels"] == -100, ignore)}
     ref_model = copy.deepcopy(model)
-    with torch.no_grad():  # make the policy differ from the reference
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    out = povid_step(policy, batch, ref_model=ref_model, backend="torch")
-    out.loss.backward()
+    policy = copy.deepcopy(model)
+    if reference == "adapter":
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    else:
+        with torch.no_grad():  # make the policy differ from the reference
+            for p in policy.parameters():
+                p.add_(0.02 * torch.randn_like(p))
 
     def full_scores(m):
         n = batch["image_index"].shape[0]
@@ -188,22 +218,38 @@ def test_povid_step_on_tiny_llava_matches_full_logits(tiny_batch):
                    pixel_values=batch["pixel_values"][idx.repeat(2)]).logits[:, :-1]
         corrupted = m(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
                       pixel_values=batch["corrupted_pixel_values"][idx]).logits[:, :-1]
-        return povid_scores_from_logits(logits, corrupted, batch["labels"][:, 1:])
+        return povid_scores_from_logits(logits, corrupted, batch["labels"][:, 1:],
+                                        opts.get("average_log_prob", False), ignore)
 
-    twin = copy.deepcopy(model)
     with torch.no_grad():
-        for p, q in zip(twin.parameters(), policy.parameters(), strict=True):
-            p.copy_(q)
+        refs = full_scores(ref_model) if reference != "none" else (torch.zeros(2),) * 3
+    if reference == "model":  # the reference's scores alone, with the case's keywords (and the defaults' backend)
+        keys = {k: opts[k] for k in ("average_log_prob", "ignore_index") if k in opts}
+        torch.testing.assert_close(povid_model_reference_scores(ref_model, batch, **keys), torch.cat(refs),
+                                   rtol=1e-5, atol=1e-5)
+    given = {"model": dict(ref_model=ref_model), "precomputed": dict(ref_seq_scores=torch.cat(refs)),
+             "none": dict(reference_free=True), "adapter": {}}[reference]
+    out = povid_step(policy, batch, **given, **opts)  # the default backend (auto: torch on the CPU)
+    if reference != "adapter":
+        out.loss.backward()
+    twin = copy.deepcopy(policy)  # the oracle's copy: same weights, its own gradients
+    for p in twin.parameters():
+        p.grad = None
     s_w, s_l, s_n = full_scores(twin)
-    with torch.no_grad():
-        r_w, r_l, r_n = full_scores(ref_model)
-    import torch.nn.functional as F
-
-    noisy = -F.logsigmoid(0.1 * ((s_w - s_n) - (r_w - r_n)))
-    halluc = -F.logsigmoid(0.1 * ((s_w - s_l) - (r_w - r_l)))
-    ref_loss = (0.5 * noisy + 0.5 * halluc).mean()
-    ref_loss.backward()
+    r_w, r_l, r_n = refs
+    beta, w = opts.get("beta", 0.1), opts.get("noise_weight", 0.5)
+    kind = (opts.get("loss_type", "sigmoid"), opts.get("label_smoothing", 0.0))
+    noisy, _, _ = dpo_losses(s_w, s_n, r_w, r_n, beta, *kind)
+    halluc, chosen, rejected = dpo_losses(s_w, s_l, r_w, r_l, beta, *kind)
+    ref_loss = (w * noisy + (1 - w) * halluc).mean()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for key, want in (("rewards/chosen", chosen.mean()), ("rewards/rejected", rejected.mean()),
+                      ("logps/noisy", s_n.mean())):
+        torch.testing.assert_close(torch.as_tensor(out.metrics[key]).float(), want.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=key)
+    if reference == "adapter":
+        return
+    ref_loss.backward()
     named = dict(twin.named_parameters())
     for name, p in policy.named_parameters():
         if p.grad is None:
@@ -215,12 +261,22 @@ def test_povid_step_on_tiny_llava_matches_full_logits(tiny_batch):
 
 def test_povid_step_needs_a_reference(tiny_batch):
     model, batch = tiny_batch
-    with pytest.raises(ValueError, match="no reference"):
+    with pytest.raises(ValueError, match=r"^no reference: pass ref_model \(a frozen copy of the starting model\), "
+                                         r"ref_seq_scores, a PEFT model \(its adapters are disabled for the "
+                                         r"reference\), or reference_free=True$"):
         povid_step(model, batch)
+    with pytest.raises(ValueError, match="^pass ref_model or ref_seq_scores, not both$"):
+        povid_step(model, batch, ref_model=model, ref_seq_scores=torch.zeros(6))
+    for reference in (dict(ref_model=model), dict(reference_free=True)):  # the backend reaches the primitive
+        with pytest.raises(ValueError, match="^backend must be one of .*, got 'abacus'$"):
+            povid_step(model, batch, backend="abacus", **reference)
+    with pytest.raises(ValueError, match="^backend must be one of .*, got 'abacus'$"):
+        povid_model_reference_scores(model, batch, backend="abacus")
     with pytest.raises(KeyError, match="corrupted_pixel_values"):
         povid_step(model, {k: v for k, v in batch.items() if k != "corrupted_pixel_values"}, reference_free=True)
     # a reference passed with reference_free=True was silently ignored
-    with pytest.raises(ValueError, match="reference_free=True uses no reference: drop ref_model / ref_seq_scores"):
+    with pytest.raises(ValueError, match="^reference_free=True uses no reference: drop ref_model / ref_seq_scores, "
+                                         "or reference_free$"):
         povid_step(model, batch, ref_model=model, reference_free=True)
     with pytest.raises(ValueError, match="reference_free=True uses no reference"):
         povid_step(model, batch, ref_seq_scores=torch.zeros(3 * batch["input_ids"].shape[0] // 2), reference_free=True)

@@ -6,6 +6,8 @@ and is re-exported here; this module adds the model-level step on top of the tra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,17 +21,11 @@ from tpo_fast.loss.povid import (  # noqa: F401  (re-exported)
 )
 
 
-def _step_options(
-    reference: str, *, beta: float = 0.1, noise_weight: float = 0.5, loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0, average_log_prob: bool = False, ignore_index: int = -100, backend: str = "auto",
-):
+def _step_options(reference: str, **keywords: Any):
+    """The trainer's step options for POVID: `povid_step`'s keywords, the rest at `StepOptions`' defaults."""
     from tpo_fast.trainer.model import StepOptions
 
-    return StepOptions(
-        objective="povid", beta=beta, noise_weight=noise_weight, loss_type=loss_type,
-        label_smoothing=label_smoothing, average_log_prob=average_log_prob, reference=reference,
-        ignore_index=ignore_index, backend=backend,
-    )
+    return StepOptions(objective="povid", reference=reference, **keywords)
 
 
 def povid_model_reference_scores(
