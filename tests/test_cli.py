@@ -76,49 +76,85 @@ def model_dir(tmp_path):
     return d
 
 
+MODEL_HINT = ("pass a local folder saved with save_pretrained holding a LLaVA model and its processor (nothing is "
+              "downloaded); `tpo-fast demo --output-dir DIR` saves a tiny model in DIR/model and pairs in DIR/data")
+DATA_HINT = ("pass a .json, .jsonl or .parquet file of preference records; `tpo-fast demo --output-dir DIR` saves a "
+             "tiny model in DIR/model and pairs in DIR/data")
+RESUME_HINT = "pass a checkpoint-N folder written by an earlier run, or --resume alone for the last one in --output-dir"
+NOISE_SEED = ("--noise-seed -1 (fresh noise at every load) with {}: cached scores or images would not match the images "
+              "trained on; pass a seed >= 0")
+
+
 def _bad_commands(tmp_path, model_dir):
+    """(argv, the whole error line after "tpo-fast <command>: error: ")."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("")
-    train = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-3").write_text("")  # a file, not a checkpoint folder
+    (out / "checkpoint-x").mkdir()  # not checkpoint-N
+    train = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out)]
     fisao = ["--model", str(model_dir), "--prompts", str(data), "--output-dir", "o"]
     csr = [*fisao, "--clip", str(model_dir)]
     return [
-        (["train", "--model", str(tmp_path / "nope"), *train[3:]], f"--model {tmp_path / 'nope'}: no such folder"),
-        (["train", "--model", str(tmp_path), *train[3:]], f"--model {tmp_path}: no config.json"),
-        ([*train[:3], "--data", str(tmp_path / "x.jsonl"), *train[5:]], f"--data {tmp_path / 'x.jsonl'}: no such file"),
-        ([*train[:3], "--data", str(tmp_path), *train[5:]], f"--data {tmp_path}: is a folder"),
-        ([*train, "--image-folder", str(tmp_path / "imgs")], f"--image-folder {tmp_path / 'imgs'}: no such folder"),
-        ([*train, "--resume"], "--resume: no checkpoint-N folder in --output-dir"),
-        ([*train, "--resume", str(tmp_path / "ck")], f"--resume {tmp_path / 'ck'}: no such folder"),
-        ([*train, "--resume", str(model_dir)], f"--resume {model_dir}: not a checkpoint"),
-        ([*train, "--deepspeed", str(tmp_path / "zero3.json")], f"--deepspeed {tmp_path / 'zero3.json'}: no such"),
-        (["povid", *train[1:3], "--data", str(tmp_path / "povid.jsonl"), *train[5:]], "--data"),
+        (["train", "--model", str(tmp_path / "nope"), *train[3:]], f"--model {tmp_path / 'nope'}: no such folder; "
+         f"{MODEL_HINT}"),
+        (["train", "--model", str(tmp_path), *train[3:]], f"--model {tmp_path}: no config.json in this folder; "
+         f"{MODEL_HINT}"),
+        (["train", "--model", str(data), *train[3:]], f"--model {data}: is a file, not a folder; {MODEL_HINT}"),
+        ([*train[:3], "--data", str(tmp_path / "x.jsonl"), *train[5:]], f"--data {tmp_path / 'x.jsonl'}: no such "
+         f"file; {DATA_HINT}"),
+        ([*train[:3], "--data", str(tmp_path), *train[5:]], f"--data {tmp_path}: is a folder, not a file; {DATA_HINT}"),
+        ([*train, "--image-folder", str(tmp_path / "imgs")], f"--image-folder {tmp_path / 'imgs'}: no such folder; "
+         "pass the folder that the records' image paths are relative to"),
+        ([*train, "--resume"], f"--resume: no checkpoint-N folder in --output-dir {out}; drop --resume to start a new "
+         "run, or pass --resume CHECKPOINT_DIR"),
+        ([*train[:5], "--output-dir", str(tmp_path / "new"), "--resume"], f"--resume: no checkpoint-N folder in "
+         f"--output-dir {tmp_path / 'new'}; drop --resume to start a new run, or pass --resume CHECKPOINT_DIR"),
+        ([*train, "--resume", str(tmp_path / "ck")], f"--resume {tmp_path / 'ck'}: no such folder; {RESUME_HINT}"),
+        ([*train, "--resume", str(model_dir)], f"--resume {model_dir}: not a checkpoint (no trainer_state.json); "
+         f"{RESUME_HINT}"),
+        ([*train, "--deepspeed", str(tmp_path / "zero3.json")], f"--deepspeed {tmp_path / 'zero3.json'}: no such "
+         "file; pass a DeepSpeed JSON config file"),
+        (["povid", *train[1:3], "--data", str(tmp_path / "povid.jsonl"), *train[5:]], f"--data "
+         f"{tmp_path / 'povid.jsonl'}: no such file; {DATA_HINT}"),
         (["csr", "--model", str(model_dir), "--prompts", str(data), "--clip", str(tmp_path / "clip"),
-          "--output-dir", "o"], f"--clip {tmp_path / 'clip'}: no such folder"),
+          "--output-dir", "o"], f"--clip {tmp_path / 'clip'}: no such folder; pass a local folder saved with "
+         "save_pretrained holding a CLIPModel and its processor (nothing is downloaded)"),
         (["csr", "--model", str(model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--clip", str(model_dir),
-          "--output-dir", "o"], f"--prompts {tmp_path / 'prompts.jsonl'}: no such file"),
+          "--output-dir", "o"], f"--prompts {tmp_path / 'prompts.jsonl'}: no such file; pass a .json or .jsonl file "
+         "of {image, prompt} records"),
+        (["csr", *csr, "--image-folder", str(data)], f"--image-folder {data}: is a file, not a folder; pass the folder "
+         "that the prompts' image paths are relative to"),
         (["fisao", "--model", str(model_dir), "--prompts", str(data), "--output-dir", "o", "--calibration",
-          str(tmp_path / "cal.json")], f"--calibration {tmp_path / 'cal.json'}: no such file"),
+          str(tmp_path / "cal.json")], f"--calibration {tmp_path / 'cal.json'}: no such file; pass a JSON list of "
+         "{image, correct, hallucinated} records"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--objects", str(tmp_path)], f"--objects {tmp_path}: is a "
+         "folder, not a file; pass a text file of object words, or leave it out for the COCO categories"),
         (["fisao", "--model", str(model_dir), "--prompts", str(data), "--output-dir", "o", "--low", "0.1"],
-         "needs calibrated thresholds"),
-        (["fisao", *fisao, "--low", "0.5", "--high", "0.2"], "--low 0.5 --high 0.2: the hallucinated objects'"),
-        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--iterations", "-1"], "--iterations -1: must be >= 1"),
-        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--clip-eps", "0"], "--clip-eps 0: the clipped ratio"),
-        (["csr", *csr, "--num-beams", "1"], "--num-beams 1: must be >= 2"),
-        (["csr", *csr, "--iterations", "0"], "--iterations 0: must be >= 1"),
-        (["csr", *csr, "--lam", "1.5"], "--beta 0.1 --lam 1.5: out of range; pass --beta > 0"),
-        ([*train, "--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        ([*train, "--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
-        ([*train, "--max-length", "-5"], "--max-length -5: must be >= 1"),
-        ([*train, "--noise-step", "1000"], "--noise-step 1000: the diffusion schedule has steps 0 to 999"),
-        ([*train, "--beta", "0"], "--beta 0.0: must be > 0"),
-        ([*train, "--noise-seed", "-1", "--precompute-reference"],
-         "--noise-seed -1 (fresh noise at every load) with --precompute-reference"),
+         "the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high"),
+        (["fisao", *fisao, "--low", "0.5", "--high", "0.2"], "--low 0.5 --high 0.2: the hallucinated objects' "
+         "threshold must be below the present objects'; pass --low < --high"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--batch-size", "0"], "--batch-size 0: must be >= 1; pass a "
+         "value in range"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--iterations", "-1"], "--iterations -1: must be >= 1; pass "
+         "a value in range"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--clip-eps", "0"], "--clip-eps 0: the clipped ratio would "
+         "never move; pass a clip range > 0, e.g. 0.2"),
+        (["csr", *csr, "--num-beams", "1"], "--num-beams 1: must be >= 2; pass a value in range"),
+        (["csr", *csr, "--iterations", "0"], "--iterations 0: must be >= 1; pass a value in range"),
+        (["csr", *csr, "--lam", "1.5"], "--beta 0.1 --lam 1.5: out of range; pass --beta > 0 and --lam in [0, 1]"),
+        ([*train, "--batch-size", "0"], "--batch-size 0: must be >= 1; pass a value in range"),
+        ([*train, "--grad-accum", "0"], "--grad-accum 0: must be >= 1; pass a value in range"),
+        ([*train, "--max-length", "-5"], "--max-length -5: must be >= 1; pass a value in range"),
+        ([*train, "--noise-step", "1000"], "--noise-step 1000: the diffusion schedule has steps 0 to 999; pass one of "
+         "those"),
+        ([*train, "--beta", "0"], "--beta 0.0: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1"),
+        ([*train, "--noise-seed", "-1", "--precompute-reference"], NOISE_SEED.format("--precompute-reference")),
         ([*train, "--noise-seed", "-1", "--corrupted-cache", str(tmp_path / "cc")],
-         "--noise-seed -1 (fresh noise at every load) with --corrupted-cache"),
-        (["demo", "--steps", "1"], "--steps 1: must be >= 2"),
-        (["demo", "--eval-captions", "-1"], "--eval-captions -1: must be >= 0"),
+         NOISE_SEED.format("--corrupted-cache")),
+        (["demo", "--steps", "1"], "--steps 1: must be >= 2; pass a value in range"),
+        (["demo", "--eval-captions", "-1"], "--eval-captions -1: must be >= 0; pass a value in range"),
     ]
 
 
@@ -133,9 +169,8 @@ def test_missing_paths_give_one_line_and_exit_code_2(tmp_path, model_dir, capsys
         captured = capsys.readouterr()
         assert captured.out == "", argv
         lines = captured.err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"tpo-fast {argv[0]}: error: "), captured.err
-        assert want in lines[0], (want, lines[0])
-        assert "; " in lines[0], f"no hint of what to do: {lines[0]}"  # "<what is wrong>; <what to do>"
+        assert lines == [f"tpo-fast {argv[0]}: error: {want}"], captured.err
+        assert "; " in want, f"no hint of what to do: {want}"  # "<what is wrong>; <what to do>"
 
 
 def test_entry_point_exits_2_before_importing_transformers(tmp_path):
@@ -257,3 +292,34 @@ def test_train_packing_flags_reach_the_config(tmp_path, model_dir, monkeypatch, 
     with pytest.raises(Stop):
         SUBCOMMANDS["train"].run(p.parse_args([*base, *flags]))
     assert (seen["shared_prefix"], seen["padding_free"]) == (shared, padding_free)
+
+
+def test_the_command_is_required_and_the_hub_is_off_by_default(monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tpo-fast [-h] COMMAND ...\n")
+    assert err.endswith("tpo-fast: error: the following arguments are required: COMMAND\n")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set before anything could reach the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a user's own setting is kept
+    assert main(["demo", "--steps", "1"]) == 2
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_help_shows_the_examples_and_what_none_means():
+    from tpo_fast.cli._common import HelpFormatter
+
+    top = build_parser().format_help()
+    assert top.startswith("usage: tpo-fast") and "Token-level preference optimization (TPO, arXiv 2412.14487)" in top
+    for name in ("train", "eval"):
+        assert SUBCOMMANDS[name].epilog.splitlines()[1] in _subparsers()[name].format_help()
+    p = argparse.ArgumentParser()
+    said = p.add_argument("--a", default=None, help="x (none: nothing)")
+    unsaid = p.add_argument("--b", default=None, help="y")
+    given = p.add_argument("--c", default=3, help="z")
+    needed = p.add_argument("--d", required=True, help="w")
+    shown = HelpFormatter(prog="x")._get_help_string
+    assert [shown(a) for a in (said, unsaid, given, needed)] == [
+        "x (none: nothing)", "y (default: none)", "z (default: %(default)s)", "w (required)"]

@@ -1,0 +1,446 @@
+"""Every flag of every `tpo-fast` subcommand reaches what it sets, and every count flag is refused below its minimum.
+
+Each subcommand's heavy parts (model loading, training, the searches, the evaluation) are replaced by recorders,
+so a test runs the real command line (`main`) to the point where a flag's value is handed over, and compares
+what was handed over with values written here. Non-default values for every flag, then the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tpo_fast.cli import SUBCOMMANDS, build_parser, main
+
+
+class _Saved(torch.nn.Linear):
+    """A stand-in model or processor that records where it was saved."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+        self.saved = []
+
+    def save_pretrained(self, path):
+        self.saved.append(str(path))
+
+
+def _recorder(calls: list, name: str, returns=None):
+    def record(*args, **kwargs):
+        calls.append((name, args, kwargs))
+        return returns
+
+    return record
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+# ---- train and povid ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def train_run(monkeypatch, tmp_path, model_dir):
+    """Runs `main(argv)` for train/povid with the trainer, model, processor and data loading recorded."""
+    import transformers
+
+    import tpo_fast.trainer.config as config
+    import tpo_fast.trainer.data as data
+    import tpo_fast.trainer.trainer as trainer_module
+
+    calls = []
+    processor = _Saved()
+
+    class Trainer:
+        world_zero = True
+
+        def __init__(self, model, **kwargs):
+            calls.append(("TPOTrainer", (model,), kwargs))
+
+        def train(self, **kwargs):
+            calls.append(("train", (), kwargs))
+
+        def save_model(self, path):
+            calls.append(("save_model", (path,), {}))
+
+        def is_world_process_zero(self):
+            return Trainer.world_zero
+
+    monkeypatch.setattr(config, "TPOConfig", lambda **kw: SimpleNamespace(**kw))
+    monkeypatch.setattr(data.PreferenceDataset, "from_file", _recorder(calls, "from_file", "dataset"))
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", _recorder(calls, "AutoProcessor", processor))
+    monkeypatch.setattr(trainer_module, "load_llava", _recorder(calls, "load_llava", "model"))
+    monkeypatch.setattr(trainer_module, "TPOTrainer", Trainer)
+    (tmp_path / "pairs.jsonl").write_text("")
+
+    def run(*flags, command="train"):
+        calls.clear()
+        argv = [command, "--model", str(model_dir), "--data", str(tmp_path / "pairs.jsonl"), "--output-dir",
+                str(tmp_path / "out"), *flags]
+        assert main(argv) == 0
+        return {name: (args, kwargs) for name, args, kwargs in calls}, processor
+
+    run.Trainer = Trainer
+    return run
+
+
+TRAIN_DEFAULTS = dict(
+    objective="tpo", povid_noise_weight=0.5, beta=0.1, offset=0.5, detach_weights=False, loss_backend="auto",
+    loss_grad_mode="auto", shared_prefix=True, padding_free=None, loss_type="sigmoid", reference="auto",
+    precompute_reference=False, num_train_epochs=1.0, max_steps=-1, per_device_train_batch_size=2,
+    gradient_accumulation_steps=1, learning_rate=5e-7, warmup_steps=0, lr_scheduler_type="cosine", bf16=False,
+    gradient_checkpointing=False, noise_step=500, noise_seed=0, noise_overflow="wrap", corrupted_cache_dir=None,
+    max_length=None, bad_records="skip", logging_steps=10, save_steps=500, deepspeed=None, seed=42, use_cpu=True,
+    report_to="none",
+)
+
+
+def test_every_train_flag_reaches_the_trainer(train_run, tmp_path, model_dir):
+    from tpo_fast.trainer.packing import may_pack
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "trainer_state.json").write_text("{}")
+    (tmp_path / "ds.json").write_text("{}")
+    out, cache, ck, ds = (str(tmp_path / n) for n in ("out", "cache", "ck", "ds.json"))
+    calls, processor = train_run(
+        "--image-folder", str(tmp_path / "images"), "--backend", "torch", "--lr", "0.003", "--batch-size", "3",
+        "--seed", "7", "--objective", "dpo", "--povid-noise-weight", "0.25", "--beta", "0.2", "--offset", "0.3",
+        "--detach-weights", "--grad-mode", "recompute", "--no-shared-prefix", "--padding-free", "on",
+        "--loss-type", "hinge", "--reference", "model", "--precompute-reference", "--epochs", "2.5",
+        "--max-steps", "9", "--grad-accum", "4", "--warmup-steps", "5", "--scheduler", "linear", "--bf16",
+        "--gradient-checkpointing", "--attn-implementation", "eager", "--lora-r", "4", "--lora-alpha", "16",
+        "--lora-targets", " q_proj, ,v_proj", "--noise-step", "300", "--noise-seed", "11", "--noise-overflow",
+        "clamp", "--corrupted-cache", cache, "--max-length", "64", "--bad-records", "error", "--logging-steps", "3",
+        "--save-steps", "6", "--resume", ck, "--deepspeed", ds, "--cpu",
+    )
+    (model,), kwargs = calls["TPOTrainer"]
+    assert model == "model" and kwargs["train_dataset"] == "dataset" and kwargs["processing_class"] is processor
+    assert vars(kwargs["args"]) == dict(
+        output_dir=out, objective="dpo", povid_noise_weight=0.25, beta=0.2, offset=0.3, detach_weights=True,
+        loss_backend="torch", loss_grad_mode="recompute", shared_prefix=False, padding_free=True, loss_type="hinge",
+        reference="model", precompute_reference=True, num_train_epochs=2.5, max_steps=9,
+        per_device_train_batch_size=3, gradient_accumulation_steps=4, learning_rate=0.003, warmup_steps=5,
+        lr_scheduler_type="linear", bf16=True, gradient_checkpointing=True, noise_step=300, noise_seed=11,
+        noise_overflow="clamp", corrupted_cache_dir=cache, max_length=64, bad_records="error", logging_steps=3,
+        save_steps=6, deepspeed=ds, seed=7, use_cpu=True, report_to="none")
+    assert calls["from_file"] == ((str(tmp_path / "pairs.jsonl"), str(tmp_path / "images")), dict(
+        noise_step=300, noise_seed=11, overflow="clamp", corrupted_cache_dir=cache, on_bad="error"))
+    # bf16 with LoRA (or DeepSpeed) loads bf16 weights; the packed step needs its attention registered
+    assert calls["load_llava"] == ((str(model_dir), torch.bfloat16, "eager"), dict(packed=may_pack(False, True)))
+    lora = kwargs["peft_config"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 16, 0.0, {"q_proj", "v_proj"})
+    assert calls["train"] == ((), dict(resume_from_checkpoint=ck)) and calls["save_model"] == ((out,), {})
+    assert processor.saved == [out]
+
+
+def test_train_defaults(train_run, tmp_path, model_dir):
+    calls, processor = train_run()
+    (_, kwargs) = calls["TPOTrainer"]
+    assert vars(kwargs["args"]) == dict(TRAIN_DEFAULTS, output_dir=str(tmp_path / "out"))
+    assert kwargs["peft_config"] is None
+    assert calls["from_file"] == ((str(tmp_path / "pairs.jsonl"), None), dict(
+        noise_step=500, noise_seed=0, overflow="wrap", corrupted_cache_dir=None, on_bad="skip"))
+    assert calls["load_llava"] == ((str(model_dir), torch.float32, None), dict(packed=True))  # full fine-tuning: fp32
+    assert calls["train"] == ((), dict(resume_from_checkpoint=None))
+    # LoRA's alpha defaults to twice its rank and trains the attention projections; noise seed -1: fresh noise
+    calls, _ = train_run("--lora-r", "3", "--noise-seed", "-1", "--no-shared-prefix", "--padding-free", "off")
+    lora = calls["TPOTrainer"][1]["peft_config"]
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (3, 6, {"q_proj", "k_proj", "v_proj", "o_proj"})
+    assert vars(calls["TPOTrainer"][1]["args"])["noise_seed"] is None
+    assert calls["from_file"][1]["noise_seed"] is None
+    assert calls["load_llava"][0][1] is None and calls["load_llava"][1] == dict(packed=False)  # LoRA: as saved
+    # only the main process saves the processor
+    train_run.Trainer.world_zero = False
+    processor.saved.clear()
+    train_run()
+    assert processor.saved == []
+
+
+def test_povid_is_train_with_the_povid_objective(train_run):
+    calls, _ = train_run(command="povid")
+    assert vars(calls["TPOTrainer"][1]["args"])["objective"] == "povid"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["povid", "--model", "m", "--data", "d", "--output-dir", "o", "--objective", "dpo"])
+
+
+@pytest.mark.parametrize("cuda, flags, use_cpu", [(True, [], False), (True, ["--cpu"], True), (False, [], True)])
+def test_train_uses_the_gpu_unless_told(train_run, monkeypatch, cuda, flags, use_cpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    calls, _ = train_run(*flags)
+    assert vars(calls["TPOTrainer"][1]["args"])["use_cpu"] is use_cpu
+
+
+# ---- csr, fisao, eval, demo ---------------------------------------------------------------------------------
+
+class _Clip:
+    def __init__(self, path):
+        self.path = path
+        self.model = SimpleNamespace(to=lambda device: setattr(self, "device", device))
+
+
+def _prompt_files(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text("")
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return str(tmp_path / "prompts.jsonl"), str(tmp_path / "images")
+
+
+def _patch_loading(monkeypatch, calls, model, processor):
+    import tpo_fast.cli._common as common
+
+    monkeypatch.setattr(common, "load_model", _recorder(calls, "load_model", (model, processor)))
+
+
+def test_every_csr_flag_reaches_the_loop(monkeypatch, tmp_path, model_dir, capsys):
+    import tpo_fast.methods.csr as csr
+
+    calls = []
+    model, processor = _Saved(), _Saved()
+    _patch_loading(monkeypatch, calls, model, processor)
+    monkeypatch.setattr(csr, "CLIPScorer", _Clip)
+    monkeypatch.setattr(csr, "read_prompts", _recorder(calls, "read_prompts", ["p"]))
+    summaries = [{"iteration": 1, "pairs": 2, "loss": 0.5}, {"iteration": 2, "pairs": 0, "loss": None}]
+    monkeypatch.setattr(csr, "run_csr", _recorder(calls, "run_csr", summaries))
+    prompts, images = _prompt_files(tmp_path)
+    out = tmp_path / "a" / "b"  # created, parents too
+    base = ["csr", "--model", str(model_dir), "--prompts", prompts, "--clip", str(model_dir), "--output-dir", str(out)]
+    assert main([*base, "--image-folder", images, "--backend", "torch", "--lr", "0.01", "--batch-size", "3",
+                 "--seed", "5", "--iterations", "2", "--lam", "0.7", "--mix", "rank", "--no-length-normalize",
+                 "--num-beams", "6", "--candidates", "5", "--max-sentences", "3", "--max-sentence-tokens", "9",
+                 "--beta", "0.4", "--epochs", "2"]) == 0
+    (name, args, kwargs), = [c for c in calls if c[0] == "run_csr"]
+    assert args[:4] == (model, processor, args[2], ["p"]) and args[2].path == str(model_dir)
+    assert args[2].device == torch.device("cpu") and args[4] == str(out)  # CLIP on the model's device
+    assert kwargs == dict(iterations=2, options=csr.CSROptions(
+        lam=0.7, mix="rank", length_normalize=False, num_beams=6, candidates=5, max_sentences=3,
+        max_sentence_tokens=9, backend="torch"), beta=0.4, lr=0.01, batch_size=3, epochs=2, seed=5)
+    assert ("read_prompts", (prompts, images), {}) in calls
+    assert (out / "csr_summary.json").read_text() == json.dumps(summaries, indent=1)
+    assert capsys.readouterr().out.splitlines() == ["csr iteration 1: 2 pairs, dpo loss 0.5",
+                                                    "csr iteration 2: 0 pairs, dpo loss None"]
+    calls.clear()
+    assert main(base) == 0
+    (_, _, kwargs), = [c for c in calls if c[0] == "run_csr"]
+    assert kwargs == dict(iterations=3, options=csr.CSROptions(), beta=0.1, lr=1e-6, batch_size=2, epochs=1, seed=0)
+
+
+def test_every_fisao_flag_reaches_the_step(monkeypatch, tmp_path, model_dir, capsys):
+    import tpo_fast.methods.csr as csr
+    import tpo_fast.methods.fisao as fisao
+    import tpo_fast.trainer.data as data
+
+    calls = []
+    model = _Saved()
+    processor = _Saved()
+    processor.image_processor, processor.tokenizer = "image-processor", "tokenizer"
+
+    class Verifier:
+        def __init__(self, ref_model, image_processor, **kwargs):
+            calls.append(("verifier", (ref_model, image_processor), kwargs))
+            assert ref_model is not model and not ref_model.training
+            assert not any(p.requires_grad for p in ref_model.parameters())
+
+        def calibrate(self, images, correct, hallucinated, tokenizer):
+            calls.append(("calibrate", (images, correct, hallucinated, tokenizer), {}))
+            return 0.125, 0.625
+
+    def step(model_, ref_model, processor_, verifier, optimizer, images, prompts, **kwargs):
+        calls.append(("step", (images, prompts), dict(kwargs, lr=optimizer.param_groups[0]["lr"])))
+        assert model_ is model and model_.training
+        return {"loss": 1.5}
+
+    _patch_loading(monkeypatch, calls, model, processor)
+    monkeypatch.setattr(fisao, "VisionEncoderVerifier", Verifier)
+    monkeypatch.setattr(fisao, "fisao_step", step)
+    monkeypatch.setattr(data, "open_image", lambda path, folder: f"{folder}:{path}")
+    monkeypatch.setattr(csr, "read_prompts", lambda path, folder: [{"image": f"i{k}", "prompt": f"p{k}"}
+                                                                   for k in range(5)])
+    prompts, images = _prompt_files(tmp_path)
+    (tmp_path / "objects.txt").write_text("  dog cat\n\n bus ")
+    (tmp_path / "cal.json").write_text(json.dumps([{"image": "c.png", "correct": ["dog"], "hallucinated": ["cat"]}]))
+    out = str(tmp_path / "out")
+    model.eval()
+    assert main(["fisao", "--model", str(model_dir), "--prompts", prompts, "--output-dir", out, "--image-folder",
+                 images, "--backend", "torch", "--lr", "0.01", "--batch-size", "2", "--seed", "3", "--calibration",
+                 str(tmp_path / "cal.json"), "--low", "0.1", "--high", "0.9", "--objects",
+                 str(tmp_path / "objects.txt"),
+                 "--reward-mode", "step", "--iterations", "2", "--ppo-epochs", "3", "--max-new-tokens", "8",
+                 "--clip-eps", "0.3", "--kl-coef", "0.2", "--kl-estimator", "k2"]) == 0
+    (_, (_, image_processor), kwargs), = [c for c in calls if c[0] == "verifier"]
+    assert image_processor == "image-processor"
+    assert kwargs == dict(objects=["dog", "cat", "bus"], low=0.1, high=0.9, mode="step")
+    assert [c for c in calls if c[0] == "calibrate"] == [
+        ("calibrate", ([f"{images}:c.png"], [["dog"]], [["cat"]], "tokenizer"), {})]
+    steps = [c for c in calls if c[0] == "step"]
+    # two iterations over 5 prompts in batches of 2: 2 + 2 + 1, twice
+    assert [c[1] for c in steps] == 2 * [(["None:i0", "None:i1"], ["p0", "p1"]), (["None:i2", "None:i3"], ["p2", "p3"]),
+                                         (["None:i4"], ["p4"])]
+    assert all(c[2] == dict(ppo_epochs=3, max_new_tokens=8, clip_eps=0.3, kl_coef=0.2, kl_estimator="k2",
+                            backend="torch", lr=0.01) for c in steps)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["fisao: calibrated thresholds low=0.1250 high=0.6250"] + \
+        [json.dumps({"iteration": it, "loss": 1.5}) for it in (1, 1, 1, 2, 2, 2)]
+    assert model.saved == processor.saved == [out]
+    # the defaults: one pass, no calibration, the COCO categories
+    calls.clear()
+    assert main(["fisao", "--model", str(model_dir), "--prompts", prompts, "--output-dir", out, "--low", "0.2",
+                 "--high", "0.4"]) == 0
+    assert [c[2] for c in calls if c[0] == "verifier"] == [dict(objects=None, low=0.2, high=0.4, mode="linear")]
+    steps = [c for c in calls if c[0] == "step"]
+    assert [len(c[1][1]) for c in steps] == [2, 2, 1]
+    assert steps[0][2] == dict(ppo_epochs=1, max_new_tokens=32, clip_eps=0.2, kl_coef=0.05, kl_estimator="k3",
+                               backend="auto", lr=1e-6)
+
+
+def test_every_eval_flag_reaches_the_check(monkeypatch, tmp_path, model_dir, capsys):
+    import tpo_fast.methods.hallucination as hallucination
+    from tpo_fast.methods.hallucination import EvalOptions, HallucinationReport, make_eval_set
+
+    calls = []
+    objects = make_eval_set(tmp_path / "set", 2, image_size=8)
+    m = dict(accuracy=1.0, precision=1.0, recall=1.0, f1=1.0, yes_ratio=0.5)
+    report = HallucinationReport("yes-no", 2, {"random": m}, None, [
+        {"image": str(tmp_path / "set" / "images" / f"{i}.png"), "objects": ["red circle", "blue square"],
+         "caption": f"caption {i}"} for i in range(5)])
+    _patch_loading(monkeypatch, calls, "model", "processor")
+    monkeypatch.setattr(hallucination, "evaluate", _recorder(calls, "evaluate", report))
+    out = tmp_path / "report.json"
+    base = ["eval", "--model", str(model_dir), "--image-folder", str(tmp_path / "set" / "images"), "--objects",
+            str(objects)]
+    assert main([*base, "--split", " popular ,random", "--captions", "3", "--max-new-tokens", "5", "--answer-mode",
+                 "statement", "--question", "any {object} ?", "--caption-prompt", "say .", "--backend", "torch",
+                 "--batch-size", "4", "--seed", "9", "--json", str(out)]) == 0
+    (_, (model, processor, items, options), _), = [c for c in calls if c[0] == "evaluate"]
+    assert (model, processor, len(items)) == ("model", "processor", 2)
+    assert options == EvalOptions(splits=("popular", "random"), captions=3, max_new_tokens=5, question="any {object} ?",
+                                  caption_prompt="say .", answer_mode="statement", seed=9, batch_size=4,
+                                  backend="torch")
+    assert ("load_model", (str(model_dir),), {}) in calls
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-5:] == [f"  {i}.png [red circle, blue square]: 'caption {i}'" for i in range(4)] + [
+        f"report: {out}"]  # four captions shown
+    assert "\n".join(lines[:-5]) == report.table()
+    assert out.read_text(encoding="utf-8") == json.dumps({"model": str(model_dir), **report.to_dict()}, indent=1)
+    calls.clear()
+    assert main(base) == 0
+    (_, (_, _, _, options), _), = [c for c in calls if c[0] == "evaluate"]
+    assert options == EvalOptions(captions=16, max_new_tokens=16, batch_size=16, seed=0, answer_mode="auto")
+    assert "report:" not in capsys.readouterr().out
+
+
+def test_every_demo_flag_reaches_the_demo(monkeypatch, tmp_path, capsys):
+    import tpo_fast.methods.hallucination as hallucination
+    import tpo_fast.trainer.demo as demo_module
+    from tpo_fast.methods.hallucination import EvalOptions, HallucinationReport, compare_tables
+
+    calls = []
+    run_dir = tmp_path / "d"
+    result = SimpleNamespace(
+        history=[{"step": 2, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.01},
+                 {"step": 4, "loss": 0.3, "rewards/accuracies": 1.0, "rewards/margins": 1.25}],
+        first_loss=0.69, last_loss=0.3, first_accuracy=0.5, last_accuracy=1.0, model_dir=str(run_dir / "model"),
+        data_file=str(run_dir / "data" / "pairs.jsonl"), image_folder=str(run_dir / "data" / "images"))
+    m = dict(accuracy=0.5, precision=0.5, recall=1.0, f1=0.6, yes_ratio=1.0)
+    captions = [{"image": f"/x/{i}.png", "objects": [], "caption": f"c{i}"} for i in range(4)]
+    reports = {"before": HallucinationReport("statement", 3, {"random": m}, None),
+               "after": HallucinationReport("statement", 3, {"random": m}, None, captions)}
+    monkeypatch.setattr(demo_module, "run_demo", _recorder(calls, "run_demo", result))
+    monkeypatch.setattr(hallucination, "demo_before_after", _recorder(calls, "before_after", reports))
+    assert main(["demo", "--steps", "5", "--objective", "dpo", "--output-dir", str(run_dir), "--seed", "4",
+                 "--eval-images", "3", "--eval-captions", "2"]) == 0
+    assert calls[0] == ("run_demo", (str(run_dir),), dict(max_steps=5, objective="dpo", seed=4, logging_steps=2))
+    eval_dir = str(run_dir / "eval")
+    assert calls[1] == ("before_after", (str(run_dir / "model"), eval_dir),
+                        dict(seed=4, num_images=3, options=EvalOptions(captions=2)))
+    model, data = result.model_dir, result.data_file
+    assert capsys.readouterr().out == (
+        "\n  step     loss  reward acc   margin\n"
+        "     2   0.6900       0.500    0.010\n"
+        "     4   0.3000       1.000    1.250\n"
+        "\nloss 0.6900 -> 0.3000, reward accuracy 0.500 -> 1.000\n"
+        "\nobject hallucination on 3 new images (docs/eval.md):\n"
+        f"{compare_tables(reports)}\n"
+        "  after, 0.png: 'c0'\n  after, 1.png: 'c1'\n  after, 2.png: 'c2'\n"
+        f"again: tpo-fast eval --model {model} --image-folder {eval_dir}/images --objects {eval_dir}/objects.jsonl "
+        "--captions 2\n"
+        f"\nmodel and processor: {model}\npairs: {data}\nimages: {result.image_folder}\n"
+        f"go on with: tpo-fast train --model {model} --data {data} --image-folder {result.image_folder} "
+        "--output-dir run --max-steps 20 --lr 1e-3\n")
+    calls.clear()
+    assert main(["demo", "--eval-images", "0"]) == 0  # no check; the defaults otherwise
+    assert calls == [("run_demo", (None,), dict(max_steps=200, objective="tpo", seed=0, logging_steps=20))]
+    assert "object hallucination" not in capsys.readouterr().out
+    calls.clear()
+    assert main(["demo", "--eval-images", "1"]) == 0
+    assert calls[1][2] == dict(seed=0, num_images=1, options=EvalOptions(captions=8))
+
+
+# ---- the minimum of every count ----------------------------------------------------------------------------
+
+MINIMUMS = {  # subcommand -> {flag: minimum}; a value one below is refused, the minimum passes the check
+    "train": {"--batch-size": 1, "--grad-accum": 1, "--max-length": 1, "--logging-steps": 1, "--save-steps": 1,
+              "--warmup-steps": 0, "--lora-r": 0, "--noise-step": 0, "--epochs": 0},
+    "csr": {"--batch-size": 1, "--iterations": 1, "--num-beams": 2, "--candidates": 1, "--max-sentences": 1,
+            "--max-sentence-tokens": 1, "--epochs": 1, "--lam": 0},
+    "fisao": {"--batch-size": 1, "--iterations": 1, "--ppo-epochs": 1, "--max-new-tokens": 1, "--kl-coef": 0},
+    "demo": {"--steps": 2, "--eval-images": 0, "--eval-captions": 0},
+}
+
+
+def _base_argv(command, tmp_path, model_dir):
+    prompts, _ = _prompt_files(tmp_path)
+    return {
+        "train": ["train", "--model", str(model_dir), "--data", prompts, "--output-dir", str(tmp_path / "o")],
+        "csr": ["csr", "--model", str(model_dir), "--prompts", prompts, "--clip", str(model_dir), "--output-dir", "o"],
+        "fisao": ["fisao", "--model", str(model_dir), "--prompts", prompts, "--output-dir", "o", "--low", "0.1",
+                  "--high", "0.5"],
+        "demo": ["demo"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", list(MINIMUMS))
+def test_every_count_is_refused_below_its_minimum(command, tmp_path, model_dir, capsys):
+    base = _base_argv(command, tmp_path, model_dir)
+    for flag, minimum in MINIMUMS[command].items():
+        low = minimum - 1
+        args = build_parser().parse_args([*base, flag, str(low)])
+        with pytest.raises(Exception) as refused:
+            SUBCOMMANDS[command].check(args)
+        value = getattr(args, flag[2:].replace("-", "_"))
+        assert str(refused.value) == f"{flag} {value}: must be >= {minimum:g}; pass a value in range", flag
+        SUBCOMMANDS[command].check(build_parser().parse_args([*base, flag, str(minimum)]))
+
+
+def test_range_checks_at_their_edges(tmp_path, model_dir):
+    from tpo_fast.cli._common import UsageError
+
+    def check(command, *flags):
+        SUBCOMMANDS[command].check(build_parser().parse_args([*_base_argv(command, tmp_path, model_dir), *flags]))
+
+    check("train", "--noise-step", "999")
+    (tmp_path / "o" / "checkpoint-2").mkdir(parents=True)
+    check("train", "--resume")  # the last checkpoint-N folder of the output folder
+    with pytest.raises(UsageError, match=r"^--noise-step 1000: the diffusion schedule has steps 0 to 999; pass one of "
+                                         r"those$"):
+        check("train", "--noise-step", "1000")
+    check("train", "--beta", "1")
+    check("csr", "--lam", "1")
+    check("csr", "--beta", "1")
+    with pytest.raises(UsageError, match=r"^--beta 0.0 --lam 0.9: out of range; pass --beta > 0 and --lam in "
+                                         r"\[0, 1\]$"):
+        check("csr", "--beta", "0")
+    with pytest.raises(UsageError, match=r"^--low 0.5 --high 0.5: the hallucinated objects' threshold must be below "
+                                         r"the present objects'; pass --low < --high$"):
+        check("fisao", "--low", "0.5", "--high", "0.5")
+    with pytest.raises(UsageError, match=r"^--clip-eps 0: the clipped ratio would never move; pass a clip range > 0, "
+                                         r"e.g. 0.2$"):
+        check("fisao", "--clip-eps", "0")
+    with pytest.raises(UsageError, match=r"^the verifier needs calibrated thresholds; pass --calibration FILE, or both "
+                                         r"--low and --high$"):
+        SUBCOMMANDS["fisao"].check(build_parser().parse_args(_base_argv("fisao", tmp_path, model_dir)[:7]))
