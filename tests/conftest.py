@@ -30,4 +30,13 @@ def default_float64():
         torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the CLI's model check (a config.json); the tests that use it never load it."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -67,15 +67,6 @@ def test_demo_output_spellings():
     assert p.parse_args(["--output", "x"]).output_dir == p.parse_args(["--output-dir", "x"]).output_dir == "x"
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A folder that passes the model check (a config.json); nothing loads it in these tests."""
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return d
-
-
 MODEL_HINT = ("pass a local folder saved with save_pretrained holding a LLaVA model and its processor (nothing is "
               "downloaded); `tpo-fast demo --output-dir DIR` saves a tiny model in DIR/model and pairs in DIR/data")
 DATA_HINT = ("pass a .json, .jsonl or .parquet file of preference records; `tpo-fast demo --output-dir DIR` saves a "

@@ -12,19 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_csr import _Saved
 
 from tpo_fast.cli import SUBCOMMANDS, build_parser, main
-
-
-class _Saved(torch.nn.Linear):
-    """A stand-in model or processor that records where it was saved."""
-
-    def __init__(self):
-        super().__init__(1, 1)
-        self.saved = []
-
-    def save_pretrained(self, path):
-        self.saved.append(str(path))
 
 
 def _recorder(calls: list, name: str, returns=None):
@@ -33,14 +23,6 @@ def _recorder(calls: list, name: str, returns=None):
         return returns
 
     return record
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return d
 
 
 # ---- train and povid ---------------------------------------------------------------------------------------
