@@ -314,3 +314,20 @@ def test_help_shows_the_examples_and_what_none_means():
     shown = HelpFormatter(prog="x")._get_help_string
     assert [shown(a) for a in (said, unsaid, given, needed)] == [
         "x (none: nothing)", "y (default: none)", "z (default: %(default)s)", "w (required)"]
+
+
+def test_the_command_reference_is_up_to_date():
+    """docs/cli.md is every subcommand's --help (scripts/cli_reference.py writes it): a flag, default or help text
+    changed without it fails here."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("argparse lays help out differently by Python version; docs/cli.md is written with Python 3.11")
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    try:
+        import cli_reference
+    finally:
+        sys.path.pop(0)
+    text = cli_reference.render()
+    assert cli_reference.REFERENCE.read_text(encoding="utf-8") == text, (
+        "docs/cli.md is out of date: run python scripts/cli_reference.py")
+    for name, cmd in SUBCOMMANDS.items():  # every subcommand, with its description
+        assert f"## `tpo-fast {name}`\n\n```text\nusage: tpo-fast {name} " in text and cmd.description[:40] in text
