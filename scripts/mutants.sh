@@ -77,6 +77,9 @@ ONLY="$MODULE"
     echo "    -m"
     echo "    ${PYTEST_MARK:-not slow}"
     for a in ${PYTEST_ARGS:-}; do echo "    $a"; done
+    echo "also_copy ="  # what tests read besides the package and tests/ (the command reference and its writer)
+    echo "    scripts"
+    echo "    docs"
     echo "timeout_multiplier = 5.0"
     echo "timeout_constant = 20.0"
 } > "$WORK/setup.cfg"

@@ -131,6 +131,15 @@ def test_train_defaults(train_run, tmp_path, model_dir):
         noise_step=500, noise_seed=0, overflow="wrap", corrupted_cache_dir=None, on_bad="skip"))
     assert calls["load_llava"] == ((str(model_dir), torch.float32, None), dict(packed=True))  # full fine-tuning: fp32
     assert calls["train"] == ((), dict(resume_from_checkpoint=None))
+    assert calls["AutoProcessor"] == ((str(model_dir),), {})
+    # the weights' dtype: bf16 loads bf16 weights under LoRA (of any rank) or DeepSpeed, fp32 for full fine-tuning;
+    # a shared prefix packs whatever --padding-free says
+    (tmp_path / "ds.json").write_text("{}")
+    for flags, dtype, lora in (([], torch.float32, None), (["--lora-r", "1"], torch.bfloat16, 1),
+                               (["--deepspeed", str(tmp_path / "ds.json")], torch.bfloat16, None)):
+        calls, _ = train_run("--bf16", "--padding-free", "off", *flags)
+        assert calls["load_llava"] == ((str(model_dir), dtype, None), dict(packed=True)), flags
+        assert getattr(calls["TPOTrainer"][1]["peft_config"], "r", None) == lora
     # LoRA's alpha defaults to twice its rank and trains the attention projections; noise seed -1: fresh noise
     calls, _ = train_run("--lora-r", "3", "--noise-seed", "-1", "--no-shared-prefix", "--padding-free", "off")
     lora = calls["TPOTrainer"][1]["peft_config"]
@@ -202,7 +211,7 @@ def test_every_csr_flag_reaches_the_loop(monkeypatch, tmp_path, model_dir, capsy
     assert kwargs == dict(iterations=2, options=csr.CSROptions(
         lam=0.7, mix="rank", length_normalize=False, num_beams=6, candidates=5, max_sentences=3,
         max_sentence_tokens=9, backend="torch"), beta=0.4, lr=0.01, batch_size=3, epochs=2, seed=5)
-    assert ("read_prompts", (prompts, images), {}) in calls
+    assert ("read_prompts", (prompts, images), {}) in calls and ("load_model", (str(model_dir),), {}) in calls
     assert (out / "csr_summary.json").read_text() == json.dumps(summaries, indent=1)
     assert capsys.readouterr().out.splitlines() == ["csr iteration 1: 2 pairs, dpo loss 0.5",
                                                     "csr iteration 2: 0 pairs, dpo loss None"]
@@ -225,6 +234,7 @@ def test_every_fisao_flag_reaches_the_step(monkeypatch, tmp_path, model_dir, cap
     class Verifier:
         def __init__(self, ref_model, image_processor, **kwargs):
             calls.append(("verifier", (ref_model, image_processor), kwargs))
+            self.ref_model = ref_model
             assert ref_model is not model and not ref_model.training
             assert not any(p.requires_grad for p in ref_model.parameters())
 
@@ -234,15 +244,16 @@ def test_every_fisao_flag_reaches_the_step(monkeypatch, tmp_path, model_dir, cap
 
     def step(model_, ref_model, processor_, verifier, optimizer, images, prompts, **kwargs):
         calls.append(("step", (images, prompts), dict(kwargs, lr=optimizer.param_groups[0]["lr"])))
-        assert model_ is model and model_.training
+        assert model_ is model and model_.training and processor_ is processor
+        assert isinstance(verifier, Verifier) and ref_model is verifier.ref_model
         return {"loss": 1.5}
 
     _patch_loading(monkeypatch, calls, model, processor)
     monkeypatch.setattr(fisao, "VisionEncoderVerifier", Verifier)
     monkeypatch.setattr(fisao, "fisao_step", step)
     monkeypatch.setattr(data, "open_image", lambda path, folder: f"{folder}:{path}")
-    monkeypatch.setattr(csr, "read_prompts", lambda path, folder: [{"image": f"i{k}", "prompt": f"p{k}"}
-                                                                   for k in range(5)])
+    monkeypatch.setattr(csr, "read_prompts", _recorder(calls, "read_prompts", [{"image": f"i{k}", "prompt": f"p{k}"}
+                                                                               for k in range(5)]))
     prompts, images = _prompt_files(tmp_path)
     (tmp_path / "objects.txt").write_text("  dog cat\n\n bus ")
     (tmp_path / "cal.json").write_text(json.dumps([{"image": "c.png", "correct": ["dog"], "hallucinated": ["cat"]}]))
@@ -256,6 +267,7 @@ def test_every_fisao_flag_reaches_the_step(monkeypatch, tmp_path, model_dir, cap
                  "--clip-eps", "0.3", "--kl-coef", "0.2", "--kl-estimator", "k2"]) == 0
     (_, (_, image_processor), kwargs), = [c for c in calls if c[0] == "verifier"]
     assert image_processor == "image-processor"
+    assert ("read_prompts", (prompts, images), {}) in calls and ("load_model", (str(model_dir),), {}) in calls
     assert kwargs == dict(objects=["dog", "cat", "bus"], low=0.1, high=0.9, mode="step")
     assert [c for c in calls if c[0] == "calibrate"] == [
         ("calibrate", ([f"{images}:c.png"], [["dog"]], [["cat"]], "tokenizer"), {})]
@@ -406,6 +418,10 @@ def test_range_checks_at_their_edges(tmp_path, model_dir):
         SUBCOMMANDS[command].check(build_parser().parse_args([*_base_argv(command, tmp_path, model_dir), *flags]))
 
     check("train", "--noise-step", "999")
+    check("train", "--noise-seed", "0", "--precompute-reference", "--corrupted-cache", str(tmp_path / "c"))
+    for command, flag, value in (("csr", "--beta", "-1"), ("fisao", "--clip-eps", "-0.5")):
+        with pytest.raises(UsageError, match=f"^{flag} {float(value)}: must be >= 0; pass a value in range$"):
+            check(command, flag, value)
     (tmp_path / "o" / "checkpoint-2").mkdir(parents=True)
     check("train", "--resume")  # the last checkpoint-N folder of the output folder
     with pytest.raises(UsageError, match=r"^--noise-step 1000: the diffusion schedule has steps 0 to 999; pass one of "
