@@ -8,6 +8,7 @@ what was handed over with values written here. Non-default values for every flag
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -442,3 +443,32 @@ def test_range_checks_at_their_edges(tmp_path, model_dir):
     with pytest.raises(UsageError, match=r"^the verifier needs calibrated thresholds; pass --calibration FILE, or both "
                                          r"--low and --high$"):
         SUBCOMMANDS["fisao"].check(build_parser().parse_args(_base_argv("fisao", tmp_path, model_dir)[:7]))
+
+
+def test_eval_checks_its_counts_splits_and_paths(tmp_path, model_dir):
+    from tpo_fast.cli._common import UsageError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "objects.jsonl").write_text("")
+    base = ["eval", "--model", str(model_dir), "--image-folder", str(tmp_path / "images"), "--objects",
+            str(tmp_path / "objects.jsonl")]
+
+    def check(*flags):
+        SUBCOMMANDS["eval"].check(build_parser().parse_args([*base, *flags]))
+
+    check("--captions", "0", "--max-new-tokens", "1", "--batch-size", "1", "--split", "adversarial")
+    counts = "--captions must be >= 0, --max-new-tokens and --batch-size >= 1; pass counts in range"
+    for flag in ("--captions -1", "--max-new-tokens 0", "--batch-size 0"):
+        with pytest.raises(UsageError, match=f"^{counts}$"):
+            check(*flag.split())
+    for split, bad in (("random,hard,easy", "hard, easy"), (" , ", "(none)")):
+        with pytest.raises(UsageError, match=rf"^--split {split}: unknown split {re.escape(bad)}; pass some of "
+                                             "random,popular,adversarial$"):
+            check("--split", split)
+    with pytest.raises(UsageError, match=f"^--image-folder {tmp_path / 'objects.jsonl'}: is a file, not a folder; "
+                                         "pass the folder that the object file's image paths are relative to$"):
+        SUBCOMMANDS["eval"].check(build_parser().parse_args([*base[:3], "--image-folder", base[6], *base[5:]]))
+    with pytest.raises(UsageError, match=re.escape(f"--objects {tmp_path}: is a folder, not a file; pass a .json or "
+                                                   '.jsonl file, one {"image": PATH, "objects": ["red circle", ...]} '
+                                                   "record per image")):
+        SUBCOMMANDS["eval"].check(build_parser().parse_args([*base[:5], "--objects", str(tmp_path)]))
