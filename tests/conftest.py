@@ -39,4 +39,34 @@ def model_dir(tmp_path):
     return d
 
 
+@pytest.fixture
+def built_trainers(monkeypatch):
+    """Every `TPOTrainer` built while the test runs (the recipes and the demo import it when called), each with
+    `initial`: its model's weights as it got them. Set `.stop = True` to make `train()` raise `.Stopped` instead
+    of training (to read what a function hands the trainer without the run)."""
+    from tpo_fast.trainer import trainer as trainer_module
+
+    class Built(list):
+        stop = False
+
+        class Stopped(Exception):
+            pass
+
+    built = Built()
+
+    class Recorded(trainer_module.TPOTrainer):
+        def __init__(self, model, *args, **kwargs):
+            self.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+            super().__init__(model, *args, **kwargs)
+            built.append(self)
+
+        def train(self, *args, **kwargs):
+            if built.stop:
+                raise Built.Stopped
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "TPOTrainer", Recorded)
+    return built
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

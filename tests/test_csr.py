@@ -419,14 +419,13 @@ def test_run_csr_gives_each_iteration_the_previous_model_as_reference(tmp_path, 
             csr.run_csr(model, _Saved(), clip, prompts, tmp_path / "n", iterations=bad)
 
 
-def test_dpo_train_is_dpo_against_the_reference_it_is_given(tmp_path, monkeypatch):
+def test_dpo_train_is_dpo_against_the_reference_it_is_given(tmp_path, built_trainers):
     """`dpo_train`'s mean step loss is the DPO loss of the full-logits oracle against the given reference (lr 0
     keeps both models fixed), over every pair once per epoch, with the trainer set as its docstring says."""
     from test_gaps_trainer import _sequence_logps
     from tiny_setup import tiny_model, tiny_processor
 
     from tpo_fast.methods.csr import dpo_train
-    from tpo_fast.trainer import trainer as trainer_module
     from tpo_fast.trainer.synthetic import make_shapes_dataset
 
     data = make_shapes_dataset(str(tmp_path / "data"), num_images=3, image_size=28, seed=0)
@@ -435,21 +434,13 @@ def test_dpo_train_is_dpo_against_the_reference_it_is_given(tmp_path, monkeypatc
         r["image"] = str(tmp_path / "data" / "images" / r["image"])
     pref_file = tmp_path / "preferences.json"
     pref_file.write_text(json.dumps(records))
-    made = []
-
-    class Recorded(trainer_module.TPOTrainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(trainer_module, "TPOTrainer", Recorded)
     processor = tiny_processor()
     policy, ref = tiny_model(processor), tiny_model(processor, seed=1)
     with torch.no_grad():
         policy.lm_head.weight.mul_(5.0)  # margins of order 1
     loss = dpo_train(policy, ref, processor, pref_file, tmp_path / "run", beta=0.5, lr=0.0, batch_size=1, epochs=2,
                      backend="torch", seed=3)
-    (trainer,) = made
+    (trainer,) = built_trainers
     a = trainer.args
     assert (a.objective, a.reference, a.beta, a.learning_rate, a.per_device_train_batch_size, a.num_train_epochs,
             a.lr_scheduler_type, a.warmup_steps, a.max_grad_norm, a.save_strategy, a.report_to, a.logging_steps,
@@ -467,15 +458,9 @@ def test_dpo_train_is_dpo_against_the_reference_it_is_given(tmp_path, monkeypatc
     assert loss == pytest.approx(float(want), rel=1e-5)
     assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "run").iterdir())  # nothing saved
     # called alone, it trains as one iteration of the loop does by default (the trainer is stopped once built)
-    class Built(Exception):
-        pass
-
-    def stop(self, *a, **k):
-        raise Built
-
-    monkeypatch.setattr(Recorded, "train", stop)
-    with pytest.raises(Built):
+    built_trainers.stop = True
+    with pytest.raises(built_trainers.Stopped):
         dpo_train(policy, ref, processor, pref_file, tmp_path / "run2")
-    a = made[-1].args
+    a = built_trainers[-1].args
     assert (a.beta, a.learning_rate, a.per_device_train_batch_size, a.num_train_epochs, a.loss_backend, a.seed) == (
         0.1, 1e-6, 2, 1, "auto", 0)

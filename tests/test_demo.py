@@ -10,38 +10,7 @@ import os
 import pytest
 import torch
 
-from tpo_fast.trainer import trainer as trainer_module
 from tpo_fast.trainer.demo import run_demo
-
-
-class _Built(Exception):
-    pass
-
-
-@pytest.fixture
-def made(monkeypatch):
-    """The TPOTrainer instances `run_demo` builds (with a copy of the model's weights as it got them)."""
-    class Built(list):
-        pass
-
-    built = Built()
-
-    class Recorded(trainer_module.TPOTrainer):
-        stop = False
-
-        def __init__(self, model, *a, **k):
-            self.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-            super().__init__(model, *a, **k)
-            built.append(self)
-
-        def train(self, *a, **k):
-            if Recorded.stop:
-                raise _Built
-            return super().train(*a, **k)
-
-    monkeypatch.setattr(trainer_module, "TPOTrainer", Recorded)
-    built.Recorded = Recorded
-    return built
 
 
 @pytest.fixture
@@ -54,7 +23,7 @@ def tpo_fast_logger():
 
 
 @pytest.mark.parametrize("steps", [2, 3])  # two logged windows are enough; of three the middle one is neither end
-def test_a_short_demo_run(made, tmp_path, monkeypatch, tpo_fast_logger, steps):
+def test_a_short_demo_run(built_trainers, tmp_path, monkeypatch, tpo_fast_logger, steps):
     from tpo_fast.trainer.synthetic import make_shapes_dataset
     from tpo_fast.trainer.tiny import build_tiny_llava
 
@@ -62,7 +31,7 @@ def test_a_short_demo_run(made, tmp_path, monkeypatch, tpo_fast_logger, steps):
     r = run_demo(str(tmp_path), max_steps=steps, batch_size=2, num_images=6, learning_rate=0.01, objective="dpo",
                  logging_steps=1, seed=2, quiet=True)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    (trainer,) = made
+    (trainer,) = built_trainers
     a = trainer.args
     assert (a.output_dir, a.objective, a.per_device_train_batch_size, a.learning_rate, a.max_steps, a.logging_steps,
             a.lr_scheduler_type, a.warmup_steps, a.save_strategy, a.report_to, a.use_cpu, a.seed, a.noise_seed,
@@ -93,17 +62,17 @@ def test_a_short_demo_run(made, tmp_path, monkeypatch, tpo_fast_logger, steps):
     assert (tmp_path / "model" / "processor_config.json").exists()
 
 
-def test_a_run_that_logs_once_says_what_to_do(made, tmp_path):
+def test_a_run_that_logs_once_says_what_to_do(built_trainers, tmp_path):
     with pytest.raises(RuntimeError, match=r"^the demo logged 1 step\(s\); raise max_steps above logging_steps$"):
         run_demo(str(tmp_path), max_steps=2, logging_steps=2, num_images=4, batch_size=2, quiet=True)
 
 
-def test_the_demo_defaults(made, tmp_path):
-    made.Recorded.stop = True
-    with pytest.raises(_Built):
+def test_the_demo_defaults(built_trainers, tmp_path):
+    built_trainers.stop = True
+    with pytest.raises(built_trainers.Stopped):
         run_demo()  # a temporary folder
-    a = made[0].args
+    a = built_trainers[0].args
     assert (a.objective, a.per_device_train_batch_size, a.learning_rate, a.max_steps, a.logging_steps, a.seed,
             a.noise_seed, a.disable_tqdm) == ("tpo", 8, 2e-3, 200, 20, 0, 0, False)
-    assert len(made[0].train_dataset) == 256
+    assert len(built_trainers[0].train_dataset) == 256
     assert os.path.basename(os.path.dirname(a.output_dir)).startswith("tpo-fast-demo-")
