@@ -43,54 +43,16 @@ def test_rank_mix_is_the_official_rule():
         CSROptions(num_beams=1)
 
 
-def make_tiny_llava_dir(root):
-    from tpo_fast.trainer.tiny import build_tiny_llava, build_tiny_processor
-
-    processor = build_tiny_processor(WORDS)
-    model = build_tiny_llava(len(processor.tokenizer), seed=3)
-    model.save_pretrained(root / "llava")
-    processor.save_pretrained(root / "llava")
-    return model, processor
-
-
-def make_tiny_clip_dir(root):
-    """A random tiny CLIPModel with a character-level CLIP tokenizer, saved offline."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    try:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-    folder = root / "clip"
-    folder.mkdir()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz.,?!'-":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=7),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     from PIL import Image
 
+    from tpo_fast.cli._common import load_model
+    from tpo_fast.trainer.tiny import save_tiny_clip, save_tiny_llava
+
     root = tmp_path_factory.mktemp("csr")
-    model, processor = make_tiny_llava_dir(root)
-    clip = make_tiny_clip_dir(root)
+    model, processor = load_model(str(save_tiny_llava(root / "llava", WORDS, seed=3)))
+    clip = save_tiny_clip(root / "clip")  # a random tiny CLIPModel with a character-level tokenizer
     g = torch.Generator().manual_seed(0)
     for name in ("a.png", "b.png"):
         Image.fromarray((torch.rand(30, 34, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
