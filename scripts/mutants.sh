@@ -44,6 +44,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/trainer/activations.py) TESTS="tests/test_activations.py" ;;
         tpo_fast/trainer/synthetic.py) TESTS="tests/test_synthetic.py" ;;
         tpo_fast/trainer/demo.py) TESTS="tests/test_demo.py" ;;
+        tpo_fast/trainer/tiny.py) TESTS="tests/test_tiny.py" ;;
         tpo_fast/trainer/corruption.py) TESTS="tests/test_corruption.py tests/test_data_preferences.py tests/test_trainer_review.py" ;;
         tpo_fast/trainer/trainer.py)
             TESTS="tests/test_trainer_init.py tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_review.py tests/test_trainer_extra.py tests/test_trainer_loss_path.py tests/test_trainer_povid.py" ;;
