@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _device import backend_device, moved
+from _spies import record_calls
 from methods_reference import pg_loss_reference
 
 from tpo_fast.methods.fisao import (
@@ -268,19 +269,6 @@ def _spy_rollouts(monkeypatch):
 
     monkeypatch.setattr(fisao_mod, "rollout", spy)
     return rollouts
-
-
-def _record_calls(monkeypatch, owner, name: str) -> list[tuple[tuple, dict]]:
-    """Wrap `owner.name` so that every call's (args, kwargs) is recorded; the real function still runs."""
-    calls = []
-    real = getattr(owner, name)
-
-    def wrapped(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapped)
-    return calls
 
 
 def _snapshots_before_steps(opt, model):
@@ -567,10 +555,13 @@ def test_fisao_step_passes_every_option_to_its_parts(tiny, monkeypatch):
 
     model, processor, images = tiny
     tok = processor.tokenizer
-    calls = {"rollout": _record_calls(monkeypatch, fisao_mod, "rollout"),
-             "advantages": _record_calls(monkeypatch, fisao_mod, "token_advantages"),
-             "loss": _record_calls(monkeypatch, fisao_mod, "token_pg_loss"),
-             "clip": _record_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_")}
+    recorded = []
+    record_calls(monkeypatch, fisao_mod, ("rollout", "token_advantages", "token_pg_loss"), recorded)
+    record_calls(monkeypatch, torch.nn.utils, ("clip_grad_norm_",), recorded)
+
+    def calls(name):
+        return [arguments for called, arguments in recorded if called == name]
+
     policy, ref = copy.deepcopy(model), copy.deepcopy(model).eval()
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
@@ -579,23 +570,24 @@ def test_fisao_step_passes_every_option_to_its_parts(tiny, monkeypatch):
                max_new_tokens=3, do_sample=True, temperature=0.7, advantage="return", gamma=0.9, whiten=True,
                clip_eps=0.1, clip_eps_high=0.3, kl_coef=0.2, kl_estimator="k2", aggregation="seq_mean",
                max_grad_norm=0.5, ignore_index=-7, backend="torch")
-    ((_, roll),) = calls["rollout"]
+    (roll,) = calls("rollout")
     assert (roll["max_new_tokens"], roll["do_sample"], roll["temperature"], roll["ignore_index"]) == (3, True, 0.7, -7)
-    assert len(calls["advantages"]) == len(calls["loss"]) == len(calls["clip"]) == 3
-    args, _ = calls["advantages"][0]
-    assert args[2:] == ("return", 0.9, True)
-    args, kw = calls["loss"][0]
-    assert args[3] is None  # the tiny LLaVA's lm_head has no bias
+    assert len(calls("token_advantages")) == len(calls("token_pg_loss")) == len(calls("clip_grad_norm_")) == 3
+    adv = calls("token_advantages")[0]
+    assert (adv["mode"], adv["gamma"], adv["whiten"]) == ("return", 0.9, True)
+    kw = calls("token_pg_loss")[0]
+    assert kw["bias"] is None  # the tiny LLaVA's lm_head has no bias
     assert {k: kw[k] for k in ("clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "aggregation", "ignore_index",
                                "backend")} == dict(clip_eps=0.1, clip_eps_high=0.3, kl_coef=0.2, kl_estimator="k2",
                                                    aggregation="seq_mean", ignore_index=-7, backend="torch")
     assert kw["ref_logprobs"] is not None and kw["old_logprobs"] is not None
-    assert all(kw["old_logprobs"] is k["old_logprobs"] for _, k in calls["loss"])  # computed once, before the updates
-    assert calls["clip"][0][0][1] == 0.5
-    calls["clip"].clear()
+    # computed once, before the updates
+    assert all(kw["old_logprobs"] is k["old_logprobs"] for k in calls("token_pg_loss"))
+    assert calls("clip_grad_norm_")[0]["max_norm"] == 0.5
+    recorded.clear()
     fisao_step(policy, None, processor, verifier, opt, images, ["a ?", "b ?"], max_new_tokens=2, kl_coef=0.0,
                max_grad_norm=None, backend="torch")
-    assert calls["clip"] == [] and calls["loss"][-1][1]["ref_logprobs"] is None  # no clipping, no reference
+    assert calls("clip_grad_norm_") == [] and calls("token_pg_loss")[-1]["ref_logprobs"] is None  # no clip, no ref
 
 
 def test_fisao_reference_of_a_peft_policy_is_its_base_model(tiny, monkeypatch):
@@ -612,7 +604,8 @@ def test_fisao_reference_of_a_peft_policy_is_its_base_model(tiny, monkeypatch):
     torch.manual_seed(0)
     policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                              target_modules=r".*language_model.*\.(q_proj|v_proj)"))
-    losses = _record_calls(monkeypatch, fisao_mod, "token_pg_loss")
+    losses = []
+    record_calls(monkeypatch, fisao_mod, ("token_pg_loss",), losses)
     rollouts = _spy_rollouts(monkeypatch)
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     verifier = FixedVerifier(tok.convert_tokens_to_ids("dog"), tok.convert_tokens_to_ids("cat"))
