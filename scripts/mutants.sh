@@ -3,6 +3,7 @@
 #
 #   make mutants MODULE=tpo_fast/ops/torch_chunked.py            # the module's default tests (below)
 #   make mutants MODULE=tpo_fast/loss TESTS="tests/test_loss.py"  # a folder, other tests
+#   make mutants MODULE=bench/_derive.py                           # the benchmark's own modules too
 #
 # The tracked and untracked-not-ignored files are copied to $MUTANTS_DIR/<module> (default /tmp/tpo_fast_mutants),
 # mutmut instruments the module there (mutants/ inside the copy), runs each mutant against the tests that reach
@@ -17,9 +18,9 @@ PY="${PY:-.venv/bin/python}"
 case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; esac  # relative to the repository root (the Makefile's .venv/bin/python)
 MODULE="${MODULE:-${1:-}}"
 MODULE="${MODULE%/}"
-[ -n "$MODULE" ] || { echo "usage: make mutants MODULE=tpo_fast/<path> [TESTS=\"tests/test_x.py ...\"]" >&2; exit 2; }
+[ -n "$MODULE" ] || { echo "usage: make mutants MODULE=tpo_fast/<path>|bench/<path> [TESTS=\"tests/test_x.py ...\"]" >&2; exit 2; }
 [ -e "$ROOT/$MODULE" ] || { echo "MODULE=$MODULE: no such file or folder under $ROOT" >&2; exit 2; }
-case "$MODULE" in tpo_fast/*) ;; *) echo "MODULE must lie in tpo_fast/ (got $MODULE)" >&2; exit 2 ;; esac
+case "$MODULE" in tpo_fast/*|bench/*) ;; *) echo "MODULE must lie in tpo_fast/ or bench/ (got $MODULE)" >&2; exit 2 ;; esac
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
 
 if [ -z "${TESTS:-}" ]; then
@@ -54,6 +55,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/methods/csr.py) TESTS="tests/test_csr.py tests/test_gaps_methods.py" ;;
         tpo_fast/methods/povid.py) TESTS="tests/test_povid.py tests/test_trainer_povid.py" ;;
         tpo_fast/cli*) TESTS="tests/test_cli.py tests/test_cli_flags.py tests/test_eval.py" ;;
+        bench/*) TESTS="tests/test_bench_smoke.py tests/test_gpu_script.py" ;;
         tpo_fast/methods*) TESTS="tests/test_csr.py tests/test_gaps_methods.py tests/test_fisao.py tests/test_povid.py" ;;
         *) echo "no default tests for $MODULE: pass TESTS=\"tests/...\"" >&2; exit 2 ;;
     esac
@@ -67,11 +69,24 @@ mkdir -p "$WORK"
     | tar -cf - -T - && ls tpo_fast/_C*.so 2>/dev/null | tar -cf - -T - 2>/dev/null || true) | tar -xif - -C "$WORK"
 # tpo_fast.kernels installs from kernels/; in the copy it sits inside the package so the mutants import it from there.
 cp -r "$WORK/kernels" "$WORK/tpo_fast/kernels"
+SOURCE=tpo_fast
 ONLY="$MODULE"
 [ -d "$WORK/$MODULE" ] && ONLY="$MODULE/*"
+if [ "${MODULE%%/*}" = bench ]; then
+    # bench/ is a folder of scripts whose modules import one another by bare name (`import _derive`), and mutmut
+    # names a mutant by its module's dotted path below the source folder, less a leading "src.". So bench/ becomes
+    # src/ in the copy (its mutants then carry the bare names the imports use), and bench/ a link to it, in the
+    # copy and in mutmut's mutants/ folder, for the tests and scripts that run bench/<file>.py by path.
+    mv "$WORK/bench" "$WORK/src"
+    ln -s src "$WORK/bench"
+    mkdir -p "$WORK/mutants"
+    ln -s src "$WORK/mutants/bench"
+    SOURCE=src
+    ONLY="src/${ONLY#bench/}"
+fi
 {
     echo "[mutmut]"
-    echo "source_paths = tpo_fast"
+    echo "source_paths = $SOURCE"
     echo "only_mutate = $ONLY"
     echo "pytest_add_cli_args_test_selection ="
     for t in $TESTS; do echo "    $t"; done
