@@ -1,0 +1,313 @@
+"""bench/_report.py on rows written out by hand, with their derived figures already in place.
+
+Every table line and verdict sentence below is written out from the rows' own numbers, so a column that shows
+another field, a ratio in the wrong column or a verdict that names the wrong contender fails here, without a
+benchmark run. (`tests/test_bench_derive.py` checks how those figures are derived; `tests/test_bench_smoke.py`
+runs the whole runner.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SHAPE = dict(d=64, v=512, n=64, n_seq=4, seq_len=16, valid_frac=0.75)
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts, not a package
+    try:
+        return importlib.import_module("_report")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _t(p25: float, median: float, p75: float, repeats: int = 3) -> dict:
+    return {"median": median, "p25": p25, "p75": p75, "min": p25, "times": [median] * repeats}
+
+
+def _row(contender, kind, label=None, workload="tpo", case="c1", status="ok", reason="", **extra) -> dict:
+    return {"case": case, "workload": workload, "contender": contender, "label": label or contender, "kind": kind,
+            "status": status, "reason": reason, **SHAPE, **extra}
+
+
+def _no_noise(*keys: str) -> dict:
+    return {f"{k}_within_noise": False for k in keys}
+
+
+def _tpo_rows() -> list[dict]:
+    return [
+        _row("liger", "peer", "Liger", status="n/a", reason="no per-token weights (DPO only)"),
+        _row("tpo_fast-cpp", "ours", "tpo_fast [cpp]", status="error", reason="RuntimeError: boom"),
+        _row("tpo_fast-torch", "ours", "tpo_fast [torch] auto", full_ms=_t(24, 25, 26), fwd_ms=_t(12.5, 12.5, 12.5, 1),
+             fwd_peak_mib=100.5, full_peak_mib=250.0, mem_pct_of_naive=25.0, full_tflops=1.2345, noise=None,
+             memory_note="peak RSS not measurable here (PermissionError: /proc/self/clear_refs)",
+             speedup_vs_naive=4.4, speedup_vs_best_peer=2.2, best_peer="trl", pct_of_floor=200.0,
+             pct_of_valid_floor=180.0, **_no_noise("speedup_vs_naive", "speedup_vs_best_peer", "pct_of_floor"),
+             pct_of_valid_floor_within_noise=True),
+        _row("broken", "selftest", "broken (self-test)", status="failed check",
+             reason="wrong result, not timed: out rel. err 1.00e+00 > 1.00e-04"),
+        _row("floor", "floor", "matmul floor", full_ms=_t(45, 50, 55), fwd_ms=_t(9, 10, 11), fwd_peak_mib=1.0,
+             full_peak_mib=2.0, full_tflops=8.0, noise=None, speedup_vs_naive=2.2, **_no_noise("speedup_vs_naive")),
+        _row("trl", "peer", "TRL head", full_ms=_t(54, 55, 56), fwd_ms=_t(27, 27.5, 28), full_peak_mib=800.0,
+             mem_pct_of_naive=80.0, noise=None, speedup_vs_naive=2.0, speedup_vs_naive_within_noise=True,
+             pct_of_floor=90.909, pct_of_valid_floor=4.5, **_no_noise("pct_of_floor", "pct_of_valid_floor")),
+        _row("naive", "baseline", "naive", full_ms=_t(100, 110, 120), fwd_ms=_t(45, 50, 55), fwd_peak_mib=400.0,
+             full_peak_mib=1000.0, noise=None, speedup_vs_best_peer=0.5, best_peer="trl",
+             **_no_noise("speedup_vs_best_peer")),
+        _row("tpo_fast-noisy", "ours", "noisy ours", full_ms=_t(10, 20, 30), fwd_ms=_t(5, 10, 15),
+             noise="too noisy (IQR 100% > 25%)"),
+        _row("tpo_fast-triton", "ours", "tpo_fast [triton] auto", status="unavailable", reason="needs CUDA"),
+    ]
+
+
+def test_loss_table_every_column(report):
+    assert report.table(_tpo_rows(), {"dtype": "fp32"}) == [
+        "### tpo · c1: D=64, V=512, N=64 rows (4 x 16, 75% valid) · fp32",
+        "",
+        "| contender | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | vs naive | vs best peer | "
+        "% of floor all / valid rows | TFLOP/s | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| naive | 50 ±20% | 110 ±18% | 400.0 / 1000.0 | — | 0.50x | — / — | — | ok |",
+        "| TRL head | 27.5 ±4% | 55 ±4% | — / 800.0 (80% of naive) | ≈2.00x | — | 91% / 4.5% | — | ok |",
+        "| tpo_fast [cpp] | — | — | — | — | — | — / — | — | error: RuntimeError: boom |",
+        "| tpo_fast [torch] auto | 12.5 | 25 ±8% | 100.5 / 250.0 (25% of naive) | 4.40x | 2.20x | 200% / ≈180% "
+        "| 1.23 | ok; peak RSS not measurable here (PermissionError: /proc/self/clear_refs) |",
+        "| noisy ours | 10 ±100% | 20 ±100% | — | — | — | — / — | — | ok; not compared: too noisy (IQR 100% > 25%) |",
+        "| matmul floor | 10 ±20% | 50 ±20% | 1.0 / 2.0 | 2.20x | — | — / — | 8 | ok |",
+        "| broken (self-test) | — | — | — | — | — | — / — | — | failed check: wrong result, not timed: out rel. "
+        "err 1.00e+00 > 1.00e-04 |",
+        "",
+        "Not run: Liger — n/a: no per-token weights (DPO only); tpo_fast [triton] auto — needs CUDA.",
+        "",
+    ]
+
+
+def test_loss_verdict_names_the_winner_its_margins_and_who_was_left_out(report):
+    assert report.verdict(_tpo_rows()) == [
+        "- tpo · c1: **tpo_fast [torch] auto** wins at 25 ms, 2.20x faster than the next, TRL head; 4.40x vs naive, "
+        "peak memory 25.0% of naive's; 200% of the matmul floor, 180% of the valid-rows floor (within noise). "
+        "Not ranked (timing too short or noisy): noisy ours. Not compared: tpo_fast [cpp] (see table)."
+    ]
+
+
+def test_the_other_workloads_tables_and_verdicts(report):
+    logits = [
+        _row("naive", "baseline", workload="logits", full_ms=_t(5, 10, 15), fwd_ms=_t(2, 4, 6),
+             noise="too noisy (IQR 100% > 25%)"),
+        _row("ours", "ours", "tpo_fast logits", workload="logits", full_ms=_t(19, 20, 21), fwd_ms=_t(9, 10, 11),
+             fwd_gbs=1.5, full_gbs=3.25, pct_of_floor=45.0, pct_of_floor_within_noise=False, noise=None),
+        _row("floor", "floor", "memory floor", workload="logits", full_ms=_t(8.5, 9, 9.5), fwd_ms=_t(4, 4, 4),
+             noise=None),
+    ]
+    povid = [_row("ours", "ours", "tpo_fast povid", workload="povid", status="error", reason="ValueError: bad")]
+    fisao = [{k: v for k, v in _row("ours", "ours", "tpo_fast fisao", workload="fisao", status="OOM",
+                                    reason="out of memory: CUDA").items() if k != "valid_frac"}]
+    assert report.table(logits, {"dtype": "bf16"}) == [
+        "### logits · c1: 2 logits tensors (clean, corrupted) of N=64 x V=512, 75% valid · bf16",
+        "",
+        "| contender | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | vs naive | vs best peer | % of memory floor | "
+        "GB/s fwd / fwd+bwd | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| naive | 4 ±100% | 10 ±100% | — | — | — | — | — | ok; not compared: too noisy (IQR 100% > 25%) |",
+        "| tpo_fast logits | 10 ±20% | 20 ±10% | — | — | — | 45% | 1.5 / 3.25 | ok |",
+        "| memory floor | 4 ±0% | 9 ±11% | — | — | — | — | — | ok |",
+        "",
+    ]
+    assert report.table(povid, {"dtype": "fp32"})[0] == (
+        "### povid · c1: D=64, V=512, N=64 rows (4 x 16, 75% valid), + 32 corrupted chosen rows per model · fp32"
+    )
+    assert report.table(fisao, {"dtype": "fp32"})[0] == (
+        "### fisao · c1: D=64, V=512, N=64 rollout tokens (4 x 16, valid rows unknown) · fp32"
+    )
+    assert report.table(fisao, {"dtype": "fp32"})[4] == (
+        "| tpo_fast fisao | — | — | — | — | — | — / — | — | OOM: out of memory: CUDA |"
+    )
+    # One group each; a group of one row is enough for a sentence.
+    assert report.verdict(logits + povid + fisao) == [
+        "- logits · c1: **tpo_fast logits** wins at 20 ms; 45% of the memory floor (3.25 GB/s). "
+        "Not ranked (timing too short or noisy): naive.",
+        "- povid · c1: no contender produced a checked result. Not compared: tpo_fast povid (see table).",
+        "- fisao · c1: no contender produced a checked result. Not compared: tpo_fast fisao (see table).",
+    ]
+
+
+STEP_CASE = dict(case="cpu-step-lora", workload="step", model="llava-h512-l4", d=512, layers=4, v=32000,
+                 image_tokens=576, lora=True, n=4, pairs=4, memory_budget_mib=3072, dtype="bf16")
+
+
+def _step(contender, kind, label, p25=None, median=None, p75=None, **extra) -> dict:
+    timing = {"full_ms": _t(p25, median, p75), "noise": None} if median else {}
+    return {"contender": contender, "kind": kind, "label": label, "status": "ok", "reason": "", **STEP_CASE,
+            **timing, **extra}
+
+
+def _step_rows() -> list[dict]:
+    counts = dict(tokens=3734, padded_positions=7136, seq_len=892)
+    return [
+        _step("trl-dpo-liger", "peer", "TRL DPOTrainer + Liger", status="n/a", reason="Liger needs CUDA"),
+        _step("ours-tpo-shared-refcache", "ours", "cached", 3150, 3190, 3230, reference_cache_s_per_pair=0.643,
+              tokens_per_s=1170.5, **counts),
+        _step("ours-tpo", "ours", "tpo_fast TPO step", status="OOM", reason="out of memory: 1 pair"),
+        _step("ours-dpo-shared", "ours", "tpo_fast DPO step, shared prefix", 2490, 2510, 2530, step_gflop=543.0,
+              full_peak_mib=472.4, speedup_vs_unshared=1.398, speedup_vs_unshared_within_noise=False, **counts),
+        _step("ours-dpo", "ours", "tpo_fast DPO step", 3480, 3510, 3530, tokens_per_s=1063.8, step_gflop=834.0,
+              step_gflops=237.6, full_peak_mib=663.0, total_peak_mib=1205.2, max_micro_batch=12,
+              max_micro_batch_exact=True, speedup_vs_naive=5.45, speedup_vs_best_peer=4.87,
+              round_medians_ms=[3500.0, 3520.0], **_no_noise("speedup_vs_naive", "speedup_vs_best_peer"), **counts),
+        _step("official-tpo", "baseline", "official TPO step", 18500, 19137, 19700, tokens_per_s=195.1,
+              step_gflop=2830.2, step_gflops=147.9, full_peak_mib=5628.9, total_peak_mib=6103.4, max_micro_batch=0,
+              max_micro_batch_exact=True, speedup_vs_best_peer=0.9, round_medians_ms=[19137.0],
+              **_no_noise("speedup_vs_best_peer"), **counts),
+        _step("trl-dpo", "peer", "TRL DPOTrainer", 16800, 17100, 17400, tokens_per_s=218.4, full_peak_mib=4646.2,
+              max_micro_batch=3, max_micro_batch_exact=False, speedup_vs_naive=1.12,
+              speedup_vs_naive_within_noise=True, **counts),
+        _step("ours-tpo-shared", "ours", "tpo_fast TPO step, shared prefix", 3200, 3300, 3400, **counts),
+    ]
+
+
+def test_step_table_every_column(report):
+    assert report.step_table(_step_rows()) == [
+        "### step · cpu-step-lora: llava-h512-l4 (text hidden 512, 4 layers, V=32000, 576 image tokens, LoRA), "
+        "4 pairs = 3734 tokens (7136 padded positions, rows of 892) · bf16",
+        "",
+        "| contender | step ms | tokens/s | GFLOP / step · GFLOP/s | peak MiB step / total "
+        "| largest micro-batch ≤ 3072 MiB | vs official | vs TRL | vs unshared | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| official TPO step | 19137 ±6% | 195 | 2830 · 148 | 5629 / 6103 | none (1 pair is over) | — | 0.90x | — "
+        "| ok |",
+        "| TRL DPOTrainer | 17100 ±4% | 218 | — | 4646 / — | ≥3 | ≈1.12x | — | — | ok |",
+        "| tpo_fast DPO step | 3510 ±1% | 1064 | 834 · 238 | 663 / 1205 | 12 | 5.45x | 4.87x | — | ok |",
+        "| tpo_fast DPO step, shared prefix | 2510 ±2% | — | 543 · — | 472 / — | — | — | — | 1.40x | ok |",
+        "| tpo_fast TPO step | — | — | — | — / — | — | — | — | — | OOM: out of memory: 1 pair |",
+        "| tpo_fast TPO step, shared prefix | 3300 ±6% | — | — | — / — | — | — | — | — | ok |",
+        "| cached | 3190 ±3% | 1170 | — | — / — | — | — | — | — | ok |",
+        "",
+        "Step median of each round (s), in the order run: tpo_fast DPO step 3.5 / 3.52.",
+        "",
+        "Not run: TRL DPOTrainer + Liger — n/a: Liger needs CUDA.",
+        "",
+    ]
+
+
+def test_step_verdict_puts_like_against_like(report):
+    amortized = "0.643 s per pair, paid once per data set: 2.57 s per step of 4 pairs over one epoch"
+    assert report.verdict(_step_rows()) == [
+        "- step · cpu-step-lora: tpo_fast DPO step 4.87x the tokens/s of TRL DPOTrainer; "
+        "tpo_fast DPO step, shared prefix 6.81x the tokens/s of TRL DPOTrainer; "
+        "tpo_fast TPO step, shared prefix 5.80x the tokens/s of official TPO step; "
+        f"cached 6.00x the tokens/s of official TPO step (3.32x counting the cache's scoring in a one-epoch run, "
+        f"{amortized}); "
+        "tpo_fast DPO step, shared prefix 1.40x the tokens/s of tpo_fast DPO step; "
+        "cached 1.03x the tokens/s of tpo_fast TPO step, shared prefix (within noise) (0.57x counting the cache's "
+        f"scoring in a one-epoch run, {amortized}). Not compared: tpo_fast TPO step (see table)."
+    ]
+    alone = [r for r in _step_rows() if r["contender"] in ("official-tpo", "ours-tpo")]
+    assert report.verdict(alone) == [
+        "- step · cpu-step-lora: no like-for-like pair of rows passed the noise rule. "
+        "Not compared: tpo_fast TPO step (see table)."
+    ]
+
+
+def _meta(rounds: int, device: str = "cpu") -> dict:
+    return {"device": device, "device_name": "NVIDIA H200" if device == "cuda" else "x86_64", "dtype": "bf16",
+            "versions": {"torch": "2.13.0"}, "threads": 2, "repeats": 5, "warmup": 1, "seed": 7, "rounds": rounds}
+
+
+def test_whole_report_in_order(report):
+    tpo = _tpo_rows()
+    other_case = [dict(r, case="c0") for r in _tpo_rows()[5:7]]  # TRL head and naive, in a case listed after c1
+    dpo = [dict(r, workload="dpo") for r in _tpo_rows()[2:3]]
+    rows = _step_rows() + dpo + tpo + other_case
+    text = report.markdown(rows, _meta(rounds=3))
+    lines = text.split("\n")
+    assert lines[:4] == [
+        "## tpo_fast benchmark — x86_64 (cpu), bf16",
+        "",
+        "torch 2.13.0, 2 CPU threads, repeats 5 after 1 warm-up, in 3 rounds (each round times every contender in "
+        "turn in a fresh child, its own warm-up first; the median is over all rounds), seed 7.",
+        "",
+    ]
+    legend = report.legend("cpu", step=True)
+    assert lines[4:4 + len(legend)] == legend
+    headings = [line.split(":")[0] for line in lines if line.startswith("### ")]
+    assert headings == ["### How to read the tables", "### tpo · c1", "### tpo · c0", "### dpo · c1",
+                        "### step · cpu-step-lora", "### Verdict (fwd+bwd)", "### What each contender runs"]
+    body = lines[4 + len(legend):]
+    assert body[:len(report.table(tpo, {"dtype": "bf16"}))] == report.table(tpo, {"dtype": "bf16"})
+    assert text.endswith("\n".join(report.footnotes(rows)))
+    start = lines.index("### Verdict (fwd+bwd)")
+    assert lines[start + 2:start + 2 + 4] == report.verdict(rows) and lines[start + 6] == ""
+    assert [line[:22] for line in report.verdict(rows)] == [
+        "- step · cpu-step-lora", "- dpo · c1: **tpo_fast", "- tpo · c1: **tpo_fast", "- tpo · c0: **TRL head"
+    ]
+    one_round = report.markdown(tpo, _meta(rounds=1, device="cuda")).split("\n")
+    assert one_round[0] == "## tpo_fast benchmark — NVIDIA H200 (cuda), bf16"
+    assert one_round[2] == "torch 2.13.0, 2 CPU threads, repeats 5 after 1 warm-up, seed 7."
+    assert "step** tables" not in "\n".join(one_round)  # no step rows: no step legend
+    assert "- **Noise rule**: a row whose fwd+bwd (step) timing has fewer than 3 repeats, a median under 1 ms (CUDA) " \
+        "or an interquartile range above 25% of its median" in "\n".join(one_round)
+    assert "(torch.cuda.max_memory_allocated); in brackets as % of naive's." in "\n".join(one_round)
+
+
+def test_footnotes_say_each_contender_once_or_per_workload(report):
+    rows = [
+        {"label": "naive", "workload": "tpo", "note": "fp32 logits"},
+        {"label": "naive", "workload": "dpo", "note": "fp32 logits"},
+        {"label": "ours", "workload": "tpo", "note": "fused, TPO weights"},
+        {"label": "ours", "workload": "dpo", "note": "fused"},
+        {"label": "ours", "workload": "fisao", "note": "fused"},
+        {"label": "floor", "workload": "tpo", "note": ""},
+    ]
+    lines = report.footnotes(rows)
+    assert lines[:6] == [
+        "### What each contender runs",
+        "",
+        "- naive: fp32 logits",
+        "- ours · tpo: fused, TPO weights",
+        "- ours · dpo: fused",
+        "- ours · fisao: fused",
+    ]
+    assert lines[6] == "" and lines[7].startswith("Every contender gets the same random inputs (same seed)")
+    assert lines[-1] == "" and len(lines) == 9
+
+
+def test_formatting_edges(report):
+    assert [report._num(x) for x in (0.012345, 4.567, 999.4, 1000.0, 19137.4)] == ["0.0123", "4.57", "999", "1000",
+                                                                                    "19137"]
+    two = _row("two", "ours", full_ms=_t(10, 11, 12, repeats=2), fwd_ms=_t(5, 5, 5, repeats=1), fwd_gbs=None,
+               full_gbs=1234.5, pct_of_floor=4.5, pct_of_floor_within_noise=True, noise="too few repeats (2 < 3)",
+               memory_note="peak RSS not measurable here")
+    assert report.table([two], {"dtype": "fp32"})[4] == (
+        "| two | 5 | 11 ±18% | — | — | — | ≈4.5% / — | — | ok; peak RSS not measurable here; not compared: too few "
+        "repeats (2 < 3) |"
+    )
+    logits = dict(two, workload="logits")
+    assert report.table([logits], {"dtype": "fp32"})[4].split(" | ")[6:8] == ["≈4.5%", "— / 1234"]
+    failed = [_row("a", "ours", "A", status="error", reason="x"), _row("b", "ours", "B", status="crashed", reason="y")]
+    assert report.verdict(failed) == ["- tpo · c1: no contender produced a checked result. Not compared: A, B "
+                                      "(see table)."]
+    no_rounds = {k: v for k, v in _meta(rounds=1).items() if k != "rounds"}
+    lines = report.markdown(_tpo_rows(), no_rounds).split("\n")
+    assert lines[2] == "torch 2.13.0, 2 CPU threads, repeats 5 after 1 warm-up, seed 7."
+    two_rounds = report.markdown(_tpo_rows(), _meta(rounds=2)).split("\n")[2]
+    assert two_rounds.endswith("warm-up, in 2 rounds (each round times every contender in turn in a fresh child, its "
+                               "own warm-up first; the median is over all rounds), seed 7.")
+    verdict = lines.index("### Verdict (fwd+bwd)")
+    assert lines[verdict + 1] == "" and lines[verdict + 3] == ""
+
+
+def test_step_table_of_one_row_without_counts(report):
+    row = {k: v for k, v in _step("ours-dpo", "ours", "tpo_fast DPO step", 900, 1000, 1100).items()
+           if k not in ("lora", "dtype")}
+    row["round_medians_ms"] = [1000.0, 3500.0]
+    lines = report.step_table([row])
+    assert lines[0] == ("### step · cpu-step-lora: llava-h512-l4 (text hidden 512, 4 layers, V=32000, 576 image tokens)"
+                        ", 4 pairs = tokens unknown · ")
+    assert lines[4] == "| tpo_fast DPO step | 1000 ±20% | — | — | — / — | — | — | — | — | ok |"
+    assert lines[6] == "Step median of each round (s), in the order run: tpo_fast DPO step 1 / 3.5."
