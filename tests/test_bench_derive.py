@@ -7,26 +7,15 @@ each one is checked against its value worked out from the rows' own numbers, not
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from _bench import bench_modules
+from _bench import timing as _timing
 
 
 @pytest.fixture(scope="module")
 def derive():
-    sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts, not a package
-    try:
-        return importlib.import_module("_derive")
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def _timing(p25: float, median: float, p75: float, repeats: int = 3) -> dict:
-    return {"median": median, "p25": p25, "p75": p75, "min": p25, "times": [median] * repeats}
+    return bench_modules("_derive")[0]
 
 
 def _row(contender: str, kind: str, p25: float, median: float, p75: float, case="c1", workload="tpo", **extra):

@@ -8,27 +8,16 @@ runs the whole runner.)
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
+from _bench import bench_modules
+from _bench import timing as _timing
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 SHAPE = dict(d=64, v=512, n=64, n_seq=4, seq_len=16, valid_frac=0.75)
 
 
 @pytest.fixture(scope="module")
 def report():
-    sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts, not a package
-    try:
-        return importlib.import_module("_report")
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def _t(p25: float, median: float, p75: float, repeats: int = 3) -> dict:
-    return {"median": median, "p25": p25, "p75": p75, "min": p25, "times": [median] * repeats}
+    return bench_modules("_report")[0]
 
 
 def _row(contender, kind, label=None, workload="tpo", case="c1", status="ok", reason="", **extra) -> dict:
@@ -44,23 +33,24 @@ def _tpo_rows() -> list[dict]:
     return [
         _row("liger", "peer", "Liger", status="n/a", reason="no per-token weights (DPO only)"),
         _row("tpo_fast-cpp", "ours", "tpo_fast [cpp]", status="error", reason="RuntimeError: boom"),
-        _row("tpo_fast-torch", "ours", "tpo_fast [torch] auto", full_ms=_t(24, 25, 26), fwd_ms=_t(12.5, 12.5, 12.5, 1),
-             fwd_peak_mib=100.5, full_peak_mib=250.0, mem_pct_of_naive=25.0, full_tflops=1.2345, noise=None,
+        _row("tpo_fast-torch", "ours", "tpo_fast [torch] auto", full_ms=_timing(24, 25, 26),
+             fwd_ms=_timing(12.5, 12.5, 12.5, 1), fwd_peak_mib=100.5, full_peak_mib=250.0, mem_pct_of_naive=25.0,
+             full_tflops=1.2345, noise=None,
              memory_note="peak RSS not measurable here (PermissionError: /proc/self/clear_refs)",
              speedup_vs_naive=4.4, speedup_vs_best_peer=2.2, best_peer="trl", pct_of_floor=200.0,
              pct_of_valid_floor=180.0, **_no_noise("speedup_vs_naive", "speedup_vs_best_peer", "pct_of_floor"),
              pct_of_valid_floor_within_noise=True),
         _row("broken", "selftest", "broken (self-test)", status="failed check",
              reason="wrong result, not timed: out rel. err 1.00e+00 > 1.00e-04"),
-        _row("floor", "floor", "matmul floor", full_ms=_t(45, 50, 55), fwd_ms=_t(9, 10, 11), fwd_peak_mib=1.0,
+        _row("floor", "floor", "matmul floor", full_ms=_timing(45, 50, 55), fwd_ms=_timing(9, 10, 11), fwd_peak_mib=1.0,
              full_peak_mib=2.0, full_tflops=8.0, noise=None, speedup_vs_naive=2.2, **_no_noise("speedup_vs_naive")),
-        _row("trl", "peer", "TRL head", full_ms=_t(54, 55, 56), fwd_ms=_t(27, 27.5, 28), full_peak_mib=800.0,
+        _row("trl", "peer", "TRL head", full_ms=_timing(54, 55, 56), fwd_ms=_timing(27, 27.5, 28), full_peak_mib=800.0,
              mem_pct_of_naive=80.0, noise=None, speedup_vs_naive=2.0, speedup_vs_naive_within_noise=True,
              pct_of_floor=90.909, pct_of_valid_floor=4.5, **_no_noise("pct_of_floor", "pct_of_valid_floor")),
-        _row("naive", "baseline", "naive", full_ms=_t(100, 110, 120), fwd_ms=_t(45, 50, 55), fwd_peak_mib=400.0,
-             full_peak_mib=1000.0, noise=None, speedup_vs_best_peer=0.5, best_peer="trl",
+        _row("naive", "baseline", "naive", full_ms=_timing(100, 110, 120), fwd_ms=_timing(45, 50, 55),
+             fwd_peak_mib=400.0, full_peak_mib=1000.0, noise=None, speedup_vs_best_peer=0.5, best_peer="trl",
              **_no_noise("speedup_vs_best_peer")),
-        _row("tpo_fast-noisy", "ours", "noisy ours", full_ms=_t(10, 20, 30), fwd_ms=_t(5, 10, 15),
+        _row("tpo_fast-noisy", "ours", "noisy ours", full_ms=_timing(10, 20, 30), fwd_ms=_timing(5, 10, 15),
              noise="too noisy (IQR 100% > 25%)"),
         _row("tpo_fast-triton", "ours", "tpo_fast [triton] auto", status="unavailable", reason="needs CUDA"),
     ]
@@ -98,12 +88,13 @@ def test_loss_verdict_names_the_winner_its_margins_and_who_was_left_out(report):
 
 def test_the_other_workloads_tables_and_verdicts(report):
     logits = [
-        _row("naive", "baseline", workload="logits", full_ms=_t(5, 10, 15), fwd_ms=_t(2, 4, 6),
+        _row("naive", "baseline", workload="logits", full_ms=_timing(5, 10, 15), fwd_ms=_timing(2, 4, 6),
              noise="too noisy (IQR 100% > 25%)"),
-        _row("ours", "ours", "tpo_fast logits", workload="logits", full_ms=_t(19, 20, 21), fwd_ms=_t(9, 10, 11),
-             fwd_gbs=1.5, full_gbs=3.25, pct_of_floor=45.0, pct_of_floor_within_noise=False, noise=None),
-        _row("floor", "floor", "memory floor", workload="logits", full_ms=_t(8.5, 9, 9.5), fwd_ms=_t(4, 4, 4),
+        _row("ours", "ours", "tpo_fast logits", workload="logits", full_ms=_timing(19, 20, 21),
+             fwd_ms=_timing(9, 10, 11), fwd_gbs=1.5, full_gbs=3.25, pct_of_floor=45.0, pct_of_floor_within_noise=False,
              noise=None),
+        _row("floor", "floor", "memory floor", workload="logits", full_ms=_timing(8.5, 9, 9.5),
+             fwd_ms=_timing(4, 4, 4), noise=None),
     ]
     povid = [_row("ours", "ours", "tpo_fast povid", workload="povid", status="error", reason="ValueError: bad")]
     fisao = [{k: v for k, v in _row("ours", "ours", "tpo_fast fisao", workload="fisao", status="OOM",
@@ -142,7 +133,7 @@ STEP_CASE = dict(case="cpu-step-lora", workload="step", model="llava-h512-l4", d
 
 
 def _step(contender, kind, label, p25=None, median=None, p75=None, **extra) -> dict:
-    timing = {"full_ms": _t(p25, median, p75), "noise": None} if median else {}
+    timing = {"full_ms": _timing(p25, median, p75), "noise": None} if median else {}
     return {"contender": contender, "kind": kind, "label": label, "status": "ok", "reason": "", **STEP_CASE,
             **timing, **extra}
 
@@ -280,7 +271,7 @@ def test_footnotes_say_each_contender_once_or_per_workload(report):
 def test_formatting_edges(report):
     assert [report._num(x) for x in (0.012345, 4.567, 999.4, 1000.0, 19137.4)] == ["0.0123", "4.57", "999", "1000",
                                                                                     "19137"]
-    two = _row("two", "ours", full_ms=_t(10, 11, 12, repeats=2), fwd_ms=_t(5, 5, 5, repeats=1), fwd_gbs=None,
+    two = _row("two", "ours", full_ms=_timing(10, 11, 12, repeats=2), fwd_ms=_timing(5, 5, 5, repeats=1), fwd_gbs=None,
                full_gbs=1234.5, pct_of_floor=4.5, pct_of_floor_within_noise=True, noise="too few repeats (2 < 3)",
                memory_note="peak RSS not measurable here")
     assert report.table([two], {"dtype": "fp32"})[4] == (

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _bench(*names: str) -> list:
-    """bench/'s own modules (bench/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return [importlib.import_module(name) for name in names]
-    finally:
-        sys.path.remove(str(BENCH))
+from _bench import BENCH
+from _bench import bench_modules as _bench
 
 
 def _bench_modules():
