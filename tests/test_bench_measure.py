@@ -221,6 +221,11 @@ def test_a_failing_contender_becomes_a_row(mods):
         f"{k} rel. err {v['err']:.2e} > {v['tol']:.2e}" for k, v in bad.items())
 
 
+def _received(conn):
+    assert conn.poll(1), "the child entry sent nothing"  # it ran in this process: sent by now, or never
+    return conn.recv()
+
+
 def test_the_child_entry_points(mods, monkeypatch):
     measure, contenders, workloads = mods
     case = workloads.CASES["cpu-tiny"]
@@ -266,11 +271,11 @@ def test_the_child_entry_points(mods, monkeypatch):
 
     parent, child = mp.Pipe()
     measure.child_main(dict(job, workloads=["dpo"]), child)
-    status, sent, info = parent.recv()
+    status, sent, info = _received(parent)
     assert status == "ok" and [r["workload"] for r in sent] == ["dpo"] and info == {"device_name": None}
     parent, child = mp.Pipe()
     measure.child_main(dict(job, contender="no-such-contender"), child)
-    status, text = parent.recv()
+    status, text = _received(parent)
     assert status == "error" and text.startswith("KeyError: 'no-such-contender'\n")
 
 
