@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import methods_reference
 import pytest
 import torch
 from _bench import BENCH
@@ -464,6 +465,39 @@ def test_oracle_matches_materialized_autograd():
     loss.backward()
     torch.testing.assert_close(ref["out"], loss.detach())
     for k in ("hidden", "corrupted_hidden", "weight"):
+        torch.testing.assert_close(ref[k], inp[k].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("workload", ["povid", "fisao", "dpo"])
+def test_oracles_match_the_methods_references_on_materialized_logits(workload):
+    """The guard's POVID, FiSAO and DPO oracles (two passes, logits rebuilt chunk by chunk, three rows a chunk here)
+    against tests/methods_reference.py, written apart from bench/ from the methods' papers, on full logits."""
+    _, _, w = _bench_modules()
+    inp = w.make_inputs(w.Case("t", 16, 64, 32), workload, "cpu", torch.float32, seed=5)
+    ref = w.oracle(workload, inp, chunk=3)
+    y = inp["targets"]
+    if workload == "povid":
+        loss, _ = methods_reference.povid_loss_reference(
+            inp["hidden"], inp["corrupted_hidden"], y, inp["weight"], None,
+            inp["ref_hidden"], inp["ref_corrupted_hidden"], inp["ref_weight"], None, beta=0.1, noise_weight=0.5)
+    elif workload == "fisao":
+        loss = methods_reference.pg_loss_reference(inp["hidden"], y, inp["weight"], None, inp["old_logprobs"],
+                                                   inp["ref_logprobs"], inp["advantages"], clip_eps=0.2, kl_coef=0.05)
+    else:
+        def scores(h, wt):
+            mask = y != w.IGNORE_INDEX
+            return methods_reference.masked_gather(methods_reference.logits_of(h, wt, None).log_softmax(-1), y,
+                                                   mask).sum(-1)
+
+        s = scores(inp["hidden"], inp["weight"])
+        with torch.no_grad():
+            r = scores(inp["ref_hidden"], inp["ref_weight"])
+        b = y.shape[0] // 2
+        loss, _, _ = methods_reference.dpo_losses(s[:b], s[b:], r[:b], r[b:], 0.1)
+        loss = loss.mean()
+    loss.backward()
+    torch.testing.assert_close(ref["out"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for k in ("hidden", "weight"):
         torch.testing.assert_close(ref[k], inp[k].grad, rtol=1e-4, atol=1e-6)
 
 
