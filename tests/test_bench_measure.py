@@ -41,7 +41,8 @@ def test_guard_passes_the_exact_result_and_fails_one_wrong_tensor(mods):
     got = measure.check("tpo", inp, _hand_in(inp, ref), "fp32")
     assert got == {"ok": True, "errors": {k: {"err": 0.0, "tol": 1e-4} for k in ref}}
 
-    # The first tensor off by 3e-4 of its largest magnitude, the three after it exact: the verdict is the first's.
+    # The hidden states' gradient off by 3e-4 of its largest magnitude, the tensors after it exact: one wrong tensor
+    # fails the whole result, wherever it comes in the order.
     wrong = dict(ref, hidden=ref["hidden"].clone())
     scale = ref["hidden"].abs().max().item()
     wrong["hidden"].view(-1)[5] += 3e-4 * scale
