@@ -157,6 +157,15 @@ def test_a_child_measures_in_order_and_times_what_it_says(mods, monkeypatch):
         assert logits[f"{mode}_gbs"] == pytest.approx(workloads.traffic(case, "logits", mode, 2) / 0.25 / 1e9)
 
 
+def _hide_proc(monkeypatch, measure) -> None:
+    """Every file `_measure` opens refused, as /proc/self/clear_refs is where it is not writable."""
+
+    def no_proc(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(measure, "open", no_proc, raising=False)
+
+
 def test_a_cpu_call_is_timed_in_milliseconds(mods, monkeypatch):
     measure, _, _ = mods
     clock = iter([10.0, 10.25])
@@ -172,10 +181,7 @@ def test_floors_are_measured_but_not_checked(mods, monkeypatch):
     row = measure.measure_workload(floor, workloads.CASES["cpu-tiny"], "tpo", cfg)
     assert row["status"] == "ok" and "check" not in row and row["full_ms"]["median"] > 0
 
-    def no_proc(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
-
-    monkeypatch.setattr(measure, "open", no_proc, raising=False)
+    _hide_proc(monkeypatch, measure)
     blind = measure.measure_workload(contenders.Naive(), workloads.CASES["cpu-tiny"], "tpo", cfg)
     assert blind["memory_note"] == "peak RSS not measurable here (PermissionError: /proc/self/clear_refs)"
     assert blind["status"] == "ok" and blind["fwd_peak_mib"] is None and blind["full_peak_mib"] is None
@@ -293,10 +299,7 @@ def test_cpu_peak_memory_is_what_a_call_touched_above_the_rss_before_it(mods, mo
     mem.start()
     assert 0 <= mem.peak() < 8  # a fresh start forgets the earlier peak
 
-    def no_proc(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
-
-    monkeypatch.setattr(measure, "open", no_proc, raising=False)
+    _hide_proc(monkeypatch, measure)
     blind = measure._CpuMemory()
     assert blind.reason == "peak RSS not measurable here (PermissionError: /proc/self/clear_refs)"
     blind.start()  # no file is touched
