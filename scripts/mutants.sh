@@ -4,6 +4,7 @@
 #   make mutants MODULE=tpo_fast/ops/torch_chunked.py            # the module's default tests (below)
 #   make mutants MODULE=tpo_fast/loss TESTS="tests/test_loss.py"  # a folder, other tests
 #   make mutants MODULE=bench/_derive.py                           # the benchmark's own modules too
+#   make mutants MODULE=kernels/scale.py                           # a Triton kernel: scripts/kernel_mutants.py
 #
 # The tracked and untracked-not-ignored files are copied to $MUTANTS_DIR/<module> (default /tmp/tpo_fast_mutants),
 # mutmut instruments the module there (mutants/ inside the copy), runs each mutant against the tests that reach
@@ -18,9 +19,17 @@ PY="${PY:-.venv/bin/python}"
 case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; esac  # relative to the repository root (the Makefile's .venv/bin/python)
 MODULE="${MODULE:-${1:-}}"
 MODULE="${MODULE%/}"
-[ -n "$MODULE" ] || { echo "usage: make mutants MODULE=tpo_fast/<path>|bench/<path> [TESTS=\"tests/test_x.py ...\"]" >&2; exit 2; }
+[ -n "$MODULE" ] || { echo "usage: make mutants MODULE=tpo_fast/<path>|kernels/<path>|bench/<path> [TESTS=\"tests/test_x.py ...\"]" >&2; exit 2; }
 [ -e "$ROOT/$MODULE" ] || { echo "MODULE=$MODULE: no such file or folder under $ROOT" >&2; exit 2; }
-case "$MODULE" in tpo_fast/*|bench/*) ;; *) echo "MODULE must lie in tpo_fast/ or bench/ (got $MODULE)" >&2; exit 2 ;; esac
+case "$MODULE" in
+    tpo_fast/*|bench/*) ;;
+    kernels|kernels/*)  # mutmut cannot mutate a @triton.jit function: scripts/kernel_mutants.py mutates the source
+        ARGS=()
+        [ "$MODULE" = kernels ] || ARGS+=("$MODULE")
+        [ -z "${TESTS:-}" ] || ARGS+=(--tests $TESTS)
+        exec "$PY" "$ROOT/scripts/kernel_mutants.py" "${ARGS[@]}" --jobs "${JOBS:-2}" --python "$PY" ;;
+    *) echo "MODULE must lie in tpo_fast/, kernels/ or bench/ (got $MODULE)" >&2; exit 2 ;;
+esac
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
 
 if [ -z "${TESTS:-}" ]; then

@@ -21,15 +21,39 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy, fp16 inf
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 3000])
-@pytest.mark.parametrize("factor", [1 / 3, 65536.0, -2.0**-20, 1.0])
+@pytest.mark.parametrize("factor", [1 / 3, 65536.0, -2.0**-20, 2.0, 1.0])
 def test_scale_is_the_fp32_product_rounded_once(dtype, n, factor):
     """1/3 is not a bf16 value, 65536 (GradScaler's scale) overflows fp16 products to inf as the exact product
-    does; sizes around the interpreter's 1024-element block, and none."""
+    does, 2 is exact; sizes around the interpreter's 1024-element block, and none."""
     g = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype).to(DEVICE)
     want = (g.double() * factor).to(dtype)
     s = torch.tensor(factor, dtype=torch.float32, device=DEVICE)
     got = triton_fused.scale_(g, s)
     assert got is g and torch.equal(g, want)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_scale_of_a_slice_leaves_its_neighbours_alone(factor):
+    """A gradient slice inside a larger buffer, its length not a multiple of the block: the values just past
+    its end (and before its start) are not scaled, whatever the factor."""
+    buf = torch.arange(1, 2051, dtype=torch.float32).bfloat16().to(DEVICE)
+    before = buf.clone()
+    got = triton_fused.scale_(buf[3:1028], torch.tensor(factor, device=DEVICE))
+    want = before.clone()
+    want[3:1028] = (before[3:1028].double() * factor).bfloat16()
+    assert got.data_ptr() == buf[3:].data_ptr() and torch.equal(buf, want)
+
+
+def test_scale_by_exactly_one_writes_nothing():
+    """A factor of exactly 1 reads and writes nothing: a signalling NaN keeps its payload bit for bit, which a
+    read and a rounded write back would quieten (bf16 0x7F81 -> 0x7FC1), at the first element and elsewhere."""
+    bits = torch.full((3000,), 0x3F80, dtype=torch.int16)  # 1.0
+    bits[[0, 1, 1024, 2999]] = 0x7F81
+    g = bits.view(torch.bfloat16).to(DEVICE, copy=True)
+    triton_fused.scale_(g, torch.tensor(1.0, device=DEVICE))
+    assert torch.equal(g.cpu().view(torch.int16), bits)
+    triton_fused.scale_(g, torch.tensor(2.0, device=DEVICE))  # any other factor does read and write
+    assert int(g.cpu().view(torch.int16)[0]) != 0x7F81 and bool(g[0].isnan()) and float(g[2]) == 2.0
 
 
 def test_scale_refuses_what_it_cannot_scale_in_place():
