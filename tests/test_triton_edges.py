@@ -1,0 +1,117 @@
+"""The Triton kernels at their edges: what the kernel mutation runs (scripts/kernel_mutants.py, docs/testing.md)
+found that no test held them to. Each test compares the triton backend (the interpreter on CPU, compiled on a GPU)
+with the reference backend on the same inputs, or with the value the inputs determine.
+
+- Reads stay inside the inputs: every input is a view in the middle of a larger buffer of NaN, so a load past an
+  edge (a row past N, a column past D, a tile past V) that a mask should have stopped turns a result into NaN.
+- Row partials stay in their row: rows whose logits lie a thousand apart, over three vocabulary tiles (the
+  logsumexp combine loads four partials per row; a fourth read from the next row would shift it).
+- Logits far below zero (a logsumexp of -1000) and a +inf bias (a logsumexp of +inf, as torch.logsumexp).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tpo_fast
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter's numpy warns of inf and NaN in lanes the masks then drop
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def fenced(t: torch.Tensor, pad: int = 40) -> torch.Tensor:
+    """`t`'s values in a contiguous view at offset `pad` of a buffer `pad` elements longer on each side, filled
+    with NaN (integers: -1, an id before the weight's first row); a leaf that requires grad when `t` does."""
+    fill = float("nan") if t.dtype.is_floating_point else -1
+    buf = torch.full((t.numel() + 2 * pad,), fill, dtype=t.dtype, device=t.device)
+    view = buf[pad : pad + t.numel()].view(t.shape)
+    view.copy_(t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+def _inputs(n, d, v, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(DEVICE, dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(DEVICE, dtype).requires_grad_()
+    hc = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    return h, w, b, hc, y
+
+
+def _stats_and_grads(backend, h, w, b, hc, y):
+    """Every output of `token_stats` and the gradients of a weighted sum of them."""
+    for t in (h, w, b, hc):
+        t.grad = None
+    s = tpo_fast.token_stats(h, w, y, bias=b, corrupted_hidden=hc, backend=backend, return_argmax=True)
+    k = torch.arange(1, h.shape[0] + 1, device=h.device, dtype=torch.float32) / h.shape[0]
+    (s.logprobs * k + s.target_logits * (1 - k) + s.lse * 0.5 + s.corrupted_target_logits * k).sum().backward()
+    outs = {"logprobs": s.logprobs, "target_logits": s.target_logits, "lse": s.lse,
+            "corrupted_target_logits": s.corrupted_target_logits, "argmax": s.argmax}
+    names = ("hidden", "weight", "bias", "corrupted")
+    return outs | {f"grad {n}": t.grad for n, t in zip(names, (h, w, b, hc), strict=True)}
+
+
+def _assert_close(got: dict, want: dict, atol=1e-5, rtol=1e-5) -> None:
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), atol=atol, rtol=rtol, msg=f"{name}".__add__)
+
+
+@pytest.mark.parametrize(
+    "mode,chunk_mb,tma",
+    [("split", "", "0"), ("split", "0.01", "0"), ("split", "0.01", "1"), ("atomic", "", "0")],
+    ids=["split", "split-chunked", "split-tma", "atomic"],
+)
+def test_token_stats_read_nothing_outside_their_inputs(monkeypatch, mode, chunk_mb, tma):
+    """No dimension a multiple of a tile (N 70 over two row blocks, D 40, V 600 over two tiles); no ignored row,
+    so the hidden states reach the kernels as they are (a compaction would copy them out of the fence)."""
+    monkeypatch.setenv("TPO_FAST_BACKWARD", mode)
+    monkeypatch.setenv("TPO_FAST_CHUNK_MB", chunk_mb)
+    monkeypatch.setenv("TPO_FAST_TMA", tma)
+    h, w, b, hc, y = _inputs(70, 40, 600)
+    want = _stats_and_grads("reference", h, w, b, hc, y)
+    got = _stats_and_grads("triton", *(fenced(t) for t in (h, w, b, hc)), fenced(y))
+    _assert_close(got, want, rtol=1e-4)
+
+
+def test_row_partials_stay_in_their_row():
+    """Odd rows' logits about a thousand times the even rows': a tile partial of row r + 1 read into row r's
+    logsumexp would shift it so far that row r's sum underflows (-inf), or a NaN row would spread."""
+    h, w, b, hc, y = _inputs(9, 16, 1100, seed=1)
+    with torch.no_grad():
+        h[1::2] *= 1000.0
+    want = _stats_and_grads("reference", h, w, b, hc, y)
+    got = _stats_and_grads("triton", h, w, b, hc, y)
+    assert bool(got["lse"][1::2].min() > 100.0)  # the large rows are large
+    _assert_close(got, want, atol=1e-3)
+    with torch.no_grad():
+        h[4, 0] = float("nan")
+    lse = tpo_fast.token_logprobs(h, w, y, bias=b, return_lse=True, backend="triton")[1]
+    assert lse.isnan().tolist() == [i == 4 for i in range(9)]
+
+
+def test_logits_far_below_zero():
+    """A bias of -1000 on every entry: the logsumexp is -1000 plus that of the rest, never log(0) = -inf."""
+    h, w, b, hc, y = _inputs(20, 16, 1100, seed=2)
+    with torch.no_grad():
+        b -= 1000.0
+    want = _stats_and_grads("reference", h, w, b, hc, y)
+    got = _stats_and_grads("triton", h, w, b, hc, y)
+    assert bool((got["lse"] < -990).all())
+    _assert_close(got, want, atol=1e-3)
+
+
+def test_a_plus_inf_bias_gives_a_plus_inf_logsumexp():
+    """As torch.logsumexp: one +inf logit makes the logsumexp +inf (not NaN), a finite target's log-prob -inf,
+    and the +inf target's NaN (inf - inf)."""
+    h, w, b, _, y = _inputs(6, 16, 1100, seed=3)
+    with torch.no_grad():
+        b[700] = float("inf")
+    y[0] = 700
+    lp, z, lse = tpo_fast.token_logprobs(h, w, y, bias=b, return_target_logit=True, return_lse=True,
+                                         backend="triton")
+    assert lse.tolist() == [float("inf")] * 6
+    assert lp[0].isnan() and lp[1:].tolist() == [float("-inf")] * 5
+    assert z[0] == float("inf") and bool(z[1:].isfinite().all())
