@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tpo_fast
+from tpo_fast.ops import triton_impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter's numpy warns of inf and NaN in lanes the masks then drop
@@ -60,17 +61,19 @@ def _assert_close(got: dict, want: dict, atol=1e-5, rtol=1e-5) -> None:
 
 
 @pytest.mark.parametrize(
-    "mode,chunk_mb,tma",
-    [("split", "", "0"), ("split", "0.01", "0"), ("split", "0.01", "1"), ("atomic", "", "0")],
-    ids=["split", "split-chunked", "split-tma", "atomic"],
+    "mode,chunk_mb,tma,d",
+    [("split", "", "0", 40), ("split", "0.01", "0", 40), ("split", "0.01", "1", 40), ("atomic", "", "0", 40),
+     ("split", "", "0", 200)],
+    ids=["split", "split-chunked", "split-tma", "atomic", "split-D200"],
 )
-def test_token_stats_read_nothing_outside_their_inputs(monkeypatch, mode, chunk_mb, tma):
-    """No dimension a multiple of a tile (N 70 over two row blocks, D 40, V 600 over two tiles); no ignored row,
-    so the hidden states reach the kernels as they are (a compaction would copy them out of the fence)."""
+def test_token_stats_read_nothing_outside_their_inputs(monkeypatch, mode, chunk_mb, tma, d):
+    """No dimension a multiple of a tile (N 70 over two row blocks, D 40, V 600 over two tiles; D 200 over two
+    blocks of the gather kernels, 128 wide under the interpreter); no ignored row, so the hidden states reach the
+    kernels as they are (a compaction would copy them out of the fence)."""
     monkeypatch.setenv("TPO_FAST_BACKWARD", mode)
     monkeypatch.setenv("TPO_FAST_CHUNK_MB", chunk_mb)
     monkeypatch.setenv("TPO_FAST_TMA", tma)
-    h, w, b, hc, y = _inputs(70, 40, 600)
+    h, w, b, hc, y = _inputs(70, d, 600)
     want = _stats_and_grads("reference", h, w, b, hc, y)
     got = _stats_and_grads("triton", *(fenced(t) for t in (h, w, b, hc)), fenced(y))
     _assert_close(got, want, rtol=1e-4)
@@ -115,3 +118,19 @@ def test_a_plus_inf_bias_gives_a_plus_inf_logsumexp():
     assert lse.tolist() == [float("inf")] * 6
     assert lp[0].isnan() and lp[1:].tolist() == [float("-inf")] * 5
     assert z[0] == float("inf") and bool(z[1:].isfinite().all())
+
+
+def test_an_infinite_row_scatters_into_its_own_target_only():
+    """`gw[y[i]] += g[i] * x[i]` in 16 bits (`kernels/scatter_rows.py`): an inf in x's first row reaches the
+    first row's target and no other (lanes past a run of equal targets read nothing, not 0 * inf)."""
+    g = torch.Generator().manual_seed(4)
+    gw = torch.randn(30, 24, generator=g).bfloat16().to(DEVICE)
+    targets = torch.tensor([5, 9, 9, 2, 5, 11, 9], device=DEVICE)
+    coef = torch.randn(7, generator=g).to(DEVICE)
+    x = torch.randn(7, 24, generator=g).bfloat16().to(DEVICE)
+    x[0, 3] = float("inf")
+    want = gw.double().index_add(0, targets, coef.double()[:, None] * x.double())
+    triton_impl._scatter_rows_(gw, targets, coef, x)
+    finite = gw.isfinite().all(dim=1)
+    assert (~finite).nonzero().flatten().tolist() == [5] and gw[5, 3].isinf()
+    torch.testing.assert_close(gw[finite].double(), want[finite], atol=0, rtol=2.0**-7)
