@@ -53,6 +53,7 @@ DEFAULT_TESTS = (  # every test file that launches a kernel under the interprete
     "tests/test_gaps_logits.py",
     "tests/test_gaps_ops.py",
     "tests/test_gaps_fused.py",
+    "tests/test_triton_edges.py",
 )
 BINOPS = {
     ast.Add: ("+", ["-"]),

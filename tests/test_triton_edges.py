@@ -134,3 +134,19 @@ def test_an_infinite_row_scatters_into_its_own_target_only():
     finite = gw.isfinite().all(dim=1)
     assert (~finite).nonzero().flatten().tolist() == [5] and gw[5, 3].isinf()
     torch.testing.assert_close(gw[finite].double(), want[finite], atol=0, rtol=2.0**-7)
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+def test_a_nan_row_keeps_its_gradient_to_itself(monkeypatch, mode):
+    """A NaN in one row of the hidden states: that row's log-prob and hidden gradient are NaN, every other row's
+    are those of the same inputs without it (a gradient tile's columns past D must not spill into the next row)."""
+    monkeypatch.setenv("TPO_FAST_BACKWARD", mode)
+    h, w, b, hc, y = _inputs(20, 40, 300, seed=5)
+    want = _stats_and_grads("reference", h, w, b, hc, y)
+    with torch.no_grad():
+        h[6, 11] = float("nan")
+    got = _stats_and_grads("triton", h, w, b, hc, y)
+    rows = [i for i in range(20) if i != 6]
+    assert got["logprobs"][6].isnan() and bool(got["grad hidden"][6].isnan().all())
+    for name in ("logprobs", "lse", "grad hidden", "grad corrupted"):
+        torch.testing.assert_close(got[name][rows], want[name][rows], atol=1e-5, rtol=1e-4, msg=f"{name}".__add__)
