@@ -24,6 +24,7 @@ lint: setup
 
 # Mutation testing of one module in a copy of the tree (not CI; minutes per module on 2 cores), e.g.
 #   make mutants MODULE=tpo_fast/ops/torch_chunked.py [TESTS="tests/..."] [FUNCTIONS="forward backward"]
+#   make mutants MODULE=kernels/token_stats_fwd.py   (a Triton kernel: scripts/kernel_mutants.py)
 # (docs/testing.md)
 mutants:
 	PY=$(PY) MODULE=$(MODULE) TESTS="$(TESTS)" FUNCTIONS="$(FUNCTIONS)" bash scripts/mutants.sh

@@ -191,7 +191,8 @@ part_kernel_tests() {
         tests/test_gaps_triton_fused.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py tests/test_gaps_logits.py \
         tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
-        tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py
+        tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py \
+        tests/test_triton_edges.py
 }
 
 part_tests() {
