@@ -1,0 +1,382 @@
+"""bench/_measure_step.py in the test process: the largest-micro-batch search (issue 15's "micro-batch that fits the
+budget"), what a step child measures in each phase and how it checks the first step, and its entry point.
+
+The contenders here are scripted: each step advances a fake clock by a known time and leaves a known peak, so
+every probe of the search, every figure of a row and every verdict is worked out by hand below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import pytest
+import torch
+from _bench import bench_modules
+
+LN2 = math.log(2.0)
+
+
+@pytest.fixture(scope="module")
+def mods():
+    measure_step, step_workload = bench_modules("_measure_step", "_workloads.step")
+    return measure_step, step_workload
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Peak:
+    """Stands for `_CpuMemory` (the step's peak) and `_Total` (the total peak): the value the last step left."""
+
+    def __init__(self, reason=None):
+        self.value = None
+        self.reason = reason
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+
+    def peak(self):
+        return self.value
+
+
+class Sized:
+    """A contender whose step at p pairs takes p seconds and peaks at 100 + 10 p MiB in total; out of memory from
+    `oom_at` pairs, another error from `error_at`."""
+
+    def __init__(self, clock, total, oom_at=None, error_at=None):
+        self.clock, self.total, self.oom_at, self.error_at = clock, total, oom_at, error_at
+        self.steps = []
+
+    def batch(self, pairs):
+        return {"pairs": pairs}
+
+    def train_step(self, batch):
+        p = batch["pairs"]
+        self.steps.append(p)
+        if self.error_at is not None and p >= self.error_at:
+            raise RuntimeError("shapes do not match")
+        if self.oom_at is not None and p >= self.oom_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.clock.now += float(p)
+        self.total.value = 100.0 + 10.0 * p
+        return 0.5
+
+
+def _search(mods, monkeypatch, pairs=2, budget=230.0, cap=64, search_s=1000.0, known=None, **kw):
+    measure_step, step_workload = mods
+    clock, total = Clock(), Peak()
+    monkeypatch.setattr(measure_step, "time", types.SimpleNamespace(monotonic=clock, perf_counter=clock))
+    case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], pairs=pairs, memory_budget_mib=budget,
+                               max_pairs=cap, search_s=search_s)
+    c = Sized(clock, total, **kw)
+    known = {pairs: 100.0 + 10.0 * pairs} if known is None else known
+    out = measure_step.largest_micro_batch(c, case, "cpu", Peak(), total, known, step_s=float(pairs))
+    return out, c.steps
+
+
+def _probe(pairs, fits=None, why=None):
+    peak = None if why else 100.0 + 10.0 * pairs
+    return {"total_peak_mib": peak, "fits": peak is not None and peak <= 230.0 if fits is None else fits,
+            **({"why": why} if why else {})}
+
+
+def test_search_doubles_then_bisects_to_the_largest_micro_batch_in_the_budget(mods, monkeypatch):
+    """2 pairs fit (known), 4 and 8 fit, 16 does not; then 12 (fits), 14 (does not), 13: 230 MiB, the budget
+    itself, fits. Exact: 13 fits and 14 does not."""
+    out, steps = _search(mods, monkeypatch)
+    assert steps == [4, 8, 16, 12, 14, 13]
+    assert out == {
+        "max_micro_batch": 13, "max_micro_batch_exact": True, "max_micro_batch_bound": None,
+        "micro_batch_probes": {str(p): _probe(p) for p in (2, 4, 8, 12, 13, 14, 16)},
+        "memory_budget_mib": 230.0, "search_took_s": 67.0,  # the probes' seconds: 4 + 8 + 16 + 12 + 14 + 13
+    }
+
+
+def test_search_halves_from_a_micro_batch_that_does_not_fit(mods, monkeypatch):
+    """8 pairs (known) over a 135 MiB budget: 4 does not fit, 2 does, then 3 (130 MiB) does."""
+    out, steps = _search(mods, monkeypatch, pairs=8, budget=135.0)
+    assert steps == [4, 2, 3]
+    assert (out["max_micro_batch"], out["max_micro_batch_exact"], out["max_micro_batch_bound"]) == (3, True, None)
+    assert out["micro_batch_probes"] == {"2": {"total_peak_mib": 120.0, "fits": True},
+                                         "3": {"total_peak_mib": 130.0, "fits": True},
+                                         "4": {"total_peak_mib": 140.0, "fits": False},
+                                         "8": {"total_peak_mib": 180.0, "fits": False}}
+
+
+def test_search_stops_at_the_cap_and_says_so(mods, monkeypatch):
+    out, steps = _search(mods, monkeypatch, budget=1e6, cap=12)  # 4, 8, then min(16, 12)
+    assert steps == [4, 8, 12]
+    assert (out["max_micro_batch"], out["max_micro_batch_exact"], out["max_micro_batch_bound"]) == \
+        (12, False, "cap of 12 pairs")
+
+
+def test_search_starts_no_probe_predicted_to_end_past_its_time_bound(mods, monkeypatch):
+    """A probe of p pairs is predicted to take p seconds (a 2-pair step took 2): 4 (ends at 4 s), 8 (12 s) and 16
+    (28 s) start within 30 s; 12 more would end at 40 s, so the search stops with 8 and says why."""
+    out, steps = _search(mods, monkeypatch, search_s=30.0)
+    assert steps == [4, 8, 16]
+    assert (out["max_micro_batch"], out["max_micro_batch_exact"]) == (8, False)
+    assert out["max_micro_batch_bound"] == "time bound (30 s) reached before 12 pairs"
+    assert out["search_took_s"] == 28.0 and "12" not in out["micro_batch_probes"]
+
+
+def test_search_counts_out_of_memory_as_not_fitting_and_raises_anything_else(mods, monkeypatch):
+    out, steps = _search(mods, monkeypatch, budget=1e6, oom_at=10)
+    assert steps == [4, 8, 16, 12, 10, 9]
+    assert (out["max_micro_batch"], out["max_micro_batch_exact"]) == (9, True)
+    for p in (10, 12, 16):
+        assert out["micro_batch_probes"][str(p)] == {"total_peak_mib": None, "fits": False, "why": "out of memory"}
+    with pytest.raises(RuntimeError, match="^shapes do not match$"):
+        _search(mods, monkeypatch, error_at=8)
+
+
+@pytest.mark.parametrize("known_peak", [500.0, None], ids=["over", "unknown"])
+def test_search_down_to_one_pair_that_does_not_fit(mods, monkeypatch, known_peak):
+    """Not even one pair fits (110 MiB over 50): the largest micro-batch is 0, exactly; a known micro-batch without
+    a peak (a memory child that could not read one) counts as not fitting."""
+    out, steps = _search(mods, monkeypatch, budget=50.0, known={2: known_peak})
+    assert steps == [1]
+    assert (out["max_micro_batch"], out["max_micro_batch_exact"], out["max_micro_batch_bound"]) == (0, True, None)
+    assert out["micro_batch_probes"]["2"] == {"total_peak_mib": known_peak, "fits": False}
+
+
+class Scripted:
+    """A step contender whose steps return `losses` in turn, take `seconds` in turn on the fake clock, leave
+    `peaks` (step, total) in turn, and do one 2x3 @ 3x4 matmul each (48 FLOPs)."""
+
+    name, kind, objective, oracle, unshared = "scripted", "ours", "tpo", False, None
+    workloads = {"step": "a scripted step"}
+
+    def __init__(self, clock, mem, total, losses, seconds, peaks, fail=None, cache_s=None):
+        self.clock, self.mem, self.total = clock, mem, total
+        self.losses, self.seconds, self.peaks, self.fail = list(losses), list(seconds), list(peaks), fail
+        self.calls, self.built = [], None
+        if cache_s is not None:
+            self.reference_cache_s_per_pair = cache_s
+
+    def build(self, case, data, device):
+        if self.fail is not None:
+            raise self.fail
+        self.built = (case.name, data.seed, device)
+
+    def note(self):
+        return "a scripted step; built"
+
+    def label_for(self, workload):
+        return f"scripted ({workload})"
+
+    def batch(self, pairs):
+        return {"pairs": pairs}
+
+    def train_step(self, batch):
+        i = len(self.calls)
+        self.calls.append(batch["pairs"])
+        torch.ones(2, 3) @ torch.ones(3, 4)
+        self.clock.now += self.seconds[i % len(self.seconds)]
+        self.mem.value, self.total.value = self.peaks[i % len(self.peaks)]
+        return self.losses[i % len(self.losses)]
+
+
+class FakeData:
+    def __init__(self, case, seed=0):
+        self.case, self.seed = case, seed
+
+    def tokens(self, pairs):
+        assert pairs == self.case.pairs
+        return {"tokens": 1000, "response": 400, "padded": 50, "row_len": 300}
+
+
+def _measure(mods, monkeypatch, phase, losses=(LN2, 0.5, 0.4, 0.3, 0.2), dtype="fp32", search_s=0.0, reason=None,
+             **kw):
+    measure_step, step_workload = mods
+    clock, mem, total = Clock(), Peak(reason), Peak()
+    monkeypatch.setattr(measure_step, "time", types.SimpleNamespace(monotonic=clock, perf_counter=clock))
+    monkeypatch.setattr(measure_step, "_CpuMemory", lambda: mem)
+    monkeypatch.setattr(measure_step, "_Total", lambda device: total)
+    monkeypatch.setattr(measure_step, "StepData", FakeData)
+    case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], dtype=dtype, search_s=search_s, pairs=2,
+                               memory_budget_mib=1e6, max_pairs=4)
+    c = Scripted(clock, mem, total, losses, seconds=kw.pop("seconds", (0.5, 0.5, 0.25, 0.125, 0.375)),
+                 peaks=kw.pop("peaks", [(10.0, 110.0), (11.0, 111.0), (12.0, 140.0), (9.0, 120.0), (13.0, 115.0)]),
+                 **kw)
+    cfg = {"device": "cpu", "phase": phase, "seed": 7, "warmup": 2, "repeats": 3}
+    return measure_step.measure_step(c, case, cfg), c
+
+
+def test_time_phase_row(mods, monkeypatch):
+    """Two warm-up steps (the first loss is the check, ln 2 exactly), then three timed steps of 0.25, 0.125 and
+    0.375 s: median 250 ms, 1000 tokens / 0.25 s = 4000 tokens/s; no memory figures, no search."""
+    measure_step, _ = mods
+    row, c = _measure(mods, monkeypatch, "time")
+    assert c.built == ("step-tiny", 7, "cpu") and c.calls == [2] * 5
+    assert row == {
+        "status": "ok", "reason": "", "note": "a scripted step; built", "objective": "tpo", "oracle": False,
+        "setup_s": 0.0, "tokens": 1000, "response_tokens": 400, "padded_positions": 50, "seq_len": 300,
+        "check": {"ok": True, "errors": {"first_loss": {"err": 0.0, "tol": 1e-3},
+                                         "first_drop": {"err": None, "tol": None, "drop": LN2 - 0.5, "min": 1e-4}}},
+        "losses": [LN2, 0.5, 0.4, 0.3, 0.2],
+        "full_ms": measure_step._stats([250.0, 125.0, 375.0]), "tokens_per_s": 4000.0,
+    }
+    assert row["full_ms"]["median"] == 250.0
+
+
+def test_memory_phase_row_and_its_search(mods, monkeypatch):
+    """Two steps only (MEMORY_STEPS), their largest peaks (12 MiB step, 140 MiB total), one more step's FLOPs (48,
+    in GFLOP), the reader's note, then the search from the largest total peak (steps of 2 pairs each: 4 fits)."""
+    row, c = _measure(mods, monkeypatch, "memory", search_s=100.0, reason="peak RSS not measurable here (test)")
+    assert c.calls == [2, 2, 2, 2, 2, 4]  # warm-up x2, the two steps, the counted step, the 4-pair probe (the cap)
+    assert row["losses"] == [LN2, 0.5, 0.4, 0.3] and "full_ms" not in row and "tokens_per_s" not in row
+    assert (row["full_peak_mib"], row["total_peak_mib"]) == (12.0, 140.0)
+    assert row["memory_note"] == "peak RSS not measurable here (test)"
+    assert row["step_gflop"] == 48 / 1e9
+    assert row["max_micro_batch"] == 4 and row["max_micro_batch_bound"] == "cap of 4 pairs"
+    assert row["micro_batch_probes"]["2"] == {"total_peak_mib": 140.0, "fits": True}
+
+
+def test_all_phase_row_has_both_and_a_missing_step_peak_stays_missing(mods, monkeypatch):
+    peaks = [(10.0, 110.0), (11.0, 111.0), (None, 140.0), (9.0, 120.0), (13.0, 115.0)]
+    row, _ = _measure(mods, monkeypatch, "all", peaks=peaks)
+    assert row["tokens_per_s"] == 4000.0 and row["full_peak_mib"] is None and row["total_peak_mib"] == 140.0
+    assert "memory_note" not in row and "max_micro_batch" not in row  # search_s = 0: no search
+
+
+def test_first_loss_check_per_dtype(mods, monkeypatch):
+    """The first loss is ln 2 to 1e-3 in fp32 and 1e-2 in 16 bits; a row that misses it is not timed."""
+    off = LN2 * 1.005
+    row, c = _measure(mods, monkeypatch, "time", losses=(off, 0.5))
+    assert c.calls == [2, 2] and row["status"] == "failed check"
+    assert row["reason"] == f"wrong result, not timed: first loss {off:.6g}, expected ln 2 = {LN2:.6g}"
+    assert row["check"] == {"ok": False, "errors": {"first_loss": {"err": pytest.approx(0.005), "tol": 1e-3}}}
+    row, _ = _measure(mods, monkeypatch, "time", losses=(off, 0.5), dtype="bf16")
+    assert row["status"] == "ok" and row["check"]["errors"]["first_loss"]["tol"] == 1e-2
+    row, _ = _measure(mods, monkeypatch, "time", losses=(float("nan"), 0.5), dtype="bf16")
+    assert row["status"] == "failed check" and row["check"]["errors"]["first_loss"]["err"] == math.inf
+
+
+def test_a_step_that_does_not_lower_the_loss_fails_in_fp32_only(mods, monkeypatch):
+    """fp32: the loss after one optimizer step at least 1e-4 below the first; 16 bits leave it to the cross-check."""
+    flat = (LN2, LN2 - 9e-5, 0.4, 0.3, 0.2)
+    row, _ = _measure(mods, monkeypatch, "time", losses=flat)
+    assert row["status"] == "failed check" and row["check"]["ok"] is False
+    assert row["reason"] == (f"the loss did not fall after an optimizer step on the same batch ({LN2:.6g} -> "
+                             f"{LN2 - 9e-5:.6g}): nothing was trained")
+    assert row["check"]["errors"]["first_drop"] == {"err": None, "tol": None, "drop": pytest.approx(9e-5),
+                                                    "min": 1e-4}
+    row, _ = _measure(mods, monkeypatch, "time", losses=(LN2, LN2 - 1.1e-4, 0.4, 0.3, 0.2))
+    assert row["status"] == "ok"
+    row, _ = _measure(mods, monkeypatch, "time", losses=flat, dtype="bf16")
+    assert row["status"] == "ok" and row["check"]["errors"]["first_drop"]["min"] is None
+
+
+def test_a_non_finite_loss_in_the_timed_steps_fails_the_row(mods, monkeypatch):
+    row, _ = _measure(mods, monkeypatch, "time", losses=(LN2, 0.5, 0.4, float("inf"), 0.2))
+    assert row["status"] == "failed check"
+    assert row["reason"] == f"non-finite loss during the timed steps: {[LN2, 0.5, 0.4, float('inf'), 0.2]}"
+
+
+def test_failures_become_rows_and_a_reference_cache_time_is_kept(mods, monkeypatch):
+    measure_step, _ = mods
+    row, _ = _measure(mods, monkeypatch, "time", fail=RuntimeError("no such model"))
+    assert (row["status"], row["reason"]) == ("error", "RuntimeError: no such model") and "traceback" in row
+    row, _ = _measure(mods, monkeypatch, "time", fail=torch.OutOfMemoryError("CUDA out of memory. Tried 4 GiB"))
+    assert (row["status"], row["reason"]) == ("OOM", "out of memory: CUDA out of memory. Tried 4 GiB")
+    row, _ = _measure(mods, monkeypatch, "time", cache_s=0.25)
+    assert row["reference_cache_s_per_pair"] == 0.25
+    with pytest.raises(ValueError, match=r"^phase must be one of \('all', 'memory', 'time'\), got 'warm'$"):
+        _measure(mods, monkeypatch, "warm")
+
+
+def test_child_entry_point_names_the_row(mods, monkeypatch):
+    """`run_step_contender`: the case by name, the job's search bound in place of the case's, the job's thread
+    count, and the row named after its contender."""
+    measure_step, _ = mods
+    threads, seen = [], []
+    c = Scripted(Clock(), Peak(), Peak(), (LN2,), (0.1,), [(1.0, 1.0)])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(measure_step, "step_contenders", lambda: {"scripted": c})
+    monkeypatch.setattr(measure_step, "measure_step",
+                        lambda con, case, job: seen.append((con, case.name, case.search_s, job)) or {"status": "ok"})
+    job = {"case": {"name": "step-tiny"}, "contender": "scripted", "threads": 3, "search_s": 5.0}
+    assert measure_step.run_step_contender(job) == [{"status": "ok", "contender": "scripted",
+                                                     "label": "scripted (step)", "kind": "ours", "workload": "step",
+                                                     "unshared": None}]
+    assert threads == [3] and seen == [(c, "step-tiny", 5.0, job)]
+    seen.clear()
+    measure_step.run_step_contender({"case": {"name": "step-tiny"}, "contender": "scripted"})
+    assert threads == [3] and seen[0][2] == mods[1].STEP_CASES["step-tiny"].search_s
+
+
+def _row(contender, objective, losses, oracle=False, **extra):
+    return {"workload": "step", "status": "ok", "contender": contender, "label": contender.upper(),
+            "objective": objective, "oracle": oracle, "losses": losses, **extra}
+
+
+def test_cross_check_writes_each_verdict_in_full(mods):
+    """Which rows it judges (ok step rows with losses), what it adds to a row without a check, the tolerance of
+    each dtype (a row without one is fp32), a row without an oracle and a 16-bit oracle drop within noise (every
+    such row noted, not only the first), and a failure's fields."""
+    measure_step, _ = mods
+    others = [
+        {"workload": "tpo", "status": "ok", "objective": "tpo", "losses": [1.0, 0.0]},
+        {"workload": "step", "status": "failed check", "objective": "tpo", "losses": [1.0, 0.0], "check": {}},
+        {"workload": "step", "status": "ok", "objective": "tpo", "losses": None},
+    ]
+    rows = [
+        *others,
+        _row("official", "tpo", [1.0, 0.5], oracle=True, check={"ok": True, "errors": {}}),
+        _row("no-check", "tpo", [1.0, 0.495]),  # 1% apart, fp32: within 2%
+        _row("no-errors", "tpo", [1.0, 0.485], check={"ok": True}),  # 3% apart, no dtype: fp32, fails
+        _row("fp16", "tpo", [1.0, 0.44], dtype="fp16"),  # 12% apart: within 15%
+        _row("fp8", "tpo", [1.0, 0.56], dtype="fp8"),  # a dtype without its own tolerance: bf16's 15%
+        _row("dpo-a", "dpo", [1.0, 0.9]),
+        _row("dpo-b", "dpo", [1.0, 0.8]),
+    ]
+    before = [dict(r) for r in others]
+    measure_step.cross_check_steps(rows)
+    assert others == before  # not judged, not touched
+    by = {r["contender"]: r for r in rows[3:]}
+
+    def verdict(name):
+        return by[name]["check"]["errors"]["first_drop_vs_oracle"]
+
+    assert by["official"]["check"] == {"ok": True, "errors": {}}
+    assert by["no-check"]["check"] == {"ok": True, "errors": {"first_drop_vs_oracle": {
+        "err": pytest.approx(0.01), "tol": 0.02, "oracle": "official"}}}
+    assert by["no-errors"]["check"] == {"ok": False, "errors": {"first_drop_vs_oracle": {
+        "err": pytest.approx(0.03), "tol": 0.02, "oracle": "official"}}}
+    assert by["no-errors"]["status"] == "failed check" and by["no-errors"]["reason"] == (
+        "its first optimizer step lowers the loss by 0.515, OFFICIAL's by 0.5 (3.0% apart, tolerance 2%): it does "
+        "not train the same TPO objective")
+    assert verdict("fp16") == {"err": pytest.approx(0.12), "tol": 0.15, "oracle": "official"}
+    assert verdict("fp8") == {"err": pytest.approx(0.12), "tol": 0.15, "oracle": "official"}
+    assert by["fp16"]["status"] == by["fp8"]["status"] == "ok"
+    for name in ("dpo-a", "dpo-b"):
+        assert by[name]["check"] == {"ok": True, "errors": {"first_drop_vs_oracle": {
+            "err": None, "tol": None, "note": "no independent dpo step in this run"}}}
+
+
+def test_cross_check_leaves_a_16bit_drop_within_noise_unjudged_and_judges_fp32_always(mods):
+    """An oracle drop under 1e-3 is within 16-bit rounding noise: its bf16 rows are noted (all of them); fp32 rows
+    are judged whatever the drop; a drop of exactly 1e-3 is judged."""
+    measure_step, _ = mods
+    rows = [_row("official", "tpo", [1.0, 1.0 - 5e-4], oracle=True, dtype="bf16"),
+            _row("bf16-a", "tpo", [1.0, 0.9], dtype="bf16"), _row("bf16-b", "tpo", [1.0, 0.9], dtype="bf16"),
+            _row("fp32", "tpo", [1.0, 0.9])]
+    measure_step.cross_check_steps(rows)
+    for r in rows[1:3]:
+        assert r["status"] == "ok" and r["check"]["errors"]["first_drop_vs_oracle"] == {
+            "err": None, "tol": None, "oracle": "official",
+            "note": f"the oracle's first drop {5e-4:.3g} is within bf16 noise"}
+    assert rows[3]["status"] == "failed check" and rows[3]["check"]["ok"] is False
+    at_floor = [_row("official", "tpo", [1e-3, 0.0], oracle=True, dtype="bf16"),  # a drop of exactly 1e-3
+                _row("bf16", "tpo", [1e-3, 0.0], dtype="bf16")]
+    measure_step.cross_check_steps(at_floor)
+    assert at_floor[1]["check"]["errors"]["first_drop_vs_oracle"]["tol"] == 0.15
