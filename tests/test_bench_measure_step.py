@@ -380,3 +380,22 @@ def test_cross_check_leaves_a_16bit_drop_within_noise_unjudged_and_judges_fp32_a
                 _row("bf16", "tpo", [1e-3, 0.0], dtype="bf16")]
     measure_step.cross_check_steps(at_floor)
     assert at_floor[1]["check"]["errors"]["first_drop_vs_oracle"]["tol"] == 0.15
+
+
+def test_step_token_counts_from_the_records_words(mods):
+    """The numerator of tokens/s (`StepData.tokens`), from the records' own words: the word-level processor gives
+    a prompt of "USER :", (image side / patch)^2 image tokens, the prompt's words and "ASSISTANT :", counted once
+    per pair, and each response's words plus EOS; "padded" is the 2B x T positions of the right-padded batch."""
+    _, step_workload = mods
+    case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], pairs=3)
+    data = step_workload.StepData(case)
+    records = data.records[:3]
+    prompt = 4 + (case.image_size // case.patch_size) ** 2 + case.prompt_words
+    chosen = [len(r["chosen"].split()) + 1 for r in records]
+    rejected = [len(r["rejected"].split()) + 1 for r in records]
+    assert all(len(r["prompt"].split()) == case.prompt_words for r in records)
+    for c, r in zip(chosen, rejected, strict=True):  # unequal lengths within the case's range (plus EOS)
+        assert c != r and case.response_min + 1 <= min(c, r) and max(c, r) <= case.response_max + 1
+    row_len = prompt + max(chosen + rejected)
+    assert data.tokens(3) == {"tokens": 3 * prompt + sum(chosen) + sum(rejected), "padded": 6 * row_len,
+                              "response": sum(chosen) + sum(rejected), "row_len": row_len}
