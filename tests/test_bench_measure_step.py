@@ -25,8 +25,10 @@ def mods():
 
 
 class Clock:
+    """Starts far from 0, so that a time taken as `now + start` in place of `now - start` shows."""
+
     def __init__(self):
-        self.now = 0.0
+        self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
@@ -51,8 +53,9 @@ class Sized:
     """A contender whose step at p pairs takes p seconds and peaks at 100 + 10 p MiB in total; out of memory from
     `oom_at` pairs, another error from `error_at`."""
 
-    def __init__(self, clock, total, oom_at=None, error_at=None):
+    def __init__(self, clock, total, oom_at=None, error_at=None, s_per_pair=1.0):
         self.clock, self.total, self.oom_at, self.error_at = clock, total, oom_at, error_at
+        self.s_per_pair = s_per_pair
         self.steps = []
 
     def batch(self, pairs):
@@ -65,7 +68,7 @@ class Sized:
             raise RuntimeError("shapes do not match")
         if self.oom_at is not None and p >= self.oom_at:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.clock.now += float(p)
+        self.clock.now += self.s_per_pair * p
         self.total.value = 100.0 + 10.0 * p
         return 0.5
 
@@ -78,7 +81,7 @@ def _search(mods, monkeypatch, pairs=2, budget=230.0, cap=64, search_s=1000.0, k
                                max_pairs=cap, search_s=search_s)
     c = Sized(clock, total, **kw)
     known = {pairs: 100.0 + 10.0 * pairs} if known is None else known
-    out = measure_step.largest_micro_batch(c, case, "cpu", Peak(), total, known, step_s=float(pairs))
+    out = measure_step.largest_micro_batch(c, case, "cpu", Peak(), total, known, step_s=c.s_per_pair * pairs)
     return out, c.steps
 
 
@@ -91,13 +94,16 @@ def _probe(pairs, fits=None, why=None):
 def test_search_doubles_then_bisects_to_the_largest_micro_batch_in_the_budget(mods, monkeypatch):
     """2 pairs fit (known), 4 and 8 fit, 16 does not; then 12 (fits), 14 (does not), 13: 230 MiB, the budget
     itself, fits. Exact: 13 fits and 14 does not."""
-    out, steps = _search(mods, monkeypatch)
+    out, steps = _search(mods, monkeypatch, s_per_pair=1.25)
     assert steps == [4, 8, 16, 12, 14, 13]
     assert out == {
         "max_micro_batch": 13, "max_micro_batch_exact": True, "max_micro_batch_bound": None,
         "micro_batch_probes": {str(p): _probe(p) for p in (2, 4, 8, 12, 13, 14, 16)},
-        "memory_budget_mib": 230.0, "search_took_s": 67.0,  # the probes' seconds: 4 + 8 + 16 + 12 + 14 + 13
+        # the probes' seconds, 1.25 x (4 + 8 + 16 + 12 + 14 + 13) = 83.75, to a tenth (half to even)
+        "memory_budget_mib": 230.0, "search_took_s": 83.8,
     }
+    out, _ = _search(mods, monkeypatch, budget=120.0)  # a known peak equal to the budget fits
+    assert out["micro_batch_probes"]["2"] == {"total_peak_mib": 120.0, "fits": True}
 
 
 def test_search_halves_from_a_micro_batch_that_does_not_fit(mods, monkeypatch):
@@ -120,11 +126,11 @@ def test_search_stops_at_the_cap_and_says_so(mods, monkeypatch):
 
 def test_search_starts_no_probe_predicted_to_end_past_its_time_bound(mods, monkeypatch):
     """A probe of p pairs is predicted to take p seconds (a 2-pair step took 2): 4 (ends at 4 s), 8 (12 s) and 16
-    (28 s) start within 30 s; 12 more would end at 40 s, so the search stops with 8 and says why."""
-    out, steps = _search(mods, monkeypatch, search_s=30.0)
+    (28 s, the bound itself) start within 28 s; 12 more would end at 40 s, so the search stops with 8 and says why."""
+    out, steps = _search(mods, monkeypatch, search_s=28.0)
     assert steps == [4, 8, 16]
     assert (out["max_micro_batch"], out["max_micro_batch_exact"]) == (8, False)
-    assert out["max_micro_batch_bound"] == "time bound (30 s) reached before 12 pairs"
+    assert out["max_micro_batch_bound"] == "time bound (28 s) reached before 12 pairs"
     assert out["search_took_s"] == 28.0 and "12" not in out["micro_batch_probes"]
 
 
@@ -152,7 +158,7 @@ class Scripted:
     """A step contender whose steps return `losses` in turn, take `seconds` in turn on the fake clock, leave
     `peaks` (step, total) in turn, and do one 2x3 @ 3x4 matmul each (48 FLOPs)."""
 
-    name, kind, objective, oracle, unshared = "scripted", "ours", "tpo", False, None
+    name, kind, objective, oracle, unshared = "scripted", "ours", "tpo", False, "scripted-unshared"
     workloads = {"step": "a scripted step"}
 
     def __init__(self, clock, mem, total, losses, seconds, peaks, fail=None, cache_s=None):
@@ -165,6 +171,7 @@ class Scripted:
     def build(self, case, data, device):
         if self.fail is not None:
             raise self.fail
+        self.clock.now += 2.25  # the set-up's time, to a tenth (half to even): 2.2
         self.built = (case.name, data.seed, device)
 
     def note(self):
@@ -195,19 +202,19 @@ class FakeData:
 
 
 def _measure(mods, monkeypatch, phase, losses=(LN2, 0.5, 0.4, 0.3, 0.2), dtype="fp32", search_s=0.0, reason=None,
-             **kw):
+             warmup=2, **kw):
     measure_step, step_workload = mods
     clock, mem, total = Clock(), Peak(reason), Peak()
     monkeypatch.setattr(measure_step, "time", types.SimpleNamespace(monotonic=clock, perf_counter=clock))
     monkeypatch.setattr(measure_step, "_CpuMemory", lambda: mem)
-    monkeypatch.setattr(measure_step, "_Total", lambda device: total)
+    monkeypatch.setattr(measure_step, "_Total", lambda device: setattr(total, "device", device) or total)
     monkeypatch.setattr(measure_step, "StepData", FakeData)
     case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], dtype=dtype, search_s=search_s, pairs=2,
                                memory_budget_mib=1e6, max_pairs=4)
     c = Scripted(clock, mem, total, losses, seconds=kw.pop("seconds", (0.5, 0.5, 0.25, 0.125, 0.375)),
                  peaks=kw.pop("peaks", [(10.0, 110.0), (11.0, 111.0), (12.0, 140.0), (9.0, 120.0), (13.0, 115.0)]),
                  **kw)
-    cfg = {"device": "cpu", "phase": phase, "seed": 7, "warmup": 2, "repeats": 3}
+    cfg = {"device": "cpu", "seed": 7, "warmup": warmup, "repeats": 3, **({"phase": phase} if phase else {})}
     return measure_step.measure_step(c, case, cfg), c
 
 
@@ -215,11 +222,12 @@ def test_time_phase_row(mods, monkeypatch):
     """Two warm-up steps (the first loss is the check, ln 2 exactly), then three timed steps of 0.25, 0.125 and
     0.375 s: median 250 ms, 1000 tokens / 0.25 s = 4000 tokens/s; no memory figures, no search."""
     measure_step, _ = mods
-    row, c = _measure(mods, monkeypatch, "time")
-    assert c.built == ("step-tiny", 7, "cpu") and c.calls == [2] * 5
+    row, c = _measure(mods, monkeypatch, "time", search_s=100.0)
+    assert c.built == ("step-tiny", 7, "cpu") and c.calls == [2] * 5  # and no search in the "time" phase
+    assert (c.mem.starts, c.total.device) == (4, "cpu")  # once before the model, then per timed step
     assert row == {
         "status": "ok", "reason": "", "note": "a scripted step; built", "objective": "tpo", "oracle": False,
-        "setup_s": 0.0, "tokens": 1000, "response_tokens": 400, "padded_positions": 50, "seq_len": 300,
+        "setup_s": 2.2, "tokens": 1000, "response_tokens": 400, "padded_positions": 50, "seq_len": 300,
         "check": {"ok": True, "errors": {"first_loss": {"err": 0.0, "tol": 1e-3},
                                          "first_drop": {"err": None, "tol": None, "drop": LN2 - 0.5, "min": 1e-4}}},
         "losses": [LN2, 0.5, 0.4, 0.3, 0.2],
@@ -242,10 +250,23 @@ def test_memory_phase_row_and_its_search(mods, monkeypatch):
 
 
 def test_all_phase_row_has_both_and_a_missing_step_peak_stays_missing(mods, monkeypatch):
-    peaks = [(10.0, 110.0), (11.0, 111.0), (None, 140.0), (9.0, 120.0), (13.0, 115.0)]
-    row, _ = _measure(mods, monkeypatch, "all", peaks=peaks)
+    """No phase given is "all"; one warm-up step when asked for none."""
+    peaks = [(10.0, 110.0), (None, 140.0), (9.0, 120.0), (13.0, 115.0)]
+    row, c = _measure(mods, monkeypatch, None, peaks=peaks, warmup=0, seconds=(0.5, 0.25, 0.125, 0.375))
+    assert c.calls == [2] * 5 and row["losses"] == [LN2, 0.5, 0.4, 0.3]  # 1 warm-up, 3 timed, 1 counted
     assert row["tokens_per_s"] == 4000.0 and row["full_peak_mib"] is None and row["total_peak_mib"] == 140.0
     assert "memory_note" not in row and "max_micro_batch" not in row  # search_s = 0: no search
+
+
+@pytest.mark.parametrize(("search_s", "probed"), [(0.375, True), (0.3748, False)])
+def test_search_predicts_a_probe_from_the_measured_median_step(mods, monkeypatch, search_s, probed):
+    """The memory phase's two steps took 0.25 and 0.125 s (median 0.1875 s at 2 pairs), so 4 pairs are predicted to
+    take 0.375 s: a bound of 0.375 s lets the probe start, 0.3748 s does not (and a bound under 1 s still searches)."""
+    row, c = _measure(mods, monkeypatch, "memory", search_s=search_s)
+    assert c.calls[-1] == (4 if probed else 2)
+    assert row["max_micro_batch"] == (4 if probed else 2)
+    assert row["max_micro_batch_bound"] == ("cap of 4 pairs" if probed else
+                                            f"time bound ({search_s:g} s) reached before 4 pairs")
 
 
 def test_first_loss_check_per_dtype(mods, monkeypatch):
@@ -307,7 +328,7 @@ def test_child_entry_point_names_the_row(mods, monkeypatch):
     job = {"case": {"name": "step-tiny"}, "contender": "scripted", "threads": 3, "search_s": 5.0}
     assert measure_step.run_step_contender(job) == [{"status": "ok", "contender": "scripted",
                                                      "label": "scripted (step)", "kind": "ours", "workload": "step",
-                                                     "unshared": None}]
+                                                     "unshared": "scripted-unshared"}]
     assert threads == [3] and seen == [(c, "step-tiny", 5.0, job)]
     seen.clear()
     measure_step.run_step_contender({"case": {"name": "step-tiny"}, "contender": "scripted"})
