@@ -7,6 +7,10 @@ with the reference backend on the same inputs, or with the value the inputs dete
 - Row partials stay in their row: rows whose logits lie a thousand apart, over three vocabulary tiles (the
   logsumexp combine loads four partials per row; a fourth read from the next row would shift it).
 - Logits far below zero (a logsumexp of -1000) and a +inf bias (a logsumexp of +inf, as torch.logsumexp).
+- Non-finite values stay in their row: a NaN hidden row's gradient (a gradient tile's columns past D must not
+  spill into the next row) and an infinite row of the 16-bit scatter (padding lanes must not read it).
+- The gather kernels over two hidden blocks and two row blocks (D 200, N 70: the interpreter's tiles are 128
+  and 64 wide).
 """
 
 from __future__ import annotations
