@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import concurrent.futures
 import dataclasses
 import difflib
@@ -132,9 +133,11 @@ class Mutant:
     seconds: float = 0.0
 
 
-def _line_offsets(source: str) -> list[int]:
+def _line_offsets(data: bytes) -> list[int]:
+    """Byte offset of each line's start. `bytes.splitlines` breaks at \n, \r and \r\n only, as Python's tokenizer
+    does (a str would also break inside a UTF-8 character whose bytes decode to \x85 or \x1c-\x1e)."""
     offsets = [0]
-    for line in source.splitlines(keepends=True):
+    for line in data.splitlines(keepends=True):
         offsets.append(offsets[-1] + len(line))
     return offsets
 
@@ -146,7 +149,7 @@ class _Mutator:
 
     def __init__(self, source: str):
         self.data = source.encode()
-        self.offsets = _line_offsets(self.data.decode("latin-1"))  # byte offsets of each line start
+        self.offsets = _line_offsets(self.data)
         self.edits: list[tuple[int, int, bytes, str, ast.AST]] = []
 
     def pos(self, line: int, col: int) -> int:
@@ -178,25 +181,24 @@ class _Mutator:
         for child in ast.iter_child_nodes(node):
             self.visit(child, stmt)
 
+    def swap_operator(self, kind: str, op: ast.AST, table: dict, left: ast.AST, right: ast.AST, stmt: ast.AST) -> None:
+        """One mutant per replacement of the operator `op` written between `left` and `right` (`table`: its
+        symbol and replacements by operator type)."""
+        if type(op) not in table:
+            return
+        symbol, others = table[type(op)]
+        at = self.operator_between(left, right, symbol)
+        if at is not None:
+            for other in others:
+                self.add(at, at + len(symbol), other, f"{kind}:{symbol}->{other}", stmt)
+
     def mutate(self, node: ast.AST, stmt: ast.AST) -> None:
-        if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
-            symbol, others = BINOPS[type(node.op)]
-            at = self.operator_between(node.left, node.right, symbol)
-            if at is not None:
-                for other in others:
-                    self.add(at, at + len(symbol), other, f"BinOp:{symbol}->{other}", stmt)
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARES:
-            symbol, others = COMPARES[type(node.ops[0])]
-            at = self.operator_between(node.left, node.comparators[0], symbol)
-            if at is not None:
-                for other in others:
-                    self.add(at, at + len(symbol), other, f"Compare:{symbol}->{other}", stmt)
-        elif isinstance(node, ast.AugAssign) and type(node.op) in AUGASSIGNS:
-            symbol, others = AUGASSIGNS[type(node.op)]
-            at = self.operator_between(node.target, node.value, symbol)
-            if at is not None:
-                for other in others:
-                    self.add(at, at + len(symbol), other, f"AugAssign:{symbol}->{other}", stmt)
+        if isinstance(node, ast.BinOp):
+            self.swap_operator("BinOp", node.op, BINOPS, node.left, node.right, stmt)
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1:
+            self.swap_operator("Compare", node.ops[0], COMPARES, node.left, node.comparators[0], stmt)
+        elif isinstance(node, ast.AugAssign):
+            self.swap_operator("AugAssign", node.op, AUGASSIGNS, node.target, node.value, stmt)
         elif isinstance(node, ast.Constant):
             value = node.value
             if isinstance(value, bool):
@@ -230,12 +232,10 @@ class _Mutator:
                 b_text = self.data[self.start(b) : self.end(b)].decode()
                 self.add(self.start(a), self.end(b), f"{b_text}, {a_text}", "Call:tl.where(c, a, b)->(c, b, a)", stmt)
         for i, keyword in enumerate(node.keywords):
-            if keyword.arg in DROPPED_KEYWORDS:
+            before = [*node.args, *(k.value for k in node.keywords[:i])]
+            if keyword.arg in DROPPED_KEYWORDS and before:
                 # drop ", mask=..." from the end of the previous argument to the end of the keyword's value
-                previous = ([*node.args, *[k.value for k in node.keywords[:i]]] or [None])[-1]
-                if previous is None:
-                    continue
-                self.add(self.end(previous), self.end(keyword.value), "", f"Keyword:{keyword.arg}=->", stmt)
+                self.add(self.end(before[-1]), self.end(keyword.value), "", f"Keyword:{keyword.arg}=->", stmt)
 
 
 def _is_jit(func: ast.FunctionDef) -> bool:
@@ -274,7 +274,7 @@ def mutants_of(path: str, source: str) -> list[Mutant]:
                 source.splitlines(keepends=True), mutated.splitlines(keepends=True), path, path, n=0
             )
         )
-        first = last = stmt.lineno
+        first = stmt.lineno
         if isinstance(stmt, (ast.If, ast.While)):  # the header only: its body's lines are their own statements
             last = stmt.test.end_lineno or first
         elif isinstance(stmt, ast.For):
@@ -430,9 +430,7 @@ def main() -> int:
             print(f"[{done}/{len(mutants)}] {mutant.status:11s} {mutant.name} ({mutant.tests} tests, "
                   f"{mutant.seconds:.0f} s)", flush=True)
 
-    counts: dict[str, int] = {}
-    for m in mutants:
-        counts[m.status] = counts.get(m.status, 0) + 1
+    counts = dict(collections.Counter(m.status for m in mutants))
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     tested = len(mutants) - counts.get("not reached", 0)
     rate = 100.0 * killed / tested if tested else 0.0

@@ -79,6 +79,14 @@ def test_a_multi_line_statement_is_reached_through_any_of_its_lines():
     assert (mutant.name, mutant.lines) == ("k.py:8:BinOp:+->-", (6, 9))
 
 
+def test_lines_break_where_python_breaks_them_not_inside_a_utf8_character():
+    """"\u00c5" is the bytes C3 85; read as Latin-1, 0x85 is a line break to `str.splitlines`, which shifted every
+    line after the comment by one and left the file without a single mutant."""
+    source = "import triton\n\n\n@triton.jit\ndef k(X):\n    # \u00c5ngstr\u00f6m\n    y = X + 1\n"
+    got = {m.name: m.source.splitlines()[6] for m in kernel_mutants.mutants_of("kernels/k.py", source)}
+    assert got == {"k.py:7:BinOp:+->-": "    y = X - 1", "k.py:7:Constant:1->2": "    y = X + 2"}
+
+
 def test_a_run_kills_what_the_tests_notice_and_reports_the_rest(tmp_path):
     """`kernels/scale.py` against its own test file: a factor test compared `s == 1.0` against `s != 1.0`
     (killed); the value loaded into masked-off lanes is never stored (a survivor, listed with its diff)."""
