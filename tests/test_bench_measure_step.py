@@ -340,6 +340,43 @@ def _row(contender, objective, losses, oracle=False, **extra):
             "objective": objective, "oracle": oracle, "losses": losses, **extra}
 
 
+def test_cross_check_fails_a_step_that_trains_another_objective(mods):
+    """Every contender's first optimizer step starts from the same weights, data and optimizer: its loss drop must
+    equal the independent implementation's (official TPO, TRL) within DROP_RTOL, or the row fails its check."""
+    measure_step, _ = mods
+    ln2 = 0.6931472
+    rows = [
+        _row("official-tpo", "tpo", [ln2, 0.1067], oracle=True, label="official"),
+        _row("ours-tpo", "tpo", [ln2, 0.10670 + 0.0005]),  # 0.085% of the drop apart: the same step
+        _row("mutant-tpo", "tpo", [ln2, 0.30]),  # scores other tokens: another drop
+        _row("ours-dpo", "dpo", [ln2, 0.4933]),  # no TRL row in this run: noted, not failed
+        _row("bf16-tpo", "tpo", [ln2, 0.1067 + 0.05], dtype="bf16"),  # 8.5% apart: within bf16's 15%
+    ]
+    for r in rows:
+        r.setdefault("dtype", "fp32")
+        r["check"] = {"ok": True, "errors": {}}
+    measure_step.cross_check_steps(rows)
+    by = {r["contender"]: r for r in rows}
+    assert by["ours-tpo"]["status"] == "ok" and by["ours-tpo"]["check"]["ok"]
+    got = by["ours-tpo"]["check"]["errors"]["first_drop_vs_oracle"]
+    assert got["oracle"] == "official-tpo" and got["tol"] == 0.02
+    assert got["err"] == pytest.approx(0.0005 / (ln2 - 0.1067))
+    bad = by["mutant-tpo"]
+    assert bad["status"] == "failed check" and not bad["check"]["ok"]
+    assert "does not train the same TPO objective" in bad["reason"] and "official's" in bad["reason"]
+    assert by["ours-dpo"]["status"] == "ok"
+    assert by["ours-dpo"]["check"]["errors"]["first_drop_vs_oracle"]["note"] == "no independent dpo step in this run"
+    assert by["bf16-tpo"]["status"] == "ok" and by["official-tpo"]["status"] == "ok"
+    # in 16 bits a drop within rounding noise is not judged
+    tiny = [_row("official-tpo", "tpo", [ln2, ln2 - 2e-4], oracle=True, dtype="bf16"),
+            _row("ours-tpo", "tpo", [ln2, ln2 - 5e-4], dtype="bf16")]
+    for r in tiny:
+        r["check"] = {"ok": True, "errors": {}}
+    measure_step.cross_check_steps(tiny)
+    assert tiny[1]["status"] == "ok"
+    assert "within bf16 noise" in tiny[1]["check"]["errors"]["first_drop_vs_oracle"]["note"]
+
+
 def test_cross_check_writes_each_verdict_in_full(mods):
     """Which rows it judges (ok step rows with losses), what it adds to a row without a check, the tolerance of
     each dtype (a row without one is fp32), a row without an oracle and a 16-bit oracle drop within noise (every
