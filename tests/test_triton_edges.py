@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_primitives import make_inputs, run
 
 import tpo_fast
 from tpo_fast.ops import triton_impl
@@ -36,27 +37,16 @@ def fenced(t: torch.Tensor, pad: int = 40) -> torch.Tensor:
     return view.requires_grad_(t.requires_grad)
 
 
-def _inputs(n, d, v, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) / d**0.5).to(DEVICE, dtype).requires_grad_()
-    b = (torch.randn(v, generator=g) * 0.1).to(DEVICE, dtype).requires_grad_()
-    hc = torch.randn(n, d, generator=g).to(DEVICE, dtype).requires_grad_()
-    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
-    return h, w, b, hc, y
+def _inputs(n, d, v):
+    """test_primitives' inputs with a bias and a corrupted branch, no ignored row (its seed follows the shape)."""
+    return make_inputs(n, d, v, torch.float32, bias=True, corrupted=True, ignore="none")
 
 
 def _stats_and_grads(backend, h, w, b, hc, y):
-    """Every output of `token_stats` and the gradients of a weighted sum of them."""
-    for t in (h, w, b, hc):
-        t.grad = None
-    s = tpo_fast.token_stats(h, w, y, bias=b, corrupted_hidden=hc, backend=backend, return_argmax=True)
+    """Every output of `token_stats` and the gradients of a weighted sum of them (test_primitives' `run`)."""
     k = torch.arange(1, h.shape[0] + 1, device=h.device, dtype=torch.float32) / h.shape[0]
-    (s.logprobs * k + s.target_logits * (1 - k) + s.lse * 0.5 + s.corrupted_target_logits * k).sum().backward()
-    outs = {"logprobs": s.logprobs, "target_logits": s.target_logits, "lse": s.lse,
-            "corrupted_target_logits": s.corrupted_target_logits, "argmax": s.argmax}
-    names = ("hidden", "weight", "bias", "corrupted")
-    return outs | {f"grad {n}": t.grad for n, t in zip(names, (h, w, b, hc), strict=True)}
+    s, outs, grads = run(backend, h, w, b, hc, y, torch.stack([k, 1 - k, torch.full_like(k, 0.5), k]), argmax=True)
+    return outs | {"argmax": s.argmax} | {f"grad {name}": g for name, g in grads.items()}
 
 
 def _assert_close(got: dict, want: dict, atol=1e-5, rtol=1e-5) -> None:
@@ -86,7 +76,7 @@ def test_token_stats_read_nothing_outside_their_inputs(monkeypatch, mode, chunk_
 def test_row_partials_stay_in_their_row():
     """Odd rows' logits about a thousand times the even rows': a tile partial of row r + 1 read into row r's
     logsumexp would shift it so far that row r's sum underflows (-inf), or a NaN row would spread."""
-    h, w, b, hc, y = _inputs(9, 16, 1100, seed=1)
+    h, w, b, hc, y = _inputs(9, 16, 1100)
     with torch.no_grad():
         h[1::2] *= 1000.0
     want = _stats_and_grads("reference", h, w, b, hc, y)
@@ -101,7 +91,7 @@ def test_row_partials_stay_in_their_row():
 
 def test_logits_far_below_zero():
     """A bias of -1000 on every entry: the logsumexp is -1000 plus that of the rest, never log(0) = -inf."""
-    h, w, b, hc, y = _inputs(20, 16, 1100, seed=2)
+    h, w, b, hc, y = _inputs(20, 16, 1100)
     with torch.no_grad():
         b -= 1000.0
     want = _stats_and_grads("reference", h, w, b, hc, y)
@@ -113,7 +103,7 @@ def test_logits_far_below_zero():
 def test_a_plus_inf_bias_gives_a_plus_inf_logsumexp():
     """As torch.logsumexp: one +inf logit makes the logsumexp +inf (not NaN), a finite target's log-prob -inf,
     and the +inf target's NaN (inf - inf)."""
-    h, w, b, _, y = _inputs(6, 16, 1100, seed=3)
+    h, w, b, _, y = _inputs(6, 16, 1100)
     with torch.no_grad():
         b[700] = float("inf")
     y[0] = 700
@@ -145,7 +135,7 @@ def test_a_nan_row_keeps_its_gradient_to_itself(monkeypatch, mode):
     """A NaN in one row of the hidden states: that row's log-prob and hidden gradient are NaN, every other row's
     are those of the same inputs without it (a gradient tile's columns past D must not spill into the next row)."""
     monkeypatch.setenv("TPO_FAST_BACKWARD", mode)
-    h, w, b, hc, y = _inputs(20, 40, 300, seed=5)
+    h, w, b, hc, y = _inputs(20, 40, 300)
     want = _stats_and_grads("reference", h, w, b, hc, y)
     with torch.no_grad():
         h[6, 11] = float("nan")
