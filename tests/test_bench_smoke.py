@@ -43,6 +43,26 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
     assert set(good["check"]["errors"]) == {"out", "hidden", "corrupted_hidden", "weight"}
 
 
+@pytest.mark.parametrize("workload", ["primitive", "tpo", "dpo", "povid", "fisao", "logits"])
+def test_guard_passes_the_baseline_and_rejects_its_scaled_copy_on_every_loss_workload(workload):
+    """The baseline every speed-up is quoted against passes the guard on each loss workload, and the guard's
+    self-test (the same output times 1.1) fails it on each. A vocabulary of 4 makes target id 0 common, so a
+    baseline whose safe-index clamp moved real 0s (to 1, say) fails."""
+    contenders, measure, workloads = _bench_modules()
+    case = workloads.Case("v4", 16, 4, 32)
+    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
+    inp = workloads.make_inputs(case, workload, "cpu", torch.float32, 0)
+    targets = inp["targets"].flatten()
+    assert (targets == 0).sum() >= 4 and (targets == workloads.IGNORE_INDEX).any()
+    naive, broken = contenders.Naive(), contenders.Broken()
+    for c in (naive, broken):
+        c.setup("cpu")
+    good = measure.measure_workload(naive, case, workload, cfg)
+    assert good["status"] == "ok" and good["check"]["ok"], good
+    bad = measure.measure_workload(broken, case, workload, cfg)
+    assert bad["status"] == "failed check", bad
+
+
 def test_memory_and_time_phases_measure_only_their_part():
     """A "memory" child measures the peaks and runs the guard but times nothing; a "time" child times but
     measures no peak; an unknown phase is refused before any work."""
