@@ -13,6 +13,7 @@ import multiprocessing as mp
 import pytest
 import torch
 from _bench import bench_modules
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +186,101 @@ def test_floors_are_measured_but_not_checked(mods, monkeypatch):
     blind = measure.measure_workload(contenders.Naive(), workloads.CASES["cpu-tiny"], "tpo", cfg)
     assert blind["memory_note"] == "peak RSS not measurable here (PermissionError: /proc/self/clear_refs)"
     assert blind["status"] == "ok" and blind["fwd_peak_mib"] is None and blind["full_peak_mib"] is None
+
+
+class _Products(TorchDispatchMode):
+    """The (M, K, N) of every matrix product run inside, and the other ops' names."""
+
+    def __init__(self):
+        super().__init__()
+        self.products, self.ops = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv"):
+            assert name == "mm", f"a product the floor does not count: {func}"
+            (m, k), n = args[0].shape, args[1].shape[1]
+            self.products.append((m, k, n))
+        else:
+            self.ops.append((name, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+# The floor's lm_head GEMMs per workload, from its documented rule (docs/bench.md: 2NDV per clean forward,
+# +4NDV for the branch with gradient): the forward-only branches' hidden states, then the trained branch's.
+# POVID's corrupted branches are the B chosen sequences, scored over the vocabulary for their argmax.
+_FLOOR_BRANCHES = {
+    "primitive": ([], "hidden"),
+    "fisao": ([], "hidden"),
+    "tpo": (["ref_hidden"], "hidden"),  # the corrupted branches are gathers: O(N D), not in the floor
+    "dpo": (["ref_hidden"], "hidden"),
+    "povid": (["corrupted_hidden", "ref_hidden", "ref_corrupted_hidden"], "hidden"),
+}
+
+
+@pytest.mark.parametrize("workload", sorted(_FLOOR_BRANCHES))
+def test_the_floors_run_the_documented_gemms_and_are_credited_with_their_flops(mods, workload):
+    """Each floor runs exactly the bare GEMMs its rule names, on all rows (`floor`) or on the rows with a target
+    (`floor-valid`: the first rows of the flat targets, POVID's corrupted branches the chosen sequences'), with the
+    two gradient GEMMs of the trained branch in fwd+bwd; the FLOPs each is credited with are those GEMMs' 2MKN;
+    its output is the trained branch's logits."""
+    _, contenders, workloads = mods
+    case = workloads.CASES["cpu-tiny"]
+    inp = _inputs(workloads, workload)
+    d, v = case.d, case.v
+    flat = inp["targets"].flatten()
+    known = contenders.all_contenders(("torch",))
+    for name, valid_only in (("floor", False), ("floor-valid", True)):
+        floor = known[name]
+
+        def rows(key, valid_only=valid_only):
+            n = inp[key].numel() // d
+            return int((flat[:n] != workloads.IGNORE_INDEX).sum()) if valid_only else n
+
+        others, trained = _FLOOR_BRANCHES[workload]
+        fwd = sorted([(rows(k), d, v) for k in others] + [(rows(trained), d, v)])
+        full = sorted(fwd + [(rows(trained), v, d), (v, rows(trained), d)])
+        assert rows(trained) < case.n or not valid_only  # the case has ignored rows
+        for mode, backward, expected in (("fwd", False, fwd), ("full", True, full)):
+            with _Products() as rec:
+                out = floor.step(workload, inp, backward)
+            assert sorted(rec.products) == expected, (name, mode)
+            assert floor.executed_flops(case, workload, mode, inp) == sum(2 * m * k * n for m, k, n in expected)
+        h = inp[trained].detach().reshape(-1, d)
+        if valid_only:
+            h = h[flat[:h.shape[0]] != workloads.IGNORE_INDEX]
+        torch.testing.assert_close(out, h @ inp["weight"].detach().t(), rtol=0, atol=0)
+        torch.testing.assert_close(floor.run(workload, inp), out, rtol=0, atol=0)
+
+
+def test_the_memory_floor_reads_each_logits_tensor_once_and_writes_one_gradient_each(mods):
+    """`logits`: a row sum of the clean and the corrupted (N, V) logits (the output: the clean one's), and in
+    fwd+bwd one (N, V) zero tensor each, no product; the valid-rows floor does not apply to it."""
+    _, contenders, workloads = mods
+    inp = _inputs(workloads, "logits")
+    floor = contenders.all_contenders(("torch",))["floor"]
+    nv = tuple(inp["logits"].shape)
+    for backward in (False, True):
+        with _Products() as rec:
+            out = floor.step("logits", inp, backward)
+        assert rec.products == []
+        work = [op for op in rec.ops if op[0] != "detach"]
+        assert work == [("sum", nv[:1])] * 2 + [("zeros_like", nv)] * (2 if backward else 0), rec.ops
+        torch.testing.assert_close(out, inp["logits"].sum(-1), rtol=0, atol=0)
+        torch.testing.assert_close(floor.run("logits", inp), out, rtol=0, atol=0)
+    assert floor.executed_flops(workloads.CASES["cpu-tiny"], "logits", "full", inp) is None
+    valid = contenders.all_contenders(("torch",))["floor-valid"]
+    assert "logits" not in valid.workloads and "no valid-rows variant" in valid.not_applicable["logits"]
+
+
+def test_every_contender_reports_under_the_name_it_is_chosen_by(mods):
+    """A row carries `contender.name`, and the ratios look their yardsticks up by it ("naive", "floor",
+    "floor-valid"): each name must be the `--contenders` key that selects it."""
+    _, contenders, _ = mods
+    known = contenders.all_contenders(contenders.TPO_FAST_BACKENDS)
+    assert {"naive", "floor", "floor-valid", "trl", "liger", "cce", "broken"} <= set(known)
+    assert [c.name for c in known.values()] == list(known)
 
 
 def test_a_failing_contender_becomes_a_row(mods):
