@@ -274,6 +274,25 @@ def test_the_memory_floor_reads_each_logits_tensor_once_and_writes_one_gradient_
     assert "logits" not in valid.workloads and "no valid-rows variant" in valid.not_applicable["logits"]
 
 
+def test_a_loss_contender_is_credited_with_the_exact_kernels_flops(mods):
+    """TFLOP/s credits every non-floor contender with the exact O(N)-memory kernel's work, whatever it runs:
+    2NDV per clean forward, 8NDV per clean branch with gradient (forward, recomputed logits, dH, dW), NDV for
+    POVID's argmax sweep over the N/2 corrupted chosen rows; `logits` is memory-bound (no FLOPs)."""
+    _, contenders, workloads = mods
+    case = workloads.CASES["cpu-tiny"]
+    ndv = case.n * case.d * case.v
+    expected = {  # (fwd, fwd+bwd) in units of NDV
+        "primitive": (2, 8), "fisao": (2, 8), "tpo": (2 + 2, 8 + 2), "dpo": (2 + 2, 8 + 2),
+        "povid": (2 + 1 + 2 + 1, 8 + 1 + 2 + 1),
+    }
+    for c in (contenders.Naive(), contenders.TRLChunked(), contenders.TpoFast("torch")):
+        for workload, (fwd, full) in expected.items():
+            inp = _inputs(workloads, workload)
+            assert c.executed_flops(case, workload, "fwd", inp) == fwd * ndv, (c.name, workload)
+            assert c.executed_flops(case, workload, "full", inp) == full * ndv, (c.name, workload)
+        assert c.executed_flops(case, "logits", "full", _inputs(workloads, "logits")) is None
+
+
 def test_every_contender_reports_under_the_name_it_is_chosen_by(mods):
     """A row carries `contender.name`, and the ratios look their yardsticks up by it ("naive", "floor",
     "floor-valid"): each name must be the `--contenders` key that selects it."""

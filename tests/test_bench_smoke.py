@@ -44,23 +44,31 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
 
 
 @pytest.mark.parametrize("workload", ["primitive", "tpo", "dpo", "povid", "fisao", "logits"])
-def test_guard_passes_the_baseline_and_rejects_its_scaled_copy_on_every_loss_workload(workload):
-    """The baseline every speed-up is quoted against passes the guard on each loss workload, and the guard's
-    self-test (the same output times 1.1) fails it on each. A vocabulary of 4 makes target id 0 common, so a
-    baseline whose safe-index clamp moved real 0s (to 1, say) fails."""
+def test_guard_passes_every_contender_that_runs_here_and_rejects_the_scaled_baseline(workload):
+    """Every loss contender that can run on this machine (the baseline, the peers, tpo_fast's backends and paths)
+    passes the guard on each workload it runs, and the guard's self-test (the baseline's output times 1.1) fails
+    it. A vocabulary of 4 makes target id 0 common, so a contender whose safe-index clamp moved real 0s (to 1, say)
+    fails."""
     contenders, measure, workloads = _bench_modules()
     case = workloads.Case("v4", 16, 4, 32)
     cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
     inp = workloads.make_inputs(case, workload, "cpu", torch.float32, 0)
     targets = inp["targets"].flatten()
     assert (targets == 0).sum() >= 4 and (targets == workloads.IGNORE_INDEX).any()
-    naive, broken = contenders.Naive(), contenders.Broken()
-    for c in (naive, broken):
+    ran = []
+    for name, c in contenders.all_contenders(contenders.TPO_FAST_BACKENDS).items():
+        if c.family != "loss" or c.kind in ("floor", "selftest") or workload not in c.workloads:
+            continue
+        if c.availability("cpu", workload) is not None:
+            continue
         c.setup("cpu")
-    good = measure.measure_workload(naive, case, workload, cfg)
-    assert good["status"] == "ok" and good["check"]["ok"], good
-    bad = measure.measure_workload(broken, case, workload, cfg)
-    assert bad["status"] == "failed check", bad
+        row = measure.measure_workload(c, case, workload, cfg)
+        assert row["status"] == "ok" and row["check"]["ok"], (name, row)
+        ran.append(name)
+    assert "naive" in ran and "tpo_fast-torch" in ran
+    broken = contenders.Broken()
+    broken.setup("cpu")
+    assert measure.measure_workload(broken, case, workload, cfg)["status"] == "failed check"
 
 
 def test_memory_and_time_phases_measure_only_their_part():
