@@ -71,6 +71,24 @@ def test_guard_passes_every_contender_that_runs_here_and_rejects_the_scaled_base
     assert measure.measure_workload(broken, case, workload, cfg)["status"] == "failed check"
 
 
+@pytest.mark.slow
+def test_guard_passes_cut_cross_entropy_on_the_cpu_where_it_is_asked_for():
+    """Cut Cross-Entropy's CPU implementation (`--contenders cce` on a CPU: torch.compile, about 20 s to compile)
+    passes the guard on every workload it runs, target id 0 common as above."""
+    pytest.importorskip("cut_cross_entropy")
+    contenders, measure, workloads = _bench_modules()
+    case = workloads.Case("v4", 16, 4, 32)
+    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
+    cce = contenders.CCE(allow_cpu=True)
+    assert cce.availability("cpu") is None and contenders.CCE().availability("cpu").startswith("needs CUDA")
+    cce.setup("cpu")
+    assert cce.impl == "torch_compile" and cce.label.endswith("(torch_compile impl: materializes logits)")
+    assert sorted(cce.workloads) == ["dpo", "fisao", "primitive", "tpo"]
+    for workload in cce.workloads:
+        row = measure.measure_workload(cce, case, workload, cfg)
+        assert row["status"] == "ok" and row["check"]["ok"], (workload, row)
+
+
 def test_memory_and_time_phases_measure_only_their_part():
     """A "memory" child measures the peaks and runs the guard but times nothing; a "time" child times but
     measures no peak; an unknown phase is refused before any work."""
