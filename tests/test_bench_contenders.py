@@ -197,3 +197,17 @@ def test_entry_finds_a_function_in_its_newest_home_and_names_every_home_it_tried
         ours.entry("povid")
     assert ours._qualified("povid") == "povid_loss"  # a note still names the function
     assert ours.grad_mode_default("tpo") == "auto" and ours.grad_mode_default("primitive") is None
+
+
+def test_a_peer_that_is_not_installed_names_the_package_to_install(mods, monkeypatch):
+    contenders, _, _ = mods
+    (base,) = bench_modules("_contenders.base")
+    known = contenders.all_contenders(("torch",))
+    monkeypatch.setattr(base.importlib.util, "find_spec", lambda name, *a: None)
+    assert known["trl"].availability("cpu", "dpo") == "not installed: pip install trl"
+    assert known["liger"].availability("cpu", "dpo") == "not installed: pip install liger-kernel"
+    assert known["cce"].availability("cuda", "dpo") == "not installed: pip install cut-cross-entropy"
+    monkeypatch.undo()
+    for name in ("trl", "liger"):  # installed here (the bench extra): nothing to say
+        if importlib.util.find_spec({"trl": "trl", "liger": "liger_kernel"}[name]) is not None:
+            assert known[name].availability("cpu", "dpo") is None
