@@ -302,3 +302,46 @@ def test_step_table_of_one_row_without_counts(report):
                         ", 4 pairs = tokens unknown · ")
     assert lines[4] == "| tpo_fast DPO step | 1000 ±20% | — | — | — / — | — | — | — | — | ok |"
     assert lines[6] == "Step median of each round (s), in the order run: tpo_fast DPO step 1 / 3.5."
+
+
+def test_the_json_keeps_every_row_whole_and_the_csv_flattens_each_to_its_fields(tmp_path):
+    """`write_json_csv`: the JSON holds the metadata and the rows as they are (all repeats); each CSV line is one
+    row, its timings flattened to median and quartiles, the run's device and dtype on every line, the largest
+    numeric error of the guard's check, an empty cell where a row has no such figure, extra fields left out."""
+    import csv
+    import json
+
+    (output,) = bench_modules("_output")
+    meta = {"device": "cpu", "dtype": "fp32", "device_name": "a CPU", "cases": ["c1"]}
+    timed = _row("tpo_fast-torch", "ours", full_ms={"median": 25.0, "p25": 24.0, "p75": 26.5, "times": [24, 25, 26.5]},
+                 fwd_ms={"median": 9.0, "p25": 8.5, "p75": 9.5, "times": [9]}, full_peak_mib=12.5,
+                 check={"ok": True, "errors": {"out": {"err": 1e-7, "tol": 1e-5}, "hidden": {"err": 3e-6},
+                                               "weight": {"err": None}, "corrupted_hidden": {}}},
+                 speedup_vs_naive=4.0, speedup_vs_naive_within_noise=False, traceback="not a CSV field")
+    failed = _row("trl", "peer", "TRL", status="error", reason="RuntimeError: boom", full_ms=None)
+    step = _row("ours-tpo", "ours", workload="step", tokens=3734, tokens_per_s=3239.0, max_micro_batch=8,
+                max_micro_batch_exact=True, memory_budget_mib=81920)
+    paths = output.write_json_csv([timed, failed, step], meta, tmp_path / "new" / "dir", "run")
+    assert paths == [tmp_path / "new" / "dir" / "run.json", tmp_path / "new" / "dir" / "run.csv"]
+    assert json.loads(paths[0].read_text()) == {"meta": meta, "rows": [timed, failed, step]}
+    with paths[1].open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == output.CSV_FIELDS
+        lines = list(reader)
+    assert len(lines) == 3
+    first = {k: v for k, v in lines[0].items() if v != ""}
+    assert first == {
+        "case": "c1", "workload": "tpo", "contender": "tpo_fast-torch", "label": "tpo_fast-torch", "kind": "ours",
+        "status": "ok", "d": "64", "v": "512", "n": "64", "n_seq": "4", "seq_len": "16", "valid_frac": "0.75",
+        "device": "cpu", "dtype": "fp32", "fwd_ms": "9.0", "fwd_ms_p25": "8.5", "fwd_ms_p75": "9.5",
+        "full_ms": "25.0", "full_ms_p25": "24.0", "full_ms_p75": "26.5", "full_peak_mib": "12.5",
+        "speedup_vs_naive": "4.0", "speedup_vs_naive_within_noise": "False", "max_rel_err": "3e-06",
+    }
+    assert {k: v for k, v in lines[1].items() if v != ""} == {
+        "case": "c1", "workload": "tpo", "contender": "trl", "label": "TRL", "kind": "peer", "status": "error",
+        "reason": "RuntimeError: boom", "d": "64", "v": "512", "n": "64", "n_seq": "4", "seq_len": "16",
+        "valid_frac": "0.75", "device": "cpu", "dtype": "fp32"}
+    assert {k: lines[2][k] for k in ("workload", "tokens", "tokens_per_s", "max_micro_batch",
+                                     "max_micro_batch_exact", "memory_budget_mib", "full_ms", "max_rel_err")} == {
+        "workload": "step", "tokens": "3734", "tokens_per_s": "3239.0", "max_micro_batch": "8",
+        "max_micro_batch_exact": "True", "memory_budget_mib": "81920", "full_ms": "", "max_rel_err": ""}
