@@ -510,6 +510,56 @@ def test_oracles_match_the_methods_references_on_materialized_logits(workload):
         torch.testing.assert_close(ref[k], inp[k].grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_povid_inputs_give_the_corrupted_branch_a_clear_argmax_half_of_it_the_chosen_token(dtype):
+    """bench/_workloads/povid.py's promise: the corrupted hidden states are lifted along W[a] so that logit a
+    leads by a clear margin (bf16 rounding of a logit near 20, 0.125, cannot flip the argmax), by at most the lift
+    (ARGMAX_LIFT = 20), and a is the chosen token at about half the positions, another token at the rest; the
+    reference's corrupted branch leads as clearly."""
+    _, _, w = _bench_modules()
+    case = w.CASES["cpu-small"]
+    inp = w.make_inputs(case, "povid", "cpu", dtype, seed=0)
+    b = case.n_seq // 2
+    weight = inp["weight"].detach().float()
+    for key, wt in (("corrupted_hidden", weight), ("ref_corrupted_hidden", inp["ref_weight"].float())):
+        logits = inp[key].detach().float().reshape(-1, case.d) @ wt.t()
+        top = logits.topk(2, -1).values
+        margin = top[:, 0] - top[:, 1]
+        assert margin.min() > 1.0 and margin.max() < 20.0, (key, margin.min(), margin.max())
+        if key == "corrupted_hidden":
+            argmax = logits.argmax(-1)
+    chosen = inp["targets"][:b].reshape(-1)
+    valid = chosen != w.IGNORE_INDEX
+    same = (argmax[valid] == chosen[valid]).float().mean().item()
+    assert 0.4 < same < 0.6, same
+
+
+def test_fisao_inputs_put_half_the_rollout_log_probs_inside_the_clip_range_and_half_far_outside():
+    """bench/_workloads/fisao.py's promise: each valid token's rollout log-prob is its current one (of the rounded
+    inputs) shifted by +-0.05 (inside the 0.2 clip range) or +-0.6 (outside it), each about half the tokens and
+    both signs; the reference is about a log-prob away (its k3 KL well above the check's tolerance); advantages
+    of both signs; every per-token input 0 on ignored rows."""
+    _, _, w = _bench_modules()
+    case = w.CASES["cpu-small"]
+    inp = w.make_inputs(case, "fisao", "cpu", torch.float32, seed=0)
+    y = inp["targets"]
+    valid = y != w.IGNORE_INDEX
+    h = inp["hidden"].detach().reshape(-1, case.d)
+    current = torch.log_softmax(h @ inp["weight"].detach().t(), -1).gather(1, y.clamp(min=0).reshape(-1, 1))
+    shift = (inp["old_logprobs"] - current.view(y.shape))[valid]
+    small, large = (shift.abs() - 0.05).abs() < 1e-4, (shift.abs() - 0.6).abs() < 1e-4
+    assert bool((small | large).all())
+    assert 0.4 < small.float().mean() < 0.6 and 0.4 < (shift > 0).float().mean() < 0.6
+    for part in (small, large):
+        assert (shift[part] > 0).any() and (shift[part] < 0).any()
+    gap = inp["ref_logprobs"][valid] - current.view(y.shape)[valid]
+    assert 0.6 < gap.abs().mean() < 1.0  # |N(0, 1)| has mean 0.80
+    adv = inp["advantages"][valid]
+    assert (adv > 0).any() and (adv < 0).any()
+    for key in ("advantages", "old_logprobs", "ref_logprobs"):
+        assert bool((inp[key][~valid] == 0).all()), key
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc")
 def test_runner_end_to_end(tmp_path):
     names = "naive,tpo_fast-torch,tpo_fast-torch-recompute,tpo_fast-triton,broken,liger,floor,floor-valid"
