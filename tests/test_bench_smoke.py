@@ -510,6 +510,24 @@ def test_oracles_match_the_methods_references_on_materialized_logits(workload):
         torch.testing.assert_close(ref[k], inp[k].grad, rtol=1e-4, atol=1e-6)
 
 
+def test_tpo_inputs_are_correlated_perturbations_of_the_clean_branch():
+    """bench/_workloads/preference.py's promise (docs: "close to the policy's", "correlated perturbations"): the
+    reference's hidden states are the policy's plus N(0, 0.1^2), its weight the policy's plus N(0, 0.01 / D); the
+    corrupted image's hidden states the clean ones plus N(0, 0.5^2), the reference's corrupted ones those plus
+    N(0, 0.1^2) again; every perturbation drawn per element (no row or sequence repeats another's)."""
+    _, _, w = _bench_modules()
+    case = w.CASES["cpu-small"]
+    inp = w.make_inputs(case, "tpo", "cpu", torch.float32, seed=0)
+    h = inp["hidden"].detach()
+    for delta, std in ((inp["ref_hidden"] - h, 0.1), (inp["corrupted_hidden"].detach() - h, 0.5),
+                       (inp["ref_corrupted_hidden"] - inp["corrupted_hidden"].detach(), 0.1),
+                       (inp["ref_weight"] - inp["weight"].detach(), 0.1 / case.d**0.5)):
+        assert abs(delta.mean().item()) < 0.02 * std and abs(delta.std().item() / std - 1) < 0.02, std
+        flat = delta.reshape(-1, delta.shape[-1])
+        for other in (flat[1], flat[case.seq_len]):  # the next row; the same row of the next sequence
+            assert (flat[0] - other).abs().max() > std
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_povid_inputs_give_the_corrupted_branch_a_clear_argmax_half_of_it_the_chosen_token(dtype):
     """bench/_workloads/povid.py's promise: the corrupted hidden states are lifted along W[a] so that logit a
