@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -439,18 +440,29 @@ def test_fisao_guard_rejects_a_loss_without_its_kl_term():
         assert bad["status"] == "failed check", (dtype, bad["check"])
 
 
-def test_streamed_logits_check_matches_the_full_oracle():
-    """The guard compares (N, V) logits gradients chunk by chunk; same errors as the full fp32 oracle."""
+@pytest.mark.parametrize("upstream", [1.0, 1e-3])
+def test_streamed_logits_check_matches_the_full_oracle(upstream):
+    """The guard compares (N, V) logits gradients chunk by chunk; same errors as the full fp32 oracle, whose own
+    chunking changes nothing, also where the gradients are all far below 1 (a small upstream gradient); a missing
+    or NaN gradient is an infinite error."""
     contenders, measure, w = _bench_modules()
     inp = w.make_inputs(w.Case("t", 16, 96, 64), "logits", "cpu", torch.bfloat16)
+    inp["grad_logprobs"] = inp["grad_logprobs"] * upstream
     out = contenders.Naive().run("logits", inp)
     (out * inp["grad_logprobs"]).sum().backward()
     got = {"out": out, "logits": inp["logits"].grad, "corrupted_logits": inp["corrupted_logits"].grad}
     streamed = w.logits_errors(inp, got, torch.bfloat16, chunk=7)
     ref, yard = w.oracle("logits", inp), w.oracle("logits", inp, round_to=torch.bfloat16)
+    for k, r in w.oracle("logits", inp, chunk=7).items():
+        assert torch.equal(r, ref[k]), k
+    assert float(ref["logits"].abs().max()) < (1.0 if upstream < 1 else float("inf"))
     for k, r in ref.items():
         assert streamed[k][0] == pytest.approx(measure._rel_err(got[k], r), rel=1e-5, abs=1e-9)
         assert streamed[k][1] == pytest.approx(measure._rel_err(yard[k], r), rel=1e-5, abs=1e-9)
+    nan = got["corrupted_logits"].clone()
+    nan[3, 5] = float("nan")
+    broken = w.logits_errors(inp, {**got, "logits": None, "corrupted_logits": nan}, None, chunk=7)
+    assert broken["logits"] == (math.inf, 0.0) and broken["corrupted_logits"] == (math.inf, 0.0)
 
 
 def test_oracle_matches_materialized_autograd():

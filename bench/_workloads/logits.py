@@ -90,8 +90,9 @@ def logits_errors(inp: dict, got: dict, round_to: torch.dtype | None, chunk: int
         for k, ref in (("logits", dx), ("corrupted_logits", dxc)):
             a = acc[k]
             a[1] = max(a[1], ref.abs().max().item())
-            if got[k] is not None:
-                a[0] = max(a[0], (got[k][s:e].float() - ref).abs().max().item())
+            if got[k] is not None:  # a NaN chunk is an infinite error (Python's max would keep the finite one)
+                diff = (got[k][s:e].float() - ref).abs().max().item()
+                a[0] = max(a[0], diff) if math.isfinite(diff) else math.inf
             if round_to is not None:
                 a[2] = max(a[2], (ref.to(round_to).float() - ref).abs().max().item())
     scale_out = max(out.abs().max().item(), 1e-30)
