@@ -1107,6 +1107,23 @@ def test_zipf_cases_draw_repeated_targets_the_same_for_every_contender():
             assert row["status"] == "ok", row
 
 
+def test_a_cases_list_mixes_loss_and_step_cases_in_its_order_and_each_belongs_to_its_family():
+    """`--cases` takes loss cases, step cases and both kinds of preset in one comma list (spaces and empty items
+    ignored), in the order given; `family` puts the step workload and step cases in "step", the rest in "loss";
+    an unknown name's error lists the loss choices and the step cases."""
+    _, _, workloads = _bench_modules()
+    step_cases = workloads.STEP_CASES
+    got = workloads.parse_cases(" cpu-tiny, cpu-step,,gpu-step , d16-v32-n64,llava7b-step-2p")
+    assert [c.name for c in got] == ["cpu-tiny", "cpu-step", "llava7b-step", "d16-v32-n64", "llava7b-step-2p"]
+    assert got[1] is step_cases["cpu-step"] and got[2] is step_cases["llava7b-step"]
+    assert [workloads.family(c) for c in got] == ["loss", "step", "step", "loss", "step"]
+    assert [workloads.family(w) for w in ("step", "tpo", "logits")] == ["step", "loss", "loss"]
+    with pytest.raises(ValueError) as e:
+        workloads.parse_cases("cpu-tiny,nope")
+    assert str(e.value).startswith("unknown case 'nope': use a name (cpu-tiny, ")
+    assert str(e.value).endswith(f"; step cases: {', '.join(step_cases)}") and "llava7b-step-2p" in str(e.value)
+
+
 def test_the_two_pair_7b_step_case_is_the_7b_case_at_two_pairs():
     """`llava7b-step-2p` (an 80 GB card, where the official structure's 4-pair step does not fit) differs from
     `llava7b-step` in its name and its micro-batch only."""
