@@ -1124,6 +1124,44 @@ def test_a_cases_list_mixes_loss_and_step_cases_in_its_order_and_each_belongs_to
     assert str(e.value).endswith(f"; step cases: {', '.join(step_cases)}") and "llava7b-step-2p" in str(e.value)
 
 
+def test_loss_cases_by_name_preset_model_shape_and_custom_shape():
+    """bench/_workloads/cases.py: a model's shape at any N (`<model>-n<N>`, D and V from the model), a custom
+    `d<D>-v<V>-n<N>`, presets expanded in place, the `-zipf` suffix on each; rows per sequence min(512, N / 4),
+    an even number of sequences, N >= 8, else an error naming the case; `as_dict` adds the derived sizes; the
+    logits workload's bytes (two (N, V) tensors read once, and once more written in fwd+bwd)."""
+    _, _, workloads = _bench_modules()
+    (cases,) = _bench("_workloads.cases")
+    parse = cases.parse_cases
+    got = parse("llava13b-n4096,d24-v100-n48,cpu-sweep,qwen2vl7b-n2048-zipf,d16-v32-n64-zipf")
+    assert [(c.name, c.d, c.v, c.n, c.model, c.targets) for c in got] == [
+        ("llava13b-n4096", 5120, 32000, 4096, "llava13b", "uniform"),
+        ("d24-v100-n48", 24, 100, 48, "d24-v100", "uniform"),
+        ("cpu-n256", 256, 4096, 256, "cpu-small", "uniform"),
+        ("cpu-small", 256, 4096, 512, "cpu-small", "uniform"),
+        ("cpu-n1024", 256, 4096, 1024, "cpu-small", "uniform"),
+        ("qwen2vl7b-n2048-zipf", 3584, 152064, 2048, "qwen2vl7b", "zipf"),
+        ("d16-v32-n64-zipf", 16, 32, 64, "d16-v32", "zipf"),
+    ]
+    assert [(c.seq_len, c.n_seq) for c in got[:2]] == [(512, 8), (12, 4)]
+    assert got[1].as_dict() == {"name": "d24-v100-n48", "d": 24, "v": 100, "n": 48, "model": "d24-v100",
+                                "targets": "uniform", "seq_len": 12, "n_seq": 4}
+    with pytest.raises(ValueError, match=r"^unknown model 'llava70b' in case 'llava70b-n1024'; models: llava7b, "
+                                         r"llava13b, qwen2vl7b$"):
+        parse("llava70b-n1024")
+    with pytest.raises(ValueError, match=r"^unknown case 'nope': use a name \(cpu-tiny, .*\), a preset \(cpu, "
+                                         r"cpu-sweep, gpu, gpu-target, gpu-sweep\), '<model>-n<N>' or "
+                                         r"'d<D>-v<V>-n<N>', each with an optional '-zipf' suffix$"):
+        parse("cpu-tiny,nope")
+    for bad in ("d8-v8-n4", "d8-v8-n2560", "d8-v8-n2052"):  # N < 8; 5 sequences of 512; 2052 not in rows of 512
+        with pytest.raises(ValueError, match=rf"^case {bad}: N=\d+ must split into an even number of rows of \d+$"):
+            parse(bad)
+    assert [c.n for c in parse("d8-v8-n8,d8-v8-n2048")] == [8, 2048]  # the smallest case; four rows of 512
+    case = got[1]
+    assert workloads.traffic(case, "logits", "fwd", 2) == 2 * 48 * 100 * 2
+    assert workloads.traffic(case, "logits", "full", 4) == 2 * (2 * 48 * 100 * 4)
+    assert workloads.traffic(case, "tpo", "full", 2) is None and workloads.flops(case, "logits", "full") is None
+
+
 def test_the_two_pair_7b_step_case_is_the_7b_case_at_two_pairs():
     """`llava7b-step-2p` (an 80 GB card, where the official structure's 4-pair step does not fit) differs from
     `llava7b-step` in its name and its micro-batch only."""
