@@ -49,7 +49,8 @@ def test_each_tpo_fast_contender_calls_its_public_function_with_its_backend_path
     `-tgemm` / `-fused` triton contenders, the gradient GEMMs pinned inside the call."""
     contenders, _, workloads = mods
     c = contenders.all_contenders(("triton", "cpp", "torch"))[name]
-    calls = []
+    calls = []  # the raw keywords (not tests/_spies.record_calls' arguments with defaults filled in): a setting
+    # the contender leaves to the library's default must show as missing
     for workload, (module, fn_name) in _ENTRIES.items():
         home = importlib.import_module(module)
 
