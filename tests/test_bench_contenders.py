@@ -212,3 +212,22 @@ def test_a_peer_that_is_not_installed_names_the_package_to_install(mods, monkeyp
     for name in ("trl", "liger"):  # installed here (the bench extra): nothing to say
         if importlib.util.find_spec({"trl": "trl", "liger": "liger_kernel"}[name]) is not None:
             assert known[name].availability("cpu", "dpo") is None
+
+
+def test_cut_cross_entropy_runs_its_triton_kernels_on_cuda_and_its_compiled_torch_impl_only_when_asked_on_a_cpu(mods):
+    """On a CPU the bench leaves CCE out unless asked for (`--contenders cce`: allow_cpu), and then runs its
+    torch_compile implementation, labelled as materializing the logits; on CUDA its own Triton kernels ("cce")."""
+    pytest.importorskip("cut_cross_entropy")
+    contenders, _, _ = mods
+    assert contenders.CCE().availability("cpu", "dpo") == (
+        "needs CUDA for its Triton kernels (on CPU, --contenders cce runs its torch_compile impl, which "
+        "materializes N x V logits and compiles for ~30 s)")
+    assert contenders.CCE().availability("cuda", "dpo") is None
+    asked = contenders.CCE(allow_cpu=True)
+    assert asked.availability("cpu", "dpo") is None
+    asked.setup("cpu")
+    assert (asked.impl, asked.label) == ("torch_compile", "Cut Cross-Entropy (torch_compile impl: materializes logits)")
+    on_gpu = contenders.CCE()
+    on_gpu.setup("cuda")
+    assert (on_gpu.impl, on_gpu.label) == ("cce", "Cut Cross-Entropy")
+    assert callable(on_gpu._lce)
