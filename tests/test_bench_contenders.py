@@ -132,6 +132,11 @@ def test_a_tpo_fast_backend_that_cannot_run_here_says_why(mods, monkeypatch):
         "CPU only (on CUDA the extension's backend is 'cuda')")
     assert known["tpo_fast-torch"].availability("cpu", "tpo") is None
     assert known["tpo_fast-torch"].availability("cuda", "tpo") is None
+    assert known["tpo_fast-triton"].availability("cuda", "tpo") is None  # Triton is installed here
+    # on their own devices the extension's backends ask the extension, whatever this build holds
+    assert known["tpo_fast-cpp"].availability("cpu", "logits") == ours.extension_reason("cpp")
+    assert known["tpo_fast-cuda"].availability("cuda", "logits") == ours.extension_reason("cuda")
+    assert {c.kind for n, c in known.items() if n.startswith("tpo_fast-")} == {"ours"}
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(ours.importlib.util, "find_spec",
                         lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
@@ -159,7 +164,10 @@ def test_the_extensions_backends_say_why_the_extension_does_not_serve_them(mods,
     assert ours.extension_reason("cpp") is None
 
     def without(found: bool, error: str | None = None):
-        monkeypatch.setattr(ours.importlib.util, "find_spec", lambda name, *a: object() if found else None)
+        def find_spec(name, *a):
+            assert name == "tpo_fast._C"
+            return object() if found else None
+        monkeypatch.setattr(ours.importlib.util, "find_spec", find_spec)
 
         def load(name):
             assert name == "tpo_fast._C"
