@@ -80,10 +80,8 @@ def test_guard_passes_cut_cross_entropy_on_the_cpu_where_it_is_asked_for():
     contenders, measure, workloads = _bench_modules()
     case = workloads.Case("v4", 16, 4, 32)
     cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
-    cce = contenders.CCE(allow_cpu=True)
-    assert cce.availability("cpu") is None and contenders.CCE().availability("cpu").startswith("needs CUDA")
+    cce = contenders.CCE(allow_cpu=True)  # its availability and set-up: tests/test_bench_contenders.py
     cce.setup("cpu")
-    assert cce.impl == "torch_compile" and cce.label.endswith("(torch_compile impl: materializes logits)")
     assert sorted(cce.workloads) == ["dpo", "fisao", "primitive", "tpo"]
     for workload in cce.workloads:
         row = measure.measure_workload(cce, case, workload, cfg)
