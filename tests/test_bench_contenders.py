@@ -40,6 +40,10 @@ _ENTRIES = {  # workload: (module, function)
 }
 
 
+class _Stop(Exception):
+    """Raised by a spy once it has recorded a call: the call's arguments are all a test needs."""
+
+
 @pytest.mark.parametrize("name", ["tpo_fast-torch", "tpo_fast-torch-fused", "tpo_fast-torch-recompute",
                                   "tpo_fast-triton-fused", "tpo_fast-triton-fused-tgemm", "tpo_fast-cpp"])
 def test_each_tpo_fast_contender_calls_its_public_function_with_its_backend_path_and_the_cases_settings(
@@ -79,10 +83,6 @@ def test_each_tpo_fast_contender_calls_its_public_function_with_its_backend_path
         assert sorted(c.workloads) == ["dpo", "povid", "tpo"]
     else:
         assert sorted(c.workloads) == ["dpo", "fisao", "logits", "povid", "primitive", "tpo"]
-
-
-class _Stop(Exception):
-    """Raised by a spy once it has recorded a call: the call's arguments are all a test needs."""
 
 
 def test_what_each_contender_runs_and_why_not_is_written_per_workload(mods):

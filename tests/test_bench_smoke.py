@@ -44,16 +44,21 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
     assert set(good["check"]["errors"]) == {"out", "hidden", "corrupted_hidden", "weight"}
 
 
+def _guard_at_v4(contender, workload: str) -> dict:
+    """The guard's row for `contender` on `workload` at a vocabulary of 4, where target id 0 is common (fp32, one
+    timed call): a contender whose safe-index clamp moved real 0s (to 1, say) fails it."""
+    _, measure, workloads = _bench_modules()
+    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
+    return measure.measure_workload(contender, workloads.Case("v4", 16, 4, 32), workload, cfg)
+
+
 @pytest.mark.parametrize("workload", ["primitive", "tpo", "dpo", "povid", "fisao", "logits"])
 def test_guard_passes_every_contender_that_runs_here_and_rejects_the_scaled_baseline(workload):
     """Every loss contender that can run on this machine (the baseline, the peers, tpo_fast's backends and paths)
     passes the guard on each workload it runs, and the guard's self-test (the baseline's output times 1.1) fails
-    it. A vocabulary of 4 makes target id 0 common, so a contender whose safe-index clamp moved real 0s (to 1, say)
-    fails."""
-    contenders, measure, workloads = _bench_modules()
-    case = workloads.Case("v4", 16, 4, 32)
-    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
-    inp = workloads.make_inputs(case, workload, "cpu", torch.float32, 0)
+    it, at a vocabulary of 4 (`_guard_at_v4`)."""
+    contenders, _, workloads = _bench_modules()
+    inp = workloads.make_inputs(workloads.Case("v4", 16, 4, 32), workload, "cpu", torch.float32, 0)
     targets = inp["targets"].flatten()
     assert (targets == 0).sum() >= 4 and (targets == workloads.IGNORE_INDEX).any()
     ran = []
@@ -63,28 +68,26 @@ def test_guard_passes_every_contender_that_runs_here_and_rejects_the_scaled_base
         if c.availability("cpu", workload) is not None:
             continue
         c.setup("cpu")
-        row = measure.measure_workload(c, case, workload, cfg)
+        row = _guard_at_v4(c, workload)
         assert row["status"] == "ok" and row["check"]["ok"], (name, row)
         ran.append(name)
     assert "naive" in ran and "tpo_fast-torch" in ran
     broken = contenders.Broken()
     broken.setup("cpu")
-    assert measure.measure_workload(broken, case, workload, cfg)["status"] == "failed check"
+    assert _guard_at_v4(broken, workload)["status"] == "failed check"
 
 
 @pytest.mark.slow
 def test_guard_passes_cut_cross_entropy_on_the_cpu_where_it_is_asked_for():
     """Cut Cross-Entropy's CPU implementation (`--contenders cce` on a CPU: torch.compile, about 20 s to compile)
-    passes the guard on every workload it runs, target id 0 common as above."""
+    passes the guard on every workload it runs, at a vocabulary of 4 (`_guard_at_v4`)."""
     pytest.importorskip("cut_cross_entropy")
-    contenders, measure, workloads = _bench_modules()
-    case = workloads.Case("v4", 16, 4, 32)
-    cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
+    contenders, _, _ = _bench_modules()
     cce = contenders.CCE(allow_cpu=True)  # its availability and set-up: tests/test_bench_contenders.py
     cce.setup("cpu")
     assert sorted(cce.workloads) == ["dpo", "fisao", "primitive", "tpo"]
     for workload in cce.workloads:
-        row = measure.measure_workload(cce, case, workload, cfg)
+        row = _guard_at_v4(cce, workload)
         assert row["status"] == "ok" and row["check"]["ok"], (workload, row)
 
 
