@@ -55,7 +55,9 @@ def _optimizer(params, device: str):
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="tpo-bench-opt-"), learning_rate=LEARNING_RATE,
                              use_cpu=device == "cpu", report_to="none")
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    return cls([p for p in params if p.requires_grad], **kwargs)
+    # The Trainer sets the weight decay in its parameter groups (TrainingArguments' default: 0), not in `kwargs`;
+    # without it AdamW's own default (0.01) applied to this step only.
+    return cls([{"params": [p for p in params if p.requires_grad], "weight_decay": args.weight_decay}], **kwargs)
 
 
 def _to(batch: dict, device: str) -> dict:

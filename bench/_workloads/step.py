@@ -203,7 +203,7 @@ def build_processor(case: StepCase):
 
     proc = build_tiny_processor(vocabulary(), image_size=case.image_size, patch_size=case.patch_size)
     template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %} {% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         "{% if m['role'] == 'assistant' %}</s>{% endif %}"
