@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -122,6 +123,8 @@ def test_official_step_trains_on_the_tpo_loss_of_eight_forwards(mods, tiny, lora
     c.build(case, data, "cpu")
     trained = [p for p in c.policy.parameters() if p.requires_grad]
     _perturb(trained, seed=1, scale=0.05)
+    assert c.notes == (["LoRA; reference = the policy with its adapter disabled"] if lora else [])
+    assert c.note() == "; ".join([c.workloads["step"], *c.notes])
     if lora:
         assert c.reference is None and all("lora" in n for n, p in c.policy.named_parameters() if p.requires_grad)
         reference = workload.build_model(case, data.image_token_id, "cpu")
@@ -230,7 +233,7 @@ def test_trl_with_liger_applies_its_kernels_to_the_model(mods, tiny, monkeypatch
 
 
 class _FakeTrainer:
-    padding_free = True
+    padding_free = False  # TRL 1.16: False unless asked for, and still False when asked for (it pads)
 
 
 def test_trl_keeps_each_option_that_builds_is_used_and_steps(mods, tiny, monkeypatch):
@@ -243,12 +246,13 @@ def test_trl_keeps_each_option_that_builds_is_used_and_steps(mods, tiny, monkeyp
     built, stepped, restored = [], [], []
 
     def trainer(self, case_, data_, device, options):
-        t = _FakeTrainer()
+        assert (case_, data_, device) == (case, data, "cpu")
+        t = make()
         t.options = dict(options)
-        if options.get("padding_free"):
-            t.padding_free = False
         built.append(t)
         return t
+
+    make = _FakeTrainer
 
     def train_step(self, batch):
         stepped.append((dict(self.trainer.options), batch))
@@ -288,6 +292,14 @@ def test_trl_keeps_each_option_that_builds_is_used_and_steps(mods, tiny, monkeyp
                            "not used: padding_free: TRL 1.16 accepts it but warns it is 'temporarily unavailable' "
                            "since its DPO refactor and pads (it also needs FlashAttention 2/3)",
                            "not used: precompute_ref_log_probs: ZeroDivisionError: division by zero"]
+    # A TRL that takes every option (and has no padding_free attribute to say otherwise): all three kept, in order.
+    built.clear()
+    make = type("OtherTRL", (), {})  # noqa: F841 - the class `trainer` above builds from now on
+    monkeypatch.setattr(step.TRLDPOStep, "train_step", lambda self, batch: 0.5)
+    c = step.step_contenders()["trl-dpo"]
+    c.build(case, data, "cpu")
+    assert built[-1].options == dict.fromkeys(step.OPTIONAL_TRL, True)
+    assert c.notes[1:] == ["options used: padding_free=True, precompute_ref_log_probs=True, use_liger_kernel=True"]
 
 
 def test_a_failed_liger_trial_leaves_transformers_as_it_was(mods):
@@ -410,18 +422,21 @@ def test_ours_with_a_cached_reference_scores_only_the_pairs_a_step_can_draw(mods
     step, workload, _ = mods
     case, data = tiny
     c = step.step_contenders()["ours-tpo-shared-refcache"]
+    t0 = time.perf_counter()
     c.build(case, data, "cpu")  # search_s = 0: only the timed micro-batch's 2 pairs
+    wall = time.perf_counter() - t0
     assert len(c.trainer.train_dataset) == case.pairs == 2 < len(data.dataset)
-    assert c.reference_cache_s_per_pair > 0
-    assert c.notes[0].startswith("reference cache: ") and c.notes[0].endswith(
-        f"s for 2 pairs, {c.reference_cache_s_per_pair:.2f} s per pair, paid once per data set")
+    per_pair = c.reference_cache_s_per_pair
+    assert 0 < 2 * per_pair < wall  # the trainer's construction (which scores the pairs), per pair
+    assert c.notes[0] == (f"reference cache: {2 * per_pair:.1f} s for 2 pairs, {per_pair:.2f} s per pair, paid once "
+                          "per data set")
     args = c.trainer.args
     assert (args.objective, args.shared_prefix, args.precompute_reference) == ("tpo", True, True)
     _assert_trainer_default_adamw(c.trainer.optimizer, step.LEARNING_RATE)
     assert c.notes[1] == (f"TPOConfig: shared_prefix=True, padding_free={args.padding_free}, precompute_reference=True"
                           f", loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}; "
                           + step.trunk_rows(c.trainer))
-    searched = dataclasses.replace(case, search_s=5.0, max_pairs=3)
+    searched = dataclasses.replace(case, search_s=0.5, max_pairs=3)
     c = step.step_contenders()["ours-tpo-shared-refcache"]
     c.build(searched, data, "cpu")
     assert len(c.trainer.train_dataset) == 3
@@ -444,6 +459,7 @@ def test_ours_trains_with_the_benchs_settings(mods, tiny, name):
     assert (a.objective, a.shared_prefix, a.precompute_reference) == (c.objective, c.shared, False)
     assert (a.learning_rate, a.per_device_train_batch_size, a.bf16) == (step.LEARNING_RATE, case.pairs, False)
     assert c.trainer.train_dataset is data.dataset and c.trainer.current_gradient_accumulation_steps == 1
+    assert all(p.requires_grad for p in c.trainer.model.parameters())  # no LoRA in a full case
     _assert_trainer_default_adamw(c.trainer.optimizer, step.LEARNING_RATE)
     assert c.notes == [f"TPOConfig: shared_prefix={c.shared}, padding_free={a.padding_free}, precompute_reference="
                        f"False, loss_backend={a.loss_backend}, grad_mode={a.loss_grad_mode}; "
@@ -492,3 +508,18 @@ def test_trunk_rows_describes_the_packing_the_trainer_resolves_to(mods, monkeypa
         "trunk rows: one per pair, padded, dense mask (sdpa)")
     assert rows(padding_free=False, shared_prefix=False, implementation="eager") == (
         "trunk rows: one per row, padded, dense mask (eager)")
+
+
+def test_the_official_structure_scores_fp32_logits_under_bf16_autocast(mods, tiny):
+    """The official code casts the model's logits to fp32 before its log_softmax; under the bf16 autocast of a bf16
+    case the LLaVA forward returns bf16 logits, so the cast is what keeps the scores fp32."""
+    step, workload, _ = mods
+    case, _ = tiny
+    case = dataclasses.replace(case, dtype="bf16", lora=True, lora_rank=4)
+    data = workload.StepData(case)
+    c = step.step_contenders()["official-tpo"]
+    c.build(case, data, "cpu")
+    batch = c.batch(case.pairs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = c._logits(c.policy, batch["chosen"], batch["pixel_values"])
+    assert logits.dtype == torch.float32 and logits.shape[:2] == batch["chosen"]["input_ids"].shape
