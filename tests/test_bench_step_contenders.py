@@ -1,6 +1,7 @@
 """The step workload's contenders (bench/_contenders/step.py): the official TPO step structure against the TPO loss
 worked out by hand from the model's own logits, TRL's rows against our collator's, TRL's option trials, and how
-tpo_fast's trainer rows are named, set up and described. The step check (tests/test_bench_smoke.py) and the measuring
+tpo_fast's trainer rows are named, set up and described; then the workload's cases, model and data
+(bench/_workloads/step.py). The step check (tests/test_bench_smoke.py) and the measuring
 child (tests/test_bench_measure_step.py) take these contenders as given; a step row is only as honest as they are."""
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ def mods():
     return contenders, workload, workloads
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny(mods):
-    """step-tiny (2 pairs of unequal lengths, fp32) without the micro-batch search, and its data."""
+    """step-tiny (2 pairs of unequal lengths, fp32) without the micro-batch search, and its data. Built for each
+    test (not once per module): mutmut runs a mutant against the tests that called it, and a module fixture's
+    calls count for the first test only."""
     _, workload, _ = mods
     case = dataclasses.replace(workload.STEP_CASES["step-tiny"], search_s=0)
     return case, workload.StepData(case)
@@ -523,3 +526,142 @@ def test_the_official_structure_scores_fp32_logits_under_bf16_autocast(mods, tin
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = c._logits(c.policy, batch["chosen"], batch["pixel_values"])
     assert logits.dtype == torch.float32 and logits.shape[:2] == batch["chosen"]["input_ids"].shape
+
+
+# The step workload's cases, model and data (bench/_workloads/step.py) ----------------------------------------------
+def test_the_step_cases_have_the_shapes_issue_15_asks_for(mods):
+    """The CPU case: text hidden at least 512, at least 4 layers, vocabulary 32000, at least 144 image tokens, prompts
+    of about 64 tokens, responses of 64-256, several pairs; the GPU case: LLaVA-1.5-7B's text shapes (Vicuna-7B) and
+    vision shapes (CLIP ViT-L/14 at 336 px: 576 image tokens), bf16, LoRA r=128, an 80 GB budget; the presets."""
+    _, workload, _ = mods
+    cpu = workload.STEP_CASES["cpu-step"]
+    assert cpu.text_hidden >= 512 and cpu.layers >= 4 and cpu.vocab == 32000 and cpu.image_tokens == 144
+    assert (cpu.response_min, cpu.response_max, cpu.pairs) == (64, 256, 4) and 56 <= cpu.prompt_words <= 64
+    assert not cpu.needs_cuda and cpu.dtype == "fp32" and not cpu.lora
+    gpu = workload.STEP_CASES["llava7b-step"]
+    assert (gpu.text_hidden, gpu.layers, gpu.heads, gpu.kv_heads, gpu.intermediate, gpu.vocab) == (
+        4096, 32, 32, 32, 11008, 32000)
+    assert (gpu.vision_hidden, gpu.vision_layers, gpu.vision_heads, gpu.vision_intermediate, gpu.image_size,
+            gpu.patch_size, gpu.image_tokens) == (1024, 24, 16, 4096, 336, 14, 576)
+    assert (gpu.dtype, gpu.lora, gpu.lora_rank, gpu.needs_cuda, gpu.memory_budget_mib) == (
+        "bf16", True, 128, True, 80 * 1024)
+    assert workload.STEP_CASES["cpu-step-576"].image_tokens == 576
+    lora = workload.STEP_CASES["cpu-step-lora"]
+    assert (lora.dtype, lora.lora, lora.image_tokens, lora.text_hidden // lora.heads) == ("bf16", True, 576, 128)
+    assert workload.STEP_PRESETS == {"cpu-step": ["cpu-step"], "gpu-step": ["llava7b-step"]}
+    assert all(name == case.name for name, case in workload.STEP_CASES.items())
+
+
+def test_a_step_case_row_carries_its_shapes(mods):
+    _, workload, _ = mods
+    case = workload.STEP_CASES["cpu-step-lora"]
+    row = case.as_dict()
+    assert (row["d"], row["v"], row["n"], row["n_seq"], row["image_tokens"]) == (512, 32000, 4, 8, 576)
+    assert row["name"] == "cpu-step-lora" and row["lora"] is True and "extra" not in row and "seq_len" not in row
+    assert case.job() == {"name": "cpu-step-lora", "step": True}
+    assert [workload.dtype_of(dataclasses.replace(case, dtype=d)) for d in ("fp32", "bf16", "fp16")] == [
+        torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_build_model_is_a_llava_of_the_case_shapes_the_same_for_every_contender(mods, dtype):
+    """Every contender builds the same random model: LLaVA with the case's CLIP and Llama shapes, the data's image
+    token, SDPA attention, untied embeddings, in the case's dtype (fp16 initialised in fp32, then cast), in eval
+    mode; the same weights for the same seed, other weights for another."""
+    _, workload, _ = mods
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], dtype=dtype, text_hidden=48, kv_heads=1)
+    model = workload.build_model(case, image_token_id=9, device="cpu")
+    cfg, text, vision = model.config, model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.vocab_size) == (48, 128, 2, 4, 1, 512)
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads,
+            vision.image_size, vision.patch_size) == (32, 64, 1, 2, 28, 7)
+    assert (cfg.image_token_id, cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (9, -2, "default")
+    assert not cfg.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert cfg._attn_implementation == "sdpa" and not model.training
+    assert text.max_position_embeddings == 4096  # LLaVA-1.5's (Vicuna-1.5's) context
+    assert text.pad_token_id == workload.build_processor(case).tokenizer.pad_token_id == 0
+    assert {p.dtype for p in model.parameters()} == {workload.dtype_of(case)}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    if dtype == "fp16":  # initialised in fp32 (fp16's range), then cast
+        fp32 = workload.build_model(dataclasses.replace(case, dtype="fp32"), image_token_id=9, device="cpu")
+        assert all(torch.equal(p, q.half()) for p, q in zip(model.parameters(), fp32.parameters(), strict=True))
+    again = workload.build_model(case, image_token_id=9, device="cpu")
+    other = workload.build_model(case, image_token_id=9, device="cpu", seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True))
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
+
+
+def test_lora_targets_every_linear_layer_of_the_text_model_only(mods):
+    """LLaVA-1.5's LoRA recipe: rank r, alpha 2r, no dropout, the seven linear layers of every text layer, none of
+    the vision tower's or the projector's."""
+    from peft import get_peft_model
+
+    _, workload, _ = mods
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], lora=True, lora_rank=4)
+    cfg = workload.lora_config(case)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.0)
+    model = get_peft_model(workload.build_model(case, 9, "cpu"), cfg)
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(adapted) == 7 * case.layers and all("language_model" in n for n in adapted)
+    assert {n.rsplit(".", 1)[1] for n in adapted} == set(names)
+
+
+def test_step_records_are_the_same_for_a_seed_and_differ_between_seeds(mods):
+    """`make_records`: `records` pairs, each an image of the case's size, a prompt of `prompt_words` words starting
+    with the question, chosen and rejected of unequal word counts in [response_min, response_max]; the same for
+    every contender (seed 0), other pairs for another seed."""
+    _, workload, _ = mods
+    case = workload.STEP_CASES["step-tiny"]
+    records = workload.make_records(case)
+    assert len(records) == case.records and len({r["name"] for r in records}) == case.records
+    for r in records:
+        assert r["image"].size == (case.image_size, case.image_size)
+        assert r["prompt"].split()[:4] == ["describe", "the", "image", "."]
+        assert len(r["prompt"].split()) == case.prompt_words
+        n_c, n_r = len(r["chosen"].split()), len(r["rejected"].split())
+        assert n_c != n_r and min(n_c, n_r) >= case.response_min and max(n_c, n_r) <= case.response_max
+    again, other = workload.make_records(case), workload.make_records(case, seed=1)
+    strip = [{k: v for k, v in r.items() if k != "image"} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k != "image"} for r in again]
+    assert strip != [{k: v for k, v in r.items() if k != "image"} for r in other]
+    equal = dataclasses.replace(case, response_min=6, response_max=6, records=3)
+    assert all(len(r["chosen"].split()) == len(r["rejected"].split()) == 6 for r in workload.make_records(equal))
+    # Prompts longer than the question go on with sentences of the shapes world; each image is its scene's drawing.
+    from tpo_fast.trainer.synthetic import draw_shape, shapes_scenes
+
+    long = dataclasses.replace(case, prompt_words=30, records=3, image_size=56)
+    records = workload.make_records(long)
+    assert all(len(r["prompt"].split()) == 30 and " there is a " in r["prompt"] for r in records)
+    for r, scene in zip(records, shapes_scenes(3, 1, 0), strict=True):
+        assert r["name"] == scene.name
+        for side in ("chosen", "rejected"):  # the scene's sentence first (cut where the response is shorter)
+            words, sentence = r[side].split(), scene.pairs[0][side].split()
+            assert words[:len(sentence)] == sentence[:len(words)], side
+        assert r["image"].tobytes() == draw_shape(scene.shape, scene.colour, scene.position, 56).tobytes()
+
+
+def test_every_contender_gets_the_same_pairs_and_the_case_image_size(mods):
+    """Each contender builds its own StepData in its own process: the same records, files and collated batch every
+    time; the processor takes images of the case's size, (size / patch)^2 image tokens each."""
+    _, workload, _ = mods
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], image_size=56, records=3, pairs=2)
+    one, two = workload.StepData(case), workload.StepData(case)
+    assert [{k: v for k, v in r.items() if k != "image"} for r in one.records] == [
+        {k: v for k, v in r.items() if k != "image"} for r in two.records]
+    a, b = one.padded_batch(2), two.padded_batch(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["pixel_values"].shape[-2:] == (56, 56)
+    assert int((a["input_ids"][0] == one.image_token_id).sum()) == (56 // 7) ** 2
+
+
+def test_a_micro_batch_cycles_through_the_records(mods, tiny):
+    _, _, _ = mods
+    _, data = tiny
+    n = len(data.records)
+    assert data.indices(3) == [0, 1, 2] and data.indices(n + 2) == [*range(n), 0, 1]
+    batch = data.padded_batch(n + 1)
+    assert batch["input_ids"].shape[0] == 2 * (n + 1)
+    assert torch.equal(batch["input_ids"][n], batch["input_ids"][0])  # the (n+1)-th pair is the first again
