@@ -239,3 +239,36 @@ def test_cut_cross_entropy_runs_its_triton_kernels_on_cuda_and_its_compiled_torc
     on_gpu.setup("cuda")
     assert (on_gpu.impl, on_gpu.label) == ("cce", "Cut Cross-Entropy")
     assert callable(on_gpu._lce)
+
+
+def test_liger_runs_its_dpo_loss_with_the_benchs_settings_compiled_on_cuda_only(mods, monkeypatch):
+    """Liger's fused linear DPO loss: the bench's beta, a reference model's rows, summed (not averaged) log-probs
+    as the DPO loss takes them, no NLL term; torch.compile on CUDA, eager on a CPU (and labelled so); it is handed
+    the policy's weight, hidden states and targets and the reference's hidden states and weight, and its loss is
+    the first output."""
+    pytest.importorskip("liger_kernel")
+    import liger_kernel.chunked_loss as chunked
+
+    contenders, _, workloads = mods
+    made, calls = [], []
+
+    class Spy:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def __call__(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            return ("the loss", "the metrics")
+
+    monkeypatch.setattr(chunked, "LigerFusedLinearDPOLoss", Spy)
+    for device, compiled, label in (("cpu", False, "Liger LigerFusedLinearDPOLoss (compiled=False on CPU)"),
+                                    ("cuda", True, "Liger LigerFusedLinearDPOLoss")):
+        c = contenders.all_contenders(("torch",))["liger"]
+        c.setup(device)
+        assert made.pop() == dict(beta=workloads.BETA, compiled=compiled, use_ref_model=True, average_log_prob=False,
+                                  compute_nll_loss=False)
+        assert c.label == label
+    inp = {k: object() for k in ("weight", "hidden", "targets", "ref_hidden", "ref_weight")}
+    assert c.run("dpo", inp) == "the loss"
+    assert calls == [((inp["weight"], inp["hidden"], inp["targets"]),
+                      {"ref_input": inp["ref_hidden"], "ref_weight": inp["ref_weight"]})]
