@@ -599,9 +599,9 @@ def test_lora_targets_every_linear_layer_of_the_text_model_only(mods):
     from peft import get_peft_model
 
     _, workload, _ = mods
-    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], lora=True, lora_rank=4)
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], lora=True, lora_rank=16)  # peft's default alpha: 8
     cfg = workload.lora_config(case)
-    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.0)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.0)
     model = get_peft_model(workload.build_model(case, 9, "cpu"), cfg)
     adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -645,16 +645,17 @@ def test_step_records_are_the_same_for_a_seed_and_differ_between_seeds(mods):
 
 def test_every_contender_gets_the_same_pairs_and_the_case_image_size(mods):
     """Each contender builds its own StepData in its own process: the same records, files and collated batch every
-    time; the processor takes images of the case's size, (size / patch)^2 image tokens each."""
+    time; the processor takes images of the case's size, (size / patch)^2 image tokens each (the real cases' patch is
+    14, the tiny processor's default 7)."""
     _, workload, _ = mods
-    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], image_size=56, records=3, pairs=2)
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], image_size=56, patch_size=14, records=3, pairs=2)
     one, two = workload.StepData(case), workload.StepData(case)
     assert [{k: v for k, v in r.items() if k != "image"} for r in one.records] == [
         {k: v for k, v in r.items() if k != "image"} for r in two.records]
     a, b = one.padded_batch(2), two.padded_batch(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["pixel_values"].shape[-2:] == (56, 56)
-    assert int((a["input_ids"][0] == one.image_token_id).sum()) == (56 // 7) ** 2
+    assert int((a["input_ids"][0] == one.image_token_id).sum()) == (56 // 14) ** 2  # LLaVA-1.5's patch, not 7
 
 
 def test_a_micro_batch_cycles_through_the_records(mods, tiny):
