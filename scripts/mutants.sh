@@ -64,7 +64,7 @@ if [ -z "${TESTS:-}" ]; then
         tpo_fast/methods/csr.py) TESTS="tests/test_csr.py tests/test_gaps_methods.py" ;;
         tpo_fast/methods/povid.py) TESTS="tests/test_povid.py tests/test_trainer_povid.py" ;;
         tpo_fast/cli*) TESTS="tests/test_cli.py tests/test_cli_flags.py tests/test_eval.py" ;;
-        bench/*) TESTS="tests/test_bench_smoke.py tests/test_bench_derive.py tests/test_bench_report.py tests/test_bench_measure.py tests/test_bench_measure_step.py tests/test_bench_contenders.py tests/test_bench_step_contenders.py" ;;
+        bench/*) TESTS="tests/test_bench_smoke.py tests/test_bench_derive.py tests/test_bench_report.py tests/test_bench_measure.py tests/test_bench_measure_step.py tests/test_bench_contenders.py tests/test_bench_step_contenders.py tests/test_bench_run.py" ;;
         tpo_fast/methods*) TESTS="tests/test_csr.py tests/test_gaps_methods.py tests/test_fisao.py tests/test_povid.py" ;;
         *) echo "no default tests for $MODULE: pass TESTS=\"tests/...\"" >&2; exit 2 ;;
     esac

@@ -1,0 +1,240 @@
+"""bench/run.py in-process: the run's plan from the command line (`parse_args`, `_settings`: defaults per device and
+workload family, every refusal), the contender names and the tpo_fast backends they need, what each (case,
+contender) is given to do (`_job`) and the rows one child's result becomes (`_phase_rows`). The runner tests in
+tests/test_bench_smoke.py run the whole script in a child process, which mutation testing cannot see into."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from _bench import BENCH, bench_modules
+
+
+@pytest.fixture(scope="module")
+def mods():
+    run, contenders, workloads = bench_modules("run", "_contenders", "_workloads")
+    return run, contenders, workloads
+
+
+def _torch(cuda: bool):
+    """torch as `_settings` reads it: only `cuda.is_available()`."""
+    return SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: cuda))
+
+
+def test_the_command_line_defaults(mods):
+    run, _, workloads = mods
+    a = run.parse_args([])
+    assert (a.device, a.cases, a.contenders, a.workloads, a.dtype, a.repeats, a.warmup, a.rounds, a.search_s) == (
+        "auto", None, None, ",".join(workloads.DEFAULT_WORKLOADS), None, None, None, 1, None)
+    assert (a.seed, a.threads, a.out, a.stem, a.no_plots, a.timeout, a.deadline_s) == (
+        0, None, BENCH / "results", None, False, 3600, None)
+    a = run.parse_args(["--device", "cpu", "--dtype", "bf16", "--repeats", "7", "--warmup", "2", "--rounds", "3",
+                        "--search-s", "4.5", "--seed", "3", "--threads", "2", "--out", "x", "--stem", "s",
+                        "--no-plots", "--timeout", "9", "--deadline-s", "100"])
+    assert (a.device, a.dtype, a.repeats, a.warmup, a.rounds, a.search_s, a.seed, a.threads, a.out, a.stem,
+            a.no_plots, a.timeout, a.deadline_s) == ("cpu", "bf16", 7, 2, 3, 4.5, 3, 2, Path("x"), "s", True, 9.0,
+                                                     100.0)
+    for bad in (["--device", "tpu"], ["--dtype", "fp64"], ["--repeats", "x"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad)
+
+
+def _plan(run, argv, cuda=False):
+    return run._settings(run.parse_args(argv), _torch(cuda))
+
+
+def test_the_plan_takes_each_devices_defaults(mods):
+    """CPU: the `cpu` loss cases in fp32, 5 timed calls after 1 warm-up; CUDA: the `gpu` grid in bf16, 20 after 3.
+    The step workload alone: cpu-step, 3 after 1 / gpu-step, 10 after 2; with loss workloads too, both default case
+    lists and the loss workloads' counts. Given options win."""
+    run, contenders, workloads = mods
+    names = lambda cases: [c.name for c in cases]  # noqa: E731
+    cpu = _plan(run, [])
+    assert (cpu["device"], cpu["dtype"], cpu["repeats"], cpu["warmup"], cpu["rounds"]) == ("cpu", "fp32", 5, 1, 1)
+    assert names(cpu["cases"]) == names(workloads.parse_cases("cpu"))
+    assert cpu["workloads"] == list(workloads.DEFAULT_WORKLOADS)
+    assert cpu["names"] == list(contenders.DEFAULT) and cpu["backends"] == contenders.TPO_FAST_BACKENDS
+    assert set(cpu["names"]) <= set(cpu["contenders"]) and cpu["contenders"]["cce"].allow_cpu is False
+    assert (cpu["seed"], cpu["threads"], cpu["timeout"], cpu["search_s"], cpu["deadline"], cpu["deadline_s"]) == (
+        0, None, 3600, None, None, None)
+    gpu = _plan(run, [], cuda=True)
+    assert (gpu["device"], gpu["dtype"], gpu["repeats"], gpu["warmup"]) == ("cuda", "bf16", 20, 3)
+    assert names(gpu["cases"]) == names(workloads.parse_cases("gpu"))
+    step = _plan(run, ["--workloads", "step"])
+    assert (names(step["cases"]), step["repeats"], step["warmup"]) == (["cpu-step"], 3, 1)
+    step = _plan(run, ["--workloads", "step"], cuda=True)
+    assert (names(step["cases"]), step["repeats"], step["warmup"], step["dtype"]) == (["llava7b-step"], 10, 2, "bf16")
+    both = _plan(run, ["--workloads", " tpo , step ,"])
+    assert both["workloads"] == ["tpo", "step"]
+    assert names(both["cases"]) == names(workloads.parse_cases("cpu")) + ["cpu-step"]
+    assert (both["repeats"], both["warmup"]) == (5, 1)
+    first_step = _plan(run, ["--workloads", "tpo,step", "--cases", "cpu-step,cpu-tiny"])
+    assert (first_step["repeats"], first_step["warmup"]) == (5, 1)  # not all step cases: the loss defaults
+    given = _plan(run, ["--dtype", "bf16", "--repeats", "4", "--warmup", "2", "--rounds", "2", "--seed", "5",
+                        "--threads", "1", "--timeout", "30", "--search-s", "0", "--cases", "cpu-tiny"])
+    assert (given["dtype"], given["repeats"], given["warmup"], given["rounds"], given["seed"], given["threads"],
+            given["timeout"], given["search_s"], names(given["cases"])) == ("bf16", 4, 2, 2, 5, 1, 30, 0, ["cpu-tiny"])
+    before = time.time()
+    timed = _plan(run, ["--deadline-s", "100"])
+    assert timed["deadline_s"] == 100 and before + 100 <= timed["deadline"] <= time.time() + 100
+
+
+def test_cce_runs_on_a_cpu_only_when_named(mods):
+    run, _, _ = mods
+    assert _plan(run, ["--contenders", "naive,cce"])["contenders"]["cce"].allow_cpu is True
+    assert _plan(run, ["--contenders", "naive"])["contenders"]["cce"].allow_cpu is False
+    assert _plan(run, ["--contenders", "all"])["contenders"]["cce"].allow_cpu is False
+
+
+@pytest.mark.parametrize(("argv", "cuda", "message"), [
+    (["--device", "cuda"], False, "--device cuda was asked for but torch sees no CUDA device"),
+    (["--workloads", "tpo,nope,bad"], False, "unknown workload(s) nope, bad; choose from "),
+    (["--cases", "d3-v4"], False, None),  # the case parser's own message
+    (["--workloads", "step", "--cases", "cpu-tiny"], False,
+     "no case runs these workloads: the step cases ({steps}) run only --workloads step, the other cases only the "
+     "other workloads"),
+    (["--repeats", "0"], False, "--repeats must be >= 1"),
+    (["--warmup", "0"], False, "--warmup must be >= 1: the first, untimed call is also the one whose result is "
+                               "checked"),
+    (["--deadline-s", "0"], False, "--deadline-s must be a positive number of seconds, got 0"),
+    (["--deadline-s", "-2.5"], False, "--deadline-s must be a positive number of seconds, got -2.5"),
+    (["--rounds", "0"], False, "--rounds must be between 1 and --repeats (5), got 0"),
+    (["--rounds", "6"], False, "--rounds must be between 1 and --repeats (5), got 6"),
+    (["--rounds", "2"], True, "--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
+                              "child per contender measures memory and time (leave --rounds at 1)"),
+    (["--contenders", "naive,nobody"], False, "unknown contender(s) nobody; choose from "),
+])
+def test_the_plan_refuses_what_it_cannot_run_and_says_why(mods, argv, cuda, message):
+    run, _, workloads = mods
+    with pytest.raises(SystemExit) as e:
+        _plan(run, argv, cuda)
+    if message is None:
+        with pytest.raises(ValueError) as parsed:
+            workloads.parse_cases("d3-v4")
+        message = str(parsed.value)
+    message = message.replace("{steps}", ", ".join(workloads.STEP_CASES))
+    if message.endswith("choose from "):
+        assert str(e.value.code).startswith(message)
+        if "workload" in message:
+            assert str(e.value.code) == message + ", ".join(workloads.WORKLOADS)
+    else:
+        assert str(e.value.code) == message
+    assert _plan(run, ["--rounds", "5"])["rounds"] == 5 and _plan(run, ["--warmup", "1"])["warmup"] == 1
+
+
+def test_contender_names_expand_in_order_without_repeats(mods):
+    """'tpo_fast' is every tpo_fast contender of every backend, 'all' the defaults; names keep the order asked, once
+    each; blanks are skipped; an unknown name is refused with the known ones listed."""
+    run, contenders, _ = mods
+    every = [n for n in contenders.all_contenders(contenders.TPO_FAST_BACKENDS) if n.startswith("tpo_fast-")]
+    assert run._contender_names(" naive , ,tpo_fast,naive") == ["naive", *every]
+    assert run._contender_names("all,broken") == [*contenders.DEFAULT, "broken"]
+    assert run._contender_names("floor-valid, trl") == ["floor-valid", "trl"]
+    with pytest.raises(SystemExit) as e:
+        run._contender_names("naive,ghost,tpo_fast-x,spook")  # a named backend gets its contenders (run or not)
+    known = contenders.all_contenders(run._backends(["tpo_fast-x"]))
+    assert "tpo_fast-x" in known
+    assert e.value.code == f"unknown contender(s) ghost, spook; choose from {', '.join(known)} or 'tpo_fast'"
+
+
+def test_backends_are_the_defaults_and_those_named(mods):
+    run, contenders, _ = mods
+    defaults = contenders.TPO_FAST_BACKENDS
+    assert run._backends(["naive", "trl"]) == defaults
+    assert run._backends(["tpo_fast-cpp", "tpo_fast-x-fused-tgemm", "tpo_fast-y-recompute", "tpo_fast-z-fused",
+                          "tpo_fast-cpp"]) == tuple(dict.fromkeys((*defaults, "cpp", "x", "y", "z")))
+
+
+def test_a_job_lists_the_workloads_a_contender_runs_and_rows_for_the_others(mods, monkeypatch):
+    """Per (case, contender): nothing for a contender or a workload of the other family (loss / step); an `n/a` row
+    for a workload it does not offer (its reason, or "not offered"); an `unavailable` row where it cannot run here
+    (its reason and note); a child job with the plan's settings for the rest."""
+    run, contenders, workloads = mods
+    known = contenders.all_contenders(("torch",))
+    plan = {"device": "cpu", "contenders": known, "workloads": ["tpo", "dpo", "primitive", "step"],
+            "backends": ("torch",), "dtype": "fp32", "repeats": 3, "warmup": 1, "seed": 4, "threads": 2,
+            "search_s": 7.0}
+    loss = workloads.CASES["cpu-tiny"]
+    step = workloads.STEP_CASES["step-tiny"]
+    assert run._job(loss, "ours-tpo", {**plan, "contenders": {"ours-tpo": object.__new__(type(
+        "S", (), {"family": "step"}))}}) == ([], None)
+    rows, job = run._job(loss, "liger", plan)
+    liger = known["liger"]
+    assert rows == [{"contender": "liger", "label": liger.label_for("tpo"), "kind": "peer", "workload": "tpo",
+                     "status": "n/a", "reason": liger.not_applicable["tpo"]},
+                    {"contender": "liger", "label": liger.label_for("primitive"), "kind": "peer",
+                     "workload": "primitive", "status": "n/a", "reason": liger.not_applicable["primitive"]}]
+    assert job == {"backends": ("torch",), "device": "cpu", "dtype": "fp32", "repeats": 3, "warmup": 1, "seed": 4,
+                   "threads": 2, "search_s": 7.0, "contender": "liger", "workloads": ["dpo"],
+                   "case": {"name": loss.name, "d": loss.d, "v": loss.v, "n": loss.n, "model": loss.model,
+                            "targets": loss.targets}}
+    monkeypatch.setattr(liger, "not_applicable", {})
+    assert [r["reason"] for r in run._job(loss, "liger", plan)[0]] == ["not offered", "not offered"]
+    monkeypatch.setattr(liger, "availability", lambda device, w: f"no {w} on {device}")
+    rows, job = run._job(loss, "liger", plan)
+    assert job is None and rows[1] == {"contender": "liger", "label": liger.label_for("dpo"), "kind": "peer",
+                                        "workload": "dpo", "status": "unavailable", "reason": "no dpo on cpu",
+                                        "note": liger.workloads["dpo"]}
+    rows, job = run._job(step, "ours-tpo", plan)
+    assert rows == [] and job["workloads"] == ["step"] and job["case"] == step.job()
+    assert run._job(step, "naive", plan) == ([], None)  # a loss contender on a step case
+    rows, job = run._job(workloads.STEP_CASES["llava7b-step"], "ours-tpo", plan)
+    assert job is None and [(r["status"], r["reason"]) for r in rows] == [
+        ("unavailable", "needs CUDA (llava-1.5-7b shapes in bf16)")]
+
+
+def test_a_childs_result_becomes_one_row_per_workload(mods, monkeypatch):
+    """`_phase_rows`: the child's rows by workload; a child that gave nothing is `crashed` for each workload with the
+    first line of its error (prefixed by its phase, but for a child that does everything); the child runs with its
+    phase's environment and the plan's timeout, or what is left before the deadline, and a child killed at the
+    deadline, or one the deadline came before, is `not run`; the device's name is kept from a CUDA child."""
+    run, contenders, _ = mods
+    naive = contenders.all_contenders(("torch",))["naive"]
+    plan = {"contenders": {"naive": naive}, "timeout": 50.0, "deadline": None, "deadline_s": None}
+    job = {"contender": "naive", "workloads": ["tpo", "dpo"], "device": "cpu"}
+    calls, answers = [], []
+
+    def child(job_, timeout, env=None):
+        calls.append((job_["phase"], timeout, env))
+        return answers.pop(0)
+
+    monkeypatch.setattr(run, "_run_child", child)
+    answers.append(([{"workload": "tpo", "status": "ok"}, {"workload": "dpo", "status": "ok"}],
+                    {"device_name": "GPU X"}, ""))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    pinned = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # the memory child's glibc setting; the time child's: none
+    meta = {}
+    assert run._phase_rows(job, "memory", plan, "c", meta) == {"tpo": {"workload": "tpo", "status": "ok"},
+                                                               "dpo": {"workload": "dpo", "status": "ok"}}
+    assert calls == [("memory", 50.0, pinned)] and meta == {}  # a CPU child: no device name
+    answers.append(([], {"device_name": "GPU X"}, ""))
+    run._phase_rows({**job, "device": "cuda"}, "all", plan, "c", meta)
+    assert meta == {"device_name": "GPU X"} and calls[-1] == ("all", 50.0, pinned)
+
+    def crashed(phase, reason):
+        return {w: {"contender": "naive", "label": naive.label_for(w), "kind": "baseline", "workload": w,
+                    "status": phase, "reason": reason, "note": naive.workloads[w]} for w in ("tpo", "dpo")}
+
+    answers.append((None, {}, "Traceback: boom\nmore"))
+    assert run._phase_rows(job, "time", plan, "c", {}) == crashed("crashed", "time child: Traceback: boom")
+    assert calls[-1] == ("time", 50.0, {})
+    answers.append((None, {}, ""))
+    assert run._phase_rows(job, "all", plan, "c", {}) == crashed("crashed", "no result")
+    late = {**plan, "deadline": time.time() + 20.0, "deadline_s": 20.0}
+    answers.append((None, {}, "killed after 20 s"))
+    assert run._phase_rows(job, "time", late, "c", {}) == crashed(
+        "not run", "the run's deadline (--deadline-s 20) came while it ran")
+    assert 19.0 < calls[-1][1] <= 20.0  # what was left, not the plan's 50 s
+    answers.append((None, {}, "killed after 50 s"))  # killed by its own timeout, the deadline further away
+    far = {**plan, "deadline": time.time() + 500.0, "deadline_s": 500.0}
+    assert run._phase_rows(job, "time", far, "c", {}) == crashed("crashed", "time child: killed after 50 s")
+    assert calls[-1][1] == 50.0
+    n = len(calls)
+    past = {**plan, "deadline": time.time() - 1.0, "deadline_s": 7.0}
+    assert run._phase_rows(job, "time", past, "c", {}) == crashed(
+        "not run", "the run's deadline (--deadline-s 7) came before it started")
+    assert len(calls) == n and run._past_deadline(past) and not run._past_deadline(far)
+    assert not run._past_deadline(plan)
