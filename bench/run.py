@@ -162,12 +162,14 @@ def _backends(names: list[str]) -> tuple[str, ...]:
 
 
 def _versions() -> dict:
+    """{"python": its version, and per package of PACKAGES (named with "_" for "-"): its version, None if absent}."""
     out = {"python": platform.python_version()}
     for pkg in PACKAGES:
         try:
-            out[pkg.replace("-", "_").replace("tpo_fast", "tpo_fast")] = importlib.metadata.version(pkg)
+            version = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
+            version = None
+        out[pkg.replace("-", "_")] = version
     return out
 
 

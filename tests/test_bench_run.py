@@ -238,3 +238,90 @@ def test_a_childs_result_becomes_one_row_per_workload(mods, monkeypatch):
         "not run", "the run's deadline (--deadline-s 7) came before it started")
     assert len(calls) == n and run._past_deadline(past) and not run._past_deadline(far)
     assert not run._past_deadline(plan)
+
+
+def test_versions_name_every_package_the_same_way_installed_or_not(mods, monkeypatch):
+    """The JSON's versions: one key per package, "_" for "-" whether it is installed or not (a missing package was
+    once written under its pip name, "cut-cross-entropy", and an installed one as "cut_cross_entropy")."""
+    import importlib.metadata
+    import platform
+
+    run, _, _ = mods
+
+    def version(pkg):
+        if pkg in ("cut-cross-entropy", "trl"):
+            raise importlib.metadata.PackageNotFoundError(pkg)
+        return f"v-{pkg}"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert run._versions() == {
+        "python": platform.python_version(), "torch": "v-torch", "triton": "v-triton", "tpo_fast": "v-tpo-fast",
+        "liger_kernel": "v-liger-kernel", "cut_cross_entropy": None, "trl": None, "transformers": "v-transformers",
+        "peft": "v-peft"}
+
+
+def test_main_writes_the_tables_and_files_of_a_run(mods, monkeypatch, tmp_path, capsys):
+    """`main` in-process with the children faked: the plan's cases and contenders measured (memory child, then the
+    timed rounds), the Markdown table on stdout, the JSON and CSV under --out with the run's metadata (device, the
+    CPU's name, dtype, counts, seed, torch's threads when not given, versions, date, command, platform, wall
+    time), and the files it wrote named on stderr."""
+    import json
+    import platform
+    import sys
+
+    import torch
+
+    run, _, _ = mods
+    (measure,) = bench_modules("_measure")
+    calls = []
+
+    def child(job, timeout, env=None):
+        calls.append((job["phase"], job["contender"], job["repeats"]))
+        rows = []
+        for w in job["workloads"]:
+            row = {"contender": job["contender"], "label": job["contender"].upper(), "kind": "baseline"
+                   if job["contender"] == "naive" else "floor", "workload": w, "status": "ok", "note": "n",
+                   "valid_frac": 0.5}
+            if job["phase"] == "memory":
+                row.update(full_peak_mib=10.0, fwd_peak_mib=5.0)
+            else:
+                ms = 4.0 if job["contender"] == "naive" else 1.0
+                row.update(full_ms=measure._stats([ms] * job["repeats"]), full_tflops=1.0 / ms)
+            rows.append(row)
+        return rows, {}, ""
+
+    monkeypatch.setattr(run, "_run_child", child)
+    monkeypatch.setattr(sys, "argv", ["bench/run.py", "--the", "command"])
+    argv = ["--device", "cpu", "--cases", "cpu-tiny", "--workloads", "tpo", "--contenders", "naive,floor",
+            "--repeats", "3", "--rounds", "2", "--seed", "7", "--out", str(tmp_path), "--stem", "s", "--no-plots"]
+    assert run.main(argv) == 0
+    assert calls == [("memory", "naive", 3), ("memory", "floor", 3), ("time", "naive", 2), ("time", "floor", 2),
+                     ("time", "naive", 1), ("time", "floor", 1)]
+    out, err = capsys.readouterr()
+    assert out.startswith(f"## tpo_fast benchmark — {run._cpu_name()} (cpu), fp32\n")
+    assert "| NAIVE" in out and "| FLOOR" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.json"]
+    data = json.loads((tmp_path / "s.json").read_text())
+    meta = data["meta"]
+    assert {k: meta[k] for k in ("device", "device_name", "dtype", "repeats", "rounds", "warmup", "seed", "threads",
+                                 "command", "platform")} == {
+        "device": "cpu", "device_name": run._cpu_name(), "dtype": "fp32", "repeats": 3, "rounds": 2, "warmup": 1,
+        "seed": 7, "threads": torch.get_num_threads(), "command": "bench/run.py --the command",
+        "platform": platform.platform()}
+    assert meta["versions"] == run._versions() and meta["wall_s"] >= 0
+    assert len(meta["date"]) == 19 and meta["date"][10] == "T"  # ISO, to the second
+    assert [(r["contender"], r["status"], r["full_ms"]["median"]) for r in data["rows"]] == [
+        ("naive", "ok", 4.0), ("floor", "ok", 1.0)]
+    assert err.rstrip().splitlines()[-1] == (f"wrote {tmp_path / 's.json'}, {tmp_path / 's.csv'} in {meta['wall_s']} s")
+    run.main([*argv[:-1], "--threads", "2"])  # plots on: written, or skipped with what to install
+    out, err = capsys.readouterr()
+    assert json.loads((tmp_path / "s.json").read_text())["meta"]["threads"] == 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots skipped: pip install matplotlib" in err
+    else:
+        assert {"s_time.png", "s_memory.png"} <= {p.name for p in tmp_path.iterdir()}
+    unnamed = [a for a in argv if a not in ("--stem", "s")]
+    run.main(unnamed)
+    assert {"results_cpu_fp32.json", "results_cpu_fp32.csv"} <= {p.name for p in tmp_path.iterdir()}
