@@ -29,8 +29,8 @@ def test_the_command_line_defaults(mods):
     a = run.parse_args([])
     assert (a.device, a.cases, a.contenders, a.workloads, a.dtype, a.repeats, a.warmup, a.rounds, a.search_s) == (
         "auto", None, None, ",".join(workloads.DEFAULT_WORKLOADS), None, None, None, 1, None)
-    assert (a.seed, a.threads, a.out, a.stem, a.no_plots, a.timeout, a.deadline_s) == (
-        0, None, BENCH / "results", None, False, 3600, None)
+    assert (a.seed, a.threads, a.out.resolve(), a.stem, a.no_plots, a.timeout, a.deadline_s) == (
+        0, None, (BENCH / "results").resolve(), None, False, 3600, None)
     a = run.parse_args(["--device", "cpu", "--dtype", "bf16", "--repeats", "7", "--warmup", "2", "--rounds", "3",
                         "--search-s", "4.5", "--seed", "3", "--threads", "2", "--out", "x", "--stem", "s",
                         "--no-plots", "--timeout", "9", "--deadline-s", "100"])
