@@ -207,18 +207,19 @@ def _run_child(job: dict, timeout: float, env: dict[str, str] | None = None
     with child_env(**(env or {})):  # the child is spawned with it; this process keeps its own
         proc.start()
     send.close()
-    msg = None
+    msg, closed = None, False
     if recv.poll(timeout):
         try:
             msg = recv.recv()
-        except EOFError:
-            msg = None
-    proc.join(10 if msg else 0)
+        except EOFError:  # the child closed its end without a result: it is exiting, or has died
+            closed = True
+    proc.join(10 if msg is not None or closed else 0)  # a child that answered or closed the pipe is reaped
     if proc.is_alive():
         proc.kill()
         proc.join()
         if msg is None:
-            return None, {}, f"killed after {timeout:.0f} s"
+            return None, {}, ("child process closed its pipe without a result and did not exit" if closed
+                              else f"killed after {timeout:.0f} s")
     if msg is None:
         code = proc.exitcode
         why = " (killed: out of host memory?)" if code == -9 else ""

@@ -313,15 +313,172 @@ def test_main_writes_the_tables_and_files_of_a_run(mods, monkeypatch, tmp_path, 
     assert [(r["contender"], r["status"], r["full_ms"]["median"]) for r in data["rows"]] == [
         ("naive", "ok", 4.0), ("floor", "ok", 1.0)]
     assert err.rstrip().splitlines()[-1] == (f"wrote {tmp_path / 's.json'}, {tmp_path / 's.csv'} in {meta['wall_s']} s")
-    run.main([*argv[:-1], "--threads", "2"])  # plots on: written, or skipped with what to install
+    run.main([*argv[2:-1], "--threads", "2"])  # the device found (a CPU here); plots on: written, or skipped
     out, err = capsys.readouterr()
-    assert json.loads((tmp_path / "s.json").read_text())["meta"]["threads"] == 2
+    meta = json.loads((tmp_path / "s.json").read_text())["meta"]
+    assert (meta["threads"], meta["device"]) == (2, "cpu")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "plots skipped: pip install matplotlib" in err
     else:
-        assert {"s_time.png", "s_memory.png"} <= {p.name for p in tmp_path.iterdir()}
+        pngs = [tmp_path / "s_time.png", tmp_path / "s_memory.png"]
+        assert all(p.exists() for p in pngs)
+        wrote = err.rstrip().splitlines()[-1]
+        assert wrote.startswith(f"wrote {tmp_path / 's.json'}, {tmp_path / 's.csv'}, ") and all(
+            str(p) in wrote for p in pngs)
     unnamed = [a for a in argv if a not in ("--stem", "s")]
     run.main(unnamed)
     assert {"results_cpu_fp32.json", "results_cpu_fp32.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_every_contender_of_a_case_is_run_and_its_rows_kept(mods, monkeypatch):
+    """`_run_case` on a CPU: the rows the parent writes (n/a) for every contender, not only the last one's; a
+    contender whose every workload failed its memory child's check is not timed, and the next one still is; each
+    row carries the case and the workload's fraction of valid rows (taken from the measured rows, so n/a rows get
+    it too)."""
+    run, contenders, workloads = mods
+    known = contenders.all_contenders(("torch",))
+    case = workloads.CASES["cpu-tiny"]
+    plan = {"device": "cpu", "contenders": known, "names": ["liger", "trl", "naive"], "workloads": ["tpo", "dpo"],
+            "backends": ("torch",), "dtype": "fp32", "repeats": 2, "rounds": 1, "warmup": 1, "seed": 0,
+            "threads": None, "search_s": None, "timeout": 60.0}
+    monkeypatch.setattr(known["trl"], "not_applicable", {"dpo": "pretend"})
+    monkeypatch.setattr(known["trl"], "workloads", {"tpo": "its note"})
+    calls = []
+
+    def child(job, timeout, env=None):
+        calls.append((job["phase"], job["contender"], list(job["workloads"])))
+        status = "failed check" if job["contender"] == "liger" else "ok"
+        rows = []
+        for w in job["workloads"]:
+            row = {"contender": job["contender"], "workload": w, "status": status, "valid_frac": 0.25}
+            if job["phase"] == "time":
+                row.update(full_ms={"median": 1.0, "times": [1.0] * job["repeats"]})
+            rows.append(row)
+        return rows, {}, ""
+
+    monkeypatch.setattr(run, "_run_child", child)
+    rows = run._run_case(case, plan, {})
+    assert calls == [("memory", "liger", ["dpo"]), ("memory", "trl", ["tpo"]), ("memory", "naive", ["tpo", "dpo"]),
+                     ("time", "trl", ["tpo"]), ("time", "naive", ["tpo", "dpo"])]
+    assert [(r["contender"], r["workload"], r["status"]) for r in rows] == [
+        ("liger", "tpo", "n/a"), ("trl", "dpo", "n/a"), ("liger", "dpo", "failed check"), ("trl", "tpo", "ok"),
+        ("naive", "tpo", "ok"), ("naive", "dpo", "ok")]
+    assert {(r["case"], r["valid_frac"], r["d"], r["n"]) for r in rows} == {(case.name, 0.25, case.d, case.n)}
+
+
+def test_a_child_killed_by_its_own_timeout_without_a_deadline_crashed(mods, monkeypatch):
+    run, contenders, _ = mods
+    naive = contenders.all_contenders(("torch",))["naive"]
+    plan = {"contenders": {"naive": naive}, "timeout": 50.0}
+    monkeypatch.setattr(run, "_run_child", lambda job, timeout, env=None: (None, {}, "killed after 50 s"))
+    rows = run._phase_rows({"contender": "naive", "workloads": ["tpo"], "device": "cpu"}, "all", plan, "c", {})
+    assert (rows["tpo"]["status"], rows["tpo"]["reason"]) == ("crashed", "killed after 50 s")
+
+
+def test_a_step_case_needing_cuda_runs_on_cuda(mods, monkeypatch):
+    run, contenders, workloads = mods
+    known = contenders.all_contenders(("torch",))
+    plan = {"device": "cuda", "contenders": known, "workloads": ["step"], "backends": ("torch",), "dtype": "bf16",
+            "repeats": 3, "warmup": 1, "seed": 0, "threads": None, "search_s": None}
+    rows, job = run._job(workloads.STEP_CASES["llava7b-step"], "ours-tpo", plan)
+    assert rows == [] and job["workloads"] == ["step"] and job["device"] == "cuda"
+
+
+def test_the_plans_smallest_valid_settings_and_names_after_all(mods):
+    run, contenders, _ = mods
+    assert _plan(run, ["--repeats", "1"])["repeats"] == 1
+    assert _plan(run, ["--deadline-s", "0.5"])["deadline_s"] == 0.5
+    assert run._contender_names("broken,all") == ["broken", *contenders.DEFAULT]
+
+
+def test_a_failed_timed_round_replaces_the_rows_status(mods):
+    run, _, _ = mods
+    row = {"contender": "x", "workload": "tpo", "status": "ok", "full_peak_mib": 3.0}
+    run.merge_round(row, {"contender": "x", "workload": "tpo", "status": "crashed", "reason": "time child: boom"})
+    assert row == {"contender": "x", "workload": "tpo", "status": "crashed", "reason": "time child: boom",
+                   "full_peak_mib": 3.0}
+
+
+def test_the_cpu_is_named_from_proc_cpuinfo_or_the_platform(mods, monkeypatch):
+    import io
+    import os
+    import platform
+
+    run, _, _ = mods
+    text = "processor\t: 0\nvendor_id\t: V\nmodel name\t: Fancy CPU: rev 2 @ 3GHz\nmodel name\t: later\n"
+    monkeypatch.setattr(run, "open", lambda path: io.StringIO(text) if path == "/proc/cpuinfo" else None,
+                        raising=False)
+    assert run._cpu_name() == f"Fancy CPU: rev 2 @ 3GHz, {os.cpu_count()} cores"
+
+    def missing(path):
+        raise OSError(path)
+
+    monkeypatch.setattr(run, "open", missing, raising=False)
+    monkeypatch.setattr(platform, "processor", lambda: "proc")
+    assert run._cpu_name() == f"proc, {os.cpu_count()} cores"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "mach")
+    assert run._cpu_name() == f"mach, {os.cpu_count()} cores"
+    monkeypatch.setattr(run, "open", lambda path: io.StringIO("processor\t: 0\n"), raising=False)
+    assert run._cpu_name() == f"mach, {os.cpu_count()} cores"
+
+
+# Stand-ins for bench/_measure.child_main, run in a real spawned child (importable there by this module's name).
+def _child_answers(job, send):
+    import os
+
+    send.send(("ok", [{"workload": w} for w in job["workloads"]], {"env": os.environ.get("TPO_BENCH_TEST_ENV")}))
+
+
+def _child_fails(job, send):
+    send.send(("error", "set-up failed: it broke"))
+
+
+def _child_exits(job, send):
+    import os
+
+    os._exit(3)
+
+
+def _child_is_killed(job, send):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_hangs(job, send):
+    import time as t
+
+    t.sleep(60)
+
+
+def test_a_child_process_answers_fails_dies_or_is_killed(mods, monkeypatch):
+    """`_run_child` in a real spawned process: its rows and info, with the environment it was given (and not this
+    process's); its error; its exit code, named as a likely out-of-memory kill for SIGKILL; killed at the timeout."""
+    run, _, _ = mods
+    monkeypatch.delenv("TPO_BENCH_TEST_ENV", raising=False)
+
+    def with_child(fn):
+        monkeypatch.setattr(run, "_measure", SimpleNamespace(child_main=fn))
+
+    with_child(_child_answers)
+    job = {"workloads": ["tpo", "dpo"]}
+    assert run._run_child(job, 60.0, {"TPO_BENCH_TEST_ENV": "given"}) == (
+        [{"workload": "tpo"}, {"workload": "dpo"}], {"env": "given"}, "")
+    import os
+
+    assert "TPO_BENCH_TEST_ENV" not in os.environ
+    with_child(_child_fails)
+    assert run._run_child(job, 60.0) == (None, {}, "set-up failed: it broke")
+    with_child(_child_exits)
+    assert run._run_child(job, 60.0) == (None, {}, "child process died with exit code 3")
+    with_child(_child_is_killed)
+    assert run._run_child(job, 60.0) == (None, {}, "child process died with exit code -9 (killed: out of host "
+                                                   "memory?)")
+    with_child(_child_hangs)
+    t0 = time.time()
+    assert run._run_child(job, 2.0) == (None, {}, "killed after 2 s")
+    assert time.time() - t0 < 30
