@@ -37,6 +37,10 @@ def test_the_command_line_defaults(mods):
     assert (a.device, a.dtype, a.repeats, a.warmup, a.rounds, a.search_s, a.seed, a.threads, a.out, a.stem,
             a.no_plots, a.timeout, a.deadline_s) == ("cpu", "bf16", 7, 2, 3, 4.5, 3, 2, Path("x"), "s", True, 9.0,
                                                      100.0)
+    for device in ("auto", "cpu", "cuda"):
+        assert run.parse_args(["--device", device]).device == device
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert run.parse_args(["--dtype", dtype]).dtype == dtype
     for bad in (["--device", "tpu"], ["--dtype", "fp64"], ["--repeats", "x"]):
         with pytest.raises(SystemExit):
             run.parse_args(bad)

@@ -373,6 +373,10 @@ def test_a_step_contender_says_why_it_cannot_run(mods, monkeypatch):
     assert cs["official-tpo"].case_availability(workload.STEP_CASES["step-tiny"], "cpu") is None
     others = [c for k, c in cs.items() if k not in ("trl-dpo", "ours-tpo-shared-sdpa")]
     assert all(c.availability("cpu", "step") is None for c in others)
+    (base,) = bench_modules("_contenders.base")
+    monkeypatch.setattr(base.importlib.util, "find_spec", lambda name, *a: None)
+    assert cs["trl-dpo"].availability("cpu", "step") == "not installed: pip install trl"
+    monkeypatch.undo()
     monkeypatch.setattr(step, "config_fields", lambda: {"objective", "padding_free"})
     assert cs["ours-tpo-shared"].availability("cuda", "step") == (
         "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)")
