@@ -152,15 +152,21 @@ def test_backends_are_the_defaults_and_those_named(mods):
                           "tpo_fast-cpp"]) == tuple(dict.fromkeys((*defaults, "cpp", "x", "y", "z")))
 
 
+def _loss_plan(known: dict, **changes) -> dict:
+    """A plan as `_settings` returns it, on the CPU over the torch backend, with `changes`."""
+    plan = {"device": "cpu", "contenders": known, "names": ["naive"], "workloads": ["tpo", "dpo"],
+            "backends": ("torch",), "dtype": "fp32", "repeats": 3, "rounds": 1, "warmup": 1, "seed": 0,
+            "threads": None, "search_s": None, "timeout": 60.0}
+    return {**plan, **changes}
+
+
 def test_a_job_lists_the_workloads_a_contender_runs_and_rows_for_the_others(mods, monkeypatch):
     """Per (case, contender): nothing for a contender or a workload of the other family (loss / step); an `n/a` row
     for a workload it does not offer (its reason, or "not offered"); an `unavailable` row where it cannot run here
     (its reason and note); a child job with the plan's settings for the rest."""
     run, contenders, workloads = mods
     known = contenders.all_contenders(("torch",))
-    plan = {"device": "cpu", "contenders": known, "workloads": ["tpo", "dpo", "primitive", "step"],
-            "backends": ("torch",), "dtype": "fp32", "repeats": 3, "warmup": 1, "seed": 4, "threads": 2,
-            "search_s": 7.0}
+    plan = _loss_plan(known, workloads=["tpo", "dpo", "primitive", "step"], seed=4, threads=2, search_s=7.0)
     loss = workloads.CASES["cpu-tiny"]
     step = workloads.STEP_CASES["step-tiny"]
     assert run._job(loss, "ours-tpo", {**plan, "contenders": {"ours-tpo": object.__new__(type(
@@ -344,9 +350,7 @@ def test_every_contender_of_a_case_is_run_and_its_rows_kept(mods, monkeypatch):
     run, contenders, workloads = mods
     known = contenders.all_contenders(("torch",))
     case = workloads.CASES["cpu-tiny"]
-    plan = {"device": "cpu", "contenders": known, "names": ["liger", "trl", "naive"], "workloads": ["tpo", "dpo"],
-            "backends": ("torch",), "dtype": "fp32", "repeats": 2, "rounds": 1, "warmup": 1, "seed": 0,
-            "threads": None, "search_s": None, "timeout": 60.0}
+    plan = _loss_plan(known, names=["liger", "trl", "naive"], repeats=2)
     monkeypatch.setattr(known["trl"], "not_applicable", {"dpo": "pretend"})
     monkeypatch.setattr(known["trl"], "workloads", {"tpo": "its note"})
     calls = []
@@ -381,11 +385,9 @@ def test_a_child_killed_by_its_own_timeout_without_a_deadline_crashed(mods, monk
     assert (rows["tpo"]["status"], rows["tpo"]["reason"]) == ("crashed", "killed after 50 s")
 
 
-def test_a_step_case_needing_cuda_runs_on_cuda(mods, monkeypatch):
+def test_a_step_case_needing_cuda_runs_on_cuda(mods):
     run, contenders, workloads = mods
-    known = contenders.all_contenders(("torch",))
-    plan = {"device": "cuda", "contenders": known, "workloads": ["step"], "backends": ("torch",), "dtype": "bf16",
-            "repeats": 3, "warmup": 1, "seed": 0, "threads": None, "search_s": None}
+    plan = _loss_plan(contenders.all_contenders(("torch",)), device="cuda", workloads=["step"], dtype="bf16")
     rows, job = run._job(workloads.STEP_CASES["llava7b-step"], "ours-tpo", plan)
     assert rows == [] and job["workloads"] == ["step"] and job["device"] == "cuda"
 

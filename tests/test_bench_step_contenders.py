@@ -73,6 +73,11 @@ def test_official_scores_are_tpo_weighted_sums_over_the_shifted_targets(mods):
     assert workloads.OFFSET == 0.5 and workloads.BETA == 0.1  # TPO's and DPO's defaults (docs/math.md)
 
 
+def _texts(records: list[dict]) -> list[dict]:
+    """The records without their images (PIL images compare by identity)."""
+    return [{k: v for k, v in r.items() if k != "image"} for r in records]
+
+
 def _perturb(params, seed: int, scale: float) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -87,6 +92,14 @@ def _assert_trainer_default_adamw(optimizer, lr: float) -> None:
     assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True
     assert inner.param_groups and all(
         (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (lr, (0.9, 0.999), 1e-8, 0.0) for g in inner.param_groups)
+
+
+def _config_note(step, trainer) -> str:
+    """The note a tpo_fast row writes about the TPOConfig it trains with and its trunk's rows."""
+    a = trainer.args
+    return (f"TPOConfig: shared_prefix={a.shared_prefix}, padding_free={a.padding_free}, precompute_reference="
+            f"{a.precompute_reference}, loss_backend={a.loss_backend}, grad_mode={a.loss_grad_mode}; "
+            + step.trunk_rows(trainer))
 
 
 def _hand_loss(policy, reference, padded: dict, beta: float, offset: float) -> float:
@@ -440,9 +453,7 @@ def test_ours_with_a_cached_reference_scores_only_the_pairs_a_step_can_draw(mods
     args = c.trainer.args
     assert (args.objective, args.shared_prefix, args.precompute_reference) == ("tpo", True, True)
     _assert_trainer_default_adamw(c.trainer.optimizer, step.LEARNING_RATE)
-    assert c.notes[1] == (f"TPOConfig: shared_prefix=True, padding_free={args.padding_free}, precompute_reference=True"
-                          f", loss_backend={args.loss_backend}, grad_mode={args.loss_grad_mode}; "
-                          + step.trunk_rows(c.trainer))
+    assert c.notes[1] == _config_note(step, c.trainer)
     searched = dataclasses.replace(case, search_s=0.5, max_pairs=3)
     c = step.step_contenders()["ours-tpo-shared-refcache"]
     c.build(searched, data, "cpu")
@@ -468,9 +479,7 @@ def test_ours_trains_with_the_benchs_settings(mods, tiny, name):
     assert c.trainer.train_dataset is data.dataset and c.trainer.current_gradient_accumulation_steps == 1
     assert all(p.requires_grad for p in c.trainer.model.parameters())  # no LoRA in a full case
     _assert_trainer_default_adamw(c.trainer.optimizer, step.LEARNING_RATE)
-    assert c.notes == [f"TPOConfig: shared_prefix={c.shared}, padding_free={a.padding_free}, precompute_reference="
-                       f"False, loss_backend={a.loss_backend}, grad_mode={a.loss_grad_mode}; "
-                       + step.trunk_rows(c.trainer)]
+    assert c.notes == [_config_note(step, c.trainer)]
     before = {n: p.detach().clone() for n, p in c.trainer.model.named_parameters() if p.requires_grad}
     loss = c.train_step(c.batch(case.pairs))
     assert loss == pytest.approx(math.log(2.0), abs=1e-5)  # the policy is its reference at the first step
@@ -628,9 +637,8 @@ def test_step_records_are_the_same_for_a_seed_and_differ_between_seeds(mods):
         n_c, n_r = len(r["chosen"].split()), len(r["rejected"].split())
         assert n_c != n_r and min(n_c, n_r) >= case.response_min and max(n_c, n_r) <= case.response_max
     again, other = workload.make_records(case), workload.make_records(case, seed=1)
-    strip = [{k: v for k, v in r.items() if k != "image"} for r in records]
-    assert strip == [{k: v for k, v in r.items() if k != "image"} for r in again]
-    assert strip != [{k: v for k, v in r.items() if k != "image"} for r in other]
+    assert _texts(records) == _texts(again)
+    assert _texts(records) != _texts(other)
     equal = dataclasses.replace(case, response_min=6, response_max=6, records=3)
     assert all(len(r["chosen"].split()) == len(r["rejected"].split()) == 6 for r in workload.make_records(equal))
     # Prompts longer than the question go on with sentences of the shapes world; each image is its scene's drawing.
@@ -654,16 +662,14 @@ def test_every_contender_gets_the_same_pairs_and_the_case_image_size(mods):
     _, workload, _ = mods
     case = dataclasses.replace(workload.STEP_CASES["step-tiny"], image_size=56, patch_size=14, records=3, pairs=2)
     one, two = workload.StepData(case), workload.StepData(case)
-    assert [{k: v for k, v in r.items() if k != "image"} for r in one.records] == [
-        {k: v for k, v in r.items() if k != "image"} for r in two.records]
+    assert _texts(one.records) == _texts(two.records)
     a, b = one.padded_batch(2), two.padded_batch(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["pixel_values"].shape[-2:] == (56, 56)
     assert int((a["input_ids"][0] == one.image_token_id).sum()) == (56 // 14) ** 2  # LLaVA-1.5's patch, not 7
 
 
-def test_a_micro_batch_cycles_through_the_records(mods, tiny):
-    _, _, _ = mods
+def test_a_micro_batch_cycles_through_the_records(tiny):
     _, data = tiny
     n = len(data.records)
     assert data.indices(3) == [0, 1, 2] and data.indices(n + 2) == [*range(n), 0, 1]
