@@ -63,7 +63,7 @@ def write_json_csv(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> li
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            flat = dict(r, device=meta["device"], dtype=meta["dtype"])
+            flat = dict(r, device=meta["device"], dtype=r.get("dtype") or meta["dtype"])  # a step case has its own
             for mode in ("fwd", "full"):
                 s = r.get(f"{mode}_ms")
                 flat[f"{mode}_ms"] = s["median"] if isinstance(s, dict) else None

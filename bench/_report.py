@@ -20,10 +20,20 @@ NOT_RUN = ("n/a", "unavailable", "not run")
 RANKED = ("baseline", "peer", "ours")
 
 
+def run_dtype(rows: list[dict], meta: dict) -> str:
+    """The dtype(s) of a run: the loss workloads' (--dtype, `meta["dtype"]`), and each step case's own."""
+    steps = sorted({r["dtype"] for r in rows if r["workload"] == "step" and r.get("dtype")})
+    if not steps:
+        return meta["dtype"]
+    if all(r["workload"] == "step" for r in rows):
+        return ", ".join(steps)
+    return f"{meta['dtype']} (step cases: {', '.join(steps)})"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """The whole report."""
     out = [
-        f"## tpo_fast benchmark — {meta['device_name']} ({meta['device']}), {meta['dtype']}",
+        f"## tpo_fast benchmark — {meta['device_name']} ({meta['device']}), {run_dtype(rows, meta)}",
         "",
         f"torch {meta['versions'].get('torch')}, {meta['threads']} CPU threads, repeats {meta['repeats']} "
         f"after {meta['warmup']} warm-up{_rounds(meta)}, seed {meta['seed']}.",

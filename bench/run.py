@@ -116,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=Path(__file__).resolve().parent / "results",
         help="folder for JSON, CSV and PNG (default: bench/results)",
     )
-    p.add_argument("--stem", default=None, help="file name stem (default: results_<device>_<dtype>)")
+    p.add_argument("--stem", default=None, help="file name stem, no folder (default: results_<device>_<dtype>; "
+                   "--workloads step alone: results_<device>_step)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
         "--timeout", type=float, default=3600, help="seconds per (case, contender) child before it is killed"
@@ -267,6 +268,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         raise SystemExit(f"--deadline-s must be a positive number of seconds, got {args.deadline_s:g}")
     if args.rounds < 1 or args.rounds > repeats:
         raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {args.rounds}")
+    if args.stem is not None and (os.path.basename(args.stem) != args.stem or args.stem in ("", ".", "..")):
+        raise SystemExit(f"--stem is a file name without a folder, got {args.stem!r}; --out picks the folder")
     if args.rounds > 1 and device == "cuda":
         raise SystemExit("--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
                          "child per contender measures memory and time (leave --rounds at 1)")
@@ -461,7 +464,9 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.time() - t_start, 1)
     derive(rows, device)
     print(markdown(rows, meta))
-    stem = args.stem or f"results_{device}_{dtype}"
+    # a run of step cases only has its own default name: it does not overwrite the loss run's files
+    stem = args.stem or (f"results_{device}_step" if all(family(w) == "step" for w in plan["workloads"])
+                         else f"results_{device}_{dtype}")
     paths = write_json_csv(rows, meta, args.out, stem)
     if not args.no_plots:
         try:

@@ -218,7 +218,7 @@ def test_whole_report_in_order(report):
     text = report.markdown(rows, _meta(rounds=3))
     lines = text.split("\n")
     assert lines[:4] == [
-        "## tpo_fast benchmark — x86_64 (cpu), bf16",
+        "## tpo_fast benchmark — x86_64 (cpu), bf16 (step cases: bf16)",
         "",
         "torch 2.13.0, 2 CPU threads, repeats 5 after 1 warm-up, in 3 rounds (each round times every contender in "
         "turn in a fresh child, its own warm-up first; the median is over all rounds), seed 7.",
@@ -244,6 +244,18 @@ def test_whole_report_in_order(report):
     assert "- **Noise rule**: a row whose fwd+bwd (step) timing has fewer than 3 repeats, a median under 1 ms (CUDA) " \
         "or an interquartile range above 25% of its median" in "\n".join(one_round)
     assert "(torch.cuda.max_memory_allocated); in brackets as % of naive's." in "\n".join(one_round)
+
+
+def test_the_header_names_the_loss_dtype_and_each_step_cases_own(report):
+    """A step case runs in its own dtype, whatever --dtype says (that one is the loss workloads')."""
+    meta = {"dtype": "fp32"}
+    loss, step = _tpo_rows()[:2], _step_rows()[:2]
+    fp16 = [dict(step[0], dtype="fp16")]
+    assert report.run_dtype(loss, meta) == "fp32"
+    assert report.run_dtype(step, meta) == "bf16"
+    assert report.run_dtype(fp16 + step, meta) == "bf16, fp16"
+    assert report.run_dtype(step + loss + fp16, meta) == "fp32 (step cases: bf16, fp16)"
+    assert report.markdown(step, _meta(rounds=1) | meta).startswith("## tpo_fast benchmark — x86_64 (cpu), bf16\n")
 
 
 def test_footnotes_say_each_contender_once_or_per_workload(report):
@@ -320,7 +332,7 @@ def test_the_json_keeps_every_row_whole_and_the_csv_flattens_each_to_its_fields(
                  speedup_vs_naive=4.0, speedup_vs_naive_within_noise=False, traceback="not a CSV field")
     failed = _row("trl", "peer", "TRL", status="error", reason="RuntimeError: boom", full_ms=None)
     step = _row("ours-tpo", "ours", workload="step", tokens=3734, tokens_per_s=3239.0, max_micro_batch=8,
-                max_micro_batch_exact=True, memory_budget_mib=81920)
+                max_micro_batch_exact=True, memory_budget_mib=81920, dtype="bf16")  # its case's own dtype
     paths = output.write_json_csv([timed, failed, step], meta, tmp_path / "new" / "dir", "run")
     assert paths == [tmp_path / "new" / "dir" / "run.json", tmp_path / "new" / "dir" / "run.csv"]
     assert json.loads(paths[0].read_text()) == {"meta": meta, "rows": [timed, failed, step]}
@@ -342,6 +354,8 @@ def test_the_json_keeps_every_row_whole_and_the_csv_flattens_each_to_its_fields(
         "reason": "RuntimeError: boom", "d": "64", "v": "512", "n": "64", "n_seq": "4", "seq_len": "16",
         "valid_frac": "0.75", "device": "cpu", "dtype": "fp32"}
     assert {k: lines[2][k] for k in ("workload", "tokens", "tokens_per_s", "max_micro_batch",
-                                     "max_micro_batch_exact", "memory_budget_mib", "full_ms", "max_rel_err")} == {
+                                     "max_micro_batch_exact", "memory_budget_mib", "full_ms", "max_rel_err",
+                                     "dtype")} == {
         "workload": "step", "tokens": "3734", "tokens_per_s": "3239.0", "max_micro_batch": "8",
-        "max_micro_batch_exact": "True", "memory_budget_mib": "81920", "full_ms": "", "max_rel_err": ""}
+        "max_micro_batch_exact": "True", "memory_budget_mib": "81920", "full_ms": "", "max_rel_err": "",
+        "dtype": "bf16"}

@@ -110,6 +110,10 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
     (["--rounds", "2"], True, "--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
                               "child per contender measures memory and time (leave --rounds at 1)"),
     (["--contenders", "naive,nobody"], False, "unknown contender(s) nobody; choose from "),
+    (["--stem", "/tmp/x"], False, "--stem is a file name without a folder, got '/tmp/x'; --out picks the folder"),
+    (["--stem", "sub/x"], False, "--stem is a file name without a folder, got 'sub/x'; --out picks the folder"),
+    (["--stem", ""], False, "--stem is a file name without a folder, got ''; --out picks the folder"),
+    (["--stem", ".."], False, "--stem is a file name without a folder, got '..'; --out picks the folder"),
 ])
 def test_the_plan_refuses_what_it_cannot_run_and_says_why(mods, argv, cuda, message):
     run, _, workloads = mods
@@ -127,6 +131,7 @@ def test_the_plan_refuses_what_it_cannot_run_and_says_why(mods, argv, cuda, mess
     else:
         assert str(e.value.code) == message
     assert _plan(run, ["--rounds", "5"])["rounds"] == 5 and _plan(run, ["--warmup", "1"])["warmup"] == 1
+    _plan(run, ["--stem", "cpu_run.v2"])  # a plain name with dots passes
 
 
 def test_contender_names_expand_in_order_without_repeats(mods):
@@ -340,6 +345,19 @@ def test_main_writes_the_tables_and_files_of_a_run(mods, monkeypatch, tmp_path, 
     unnamed = [a for a in argv if a not in ("--stem", "s")]
     run.main(unnamed)
     assert {"results_cpu_fp32.json", "results_cpu_fp32.csv"} <= {p.name for p in tmp_path.iterdir()}
+    # a step run has its own default name (it keeps the loss run's files) and its case's dtype in the header
+    monkeypatch.setattr(run, "_run_case", lambda case, plan, meta: [
+        {"contender": "ours-dpo", "label": "ours", "kind": "ours", "workload": "step", "status": "n/a", "reason": "r",
+         **case.as_dict(), "case": case.name}])
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    run.main(["--device", "cpu", "--workloads", "step", "--cases", "cpu-step-lora", "--contenders", "ours-dpo",
+              "--out", str(tmp_path), "--no-plots"])
+    out, _ = capsys.readouterr()
+    assert out.startswith(f"## tpo_fast benchmark — {run._cpu_name()} (cpu), bf16\n")
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert sorted(set(after) - set(before)) == ["results_cpu_step.csv", "results_cpu_step.json"]
+    assert all(after[name] == t for name, t in before.items())  # the loss run's files untouched
 
 
 def test_every_contender_of_a_case_is_run_and_its_rows_kept(mods, monkeypatch):

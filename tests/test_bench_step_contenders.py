@@ -341,7 +341,8 @@ def test_an_error_is_reported_by_its_type_and_first_line(mods):
     assert step._first_line(ValueError("first\nsecond")) == "ValueError: first"
     assert step._first_line(ValueError("  padded  \n")) == "ValueError: padded"
     assert step._first_line(KeyError()) == "KeyError: "
-    assert step._first_line(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 220
+    assert step._first_line(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 220 + " [cut]"
+    assert step._first_line(RuntimeError("x" * 220)) == "RuntimeError: " + "x" * 220  # whole: not marked
 
 
 def test_the_step_contenders_names_objectives_and_twins(mods):

@@ -242,7 +242,7 @@ def _restore(saved: dict) -> None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text[:220]}"
+    return f"{type(e).__name__}: {text if len(text) <= 220 else text[:220] + ' [cut]'}"
 
 
 class TRLDPOStep(StepContender):
