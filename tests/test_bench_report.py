@@ -359,3 +359,132 @@ def test_the_json_keeps_every_row_whole_and_the_csv_flattens_each_to_its_fields(
         "workload": "step", "tokens": "3734", "tokens_per_s": "3239.0", "max_micro_batch": "8",
         "max_micro_batch_exact": "True", "memory_budget_mib": "81920", "full_ms": "", "max_rel_err": "",
         "dtype": "bf16"}
+
+
+def _drawn(monkeypatch) -> list:
+    """The figures `_output`'s plots draw, kept open (their `plt.close` records them instead) for the test to read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def _png_size(path) -> tuple[int, int]:
+    import struct
+
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _lines(ax) -> list[tuple]:
+    return [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()), line.get_color(), line.get_marker())
+            for line in ax.get_lines()]
+
+
+def test_the_loss_plots_draw_each_contenders_checked_rows_by_n_one_panel_per_workload_and_head(
+        tmp_path, monkeypatch):
+    """`plot`: per metric one figure, one log-log panel per (workload, model, D, V) in sorted order, one line per
+    contender that has a checked (`ok`) row with a positive figure there, its points sorted by N, labelled by its
+    first point's label, in the contender's colour across panels; the PNGs 5 x 4 inches a panel at 110 dpi."""
+    pytest.importorskip("matplotlib")
+    (output,) = bench_modules("_output")
+    figures = _drawn(monkeypatch)
+    small, big = dict(SHAPE, model="m1"), dict(SHAPE, model="m1", n=256)
+    rows = [
+        dict(_row("ours", "ours", "ours at 256", workload="tpo", full_ms=_timing(9, 10, 11), full_peak_mib=30.0),
+             **big),
+        dict(_row("naive", "baseline", workload="tpo", full_ms=_timing(3, 4, 5), full_peak_mib=None), **small),
+        dict(_row("ours", "ours", "ours", workload="tpo", full_ms=_timing(1, 2, 3), full_peak_mib=7.0), **small),
+        dict(_row("naive", "baseline", workload="tpo", status="error", full_ms=_timing(1, 1, 1)), **big),
+        dict(_row("ours", "ours", "ours", workload="dpo", full_ms=_timing(4, 5, 6), full_peak_mib=0.0), **small),
+        dict(_row("trl", "peer", "TRL", workload="dpo", full_ms=_timing(0, 0, 0), full_peak_mib=2.5), **small),
+        dict(_row("ours-step", "ours", workload="step", case="s1"), tokens_per_s=1.0),  # to the step plot
+    ]
+    meta = {"device_name": "a CPU", "dtype": "fp32"}
+    stepped = []
+    monkeypatch.setattr(output, "plot_step", lambda r, m, o, s: stepped.append((r, m, o, s)) or [o / f"{s}_step.png"])
+    paths = output.plot(rows, meta, tmp_path, "run")
+    assert stepped == [(rows[-1:], meta, tmp_path, "run")]
+    assert paths == [tmp_path / "run_step.png", tmp_path / "run_time.png", tmp_path / "run_memory.png"]
+    assert len(figures) == 2
+    time_fig, memory_fig = figures
+    for fig, path in ((time_fig, paths[1]), (memory_fig, paths[2])):
+        assert fig.get_size_inches().tolist() == [10.0, 4.0] and fig.get_suptitle() == "a CPU · fp32"
+        assert _png_size(path) == (1100, 440)
+        assert [ax.get_title() for ax in fig.axes] == ["dpo · m1 (D=64, V=512)", "tpo · m1 (D=64, V=512)"]
+        for ax in fig.axes:
+            assert (ax.get_xscale(), ax.get_yscale(), ax.get_xlabel()) == ("log", "log", "N rows per clean branch")
+            assert all(g.get_visible() for g in ax.xaxis.get_gridlines() + ax.yaxis.get_gridlines())
+            legend = ax.get_legend()
+            assert [t.get_text() for t in legend.get_texts()] == [label for label, *_ in _lines(ax)]
+            assert {t.get_fontsize() for t in legend.get_texts()} == {7.0}
+    # colours follow the contenders' first appearance in all the rows: ours C0, naive C1, trl C2
+    dpo, tpo = time_fig.axes
+    assert dpo.get_ylabel() == "fwd+bwd time (ms)"
+    assert _lines(dpo) == [("ours", [64], [5], "C0", "o")]  # TRL's median of 0 is not drawn on a log axis
+    assert _lines(tpo) == [("ours", [64, 256], [2, 10], "C0", "o"), ("naive", [64], [4], "C1", "o")]
+    dpo, tpo = memory_fig.axes
+    assert dpo.get_ylabel() == "peak memory above inputs (MiB)"
+    assert _lines(dpo) == [("TRL", [64], [2.5], "C2", "o")]
+    assert _lines(tpo) == [("ours", [64, 256], [7.0, 30.0], "C0", "o")]  # naive's peak unknown
+    assert output.plot(rows[-1:], meta, tmp_path, "only") == [tmp_path / "only_step.png"]  # step rows alone
+    assert len(figures) == 2 and len(stepped) == 2
+    assert output.plot(rows[1:3], meta, tmp_path, "loss") == [tmp_path / "loss_time.png", tmp_path / "loss_memory.png"]
+    assert len(stepped) == 2  # no step rows: no step plot
+
+
+def test_the_step_plot_draws_a_bar_per_contender_that_ran_per_case_and_figure(tmp_path, monkeypatch):
+    """`plot_step`: one row of three panels per step case (tokens/s, total peak, largest micro-batch), one bar per
+    `ok` row in their order, hatched when the noise rule set it aside, `≥` on a micro-batch the search bounded
+    from below, the budget in that panel's title; 15 x 4 inches a case, 110 dpi."""
+    pytest.importorskip("matplotlib")
+    (output,) = bench_modules("_output")
+    figures = _drawn(monkeypatch)
+    rows = [
+        _step("official-tpo", "baseline", "official TPO step", tokens_per_s=200.0, total_peak_mib=6000.0,
+              max_micro_batch=2, max_micro_batch_exact=True),
+        _step("trl-dpo", "peer", "TRL DPOTrainer", status="OOM"),
+        _step("ours-dpo-shared", "ours", "tpo_fast DPO step, shared prefix", tokens_per_s=2500.0,
+              total_peak_mib=1000.0, max_micro_batch=16, max_micro_batch_exact=False, noise="too noisy"),
+        dict(_step("ours-tpo", "ours", "tpo_fast TPO step", tokens_per_s=900.0, total_peak_mib=None,
+                   max_micro_batch=None), case="cpu-step", memory_budget_mib=None),
+    ]
+    meta = {"device_name": "a CPU"}
+    assert output.plot_step(rows, meta, tmp_path, "run") == [tmp_path / "run_step.png"]
+    (fig,) = figures
+    assert fig.get_size_inches().tolist() == [15.0, 8.0] and fig.get_suptitle() == "step · a CPU"
+    assert _png_size(tmp_path / "run_step.png") == (1650, 880)
+    lora, plain = fig.axes[:3], fig.axes[3:]
+    assert [(ax.get_title(), ax.get_ylabel()) for ax in lora] == [
+        ("cpu-step-lora · tokens / s", "tokens / s"), ("cpu-step-lora · total peak MiB", "total peak MiB"),
+        ("cpu-step-lora · largest micro-batch (pairs), ≤ 3072 MiB", "largest micro-batch (pairs)")]
+    assert [ax.get_title() for ax in plain] == [
+        "cpu-step · tokens / s", "cpu-step · total peak MiB", "cpu-step · largest micro-batch (pairs)"]
+    for ax, heights in zip(lora, ([200.0, 2500.0], [6000.0, 1000.0], [2, 16]), strict=True):
+        bars = ax.patches
+        assert [b.get_height() for b in bars] == heights
+        assert [b.get_x() + b.get_width() / 2 for b in bars] == [0, 1]
+        assert [b.get_facecolor() for b in bars] == [matplotlib_rgba("C0"), matplotlib_rgba("C1")]
+        assert [b.get_hatch() for b in bars] == [None, "//"]
+        ticks = ax.get_xticklabels()
+        assert [t.get_text() for t in ticks] == ["official TPO", "tpo_fast DPO\nshared prefix"]
+        assert {(t.get_fontsize(), t.get_rotation(), t.get_horizontalalignment()) for t in ticks} == {
+            (7.0, 30.0, "right")}
+        assert all(g.get_visible() for g in ax.yaxis.get_gridlines())
+        assert not any(g.get_visible() for g in ax.xaxis.get_gridlines())
+    assert [t.get_text() for t in lora[0].texts + lora[1].texts] == []
+    (mark,) = lora[2].texts  # only the bounded search's bar
+    assert (mark.get_text(), mark.xy, mark.get_ha(), mark.get_va()) == ("≥", (1.0, 16), "center", "bottom")
+    assert [[b.get_height() for b in ax.patches] for ax in plain] == [[900.0], [0], [0]]  # unknown: a bar of 0
+    assert [list(ax.texts) for ax in plain] == [[], [], []]
+
+
+def matplotlib_rgba(color: str) -> tuple:
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(color)

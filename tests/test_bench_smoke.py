@@ -44,12 +44,17 @@ def test_guard_rejects_a_wrong_contender_and_times_a_right_one():
     assert set(good["check"]["errors"]) == {"out", "hidden", "corrupted_hidden", "weight"}
 
 
+def _v4():
+    """D=16, V=4, N=32: a vocabulary of 4, where target id 0 is common."""
+    return _bench_modules()[2].Case("v4", 16, 4, 32)
+
+
 def _guard_at_v4(contender, workload: str) -> dict:
     """The guard's row for `contender` on `workload` at a vocabulary of 4, where target id 0 is common (fp32, one
     timed call): a contender whose safe-index clamp moved real 0s (to 1, say) fails it."""
-    _, measure, workloads = _bench_modules()
+    _, measure, _ = _bench_modules()
     cfg = {"device": "cpu", "dtype": "fp32", "seed": 0, "warmup": 0, "repeats": 1}
-    return measure.measure_workload(contender, workloads.Case("v4", 16, 4, 32), workload, cfg)
+    return measure.measure_workload(contender, _v4(), workload, cfg)
 
 
 @pytest.mark.parametrize("workload", ["primitive", "tpo", "dpo", "povid", "fisao", "logits"])
@@ -58,7 +63,7 @@ def test_guard_passes_every_contender_that_runs_here_and_rejects_the_scaled_base
     passes the guard on each workload it runs, and the guard's self-test (the baseline's output times 1.1) fails
     it, at a vocabulary of 4 (`_guard_at_v4`)."""
     contenders, _, workloads = _bench_modules()
-    inp = workloads.make_inputs(workloads.Case("v4", 16, 4, 32), workload, "cpu", torch.float32, 0)
+    inp = workloads.make_inputs(_v4(), workload, "cpu", torch.float32, 0)
     targets = inp["targets"].flatten()
     assert (targets == 0).sum() >= 4 and (targets == workloads.IGNORE_INDEX).any()
     ran = []
