@@ -361,6 +361,25 @@ def test_the_json_keeps_every_row_whole_and_the_csv_flattens_each_to_its_fields(
         "dtype": "bf16"}
 
 
+def test_the_files_take_any_value_as_text_and_a_check_without_numbers(tmp_path):
+    """A value JSON has no type for (a path, a dtype) is written as its text, not a crash after the run; a check
+    whose errors hold no number leaves max_rel_err empty."""
+    import csv
+    import json
+    from pathlib import Path
+
+    (output,) = bench_modules("_output")
+    meta = {"device": "cpu", "dtype": "fp32", "out": Path("/x/y")}
+    row = _row("ours", "ours", check={"ok": False, "errors": {"out": {"err": None}, "hidden": {}}}, where=Path("/z"))
+    jpath, cpath = output.write_json_csv([row], meta, tmp_path, "r")
+    data = json.loads(jpath.read_text())
+    assert (data["meta"]["out"], data["rows"][0]["where"]) == ("/x/y", "/z")
+    assert jpath.read_text().startswith('{\n "meta": {\n  "device": "cpu",')  # indented by one: diffs stay readable
+    with cpath.open(newline="") as f:
+        (line,) = csv.DictReader(f)
+    assert line["max_rel_err"] == "" and line["contender"] == "ours"
+
+
 def _drawn(monkeypatch) -> list:
     """The figures `_output`'s plots draw, kept open (their `plt.close` records them instead) for the test to read."""
     import matplotlib
@@ -402,7 +421,7 @@ def test_the_loss_plots_draw_each_contenders_checked_rows_by_n_one_panel_per_wor
         dict(_row("ours", "ours", "ours", workload="tpo", full_ms=_timing(1, 2, 3), full_peak_mib=7.0), **small),
         dict(_row("naive", "baseline", workload="tpo", status="error", full_ms=_timing(1, 1, 1)), **big),
         dict(_row("ours", "ours", "ours", workload="dpo", full_ms=_timing(4, 5, 6), full_peak_mib=0.0), **small),
-        dict(_row("trl", "peer", "TRL", workload="dpo", full_ms=_timing(0, 0, 0), full_peak_mib=2.5), **small),
+        dict(_row("trl", "peer", "TRL", workload="dpo", full_ms=_timing(0, 0, 0), full_peak_mib=0.5), **small),
         dict(_row("ours-step", "ours", workload="step", case="s1"), tokens_per_s=1.0),  # to the step plot
     ]
     meta = {"device_name": "a CPU", "dtype": "fp32"}
@@ -430,7 +449,7 @@ def test_the_loss_plots_draw_each_contenders_checked_rows_by_n_one_panel_per_wor
     assert _lines(tpo) == [("ours", [64, 256], [2, 10], "C0", "o"), ("naive", [64], [4], "C1", "o")]
     dpo, tpo = memory_fig.axes
     assert dpo.get_ylabel() == "peak memory above inputs (MiB)"
-    assert _lines(dpo) == [("TRL", [64], [2.5], "C2", "o")]
+    assert _lines(dpo) == [("TRL", [64], [0.5], "C2", "o")]  # below 1 and above 0: drawn
     assert _lines(tpo) == [("ours", [64, 256], [7.0, 30.0], "C0", "o")]  # naive's peak unknown
     assert output.plot(rows[-1:], meta, tmp_path, "only") == [tmp_path / "only_step.png"]  # step rows alone
     assert len(figures) == 2 and len(stepped) == 2
