@@ -120,6 +120,20 @@ def test_what_each_contender_runs_and_why_not_is_written_per_workload(mods):
     assert cpp.not_applicable["tpo"] == hidden.replace("token_logprobs", "tpo_loss")
     assert list(cpp.workloads) == ["logits"]
     assert "tpo_fast-cpp-fused" not in known and "tpo_fast-torch-fused-tgemm" not in known
+    # the triton -fused row pins its gradient GEMMs to cuBLAS; the torch backend has no such setting to pin
+    assert (known["tpo_fast-triton-fused"].grad_gemm, known["tpo_fast-torch-fused"].grad_gemm) == ("torch", None)
+    assert known["tpo_fast-torch-fused"].workloads["dpo"] == "tpo_fast.loss.dpo_loss(backend='torch', grad_mode='fused')"
+
+
+def test_the_backends_timed_are_the_gpu_ones_the_extensions_and_any_new_one_then_torch(mods, monkeypatch):
+    """`tpo_fast_backends`: triton, cuda, cpp (each listed with its reason where it cannot run), any backend a later
+    tpo_fast adds, torch last; never `auto` (it is one of those) or the materializing `reference`."""
+    import tpo_fast
+
+    contenders, _, _ = mods
+    assert contenders.tpo_fast_backends() == ("triton", "cuda", "cpp", "torch") == contenders.TPO_FAST_BACKENDS
+    monkeypatch.setattr(tpo_fast, "BACKENDS", ("auto", "triton", "new", "torch", "reference", "cuda", "cpp", "newer"))
+    assert contenders.tpo_fast_backends() == ("triton", "cuda", "cpp", "new", "newer", "torch")
 
 
 def test_a_tpo_fast_backend_that_cannot_run_here_says_why(mods, monkeypatch):

@@ -506,3 +506,24 @@ def test_a_child_process_answers_fails_dies_or_is_killed(mods, monkeypatch):
     t0 = time.time()
     assert run._run_child(job, 2.0) == (None, {}, "killed after 2 s")
     assert time.time() - t0 < 30
+
+
+def test_the_child_environment_is_set_unset_and_restored_even_on_an_error(monkeypatch):
+    """`_env.env`: a value sets a variable, None unsets it, and on leaving (by an exception too) each is as before:
+    the old value back, a new one gone, an unset one set again."""
+    import os
+
+    (envmod,) = bench_modules("_env")
+    monkeypatch.setenv("TPO_BENCH_A", "old")
+    monkeypatch.delenv("TPO_BENCH_B", raising=False)
+    monkeypatch.setenv("TPO_BENCH_C", "kept")
+    with pytest.raises(RuntimeError, match="inside"):
+        with envmod.env(TPO_BENCH_A="new", TPO_BENCH_B="b", TPO_BENCH_C=None):
+            assert (os.environ["TPO_BENCH_A"], os.environ["TPO_BENCH_B"]) == ("new", "b")
+            assert "TPO_BENCH_C" not in os.environ
+            raise RuntimeError("inside")
+    assert (os.environ["TPO_BENCH_A"], os.environ["TPO_BENCH_C"]) == ("old", "kept")
+    assert "TPO_BENCH_B" not in os.environ
+    with envmod.env(TPO_BENCH_B=None):  # unsetting what is not set
+        assert "TPO_BENCH_B" not in os.environ
+    assert "TPO_BENCH_B" not in os.environ
