@@ -122,7 +122,8 @@ def test_what_each_contender_runs_and_why_not_is_written_per_workload(mods):
     assert "tpo_fast-cpp-fused" not in known and "tpo_fast-torch-fused-tgemm" not in known
     # the triton -fused row pins its gradient GEMMs to cuBLAS; the torch backend has no such setting to pin
     assert (known["tpo_fast-triton-fused"].grad_gemm, known["tpo_fast-torch-fused"].grad_gemm) == ("torch", None)
-    assert known["tpo_fast-torch-fused"].workloads["dpo"] == "tpo_fast.loss.dpo_loss(backend='torch', grad_mode='fused')"
+    assert known["tpo_fast-torch-fused"].workloads["dpo"] == (
+        "tpo_fast.loss.dpo_loss(backend='torch', grad_mode='fused')")
 
 
 def test_the_backends_timed_are_the_gpu_ones_the_extensions_and_any_new_one_then_torch(mods, monkeypatch):
