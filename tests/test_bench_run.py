@@ -300,7 +300,7 @@ def test_main_writes_the_tables_and_files_of_a_run(mods, monkeypatch, tmp_path, 
             if job["phase"] == "memory":
                 row.update(full_peak_mib=10.0, fwd_peak_mib=5.0)
             else:
-                ms = 4.0 if job["contender"] == "naive" else 1.0
+                ms = 19137.0 if job["contender"] == "naive" else 1.0
                 row.update(full_ms=measure._stats([ms] * job["repeats"]), full_tflops=1.0 / ms)
             rows.append(row)
         return rows, {}, ""
@@ -326,7 +326,9 @@ def test_main_writes_the_tables_and_files_of_a_run(mods, monkeypatch, tmp_path, 
     assert meta["versions"] == run._versions() and meta["wall_s"] >= 0
     assert len(meta["date"]) == 19 and meta["date"][10] == "T"  # ISO, to the second
     assert [(r["contender"], r["status"], r["full_ms"]["median"]) for r in data["rows"]] == [
-        ("naive", "ok", 4.0), ("floor", "ok", 1.0)]
+        ("naive", "ok", 19137.0), ("floor", "ok", 1.0)]
+    progress = err.splitlines()  # each row's time as the tables write it: no exponent (not 1.91e+04)
+    assert "[cpu-tiny] naive tpo: fwd+bwd 19137 ms" in progress and "[cpu-tiny] floor tpo: fwd+bwd 1 ms" in progress
     assert err.rstrip().splitlines()[-1] == (f"wrote {tmp_path / 's.json'}, {tmp_path / 's.csv'} in {meta['wall_s']} s")
     run.main([*argv[2:-1], "--threads", "2"])  # the device found (a CPU here); plots on: written, or skipped
     out, err = capsys.readouterr()
