@@ -255,6 +255,8 @@ def test_the_header_names_the_loss_dtype_and_each_step_cases_own(report):
     assert report.run_dtype(step, meta) == "bf16"
     assert report.run_dtype(fp16 + step, meta) == "bf16, fp16"
     assert report.run_dtype(step + loss + fp16, meta) == "fp32 (step cases: bf16, fp16)"
+    unknown = [{k: v for k, v in step[0].items() if k != "dtype"}]  # a step row of an older file, without one
+    assert report.run_dtype(unknown + fp16, meta) == "fp16" and report.run_dtype(unknown, meta) == "fp32"
     assert report.markdown(step, _meta(rounds=1) | meta).startswith("## tpo_fast benchmark — x86_64 (cpu), bf16\n")
 
 
