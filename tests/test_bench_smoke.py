@@ -341,7 +341,7 @@ def test_sdpa_step_contender_turns_the_varlen_call_off(monkeypatch):
     (step_contenders, step_workload) = _bench("_contenders.step", "_workloads.step")
     contender = step_contenders.step_contenders()["ours-tpo-shared-sdpa"]
     assert contender.availability("cpu", "step") == (
-        "not run: the same step as ours-tpo-shared off CUDA (the varlen call runs on CUDA only)")
+        "the same step as ours-tpo-shared off CUDA (the varlen call runs on CUDA only)")
     assert contender.unshared == "ours-tpo" and f"{VARLEN_ENV}=0" in contender.note()
     monkeypatch.delenv(VARLEN_ENV, raising=False)
     case = dataclasses.replace(step_workload.STEP_CASES["step-tiny"], search_s=0)

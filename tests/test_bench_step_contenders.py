@@ -393,12 +393,12 @@ def test_a_step_contender_says_why_it_cannot_run(mods, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(step, "config_fields", lambda: {"objective", "padding_free"})
     assert cs["ours-tpo-shared"].availability("cuda", "step") == (
-        "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)")
+        "this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)")
     assert cs["ours-tpo"].availability("cuda", "step") is None
     monkeypatch.undo()
     sdpa = cs["ours-tpo-shared-sdpa"]
     monkeypatch.setattr(step, "varlen_module", lambda: None)
-    assert sdpa.availability("cuda", "step") == "not run: this tpo_fast has no varlen attention to compare with"
+    assert sdpa.availability("cuda", "step") == "this tpo_fast has no varlen attention to compare with"
 
     class Module:
         api = None
@@ -409,8 +409,8 @@ def test_a_step_contender_says_why_it_cannot_run(mods, monkeypatch):
     module = Module()
     monkeypatch.setattr(step, "varlen_module", lambda: module)
     assert sdpa.availability("cpu", "step") == (
-        "not run: the same step as ours-tpo-shared off CUDA (the varlen call runs on CUDA only)")
-    assert sdpa.availability("cuda", "step") == "not run: this torch has no torch.nn.attention.varlen"
+        "the same step as ours-tpo-shared off CUDA (the varlen call runs on CUDA only)")
+    assert sdpa.availability("cuda", "step") == "this torch has no torch.nn.attention.varlen"
     module.api = object()
     assert sdpa.availability("cuda", "step") is None
 

@@ -408,15 +408,15 @@ class OursStep(StepContender):
 
     def availability(self, device, workload=None):
         if self.shared and "shared_prefix" not in config_fields():
-            return "not run: this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
+            return "this tpo_fast's TPOConfig has no shared_prefix option yet (issue 15 item 1)"
         if self.sdpa:
             module = varlen_module()
             if module is None:
-                return "not run: this tpo_fast has no varlen attention to compare with"
+                return "this tpo_fast has no varlen attention to compare with"
             if device != "cuda":
-                return f"not run: the same step as {self.name[:-5]} off CUDA (the varlen call runs on CUDA only)"
+                return f"the same step as {self.name[:-5]} off CUDA (the varlen call runs on CUDA only)"
             if module.varlen_api() is None:
-                return "not run: this torch has no torch.nn.attention.varlen"
+                return "this torch has no torch.nn.attention.varlen"
         return None
 
     def build(self, case, data, device):
