@@ -5,6 +5,7 @@ tests/test_bench_smoke.py run the whole script in a child process, which mutatio
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -429,7 +430,6 @@ def test_a_failed_timed_round_replaces_the_rows_status(mods):
 
 def test_the_cpu_is_named_from_proc_cpuinfo_or_the_platform(mods, monkeypatch):
     import io
-    import os
     import platform
 
     run, _, _ = mods
@@ -453,8 +453,6 @@ def test_the_cpu_is_named_from_proc_cpuinfo_or_the_platform(mods, monkeypatch):
 
 # Stand-ins for bench/_measure.child_main, run in a real spawned child (importable there by this module's name).
 def _child_answers(job, send):
-    import os
-
     send.send(("ok", [{"workload": w} for w in job["workloads"]], {"env": os.environ.get("TPO_BENCH_TEST_ENV")}))
 
 
@@ -463,13 +461,10 @@ def _child_fails(job, send):
 
 
 def _child_exits(job, send):
-    import os
-
     os._exit(3)
 
 
 def _child_is_killed(job, send):
-    import os
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
@@ -494,8 +489,6 @@ def test_a_child_process_answers_fails_dies_or_is_killed(mods, monkeypatch):
     job = {"workloads": ["tpo", "dpo"]}
     assert run._run_child(job, 60.0, {"TPO_BENCH_TEST_ENV": "given"}) == (
         [{"workload": "tpo"}, {"workload": "dpo"}], {"env": "given"}, "")
-    import os
-
     assert "TPO_BENCH_TEST_ENV" not in os.environ
     with_child(_child_fails)
     assert run._run_child(job, 60.0) == (None, {}, "set-up failed: it broke")
@@ -513,8 +506,6 @@ def test_a_child_process_answers_fails_dies_or_is_killed(mods, monkeypatch):
 def test_the_child_environment_is_set_unset_and_restored_even_on_an_error(monkeypatch):
     """`_env.env`: a value sets a variable, None unsets it, and on leaving (by an exception too) each is as before:
     the old value back, a new one gone, an unset one set again."""
-    import os
-
     (envmod,) = bench_modules("_env")
     monkeypatch.setenv("TPO_BENCH_A", "old")
     monkeypatch.delenv("TPO_BENCH_B", raising=False)

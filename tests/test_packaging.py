@@ -102,9 +102,6 @@ def test_an_installed_wheel_runs_a_loss_and_the_cli_outside_the_checkout(wheel, 
 
 
 def _readme_python_blocks():
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        import test_docs
-    finally:
-        sys.path.pop(0)
-    return [b for b in test_docs.parse_blocks(ROOT / "README.md") if b.kind == "python"]
+    from test_docs import parse_blocks  # tests/ is on the path, as for _bench
+
+    return [b for b in parse_blocks(ROOT / "README.md") if b.kind == "python"]
