@@ -5,7 +5,8 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 [+ coef_y2 * onehot(y2)]`; `backprop` finishes `dH = dZ W`, `dW += dZ^T H` and `db += sum dZ`.
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
-- `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`.
+- `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`
+  (whose bf16-valued logits GEMM on a CPU it shares).
 - `TritonChunk`: the GEMM-shaped Triton forward stores the fp32 logits tile while it reduces the
   logsumexp (no second pass over the logits), a Triton kernel writes dZ in place over them, and
   the two gradient GEMMs run on cuBLAS. dW accumulates in the weight's dtype with fp32 products
@@ -30,6 +31,7 @@ class TorchChunk:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
         self.w32 = weight.float()
         self.b32 = None if bias is None else bias.float()
+        self.weight_dtype = weight.dtype
         self.need_w = need_w
         self.gw: torch.Tensor | None = None  # written by the first chunk's GEMM (even of 0 rows): no zero fill
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
@@ -40,7 +42,8 @@ class TorchChunk:
         self, h: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """fp32 (lse, z[y], z[y2] | None) of the rows; keeps exp(z - max) for `logit_grad`."""
-        logits = torch_chunked._logits(h, self.w32, self.b32)  # [R, V] fp32, the chunk's one buffer
+        bf16_valued = torch_chunked.bf16_values(h, self.weight_dtype)
+        logits = torch_chunked._logits(h, self.w32, self.b32, bf16_valued)  # [R, V] fp32, the chunk's one buffer
         z = logits.gather(1, y[:, None]).squeeze(1)
         z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
         m = logits.amax(dim=-1, keepdim=True)
@@ -72,7 +75,7 @@ class TorchChunk:
 
     def forward_stats(self, h, hc, y):
         """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch)."""
-        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False)[:3]
+        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False, self.weight_dtype)[:3]
 
     def gather_backward(self, hc, y, g, need_hc: bool, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """fp32 dH~ = g W[y] of the corrupted rows (None unless need_hc), into `out` when given; dW[y] += g h~."""

@@ -4,6 +4,11 @@ Same contract as the Triton launchers in `triton_impl.py`: rows are already comp
 target valid), forward returns per-row statistics only, and backward recomputes the logits
 chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
 (`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
+
+With bf16 hidden states and weight on a CPU, the logits GEMM runs on the CPU's bf16 units
+(`bf16_valued_gemms`): every operand value is a bf16 number, so each product is exact in fp32 and
+the sums accumulate in fp32, as in an fp32 GEMM, only faster (AMX, AVX512-BF16). GEMMs with an
+fp32-valued operand (dZ in the gradients) stay fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +30,34 @@ def autocast_off() -> Iterator[None]:
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         yield
 
+
+@contextlib.contextmanager
+def bf16_valued_gemms(enabled: bool) -> Iterator[None]:
+    """A region where CPU fp32 GEMMs may run on bf16 units, for operands whose values are all bf16.
+
+    oneDNN rounds each fp32 operand to bf16 and accumulates in fp32 (`torch.backends.mkldnn.matmul.
+    fp32_precision = "bf16"`): exact for bf16-valued operands, lossy for any other, so the caller
+    enables it only when both operands are upcast bf16 tensors. A CPU without bf16 units, and a torch
+    without this setting, run the usual fp32 GEMM. The previous setting comes back on exit,
+    also after an error.
+    """
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not enabled or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def bf16_values(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether the logits GEMM of `hidden` and a weight of `weight_dtype` may use `bf16_valued_gemms`."""
+    return hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16
+
+
 # Rows per chunk: chunk * V fp32 logits live at a time (4096 * 32000 * 4 B = 500 MiB at most).
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -34,8 +67,10 @@ def _chunk_rows(n_vocab: int) -> int:
     return max(16, min(DEFAULT_CHUNK_ROWS, (32 * 1024 * 1024) // max(n_vocab, 1)))
 
 
-def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None) -> torch.Tensor:
-    z = h.float() @ w32.t()
+def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16_valued: bool = False) -> torch.Tensor:
+    """fp32 logits of the rows `h`; `bf16_valued`: `h` and `w32` hold bf16 values (see `bf16_values`)."""
+    with bf16_valued_gemms(bf16_valued):
+        z = h.float() @ w32.t()
     if b32 is not None:
         z += b32
     return z
@@ -49,9 +84,14 @@ def forward(
     corrupted_hidden: torch.Tensor | None,
     targets: torch.Tensor,
     want_argmax: bool,
+    weight_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows."""
+    """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows.
+
+    `weight_dtype`: the dtype the weight had before an upcast by the caller (default: `weight.dtype`).
+    """
     n, v = hidden.shape[0], weight.shape[0]
+    bf16_valued = bf16_values(hidden, weight.dtype if weight_dtype is None else weight_dtype)
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -61,7 +101,7 @@ def forward(
     def one_chunk(s: int, e: int) -> None:
         # Its own frame: the chunk's logits buffer dies on return, before the next chunk's GEMM allocates
         # its own (a loop variable would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32)  # [chunk, V]
+        logits = _logits(hidden[s:e], w32, b32, bf16_valued)  # [chunk, V]
         z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
         if argmax is not None:
             argmax[s:e] = logits.argmax(-1)
@@ -130,6 +170,7 @@ def backward(
     """
     need_h, need_w, need_b, need_hc = needs
     n, v = hidden.shape[0], weight.shape[0]
+    bf16_valued = bf16_values(hidden, weight.dtype)
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -138,7 +179,7 @@ def backward(
     def one_chunk(s: int, e: int, gw: torch.Tensor | None, gb: torch.Tensor | None):
         # Its own frame: the chunk's logits / dS buffer dies on return, before the next chunk's GEMM allocates
         # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32)
+        logits = _logits(hidden[s:e], w32, b32, bf16_valued)
         ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
         if gh is not None:
             torch.mm(ds, w32, out=gh[s:e])
