@@ -5,8 +5,8 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 [+ coef_y2 * onehot(y2)]`; `backprop` finishes `dH = dZ W`, `dW += dZ^T H` and `db += sum dZ`.
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
-- `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`
-  (whose bf16-valued logits GEMM on a CPU it shares).
+- `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
+  whose bf16 GEMMs on a CPU with bf16 inputs it shares (`torch_chunked.bf16_gemms`).
 - `TritonChunk`: the GEMM-shaped Triton forward stores the fp32 logits tile while it reduces the
   logsumexp (no second pass over the logits), a Triton kernel writes dZ in place over them, and
   the two gradient GEMMs run on cuBLAS. dW accumulates in the weight's dtype with fp32 products
@@ -42,8 +42,8 @@ class TorchChunk:
         self, h: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """fp32 (lse, z[y], z[y2] | None) of the rows; keeps exp(z - max) for `logit_grad`."""
-        bf16_valued = torch_chunked.bf16_values(h, self.weight_dtype)
-        logits = torch_chunked._logits(h, self.w32, self.b32, bf16_valued)  # [R, V] fp32, the chunk's one buffer
+        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight_dtype)
+        logits = torch_chunked._logits(h, self.w32, self.b32, bf16)  # [R, V] fp32, the chunk's one buffer
         z = logits.gather(1, y[:, None]).squeeze(1)
         z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
         m = logits.amax(dim=-1, keepdim=True)
@@ -61,14 +61,15 @@ class TorchChunk:
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
         """fp32 dH of the rows (None unless need_h), into `out` when given; accumulates dW and db."""
-        if self.need_w:
-            if self.gw is None:
-                self.gw = torch.mm(dz.t(), h.float())
-            else:
-                self.gw.addmm_(dz.t(), h.float())
         if self.gb is not None:
             self.gb += dz.sum(0)
-        return torch.mm(dz, self.w32, out=out) if need_h else None
+        with torch_chunked.bf16_gemms(torch_chunked.uses_bf16_gemms(h, self.weight_dtype)):
+            if self.need_w:
+                if self.gw is None:
+                    self.gw = torch.mm(dz.t(), h.float())
+                else:
+                    self.gw.addmm_(dz.t(), h.float())
+            return torch.mm(dz, self.w32, out=out) if need_h else None
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch_chunked.gather_logits(hc, self.w32, self.b32, y)

@@ -5,10 +5,11 @@ target valid), forward returns per-row statistics only, and backward recomputes 
 chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
 (`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
 
-With bf16 hidden states and weight on a CPU, the logits GEMM runs on the CPU's bf16 units
-(`bf16_valued_gemms`): every operand value is a bf16 number, so each product is exact in fp32 and
-the sums accumulate in fp32, as in an fp32 GEMM, only faster (AMX, AVX512-BF16). GEMMs with an
-fp32-valued operand (dZ in the gradients) stay fp32.
+With bf16 hidden states and weight on a CPU that has bf16 units (AMX, AVX512-BF16), the GEMMs run on
+them (`bf16_gemms`), with fp32 accumulation and fp32 results. The logits GEMM stays exact: every operand
+value is a bf16 number, so each product is exact in fp32. The gradient GEMMs take the logit gradient dZ
+rounded once to bf16, as the triton backend does with 16-bit inputs (dZ is formed in fp32 first, with
+the one-hot terms folded in before the rounding or added apart, so `softmax - 1` never cancels).
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ def autocast_off() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def bf16_valued_gemms(enabled: bool) -> Iterator[None]:
-    """A region where CPU fp32 GEMMs may run on bf16 units, for operands whose values are all bf16.
+def bf16_gemms(enabled: bool) -> Iterator[None]:
+    """A region where CPU fp32 GEMMs run on bf16 units: oneDNN rounds each fp32 operand to bf16 and
+    accumulates in fp32 (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`).
 
-    oneDNN rounds each fp32 operand to bf16 and accumulates in fp32 (`torch.backends.mkldnn.matmul.
-    fp32_precision = "bf16"`): exact for bf16-valued operands, lossy for any other, so the caller
-    enables it only when both operands are upcast bf16 tensors. A CPU without bf16 units, and a torch
-    without this setting, run the usual fp32 GEMM. The previous setting comes back on exit,
-    also after an error.
+    Exact for operands that hold bf16 values (upcast bf16 tensors), one rounding for any other, so the
+    backend enables it only with bf16 inputs (`uses_bf16_gemms`). A CPU without bf16 units, and a torch
+    without this setting, run the usual fp32 GEMM. The previous setting comes back on exit, also after
+    an error.
     """
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if not enabled or not hasattr(matmul, "fp32_precision"):
@@ -53,8 +54,8 @@ def bf16_valued_gemms(enabled: bool) -> Iterator[None]:
         matmul.fp32_precision = before
 
 
-def bf16_values(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
-    """Whether the logits GEMM of `hidden` and a weight of `weight_dtype` may use `bf16_valued_gemms`."""
+def uses_bf16_gemms(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run in `bf16_gemms`: bf16 inputs on a CPU."""
     return hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16
 
 
@@ -67,9 +68,9 @@ def _chunk_rows(n_vocab: int) -> int:
     return max(16, min(DEFAULT_CHUNK_ROWS, (32 * 1024 * 1024) // max(n_vocab, 1)))
 
 
-def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16_valued: bool = False) -> torch.Tensor:
-    """fp32 logits of the rows `h`; `bf16_valued`: `h` and `w32` hold bf16 values (see `bf16_values`)."""
-    with bf16_valued_gemms(bf16_valued):
+def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16: bool = False) -> torch.Tensor:
+    """fp32 logits of the rows `h`; `bf16`: in `bf16_gemms` (bf16 inputs, see `uses_bf16_gemms`)."""
+    with bf16_gemms(bf16):
         z = h.float() @ w32.t()
     if b32 is not None:
         z += b32
@@ -91,7 +92,7 @@ def forward(
     `weight_dtype`: the dtype the weight had before an upcast by the caller (default: `weight.dtype`).
     """
     n, v = hidden.shape[0], weight.shape[0]
-    bf16_valued = bf16_values(hidden, weight.dtype if weight_dtype is None else weight_dtype)
+    bf16 = uses_bf16_gemms(hidden, weight.dtype if weight_dtype is None else weight_dtype)
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -101,7 +102,7 @@ def forward(
     def one_chunk(s: int, e: int) -> None:
         # Its own frame: the chunk's logits buffer dies on return, before the next chunk's GEMM allocates
         # its own (a loop variable would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32, bf16_valued)  # [chunk, V]
+        logits = _logits(hidden[s:e], w32, b32, bf16)  # [chunk, V]
         z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
         if argmax is not None:
             argmax[s:e] = logits.argmax(-1)
@@ -170,7 +171,7 @@ def backward(
     """
     need_h, need_w, need_b, need_hc = needs
     n, v = hidden.shape[0], weight.shape[0]
-    bf16_valued = bf16_values(hidden, weight.dtype)
+    bf16 = uses_bf16_gemms(hidden, weight.dtype)
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -179,12 +180,13 @@ def backward(
     def one_chunk(s: int, e: int, gw: torch.Tensor | None, gb: torch.Tensor | None):
         # Its own frame: the chunk's logits / dS buffer dies on return, before the next chunk's GEMM allocates
         # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32, bf16_valued)
+        logits = _logits(hidden[s:e], w32, b32, bf16)
         ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
-        if gh is not None:
-            torch.mm(ds, w32, out=gh[s:e])
-        if need_w:
-            gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
+        with bf16_gemms(bf16):
+            if gh is not None:
+                torch.mm(ds, w32, out=gh[s:e])
+            if need_w:
+                gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
         if need_b:
             gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
         return gw, gb
