@@ -34,14 +34,15 @@ esac
 
 if [ -z "${TESTS:-}" ]; then
     case "$MODULE" in
-        tpo_fast/ops/torch_chunked.py|tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
+        tpo_fast/ops/torch_chunked.py) TESTS="tests/test_primitives.py tests/test_gaps_ops.py tests/test_bf16_gemms.py" ;;
+        tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py" ;;
         tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py tests/test_gaps_logits.py" ;;
         tpo_fast/ops/triton_impl.py)  # the Triton launches under the interpreter: about 25 s for these files
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py tests/test_options.py tests/test_gaps_triton_impl.py" ;;
         tpo_fast/ops/triton_fused.py)
             TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py tests/test_gaps_triton_fused.py" ;;
-        tpo_fast/ops*) TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py" ;;
+        tpo_fast/ops*) TESTS="tests/test_primitives.py tests/test_fused_loss.py tests/test_gaps_ops.py tests/test_gaps_fused.py tests/test_bf16_gemms.py" ;;
         tpo_fast/loss*) TESTS="tests/test_loss.py tests/test_loss_options.py tests/test_fused_loss.py tests/test_povid.py tests/test_fisao.py tests/test_gaps_tpo_loss.py tests/test_gaps_pairs_loss.py tests/test_gaps_povid_loss.py tests/test_gaps_modules.py tests/test_gaps_fisao_loss.py" ;;
         tpo_fast/trainer/model.py)
             TESTS="tests/test_trainer.py tests/test_gaps_trainer.py tests/test_trainer_povid.py tests/test_trainer_loss_path.py" ;;

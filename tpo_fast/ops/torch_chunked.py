@@ -68,7 +68,7 @@ def _chunk_rows(n_vocab: int) -> int:
     return max(16, min(DEFAULT_CHUNK_ROWS, (32 * 1024 * 1024) // max(n_vocab, 1)))
 
 
-def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16: bool = False) -> torch.Tensor:
+def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16: bool) -> torch.Tensor:
     """fp32 logits of the rows `h`; `bf16`: in `bf16_gemms` (bf16 inputs, see `uses_bf16_gemms`)."""
     with bf16_gemms(bf16):
         z = h.float() @ w32.t()
