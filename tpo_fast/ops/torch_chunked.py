@@ -40,7 +40,8 @@ def bf16_gemms(enabled: bool) -> Iterator[None]:
     Exact for operands that hold bf16 values (upcast bf16 tensors), one rounding for any other, so the
     backend enables it only with bf16 inputs (`uses_bf16_gemms`). A CPU without bf16 units, and a torch
     without this setting, run the usual fp32 GEMM. The previous setting comes back on exit, also after
-    an error.
+    an error. The setting is process-wide: an fp32 GEMM that another Python thread runs inside the region
+    gets it too (the backend's own calls are the only GEMMs of its thread while it is open).
     """
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if not enabled or not hasattr(matmul, "fp32_precision"):
