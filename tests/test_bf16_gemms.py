@@ -55,10 +55,20 @@ def calls(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def keep_legacy_precision():
+    legacy = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(legacy)
+
+
 @pytest.mark.skipif(not HAS_SETTING, reason="this torch has no torch.backends.mkldnn.matmul.fp32_precision")
-def test_setting_is_scoped_and_restored():
+@pytest.mark.parametrize("user", [None, "high", "medium"], ids=["default", "high", "medium"])
+def test_setting_is_scoped_and_restored(keep_legacy_precision, user):
+    if user is not None:  # a user's own global setting, through the legacy API
+        torch.set_float32_matmul_precision(user)
     matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
+    before, before_legacy = matmul.fp32_precision, torch.get_float32_matmul_precision()
     with torch_chunked.bf16_gemms(True):
         assert matmul.fp32_precision == "bf16"
     assert matmul.fp32_precision == before
@@ -67,6 +77,8 @@ def test_setting_is_scoped_and_restored():
     assert matmul.fp32_precision == before
     with torch_chunked.bf16_gemms(False):
         assert matmul.fp32_precision == before
+    # the legacy API still reads (and so still works) after the region
+    assert torch.get_float32_matmul_precision() == before_legacy
 
 
 def test_only_bf16_inputs_on_a_cpu():

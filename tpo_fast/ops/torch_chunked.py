@@ -41,7 +41,9 @@ def bf16_gemms(enabled: bool) -> Iterator[None]:
     backend enables it only with bf16 inputs (`uses_bf16_gemms`). A CPU without bf16 units, and a torch
     without this setting, run the usual fp32 GEMM. The previous setting comes back on exit, also after
     an error. The setting is process-wide: an fp32 GEMM that another Python thread runs inside the region
-    gets it too (the backend's own calls are the only GEMMs of its thread while it is open).
+    gets it too (the backend's own calls are the only GEMMs of its thread while it is open), and while it is
+    open the legacy `torch.get_float32_matmul_precision()` raises (PyTorch refuses to mix its two APIs);
+    after it, both read as before.
     """
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if not enabled or not hasattr(matmul, "fp32_precision"):
