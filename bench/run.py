@@ -175,14 +175,20 @@ def _versions() -> dict:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and core count, and its bf16 units where it has them (the `torch` backend runs its
+    GEMMs with bf16 inputs on them, so they change a bf16 table): ", AMX-BF16" or ", AVX512-BF16"."""
+    name, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    units = ", AMX-BF16" if "amx_bf16" in flags else ", AVX512-BF16" if "avx512_bf16" in flags else ""
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores{units}"
 
 
 # glibc reads it when a process starts: a child spawned with it returns every freed tensor of 64 KiB

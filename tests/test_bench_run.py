@@ -451,6 +451,22 @@ def test_the_cpu_is_named_from_proc_cpuinfo_or_the_platform(mods, monkeypatch):
     assert run._cpu_name() == f"mach, {os.cpu_count()} cores"
 
 
+@pytest.mark.parametrize(("flags", "units"), [
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", ", AMX-BF16"),
+    ("fpu avx512f avx512_bf16", ", AVX512-BF16"),
+    ("fpu avx2 fma", ""),
+])
+def test_the_cpu_name_says_which_bf16_units_it_has(mods, monkeypatch, flags, units):
+    import io
+
+    run, _, _ = mods
+    # the first processor's lines count; a later processor's flags are not read
+    text = (f"processor\t: 0\nmodel name\t: Fancy CPU\nflags\t\t: {flags}\n"
+            "processor\t: 1\nmodel name\t: Fancy CPU\nflags\t\t: amx_bf16\n")
+    monkeypatch.setattr(run, "open", lambda path: io.StringIO(text), raising=False)
+    assert run._cpu_name() == f"Fancy CPU, {os.cpu_count()} cores{units}"
+
+
 # Stand-ins for bench/_measure.child_main, run in a real spawned child (importable there by this module's name).
 def _child_answers(job, send):
     send.send(("ok", [{"workload": w} for w in job["workloads"]], {"env": os.environ.get("TPO_BENCH_TEST_ENV")}))
