@@ -1,12 +1,13 @@
 """The torch backend's bf16 GEMMs on a CPU (`torch_chunked.bf16_gemms`).
 
-With bf16 hidden states and weight, the backend's fp32 GEMMs run on the CPU's bf16 units where it has
-them: oneDNN rounds each operand to bf16 and accumulates in fp32. For the logits GEMM that rounding
-changes nothing (every operand value already is a bf16 number); the gradient GEMMs take dZ rounded once
-to bf16, as the triton backend does. These tests pin what makes that safe: the setting is on only with
-bf16 inputs (never with fp32 or fp16 ones), it is restored afterwards (also after an error), the logits
-keep fp32 accuracy, and the gradients stay within one bf16 rounding of dZ of float64 math, computed here
-from the same bf16 values.
+With bf16 hidden states and weight on a CPU with AMX, the backend's fp32 GEMMs run on its bf16 units:
+oneDNN rounds each operand to bf16 and accumulates in fp32. For the logits GEMM that rounding changes
+nothing (every operand value already is a bf16 number); the gradient GEMMs take dZ rounded once to bf16,
+as the triton backend does. These tests pin what makes that safe: the setting is on only with bf16
+inputs (never with fp32 or fp16 ones, nor without AMX), it is restored afterwards (also after an error),
+the logits keep fp32 accuracy, and the gradients stay within one bf16 rounding of dZ of float64 math,
+computed here from the same bf16 values. The tests answer the AMX check themselves, so that they test the
+same on every host (a host without bf16 units runs the GEMMs in fp32 inside the region).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _inputs(dtype, seed=0):
     targets = torch.randint(0, V, (N,), generator=g)
     targets[[0, 7, 8, N - 1]] = -100
     return hidden, weight, targets
+
+
+@pytest.fixture(autouse=True)
+def amx(monkeypatch):
+    """The AMX check, answered True unless a test says otherwise."""
+    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: True)
 
 
 @pytest.fixture
@@ -81,13 +88,33 @@ def test_setting_is_scoped_and_restored(keep_legacy_precision, user):
     assert torch.get_float32_matmul_precision() == before_legacy
 
 
-def test_only_bf16_inputs_on_a_cpu():
+def test_only_bf16_inputs_on_a_cpu_with_amx(monkeypatch):
     h = torch.zeros(2, 3, dtype=torch.bfloat16)
     assert torch_chunked.uses_bf16_gemms(h, torch.bfloat16)
+    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: False)
+    assert not torch_chunked.uses_bf16_gemms(h, torch.bfloat16)
+    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: True)
     assert not torch_chunked.uses_bf16_gemms(h, torch.float32)
     assert not torch_chunked.uses_bf16_gemms(h.float(), torch.bfloat16)
     assert not torch_chunked.uses_bf16_gemms(h.half(), torch.float16)
     assert not torch_chunked.uses_bf16_gemms(h.to("meta"), torch.bfloat16)  # not a CPU tensor
+
+
+def test_the_amx_check_asks_torch(monkeypatch):
+    monkeypatch.undo()  # the real check, not the fixture's answer
+    real = torch_chunked.cpu_has_amx
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert real() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert real() is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert real() is False  # a torch without the probe: fp32
+
+    def fails():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", fails, raising=False)
+    assert real() is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -151,3 +178,12 @@ def test_bf16_results_against_float64(monkeypatch, seed):
     bound = 2**-9 * coef.abs()[:, None] * weight.double().abs().max() + 2**-8 * grad.abs()
     err = (hidden.grad.double() - grad).abs()
     assert (err <= bound).all(), float((err / bound).max())
+
+
+def test_a_cpu_without_amx_keeps_fp32(calls, monkeypatch):
+    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)
+    hidden, weight, targets = _inputs(torch.bfloat16)
+    hidden.requires_grad_()
+    tpo_fast.token_stats(hidden, weight, targets, backend="torch").logprobs.sum().backward()
+    assert [e for e, _ in calls] == [False] * 9
