@@ -493,6 +493,9 @@ def _call(**kwargs):
      "targets must be of shape (B, T) = (2, 3) to match logits (2, 3, 5), got int64 of shape (2, 2)"),
     (dict(targets=torch.zeros(4, dtype=torch.long, device="meta")), ValueError,
      "all inputs must be on the same device, got logits on cpu, targets on meta"),
+    (dict(logits=torch.randn(4, 5, device="meta"), targets=torch.zeros(4, dtype=torch.long, device="meta")),
+     ValueError, "the inputs are on the meta device, which holds shapes but no values; materialize them (e.g. "
+     "model.to_empty(device=...), then load the weights) before computing log-probs or a loss"),
     (dict(corrupted_logits=torch.randn(4, 5, device="meta")), ValueError,
      "all inputs must be on the same device, got logits on cpu, targets on cpu, corrupted_logits on meta"),
     (dict(corrupted_logits=torch.zeros(4, 5, dtype=torch.long)), TypeError,
@@ -509,7 +512,7 @@ def _call(**kwargs):
     (dict(logits=torch.randn(2, 4, 5), targets=torch.tensor([[9, 0, 1, 2], [0, 1, 2, 7]]), shift=True), ValueError,
      "targets must lie in [0, V) = [0, 5) or equal ignore_index=-100; targets[1, 3] = 7"),
 ], ids=["1d-logits", "3d-no-vocab", "shift-2d", "list-targets", "bool-targets", "float-targets-3d",
-        "targets-shape-3d", "targets-device", "corrupted-device", "int-corrupted", "list-corrupted",
+        "targets-shape-3d", "targets-device", "all-meta", "corrupted-device", "int-corrupted", "list-corrupted",
         "corrupted-shape", "corrupted-dtype", "target-too-big", "target-below-zero", "shift-label-named"])
 def test_input_errors(kwargs, error, message):
     with _exact(error, message):

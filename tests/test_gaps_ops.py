@@ -276,6 +276,9 @@ def _validate_cases():
          "targets on cpu, bias on meta"),
         (call(corrupted_hidden=torch.zeros(3, 4, device="meta")), ValueError, "all inputs must be on the same "
          "device, got hidden on cpu, weight on cpu, targets on cpu, corrupted_hidden on meta"),
+        (call(hidden=h.to("meta"), weight=w.to("meta"), targets=y.to("meta")), ValueError,
+         "the inputs are on the meta device, which holds shapes but no values; materialize them (e.g. "
+         "model.to_empty(device=...), then load the weights) before computing log-probs or a loss"),
     ]
     return [pytest.param(f, e, "^" + re.escape(m) + "$", id=m[:40]) for f, e, m in cases]
 

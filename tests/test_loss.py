@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import re
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ from tpo_fast.loss import (
     TPOLoss,
     dpo_loss,
     log_token_weights,
+    povid_loss,
     preference_loss_from_sequence_scores,
     reference_sequence_scores,
     sequence_scores,
+    token_pg_loss,
     tpo_loss,
     tpo_loss_from_logprobs,
 )
@@ -907,3 +910,49 @@ def test_module_and_helper_errors():
             torch.zeros(4, T, dtype=torch.long),
             reference_free=True,
         )
+
+
+def _loss_calls(targets: torch.Tensor, device: str = "cpu") -> dict:
+    """Each loss of `tpo_fast.loss` that takes token targets, on a 2-pair batch with the given targets."""
+    w, h = torch.zeros(V, D, device=device), torch.zeros(4, T, D, device=device)
+    return {
+        "tpo_loss": lambda: tpo_loss(w, h, h, targets, reference_free=True),
+        "dpo_loss": lambda: dpo_loss(w, h, targets, reference_free=True),
+        "povid_loss": lambda: povid_loss(w, h, h[:2], targets, reference_free=True),
+        "token_pg_loss": lambda: token_pg_loss(w, h, targets, advantages=torch.zeros(4, T, device=device),
+                                               kl_coef=0.0),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+@pytest.mark.parametrize("loss", ["tpo_loss", "dpo_loss", "povid_loss", "token_pg_loss"])
+def test_targets_that_are_not_token_ids_are_named_in_their_own_shape(loss, dtype):
+    """Float or bool targets fail in the loss's own check, which names the (2B, T) or (R, T) shape given,
+    not in the primitive below it with the flattened (N,) shape the caller never passed."""
+    shape = "(R, T)" if loss == "token_pg_loss" else "(2B, T)"
+    name = str(dtype).replace("torch.", "")
+    expected = (f"targets must be an integer tensor (int64) of token ids, shape {shape}, got {name} of shape "
+                f"(4, {T}); e.g. targets.long()")
+    with pytest.raises(TypeError, match="^" + re.escape(expected) + "$"):
+        _loss_calls(torch.zeros(4, T, dtype=dtype))[loss]()
+
+
+@pytest.mark.parametrize("loss", ["tpo_loss", "dpo_loss", "povid_loss", "token_pg_loss"])
+def test_integer_targets_of_any_width_pass_the_check(loss):
+    """int32 (and int64) token ids are accepted, with the same loss."""
+    y = torch.full((4, T), 2)
+    y[:, 0] = -100
+    losses = [_loss_calls(y.to(dt))[loss]().loss for dt in (torch.int64, torch.int32)]
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["tpo_loss", "dpo_loss", "povid_loss", "token_pg_loss"])
+def test_inputs_on_the_meta_device_are_refused_before_any_work(loss):
+    """Tensors with shapes and no values (a model built on the meta device and not loaded) get an error that
+    says so, not PyTorch's `Cannot copy out of meta tensor` from inside the kernels."""
+    y = torch.full((4, T), 2, device="meta")
+    expected = ("the inputs are on the meta device, which holds shapes but no values; materialize them (e.g. "
+                "model.to_empty(device=...), then load the weights) before computing log-probs or a loss")
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        _loss_calls(y, device="meta")[loss]()

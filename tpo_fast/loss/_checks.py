@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops import BACKENDS
+from tpo_fast.ops._validate import is_token_id_dtype
 
 WEIGHTINGS = ("tpo", "none")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -147,8 +148,18 @@ def check_targets(targets: object) -> torch.Tensor:
         raise ValueError(
             f"targets must be 2-D (2B, T) (chosen sequences first, then rejected), got {_shape(targets)}"
         )
+    integer_targets(targets)
     num_pairs(targets.shape[0], "targets")
     return targets
+
+
+def integer_targets(targets: torch.Tensor, shape: str = "(2B, T)") -> None:
+    """TypeError unless the targets hold integer token ids (not float, complex or bool); `shape` names their shape."""
+    if not is_token_id_dtype(targets.dtype):
+        raise TypeError(
+            f"targets must be an integer tensor (int64) of token ids, shape {shape}, got {_shape(targets)}; "
+            "e.g. targets.long()"
+        )
 
 
 def check_tensors(**named: object) -> None:

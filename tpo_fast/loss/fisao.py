@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from tpo_fast.loss._checks import LossOutput, _shape, real_scalar
+from tpo_fast.loss._checks import LossOutput, _shape, integer_targets, real_scalar
 from tpo_fast.ops import token_stats
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -145,6 +145,7 @@ def token_pg_loss(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise ValueError("targets must be a 2-D (R, T) tensor of sampled response tokens (shifted)")
+    integer_targets(targets, "(R, T)")
     n_seq, n_tok = targets.shape
     if hidden.dim() == 3 and hidden.shape[:2] == (n_seq, n_tok):
         h = hidden.flatten(0, 1)

@@ -46,6 +46,7 @@ from tpo_fast.loss._checks import (
     check_kernel_options,
     check_loss_options,
     check_tensors,
+    integer_targets,
     real_scalar,
     rows,
 )
@@ -61,6 +62,7 @@ def _check_targets(targets: object) -> tuple[int, int]:
         raise ValueError(
             f"targets must be 2-D (2B, T): B chosen rows, then B hallucinated (rejected) rows, got {_shape(targets)}"
         )
+    integer_targets(targets)
     return targets.shape[0] // 2, targets.shape[1]
 
 

@@ -11,6 +11,11 @@ def _desc(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
 
 
+def is_token_id_dtype(dtype: torch.dtype) -> bool:
+    """Whether a targets tensor of `dtype` holds integer token ids: any integer dtype, not float, complex or bool."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_float(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,7 +55,7 @@ def check_primitive_inputs(
         )
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+    if not is_token_id_dtype(targets.dtype):
         raise TypeError(f"targets must be an integer tensor (int64) of shape (N,), got {_desc(targets)}")
     if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
         raise ValueError(
@@ -78,10 +83,15 @@ def check_primitive_inputs(
 
 
 def check_same_device(devices: dict[str, torch.device]) -> None:
-    """Raise if the named inputs do not all live on one device."""
+    """Raise if the named inputs do not all live on one device, or all live on the meta device (no values)."""
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"all inputs must be on the same device, got {listing}")
+    if any(v.type == "meta" for v in devices.values()):
+        raise ValueError(
+            "the inputs are on the meta device, which holds shapes but no values; materialize them (e.g. "
+            "model.to_empty(device=...), then load the weights) before computing log-probs or a loss"
+        )
 
 
 def out_of_range(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:

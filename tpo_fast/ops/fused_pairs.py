@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from tpo_fast.ops._validate import check_primitive_inputs, out_of_range, raise_out_of_range
+from tpo_fast.ops._validate import check_primitive_inputs, is_token_id_dtype, out_of_range, raise_out_of_range
 from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import FUSED_CHUNK_MB, current_options
 from tpo_fast.ops.token_logprobs import resolve_backend, valid_row_index
@@ -533,7 +533,7 @@ def fused_pair_loss(
         if not isinstance(second_targets, torch.Tensor):
             raise TypeError(f"second_targets must be a torch.Tensor, got {type(second_targets).__name__}")
         dtype = second_targets.dtype
-        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        if not is_token_id_dtype(dtype):
             raise TypeError(
                 f"second_targets must be an integer tensor (int64) of shape (2B, T) = {tuple(targets.shape)}, "
                 f"got {str(dtype).replace('torch.', '')} of shape {tuple(second_targets.shape)}"

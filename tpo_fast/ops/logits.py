@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast import _ext
-from tpo_fast.ops._validate import _desc, check_float, check_same_device
+from tpo_fast.ops._validate import _desc, check_float, check_same_device, is_token_id_dtype
 from tpo_fast.ops.options import current_options, interpreter_enabled
 
 logger = logging.getLogger("tpo_fast")
@@ -364,7 +364,7 @@ def _check_inputs(logits, targets, corrupted_logits, shift: bool) -> None:
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     want = tuple(logits.shape[:-1])
     names = "(N,)" if logits.dim() == 2 else "(B, T)"
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+    if not is_token_id_dtype(targets.dtype):
         raise TypeError(f"targets must be an integer tensor (int64) of shape {names} = {want}, got {_desc(targets)}")
     if tuple(targets.shape) != want:
         raise ValueError(
