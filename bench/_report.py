@@ -205,10 +205,10 @@ def _fmt_ms(row: dict, mode: str) -> str:
     s = timing(row, mode)
     if s is None:
         return "—"
-    return f"{_num(s['median'])} ±{spread_pct(s):.0f}%" if len(s["times"]) > 1 else _num(s["median"])
+    return f"{number(s['median'])} ±{spread_pct(s):.0f}%" if len(s["times"]) > 1 else number(s["median"])
 
 
-def _num(x: float) -> str:
+def number(x: float) -> str:
     """Three significant digits, never an exponent: 0.0123, 4.56, 789, 19137 (not 1.91e+04)."""
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
@@ -273,7 +273,7 @@ def _rate(r: dict, memory_bound: bool) -> str:
         return _f(r.get("full_tflops"), ".3g")
     if r.get("full_gbs") is None:
         return "—"
-    return f"{'—' if r.get('fwd_gbs') is None else _num(r['fwd_gbs'])} / {_num(r['full_gbs'])}"
+    return f"{'—' if r.get('fwd_gbs') is None else number(r['fwd_gbs'])} / {number(r['full_gbs'])}"
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -347,11 +347,11 @@ def _winner(fair: list[dict]) -> str:
     runner = min((r for r in fair if r is not win), key=median, default=None)
     if runner and within_noise(win, runner):
         text = (
-            f"**{win['label']}** ({_num(median(win))} ms) and {runner['label']} ({_num(median(runner))} ms) tie "
+            f"**{win['label']}** ({number(median(win))} ms) and {runner['label']} ({number(median(runner))} ms) tie "
             "within noise (their interquartile ranges overlap)"
         )
     else:
-        text = f"**{win['label']}** wins at {_num(median(win))} ms"
+        text = f"**{win['label']}** wins at {number(median(win))} ms"
         if runner:
             text += f", {median(runner) / median(win):.2f}x faster than the next, {runner['label']}"
     if win.get("speedup_vs_naive") is not None:
@@ -370,7 +370,7 @@ def _winner(fair: list[dict]) -> str:
     if of_floors:
         text += "; " + ", ".join(of_floors)
     if win.get("full_gbs") is not None:
-        text += f" ({_num(win['full_gbs'])} GB/s)"
+        text += f" ({number(win['full_gbs'])} GB/s)"
     return text
 
 

@@ -33,7 +33,7 @@ from _derive import derive  # noqa: E402
 from _env import env as child_env  # noqa: E402
 from _measure_step import cross_check_steps  # noqa: E402
 from _output import plot, write_json_csv  # noqa: E402
-from _report import _num, markdown  # noqa: E402
+from _report import markdown, number  # noqa: E402
 from _workloads import DEFAULT_WORKLOADS, PRESETS, STEP_CASES, STEP_PRESETS, WORKLOADS, family, parse_cases  # noqa: E402
 
 DEFAULTS = {  # per device: cases, dtype, repeats, warm-up
@@ -431,7 +431,7 @@ def _run_case(case, plan: dict, meta: dict) -> list[dict]:
             if r["status"] == "ok" and "full_ms" not in r:  # measured, but the deadline came before any timing
                 r.update(status="not run", reason=_deadline_reason(plan, "before its timed calls"))
             what = "step" if r["workload"] == "step" else "fwd+bwd"
-            tag = r["status"] if r["status"] != "ok" else f"{what} {_num(r['full_ms']['median'])} ms"
+            tag = r["status"] if r["status"] != "ok" else f"{what} {number(r['full_ms']['median'])} ms"
             print(f"[{case.name}] {name} {w}: {tag}", file=sys.stderr)
             rows.append(r)
         print(f"[{case.name}] {name}: {took[name]:.1f} s", file=sys.stderr)

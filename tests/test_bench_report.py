@@ -283,7 +283,7 @@ def test_footnotes_say_each_contender_once_or_per_workload(report):
 
 
 def test_formatting_edges(report):
-    assert [report._num(x) for x in (0.012345, 4.567, 999.4, 1000.0, 19137.4)] == ["0.0123", "4.57", "999", "1000",
+    assert [report.number(x) for x in (0.012345, 4.567, 999.4, 1000.0, 19137.4)] == ["0.0123", "4.57", "999", "1000",
                                                                                     "19137"]
     two = _row("two", "ours", full_ms=_timing(10, 11, 12, repeats=2), fwd_ms=_timing(5, 5, 5, repeats=1), fwd_gbs=None,
                full_gbs=1234.5, pct_of_floor=4.5, pct_of_floor_within_noise=True, noise="too few repeats (2 < 3)",
