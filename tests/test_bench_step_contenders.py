@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -208,10 +209,15 @@ def test_trl_trains_with_the_benchs_settings_and_a_frozen_reference(mods, tiny, 
     case, data = tiny
     case = dataclasses.replace(case, lora=lora, lora_rank=4)
     c = step.step_contenders()["trl-dpo"]
-    t = c._trainer(case, data, "cpu", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = c._trainer(case, data, "cpu", {})
+    # checkpointing set under the name this transformers reads: no deprecation of the old one
+    assert [str(w.message) for w in caught if str(w.message).startswith("`gradient_checkpointing`")] == []
     a = t.args
     assert (a.beta, a.learning_rate, a.per_device_train_batch_size) == (workloads.BETA, step.LEARNING_RATE, case.pairs)
     assert (a.gradient_checkpointing, a.max_length, a.bf16, a.use_liger_kernel) == (False, None, False, False)
+    assert getattr(a, "activation_checkpointing", False) is False
     assert not a.precompute_ref_log_probs and t.current_gradient_accumulation_steps == 1
     _assert_trainer_default_adamw(t.optimizer, step.LEARNING_RATE)
     trained = [p for p in t.model.parameters() if p.requires_grad]

@@ -5,6 +5,7 @@ the device lacks it), and the device probes behind them."""
 import logging
 import re
 import types
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,34 @@ def test_checkpointing_defaults_to_non_reentrant_unless_set(tmp_path):
         "gradient_checkpointing_kwargs")
     assert getattr(_config(tmp_path), name) == {"use_reentrant": False}
     assert getattr(_config(tmp_path, **{name: {"use_reentrant": True}}), name) == {"use_reentrant": True}
+
+
+NEW_NAMES = "activation_checkpointing" in TPOConfig.__dataclass_fields__  # transformers 5.2x renamed the fields
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_gradient_checkpointing_keeps_its_name_without_a_deprecation_warning(tmp_path, value):
+    """The documented `gradient_checkpointing(_kwargs)` work on every transformers: where it has the new
+    `activation_checkpointing(_kwargs)` names, the values move there (what transformers' alias does), with none
+    of its FutureWarnings, and both names read the value."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = _config(tmp_path, gradient_checkpointing=value, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert (a.gradient_checkpointing, a.gradient_checkpointing_kwargs) == (value, {"use_reentrant": True})
+    if NEW_NAMES:
+        assert (a.activation_checkpointing, a.activation_checkpointing_kwargs) == (value, {"use_reentrant": True})
+
+
+@pytest.mark.skipif(not NEW_NAMES, reason="this transformers has no activation_checkpointing field")
+def test_a_value_under_the_new_name_wins_as_in_transformers(tmp_path):
+    a = _config(tmp_path, gradient_checkpointing=True, activation_checkpointing=False,
+                gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert (a.activation_checkpointing, a.gradient_checkpointing) == (False, False)
+    assert a.activation_checkpointing_kwargs == a.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    b = _config(tmp_path, activation_checkpointing=True)
+    assert (b.activation_checkpointing, b.gradient_checkpointing) == (True, True)
+    assert b.activation_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_device_defaults(tmp_path, monkeypatch, caplog):

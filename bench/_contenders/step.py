@@ -268,10 +268,13 @@ class TRLDPOStep(StepContender):
 
         model = build_model(case, data.image_token_id, device)
         ref = None if case.lora else copy.deepcopy(model).requires_grad_(False).eval()
+        # Checkpointing off under the name this transformers reads (5.2x renamed it and warns on the old one).
+        checkpointing = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+                         else "gradient_checkpointing")
         args = DPOConfig(
             output_dir=tempfile.mkdtemp(prefix="tpo-bench-trl-"), per_device_train_batch_size=case.pairs,
             learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
-            disable_tqdm=True, beta=BETA, max_length=None, gradient_checkpointing=False,
+            disable_tqdm=True, beta=BETA, max_length=None, **{checkpointing: False},
             bf16=case.dtype == "bf16", **options,
         )
         trainer = DPOTrainer(model, ref_model=ref, args=args, train_dataset=Dataset.from_list(_trl_rows(data)),

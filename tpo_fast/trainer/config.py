@@ -36,15 +36,37 @@ def bf16_supported(use_cpu: bool) -> bool:
     return is_torch_bf16_gpu_available()
 
 
+CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def adopt_checkpointing_names(args: TrainingArguments) -> None:
+    """Move `gradient_checkpointing(_kwargs)` values to `activation_checkpointing(_kwargs)` where this transformers
+    has the new names (5.2x renamed them and warns on the old ones), before `TrainingArguments.__post_init__`.
+
+    The old names stay the documented spelling, valid on every supported transformers; the result is what
+    transformers' own alias resolution gives (a value set under the new name wins), without its FutureWarning.
+    """
+    for old, new in CHECKPOINTING_NAMES:
+        if hasattr(args, new) and getattr(args, new) is None and getattr(args, old, None) is not None:
+            setattr(args, new, getattr(args, old))
+            setattr(args, old, None)
+
+
 @dataclass
 class TPOConfig(TrainingArguments):
     """Training arguments for `TPOTrainer` (token-level preference optimization, arXiv 2412.14487).
 
     Every `transformers.TrainingArguments` field applies (batch size, gradient accumulation,
-    learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging), with two
+    learning rate, bf16, gradient checkpointing, DeepSpeed, save/resume, logging), with three
     differences so that one script runs anywhere: without a GPU (or other accelerator) `use_cpu`
-    is set for you, and `bf16=True` on a GPU without bf16 support (before Ampere) falls back to
-    fp32 with a warning instead of failing. bf16 on CPU is kept (autocast, slow but supported).
+    is set for you, `bf16=True` on a GPU without bf16 support (before Ampere) falls back to
+    fp32 with a warning instead of failing, and `gradient_checkpointing(_kwargs)` is taken without the
+    FutureWarning of transformers versions that renamed it `activation_checkpointing(_kwargs)` (either
+    name works there). bf16 on CPU is kept (autocast, slow but supported). Checkpointing defaults to
+    the non-reentrant kind.
     The TPO fields:
 
     objective: "tpo" (token-level weights from the clean/corrupted visual score, docs/math.md), "dpo"
@@ -135,12 +157,13 @@ class TPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
 
     def __post_init__(self):
+        adopt_checkpointing_names(self)
         # Non-reentrant checkpointing needs no requires_grad inputs (frozen embeddings under LoRA)
-        # and works with DDP and a step's trunk forwards. transformers 5 renamed the field.
+        # and works with DDP and a step's trunk forwards.
         name = "activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs") else (
             "gradient_checkpointing_kwargs"
         )
-        if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
+        if getattr(self, name) is None:
             setattr(self, name, {"use_reentrant": False})
         if not self.use_cpu and not has_accelerator():
             self.use_cpu = True  # TrainingArguments otherwise rejects bf16 on a machine without a GPU
