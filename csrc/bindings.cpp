@@ -9,10 +9,12 @@
 
 namespace {
 
-// This file's input errors are thrown as std::runtime_error (Python RuntimeError) from here, not built as
-// c10::Error by TORCH_CHECK: no backtrace is captured and no frame of libc10 is unwound on the way out. The
-// second H200 run's build of this extension (its own gcc) crashed on the first such error; this path is the
-// smaller one, whatever the cause.
+// No exception leaves this module: each entry point catches whatever its body throws (its own input checks,
+// a kernel's TORCH_CHECK, a CUDA launch error) and returns the message as the first element of its result,
+// "" on success; tpo_fast._ext raises it as a RuntimeError. In both H100/H200 runs (2026-12-04, 2026-12-06)
+// the CUDA build of this extension (nvcc with the machine's own gcc) crashed the process with a segmentation
+// fault on the first error it threw across pybind11 (TORCH_CHECK's c10::Error, then std::runtime_error);
+// a throw caught inside the function that made it never reaches pybind11's exception translators.
 template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
   std::ostringstream msg;
@@ -46,14 +48,18 @@ void check_row_stat(const at::Tensor& t, const at::Tensor& logits, const char* n
   TPO_REQUIRE(t.device() == logits.device(), name, " must be on the device of logits");
 }
 
-// A c10::Error from below (a kernel's own check) leaves as std::runtime_error (Python RuntimeError) through
-// this module's own pybind11 translator, whatever the torch build registered for c10::Error.
+// Runs `body`; returns "" when it returned, else the message of what it threw.
 template <typename F>
-auto guarded(F&& body) -> decltype(body()) {
+std::string guarded(F&& body) {
   try {
-    return body();
+    body();
+    return {};
   } catch (const c10::Error& e) {
-    throw std::runtime_error(e.what_without_backtrace());
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "tpo_fast._C: unknown C++ exception";
   }
 }
 
@@ -107,13 +113,28 @@ at::Tensor logits_backward_impl(const at::Tensor& logits, const at::Tensor& targ
   return grad;
 }
 
-std::vector<at::Tensor> logits_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
-  return guarded([&] { return logits_forward_impl(logits, targets, ignore_index); });
+// (error, lse, target_logit): error "" and the two (N,) fp32 tensors, or the error and two None.
+py::tuple try_logits_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  std::vector<at::Tensor> out;
+  std::string error = guarded([&] { out = logits_forward_impl(logits, targets, ignore_index); });
+  if (!error.empty()) return py::make_tuple(error, py::none(), py::none());
+  return py::make_tuple(error, out[0], out[1]);
 }
 
-at::Tensor logits_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                           const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index, bool inplace) {
-  return guarded([&] { return logits_backward_impl(logits, targets, lse, coef_p, coef_y, ignore_index, inplace); });
+// (error, grad): error "" and the gradient, or the error and None.
+py::tuple try_logits_backward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                              const at::Tensor& coef_p, const at::Tensor& coef_y, int64_t ignore_index,
+                              bool inplace) {
+  at::Tensor grad;
+  std::string error = guarded(
+      [&] { grad = logits_backward_impl(logits, targets, lse, coef_p, coef_y, ignore_index, inplace); });
+  if (!error.empty()) return py::make_tuple(error, py::none());
+  return py::make_tuple(error, grad);
+}
+
+// The error, or "" once the CPU code path is set.
+std::string try_set_cpu_isa(const std::string& isa) {
+  return guarded([&] { tpo_fast::set_cpu_isa(isa); });
 }
 
 bool has_cuda() {
@@ -128,12 +149,14 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tpo_fast compiled kernels: log-softmax statistics from materialized logits";
-  m.def("logits_forward", &logits_forward, "(lse, target_logit) per row", py::arg("logits"), py::arg("targets"),
-        py::arg("ignore_index"));
-  m.def("logits_backward", &logits_backward, "gradient of the per-row statistics w.r.t. logits",
-        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("coef_p"), py::arg("coef_y"),
-        py::arg("ignore_index"), py::arg("inplace"));
+  m.def("try_logits_forward", &try_logits_forward, "(error, lse, target_logit) per row; error '' on success",
+        py::arg("logits"), py::arg("targets"), py::arg("ignore_index"));
+  m.def("try_logits_backward", &try_logits_backward,
+        "(error, gradient of the per-row statistics w.r.t. logits); error '' on success", py::arg("logits"),
+        py::arg("targets"), py::arg("lse"), py::arg("coef_p"), py::arg("coef_y"), py::arg("ignore_index"),
+        py::arg("inplace"));
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   m.def("cpu_isa", &tpo_fast::cpu_isa, "the CPU code path in use: 'avx2' or 'base'");
-  m.def("set_cpu_isa", &tpo_fast::set_cpu_isa, "force the CPU code path: 'auto', 'base' or 'avx2'", py::arg("isa"));
+  m.def("try_set_cpu_isa", &try_set_cpu_isa, "force the CPU code path ('auto', 'base' or 'avx2'); returns the error or ''",
+        py::arg("isa"));
 }

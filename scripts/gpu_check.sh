@@ -44,7 +44,7 @@
 #                 frequent token about 3% of them, as in tokenized text), TRL, ours and the valid-rows floor      60 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first, alone
 #                 and with a fault handler, the extension's input checks, which crashed the process in the
-#                 second run, 60 s); the checks only a GPU reaches are counted after them: skipped there means
+#                 second H200 run and the H100 run of 2026-12-06; since then no C++ exception leaves the module, 60 s); the checks only a GPU reaches are counted after them: skipped there means
 #                 untested                                                                               150 s
 #   profile       bench/profile_loss.py at gpu-target: TPO and DPO, fused (the default 1024 MiB chunk and
 #                 2048, cuBLAS gradient GEMMs) and recompute: wall time against kernel time, launches, host
@@ -58,7 +58,7 @@
 #   tune          bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, tiles x TMA sweep     140 s
 #   tests         the whole suite (the trainer's tests too)                                                  250 s
 #
-# What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log and
+# What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log, failures.log (each failed test's traceback) and
 # results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
 # Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
 #   BENCH_CASES=d64-v512-n64 ZIPF_CASES=d64-v512-n64-zipf STEP_CASE=step-tiny bash scripts/gpu_check.sh bench zipf step
@@ -165,8 +165,9 @@ wait_build() {
 
 run_tests() {  # $1: seconds, then the test paths
     local limit=$1; shift
-    timeout "$limit" "$PY" -m pytest "$@" -n 14 -v -rfE --tb=short -p no:cacheprovider --timeout 100 \
-        > "$OUT/tests.log" 2>&1
+    # each failure's traceback lands in failures.log as it happens (tests/conftest.py), so a cut run keeps them
+    TPO_FAST_FAILURE_LOG="$OUT/failures.log" timeout "$limit" "$PY" -m pytest "$@" -n 14 -v -rfE --tb=short \
+        -p no:cacheprovider --timeout 100 > "$OUT/tests.log" 2>&1
     echo "tests rc=$?" | tee -a "$OUT/report.md"
     grep -E "(FAILED|ERROR) tests" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40 \
         | tee -a "$OUT/report.md"
@@ -180,7 +181,8 @@ run_tests() {  # $1: seconds, then the test paths
 part_kernel_tests() {
     wait_build
     # First, alone, with a fault handler: the extension's input checks, a segmentation fault in the second H200 run
-    # (2026-12-04) on the first input error the CUDA build raises; the main run below leaves it out
+    # (2026-12-04) and the H100 run (2026-12-06) on the first input error the CUDA build threw; its entry points
+    # now return errors instead of throwing them (csrc/bindings.cpp). The main run below leaves it out
     timeout 60 "$PY" -X faulthandler -m pytest -p no:cacheprovider -q -rfE --tb=long --timeout 50 \
         "tests/test_logits_logprobs.py::test_extension_checks_its_inputs" > "$OUT/tests_first.log" 2>&1
     echo "first tests rc=$?" | tee -a "$OUT/report.md"

@@ -70,3 +70,13 @@ def built_trainers(monkeypatch):
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_runtest_logreport(report):
+    """With TPO_FAST_FAILURE_LOG set, each failure's traceback is appended to that file as it happens, not at the
+    session's end: a device run cut by its time limit (scripts/gpu_check.sh) still brings back why tests failed.
+    Under pytest-xdist only the controlling process writes (the workers' reports reach it too)."""
+    path = os.environ.get("TPO_FAST_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")

@@ -81,10 +81,10 @@ def backend(request):
     """(backend name, device) for every backend that can run here; cpp_base forces the portable CPU path."""
     name = request.param
     if name in ("cpp", "cpp_base"):
-        ext = request.getfixturevalue("ext")
+        request.getfixturevalue("ext")
         if name == "cpp_base":
-            ext.set_cpu_isa("base")
-            request.addfinalizer(lambda: ext.set_cpu_isa("auto"))
+            _ext.set_cpu_isa("base")
+            request.addfinalizer(lambda: _ext.set_cpu_isa("auto"))
         return "cpp", "cpu"
     if name == "cuda":
         if not HAS_CUDA:
@@ -420,14 +420,23 @@ def test_shift_target_out_of_range_names_the_label():
 
 
 def test_extension_checks_its_inputs(ext):
-    x = torch.randn(3, 5)
-    with pytest.raises(RuntimeError, match="targets must be int64"):
-        ext.logits_forward(x, torch.zeros(3, dtype=torch.int32), IGNORE)
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
-        ext.logits_forward(x[None], torch.zeros(3, dtype=torch.long), IGNORE)
-    with pytest.raises(RuntimeError, match="lse must be"):
-        ext.logits_backward(x, torch.zeros(3, dtype=torch.long), torch.zeros(2), torch.zeros(3), torch.zeros(3),
-                            IGNORE, False)
+    """Direct callers get each input error back as a message, not a C++ exception (which crashed the process
+    in a CUDA build on a GPU machine), and tpo_fast._ext raises it as a RuntimeError."""
+    x, t, stat = torch.randn(3, 5), torch.zeros(3, dtype=torch.long), torch.zeros(3)
+    assert ext.try_logits_forward(x, t.int(), IGNORE) == ("targets must be int64 of shape (N,) = (3,)", None, None)
+    assert ext.try_logits_forward(x[None], t, IGNORE) == ("logits must be 2-D (N, V), got 3-D", None, None)
+    assert ext.try_logits_backward(x, t, torch.zeros(2), stat, stat, IGNORE, False) == (
+        "lse must be a contiguous float32 tensor of shape (N,) = (3,)", None)
+    assert ext.try_set_cpu_isa("sse") == "isa must be 'auto', 'base' or 'avx2', got sse"
+    error, lse, z = ext.try_logits_forward(x, t, IGNORE)
+    assert error == "" and torch.equal(z, x[:, 0]) and torch.allclose(lse, x.logsumexp(1))
+    with pytest.raises(RuntimeError, match=r"^targets must be int64 of shape \(N,\) = \(3,\)$"):
+        _ext.logits_forward(x, t.int(), IGNORE)
+    with pytest.raises(RuntimeError, match=r"^lse must be a contiguous float32 tensor"):
+        _ext.logits_backward(x, t, torch.zeros(2), stat, stat, IGNORE, False)
+    with pytest.raises(RuntimeError, match=r"^isa must be 'auto', 'base' or 'avx2', got sse$"):
+        _ext.set_cpu_isa("sse")
+    assert _ext.get().cpu_isa() in ("avx2", "base")
 
 
 @pytest.mark.gpu

@@ -7,6 +7,11 @@ into a cache directory, for editable installs and test machines where the instal
     from tpo_fast import _ext
     _ext.HAS_CPU_EXT, _ext.HAS_CUDA_EXT   # flags, updated by load_jit()
     _ext.load_jit()                       # builds once (minutes), then loads from the cache
+    lse, z = _ext.logits_forward(logits, targets, ignore_index)   # the kernels; errors as RuntimeError
+
+The module's entry points return their error message instead of raising (`try_logits_forward` gives
+(error, lse, z)): no C++ exception crosses into pybind11, which crashed a CUDA build of the extension on a
+GPU machine (csrc/bindings.cpp). `logits_forward`, `logits_backward` and `set_cpu_isa` here raise it.
 
 This module sits below `tpo_fast.ops` and reads no settings itself: the build folder comes as an
 argument (`backend="auto"` with TPO_FAST_JIT=1 passes `KernelOptions.ext_cache`, TPO_FAST_EXT_CACHE).
@@ -51,6 +56,45 @@ HAS_CPU_EXT, HAS_CUDA_EXT = _flags(_module)
 def get() -> ModuleType | None:
     """The loaded extension module (installed or JIT-built), or None."""
     return _module
+
+
+def _entry(name: str):
+    if _module is None:
+        raise RuntimeError(f"tpo_fast._C is not available ({IMPORT_ERROR}); build it with load_jit() or use "
+                           "backend='triton' or 'torch'")
+    fn = getattr(_module, name, None)
+    if fn is None:
+        raise RuntimeError(f"tpo_fast._C at {_module.__file__} predates its sources (it has no {name}); rebuild it: "
+                           "pip install --no-build-isolation -e . (or delete it and call load_jit())")
+    return fn
+
+
+def _raise(error: str) -> None:
+    if error:
+        raise RuntimeError(error)
+
+
+def logits_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, target_logit), fp32 (N,), of (N, V) `logits` and int64 (N,) `targets`; 0 at ignored rows."""
+    error, lse, z = _entry("try_logits_forward")(logits, targets, ignore_index)
+    _raise(error)
+    return lse, z
+
+
+def logits_backward(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef_p: torch.Tensor, coef_y: torch.Tensor,
+    ignore_index: int, inplace: bool,
+) -> torch.Tensor:
+    """coef_p * softmax(logits) + coef_y * onehot(targets) per row (0 on ignored rows), in the logits' dtype;
+    written into `logits` itself with `inplace=True`."""
+    error, grad = _entry("try_logits_backward")(logits, targets, lse, coef_p, coef_y, ignore_index, inplace)
+    _raise(error)
+    return grad
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Forces the CPU kernels' code path: 'base' (portable), 'avx2', or 'auto' (detected)."""
+    _raise(_entry("try_set_cpu_isa")(isa))
 
 
 def cache_dir(root: str | os.PathLike | None = None) -> Path:

@@ -62,12 +62,12 @@ class _Params:
 class _ExtImpl:
     @staticmethod
     def forward(x, t, ignore_index):
-        lse, z = _ext.get().logits_forward(x, t, ignore_index)
+        lse, z = _ext.logits_forward(x, t, ignore_index)
         return lse, z
 
     @staticmethod
     def backward(x, t, lse, coef_p, coef_y, ignore_index, inplace):
-        return _ext.get().logits_backward(x, t, lse, coef_p, coef_y, ignore_index, inplace)
+        return _ext.logits_backward(x, t, lse, coef_p, coef_y, ignore_index, inplace)
 
 
 # Vocabulary tile caps of the Triton twin; the interpreter pays per tile, not per element.
