@@ -366,6 +366,9 @@ class TPOTrainer(Trainer):
             # How the collator labels responses: as continuations of their prompt (`continuation_ids`). Tables
             # made when responses were tokenized alone lack this key and are scored again.
             "response_tokens": "continuation",
+            # The autocast the reference is scored under (`_score_dataset`): the step's, "bf16" / "fp16", or "no".
+            # Tables made before it was applied lack this key and are scored again.
+            "autocast": self.accelerator.mixed_precision if getattr(self.accelerator, "native_amp", False) else "no",
         }
 
     @staticmethod
@@ -452,7 +455,13 @@ class TPOTrainer(Trainer):
     def _score_dataset(self, ds) -> dict[str, torch.Tensor]:
         """(R, K) reference scores of every record, K = 2 (chosen, rejected) or 3 with POVID's noisy sequence.
 
-        Ranks split the work in equal shares.
+        Ranks split the work in equal shares. Scored under the accelerator's mixed-precision autocast
+        (`accelerator.autocast()`, a no-op without one or under DeepSpeed), the region a training step's forward runs
+        in once `train()` has prepared the model: the reference must be scored with the numerics a live reference
+        would have, or the cache is off by the difference. At init the policy is not prepared yet, so the adapter
+        reference (`sequence_reference_scores` called directly) would otherwise run outside autocast: on CUDA bf16
+        autocast runs layer_norm in fp32, so a bf16 LLaVA's CLIP keeps an fp32 residual stream in the step and a bf16
+        one here; an fp32 model runs its matmuls in fp32 here and bf16 in the step.
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         positions = list(range(rank, len(ds), world))
@@ -465,7 +474,8 @@ class TPOTrainer(Trainer):
         for start in range(0, len(positions), bs):
             batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
             batch = self._prepare_inputs(batch)
-            s = score(batch).float().cpu()
+            with self.accelerator.autocast():
+                s = score(batch).float().cpu()
             n = batch["index"].shape[0]
             indices.append(batch["index"].cpu())
             values.append(s.view(-1, n).t())  # (2B,) or (3B,) -> (B, 2) or (B, 3)
