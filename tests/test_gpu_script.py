@@ -63,3 +63,32 @@ def test_profile_part_reports_its_table(tmp_path):
     assert "profile rc=0" in report
     rows = [line for line in report.splitlines() if line.startswith("| tpo |") or line.startswith("| dpo |")]
     assert [row.split("|")[3].strip() for row in rows] == ["128", "-"] * 2, report
+
+
+def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
+    """TPO_FAST_FAILURE_LOG (the kernel-tests part sets it): tests/conftest.py appends each failed test's traceback
+    when the failure is reported, so a run cut at its time limit keeps them; passes, unset variables and the
+    pytest-xdist workers (whose reports reach the controlling process) write nothing."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    log = tmp_path / "failures.log"
+
+    def report(failed, name):
+        return SimpleNamespace(failed=failed, nodeid=f"tests/test_x.py::{name}", when="call",
+                               longreprtext="E   assert 1 == 2")
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("TPO_FAST_FAILURE_LOG", raising=False)
+    conftest.pytest_runtest_logreport(report(True, "unset"))
+    assert not log.exists()
+    monkeypatch.setenv("TPO_FAST_FAILURE_LOG", str(log))
+    conftest.pytest_runtest_logreport(report(False, "passed"))
+    conftest.pytest_runtest_logreport(report(True, "first"))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    conftest.pytest_runtest_logreport(report(True, "worker"))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    conftest.pytest_runtest_logreport(report(True, "second"))
+    assert log.read_text() == ("==== tests/test_x.py::first (call)\nE   assert 1 == 2\n\n"
+                               "==== tests/test_x.py::second (call)\nE   assert 1 == 2\n\n")
