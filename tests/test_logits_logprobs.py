@@ -516,3 +516,23 @@ def test_triton_launches_run_under_the_tensors_device_guard(monkeypatch):
     x.requires_grad_()
     logits_logprobs(x, t, backend="triton").logprobs.sum().backward()
     assert len(entered) == 2 and all(e.shape == x.shape for e in entered)
+
+
+def test_extension_wrappers_say_what_to_fix_without_a_usable_module(monkeypatch):
+    """No extension, or one built from older sources (no try_* entry points): each wrapper says what to do."""
+    from types import SimpleNamespace
+
+    x, t = torch.randn(3, 5), torch.zeros(3, dtype=torch.long)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "IMPORT_ERROR", "No module named 'tpo_fast._C'")
+    with pytest.raises(RuntimeError, match=r"^tpo_fast\._C is not available \(No module named 'tpo_fast\._C'\); "
+                                           r"build it with load_jit\(\) or use backend='triton' or 'torch'$"):
+        _ext.logits_forward(x, t, IGNORE)
+    monkeypatch.setattr(_ext, "_module", SimpleNamespace(__file__="/old/_C.so", logits_forward=None))
+    for call, entry in ((lambda: _ext.logits_forward(x, t, IGNORE), "try_logits_forward"),
+                        (lambda: _ext.logits_backward(x, t, t.float(), t.float(), t.float(), IGNORE, False),
+                         "try_logits_backward"),
+                        (lambda: _ext.set_cpu_isa("base"), "try_set_cpu_isa")):
+        with pytest.raises(RuntimeError, match=rf"^tpo_fast\._C at /old/_C\.so predates its sources \(it has no "
+                                               rf"{entry}\); rebuild it: pip install --no-build-isolation -e \."):
+            call()
