@@ -17,7 +17,8 @@ namespace tpo_fast {
 // The CPU code path in use: "avx2" (x86-64 with AVX2 and FMA) or "base" (portable 4-lane vectors).
 // set_cpu_isa("base") forces the portable path (tests cover both); "auto" restores detection.
 std::string cpu_isa();
-void set_cpu_isa(const std::string& isa);
+// Returns the error ("" once set): an unknown name, or "avx2" where this CPU or build has no AVX2+FMA path.
+std::string set_cpu_isa(const std::string& isa);
 
 void logits_forward_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                         const at::Tensor& lse, const at::Tensor& target_logit);

@@ -358,15 +358,20 @@ int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int6
 
 std::string cpu_isa() { return use_avx2() ? "avx2" : "base"; }
 
-void set_cpu_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "auto" || isa == "base" || isa == "avx2", "isa must be 'auto', 'base' or 'avx2', got ", isa);
+std::string set_cpu_isa(const std::string& isa) {
+  if (isa != "auto" && isa != "base" && isa != "avx2") return "isa must be 'auto', 'base' or 'avx2', got " + isa;
   if (isa == "avx2") {
+    const int before = isa_override;
     isa_override = -1;
-    TORCH_CHECK(use_avx2(), "this CPU (or build) has no AVX2+FMA path");
+    if (!use_avx2()) {
+      isa_override = before;
+      return "this CPU (or build) has no AVX2+FMA path";
+    }
     isa_override = 1;
   } else {
     isa_override = isa == "base" ? 0 : -1;
   }
+  return {};
 }
 
 void logits_forward_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,

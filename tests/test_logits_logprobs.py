@@ -427,7 +427,12 @@ def test_extension_checks_its_inputs(ext):
     assert ext.try_logits_forward(x[None], t, IGNORE) == ("logits must be 2-D (N, V), got 3-D", None, None)
     assert ext.try_logits_backward(x, t, torch.zeros(2), stat, stat, IGNORE, False) == (
         "lse must be a contiguous float32 tensor of shape (N,) = (3,)", None)
-    assert ext.try_set_cpu_isa("sse") == "isa must be 'auto', 'base' or 'avx2', got sse"
+    assert ext.try_set_cpu_isa("base") == "" and ext.cpu_isa() == "base"
+    try:  # a refused name changes nothing
+        assert ext.try_set_cpu_isa("sse") == "isa must be 'auto', 'base' or 'avx2', got sse"
+        assert ext.cpu_isa() == "base"
+    finally:
+        assert ext.try_set_cpu_isa("auto") == ""
     error, lse, z = ext.try_logits_forward(x, t, IGNORE)
     assert error == "" and torch.equal(z, x[:, 0]) and torch.allclose(lse, x.logsumexp(1))
     with pytest.raises(RuntimeError, match=r"^targets must be int64 of shape \(N,\) = \(3,\)$"):
