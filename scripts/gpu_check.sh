@@ -22,10 +22,11 @@
 #                 three wait for their tracebacks: test_packed_step_with_flex_attention,
 #                 test_a_loss_with_a_model_reference_synchronizes_once_on_cuda[tpo] (now naming each sync's line)
 #                 and test_grad_filter_skips_negligible_tiles_within_its_bound)
-#   call 3, with what is left (at least 3 minutes):  bash scripts/gpu_check.sh install zipf step-profile
-#                 (the losses on text-like targets, whose frequent tokens make long runs for scatter_rows_kernel;
-#                 the 7B step's time, ours against TRL's)
-#   a later session, or one with time to spare: search, tune, tests
+#   call 3, with what is left (at least 4 minutes):  bash scripts/gpu_check.sh install tune zipf
+#                 (the forward sweep's tiles on the card at hand: they were tuned on the H200, and the Triton sweeps
+#                 ran at about 90% of cuBLAS's rate there; then the losses on text-like targets, whose frequent
+#                 tokens make long runs for scatter_rows_kernel)
+#   a later session, or one with time to spare: step-profile (the 7B step's time, ours against TRL's), tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
 # runs long is cut with its finished rows written, and the next part still runs:
