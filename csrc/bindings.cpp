@@ -51,7 +51,8 @@ std::string check_common(const at::Tensor& logits, const at::Tensor& targets) {
   TPO_REQUIRE(targets.device() == logits.device(), "targets must be on the device of logits");
   TPO_REQUIRE(logits.is_cpu() || logits.is_cuda(), "logits must be on CPU or CUDA, got ", logits.device());
 #ifndef TPO_FAST_WITH_CUDA
-  TPO_REQUIRE(!logits.is_cuda(), "tpo_fast._C was built without CUDA; use backend='triton' or 'torch' for CUDA tensors");
+  TPO_REQUIRE(!logits.is_cuda(),
+              "tpo_fast._C was built without CUDA; use backend='triton' or 'torch' for CUDA tensors");
 #endif
   return {};
 }
@@ -162,6 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inplace"));
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   m.def("cpu_isa", &tpo_fast::cpu_isa, "the CPU code path in use: 'avx2' or 'base'");
-  m.def("try_set_cpu_isa", &try_set_cpu_isa, "force the CPU code path ('auto', 'base' or 'avx2'); returns the error or ''",
+  m.def("try_set_cpu_isa", &try_set_cpu_isa,
+        "force the CPU code path ('auto', 'base' or 'avx2'); returns the error or ''",
         py::arg("isa"));
 }

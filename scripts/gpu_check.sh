@@ -7,7 +7,8 @@
 #   every call:   no kind named: the device tool's default is an H100 (80 GB), and the latest GPU tables are the
 #                 H100 run of 2026-12-06 (README), so ratios compare. An H200 sometimes fails to start (that run lost
 #                 91 s to one refused start). The step case follows the GPU's memory: llava7b-step-2p (2 pairs,
-#                 where the official structure fits) under 100 GB, the 4-pair llava7b-step on an H200; STEP_CASE overrides
+#                 where the official structure fits) under 100 GB, the 4-pair llava7b-step on an H200
+#                 (STEP_CASE overrides)
 #   call 1:       bash scripts/gpu_check.sh    timeout_s 560, carry [".whl"]
 #                 (install bench profile step, about 480 s on the H100. bench: the fused losses against the H100
 #                 run's 12.3 ms (TPO) and 1.19x TRL (DPO). profile: where that time goes (kernels against host,
@@ -56,8 +57,9 @@
 #   tune          bench/gpu_tune.py at N=8192, D=4096, V=32000 bf16: ceilings, floors, tiles x TMA sweep     140 s
 #   tests         the whole suite (the trainer's tests too)                                                  250 s
 #
-# What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log, failures.log (each failed test's traceback) and
-# results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run still returns what it did.
+# What comes back ($OUT, at most 8 files): report.md (every part's tables and verdicts), tests.log, failures.log
+# (each failed test's traceback) and results.tar.gz (JSON, CSV, every log), refreshed after each part, so a cut run
+# still returns what it did.
 # Off the device (a dry run of the plumbing on CPU): OUT=/tmp/x PYTHON=.venv/bin/python
 #   BENCH_CASES=d64-v512-n64 ZIPF_CASES=d64-v512-n64-zipf STEP_CASE=step-tiny bash scripts/gpu_check.sh bench zipf step
 #   BENCH_CASES=d64-v512-n64 PROFILE_BACKEND=torch PROFILE_GEMMS=torch bash scripts/gpu_check.sh profile
@@ -98,7 +100,8 @@ fi
 } | tee "$OUT/report.md"
 if [ -z "${STEP_CASE:-}" ]; then  # the 7B step's 4 pairs need the H200's memory (the official structure: 90 GB)
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-    if [[ "$GPU_MIB" =~ ^[0-9]+$ ]] && [ "$GPU_MIB" -lt 100000 ]; then STEP_CASE=llava7b-step-2p; else STEP_CASE=llava7b-step; fi
+    STEP_CASE=llava7b-step
+    if [[ "$GPU_MIB" =~ ^[0-9]+$ ]] && [ "$GPU_MIB" -lt 100000 ]; then STEP_CASE=llava7b-step-2p; fi
     echo "step case: $STEP_CASE (GPU memory: ${GPU_MIB:-unknown} MiB)" | tee -a "$OUT/report.md"
 fi
 
