@@ -1,12 +1,16 @@
-"""The fused-gradient losses' logit gradient, written over the stored logits of one row chunk.
+"""The fused-gradient losses' logit gradient, written in place over the forward's stored exponentials.
 
-`dZ = coef_p * exp(z - lse) + coef_y * onehot(y) [+ coef_y2 * onehot(y2)]`, formed in fp32 and rounded
-once into the gradient dtype. One program owns a block of whole rows and sweeps the vocabulary in
-increasing order, so the gradient can share the logits' storage even when it is narrower: a 16-bit
-gradient row `r` is written at element offsets `[0, V)` of the bytes of fp32 row `r`, i.e. over fp32
-columns `[0, V/2)`: tile `[v0, v0 + BV)` writes fp32 columns below `(v0 + BV) / 2 <= v0 + BV`, which
-this program has read by then (a barrier between each tile's load and store covers the threads), and no
-later tile reads below `v0 + BV`. One read and one write of the buffer, no second N x V allocation.
+The forward (`token_lse_partial_kernel` with STORE_EXP) leaves, for each row and vocabulary tile s of width
+TILE_V, `P = exp(z - shift_s)` in the buffer's dtype and the tile max `m_s` (`shift_s` is `m_s`, or 0 where the
+tile is all -inf). Then `softmax(z) = P * exp(shift_s - lse)`, and
+
+    dZ = coef_p * P * exp(shift_s - lse) + coef_y * onehot(y) [+ coef_y2 * onehot(y2)]
+
+formed in fp32 and rounded once into the buffer's dtype, over the same entries it read (one read, one write,
+no second R x V allocation). `exp(shift_s - lse)` is at most 1 (the tile max is at most the logsumexp), so an
+entry of P too small for its dtype stands for a softmax entry smaller still. Where `shift_s == lse == +inf` (a
++inf logit in the tile) the factor is 1, not NaN, so that only the +inf entry's gradient is NaN (exp(inf - inf)),
+as in `exp(z - lse)`.
 """
 
 import triton
@@ -17,12 +21,13 @@ from tpo_fast.kernels._cast import round_to
 
 @triton.jit
 def softmax_grad_inplace_kernel(
-    Z, DZ,  # [R, V] fp32 logits (row stride stride_z); DZ: the same storage in the gradient dtype (stride_dz)
+    P,  # [R, V] (row stride V) exp(z - shift) per tile in; dZ out, same dtype
+    M_PART,  # [R, S] fp32 tile maxima (S = cdiv(V, TILE_V))
     LSE, COEF_P, Y, COEF_Y, Y2, COEF_Y2,  # [R] fp32, fp32, int64, fp32, int64 (-1: none), fp32
-    R, V, stride_z, stride_dz,
+    R, V, S,
     HAS_Y2: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    TILE_V: tl.constexpr,  # the forward's vocabulary tile: one shift per row and tile
     INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -35,16 +40,15 @@ def softmax_grad_inplace_kernel(
     if HAS_Y2:
         y2 = tl.load(Y2 + rows, mask=row_mask, other=-1)
         coef_y2 = tl.load(COEF_Y2 + rows, mask=row_mask, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+    for s in range(0, S):
+        cols = s * TILE_V + tl.arange(0, TILE_V)
         mask = row_mask[:, None] & (cols < V)[None, :]
-        # [BLOCK_N, BLOCK_V] fp32 logits
-        z = tl.load(Z + rows64[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf"))
-        # every thread has read this tile (and so all earlier ones) before any thread overwrites it
-        tl.debug_barrier()
-        dz = tl.exp(z - lse[:, None]) * coef_p[:, None]
+        m = tl.load(M_PART + rows64 * S + s, mask=row_mask, other=0.0)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        scale = tl.where(shift == lse, 1.0, tl.exp(shift - lse)) * coef_p
+        ptrs = P + rows64[:, None] * V + cols[None, :]
+        dz = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
         dz += tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
         if HAS_Y2:
             dz += tl.where(cols[None, :] == y2[:, None], coef_y2[:, None], 0.0)
-        dz = round_to(dz, DZ.dtype.element_ty, INTERPRET)
-        tl.store(DZ + rows64[:, None] * stride_dz + cols[None, :], dz, mask=mask)
+        tl.store(ptrs, round_to(dz, P.dtype.element_ty, INTERPRET), mask=mask)

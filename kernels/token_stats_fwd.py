@@ -4,8 +4,11 @@ One program per (row block, vocabulary tile), like one output tile of `H @ W.T`:
 `[BLOCK_N, BLOCK_V]` logits tile over the hidden dimension in fp32 on chip and writes only the
 tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. `lse_combine_kernel`
 combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (the launcher the argmax): a few bytes per
-row and tile leave the chip, never the logits (unless STORE_LOGITS: the fused-gradient losses keep
-one chunk of fp32 logits and later overwrite it with the gradient, `softmax_grad_inplace.py`).
+row and tile leave the chip, never the logits. The fused-gradient losses ask for more (STORE_EXP, GATHER):
+the tile's `exp(z - shift)` in their buffer's dtype (what the tile sum is made of, `shift` the tile max: values
+in [0, 1], so a bf16 buffer keeps 8 significant bits of every entry), which `softmax_grad_inplace.py` later
+turns into the gradient in place, and the raw target logits `z[y]` (and `z[y2]`) in fp32, taken from the tile
+that holds them.
 Programs are visited in groups of GROUP_N row blocks so that the `W` tiles a wave of programs reads
 stay in L2. The gathered target logits come from `indexed_dot.py`.
 """
@@ -13,8 +16,17 @@ stay in L2. The gathered target logits come from `indexed_dot.py`.
 import triton
 import triton.language as tl
 
+from tpo_fast.kernels._cast import round_to
 from tpo_fast.kernels._dot import mma
 from tpo_fast.kernels._grid import grouped_tile
+
+
+@triton.jit
+def _gather_target(logits, Y, ZY, rows, row_mask, vcols, v0, BLOCK_V: tl.constexpr):
+    """ZY[r] = logits[r, Y[r]] for the rows whose target lies in this tile [v0, v0 + BLOCK_V)."""
+    y = tl.load(Y + rows, mask=row_mask, other=-1).to(tl.int32)  # ids < V < 2**31; half the registers
+    z = tl.sum(tl.where(vcols[None, :] == y[:, None], logits, 0.0), axis=1)
+    tl.store(ZY + rows, z, mask=row_mask & (y >= v0) & (y < v0 + BLOCK_V))
 
 
 @triton.jit
@@ -32,9 +44,11 @@ def token_lse_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
-    Z_OUT=None,  # optional output: [N, V] fp32 logits (row stride stride_zo), for the fused-gradient losses
-    stride_zo=0,
-    STORE_LOGITS: tl.constexpr = False,
+    P_OUT=None,  # STORE_EXP: [N, V] output (row stride V), exp(z - shift) of each tile in P_OUT's dtype
+    Y=None, ZY=None,  # GATHER >= 1: [N] int64 target ids, [N] fp32 output z[y] (a row whose y is in no tile: kept)
+    Y2=None, ZY2=None,  # GATHER == 2: the same for second targets (-1: none)
+    STORE_EXP: tl.constexpr = False,
+    GATHER: tl.constexpr = 0,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), S, GROUP_N)
 
@@ -58,15 +72,21 @@ def token_lse_partial_kernel(
         logits = mma(h, tl.trans(w), logits, DOT_PRECISION, INTERPRET)  # [BLOCK_N, BLOCK_V]
     if HAS_BIAS:
         logits += tl.load(B + vcols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    if STORE_LOGITS:  # the fused-gradient losses keep the fp32 tile: their dZ is written over it later
-        z_ptrs = Z_OUT + rows64[:, None] * stride_zo + vcols64[None, :]
-        tl.store(z_ptrs, logits, mask=row_mask[:, None] & v_mask[None, :])
     logits = tl.where(v_mask[None, :], logits, float("-inf"))
+    # the target logits first: then exp(z - shift) can take the logits' registers (one live tile, not two)
+    if GATHER >= 1:
+        _gather_target(logits, Y, ZY, rows, row_mask, vcols, pid_v * BLOCK_V, BLOCK_V)
+    if GATHER == 2:
+        _gather_target(logits, Y2, ZY2, rows, row_mask, vcols, pid_v * BLOCK_V, BLOCK_V)
 
     tile_max = tl.max(logits, axis=1)
     # a tile whose logits are all -inf (masked vocabulary) contributes a zero sum, not NaN
     shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-    tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+    e = tl.exp(logits - shift[:, None])
+    tile_sum = tl.sum(e, axis=1)
+    if STORE_EXP:
+        p_ptrs = P_OUT + rows64[:, None] * V + vcols64[None, :]
+        tl.store(p_ptrs, round_to(e, P_OUT.dtype.element_ty, INTERPRET), mask=row_mask[:, None] & v_mask[None, :])
     out = rows64 * S + pid_v
     tl.store(M_PART + out, tile_max, mask=row_mask)
     tl.store(S_PART + out, tile_sum, mask=row_mask)

@@ -23,6 +23,7 @@ from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import lse_combine_kernel, token_lse_partial_kernel
+from tpo_fast.ops.triton_fused import softmax_grad_launch
 from tpo_fast.ops.triton_impl import _GPU_ATOMIC_TILES, _GPU_TILES, TileConfig
 
 DTYPES = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
@@ -35,20 +36,22 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     p = f"*{dt}"
     gemm = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_N": cfg.group_n}
     blocks = {"BLOCK_N": atomic.block_n, "BLOCK_V": atomic.block_v, "BLOCK_D": atomic.block_d}
+    dz_rows, dz_warps = softmax_grad_launch(cfg.block_v)
     for flag in (False, True):
         # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
         h_desc = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>" if flag else p
         w_desc = f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>" if flag else p
         yield token_lse_partial_kernel, {
             "H": p, "W": p, "B": p, "H_DESC": h_desc, "W_DESC": w_desc, "M_PART": "*fp32", "S_PART": "*fp32",
-            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32", "Z_OUT": "*fp32", "stride_zo": "i32",
+            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64",
+            "ZY": "*fp32", "Y2": "*i64", "ZY2": "*fp32",
         }, {"HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
-            **gemm, "STORE_LOGITS": flag}, cfg.num_warps, cfg.num_stages
-        # the fused-gradient losses' dZ, written over fp32 logits in the input dtype
+            **gemm, "STORE_EXP": flag, "GATHER": 2 if flag else 0}, cfg.num_warps, cfg.num_stages
+        # the fused-gradient losses' dZ, written over the forward's per-tile exponentials in the input dtype
         yield softmax_grad_inplace_kernel, {
-            "Z": "*fp32", "DZ": p, "LSE": "*fp32", "COEF_P": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", "Y2": "*i64",
-            "COEF_Y2": "*fp32", "R": "i32", "V": "i32", "stride_z": "i32", "stride_dz": "i32",
-        }, {"HAS_Y2": flag, "BLOCK_N": 4, "BLOCK_V": 1024, "INTERPRET": False}, 8, 3
+            "P": p, "M_PART": "*fp32", "LSE": "*fp32", "COEF_P": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
+            "Y2": "*i64", "COEF_Y2": "*fp32", "R": "i32", "V": "i32", "S": "i32",
+        }, {"HAS_Y2": flag, "BLOCK_N": dz_rows, "TILE_V": cfg.block_v, "INTERPRET": False}, dz_warps, 3
         # the fused-gradient losses' Triton gradient GEMMs (grad_gemm="triton"): fp32 dH, dW in the input dtype
         yield matmul_kernel, {
             "A": p, "B": p, "C": "*fp32" if flag else p, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
@@ -97,7 +100,7 @@ def aligned(sig: dict[str, str]) -> dict:
     vector loads and the cp.async software pipeline, so shared memory is checked as it will be used."""
     names = list(sig)
     return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k in (
-        "D", "stride_dz", "stride_x", "stride_g", "stride_z", "stride_zo")}
+        "D", "stride_dz", "stride_x", "stride_g")}
 
 
 def main(archs: list[int]) -> int:

@@ -105,10 +105,9 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
                              (True, True, bias, corrupted), options=opts)
     triton_impl.gather_logits(h, w, b, y)
     triton_impl.gather_backward(h, w, y, f32(), (True, True, bias))
-    buf, lse = triton_fused.logits_and_lse(h, w, b)
-    triton_fused.softmax_grad_inplace(buf, lse, f32(), y, f32(), y, f32(), dtype)
-    dz = triton_fused.softmax_grad_inplace(buf, lse, f32(), y, f32(), None, None, dtype)
-    if opts.grad_gemm == "triton":  # the two gradient GEMMs on the in-place dZ (16-bit rows at stride 2V)
+    triton_fused.softmax_grad_inplace(triton_fused.exp_tiles_and_lse(h, w, b, y, y), f32(), y, f32(), y, f32())
+    dz = triton_fused.softmax_grad_inplace(triton_fused.exp_tiles_and_lse(h, w, b, y), f32(), y, f32(), None, None)
+    if opts.grad_gemm == "triton":  # the two gradient GEMMs on the in-place dZ
         triton_fused.triton_mm(dz, w, torch.empty(n, d, dtype=torch.float32, **meta))
         for accumulate in (False, True):
             triton_fused.triton_mm(dz.t(), h, torch.empty(v, d, dtype=dtype, **meta), accumulate=accumulate)

@@ -1,7 +1,8 @@
 """`tpo_fast.ops.triton_fused` launchers called directly, at the edges mutation testing found unguarded
-(docs/testing.md): a chunk of one row and an empty chunk, the bulk-tensor-copy (TMA) loads, the 16-bit gradient
-view, the first chunk's weight-gradient buffers, and the outputs' dtype and device under a float64 default dtype
-and a `meta` default device (the buffers must follow the inputs, not torch's defaults).
+(docs/testing.md): a chunk of one row and an empty chunk, several vocabulary tiles, the bulk-tensor-copy (TMA)
+loads, infinite logits in the gradient, the first chunk's weight-gradient buffers, and the outputs' dtype and
+device under a float64 default dtype and a `meta` default device (the buffers must follow the inputs, not
+torch's defaults).
 
 Oracles are independent of the launchers: materialized `h @ W.T + b`, `torch.logsumexp`, `torch.softmax`,
 `one_hot`, fp64 matrix products. Triton runs under its CPU interpreter here (conftest.py); shapes are tiny.
@@ -28,72 +29,154 @@ def _inputs(r: int, seed: int = 0):
     return torch.randn(r, D, generator=g), torch.randn(V, D, generator=g), torch.randn(V, generator=g)
 
 
-def _check_logits(h, w, b, buf, lse):
+def _tiles(t: torch.Tensor, tile_v: int) -> list[torch.Tensor]:
+    return list(t.split(tile_v, dim=-1))
+
+
+def _check_stored(h, w, b, y, y2, st, v=V):
+    """exp_tiles_and_lse's outputs against materialized fp64 logits: lse, z[y], z[y2] (0 where y2 < 0), the tile
+    maxima and each tile's exp(z - its max) in the weight's dtype."""
     want = h.double() @ w.double().t() + (0 if b is None else b.double())
-    assert buf.dtype == torch.float32 and lse.dtype == torch.float32
-    assert buf.shape == (h.shape[0], V) and lse.shape == (h.shape[0],)
-    torch.testing.assert_close(buf.double(), want, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(lse.double(), want.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    r = h.shape[0]
+    n_tiles = -(-v // st.tile_v)
+    assert st.exp.dtype == w.dtype and st.exp.shape == (r, v)
+    assert st.tile_max.shape == (r, n_tiles) and st.tile_max.dtype == torch.float32
+    assert st.lse.shape == st.z.shape == (r,) and st.lse.dtype == st.z.dtype == torch.float32
+    torch.testing.assert_close(st.lse.double(), want.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(st.z.double(), want.gather(1, y[:, None]).squeeze(1), rtol=1e-6, atol=1e-5)
+    if y2 is None:
+        assert st.z2 is None
+    else:
+        z2 = torch.where(y2 >= 0, want.gather(1, y2.clamp(min=0)[:, None]).squeeze(1), 0.0)
+        torch.testing.assert_close(st.z2.double(), z2, rtol=1e-6, atol=1e-5)
+    maxima = torch.stack([t.amax(-1) for t in _tiles(want, st.tile_v)], dim=1)
+    torch.testing.assert_close(st.tile_max.double(), maxima, rtol=1e-6, atol=1e-5)
+    exp = torch.cat([(t - t.amax(-1, keepdim=True)).exp() for t in _tiles(want, st.tile_v)], dim=1)
+    if w.dtype == torch.float32:
+        torch.testing.assert_close(st.exp.double(), exp, rtol=1e-5, atol=1e-6)
+    else:  # values in [0, 1] rounded once to bf16
+        torch.testing.assert_close(st.exp.double(), exp, rtol=2.0**-8, atol=1e-6)
+
+
+def _targets(r: int, v: int = V, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, v, (r,), generator=g)
+    y2 = torch.randint(0, v, (r,), generator=g)
+    y2[::2] = -1  # every other row has no second target
+    return y, y2
 
 
 @pytest.mark.parametrize("r", [1, 3])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_logits_and_lse_one_row_and_a_few(r, with_bias):
+@pytest.mark.parametrize("second", [False, True], ids=["y", "y-y2"])
+def test_exp_tiles_and_lse_one_row_and_a_few(r, with_bias, second):
     """A chunk of one row runs the kernel too (not the empty-chunk early return)."""
     h, w, b = _inputs(r)
     b = b if with_bias else None
-    _check_logits(h, w, b, *triton_fused.logits_and_lse(h, w, b))
+    y, y2 = _targets(r)
+    _check_stored(h, w, b, y, y2 if second else None,
+                  triton_fused.exp_tiles_and_lse(h, w, b, y, y2 if second else None))
 
 
-def test_logits_and_lse_through_tma_descriptors(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_exp_tiles_and_lse_over_several_vocabulary_tiles(dtype):
+    """V = 1100: three tiles under the interpreter (512 wide), the last one partial; each target logit comes from
+    the one tile that holds it, and every tile keeps its own maximum."""
+    v = 1100
+    g = torch.Generator().manual_seed(6)
+    h, w, b = torch.randn(5, D, generator=g), torch.randn(v, D, generator=g), torch.randn(v, generator=g)
+    y = torch.tensor([0, 511, 512, 1099, 700])  # the first and last columns of tiles
+    y2 = torch.tensor([1023, -1, 1024, 5, -1])
+    st = triton_fused.exp_tiles_and_lse(h.to(dtype), w.to(dtype), b.to(dtype), y, y2)
+    assert st.tile_max.shape[1] == 3
+    _check_stored(h.to(dtype).float(), w.to(dtype), b.to(dtype).float(), y, y2, st, v=v)
+
+
+def test_exp_tiles_and_lse_through_tma_descriptors(monkeypatch):
     """TPO_FAST_TMA=1: the interpreter loads through host-side tensor descriptors built from the chunk's tiles."""
     used = []
     real = triton_fused._tma_descriptors
     monkeypatch.setattr(triton_fused, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
     h, w, b = _inputs(5, seed=1)
+    y, _ = _targets(5)
     with kernel_options(tma="1"):
-        buf, lse = triton_fused.logits_and_lse(h, w, b)
+        st = triton_fused.exp_tiles_and_lse(h, w, b, y)
     assert [u[2] for u in used] == [True]
-    _check_logits(h, w, b, buf, lse)
+    _check_stored(h, w, b, y, None, st)
 
 
 def test_empty_chunk():
     h, w, b = _inputs(0)
-    buf, lse = triton_fused.logits_and_lse(h, w, b)
-    assert buf.shape == (0, V) and buf.dtype == torch.float32
-    assert lse.shape == (0,) and lse.dtype == torch.float32
-    dz = triton_fused.softmax_grad_inplace(buf, lse, lse, torch.zeros(0, dtype=torch.long), lse, None, None,
-                                           torch.bfloat16)
+    y = torch.zeros(0, dtype=torch.long)
+    st = triton_fused.exp_tiles_and_lse(h, w.bfloat16(), b.bfloat16(), y, y)
+    assert st.exp.shape == (0, V) and st.exp.dtype == torch.bfloat16
+    assert st.lse.shape == st.z.shape == st.z2.shape == (0,) and st.lse.dtype == torch.float32
+    dz = triton_fused.softmax_grad_inplace(st, st.lse, y, st.lse, None, None)
     assert dz.shape == (0, V) and dz.dtype == torch.bfloat16
 
 
 def _dz_oracle(z, coef_p, y, coef_y, y2=None, coef_y2=None):
     z = z.double()
-    dz = coef_p.double()[:, None] * torch.softmax(z, -1) + coef_y.double()[:, None] * F.one_hot(y, V)
+    v = z.shape[1]
+    dz = coef_p.double()[:, None] * torch.softmax(z, -1) + coef_y.double()[:, None] * F.one_hot(y, v)
     if y2 is not None:
-        dz = dz + coef_y2.double()[:, None] * F.one_hot(y2, V)
+        dz = dz + coef_y2.double()[:, None] * F.one_hot(y2, v)
     return dz
+
+
+def _stored_by_hand(z: torch.Tensor, tile_v: int, dtype: torch.dtype) -> triton_fused.StoredChunk:
+    """What the forward keeps, made here from given logits (independent of its kernel)."""
+    maxima = torch.stack([t.amax(-1) for t in _tiles(z, tile_v)], dim=1)
+    shifts = maxima.masked_fill(maxima == float("-inf"), 0.0)
+    exp = torch.cat([(t - s[:, None]).exp() for t, s in zip(_tiles(z, tile_v), shifts.unbind(1), strict=True)], 1)
+    r = z.shape[0]
+    return triton_fused.StoredChunk(exp.to(dtype), maxima.float(), tile_v, z.double().logsumexp(-1).float(),
+                                    torch.zeros(r), None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("r, second", [(1, False), (1, True), (3, True)], ids=["one-row", "one-row-y2", "rows-y2"])
-def test_softmax_grad_inplace(dtype, r, second):
-    """dZ over the stored logits; a 16-bit dZ is a strided view into the first half of each fp32 row."""
+@pytest.mark.parametrize("tile_v", [16, 32], ids=["three-tiles", "two-tiles"])
+def test_softmax_grad_inplace(dtype, r, second, tile_v):
+    """dZ over the stored per-tile exponentials, in place and in their dtype; V = 37 is 3 tiles of 16 (the last one
+    partial) or 2 of 32, each with its own shift."""
     g = torch.Generator().manual_seed(2)
-    z = torch.randn(r, V, generator=g) * 3
-    lse = z.double().logsumexp(-1).float()
+    v = 37
+    z = torch.randn(r, v, generator=g) * 3
+    z[:, 16:32] -= 30.0  # a tile far below the others: its shift differs from the row max by ~30
     coef_p, coef_y, coef_y2 = (torch.randn(r, generator=g) for _ in range(3))
-    y = torch.randint(0, V, (r,), generator=g)
-    y2 = (y + 1 + torch.randint(0, V - 1, (r,), generator=g)) % V if second else None
-    buf = z.clone()
-    dz = triton_fused.softmax_grad_inplace(buf, lse, coef_p, y, coef_y, y2, coef_y2 if second else None, dtype)
-    assert dz.dtype == dtype and dz.shape == (r, V)
-    assert dz.data_ptr() == buf.data_ptr()  # in place: no second buffer
+    y = torch.randint(0, v, (r,), generator=g)
+    y2 = (y + 1 + torch.randint(0, v - 1, (r,), generator=g)) % v if second else None
+    st = _stored_by_hand(z, tile_v, dtype)
+    dz = triton_fused.softmax_grad_inplace(st, coef_p, y, coef_y, y2, coef_y2 if second else None)
+    assert dz.dtype == dtype and dz.shape == (r, v)
+    assert dz.data_ptr() == st.exp.data_ptr()  # in place: no second buffer
     want = _dz_oracle(z, coef_p, y, coef_y, y2, coef_y2 if second else None)
     if dtype == torch.float32:
         torch.testing.assert_close(dz.double(), want, rtol=1e-5, atol=1e-6)
-    else:  # the fp32 value rounded to bf16 (the interpreter's conversion may land one ulp off the nearest)
+    else:  # the stored exponentials and the fp32 dZ each rounded once to bf16
         torch.testing.assert_close(dz.double(), want, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+def test_softmax_grad_inplace_at_infinite_logits():
+    """A +inf logit: the logsumexp is +inf, its own entry's gradient NaN (exp(inf - inf)) and every other entry's
+    coef_p * 0, in its tile and the others (no tile-wide NaN). A tile of -inf logits in a finite row: zeros."""
+    inf = float("inf")
+    z = torch.randn(2, 37, generator=torch.Generator().manual_seed(3))
+    z[0, 20] = inf
+    z[1, 16:32] = -inf
+    st = _stored_by_hand(z, 16, torch.float32)
+    coef_p, coef_y = torch.tensor([0.5, -1.5]), torch.tensor([2.0, 3.0])
+    y = torch.tensor([3, 35])
+    dz = triton_fused.softmax_grad_inplace(st, coef_p, y, coef_y, None, None)
+    assert dz[0, 20].isnan() and bool(dz[0].isnan().sum() == 1)
+    others = torch.ones(37, dtype=torch.bool)
+    others[20] = False
+    assert dz[0, 3] == 2.0 and bool((dz[0, others & (torch.arange(37) != 3)] == 0).all())
+    assert bool((dz[1, 16:32] == 0).all())
+    torch.testing.assert_close(dz[1].double(), _dz_oracle(z[1:], coef_p[1:], y[1:], coef_y[1:])[0], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_mm_f32_shape_and_no_resize():
@@ -142,9 +225,10 @@ def test_scatter_dw_without_a_buffer(dtype):
 
 def test_buffers_fp32_under_float64_default(default_float64):
     h, w, b = (t.float() for t in _inputs(3))
-    _check_logits(h, w, b, *triton_fused.logits_and_lse(h, w, b))
-    _, lse0 = triton_fused.logits_and_lse(h[:0], w, b)
-    assert lse0.dtype == torch.float32
+    y, y2 = _targets(3)
+    _check_stored(h, w, b, y, y2, triton_fused.exp_tiles_and_lse(h, w, b, y, y2))
+    st0 = triton_fused.exp_tiles_and_lse(h[:0], w, b, y[:0], y2[:0])
+    assert st0.lse.dtype == st0.z.dtype == st0.z2.dtype == st0.tile_max.dtype == torch.float32
     assert triton_fused.mm_f32(torch.randn(3, V).float(), w).dtype == torch.float32
     dz, hh, wb = _dw_inputs(torch.bfloat16)
     assert triton_fused.accumulate_dw(None, dz, hh, wb).dtype == torch.bfloat16
@@ -155,13 +239,87 @@ def test_buffers_on_the_inputs_device_under_meta_default():
     h, w, b = _inputs(3)
     dz, hh, wb = _dw_inputs(torch.float32)
     y, gz = torch.tensor([1, 2]), torch.ones(2)
+    ty, ty2 = _targets(3)
     with torch.device("meta"):
-        buf, lse = triton_fused.logits_and_lse(h, w, b)
-        buf0, lse0 = triton_fused.logits_and_lse(h[:0], w, b)
+        st = triton_fused.exp_tiles_and_lse(h, w, b, ty, ty2)
+        st0 = triton_fused.exp_tiles_and_lse(h[:0], w, b, ty[:0], ty2[:0])
         mm = triton_fused.mm_f32(dz, wb)
         gw = triton_fused.accumulate_dw(None, dz, hh, wb)
         gs = triton_fused.scatter_dw(None, y, gz, hh[:2], wb)
-    assert {t.device.type for t in (buf, lse, buf0, lse0, mm, gw, gs)} == {"cpu"}
-    _check_logits(h, w, b, buf, lse)
+    stored = [t for c in (st, st0) for t in c if isinstance(t, torch.Tensor)]
+    assert {t.device.type for t in (*stored, mm, gw, gs)} == {"cpu"}
+    _check_stored(h, w, b, ty, ty2, st)
     torch.testing.assert_close(gs.double(), torch.zeros(V, D, dtype=torch.float64).index_add_(
         0, y, gz.double()[:, None] * hh[:2].double()).float().double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["tpo", "povid"])
+def test_fused_loss_over_several_vocabulary_tiles(loss):
+    """The whole fused-gradient loss on the triton backend at V = 1100 (three forward tiles under the interpreter,
+    each with its own shift in dZ): loss and every gradient equal plain autograd over materialized fp32 logits
+    (the reference backend). POVID adds the second targets, gathered from their own tiles."""
+    from tpo_fast.loss import povid_loss, tpo_loss
+
+    v, n_seq, t = 1100, 4, 3
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(v, D, generator=g) * 0.5).requires_grad_()
+    h = torch.randn(n_seq, t, D, generator=g).requires_grad_()
+    # POVID's corrupted rows are the chosen sequences' only, and only pick the noisy argmax (no gradient)
+    hc = h.detach()[: n_seq if loss == "tpo" else n_seq // 2] + 0.3 * torch.randn(n_seq, t, D, generator=g)[:1]
+    hc.requires_grad_(loss == "tpo")
+    y = torch.randint(0, v, (n_seq, t), generator=g)
+    y[0, 0], y[1, 1], y[2, 2] = 511, 512, 1099  # tile edges
+    y[3, 0] = -100
+    ref = torch.randn(n_seq if loss == "tpo" else 3 * n_seq // 2, generator=g)
+    leaves_ = (w, h, hc) if loss == "tpo" else (w, h)
+
+    def grads(backend):
+        for x in leaves_:
+            x.grad = None
+        fn = tpo_loss if loss == "tpo" else povid_loss
+        out = fn(w, h, hc, y, ref_seq_scores=ref, backend=backend)
+        out.loss.backward()
+        return out.loss.detach(), [x.grad.clone() for x in leaves_]
+
+    got, want = grads("triton"), grads("reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for a, e in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+class _Allocated(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most entries of any tensor a factory op (empty, zeros, full) returns, per dtype, while the mode is on.
+    Factories only: the interpreter hands a bf16 kernel argument to numpy as an fp32 copy, which is no buffer of
+    the library's."""
+
+    FACTORIES = ("empty", "empty_strided", "new_empty", "new_empty_strided", "zeros", "new_zeros", "full", "new_full")
+
+    def __init__(self):
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in self.FACTORIES:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+def test_a_bf16_chunk_keeps_its_logits_in_bf16():
+    """The Triton path's chunk buffer follows the weight's dtype: for a bf16 model the R x V buffer (then dZ) is
+    bf16, and no fp32 tensor of R x V entries exists (the fp32 logits buffer it replaced was twice the bytes)."""
+    from tpo_fast.loss import tpo_loss
+
+    v, n_seq, t = 1100, 4, 3
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(v, D, generator=g) * 0.5).bfloat16().requires_grad_()
+    h = torch.randn(n_seq, t, D, generator=g).bfloat16().requires_grad_()
+    hc = (h.detach().float() + 0.3 * torch.randn(n_seq, t, D, generator=g)).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n_seq, t), generator=g)
+    rows = n_seq * t
+    with _Allocated() as created:
+        tpo_loss(w, h, hc, y, ref_seq_scores=torch.zeros(n_seq), backend="triton").loss.backward()
+    assert created.largest[torch.bfloat16] >= rows * v  # the chunk's buffer
+    assert created.largest[torch.float32] < rows * v // 2, created.largest

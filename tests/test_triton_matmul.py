@@ -2,10 +2,10 @@
 losses run with it (`KernelOptions.grad_gemm = "triton"`).
 
 Oracles: fp64 `torch.mm` of the same (already rounded) operands, and the losses' plain-autograd reference
-(`backend="reference"`, materialized logits). Operands take the strides the losses give them: dZ in place in
-the fp32 logits buffer (16-bit rows at stride 2V), transposed for dW. Shapes are odd and larger than one
-tile in every dimension under the interpreter (its tiles: up to 64 rows, 512 columns, 128 inner), so that
-the edge masks and the inner loop over K run more than once.
+(`backend="reference"`, materialized logits). Operands take any strides: dZ as a strided view (16-bit rows
+at stride 2V inside an fp32 buffer), transposed for dW. Shapes are odd and larger than one tile in every
+dimension under the interpreter (its tiles: up to 64 rows, 512 columns, 128 inner), so that the edge masks
+and the inner loop over K run more than once.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def test_triton_mm_matches_fp64(dtype, m, n, k):
 
 
 def test_triton_mm_reads_strided_operands_and_accumulates_once_rounded():
-    """dW's product: dZ^T of a bf16 dZ stored in place over fp32 logits (row stride 2V), into a bf16 dW
+    """dW's product: dZ^T of a strided bf16 dZ (row stride 2V, a view into an fp32 buffer), into a bf16 dW
     that already holds a value: the old value joins the fp32 sum, then one rounding."""
     r, v, d = 37, 300, 40
     g = torch.Generator().manual_seed(1)
     buf = torch.randn(r, v, generator=g).to(DEVICE)
-    dz = buf.view(torch.bfloat16)[:, :v]  # the layout of softmax_grad_inplace's output
+    dz = buf.view(torch.bfloat16)[:, :v]  # rows 2v elements apart: every stride must be honored
     dz.copy_(torch.randn(r, v, generator=g).to(torch.bfloat16))
     assert dz.stride() == (2 * v, 1)
     h = torch.randn(r, d, generator=g).to(torch.bfloat16).to(DEVICE)

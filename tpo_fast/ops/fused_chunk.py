@@ -7,8 +7,9 @@ The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank
 
 - `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
   whose bf16 GEMMs on a CPU with bf16 inputs it shares (`torch_chunked.bf16_gemms`).
-- `TritonChunk`: the GEMM-shaped Triton forward stores the fp32 logits tile while it reduces the
-  logsumexp (no second pass over the logits), a Triton kernel writes dZ in place over them, and
+- `TritonChunk`: the GEMM-shaped Triton forward stores each logits tile's `exp(z - tile max)` in the
+  weight's dtype while it reduces the logsumexp and picks out the target logits (no second pass over the
+  logits; a bf16 buffer is half the bytes of fp32 logits), a Triton kernel writes dZ in place over it, and
   the two gradient GEMMs run on cuBLAS. dW accumulates in the weight's dtype with fp32 products
   and one rounding per chunk (fp32 weights: fp32 throughout), so no V x D fp32 buffer exists.
 """
@@ -100,23 +101,18 @@ class TritonChunk:
         self.need_w = need_w
         self.gw: torch.Tensor | None = None  # allocated by the first chunk's GEMM
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        self._buf: torch.Tensor | None = None
-        self._lse: torch.Tensor | None = None
+        self._stored = None  # triton_fused.StoredChunk of the chunk in flight
 
     def stats(self, h, y, y2):
         from tpo_fast.ops import triton_fused
 
-        self._buf, self._lse = triton_fused.logits_and_lse(h, self.weight, self.bias)
-        z = self._buf.gather(1, y[:, None]).squeeze(1)
-        z2 = None if y2 is None else self._buf.gather(1, _safe(y2)[:, None]).squeeze(1)
-        return self._lse, z, z2
+        self._stored = triton_fused.exp_tiles_and_lse(h, self.weight, self.bias, y, y2)
+        return self._stored.lse, self._stored.z, self._stored.z2
 
     def logit_grad(self, coef_p, y, coef_y, y2, coef_y2) -> torch.Tensor:
         from tpo_fast.ops import triton_fused
 
-        return triton_fused.softmax_grad_inplace(
-            self._buf, self._lse, coef_p, y, coef_y, y2, coef_y2, self.weight.dtype
-        )
+        return triton_fused.softmax_grad_inplace(self._stored, coef_p, y, coef_y, y2, coef_y2)
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
         from tpo_fast.ops import triton_fused
@@ -150,7 +146,7 @@ class TritonChunk:
         return torch.mul(self.weight[y], g[:, None], out=out) if need_hc else None
 
     def release(self) -> None:
-        self._buf = self._lse = None
+        self._stored = None
 
 
 def make_core(backend: str, weight, bias, need_w: bool, need_b: bool):

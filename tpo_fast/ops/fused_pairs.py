@@ -494,7 +494,8 @@ def fused_pair_loss(
         second_targets: optional (2B, T) integer second target ids scored against the same clean
             softmax (POVID's noisy argmax); `second_ignore_index` where a row has none.
         backend: "auto", "triton" or "torch" (the reference backend has no fused path).
-        chunk_bytes: budget of one chunk's fp32 logits buffer (rows x V x 4 B); default the kernel
+        chunk_bytes: budget of one chunk's logits buffer, counted as fp32 (rows x V x 4 B; the triton
+            backend's buffer of a 16-bit weight holds those rows in half the bytes); default the kernel
             options' `chunk_mb` (TPO_FAST_CHUNK_MB; unset: `FUSED_CHUNK_MB`, 1024 MiB), at most 128 MiB
             on the torch backend.
             A single pair with more rows than the budget is processed alone (its buffer is then

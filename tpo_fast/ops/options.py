@@ -17,7 +17,8 @@ Fields (variable, default): meaning.
 - `tma` (TPO_FAST_TMA, "auto"): bulk tensor copy loads; "auto" (Hopper and newer, 16-byte aligned rows),
   "0" never, "1" also under the interpreter.
 - `chunk_mb` (TPO_FAST_CHUNK_MB, None): MiB budget of the split backward's N x chunk gradient buffer and
-  of the fused-gradient losses' per-chunk fp32 logits buffer (rows x V x 4 B, whole pairs). None (unset)
+  of the fused-gradient losses' per-chunk logits buffer (rows x V x 4 B, whole pairs; the triton backend's
+  buffer of a 16-bit model holds those rows in half the bytes). None (unset)
   gives each buffer its own default: `SPLIT_CHUNK_MB` (256) for the split backward, `FUSED_CHUNK_MB`
   (1024) for the fused losses on the triton backend; the torch backend's fused losses cap it at 128 MiB.
 - `allow_tf32` (TPO_FAST_ALLOW_TF32, False): TF32 products for fp32 inputs (about 1e-3 relative error);

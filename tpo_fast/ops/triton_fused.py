@@ -1,13 +1,17 @@
 """Launchers of the fused-gradient pair losses' Triton path (`fused_chunk.TritonChunk` calls these).
 
-Per chunk of rows: the GEMM-shaped forward kernel stores the fp32 logits while it reduces their
-logsumexp partials (one write of the buffer), `softmax_grad_inplace_kernel` turns them into dZ in
-place (one read, one write), and cuBLAS runs `dH = dZ W` and `dW += dZ^T H` (torch.mm; on the CPU its
-own GEMM), or with `KernelOptions.grad_gemm = "triton"` (TPO_FAST_GRAD_GEMM=triton) `matmul_kernel`
-with the vocabulary kernels' tiles, so that the two can be measured against each other.
+Per chunk of rows: the GEMM-shaped forward kernel stores each logits tile's `exp(z - tile max)` in the
+weight's dtype while it reduces their logsumexp partials (one write of the buffer; for a bf16 model half
+the bytes of fp32 logits) and takes the target logits from the tiles that hold them;
+`softmax_grad_inplace_kernel` turns the buffer into dZ in place (one read, one write); cuBLAS runs
+`dH = dZ W` and `dW += dZ^T H` (torch.mm; on the CPU its own GEMM), or with
+`KernelOptions.grad_gemm = "triton"` (TPO_FAST_GRAD_GEMM=triton) `matmul_kernel` with the vocabulary
+kernels' tiles, so that the two can be measured against each other.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,18 +25,33 @@ from tpo_fast.ops.options import current_options
 from tpo_fast.ops.triton_impl import _device_guard, _dot_precision, _tma_descriptors, interpreter_enabled, tile_config
 
 
-def logits_and_lse(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 logits [R, V], fp32 lse [R]) of the rows, from one pass of the forward kernel."""
+class StoredChunk(NamedTuple):
+    """What the forward keeps of one chunk of rows for its gradient (`exp_tiles_and_lse`)."""
+
+    exp: torch.Tensor  # [R, V] exp(z - tile shift) in the weight's dtype, later overwritten with dZ
+    tile_max: torch.Tensor  # [R, S] fp32, S = cdiv(V, tile_v)
+    tile_v: int  # the forward's vocabulary tile
+    lse: torch.Tensor  # [R] fp32
+    z: torch.Tensor  # [R] fp32 raw target logits z[y]
+    z2: torch.Tensor | None  # [R] fp32 z[y2] (0 where y2 < 0), or None without second targets
+
+
+def exp_tiles_and_lse(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, y2: torch.Tensor | None = None
+) -> StoredChunk:
+    """One pass of the forward kernel over the chunk's rows: their logsumexp and target logits, and per vocabulary
+    tile `exp(z - shift)` in the weight's dtype (half the bytes of fp32 logits for a 16-bit model), from which
+    `softmax_grad_inplace` forms the gradient. y: [R] int64 targets in range; y2: [R] int64 or -1 (none)."""
     (r, d), v = h.shape, weight.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
-    buf = torch.empty((r, v), **f32)
-    if r == 0:
-        return buf, torch.empty(0, **f32)
-    cfg = tile_config(r, v, d, h.dtype)
+    cfg = tile_config(max(r, 1), v, d, h.dtype)
     n_tiles = triton.cdiv(v, cfg.block_v)
+    exp = torch.empty((r, v), dtype=weight.dtype, device=h.device)
     m_part = torch.empty((r, n_tiles), **f32)
+    z = torch.empty(r, **f32)
+    z2 = None if y2 is None else torch.zeros(r, **f32)  # rows without a second target keep 0
+    if r == 0:
+        return StoredChunk(exp, m_part, cfg.block_v, torch.empty(0, **f32), z, z2)
     s_part = torch.empty((r, n_tiles), **f32)
     h_desc, w_desc, use_tma = _tma_descriptors(h, weight, cfg)
     with _device_guard(h):
@@ -42,41 +61,46 @@ def logits_and_lse(
             HAS_BIAS=bias is not None, WANT_ARGMAX=False,
             DOT_PRECISION=_dot_precision(h.dtype), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-            Z_OUT=buf, stride_zo=v, STORE_LOGITS=True,
+            P_OUT=exp, Y=y, ZY=z, Y2=y2 if y2 is not None else y, ZY2=z2 if z2 is not None else z,
+            STORE_EXP=True, GATHER=1 if y2 is None else 2,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     lse, _ = triton_impl.combine_lse_partials(m_part, s_part, None)
-    return buf, lse
+    return StoredChunk(exp, m_part, cfg.block_v, lse, z, z2)
+
+
+def softmax_grad_launch(tile_v: int) -> tuple[int, int]:
+    """(rows per program, warps) of `softmax_grad_inplace_kernel` on a GPU: rows x one forward tile per step,
+    8 entries a thread (16-byte accesses in bf16). Compiled for sm_90 with the default 256-wide tiles: 4 rows,
+    4 warps, 39 registers (16 rows and 8 warps took 204: one block per SM for a memory-bound kernel)."""
+    block_n = max(1, min(16, 1024 // tile_v))
+    return block_n, max(1, min(8, block_n * tile_v // 256))
 
 
 def softmax_grad_inplace(
-    buf: torch.Tensor,
-    lse: torch.Tensor,
+    stored: StoredChunk,
     coef_p: torch.Tensor,
     y: torch.Tensor,
     coef_y: torch.Tensor,
     y2: torch.Tensor | None,
     coef_y2: torch.Tensor | None,
-    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """dZ [R, V] in `dtype`, written over the fp32 logits `buf` (a strided view for 16-bit dtypes)."""
+    """dZ [R, V] = coef_p * softmax + coef_y * onehot(y) [+ coef_y2 * onehot(y2)] in the stored buffer's dtype,
+    written over `stored.exp` (which it returns)."""
+    buf = stored.exp
     r, v = buf.shape
-    if dtype == torch.float32:
-        dz_store, stride_dz = buf, v
-    else:  # a 16-bit row lives in the first half of the bytes of its fp32 row
-        dz_store, stride_dz = buf.view(dtype), 2 * v
     if r > 0:
         interp = interpreter_enabled()
-        block_n = 16 if interp else 4
-        block_v = triton.next_power_of_2(min(v, 4096 if interp else 1024))
+        tile_v = stored.tile_v
+        block_n, warps = (16, 4) if interp else softmax_grad_launch(tile_v)
         with _device_guard(buf):
             softmax_grad_inplace_kernel[(triton.cdiv(r, block_n),)](
-                buf, dz_store, lse, coef_p, y, coef_y,
+                buf, stored.tile_max, stored.lse, coef_p, y, coef_y,
                 y2 if y2 is not None else y, coef_y2 if coef_y2 is not None else coef_y,
-                r, v, v, stride_dz,
-                HAS_Y2=y2 is not None, BLOCK_N=block_n, BLOCK_V=block_v, INTERPRET=interp, num_warps=8,
+                r, v, stored.tile_max.shape[1],
+                HAS_Y2=y2 is not None, BLOCK_N=block_n, TILE_V=tile_v, INTERPRET=interp, num_warps=warps,
             )
-    return dz_store[:, :v]
+    return buf
 
 
 def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
