@@ -264,3 +264,25 @@ def test_reference_branch_errors_name_what_to_fix():
         fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], None, t["h"][:-1]))
     with pytest.raises(ValueError, match=r"^the reference's inputs: bias must be of shape \(V,\) = \(23,\)"):
         fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], torch.zeros(22)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_corrupted_branch_the_loss_ignores_gets_exact_zero_gradients_in_bf16(backend):
+    """16-bit inputs: the stored dH / dH~ rows are allocated without a zero fill, each chunk writing its slice;
+    a chunk whose loss never reads the corrupted grid writes zeros there itself. Freed NaN buffers of the same
+    size come first, so that a slice left unwritten shows (the allocator hands such memory back)."""
+    t, y = inputs(seed=21)
+    dev = backend_device(backend)
+    h, w, hc = (x.detach().bfloat16().to(dev).requires_grad_() for x in (t["h"], t["w"], t["hc"]))
+    y = y.to(dev)
+    rows = int((y != IGNORE).sum())
+    for _ in range(4):
+        junk = torch.full((rows, D), float("nan"), device=dev)
+        del junk
+    out = fused_pair_loss(h, w, y, lambda c: c.logprobs.sum(), corrupted_hidden=hc, backend=backend,
+                          chunk_bytes=5 * 4 * V)  # several chunks
+
+    out.loss.backward()
+    assert hc.grad is not None and hc.grad.dtype == torch.bfloat16
+    assert bool((hc.grad == 0).all())
+    assert bool(h.grad.isfinite().all()) and bool((h.grad != 0).any())

@@ -355,8 +355,10 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     full = hidden.dtype == torch.float32
     n_rows = hidden.shape[0] if full else plan.start[-1]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    gh = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_h else None
-    ghc = torch.zeros((n_rows, hidden.shape[1]), **f32) if need_hc else None
+    # 16-bit: every chunk writes its rows' slice (dH~'s zeroed where no gradient reached it), so no zero fill
+    alloc = torch.zeros if full else torch.empty
+    gh = alloc((n_rows, hidden.shape[1]), **f32) if need_h else None
+    ghc = alloc((n_rows, hidden.shape[1]), **f32) if need_hc else None
     row_index = None if full or not (need_h or need_hc) else torch.empty(n_rows, dtype=torch.long, device=hidden.device)
 
     def one_chunk(first: int, stop: int, at: int) -> torch.Tensor:
@@ -411,6 +413,8 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
             ghc_rows = core.gather_backward(hc, y, _row_grad(g_zc, local, h).contiguous(), need_hc,
                                             _rows_out(ghc, at, n, full))
             _put_rows(ghc, ghc_rows, rows, full)
+        elif ghc is not None and not full:
+            ghc[at:at + n].zero_()
         return loss.detach().float()
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
