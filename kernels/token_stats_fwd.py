@@ -4,13 +4,13 @@ One program per (row block, vocabulary tile), like one output tile of `H @ W.T`:
 `[BLOCK_N, BLOCK_V]` logits tile over the hidden dimension in fp32 on chip and writes only the
 tile's row max, its sum of `exp(z - max)` and (optionally) the first index of the max. `lse_combine_kernel`
 combines the `cdiv(V, BLOCK_V)` partials per row into the logsumexp (the launcher the argmax): a few bytes per
-row and tile leave the chip, never the logits. The fused-gradient losses ask for more (STORE_EXP, GATHER):
-the tile's `exp(z - shift)` in their buffer's dtype (what the tile sum is made of, `shift` the tile max: values
-in [0, 1], so a bf16 buffer keeps 8 significant bits of every entry), which `softmax_grad_inplace.py` later
-turns into the gradient in place, and the raw target logits `z[y]` (and `z[y2]`) in fp32, taken from the tile
-that holds them.
-Programs are visited in groups of GROUP_N row blocks so that the `W` tiles a wave of programs reads
-stay in L2. The gathered target logits come from `indexed_dot.py`.
+row and tile leave the chip, never the logits. With GATHER the raw target logit `z[y]` of each row (and
+`z[y2]`) is stored in fp32 by the one program whose tile holds it (the corrupted branch's `h~ . W[y]` is
+`indexed_dot.py`'s gather). The fused-gradient losses also ask for STORE_EXP: the tile's `exp(z - shift)` in
+their buffer's dtype (what the tile sum is made of, `shift` the tile max: values in [0, 1], so a bf16 buffer
+keeps 8 significant bits of every entry), which `softmax_grad_inplace.py` later turns into the gradient in
+place. Programs are visited in groups of GROUP_N row blocks so that the `W` tiles a wave of programs reads
+stay in L2.
 """
 
 import triton

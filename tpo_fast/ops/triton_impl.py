@@ -166,6 +166,7 @@ def forward(
     m_part = torch.empty((n, n_tiles), **f32)
     s_part = torch.empty((n, n_tiles), **f32)
     arg_part = torch.empty((n, n_tiles), dtype=torch.int32, device=hidden.device) if want_argmax else None
+    z = torch.empty(n, **f32)  # the target logits, taken by the sweep from the tile that holds each one
     h_desc, w_desc, use_tma = _tma_descriptors(hidden, weight, cfg, opts)
     with _device_guard(hidden):
         token_lse_partial_kernel[(triton.cdiv(n, cfg.block_n) * n_tiles,)](
@@ -175,10 +176,10 @@ def forward(
             HAS_BIAS=bias is not None, WANT_ARGMAX=want_argmax,
             DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            Y=targets, ZY=z, GATHER=1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     lse, argmax = combine_lse_partials(m_part, s_part, arg_part)
-    z = gather_logits(hidden, weight, bias, targets)
     zc = gather_logits(corrupted_hidden, weight, bias, targets) if corrupted_hidden is not None else None
     return lse, z, zc, argmax
 
