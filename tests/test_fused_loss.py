@@ -705,3 +705,74 @@ def test_a_chunk_of_every_pair_reads_the_batch_grids_in_place(budget_rows):
         assert same == [True]
     else:
         assert len(same) > 1 and not any(same)
+
+
+@pytest.mark.parametrize("loss", ["tpo", "povid"])
+def test_fused_loss_over_several_vocabulary_tiles(loss):
+    """The whole fused-gradient loss on the triton backend at V = 1100 (three forward tiles under the interpreter,
+    eighteen 64-column fp32 tiles on a GPU, each with its own shift in dZ): loss and every gradient equal plain
+    autograd over materialized fp32 logits (the reference backend, on the CPU). POVID adds the second targets,
+    gathered from their own tiles."""
+    v, n_seq, t, d = 1100, 4, 3, 8
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(v, d, generator=g) * 0.5).requires_grad_()
+    h = torch.randn(n_seq, t, d, generator=g).requires_grad_()
+    # POVID's corrupted rows are the chosen sequences' only, and only pick the noisy argmax (no gradient)
+    hc = h.detach()[: n_seq if loss == "tpo" else n_seq // 2] + 0.3 * torch.randn(n_seq, t, d, generator=g)[:1]
+    hc.requires_grad_(loss == "tpo")
+    y = torch.randint(0, v, (n_seq, t), generator=g)
+    y[0, 0], y[1, 1], y[2, 2] = 511, 512, 1099  # tile edges
+    y[3, 0] = -100
+    ref = torch.randn(n_seq if loss == "tpo" else 3 * n_seq // 2, generator=g)
+    n_grads = 3 if loss == "tpo" else 2  # POVID: weight and hidden only
+
+    def grads(backend):
+        dev = backend_device(backend)
+        xs = [x.detach().to(dev).requires_grad_(x.requires_grad) for x in (w, h, hc)]
+        fn = tpo_loss if loss == "tpo" else povid_loss
+        out = fn(*xs, y.to(dev), ref_seq_scores=ref.to(dev), backend=backend)
+        out.loss.backward()
+        return out.loss.detach().cpu(), [x.grad.cpu() for x in xs[:n_grads]]
+
+    got, want = grads("triton"), grads("reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for a, e in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+
+class _Allocated(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most entries of any tensor a factory op (empty, zeros, full) returns, per dtype, while the mode is on.
+    Factories only: the interpreter hands a bf16 kernel argument to numpy as an fp32 copy, which is no buffer of
+    the library's."""
+
+    FACTORIES = ("empty", "empty_strided", "new_empty", "new_empty_strided", "zeros", "new_zeros", "full", "new_full")
+
+    def __init__(self):
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in self.FACTORIES:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+def test_a_bf16_chunk_keeps_its_logits_in_bf16():
+    """The Triton path's chunk buffer follows the weight's dtype: for a bf16 model the R x V buffer (then dZ) is
+    bf16, and no fp32 tensor of R x V entries exists (the fp32 logits buffer it replaced was twice the bytes)."""
+    v, n_seq, t, d = 1100, 4, 3, 8
+    g = torch.Generator().manual_seed(9)
+    dev = backend_device("triton")
+    w = (torch.randn(v, d, generator=g) * 0.5).bfloat16().to(dev).requires_grad_()
+    h = torch.randn(n_seq, t, d, generator=g).bfloat16().to(dev).requires_grad_()
+    hc = (h.detach().float().cpu() + 0.3 * torch.randn(n_seq, t, d, generator=g)).bfloat16().to(dev).requires_grad_()
+    y = torch.randint(0, v, (n_seq, t), generator=g).to(dev)
+    rows = n_seq * t
+    with _Allocated() as created:
+        tpo_loss(w, h, hc, y, ref_seq_scores=torch.zeros(n_seq, device=dev), backend="triton").loss.backward()
+    assert created.largest[torch.bfloat16] >= rows * v  # the chunk's buffer
+    assert created.largest[torch.float32] < rows * v // 2, created.largest
