@@ -2,8 +2,8 @@
 
 `dH = dZ @ W` ([R, V] x [V, D]) and `dW += dZ^T @ H` ([V, R] x [R, D]) read the chunk's dZ where
 `softmax_grad_inplace.py` wrote it and, for dW^T's operand, transposed (a strided view), so the kernel
-takes every stride. One program per [BLOCK_M, BLOCK_N]
-output tile, visited in groups of GROUP_M row blocks (`_grid.py`); products accumulate in fp32 on chip;
+takes every stride. One program per [BLOCK_M, BLOCK_N] output tile, visited in groups of GROUP_M row
+blocks (`_grid.py`); products accumulate in fp32 on chip;
 ACCUMULATE adds the old C in fp32 before the one rounding into C's dtype. The alternative to cuBLAS that
 `KernelOptions.grad_gemm = "triton"` (TPO_FAST_GRAD_GEMM) selects, so the two can be measured.
 """

@@ -2,11 +2,15 @@
 
 Run in a process with TRITON_INTERPRET=0 (under the interpreter `@triton.jit` gives no compilable
 function). It catches what the CPU interpreter cannot: type errors of the real compiler, tl.dot
-operand rules, shared-memory overflows of the default tiles. Usage: python tests/aot_compile.py 90 80
+operand rules, shared-memory overflows of the default tiles. Usage: python tests/aot_compile.py 90 80;
+`--regs` also prints each kernel's registers and spills as ptxas reports them (a spill, or registers that
+cost occupancy, shows without a GPU): TRITON_INTERPRET=0 python tests/aot_compile.py 90 --regs
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import torch
@@ -103,7 +107,30 @@ def aligned(sig: dict[str, str]) -> dict:
         "D", "stride_dz", "stride_x", "stride_g")}
 
 
-def main(archs: list[int]) -> int:
+def resource_usage(kernel, arch: int) -> str:
+    """ptxas's report for one compiled kernel (registers, spill bytes), from the PTX Triton generated, with the
+    ptxas Triton itself uses for `arch`."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([get_ptxas(arch).path, "-v", "--gpu-name", gpu, f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if regs is None:
+        return "ptxas: " + " ".join(text.split())[:200]
+    return f"{regs.group(1)} registers" + (f", spills {spills.group(1)}/{spills.group(2)} B" if spills else "")
+
+
+def main(archs: list[int], regs: bool = False) -> int:
+    """Compile every case for each arch; with `regs`, print each one's registers and spills (ptxas -v)."""
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
@@ -115,10 +142,15 @@ def main(archs: list[int]) -> int:
                 k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
                 if k.metadata.shared > SMEM_LIMIT[arch]:
                     raise SystemExit(f"{fn.__name__} sm_{arch} {dt}: {k.metadata.shared} B of shared memory")
+                if regs:
+                    flags = ",".join(f"{c}={v}" for c, v in consts.items() if isinstance(v, bool) and v)
+                    print(f"sm_{arch} {dt} {fn.__name__} [{flags}] warps={warps}: {resource_usage(k, arch)}, "
+                          f"{k.metadata.shared} B shared")
                 n += 1
     print(f"compiled {n} kernels for sm_{archs}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]] or [90]))
+    args = sys.argv[1:]
+    sys.exit(main([int(a) for a in args if a != "--regs"] or [90], regs="--regs" in args))

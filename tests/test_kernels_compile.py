@@ -24,9 +24,19 @@ def _compile_script(tmp_path, script: str, *args: str) -> subprocess.CompletedPr
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    proc = _compile_script(tmp_path, "aot_compile.py", "90")
+    """Every kernel compiles; with `--regs` ptxas reports each one's registers and spills. The fused losses' dZ
+    pass (memory-bound: it wants many warps per SM) stays small and spill-free in every dtype."""
+    proc = _compile_script(tmp_path, "aot_compile.py", "90", "--regs")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "compiled 53 kernels" in proc.stdout
+    usage = [line for line in proc.stdout.splitlines() if line.startswith("sm_90 ")]
+    assert len(usage) == 53 and all(" registers, spills " in line for line in usage), usage[:3]
+    dz = [line for line in usage if " softmax_grad_inplace_kernel " in line]
+    assert len(dz) == 6
+    for line in dz:
+        regs = int(line.split(": ")[1].split(" registers")[0])
+        assert regs <= 64 if " fp32 " not in line else regs <= 160, line
+        assert "spills 0/0 B" in line, line
 
 
 def test_every_launch_of_the_launchers_compiles_for_sm90(tmp_path):

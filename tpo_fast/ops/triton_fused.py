@@ -41,7 +41,9 @@ def exp_tiles_and_lse(
 ) -> StoredChunk:
     """One pass of the forward kernel over the chunk's rows: their logsumexp and target logits, and per vocabulary
     tile `exp(z - shift)` in the weight's dtype (half the bytes of fp32 logits for a 16-bit model), from which
-    `softmax_grad_inplace` forms the gradient. y: [R] int64 targets in range; y2: [R] int64 or -1 (none)."""
+    `softmax_grad_inplace` forms the gradient. y: [R] int64 targets in range; y2: [R] int64 or -1 (none).
+    The losses take this path for fp32 and bf16 weights (fp16 recomputes its gradient in backward, and an fp16
+    buffer would lose entries below 2**-24 before their scaling)."""
     (r, d), v = h.shape, weight.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
     cfg = tile_config(max(r, 1), v, d, h.dtype)
