@@ -41,6 +41,16 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     gemm = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_N": cfg.group_n}
     blocks = {"BLOCK_N": atomic.block_n, "BLOCK_V": atomic.block_v, "BLOCK_D": atomic.block_d}
     dz_rows, dz_warps = softmax_grad_launch(cfg.block_v)
+    # the forward sweep as the default paths launch it on Hopper (TMA loads, no bias): the per-token primitive
+    # (target gathered, nothing stored) and the fused losses (exponentials stored too)
+    tma = {"H_DESC": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>",
+           "W_DESC": f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>"}
+    for store in (False, True):
+        yield token_lse_partial_kernel, {
+            "H": p, "W": p, "B": p, **tma, "M_PART": "*fp32", "S_PART": "*fp32", "ARG_PART": "*i32", "N": "i32",
+            "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64", "ZY": "*fp32", "Y2": "*i64", "ZY2": "*fp32",
+        }, {"HAS_BIAS": False, "WANT_ARGMAX": False, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": True,
+            **gemm, "STORE_EXP": store, "GATHER": 1}, cfg.num_warps, cfg.num_stages
     for flag in (False, True):
         # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
         h_desc = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>" if flag else p
@@ -143,7 +153,8 @@ def main(archs: list[int], regs: bool = False) -> int:
                 if k.metadata.shared > SMEM_LIMIT[arch]:
                     raise SystemExit(f"{fn.__name__} sm_{arch} {dt}: {k.metadata.shared} B of shared memory")
                 if regs:
-                    flags = ",".join(f"{c}={v}" for c, v in consts.items() if isinstance(v, bool) and v)
+                    flags = ",".join(f"{c}={v}" for c, v in consts.items()
+                                     if v is True or c == "GATHER" and v)
                     print(f"sm_{arch} {dt} {fn.__name__} [{flags}] warps={warps}: {resource_usage(k, arch)}, "
                           f"{k.metadata.shared} B shared")
                 n += 1
