@@ -65,9 +65,9 @@ def softmax_grad_kernel(
     valid = row_mask[:, None] & v_mask[None, :]
     dz = tl.exp(logits - lse[:, None]) * coef[:, None]
     if HAS_ONEHOT:
-        y = tl.load(Y + rows, mask=row_mask, other=-1)
+        y = tl.load(Y + rows, mask=row_mask, other=-1).to(tl.int32)  # ids < V < 2**31: 32-bit compares
         coef_y = tl.load(COEF_Y + rows, mask=row_mask, other=0.0)
-        dz += tl.where(vcols64[None, :] == y[:, None], coef_y[:, None], 0.0)
+        dz += tl.where(vcols[None, :] == y[:, None], coef_y[:, None], 0.0)
     dz = tl.where(valid, dz, 0.0)
     dz_store = round_to(dz, DZ.dtype.element_ty, INTERPRET)
     tl.store(DZ + rows64[:, None] * stride_dz + local[None, :], dz_store, mask=valid)

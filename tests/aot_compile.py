@@ -41,8 +41,9 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     gemm = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_N": cfg.group_n}
     blocks = {"BLOCK_N": atomic.block_n, "BLOCK_V": atomic.block_v, "BLOCK_D": atomic.block_d}
     dz_rows, dz_warps = softmax_grad_launch(cfg.block_v)
-    # the forward sweep as the default paths launch it on Hopper (TMA loads, no bias): the per-token primitive
-    # (target gathered, nothing stored) and the fused losses (exponentials stored too)
+    # the GEMM-shaped kernels as the default paths launch them on Hopper (TMA loads, no bias): the forward sweep
+    # of the per-token primitive (target gathered, nothing stored) and of the fused losses (exponentials stored
+    # too)
     tma = {"H_DESC": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>",
            "W_DESC": f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>"}
     for store in (False, True):
@@ -51,6 +52,12 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64", "ZY": "*fp32", "Y2": "*i64", "ZY2": "*fp32",
         }, {"HAS_BIAS": False, "WANT_ARGMAX": False, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": True,
             **gemm, "STORE_EXP": store, "GATHER": 1}, cfg.num_warps, cfg.num_stages
+    # and the recompute path's gradient tile (TMA loads, the one-hot term, no bias)
+    yield softmax_grad_kernel, {
+        "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", **tma, "DZ": p,
+        "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32", "stride_dz": "i32",
+    }, {"HAS_BIAS": False, "HAS_ONEHOT": True, "NEED_B": False, "DOT_PRECISION": prec, "INTERPRET": False,
+        "USE_TMA": True, **gemm}, cfg.num_warps, cfg.num_stages
     for flag in (False, True):
         # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
         h_desc = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>" if flag else p
