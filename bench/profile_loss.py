@@ -8,9 +8,10 @@ by the host that launches them (the fused-gradient losses' first H200 run: 11.3 
 Each row: the losses as `python bench/run.py` calls them (same inputs, `_contenders.ours.TpoFast`), timed
 fwd+bwd (`--repeats`, median, synchronized; and the host's share, until the backward returns), then one
 more call under torch.profiler: the device's kernel time (the sum of its device events, kernels, copies and
-fills, each once), the kernel launches and the host synchronizations it
-recorded. On the CPU the device columns are empty and `aten ops` counts the operators dispatched: the
-host work a GPU run would launch.
+fills, each once), the kernel launches and the host synchronizations it recorded, and how many device events
+took under 20 us and how long they took in all (the most that fusing a call's small operators could save).
+On the CPU the device columns are empty and `aten ops` counts the operators dispatched: the host work a GPU
+run would launch.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def kernel_totals(on_device: list) -> list[tuple[float, int, str]]:
     return sorted(((sum(t), len(t), name) for name, t in by_name.items()), reverse=True)
 
 
+SMALL_US = 20.0  # a device event shorter than this is a "small kernel": launch-bound, whatever it does
+
+
+def small_kernels(on_device: list, below_us: float = SMALL_US) -> tuple[int, float]:
+    """(count, total ms) of the device events shorter than `below_us`: what fusing the many small operators of a
+    call (its per-token loss math, its index bookkeeping) could save at most."""
+    short = [e.time_range.elapsed_us() for e in on_device if e.time_range.elapsed_us() < below_us]
+    return len(short), sum(short) / 1e3
+
+
 def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: int) -> dict:
     """{'wall_ms', 'host_ms', 'kernel_ms', 'launches', 'syncs', 'aten_ops', 'kernels'} of one contender on one
     workload; 'kernels': (total ms, calls, name) per device event name, largest first (CUDA only).
@@ -92,11 +103,13 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
         "kernel_ms": None,
         "launches": None,
         "syncs": None,
+        "small": None,
         "kernels": [],
     }
     if device == "cuda":
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
         out["kernels"] = kernel_totals(on_device)
+        out["small"] = small_kernels(on_device)
         out["launches"] = sum(1 for e in events if e.name in LAUNCHES)
         out["syncs"] = sum(1 for e in events if e.name in SYNCS)  # not the measurement's cudaDeviceSynchronize
     return out
@@ -135,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--grad-gemm picks the triton backend's gradient GEMMs; other backends have one choice: torch")
     tops = []  # (row label, kernels) for the tables after the main one
     print("| workload | grad_mode | chunk MiB | gradient GEMMs | wall ms | host ms | kernel ms | launches | syncs "
-          "| aten ops |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          f"| aten ops | kernels under {SMALL_US:g} us: n, ms |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for workload in filter(None, args.workloads.split(",")):
         inp = make_inputs(case, workload, device, dtype)
         for mode in filter(None, args.modes.split(",")):
             # the path that runs: "fused" falls back to recompute where it is not exact (fp16 on triton)
             fused = uses_fused_gradient(mode, args.backend, torch.device(device), dtype)
             if mode == "fused" and not fused:
-                print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | | |")
+                print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | | | |")
                 continue
             chunks = ["-"]
             if fused:  # the torch backend caps its buffer: list the budgets that differ
@@ -162,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     print(f"| {workload} | {mode} | {chunk_mb} | {gemm} | {r['wall_ms']:.2f} | {r['host_ms']:.2f} "
                           f"| {cell(r['kernel_ms'])} "
-                          f"| {cell(r['launches'], '{}')} | {cell(r['syncs'], '{}')} | {r['aten_ops']} |", flush=True)
+                          f"| {cell(r['launches'], '{}')} | {cell(r['syncs'], '{}')} | {r['aten_ops']} "
+                          f"| {'' if r['small'] is None else '{}, {:.2f}'.format(*r['small'])} |", flush=True)
                     if r["kernels"] and args.top_kernels > 0:
                         tops.append((f"{workload} {mode} {chunk_mb} MiB {gemm}", r["kernels"][:args.top_kernels]))
     for label, kernels in tops:

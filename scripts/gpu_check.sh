@@ -12,8 +12,10 @@
 #   call 1:       bash scripts/gpu_check.sh    timeout_s 560, carry [".whl"]
 #                 (install bench profile step, about 480 s on the H100. bench: the fused losses against the H100
 #                 run's 12.3 ms and 1320 MiB (TPO) and 1.19x TRL (DPO), now with the bf16 chunk buffer (per-tile
-#                 exponentials; expected peak about 935 MiB for TPO, 790 for DPO). profile: where that time goes (kernels against host,
-#                 the largest kernels), not yet taken on a GPU since the changes of 2026-12-05. step: every step
+#                 exponentials; expected peak about 935 MiB for TPO, 790 for DPO). profile: where that time goes
+#                 (kernels against host, the largest kernels, and the device events under 20 us, count and ms: the
+#                 most a fused kernel for the loss math could save), not yet taken on a GPU since the changes of
+#                 2026-12-05. step: every step
 #                 contender; the cached-reference row failed its first-loss check in the H100 run, fixed since
 #                 (its reference cache is now scored under the step's autocast) and re-measured here)
 #   call 2, at once while the machine is warm:  SEARCH_S=80 bash scripts/gpu_check.sh install search kernel-tests

@@ -1038,6 +1038,10 @@ def test_profile_loss_counts_each_device_event_once():
     on_device = profile_loss.device_events(events)
     assert [e.name for e in on_device] == ["gemm", "scale", "gemm"]
     assert profile_loss.kernel_totals(on_device) == [(0.8, 2, "gemm"), (0.04, 1, "scale")]
+    # under 20 us: the two short ones only (15 + 5 us), whatever their names
+    short = on_device + profile_loss.device_events([event("where", 15.0), event("index_copy", 5.0),
+                                                    event("tiny", 3.0, cpu)])
+    assert profile_loss.small_kernels(short) == (2, 0.02)
 
 
 def test_profile_step_prints_the_step_time_the_ranges_and_the_operators():
