@@ -41,32 +41,34 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
     gemm = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "GROUP_N": cfg.group_n}
     blocks = {"BLOCK_N": atomic.block_n, "BLOCK_V": atomic.block_v, "BLOCK_D": atomic.block_d}
     dz_rows, dz_warps = softmax_grad_launch(cfg.block_v)
-    # the GEMM-shaped kernels as the default paths launch them on Hopper (TMA loads, no bias): the forward sweep
-    # of the per-token primitive (target gathered, nothing stored) and of the fused losses (exponentials stored
-    # too)
     tma = {"H_DESC": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>",
            "W_DESC": f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>"}
+
+    def sweep(descs):  # token_lse_partial_kernel's signature; descs: TMA descriptors, or plain pointers
+        return {"H": p, "W": p, "B": p, **descs, "M_PART": "*fp32", "S_PART": "*fp32", "ARG_PART": "*i32",
+                "N": "i32", "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64", "ZY": "*fp32", "Y2": "*i64",
+                "ZY2": "*fp32"}
+
+    def grad_tile(descs):  # softmax_grad_kernel's
+        return {"H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", **descs,
+                "DZ": p, "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32",
+                "stride_dz": "i32"}
+
+    # the GEMM-shaped kernels as the default paths launch them on Hopper (TMA loads, no bias): the forward sweep
+    # of the per-token primitive (target gathered, nothing stored) and of the fused losses (exponentials stored
+    # too), and the recompute path's gradient tile (the one-hot term)
     for store in (False, True):
-        yield token_lse_partial_kernel, {
-            "H": p, "W": p, "B": p, **tma, "M_PART": "*fp32", "S_PART": "*fp32", "ARG_PART": "*i32", "N": "i32",
-            "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64", "ZY": "*fp32", "Y2": "*i64", "ZY2": "*fp32",
-        }, {"HAS_BIAS": False, "WANT_ARGMAX": False, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": True,
+        yield token_lse_partial_kernel, sweep(tma), {
+            "HAS_BIAS": False, "WANT_ARGMAX": False, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": True,
             **gemm, "STORE_EXP": store, "GATHER": 1}, cfg.num_warps, cfg.num_stages
-    # and the recompute path's gradient tile (TMA loads, the one-hot term, no bias)
-    yield softmax_grad_kernel, {
-        "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32", **tma, "DZ": p,
-        "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32", "stride_dz": "i32",
-    }, {"HAS_BIAS": False, "HAS_ONEHOT": True, "NEED_B": False, "DOT_PRECISION": prec, "INTERPRET": False,
+    yield softmax_grad_kernel, grad_tile(tma), {
+        "HAS_BIAS": False, "HAS_ONEHOT": True, "NEED_B": False, "DOT_PRECISION": prec, "INTERPRET": False,
         "USE_TMA": True, **gemm}, cfg.num_warps, cfg.num_stages
     for flag in (False, True):
         # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
-        h_desc = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_d}]>" if flag else p
-        w_desc = f"tensordesc<{dt}[{cfg.block_v}, {cfg.block_d}]>" if flag else p
-        yield token_lse_partial_kernel, {
-            "H": p, "W": p, "B": p, "H_DESC": h_desc, "W_DESC": w_desc, "M_PART": "*fp32", "S_PART": "*fp32",
-            "ARG_PART": "*i32", "N": "i32", "V": "i32", "D": "i32", "S": "i32", "P_OUT": p, "Y": "*i64",
-            "ZY": "*fp32", "Y2": "*i64", "ZY2": "*fp32",
-        }, {"HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
+        descs = tma if flag else {"H_DESC": p, "W_DESC": p}
+        yield token_lse_partial_kernel, sweep(descs), {
+            "HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
             **gemm, "STORE_EXP": flag, "GATHER": 2 if flag else 0}, cfg.num_warps, cfg.num_stages
         # the fused-gradient losses' dZ, written over the forward's per-tile exponentials in the input dtype
         yield softmax_grad_inplace_kernel, {
@@ -79,13 +81,9 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_cn": "i32",
         }, {"ACCUMULATE": not flag, "DOT_PRECISION": prec, "INTERPRET": False, "BLOCK_M": cfg.block_n,
             "BLOCK_N": cfg.block_v, "BLOCK_K": cfg.block_d, "GROUP_M": cfg.group_n}, cfg.num_warps, cfg.num_stages
-        yield softmax_grad_kernel, {
-            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
-            "H_DESC": h_desc, "W_DESC": w_desc, "DZ": p,
-            "GB_PART": "*fp32", "N": "i32", "V": "i32", "D": "i32", "V0": "i32", "VC": "i32", "stride_dz": "i32",
-        }, {"HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False,
-            "USE_TMA": flag, **gemm}, \
-            cfg.num_warps, cfg.num_stages
+        yield softmax_grad_kernel, grad_tile(descs), {
+            "HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False,
+            "USE_TMA": flag, **gemm}, cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32",
             "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
