@@ -441,6 +441,49 @@ def test_chunks_never_wait_for_the_device(monkeypatch, backend, loss, dtype):
     assert whole[9][1] == []
 
 
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops dispatched while the mode is on, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_only_scales_the_stored_gradients(backend):
+    """A fused loss's backward is one in-place scaling of each stored fp32 gradient by grad_output: no zero-filled
+    gradient for each of the seven (2B, T) grids the Function also returns (autograd materializes those unless
+    told not to: one fill kernel each on a GPU), no copy. TPO with a model reference and its corrupted branch,
+    so that every grid exists."""
+    b = batch(device=backend_device(backend))
+    ref = {k: torch.randn_like(b[k]).detach() for k in ("hidden", "corrupted_hidden", "weight")}
+    out = tpo_loss(b["weight"], b["hidden"], b["corrupted_hidden"], b["targets"], b["bias"], ref_hidden=ref["hidden"],
+                   ref_corrupted_hidden=ref["corrupted_hidden"], ref_weight=ref["weight"], backend=backend,
+                   grad_mode="fused")
+    upstream = torch.tensor(0.5, device=out.loss.device)
+    with _Ops() as ops:
+        out.loss.backward(upstream)
+    written = [name for name in ops.names if name not in ("detach", "view", "alias")]  # views write nothing
+    assert written == ["mul_"] * 4, ops.names  # weight, bias, hidden, corrupted hidden
+    assert all(b[k].grad is not None for k in ("weight", "bias", "hidden", "corrupted_hidden"))
+
+
+def test_a_loss_whose_value_is_unused_sends_no_gradient():
+    """With grads not materialized, a backward that reaches the Function without a gradient for its loss (only
+    through its non-differentiable outputs: never, with autograd as it is) must hand back no gradient at all."""
+    from tpo_fast.ops.fused_pairs import _FusedPairLossFunction
+
+    class Ctx:
+        grads = ["stored"]
+
+    assert _FusedPairLossFunction.backward(Ctx, None) == (None,) * 5
+    assert Ctx.grads is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
 @pytest.mark.parametrize("loss", ["tpo", "dpo", "povid"])
 def test_chunk_loop_never_synchronizes_on_cuda(monkeypatch, loss):

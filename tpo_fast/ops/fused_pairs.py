@@ -437,6 +437,8 @@ class _FusedPairLossFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:4])
         loss, grids, grads = _run(spec, hidden, weight, bias, corrupted_hidden, needs)
         ctx.grads = grads
+        # the grids never take a gradient: autograd need not zero-fill one for each of them in backward
+        ctx.set_materialize_grads(False)
         extra = [grids.logp, grids.z]
         extra += [t if t is not None else torch.empty(0, device=hidden.device)
                   for t in (grids.zc, grids.logp2, grids.ref_logp, grids.ref_z, grids.ref_zc)]
@@ -445,6 +447,9 @@ class _FusedPairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized): nothing flows back
+            ctx.grads = None
+            return None, None, None, None, None
         return (*take_stored_grads(ctx, grad_loss), None)
 
 

@@ -1,0 +1,158 @@
+"""The fused-gradient pair losses on random combinations of their options, against plain autograd.
+
+The parametrized tests in test_fused_loss.py vary one thing at a time; a bug may need two (a frozen weight
+with a bias and a model reference split over chunks, say). Each case here draws, from its seed: the loss (TPO,
+DPO, POVID), B, T, D, V (odd, small), a bias, which inputs require grad, a target mask (random holes, prompts,
+a sequence without response tokens, none), the logit scale, every loss option (loss type, label smoothing,
+beta, averaging, TPO's weighting, offset and detached weights, POVID's noise weight), the reference form
+(a model with or without its corrupted branch, sequence scores, token log-probs, none), the chunk budget
+(one pair's rows or less up to all rows) and the upstream gradient. The fused path's loss, metrics and every
+gradient must match the same loss on the reference backend with `grad_mode="recompute"`: autograd through
+materialized logits, none of the fused code (chunk plan, stored statistics, in-place dZ, gathered corrupted
+branch, Triton kernels). The seeds are fixed: a failure names its seed and every drawn option.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _device import backend_device
+
+from tpo_fast.loss import dpo_loss, povid_loss, tpo_loss
+from tpo_fast.ops.options import kernel_options
+
+LOSSES = {"tpo": tpo_loss, "dpo": dpo_loss, "povid": povid_loss}
+INPUTS = ("weight", "bias", "hidden", "corrupted_hidden")
+
+
+def draw(seed: int) -> dict:
+    """One case: tensors on the CPU (the loss's positional inputs, reference keywords) and options."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    loss = rng.choice(list(LOSSES))
+    b, t, d, v = rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 17), rng.randint(2, 70)
+    n = 2 * b * t
+    targets = torch.randint(0, v, (2 * b, t), generator=g)
+    mask = rng.choice(["holes", "prompts", "a sequence without response", "none"])
+    if mask == "holes":
+        targets[torch.rand(2 * b, t, generator=g) < 0.4] = -100
+    elif mask == "prompts":
+        for s in range(2 * b):
+            targets[s, :rng.randint(0, t)] = -100
+    elif mask == "a sequence without response":
+        targets[rng.randrange(2 * b)] = -100
+    scale = rng.choice([0.1, 1.0, 5.0])
+
+    def randn(*shape, s=1.0):
+        return torch.randn(*shape, generator=g) * s
+
+    hidden = randn(n, d)
+    n_corrupted = b * t if loss == "povid" else n  # POVID's corrupted branch: the chosen sequences only
+    tensors = {
+        "weight": randn(v, d, s=scale), "hidden": hidden,
+        "corrupted_hidden": hidden[:n_corrupted] + randn(n_corrupted, d, s=rng.choice([0.01, 1.0])),
+        "bias": randn(v) if rng.random() < 0.3 else None, "targets": targets,
+    }
+    grad = {k: rng.random() < 0.75 for k in INPUTS}
+    grad["hidden"] = grad["hidden"] or not any(grad.values())
+    opts = {"beta": rng.choice([0.1, 0.5, 2.0]), "loss_type": rng.choice(["sigmoid", "hinge", "ipo"]),
+            "average_log_prob": rng.random() < 0.3}
+    opts["label_smoothing"] = rng.choice([0.0, 0.0, 0.2]) if opts["loss_type"] == "sigmoid" else 0.0
+    if loss == "tpo":
+        opts.update(weighting=rng.choice(["tpo", "tpo", "none"]), offset=rng.choice([0.0, 0.5, 1.0]),
+                    detach_weights=rng.random() < 0.3)
+    if loss == "povid":
+        opts["noise_weight"] = rng.choice([0.0, 0.5, 1.0])
+    forms = ["model", "scores", "none"] + (["token log-probs"] if loss != "povid" else [])
+    form = rng.choice(forms)
+    ref: dict = {}
+    if form == "model":
+        ref = {"ref_hidden": randn(n, d), "ref_weight": randn(v, d, s=scale)}
+        if tensors["bias"] is not None and rng.random() < 0.5:
+            ref["ref_bias"] = randn(v)
+        if loss == "povid" or loss == "tpo" and (opts["weighting"] == "tpo" or rng.random() < 0.5):
+            ref["ref_corrupted_hidden"] = ref["ref_hidden"][:n_corrupted] + randn(n_corrupted, d, s=0.3)
+    elif form == "scores":
+        ref = {"ref_seq_scores": randn((3 if loss == "povid" else 2) * b, s=3.0)}
+    elif form == "none":
+        ref = {"reference_free": True}
+    else:
+        ref = {"ref_token_logprobs": -torch.rand(2 * b, t, generator=g) * 3}
+        if loss == "tpo" and opts["weighting"] == "tpo":
+            ref["ref_visual_scores"] = randn(2 * b, t)
+    return {
+        "loss": loss, "tensors": tensors, "grad": grad, "opts": opts, "ref": ref, "v": v,
+        "chunk_rows": rng.choice([1, 3, 8, 1000]), "upstream": rng.choice([1.0, -0.7, 3.0]),
+        "about": f"{loss} B={b} T={t} D={d} V={v} mask={mask} scale={scale} reference={form} grad={grad} {opts}",
+    }
+
+
+def evaluate(case: dict, device: torch.device, backend: str, grad_mode: str):
+    """(loss, metrics, {input: gradient}) of one call, on fresh leaves (copies: two calls never share a `.grad`)."""
+    x = {k: None if t is None else t.to(device, copy=True) for k, t in case["tensors"].items()}
+    for k in INPUTS:
+        if x[k] is not None and case["grad"][k]:
+            x[k].requires_grad_()
+    ref = {k: r.to(device) if isinstance(r, torch.Tensor) else r for k, r in case["ref"].items()}
+    corrupted = () if case["loss"] == "dpo" else (x["corrupted_hidden"],)
+    budget = case["chunk_rows"] * 4 * case["v"] / 2**20  # MiB of `chunk_rows` fp32 logits rows
+    with kernel_options(chunk_mb=budget):
+        out = LOSSES[case["loss"]](x["weight"], x["hidden"], *corrupted, x["targets"], x["bias"], **ref,
+                                   **case["opts"], backend=backend, grad_mode=grad_mode)
+    if out.loss.requires_grad:
+        (out.loss * case["upstream"]).backward()
+    grads = {k: x[k].grad for k in INPUTS if x[k] is not None and x[k].requires_grad}
+    return out.loss.detach(), {k: m.detach() for k, m in out.metrics.items()}, grads
+
+
+def close(actual: torch.Tensor | None, expected: torch.Tensor | None, name: str, about: str) -> None:
+    if actual is None or expected is None:  # no gradient on one side: the other's must be zero
+        other = expected if actual is None else actual
+        assert other is None or not other.any(), f"{name}: one side has no gradient; {about}"
+        return
+    expected, actual = expected.cpu().double(), actual.cpu().double()
+    tol = 2e-5 * max(1.0, expected.abs().max().item()) if expected.numel() else 0.0
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=tol, equal_nan=True), (
+        f"{name}: max |diff| {(actual - expected).abs().max().item():.3g}; {about}")
+
+
+def check(seed: int, backend: str) -> None:
+    case = draw(seed)
+    about = f"seed {seed}: {case['about']}, chunk rows {case['chunk_rows']}, upstream {case['upstream']}"
+    loss, metrics, grads = evaluate(case, backend_device(backend), backend, "fused")
+    ref_loss, ref_metrics, ref_grads = evaluate(case, torch.device("cpu"), "reference", "recompute")
+    close(loss, ref_loss, "loss", about)
+    assert metrics.keys() == ref_metrics.keys(), about
+    for k in ref_metrics:
+        close(metrics[k], ref_metrics[k], f"metric {k}", about)
+    assert grads.keys() == ref_grads.keys(), about
+    for k in ref_grads:
+        close(grads[k], ref_grads[k], f"gradient of {k}", about)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_torch_backend(seed):
+    check(seed, "torch")
+
+
+@pytest.mark.parametrize("seed", range(1000, 1080))
+def test_triton_backend(seed):
+    check(seed, "triton")
+
+
+def test_the_draws_cover_every_option():
+    """The seeds above reach every value of every option, so the combinations are not all of one kind."""
+    cases = [draw(s) for s in range(100)] + [draw(s) for s in range(1000, 1080)]
+    seen = {(k, repr(v)) for c in cases for k, v in c["opts"].items()}
+    for key, values in {"loss_type": ["sigmoid", "hinge", "ipo"], "label_smoothing": [0.0, 0.2],
+                        "weighting": ["tpo", "none"], "offset": [0.0, 0.5, 1.0], "detach_weights": [False, True],
+                        "average_log_prob": [False, True], "noise_weight": [0.0, 0.5, 1.0]}.items():
+        assert {(key, repr(v)) for v in values} <= seen, key
+    assert {c["loss"] for c in cases} == set(LOSSES)
+    assert {c["chunk_rows"] for c in cases} == {1, 3, 8, 1000}
+    forms = {tuple(sorted(c["ref"])) for c in cases}
+    assert {("ref_hidden", "ref_weight"), ("ref_corrupted_hidden", "ref_hidden", "ref_weight"), ("ref_seq_scores",),
+            ("reference_free",), ("ref_token_logprobs",), ("ref_token_logprobs", "ref_visual_scores")} <= forms
+    assert any(not c["grad"]["weight"] for c in cases) and any(c["tensors"]["bias"] is not None for c in cases)
