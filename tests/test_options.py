@@ -99,6 +99,32 @@ def test_scope_and_explicit_options_drive_the_triton_launches(monkeypatch):
     assert h.grad is not None and torch.isfinite(w.grad).all()
 
 
+def test_a_backward_runs_with_the_options_of_its_forward(monkeypatch):
+    """A loss computed under a scope, backward called after the scope ended (as a trainer calls it, outside the
+    user's loss code): the backward still runs as the forward's options say. The other way round, a scope
+    around backward alone does not change a backward whose forward ran without it."""
+    split_calls = []
+    original = triton_impl._split_backward
+    monkeypatch.setattr(triton_impl, "_split_backward", lambda *a, **k: split_calls.append(1) or original(*a, **k))
+    h = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(20, 16, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 20, (8,), device=DEVICE)
+    want = torch.autograd.grad(tpo_fast.token_logprobs(h, w, y, backend="reference").sum(), (h, w))
+
+    with kernel_options(backward="atomic"):
+        loss = tpo_fast.token_logprobs(h, w, y, backend="triton").sum()
+    loss.backward()
+    assert split_calls == []  # the atomic kernel, as the forward's scope said
+    torch.testing.assert_close((h.grad, w.grad), want, atol=1e-5, rtol=1e-5)
+
+    h.grad = w.grad = None
+    loss = tpo_fast.token_logprobs(h, w, y, backend="triton").sum()
+    with kernel_options(backward="atomic"):
+        loss.backward()
+    assert split_calls == [1]  # the forward ran with the default, the split backward
+    torch.testing.assert_close((h.grad, w.grad), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("value, enabled", [(None, False), ("", False), ("0", False), ("1", True)])
 def test_interpreter_flag(monkeypatch, value, enabled):
     """TRITON_INTERPRET unset, empty or "0" means compiled kernels; anything else the CPU interpreter."""

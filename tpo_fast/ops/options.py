@@ -9,6 +9,9 @@ Three ways to set it, the later winning:
 Launchers call `current_options()`: the innermost active scope, else the environment as it is now
 (so a variable changed between two launches, as bench/gpu_tune.py does, takes effect). A bad value
 raises the first time anything reads the options, naming the variable or field and what it accepts.
+A call's backward runs with the options its forward read (the per-token primitive keeps them with its
+autograd node; the fused-gradient losses finish their gradient inside the forward): a scope around the
+forward alone is enough, as when a trainer calls backward outside the code that computed the loss.
 
 Fields (variable, default): meaning.
 
@@ -196,8 +199,8 @@ def _checked(get, name_of, from_env: bool = False) -> dict:
 
 
 _ENV_CACHE: dict[tuple[str, ...], KernelOptions] = {}
-# Active scopes, innermost last. Process-wide, not per thread: autograd runs a CUDA backward on its
-# own device threads, and a scope around `loss.backward()` must reach them.
+# Active scopes, innermost last. Process-wide, not per thread: a scope around a forward must reach launches on
+# other threads too (autograd's device threads, for code that reads the options in backward).
 _SCOPES: list[tuple[object, KernelOptions]] = []
 
 
@@ -214,7 +217,8 @@ def kernel_options(options: KernelOptions | None = None, **overrides) -> Iterato
             loss = tpo_loss(...); loss.backward()
 
     The scope covers every thread of the process (autograd's included) and ignores the environment
-    while it is active; nested scopes start from the enclosing one.
+    while it is active; nested scopes start from the enclosing one. A call's backward uses the options
+    its forward ran with, so the scope may end before `loss.backward()`.
     """
     opts = dataclasses.replace(options or current_options(), **overrides)
     token = object()

@@ -18,6 +18,7 @@ import torch
 
 from tpo_fast.ops import torch_chunked
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range, out_of_range, raise_out_of_range
+from tpo_fast.ops.options import current_options
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
 from tpo_fast.ops.torch_chunked import autocast_off
 
@@ -159,7 +160,11 @@ class _TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, corrupted_hidden, targets, params: _Params):
         impl = _impl(params.backend)
-        lse, z, zc, argmax = impl.forward(hidden, weight, bias, corrupted_hidden, targets, params.want_argmax)
+        # The kernel options current now govern this call's backward too, wherever that runs: a scope around
+        # the forward alone (a loss computed in one place, backward called by a trainer elsewhere) is enough.
+        ctx.options = {"options": current_options()} if params.backend == "triton" else {}
+        lse, z, zc, argmax = impl.forward(hidden, weight, bias, corrupted_hidden, targets, params.want_argmax,
+                                          **ctx.options)
         ctx.params = params
         # Unused outputs then arrive as None, so backward skips the vocabulary sweep when only the
         # gathered logits carry gradient.
@@ -194,7 +199,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         impl = _impl(params.backend)
         gh, gw, gb, ghc = impl.backward(
             hidden, weight, bias, corrupted_hidden, targets, lse, coef_p, coef_y, g_zc,
-            (need_h, need_w, need_b and bias is not None, need_hc and corrupted_hidden is not None),
+            (need_h, need_w, need_b and bias is not None, need_hc and corrupted_hidden is not None), **ctx.options,
         )
 
         def cast(g, like):
