@@ -114,6 +114,8 @@ def test_routed_povid_step_matches_full_logits_oracle(setup):
     twin_out = povid_step(twin, batch, ref_model=ref, beta=beta, noise_weight=w, backend="torch")
     twin_out.loss.backward()
     torch.testing.assert_close(twin_out.loss, out["loss"])
+    with_grad = [name for name, p in policy.named_parameters() if p.grad is not None]
+    assert [name for name, p in twin.named_parameters() if p.grad is not None] == with_grad and with_grad
     for (name, p), q in zip(twin.named_parameters(), policy.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, msg=name)
