@@ -82,9 +82,12 @@ def draw(seed: int) -> dict:
         ref = {"ref_token_logprobs": -torch.rand(2 * b, t, generator=g) * 3}
         if loss == "tpo" and opts["weighting"] == "tpo":
             ref["ref_visual_scores"] = randn(2 * b, t)
+    chunk_rows, upstream = rng.choice([1, 3, 8, 1000]), rng.choice([1.0, -0.7, 3.0])
+    # the triton backend's tiles: the interpreter's default (one vocabulary tile here) or 16 / 32 wide (several)
+    tiles = rng.choice([None, (16, 16, 16, 4, 1), (16, 32, 16, 4, 1, 2)])
     return {
         "loss": loss, "tensors": tensors, "grad": grad, "opts": opts, "ref": ref, "v": v,
-        "chunk_rows": rng.choice([1, 3, 8, 1000]), "upstream": rng.choice([1.0, -0.7, 3.0]),
+        "chunk_rows": chunk_rows, "upstream": upstream, "tiles": tiles,
         "about": f"{loss} B={b} T={t} D={d} V={v} mask={mask} scale={scale} reference={form} grad={grad} {opts}",
     }
 
@@ -115,7 +118,7 @@ def evaluate(case: dict, device: torch.device, backend: str, grad_mode: str, dty
     ref = {k: cast(k, r) for k, r in case["ref"].items()}
     corrupted = () if case["loss"] == "dpo" else (x["corrupted_hidden"],)
     budget = case["chunk_rows"] * 4 * case["v"] / 2**20  # MiB of `chunk_rows` fp32 logits rows
-    with kernel_options(chunk_mb=budget):
+    with kernel_options(chunk_mb=budget, tiles=case["tiles"]):
         out = LOSSES[case["loss"]](x["weight"], x["hidden"], *corrupted, x["targets"], x["bias"], **ref,
                                    **case["opts"], backend=backend, grad_mode=grad_mode)
     if out.loss.requires_grad:
@@ -140,7 +143,8 @@ def check(seed: int, backend: str, dtype: torch.dtype = torch.float32, grad_tol:
     """The fused path in `dtype` against the reference backend in fp32 on the same (rounded) values: loss and
     metrics within 2e-5 (both take fp32 statistics of the same logits), gradients within `grad_tol`."""
     case = draw(seed)
-    about = f"seed {seed}: {case['about']}, chunk rows {case['chunk_rows']}, upstream {case['upstream']}"
+    about = (f"seed {seed}: {case['about']}, chunk rows {case['chunk_rows']}, upstream {case['upstream']}, "
+             f"tiles {case['tiles']}")
     loss, metrics, grads = evaluate(case, backend_device(backend), backend, "fused", dtype)
     ref_loss, ref_metrics, ref_grads = evaluate(case, torch.device("cpu"), "reference", "recompute", dtype, True)
     close(loss, ref_loss, "loss", about)
@@ -186,6 +190,8 @@ def test_the_draws_cover_every_option():
         assert {(key, repr(v)) for v in values} <= seen, key
     assert {c["loss"] for c in cases} == set(LOSSES)
     assert {c["chunk_rows"] for c in cases} == {1, 3, 8, 1000}
+    triton = [c for c in cases[100:] if c["tiles"] and c["v"] > c["tiles"][1]]  # several vocabulary tiles
+    assert len(triton) >= 20 and {c["tiles"][1] for c in triton} == {16, 32}
     forms = {tuple(sorted(c["ref"])) for c in cases}
     assert {("ref_hidden", "ref_weight"), ("ref_corrupted_hidden", "ref_hidden", "ref_weight"), ("ref_seq_scores",),
             ("reference_free",), ("ref_token_logprobs",), ("ref_token_logprobs", "ref_visual_scores")} <= forms

@@ -69,6 +69,18 @@ def test_gpu_tiles_atomic_and_override(monkeypatch):
         TileConfig(32, 128, 64, 8, 3, 8)
 
 
+def test_interpreter_tiles_large_unless_set(monkeypatch):
+    """Under the interpreter the default tiles are large (one Python step per tile); tiles set explicitly hold,
+    never wider than the problem, so that tests can put a small vocabulary in several tiles. Not the atomic
+    kernel's, which are fixed on a GPU too."""
+    monkeypatch.setattr(triton_impl, "interpreter_enabled", lambda: True)
+    assert triton_impl.tile_config(100, 2000, 40, options=KernelOptions()) == TileConfig(64, 512, 64, group_n=4)
+    small = KernelOptions(tiles=(16, 32, 16, 4, 1, 2))
+    assert triton_impl.tile_config(100, 70, 40, options=small) == TileConfig(16, 32, 16, 4, 1, 2)
+    assert triton_impl.tile_config(5, 20, 8, options=small) == TileConfig(16, 32, 16, 4, 1, 2)
+    assert triton_impl.tile_config(100, 70, 40, atomic=True, options=small) == TileConfig(64, 128, 64, group_n=4)
+
+
 def test_dot_precision():
     assert triton_impl._dot_precision(torch.float32, KernelOptions()) == "ieee"
     assert triton_impl._dot_precision(torch.float32, KernelOptions(allow_tf32=True)) == "tf32"

@@ -3,10 +3,11 @@
 Each seed draws N, D, V (small, odd), the logit scale, a bias, the corrupted branch, `ignore_index` (-100, -1,
 or 0, a real token id), the share of ignored rows (none, some, all), which inputs require grad, `return_argmax`,
 on the torch backend the rows of its chunk loop (one, three, or its default: all of them here), on the triton
-backend the backward (split or atomic; its vocabulary chunks need V above the interpreter's 512-wide tile, which
-test_primitives.py covers). A random linear combination of every differentiable output (log-probs, target logits,
-logsumexp, corrupted target logits) is differentiated; outputs and gradients must match the reference backend
-(materialized logits, torch autograd) in fp32 on the same values. A failure names its seed and what it drew.
+backend the backward (split or atomic), the tiles (the interpreter's one vocabulary tile here, or 16 / 32 wide:
+several) and the split backward's vocabulary chunk (all of it, or two 16-wide tiles). A random linear
+combination of every differentiable output (log-probs, target logits, logsumexp, corrupted target logits) is
+differentiated; outputs and gradients must match the reference backend (materialized logits, torch autograd)
+in fp32 on the same values. A failure names its seed and what it drew.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ def draw(seed: int, backend: str) -> dict:
         "bias": torch.randn(v, generator=g) if rng.random() < 0.4 else None,
     }
     options = {"backward": rng.choice(["split", "atomic"])} if backend == "triton" else {}
-    return {
+    case = {
         "tensors": tensors, "targets": targets, "ignore": ignore, "argmax": rng.random() < 0.4,
         "grad": {k: rng.random() < 0.7 for k in INPUTS}, "options": options,
         "chunk_rows": rng.choice([1, 3, None]) if backend == "torch" else None,
         "coefficients": torch.randn(len(OUTPUTS), generator=g),
         "about": f"N={n} D={d} V={v} scale={scale} ignore_index={ignore} ignored={ignored_share}",
     }
+    if backend == "triton":
+        options["tiles"] = rng.choice([None, (16, 16, 16, 4, 1), (16, 32, 16, 4, 1, 2)])
+        if rng.random() < 0.5:  # two 16-wide tiles per chunk of the split backward's (N, chunk) gradient buffer
+            options["chunk_mb"] = n * 4 * 32 / 2**20
+    return case
 
 
 def evaluate(case: dict, device: torch.device, backend: str, dtype: torch.dtype, upcast: bool = False):
@@ -131,6 +137,8 @@ def test_the_draws_cover_every_option():
     assert {c["ignore"] for c in cases} == {-100, -1, 0}
     assert {c["argmax"] for c in cases} == {False, True}
     assert {c["options"].get("backward") for c in cases} == {None, "split", "atomic"}
+    tiled = [c for c in cases if c["options"].get("tiles") and c["tensors"]["weight"].shape[0] > 32]
+    assert len(tiled) >= 10 and any("chunk_mb" in c["options"] and c["options"]["backward"] == "split" for c in tiled)
     assert {c["chunk_rows"] for c in cases} == {None, 1, 3}
     for k in ("corrupted_hidden", "bias"):
         assert {c["tensors"][k] is None for c in cases} == {False, True}

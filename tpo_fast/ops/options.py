@@ -16,7 +16,8 @@ forward alone is enough, as when a trainer calls backward outside the code that 
 Fields (variable, default): meaning.
 
 - `tiles` (TPO_FAST_TILES, None): GPU tiles of the GEMM-shaped kernels,
-  "block_n,block_v,block_d,num_warps,num_stages[,group_n]"; None: the tuned defaults of triton_impl.py.
+  "block_n,block_v,block_d,num_warps,num_stages[,group_n]"; None: the tuned defaults of triton_impl.py
+  (under the interpreter: large tiles; set ones hold there too, so a test can split a small V into tiles).
 - `tma` (TPO_FAST_TMA, "auto"): bulk tensor copy loads; "auto" (Hopper and newer, 16-byte aligned rows),
   "0" never, "1" also under the interpreter.
 - `chunk_mb` (TPO_FAST_CHUNK_MB, None): MiB budget of the split backward's N x chunk gradient buffer and

@@ -60,10 +60,12 @@ def tile_config(
     options: KernelOptions | None = None,
 ) -> TileConfig:
     """Tiles of the vocabulary kernels: `options.tiles` (TPO_FAST_TILES) or the tuned defaults, never wider
-    than the problem. The interpreter runs one Python step per tile, so there tiles are large."""
-    if interpreter_enabled():
-        return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128), group_n=4)
+    than the problem. The interpreter runs one Python step per tile, so there the default tiles are large;
+    tiles set explicitly hold there too (16-wide ones put a small test vocabulary in several tiles, as a
+    GPU's 256-wide ones do V=32000). The atomic kernel's are fixed."""
     tiles = (options or current_options()).tiles
+    if interpreter_enabled() and not (tiles and not atomic):
+        return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128), group_n=4)
     if atomic:
         base = _GPU_ATOMIC_TILES
     else:
