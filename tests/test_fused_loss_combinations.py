@@ -6,7 +6,9 @@ DPO, POVID), B, T, D, V (odd, small), a bias, which inputs require grad, a targe
 a sequence without response tokens, none), the logit scale, every loss option (loss type, label smoothing,
 beta, averaging, TPO's weighting, offset and detached weights, POVID's noise weight), the reference form
 (a model with or without its corrupted branch, sequence scores, token log-probs, none), the chunk budget
-(one pair's rows or less up to all rows) and the upstream gradient. The fused path's loss, metrics and every
+(one pair's rows or less up to all rows), the upstream gradient and, for the triton backend, its tiles (16 or
+32 wide: several vocabulary tiles), loads (TMA or plain) and gradient GEMMs (torch or Triton); fp32, and bf16
+on the same values. The fused path's loss, metrics and every
 gradient must match the same loss on the reference backend with `grad_mode="recompute"`: autograd through
 materialized logits, none of the fused code (chunk plan, stored statistics, in-place dZ, gathered corrupted
 branch, Triton kernels). The seeds are fixed: a failure names its seed and every drawn option.
@@ -85,9 +87,11 @@ def draw(seed: int) -> dict:
     chunk_rows, upstream = rng.choice([1, 3, 8, 1000]), rng.choice([1.0, -0.7, 3.0])
     # the triton backend's tiles: the interpreter's default (one vocabulary tile here) or 16 / 32 wide (several)
     tiles = rng.choice([None, (16, 16, 16, 4, 1), (16, 32, 16, 4, 1, 2)])
+    # and its loads (TMA descriptors, as on a Hopper GPU, or plain) and its two gradient GEMMs (torch or Triton)
+    kernels = {"tiles": tiles, "tma": rng.choice(["auto", "1"]), "grad_gemm": rng.choice(["torch", "triton"])}
     return {
         "loss": loss, "tensors": tensors, "grad": grad, "opts": opts, "ref": ref, "v": v,
-        "chunk_rows": chunk_rows, "upstream": upstream, "tiles": tiles,
+        "chunk_rows": chunk_rows, "upstream": upstream, "kernels": kernels,
         "about": f"{loss} B={b} T={t} D={d} V={v} mask={mask} scale={scale} reference={form} grad={grad} {opts}",
     }
 
@@ -118,7 +122,7 @@ def evaluate(case: dict, device: torch.device, backend: str, grad_mode: str, dty
     ref = {k: cast(k, r) for k, r in case["ref"].items()}
     corrupted = () if case["loss"] == "dpo" else (x["corrupted_hidden"],)
     budget = case["chunk_rows"] * 4 * case["v"] / 2**20  # MiB of `chunk_rows` fp32 logits rows
-    with kernel_options(chunk_mb=budget, tiles=case["tiles"]):
+    with kernel_options(chunk_mb=budget, **case["kernels"]):
         out = LOSSES[case["loss"]](x["weight"], x["hidden"], *corrupted, x["targets"], x["bias"], **ref,
                                    **case["opts"], backend=backend, grad_mode=grad_mode)
     if out.loss.requires_grad:
@@ -144,7 +148,7 @@ def check(seed: int, backend: str, dtype: torch.dtype = torch.float32, grad_tol:
     metrics within 2e-5 (both take fp32 statistics of the same logits), gradients within `grad_tol`."""
     case = draw(seed)
     about = (f"seed {seed}: {case['about']}, chunk rows {case['chunk_rows']}, upstream {case['upstream']}, "
-             f"tiles {case['tiles']}")
+             f"kernels {case['kernels']}")
     loss, metrics, grads = evaluate(case, backend_device(backend), backend, "fused", dtype)
     ref_loss, ref_metrics, ref_grads = evaluate(case, torch.device("cpu"), "reference", "recompute", dtype, True)
     close(loss, ref_loss, "loss", about)
@@ -190,8 +194,10 @@ def test_the_draws_cover_every_option():
         assert {(key, repr(v)) for v in values} <= seen, key
     assert {c["loss"] for c in cases} == set(LOSSES)
     assert {c["chunk_rows"] for c in cases} == {1, 3, 8, 1000}
-    triton = [c for c in cases[100:] if c["tiles"] and c["v"] > c["tiles"][1]]  # several vocabulary tiles
-    assert len(triton) >= 20 and {c["tiles"][1] for c in triton} == {16, 32}
+    kernels = [c["kernels"] for c in cases[100:] if c["kernels"]["tiles"] and c["v"] > c["kernels"]["tiles"][1]]
+    assert len(kernels) >= 20 and {k["tiles"][1] for k in kernels} == {16, 32}  # several vocabulary tiles
+    assert {(k["tma"], k["grad_gemm"]) for k in kernels} == {("auto", "torch"), ("1", "torch"), ("auto", "triton"),
+                                                             ("1", "triton")}
     forms = {tuple(sorted(c["ref"])) for c in cases}
     assert {("ref_hidden", "ref_weight"), ("ref_corrupted_hidden", "ref_hidden", "ref_weight"), ("ref_seq_scores",),
             ("reference_free",), ("ref_token_logprobs",), ("ref_token_logprobs", "ref_visual_scores")} <= forms

@@ -4,10 +4,10 @@ Each seed draws N, D, V (small, odd), the logit scale, a bias, the corrupted bra
 or 0, a real token id), the share of ignored rows (none, some, all), which inputs require grad, `return_argmax`,
 on the torch backend the rows of its chunk loop (one, three, or its default: all of them here), on the triton
 backend the backward (split or atomic), the tiles (the interpreter's one vocabulary tile here, or 16 / 32 wide:
-several) and the split backward's vocabulary chunk (all of it, or two 16-wide tiles). A random linear
-combination of every differentiable output (log-probs, target logits, logsumexp, corrupted target logits) is
-differentiated; outputs and gradients must match the reference backend (materialized logits, torch autograd)
-in fp32 on the same values. A failure names its seed and what it drew.
+several), the split backward's vocabulary chunk (all of it, or two 16-wide tiles) and the loads (TMA or
+plain). A random linear combination of every differentiable output (log-probs, target logits, logsumexp,
+corrupted target logits) is differentiated; outputs and gradients must match the reference backend
+(materialized logits, torch autograd) in fp32 on the same values. A failure names its seed and what it drew.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def draw(seed: int, backend: str) -> dict:
         options["tiles"] = rng.choice([None, (16, 16, 16, 4, 1), (16, 32, 16, 4, 1, 2)])
         if rng.random() < 0.5:  # two 16-wide tiles per chunk of the split backward's (N, chunk) gradient buffer
             options["chunk_mb"] = n * 4 * 32 / 2**20
+        options["tma"] = rng.choice(["auto", "1"])  # TMA descriptor loads, as on a Hopper GPU, or plain ones
     return case
 
 
@@ -137,6 +138,7 @@ def test_the_draws_cover_every_option():
     assert {c["ignore"] for c in cases} == {-100, -1, 0}
     assert {c["argmax"] for c in cases} == {False, True}
     assert {c["options"].get("backward") for c in cases} == {None, "split", "atomic"}
+    assert {c["options"].get("tma") for c in cases} == {None, "auto", "1"}
     tiled = [c for c in cases if c["options"].get("tiles") and c["tensors"]["weight"].shape[0] > 32]
     assert len(tiled) >= 10 and any("chunk_mb" in c["options"] and c["options"]["backward"] == "split" for c in tiled)
     assert {c["chunk_rows"] for c in cases} == {None, 1, 3}
