@@ -12,6 +12,7 @@ Kernel behaviour (tiles, TMA, chunk budget, TF32, backward mode, gradient filter
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -294,7 +295,7 @@ def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: 
     r, d = x.shape
     if r == 0 or d == 0:
         return
-    ids, order = targets.sort()  # any sorting permutation does: equal ids form one run
+    ids, order = targets.sort(stable=True)  # equal ids form one run, summed in row order: deterministic
     first = torch.searchsorted(ids, ids)  # each sorted position's run: [first, stop)
     stop = torch.searchsorted(ids, ids, right=True)
     x = x.contiguous() if x.stride(1) != 1 else x
@@ -359,6 +360,9 @@ def backward(
                     gb.index_add_(0, targets, g_zc)
             return gh, gw, gb, ghc
         if fused:
+            refuse_nondeterministic(
+                f"the atomic backward (backward={opts.backward!r}, grad_filter_eps={eps})",
+                "use backward='split' (the default) with grad_filter_eps=0, which is deterministic")
             cfg = tile_config(n, v, d, hidden.dtype, atomic=True, options=opts)
             dummy = lse
             grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
@@ -392,7 +396,34 @@ def _indexed_tiles(n: int, d: int) -> tuple[int, int]:
     return 4, _p2(d, 16, 256)
 
 
+def refuse_nondeterministic(what: str, instead: str) -> None:
+    """PyTorch's rule for an operation with no deterministic implementation: under
+    `torch.use_deterministic_algorithms(True)` a RuntimeError naming it, with `warn_only=True` a warning."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"tpo_fast: {what} sums with atomic adds, whose order (and so whose fp32 rounding) changes from "
+               f"run to run, and torch.use_deterministic_algorithms(True) is set; {instead}")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 def _launch_indexed_bwd(hidden, second_hidden, weight, targets, g, g_second, gh, ghc, gw, gb, accum_h):
+    """The gathered logits' rank-1 backward: `gh (+)= g W[y]`, `ghc = g2 W[y]`, `gw[y] += g h (+ g2 h2)`, `gb[y] +=
+    g (+ g2)`. The kernel adds the rows of `gw` and `gb` with atomics (rows sharing a target); under
+    `torch.use_deterministic_algorithms(True)` they go through `index_add_` instead (fp32 `gw`, `gb`: deterministic
+    on CUDA in that mode)."""
+    if (gw is not None or gb is not None) and torch.are_deterministic_algorithms_enabled():
+        if gh is not None or ghc is not None:
+            _launch_indexed_bwd(hidden, second_hidden, weight, targets, g, g_second, gh, ghc, None, None, accum_h)
+        for x, coef in ((hidden, g), (second_hidden, g_second)):
+            if x is not None and coef is not None:
+                if gw is not None:
+                    gw.index_add_(0, targets, coef[:, None] * x.float())
+                if gb is not None:
+                    gb.index_add_(0, targets, coef)
+        return
     n, d = hidden.shape
     block_n, block_d = _indexed_tiles(n, d)
     dummy = g
