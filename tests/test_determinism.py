@@ -16,11 +16,13 @@ DEV = backend_device("triton")
 
 
 @pytest.fixture
-def deterministic():
-    """Deterministic algorithms on for the test (warn_only as the test asks), off afterwards whatever happens."""
+def deterministic(monkeypatch):
+    """Deterministic algorithms on for the test (warn_only as the test asks), off afterwards whatever happens. On
+    CUDA the mode also wants cuBLAS's deterministic workspace setting, or PyTorch refuses every GEMM."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
 
     def enable(warn_only: bool = False) -> None:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
     yield enable
