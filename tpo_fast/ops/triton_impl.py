@@ -360,7 +360,7 @@ def backward(
                     gb.index_add_(0, targets, g_zc)
             return gh, gw, gb, ghc
         if fused:
-            refuse_nondeterministic(
+            _refuse_nondeterministic(
                 f"the atomic backward (backward={opts.backward!r}, grad_filter_eps={eps})",
                 "use backward='split' (the default) with grad_filter_eps=0, which is deterministic")
             cfg = tile_config(n, v, d, hidden.dtype, atomic=True, options=opts)
@@ -396,7 +396,7 @@ def _indexed_tiles(n: int, d: int) -> tuple[int, int]:
     return 4, _p2(d, 16, 256)
 
 
-def refuse_nondeterministic(what: str, instead: str) -> None:
+def _refuse_nondeterministic(what: str, instead: str) -> None:
     """PyTorch's rule for an operation with no deterministic implementation: under
     `torch.use_deterministic_algorithms(True)` a RuntimeError naming it, with `warn_only=True` a warning."""
     if not torch.are_deterministic_algorithms_enabled():
