@@ -549,3 +549,19 @@ def test_lm_head_is_cast_to_the_dtype_of_the_hidden_states(setup, batch, objecti
         got, want = getattr(mixed.lm_head, name).grad, getattr(cast.lm_head, name).grad
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want.float(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    (dict(beta=0.0), ValueError, "beta must be a finite number > 0 (TPO and DPO use 0.1), got 0.0"),
+    (dict(weighting="tokens"), ValueError, "weighting must be one of ('tpo', 'none')"),
+    (dict(offset=-0.5), ValueError, "offset must be a finite number >= 0"),
+    (dict(loss_type="kto"), ValueError, "loss_type must be one of ('sigmoid', 'hinge', 'ipo'), got 'kto'"),
+    (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing only applies to loss_type='sigmoid'"),
+    (dict(backend="cuda"), ValueError, "backend must be one of ('auto', 'triton', 'torch', 'reference'), got 'cuda'"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int (default -100), got 1.5"),
+])
+def test_step_options_refuse_a_bad_option_when_built(options, error, message):
+    """A StepOptions with an option outside the loss's domain fails when it is made, with the loss layer's message,
+    not at the first step (TPOConfig checks the same domains)."""
+    with pytest.raises(error, match="^" + re.escape(message)):
+        StepOptions(**options)

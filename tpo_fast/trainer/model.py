@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from tpo_fast.loss import GRAD_MODES, dpo_loss, reference_sequence_scores, tpo_loss
+from tpo_fast.loss import GRAD_MODES, check_loss_options, dpo_loss, reference_sequence_scores, tpo_loss
+from tpo_fast.loss._checks import check_kernel_options
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
 from tpo_fast.trainer.activations import shared_lora_inputs
@@ -71,6 +72,9 @@ class StepOptions:
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
         check_povid_options(self.noise_weight)
+        # the loss layer's own domains, at construction rather than at the first step
+        check_loss_options(self.beta, self.weighting, self.offset, self.loss_type, self.label_smoothing)
+        check_kernel_options(self.grad_mode, self.backend, self.ignore_index)
 
     @property
     def corrupted_rows(self) -> str | None:
