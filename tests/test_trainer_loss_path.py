@@ -559,6 +559,7 @@ def test_lm_head_is_cast_to_the_dtype_of_the_hidden_states(setup, batch, objecti
     (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing only applies to loss_type='sigmoid'"),
     (dict(backend="cuda"), ValueError, "backend must be one of ('auto', 'triton', 'torch', 'reference'), got 'cuda'"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int (default -100), got 1.5"),
+    (dict(grad_mode="fast"), ValueError, "grad_mode must be one of ('auto', 'fused', 'recompute') ('auto': fused"),
 ])
 def test_step_options_refuse_a_bad_option_when_built(options, error, message):
     """A StepOptions with an option outside the loss's domain fails when it is made, with the loss layer's message,

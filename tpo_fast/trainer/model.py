@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tpo_fast.loss import GRAD_MODES, check_loss_options, dpo_loss, reference_sequence_scores, tpo_loss
+from tpo_fast.loss import check_loss_options, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss._checks import check_kernel_options
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
@@ -69,10 +69,8 @@ class StepOptions:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
-        if self.grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
         check_povid_options(self.noise_weight)
-        # the loss layer's own domains, at construction rather than at the first step
+        # the loss layer's own domains (grad_mode's too), at construction rather than at the first step
         check_loss_options(self.beta, self.weighting, self.offset, self.loss_type, self.label_smoothing)
         check_kernel_options(self.grad_mode, self.backend, self.ignore_index)
 
