@@ -65,7 +65,7 @@ def tile_config(
     tiles set explicitly hold there too (16-wide ones put a small test vocabulary in several tiles, as a
     GPU's 256-wide ones do V=32000). The atomic kernel's are fixed."""
     tiles = (options or current_options()).tiles
-    if interpreter_enabled() and not (tiles and not atomic):
+    if interpreter_enabled() and (atomic or not tiles):  # the interpreter's own, unless tiles were set
         return TileConfig(_p2(n, 16, 64), _p2(v, 16, 512), _p2(d, 16, 128), group_n=4)
     if atomic:
         base = _GPU_ATOMIC_TILES
