@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 
+from tpo_fast.ops._compile import eager_under_compile
 from tpo_fast.ops._validate import check_primitive_inputs, is_token_id_dtype, out_of_range, raise_out_of_range
 from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import FUSED_CHUNK_MB, current_options
@@ -475,6 +476,7 @@ def take_stored_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]
                 for g in grads]
 
 
+@eager_under_compile
 def fused_pair_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast import _ext
+from tpo_fast.ops._compile import eager_under_compile
 from tpo_fast.ops._validate import _desc, check_float, check_same_device, is_token_id_dtype
 from tpo_fast.ops.options import current_options, interpreter_enabled
 
@@ -412,6 +413,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+@eager_under_compile
 def logits_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops import torch_chunked
+from tpo_fast.ops._compile import eager_under_compile
 from tpo_fast.ops._validate import check_primitive_inputs, check_target_range, out_of_range, raise_out_of_range
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
@@ -215,6 +216,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         )
 
 
+@eager_under_compile
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -328,6 +330,7 @@ class _TargetLogitsFunction(torch.autograd.Function):
         )
 
 
+@eager_under_compile
 def target_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
