@@ -203,7 +203,7 @@ part_kernel_tests() {
         tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
         tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py \
-        tests/test_triton_edges.py tests/test_determinism.py
+        tests/test_triton_edges.py tests/test_determinism.py tests/test_compile.py
 }
 
 part_tests() {
