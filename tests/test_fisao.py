@@ -72,6 +72,25 @@ def test_pg_loss_matches_reference(backend, bias, case):
     assert 0 < out.metrics["pg/clip_frac"] < 1
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_per_sequence_advantages_reach_each_response_token(aggregation):
+    # (R,) advantages: the oracle gets the (R, T) grid with each row's value written out by hand.
+    h, w, b, y, old, ref, _ = make(True, seed=2)
+    seq_adv = torch.tensor([0.7, -1.3, 2.0])
+    grid = torch.tensor([[0.7] * T, [-1.3] * T, [2.0] * T])
+    out = token_pg_loss(w, h, y, b, advantages=seq_adv, old_logprobs=old, ref_logprobs=ref, aggregation=aggregation,
+                        backend="torch")
+    out.loss.backward()
+    h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, w, b))
+    want = pg_loss_reference(h2, y, w2, b2, old, ref, grid, kl_coef=0.05, aggregation=aggregation)
+    want.backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+    mask = y != -100
+    assert out.metrics["advantages/mean"].item() == pytest.approx((grid[mask]).mean().item(), abs=1e-6)
+
+
 def test_on_policy_is_plain_policy_gradient():
     # old_logprobs=None: ratio 1, nothing clipped, gradient = -sum(A dlogp) / tokens.
     h, w, b, y, _, _, adv = make(False, seed=1)

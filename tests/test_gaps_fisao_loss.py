@@ -135,7 +135,11 @@ ERRORS = [
     ("hidden-1d", _call(hidden=torch.zeros(6)),
      "hidden must be (2, 3, D) or (6, D) to match targets, got float32 of shape (6,)"),
     ("advantages-shape", _call(advantages=torch.zeros(3, 2)),
-     "advantages must have the (R, T) = (2, 3) shape of targets, got float32 of shape (3, 2)"),
+     "advantages must have the (R, T) = (2, 3) shape of targets (or (R,) = (2,), one per sequence), got float32 of "
+     "shape (3, 2)"),
+    ("advantages-rows", _call(advantages=torch.zeros(3)),
+     "advantages must have the (R, T) = (2, 3) shape of targets (or (R,) = (2,), one per sequence), got float32 of "
+     "shape (3,)"),
     ("old-shape", _call(old_logprobs=torch.zeros(2, 4)),
      "old_logprobs must have the (R, T) = (2, 3) shape of targets, got float32 of shape (2, 4)"),
     ("ref-shape", _call(ref_logprobs=torch.zeros(6, dtype=torch.float64)),

@@ -124,7 +124,8 @@ def token_pg_loss(
         weight: (V, D) lm_head weight; bias: optional (V,).
         hidden: (R, T, D) or (R*T, D) policy hidden states at the positions predicting `targets`.
         targets: (R, T) the sampled response tokens (shifted), `ignore_index` elsewhere.
-        advantages: (R, T) per-token advantages (see `token_advantages`), no gradient.
+        advantages: (R, T) per-token advantages (see `token_advantages`), or (R,) one per sequence, given to
+            each of its response tokens; no gradient.
         old_logprobs: (R, T) log-probs of the rollout policy; None = on-policy (the current
             log-probs, detached: ratio 1, the plain policy gradient).
         ref_logprobs: (R, T) reference log-probs; required when `kl_coef > 0`.
@@ -154,9 +155,14 @@ def token_pg_loss(
     else:
         raise ValueError(f"hidden must be ({n_seq}, {n_tok}, D) or ({n_seq * n_tok}, D) to match targets, "
                          f"got {_shape(hidden)}")
+    if advantages.shape == (n_seq,):  # one advantage per sequence (as GRPO's), on each of its response tokens
+        advantages = advantages[:, None].expand(n_seq, n_tok)
     for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None and t.shape != targets.shape:
-            raise ValueError(f"{name} must have the (R, T) = {tuple(targets.shape)} shape of targets, got {_shape(t)}")
+            also = f" (or (R,) = ({n_seq},), one per sequence)" if name == "advantages" else ""
+            raise ValueError(
+                f"{name} must have the (R, T) = {tuple(targets.shape)} shape of targets{also}, got {_shape(t)}"
+            )
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs (R, T) from the reference model; or set kl_coef=0")
 
