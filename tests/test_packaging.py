@@ -45,6 +45,31 @@ def _tree_modules() -> set[str]:
     return out
 
 
+def test_the_transformers_floor_is_the_tested_one_in_all_three_places():
+    """pyproject's floor, the trainer's runtime check and the compatibility job's default version are one version."""
+    from tpo_fast.trainer._versions import MIN_TRANSFORMERS
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"transformers>={MIN_TRANSFORMERS.removesuffix('.0')}" in deps, deps
+    script = (ROOT / "scripts" / "test_transformers_compat.sh").read_text()
+    assert f'version="${{1:-{MIN_TRANSFORMERS}}}"' in script
+
+
+@pytest.mark.parametrize("found, ok", [
+    ("4.57.1", False), ("5.16.9", False), ("5.17.0.dev0", True), ("5.17", True), ("5.17.0", True), ("5.25.0", True),
+    ("6.0.0rc1", True),
+])
+def test_the_trainer_refuses_an_older_transformers_saying_what_to_install(found, ok):
+    from tpo_fast.trainer._versions import require_transformers
+
+    if ok:
+        require_transformers(found)
+    else:
+        with pytest.raises(ImportError, match=rf"^tpo_fast's trainer needs transformers >= 5\.17\.0 \(.*\), found "
+                                              rf"{found}; run: pip install -U 'transformers>=5\.17\.0'"):
+            require_transformers(found)
+
+
 def test_pyproject_lists_every_package_of_the_tree():
     st = _setuptools()
     assert sorted(st["packages"]) == sorted(_tree_packages())

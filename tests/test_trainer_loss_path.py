@@ -474,6 +474,54 @@ def test_llava_found_inside_wrappers_and_other_models_refused(setup):
         model_module.unwrap_llava(torch.nn.Linear(2, 2))
 
 
+def test_models_whose_images_need_more_than_pixel_values_are_refused_by_name():
+    """LLaVA-NeXT's `get_image_features` needs `image_sizes` (tiled images) and Qwen2-VL's takes `image_grid_thw`:
+    the step passes pixel values alone, so both are refused up front, by name, pointing to the loss API."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=7, projection_dim=16)
+    text = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    tiled = LlavaNextForConditionalGeneration(
+        LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=4, image_grid_pinpoints=[[28, 28]]))
+    refused = (r"^LlavaNextForConditionalGeneration is not a model the trainer can step: `get_image_features` "
+               r"needs image_sizes \(tiled images .*tpo_fast\.loss\.tpo_loss")
+    with pytest.raises(TypeError, match=refused):
+        model_module.unwrap_llava(tiled)
+
+    class GridVision(torch.nn.Module):
+        def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+            raise AssertionError("never called")
+
+    class GridModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = GridVision(), torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"^GridModel is not a model .*: its images carry image_grid_thw "
+                                        r"\(Qwen2-VL-style models"):
+        model_module.unwrap_llava(GridModel())
+
+    class Optional(GridVision):  # options with defaults, and **kwargs, are what LLaVA-1.5's own method has
+        def get_image_features(self, pixel_values, vision_feature_layer=None, image_sizes=None, **kwargs):
+            raise AssertionError("never called")
+
+    plain = GridModel()
+    plain.model = Optional()
+    assert model_module.unwrap_llava(plain) is plain
+
+
+def test_a_step_under_an_older_transformers_stops_at_the_model_saying_what_to_install(setup, monkeypatch):
+    import transformers
+
+    _, proc = setup
+    llava = _model(proc, bias=False)
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.17\.0 .* found 4\.57\.1"):
+        model_module.unwrap_llava(llava)
+
+
 def test_image_token_mask_from_the_config_where_the_model_has_no_helper():
     """Transformers versions whose LLaVA model has no `get_placeholder_mask`: the placeholders are the config's
     image token (`image_token_id`, or the older `image_token_index`), checked against the number of features."""

@@ -7,9 +7,14 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
 
-from tpo_fast.trainer.collator import DEFAULT_PROMPT_TEMPLATE
+from tpo_fast.trainer._versions import require_transformers
+
+require_transformers()  # before transformers' own imports: a clear message, not a missing name
+
+from transformers import TrainingArguments  # noqa: E402
+
+from tpo_fast.trainer.collator import DEFAULT_PROMPT_TEMPLATE  # noqa: E402
 
 logger = logging.getLogger("tpo_fast")
 

@@ -32,6 +32,7 @@ from tpo_fast.loss import check_loss_options, dpo_loss, reference_sequence_score
 from tpo_fast.loss._checks import check_kernel_options
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
+from tpo_fast.trainer._versions import require_transformers
 from tpo_fast.trainer.activations import shared_lora_inputs
 from tpo_fast.trainer.adapters import adapters_disabled
 from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
@@ -97,11 +98,41 @@ def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
         else:
             break
     if hasattr(model, "lm_head") and hasattr(getattr(model, "model", None), "get_image_features"):
+        require_transformers()
+        _check_image_inputs(type(model).__name__, model.model.get_image_features)
         return model
     raise TypeError(
         f"expected a LLaVA-style model (a `.model` with `get_image_features` and an `.lm_head`), "
         f"got {type(model).__name__}"
     )
+
+
+# What the step hands the vision side: pixel values alone, a fixed number of image tokens per image.
+_LAYOUT_INPUTS = {"image_grid_thw": "Qwen2-VL-style models (image grids, multimodal rotary positions)"}
+
+
+def _check_image_inputs(name: str, get_image_features) -> None:
+    """Refuse, by name, a model whose `get_image_features` needs more than `pixel_values`: tiled images of variable
+    size (LLaVA-NeXT, LLaVA-OneVision, Mistral3: `image_sizes`) or Qwen2-VL's grids, which the step does not pass,
+    so the model would fail deep inside its forward or attend its images wrongly."""
+    try:
+        params = inspect.signature(get_image_features).parameters
+    except (TypeError, ValueError):  # a builtin or a wrapper without a signature: nothing to read
+        return
+    free = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    needed = [p for p, v in params.items()
+              if p not in ("self", "pixel_values") and v.kind not in free and v.default is inspect.Parameter.empty]
+    layout = [p for p in params if p in _LAYOUT_INPUTS]
+    if needed or layout:
+        why = (f"`get_image_features` needs {', '.join(needed)} (tiled images of variable size, as LLaVA-NeXT, "
+               f"LLaVA-OneVision and Mistral3 use)" if needed else
+               f"its images carry {', '.join(layout)} ({_LAYOUT_INPUTS[layout[0]]})")
+        raise TypeError(
+            f"{name} is not a model the trainer can step: {why}, which the trainer does not pass. It trains "
+            f"LLaVA-1.5-style models (`LlavaForConditionalGeneration`: pixel values alone, a fixed number of image "
+            f"tokens per image). For this model, compute the final hidden states with its own forward and call "
+            f"tpo_fast.loss.tpo_loss (or dpo_loss, povid_loss) on them and its lm_head weight"
+        )
 
 
 def encode_images(llava: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
