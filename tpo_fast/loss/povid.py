@@ -50,7 +50,7 @@ from tpo_fast.loss._checks import (
     real_scalar,
     rows,
 )
-from tpo_fast.loss.pairs import pair_losses, preference_loss_from_sequence_scores
+from tpo_fast.loss.pairs import pair_losses, reward_metrics
 from tpo_fast.ops import target_logits, token_stats
 from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
 
@@ -255,17 +255,16 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
     return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)
 
 
-def _metrics(scores, ref_scores, argmax, targets, n_pairs, dpo_checked: dict, ignore_index) -> dict:
+def _metrics(scores, ref_scores, argmax, targets, n_pairs, beta: float, ignore_index) -> dict:
+    """The rewards of both pairs (the hallucinated one's as "rewards/*", the noisy one's as "rewards_noisy/*"; no
+    reference: zeros), the three sequences' mean log-probs and the argmax match, from the loss's own scores."""
     s_w, s_l, s_n = scores.detach().split(n_pairs)
-    ref_noisy = ref_halluc = None
-    if ref_scores is not None:
-        r_w, r_l, r_n = ref_scores.split(n_pairs)
-        ref_noisy, ref_halluc = torch.cat([r_w, r_n]), torch.cat([r_w, r_l])
-    noisy = preference_loss_from_sequence_scores(torch.cat([s_w, s_n]), ref_noisy, **dpo_checked)
-    halluc = preference_loss_from_sequence_scores(torch.cat([s_w, s_l]), ref_halluc, **dpo_checked)
-    metrics = dict(halluc.metrics)
-    metrics.update({k.replace("rewards/", "rewards_noisy/"): v for k, v in noisy.metrics.items()})
-    metrics["logps/chosen"], metrics["logps/rejected"], metrics["logps/noisy"] = s_w.mean(), s_l.mean(), s_n.mean()
+    r_w, r_l, r_n = (torch.zeros_like(s_w),) * 3 if ref_scores is None else ref_scores.float().split(n_pairs)
+    metrics = reward_metrics(torch.cat([s_w, s_l]), torch.cat([r_w, r_l]), beta)
+    noisy = reward_metrics(torch.cat([s_w, s_n]), torch.cat([r_w, r_n]), beta)
+    metrics.update({k.replace("rewards/", "rewards_noisy/"): v for k, v in noisy.items()})
+    logps = scores.detach().float().view(3, n_pairs).mean(1)
+    metrics["logps/chosen"], metrics["logps/rejected"], metrics["logps/noisy"] = logps.unbind()
     chosen_targets = targets[:n_pairs]
     valid = chosen_targets != ignore_index
     match = (argmax == chosen_targets) & valid
@@ -343,6 +342,5 @@ def povid_loss(
         r = (None,) * 3 if ref_scores is None else ref_scores.split(n_pairs)
         loss = _objective(*scores.split(n_pairs), *r, w, dpo).mean()
     with torch.no_grad():
-        metrics = _metrics(scores, ref_scores, argmax, targets, n_pairs, dict(**dpo, reference_free=reference_free),
-                           ignore_index)
+        metrics = _metrics(scores, ref_scores, argmax, targets, n_pairs, dpo["beta"], ignore_index)
     return LossOutput(loss, metrics)

@@ -47,6 +47,7 @@ from tpo_fast.loss.pairs import (
     mean_visual_score,
     pair_losses,
     preference_loss_from_sequence_scores,
+    reward_metrics,
     sequence_scores,
 )
 from tpo_fast.ops import token_stats
@@ -169,13 +170,14 @@ def _token_metrics(metrics: dict, logprobs: torch.Tensor, visual_scores: torch.T
     """`metrics` plus the policy's "logps/*" and (with visual scores) "visual_score/*" entries."""
     n_pairs = logprobs.shape[0] // 2
     with torch.no_grad():
-        logps = sequence_scores(logprobs.detach(), None, m, "none", average_log_prob=average_log_prob)
-        metrics["logps/chosen"] = logps[:n_pairs].mean()
-        metrics["logps/rejected"] = logps[n_pairs:].mean()
+        rows = [sequence_scores(logprobs.detach(), None, m, "none", average_log_prob=average_log_prob)]
+        names = ["logps/chosen", "logps/rejected"]
         if visual_scores is not None:
-            vis = mean_visual_score(visual_scores, m)
-            metrics["visual_score/chosen"] = vis[:n_pairs].mean()
-            metrics["visual_score/rejected"] = vis[n_pairs:].mean()
+            rows.append(mean_visual_score(visual_scores, m))
+            names += ["visual_score/chosen", "visual_score/rejected"]
+        # the chosen and rejected halves of each row, averaged together (one mean, not one per entry)
+        means = torch.stack(rows).view(2 * len(rows), n_pairs).mean(1)
+    metrics.update(zip(names, means.unbind(), strict=True))
     return metrics
 
 
@@ -283,14 +285,11 @@ def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, corrupted_hidden=hc,
                           ignore_index=o.ignore_index, backend=o.backend, reference=branch)
-    # the metrics from the scores the chunks computed (none recomputed from the grids)
+    # the metrics from the scores the chunks computed (none recomputed from the grids; reference-free: zeros)
     policy_scores, chunk_ref = (_batch_order(parts, k) for k in (2, 3))
-    pref = preference_loss_from_sequence_scores(
-        policy_scores, None if o.reference_free else chunk_ref, beta=o.beta, loss_type=o.loss_type,
-        label_smoothing=o.label_smoothing, reference_free=o.reference_free,
-    )
     s_full = None if out.corrupted_target_logits is None else out.target_logits - out.corrupted_target_logits
-    metrics = _token_metrics(pref.metrics, out.logprobs, s_full, targets != o.ignore_index, o.average_log_prob)
+    metrics = _token_metrics(reward_metrics(policy_scores, chunk_ref, o.beta), out.logprobs, s_full,
+                             targets != o.ignore_index, o.average_log_prob)
     return LossOutput(out.loss, metrics)
 
 
