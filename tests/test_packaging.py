@@ -98,6 +98,8 @@ def test_the_wheel_holds_every_module_under_tpo_fast_and_no_top_level_kernels(wh
     modules = {n for n in names if n.endswith(".py")}
     assert modules == _tree_modules()
     assert not any(n.startswith("kernels/") for n in names)  # the PyPI package `kernels` keeps its name
+    assert "tpo_fast/py.typed" in names  # PEP 561: mypy and pyright use the package's annotations (setuptools >= 69
+    # ships a package's py.typed by itself)
     (entry,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "tpo-fast = tpo_fast.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
