@@ -539,6 +539,11 @@ def _call_with_model_reference(loss, ref):
     def call(bb, **kw):
         if loss == "tpo":
             return tpo_loss(bb["weight"], bb["hidden"], bb["corrupted_hidden"], bb["targets"], bb["bias"], **ref, **kw)
+        if loss == "povid":  # corrupted rows: the chosen sequences only
+            n = bb["targets"].shape[0] // 2
+            povid_ref = {**ref, "ref_corrupted_hidden": ref["ref_corrupted_hidden"][:n]}
+            return povid_loss(bb["weight"], bb["hidden"], bb["corrupted_hidden"][:n], bb["targets"], bb["bias"],
+                              **povid_ref, **kw)
         dpo_ref = {k: v for k, v in ref.items() if k != "ref_corrupted_hidden"}
         return dpo_loss(bb["weight"], bb["hidden"], bb["targets"], bb["bias"], **dpo_ref, **kw)
 
@@ -615,20 +620,36 @@ class _ReadBacks(_SyncProneOps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", ["tpo", "dpo"])
-def test_a_loss_with_a_model_reference_reads_the_device_back_once(backend, loss):
+@pytest.mark.parametrize("loss, grad_mode", [("tpo", "fused"), ("dpo", "fused"), ("povid", "fused"),
+                                             ("povid", "recompute")])
+def test_a_loss_with_a_model_reference_reads_the_device_back_once(backend, loss, grad_mode):
     """On CUDA a read-back waits for the GPU to drain; the launches after it no longer overlap the GPU's
     work. A fused loss with a model reference reads back once, before any vocabulary kernel: the plan's
     rows per sequence, with the count of out-of-range targets in the same read (the second H200 profile:
-    4 per call, one of them waiting for the reference's whole sweep). Its backward reads back never."""
+    4 per call, one of them waiting for the reference's whole sweep). Its backward reads back never.
+    POVID too (it read back five times: its argmax sweep, the pass's plan, the reference's three primitive
+    calls), its recomputing path as well; the numbers are checked against autograd elsewhere, and here against
+    the per-call read-backs' own."""
     b = batch(device=backend_device(backend), seed=6)
     call = _call_with_model_reference(loss, _reference_model(b))
     with _ReadBacks() as forward:
-        out = call(b, backend=backend, grad_mode="fused")
+        out = call(b, backend=backend, grad_mode=grad_mode)
     with _ReadBacks() as backward:
         out.loss.backward()
     assert forward.seen == ["tolist"]
     assert backward.seen == []
+    if loss == "povid":  # the same loss as with each primitive call's own read-back
+        from tpo_fast.loss import povid as povid_module
+
+        own = povid_module._read_rows
+        try:
+            povid_module._read_rows = lambda *args: None  # every call reads back for itself, as before
+            want = call(b, backend=backend, grad_mode="recompute")
+        finally:
+            povid_module._read_rows = own
+        assert_same(out.loss, want.loss, 2e-5, "povid loss")
+        for k in ("rewards/chosen", "rewards_noisy/margins", "noisy/argmax_match"):
+            assert_same(out.metrics[k], want.metrics[k], 2e-5, k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -647,6 +668,67 @@ def test_token_stats_reads_the_device_back_once(backend):
                                 b["corrupted_hidden"].flatten(0, 1), backend="reference")
     for got, exp in zip(stats[:4], want[:4], strict=True):
         assert_same(got, exp, 2e-5, "token_stats")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_primitives_given_their_rows_read_nothing_back(backend):
+    """`valid_rows` (the caller's one read-back, shared by several calls): token_stats and target_logits read
+    nothing back and give what they give with their own read-back; a bad `valid_rows` is refused by name."""
+    import tpo_fast
+    from tpo_fast.ops.token_logprobs import valid_row_index
+
+    b = batch(device=backend_device(backend), seed=7)
+    h, w, flat = b["hidden"].flatten(0, 1), b["weight"], b["targets"].flatten()
+    valid = flat != -100
+    rows = valid_row_index(valid, int(valid.sum()))
+    with _ReadBacks() as mode:
+        got = tpo_fast.token_stats(h, w, flat, b["bias"], b["corrupted_hidden"].flatten(0, 1), return_argmax=True,
+                                   backend=backend, valid_rows=rows)
+        got_z = tpo_fast.target_logits(h, w, flat, b["bias"], backend=backend, valid_rows=rows)
+    assert mode.seen == []
+    want = tpo_fast.token_stats(h, w, flat, b["bias"], b["corrupted_hidden"].flatten(0, 1), return_argmax=True,
+                                backend=backend)
+    for name, g, e in zip(("logprobs", "z", "lse", "zc", "argmax"), got, want, strict=True):
+        assert torch.equal(g, e), name  # the same kernels on the same rows
+    assert torch.equal(got_z, tpo_fast.target_logits(h, w, flat, b["bias"], backend=backend))
+    for bad, err, match in ((rows.int(), TypeError, "valid_rows must be a 1-D int64 tensor of row indices, got "
+                             "torch.int32"), (rows[None], TypeError, "valid_rows must be a 1-D"),
+                            (torch.arange(h.shape[0] + 1, device=h.device), ValueError,
+                             rf"valid_rows holds {h.shape[0] + 1} indices for {h.shape[0]} rows")):
+        with pytest.raises(err, match=match):
+            tpo_fast.token_stats(h, w, flat, backend=backend, valid_rows=bad)
+        with pytest.raises(err, match=match):
+            tpo_fast.target_logits(h, w, flat, backend=backend, valid_rows=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fused_pass_given_its_rows_per_sequence_reads_nothing_back(backend):
+    """`rows_per_sequence` (the caller's read-back, POVID's): the pass plans from it, reads nothing back, and gives
+    the loss and gradients of the pass that reads its own; counts that cannot be the sequences' are refused."""
+    b = batch(device=backend_device(backend), seed=4)
+    h, w = b["hidden"].flatten(0, 1), b["weight"]
+    per_seq = (b["targets"] != -100).sum(1).tolist()
+
+    def run_pass(**kw):
+        leaf_h, leaf_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        with kernel_options(chunk_mb=9 * MB_PER_ROW), _ReadBacks() as mode:  # several chunks
+            out = fused_pair_loss(leaf_h, leaf_w, b["targets"], lambda c: (c.logprobs * c.target_logits).sum(),
+                                  backend=backend, **kw)
+        out.loss.backward()
+        return out.loss, leaf_h.grad, leaf_w.grad, mode.seen
+
+    *got, seen = run_pass(rows_per_sequence=per_seq)
+    *want, seen_own = run_pass()
+    assert seen == [] and seen_own == ["tolist"]
+    for g, e in zip(got, want, strict=True):
+        assert torch.equal(g, e)
+    t = b["targets"].shape[1]
+    for bad in (per_seq[:-1], per_seq[:-1] + [t + 1], per_seq[:-1] + [-1]):
+        with pytest.raises(ValueError, match=rf"rows_per_sequence must hold {len(per_seq)} counts in \[0, {t}\]"):
+            fused_pair_loss(h, w, b["targets"], lambda c: c.logprobs.sum(), backend=backend, rows_per_sequence=bad)
+    with pytest.raises(TypeError):  # a count that is not an int
+        fused_pair_loss(h, w, b["targets"], lambda c: c.logprobs.sum(), backend=backend,
+                        rows_per_sequence=per_seq[:-1] + [2.5])
 
 
 @pytest.mark.parametrize("where", ["targets", "reference"])
@@ -683,7 +765,7 @@ def test_model_reference_when_every_response_is_ignored(backend, loss):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
-@pytest.mark.parametrize("loss", ["tpo", "dpo"])
+@pytest.mark.parametrize("loss", ["tpo", "dpo", "povid"])
 def test_a_loss_with_a_model_reference_synchronizes_once_on_cuda(loss):
     """The GPU counterpart of test_a_loss_with_a_model_reference_reads_the_device_back_once, which a dispatch mode
     cannot fully see: under `torch.cuda.set_sync_debug_mode("warn")` every synchronizing CUDA call warns, and a

@@ -36,6 +36,7 @@ is that same step for one batch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -51,8 +52,11 @@ from tpo_fast.loss._checks import (
     rows,
 )
 from tpo_fast.loss.pairs import pair_losses, reward_metrics
-from tpo_fast.ops import target_logits, token_stats
+from tpo_fast.ops import resolve_backend, target_logits, token_stats
+from tpo_fast.ops._compile import eager_under_compile
+from tpo_fast.ops._validate import check_primitive_inputs, out_of_range, raise_out_of_range
 from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
+from tpo_fast.ops.token_logprobs import valid_row_index
 
 
 def _check_targets(targets: object) -> tuple[int, int]:
@@ -82,13 +86,49 @@ def no_noisy_token(ignore_index: int) -> int:
     return ignore_index if ignore_index < 0 else -1
 
 
-def noisy_argmax(weight, corrupted_hidden, chosen_targets, bias, ignore_index: int, backend: str) -> torch.Tensor:
+class _Rows(NamedTuple):
+    """The target-carrying rows of a POVID batch from one read-back (which also checks the targets' range), shared
+    by every primitive call of the loss, so that none reads the device back again."""
+
+    per_sequence: tuple[int, ...]  # (2B,) counts: the fused pass's plan
+    all: torch.Tensor  # ascending flat indices into the (2B*T) rows
+    chosen: torch.Tensor  # those among the B chosen sequences' rows (a prefix of `all`)
+
+
+def _target_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> _Rows:
+    n_pairs = targets.shape[0] // 2
+    valid = targets != ignore_index
+    flat = targets.reshape(-1)
+    bad = out_of_range(flat, valid.reshape(-1), vocab_size)
+    read = torch.cat([valid.sum(1), bad.sum().view(1)]).tolist()  # the one host sync of the loss
+    if read[-1]:
+        raise_out_of_range(flat, bad, vocab_size, ignore_index, "targets")
+    per_seq = tuple(read[:-1])
+    rows = valid_row_index(valid, sum(per_seq))
+    return _Rows(per_seq, rows, rows[: sum(per_seq[:n_pairs])])
+
+
+def _read_rows(weight, h, targets, bias, ignore_index: int, backend: str) -> _Rows | None:
+    """The batch's `_Rows` (None on the reference backend, which compacts nothing), after the input checks the
+    first primitive call would make, so that a bad input gets its own error before the read-back touches it."""
+    check_tensors(weight=weight, bias=bias)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor (the (V, D) lm_head weight), got None")
+    check_primitive_inputs(h, weight, targets.reshape(-1), bias)
+    if resolve_backend(backend, h.device) == "reference":
+        return None
+    return _target_rows(targets.long(), weight.shape[0], ignore_index)
+
+
+def noisy_argmax(weight, corrupted_hidden, chosen_targets, bias, ignore_index: int, backend: str,
+                 valid_rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) argmax of the corrupted-image logits of the chosen rows (`no_noisy_token(ignore_index)`
-    where the chosen token is ignored), from one no-grad vocabulary sweep: POVID's noisy sequence."""
+    where the chosen token is ignored), from one no-grad vocabulary sweep: POVID's noisy sequence.
+    `valid_rows`: the chosen rows that carry a target, when the caller has read them back (`token_stats`)."""
     with torch.no_grad():
         argmax = token_stats(
             corrupted_hidden.detach(), weight.detach(), chosen_targets, bias=None if bias is None else bias.detach(),
-            ignore_index=ignore_index, return_argmax=True, backend=backend,
+            ignore_index=ignore_index, return_argmax=True, backend=backend, valid_rows=valid_rows,
         ).argmax
     none = no_noisy_token(ignore_index)
     return torch.where(chosen_targets != ignore_index, argmax, torch.full_like(argmax, none))
@@ -103,6 +143,7 @@ def check_povid_options(noise_weight: float) -> None:
         )
 
 
+@eager_under_compile  # one read-back shared by its primitive calls: not for Dynamo to trace
 def povid_sequence_scores(
     weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -131,18 +172,30 @@ def povid_sequence_scores(
     """
     n_pairs, n_tok = _check_targets(targets)
     h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    return _sequence_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
+
+
+def _sequence_scores(weight, h, hc, targets, bias, rows: _Rows | None, average_log_prob: bool, ignore_index: int,
+                     backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`povid_sequence_scores` on flattened rows; `rows` (None: read back here) spares its three primitive calls
+    their own read-backs."""
+    n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
     flat = targets.reshape(-1).long()
+    if rows is None:
+        rows = _read_rows(weight, h, targets, bias, ignore_index, backend)
     n_chosen = n_pairs * n_tok
     chosen_flat = flat[:n_chosen]
     valid = (targets != ignore_index)
+    all_rows, chosen_rows = (None, None) if rows is None else (rows.all, rows.chosen)
 
     # Clean branch, chosen and hallucinated rows: logp and the differentiable lse in one sweep.
-    stats = token_stats(h, weight, flat, bias=bias, ignore_index=ignore_index, backend=backend)
+    stats = token_stats(h, weight, flat, bias=bias, ignore_index=ignore_index, backend=backend, valid_rows=all_rows)
     chosen_valid = chosen_flat != ignore_index
-    noisy_targets = noisy_argmax(weight, hc, chosen_flat, bias, ignore_index, backend)
-    # Second gather from the same lse: logp(a_t) = z_t[a_t] - lse_t under the clean image.
+    noisy_targets = noisy_argmax(weight, hc, chosen_flat, bias, ignore_index, backend, chosen_rows)
+    # Second gather from the same lse: logp(a_t) = z_t[a_t] - lse_t under the clean image. Its targets carry a
+    # token exactly where the chosen ones do (an argmax is always in range).
     z_noisy = target_logits(h[:n_chosen], weight, noisy_targets, bias=bias, ignore_index=no_noisy_token(ignore_index),
-                            backend=backend)
+                            backend=backend, valid_rows=chosen_rows)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp_noisy = torch.where(chosen_valid, z_noisy - stats.lse[:n_chosen], zero)
 
@@ -157,6 +210,7 @@ def povid_sequence_scores(
     return scores, extras
 
 
+@eager_under_compile  # one read-back shared by its primitive calls: not for Dynamo to trace
 def povid_reference_scores(
     weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -173,19 +227,20 @@ def povid_reference_scores(
     Same inputs as `povid_sequence_scores`. Caching these is exact only when the corrupted image is
     seeded per example (the official draws fresh noise at every load).
     """
+    n_pairs, n_tok = _check_targets(targets)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    return _reference_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
+
+
+def _reference_scores(weight, h, hc, targets, bias, rows, average_log_prob, ignore_index, backend) -> torch.Tensor:
     with torch.no_grad():
-        scores, _ = povid_sequence_scores(
-            weight, hidden, corrupted_hidden, targets, bias,
-            average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend,
-        )
-    return scores
+        return _sequence_scores(weight, h, hc, targets, bias, rows, average_log_prob, ignore_index, backend)[0]
 
 
 
 
-def _povid_reference(weight, bias, targets, ref: dict, reference_free: bool, opts: dict) -> torch.Tensor | None:
-    """The (3B,) reference scores from `ref_hidden` + `ref_corrupted_hidden` or `ref_seq_scores`."""
-    n_pairs = targets.shape[0] // 2
+def _check_reference_form(ref: dict, reference_free: bool) -> None:
+    """Exactly one reference form (or none with `reference_free`), before any device work."""
     given = [n for n in ("ref_hidden", "ref_seq_scores") if ref[n] is not None]
     if ref["ref_corrupted_hidden"] is not None and ref["ref_hidden"] is None:
         raise ValueError("ref_corrupted_hidden was given without ref_hidden; pass both")
@@ -202,6 +257,12 @@ def _povid_reference(weight, bias, targets, ref: dict, reference_free: bool, opt
             "argmax), or ref_seq_scores (3B,) from povid_reference_scores, or set reference_free=True; "
             f"got {given or 'none'}"
         )
+
+
+def _povid_reference(weight, bias, targets, ref: dict, opts: dict, rows: _Rows | None) -> torch.Tensor | None:
+    """The (3B,) reference scores from `ref_hidden` + `ref_corrupted_hidden` (on the policy's `rows`) or
+    `ref_seq_scores`, of a form `_check_reference_form` accepted."""
+    n_pairs = targets.shape[0] // 2
     if ref["ref_seq_scores"] is not None:
         return as_scores("ref_seq_scores", ref["ref_seq_scores"], 3 * n_pairs, targets.device, label="3B")
     if ref["ref_hidden"] is None:
@@ -212,7 +273,12 @@ def _povid_reference(weight, bias, targets, ref: dict, reference_free: bool, opt
     ref_b = bias if ref["ref_bias"] is None else ref["ref_bias"]
     if ref_w.shape != weight.shape:
         raise ValueError(f"ref_weight must have the (V, D) shape of weight {tuple(weight.shape)}, got {_shape(ref_w)}")
-    return povid_reference_scores(ref_w, ref["ref_hidden"], ref["ref_corrupted_hidden"], targets, ref_b, **opts)
+    n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
+    ref_h, ref_hc = _povid_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"], n_pairs, n_tok)
+    if rows is not None:  # the policy's read-back counted the same targets; the reference's inputs checked here
+        check_tensors(ref_weight=ref_w, ref_bias=ref_b)
+        check_primitive_inputs(ref_h, ref_w, targets.reshape(-1), ref_b)
+    return _reference_scores(ref_w, ref_h, ref_hc, targets, ref_b, rows, **opts)
 
 
 def _objective(s_w, s_l, s_n, r_w, r_l, r_n, noise_weight: float, dpo: dict) -> torch.Tensor:
@@ -224,12 +290,13 @@ def _objective(s_w, s_l, s_n, r_w, r_l, r_n, noise_weight: float, dpo: dict) -> 
     return noise_weight * noisy + (1 - noise_weight) * halluc
 
 
-def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, average_log_prob, ignore_index,
-                  backend):
-    """(loss, detached (3B,) scores, (B, T) argmax) from one fused pass over the clean rows."""
+def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, rows: _Rows, average_log_prob,
+                  ignore_index, backend):
+    """(loss, detached (3B,) scores, (B, T) argmax) from one fused pass over the clean rows; `rows` spares the
+    argmax sweep and the pass their read-backs."""
     n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
     flat = targets.reshape(-1).long()
-    noisy = noisy_argmax(weight, hc, flat[: n_pairs * n_tok], bias, ignore_index, backend)
+    noisy = noisy_argmax(weight, hc, flat[: n_pairs * n_tok], bias, ignore_index, backend, rows.chosen)
     none = no_noisy_token(ignore_index)
     second = torch.cat([noisy, torch.full_like(noisy, none)]).view(targets.shape)
     counts = (targets != ignore_index).sum(-1).clamp(min=1).float()
@@ -249,7 +316,8 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, a
         return _objective(s[:p], s[p:], s_n, *ref, noise_weight, dpo).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, second_targets=second,
-                          ignore_index=ignore_index, backend=backend, second_ignore_index=none)
+                          ignore_index=ignore_index, backend=backend, second_ignore_index=none,
+                          rows_per_sequence=rows.per_sequence)
     s, s_n = scores_of(out.logprobs, out.second_logprobs, None)
     valid = targets[:n_pairs] != ignore_index
     return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)
@@ -272,6 +340,7 @@ def _metrics(scores, ref_scores, argmax, targets, n_pairs, beta: float, ignore_i
     return metrics
 
 
+@eager_under_compile  # one read-back shared by its primitive calls: not for Dynamo to trace
 def povid_loss(
     weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -330,14 +399,17 @@ def povid_loss(
     opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
     ref = dict(ref_hidden=ref_hidden, ref_corrupted_hidden=ref_corrupted_hidden, ref_weight=ref_weight,
                ref_bias=ref_bias, ref_seq_scores=ref_seq_scores)
-    ref_scores = _povid_reference(weight, bias, targets, ref, reference_free, opts)
+    _check_reference_form(ref, reference_free)
+    # the loss's one read-back: every primitive call below (policy and model reference) takes these rows
+    rows = _read_rows(weight, h, targets, bias, ignore_index, backend)
+    ref_scores = _povid_reference(weight, bias, targets, ref, opts, rows)
     w = real_scalar("noise_weight", noise_weight)
     dpo = dict(beta=real_scalar("beta", beta), loss_type=loss_type,
                label_smoothing=real_scalar("label_smoothing", label_smoothing))
-    if uses_fused_gradient(grad_mode, backend, h.device, weight.dtype):
-        loss, scores, argmax = _fused_scores(weight, h, hc, targets, bias, ref_scores, w, dpo, **opts)
+    if uses_fused_gradient(grad_mode, backend, h.device, weight.dtype):  # never on the reference backend
+        loss, scores, argmax = _fused_scores(weight, h, hc, targets, bias, ref_scores, w, dpo, rows, **opts)
     else:
-        scores, extras = povid_sequence_scores(weight, h, hc, targets, bias, **opts)
+        scores, extras = _sequence_scores(weight, h, hc, targets, bias, rows, **opts)
         argmax = extras["argmax"]
         r = (None,) * 3 if ref_scores is None else ref_scores.split(n_pairs)
         loss = _objective(*scores.split(n_pairs), *r, w, dpo).mean()

@@ -34,7 +34,8 @@ and the corrupted row's is `g_zc onehot(y)`, a gather on W[y]: never a vocabular
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -164,6 +165,7 @@ class _Spec:
     reference: PairBranch | None = None
     # (flat targets, their out-of-range mask, ignore value, name): counted in the plan's one read-back
     range_checks: tuple[tuple[torch.Tensor, torch.Tensor, int, str], ...] = ()
+    rows_per_sequence: tuple[int, ...] | None = None  # the caller's read-back (then the plan makes none)
 
 
 # Elements scaled per step when a 16-bit stored gradient is multiplied in fp32 (16 MiB of fp32 at a time).
@@ -259,15 +261,17 @@ class _Plan:
     same read-back, and a non-zero one raises before any kernel indexes the weight with them.
     """
 
-    def __init__(self, valid: torch.Tensor, budget_rows: int, vocab_size: int, range_checks=()) -> None:
+    def __init__(self, valid: torch.Tensor, budget_rows: int, vocab_size: int, range_checks=(),
+                 per_seq: tuple[int, ...] | None = None) -> None:
         n_seq, self.n_tok = valid.shape
         self.n_pairs = n_seq // 2
-        counts = [valid.sum(1)] + [bad.sum().view(1) for _, bad, _, _ in range_checks]
-        read = torch.cat(counts).tolist()  # the one host sync of the call
-        per_seq = read[:n_seq]
-        for (targets, bad, ignore, name), n_bad in zip(range_checks, read[n_seq:], strict=True):
-            if n_bad:
-                raise_out_of_range(targets, bad, vocab_size, ignore, name)
+        if per_seq is None:  # else the caller read the counts back and checked the range
+            counts = [valid.sum(1)] + [bad.sum().view(1) for _, bad, _, _ in range_checks]
+            read = torch.cat(counts).tolist()  # the one host sync of the call
+            per_seq = read[:n_seq]
+            for (targets, bad, ignore, name), n_bad in zip(range_checks, read[n_seq:], strict=True):
+                if n_bad:
+                    raise_out_of_range(targets, bad, vocab_size, ignore, name)
         self.start = [0]
         for n in per_seq:
             self.start.append(self.start[-1] + n)
@@ -340,7 +344,8 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
     want_grad = any(needs)
     targets, y2_all, ref = spec.targets, spec.second_targets, spec.reference
     v = weight.shape[0]
-    plan = _Plan(targets != spec.ignore_index, max(1, spec.chunk_bytes // (4 * v)), v, spec.range_checks)
+    plan = _Plan(targets != spec.ignore_index, max(1, spec.chunk_bytes // (4 * v)), v, spec.range_checks,
+                 spec.rows_per_sequence)
     flat_y = targets.reshape(-1)
     flat_y2 = None
     if y2_all is not None:
@@ -490,6 +495,7 @@ def fused_pair_loss(
     chunk_bytes: int | None = None,
     second_ignore_index: int | None = None,
     reference: PairBranch | None = None,
+    rows_per_sequence: Sequence[int] | None = None,
 ) -> FusedPairOutput:
     """A pair loss and its gradient in one pass over the vocabulary, chunk by chunk of whole pairs.
 
@@ -517,6 +523,10 @@ def fused_pair_loss(
         reference: optional `PairBranch`, a reference model's hidden states (and corrupted ones) and
             lm_head on the same targets: scored chunk by chunk without gradient (its `PairChunk.ref_*`
             grids), on the policy's rows, so that the whole call reads the device back once.
+        rows_per_sequence: optional 2B ints, each sequence's number of targets that are not `ignore_index`, with
+            every target and second target already checked in range, from a read-back the caller made (POVID's,
+            shared with its argmax pass). The call then reads nothing back from the device. They must be exactly
+            those counts: checking that would take the read-back they spare.
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
@@ -539,7 +549,9 @@ def fused_pair_loss(
     targets = targets.long()
     flat = flat.long()
     # counted in the plan's read-back, the call's only one (each check of its own would stall the GPU once)
-    checks = [(flat, out_of_range(flat, flat != ignore_index, weight.shape[0]), ignore_index, "targets")]
+    checked = rows_per_sequence is not None  # by the caller's read-back, which also counted the rows
+    checks = [] if checked else [(flat, out_of_range(flat, flat != ignore_index, weight.shape[0]), ignore_index,
+                                  "targets")]
     second_ignore = ignore_index if second_ignore_index is None else second_ignore_index
     if second_targets is not None:
         if not isinstance(second_targets, torch.Tensor):
@@ -558,8 +570,9 @@ def fused_pair_loss(
                              f"got {second_targets.device}")
         second_targets = second_targets.long()
         s_flat = second_targets.reshape(-1)
-        checks.append((s_flat, out_of_range(s_flat, s_flat != second_ignore, weight.shape[0]), second_ignore,
-                       "second_targets"))
+        if not checked:
+            checks.append((s_flat, out_of_range(s_flat, s_flat != second_ignore, weight.shape[0]), second_ignore,
+                           "second_targets"))
     if chunk_bytes is None:
         # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
         # larger buffer buys no GEMM speed and only raises the peak.
@@ -571,8 +584,13 @@ def fused_pair_loss(
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     if reference is not None:
         reference = PairBranch(*(None if t is None else t.contiguous() for t in reference))
+    if rows_per_sequence is not None:
+        rows_per_sequence = tuple(operator.index(n) for n in rows_per_sequence)  # ints, never a 2.5
+        if len(rows_per_sequence) != targets.shape[0] or not all(0 <= n <= targets.shape[1] for n in rows_per_sequence):
+            raise ValueError(f"rows_per_sequence must hold {targets.shape[0]} counts in [0, {targets.shape[1]}], "
+                             f"one per sequence of targets, got {rows_per_sequence}")
     spec = _Spec(targets, second_targets, chunk_loss, ignore_index, int(second_ignore), backend, budget, reference,
-                 tuple(checks))
+                 tuple(checks), rows_per_sequence)
     hidden = hidden.contiguous()
     inputs = (hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
               None if corrupted_hidden is None else corrupted_hidden.contiguous())

@@ -66,8 +66,13 @@ class _Compaction:
     so two checks in a row would stall the launches twice).
     """
 
-    def __init__(self, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    def __init__(self, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int,
+                 valid_rows: torch.Tensor | None = None) -> None:
         self.n = valid.shape[0]
+        if valid_rows is not None:  # the caller's own read-back found these rows, their targets in range
+            self.active = valid_rows.numel() != self.n
+            self.rows = valid_rows if self.active else None
+            return
         bad = out_of_range(targets, valid, vocab_size)
         n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
         if n_bad:
@@ -98,6 +103,20 @@ def _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, back
     if backend == "reference":
         check_target_range(targets, valid, weight.shape[0], ignore_index)
     return backend, targets, valid
+
+
+def _check_valid_rows(valid_rows: object, n_rows: int, device: torch.device) -> None:
+    """Host-side checks of a caller's `valid_rows` (what is checked without reading the device back)."""
+    if not isinstance(valid_rows, torch.Tensor) or valid_rows.dtype != torch.int64 or valid_rows.dim() != 1:
+        raise TypeError(f"valid_rows must be a 1-D int64 tensor of row indices, got {_what(valid_rows)}")
+    if valid_rows.device != device:
+        raise ValueError(f"valid_rows must be on the device of hidden ({device}), got {valid_rows.device}")
+    if valid_rows.numel() > n_rows:
+        raise ValueError(f"valid_rows holds {valid_rows.numel()} indices for {n_rows} rows")
+
+
+def _what(t: object) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -226,6 +245,7 @@ def token_stats(
     ignore_index: int = -100,
     return_argmax: bool = False,
     backend: str = "auto",
+    valid_rows: torch.Tensor | None = None,
 ) -> TokenStats:
     """Every per-token statistic TPO, DPO and POVID need, from one sweep over the vocabulary.
 
@@ -239,6 +259,12 @@ def token_stats(
         ignore_index: target value of rows to skip (0 output, no gradient, no vocabulary work).
         return_argmax: also return the per-row argmax of the clean logits (POVID).
         backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch" or "reference".
+        valid_rows: optional (K,) int64 ascending indices of exactly the rows whose target is not
+            `ignore_index`, their targets already checked in range, from a read-back the caller made once for
+            several calls (`valid_row_index`). The call then reads nothing back from the device (on CUDA a
+            read-back waits for the GPU to drain); without it, the call counts the rows and checks the range in
+            one read-back of its own. They must be exactly those rows: checking that would take the read-back
+            they spare (the reference backend, which compacts nothing, ignores them).
 
     Returns:
         `TokenStats` of (N,) tensors; `logprobs`, `target_logits`, `lse` and
@@ -251,17 +277,21 @@ def token_stats(
     plain-autograd backward follows autocast like any PyTorch graph if backward itself runs in one).
     """
     with autocast_off():
-        return _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend)
+        return _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend,
+                            valid_rows)
 
 
-def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend) -> TokenStats:
+def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend,
+                 valid_rows) -> TokenStats:
     """`token_stats` itself, run by it inside an autocast-free region."""
     backend, targets, valid = _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend)
+    if valid_rows is not None:
+        _check_valid_rows(valid_rows, targets.shape[0], hidden.device)
     if backend == "reference":
         return TokenStats(
             *reference_token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax)
         )
-    rows = _Compaction(targets, valid, weight.shape[0], ignore_index)
+    rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows)
     params = _Params(backend=backend, want_argmax=return_argmax, has_corrupted=corrupted_hidden is not None)
     logp, z, lse, zc, argmax = _TokenStatsFunction.apply(
         rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(corrupted_hidden), rows.take(targets),
@@ -338,19 +368,22 @@ def target_logits(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    valid_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gathered logit alone, fp32 `hidden[i] . weight[targets[i]] (+ bias[targets[i]])`, O(N * D).
 
     This is all a TPO corrupted-image branch needs. hidden (N, D), weight (V, D), targets (N,).
     Rows whose target is `ignore_index` give 0 and no gradient. The backward is rank-1:
     `d hidden[i] = g[i] * weight[targets[i]]`, `d weight[targets[i]] += g[i] * hidden[i]`.
-    Autocast is off inside, as for `token_stats`.
+    Autocast is off inside, and `valid_rows` spares the call its read-back, as for `token_stats`.
     """
     with autocast_off():
         backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
+        if valid_rows is not None:
+            _check_valid_rows(valid_rows, targets.shape[0], hidden.device)
         if backend == "reference":
             return reference_target_logits(hidden, weight, targets, bias, ignore_index)
-        rows = _Compaction(targets, valid, weight.shape[0], ignore_index)
+        rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows)
         z = _TargetLogitsFunction.apply(
             rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
         )
