@@ -237,8 +237,6 @@ def _reference_scores(weight, h, hc, targets, bias, rows, average_log_prob, igno
         return _sequence_scores(weight, h, hc, targets, bias, rows, average_log_prob, ignore_index, backend)[0]
 
 
-
-
 def _check_reference_form(ref: dict, reference_free: bool) -> None:
     """Exactly one reference form (or none with `reference_free`), before any device work."""
     given = [n for n in ("ref_hidden", "ref_seq_scores") if ref[n] is not None]
