@@ -749,6 +749,49 @@ def test_inconsistent_batches_are_clear_errors():
     with pytest.raises(ValueError, match=r"no response tokens \(every label is ignore_index\)"):
         response_window(torch.full((2, 4), X))
     assert response_window(torch.tensor([[X, X, 7, X]])) == slice(2, 3)  # a single target
+    assert response_window(torch.tensor([[7, X, X, X], [X, X, X, 3]])) == slice(0, 4)  # both ends
+    with pytest.raises(ValueError, match=r"no response tokens"):
+        response_window(torch.empty((2, 0), dtype=torch.long))  # no columns at all
+
+
+def test_a_packing_reads_its_inputs_back_once_and_writes_its_maps_in_one_copy(monkeypatch):
+    """On CUDA every device-to-host copy, and every host-to-device copy from pageable memory, waits for the device
+    to drain: pack_batch made three and six. Now one `.cpu()` for its inputs, and its six maps are views of one
+    buffer (one copy, pinned and non-blocking on CUDA). The maps' values are the hand-checked tests' above."""
+    calls = []
+    original = torch.Tensor.cpu
+
+    def counted(t, *args, **kwargs):
+        calls.append(tuple(t.shape))
+        return original(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    p = _pack(paired=True, padding_free=True)
+    assert len(calls) == 1
+    maps = [p.source, p.position_ids, p.group, p.segment, p.grid_source, p.grid_target]
+    assert len({m.untyped_storage().data_ptr() for m in maps}) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
+def test_planning_a_packed_batch_waits_for_the_device_twice_on_cuda():
+    """response_window's one read-back and pack_batch's one copy of its inputs: every other step of the plan runs on
+    the host, and its maps go to the device without a wait."""
+    import warnings
+
+    ids, mask, targets, _ = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _hand_batch())
+    response_window(targets)
+    pack_batch(ids, mask, targets != X, slice(1, 5), paired=True, padding_free=True)  # warm: CUDA context, pinning
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            window = response_window(targets)
+            pack_batch(ids, mask, targets != X, window, paired=True, padding_free=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 2, syncs
 
 
 def _fake_llava(implementation, **config):

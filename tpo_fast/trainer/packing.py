@@ -137,11 +137,39 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 
 def response_window(targets: torch.Tensor, ignore_index: int = -100) -> slice:
-    """The column range holding every target (prompt and image columns before it are dropped)."""
-    cols = (targets != ignore_index).any(0).nonzero()
-    if cols.numel() == 0:
+    """The column range holding every target (prompt and image columns before it are dropped). One read-back
+    (on CUDA one wait for the device; `nonzero` and two reads of its ends were three)."""
+    has = (targets != ignore_index).any(0)
+    width = has.numel()
+    cols = torch.arange(width, device=has.device)
+    first, last = (torch.stack([torch.where(has, cols, width).min(), torch.where(has, cols, -1).max()]).tolist()
+                   if width else (0, -1))
+    if last < 0:
         raise ValueError("the batch has no response tokens (every label is ignore_index)")
-    return slice(int(cols[0]), int(cols[-1]) + 1)
+    return slice(first, last + 1)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU copies of integer or bool `tensors` from one device-to-host copy (on CUDA each copy waits for the device
+    to drain: one wait, not one per tensor)."""
+    flat = torch.cat([t.detach().reshape(-1).long() for t in tensors]).cpu()
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view(t.shape).to(t.dtype))
+        at += t.numel()
+    return out
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """int64 CPU `tensors` on `device` from one host-to-device copy, views of one buffer. On CUDA from pinned memory
+    without waiting (a copy from pageable memory waits for the device to drain, the host then idle)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view(t.shape))
+        at += t.numel()
+    return out
 
 
 def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> torch.Tensor:
@@ -220,8 +248,8 @@ def pack_batch(
     (N = 1); otherwise one sequence per row, padded to the longest (N = B pairs or R rows).
     Raises ValueError for a row without any target (an empty response) or a left-padded row.
     """
-    ids, mask = input_ids.detach().cpu(), attention_mask.detach().cpu().bool()
-    valid = has_target.detach().cpu().bool()
+    ids, mask, valid = _to_host(input_ids, attention_mask, has_target)  # the one read-back of the call
+    mask, valid = mask.bool(), valid.bool()
     rows, width = valid.shape
     if paired and rows % 2:
         raise ValueError(f"paired packing needs chosen and rejected rows (an even count), got {rows} rows")
@@ -257,13 +285,16 @@ def pack_batch(
     starts = torch.tensor([row_start[r] for r in range(rows)], dtype=torch.long).view(rows, 3)
     base, prefix, offset = starts[grid_rows].unbind(1)
     local = torch.where(cols < prefix, cols, offset + cols - prefix)
+    maps = [t.view(n_rows, length) for t in (source, position, group, segment)]
+    maps += [base + local, grid_rows * grid_width + cols - window.start]
+    source, position, group, segment, grid_source, grid_target = _to_device(maps, input_ids.device)
     return Packing(
-        source=source.view(n_rows, length).to(input_ids.device),
-        position_ids=position.view(n_rows, length).to(input_ids.device),
-        group=group.view(n_rows, length).to(input_ids.device),
-        segment=segment.view(n_rows, length).to(input_ids.device),
-        grid_source=(base + local).to(input_ids.device),
-        grid_target=(grid_rows * grid_width + cols - window.start).to(input_ids.device),
+        source=source,
+        position_ids=position,
+        group=group,
+        segment=segment,
+        grid_source=grid_source,
+        grid_target=grid_target,
         grid_shape=(rows, grid_width),
         implementation=implementation,
         sliding_window=sliding_window,
