@@ -285,16 +285,11 @@ def pack_batch(
     starts = torch.tensor([row_start[r] for r in range(rows)], dtype=torch.long).view(rows, 3)
     base, prefix, offset = starts[grid_rows].unbind(1)
     local = torch.where(cols < prefix, cols, offset + cols - prefix)
+    # Packing's first six fields, in their order: source, position_ids, group, segment, grid_source, grid_target
     maps = [t.view(n_rows, length) for t in (source, position, group, segment)]
     maps += [base + local, grid_rows * grid_width + cols - window.start]
-    source, position, group, segment, grid_source, grid_target = _to_device(maps, input_ids.device)
     return Packing(
-        source=source,
-        position_ids=position,
-        group=group,
-        segment=segment,
-        grid_source=grid_source,
-        grid_target=grid_target,
+        *_to_device(maps, input_ids.device),
         grid_shape=(rows, grid_width),
         implementation=implementation,
         sliding_window=sliding_window,
