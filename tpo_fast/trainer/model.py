@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,7 +35,14 @@ from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
 from tpo_fast.trainer._versions import require_transformers
 from tpo_fast.trainer.activations import shared_lora_inputs
 from tpo_fast.trainer.adapters import adapters_disabled
-from tpo_fast.trainer.packing import Packing, PackingMode, packing_mode, response_window, shift_labels
+from tpo_fast.trainer.packing import (
+    Packing,
+    PackingMode,
+    host_copy,
+    packing_mode,
+    response_window,
+    shift_labels,
+)
 
 OBJECTIVES = ("tpo", "dpo", "povid")
 # Which rows each objective runs on the corrupted image: TPO all 2B (its token weights), POVID the
@@ -142,20 +149,27 @@ def encode_images(llava: torch.nn.Module, pixel_values: torch.Tensor) -> torch.T
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
+def image_token_id(backbone: torch.nn.Module) -> int:
+    """The config's image placeholder token (`image_token_id`, or the older `image_token_index`)."""
+    token_id = getattr(backbone.config, "image_token_id", None)
+    return backbone.config.image_token_index if token_id is None else token_id
+
+
 def _image_token_mask(
-    backbone: torch.nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor
+    backbone: torch.nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor,
+    image_tokens: int | None = None,
 ) -> torch.Tensor:
-    """(R, T, 1) mask of the image placeholder positions, checked against the number of features."""
-    if hasattr(backbone, "get_placeholder_mask"):
+    """(R, T, 1) mask of the image placeholder positions, checked against the number of features.
+
+    `image_tokens`: their count, when the caller counted them on a host copy of the ids: then nothing is read back
+    from the device (Hugging Face's `get_placeholder_mask` reads back twice, each a wait on CUDA)."""
+    if image_tokens is None and hasattr(backbone, "get_placeholder_mask"):
         return backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-    config = backbone.config
-    token_id = getattr(config, "image_token_id", None)
-    if token_id is None:
-        token_id = config.image_token_index
-    mask = input_ids == token_id
-    if int(mask.sum()) * embeds.shape[-1] != features.numel():
+    mask = input_ids == image_token_id(backbone)
+    n_tokens = int(mask.sum()) if image_tokens is None else image_tokens
+    if n_tokens * embeds.shape[-1] != features.numel():
         raise ValueError(
-            f"image features and image tokens do not match: {int(mask.sum())} tokens, "
+            f"image features and image tokens do not match: {n_tokens} tokens, "
             f"{features.numel() // embeds.shape[-1]} features"
         )
     return mask.unsqueeze(-1).to(embeds.device)
@@ -163,7 +177,7 @@ def _image_token_mask(
 
 def backbone_hidden(
     llava: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor,
-    packing: Packing | None = None, token_embeds: torch.Tensor | None = None,
+    packing: Packing | None = None, token_embeds: torch.Tensor | None = None, image_tokens: int | None = None,
 ) -> torch.Tensor:
     """(R, T, D) final hidden states (after the last norm) from the backbone `llava.model`, no lm_head.
 
@@ -176,11 +190,12 @@ def backbone_hidden(
     (trainer/packing.py) the embeddings are gathered into its (N, L) rows: (N, L, D) out.
     `token_embeds`: the input embeddings of `input_ids`, when the caller already looked them up (two image
     branches over the same ids share one lookup, so their backward builds one embedding gradient, not two).
+    `image_tokens`: the number of image placeholders in `input_ids`, counted on the host (no read-back).
     """
     backbone = llava.model
     embeds = backbone.get_input_embeddings()(input_ids) if token_embeds is None else token_embeds
     features = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
-    mask = _image_token_mask(backbone, input_ids, embeds, features)
+    mask = _image_token_mask(backbone, input_ids, embeds, features, image_tokens)
     embeds = embeds.masked_scatter(mask, features)
     inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=None)
     if packing is not None:
@@ -191,7 +206,7 @@ def backbone_hidden(
 
 def branch_hidden(
     llava: torch.nn.Module, batch: dict[str, torch.Tensor], corrupted_rows: str | None, corrupted_grad: bool,
-    has_target: torch.Tensor, window: slice, packing: PackingMode | None = None,
+    host: HostBatch, window: slice, packing: PackingMode | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response grids (rows, T', D) of chosen+rejected on the clean image and (optionally) on the corrupted image.
 
@@ -202,7 +217,8 @@ def branch_hidden(
     launches and host work cover both branches' tokens at once. A corrupted branch without gradient while
     the clean one has it runs on its own under `no_grad`, keeping no activations. The grids hold the
     `window` columns; with `packing` each branch runs packed and its grid is gathered back (zero where
-    `has_target` (2B, T) is False).
+    `host.has_target` (2B, T) is False). Everything planned on the host is planned from `host`, the batch's
+    host copy, so that no step of the plan waits for the device.
     """
     if corrupted_rows not in (None, "all", "chosen"):
         raise ValueError(f"corrupted_rows must be None, 'all' or 'chosen', got {corrupted_rows!r}")
@@ -228,8 +244,10 @@ def branch_hidden(
         trunk call (the rows stacked: a second padded batch after the first)."""
         ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
         if packing is not None and n not in packs:
-            packs[n] = packing.pack(ids, mask, has_target[:n], window, pairs=n == len(rows))
+            packs[n] = packing.pack(host.input_ids[:n], host.attention_mask[:n], host.has_target[:n], window,
+                                    pairs=n == len(rows), device=ids.device)
         pack = packs.get(n)
+        image_tokens = int((host.input_ids[:n] == image_token_id(llava.model)).sum())  # host tensors: no wait
         tokens = None if embeds is None else embeds[:n]
         feats = feats[rows[:n]]
         if second is not None:
@@ -238,7 +256,8 @@ def branch_hidden(
             ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
             tokens = None if tokens is None else tokens.repeat(2, 1, 1)
             feats = torch.cat([feats, second[rows[:n]]])
-        hidden = backbone_hidden(llava, ids, mask, feats, pack, tokens)
+            image_tokens *= 2
+        hidden = backbone_hidden(llava, ids, mask, feats, pack, tokens, image_tokens)
         grid = hidden[:, window] if pack is None else pack.responses(hidden)
         return grid if second is None else grid.chunk(2)
 
@@ -255,10 +274,30 @@ def branch_hidden(
     return hidden, corrupted_hidden
 
 
-def check_batch_images(batch: dict[str, torch.Tensor]) -> None:
+class HostBatch(NamedTuple):
+    """A host copy of a batch's integer tensors, from one device-to-host copy (one wait on CUDA): everything the
+    step plans on the host (the images' bounds, the response window, the packing) reads these."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_index: torch.Tensor
+    has_target: torch.Tensor  # (R, T) bool: the shifted labels are not ignore_index
+    targets: torch.Tensor  # (R, T) the shifted labels
+
+
+def host_batch(batch: dict[str, torch.Tensor], ignore_index: int) -> HostBatch:
+    ids, mask, labels, index = host_copy(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        batch["image_index"])
+    targets = shift_labels(labels, ignore_index)
+    return HostBatch(ids, mask, index, targets != ignore_index, targets)
+
+
+def check_batch_images(batch: dict[str, torch.Tensor], image_index: torch.Tensor | None = None) -> None:
     """A batch's rows and images agree: 2B rows (B chosen, then B rejected) for the B pairs of `image_index`,
-    each of which names one of the `pixel_values` (and `corrupted_pixel_values`) images."""
-    rows, index = batch["input_ids"].shape[0], batch["image_index"]
+    each of which names one of the `pixel_values` (and `corrupted_pixel_values`) images. `image_index`: a host
+    copy of the batch's, read without waiting for the device."""
+    rows = batch["input_ids"].shape[0]
+    index = batch["image_index"] if image_index is None else image_index
     if index.dim() != 1 or rows != 2 * index.numel():
         raise ValueError(
             f"the batch has {rows} rows and an image_index of shape {tuple(index.shape)}: TPOCollator's layout is "
@@ -294,12 +333,12 @@ def response_branches(
             raise KeyError(
                 f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
             )
-    check_batch_images(batch)
+    host = host_batch(batch, options.ignore_index)  # the plan's one read-back
+    check_batch_images(batch, host.image_index)
+    window = response_window(host.targets, options.ignore_index)
+    hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad, host,
+                                             window, packing_mode(llava, options.shared_prefix, options.padding_free))
     targets = shift_labels(batch["labels"], options.ignore_index)
-    window = response_window(targets, options.ignore_index)
-    hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad,
-                                             targets != options.ignore_index, window,
-                                             packing_mode(llava, options.shared_prefix, options.padding_free))
     return hidden, corrupted_hidden, targets[:, window].contiguous()
 
 

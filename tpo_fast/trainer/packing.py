@@ -149,7 +149,7 @@ def response_window(targets: torch.Tensor, ignore_index: int = -100) -> slice:
     return slice(first, last + 1)
 
 
-def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def host_copy(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """CPU copies of integer or bool `tensors` from one device-to-host copy (on CUDA each copy waits for the device
     to drain: one wait, not one per tensor)."""
     flat = torch.cat([t.detach().reshape(-1).long() for t in tensors]).cpu()
@@ -238,6 +238,7 @@ def pack_batch(
     padding_free: bool,
     implementation: str = "sdpa",
     sliding_window: int | None = None,
+    device: torch.device | None = None,
 ) -> Packing:
     """The packing of a right-padded (R, T) batch whose response grid is `targets[:, window]`.
 
@@ -247,8 +248,11 @@ def pack_batch(
     prefix; otherwise every row is its own sequence. `padding_free`: all sequences in one row
     (N = 1); otherwise one sequence per row, padded to the longest (N = B pairs or R rows).
     Raises ValueError for a row without any target (an empty response) or a left-padded row.
+    `device`: where the maps go (default: the device of `input_ids`, which may be a host copy: then nothing is
+    read back from the device).
     """
-    ids, mask, valid = _to_host(input_ids, attention_mask, has_target)  # the one read-back of the call
+    device = input_ids.device if device is None else torch.device(device)
+    ids, mask, valid = host_copy(input_ids, attention_mask, has_target)  # the one read-back of the call
     mask, valid = mask.bool(), valid.bool()
     rows, width = valid.shape
     if paired and rows % 2:
@@ -289,7 +293,7 @@ def pack_batch(
     maps = [t.view(n_rows, length) for t in (source, position, group, segment)]
     maps += [base + local, grid_rows * grid_width + cols - window.start]
     return Packing(
-        *_to_device(maps, input_ids.device),
+        *_to_device(maps, device),
         grid_shape=(rows, grid_width),
         implementation=implementation,
         sliding_window=sliding_window,
@@ -411,12 +415,14 @@ class PackingMode:
     implementation: str
     sliding_window: int | None
 
-    def pack(self, input_ids, attention_mask, has_target, window: slice, *, pairs: bool) -> Packing:
+    def pack(self, input_ids, attention_mask, has_target, window: slice, *, pairs: bool,
+             device: torch.device | None = None) -> Packing:
         """`pack_batch` of these rows; `pairs`: the rows are the chosen and rejected rows of whole pairs,
         which share their prefix when `shared_prefix` (the chosen-only POVID branch is packed row by row)."""
         return pack_batch(
             input_ids, attention_mask, has_target, window, paired=self.shared_prefix and pairs,
             padding_free=self.padding_free, implementation=self.implementation, sliding_window=self.sliding_window,
+            device=device,
         )
 
 
