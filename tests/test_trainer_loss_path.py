@@ -576,14 +576,19 @@ def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, 
                                                                   shared_prefix):
     """On CUDA every read of a device value waits for the queue to drain, and the host stops running ahead of the
     device. A step's trunk pass (images' bounds, response window, packing, image placeholders) read the batch
-    back about fourteen times; now once: one host copy of its integer tensors, planned from on the host. The hidden
-    states are the same as before (the oracle tests of this file)."""
+    back about fifteen times, and the reference's scoring once more, which made the host wait for the reference's
+    whole pass before it could issue the policy's. Now the step reads the batch once: one host copy of its integer
+    tensors, shared by both passes, from which the host plans everything, the reference scoring's rows included
+    (POVID's reference still counts its own: one more). The hidden states and scores are those of the oracle
+    tests of this file."""
     from tpo_fast.trainer import packing as packing_module
 
     _, proc = setup
-    model = _model(proc, bias=False)
+    model, ref = _model(proc, bias=False), _model(proc, bias=False, seed=1)
     opts = StepOptions(objective=objective, backend="torch", shared_prefix=shared_prefix)
     response_branches(model, batch, opts)  # once first: the packing switches the attention once, logs once
+    response_branches(ref, batch, opts)
+    model_module._LAST_HOST.clear()  # a batch the step has not seen
     mode = _DeviceReads([t for t in batch.values() if isinstance(t, torch.Tensor)])
     copy = model_module.host_copy
 
@@ -605,8 +610,41 @@ def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, 
     monkeypatch.setattr(torch.Tensor, "tolist", watched(torch.Tensor.tolist))
     monkeypatch.setattr(torch.Tensor, "cpu", watched(torch.Tensor.cpu))
     with torch.no_grad(), mode:
+        sequence_reference_scores(ref, batch, opts)
         response_branches(model, batch, opts)
-    assert mode.seen == ["host_copy"], mode.seen
+    assert mode.seen == ["host_copy"] + (["tolist"] if objective == "povid" else []), mode.seen
+
+
+def test_the_host_copy_is_shared_only_by_the_same_unchanged_batch(batch):
+    """The step's two passes share one host copy; another batch, an in-place change of one of its tensors or another
+    ignore_index gets a fresh copy, whose values are the batch's own."""
+    model_module._LAST_HOST.clear()
+    first = model_module.host_batch(batch, -100)
+    assert model_module.host_batch(batch, -100) is first
+    assert model_module.host_batch(dict(batch), -100) is first  # the same tensors in another dict (a wrapper's)
+    assert model_module.host_batch(batch, 0) is not first
+    other = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    assert model_module.host_batch(other, -100) is not model_module.host_batch(batch, -100)
+    again = model_module.host_batch(batch, -100)
+    batch["labels"][0, -1] = 7  # in place: its version moves on
+    fresh = model_module.host_batch(batch, -100)
+    assert fresh is not again and fresh.targets[0, -2] == 7 and again.targets[0, -2] != 7
+    for name in ("input_ids", "attention_mask", "image_index"):
+        assert torch.equal(getattr(fresh, name), batch[name])
+
+
+def test_reference_scoring_checks_the_targets_range_on_the_host(setup, batch):
+    """The reference's scoring takes its rows from the host copy and no longer reads the device for the range check:
+    the host copy checks it, with the message the primitive gives."""
+    _, proc = setup
+    ref = _model(proc, bias=False)
+    vocab = ref.lm_head.weight.shape[0]
+    bad = dict(batch, labels=batch["labels"].clone())
+    row, col = (bad["labels"] != -100).nonzero()[0].tolist()
+    bad["labels"][row, col] = vocab + 3
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, V\) = \[0, {vocab}\) or equal "
+                                         rf"ignore_index=-100; targets\[\d+\] = {vocab + 3}"):
+        sequence_reference_scores(ref, bad, StepOptions(objective="tpo", backend="torch"))
 
 
 def test_dpo_needs_no_corrupted_pixel_values(setup, batch):

@@ -181,10 +181,10 @@ def _token_metrics(metrics: dict, logprobs: torch.Tensor, visual_scores: torch.T
     return metrics
 
 
-def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index, backend):
+def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index, backend, valid_rows=None):
     """(2B, T) fp32 logp and visual score `z - z~` (None without corrupted hidden) from one primitive call."""
     stats = token_stats(hidden, weight, targets.flatten(), bias=bias, corrupted_hidden=corrupted_hidden,
-                        ignore_index=ignore_index, backend=backend)
+                        ignore_index=ignore_index, backend=backend, valid_rows=valid_rows)
     logp = stats.logprobs.view(targets.shape)
     s = None
     if stats.corrupted_target_logits is not None:
@@ -224,20 +224,23 @@ def reference_sequence_scores(
     average_log_prob: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    valid_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference model's `S_ref` per sequence, fp32 (2B,), under `torch.no_grad()`.
 
     What a trainer computes once and caches (exact when the corrupted image is seeded per example),
     then passes as `ref_seq_scores`. Same inputs and options as the policy side of `tpo_loss`:
     weight (V, D), hidden and corrupted_hidden (2B, T, D) or (2B*T, D), targets (2B, T), bias (V,).
-    `corrupted_hidden` may be None only when `weighting="none"`.
+    `corrupted_hidden` may be None only when `weighting="none"`. `valid_rows`: the flat indices of the targets
+    that are not `ignore_index`, counted and range-checked by the caller (`tpo_fast.token_stats`'s), so that the
+    call reads nothing back from the device (a trainer's host copy of its labels holds the count).
     """
     check_loss_options(0.1, weighting, offset)
     check_kernel_options("fused", backend, ignore_index)
     targets = check_targets(targets)
     h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting)
     with torch.no_grad():
-        logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend)
+        logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend, valid_rows)
         return sequence_scores(logp, s, targets != ignore_index, weighting, offset, average_log_prob)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -31,7 +32,9 @@ import torch
 from tpo_fast.loss import check_loss_options, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss._checks import check_kernel_options
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
+from tpo_fast.ops._validate import out_of_range, raise_out_of_range
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
+from tpo_fast.ops.token_logprobs import valid_row_index
 from tpo_fast.trainer._versions import require_transformers
 from tpo_fast.trainer.activations import shared_lora_inputs
 from tpo_fast.trainer.adapters import adapters_disabled
@@ -285,11 +288,40 @@ class HostBatch(NamedTuple):
     targets: torch.Tensor  # (R, T) the shifted labels
 
 
+_HOST_KEYS = ("input_ids", "attention_mask", "labels", "image_index")
+# The last batch's host copy, by the identity and version of its tensors: the reference pass and the policy pass of
+# one step read the same batch, and the second read would wait for the first pass's whole trunk on the device.
+_LAST_HOST: list = []
+
+
 def host_batch(batch: dict[str, torch.Tensor], ignore_index: int) -> HostBatch:
-    ids, mask, labels, index = host_copy(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                        batch["image_index"])
+    """The batch's `HostBatch`: one device-to-host copy, or none when the step's other pass already made it (the same
+    tensors, none modified in place since)."""
+    key = [(weakref.ref(batch[k]), batch[k]._version) for k in _HOST_KEYS] + [ignore_index]
+    if _LAST_HOST:
+        (*refs, ignore), host = _LAST_HOST
+        if ignore == ignore_index and all(r() is batch[k] and v == batch[k]._version
+                                          for (r, v), k in zip(refs, _HOST_KEYS, strict=True)):
+            return host
+    ids, mask, labels, index = host_copy(*(batch[k] for k in _HOST_KEYS))
     targets = shift_labels(labels, ignore_index)
-    return HostBatch(ids, mask, index, targets != ignore_index, targets)
+    host = HostBatch(ids, mask, index, targets != ignore_index, targets)
+    _LAST_HOST[:] = [key, host]
+    return host
+
+
+def grid_rows(
+    targets: torch.Tensor, host: HostBatch, window: slice, vocab_size: int, ignore_index: int
+) -> torch.Tensor:
+    """The flat indices of the response grid's target-carrying rows (`targets`: the (R, T') grid on the device), with
+    their count and range check taken from the host copy: a primitive given them (`valid_rows`) reads nothing
+    back."""
+    host_grid = host.targets[:, window]
+    valid = host_grid != ignore_index
+    bad = out_of_range(host_grid, valid, vocab_size)
+    if bool(bad.any()):  # host tensors: no wait
+        raise_out_of_range(host_grid, bad, vocab_size, ignore_index)
+    return valid_row_index(targets.reshape(-1) != ignore_index, int(valid.sum()))
 
 
 def check_batch_images(batch: dict[str, torch.Tensor], image_index: torch.Tensor | None = None) -> None:
@@ -333,13 +365,19 @@ def response_branches(
             raise KeyError(
                 f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
             )
-    host = host_batch(batch, options.ignore_index)  # the plan's one read-back
+    hidden, corrupted_hidden, targets, _, _ = _response_branches(llava, batch, options)
+    return hidden, corrupted_hidden, targets
+
+
+def _response_branches(llava, batch, options: StepOptions):
+    """`response_branches`, plus the batch's host copy and the response window (for `grid_rows`)."""
+    host = host_batch(batch, options.ignore_index)  # the plan's one read-back (none for the step's second pass)
     check_batch_images(batch, host.image_index)
     window = response_window(host.targets, options.ignore_index)
     hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad, host,
                                              window, packing_mode(llava, options.shared_prefix, options.padding_free))
     targets = shift_labels(batch["labels"], options.ignore_index)
-    return hidden, corrupted_hidden, targets[:, window].contiguous()
+    return hidden, corrupted_hidden, targets[:, window].contiguous(), host, window
 
 
 def plain_lm_head(llava: torch.nn.Module) -> torch.nn.Module:
@@ -457,25 +495,28 @@ def sequence_reference_scores(
     argmax (`povid_reference_scores`). Averages instead of sums with `average_log_prob`.
     """
     with torch.no_grad():
-        hidden, corrupted_hidden, targets = response_branches(llava, batch, options)
+        hidden, corrupted_hidden, targets, host, window = _response_branches(llava, batch, options)
         lm_head = plain_lm_head(llava)
         opts = dict(average_log_prob=options.average_log_prob, ignore_index=options.ignore_index,
                     backend=options.backend)
         with _gathered([lm_head.weight, lm_head.bias]):
             weight = _full(lm_head.weight, hidden.dtype)
             bias = _full(lm_head.bias, hidden.dtype)
+            if options.objective == "povid":
+                return povid_reference_scores(weight, hidden, corrupted_hidden, targets, bias, **opts)
+            # counted on the host: the scoring reads nothing back, so the host goes on to the policy's pass while
+            # the device still runs the reference's
+            rows = grid_rows(targets, host, window, weight.shape[0], options.ignore_index)
             if options.objective == "tpo":
                 return reference_sequence_scores(
                     weight, hidden, corrupted_hidden, targets, bias, weighting=options.weighting,
-                    offset=options.offset, **opts,
+                    offset=options.offset, valid_rows=rows, **opts,
                 )
-            if options.objective == "povid":
-                return povid_reference_scores(weight, hidden, corrupted_hidden, targets, bias, **opts)
             from tpo_fast import token_stats
 
             flat = targets.reshape(-1)
             stats = token_stats(hidden.reshape(flat.numel(), -1), weight, flat, bias, None,
-                                options.ignore_index, backend=options.backend)
+                                options.ignore_index, backend=options.backend, valid_rows=rows)
             mask = (targets != options.ignore_index).float()
             scores = (stats.logprobs.view(targets.shape) * mask).sum(-1)
             return scores / mask.sum(-1).clamp_min(1) if options.average_log_prob else scores
