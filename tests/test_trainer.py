@@ -118,6 +118,30 @@ def test_training_loss_falls_and_reward_accuracy_rises(setup, tmp_path):
     assert logs[-1]["tokens_per_second"] > 0
 
 
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+@pytest.mark.parametrize("objective", ["tpo", "dpo"])
+def test_a_training_step_reads_the_device_back_once(setup, tmp_path, monkeypatch, objective, reference):
+    """A whole step as the Trainer runs it (`_prepare_inputs`, then `compute_loss` and backward): the host plans from
+    the collator's CPU tensors, kept by `_prepare_inputs`, so the only read of the device is the policy loss's plan,
+    after both trunk passes are issued (a GPU run had about thirty before). With precomputed reference scores the
+    lookup reads the kept example indices and sends the scores without a wait."""
+    from _spies import watch_device_reads
+
+    ds, proc = setup
+    kw = dict(precompute_reference=True, reference="model") if reference == "precomputed" else {}
+    args = _args(tmp_path, objective=objective, **kw)
+    trainer = TPOTrainer(tiny_model(proc), ref_model=tiny_model(proc, seed=1), args=args, train_dataset=ds,
+                         processing_class=proc)
+    assert trainer.reference_mode == reference
+    prepared = trainer._prepare_inputs(trainer.data_collator([ds[0], ds[1], ds[2]]))
+    trainer.compute_loss(trainer.model, prepared)  # once first: packing switches the attention once, logs once
+    prepared = trainer._prepare_inputs(trainer.data_collator([ds[3], ds[1], ds[2]]))
+    mode = watch_device_reads(monkeypatch, prepared)
+    with mode:
+        trainer.compute_loss(trainer.model, prepared).backward()
+    assert mode.seen == ["tolist"], mode.seen
+
+
 def test_reference_modes_agree(setup, tmp_path):
     """Separate frozen model, LoRA adapter disabled, and a precomputed cache train identically."""
     from peft import LoraConfig

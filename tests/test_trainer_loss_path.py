@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
-from _spies import record_calls  # noqa: E402
+from _spies import record_calls, watch_device_reads  # noqa: E402
 from loss_reference import token_terms, weighted_scores  # noqa: E402
 from methods_reference import dpo_losses, povid_scores_from_logits  # noqa: E402
 from tiny_setup import tiny_data, tiny_model, tiny_processor  # noqa: E402
@@ -536,40 +536,6 @@ def test_image_token_mask_from_the_config_where_the_model_has_no_helper():
         model_module._image_token_mask(backbone, ids, embeds, torch.ones(3 * 3))
 
 
-class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every read of a value computed from the batch (what would wait for a CUDA device): `.item()`, `bool()`,
-    `nonzero`, boolean-mask indexing, `.tolist()`, `.cpu()`. A tensor is the batch's if an op made it from one
-    (identity, through every op); a CPU machine cannot tell a host copy from the device tensor it copies, so the
-    test names the copies: what `host_copy` returns is the host's, and its one `.cpu()` counts as one read."""
-
-    READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
-
-    def __init__(self, roots):
-        super().__init__()
-        self.batch_made = {id(t): t for t in roots}
-        self.seen = []
-
-    def made_from_batch(self, t):
-        return isinstance(t, torch.Tensor) and id(t) in self.batch_made
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        from_batch = any(self.made_from_batch(t) for t in inputs)
-        name = func.__name__.split(".")[0]
-        if from_batch and name in self.READS:
-            self.seen.append(name)
-        if from_batch and name in ("index", "index_put", "index_put_") and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
-            self.seen.append(f"{name} with a boolean mask")
-        out = func(*args, **kwargs)
-        if from_batch:
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.batch_made[id(t)] = t
-        return out
-
-
 @pytest.mark.parametrize("objective", ["tpo", "dpo", "povid"])
 @pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared", "padded"])
 def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, monkeypatch, objective,
@@ -581,7 +547,6 @@ def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, 
     tensors, shared by both passes, from which the host plans everything, the reference scoring's rows included
     (POVID's reference still counts its own: one more). The hidden states and scores are those of the oracle
     tests of this file."""
-    from tpo_fast.trainer import packing as packing_module
 
     _, proc = setup
     model, ref = _model(proc, bias=False), _model(proc, bias=False, seed=1)
@@ -589,26 +554,7 @@ def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, 
     response_branches(model, batch, opts)  # once first: the packing switches the attention once, logs once
     response_branches(ref, batch, opts)
     model_module._LAST_HOST.clear()  # a batch the step has not seen
-    mode = _DeviceReads([t for t in batch.values() if isinstance(t, torch.Tensor)])
-    copy = model_module.host_copy
-
-    def named_host_copy(*tensors):
-        if any(mode.made_from_batch(t) for t in tensors):  # (pack_batch copies host tensors: no device read)
-            mode.seen.append("host_copy")
-        with torch.utils._python_dispatch._disable_current_modes():
-            return [t.clone() for t in copy(*tensors)]  # fresh tensors: the host's, not the batch's
-
-    def watched(original):
-        def read(t, *args, **kwargs):
-            if mode.made_from_batch(t):
-                mode.seen.append(original.__name__)
-            return original(t, *args, **kwargs)
-        return read
-
-    monkeypatch.setattr(model_module, "host_copy", named_host_copy)
-    monkeypatch.setattr(packing_module, "host_copy", named_host_copy)
-    monkeypatch.setattr(torch.Tensor, "tolist", watched(torch.Tensor.tolist))
-    monkeypatch.setattr(torch.Tensor, "cpu", watched(torch.Tensor.cpu))
+    mode = watch_device_reads(monkeypatch, batch)
     with torch.no_grad(), mode:
         sequence_reference_scores(ref, batch, opts)
         response_branches(model, batch, opts)

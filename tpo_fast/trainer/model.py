@@ -288,7 +288,7 @@ class HostBatch(NamedTuple):
     targets: torch.Tensor  # (R, T) the shifted labels
 
 
-_HOST_KEYS = ("input_ids", "attention_mask", "labels", "image_index")
+HOST_KEYS = ("input_ids", "attention_mask", "labels", "image_index")
 # The last batch's host copy, by the identity and version of its tensors: the reference pass and the policy pass of
 # one step read the same batch, and the second read would wait for the first pass's whole trunk on the device.
 _LAST_HOST: list = []
@@ -297,17 +297,26 @@ _LAST_HOST: list = []
 def host_batch(batch: dict[str, torch.Tensor], ignore_index: int) -> HostBatch:
     """The batch's `HostBatch`: one device-to-host copy, or none when the step's other pass already made it (the same
     tensors, none modified in place since)."""
-    key = [(weakref.ref(batch[k]), batch[k]._version) for k in _HOST_KEYS] + [ignore_index]
+    key = [(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index]
     if _LAST_HOST:
         (*refs, ignore), host = _LAST_HOST
         if ignore == ignore_index and all(r() is batch[k] and v == batch[k]._version
-                                          for (r, v), k in zip(refs, _HOST_KEYS, strict=True)):
+                                          for (r, v), k in zip(refs, HOST_KEYS, strict=True)):
             return host
-    ids, mask, labels, index = host_copy(*(batch[k] for k in _HOST_KEYS))
+    ids, mask, labels, index = host_copy(*(batch[k] for k in HOST_KEYS))
     targets = shift_labels(labels, ignore_index)
     host = HostBatch(ids, mask, index, targets != ignore_index, targets)
     _LAST_HOST[:] = [key, host]
     return host
+
+
+def seed_host_batch(batch: dict[str, torch.Tensor], host_tensors: dict[str, torch.Tensor], ignore_index: int) -> None:
+    """Record `host_tensors` (the CPU tensors a batch was moved to the device from: `TPOTrainer._prepare_inputs`) as
+    the host copy of `batch`, so that the step reads nothing back to plan (copies: the caller keeps its own)."""
+    ids, mask, labels, index = (host_tensors[k].clone() for k in HOST_KEYS)
+    targets = shift_labels(labels, ignore_index)
+    key = [(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index]
+    _LAST_HOST[:] = [key, HostBatch(ids, mask, index, targets != ignore_index, targets)]
 
 
 def grid_rows(

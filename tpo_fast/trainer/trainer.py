@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import time
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -33,7 +34,14 @@ from tpo_fast.trainer.adapters import adapters_disabled
 from tpo_fast.trainer.collator import TPOCollator
 from tpo_fast.trainer.config import TPOConfig
 from tpo_fast.trainer.data import PreferenceDataset
-from tpo_fast.trainer.model import StepOptions, route_forward, sequence_reference_scores, unwrap_llava
+from tpo_fast.trainer.model import (
+    HOST_KEYS,
+    StepOptions,
+    route_forward,
+    seed_host_batch,
+    sequence_reference_scores,
+    unwrap_llava,
+)
 from tpo_fast.trainer.packing import may_pack, packing_mode
 from tpo_fast.trainer.reference_cache import (
     base_dataset,
@@ -557,9 +565,12 @@ class TPOTrainer(Trainer):
                     "precompute_reference=True: no reference table for this evaluation; evaluate through "
                     "trainer.evaluate() / trainer.predict() on a dataset given to TPOTrainer (train or eval_dataset)"
                 )
-            rows = lookup_scores(self._ref_tables[name], inputs["index"].cpu(), name, self._reference_cache_path)
-            # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout.
-            return rows.t().reshape(-1).to(device=inputs["input_ids"].device, dtype=torch.float32)
+            rows = lookup_scores(self._ref_tables[name], self._index_on_host(inputs), name, self._reference_cache_path)
+            # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout. To the device
+            # from pinned memory without waiting (a pageable copy waits for the device to drain).
+            scores = rows.t().reshape(-1).to(torch.float32)
+            device = inputs["input_ids"].device
+            return scores.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scores.to(device)
         return None  # "adapter": computed inside the policy's forward; "none": reference-free
 
     # ----- checkpoints -----------------------------------------------------------------------
@@ -590,6 +601,25 @@ class TPOTrainer(Trainer):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     # ----- step ------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs):
+        """The base class's move to the device, keeping the host copy the step plans from (`seed_host_batch`): the
+        collator's CPU tensors, before they move, so that planning the step reads nothing back from the device."""
+        cpu = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+        prepared = super()._prepare_inputs(inputs)
+        options = getattr(self, "step_options", None)
+        if options is not None and all(k in cpu for k in HOST_KEYS):
+            seed_host_batch(prepared, cpu, options.ignore_index)
+        if "index" in cpu and isinstance(prepared.get("index"), torch.Tensor):
+            self._host_index = (weakref.ref(prepared["index"]), cpu["index"].clone())
+        return prepared
+
+    def _index_on_host(self, inputs) -> torch.Tensor:
+        """The batch's example indices on the host: the copy `_prepare_inputs` kept, else read back."""
+        kept = getattr(self, "_host_index", None)
+        if kept is not None and kept[0]() is inputs["index"]:
+            return kept[1]
+        return inputs["index"].cpu()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._time_of_log is None and model.training:  # tokens/s counts training time only
             self._time_of_log = time.perf_counter()
