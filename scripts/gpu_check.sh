@@ -25,7 +25,8 @@
 #                 failure's traceback now lands in failures.log as it happens. Eight were made right for CUDA since;
 #                 three wait for their tracebacks: test_packed_step_with_flex_attention,
 #                 test_a_loss_with_a_model_reference_synchronizes_once_on_cuda[tpo] (now naming each sync's line)
-#                 and test_grad_filter_skips_negligible_tiles_within_its_bound)
+#                 and test_grad_filter_skips_negligible_tiles_within_its_bound; new since: a training step's one
+#                 synchronization, test_a_cuda_step_synchronizes_once, and the packing's two, counted by CUDA itself)
 #   call 3, with what is left (at least 4 minutes):  bash scripts/gpu_check.sh install tune zipf
 #                 (the forward sweep's tiles on the card at hand: they were tuned on the H200, and the Triton sweeps
 #                 ran at about 90% of cuBLAS's rate there; then the losses on text-like targets, whose frequent
@@ -203,7 +204,8 @@ part_kernel_tests() {
         tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
         tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py \
-        tests/test_triton_edges.py tests/test_determinism.py tests/test_compile.py
+        tests/test_triton_edges.py tests/test_determinism.py tests/test_compile.py \
+        tests/test_trainer_loss_path.py::test_a_cuda_step_synchronizes_once
 }
 
 part_tests() {

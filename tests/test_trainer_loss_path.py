@@ -561,6 +561,41 @@ def test_a_step_plans_its_trunk_passes_with_one_read_of_the_batch(setup, batch, 
     assert mode.seen == ["host_copy"] + (["tolist"] if objective == "povid" else []), mode.seen
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own detector of synchronizing calls")
+@pytest.mark.parametrize("objective", ["tpo", "dpo"])
+def test_a_cuda_step_synchronizes_once(setup, batch, objective):
+    """The GPU counterpart of the read counts above: a step with its host copy seeded (as `TPOTrainer._prepare_inputs`
+    does), the reference's scores, the policy's loss and backward, in bf16 under `set_sync_debug_mode("warn")`,
+    synchronizes once, at the policy loss's plan; a failure names each synchronizing line."""
+    import warnings
+
+    _, proc = setup
+    model = _model(proc, bias=False).cuda().to(torch.bfloat16)
+    ref = _model(proc, bias=False, seed=1).cuda().to(torch.bfloat16)
+    opts = StepOptions(objective=objective, backend="triton")
+
+    def step():
+        cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        cuda["pixel_values"] = cuda["pixel_values"].to(torch.bfloat16)
+        if "corrupted_pixel_values" in cuda:
+            cuda["corrupted_pixel_values"] = cuda["corrupted_pixel_values"].to(torch.bfloat16)
+        model_module.seed_host_batch(cuda, batch, opts.ignore_index)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                scores = sequence_reference_scores(ref, cuda, opts)
+                policy_loss(model, cuda, opts, scores)["loss"].backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message).lower()]
+
+    step()  # compiles the kernels, probes the varlen call, switches the attention
+    syncs = step()
+    assert len(syncs) == 1 and "fused_pairs" in syncs[0], syncs
+
+
 def test_the_host_copy_is_shared_only_by_the_same_unchanged_batch(batch):
     """The step's two passes share one host copy; another batch, an in-place change of one of its tensors or another
     ignore_index gets a fresh copy, whose values are the batch's own."""
