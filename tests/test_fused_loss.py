@@ -692,7 +692,8 @@ def test_primitives_given_their_rows_read_nothing_back(backend):
         assert torch.equal(g, e), name  # the same kernels on the same rows
     assert torch.equal(got_z, tpo_fast.target_logits(h, w, flat, b["bias"], backend=backend))
     for bad, err, match in ((rows.int(), TypeError, "valid_rows must be a 1-D int64 tensor of row indices, got "
-                             "torch.int32"), (rows[None], TypeError, "valid_rows must be a 1-D"),
+                             rf"int32 of shape \({rows.numel()},\)"),
+                            (rows[None], TypeError, "valid_rows must be a 1-D"),
                             (torch.arange(h.shape[0] + 1, device=h.device), ValueError,
                              rf"valid_rows holds {h.shape[0] + 1} indices for {h.shape[0]} rows")):
         with pytest.raises(err, match=match):

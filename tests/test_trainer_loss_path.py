@@ -383,10 +383,15 @@ def test_corrupted_objectives_need_corrupted_pixel_values(setup, batch, objectiv
     _, proc = setup
     model = _model(proc, bias=False)
     del batch["corrupted_pixel_values"]
-    with pytest.raises(KeyError) as error:
-        response_branches(model, batch, StepOptions(objective=objective, backend="torch"))
-    message = str(error.value)
-    assert f"a {objective} batch needs 'corrupted_pixel_values'" in message and "TPOCollator" in message
+    # the policy's pass and the reference's scoring alike (the latter once skipped the check, a bare KeyError)
+    for step in (response_branches, sequence_reference_scores):
+        with pytest.raises(KeyError) as error:
+            step(model, batch, StepOptions(objective=objective, backend="torch"))
+        message = str(error.value)
+        assert f"a {objective} batch needs 'corrupted_pixel_values'" in message and "TPOCollator" in message
+    del batch["labels"]  # before the host copy reads it
+    with pytest.raises(KeyError, match="batch needs 'labels'"):
+        sequence_reference_scores(model, batch, StepOptions(objective=objective, backend="torch"))
 
 
 @pytest.mark.parametrize("objective", ["tpo", "dpo"])

@@ -54,8 +54,8 @@ from tpo_fast.loss._checks import (
 from tpo_fast.loss.pairs import pair_losses, reward_metrics
 from tpo_fast.ops import resolve_backend, target_logits, token_stats
 from tpo_fast.ops._compile import eager_under_compile
-from tpo_fast.ops._validate import check_primitive_inputs, out_of_range, raise_out_of_range
-from tpo_fast.ops.fused_pairs import PairChunk, fused_pair_loss, uses_fused_gradient
+from tpo_fast.ops._validate import check_primitive_inputs, out_of_range
+from tpo_fast.ops.fused_pairs import PairChunk, count_rows_per_sequence, fused_pair_loss, uses_fused_gradient
 from tpo_fast.ops.token_logprobs import valid_row_index
 
 
@@ -99,11 +99,8 @@ def _target_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> _
     n_pairs = targets.shape[0] // 2
     valid = targets != ignore_index
     flat = targets.reshape(-1)
-    bad = out_of_range(flat, valid.reshape(-1), vocab_size)
-    read = torch.cat([valid.sum(1), bad.sum().view(1)]).tolist()  # the one host sync of the loss
-    if read[-1]:
-        raise_out_of_range(flat, bad, vocab_size, ignore_index, "targets")
-    per_seq = tuple(read[:-1])
+    check = (flat, out_of_range(flat, valid.reshape(-1), vocab_size), ignore_index, "targets")
+    per_seq = tuple(count_rows_per_sequence(valid, vocab_size, [check]))  # the one host sync of the loss
     rows = valid_row_index(valid, sum(per_seq))
     return _Rows(per_seq, rows, rows[: sum(per_seq[:n_pairs])])
 
@@ -111,9 +108,6 @@ def _target_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> _
 def _read_rows(weight, h, targets, bias, ignore_index: int, backend: str) -> _Rows | None:
     """The batch's `_Rows` (None on the reference backend, which compacts nothing), after the input checks the
     first primitive call would make, so that a bad input gets its own error before the read-back touches it."""
-    check_tensors(weight=weight, bias=bias)
-    if weight is None:
-        raise TypeError("weight must be a torch.Tensor (the (V, D) lm_head weight), got None")
     check_primitive_inputs(h, weight, targets.reshape(-1), bias)
     if resolve_backend(backend, h.device) == "reference":
         return None
@@ -274,7 +268,6 @@ def _povid_reference(weight, bias, targets, ref: dict, opts: dict, rows: _Rows |
     n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
     ref_h, ref_hc = _povid_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"], n_pairs, n_tok)
     if rows is not None:  # the policy's read-back counted the same targets; the reference's inputs checked here
-        check_tensors(ref_weight=ref_w, ref_bias=ref_b)
         check_primitive_inputs(ref_h, ref_w, targets.reshape(-1), ref_b)
     return _reference_scores(ref_w, ref_h, ref_hc, targets, ref_b, rows, **opts)
 

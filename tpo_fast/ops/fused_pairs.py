@@ -251,6 +251,19 @@ def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]
     return chunks
 
 
+def count_rows_per_sequence(valid: torch.Tensor, vocab_size: int, range_checks=()) -> list[int]:
+    """Each sequence's count of target-carrying rows (`valid`: (S, T) bool), read back once with the counts of the
+    `range_checks` (flat targets, their out-of-range mask, ignore value, name), a non-zero one of which raises
+    naming its first bad target. The one read-back of a fused call (`_Plan`), or of a caller's (POVID's), which
+    then hands the counts to `fused_pair_loss(rows_per_sequence=)`."""
+    counts = [valid.sum(1)] + [bad.sum().view(1) for _, bad, _, _ in range_checks]
+    read = torch.cat(counts).tolist()  # the one host sync
+    for (targets, bad, ignore, name), n_bad in zip(range_checks, read[valid.shape[0]:], strict=True):
+        if n_bad:
+            raise_out_of_range(targets, bad, vocab_size, ignore, name)
+    return read[: valid.shape[0]]
+
+
 class _Plan:
     """Where each chunk's rows are, computed once per call (one host sync), so that no chunk needs another.
 
@@ -266,12 +279,7 @@ class _Plan:
         n_seq, self.n_tok = valid.shape
         self.n_pairs = n_seq // 2
         if per_seq is None:  # else the caller read the counts back and checked the range
-            counts = [valid.sum(1)] + [bad.sum().view(1) for _, bad, _, _ in range_checks]
-            read = torch.cat(counts).tolist()  # the one host sync of the call
-            per_seq = read[:n_seq]
-            for (targets, bad, ignore, name), n_bad in zip(range_checks, read[n_seq:], strict=True):
-                if n_bad:
-                    raise_out_of_range(targets, bad, vocab_size, ignore, name)
+            per_seq = count_rows_per_sequence(valid, vocab_size, range_checks)
         self.start = [0]
         for n in per_seq:
             self.start.append(self.start[-1] + n)

@@ -18,7 +18,13 @@ import torch
 
 from tpo_fast.ops import torch_chunked
 from tpo_fast.ops._compile import eager_under_compile
-from tpo_fast.ops._validate import check_primitive_inputs, check_target_range, out_of_range, raise_out_of_range
+from tpo_fast.ops._validate import (
+    _desc,
+    check_primitive_inputs,
+    check_target_range,
+    out_of_range,
+    raise_out_of_range,
+)
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
 from tpo_fast.ops.torch_chunked import autocast_off
@@ -108,15 +114,12 @@ def _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, back
 def _check_valid_rows(valid_rows: object, n_rows: int, device: torch.device) -> None:
     """Host-side checks of a caller's `valid_rows` (what is checked without reading the device back)."""
     if not isinstance(valid_rows, torch.Tensor) or valid_rows.dtype != torch.int64 or valid_rows.dim() != 1:
-        raise TypeError(f"valid_rows must be a 1-D int64 tensor of row indices, got {_what(valid_rows)}")
+        what = _desc(valid_rows) if isinstance(valid_rows, torch.Tensor) else type(valid_rows).__name__
+        raise TypeError(f"valid_rows must be a 1-D int64 tensor of row indices, got {what}")
     if valid_rows.device != device:
         raise ValueError(f"valid_rows must be on the device of hidden ({device}), got {valid_rows.device}")
     if valid_rows.numel() > n_rows:
         raise ValueError(f"valid_rows holds {valid_rows.numel()} indices for {n_rows} rows")
-
-
-def _what(t: object) -> str:
-    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

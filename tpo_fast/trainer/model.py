@@ -297,26 +297,28 @@ _LAST_HOST: list = []
 def host_batch(batch: dict[str, torch.Tensor], ignore_index: int) -> HostBatch:
     """The batch's `HostBatch`: one device-to-host copy, or none when the step's other pass already made it (the same
     tensors, none modified in place since)."""
-    key = [(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index]
     if _LAST_HOST:
         (*refs, ignore), host = _LAST_HOST
         if ignore == ignore_index and all(r() is batch[k] and v == batch[k]._version
                                           for (r, v), k in zip(refs, HOST_KEYS, strict=True)):
             return host
-    ids, mask, labels, index = host_copy(*(batch[k] for k in HOST_KEYS))
-    targets = shift_labels(labels, ignore_index)
-    host = HostBatch(ids, mask, index, targets != ignore_index, targets)
-    _LAST_HOST[:] = [key, host]
-    return host
+    return _remember(batch, host_copy(*(batch[k] for k in HOST_KEYS)), ignore_index)
 
 
 def seed_host_batch(batch: dict[str, torch.Tensor], host_tensors: dict[str, torch.Tensor], ignore_index: int) -> None:
     """Record `host_tensors` (the CPU tensors a batch was moved to the device from: `TPOTrainer._prepare_inputs`) as
     the host copy of `batch`, so that the step reads nothing back to plan (copies: the caller keeps its own)."""
-    ids, mask, labels, index = (host_tensors[k].clone() for k in HOST_KEYS)
+    _remember(batch, [host_tensors[k].clone() for k in HOST_KEYS], ignore_index)
+
+
+def _remember(batch: dict[str, torch.Tensor], host_tensors: list[torch.Tensor], ignore_index: int) -> HostBatch:
+    """The `HostBatch` of `host_tensors` (the batch's `HOST_KEYS`, on the host), kept as the copy of `batch`'s
+    tensors, by their identity and version."""
+    ids, mask, labels, index = host_tensors
     targets = shift_labels(labels, ignore_index)
-    key = [(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index]
-    _LAST_HOST[:] = [key, HostBatch(ids, mask, index, targets != ignore_index, targets)]
+    host = HostBatch(ids, mask, index, targets != ignore_index, targets)
+    _LAST_HOST[:] = [[(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index], host]
+    return host
 
 
 def grid_rows(
@@ -366,6 +368,12 @@ def response_branches(
     first response token are dropped (the lm_head work only ever sees response positions). The trunk
     runs packed per `options.shared_prefix` / `padding_free` where the model allows (`packing_mode`).
     """
+    hidden, corrupted_hidden, targets, _, _ = _response_branches(llava, batch, options)
+    return hidden, corrupted_hidden, targets
+
+
+def _response_branches(llava, batch, options: StepOptions):
+    """`response_branches`, plus the batch's host copy and the response window (for `grid_rows`)."""
     needed = ["input_ids", "attention_mask", "labels", "pixel_values", "image_index"]
     if options.corrupted_rows is not None:
         needed.append("corrupted_pixel_values")
@@ -374,12 +382,6 @@ def response_branches(
             raise KeyError(
                 f"a {options.objective} batch needs {key!r} (build it with TPOCollator over a PreferenceDataset)"
             )
-    hidden, corrupted_hidden, targets, _, _ = _response_branches(llava, batch, options)
-    return hidden, corrupted_hidden, targets
-
-
-def _response_branches(llava, batch, options: StepOptions):
-    """`response_branches`, plus the batch's host copy and the response window (for `grid_rows`)."""
     host = host_batch(batch, options.ignore_index)  # the plan's one read-back (none for the step's second pass)
     check_batch_images(batch, host.image_index)
     window = response_window(host.targets, options.ignore_index)

@@ -153,11 +153,12 @@ def host_copy(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """CPU copies of integer or bool `tensors` from one device-to-host copy (on CUDA each copy waits for the device
     to drain: one wait, not one per tensor)."""
     flat = torch.cat([t.detach().reshape(-1).long() for t in tensors]).cpu()
-    out, at = [], 0
-    for t in tensors:
-        out.append(flat[at:at + t.numel()].view(t.shape).to(t.dtype))
-        at += t.numel()
-    return out
+    return [part.to(t.dtype) for part, t in zip(_views(flat, tensors), tensors, strict=True)]
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into consecutive views of the shapes of `like` (what `torch.cat` of their flattenings made)."""
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -165,11 +166,7 @@ def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.
     without waiting (a copy from pageable memory waits for the device to drain, the host then idle)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
-    out, at = [], 0
-    for t in tensors:
-        out.append(flat[at:at + t.numel()].view(t.shape))
-        at += t.numel()
-    return out
+    return _views(flat, tensors)
 
 
 def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> torch.Tensor:
