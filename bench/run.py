@@ -175,8 +175,8 @@ def _versions() -> dict:
 
 
 def _cpu_name() -> str:
-    """The CPU's model name and core count, and its bf16 units where it has them (with AMX the `torch` backend
-    runs its GEMMs with bf16 inputs on them, so they change a bf16 table): ", AMX-BF16" or ", AVX512-BF16"."""
+    """The CPU's model name and core count, and its bf16 units where it has them (with either the `torch`
+    backend runs its GEMMs with bf16 inputs on them, so they change a bf16 table): ", AMX-BF16" or ", AVX512-BF16"."""
     name, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,12 +1,13 @@
 """The torch backend's bf16 GEMMs on a CPU (`torch_chunked.bf16_gemms`).
 
-With bf16 hidden states and weight on a CPU with AMX, the backend's fp32 GEMMs run on its bf16 units:
+With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the backend's fp32 GEMMs run
+on them:
 oneDNN rounds each operand to bf16 and accumulates in fp32. For the logits GEMM that rounding changes
 nothing (every operand value already is a bf16 number); the gradient GEMMs take dZ rounded once to bf16,
 as the triton backend does. These tests pin what makes that safe: the setting is on only with bf16
-inputs (never with fp32 or fp16 ones, nor without AMX), it is restored afterwards (also after an error),
+inputs (never with fp32 or fp16 ones, nor without bf16 units), it is restored afterwards (also after an error),
 the logits keep fp32 accuracy, and the gradients stay within one bf16 rounding of dZ of float64 math,
-computed here from the same bf16 values. The tests answer the AMX check themselves, so that they test the
+computed here from the same bf16 values. The tests answer the bf16-units check themselves, so that they test the
 same on every host (a host without bf16 units runs the GEMMs in fp32 inside the region).
 """
 
@@ -33,9 +34,9 @@ def _inputs(dtype, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def amx(monkeypatch):
-    """The AMX check, answered True unless a test says otherwise."""
-    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: True)
+def bf16_units(monkeypatch):
+    """The bf16-units check, answered True unless a test says otherwise."""
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: True)
 
 
 @pytest.fixture
@@ -88,33 +89,45 @@ def test_setting_is_scoped_and_restored(keep_legacy_precision, user):
     assert torch.get_float32_matmul_precision() == before_legacy
 
 
-def test_only_bf16_inputs_on_a_cpu_with_amx(monkeypatch):
+def test_only_bf16_inputs_on_a_cpu_with_bf16_units(monkeypatch):
     h = torch.zeros(2, 3, dtype=torch.bfloat16)
     assert torch_chunked.uses_bf16_gemms(h, torch.bfloat16)
-    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: False)
     assert not torch_chunked.uses_bf16_gemms(h, torch.bfloat16)
-    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: True)
     assert not torch_chunked.uses_bf16_gemms(h, torch.float32)
     assert not torch_chunked.uses_bf16_gemms(h.float(), torch.bfloat16)
     assert not torch_chunked.uses_bf16_gemms(h.half(), torch.float16)
     assert not torch_chunked.uses_bf16_gemms(h.to("meta"), torch.bfloat16)  # not a CPU tensor
 
 
-def test_the_amx_check_asks_torch(monkeypatch):
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, False, True), (False, True, True), (True, True, True),
+                                                     (False, False, False)])
+def test_the_bf16_units_check_asks_torch(monkeypatch, amx, avx512_bf16, expected):
+    """AMX tiles or AVX512-BF16, each asked of torch; neither (an AVX2 CPU) keeps fp32."""
     monkeypatch.undo()  # the real check, not the fixture's answer
-    real = torch_chunked.cpu_has_amx
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert real() is True
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert real() is False
+    real = torch_chunked.cpu_has_bf16_units
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert real() is expected
+
+
+def test_the_bf16_units_check_without_an_answer(monkeypatch):
+    """A torch without a probe, or a probe that fails (cpuinfo), counts as no bf16 units; the other probe still
+    answers."""
+    monkeypatch.undo()
+    real = torch_chunked.cpu_has_bf16_units
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert real() is False  # a torch without the probe: fp32
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert real() is False  # a torch without the probes: fp32
 
     def fails():
         raise RuntimeError("cpuinfo failed")
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", fails, raising=False)
     assert real() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert real() is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -180,8 +193,8 @@ def test_bf16_results_against_float64(monkeypatch, seed):
     assert (err <= bound).all(), float((err / bound).max())
 
 
-def test_a_cpu_without_amx_keeps_fp32(calls, monkeypatch):
-    monkeypatch.setattr(torch_chunked, "cpu_has_amx", lambda: False)
+def test_a_cpu_without_bf16_units_keeps_fp32(calls, monkeypatch):
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: False)
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)
     hidden, weight, targets = _inputs(torch.bfloat16)
     hidden.requires_grad_()
