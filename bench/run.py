@@ -96,10 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="untimed calls first (default: 1 on CPU, 3 on CUDA; step workload: 1 on CPU, 2 on CUDA)",
     )
     p.add_argument(
-        "--rounds", type=int, default=1,
+        "--rounds", type=int, default=None,
         help="CPU: spread the --repeats timed calls over this many rounds, each round timing every contender "
         "once more in its own child, so that a drift of the host's speed during the run reaches every "
-        "contender alike (default 1: each contender's calls in one go)",
+        "contender alike (default on CPU: 3, at most --repeats; step-only runs and CUDA: 1, each contender's "
+        "calls in one go)",
     )
     p.add_argument(
         "--search-s", type=float, default=None,
@@ -258,7 +259,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
             f"no case runs these workloads: the step cases ({', '.join(STEP_CASES)}) run only --workloads step, "
             "the other cases only the other workloads"
         )
-    if family(cases[0]) == "step" and all(family(c) == "step" for c in cases):  # the step defaults, each on its own
+    steps_only = family(cases[0]) == "step" and all(family(c) == "step" for c in cases)
+    if steps_only:  # the step defaults, each on its own
         d_repeats, d_warmup = step_repeats, step_warmup
     names = _contender_names(args.contenders or ",".join(DEFAULT))
     backends = _backends(names)
@@ -272,11 +274,17 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         raise SystemExit("--warmup must be >= 1: the first, untimed call is also the one whose result is checked")
     if args.deadline_s is not None and args.deadline_s <= 0:
         raise SystemExit(f"--deadline-s must be a positive number of seconds, got {args.deadline_s:g}")
-    if args.rounds < 1 or args.rounds > repeats:
-        raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {args.rounds}")
+    rounds = args.rounds
+    if rounds is None:
+        # On a CPU the loss workloads' calls take milliseconds, and the host's speed drifts between children: in
+        # one go, two contenders running the same code (tpo_fast [torch] auto and fused) came out 1.14-1.19x
+        # apart (2026-12-06, default case); in 5 rounds within 5%. A step child builds its model per round.
+        rounds = 1 if device == "cuda" or steps_only else min(3, repeats)
+    if rounds < 1 or rounds > repeats:
+        raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {rounds}")
     if args.stem is not None and (os.path.basename(args.stem) != args.stem or args.stem in ("", ".", "..")):
         raise SystemExit(f"--stem is a file name without a folder, got {args.stem!r}; --out picks the folder")
-    if args.rounds > 1 and device == "cuda":
+    if rounds > 1 and device == "cuda":
         raise SystemExit("--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
                          "child per contender measures memory and time (leave --rounds at 1)")
     return {
@@ -288,7 +296,7 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "contenders": contenders,
         "dtype": args.dtype or d_dtype,
         "repeats": repeats,
-        "rounds": args.rounds,
+        "rounds": rounds,
         "warmup": args.warmup if args.warmup is not None else d_warmup,
         "seed": args.seed,
         "threads": args.threads,

@@ -29,7 +29,7 @@ def test_the_command_line_defaults(mods):
     run, _, workloads = mods
     a = run.parse_args([])
     assert (a.device, a.cases, a.contenders, a.workloads, a.dtype, a.repeats, a.warmup, a.rounds, a.search_s) == (
-        "auto", None, None, ",".join(workloads.DEFAULT_WORKLOADS), None, None, None, 1, None)
+        "auto", None, None, ",".join(workloads.DEFAULT_WORKLOADS), None, None, None, None, None)
     assert (a.seed, a.threads, a.out.resolve(), a.stem, a.no_plots, a.timeout, a.deadline_s) == (
         0, None, (BENCH / "results").resolve(), None, False, 3600, None)
     a = run.parse_args(["--device", "cpu", "--dtype", "bf16", "--repeats", "7", "--warmup", "2", "--rounds", "3",
@@ -58,7 +58,7 @@ def test_the_plan_takes_each_devices_defaults(mods):
     run, contenders, workloads = mods
     names = lambda cases: [c.name for c in cases]  # noqa: E731
     cpu = _plan(run, [])
-    assert (cpu["device"], cpu["dtype"], cpu["repeats"], cpu["warmup"], cpu["rounds"]) == ("cpu", "fp32", 5, 1, 1)
+    assert (cpu["device"], cpu["dtype"], cpu["repeats"], cpu["warmup"], cpu["rounds"]) == ("cpu", "fp32", 5, 1, 3)
     assert names(cpu["cases"]) == names(workloads.parse_cases("cpu"))
     assert cpu["workloads"] == list(workloads.DEFAULT_WORKLOADS)
     assert cpu["names"] == list(contenders.DEFAULT) and cpu["backends"] == contenders.TPO_FAST_BACKENDS
@@ -66,16 +66,17 @@ def test_the_plan_takes_each_devices_defaults(mods):
     assert (cpu["seed"], cpu["threads"], cpu["timeout"], cpu["search_s"], cpu["deadline"], cpu["deadline_s"]) == (
         0, None, 3600, None, None, None)
     gpu = _plan(run, [], cuda=True)
-    assert (gpu["device"], gpu["dtype"], gpu["repeats"], gpu["warmup"]) == ("cuda", "bf16", 20, 3)
+    assert (gpu["device"], gpu["dtype"], gpu["repeats"], gpu["warmup"], gpu["rounds"]) == ("cuda", "bf16", 20, 3, 1)
     assert names(gpu["cases"]) == names(workloads.parse_cases("gpu"))
     step = _plan(run, ["--workloads", "step"])
-    assert (names(step["cases"]), step["repeats"], step["warmup"]) == (["cpu-step"], 3, 1)
+    assert (names(step["cases"]), step["repeats"], step["warmup"], step["rounds"]) == (["cpu-step"], 3, 1, 1)
     step = _plan(run, ["--workloads", "step"], cuda=True)
     assert (names(step["cases"]), step["repeats"], step["warmup"], step["dtype"]) == (["llava7b-step"], 10, 2, "bf16")
     both = _plan(run, ["--workloads", " tpo , step ,"])
     assert both["workloads"] == ["tpo", "step"]
     assert names(both["cases"]) == names(workloads.parse_cases("cpu")) + ["cpu-step"]
-    assert (both["repeats"], both["warmup"]) == (5, 1)
+    assert (both["repeats"], both["warmup"], both["rounds"]) == (5, 1, 3)
+    assert _plan(run, ["--repeats", "2"])["rounds"] == 2  # never more rounds than timed calls
     first_step = _plan(run, ["--workloads", "tpo,step", "--cases", "cpu-step,cpu-tiny"])
     assert (first_step["repeats"], first_step["warmup"]) == (5, 1)  # not all step cases: the loss defaults
     given = _plan(run, ["--dtype", "bf16", "--repeats", "4", "--warmup", "2", "--rounds", "2", "--seed", "5",
@@ -85,6 +86,16 @@ def test_the_plan_takes_each_devices_defaults(mods):
     before = time.time()
     timed = _plan(run, ["--deadline-s", "100"])
     assert timed["deadline_s"] == 100 and before + 100 <= timed["deadline"] <= time.time() + 100
+
+
+def test_the_defaults_time_the_fused_path_once(mods):
+    """The plain tpo_fast contender runs the losses' default ("auto": the fused path), so the default list leaves out
+    `-fused`, the same code under another name; named, it runs, and 'tpo_fast' still lists it."""
+    run, contenders, _ = mods
+    assert "tpo_fast-torch" in contenders.DEFAULT and "tpo_fast-torch-recompute" in contenders.DEFAULT
+    assert not [n for n in contenders.DEFAULT if n.endswith("-fused")]
+    assert "tpo_fast-torch-fused" in _plan(run, ["--contenders", "naive,tpo_fast-torch-fused"])["names"]
+    assert "tpo_fast-triton-fused" in run._contender_names("tpo_fast")
 
 
 def test_cce_runs_on_a_cpu_only_when_named(mods):
