@@ -143,10 +143,15 @@ MESSAGES = [
                  "corrupted_hidden must be (B, T, D) = (2, 4, D) or (B*T, D) = (8, D) to match the targets, "
                  f"got float32 of shape (7, 5){HC_HINT}", id="ref-corrupted-2d"),
     pytest.param(_loss(corrupted_hidden=HC[..., :3]), ValueError,
-                 "corrupted_hidden must have the hidden size 5 of hidden, got float32 of shape (8, 3)",
+                 "corrupted_hidden must have the weight's hidden size D = 5 (weight is float32 of shape (7, 5)), "
+                 "got float32 of shape (2, 4, 3)",
                  id="corrupted-hidden-size"),
+    pytest.param(_loss(hidden=H[..., :3]), ValueError,
+                 "hidden must have the weight's hidden size D = 5 (weight is float32 of shape (7, 5)), got float32 "
+                 "of shape (4, 4, 3)", id="hidden-size"),
     pytest.param(_seq(hidden=H.flatten(0, 1), corrupted_hidden=torch.zeros(8, 6, dtype=torch.float64)), ValueError,
-                 "corrupted_hidden must have the hidden size 5 of hidden, got float64 of shape (8, 6)",
+                 "corrupted_hidden must have the weight's hidden size D = 5 (weight is float32 of shape (7, 5)), "
+                 "got float64 of shape (8, 6)",
                  id="seq-corrupted-hidden-size-2d"),
     # ---- options
     pytest.param(lambda: check_povid_options("0.5"), TypeError, f"noise_weight {REAL} str", id="noise-str"),

@@ -157,8 +157,13 @@ MESSAGES = [
                  "corrupted_hidden must be (2B, T, D) = (4, 5, D) or (2B*T, D) = (20, D) to match the targets, "
                  "got float32 of shape (4, 4, 6)" + HINT, id="corrupted-hidden-rows"),
     pytest.param(_tpo(corrupted_hidden=torch.zeros(20, D + 1), ref_seq_scores=RSEQ),
-                 "corrupted_hidden must have the shape of hidden (4, 5, 6), got float32 of shape (20, 7)",
+                 "corrupted_hidden must have the weight's hidden size D = 6 (weight is float32 of shape (11, 6)), "
+                 "got float32 of shape (20, 7)",
                  id="corrupted-hidden-width"),
+    # the wrong one is named: hidden's D against the weight's, before corrupted_hidden is compared with it
+    pytest.param(_tpo(hidden=torch.zeros(4, T, D + 1), ref_seq_scores=RSEQ),
+                 "hidden must have the weight's hidden size D = 6 (weight is float32 of shape (11, 6)), "
+                 "got float32 of shape (4, 5, 7)", id="hidden-width"),
     pytest.param(_tpo(corrupted_hidden=None, ref_seq_scores=RSEQ),
                  "corrupted_hidden is required when weighting='tpo' (hidden states of the same sequences on the "
                  "corrupted image); use weighting='none' or dpo_loss for plain DPO", id="corrupted-hidden-missing"),

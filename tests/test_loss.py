@@ -709,7 +709,7 @@ def _error_cases():
         pytest.param(
             bad(corrupted_hidden=torch.zeros(b, T, D + 1)),
             ValueError,
-            "corrupted_hidden must have the shape of hidden",
+            "corrupted_hidden must have the weight's hidden size D",
             id="corrupted-width",
         ),
         pytest.param(
@@ -721,7 +721,7 @@ def _error_cases():
         pytest.param(
             bad(ref_corrupted_hidden=torch.zeros(b * T, D + 2)),
             ValueError,
-            "ref_corrupted_hidden must have the shape of hidden",
+            "ref_corrupted_hidden must have the weight's hidden size D",
             id="ref-corrupted-shape",
         ),
         pytest.param(

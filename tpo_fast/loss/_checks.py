@@ -170,10 +170,16 @@ def check_tensors(**named: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: str = "") -> torch.Tensor:
-    """(n_seq, n_tok, D) or (n_seq*n_tok, D) -> (n_seq*n_tok, D); `label` names n_seq in the error."""
+def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: str = "",
+         weight: object = None) -> torch.Tensor:
+    """(n_seq, n_tok, D) or (n_seq*n_tok, D) -> (n_seq*n_tok, D); `label` names n_seq in the error. With a 2-D
+    `weight` (V, D), D must be its hidden size: checked here, before `t` is compared with another branch's rows,
+    so that the error names the tensor that is wrong."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and t.dim() in (2, 3) and t.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name} must have the weight's hidden size D = {weight.shape[1]} (weight is "
+                         f"{_shape(weight)}), got {_shape(t)}")
     if t.dim() == 3 and t.shape[:2] == (n_seq, n_tok):
         return t.flatten(0, 1)
     if t.dim() == 2 and t.shape[0] == n_seq * n_tok:

@@ -70,12 +70,13 @@ def _check_targets(targets: object) -> tuple[int, int]:
     return targets.shape[0] // 2, targets.shape[1]
 
 
-def _povid_rows(hidden, corrupted_hidden, n_pairs: int, n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
-    h = rows("hidden", hidden, 2 * n_pairs, n_tok)
-    hc = rows("corrupted_hidden", corrupted_hidden, n_pairs, n_tok, label="B",
-              hint="; corrupted hidden states cover the B chosen rows only")
+def _povid_rows(hidden, corrupted_hidden, n_pairs: int, n_tok: int, weight=None,
+                names=("hidden", "corrupted_hidden")) -> tuple[torch.Tensor, torch.Tensor]:
+    h = rows(names[0], hidden, 2 * n_pairs, n_tok, weight=weight)
+    hc = rows(names[1], corrupted_hidden, n_pairs, n_tok, label="B",
+              hint="; corrupted hidden states cover the B chosen rows only", weight=weight)
     if hc.shape[1] != h.shape[1]:
-        raise ValueError(f"corrupted_hidden must have the hidden size {h.shape[1]} of hidden, got {_shape(hc)}")
+        raise ValueError(f"{names[1]} must have the hidden size {h.shape[1]} of {names[0]}, got {_shape(hc)}")
     return h, hc
 
 
@@ -165,7 +166,7 @@ def povid_sequence_scores(
         per-token "argmax" (B, T) (-1 at ignored positions) for diagnostics.
     """
     n_pairs, n_tok = _check_targets(targets)
-    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok, weight)
     return _sequence_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
 
 
@@ -222,7 +223,7 @@ def povid_reference_scores(
     seeded per example (the official draws fresh noise at every load).
     """
     n_pairs, n_tok = _check_targets(targets)
-    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok, weight)
     return _reference_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
 
 
@@ -266,7 +267,8 @@ def _povid_reference(weight, bias, targets, ref: dict, opts: dict, rows: _Rows |
     if ref_w.shape != weight.shape:
         raise ValueError(f"ref_weight must have the (V, D) shape of weight {tuple(weight.shape)}, got {_shape(ref_w)}")
     n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
-    ref_h, ref_hc = _povid_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"], n_pairs, n_tok)
+    ref_h, ref_hc = _povid_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"], n_pairs, n_tok, ref_w,
+                                ("ref_hidden", "ref_corrupted_hidden"))
     if rows is not None:  # the policy's read-back counted the same targets; the reference's inputs checked here
         check_primitive_inputs(ref_h, ref_w, targets.reshape(-1), ref_b)
     return _reference_scores(ref_w, ref_h, ref_hc, targets, ref_b, rows, **opts)
@@ -386,7 +388,7 @@ def povid_loss(
     if weight is None:
         raise TypeError("weight must be a torch.Tensor (the (V, D) lm_head weight), got None")
     n_pairs, n_tok = _check_targets(targets)
-    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok)
+    h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok, weight)
     opts = dict(average_log_prob=average_log_prob, ignore_index=ignore_index, backend=backend)
     ref = dict(ref_hidden=ref_hidden, ref_corrupted_hidden=ref_corrupted_hidden, ref_weight=ref_weight,
                ref_bias=ref_bias, ref_seq_scores=ref_seq_scores)

@@ -192,10 +192,10 @@ def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index,
     return logp, s
 
 
-def _branch_rows(hidden, corrupted_hidden, targets, weighting, names=("hidden", "corrupted_hidden")):
-    """Flattened (2B*T, D) clean and corrupted rows, checked against targets and each other."""
+def _branch_rows(hidden, corrupted_hidden, targets, weighting, names=("hidden", "corrupted_hidden"), weight=None):
+    """Flattened (2B*T, D) clean and corrupted rows, checked against targets, `weight`'s D and each other."""
     n_seq, n_tok = targets.shape
-    h = rows(names[0], hidden, n_seq, n_tok, hint=_ROW_HINT)
+    h = rows(names[0], hidden, n_seq, n_tok, hint=_ROW_HINT, weight=weight)
     if weighting == "tpo" and corrupted_hidden is None:
         if names[0] == "ref_hidden":
             raise ValueError("weighting='tpo' needs ref_corrupted_hidden with ref_hidden: "
@@ -206,7 +206,7 @@ def _branch_rows(hidden, corrupted_hidden, targets, weighting, names=("hidden", 
         )
     hc = None
     if corrupted_hidden is not None:
-        hc = rows(names[1], corrupted_hidden, n_seq, n_tok, hint=_ROW_HINT)
+        hc = rows(names[1], corrupted_hidden, n_seq, n_tok, hint=_ROW_HINT, weight=weight)
         if hc.shape != h.shape:
             raise ValueError(f"{names[1]} must have the shape of hidden {tuple(hidden.shape)}, "
                              f"got {_shape(corrupted_hidden)}")
@@ -238,7 +238,7 @@ def reference_sequence_scores(
     check_loss_options(0.1, weighting, offset)
     check_kernel_options("fused", backend, ignore_index)
     targets = check_targets(targets)
-    h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting)
+    h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting, weight=weight)
     with torch.no_grad():
         logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend, valid_rows)
         return sequence_scores(logp, s, targets != ignore_index, weighting, offset, average_log_prob)
@@ -358,7 +358,7 @@ def _model_reference(weight, bias, h, targets, ref, o: _Options, as_branch: bool
     if rows("ref_hidden", ref["ref_hidden"], *targets.shape, hint=_ROW_HINT).shape != h.shape:
         raise ValueError(f"ref_hidden must have the shape of hidden {tuple(h.shape)}, got {_shape(ref['ref_hidden'])}")
     rh, rhc = _branch_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"] if o.weighting == "tpo" else None,
-                           targets, o.weighting, names=("ref_hidden", "ref_corrupted_hidden"))
+                           targets, o.weighting, names=("ref_hidden", "ref_corrupted_hidden"), weight=ref_w)
     if as_branch:
         return PairBranch(*(None if t is None else t.detach() for t in (rh, ref_w, ref_b, rhc)))
     with torch.no_grad():
@@ -431,7 +431,7 @@ def tpo_loss(
                  real_scalar("label_smoothing", label_smoothing), bool(reference_free), bool(average_log_prob),
                  int(ignore_index), backend, grad_mode)
     targets = check_targets(targets)
-    h, hc = _branch_rows(hidden, corrupted_hidden, targets, weighting)
+    h, hc = _branch_rows(hidden, corrupted_hidden, targets, weighting, weight=weight)
     ref = dict(ref_hidden=ref_hidden, ref_corrupted_hidden=ref_corrupted_hidden, ref_weight=ref_weight,
                ref_bias=ref_bias, ref_seq_scores=ref_seq_scores, ref_token_logprobs=ref_token_logprobs,
                ref_visual_scores=ref_visual_scores)
