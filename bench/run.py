@@ -176,7 +176,7 @@ def _versions() -> dict:
 
 
 def _cpu_name() -> str:
-    """The CPU's model name and core count, and its bf16 units where it has them (with either the `torch`
+    """The CPU's model name and core count, and its bf16 units where it has them (on either, the `torch`
     backend runs its GEMMs with bf16 inputs on them, so they change a bf16 table): ", AMX-BF16" or ", AVX512-BF16"."""
     name, flags = None, set()
     try:
