@@ -32,7 +32,7 @@ import torch
 from tpo_fast.loss import check_loss_options, dpo_loss, reference_sequence_scores, tpo_loss
 from tpo_fast.loss._checks import check_kernel_options
 from tpo_fast.loss.povid import check_povid_options, povid_loss, povid_reference_scores
-from tpo_fast.ops._validate import out_of_range, raise_out_of_range
+from tpo_fast.ops._validate import check_target_range
 from tpo_fast.ops.fused_pairs import take_stored_grads, uses_fused_gradient
 from tpo_fast.ops.token_logprobs import valid_row_index
 from tpo_fast.trainer._versions import require_transformers
@@ -329,9 +329,7 @@ def grid_rows(
     back."""
     host_grid = host.targets[:, window]
     valid = host_grid != ignore_index
-    bad = out_of_range(host_grid, valid, vocab_size)
-    if bool(bad.any()):  # host tensors: no wait
-        raise_out_of_range(host_grid, bad, vocab_size, ignore_index)
+    check_target_range(host_grid, valid, vocab_size, ignore_index)  # host tensors: no wait
     return valid_row_index(targets.reshape(-1) != ignore_index, int(valid.sum()))
 
 

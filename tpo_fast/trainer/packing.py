@@ -161,9 +161,9 @@ def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """int64 CPU `tensors` on `device` from one host-to-device copy, views of one buffer. On CUDA from pinned memory
-    without waiting (a copy from pageable memory waits for the device to drain, the host then idle)."""
+def host_to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU `tensors` of one dtype on `device` from one host-to-device copy, views of one buffer. On CUDA from pinned
+    memory without waiting (a copy from pageable memory waits for the device to drain, the host then idle)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
     return _views(flat, tensors)
@@ -290,7 +290,7 @@ def pack_batch(
     maps = [t.view(n_rows, length) for t in (source, position, group, segment)]
     maps += [base + local, grid_rows * grid_width + cols - window.start]
     return Packing(
-        *_to_device(maps, device),
+        *host_to_device(maps, device),
         grid_shape=(rows, grid_width),
         implementation=implementation,
         sliding_window=sliding_window,

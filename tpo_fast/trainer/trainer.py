@@ -42,7 +42,7 @@ from tpo_fast.trainer.model import (
     sequence_reference_scores,
     unwrap_llava,
 )
-from tpo_fast.trainer.packing import may_pack, packing_mode
+from tpo_fast.trainer.packing import host_to_device, may_pack, packing_mode
 from tpo_fast.trainer.reference_cache import (
     base_dataset,
     dataset_digest,
@@ -566,11 +566,9 @@ class TPOTrainer(Trainer):
                     "trainer.evaluate() / trainer.predict() on a dataset given to TPOTrainer (train or eval_dataset)"
                 )
             rows = lookup_scores(self._ref_tables[name], self._index_on_host(inputs), name, self._reference_cache_path)
-            # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout. To the device
-            # from pinned memory without waiting (a pageable copy waits for the device to drain).
-            scores = rows.t().reshape(-1).to(torch.float32)
-            device = inputs["input_ids"].device
-            return scores.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scores.to(device)
+            # (B, K) -> (K B,): chosen scores, then rejected (then POVID's noisy), the loss's layout; to the device
+            # without waiting for it
+            return host_to_device([rows.t().reshape(-1).to(torch.float32)], inputs["input_ids"].device)[0]
         return None  # "adapter": computed inside the policy's forward; "none": reference-free
 
     # ----- checkpoints -----------------------------------------------------------------------
