@@ -1,14 +1,15 @@
-"""The torch backend's bf16 GEMMs on a CPU (`torch_chunked.bf16_gemms`).
+"""The torch backend's bf16 GEMMs on a CPU (`torch_chunked.bf16_gemms`, `torch_chunked.gradient_gemms`).
 
-With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the backend's fp32 GEMMs run
-on them:
-oneDNN rounds each operand to bf16 and accumulates in fp32. For the logits GEMM that rounding changes
-nothing (every operand value already is a bf16 number); the gradient GEMMs take dZ rounded once to bf16,
-as the triton backend does. These tests pin what makes that safe: the setting is on only with bf16
-inputs (never with fp32 or fp16 ones, nor without bf16 units), it is restored afterwards (also after an error),
-the logits keep fp32 accuracy, and the gradients stay within one bf16 rounding of dZ of float64 math,
-computed here from the same bf16 values. The tests answer the bf16-units check themselves, so that they test the
-same on every host (a host without bf16 units runs the GEMMs in fp32 inside the region).
+With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the backend's GEMMs run
+on them. The logits GEMM runs in oneDNN's bf16 mode (`bf16_gemms`: each fp32 operand rounded to bf16, fp32
+accumulation and results), where that rounding changes nothing (every operand value already is a bf16 number).
+The gradient GEMMs (`gradient_gemms`) take dZ rounded once to bf16 in its own buffer (`narrow_to_bf16`), as
+the triton backend does, and run as native bf16 products. These tests pin what makes that safe: the mode is
+on only with bf16 inputs (never with fp32 or fp16 ones, nor without bf16 units), it is restored afterwards (also
+after an error), the logits keep fp32 accuracy, the narrowing equals a cast, and the gradients stay within one
+bf16 rounding of dZ and one of their own of float64 math, computed here from the same bf16 values. The tests
+answer the bf16-units check themselves, so that they test the same on every host (a host without bf16 units runs
+the mode's GEMMs in fp32, and the native bf16 products without the units' speed).
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def calls(monkeypatch):
         return Recorded()
 
     monkeypatch.setattr(torch_chunked, "bf16_gemms", spy)
+    return seen
+
+
+@pytest.fixture
+def mm_dtypes(monkeypatch):
+    """The operand dtypes of every `torch.mm` (the gradient GEMMs; the logits GEMM is a `@`)."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = torch.mm
+
+    def spy(a, b, **kw):
+        seen.append((a.dtype, b.dtype))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", spy)
     return seen
 
 
@@ -131,7 +146,7 @@ def test_the_bf16_units_check_without_an_answer(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_token_stats_forward_and_backward(calls, monkeypatch, dtype):
+def test_token_stats_forward_and_backward(calls, mm_dtypes, monkeypatch, dtype):
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # 36 valid rows in 3 chunks
     hidden, weight, targets = _inputs(dtype)
     hidden.requires_grad_()
@@ -139,14 +154,20 @@ def test_token_stats_forward_and_backward(calls, monkeypatch, dtype):
     out = tpo_fast.token_stats(hidden, weight, targets, backend="torch")
     out.logprobs.sum().backward()
     on = dtype == torch.bfloat16
-    # 3 forward chunks; in backward, per chunk the recomputed logits and the two gradient GEMMs
-    assert [e for e, _ in calls] == [on] * 9
+    # the logits GEMM in the mode: 3 forward chunks, and the 3 recomputed in backward
+    assert [e for e, _ in calls] == [on] * 6
     if HAS_SETTING:
         assert all((inside == "bf16") == on for _, inside in calls)
+    # per backward chunk the two gradient GEMMs: native bf16 with bf16 units; else fp32, where dW's later chunks
+    # accumulate in place (`addmm_`, not a `torch.mm`)
+    if on:
+        assert mm_dtypes == [(torch.bfloat16, torch.bfloat16)] * 6
+    else:
+        assert mm_dtypes == [(torch.float32, torch.float32)] * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_loss_policy_and_reference_branches(calls, dtype):
+def test_fused_loss_policy_and_reference_branches(calls, mm_dtypes, dtype):
     g = torch.Generator().manual_seed(3)
     b, t = 2, 9
     weight = (torch.randn(V, D, generator=g) * 0.5).to(dtype).requires_grad_()
@@ -158,8 +179,10 @@ def test_fused_loss_policy_and_reference_branches(calls, dtype):
     out = tpo_loss(weight, hidden, corrupted, targets, ref_hidden=ref_hidden, ref_corrupted_hidden=corrupted,
                    backend="torch", grad_mode="fused")
     out.loss.backward()
-    # one policy chunk (logits, then its gradient GEMMs) and one reference forward chunk
-    assert [e for e, _ in calls] == [dtype == torch.bfloat16] * 3
+    # the logits GEMMs of one policy chunk and one reference forward chunk in the mode; the policy chunk's two
+    # gradient GEMMs native bf16 with bf16 units
+    assert [e for e, _ in calls] == [dtype == torch.bfloat16] * 2
+    assert mm_dtypes == [(dtype, dtype)] * 2
 
 
 def _oracle(hidden, weight, targets, coef):
@@ -199,4 +222,53 @@ def test_a_cpu_without_bf16_units_keeps_fp32(calls, monkeypatch):
     hidden, weight, targets = _inputs(torch.bfloat16)
     hidden.requires_grad_()
     tpo_fast.token_stats(hidden, weight, targets, backend="torch").logprobs.sum().backward()
-    assert [e for e, _ in calls] == [False] * 9
+    assert [e for e, _ in calls] == [False] * 6
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 7), (2, 3), (3, 5), (5, 300), (17, 31), (64, 9), (0, 4), (3, 0)])
+def test_narrowing_equals_a_cast_in_the_same_memory(rows, cols):
+    """Every row block, row 0 (whose bf16 half lies inside itself) included, bit for bit as `.bfloat16()`:
+    NaN, infinities, a value that rounds to bf16's infinity, and ties of the round-to-nearest-even."""
+    g = torch.Generator().manual_seed(rows * 100 + cols)
+    x = torch.randn(rows, cols, generator=g) * 30
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0])
+    flat = x.view(-1)
+    flat[: min(flat.numel(), special.numel())] = special[: flat.numel()]
+    if flat.numel() > 20:
+        flat[-3:] = special[:3]  # in the last row block too
+    expected = x.bfloat16()
+    out = torch_chunked.narrow_to_bf16(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, cols)
+    assert out.numel() == 0 or out.data_ptr() == x.data_ptr()  # no second buffer
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("bad", ["bf16", "fp64", "strided"])
+def test_narrowing_refuses_what_it_cannot_overwrite(bad):
+    x = {"bf16": torch.zeros(3, 4, dtype=torch.bfloat16), "fp64": torch.zeros(3, 4, dtype=torch.float64),
+         "strided": torch.zeros(4, 3).t()}[bad]
+    with pytest.raises(ValueError, match="narrow_to_bf16 needs a contiguous float32 buffer"):
+        torch_chunked.narrow_to_bf16(x)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_bf16_weight_gradient_against_float64(monkeypatch, seed):
+    """The weight gradient of 3 chunks, each chunk's native bf16 product rounded once and summed in fp32: within
+    the rounding of dZ and of each chunk's product (2^-9 of the |softmax| terms each, doubled for fp32's own
+    error) and the gradient's own rounding of float64 math. A chunk's product that replaced the sum, or a dZ
+    narrowed wrongly, is off by whole entries."""
+    hidden, weight, targets = _inputs(torch.bfloat16, seed=seed)
+    weight.requires_grad_()
+    monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # 36 valid rows in 3 chunks
+    out = tpo_fast.token_stats(hidden, weight, targets, backend="torch")
+    coef = torch.linspace(-1, 1, N)
+    (out.logprobs * coef).sum().backward()
+    h64, w64 = hidden.double(), weight.detach().double()
+    valid = (targets != -100).double()
+    soft = torch.softmax(h64 @ w64.t(), -1)
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), V).double()
+    c = (coef.double() * valid)[:, None]
+    grad = (c * (onehot - soft)).t() @ h64
+    bound = 2**-7 * (c.abs() * soft).t() @ h64.abs() + 2**-8 * grad.abs()
+    err = (weight.grad.double() - grad).abs()
+    assert (err <= bound).all(), float((err / bound).max())

@@ -171,12 +171,14 @@ def test_triton_backend(seed):
     check(seed, "triton")
 
 
-# bf16: one rounding of each gradient (2**-8 of its largest entry, 3.9e-3) on the torch backend, whose GEMMs take
-# fp32 dZ; the triton backend's take dZ rounded to bf16, and its 16-bit dW is rounded once per chunk. The largest
-# errors over these seeds, both on a weight gradient: 4.5e-3 (torch), 6.1e-3 (triton; 9.1e-3 at seed 1026).
+# bf16: one rounding of each gradient (2**-8 of its largest entry, 3.9e-3), and the gradient GEMMs' inputs: the triton
+# backend's take dZ rounded to bf16 and round its 16-bit dW once per chunk; so do the torch backend's on a CPU with
+# bf16 units (AMX or AVX512-BF16: native bf16 products, each chunk's dW rounded once before an fp32 sum), and
+# elsewhere its GEMMs take fp32 dZ. The largest errors over these seeds, all on a weight gradient: torch 9.1e-3 with
+# bf16 units (seed 121, chunks of 8 rows), 4.5e-3 without; triton 6.1e-3 (9.1e-3 at seed 1026).
 @pytest.mark.parametrize("seed", range(100, 160))
 def test_torch_backend_bf16(seed):
-    check(seed, "torch", torch.bfloat16, 8e-3)
+    check(seed, "torch", torch.bfloat16, 1.5e-2)
 
 
 @pytest.mark.parametrize("seed", range(1100, 1140))

@@ -6,7 +6,8 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
 - `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
-  whose bf16 GEMMs on a CPU with bf16 inputs it shares (`torch_chunked.bf16_gemms`).
+  whose bf16 GEMMs on a CPU with bf16 inputs it shares (`torch_chunked.bf16_gemms` for the logits,
+  `torch_chunked.gradient_gemms` for dH and dW).
 - `TritonChunk`: the GEMM-shaped Triton forward stores each logits tile's `exp(z - tile max)` in the
   weight's dtype while it reduces the logsumexp and picks out the target logits (no second pass over the
   logits; a bf16 buffer is half the bytes of fp32 logits), a Triton kernel writes dZ in place over it, and
@@ -30,6 +31,7 @@ class TorchChunk:
     """fp32 chunk core in plain PyTorch; gradient buffers are fp32 and cast once by the caller."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
+        self.weight = weight
         self.w32 = weight.float()
         self.b32 = None if bias is None else bias.float()
         self.weight_dtype = weight.dtype
@@ -61,16 +63,14 @@ class TorchChunk:
         return dz
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
-        """fp32 dH of the rows (None unless need_h), into `out` when given; accumulates dW and db."""
+        """fp32 dH of the rows (None unless need_h), into `out` when given; accumulates dW and db. With bf16
+        inputs on a CPU with bf16 units the GEMMs consume `dz` (`torch_chunked.gradient_gemms`)."""
         if self.gb is not None:
             self.gb += dz.sum(0)
-        with torch_chunked.bf16_gemms(torch_chunked.uses_bf16_gemms(h, self.weight_dtype)):
-            if self.need_w:
-                if self.gw is None:
-                    self.gw = torch.mm(dz.t(), h.float())
-                else:
-                    self.gw.addmm_(dz.t(), h.float())
-            return torch.mm(dz, self.w32, out=out) if need_h else None
+        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight_dtype)
+        self.gw, dh = torch_chunked.gradient_gemms(dz, h, self.weight, self.w32, bf16, self.gw, self.need_w, need_h,
+                                                   out)
+        return dh
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch_chunked.gather_logits(hc, self.w32, self.b32, y)

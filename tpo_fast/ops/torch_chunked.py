@@ -5,11 +5,15 @@ target valid), forward returns per-row statistics only, and backward recomputes 
 chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
 (`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
 
-With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run on them (`bf16_gemms`),
-with fp32 accumulation and fp32 results. The logits GEMM stays exact: every operand
-value is a bf16 number, so each product is exact in fp32. The gradient GEMMs take the logit gradient dZ
-rounded once to bf16, as the triton backend does with 16-bit inputs (dZ is formed in fp32 first, with
-the one-hot terms folded in before the rounding or added apart, so `softmax - 1` never cancels).
+With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run on them.
+The logits GEMM runs in oneDNN's bf16 mode (`bf16_gemms`): fp32 accumulation and fp32 results, and exact, as
+every operand value is a bf16 number, so each product is exact in fp32. The gradient GEMMs (`gradient_gemms`)
+take the logit gradient dZ rounded once to bf16, as the triton backend does with 16-bit inputs (dZ is formed
+in fp32 first, with the one-hot terms folded in before the rounding or added apart, so `softmax - 1` never
+cancels), and run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
+returned in bf16 anyway, and dW rounds once per chunk before its fp32 sum. The bf16 mode would keep fp32
+results, at about twice the time (an AMD EPYC with AVX512-BF16, 824 rows, D=1024, V=32000: dH 279 against
+144 ms, dW 326 against 155 ms).
 """
 
 from __future__ import annotations
@@ -78,6 +82,61 @@ def uses_bf16_gemms(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run in `bf16_gemms`: bf16 inputs on a CPU
     with bf16 units (`cpu_has_bf16_units`)."""
     return hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16 and cpu_has_bf16_units()
+
+
+def narrow_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """`x` (R, V), a contiguous fp32 buffer, rounded to bf16 in its own memory: a bf16 (R, V) view of its first
+    half, equal to `x.bfloat16()`, with no second buffer. `x` is consumed (its values are overwritten).
+
+    Rows go in blocks [a, 2a): a block's bf16 bytes [2aV, 4aV) end where its fp32 source begins, so no copy
+    reads what another has written; row 0, whose bf16 half lies inside its own fp32 row, goes through a copy.
+    """
+    r, v = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"narrow_to_bf16 needs a contiguous float32 buffer, got {x.dtype} with strides {x.stride()}")
+    out = x.view(torch.bfloat16).view(-1)[: r * v].view(r, v)
+    if r == 0 or v == 0:
+        return out
+    out[0] = x[0].clone()
+    a = 1
+    while a < r:
+        b = min(2 * a, r)
+        out[a:b] = x[a:b]
+        a = b
+    return out
+
+
+def gradient_gemms(
+    dz: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    w32: torch.Tensor,
+    bf16: bool,
+    gw: torch.Tensor | None,
+    need_w: bool,
+    need_h: bool,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`dW += dZ^T H` (fp32 `gw`, allocated when None and `need_w`) and `dH = dZ W` (fp32, into `out` when given,
+    None unless `need_h`) of one chunk; returns (gw, dH).
+
+    `dz` is the chunk's fp32 logit gradient (R, V), `h` its rows in the input dtype, `weight` the lm_head weight in
+    its own dtype and `w32` its fp32 copy. `bf16` (`uses_bf16_gemms`): dZ is rounded to bf16 in its own buffer
+    (`narrow_to_bf16`: `dz` is consumed) and both products run natively in bf16, each result rounded once.
+    Otherwise fp32 GEMMs; `dz` is kept."""
+    if bf16:
+        dz16 = narrow_to_bf16(dz)
+        if need_w:
+            part = torch.mm(dz16.t(), h)  # (V, D) bf16
+            gw = part.float() if gw is None else gw.add_(part)
+        if not need_h:
+            return gw, None
+        dh = torch.mm(dz16, weight)
+        return gw, (dh.float() if out is None else out.copy_(dh))
+    if need_w:
+        h32 = h.float()
+        gw = torch.mm(dz.t(), h32) if gw is None else gw.addmm_(dz.t(), h32)
+    return gw, (torch.mm(dz, w32, out=out) if need_h else None)
 
 
 # Rows per chunk: chunk * V fp32 logits live at a time (4096 * 32000 * 4 B = 500 MiB at most).
@@ -203,13 +262,10 @@ def backward(
         # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
         logits = _logits(hidden[s:e], w32, b32, bf16)
         ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
-        with bf16_gemms(bf16):
-            if gh is not None:
-                torch.mm(ds, w32, out=gh[s:e])
-            if need_w:
-                gw = ds.t() @ hidden[s:e].float() if gw is None else gw.addmm_(ds.t(), hidden[s:e].float())
-        if need_b:
+        if need_b:  # first: the GEMMs may consume ds (bf16 inputs)
             gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
+        gw, _ = gradient_gemms(ds, hidden[s:e], weight, w32, bf16, gw, need_w, gh is not None,
+                               None if gh is None else gh[s:e])
         return gw, gb
 
     if coef_p is not None and (need_h or need_w or need_b):
