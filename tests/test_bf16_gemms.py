@@ -251,15 +251,18 @@ def test_narrowing_refuses_what_it_cannot_overwrite(bad):
         torch_chunked.narrow_to_bf16(x)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
-def test_bf16_weight_gradient_against_float64(monkeypatch, seed):
-    """The weight gradient of 3 chunks, each chunk's native bf16 product rounded once and summed in fp32: within
-    the rounding of dZ and of each chunk's product (2^-9 of the |softmax| terms each, doubled for fp32's own
-    error) and the gradient's own rounding of float64 math. A chunk's product that replaced the sum, or a dZ
-    narrowed wrongly, is off by whole entries."""
+@pytest.mark.parametrize("seed,block_rows", [(3, None), (4, 7), (5, 1)])
+def test_bf16_weight_gradient_against_float64(monkeypatch, seed, block_rows):
+    """The weight gradient of 3 chunks, each chunk's native bf16 product rounded once and summed in fp32, in one
+    block of vocabulary rows or several (7 rows: 43 blocks, the last one short): within the rounding of dZ and of
+    each chunk's product (2^-9 of the |softmax| terms each, doubled for fp32's own error) and the gradient's own
+    rounding of float64 math. A chunk's product that replaced the sum, a block left out or a dZ narrowed wrongly
+    is off by whole entries."""
     hidden, weight, targets = _inputs(torch.bfloat16, seed=seed)
     weight.requires_grad_()
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # 36 valid rows in 3 chunks
+    if block_rows is not None:
+        monkeypatch.setattr(torch_chunked, "DW_BLOCK_BYTES", 4 * D * block_rows)
     out = tpo_fast.token_stats(hidden, weight, targets, backend="torch")
     coef = torch.linspace(-1, 1, N)
     (out.logprobs * coef).sum().backward()

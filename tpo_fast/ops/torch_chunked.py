@@ -106,6 +106,10 @@ def narrow_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The bf16 dW product's block of vocabulary rows, in bytes of its fp32 result (see `gradient_gemms`).
+DW_BLOCK_BYTES = 8 * 2**20
+
+
 def gradient_gemms(
     dz: torch.Tensor,
     h: torch.Tensor,
@@ -122,13 +126,20 @@ def gradient_gemms(
 
     `dz` is the chunk's fp32 logit gradient (R, V), `h` its rows in the input dtype, `weight` the lm_head weight in
     its own dtype and `w32` its fp32 copy. `bf16` (`uses_bf16_gemms`): dZ is rounded to bf16 in its own buffer
-    (`narrow_to_bf16`: `dz` is consumed) and both products run natively in bf16, each result rounded once.
-    Otherwise fp32 GEMMs; `dz` is kept."""
+    (`narrow_to_bf16`: `dz` is consumed) and both products run natively in bf16, each result rounded once; dW's by
+    blocks of vocabulary rows (`DW_BLOCK_BYTES` of fp32 result each). Otherwise fp32 GEMMs; `dz` is kept."""
     if bf16:
         dz16 = narrow_to_bf16(dz)
         if need_w:
-            part = torch.mm(dz16.t(), h)  # (V, D) bf16
-            gw = part.float() if gw is None else gw.add_(part)
+            first = gw is None
+            if first:
+                gw = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
+            # by blocks of vocabulary rows: oneDNN's bf16 product holds an fp32 copy of its whole result besides
+            # the bf16 one (187 MiB at once for V=32000, D=1024, 824 rows; blocks of 2048 rows: 12 MiB, as fast)
+            step = max(1, DW_BLOCK_BYTES // (4 * max(1, weight.shape[1])))
+            for s in range(0, weight.shape[0], step):
+                part = torch.mm(dz16[:, s:s + step].t(), h)  # (block, D) bf16
+                (gw[s:s + step].copy_ if first else gw[s:s + step].add_)(part)
         if not need_h:
             return gw, None
         dh = torch.mm(dz16, weight)
