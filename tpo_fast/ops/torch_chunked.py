@@ -66,7 +66,8 @@ def cpu_has_bf16_units() -> bool:
     (AMD Zen 4 and later, Intel Cooper Lake), on which oneDNN's bf16 mode runs the backend's GEMMs faster than
     fp32. Measured on 2-core hosts, an 824-832 x 1024 x 32000 logits product: 102 against 181 ms on a Xeon with
     AMX; 285 against 316 ms on an AMD EPYC with AVX512-BF16 only, where the fused bf16 TPO loss (8 x 256 rows,
-    D=1024, V=32000, fwd+bwd) took 2.72-2.83 s against 3.11-3.19 s in fp32. A CPU with neither (AVX2 only)
+    D=1024, V=32000, fwd+bwd) took 2.72-2.83 s against 3.11-3.19 s in fp32, and 2.17 s in a bench run with the
+    gradient GEMMs as native bf16 products (`gradient_gemms`). A CPU with neither (AVX2 only)
     would emulate the mode, so it keeps fp32. False where torch cannot tell."""
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         probe = getattr(torch.cpu, name, None)
