@@ -65,17 +65,32 @@ def calls(monkeypatch):
 
 
 @pytest.fixture
-def mm_dtypes(monkeypatch):
-    """The operand dtypes of every `torch.mm` (the gradient GEMMs; the logits GEMM is a `@`)."""
-    seen: list[tuple[torch.dtype, torch.dtype]] = []
+def mms(monkeypatch):
+    """The operand dtypes and the first operand's shape of every `torch.mm` (the gradient GEMMs; the logits GEMM
+    is a `@`)."""
+    seen: list[tuple[torch.dtype, torch.dtype, tuple[int, ...]]] = []
     real = torch.mm
 
     def spy(a, b, **kw):
-        seen.append((a.dtype, b.dtype))
+        seen.append((a.dtype, b.dtype, tuple(a.shape)))
         return real(a, b, **kw)
 
     monkeypatch.setattr(torch, "mm", spy)
     return seen
+
+
+@pytest.fixture
+def mm_dtypes(mms):
+    """The operand dtypes of every `torch.mm`."""
+
+    class Dtypes:
+        def __eq__(self, other):
+            return [(a, b) for a, b, _ in mms] == other
+
+        def __repr__(self):
+            return repr([(a, b) for a, b, _ in mms])
+
+    return Dtypes()
 
 
 @pytest.fixture
@@ -252,7 +267,7 @@ def test_narrowing_refuses_what_it_cannot_overwrite(bad):
 
 
 @pytest.mark.parametrize("seed,block_rows", [(3, None), (4, 7), (5, 1)])
-def test_bf16_weight_gradient_against_float64(monkeypatch, seed, block_rows):
+def test_bf16_weight_gradient_against_float64(monkeypatch, mms, seed, block_rows):
     """The weight gradient of 3 chunks, each chunk's native bf16 product rounded once and summed in fp32, in one
     block of vocabulary rows or several (7 rows: 43 blocks, the last one short): within the rounding of dZ and of
     each chunk's product (2^-9 of the |softmax| terms each, doubled for fp32's own error) and the gradient's own
@@ -275,3 +290,8 @@ def test_bf16_weight_gradient_against_float64(monkeypatch, seed, block_rows):
     bound = 2**-7 * (c.abs() * soft).t() @ h64.abs() + 2**-8 * grad.abs()
     err = (weight.grad.double() - grad).abs()
     assert (err <= bound).all(), float((err / bound).max())
+    # the dW products (dZ^T blocks: (block, rows)), never more vocabulary rows at once than a block holds
+    blocks = [shape[0] for _, _, shape in mms if shape[1] != V]
+    step = V if block_rows is None else block_rows
+    per_chunk = [step] * (V // step) + ([V % step] if V % step else [])
+    assert blocks == per_chunk * 3
