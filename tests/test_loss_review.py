@@ -2,7 +2,9 @@
 
 1. The fused backward scales the gradients stored in the forward in fp32 and casts once, so a 16-bit
    input gets exactly `(fp32 gradient * grad_output).to(dtype)` (GradScaler's 65536 no longer
-   overflows fp16, grad_output 1/3 is no longer bf16(1/3), tiny fp16 gradients no longer flush to 0).
+   overflows fp16, grad_output 1/3 is no longer bf16(1/3), tiny fp16 gradients no longer flush to 0),
+   wherever the GEMMs run in fp32 (the torch backend on a CPU without bf16 units; with them, bf16 inputs'
+   gradient GEMMs round dZ to bf16, as the Triton backend's do, and are held to its bound).
 2. POVID with a non-negative ignore_index (a pad id): a noisy argmax equal to it is scored like any token.
 3. An autocast region changes nothing the primitives, the in-step reference or the recompute path compute.
 4. weighting="none": a non-finite corrupted row (metrics only) does not reach dW / db on the fused path.
@@ -30,7 +32,7 @@ from tpo_fast.loss import (
     tpo_loss,
     tpo_loss_from_logprobs,
 )
-from tpo_fast.ops import target_logits, token_stats
+from tpo_fast.ops import target_logits, token_stats, torch_chunked
 from tpo_fast.ops.fused_pairs import StoredGrad, _run, _Spec, fused_pair_loss, take_stored_grads
 
 B, T, D, V = 2, 5, 8, 13
@@ -81,8 +83,14 @@ SCALED = [
 ]
 
 
+@pytest.fixture
+def no_bf16_units(monkeypatch):
+    """The torch backend's GEMMs in fp32 on every host (a CPU with bf16 units runs bf16 inputs' GEMMs on them)."""
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: False)
+
+
 @pytest.mark.parametrize(("dtype", "grad_output", "beta"), SCALED, ids=["fp16-65536", "fp16-tiny", "bf16-third"])
-def test_fused_16bit_gradients_equal_the_fp32_ones_scaled_then_cast(dtype, grad_output, beta):
+def test_fused_16bit_gradients_equal_the_fp32_ones_scaled_then_cast(no_bf16_units, dtype, grad_output, beta):
     """The torch backend computes the fp32 gradient of a 16-bit input from the same fp32 values as for its
     fp32 copy; the 16-bit result must be that fp32 gradient times grad_output, rounded once: bit for bit."""
     b16 = batch(dtype)
@@ -95,17 +103,20 @@ def test_fused_16bit_gradients_equal_the_fp32_ones_scaled_then_cast(dtype, grad_
         assert torch.equal(g16[k], g32[k].to(dtype)), f"{k}: {(g16[k].float() - g32[k]).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize(("backend", "dtype", "grad_output", "beta"), [
-    *[("torch", *case) for case in SCALED],
-    ("triton", *SCALED[0]),
-    ("triton", *SCALED[1]),  # fp16 on triton: the losses take the recomputing path (`uses_fused_gradient`)
-    ("triton", *SCALED[2]),
-], ids=["torch-fp16-65536", "torch-fp16-tiny", "torch-bf16-third", "triton-fp16-65536", "triton-fp16-tiny",
-        "triton-bf16-third"])
-def test_fused_16bit_gradients_against_the_fp32_oracle(backend, dtype, grad_output, beta):
+@pytest.mark.parametrize(("backend", "units", "dtype", "grad_output", "beta"), [
+    *[("torch", False, *case) for case in SCALED],
+    ("torch", True, *SCALED[2]),  # bf16 on a CPU with bf16 units: bf16 gradient GEMMs
+    ("triton", False, *SCALED[0]),
+    ("triton", False, *SCALED[1]),  # fp16 on triton: the losses take the recomputing path (`uses_fused_gradient`)
+    ("triton", False, *SCALED[2]),
+], ids=["torch-fp16-65536", "torch-fp16-tiny", "torch-bf16-third", "torch-bf16-third-bf16-units", "triton-fp16-65536",
+        "triton-fp16-tiny", "triton-bf16-third"])
+def test_fused_16bit_gradients_against_the_fp32_oracle(monkeypatch, backend, units, dtype, grad_output, beta):
     """Against the full-logits oracle (tests/loss_reference.py) on the fp32 copy of the 16-bit inputs:
-    `(oracle gradient * grad_output).to(dtype)`, within one rounding of the dtype (the torch backend) or
-    the 16-bit dZ the Triton backend feeds its GEMMs (a relative 2^-7 of the largest element)."""
+    `(oracle gradient * grad_output).to(dtype)`, within one rounding of the dtype (the torch backend's fp32
+    GEMMs) or of the 16-bit dZ that the Triton backend, and the torch backend's bf16 GEMMs on a CPU with bf16
+    units, feed their GEMMs (a relative 2^-7 of the largest element)."""
+    monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: units)
     b16 = batch(dtype)
     b16 = {k: (v.to(backend_device(backend)) if isinstance(v, torch.Tensor) else v) for k, v in b16.items()}
     for k in KEYS:
@@ -120,7 +131,7 @@ def test_fused_16bit_gradients_against_the_fp32_oracle(backend, dtype, grad_outp
         expected = ref.to(dtype).float()  # the fp32 oracle's gradient at grad_output, cast once
         got = g16[k].float()
         assert torch.isfinite(got).all(), k
-        if backend == "torch":
+        if backend == "torch" and not units:
             tol = eps * expected.abs() + 2 * torch.finfo(dtype).smallest_normal * eps
             assert ((got - expected).abs() <= tol).all(), f"{k}: {(got - expected).abs().max().item():.3g}"
         else:
