@@ -129,6 +129,8 @@ def test_only_bf16_inputs_on_a_cpu_with_bf16_units(monkeypatch):
     assert not torch_chunked.uses_bf16_gemms(h.float(), torch.bfloat16)
     assert not torch_chunked.uses_bf16_gemms(h.half(), torch.float16)
     assert not torch_chunked.uses_bf16_gemms(h.to("meta"), torch.bfloat16)  # not a CPU tensor
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch built without oneDNN
+    assert not torch_chunked.uses_bf16_gemms(h, torch.bfloat16)
 
 
 @pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, False, True), (False, True, True), (True, True, True),

@@ -80,9 +80,11 @@ def cpu_has_bf16_units() -> bool:
 
 
 def uses_bf16_gemms(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
-    """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run in `bf16_gemms`: bf16 inputs on a CPU
-    with bf16 units (`cpu_has_bf16_units`)."""
-    return hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16 and cpu_has_bf16_units()
+    """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run on bf16 units (the logits GEMM in
+    `bf16_gemms`, the gradient GEMMs in `gradient_gemms`' bf16 products): bf16 inputs on a CPU with bf16 units
+    (`cpu_has_bf16_units`), in a torch built with oneDNN (without it, both would be emulated)."""
+    return (hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and cpu_has_bf16_units())
 
 
 def narrow_to_bf16(x: torch.Tensor) -> torch.Tensor:
