@@ -79,19 +79,6 @@ def mms(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def mm_dtypes(mms):
-    """The operand dtypes of every `torch.mm`."""
-
-    class Dtypes:
-        def __eq__(self, other):
-            return [(a, b) for a, b, _ in mms] == other
-
-        def __repr__(self):
-            return repr([(a, b) for a, b, _ in mms])
-
-    return Dtypes()
-
 
 @pytest.fixture
 def keep_legacy_precision():
@@ -163,7 +150,7 @@ def test_the_bf16_units_check_without_an_answer(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_token_stats_forward_and_backward(calls, mm_dtypes, monkeypatch, dtype):
+def test_token_stats_forward_and_backward(calls, mms, monkeypatch, dtype):
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: 16)  # 36 valid rows in 3 chunks
     hidden, weight, targets = _inputs(dtype)
     hidden.requires_grad_()
@@ -177,14 +164,15 @@ def test_token_stats_forward_and_backward(calls, mm_dtypes, monkeypatch, dtype):
         assert all((inside == "bf16") == on for _, inside in calls)
     # per backward chunk the two gradient GEMMs: native bf16 with bf16 units; else fp32, where dW's later chunks
     # accumulate in place (`addmm_`, not a `torch.mm`)
+    dtypes = [(a, b) for a, b, _ in mms]
     if on:
-        assert mm_dtypes == [(torch.bfloat16, torch.bfloat16)] * 6
+        assert dtypes == [(torch.bfloat16, torch.bfloat16)] * 6
     else:
-        assert mm_dtypes == [(torch.float32, torch.float32)] * 4
+        assert dtypes == [(torch.float32, torch.float32)] * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_loss_policy_and_reference_branches(calls, mm_dtypes, dtype):
+def test_fused_loss_policy_and_reference_branches(calls, mms, dtype):
     g = torch.Generator().manual_seed(3)
     b, t = 2, 9
     weight = (torch.randn(V, D, generator=g) * 0.5).to(dtype).requires_grad_()
@@ -199,7 +187,7 @@ def test_fused_loss_policy_and_reference_branches(calls, mm_dtypes, dtype):
     # the logits GEMMs of one policy chunk and one reference forward chunk in the mode; the policy chunk's two
     # gradient GEMMs native bf16 with bf16 units
     assert [e for e, _ in calls] == [dtype == torch.bfloat16] * 2
-    assert mm_dtypes == [(dtype, dtype)] * 2
+    assert [(a, b) for a, b, _ in mms] == [(dtype, dtype)] * 2
 
 
 def _oracle(hidden, weight, targets, coef):

@@ -34,7 +34,6 @@ class TorchChunk:
         self.weight = weight
         self.w32 = weight.float()
         self.b32 = None if bias is None else bias.float()
-        self.weight_dtype = weight.dtype
         self.need_w = need_w
         self.gw: torch.Tensor | None = None  # written by the first chunk's GEMM (even of 0 rows): no zero fill
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
@@ -45,7 +44,7 @@ class TorchChunk:
         self, h: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """fp32 (lse, z[y], z[y2] | None) of the rows; keeps exp(z - max) for `logit_grad`."""
-        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight_dtype)
+        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight.dtype)
         logits = torch_chunked._logits(h, self.w32, self.b32, bf16)  # [R, V] fp32, the chunk's one buffer
         z = logits.gather(1, y[:, None]).squeeze(1)
         z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
@@ -67,7 +66,7 @@ class TorchChunk:
         inputs on a CPU with bf16 units the GEMMs consume `dz` (`torch_chunked.gradient_gemms`)."""
         if self.gb is not None:
             self.gb += dz.sum(0)
-        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight_dtype)
+        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight.dtype)
         self.gw, dh = torch_chunked.gradient_gemms(dz, h, self.weight, self.w32, bf16, self.gw, self.need_w, need_h,
                                                    out)
         return dh
@@ -77,7 +76,7 @@ class TorchChunk:
 
     def forward_stats(self, h, hc, y):
         """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch)."""
-        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False, self.weight_dtype)[:3]
+        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False, self.weight.dtype)[:3]
 
     def gather_backward(self, hc, y, g, need_hc: bool, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """fp32 dH~ = g W[y] of the corrupted rows (None unless need_hc), into `out` when given; dW[y] += g h~."""
