@@ -285,9 +285,9 @@ def main() -> int:
     ref_random = _accuracy(out, a, h, h_peak, w, y, g)
     out["timings"] = _timings(out, a, h, w, y, g, h_peak, ref_random, device)
     _report_timings(out, out["timings"], a)
-    from tpo_fast.ops import triton_impl
+    from tpo_fast.ops import gemm
 
-    out["mm_out_dtype"] = triton_impl._MM_OUT_DTYPE
+    out["mm_out_dtype"] = gemm._MM_OUT_DTYPE
     print(f"cuBLAS 16-bit x 16-bit -> fp32 products (torch.mm out_dtype): {out['mm_out_dtype']}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "tune.json").write_text(json.dumps(out, indent=1))

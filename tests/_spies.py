@@ -1,5 +1,5 @@
 """Recording stand-ins for the functions a module calls, to check which options reach the layer below, and a
-watch on what a step reads back from the device."""
+watch on what a step reads back from the device, and a CPU tensor that says it is on CUDA."""
 
 from __future__ import annotations
 
@@ -88,3 +88,12 @@ def watch_device_reads(monkeypatch, batch: dict) -> DeviceReads:
     monkeypatch.setattr(torch.Tensor, "tolist", watched(torch.Tensor.tolist))
     monkeypatch.setattr(torch.Tensor, "cpu", watched(torch.Tensor.cpu))
     return mode
+
+
+class CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the code's `is_cuda` branches run on the CPU (torch's own ops run on
+    the CPU; the CUDA-only calls in those branches are faked by the tests)."""
+
+    @property
+    def is_cuda(self):
+        return True

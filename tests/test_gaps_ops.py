@@ -1,6 +1,6 @@
 """The Triton split backward's 16-bit path over several vocabulary chunks (issue 17).
 
-`_split_backward` accumulates the hidden gradient chunk by chunk in fp32 (`_addmm_f32_`); for fp16 and bf16
+`_split_backward` accumulates the hidden gradient chunk by chunk in fp32 (`gemm.addmm_f32_`); for fp16 and bf16
 inputs on a GPU that is cuBLAS's 16-bit x 16-bit -> fp32 product, a branch no CPU run reaches. This test
 shrinks the chunk budget so that the vocabulary spans several chunks, runs on CUDA when there is one
 (compiled kernels; the interpreter on CPU), and holds the gradients to fp32 truth within a bound relative
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tpo_fast
-from tpo_fast.ops import triton_impl
+from tpo_fast.ops import gemm, triton_impl
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Both backends on CUDA when there is one (the torch backend's buffers must follow its inputs' device too),
@@ -32,8 +32,8 @@ def test_split_backward_accumulates_16bit_chunks(monkeypatch, dtype):
     monkeypatch.setenv("TPO_FAST_BACKWARD", "split")
     monkeypatch.setenv("TPO_FAST_CHUNK_MB", "0.01")  # 10 KiB: a few hundred vocabulary columns per chunk
     calls = []
-    real = triton_impl._addmm_f32_
-    monkeypatch.setattr(triton_impl, "_addmm_f32_", lambda acc, a, b: calls.append(a.dtype) or real(acc, a, b))
+    real = gemm.addmm_f32_
+    monkeypatch.setattr(gemm, "addmm_f32_", lambda acc, a, b: calls.append(a.dtype) or real(acc, a, b))
 
     device = DEVICE
     g = torch.Generator().manual_seed(7)

@@ -1,7 +1,7 @@
 """`tpo_fast.ops.triton_impl` helpers and launchers called directly, at the edges mutation testing found
 unguarded (docs/testing.md): tile sizes and their clamps, the dot precision, the TMA descriptor decision, the
-logsumexp combine of per-tile partials (infinite rows, argmax ties), empty inputs, the fp32 GEMM helpers
-(including the CUDA helper's `out_dtype` fallback protocol, which runs on CPU tensors too), the 16-bit row
+logsumexp combine of per-tile partials (infinite rows, argmax ties), empty inputs (the fp32 GEMM helpers they
+call are tested in test_gemm.py), the 16-bit row
 scatter, the buffers' dtype and device under a float64 default dtype and a `meta` default device, the split
 backward's chunk width under a large budget, corrupted rows without their gradient, and every launch's settings
 (tiles, warps, stages, dot precision, TMA and interpreter flags; spies stand for the kernels, also as a GPU run
@@ -18,8 +18,9 @@ import sys
 
 import pytest
 import torch
+from _spies import CudaLooking
 
-from tpo_fast.ops import triton_impl
+from tpo_fast.ops import gemm, triton_impl
 from tpo_fast.ops.options import KernelOptions
 from tpo_fast.ops.triton_impl import TileConfig
 
@@ -198,91 +199,6 @@ def test_gather_logits_and_backward_one_row_and_repeats():
     assert triton_impl.gather_backward(h, w, y, g, (False, False, False)) == (None, None, None)
 
 
-class _MmSpy:
-    """torch.mm with an optional fake `out_dtype` kernel (CPU torch has none), recording the keywords seen."""
-
-    def __init__(self, real, supports: bool, error: type[BaseException] | None = None):
-        self.real, self.supports, self.error, self.calls = real, supports, error, []
-
-    def __call__(self, a, b, *, out=None, out_dtype=None):
-        self.calls.append(out_dtype)
-        if out_dtype is not None:
-            if self.error is not None:
-                raise self.error("no kernel")
-            if not self.supports:
-                raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
-            assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
-            res = self.real(a.float(), b.float())
-            return res if out is None else out.copy_(res)
-        return self.real(a, b) if out is None else self.real(a, b, out=out)
-
-
-def _ab(seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 5, generator=g).bfloat16(), torch.randn(5, 4, generator=g).bfloat16()
-
-
-@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
-def test_mm_f32_cuda_out_dtype_protocol(monkeypatch, with_out):
-    """The first success fixes `_MM_OUT_DTYPE = True` (a later failure then raises); a TypeError or
-    RuntimeError on the first try fixes it False (widened operands from then on, no more tries)."""
-    a, b = _ab()
-    want = a.double() @ b.double()
-    real = torch.mm
-
-    def call():
-        out = torch.full((3, 4), float("nan")) if with_out else None
-        res = triton_impl._mm_f32_cuda(a, b, out)
-        assert res.dtype == torch.float32 and res.shape == (3, 4)
-        if with_out:
-            assert res.data_ptr() == out.data_ptr()
-        torch.testing.assert_close(res.double(), want, rtol=1e-6, atol=1e-6)
-
-    monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
-    spy = _MmSpy(real, supports=True)
-    monkeypatch.setattr(torch, "mm", spy)
-    call()
-    assert triton_impl._MM_OUT_DTYPE is True and spy.calls == [torch.float32]
-    monkeypatch.setattr(torch, "mm", _MmSpy(real, supports=True, error=RuntimeError))
-    with pytest.raises(RuntimeError, match="^no kernel$"):
-        triton_impl._mm_f32_cuda(a, b, None)
-
-    for error in (None, RuntimeError):
-        monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
-        spy = _MmSpy(real, supports=False, error=error)
-        monkeypatch.setattr(torch, "mm", spy)
-        call()
-        assert triton_impl._MM_OUT_DTYPE is False and spy.calls == [torch.float32, None]
-        call()
-        assert spy.calls == [torch.float32, None, None]  # no second try
-
-    monkeypatch.setattr(triton_impl, "_MM_OUT_DTYPE", None)
-    monkeypatch.setattr(torch, "mm", _MmSpy(real, supports=True, error=torch.OutOfMemoryError))
-    with pytest.raises(torch.OutOfMemoryError):
-        triton_impl._mm_f32_cuda(a, b, None)
-    assert triton_impl._MM_OUT_DTYPE is None  # out of memory says nothing about the keyword
-
-
-def test_mm_into_and_addmm_f32_on_cpu():
-    a, b = _ab(4)
-    want = a.double() @ b.double()
-    out = torch.full((3, 4), float("nan"))
-    triton_impl._mm_f32(a, b, out)
-    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
-    acc = torch.ones(3, 4)
-    triton_impl._addmm_f32_(acc, a, b)
-    torch.testing.assert_close(acc.double(), want + 1, rtol=1e-6, atol=1e-6)
-    acc32 = torch.ones(3, 4)
-    triton_impl._addmm_f32_(acc32, a.float(), b.float())
-    torch.testing.assert_close(acc32.double(), want + 1, rtol=1e-6, atol=1e-6)
-    o16 = torch.zeros(3, 4, dtype=torch.bfloat16)
-    triton_impl._mm_into(a, b, o16)
-    assert torch.equal(o16, (a.float() @ b.float()).bfloat16())
-    o32 = torch.full((3, 4), float("nan"))
-    triton_impl._mm_into(a, b, o32)
-    torch.testing.assert_close(o32.double(), want, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_scatter_rows_sums_repeats_before_one_rounding(dtype):
     """Two contributions of 2**-8 to a row of 1.0: bf16 rounds 1 + 2**-8 back to 1 if added one at a time."""
@@ -437,7 +353,7 @@ def test_split_chunks_of_the_budget(monkeypatch):
     from _spies import record_calls
 
     calls: list = []
-    record_calls(monkeypatch, triton_impl, ["_addmm_f32_"], calls)
+    record_calls(monkeypatch, gemm, ["addmm_f32_"], calls)
     n, v = 3, 200  # block_v 256 under the interpreter: one tile
     g = torch.Generator().manual_seed(9)
     h, w, b = torch.randn(n, D, generator=g), torch.randn(v, D, generator=g), torch.randn(v, generator=g)
@@ -601,46 +517,10 @@ def test_corrupted_rows_without_their_gradient_add_nothing(mode):
     assert ghc is None
 
 
-class _CudaLooking(torch.Tensor):
-    """A CPU tensor that says it is on CUDA: the helpers' `is_cuda` branches run here (torch.mm runs on the CPU;
-    the CUDA-only calls in them are faked by the tests)."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-
-def test_cuda_branches_of_the_mm_helpers(monkeypatch):
-    """16-bit operands on CUDA: `_mm_f32` and `_addmm_f32_` go through `_mm_f32_cuda` with their own operands and
-    output, `_mm_into` a 16-bit output through one `torch.mm(a, b, out=out)` (cuBLAS accumulates in fp32)."""
-    a, b = _ab(6)
-    ac = a.as_subclass(_CudaLooking)
-    want = a.double() @ b.double()
-    calls = []
-
-    def fake_mm_f32_cuda(x, y, out):
-        calls.append((x, y, out))
-        res = torch.mm(x.float(), y.float())
-        return res if out is None else out.copy_(res)
-
-    monkeypatch.setattr(triton_impl, "_mm_f32_cuda", fake_mm_f32_cuda)
-    out = torch.full((3, 4), float("nan"))
-    triton_impl._mm_f32(ac, b, out)
-    assert len(calls) == 1 and calls[0][0] is ac and calls[0][1] is b and calls[0][2] is out
-    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
-    acc = torch.ones(3, 4)
-    triton_impl._addmm_f32_(acc, ac, b)
-    assert len(calls) == 2 and calls[1][0] is ac and calls[1][1] is b and calls[1][2] is None
-    torch.testing.assert_close(acc.double(), want + 1, rtol=1e-6, atol=1e-6)
-    o16 = torch.zeros(3, 4, dtype=torch.bfloat16)
-    triton_impl._mm_into(ac, b, o16)
-    assert len(calls) == 2 and torch.equal(o16, torch.mm(a, b))
-
-
 def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
     entered = []
     monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or "guard")
-    t = torch.zeros(2).as_subclass(_CudaLooking)
+    t = torch.zeros(2).as_subclass(CudaLooking)
     assert triton_impl._device_guard(t) == "guard" and entered == [t.device]
     assert isinstance(triton_impl._device_guard(torch.zeros(2)), type(contextlib.nullcontext()))
     assert entered == [t.device]
@@ -654,7 +534,7 @@ def test_tma_on_a_gpu_from_hopper_on(monkeypatch, capability, used):
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: asked.append(dev) or capability)
     cfg = TileConfig(16, 32, 16)
-    h, w = torch.randn(5, 8).as_subclass(_CudaLooking), torch.randn(20, 8)
+    h, w = torch.randn(5, 8).as_subclass(CudaLooking), torch.randn(20, 8)
     for tma in ("auto", "1"):
         got = triton_impl._tma_descriptors(h, w, cfg, KernelOptions(tma=tma))
         assert got[2] is used

@@ -20,7 +20,7 @@ from tpo_fast.kernels.matmul import matmul_kernel
 from tpo_fast.kernels.scale import scale_kernel
 from tpo_fast.kernels.softmax_grad_inplace import softmax_grad_inplace_kernel
 from tpo_fast.kernels.token_stats_fwd import token_lse_partial_kernel
-from tpo_fast.ops import triton_impl
+from tpo_fast.ops import gemm, triton_impl
 from tpo_fast.ops.options import current_options
 from tpo_fast.ops.triton_impl import _device_guard, _dot_precision, _tma_descriptors, interpreter_enabled, tile_config
 
@@ -133,8 +133,7 @@ def mm_f32(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
         out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
     if current_options().grad_gemm == "triton":
         return triton_mm(dz, weight, out)
-    triton_impl._mm_f32(dz, weight, out)
-    return out
+    return gemm.mm_f32(dz, weight, out)
 
 
 def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -145,9 +144,9 @@ def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, we
         return triton_mm(dz.t(), h, gw, accumulate=True)
     if gw is None:
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        triton_impl._mm_into(dz.t(), h, out=gw)
+        gemm.mm_into(dz.t(), h, out=gw)
     elif gw.dtype == torch.float32:
-        triton_impl._addmm_f32_(gw, dz.t(), h)
+        gemm.addmm_f32_(gw, dz.t(), h)
     elif gw.is_cuda:
         gw.addmm_(dz.t(), h)  # cuBLAS: fp32 accumulation of the products and of the old value
     else:

@@ -23,6 +23,7 @@ from tpo_fast.kernels.scatter_rows import scatter_rows_kernel
 from tpo_fast.kernels.softmax_grad import softmax_grad_kernel
 from tpo_fast.kernels.token_stats_bwd import token_stats_bwd_kernel
 from tpo_fast.kernels.token_stats_fwd import lse_combine_kernel, token_lse_partial_kernel
+from tpo_fast.ops import gemm
 from tpo_fast.ops.options import SPLIT_CHUNK_MB, KernelOptions, current_options, interpreter_enabled
 
 
@@ -187,50 +188,6 @@ def forward(
     return lse, z, zc, argmax
 
 
-# Whether this torch has cuBLAS's 16-bit x 16-bit -> fp32 product (`torch.mm(..., out_dtype=)`, CUDA
-# only); None until the first try. Without it the operands are widened (exact, slower).
-_MM_OUT_DTYPE: bool | None = None
-
-
-def _mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE is not False:
-        try:
-            if out is None:
-                res = torch.mm(a, b, out_dtype=torch.float32)
-            else:
-                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
-            _MM_OUT_DTYPE = True
-            return res
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or no kernel for it
-            if _MM_OUT_DTYPE:
-                raise
-            _MM_OUT_DTYPE = False
-    return torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out (fp32) = a @ b, with fp32 accumulation and one rounding for 16-bit operands."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    elif a.is_cuda:
-        _mm_f32_cuda(a, b, out)
-    else:  # CPU has no mixed-dtype mm: widen (exact) and multiply in fp32
-        torch.mm(a.float(), b.float(), out=out)
-
-
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc.add_(_mm_f32_cuda(a, b, None))
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
 def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts: KernelOptions) -> None:
     """The clean rows' gradient, chunk by chunk over the vocabulary: a Triton kernel writes the chunk's
     `dZ = coef_p * softmax + coef_y * onehot` (input dtype, one rounding of an fp32 value), then
@@ -260,24 +217,14 @@ def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, 
             )
         chunk = dz[:, :width]
         if gw is not None:
-            _mm_into(chunk.t(), hidden, out=gw[v0:v0 + width])
+            gemm.mm_into(chunk.t(), hidden, out=gw[v0:v0 + width])
         if gh is not None:
             if v0 == 0:
-                _mm_f32(chunk, weight[:width], out=gh)
+                gemm.mm_f32(chunk, weight[:width], out=gh)
             else:
-                _addmm_f32_(gh, chunk, weight[v0:v0 + width])
+                gemm.addmm_f32_(gh, chunk, weight[v0:v0 + width])
     if gb is not None:
         gb.copy_(gb_part.sum(dim=0))
-
-
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b in out's dtype (fp32 accumulation, one rounding)."""
-    if out.dtype == torch.float32:
-        _mm_f32(a, b, out)
-    elif a.is_cuda:
-        torch.mm(a, b, out=out)  # cuBLAS accumulates 16-bit products in fp32
-    else:
-        out.copy_(torch.mm(a.float(), b.float()))
 
 
 def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:

@@ -1,0 +1,65 @@
+"""GEMMs with fp32 results of 16-bit operands, on any device; shared by the `torch` and `triton` backends.
+
+On CUDA a 16-bit x 16-bit product runs on cuBLAS with fp32 accumulation and an fp32 result
+(`torch.mm(..., out_dtype=torch.float32)`, where this torch has it): each product of two bf16 or fp16 numbers
+is exact in fp32, so the result is what the fp32 GEMM of the widened operands gives, at the 16-bit rate and
+without a widened copy of either operand. Without that call, and on the CPU (which has no mixed-dtype product),
+the operands are widened (exact) and multiplied in fp32. Pure PyTorch: no Triton import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Whether this torch has cuBLAS's 16-bit x 16-bit -> fp32 product (`torch.mm(..., out_dtype=)`, CUDA
+# only); None until the first try. Without it the operands are widened (exact, slower).
+_MM_OUT_DTYPE: bool | None = None
+
+
+def mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """fp32 `a @ b` of 16-bit CUDA operands (into `out` when given): `out_dtype` where it works, else widened."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is not False:
+        try:
+            if out is None:
+                res = torch.mm(a, b, out_dtype=torch.float32)
+            else:
+                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
+            _MM_OUT_DTYPE = True
+            return res
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or no kernel for it
+            if _MM_OUT_DTYPE:
+                raise
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 `a @ b` (into `out` when given, which it returns): fp32 accumulation, one rounding for 16-bit
+    operands. `a` and `b` share a dtype."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return mm_f32_cuda(a, b, out)
+    # the CPU has no mixed-dtype mm: widen (exact) and multiply in fp32
+    return torch.mm(a.float(), b.float()) if out is None else torch.mm(a.float(), b.float(), out=out)
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) += a @ b, the product with fp32 accumulation; returns acc."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        return acc.add_(mm_f32_cuda(a, b, None))
+    return acc.addmm_(a.float(), b.float())
+
+
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b in out's dtype (fp32 accumulation, one rounding); returns out."""
+    if out.dtype == torch.float32:
+        return mm_f32(a, b, out)
+    if a.is_cuda:
+        return torch.mm(a, b, out=out)  # cuBLAS accumulates 16-bit products in fp32
+    return out.copy_(torch.mm(a.float(), b.float()))
