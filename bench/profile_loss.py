@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | | | |")
                 continue
             chunks = ["-"]
-            if fused:  # the torch backend caps its buffer: list the budgets that differ
-                cap = TORCH_CHUNK_BYTES / 2**20 if args.backend == "torch" else float("inf")
+            if fused:  # the torch backend caps its buffer on a CPU: list the budgets that differ
+                cap = TORCH_CHUNK_BYTES / 2**20 if args.backend == "torch" and device == "cpu" else float("inf")
                 chunks = list(dict.fromkeys(f"{min(float(c), cap):g}" for c in args.chunk_mb.split(",")))
             for chunk_mb in chunks:
                 for gemm in (gemms if fused else ["-"]):

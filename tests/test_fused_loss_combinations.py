@@ -143,13 +143,15 @@ def close(actual: torch.Tensor | None, expected: torch.Tensor | None, name: str,
         f"{name}: max |diff| {(actual - expected).abs().max().item():.3g}; {about}")
 
 
-def check(seed: int, backend: str, dtype: torch.dtype = torch.float32, grad_tol: float = 2e-5) -> None:
-    """The fused path in `dtype` against the reference backend in fp32 on the same (rounded) values: loss and
-    metrics within 2e-5 (both take fp32 statistics of the same logits), gradients within `grad_tol`."""
+def check(seed: int, backend: str, dtype: torch.dtype = torch.float32, grad_tol: float = 2e-5,
+          device: torch.device | None = None) -> None:
+    """The fused path in `dtype` (on `device`, by default the backend's test device) against the reference backend
+    in fp32 on the same (rounded) values: loss and metrics within 2e-5 (both take fp32 statistics of the same
+    logits), gradients within `grad_tol`."""
     case = draw(seed)
     about = (f"seed {seed}: {case['about']}, chunk rows {case['chunk_rows']}, upstream {case['upstream']}, "
              f"kernels {case['kernels']}")
-    loss, metrics, grads = evaluate(case, backend_device(backend), backend, "fused", dtype)
+    loss, metrics, grads = evaluate(case, device or backend_device(backend), backend, "fused", dtype)
     ref_loss, ref_metrics, ref_grads = evaluate(case, torch.device("cpu"), "reference", "recompute", dtype, True)
     close(loss, ref_loss, "loss", about)
     assert metrics.keys() == ref_metrics.keys(), about

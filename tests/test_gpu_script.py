@@ -30,8 +30,8 @@ def test_scripts_parse():
 def test_unknown_part_is_refused(tmp_path):
     got = _run(tmp_path, "benchmark")
     assert got.returncode == 2
-    assert ("unknown part 'benchmark': install, bench, zipf, step, step-profile, kernel-tests, profile, search, tune, "
-            "tests") in got.stdout
+    assert ("unknown part 'benchmark': install, bench, torch-backend, zipf, step, step-profile, kernel-tests, profile, "
+            "search, tune, tests") in got.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU the script itself is the check")

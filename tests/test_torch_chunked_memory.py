@@ -64,11 +64,11 @@ def watch(monkeypatch):
     monkeypatch.setattr(torch_chunked, "_chunk_rows", lambda v: ROWS)
     logits, gather_logits = torch_chunked._logits, torch_chunked.gather_logits
 
-    def spy_logits(h, w32, b32, bf16=False):
+    def spy_logits(*args, **kwargs):
         alive = w.alive()
         assert not alive, f"{alive} alive when chunk {len(w.logits)} allocates its logits"
         w.checked.append("logits")
-        out = logits(h, w32, b32, bf16)
+        out = logits(*args, **kwargs)
         w.logits.append(StorageWeakRef(out.untyped_storage()))
         return out
 

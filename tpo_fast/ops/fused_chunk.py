@@ -6,8 +6,8 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
 - `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
-  whose bf16 GEMMs on a CPU with bf16 inputs it shares (`torch_chunked.bf16_gemms` for the logits,
-  `torch_chunked.gradient_gemms` for dH and dW).
+  whose bf16 GEMMs with bf16 inputs on a GPU or a CPU with bf16 units it shares (`torch_chunked._logits` for
+  the logits, `torch_chunked.gradient_gemms` for dH and dW).
 - `TritonChunk`: the GEMM-shaped Triton forward stores each logits tile's `exp(z - tile max)` in the
   weight's dtype while it reduces the logsumexp and picks out the target logits (no second pass over the
   logits; a bf16 buffer is half the bytes of fp32 logits), a Triton kernel writes dZ in place over it, and
@@ -32,7 +32,7 @@ class TorchChunk:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool) -> None:
         self.weight = weight
-        self.w32 = weight.float()
+        self._w32: torch.Tensor | None = None  # the weight's fp32 copy, made when a GEMM first needs it
         self.b32 = None if bias is None else bias.float()
         self.need_w = need_w
         self.gw: torch.Tensor | None = None  # written by the first chunk's GEMM (even of 0 rows): no zero fill
@@ -40,12 +40,22 @@ class TorchChunk:
         self._buf: torch.Tensor | None = None
         self._sumexp: torch.Tensor | None = None
 
+    def _gemm_args(self, h: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """(bf16, w32) for the GEMMs of the rows `h`: whether they run on bf16 operands, and the weight's fp32
+        copy where they take it (None for the bf16 GEMMs on CUDA, which take the bf16 weight)."""
+        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight.dtype)
+        if not torch_chunked.needs_fp32_weight(h, bf16):
+            return bf16, None
+        if self._w32 is None:
+            self._w32 = self.weight.float()
+        return bf16, self._w32
+
     def stats(
         self, h: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """fp32 (lse, z[y], z[y2] | None) of the rows; keeps exp(z - max) for `logit_grad`."""
-        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight.dtype)
-        logits = torch_chunked._logits(h, self.w32, self.b32, bf16)  # [R, V] fp32, the chunk's one buffer
+        bf16, w32 = self._gemm_args(h)
+        logits = torch_chunked._logits(h, self.weight, self.b32, bf16, w32)  # [R, V] fp32, the chunk's one buffer
         z = logits.gather(1, y[:, None]).squeeze(1)
         z2 = None if y2 is None else logits.gather(1, _safe(y2)[:, None]).squeeze(1)
         m = logits.amax(dim=-1, keepdim=True)
@@ -63,30 +73,30 @@ class TorchChunk:
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
         """fp32 dH of the rows (None unless need_h), into `out` when given; accumulates dW and db. With bf16
-        inputs on a CPU with bf16 units the GEMMs consume `dz` (`torch_chunked.gradient_gemms`)."""
+        inputs on a GPU or a CPU with bf16 units the GEMMs consume `dz` (`torch_chunked.gradient_gemms`)."""
         if self.gb is not None:
             self.gb += dz.sum(0)
-        bf16 = torch_chunked.uses_bf16_gemms(h, self.weight.dtype)
-        self.gw, dh = torch_chunked.gradient_gemms(dz, h, self.weight, self.w32, bf16, self.gw, self.need_w, need_h,
-                                                   out)
+        bf16, w32 = self._gemm_args(h)
+        self.gw, dh = torch_chunked.gradient_gemms(dz, h, self.weight, w32, bf16, self.gw, self.need_w, need_h, out)
         return dh
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch_chunked.gather_logits(hc, self.w32, self.b32, y)
+        return torch_chunked.gather_logits(hc, self.weight, self.b32, y)
 
     def forward_stats(self, h, hc, y):
         """fp32 (lse, z[y], z~[y] | None) without a gradient or a kept buffer (a reference branch)."""
-        return torch_chunked.forward(h, self.w32, self.b32, hc, y, False, self.weight.dtype)[:3]
+        return torch_chunked.forward(h, self.weight, self.b32, hc, y, False, self._gemm_args(h)[1])[:3]
 
     def gather_backward(self, hc, y, g, need_hc: bool, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """fp32 dH~ = g W[y] of the corrupted rows (None unless need_hc), into `out` when given; dW[y] += g h~."""
         if self.need_w:
             if self.gw is None:
-                self.gw = torch.zeros(self.w32.shape, dtype=torch.float32, device=self.w32.device)
+                self.gw = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
             self.gw.index_add_(0, y, g[:, None] * hc.float())
         if self.gb is not None:
             self.gb.index_add_(0, y, g)
-        return torch.mul(self.w32[y], g[:, None], out=out) if need_hc else None
+        # 16-bit rows widen inside the product (exact), one kernel into fp32
+        return torch.mul(self.weight[y], g[:, None], out=out) if need_hc else None
 
     def release(self) -> None:
         self._buf = self._sumexp = None

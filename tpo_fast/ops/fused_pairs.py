@@ -238,6 +238,17 @@ def _put_rows(g: torch.Tensor | None, g_rows: torch.Tensor | None, rows: torch.T
         g.index_copy_(0, rows, g_rows)
 
 
+def default_chunk_bytes(backend: str, hidden: torch.Tensor) -> int:
+    """The chunk budget of a call that gives none: the kernel options' `chunk_mb` (`FUSED_CHUNK_MB` unless
+    TPO_FAST_CHUNK_MB says otherwise); on a CPU the torch backend keeps at most `TORCH_CHUNK_BYTES`, as its
+    recomputing backward does (a larger buffer buys no GEMM speed there and only raises the peak). On a GPU small
+    chunks leave the device waiting for the host (the triton backend's 256 MiB chunks did on an H200)."""
+    budget = current_options().chunk_bytes(FUSED_CHUNK_MB)
+    if backend == "torch" and not hidden.is_cuda:
+        budget = min(budget, TORCH_CHUNK_BYTES)
+    return budget
+
+
 def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]:
     """Consecutive pair ranges [first, stop) whose valid rows fit `budget_rows`; a larger pair goes alone."""
     chunks, first, rows = [], 0, 0
@@ -522,7 +533,7 @@ def fused_pair_loss(
         chunk_bytes: budget of one chunk's logits buffer, counted as fp32 (rows x V x 4 B; the triton
             backend's buffer of a 16-bit weight holds those rows in half the bytes); default the kernel
             options' `chunk_mb` (TPO_FAST_CHUNK_MB; unset: `FUSED_CHUNK_MB`, 1024 MiB), at most 128 MiB
-            on the torch backend.
+            on the torch backend on a CPU (`default_chunk_bytes`).
             A single pair with more rows than the budget is processed alone (its buffer is then
             larger than the budget).
         second_ignore_index: the `second_targets` value of rows without a second target; default
@@ -582,11 +593,7 @@ def fused_pair_loss(
             checks.append((s_flat, out_of_range(s_flat, s_flat != second_ignore, weight.shape[0]), second_ignore,
                            "second_targets"))
     if chunk_bytes is None:
-        # The torch backend keeps its own 128 MiB chunk (as its recomputing backward does): on a CPU a
-        # larger buffer buys no GEMM speed and only raises the peak.
-        chunk_bytes = current_options().chunk_bytes(FUSED_CHUNK_MB)
-        if backend == "torch":
-            chunk_bytes = min(chunk_bytes, TORCH_CHUNK_BYTES)
+        chunk_bytes = default_chunk_bytes(backend, hidden)
     budget = int(chunk_bytes)
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")

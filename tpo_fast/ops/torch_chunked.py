@@ -5,15 +5,18 @@ target valid), forward returns per-row statistics only, and backward recomputes 
 chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
 (`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
 
-With bf16 hidden states and weight on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run on them.
-The logits GEMM runs in oneDNN's bf16 mode (`bf16_gemms`): fp32 accumulation and fp32 results, and exact, as
-every operand value is a bf16 number, so each product is exact in fp32. The gradient GEMMs (`gradient_gemms`)
-take the logit gradient dZ rounded once to bf16, as the triton backend does with 16-bit inputs (dZ is formed
-in fp32 first, with the one-hot terms folded in before the rounding or added apart, so `softmax - 1` never
-cancels), and run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
-returned in bf16 anyway, and dW rounds once per chunk before its fp32 sum. The bf16 mode would keep fp32
+With bf16 hidden states and weight on a GPU, or on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run
+on bf16 operands (`uses_bf16_gemms`). The logits GEMM keeps fp32 accumulation and an fp32 result, and is exact,
+as every operand value is a bf16 number, so each product is exact in fp32: on CUDA one cuBLAS product of the
+bf16 operands (`gemm.mm_f32`, no fp32 copy of the weight), on the CPU oneDNN's bf16 mode (`bf16_gemms`). The
+gradient GEMMs (`gradient_gemms`) take the logit gradient dZ rounded once to bf16, as the triton backend does
+with 16-bit inputs (dZ is formed in fp32 first, with the one-hot terms folded in before the rounding or added
+apart, so `softmax - 1` never cancels). On CUDA their results are fp32 (cuBLAS accumulates and returns fp32);
+on the CPU they run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
+returned in bf16 anyway, and dW rounds once per chunk before its fp32 sum. The CPU's bf16 mode would keep fp32
 results, at about twice the time (an AMD EPYC with AVX512-BF16, 824 rows, D=1024, V=32000: dH 279 against
-144 ms, dW 326 against 155 ms).
+144 ms, dW 326 against 155 ms). fp16 inputs, and bf16 on a CPU without bf16 units, run fp32 GEMMs of widened
+copies.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from tpo_fast.ops import gemm
 
 
 @contextlib.contextmanager
@@ -80,11 +85,20 @@ def cpu_has_bf16_units() -> bool:
 
 
 def uses_bf16_gemms(hidden: torch.Tensor, weight_dtype: torch.dtype) -> bool:
-    """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run on bf16 units (the logits GEMM in
-    `bf16_gemms`, the gradient GEMMs in `gradient_gemms`' bf16 products): bf16 inputs on a CPU with bf16 units
-    (`cpu_has_bf16_units`), in a torch built with oneDNN (without it, both would be emulated)."""
-    return (hidden.device.type == "cpu" and hidden.dtype == weight_dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and cpu_has_bf16_units())
+    """Whether the GEMMs of `hidden` and a weight of `weight_dtype` run on bf16 operands (`_logits`,
+    `gradient_gemms`): bf16 inputs on CUDA, or on a CPU with bf16 units (`cpu_has_bf16_units`) in a torch built
+    with oneDNN (without either, the CPU would emulate them, slower than fp32)."""
+    if hidden.dtype != torch.bfloat16 or weight_dtype != torch.bfloat16:
+        return False
+    if hidden.is_cuda:
+        return True
+    return hidden.device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_bf16_units()
+
+
+def needs_fp32_weight(hidden: torch.Tensor, bf16: bool) -> bool:
+    """Whether the GEMMs of `hidden` take the weight's fp32 copy: all but the bf16 ones on CUDA (`uses_bf16_gemms`
+    gave `bf16`), which take the bf16 weight itself."""
+    return not (bf16 and hidden.is_cuda)
 
 
 def narrow_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +131,7 @@ def gradient_gemms(
     dz: torch.Tensor,
     h: torch.Tensor,
     weight: torch.Tensor,
-    w32: torch.Tensor,
+    w32: torch.Tensor | None,
     bf16: bool,
     gw: torch.Tensor | None,
     need_w: bool,
@@ -128,9 +142,13 @@ def gradient_gemms(
     None unless `need_h`) of one chunk; returns (gw, dH).
 
     `dz` is the chunk's fp32 logit gradient (R, V), `h` its rows in the input dtype, `weight` the lm_head weight in
-    its own dtype and `w32` its fp32 copy. `bf16` (`uses_bf16_gemms`): dZ is rounded to bf16 in its own buffer
-    (`narrow_to_bf16`: `dz` is consumed) and both products run natively in bf16, each result rounded once; dW's by
-    blocks of vocabulary rows (`DW_BLOCK_BYTES` of fp32 result each). Otherwise fp32 GEMMs; `dz` is kept."""
+    its own dtype and `w32` its fp32 copy (None where `needs_fp32_weight` says no). `bf16` (`uses_bf16_gemms`): dZ
+    is rounded to bf16 in its own buffer (`narrow_to_bf16`: `dz` is consumed); on CUDA both products are cuBLAS
+    GEMMs of the bf16 operands with fp32 results (`_cuda_bf16_gradient_gemms`), on the CPU they run natively in
+    bf16, each result rounded once, dW's by blocks of vocabulary rows (`DW_BLOCK_BYTES` of fp32 result each).
+    Otherwise fp32 GEMMs; `dz` is kept."""
+    if bf16 and h.is_cuda:
+        return _cuda_bf16_gradient_gemms(narrow_to_bf16(dz), h, weight, gw, need_w, need_h, out)
     if bf16:
         dz16 = narrow_to_bf16(dz)
         if need_w:
@@ -153,6 +171,23 @@ def gradient_gemms(
     return gw, (torch.mm(dz, w32, out=out) if need_h else None)
 
 
+def _cuda_bf16_gradient_gemms(
+    dz16: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    gw: torch.Tensor | None,
+    need_w: bool,
+    need_h: bool,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`gradient_gemms`' bf16 products on CUDA, from the chunk's bf16 dZ: `dW += dZ^T H` and `dH = dZ W` as
+    `gemm.mm_f32` GEMMs (cuBLAS: bf16 operands, fp32 accumulation and results, no widened copies). Written
+    against `gemm`, so the CPU runs it too (widened operands, the same values)."""
+    if need_w:
+        gw = gemm.mm_f32(dz16.t(), h) if gw is None else gemm.addmm_f32_(gw, dz16.t(), h)
+    return gw, (gemm.mm_f32(dz16, weight, out) if need_h else None)
+
+
 # Rows per chunk: chunk * V fp32 logits live at a time (4096 * 32000 * 4 B = 500 MiB at most).
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -162,10 +197,18 @@ def _chunk_rows(n_vocab: int) -> int:
     return max(16, min(DEFAULT_CHUNK_ROWS, (32 * 1024 * 1024) // max(n_vocab, 1)))
 
 
-def _logits(h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None, bf16: bool) -> torch.Tensor:
-    """fp32 logits of the rows `h`; `bf16`: in `bf16_gemms` (bf16 inputs, see `uses_bf16_gemms`)."""
-    with bf16_gemms(bf16):
-        z = h.float() @ w32.t()
+def _logits(
+    h: torch.Tensor, weight: torch.Tensor, b32: torch.Tensor | None, bf16: bool, w32: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 logits of the rows `h` against `weight` (its own dtype). `bf16` (`uses_bf16_gemms`): on CUDA one
+    cuBLAS GEMM of the bf16 operands with an fp32 result (`gemm.mm_f32`), on the CPU the fp32 GEMM in
+    `bf16_gemms`; otherwise an fp32 GEMM. `w32`: the weight's fp32 copy where the caller holds one."""
+    if not needs_fp32_weight(h, bf16):
+        z = gemm.mm_f32(h, weight.t())
+    else:
+        w32 = weight.float() if w32 is None else w32
+        with bf16_gemms(bf16):
+            z = h.float() @ w32.t()
     if b32 is not None:
         z += b32
     return z
@@ -179,15 +222,16 @@ def forward(
     corrupted_hidden: torch.Tensor | None,
     targets: torch.Tensor,
     want_argmax: bool,
-    weight_dtype: torch.dtype | None = None,
+    w32: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Return (lse, target_logit, corrupted_target_logit | None, argmax | None) for compacted rows.
 
-    `weight_dtype`: the dtype the weight had before an upcast by the caller (default: `weight.dtype`).
+    `w32`: the weight's fp32 copy where the caller holds one (made here once when the GEMMs need it).
     """
     n, v = hidden.shape[0], weight.shape[0]
-    bf16 = uses_bf16_gemms(hidden, weight.dtype if weight_dtype is None else weight_dtype)
-    w32 = weight.float()
+    bf16 = uses_bf16_gemms(hidden, weight.dtype)
+    if w32 is None and needs_fp32_weight(hidden, bf16):
+        w32 = weight.float()
     b32 = None if bias is None else bias.float()
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     z = torch.empty_like(lse)
@@ -196,7 +240,7 @@ def forward(
     def one_chunk(s: int, e: int) -> None:
         # Its own frame: the chunk's logits buffer dies on return, before the next chunk's GEMM allocates
         # its own (a loop variable would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32, bf16)  # [chunk, V]
+        logits = _logits(hidden[s:e], weight, b32, bf16, w32)  # [chunk, V]
         z[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1)
         if argmax is not None:
             argmax[s:e] = logits.argmax(-1)
@@ -210,7 +254,7 @@ def forward(
         one_chunk(s, min(n, s + step))
     zc = None
     if corrupted_hidden is not None:
-        zc = gather_logits(corrupted_hidden, w32, b32, targets)
+        zc = gather_logits(corrupted_hidden, weight, b32, targets)
     return lse, z, zc, argmax
 
 
@@ -266,7 +310,7 @@ def backward(
     need_h, need_w, need_b, need_hc = needs
     n, v = hidden.shape[0], weight.shape[0]
     bf16 = uses_bf16_gemms(hidden, weight.dtype)
-    w32 = weight.float()
+    w32 = weight.float() if needs_fp32_weight(hidden, bf16) else None
     b32 = None if bias is None else bias.float()
     gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
     gw = gb = None
@@ -274,7 +318,7 @@ def backward(
     def one_chunk(s: int, e: int, gw: torch.Tensor | None, gb: torch.Tensor | None):
         # Its own frame: the chunk's logits / dS buffer dies on return, before the next chunk's GEMM allocates
         # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
-        logits = _logits(hidden[s:e], w32, b32, bf16)
+        logits = _logits(hidden[s:e], weight, b32, bf16, w32)
         ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
         if need_b:  # first: the GEMMs may consume ds (bf16 inputs)
             gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
@@ -293,7 +337,7 @@ def backward(
     # The one-hot terms are rank-1 per row: gathered, never expanded to V.
     w_y = None
     if coef_y is not None or g_zc is not None:
-        w_y = w32[targets]  # [N, D]
+        w_y = weight[targets].float()  # [N, D]
     if coef_y is not None:
         if gh is not None:
             gh += coef_y[:, None] * w_y
