@@ -125,3 +125,21 @@ def test_cuda_branches_of_the_mm_helpers(monkeypatch):
     o16 = torch.zeros(3, 4, dtype=torch.bfloat16)
     gemm.mm_into(ac, b, o16)
     assert len(calls) == 2 and torch.equal(o16, torch.mm(a, b))
+
+
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
+@pytest.mark.parametrize("m,k,n", [(5, 0, 3), (0, 4, 3), (5, 4, 0), (0, 0, 0)])
+def test_empty_products_on_cuda_are_zeros_without_cublas(monkeypatch, with_out, m, k, n):
+    """A product over an empty inner dimension (dW = dZ^T H of a chunk of no rows) is zeros, one without entries is
+    empty, and `addmm_f32_` leaves the sum as it was; none asks cuBLAS's mixed-dtype call (a fake that fails)."""
+    monkeypatch.setattr(gemm, "mm_f32_cuda", lambda a, b, out: pytest.fail("cuBLAS asked for an empty product"))
+    a = torch.zeros(m, k, dtype=torch.bfloat16).as_subclass(CudaLooking)
+    b = torch.zeros(k, n, dtype=torch.bfloat16)
+    out = torch.full((m, n), float("nan")) if with_out else None
+    res = gemm.mm_f32(a, b, out)
+    assert res.dtype == torch.float32 and res.shape == (m, n) and torch.equal(res, torch.zeros(m, n))
+    if with_out:
+        assert res.data_ptr() == out.data_ptr()
+    acc = torch.full((m, n), 2.0)
+    assert gemm.addmm_f32_(acc, a, b) is acc and torch.equal(acc, torch.full((m, n), 2.0))
+

@@ -42,6 +42,9 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     if a.dtype == torch.float32:
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     if a.is_cuda:
+        if a.shape[1] == 0 or a.shape[0] == 0 or b.shape[1] == 0:
+            # no entries, or empty sums (dW = dZ^T H of a chunk of no rows): zeros, not cuBLAS's word for them
+            return a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32) if out is None else out.zero_()
         return mm_f32_cuda(a, b, out)
     # the CPU has no mixed-dtype mm: widen (exact) and multiply in fp32
     return torch.mm(a.float(), b.float()) if out is None else torch.mm(a.float(), b.float(), out=out)
@@ -52,7 +55,7 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
     if a.is_cuda:
-        return acc.add_(mm_f32_cuda(a, b, None))
+        return acc if 0 in (a.shape[0], a.shape[1], b.shape[1]) else acc.add_(mm_f32_cuda(a, b, None))
     return acc.addmm_(a.float(), b.float())
 
 
