@@ -27,25 +27,23 @@
 #                 test_a_loss_with_a_model_reference_synchronizes_once_on_cuda[tpo] (now naming each sync's line)
 #                 and test_grad_filter_skips_negligible_tiles_within_its_bound; new since: a training step's one
 #                 synchronization, test_a_cuda_step_synchronizes_once, and the packing's two, counted by CUDA itself)
-#   call 3, with what is left (at least 4 minutes):  bash scripts/gpu_check.sh install torch-backend tune zipf
-#                 (the torch backend's fused losses with cuBLAS bf16 GEMMs, new since the H100 run: 176 ms for TPO
-#                 in the first H200 run, when it widened the weight and ran fp32 GEMMs; the forward sweep's tiles on
-#                 the card at hand: they were tuned on the H200, and the Triton sweeps ran at about 90% of cuBLAS's
-#                 rate there; then the losses on text-like targets, whose frequent tokens make long runs for
-#                 scatter_rows_kernel)
+#   call 3, with what is left (at least 4 minutes):  bash scripts/gpu_check.sh install tune zipf
+#                 (the forward sweep's tiles on the card at hand: they were tuned on the H200, and the Triton sweeps
+#                 ran at about 90% of cuBLAS's rate there; then the losses on text-like targets, whose frequent
+#                 tokens make long runs for scatter_rows_kernel)
 #   a later session, or one with time to spare: step-profile (the 7B step's time, ours against TRL's), tests
 #
 # Parts, each under its own time limit (bench/run.py's --deadline-s inside an outer `timeout`), so a part that
 # runs long is cut with its finished rows written, and the next part still runs:
 #   install       editable install; when a test part follows, the C++/CUDA extension built in the background
 #   bench         bench/run.py --cases gpu-target, the TPO, DPO and POVID losses: the default (auto: the
-#                 fused-gradient path, one 1024 MiB chunk at this N) and the recomputing path on Triton, the
-#                 peers, both matmul floors (issue 14)                                                        150 s
+#                 fused-gradient path, one 1024 MiB chunk at this N) on the triton backend and on the torch
+#                 backend (cuBLAS GEMMs of the bf16 operands since 2026-12-07; it widened the weight to fp32 before:
+#                 176 ms for TPO on the H200), the peers, both matmul floors (issue 14). The triton backend's
+#                 recomputing path, timed in both earlier GPU runs, made room for the torch backend's row    150 s
 #   step          bench/run.py --workloads step --cases gpu-step (LLaVA-1.5-7B shapes, bf16, LoRA): every
 #                 contender's (or STEP_CONTENDERS') step time, tokens/s and peak memory; no micro-batch
 #                 search (issue 15)                                                        STEP_S, default 280 s
-#   torch-backend bench/run.py --cases gpu-target, TPO and DPO: the torch backend's fused path (cuBLAS GEMMs of
-#                 the bf16 operands, fp32 results) against the triton backend's and TRL's, same inputs          75 s
 #   zipf          bench/run.py --cases gpu-target-zipf: TPO and DPO with targets drawn by a Zipf law (the most
 #                 frequent token about 3% of them, as in tokenized text), TRL, ours and the valid-rows floor      60 s
 #   kernel-tests  the kernel, op and loss tests with compiled Triton kernels and the CUDA extension (first, alone
@@ -80,7 +78,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_AR
 T0=$(date +%s)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(install bench profile step)
-KNOWN="install bench torch-backend zipf step step-profile kernel-tests profile search tune tests"
+KNOWN="install bench zipf step step-profile kernel-tests profile search tune tests"
 for part in "${PARTS[@]}"; do  # before any device time is spent
     case " $KNOWN " in
         *" $part "*) ;;
@@ -135,13 +133,8 @@ bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: sec
 
 part_bench() {
     bench_run bench gpu_losses 150 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
-        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-triton-recompute,floor,floor-valid,cce \
+        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-torch,floor,floor-valid,cce \
         --repeats 10 --warmup 2 --timeout 60
-}
-
-part_torch_backend() {
-    bench_run torch gpu_losses_torch 75 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo \
-        --contenders trl,tpo_fast-triton,tpo_fast-torch --repeats 10 --warmup 2 --timeout 30
 }
 
 part_zipf() {
@@ -235,7 +228,6 @@ for part in "${PARTS[@]}"; do
     case "$part" in
         install) part_install ;;
         bench) part_bench ;;
-        torch-backend) part_torch_backend ;;
         zipf) part_zipf ;;
         step) part_step ;;
         step-profile) part_step_profile ;;
