@@ -34,7 +34,10 @@ esac
 
 if [ -z "${TESTS:-}" ]; then
     case "$MODULE" in
-        tpo_fast/ops/torch_chunked.py) TESTS="tests/test_primitives.py tests/test_gaps_ops.py tests/test_bf16_gemms.py" ;;
+        tpo_fast/ops/torch_chunked.py)
+            TESTS="tests/test_primitives.py tests/test_gaps_ops.py tests/test_bf16_gemms.py tests/test_torch_backend_cuda.py" ;;
+        tpo_fast/ops/gemm.py)
+            TESTS="tests/test_gemm.py tests/test_torch_backend_cuda.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py" ;;
         tpo_fast/ops/token_logprobs.py|tpo_fast/ops/reference.py|tpo_fast/ops/_validate.py)
             TESTS="tests/test_primitives.py tests/test_gaps_ops.py" ;;
         tpo_fast/ops/logits.py) TESTS="tests/test_logits_logprobs.py tests/test_gaps_logits.py" ;;

@@ -143,3 +143,14 @@ def test_empty_products_on_cuda_are_zeros_without_cublas(monkeypatch, with_out, 
     acc = torch.full((m, n), 2.0)
     assert gemm.addmm_f32_(acc, a, b) is acc and torch.equal(acc, torch.full((m, n), 2.0))
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_mm_f32_without_out_on_the_cpu(dtype):
+    """A new fp32 result (fp32 operands as they are, 16-bit ones widened), equal to the float64 product's
+    rounding."""
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(3, 5, generator=g).to(dtype), torch.randn(5, 4, generator=g).to(dtype)
+    res = gemm.mm_f32(a, b)
+    assert res.dtype == torch.float32 and res.shape == (3, 4)
+    torch.testing.assert_close(res.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+

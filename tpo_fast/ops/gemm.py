@@ -33,21 +33,21 @@ def mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> t
             if _MM_OUT_DTYPE:
                 raise
             _MM_OUT_DTYPE = False
-    return torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `a @ b` (into `out` when given, which it returns): fp32 accumulation, one rounding for 16-bit
     operands. `a` and `b` share a dtype."""
     if a.dtype == torch.float32:
-        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        return torch.mm(a, b, out=out)
     if a.is_cuda:
         if a.shape[1] == 0 or a.shape[0] == 0 or b.shape[1] == 0:
             # no entries, or empty sums (dW = dZ^T H of a chunk of no rows): zeros, not cuBLAS's word for them
             return a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32) if out is None else out.zero_()
         return mm_f32_cuda(a, b, out)
     # the CPU has no mixed-dtype mm: widen (exact) and multiply in fp32
-    return torch.mm(a.float(), b.float()) if out is None else torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
