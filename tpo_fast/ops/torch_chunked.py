@@ -198,15 +198,15 @@ def _chunk_rows(n_vocab: int) -> int:
 
 
 def _logits(
-    h: torch.Tensor, weight: torch.Tensor, b32: torch.Tensor | None, bf16: bool, w32: torch.Tensor | None = None
+    h: torch.Tensor, weight: torch.Tensor, b32: torch.Tensor | None, bf16: bool, w32: torch.Tensor | None
 ) -> torch.Tensor:
     """fp32 logits of the rows `h` against `weight` (its own dtype). `bf16` (`uses_bf16_gemms`): on CUDA one
-    cuBLAS GEMM of the bf16 operands with an fp32 result (`gemm.mm_f32`), on the CPU the fp32 GEMM in
-    `bf16_gemms`; otherwise an fp32 GEMM. `w32`: the weight's fp32 copy where the caller holds one."""
+    cuBLAS GEMM of the bf16 operands with an fp32 result (`gemm.mm_f32`), on the CPU the fp32 GEMM of `w32`, the
+    weight's fp32 copy, in `bf16_gemms`; otherwise an fp32 GEMM of `w32` (None only where `needs_fp32_weight`
+    says no)."""
     if not needs_fp32_weight(h, bf16):
         z = gemm.mm_f32(h, weight.t())
     else:
-        w32 = weight.float() if w32 is None else w32
         with bf16_gemms(bf16):
             z = h.float() @ w32.t()
     if b32 is not None:
