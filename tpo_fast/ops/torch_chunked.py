@@ -147,10 +147,10 @@ def gradient_gemms(
     GEMMs of the bf16 operands with fp32 results (`_cuda_bf16_gradient_gemms`), on the CPU they run natively in
     bf16, each result rounded once, dW's by blocks of vocabulary rows (`DW_BLOCK_BYTES` of fp32 result each).
     Otherwise fp32 GEMMs; `dz` is kept."""
-    if bf16 and h.is_cuda:
-        return _cuda_bf16_gradient_gemms(narrow_to_bf16(dz), h, weight, gw, need_w, need_h, out)
     if bf16:
         dz16 = narrow_to_bf16(dz)
+        if not needs_fp32_weight(h, bf16):
+            return _cuda_bf16_gradient_gemms(dz16, h, weight, gw, need_w, need_h, out)
         if need_w:
             first = gw is None
             if first:
