@@ -115,15 +115,6 @@ def measure(contender: TpoFast, workload: str, inp: dict, device: str, repeats: 
     return out
 
 
-def _budget_mb(backend: str, device: str, chunk_mb: float) -> float:
-    """The chunk budget (MiB) a fused loss without `chunk_bytes` takes under TPO_FAST_CHUNK_MB=`chunk_mb`."""
-    from tpo_fast.ops.fused_pairs import default_chunk_bytes
-    from tpo_fast.ops.options import kernel_options
-
-    with kernel_options(chunk_mb=chunk_mb):
-        return default_chunk_bytes(backend, torch.empty(0, device=device)) / 2**20
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--case", default="gpu-target", help="one loss case of bench/run.py (default: gpu-target)")
@@ -141,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-kernels", type=int, default=8,
                    help="after the table, each row's largest kernels by device time (CUDA; default: 8, 0: none)")
     args = p.parse_args(argv)
-    from tpo_fast.ops.fused_pairs import uses_fused_gradient
+    from tpo_fast.ops.fused_pairs import TORCH_CHUNK_BYTES, uses_fused_gradient
     from tpo_fast.ops.options import kernel_options
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {workload} | fused: runs recompute here ({args.backend}, {dtype}) | | | | | | | | | |")
                 continue
             chunks = ["-"]
-            if fused:  # the budgets the loss takes (the torch backend caps its buffer on a CPU): those that differ
-                chunks = list(dict.fromkeys(f"{_budget_mb(args.backend, device, float(c)):g}"
-                                            for c in args.chunk_mb.split(",")))
+            if fused:  # the torch backend caps its buffer on a CPU: list the budgets that differ
+                cap = TORCH_CHUNK_BYTES / 2**20 if args.backend == "torch" and device == "cpu" else float("inf")
+                chunks = list(dict.fromkeys(f"{min(float(c), cap):g}" for c in args.chunk_mb.split(",")))
             for chunk_mb in chunks:
                 for gemm in (gemms if fused else ["-"]):
                     contender = TpoFast(args.backend, mode, grad_gemm=None if gemm == "-" else gemm)
