@@ -288,7 +288,9 @@ def main() -> int:
     from tpo_fast.ops import gemm
 
     out["mm_out_dtype"] = gemm._MM_OUT_DTYPE
-    print(f"cuBLAS 16-bit x 16-bit -> fp32 products (torch.mm out_dtype): {out['mm_out_dtype']}")
+    out["addmm_out_dtype"] = gemm._ADDMM_OUT_DTYPE  # None: no timed path summed into an fp32 accumulator
+    print(f"cuBLAS 16-bit x 16-bit -> fp32 products (torch.mm out_dtype): {out['mm_out_dtype']}; "
+          f"into an fp32 sum (torch.addmm out_dtype): {out['addmm_out_dtype']}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "tune.json").write_text(json.dumps(out, indent=1))
     return 0

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-kernels", type=int, default=8,
                    help="after the table, each row's largest kernels by device time (CUDA; default: 8, 0: none)")
     args = p.parse_args(argv)
-    from tpo_fast.ops.fused_pairs import TORCH_CHUNK_BYTES, uses_fused_gradient
+    from tpo_fast.ops.fused_pairs import chunk_cap_bytes, uses_fused_gradient
     from tpo_fast.ops.options import kernel_options
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             chunks = ["-"]
             if fused:  # the torch backend caps its buffer on a CPU: list the budgets that differ
-                cap = TORCH_CHUNK_BYTES / 2**20 if args.backend == "torch" and device == "cpu" else float("inf")
+                cap_bytes = chunk_cap_bytes(args.backend, device == "cuda")
+                cap = float("inf") if cap_bytes is None else cap_bytes / 2**20  # MiB as given: no byte rounding
                 chunks = list(dict.fromkeys(f"{min(float(c), cap):g}" for c in args.chunk_mb.split(",")))
             for chunk_mb in chunks:
                 for gemm in (gemms if fused else ["-"]):

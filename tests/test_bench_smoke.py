@@ -747,6 +747,8 @@ def test_gpu_tune_sweep_runs_and_checks_every_variant(tmp_path):
         if r["rel_err_logp_gh_gw"] is not None:
             assert max(r["rel_err_logp_gh_gw"]) < 1e-2, r
     assert out["best_split_tiles"] == "64,128,32,4,3" and out["best_split_tma"] in ("0", "1")
+    if not torch.cuda.is_available():  # the CPU has no mixed-dtype cuBLAS call to try
+        assert out["mm_out_dtype"] is None and out["addmm_out_dtype"] is None
 
 
 def _timed_row(contender: str, kind: str, times: list[float], **extra) -> dict:

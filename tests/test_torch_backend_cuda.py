@@ -20,7 +20,7 @@ from _spies import CudaLooking
 
 from tpo_fast.ops import gemm, torch_chunked
 from tpo_fast.ops.fused_chunk import TorchChunk
-from tpo_fast.ops.fused_pairs import TORCH_CHUNK_BYTES, default_chunk_bytes
+from tpo_fast.ops.fused_pairs import TORCH_CHUNK_BYTES, chunk_cap_bytes, default_chunk_bytes
 from tpo_fast.ops.options import kernel_options
 
 R, D, V = 21, 12, 70  # rows, hidden, vocabulary: R != V, so a gathered (R, D) is never taken for the weight
@@ -36,8 +36,8 @@ class WholeWeightStaysBf16(CudaLooking):
 
 @pytest.fixture
 def cublas(monkeypatch):
-    """`gemm.mm_f32_cuda` faked: a widened fp32 product (the values cuBLAS's fp32 accumulation gives, up to
-    the order of the sums); records each call's operand dtypes and shapes."""
+    """`gemm.mm_f32_cuda` and `gemm.addmm_f32_cuda_` faked: a widened fp32 product (the values cuBLAS's fp32
+    accumulation gives, up to the order of the sums); records each call's operand dtypes and shapes."""
     seen: list[tuple[torch.dtype, torch.dtype, tuple[int, ...], tuple[int, ...]]] = []
 
     def fake(a, b, out):
@@ -45,7 +45,12 @@ def cublas(monkeypatch):
         res = torch.mm(a.to(torch.float32), b.to(torch.float32)).as_subclass(CudaLooking)  # a CUDA result
         return res if out is None else out.copy_(res)
 
+    def fake_addmm(acc, a, b):  # cuBLAS's GEMM into the fp32 sum: the same record
+        assert acc.dtype == torch.float32
+        return acc.add_(fake(a, b, None))
+
     monkeypatch.setattr(gemm, "mm_f32_cuda", fake)
+    monkeypatch.setattr(gemm, "addmm_f32_cuda_", fake_addmm)
     monkeypatch.setattr(torch_chunked, "cpu_has_bf16_units", lambda: False)  # CUDA does not ask the CPU
     return seen
 
@@ -191,6 +196,10 @@ def test_the_torch_backend_keeps_its_small_chunk_on_the_cpu_only():
         assert default_chunk_bytes("torch", h) == TORCH_CHUNK_BYTES == 128 * 2**20
     with kernel_options(chunk_mb=64):
         assert default_chunk_bytes("torch", h) == default_chunk_bytes("torch", _cuda(h)) == 64 * 2**20
+    # the cap alone, as bench/profile_loss.py lists its budgets from it
+    assert chunk_cap_bytes("torch", False) == 128 * 2**20
+    assert chunk_cap_bytes("torch", True) is None
+    assert chunk_cap_bytes("triton", False) is None and chunk_cap_bytes("triton", True) is None
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the real cuBLAS calls")

@@ -244,9 +244,14 @@ def default_chunk_bytes(backend: str, hidden: torch.Tensor) -> int:
     recomputing backward does (a larger buffer buys no GEMM speed there and only raises the peak). On a GPU small
     chunks leave the device waiting for the host (the triton backend's 256 MiB chunks did on an H200)."""
     budget = current_options().chunk_bytes(FUSED_CHUNK_MB)
-    if backend == "torch" and not hidden.is_cuda:
-        budget = min(budget, TORCH_CHUNK_BYTES)
-    return budget
+    cap = chunk_cap_bytes(backend, hidden.is_cuda)
+    return budget if cap is None else min(budget, cap)
+
+
+def chunk_cap_bytes(backend: str, on_cuda: bool) -> int | None:
+    """The most bytes a fused chunk's buffer takes on `backend` whatever the options say: `TORCH_CHUNK_BYTES` for
+    the torch backend off CUDA, None (no cap) elsewhere (`default_chunk_bytes`)."""
+    return TORCH_CHUNK_BYTES if backend == "torch" and not on_cuda else None
 
 
 def plan_chunks(pair_rows: list[int], budget_rows: int) -> list[tuple[int, int]]:

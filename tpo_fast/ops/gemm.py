@@ -4,7 +4,9 @@ On CUDA a 16-bit x 16-bit product runs on cuBLAS with fp32 accumulation and an f
 (`torch.mm(..., out_dtype=torch.float32)`, where this torch has it): each product of two bf16 or fp16 numbers
 is exact in fp32, so the result is what the fp32 GEMM of the widened operands gives, at the 16-bit rate and
 without a widened copy of either operand. Without that call, and on the CPU (which has no mixed-dtype product),
-the operands are widened (exact) and multiplied in fp32. Pure PyTorch: no Triton import.
+the operands are widened (exact) and multiplied in fp32. A sum of such products (dW over chunks) runs as one
+cuBLAS GEMM into its fp32 accumulator where this torch takes one (`addmm_f32_cuda_`), so no temporary the size
+of the sum is made. Pure PyTorch: no Triton import.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import torch
 # Whether this torch has cuBLAS's 16-bit x 16-bit -> fp32 product (`torch.mm(..., out_dtype=)`, CUDA
 # only); None until the first try. Without it the operands are widened (exact, slower).
 _MM_OUT_DTYPE: bool | None = None
+# Whether this torch's cuBLAS product with an fp32 result also takes an fp32 accumulator as its C operand
+# (`torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`: newer versions; older ones want C in the
+# operands' dtype); None until the first try. Without it the product is formed apart and added.
+_ADDMM_OUT_DTYPE: bool | None = None
 
 
 def mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -36,6 +42,25 @@ def mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> t
     return torch.mm(a.float(), b.float(), out=out)
 
 
+def addmm_f32_cuda_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) += a @ b of 16-bit CUDA operands, in one cuBLAS GEMM that reads and writes `acc` where this torch
+    allows it (no temporary the size of `acc`, no second pass over it), else the product apart, then added.
+    Tried once, as `mm_f32_cuda` does: the first success or refusal decides for the process."""
+    global _ADDMM_OUT_DTYPE
+    if _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE = True
+            return acc
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or C must be in the operands' dtype here
+            if _ADDMM_OUT_DTYPE:
+                raise
+            _ADDMM_OUT_DTYPE = False
+    return acc.add_(mm_f32_cuda(a, b, None))
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `a @ b` (into `out` when given, which it returns): fp32 accumulation, one rounding for 16-bit
     operands. `a` and `b` share a dtype."""
@@ -55,7 +80,7 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
     if a.is_cuda:
-        return acc if 0 in (a.shape[0], a.shape[1], b.shape[1]) else acc.add_(mm_f32_cuda(a, b, None))
+        return acc if 0 in (a.shape[0], a.shape[1], b.shape[1]) else addmm_f32_cuda_(acc, a, b)
     return acc.addmm_(a.float(), b.float())
 
 

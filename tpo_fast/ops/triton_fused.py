@@ -129,11 +129,11 @@ def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: b
 
 def mm_f32(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `dz @ weight` (fp32 accumulation, one rounding for 16-bit operands), into `out` when given."""
+    if current_options().grad_gemm != "triton":
+        return gemm.mm_f32(dz, weight, out)
     if out is None:
         out = torch.empty((dz.shape[0], weight.shape[1]), dtype=torch.float32, device=dz.device)
-    if current_options().grad_gemm == "triton":
-        return triton_mm(dz, weight, out)
-    return gemm.mm_f32(dz, weight, out)
+    return triton_mm(dz, weight, out)
 
 
 def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
