@@ -243,12 +243,15 @@ def test_the_cublas_products_on_cuda(monkeypatch, dtype):
     for forced in (None, False):
         monkeypatch.setattr(gemm, "_MM_OUT_DTYPE", forced)
         monkeypatch.setattr(gemm, "_ADDMM_OUT_DTYPE", forced)
+        # fp32 sums of at most 192 exact products: within 192 roundings of 2**-24 of the sum of magnitudes
         gw = gemm.mm_f32(dz.t(), h)
-        assert gw.dtype == torch.float32 and ((gw.double() - want1).abs() <= 1e-6 * scale + 1e-6).all()
+        assert gw.dtype == torch.float32 and ((gw.double() - want1).abs() <= 2e-5 * scale).all()
         out = torch.full((300, 64), float("nan"), device="cuda")
         assert gemm.mm_f32(dz.t(), h, out) is out
-        assert torch.equal(out, gw)
+        assert ((out.double() - want1).abs() <= 2e-5 * scale).all()
         assert gemm.addmm_f32_(gw, dz.t(), h2) is gw
-        assert ((gw.double() - want2).abs() <= 1e-6 * scale + 1e-6).all(), f"forced={forced}"
+        assert ((gw.double() - want2).abs() <= 2e-5 * scale).all(), f"forced={forced}"
+        # a dropped or replaced first product would be off by about its own size, far above that bound
+        assert ((want2 - want1).abs() > 1e-3 * scale).float().mean() > 0.5
         if forced is None:
             print(f"cuBLAS out_dtype: mm {gemm._MM_OUT_DTYPE}, addmm into fp32 {gemm._ADDMM_OUT_DTYPE}")
