@@ -10,8 +10,9 @@ parameters the trunk used:
 
 - ZeRO-3: `lm_head.weight` is a 0-element shard outside its module's forward, and the lm_head
   module never runs (its weight goes straight to the fused loss). The loss is computed by
-  `_Zero3GatheredLoss`, which gathers the weight in forward, and gathers it again in backward to
-  recompute the (cheap) loss, because the gathered storage is released in between.
+  `_Zero3GatheredLoss`, which gathers the weight in forward (`zero3.gathered`) and there computes the
+  gradients too (the fused-gradient losses), or, with `grad_mode="recompute"`, gathers it again in backward
+  to recompute the (cheap) loss, because the gathered storage is released in between.
 - FSDP2: inside the root's forward the root group's parameters (lm_head with them) are unsharded
   plain tensors, and FSDP reduce-scatters their gradients after backward; the weight is cast to
   the compute dtype of the hidden states. Without gradient a `DTensor` weight is gathered with
@@ -46,6 +47,7 @@ from tpo_fast.trainer.packing import (
     response_window,
     shift_labels,
 )
+from tpo_fast.trainer.zero3 import gathered, is_zero3
 
 OBJECTIVES = ("tpo", "dpo", "povid")
 # Which rows each objective runs on the corrupted image: TPO all 2B (its token weights), POVID the
@@ -406,24 +408,6 @@ def plain_lm_head(llava: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def _is_zero3(param: torch.Tensor | None) -> bool:
-    return param is not None and hasattr(param, "ds_id")
-
-
-@contextlib.contextmanager
-def _gathered(params: list[torch.Tensor | None]):
-    # Only shards: a parameter below ZeRO-3's persistence threshold, or one a module hook has
-    # already fetched, is available as is, and DeepSpeed refuses to release it from here.
-    params = [p for p in params if _is_zero3(p) and p.ds_status.name == "NOT_AVAILABLE"]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
 def _full(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """The lm_head weight (or bias) as a plain tensor in the compute dtype of the hidden states.
 
@@ -476,7 +460,7 @@ class _Zero3GatheredLoss(torch.autograd.Function):
         if ctx.fused:
             return (None, None, None, *take_stored_grads(ctx, grad_loss))
         hidden, corrupted_hidden = ctx.saved_tensors
-        with _gathered([ctx.weight, ctx.bias]):
+        with gathered([ctx.weight, ctx.bias]):
             _, grads = _loss_and_grads(ctx.loss_fn, (ctx.weight, ctx.bias, hidden, corrupted_hidden),
                                        ctx.needs_input_grad[3:7], grad_loss)
         return (None, None, None, *grads)
@@ -508,7 +492,7 @@ def sequence_reference_scores(
         lm_head = plain_lm_head(llava)
         opts = dict(average_log_prob=options.average_log_prob, ignore_index=options.ignore_index,
                     backend=options.backend)
-        with _gathered([lm_head.weight, lm_head.bias]):
+        with gathered([lm_head.weight, lm_head.bias]):
             weight = _full(lm_head.weight, hidden.dtype)
             bias = _full(lm_head.bias, hidden.dtype)
             if options.objective == "povid":
@@ -573,10 +557,10 @@ def policy_loss(
         return dpo_loss(weight, h, targets, bias, **common)
 
     lm_head = plain_lm_head(llava)
-    if _is_zero3(lm_head.weight):
+    if is_zero3(lm_head.weight):
         keys: list[str] = []
         fused = uses_fused_gradient(options.grad_mode, options.backend, hidden.device, lm_head.weight.dtype)
-        with _gathered([lm_head.weight, lm_head.bias]):
+        with gathered([lm_head.weight, lm_head.bias]):
             loss, values = _Zero3GatheredLoss.apply(
                 loss_fn, keys, fused, lm_head.weight, lm_head.bias, hidden, corrupted_hidden
             )

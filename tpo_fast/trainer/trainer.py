@@ -52,6 +52,7 @@ from tpo_fast.trainer.reference_cache import (
     score_table,
     weights_digest,
 )
+from tpo_fast.trainer.zero3 import is_zero3, module_forwards_gathered
 
 logger = logging.getLogger("tpo_fast")
 
@@ -314,9 +315,14 @@ class TPOTrainer(Trainer):
             return score
         model = self.model
         llava = unwrap_llava(model)
+        if any(is_zero3(p) for p in model.parameters()):
+            logger.info("reference scored on the ZeRO-3 partitioned policy, before DeepSpeed wraps it: each module's "
+                        "parameters are gathered around its own forward")
 
         def score_adapter(batch):
-            with adapters_disabled(model):
+            # At init no DeepSpeed engine wraps the policy yet: a model that ZeRO-3 partitioned as it loaded
+            # (`deepspeed.zero.Init`) gathers each module's parameters around its own forward, as the engine will
+            with adapters_disabled(model), module_forwards_gathered(model):
                 return sequence_reference_scores(llava, batch, self.step_options)
 
         return score_adapter
@@ -415,12 +421,6 @@ class TPOTrainer(Trainer):
                     "None): with fresh noise every load the cached reference would not match the corrupted image "
                     "trained on"
                 )
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self.reference_mode == "adapter" and zero3:
-            raise ValueError(
-                "precompute_reference with reference='adapter' is not supported under ZeRO-3 (the policy is not yet "
-                "wrapped by DeepSpeed at init); pass a separate ref_model or use ZeRO-2"
-            )
         path = self._reference_cache_path
         settings = self._cache_settings()
         stored = read_reference_cache(path)
