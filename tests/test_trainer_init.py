@@ -482,3 +482,29 @@ def test_training_weight_dtype_keeps_fp32_where_no_master_weights_exist():
     assert got == {(False, False, False): f32, (True, False, False): f32, (False, True, False): None,
                    (True, True, False): b16, (False, False, True): None, (True, False, True): b16,
                    (False, True, True): None, (True, True, True): b16}
+
+
+def test_a_rank_without_a_record_of_its_own_scores_as_many_batches_as_the_others(setup, tmp_path, monkeypatch):
+    """Precomputing the reference with fewer records than ranks (a 1-record eval dataset on 2 processes): the rank
+    past the last record scores that record again, so every rank runs the same number of batches (ZeRO-3's gathers
+    are collectives) and none fails on an empty share. A dataset without records is a clear error."""
+    ds, proc = setup
+    trainer = TPOTrainer(tiny_model(proc), args=_args(tmp_path), train_dataset=ds, processing_class=proc)
+    one = torch.utils.data.Subset(ds, [2])
+    scored = []
+
+    def score(batch):
+        scored.append(batch["index"].tolist())
+        return torch.arange(2.0 * batch["index"].numel())  # (2B,): chosen, then rejected
+
+    monkeypatch.setattr(trainer, "_reference_scorer", lambda: score)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.cat([t, t]))  # rank 0 scored the same record
+    table = trainer._score_dataset(one)
+    record = ds[2]["index"]
+    assert scored == [[record]]
+    assert table["index"].tolist() == [record, record] and table["scores"].tolist() == [[0.0, 1.0]] * 2
+    with pytest.raises(ValueError, match="the train dataset has no records to score"):
+        TPOTrainer(tiny_model(proc), args=_args(tmp_path, precompute_reference=True),
+                   train_dataset=torch.utils.data.Subset(ds, []), processing_class=proc)

@@ -415,6 +415,8 @@ class TPOTrainer(Trainer):
             raise ValueError("precompute_reference=True needs a train_dataset")
         datasets = self._reference_datasets()
         for name, ds in datasets:
+            if len(ds) == 0:
+                raise ValueError(f"precompute_reference=True: the {name} dataset has no records to score")
             if getattr(base_dataset(ds), "noise_seed", 0) is None:
                 raise ValueError(
                     f"precompute_reference=True needs seeded corruption (the {name} dataset's noise_seed must not be "
@@ -472,9 +474,11 @@ class TPOTrainer(Trainer):
         one here; an fp32 model runs its matmuls in fp32 here and bf16 in the step.
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        positions = list(range(rank, len(ds), world))
+        # a rank past the last record (fewer records than ranks) scores the last one again: equal counts on every
+        # rank, as ZeRO-3's gathers run in lockstep (a record scored twice is stored once)
+        positions = list(range(rank, len(ds), world)) or [len(ds) - 1]
         share = -(-len(ds) // world)
-        positions += positions[-1:] * (share - len(positions))  # equal counts: ZeRO-3 ranks run in lockstep
+        positions += positions[-1:] * (share - len(positions))
         bs = self.args.per_device_eval_batch_size
         score = self._reference_scorer()
         self.model.eval()
