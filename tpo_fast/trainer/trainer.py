@@ -127,7 +127,7 @@ def copy_of_policy(model):
     holds only this rank's shards; a deep copy of it has empty weights that DeepSpeed cannot gather.
     Such a model is loaded again from its folder, partitioned the same way.
     """
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+    if not any(is_zero3(p) for p in model.parameters()):
         return copy.deepcopy(model)
     path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if not path or not os.path.isdir(path):
