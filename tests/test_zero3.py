@@ -65,7 +65,8 @@ def test_each_module_gathers_its_own_parameters_around_its_forward(recorded):
     net = Net()
     _partition(net)
     x = torch.ones(2, 3)
-    with torch.no_grad(), zero3.module_forwards_gathered(net):
+    with torch.no_grad(), zero3.module_forwards_gathered(net) as hooked:
+        assert hooked is True
         net(x)
         assert recorded == [
             ("gather", ("a.scale",)), ("gather", ("a.inner.weight", "a.inner.bias")),
@@ -120,7 +121,8 @@ def test_a_gather_that_fails_is_the_error_the_caller_sees(monkeypatch, recwarn):
 def test_a_model_without_partitioned_parameters_gets_no_hook(recorded):
     net = Net()
     _partition(net, skip=("",))  # every name starts with "": nothing partitioned
-    with zero3.module_forwards_gathered(net):
+    with zero3.module_forwards_gathered(net) as hooked:
+        assert hooked is False
         assert all(not m._forward_pre_hooks for m in net.modules())
         net(torch.ones(2, 3))
     assert recorded == []

@@ -315,14 +315,9 @@ class TPOTrainer(Trainer):
             return score
         model = self.model
         llava = unwrap_llava(model)
-        if any(is_zero3(p) for p in model.parameters()):
-            logger.info("reference scored on the ZeRO-3 partitioned policy, before DeepSpeed wraps it: each module's "
-                        "parameters are gathered around its own forward")
 
         def score_adapter(batch):
-            # At init no DeepSpeed engine wraps the policy yet: a model that ZeRO-3 partitioned as it loaded
-            # (`deepspeed.zero.Init`) gathers each module's parameters around its own forward, as the engine will
-            with adapters_disabled(model), module_forwards_gathered(model):
+            with adapters_disabled(model):
                 return sequence_reference_scores(llava, batch, self.step_options)
 
         return score_adapter
@@ -483,14 +478,22 @@ class TPOTrainer(Trainer):
         score = self._reference_scorer()
         self.model.eval()
         indices, values = [], []
-        for start in range(0, len(positions), bs):
-            batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
-            batch = self._prepare_inputs(batch)
-            with self.accelerator.autocast():
-                s = score(batch).float().cpu()
-            n = batch["index"].shape[0]
-            indices.append(batch["index"].cpu())
-            values.append(s.view(-1, n).t())  # (2B,) or (3B,) -> (B, 2) or (B, 3)
+        # At init no DeepSpeed engine wraps the policy yet: an adapter reference on a policy that ZeRO-3 partitioned
+        # as it loaded (`deepspeed.zero.Init`) gathers each module's parameters around its own forward, as the
+        # engine will
+        adapter = self.reference_mode == "adapter"
+        with module_forwards_gathered(self.model) if adapter else contextlib.nullcontext(False) as gathering:
+            if gathering:
+                logger.info("reference scored on the ZeRO-3 partitioned policy, before DeepSpeed wraps it: each "
+                            "module's parameters are gathered around its own forward")
+            for start in range(0, len(positions), bs):
+                batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
+                batch = self._prepare_inputs(batch)
+                with self.accelerator.autocast():
+                    s = score(batch).float().cpu()
+                n = batch["index"].shape[0]
+                indices.append(batch["index"].cpu())
+                values.append(s.view(-1, n).t())  # (2B,) or (3B,) -> (B, 2) or (B, 3)
         self.model.train()
         index, scores = torch.cat(indices), torch.cat(values)
         if world > 1:

@@ -42,19 +42,19 @@ def gathered(params: Iterable[torch.Tensor | None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def module_forwards_gathered(model: torch.nn.Module) -> Iterator[None]:
+def module_forwards_gathered(model: torch.nn.Module) -> Iterator[bool]:
     """Inside the block, each module of `model` that owns partitioned parameters has them gathered for its own
     forward and released when it returns (or raises), as an engine's hooks would: forward passes of a model that
     `deepspeed.zero.Init` partitioned and no engine wraps yet hold whole only the parameters of the modules whose
     forward is running, never the whole model. For forwards without gradient (a backward would need the released
-    parameters again). A model without partitioned parameters gets no hook."""
+    parameters again). A model without partitioned parameters gets no hook. Yields whether any module was hooked."""
     owned = {}
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if is_zero3(p)]
         if own:
             owned[module] = own
     if not owned:
-        yield
+        yield False
         return
     open_gathers: dict[torch.nn.Module, list[contextlib.AbstractContextManager]] = {}
 
@@ -73,7 +73,7 @@ def module_forwards_gathered(model: torch.nn.Module) -> Iterator[None]:
         for module in owned:
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after, always_call=True))
-        yield
+        yield True
     finally:
         for handle in handles:
             handle.remove()
