@@ -22,43 +22,42 @@ _MM_OUT_DTYPE: bool | None = None
 _ADDMM_OUT_DTYPE: bool | None = None
 
 
+def _first_try_decides(flag: str, call):
+    """`call()`, a cuBLAS call that this torch may lack, unless the module flag `flag` says it refused before:
+    the first success sets the flag True (a later failure then raises), the first refusal (TypeError: no such
+    keyword; RuntimeError: no kernel for these dtypes) sets it False and gives None, as does every call after it.
+    Out of memory says nothing about the call and is raised as it is."""
+    if globals()[flag] is False:
+        return None
+    try:
+        result = call()
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError):
+        if globals()[flag]:
+            raise
+        globals()[flag] = False
+        return None
+    globals()[flag] = True
+    return result
+
+
 def mm_f32_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """fp32 `a @ b` of 16-bit CUDA operands (into `out` when given): `out_dtype` where it works, else widened."""
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE is not False:
-        try:
-            if out is None:
-                res = torch.mm(a, b, out_dtype=torch.float32)
-            else:
-                res = torch.mm(a, b, out_dtype=torch.float32, out=out)
-            _MM_OUT_DTYPE = True
-            return res
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or no kernel for it
-            if _MM_OUT_DTYPE:
-                raise
-            _MM_OUT_DTYPE = False
-    return torch.mm(a.float(), b.float(), out=out)
+    if out is None:
+        res = _first_try_decides("_MM_OUT_DTYPE", lambda: torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        res = _first_try_decides("_MM_OUT_DTYPE", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out))
+    return torch.mm(a.float(), b.float(), out=out) if res is None else res
 
 
 def addmm_f32_cuda_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc (fp32) += a @ b of 16-bit CUDA operands, in one cuBLAS GEMM that reads and writes `acc` where this torch
     allows it (no temporary the size of `acc`, no second pass over it), else the product apart, then added.
     Tried once, as `mm_f32_cuda` does: the first success or refusal decides for the process."""
-    global _ADDMM_OUT_DTYPE
-    if _ADDMM_OUT_DTYPE is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_OUT_DTYPE = True
-            return acc
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):  # no `out_dtype` keyword, or C must be in the operands' dtype here
-            if _ADDMM_OUT_DTYPE:
-                raise
-            _ADDMM_OUT_DTYPE = False
-    return acc.add_(mm_f32_cuda(a, b, None))
+    if _first_try_decides("_ADDMM_OUT_DTYPE", lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)) is None:
+        acc.add_(mm_f32_cuda(a, b, None))
+    return acc
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
