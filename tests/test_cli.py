@@ -331,3 +331,30 @@ def test_the_command_reference_is_up_to_date():
         "docs/cli.md is out of date: run python scripts/cli_reference.py")
     for name, cmd in SUBCOMMANDS.items():  # every subcommand, with its description
         assert f"## `tpo-fast {name}`\n\n```text\nusage: tpo-fast {name} " in text and cmd.description[:40] in text
+
+
+def test_a_run_under_torchrun_leaves_no_process_group(tmp_path, monkeypatch):
+    """The process group a run set up (the Hugging Face Trainer does, under torchrun, and never destroys it) is
+    destroyed when the subcommand returns, before the interpreter's teardown (where a gloo group's threads can
+    abort a rank that succeeded), and the subcommand's exit code is kept."""
+    import torch.distributed as dist
+
+    seen = []
+
+    def run_with_a_group(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        seen.append(dist.is_initialized())
+        return 3
+
+    cmd = SUBCOMMANDS["demo"]
+    monkeypatch.setitem(SUBCOMMANDS, "demo", type(cmd)(cmd.description, cmd.add_arguments, run_with_a_group,
+                                                        cmd.check))
+    try:
+        assert main(["demo"]) == 3
+        assert seen == [True]
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert main(["demo"]) == 3  # a second run's group: set up and destroyed again
+    assert seen == [True, True] and not dist.is_initialized()

@@ -60,4 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tpo-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return cmd.run(args)
+    code = cmd.run(args)
+    end_distributed()
+    return code
+
+
+def end_distributed() -> None:
+    """Destroy the default process group a run under torchrun left behind (the Hugging Face Trainer never does), while
+    the interpreter is whole: left to the interpreter's teardown, a gloo group's worker threads can still hold work
+    whose tensors need the interpreter, and the rank aborts after a run that succeeded ("terminate called without
+    an active exception", exit -6, which torchrun reports as a failed run). A no-op where torch was never imported
+    or no group is up."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
