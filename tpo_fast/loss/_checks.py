@@ -65,11 +65,7 @@ def check_loss_options(
             f"weighting must be one of {WEIGHTINGS} ('tpo': token-weighted TPO, 'none': plain DPO), "
             f"got {weighting!r}"
         )
-    offset = real_scalar("offset", offset)
-    if not math.isfinite(offset) or offset < 0:
-        raise ValueError(
-            f"offset must be a finite number >= 0 (the paper uses 0.5, ablating 0, 0.5, 1), got {offset!r}"
-        )
+    check_offset(offset)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     label_smoothing = real_scalar("label_smoothing", label_smoothing)
@@ -84,6 +80,16 @@ def check_loss_options(
             f"got loss_type={loss_type!r} "
             f"with label_smoothing={label_smoothing}; set label_smoothing=0.0"
         )
+
+
+def check_offset(offset: object) -> float:
+    """TPO's token-weight offset `a` as a float; TypeError for a non-number, ValueError outside [0, inf)."""
+    offset = real_scalar("offset", offset)
+    if not math.isfinite(offset) or offset < 0:
+        raise ValueError(
+            f"offset must be a finite number >= 0 (the paper uses 0.5, ablating 0, 0.5, 1), got {offset!r}"
+        )
+    return offset
 
 
 def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> None:
@@ -125,6 +131,9 @@ def as_scores(
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{name} must be a tensor (or a list of numbers) of shape ({label},) = ({n},), "
                         f"got {_shape(scores)}")
+    if scores.dtype.is_complex or scores.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers (a float tensor of shape ({label},) = ({n},)), got "
+                        f"{_shape(scores)}")
     if scores.shape != (n,):
         raise ValueError(f"{name} must be of shape ({label},) = ({n},), got {_shape(scores)}")
     if device is not None:
@@ -188,6 +197,15 @@ def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: 
         f"{name} must be ({label}, T, D) = ({n_seq}, {n_tok}, D) or ({label}*T, D) = ({n_seq * n_tok}, D) to "
         f"match the targets, got {_shape(t)}{hint}"
     )
+
+
+def reference_names(ref_weight: object, ref_bias: object) -> dict[str, str]:
+    """The names of a loss's reference inputs for `check_primitive_inputs`' errors: `ref_hidden`,
+    `ref_corrupted_hidden`, and `ref_weight` / `ref_bias` where given (else the policy's `weight` / `bias`, which
+    the reference then shares)."""
+    return {"hidden": "ref_hidden", "corrupted_hidden": "ref_corrupted_hidden",
+            "weight": "weight" if ref_weight is None else "ref_weight",
+            "bias": "bias" if ref_bias is None else "ref_bias"}
 
 
 def same_shape(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:

@@ -17,8 +17,11 @@ from tpo_fast.loss._checks import (
     _shape,
     as_scores,
     check_loss_options,
+    check_offset,
+    check_tensors,
     num_pairs,
     real_scalar,
+    same_device,
 )
 
 
@@ -29,6 +32,8 @@ def log_token_weights(visual_scores: torch.Tensor, offset: float = 0.5) -> torch
     Written as `logaddexp(log a, logsigmoid(+-s))`, finite for any finite s even when a = 0 (where
     `log(sigmoid(s))` would round to log(0) for s below about -88 in fp32).
     """
+    offset = check_offset(offset)
+    check_tensors(visual_scores=visual_scores)
     n_pairs = num_pairs(visual_scores.shape[0], "visual_scores")
     s = visual_scores.float()
     log_sig = F.logsigmoid(torch.cat([s[:n_pairs], -s[n_pairs:]]))  # +s for the chosen rows, -s for the rejected
@@ -37,9 +42,13 @@ def log_token_weights(visual_scores: torch.Tensor, offset: float = 0.5) -> torch
     return torch.logaddexp(torch.full_like(log_sig, math.log(offset)), log_sig)
 
 
-def _mask_tokens(mask: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
-    if mask.shape != shape:
-        raise ValueError(f"mask must have the shape (2B, T) = {tuple(shape)} of {name}, got {_shape(mask)}")
+def token_mask(mask: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """`mask` as bool, after checks against the (2B, T) tensor `like` (named `name`): a tensor of its shape and
+    device."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
+        raise ValueError(f"mask must have the shape (2B, T) = {tuple(like.shape)} of {name}, "
+                         f"got {_shape(mask)}")
+    same_device("mask", mask, like.device)
     return mask.bool()
 
 
@@ -62,7 +71,8 @@ def sequence_scores(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
         raise ValueError(f"logprobs must be 2-D (2B, T), got {_shape(logprobs)}")
-    m = _mask_tokens(mask, logprobs.shape, "logprobs")
+    m = token_mask(mask, logprobs, "logprobs")
+    check_tensors(visual_scores=visual_scores)
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
     # where() before any arithmetic so that garbage at masked positions cannot leak NaN gradients.
     per_token = torch.where(m, logprobs.float(), zero)
@@ -76,6 +86,7 @@ def sequence_scores(
                 f"visual_scores must have the shape of logprobs {tuple(logprobs.shape)}, "
                 f"got {_shape(visual_scores)}"
             )
+        same_device("visual_scores", visual_scores, logprobs.device)
         s = torch.where(m, visual_scores.float(), zero)
         per_token = per_token + torch.where(m, log_token_weights(s, offset), zero)
     total = per_token.sum(-1)
@@ -147,8 +158,13 @@ def pair_losses(
     """Per-pair fp32 losses (B,) from (2B,) policy and reference scores (chosen first).
 
     `preference_loss_from_sequence_scores` checks every option; here only what a typo would silently change: an
-    unknown `loss_type` (ValueError, never a silent IPO) and `beta` <= 0 (the IPO target 1 / (2 beta))."""
-    n_pairs = policy.shape[0] // 2
+    unknown `loss_type` (ValueError, never a silent IPO), `beta` <= 0 (the IPO target 1 / (2 beta)), and scores
+    that are not two (2B,) tensors (an odd count would pair a chosen score with a chosen one)."""
+    check_tensors(policy=policy, ref=ref)
+    if policy is None or ref is None or policy.dim() != 1 or ref.shape != policy.shape:
+        raise ValueError(f"policy and ref must be 1-D (2B,) scores of one shape, got {_shape(policy)} and "
+                         f"{_shape(ref)}")
+    n_pairs = num_pairs(policy.shape[0], "policy")
     beta, label_smoothing = float(beta), float(label_smoothing)
     if loss_type not in ("sigmoid", "hinge", "ipo"):
         raise ValueError(f"loss_type must be 'sigmoid', 'hinge' or 'ipo', got {loss_type!r}")

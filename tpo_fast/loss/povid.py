@@ -49,12 +49,13 @@ from tpo_fast.loss._checks import (
     check_tensors,
     integer_targets,
     real_scalar,
+    reference_names,
     rows,
 )
 from tpo_fast.loss.pairs import pair_losses, reward_metrics
 from tpo_fast.ops import resolve_backend, target_logits, token_stats
 from tpo_fast.ops._compile import eager_under_compile
-from tpo_fast.ops._validate import check_primitive_inputs, out_of_range
+from tpo_fast.ops._validate import check_float, check_primitive_inputs, out_of_range
 from tpo_fast.ops.fused_pairs import PairChunk, count_rows_per_sequence, fused_pair_loss, uses_fused_gradient
 from tpo_fast.ops.token_logprobs import valid_row_index
 
@@ -77,6 +78,16 @@ def _povid_rows(hidden, corrupted_hidden, n_pairs: int, n_tok: int, weight=None,
               hint="; corrupted hidden states cover the B chosen rows only", weight=weight)
     if hc.shape[1] != h.shape[1]:
         raise ValueError(f"{names[1]} must have the hidden size {h.shape[1]} of {names[0]}, got {_shape(hc)}")
+    if isinstance(weight, torch.Tensor):
+        # the corrupted rows' dtype and device against the weight's here, where the error can name them (the argmax
+        # sweep would call them `hidden`); the clean rows' where the primitives' checks run
+        check_float(names[1], corrupted_hidden)
+        if hc.dtype != weight.dtype:
+            raise TypeError(f"{names[1]} must have the lm_head weight's dtype ({weight.dtype}), got "
+                            f"{_shape(corrupted_hidden)}; e.g. {names[1]}.to(weight.dtype)")
+        if hc.device != weight.device:
+            raise ValueError(f"{names[1]} is on {hc.device} but the lm_head weight is on {weight.device}; move it "
+                             "there first")
     return h, hc
 
 
@@ -269,8 +280,9 @@ def _povid_reference(weight, bias, targets, ref: dict, opts: dict, rows: _Rows |
     n_pairs, n_tok = targets.shape[0] // 2, targets.shape[1]
     ref_h, ref_hc = _povid_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"], n_pairs, n_tok, ref_w,
                                 ("ref_hidden", "ref_corrupted_hidden"))
-    if rows is not None:  # the policy's read-back counted the same targets; the reference's inputs checked here
-        check_primitive_inputs(ref_h, ref_w, targets.reshape(-1), ref_b)
+    # checked here, named after the reference's own arguments (the policy's read-back counted the same targets)
+    check_primitive_inputs(ref_h, ref_w, targets.reshape(-1), ref_b, names=reference_names(ref["ref_weight"],
+                                                                                           ref["ref_bias"]))
     return _reference_scores(ref_w, ref_h, ref_hc, targets, ref_b, rows, **opts)
 
 

@@ -39,6 +39,7 @@ from tpo_fast.loss._checks import (
     check_tensors,
     num_pairs,
     real_scalar,
+    reference_names,
     rows,
     same_device,
     same_shape,
@@ -49,22 +50,19 @@ from tpo_fast.loss.pairs import (
     preference_loss_from_sequence_scores,
     reward_metrics,
     sequence_scores,
+    token_mask,
 )
 from tpo_fast.ops import token_stats
+from tpo_fast.ops._validate import check_primitive_inputs
 from tpo_fast.ops.fused_pairs import PairBranch, PairChunk, fused_pair_loss, uses_fused_gradient
 
 _ROW_HINT = "; targets must be shifted so that hidden row t predicts targets[:, t]"
 
 
-def _token_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
-        raise ValueError(f"mask must have the shape (2B, T) = {tuple(shape)} of policy_logprobs, got {_shape(mask)}")
-    return mask.bool()
-
-
 def _logprob_reference(ref_logprobs, ref_visual_scores, ref_seq_scores, m, weighting, offset, average_log_prob,
-                       reference_free) -> torch.Tensor | None:
-    """The (2B,) reference scores of `tpo_loss_from_logprobs` from whichever form was given."""
+                       reference_free, name: str = "ref_logprobs") -> torch.Tensor | None:
+    """The (2B,) reference scores of `tpo_loss_from_logprobs` from whichever form was given; `name`: what the
+    caller calls `ref_logprobs` (`tpo_loss`: ref_token_logprobs), for the errors."""
     has_tokens = ref_logprobs is not None or ref_visual_scores is not None
     if reference_free:
         if has_tokens or ref_seq_scores is not None:
@@ -86,14 +84,15 @@ def _logprob_reference(ref_logprobs, ref_visual_scores, ref_seq_scores, m, weigh
         )
     if ref_logprobs is None:
         raise ValueError("ref_visual_scores was given without ref_logprobs; pass both (2B, T) tensors")
-    same_shape("ref_logprobs", ref_logprobs, m, "policy_logprobs")
-    same_device("ref_logprobs", ref_logprobs, m.device)
+    check_tensors(**{name: ref_logprobs, "ref_visual_scores": ref_visual_scores})
+    same_shape(name, ref_logprobs, m, "policy_logprobs")
+    same_device(name, ref_logprobs, m.device)
     if ref_visual_scores is not None:
         same_shape("ref_visual_scores", ref_visual_scores, m, "policy_logprobs")
         same_device("ref_visual_scores", ref_visual_scores, m.device)
     elif weighting == "tpo":
         raise ValueError(
-            "weighting='tpo' needs ref_visual_scores (2B, T) with ref_logprobs: "
+            f"weighting='tpo' needs ref_visual_scores (2B, T) with {name}: "
             "the reference weights its tokens with its own c^ref"
         )
     with torch.no_grad():
@@ -144,14 +143,16 @@ def tpo_loss_from_logprobs(
     if not isinstance(policy_logprobs, torch.Tensor) or policy_logprobs.dim() != 2:
         raise ValueError(f"policy_logprobs must be 2-D (2B, T), got {_shape(policy_logprobs)}")
     num_pairs(policy_logprobs.shape[0], "policy_logprobs")  # raises for an odd number of rows
-    m = _token_mask(mask, policy_logprobs.shape)
+    m = token_mask(mask, policy_logprobs, "policy_logprobs")
     if weighting == "tpo" and policy_visual_scores is None:
         raise ValueError(
             "weighting='tpo' needs policy_visual_scores (2B, T) from the corrupted-image branch; "
             "pass them or use weighting='none' (plain DPO)"
         )
+    check_tensors(policy_visual_scores=policy_visual_scores)
     if policy_visual_scores is not None:
         same_shape("policy_visual_scores", policy_visual_scores, policy_logprobs, "policy_logprobs")
+        same_device("policy_visual_scores", policy_visual_scores, policy_logprobs.device)
     ref_scores = _logprob_reference(ref_logprobs, ref_visual_scores, ref_seq_scores, m, weighting, offset,
                                     average_log_prob, reference_free)
     s = policy_visual_scores
@@ -350,7 +351,7 @@ def _model_reference(weight, bias, h, targets, ref, o: _Options, as_branch: bool
         return as_scores("ref_seq_scores", ref["ref_seq_scores"], targets.shape[0], targets.device)
     if ref["ref_token_logprobs"] is not None:
         return _logprob_reference(ref["ref_token_logprobs"], ref["ref_visual_scores"], None, mask, o.weighting,
-                                  o.offset, o.average_log_prob, False)
+                                  o.offset, o.average_log_prob, False, name="ref_token_logprobs")
     ref_w = weight if ref["ref_weight"] is None else ref["ref_weight"]
     ref_b = bias if ref["ref_bias"] is None else ref["ref_bias"]
     if ref_w.shape != weight.shape:
@@ -359,6 +360,9 @@ def _model_reference(weight, bias, h, targets, ref, o: _Options, as_branch: bool
         raise ValueError(f"ref_hidden must have the shape of hidden {tuple(h.shape)}, got {_shape(ref['ref_hidden'])}")
     rh, rhc = _branch_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"] if o.weighting == "tpo" else None,
                            targets, o.weighting, names=("ref_hidden", "ref_corrupted_hidden"), weight=ref_w)
+    # named after the reference's own arguments, and the same on both paths (the fused pass would check again)
+    check_primitive_inputs(rh, ref_w, targets.reshape(-1), ref_b, rhc,
+                           names=reference_names(ref["ref_weight"], ref["ref_bias"]))
     if as_branch:
         return PairBranch(*(None if t is None else t.detach() for t in (rh, ref_w, ref_b, rhc)))
     with torch.no_grad():

@@ -30,55 +30,56 @@ def check_primitive_inputs(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     corrupted_hidden: torch.Tensor | None = None,
+    names: dict[str, str] | None = None,
 ) -> None:
     """Validate shapes, dtypes and devices of the token-log-prob primitives.
 
     hidden (N, D), weight (V, D), targets (N,) integer, bias (V,) or None,
     corrupted_hidden (N, D) or None. Target values are checked separately (they need a sync).
+    `names`: what a caller calls these inputs, where not the names above (e.g. {"hidden": "ref_hidden"} for a
+    loss's reference branch), so that an error names the argument the user passed.
     """
-    check_float("hidden", hidden)
-    check_float("weight", weight)
+    n = {k: k for k in ("hidden", "weight", "targets", "bias", "corrupted_hidden")} | (names or {})
+    hid, wt, tg, bs, ch = (n[k] for k in ("hidden", "weight", "targets", "bias", "corrupted_hidden"))
+    check_float(hid, hidden)
+    check_float(wt, weight)
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D (N, D), got {_desc(hidden)}; flatten (B, T, D) with .flatten(0, 1)")
+        raise ValueError(f"{hid} must be 2-D (N, D), got {_desc(hidden)}; flatten (B, T, D) with .flatten(0, 1)")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, D), got {_desc(weight)}")
+        raise ValueError(f"{wt} must be 2-D (V, D), got {_desc(weight)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"hidden and weight must share the hidden size D: hidden is {_desc(hidden)}, weight is {_desc(weight)}"
+            f"{hid} and {wt} must share the hidden size D: {hid} is {_desc(hidden)}, {wt} is {_desc(weight)}"
         )
     if weight.shape[0] == 0:
-        raise ValueError(f"weight must have at least one vocabulary row, got {_desc(weight)}")
+        raise ValueError(f"{wt} must have at least one vocabulary row, got {_desc(weight)}")
     if hidden.dtype != weight.dtype:
         raise TypeError(
-            f"hidden and weight must have the same dtype, got hidden {_desc(hidden)} and weight {_desc(weight)}; "
-            "cast one of them (e.g. hidden.to(weight.dtype))"
+            f"{hid} and {wt} must have the same dtype, got {hid} {_desc(hidden)} and {wt} {_desc(weight)}; "
+            f"cast one of them (e.g. {hid}.to({wt}.dtype))"
         )
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        raise TypeError(f"{tg} must be a torch.Tensor, got {type(targets).__name__}")
     if not is_token_id_dtype(targets.dtype):
-        raise TypeError(f"targets must be an integer tensor (int64) of shape (N,), got {_desc(targets)}")
+        raise TypeError(f"{tg} must be an integer tensor (int64) of shape (N,), got {_desc(targets)}")
     if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
         raise ValueError(
-            f"targets must be of shape (N,) = ({hidden.shape[0]},) to match hidden {tuple(hidden.shape)}, "
+            f"{tg} must be of shape (N,) = ({hidden.shape[0]},) to match {hid} {tuple(hidden.shape)}, "
             f"got {_desc(targets)}"
         )
-    devices = {"hidden": hidden.device, "weight": weight.device, "targets": targets.device}
+    devices = {hid: hidden.device, wt: weight.device, tg: targets.device}
     if bias is not None:
-        check_float("bias", bias)
+        check_float(bs, bias)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must be of shape (V,) = ({weight.shape[0]},), got {_desc(bias)}")
-        devices["bias"] = bias.device
+            raise ValueError(f"{bs} must be of shape (V,) = ({weight.shape[0]},), got {_desc(bias)}")
+        devices[bs] = bias.device
     if corrupted_hidden is not None:
-        check_float("corrupted_hidden", corrupted_hidden)
+        check_float(ch, corrupted_hidden)
         if corrupted_hidden.shape != hidden.shape:
-            raise ValueError(
-                f"corrupted_hidden must have the shape of hidden {tuple(hidden.shape)}, got {_desc(corrupted_hidden)}"
-            )
+            raise ValueError(f"{ch} must have the shape of {hid} {tuple(hidden.shape)}, got {_desc(corrupted_hidden)}")
         if corrupted_hidden.dtype != hidden.dtype:
-            raise TypeError(
-                f"corrupted_hidden must have the dtype of hidden ({hidden.dtype}), got {_desc(corrupted_hidden)}"
-            )
-        devices["corrupted_hidden"] = corrupted_hidden.device
+            raise TypeError(f"{ch} must have the dtype of {hid} ({hidden.dtype}), got {_desc(corrupted_hidden)}")
+        devices[ch] = corrupted_hidden.device
     check_same_device(devices)
 
 
