@@ -46,14 +46,19 @@ def _raises(kind, message, call):
         call()
 
 
+# the reference's errors that TPO and POVID share (ref_weight left out: the policy's `weight` in the message)
+REF_HIDDEN_DTYPE = pytest.param(
+    {"ref_hidden": RH.bfloat16()}, TypeError, "ref_hidden and weight must have the same dtype, got ref_hidden bfloat16 "
+    "of shape (20, 8) and weight float32 of shape (20, 8); cast one of them (e.g. ref_hidden.to(weight.dtype))",
+    id="ref-hidden-dtype")
+REF_BIAS_SHAPE = pytest.param({"ref_bias": BIAS[:3]}, ValueError,
+                              "ref_bias must be of shape (V,) = (20,), got float32 of shape (3,)", id="ref-bias-shape")
+
 TPO_REFERENCE = [
-    pytest.param({"ref_hidden": RH.bfloat16()}, TypeError,
-                 "ref_hidden and weight must have the same dtype, got ref_hidden bfloat16 of shape (20, 8) and weight "
-                 "float32 of shape (20, 8); cast one of them (e.g. ref_hidden.to(weight.dtype))", id="hidden-dtype"),
+    REF_HIDDEN_DTYPE,
+    REF_BIAS_SHAPE,
     pytest.param({"ref_weight": W.double()}, TypeError,
                  "ref_weight must be float32, float16 or bfloat16, got float64 of shape (20, 8)", id="weight-dtype"),
-    pytest.param({"ref_bias": BIAS[:3]}, ValueError,
-                 "ref_bias must be of shape (V,) = (20,), got float32 of shape (3,)", id="bias-shape"),
     pytest.param({"ref_corrupted_hidden": RHC.bfloat16()}, TypeError,
                  "ref_corrupted_hidden must have the dtype of ref_hidden (torch.float32), got bfloat16 of shape "
                  "(20, 8)",
@@ -93,12 +98,8 @@ POVID_INPUTS = [
                  id="corrupted-device"),
     pytest.param({"hidden": H.double()}, TypeError,
                  "hidden must be float32, float16 or bfloat16, got float64 of shape (20, 8)", id="hidden-first"),
-    pytest.param({"ref_bias": BIAS[:3]}, ValueError,
-                 "ref_bias must be of shape (V,) = (20,), got float32 of shape (3,)", id="ref-bias-shape"),
-    pytest.param({"ref_hidden": RH.bfloat16()}, TypeError,
-                 "ref_hidden and weight must have the same dtype, got ref_hidden bfloat16 of shape (20, 8) and weight "
-                 "float32 of shape (20, 8); cast one of them (e.g. ref_hidden.to(weight.dtype))",
-                 id="ref-hidden-dtype"),
+    REF_BIAS_SHAPE,
+    REF_HIDDEN_DTYPE,
 ]
 
 
