@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from tpo_fast.loss import (
+    DPOLoss,
+    POVIDLoss,
+    TPOLoss,
     log_token_weights,
     pair_losses,
     povid_loss,
+    povid_reference_scores,
+    povid_sequence_scores,
     preference_loss_from_sequence_scores,
+    reference_sequence_scores,
     sequence_scores,
     tpo_loss,
     tpo_loss_from_logprobs,
@@ -180,3 +186,37 @@ def test_reference_scores_must_be_real_numbers(dtype):
     # integers are real numbers: reference margins 1 and -1, so the pairs' beta * l are -0.1 and 0.1
     ints = preference_loss_from_sequence_scores(torch.zeros(4), torch.tensor([1, 0, 0, 1])).loss
     torch.testing.assert_close(ints, torch.nn.functional.softplus(torch.tensor([0.1, -0.1])).mean())
+
+
+FLAG_CALLS = [
+    pytest.param(lambda v: tpo_loss(W, H, HC, Y, BIAS, reference_free=True, backend="torch", detach_weights=v),
+                 "detach_weights", id="tpo_loss"),
+    pytest.param(lambda v: tpo_loss_from_logprobs(-torch.rand(4, 3), torch.randn(4, 3), torch.ones(4, 3, dtype=bool),
+                                                  reference_free=v), "reference_free", id="tpo_loss_from_logprobs"),
+    pytest.param(lambda v: preference_loss_from_sequence_scores(torch.zeros(4), reference_free=v), "reference_free",
+                 id="preference_loss"),
+    pytest.param(lambda v: sequence_scores(-torch.rand(4, 3), None, torch.ones(4, 3, dtype=bool), "none",
+                                           average_log_prob=v), "average_log_prob", id="sequence_scores"),
+    pytest.param(lambda v: povid_loss(W, H, HC[:B], Y, BIAS, reference_free=True, average_log_prob=v),
+                 "average_log_prob", id="povid_loss"),
+    pytest.param(lambda v: povid_sequence_scores(W, H, HC[:B], Y, average_log_prob=v), "average_log_prob",
+                 id="povid_sequence_scores"),
+    pytest.param(lambda v: povid_reference_scores(W, H, HC[:B], Y, average_log_prob=v), "average_log_prob",
+                 id="povid_reference_scores"),
+    pytest.param(lambda v: reference_sequence_scores(W, H, HC, Y, average_log_prob=v), "average_log_prob",
+                 id="reference_sequence_scores"),
+    pytest.param(lambda v: TPOLoss(detach_weights=v), "detach_weights", id="TPOLoss"),
+    pytest.param(lambda v: DPOLoss(average_log_prob=v), "average_log_prob", id="DPOLoss"),
+    pytest.param(lambda v: POVIDLoss(reference_free=v), "reference_free", id="POVIDLoss"),
+]
+
+
+@pytest.mark.parametrize(("call", "name"), FLAG_CALLS)
+def test_a_flag_that_is_not_true_or_false_is_refused(call, name):
+    """A string "False" counted as true (`bool("False")`); 0 and 1 and NumPy booleans are flags."""
+    import numpy as np
+
+    for bad in ("False", 2, None, 0.5):
+        _raises(TypeError, f"{name} must be True or False, got {bad!r}", lambda bad=bad: call(bad))
+    for good in (True, 1, np.bool_(True)):
+        call(good)

@@ -92,6 +92,17 @@ def check_offset(offset: object) -> float:
     return offset
 
 
+def check_flags(**flags: object) -> None:
+    """TypeError naming the first flag that is not True or False (a bool, a NumPy bool, or the int 0 or 1): a string
+    such as "False" would otherwise count as true."""
+    for name, value in flags.items():
+        if isinstance(value, bool) or (str(getattr(value, "dtype", "")) == "bool" and getattr(value, "shape", 0) == ()):
+            continue  # a bool, or a NumPy one
+        if isinstance(value, numbers.Integral) and value in (0, 1):
+            continue
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> None:
     """Raise ValueError for an unknown `grad_mode` or `backend`, TypeError for a non-integer ignore_index."""
     if grad_mode not in GRAD_MODES:

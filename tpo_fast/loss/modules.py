@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpo_fast.loss._checks import LossOutput, check_kernel_options, check_loss_options
+from tpo_fast.loss._checks import LossOutput, check_flags, check_kernel_options, check_loss_options
 from tpo_fast.loss.dpo import dpo_loss
 from tpo_fast.loss.povid import check_povid_options, povid_loss
 from tpo_fast.loss.tpo import tpo_loss
@@ -36,6 +36,7 @@ class TPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
+        check_flags(detach_weights=detach_weights, reference_free=reference_free, average_log_prob=average_log_prob)
         check_kernel_options(grad_mode, backend, ignore_index)
         self.beta = beta
         self.weighting = weighting
@@ -108,6 +109,7 @@ class DPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        check_flags(reference_free=reference_free, average_log_prob=average_log_prob)
         check_kernel_options(grad_mode, backend, ignore_index)
         self.beta = beta
         self.loss_type = loss_type
@@ -172,6 +174,7 @@ class POVIDLoss(nn.Module):
         super().__init__()
         check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
         check_povid_options(noise_weight)
+        check_flags(reference_free=reference_free, average_log_prob=average_log_prob)
         check_kernel_options(grad_mode, backend, ignore_index)
         self.options = dict(
             beta=beta, noise_weight=noise_weight, loss_type=loss_type, label_smoothing=label_smoothing,

@@ -16,6 +16,7 @@ from tpo_fast.loss._checks import (
     LossOutput,
     _shape,
     as_scores,
+    check_flags,
     check_loss_options,
     check_offset,
     check_tensors,
@@ -69,6 +70,7 @@ def sequence_scores(
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_flags(average_log_prob=average_log_prob)
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
         raise ValueError(f"logprobs must be 2-D (2B, T), got {_shape(logprobs)}")
     m = token_mask(mask, logprobs, "logprobs")
@@ -118,6 +120,7 @@ def preference_loss_from_sequence_scores(
     "rewards/rejected" (`beta (S_pi - S_ref)`, batch means), "rewards/margins", "rewards/accuracies".
     """
     check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    check_flags(reference_free=reference_free)
     beta = real_scalar("beta", beta)
     if not isinstance(policy_seq_scores, torch.Tensor) or policy_seq_scores.dim() != 1:
         raise ValueError(f"policy_seq_scores must be a 1-D (2B,) tensor, got {_shape(policy_seq_scores)}")

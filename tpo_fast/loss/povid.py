@@ -44,6 +44,7 @@ from tpo_fast.loss._checks import (
     LossOutput,
     _shape,
     as_scores,
+    check_flags,
     check_kernel_options,
     check_loss_options,
     check_tensors,
@@ -176,6 +177,7 @@ def povid_sequence_scores(
         (scores, extras): scores = cat(S_w (B,), S_l (B,), S_n (B,)); extras holds the detached
         per-token "argmax" (B, T) (-1 at ignored positions) for diagnostics.
     """
+    check_flags(average_log_prob=average_log_prob)
     n_pairs, n_tok = _check_targets(targets)
     h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok, weight)
     return _sequence_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
@@ -233,6 +235,7 @@ def povid_reference_scores(
     Same inputs as `povid_sequence_scores`. Caching these is exact only when the corrupted image is
     seeded per example (the official draws fresh noise at every load).
     """
+    check_flags(average_log_prob=average_log_prob)
     n_pairs, n_tok = _check_targets(targets)
     h, hc = _povid_rows(hidden, corrupted_hidden, n_pairs, n_tok, weight)
     return _reference_scores(weight, h, hc, targets, bias, None, average_log_prob, ignore_index, backend)
@@ -395,6 +398,7 @@ def povid_loss(
     """
     check_loss_options(beta, loss_type=loss_type, label_smoothing=label_smoothing)
     check_povid_options(noise_weight)
+    check_flags(reference_free=reference_free, average_log_prob=average_log_prob)
     check_kernel_options(grad_mode, backend, ignore_index)
     check_tensors(weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
     if weight is None:

@@ -33,6 +33,7 @@ from tpo_fast.loss._checks import (
     LossOutput,
     _shape,
     as_scores,
+    check_flags,
     check_kernel_options,
     check_loss_options,
     check_targets,
@@ -140,6 +141,7 @@ def tpo_loss_from_logprobs(
         official per-sequence `sum m s / (sum m + 1e-8)`, batch mean) when policy visual scores exist.
     """
     check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
+    check_flags(detach_weights=detach_weights, reference_free=reference_free, average_log_prob=average_log_prob)
     if not isinstance(policy_logprobs, torch.Tensor) or policy_logprobs.dim() != 2:
         raise ValueError(f"policy_logprobs must be 2-D (2B, T), got {_shape(policy_logprobs)}")
     num_pairs(policy_logprobs.shape[0], "policy_logprobs")  # raises for an odd number of rows
@@ -237,6 +239,7 @@ def reference_sequence_scores(
     call reads nothing back from the device (a trainer's host copy of its labels holds the count).
     """
     check_loss_options(0.1, weighting, offset)
+    check_flags(average_log_prob=average_log_prob)
     check_kernel_options("fused", backend, ignore_index)
     targets = check_targets(targets)
     h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting, weight=weight)
@@ -427,6 +430,7 @@ def tpo_loss(
         gradients reach weight, bias, hidden and corrupted_hidden; the reference gets none.
     """
     check_loss_options(beta, weighting, offset, loss_type, label_smoothing)
+    check_flags(detach_weights=detach_weights, reference_free=reference_free, average_log_prob=average_log_prob)
     check_kernel_options(grad_mode, backend, ignore_index)
     check_tensors(weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
     if weight is None:
