@@ -508,3 +508,23 @@ def test_a_rank_without_a_record_of_its_own_scores_as_many_batches_as_the_others
     with pytest.raises(ValueError, match="the train dataset has no records to score"):
         TPOTrainer(tiny_model(proc), args=_args(tmp_path, precompute_reference=True),
                    train_dataset=torch.utils.data.Subset(ds, []), processing_class=proc)
+
+
+def test_the_seed_decides_a_lora_adapters_initial_weights(setup, tmp_path):
+    """The adapter is added before the base Trainer's own seeding: its A factors followed whatever the process's
+    generator held (two runs of one command trained different adapters, and the reference modes, equal at the first
+    step, differed in their gradient norms). Now `args.seed` decides them, whatever was drawn before."""
+    ds, proc = setup
+
+    def lora_a(seed, draw):
+        torch.manual_seed(draw)
+        torch.rand(7)  # the process's generator somewhere else
+        trainer = TPOTrainer(tiny_model(proc), args=_args(tmp_path, seed=seed), peft_config=lora_config(),
+                             train_dataset=ds, processing_class=proc)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = lora_a(1, draw=11), lora_a(1, draw=12), lora_a(2, draw=11)
+    assert first and set(first) == set(again) == set(other)
+    for name, value in first.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(other[name], value) for name, value in first.items())

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from tpo_fast.trainer.activations import use_lean_norms
 from tpo_fast.trainer.adapters import adapters_disabled
@@ -193,6 +194,9 @@ class TPOTrainer(Trainer):
             # Trainer does for model-parallel models) and launch with torchrun for several.
             logger.warning("%d GPUs in one process: training on one; use torchrun for data parallelism", args.n_gpu)
             args._n_gpu = 1
+        # Seeded as the base Trainer seeds in its own __init__, but before the adapter is added below, which that
+        # seeding comes too late for: a LoRA run's initial A factors follow `args.seed`, not the process's draw.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if isinstance(model, str):
             dtype = training_weight_dtype(args.bf16, lora=peft_config is not None, deepspeed=bool(args.deepspeed))
             model = load_llava(model, dtype, packed=may_pack(args.shared_prefix, args.padding_free))
