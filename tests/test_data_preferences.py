@@ -236,6 +236,17 @@ def test_file_shapes_and_their_errors(tmp_path):
         load_preference_records(tmp_path / "p.csv")
 
 
+def test_a_file_with_a_byte_order_mark_loses_no_record(tmp_path):
+    """Editors on Windows write UTF-8 with a byte order mark: the first .jsonl record was a bad one ("Unexpected
+    UTF-8 BOM") and a .json file was refused."""
+    _write_images(tmp_path / "img")
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in GOOD).encode())
+    (tmp_path / "p.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())
+    for name in ("p.jsonl", "p.json"):
+        records, bad = load_preference_records(tmp_path / name, tmp_path / "img")
+        assert [r["chosen"] for r in records] == ["red", "blue"] and not bad, name
+
+
 def test_image_fields_of_every_shape(tmp_path):
     """An image as a path, a parquet struct with only a path, TRL's one-image list; a list of two images is a bad
     record (one image per pair); a grayscale or RGBA file is loaded as RGB; with check_images=False a missing file
@@ -249,7 +260,8 @@ def test_image_fields_of_every_shape(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(rows))
     records, bad = load_preference_records(tmp_path / "p.json", tmp_path / "img")
     assert [r["image"] for r in records] == ["red.png", "blue.png", "gray.png", "alpha.png"]
-    assert [b.index for b in bad] == [2] and "image" in bad[0].reason
+    assert [(b.index, b.reason) for b in bad] == [(2, "2 images; a preference pair has one image (TPO corrupts "
+                                                     "that one)")]
     ds = PreferenceDataset(records, tmp_path / "img")
     assert [ds[i]["image"].mode for i in range(4)] == ["RGB"] * 4
     assert ds[2]["image"].getpixel((0, 0)) == (77, 77, 77) and ds[3]["image"].getpixel((0, 0)) == (1, 2, 3)

@@ -61,11 +61,11 @@ def run(a: argparse.Namespace) -> int:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     objects = None
     if a.objects:
-        objects = [w.strip() for w in Path(a.objects).read_text(encoding="utf-8").split() if w.strip()]
+        objects = [w.strip() for w in Path(a.objects).read_text(encoding="utf-8-sig").split() if w.strip()]
     verifier = VisionEncoderVerifier(ref_model, processor.image_processor, objects=objects, low=a.low,
                                      high=a.high, mode=a.reward_mode)
     if a.calibration:
-        cal = json.loads(Path(a.calibration).read_text(encoding="utf-8"))
+        cal = json.loads(Path(a.calibration).read_text(encoding="utf-8-sig"))
         images = [open_image(c["image"], a.image_folder) for c in cal]
         low, high = verifier.calibrate(images, [c["correct"] for c in cal], [c["hallucinated"] for c in cal],
                                        processor.tokenizer)

@@ -48,7 +48,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark (Windows editors) is not text
             for line_no, line in enumerate(f):
                 if not line.strip():
                     continue
@@ -59,7 +59,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
                     records.append({"__error__": f"line {line_no + 1} is not valid JSON ({e.msg})"})
         return records
     if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
@@ -177,7 +177,10 @@ def validate_record(
         return None, f"not an object but {type(record).__name__}"
     if "__error__" in record:
         return None, record["__error__"]
-    image = _image_source(_first(record, IMAGE_KEYS))
+    given = _first(record, IMAGE_KEYS)
+    if isinstance(given, list) and len(given) > 1:
+        return None, f"{len(given)} images; a preference pair has one image (TPO corrupts that one)"
+    image = _image_source(given)
     if image is None:
         return None, f"missing image (one of {list(IMAGE_KEYS)})"
     prompt, why = _text_field(record, PROMPT_KEYS, "prompt")
