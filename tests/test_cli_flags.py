@@ -169,6 +169,26 @@ def test_train_uses_the_gpu_unless_told(train_run, monkeypatch, cuda, flags, use
     assert vars(calls["TPOTrainer"][1]["args"])["use_cpu"] is use_cpu
 
 
+def test_lora_alpha_is_twice_the_rank_only_when_absent(train_run, monkeypatch):
+    """`--lora-alpha` left out is 2 x --lora-r; a value given is handed to peft's LoraConfig as it is (`alpha or 2 r`
+    replaced a 0 by 2 r: now check() refuses alpha < 1, and run() keeps what it is given)."""
+    import peft
+
+    seen = []
+    monkeypatch.setattr(peft, "LoraConfig", lambda **kw: seen.append(kw) or "lora")
+    for flags, alpha in ((["--lora-r", "3"], 6), (["--lora-r", "3", "--lora-alpha", "5"], 5),
+                         (["--lora-r", "4", "--lora-alpha", "1"], 1)):
+        seen.clear()
+        calls, _ = train_run(*flags)
+        assert calls["TPOTrainer"][1]["peft_config"] == "lora"
+        assert [(kw["r"], kw["lora_alpha"]) for kw in seen] == [(int(flags[1]), alpha)], flags
+    seen.clear()
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o", "--lora-r", "2",
+                                      "--lora-alpha", "0"])  # past check(), which refuses it: kept, not replaced
+    SUBCOMMANDS["train"].run(args)
+    assert [kw["lora_alpha"] for kw in seen] == [0]
+
+
 # ---- csr, fisao, eval, demo ---------------------------------------------------------------------------------
 
 class _Clip:
@@ -380,7 +400,7 @@ def test_every_demo_flag_reaches_the_demo(monkeypatch, tmp_path, capsys):
 
 MINIMUMS = {  # subcommand -> {flag: minimum}; a value one below is refused, the minimum passes the check
     "train": {"--batch-size": 1, "--grad-accum": 1, "--max-length": 1, "--logging-steps": 1, "--save-steps": 1,
-              "--warmup-steps": 0, "--lora-r": 0, "--noise-step": 0, "--epochs": 0},
+              "--warmup-steps": 0, "--lora-r": 0, "--lora-alpha": 1, "--noise-step": 0},
     "csr": {"--batch-size": 1, "--iterations": 1, "--num-beams": 2, "--candidates": 1, "--max-sentences": 1,
             "--max-sentence-tokens": 1, "--epochs": 1, "--lam": 0},
     "fisao": {"--batch-size": 1, "--iterations": 1, "--ppo-epochs": 1, "--max-new-tokens": 1, "--kl-coef": 0},
@@ -412,6 +432,144 @@ def test_every_count_is_refused_below_its_minimum(command, tmp_path, model_dir, 
         SUBCOMMANDS[command].check(build_parser().parse_args([*base, flag, str(minimum)]))
 
 
+TRITON_ON_CPU = ("backend='triton' needs CUDA tensors (got cpu) or TRITON_INTERPRET=1 for the CPU interpreter; use "
+                 "backend='torch' on CPU")
+# (flags after a good train command line, the whole error line after "tpo-fast train: error: "); CUDA is absent.
+TRAIN_BAD_FLAGS = [
+    (["--povid-noise-weight", "2"], "--povid-noise-weight 2.0: noise_weight must lie in [0, 1] (the official POVID "
+     "uses 0.5; 0 is plain DPO), got 2.0; pass POVID's weight w of the noisy-argmax term, in [0, 1]"),
+    (["--objective", "povid", "--noise-weight", "-0.5"], "--povid-noise-weight -0.5: noise_weight must lie in [0, 1] "
+     "(the official POVID uses 0.5; 0 is plain DPO), got -0.5; pass POVID's weight w of the noisy-argmax term, in "
+     "[0, 1]"),
+    (["--offset", "-1"], "--offset -1.0: offset must be a finite number >= 0 (the paper uses 0.5, ablating 0, 0.5, "
+     "1), got -1.0; pass TPO's token-weight offset a, e.g. 0.5"),
+    (["--offset", "inf"], "--offset inf: offset must be a finite number >= 0 (the paper uses 0.5, ablating 0, 0.5, "
+     "1), got inf; pass TPO's token-weight offset a, e.g. 0.5"),
+    (["--beta", "inf"], "--beta inf: beta must be a finite number > 0 (TPO and DPO use 0.1), got inf; pass the "
+     "preference loss's inverse temperature, e.g. 0.1"),
+    (["--reference", "adapter"], "--reference adapter: the reference is the base model under a LoRA adapter, and "
+     "there is no adapter without --lora-r; pass --lora-r R, or --reference auto or model"),
+    (["--reference", "none", "--precompute-reference"], "--precompute-reference with --reference none: there is no "
+     "reference to score; drop --precompute-reference, or pass --reference auto"),
+    (["--lora-r", "4", "--lora-targets", "lm_head"], "--lora-targets lm_head: an adapter on lm_head would be left out "
+     "of the loss (the fused losses read the lm_head weight itself); leave lm_head out of --lora-targets"),
+    (["--lora-r", "4", "--lora-targets", "q_proj, language_model.lm_head"], "--lora-targets q_proj, "
+     "language_model.lm_head: an adapter on language_model.lm_head would be left out of the loss (the fused losses "
+     "read the lm_head weight itself); leave lm_head out of --lora-targets"),
+    (["--lora-r", "4", "--lora-targets", " , "], "--lora-targets ' , ': no module names; pass comma-separated module "
+     "names, e.g. q_proj,v_proj"),
+    (["--backend", "triton"], f"--backend triton: {TRITON_ON_CPU}"),
+    (["--backend", "triton", "--cpu"], f"--backend triton --cpu: {TRITON_ON_CPU}"),
+    (["--lr", "-1"], "--lr -1.0: must be a finite number > 0; pass a learning rate, e.g. 5e-7"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0; pass a learning rate, e.g. 5e-7"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0; pass a learning rate, e.g. 5e-7"),
+    (["--lora-r", "4", "--lora-alpha", "0"], "--lora-alpha 0: must be >= 1; pass a value in range"),
+    (["--lora-alpha", "-2"], "--lora-alpha -2: must be >= 1; pass a value in range"),
+    (["--epochs", "0"], "--epochs 0.0: must be a finite number > 0 when --max-steps is -1 (the epochs decide the "
+     "run's length); pass a number of passes, e.g. 1, or --max-steps N"),
+    (["--epochs", "inf"], "--epochs inf: must be a finite number > 0 when --max-steps is -1 (the epochs decide the "
+     "run's length); pass a number of passes, e.g. 1, or --max-steps N"),
+    (["--epochs", "-1", "--max-steps", "5"], "--epochs -1.0: must be >= 0; pass a value in range"),
+    (["--max-steps", "0"], "--max-steps 0: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
+    (["--max-steps", "-2"], "--max-steps -2: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
+]
+
+
+def _never_run(monkeypatch):
+    def never(args):
+        raise AssertionError("the subcommand ran despite a bad command line")
+
+    for name in ("train", "povid"):
+        cmd = SUBCOMMANDS[name]
+        monkeypatch.setitem(SUBCOMMANDS, name, type(cmd)(cmd.description, cmd.add_arguments, never, cmd.check))
+
+
+@pytest.mark.parametrize("command", ["train", "povid"])
+@pytest.mark.parametrize("flags, want", TRAIN_BAD_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_BAD_FLAGS])
+def test_train_flags_out_of_range_give_one_line_and_exit_code_2(command, flags, want, tmp_path, model_dir,
+                                                                 monkeypatch, capsys):
+    """What the trainer, its config or its first step would refuse after the model loaded (a traceback, exit code
+    1), refused by check() before anything is loaded: one line, exit code 2, and run() never reached."""
+    if command == "povid" and flags[:2] == ["--objective", "povid"]:
+        flags = flags[2:]
+    _never_run(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    prompts, _ = _prompt_files(tmp_path)
+    argv = [command, "--model", str(model_dir), "--data", prompts, "--output-dir", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"tpo-fast {command}: error: {want}"]
+    assert "; " in want
+
+
+@pytest.mark.parametrize("flag, choices", [
+    ("--scheduler", "'linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', "
+                    "'inverse_sqrt'"),
+    ("--attn-implementation", "'sdpa', 'eager', 'flex_attention', 'flash_attention_2', 'flash_attention_3'"),
+], ids=["scheduler", "attn-implementation"])
+def test_train_choices_are_refused_by_the_parser(flag, choices, tmp_path, model_dir, monkeypatch, capsys):
+    """A scheduler or attention name transformers does not know was taken, and failed once the model loaded."""
+    _never_run(monkeypatch)
+    argv = ["train", "--model", str(model_dir), "--data", "d", "--output-dir", "o", flag, "bogus"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: tpo-fast train ")
+    assert err[-1] in (f"tpo-fast train: error: argument {flag}: invalid choice: 'bogus' (choose from {choices})",
+                       f"tpo-fast train: error: argument {flag}: invalid choice: 'bogus' (choose from "
+                       f"{choices.replace(chr(39), '')})")  # Python 3.12.8+ and 3.13 drop the quotes
+
+
+@pytest.mark.parametrize("cuda, interpret, flags, refused", [
+    (True, None, [], False), (True, None, ["--cpu"], True), (False, None, [], True), (False, "0", [], True),
+    (False, "1", [], False), (True, None, ["--backend", "torch", "--cpu"], False), (False, None, ["--backend", "auto"],
+                                                                                   False)])
+def test_the_triton_backend_needs_the_run_on_cuda(cuda, interpret, flags, refused, tmp_path, model_dir, monkeypatch):
+    """--backend triton trains where run() puts the model: CUDA when there is one and --cpu is not given; on the CPU
+    only under Triton's interpreter (TRITON_INTERPRET set, not to 0). The first step refused it before."""
+    from tpo_fast.cli._common import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if interpret == "1":
+        pytest.importorskip("triton")  # the interpreter's
+    if interpret is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    args = build_parser().parse_args([*_base_argv("train", tmp_path, model_dir), "--backend", "triton", *flags])
+    if refused:
+        with pytest.raises(UsageError, match="^--backend triton.*: backend='triton' needs CUDA tensors"):
+            SUBCOMMANDS["train"].check(args)
+    else:
+        SUBCOMMANDS["train"].check(args)
+
+
+def test_the_train_choices_are_those_transformers_takes():
+    """--scheduler: every SchedulerType of the installed transformers that builds without lr_scheduler_kwargs or an
+    evaluation strategy (tpo-fast train sets neither), and no other; --attn-implementation: names it takes."""
+    from transformers import SchedulerType, TrainingArguments
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.optimization import get_scheduler
+
+    from tpo_fast.cli.train import ATTN_IMPLEMENTATIONS, SCHEDULERS
+
+    def builds(name):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        try:
+            args = TrainingArguments(output_dir="o", lr_scheduler_type=name, use_cpu=True, report_to="none",
+                                     max_steps=10)
+            get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                          scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType if builds(s.value)}
+    assert set(ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+
+
 def test_range_checks_at_their_edges(tmp_path, model_dir):
     from tpo_fast.cli._common import UsageError
 
@@ -429,6 +587,14 @@ def test_range_checks_at_their_edges(tmp_path, model_dir):
                                          r"those$"):
         check("train", "--noise-step", "1000")
     check("train", "--beta", "1")
+    # the train edges that pass: the loss layer's domains, the run's length, the reference and the adapter
+    for flags in (["--offset", "0"], ["--povid-noise-weight", "0"], ["--povid-noise-weight", "1"], ["--beta", "1e9"],
+                  ["--lr", "1e-12"], ["--epochs", "0", "--max-steps", "3"], ["--epochs", "0.5"], ["--max-steps", "1"],
+                  ["--epochs", "inf", "--max-steps", "1"], ["--reference", "adapter", "--lora-r", "1"],
+                  ["--reference", "none"], ["--reference", "model", "--precompute-reference"],
+                  ["--lora-targets", "lm_head"], ["--lora-r", "2", "--lora-targets", "lm_head_proj, q_proj"],
+                  ["--scheduler", "linear", "--attn-implementation", "eager"]):
+        check("train", *flags)
     check("csr", "--lam", "1")
     check("csr", "--beta", "1")
     with pytest.raises(UsageError, match=r"^--beta 0.0 --lam 0.9: out of range; pass --beta > 0 and --lam in "

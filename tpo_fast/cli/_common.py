@@ -92,6 +92,16 @@ def need_at_least(**minimums: tuple[float | None, float]) -> None:
             raise UsageError(f"{flag} {value}: must be >= {minimum:g}; pass a value in range")
 
 
+def need_valid(given: str, check: Callable[[], object], what: str | None = None) -> None:
+    """Raise UsageError when the library's own validator refuses a flag's value, so that each rule is written once:
+    `check()` runs it, `given` is the flag and value as passed (what is wrong), the validator's message says why, and
+    `what` what to pass instead (None: the validator's message says it)."""
+    try:
+        check()
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{given}: {e}" + (f"; {what}" if what else "")) from None
+
+
 PROMPTS_HELP = ".json or .jsonl file of {image, prompt} records"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from tpo_fast.cli._common import (
     DEMO_HINT,
@@ -14,7 +15,17 @@ from tpo_fast.cli._common import (
     need_dir,
     need_file,
     need_model,
+    need_valid,
 )
+
+# The learning-rate schedules of transformers' `SchedulerType` that train without `lr_scheduler_kwargs` or an
+# evaluation strategy (neither of which `tpo-fast train` sets): tests/test_cli_flags.py keeps this list equal to those
+# of the installed transformers, which is not imported to check a command line.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+# Attention implementations of transformers' `from_pretrained` (transformers >= 5.17 has them all; the flash ones
+# need their package, and CUDA).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 EPILOG = """\
 example, on CPU, after `tpo-fast demo --output-dir demo`:
@@ -35,9 +46,10 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     else:
         p.set_defaults(objective=objective)
     p.add_argument("--povid-noise-weight", "--noise-weight", dest="povid_noise_weight", type=float, default=0.5,
-                   help="POVID: weight w of DPO(chosen vs noisy argmax); 1 - w goes to DPO(chosen vs rejected)")
-    p.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference loss")
-    p.add_argument("--offset", type=float, default=0.5, help="offset a of TPO's token weight")
+                   help="POVID: weight w in [0, 1] of DPO(chosen vs noisy argmax); 1 - w goes to DPO(chosen vs "
+                        "rejected)")
+    p.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference loss, finite, > 0")
+    p.add_argument("--offset", type=float, default=0.5, help="offset a of TPO's token weight, finite, >= 0")
     p.add_argument("--detach-weights", action="store_true", help="no gradient through the corrupted-image branch")
     p.add_argument("--grad-mode", choices=("auto", "fused", "recompute"), default="auto",
                    help="loss gradient: fused (computed in the forward, no logits recompute), recompute "
@@ -53,23 +65,31 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo"), default="sigmoid",
                    help="preference loss on the reward margin")
     p.add_argument("--reference", choices=("auto", "model", "adapter", "none"), default="auto",
-                   help="reference scores: auto (a frozen copy, or the base under LoRA), model, adapter, none")
+                   help="reference scores: auto (a frozen copy, or the base under LoRA), model, adapter (the base "
+                        "under LoRA: needs --lora-r), none")
     p.add_argument("--precompute-reference", action="store_true",
-                   help="score the data with the reference once and cache it (exact with seeded noise)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: --epochs)")
+                   help="score the data with the reference once and cache it (exact with seeded noise; not with "
+                        "--reference none)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the data, > 0 (unused with --max-steps, which then decides)")
+    p.add_argument("--max-steps", type=int, default=-1,
+                   help="stop after this many optimizer steps, >= 1 (-1: --epochs decides)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--warmup-steps", type=int, default=0, help="learning-rate warm-up steps")
-    p.add_argument("--scheduler", default="cosine", help="learning-rate schedule (a transformers scheduler name)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="cosine", metavar="NAME",
+                   help=f"learning-rate schedule: {', '.join(SCHEDULERS)} (transformers' schedules that need no "
+                        "extra arguments)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 with a warning where unsupported)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--attn-implementation", default=None,
-                   help="attention kernel: sdpa, or flash_attention_2 when installed (none: sdpa for a packed step "
+    p.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None, metavar="NAME",
+                   help=f"attention kernel: {', '.join(ATTN_IMPLEMENTATIONS)}; the flash ones where installed, on "
+                        "CUDA (none: sdpa for a packed step "
                         "(shared prefix or padding-free), else flash_attention_2 where installed on CUDA)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains the full model")
-    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (none: 2 x --lora-r)")
+    p.add_argument("--lora-alpha", type=int, default=None,
+                   help="LoRA alpha, >= 1: the adapter is scaled by alpha / r (none: 2 x --lora-r)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
-                   help="comma-separated module names for LoRA")
+                   help="comma-separated module names for LoRA (not lm_head: the fused losses read its weight)")
     p.add_argument("--noise-step", type=int, default=500, help="diffusion step of the image corruption")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the corruption noise; -1 for fresh noise")
     p.add_argument("--noise-overflow", choices=("wrap", "clamp"), default="wrap",
@@ -87,6 +107,11 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is present")
 
 
+def lora_targets(a: argparse.Namespace) -> list[str]:
+    """The module names of `--lora-targets`, blanks dropped."""
+    return [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+
+
 def check(a: argparse.Namespace) -> None:
     need_model(a.model)
     need_file(a.data, "--data", f"pass a .json, .jsonl or .parquet file of preference records; {DEMO_HINT}")
@@ -95,17 +120,72 @@ def check(a: argparse.Namespace) -> None:
     need_checkpoint(a.resume, a.output_dir)
     need_at_least(batch_size=(a.batch_size, 1), grad_accum=(a.grad_accum, 1), max_length=(a.max_length, 1),
                   logging_steps=(a.logging_steps, 1), save_steps=(a.save_steps, 1), warmup_steps=(a.warmup_steps, 0),
-                  lora_r=(a.lora_r, 0), noise_step=(a.noise_step, 0), epochs=(a.epochs, 0))
+                  lora_r=(a.lora_r, 0), lora_alpha=(a.lora_alpha, 1), noise_step=(a.noise_step, 0),
+                  epochs=(a.epochs, 0))
     if a.noise_step > 999:
         raise UsageError(f"--noise-step {a.noise_step}: the diffusion schedule has steps 0 to 999; pass one of those")
-    if not a.beta > 0:
-        raise UsageError(f"--beta {a.beta}: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1")
+    check_lengths(a)
+    check_loss(a)
+    check_model_options(a)
     if a.noise_seed < 0:
         cached = (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache))
         for flag, given in cached:
             if given:
                 raise UsageError(f"--noise-seed {a.noise_seed} (fresh noise at every load) with {flag}: cached scores "
                                  "or images would not match the images trained on; pass a seed >= 0")
+
+
+def check_lengths(a: argparse.Namespace) -> None:
+    """The run's length and learning rate. The Hugging Face Trainer trains --max-steps steps when it is > 0 (the
+    epochs then only number the passes), else --epochs passes: 0 of them would save the untrained model."""
+    if a.max_steps == 0 or a.max_steps < -1:
+        raise UsageError(f"--max-steps {a.max_steps}: must be >= 1, or -1 to train --epochs passes; pass a value in "
+                         "range")
+    if a.max_steps == -1 and not 0 < a.epochs < math.inf:
+        raise UsageError(f"--epochs {a.epochs}: must be a finite number > 0 when --max-steps is -1 (the epochs decide "
+                         "the run's length); pass a number of passes, e.g. 1, or --max-steps N")
+    if not 0 < a.lr < math.inf:
+        raise UsageError(f"--lr {a.lr}: must be a finite number > 0; pass a learning rate, e.g. 5e-7")
+
+
+def check_loss(a: argparse.Namespace) -> None:
+    """The loss options, by the loss layer's own checks (those of `TPOConfig` and the losses)."""
+    from tpo_fast.loss import check_loss_options, check_povid_options
+    from tpo_fast.loss._checks import check_offset
+
+    if not a.beta > 0:  # this message stays the CLI's (tests/test_cli.py); the loss layer's rule adds: finite
+        raise UsageError(f"--beta {a.beta}: must be > 0; pass the preference loss's inverse temperature, e.g. 0.1")
+    need_valid(f"--beta {a.beta}", lambda: check_loss_options(a.beta, loss_type=a.loss_type),
+               "pass the preference loss's inverse temperature, e.g. 0.1")
+    need_valid(f"--offset {a.offset}", lambda: check_offset(a.offset), "pass TPO's token-weight offset a, e.g. 0.5")
+    need_valid(f"--povid-noise-weight {a.povid_noise_weight}", lambda: check_povid_options(a.povid_noise_weight),
+               "pass POVID's weight w of the noisy-argmax term, in [0, 1]")
+
+
+def check_model_options(a: argparse.Namespace) -> None:
+    """The reference, the adapter and the kernels' backend: what `TPOTrainer` and its first step would refuse."""
+    if a.reference == "adapter" and a.lora_r == 0:
+        raise UsageError("--reference adapter: the reference is the base model under a LoRA adapter, and there is no "
+                         "adapter without --lora-r; pass --lora-r R, or --reference auto or model")
+    if a.reference == "none" and a.precompute_reference:
+        raise UsageError("--precompute-reference with --reference none: there is no reference to score; drop "
+                         "--precompute-reference, or pass --reference auto")
+    if a.lora_r > 0:
+        targets = lora_targets(a)
+        if not targets:
+            raise UsageError(f"--lora-targets {a.lora_targets!r}: no module names; pass comma-separated module names, "
+                             "e.g. q_proj,v_proj")
+        head = [t for t in targets if t.rsplit(".", 1)[-1] == "lm_head"]
+        if head:
+            raise UsageError(f"--lora-targets {a.lora_targets}: an adapter on {head[0]} would be left out of the loss "
+                             "(the fused losses read the lm_head weight itself); leave lm_head out of --lora-targets")
+    if a.backend == "triton":
+        import torch
+
+        from tpo_fast.ops.token_logprobs import resolve_backend
+
+        device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
+        need_valid("--backend triton" + (" --cpu" if a.cpu else ""), lambda: resolve_backend(a.backend, device))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -143,8 +223,8 @@ def run(a: argparse.Namespace) -> int:
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=a.lora_r, lora_alpha=a.lora_alpha or 2 * a.lora_r, lora_dropout=0.0,
-            target_modules=[t.strip() for t in a.lora_targets.split(",") if t.strip()],
+            r=a.lora_r, lora_alpha=2 * a.lora_r if a.lora_alpha is None else a.lora_alpha, lora_dropout=0.0,
+            target_modules=lora_targets(a),
         )
     trainer = TPOTrainer(model, args=args, train_dataset=dataset, processing_class=processor, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=a.resume)
