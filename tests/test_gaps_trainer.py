@@ -57,8 +57,9 @@ def test_reference_model_is_frozen(setup, tmp_path, given):
         trainable = [n for n, p in m.named_parameters() if p.requires_grad]
         assert trainable == [], trainable[:5]
         assert not m.training
-    # The policy itself stays trainable.
-    assert all(p.requires_grad for p in trainer.model.parameters())
+    # The policy itself stays trainable, but for its vision tower (the official recipe, freeze_vision_tower=True).
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in trainer.model.named_parameters() if n.startswith("model.vision_tower.")} != set()
 
 
 def _pair_loss(margin, beta, loss_type, label_smoothing):

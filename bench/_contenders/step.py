@@ -431,6 +431,11 @@ class OursStep(StepContender):
             os.environ[VARLEN_ENV] = "0"  # this contender's own process (bench/run.py runs each in a fresh one)
         fields = config_fields()
         extra = {"shared_prefix": self.shared} if "shared_prefix" in fields else {}
+        if "freeze_vision_tower" in fields:
+            # Every contender trains the same parameters: a full case the whole model (the official structure and
+            # TRL train the vision tower too), a LoRA case the adapter on the text model (lora_config). The
+            # trainer's default, the official recipe, would leave the vision tower out of a full case.
+            extra["freeze_vision_tower"] = False
         dataset = data.dataset
         if self.precomputed:
             # Only the pairs a step of this run can draw: the timed micro-batch and the micro-batch search's.

@@ -42,7 +42,9 @@ def run_trainer(mode, data_dir, out_file, steps, lr, lora=False):
     # this model when the engine is created instead.
     torch.manual_seed(0)
     model = tiny_lora_model(proc) if lora else tiny_model(proc)
-    extra = {"reference": "adapter", "gradient_checkpointing": True} if lora else {"reference": "model"}
+    # the whole model trains, as in the one-process baseline (tiny_setup.baseline_run), the vision tower too
+    extra = {"reference": "adapter", "gradient_checkpointing": True} if lora else {"reference": "model",
+                                                                                  "freeze_vision_tower": False}
     if mode in ("zero2", "zero3"):
         zero = {"stage": 2}
         if mode == "zero3":

@@ -129,6 +129,11 @@ class TPOConfig(TrainingArguments):
         input itself, not a copy each (peft's cast to the adapter's fp32 is off during the step's trunk
         forward). On a bf16 LoRA model at LLaVA-1.5-7B's proportions: a fifth less activation memory (counted
         at hidden size 512); nothing changes on fp32. False keeps the model's and peft's own behaviour.
+    freeze_vision_tower: True (default, the official TPO recipe): the vision tower does not train; a full fine-tune
+        trains the language model and the projector, and a LoRA adapter from `peft_config` leaves the tower's
+        modules out (CLIP's attention also has q_proj, k_proj and v_proj). A `PeftModel` passed as the model keeps
+        its own adapters. False trains what the model and the adapter's targets leave trainable
+        (trainer/vision.py).
     """
 
     objective: str = field(default="tpo", metadata={"help": "tpo, dpo or povid"})
@@ -159,6 +164,8 @@ class TPOConfig(TrainingArguments):
     )
     lean_activations: bool = field(default=True, metadata={
         "help": "RMSNorms keep their 16-bit input, LoRA adapters their layer's input, not copies"})
+    freeze_vision_tower: bool = field(default=True, metadata={
+        "help": "keep the vision tower out of training (the official TPO recipe: language model and projector)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the collator needs every field"})
 
     def __post_init__(self):
@@ -188,6 +195,8 @@ class TPOConfig(TrainingArguments):
                 raise ValueError(f"TPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.shared_prefix, bool):
             raise ValueError(f"TPOConfig.shared_prefix must be True or False, got {self.shared_prefix!r}")
+        if not isinstance(self.freeze_vision_tower, bool):
+            raise ValueError(f"TPOConfig.freeze_vision_tower must be True or False, got {self.freeze_vision_tower!r}")
         if not isinstance(self.lean_activations, bool):
             raise ValueError(f"TPOConfig.lean_activations must be True or False, got {self.lean_activations!r}")
         if not (self.padding_free is None or isinstance(self.padding_free, bool)):

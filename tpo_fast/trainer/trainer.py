@@ -53,6 +53,7 @@ from tpo_fast.trainer.reference_cache import (
     score_table,
     weights_digest,
 )
+from tpo_fast.trainer.vision import freeze_vision_tower, lora_config_without_vision_tower
 from tpo_fast.trainer.zero3 import is_zero3, module_forwards_gathered
 
 logger = logging.getLogger("tpo_fast")
@@ -214,6 +215,11 @@ class TPOTrainer(Trainer):
         if ref_model is not None:
             ref_model.eval()
             ref_model.requires_grad_(False)
+        if args.freeze_vision_tower and peft_config is not None:
+            peft_config = lora_config_without_vision_tower(peft_config, model, unwrap_llava(model))
+        elif args.freeze_vision_tower and not is_peft:
+            logger.info("vision tower frozen (the official TPO recipe): %d parameter tensors out of training",
+                        freeze_vision_tower(model, unwrap_llava(model)))
         if peft_config is not None:
             from peft import get_peft_model
 
