@@ -75,7 +75,8 @@ def train_run(monkeypatch, tmp_path, model_dir):
 
 TRAIN_DEFAULTS = dict(
     objective="tpo", povid_noise_weight=0.5, beta=0.1, offset=0.5, detach_weights=False, loss_backend="auto",
-    loss_grad_mode="auto", shared_prefix=True, padding_free=None, loss_type="sigmoid", reference="auto",
+    loss_grad_mode="auto", shared_prefix=True, freeze_vision_tower=True, padding_free=None, loss_type="sigmoid",
+    reference="auto",
     precompute_reference=False, num_train_epochs=1.0, max_steps=-1, per_device_train_batch_size=2,
     gradient_accumulation_steps=1, learning_rate=5e-7, warmup_steps=0, lr_scheduler_type="cosine", bf16=False,
     gradient_checkpointing=False, noise_step=500, noise_seed=0, noise_overflow="wrap", corrupted_cache_dir=None,
@@ -95,7 +96,8 @@ def test_every_train_flag_reaches_the_trainer(train_run, tmp_path, model_dir):
     calls, processor = train_run(
         "--image-folder", str(tmp_path / "images"), "--backend", "torch", "--lr", "0.003", "--batch-size", "3",
         "--seed", "7", "--objective", "dpo", "--povid-noise-weight", "0.25", "--beta", "0.2", "--offset", "0.3",
-        "--detach-weights", "--grad-mode", "recompute", "--no-shared-prefix", "--padding-free", "on",
+        "--detach-weights", "--grad-mode", "recompute", "--no-shared-prefix", "--train-vision-tower", "--padding-free",
+        "on",
         "--loss-type", "hinge", "--reference", "model", "--precompute-reference", "--epochs", "2.5",
         "--max-steps", "9", "--grad-accum", "4", "--warmup-steps", "5", "--scheduler", "linear", "--bf16",
         "--gradient-checkpointing", "--attn-implementation", "eager", "--lora-r", "4", "--lora-alpha", "16",
@@ -107,7 +109,8 @@ def test_every_train_flag_reaches_the_trainer(train_run, tmp_path, model_dir):
     assert model == "model" and kwargs["train_dataset"] == "dataset" and kwargs["processing_class"] is processor
     assert vars(kwargs["args"]) == dict(
         output_dir=out, objective="dpo", povid_noise_weight=0.25, beta=0.2, offset=0.3, detach_weights=True,
-        loss_backend="torch", loss_grad_mode="recompute", shared_prefix=False, padding_free=True, loss_type="hinge",
+        loss_backend="torch", loss_grad_mode="recompute", shared_prefix=False, freeze_vision_tower=False,
+        padding_free=True, loss_type="hinge",
         reference="model", precompute_reference=True, num_train_epochs=2.5, max_steps=9,
         per_device_train_batch_size=3, gradient_accumulation_steps=4, learning_rate=0.003, warmup_steps=5,
         lr_scheduler_type="linear", bf16=True, gradient_checkpointing=True, noise_step=300, noise_seed=11,

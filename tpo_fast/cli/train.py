@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="turn the shared prefix off: run each pair's image and prompt twice (padded rows) instead "
                         "of once per pair (default: shared_prefix=%(default)s, the shared prefix on)")
+    p.add_argument("--train-vision-tower", dest="freeze_vision_tower", action="store_false",
+                   help="train the vision tower too (full fine-tune: its weights; LoRA: the targets it names as "
+                        "well); by default it stays frozen, as in the official TPO recipe")
     p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
                    help="pack a micro-batch into one row without padding: auto (flex_attention, whose block mask "
                         "skips the other pairs, and SDPA without a sliding window, attended sequence by sequence "
@@ -201,7 +204,8 @@ def run(a: argparse.Namespace) -> int:
     args = TPOConfig(
         output_dir=a.output_dir, objective=a.objective, povid_noise_weight=a.povid_noise_weight, beta=a.beta,
         offset=a.offset, detach_weights=a.detach_weights, loss_backend=a.backend, loss_grad_mode=a.grad_mode,
-        shared_prefix=a.shared_prefix, padding_free={"auto": None, "on": True, "off": False}[a.padding_free],
+        shared_prefix=a.shared_prefix, freeze_vision_tower=a.freeze_vision_tower,
+        padding_free={"auto": None, "on": True, "off": False}[a.padding_free],
         loss_type=a.loss_type, reference=a.reference, precompute_reference=a.precompute_reference,
         num_train_epochs=a.epochs, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, warmup_steps=a.warmup_steps,
