@@ -132,6 +132,9 @@ def _bad_commands(tmp_path, model_dir):
          "a value in range"),
         (["fisao", *fisao, "--low", ".1", "--high", ".5", "--clip-eps", "0"], "--clip-eps 0: the clipped ratio would "
          "never move; pass a clip range > 0, e.g. 0.2"),
+        (["csr", *csr, "--lr", "0"], "--lr 0.0: must be a finite number > 0; pass a learning rate, e.g. 1e-6"),
+        (["fisao", *fisao, "--low", ".1", "--high", ".5", "--lr", "-1"], "--lr -1.0: must be a finite number > 0; "
+         "pass a learning rate, e.g. 1e-6"),
         (["csr", *csr, "--num-beams", "1"], "--num-beams 1: must be >= 2; pass a value in range"),
         (["csr", *csr, "--iterations", "0"], "--iterations 0: must be >= 1; pass a value in range"),
         (["csr", *csr, "--lam", "1.5"], "--beta 0.1 --lam 1.5: out of range; pass --beta > 0 and --lam in [0, 1]"),

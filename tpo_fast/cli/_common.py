@@ -7,6 +7,7 @@ Flag spellings are the same in every subcommand: `--output-dir`, `--image-folder
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,13 @@ def need_at_least(**minimums: tuple[float | None, float]) -> None:
             raise UsageError(f"{flag} {value}: must be >= {minimum:g}; pass a value in range")
 
 
+def need_learning_rate(lr: float, example: str) -> None:
+    """Raise UsageError unless `--lr` is a finite number > 0 (0 would save the untrained model); `example` is the
+    command's default, named in the hint."""
+    if not 0 < lr < math.inf:
+        raise UsageError(f"--lr {lr}: must be a finite number > 0; pass a learning rate, e.g. {example}")
+
+
 def need_valid(given: str, check: Callable[[], object], what: str | None = None) -> None:
     """Raise UsageError when the library's own validator refuses a flag's value, so that each rule is written once:
     `check()` runs it, `given` is the flag and value as passed (what is wrong), the validator's message says why, and
@@ -113,6 +121,7 @@ def add_prompt_run_arguments(p: argparse.ArgumentParser, *, output_help: str, ba
 
 def check_prompt_run(a: argparse.Namespace) -> None:
     need_model(a.model)
+    need_learning_rate(a.lr, "1e-6")
     need_file(a.prompts, "--prompts", f"pass a {PROMPTS_HELP}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the prompts' image paths are relative to")
 

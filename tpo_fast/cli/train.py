@@ -14,6 +14,7 @@ from tpo_fast.cli._common import (
     need_checkpoint,
     need_dir,
     need_file,
+    need_learning_rate,
     need_model,
     need_valid,
 )
@@ -147,8 +148,7 @@ def check_lengths(a: argparse.Namespace) -> None:
     if a.max_steps == -1 and not 0 < a.epochs < math.inf:
         raise UsageError(f"--epochs {a.epochs}: must be a finite number > 0 when --max-steps is -1 (the epochs decide "
                          "the run's length); pass a number of passes, e.g. 1, or --max-steps N")
-    if not 0 < a.lr < math.inf:
-        raise UsageError(f"--lr {a.lr}: must be a finite number > 0; pass a learning rate, e.g. 5e-7")
+    need_learning_rate(a.lr, "5e-7")
 
 
 def check_loss(a: argparse.Namespace) -> None:
