@@ -91,6 +91,7 @@ def test_every_train_flag_reaches_the_trainer(train_run, tmp_path, model_dir):
     (tmp_path / "images").mkdir()
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "trainer_state.json").write_text("{}")
+    (tmp_path / "ck" / "adapter_config.json").write_text('{"r": 4}')  # a LoRA run's, as this one (--lora-r 4)
     (tmp_path / "ds.json").write_text("{}")
     out, cache, ck, ds = (str(tmp_path / n) for n in ("out", "cache", "ck", "ds.json"))
     calls, processor = train_run(
@@ -641,3 +642,37 @@ def test_eval_checks_its_counts_splits_and_paths(tmp_path, model_dir):
                                                    '.jsonl file, one {"image": PATH, "objects": ["red circle", ...]} '
                                                    "record per image")):
         SUBCOMMANDS["eval"].check(build_parser().parse_args([*base[:5], "--objects", str(tmp_path)]))
+
+
+def test_a_checkpoint_goes_on_with_the_kind_of_run_that_wrote_it(tmp_path, model_dir):
+    """A LoRA checkpoint resumed without --lora-r failed after the model loaded (missing and unexpected keys in a
+    state dict), a full one with --lora-r in the optimizer (its group sizes): now refused before anything loads,
+    and a rank that differs from the adapter's too. --resume alone reads the highest checkpoint-N, as the Trainer."""
+    from tpo_fast.cli._common import UsageError
+
+    def check(*flags):
+        SUBCOMMANDS["train"].check(build_parser().parse_args([*_base_argv("train", tmp_path, model_dir), *flags]))
+
+    out = tmp_path / "o"
+    for n in (2, 10, 9):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+        (out / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    full, lora = out / "checkpoint-9", out / "checkpoint-10"
+    (lora / "adapter_config.json").write_text('{"r": 4, "peft_type": "LORA"}')
+    check("--resume", str(full))
+    check("--resume", str(lora), "--lora-r", "4")
+    check("--resume", "--lora-r", "4")  # checkpoint-10, not checkpoint-9 (nor checkpoint-2 by name order)
+    cases = [
+        (["--resume", str(full), "--lora-r", "4"], f"--lora-r 4 with --resume {full}: the checkpoint holds the full "
+         "model, not a LoRA adapter; drop --lora-r to go on with the full fine-tune that wrote it"),
+        (["--resume"], f"--resume {lora}: the checkpoint holds a LoRA adapter (adapter_config.json); pass the "
+         "--lora-r and --lora-targets of the run that wrote it"),
+        (["--resume", str(lora), "--lora-r", "8"], f"--lora-r 8 with --resume {lora}: the checkpoint's adapter has "
+         "rank 4; pass --lora-r 4"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UsageError) as refused:
+            check(*flags)
+        assert str(refused.value) == message
+    (lora / "adapter_config.json").write_text("not json")  # unreadable: left to the Trainer, which says so
+    check("--resume", str(lora), "--lora-r", "8")

@@ -139,20 +139,23 @@ def need_model(path: str, flag: str = "--model", kind: str = "a LLaVA model and 
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
-def need_checkpoint(resume: str | bool | None, output_dir: str) -> None:
-    """`--resume` alone needs a checkpoint-N folder in the output folder; `--resume DIR` a checkpoint there."""
+def need_checkpoint(resume: str | bool | None, output_dir: str) -> Path | None:
+    """`--resume` alone needs a checkpoint-N folder in the output folder; `--resume DIR` a checkpoint there. Returns
+    the checkpoint the run goes on from (alone: the highest N, as the Hugging Face Trainer picks), or None."""
     if resume is None:
-        return
+        return None
     if resume is True:
         out = Path(output_dir)
-        if not out.is_dir() or not any(_CHECKPOINT.match(p.name) and p.is_dir() for p in out.iterdir()):
+        found = [p for p in out.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()] if out.is_dir() else []
+        if not found:
             raise UsageError(f"--resume: no checkpoint-N folder in --output-dir {output_dir}; "
                              "drop --resume to start a new run, or pass --resume CHECKPOINT_DIR")
-        return
+        return max(found, key=lambda p: int(p.name.split("-")[1]))
     what = "pass a checkpoint-N folder written by an earlier run, or --resume alone for the last one in --output-dir"
     need_dir(resume, "--resume", what)
     if not (Path(resume) / "trainer_state.json").is_file():
         raise UsageError(f"--resume {resume}: not a checkpoint (no trainer_state.json); {what}")
+    return Path(resume)
 
 
 def load_model(path: str):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 from tpo_fast.cli._common import (
     DEMO_HINT,
@@ -121,7 +123,7 @@ def check(a: argparse.Namespace) -> None:
     need_file(a.data, "--data", f"pass a .json, .jsonl or .parquet file of preference records; {DEMO_HINT}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the records' image paths are relative to")
     need_file(a.deepspeed, "--deepspeed", "pass a DeepSpeed JSON config file")
-    need_checkpoint(a.resume, a.output_dir)
+    checkpoint = need_checkpoint(a.resume, a.output_dir)
     need_at_least(batch_size=(a.batch_size, 1), grad_accum=(a.grad_accum, 1), max_length=(a.max_length, 1),
                   logging_steps=(a.logging_steps, 1), save_steps=(a.save_steps, 1), warmup_steps=(a.warmup_steps, 0),
                   lora_r=(a.lora_r, 0), lora_alpha=(a.lora_alpha, 1), noise_step=(a.noise_step, 0),
@@ -131,6 +133,7 @@ def check(a: argparse.Namespace) -> None:
     check_lengths(a)
     check_loss(a)
     check_model_options(a)
+    check_resumed_adapter(a, checkpoint)
     if a.noise_seed < 0:
         cached = (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache))
         for flag, given in cached:
@@ -189,6 +192,30 @@ def check_model_options(a: argparse.Namespace) -> None:
 
         device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
         need_valid("--backend triton" + (" --cpu" if a.cpu else ""), lambda: resolve_backend(a.backend, device))
+
+
+def check_resumed_adapter(a: argparse.Namespace, checkpoint: Path | None) -> None:
+    """A checkpoint goes on with the kind of run that wrote it (the Trainer's own errors come after the model loads,
+    as a state dict's missing keys or an optimizer's group sizes): a LoRA adapter (its adapter_config.json) with
+    --lora-r of its rank, the full model without --lora-r."""
+    if checkpoint is None:
+        return
+    config = checkpoint / "adapter_config.json"
+    if not config.is_file():
+        if a.lora_r > 0:
+            raise UsageError(f"--lora-r {a.lora_r} with --resume {checkpoint}: the checkpoint holds the full model, "
+                             "not a LoRA adapter; drop --lora-r to go on with the full fine-tune that wrote it")
+        return
+    if a.lora_r == 0:
+        raise UsageError(f"--resume {checkpoint}: the checkpoint holds a LoRA adapter (adapter_config.json); pass the "
+                         "--lora-r and --lora-targets of the run that wrote it")
+    try:
+        rank = json.loads(config.read_text(encoding="utf-8")).get("r")
+    except (OSError, ValueError, AttributeError):
+        return  # the Trainer reads it and says what is wrong
+    if isinstance(rank, int) and rank != a.lora_r:
+        raise UsageError(f"--lora-r {a.lora_r} with --resume {checkpoint}: the checkpoint's adapter has rank {rank}; "
+                         f"pass --lora-r {rank}")
 
 
 def run(a: argparse.Namespace) -> int:
