@@ -108,3 +108,22 @@ def test_the_option_is_a_flag(tmp_path):
     assert TPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none").freeze_vision_tower is True
     with pytest.raises(ValueError, match=r"^TPOConfig.freeze_vision_tower must be True or False, got 'no'$"):
         TPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", freeze_vision_tower="no")
+
+
+def test_resuming_with_another_trainable_set_says_what_to_match(setup, tmp_path):
+    """A checkpoint of a run that trained the vision tower (freeze_vision_tower=False, and every full fine-tune before
+    the option) resumed with the tower frozen: torch only said that a parameter group's size did not match."""
+    common = dict(save_strategy="steps", save_steps=1)
+    _trainer(setup, tmp_path, freeze_vision_tower=False, **common).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-1")
+    frozen = _trainer(setup, tmp_path, **common)
+    frozen.args.max_steps = 2
+    with pytest.raises(ValueError, match=r"checkpoint-1: its optimizer state is for other trainable parameters than "
+                                         r"this run's \(loaded state dict contains a parameter group that doesn't "
+                                         r"match the size of optimizer's group\); resume with the settings of the run "
+                                         r"that wrote it: freeze_vision_tower"):
+        frozen.train(resume_from_checkpoint=checkpoint)
+    same = _trainer(setup, tmp_path, freeze_vision_tower=False, **common)
+    same.args.max_steps = 2
+    same.train(resume_from_checkpoint=checkpoint)
+    assert same.state.global_step == 2

@@ -606,6 +606,20 @@ class TPOTrainer(Trainer):
         llava.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The base Trainer's, with what to do when the checkpoint's optimizer trained other parameters than this
+        run (torch says only that a parameter group's size does not match)."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as e:
+            if "optimizer's group" not in str(e):
+                raise
+            raise ValueError(
+                f"{checkpoint}: its optimizer state is for other trainable parameters than this run's ({e}); resume "
+                "with the settings of the run that wrote it: freeze_vision_tower (False: `tpo-fast train "
+                "--train-vision-tower`, which full fine-tunes from before 2026-12-07 trained too) and the LoRA "
+                "adapter (rank, targets)") from e
+
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: the best checkpoint through `_load_from_checkpoint` (the base Trainer would load
         the legacy-keyed state dict as is and silently keep the last weights); DeepSpeed, FSDP and PEFT keep theirs."""
