@@ -318,6 +318,19 @@ def test_shift(backend, dtype):
     _assert_close(gx[:, :-1].reshape(-1, v), ref_g2, "grad logits", atol=GRAD_ATOL[dtype], rtol=1e-2)
 
 
+@pytest.mark.parametrize("steps", [0, 1])
+def test_shift_of_sequences_without_a_prediction(backend, steps):
+    """(B, T, V) logits with T = 0 or 1 predict nothing after the shift: (B, 0) outputs on every backend (the
+    shifted targets had one row more than the logits at T = 0, which the reference and C++ backends refused with
+    errors about the targets the user had not passed)."""
+    name, device = backend
+    x = torch.randn(2, steps, 7, device=device, requires_grad=True)
+    out = logits_logprobs(x, torch.zeros(2, steps, dtype=torch.long, device=device), shift=True, backend=name)
+    assert [tuple(o.shape) for o in out[:3]] == [(2, 0)] * 3
+    (out.logprobs.sum() + out.lse.sum()).backward()
+    assert x.grad.shape == (2, steps, 7) and torch.all(x.grad == 0)
+
+
 def test_three_dim_without_shift(backend):
     name, device = backend
     x = torch.randn(2, 3, 17, device=device)
@@ -403,6 +416,10 @@ def test_public_export():
         ("shift_2d", dict(shift=True), ValueError, r"shift=True needs \(B, T, V\) logits"),
         ("empty_vocab", dict(logits=torch.randn(4, 0)), ValueError, "at least one vocabulary column"),
         ("unknown_backend", dict(backend="cuda_graphs"), ValueError, "backend must be one of"),
+        ("ignore_index_none", dict(ignore_index=None), TypeError,
+         r"^ignore_index must be an int \(default -100\), got None$"),
+        ("ignore_index_float", dict(ignore_index=2.5), TypeError,
+         r"^ignore_index must be an int \(default -100\), got 2.5$"),
         ("cuda_backend_on_cpu", dict(backend="cuda"), ValueError, "backend='cuda' needs CUDA tensors"),
     ],
 )

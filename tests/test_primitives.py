@@ -301,6 +301,17 @@ def test_bad_input_errors(mutate, exc, match):
         tpo_fast.token_logprobs(**args)
 
 
+@pytest.mark.parametrize("ignore_index", [None, 2.5, True], ids=["none", "float", "bool"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("fn", ["token_logprobs", "target_logits", "token_stats"])
+def test_ignore_index_must_be_an_int(fn, backend, ignore_index):
+    """None compared unequal to every target (and then failed inside the compaction, `'bool' object has no attribute
+    'shape'`); a float ignored nothing."""
+    with pytest.raises(TypeError, match=rf"^ignore_index must be an int \(default -100\), got {ignore_index!r}$"):
+        getattr(tpo_fast, fn)(torch.randn(6, 8), torch.randn(9, 8), torch.arange(6), ignore_index=ignore_index,
+                              backend=backend)
+
+
 def test_corrupted_hidden_shape_error():
     with pytest.raises(ValueError, match="corrupted_hidden must have the shape of hidden"):
         tpo_fast.token_stats(torch.randn(6, 8), torch.randn(9, 8), torch.arange(6), corrupted_hidden=torch.randn(5, 8))

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops import BACKENDS
-from tpo_fast.ops._validate import is_token_id_dtype
+from tpo_fast.ops._validate import check_ignore_index, is_token_id_dtype
 
 WEIGHTINGS = ("tpo", "none")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -113,8 +113,7 @@ def check_kernel_options(grad_mode: str, backend: str, ignore_index: object) -> 
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int (default -100), got {ignore_index!r}")
+    check_ignore_index(ignore_index)
 
 
 def num_pairs(n_seq: int, what: str) -> int:

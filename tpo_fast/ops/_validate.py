@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,6 +24,13 @@ def check_float(name: str, t: object) -> torch.Tensor:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {_desc(t)}")
     return t
+
+
+def check_ignore_index(ignore_index: object) -> None:
+    """TypeError unless `ignore_index` is an int (not a bool): None or a float would compare unequal to every target
+    and ignore nothing, or fail inside the kernels."""
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int (default -100), got {ignore_index!r}")
 
 
 def check_primitive_inputs(

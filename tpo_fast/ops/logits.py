@@ -21,7 +21,7 @@ import torch
 
 from tpo_fast import _ext
 from tpo_fast.ops._compile import eager_under_compile
-from tpo_fast.ops._validate import _desc, check_float, check_same_device, is_token_id_dtype
+from tpo_fast.ops._validate import _desc, check_float, check_ignore_index, check_same_device, is_token_id_dtype
 from tpo_fast.ops.options import current_options, interpreter_enabled
 
 logger = logging.getLogger("tpo_fast")
@@ -449,13 +449,15 @@ def logits_logprobs(
         vocabulary) are fine; a row that is -inf everywhere gives NaN log-probs.
     """
     _check_inputs(logits, targets, corrupted_logits, shift)
+    check_ignore_index(ignore_index)
     backend = resolve_logits_backend(backend, logits.device)
     targets = targets.long()
     _check_target_range(targets, logits.shape[-1], ignore_index, shift)
     out_shape = tuple(targets.shape)
     if shift:
         pad = targets.new_full((targets.shape[0], 1), ignore_index)
-        targets = torch.cat([targets[:, 1:], pad], dim=1)  # the last position predicts nothing
+        # the last position predicts nothing; [:, :T] keeps T = 0 at no rows (the pad would make one)
+        targets = torch.cat([targets[:, 1:], pad], dim=1)[:, : out_shape[1]]
     rows_t = targets.reshape(-1).contiguous()
     x = _as_rows(logits)
     xc = None if corrupted_logits is None else _as_rows(corrupted_logits)

@@ -20,6 +20,7 @@ from tpo_fast.ops import torch_chunked
 from tpo_fast.ops._compile import eager_under_compile
 from tpo_fast.ops._validate import (
     _desc,
+    check_ignore_index,
     check_primitive_inputs,
     check_target_range,
     out_of_range,
@@ -103,6 +104,7 @@ def _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, back
     """Shared prologue of the primitives: validate the inputs (the target range is checked by `_Compaction`,
     or here on the reference backend, which compacts nothing), pick the backend, int64 targets and their mask."""
     check_primitive_inputs(hidden, weight, targets, bias, corrupted_hidden)
+    check_ignore_index(ignore_index)
     backend = resolve_backend(backend, hidden.device)
     targets = targets.long()
     valid = targets != ignore_index
