@@ -74,5 +74,6 @@ def test_the_demo_defaults(built_trainers, tmp_path):
     a = built_trainers[0].args
     assert (a.objective, a.per_device_train_batch_size, a.learning_rate, a.max_steps, a.logging_steps, a.seed,
             a.noise_seed, a.disable_tqdm) == ("tpo", 8, 2e-3, 200, 20, 0, 0, False)
+    assert a.freeze_vision_tower is False  # a random tower must learn the shapes (README's demo table trained it)
     assert len(built_trainers[0].train_dataset) == 256
     assert os.path.basename(os.path.dirname(a.output_dir)).startswith("tpo-fast-demo-")

@@ -77,6 +77,9 @@ def run_demo(
         warmup_steps=0, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
         noise_seed=seed,
         disable_tqdm=quiet, dataloader_num_workers=0,
+        # The tiny model's vision tower is random, not a trained CLIP: it must learn the shapes it sees, so it trains
+        # here (the official recipe, the trainer's default, freezes a trained tower).
+        freeze_vision_tower=False,
     )
     trainer = TPOTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
     if quiet:
