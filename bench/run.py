@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _measure  # noqa: E402
 from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
+from _contenders.ours import hidden_backends, logits_backends  # noqa: E402
 from _derive import derive  # noqa: E402
 from _env import env as child_env  # noqa: E402
 from _measure_step import cross_check_steps  # noqa: E402
@@ -131,10 +133,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _items(spec: str) -> list[str]:
+    """The items of a comma list: blanks around each and empty ones dropped, each once, in the order first given."""
+    return list(dict.fromkeys(filter(None, (s.strip() for s in spec.split(",")))))
+
+
 def _contender_names(spec: str) -> list[str]:
     """CLI names in the order asked; 'tpo_fast' stands for every tpo_fast contender, 'all' for the defaults."""
     names = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    for item in _items(spec):
         if item == "tpo_fast":
             names += [n for n in all_contenders(TPO_FAST_BACKENDS) if n.startswith("tpo_fast-")]
         elif item == "all":
@@ -151,15 +158,16 @@ def _contender_names(spec: str) -> list[str]:
 
 
 def _backends(names: list[str]) -> tuple[str, ...]:
-    """tpo_fast backends to build contenders for: the defaults and any named as
-    `tpo_fast-<backend>[-recompute|-fused|-fused-tgemm]`."""
-    named = []
+    """tpo_fast backends to build contenders for: the defaults and any of tpo_fast's backends named as
+    `tpo_fast-<backend>[-recompute|-fused|-fused-tgemm]` (a name of no backend gets no contender: it is unknown)."""
+    real, named = {*hidden_backends(), *logits_backends()}, []
     for n in names:
         if n.startswith("tpo_fast-"):
             n = n.removeprefix("tpo_fast-")
             for suffix in ("-fused-tgemm", "-recompute", "-fused"):
                 n = n.removesuffix(suffix)
-            named.append(n)
+            if n in real:
+                named.append(n)
     return tuple(dict.fromkeys((*TPO_FAST_BACKENDS, *named)))
 
 
@@ -245,7 +253,7 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
     d_cases, d_dtype, d_repeats, d_warmup = DEFAULTS[device]
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    workloads = _items(args.workloads)
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise SystemExit(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
     step_case, step_repeats, step_warmup = STEP_DEFAULTS[device]
@@ -254,6 +262,7 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         cases = parse_cases(args.cases or ",".join(default_cases))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    cases = list({c.name: c for c in cases}.values())  # each once, where first named (a name is one shape)
     if not [c for c in cases if family(c) in map(family, workloads)]:
         raise SystemExit(
             f"no case runs these workloads: the step cases ({', '.join(STEP_CASES)}) run only --workloads step, "
@@ -266,14 +275,17 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     backends = _backends(names)
     contenders = all_contenders(backends)
     # CCE's CPU path (torch_compile) runs only when asked for by name, not as part of the defaults.
-    contenders["cce"].allow_cpu = args.contenders is not None and "cce" in args.contenders.split(",")
+    contenders["cce"].allow_cpu = "cce" in _items(args.contenders or "")
     repeats = args.repeats if args.repeats is not None else d_repeats
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     if args.warmup is not None and args.warmup < 1:
         raise SystemExit("--warmup must be >= 1: the first, untimed call is also the one whose result is checked")
-    if args.deadline_s is not None and args.deadline_s <= 0:
-        raise SystemExit(f"--deadline-s must be a positive number of seconds, got {args.deadline_s:g}")
+    for flag, seconds in (("--timeout", args.timeout), ("--deadline-s", args.deadline_s)):
+        if seconds is not None and not 0 < seconds < math.inf:  # nan too
+            raise SystemExit(f"{flag} must be a finite number of seconds > 0, got {seconds:g}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     rounds = args.rounds
     if rounds is None:
         # On a CPU the loss workloads' calls take milliseconds, and the host's speed drifts between children: in
@@ -284,6 +296,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {rounds}")
     if args.stem is not None and (os.path.basename(args.stem) != args.stem or args.stem in ("", ".", "..")):
         raise SystemExit(f"--stem is a file name without a folder, got {args.stem!r}; --out picks the folder")
+    if why := _out_problem(args.out):
+        raise SystemExit(why)
     if rounds > 1 and device == "cuda":
         raise SystemExit("--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
                          "child per contender measures memory and time (leave --rounds at 1)")
@@ -305,6 +319,19 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "deadline": None if args.deadline_s is None else time.time() + args.deadline_s,
         "deadline_s": args.deadline_s,
     }
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the run's files cannot be written under the folder `out` (made if missing), or None; checked before
+    anything runs, so that a long run does not end on it."""
+    there = out
+    while not there.exists() and there.parent != there:  # the nearest part of the path that exists
+        there = there.parent
+    if not there.is_dir():
+        return f"--out is the folder for the results, but {there} is not a folder"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"--out is the folder for the results, but {there} is not writable"
+    return None
 
 
 def _job(case, name: str, plan: dict) -> tuple[list[dict], dict | None]:

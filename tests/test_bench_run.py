@@ -103,6 +103,9 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
     assert _plan(run, ["--contenders", "naive,cce"])["contenders"]["cce"].allow_cpu is True
     assert _plan(run, ["--contenders", "naive"])["contenders"]["cce"].allow_cpu is False
     assert _plan(run, ["--contenders", "all"])["contenders"]["cce"].allow_cpu is False
+    # the names as `_contender_names` reads them: blanks around a name do not hide it
+    assert _plan(run, ["--contenders", "naive, cce"])["contenders"]["cce"].allow_cpu is True
+    assert _plan(run, ["--contenders", " cce ,naive"])["contenders"]["cce"].allow_cpu is True
 
 
 @pytest.mark.parametrize(("argv", "cuda", "message"), [
@@ -115,8 +118,10 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
     (["--repeats", "0"], False, "--repeats must be >= 1"),
     (["--warmup", "0"], False, "--warmup must be >= 1: the first, untimed call is also the one whose result is "
                                "checked"),
-    (["--deadline-s", "0"], False, "--deadline-s must be a positive number of seconds, got 0"),
-    (["--deadline-s", "-2.5"], False, "--deadline-s must be a positive number of seconds, got -2.5"),
+    *(([flag, value], False, f"{flag} must be a finite number of seconds > 0, got {value}")
+      for flag in ("--deadline-s", "--timeout") for value in ("0", "-5", "-2.5", "nan", "inf")),
+    (["--threads", "0"], False, "--threads must be >= 1, got 0"),
+    (["--threads", "-2"], False, "--threads must be >= 1, got -2"),
     (["--rounds", "0"], False, "--rounds must be between 1 and --repeats (5), got 0"),
     (["--rounds", "6"], False, "--rounds must be between 1 and --repeats (5), got 6"),
     (["--rounds", "2"], True, "--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
@@ -143,7 +148,33 @@ def test_the_plan_refuses_what_it_cannot_run_and_says_why(mods, argv, cuda, mess
     else:
         assert str(e.value.code) == message
     assert _plan(run, ["--rounds", "5"])["rounds"] == 5 and _plan(run, ["--warmup", "1"])["warmup"] == 1
+    assert _plan(run, ["--timeout", "0.5"])["timeout"] == 0.5 and _plan(run, ["--threads", "1"])["threads"] == 1
     _plan(run, ["--stem", "cpu_run.v2"])  # a plain name with dots passes
+
+
+def test_the_out_folder_is_checked_before_anything_runs(mods, tmp_path):
+    """A file where the folder (or a folder above it) should be was a FileExistsError once the whole run was over."""
+    run, _, _ = mods
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub" / "deeper"):
+        with pytest.raises(SystemExit) as e:
+            _plan(run, ["--out", str(out)])
+        assert e.value.code == f"--out is the folder for the results, but {afile} is not a folder"
+    assert not (afile.parent / "new").exists()
+    for out in (tmp_path, tmp_path / "new" / "sub", Path("relative-not-made")):  # a folder, or one to make
+        assert _plan(run, ["--out", str(out)])["device"] == "cpu"
+    assert not (tmp_path / "new").exists() and not Path("relative-not-made").exists()  # the check makes nothing
+
+
+def test_workloads_and_cases_run_once_each_in_the_order_first_named(mods):
+    """`--workloads dpo,dpo` printed every table twice; `--cases cpu-tiny,cpu-tiny` two rows of each contender in
+    one table, one compared with the other."""
+    run, _, _ = mods
+    plan = _plan(run, ["--workloads", "dpo, tpo,dpo,,tpo", "--cases", "cpu-tiny,d64-v128-n32, cpu-tiny,d64-v128-n32"])
+    assert plan["workloads"] == ["dpo", "tpo"]
+    assert [c.name for c in plan["cases"]] == ["cpu-tiny", "d64-v128-n32"]
+    assert run._items(" b,a,, b ,c,a") == ["b", "a", "c"] and run._items("") == []
 
 
 def test_contender_names_expand_in_order_without_repeats(mods):
@@ -154,19 +185,31 @@ def test_contender_names_expand_in_order_without_repeats(mods):
     assert run._contender_names(" naive , ,tpo_fast,naive") == ["naive", *every]
     assert run._contender_names("all,broken") == [*contenders.DEFAULT, "broken"]
     assert run._contender_names("floor-valid, trl") == ["floor-valid", "trl"]
+    known = contenders.all_contenders(contenders.TPO_FAST_BACKENDS)
     with pytest.raises(SystemExit) as e:
-        run._contender_names("naive,ghost,tpo_fast-x,spook")  # a named backend gets its contenders (run or not)
-    known = contenders.all_contenders(run._backends(["tpo_fast-x"]))
-    assert "tpo_fast-x" in known
-    assert e.value.code == f"unknown contender(s) ghost, spook; choose from {', '.join(known)} or 'tpo_fast'"
+        run._contender_names("naive,ghost,tpo_fast-x,spook,tpo_fast-torch-x")  # a backend tpo_fast lacks, too
+    assert e.value.code == (f"unknown contender(s) ghost, tpo_fast-x, spook, tpo_fast-torch-x; choose from "
+                            f"{', '.join(known)} or 'tpo_fast'")
+    # a backend of tpo_fast's outside the defaults gets its contenders when named
+    assert run._contender_names("tpo_fast-reference-fused,naive") == ["tpo_fast-reference-fused", "naive"]
+
+
+def test_an_unknown_tpo_fast_backend_is_refused_by_the_plan(mods):
+    """It ran as a contender of no workload: every row `n/a`, an empty table and exit status 0."""
+    run, contenders, _ = mods
+    with pytest.raises(SystemExit) as e:
+        _plan(run, ["--contenders", "naive,tpo_fast-bogus"])
+    known = contenders.all_contenders(contenders.TPO_FAST_BACKENDS)
+    assert e.value.code == f"unknown contender(s) tpo_fast-bogus; choose from {', '.join(known)} or 'tpo_fast'"
 
 
 def test_backends_are_the_defaults_and_those_named(mods):
     run, contenders, _ = mods
     defaults = contenders.TPO_FAST_BACKENDS
     assert run._backends(["naive", "trl"]) == defaults
-    assert run._backends(["tpo_fast-cpp", "tpo_fast-x-fused-tgemm", "tpo_fast-y-recompute", "tpo_fast-z-fused",
-                          "tpo_fast-cpp"]) == tuple(dict.fromkeys((*defaults, "cpp", "x", "y", "z")))
+    assert run._backends(["tpo_fast-cpp", "tpo_fast-reference-fused-tgemm", "tpo_fast-auto-recompute",
+                          "tpo_fast-x-fused", "tpo_fast-cpp"]) == tuple(dict.fromkeys((*defaults, "cpp", "reference",
+                                                                                        "auto")))
 
 
 def _loss_plan(known: dict, **changes) -> dict:

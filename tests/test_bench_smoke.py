@@ -376,7 +376,7 @@ def test_rounds_split_the_repeats_and_are_checked():
     with pytest.raises(SystemExit, match=r"^--rounds must be between 1 and --repeats \(2\), got 3$"):
         run._settings(run.parse_args(["--device", "cpu", "--repeats", "2", "--rounds", "3"]), _torch)
     assert run._settings(run.parse_args(["--device", "cpu", "--repeats", "4", "--rounds", "2"]), _torch)["rounds"] == 2
-    with pytest.raises(SystemExit, match=r"^--deadline-s must be a positive number of seconds, got 0$"):
+    with pytest.raises(SystemExit, match=r"^--deadline-s must be a finite number of seconds > 0, got 0$"):
         run._settings(run.parse_args(["--device", "cpu", "--deadline-s", "0"]), _torch)
     plan = run._settings(run.parse_args(["--device", "cpu", "--deadline-s", "30"]), _torch)
     assert plan["deadline_s"] == 30.0 and 0 < plan["deadline"] - run.time.time() <= 30.0
