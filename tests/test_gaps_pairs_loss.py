@@ -371,7 +371,8 @@ def test_sigmoid_loss_without_smoothing_at_an_infinite_margin():
 
 
 def test_log_token_weights_default_offset_is_one_half():
-    """The paper's a = 0.5 when no offset is passed: chosen rows log(0.5 + sigmoid(s)), rejected log(1.5 - sigmoid(s))."""
+    """The paper's a = 0.5 when no offset is passed: chosen rows log(0.5 + sigmoid(s)), rejected rows
+    log(1.5 - sigmoid(s))."""
     s = torch.tensor([[0.0, 2.0], [0.0, -1.0]])
     sig = torch.sigmoid(s)
     expected = torch.stack([torch.log(0.5 + sig[0]), torch.log(1.5 - sig[1])])
