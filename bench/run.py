@@ -286,6 +286,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
             raise SystemExit(f"{flag} must be a finite number of seconds > 0, got {seconds:g}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.search_s is not None and not 0 <= args.search_s < math.inf:  # nan too
+        raise SystemExit(f"--search-s must be a finite number of seconds >= 0 (0: no search), got {args.search_s:g}")
     rounds = args.rounds
     if rounds is None:
         # On a CPU the loss workloads' calls take milliseconds, and the host's speed drifts between children: in

@@ -122,6 +122,8 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
       for flag in ("--deadline-s", "--timeout") for value in ("0", "-5", "-2.5", "nan", "inf")),
     (["--threads", "0"], False, "--threads must be >= 1, got 0"),
     (["--threads", "-2"], False, "--threads must be >= 1, got -2"),
+    *((["--search-s", value], False, f"--search-s must be a finite number of seconds >= 0 (0: no search), got {value}")
+      for value in ("-1", "nan", "inf")),
     (["--rounds", "0"], False, "--rounds must be between 1 and --repeats (5), got 0"),
     (["--rounds", "6"], False, "--rounds must be between 1 and --repeats (5), got 6"),
     (["--rounds", "2"], True, "--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
