@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
+import re
 
 import pytest
 import torch
@@ -14,8 +17,10 @@ from methods_reference import pg_loss_reference
 from tpo_fast.methods.fisao import (
     TokenVerifier,
     VisionEncoderVerifier,
+    check_thresholds,
     fisao_step,
     is_object_word,
+    load_calibration,
     rewards_to_grid,
     token_advantages,
     token_pg_loss,
@@ -142,6 +147,12 @@ def test_object_words():
         assert is_object_word(word, COCO_OBJECTS), word
     for word in ("hot", "stop", "fire", "parking", "teddy", "traffic", "light"):
         assert not is_object_word(word, COCO_OBJECTS), word
+    # the irregular plurals the comment above COCO_OBJECTS promises; "es" only after s, x, z, ch, sh
+    for word in ("knives", "mice", "ski", "skis", "sheep", "buses", "glasses", "benches", "sandwiches", "couches",
+                 "toothbrushes", "cars", "cakes", "ties"):
+        assert is_object_word(word, COCO_OBJECTS), word
+    for word in ("cares", "manes", "cates"):
+        assert not is_object_word(word, COCO_OBJECTS), word
 
 
 WORDS = ["a", "dog", "cat", "on", "the", "mat", "is", "there", "describe", "image", "red", "and", "bus", "."]
@@ -221,6 +232,42 @@ def test_vision_verifier_calibration(tiny):
         verifier.calibrate(images[:1], [ranked[:2]], [ranked[2:]], tok)
     with pytest.raises(ValueError, match="high > low"):
         VisionEncoderVerifier(model, processor.image_processor, low=0.5, high=0.1)
+
+
+def test_vision_verifier_needs_finite_thresholds(tiny):
+    """An infinite threshold made the linear reward NaN (inf / inf), and the update trained on NaN."""
+    model, processor, _ = tiny
+    for low, high in ((-math.inf, 0.1), (0.0, math.inf), (math.nan, 0.5)):
+        with pytest.raises(ValueError, match=re.escape(f"the calibration thresholds must be finite numbers, got "
+                                                       f"low={low}, high={high}")):
+            VisionEncoderVerifier(model, processor.image_processor, low=low, high=high)
+    with pytest.raises(ValueError, match="^the calibration thresholds need high > low, got low=0.5, high=0.1$"):
+        check_thresholds(0.5, 0.1)
+    check_thresholds(-1, 1)
+
+
+def test_calibration_file_errors_name_the_file_and_record(tmp_path):
+    good = {"image": "a.png", "correct": ["dog"], "hallucinated": ["cat"]}
+    cases = [
+        ("{bad", "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+        ("[]", "must hold a non-empty JSON list of records, got an empty list"),
+        ('{"image": "a.png"}', "must hold a non-empty JSON list of records, got dict"),
+        (json.dumps([good, 3]), "record #1: not an object but int"),
+        (json.dumps([{"correct": [], "hallucinated": []}]), "record #0: needs \"image\" (a path), got keys "
+         "['correct', 'hallucinated']"),
+        (json.dumps([good, {"image": "0000_red_square.png"}]), "record #1: needs \"correct\" (a list of words), got "
+         "no such key"),
+        (json.dumps([{**good, "hallucinated": "cat"}]), "record #0: needs \"hallucinated\" (a list of words), got "
+         "'cat'"),
+    ]
+    path = tmp_path / "cal.json"
+    for text, want in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError) as e:
+            load_calibration(path)
+        assert str(e.value) == f"{path}: {want}", text
+    path.write_text(json.dumps([good]))
+    assert load_calibration(path) == [good]
 
 
 def test_rewards_to_grid_checks_counts():

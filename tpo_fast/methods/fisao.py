@@ -10,8 +10,10 @@ Verifier (`VisionEncoderVerifier`, the default `TokenVerifier`):
   embedding space) against the token's input embedding, cosine similarity, maximum over patches
   (an object appears in some region, not everywhere).
 - Only *object tokens* are scored: tokens whose text (tokenizer markers such as "▁" / "Ġ" / "##"
-  stripped, lower-cased, a plural "s"/"es" removed if needed) is in an object vocabulary (the 80
-  COCO categories' head nouns and their common synonyms by default). Every other token gets 0.
+  stripped, lower-cased) is in an object vocabulary (the 80 COCO categories' head nouns, their common
+  synonyms and their irregular plurals by default), or is a regular plural of one (`is_object_word`:
+  "es" after s, x, z, ch, sh as in "buses", "boxes", "benches", else "s": "cares" is not "car"). Every
+  other token gets 0.
   Multi-token object words are not matched; LLaMA-family tokenizers keep the common nouns whole.
 - Calibration: `calibrate` measures the similarity of known-correct and known-hallucinated object
   words for a set of images and sets `low` = mean hallucinated similarity, `high` = mean correct
@@ -25,11 +27,15 @@ lives in the loss layer, `tpo_fast.loss.fisao`, and is re-exported here.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -53,15 +59,20 @@ REWARD_MODES = ("linear", "step")
 # Head nouns of the 80 COCO categories and common synonyms (the objects hallucination benchmarks count), one
 # token-sized word each: a two-word category contributes its noun ("fire hydrant" -> "hydrant", "hot dog" -> "dog",
 # "teddy bear" -> "bear"), never its modifier ("hot", "stop", "fire", "parking", "teddy" are no objects). "traffic
-# light" is left out: "light" is mostly an adjective ("light blue"). Irregular plurals are listed.
+# light" is left out: "light" is mostly an adjective ("light blue"). The irregular plurals, which `is_object_word`'s
+# "s" / "es" rule does not reach, are listed: men, women, children, people, knives, mice (sheep, skis and scissors
+# are their own plurals; "ski" is the singular of "skis").
 COCO_OBJECTS = frozenset("""
 person man men woman women boy girl child children people bicycle bike car motorcycle airplane plane bus train
 truck boat hydrant sign meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella
-handbag tie suitcase frisbee skis snowboard ball kite bat glove skateboard surfboard racket bottle glass cup fork
-knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair couch sofa plant bed table
-toilet tv television laptop mouse remote keyboard phone microwave oven toaster sink refrigerator fridge book clock
-vase scissors toothbrush drier dryer
+handbag tie suitcase frisbee ski skis snowboard ball kite bat glove skateboard surfboard racket bottle glass cup fork
+knife knives spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair couch sofa plant bed table
+toilet tv television laptop mouse mice remote keyboard phone microwave oven toaster sink refrigerator fridge book
+clock vase scissors toothbrush drier dryer
 """.split())
+# Endings after which English spells the plural "-es" (bus -> buses, box -> boxes, bench -> benches); after any other
+# ending the plural is "-s", so "cares" is "care" + "s", not "car" + "es".
+ES_PLURAL_AFTER = ("s", "x", "z", "ch", "sh")
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -89,12 +100,53 @@ def token_word(token: str) -> str:
 
 
 def is_object_word(word: str, objects: frozenset[str] | set[str]) -> bool:
-    """True when `word` or its singular (dropping a final "s" / "es") is in `objects`."""
+    """True when `word` is in `objects` or is the regular plural of a word in it: "es" after s, x, z, ch or sh
+    ("buses", "boxes", "benches"), else "s" ("dogs"). Irregular plurals ("mice", "knives") must be in `objects`
+    themselves, as they are in `COCO_OBJECTS`; "cares" is not a plural of "car", nor "manes" of "man"."""
     if not word:
         return False
     if word in objects:
         return True
-    return (word.endswith("es") and word[:-2] in objects) or (word.endswith("s") and word[:-1] in objects)
+    stem = word[:-2]
+    if word.endswith("es") and stem.endswith(ES_PLURAL_AFTER) and stem in objects:
+        return True
+    return word.endswith("s") and word[:-1] in objects
+
+
+def check_thresholds(low: float, high: float) -> None:
+    """Raise ValueError unless the calibration thresholds are finite numbers with `high > low`: an infinite one makes
+    the linear reward (2 s - high - low) / (high - low) NaN, and the update trains on NaN."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"the calibration thresholds must be finite numbers, got low={low}, high={high}")
+    if not high > low:
+        raise ValueError(f"the calibration thresholds need high > low, got low={low}, high={high}")
+
+
+def load_calibration(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a calibration file: a JSON list of `{"image": PATH, "correct": [words], "hallucinated":
+    [words]}` (the images are not opened). A bad file or record raises ValueError naming the file and the record's
+    index."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: must hold a non-empty JSON list of records, got "
+                         f"{'an empty list' if data == [] else type(data).__name__}")
+    for i, record in enumerate(data):
+        where = f"{path}: record #{i}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not an object but {type(record).__name__}")
+        if not isinstance(record.get("image"), str):
+            raise ValueError(f"{where}: needs \"image\" (a path), got keys {sorted(record)}")
+        for key in ("correct", "hallucinated"):
+            words = record.get(key)
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise ValueError(f"{where}: needs \"{key}\" (a list of words), got "
+                                 f"{'no such key' if key not in record else repr(words)}")
+    return data
 
 
 class VisionEncoderVerifier:
@@ -106,7 +158,7 @@ class VisionEncoderVerifier:
         image_processor: turns PIL images into the model's `pixel_values` (the processor's
             `image_processor`).
         objects: the object vocabulary (default `COCO_OBJECTS`).
-        low, high: calibration thresholds (see `calibrate`); both or neither.
+        low, high: calibration thresholds (see `calibrate`); both or neither, finite, `high > low`.
         mode: "linear" (default) or "step", see the module docstring.
     """
 
@@ -125,8 +177,8 @@ class VisionEncoderVerifier:
             raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
         if (low is None) != (high is None):
             raise ValueError("pass both calibration thresholds low and high, or neither (then call calibrate)")
-        if low is not None and not high > low:
-            raise ValueError(f"the calibration thresholds need high > low, got low={low}, high={high}")
+        if low is not None:
+            check_thresholds(low, high)
         self.llava = unwrap_llava(model)
         self.image_processor = image_processor
         self.objects = frozenset(w.lower() for w in (COCO_OBJECTS if objects is None else objects))
