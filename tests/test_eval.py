@@ -548,6 +548,14 @@ def test_evaluate_by_statements_says_yes_above_the_uniform_share(tmp_path, monke
 
 
 def test_eval_options_are_checked():
+    # the question and the statement are filled by .format(object=...): a {obj} or {0} failed mid-evaluation
+    for name, bad in (("question", "is there a {obj} ?"), ("question", "is there a {0} ?"), ("question", "any ?"),
+                      ("statement", "there is {object} {x}"), ("question", "a {object:d}"), ("question", "a {")):
+        with pytest.raises(ValueError) as e:
+            EvalOptions(**{name: bad})
+        assert str(e.value) == (f"{name} must hold the field {{object}} and no other (it is filled by "
+                                f".format(object=...); a literal brace is written {{{{ or }}}}), got {bad!r}")
+    EvalOptions(question="{{is}} there a {object} ? {object}", statement="{object}")
     with pytest.raises(ValueError, match="^splits must be some of random, popular, adversarial, got random, hard$"):
         EvalOptions(splits=("random", "hard"))
     with pytest.raises(ValueError, match="^splits must be some of random, popular, adversarial, got none$"):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tpo_fast.cli._common import BACKENDS, UsageError, need_dir, need_file, need_model
+from tpo_fast.cli._common import BACKENDS, UsageError, need_dir, need_file, need_model, need_valid
 
 # The POPE splits of tpo_fast.methods.hallucination.SPLITS, named here so that a bad --split is found
 # without importing torch (tests/test_eval.py checks that the two agree).
@@ -66,6 +66,13 @@ def check(a: argparse.Namespace) -> None:
         raise UsageError("--captions must be >= 0, --max-new-tokens and --batch-size >= 1; pass counts in range")
     if a.json is not None and not Path(a.json).resolve().parent.is_dir():
         raise UsageError(f"--json {a.json}: its folder does not exist; create it or pass a path in an existing one")
+    if a.json is not None and Path(a.json).is_dir():
+        raise UsageError(f"--json {a.json}: is a folder, not a file; pass a file path for the report, e.g. "
+                         f"{Path(a.json) / 'report.json'}")
+    from tpo_fast.methods.hallucination import check_object_template  # EvalOptions' own rule for the question
+
+    need_valid(f"--question {a.question!r}", lambda: check_object_template("question", a.question),
+               "pass a yes/no question with {object} in it, e.g. 'is there a {object} in the image ?'")
 
 
 def run(a: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ writes such a file with its images.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,20 @@ from tpo_fast.methods.hallucination_data import (  # noqa: F401  (re-exported: t
     pope_probes,
     vocabulary,
 )
+
+
+def check_object_template(name: str, template: str) -> None:
+    """Raise ValueError unless `template` names the object as `{object}` and has no other field: it is filled by
+    `template.format(object="red circle")` (a `{obj}` or `{0}` would fail there, mid-evaluation)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields == {"object"}:
+            template.format(object="red circle")
+            return
+    except (ValueError, KeyError, IndexError, AttributeError):
+        pass
+    raise ValueError(f"{name} must hold the field {{object}} and no other (it is filled by .format(object=...); a "
+                     f"literal brace is written {{{{ or }}}}), got {template!r}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,8 @@ class EvalOptions:
     backend: str = "auto"
 
     def __post_init__(self):
+        check_object_template("question", self.question)
+        check_object_template("statement", self.statement)
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ValueError(f"splits must be some of {', '.join(SPLITS)}, got {', '.join(self.splits) or 'none'}")
