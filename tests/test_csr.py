@@ -143,9 +143,12 @@ def test_csr_cli_errors(workdir, tmp_path, capsys):
         "downloaded); `tpo-fast demo --output-dir DIR` saves a tiny model in DIR/model and pairs in DIR/data\n"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "no image"}]))
-    with pytest.raises(ValueError, match="needs an image path"):
-        main(["csr", "--model", str(root / "llava"), "--prompts", str(bad), "--clip", str(clip),
-              "--output-dir", str(tmp_path / "o")])
+    # a bad prompt file is a bad command line too: one line, exit code 2, read before the model loads
+    assert main(["csr", "--model", str(root / "llava"), "--prompts", str(bad), "--clip", str(clip),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"tpo-fast csr: error: {bad}: record #0 needs an image path (one of " \
+        "['image', 'image_path', 'img_path', 'images']) and a prompt (one of ['prompt', 'question', 'query']); " \
+        "pass a .json or .jsonl file of {image, prompt} records whose images exist (relative to --image-folder)\n"
 
 
 def test_sentences_end_at_their_stop_token_whatever_the_padding(workdir, monkeypatch):

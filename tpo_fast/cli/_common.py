@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,26 @@ def need_dir(path: str | None, flag: str, what: str) -> None:
     _need(path, flag, what, folder=True)
 
 
+def need_output_dir(path: str | None, flag: str = "--output-dir") -> None:
+    """Raise UsageError when the output folder (when given), or the nearest of its parents that exists, is a file:
+    the run would fail when it saves, after all its work. A folder that does not exist yet is created."""
+    if path is None:
+        return
+    for p in (Path(path), *Path(path).absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == Path(path) else f"{p} is a file"
+                raise UsageError(f"{flag} {path}: {what}, not a folder; pass a folder (it is created when missing)")
+            return
+
+
+def data_error(command: str, error: object, what: str) -> int:
+    """A bad data file found by run() (read there, not in check(), when reading it needs the method's own reader):
+    one line on stderr, as check()'s errors are printed, and exit code 2 for `main` to return."""
+    print(f"tpo-fast {command}: error: {error}; {what}", file=sys.stderr)
+    return 2
+
+
 def need_at_least(**minimums: tuple[float | None, float]) -> None:
     """Raise UsageError for the first flag below its minimum: `need_at_least(batch_size=(a.batch_size, 1))` checks
     `--batch-size` >= 1. A value of None (an unset optional flag) passes; NaN fails."""
@@ -121,6 +142,7 @@ def add_prompt_run_arguments(p: argparse.ArgumentParser, *, output_help: str, ba
 
 def check_prompt_run(a: argparse.Namespace) -> None:
     need_model(a.model)
+    need_output_dir(a.output_dir)
     need_learning_rate(a.lr, "1e-6")
     need_file(a.prompts, "--prompts", f"pass a {PROMPTS_HELP}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the prompts' image paths are relative to")
@@ -156,6 +178,18 @@ def need_checkpoint(resume: str | bool | None, output_dir: str) -> Path | None:
     if not (Path(resume) / "trainer_state.json").is_file():
         raise UsageError(f"--resume {resume}: not a checkpoint (no trainer_state.json); {what}")
     return Path(resume)
+
+
+def read_prompt_records(a: argparse.Namespace, command: str) -> list | None:
+    """The `--prompts` records (`tpo_fast.methods.csr.read_prompts`: every image must exist), or None after one line
+    on stderr when the file is bad; read before the model is loaded."""
+    from tpo_fast.methods.csr import read_prompts
+
+    try:
+        return read_prompts(a.prompts, a.image_folder)
+    except ValueError as e:
+        data_error(command, e, f"pass a {PROMPTS_HELP} whose images exist (relative to --image-folder)")
+        return None
 
 
 def load_model(path: str):

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_at_least, need_model
+from tpo_fast.cli._common import (
+    UsageError,
+    add_prompt_run_arguments,
+    check_prompt_run,
+    need_at_least,
+    need_model,
+    need_valid,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check(a: argparse.Namespace) -> None:
+    from tpo_fast.loss import check_loss_options  # the DPO loss's own rule for beta (finite, > 0)
+
     check_prompt_run(a)
     need_model(a.clip, "--clip", "a CLIPModel and its processor")
     need_at_least(batch_size=(a.batch_size, 1), iterations=(a.iterations, 1), num_beams=(a.num_beams, 2),
@@ -35,14 +44,19 @@ def check(a: argparse.Namespace) -> None:
                   lam=(a.lam, 0))
     if a.beta == 0 or a.lam > 1:
         raise UsageError(f"--beta {a.beta} --lam {a.lam}: out of range; pass --beta > 0 and --lam in [0, 1]")
+    need_valid(f"--beta {a.beta}", lambda: check_loss_options(a.beta, weighting="none"),
+               "pass the DPO loss's inverse temperature, e.g. 0.1")
 
 
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from tpo_fast.cli._common import load_model
-    from tpo_fast.methods.csr import CLIPScorer, CSROptions, read_prompts, run_csr
+    from tpo_fast.cli._common import load_model, read_prompt_records
+    from tpo_fast.methods.csr import CLIPScorer, CSROptions, run_csr
 
+    prompts = read_prompt_records(a, "csr")
+    if prompts is None:
+        return 2
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     clip = CLIPScorer(a.clip)
@@ -52,7 +66,6 @@ def run(a: argparse.Namespace) -> int:
         candidates=a.candidates, max_sentences=a.max_sentences, max_sentence_tokens=a.max_sentence_tokens,
         backend=a.backend,
     )
-    prompts = read_prompts(a.prompts, a.image_folder)
     summaries = run_csr(
         model, processor, clip, prompts, a.output_dir, iterations=a.iterations, options=options,
         beta=a.beta, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed,

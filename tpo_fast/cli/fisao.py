@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from tpo_fast.cli._common import UsageError, add_prompt_run_arguments, check_prompt_run, need_at_least, need_file
+from tpo_fast.cli._common import (
+    UsageError,
+    add_prompt_run_arguments,
+    check_prompt_run,
+    need_at_least,
+    need_file,
+    need_valid,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,12 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k3", help="per-token KL estimator")
 
 
+CALIBRATION_HINT = "pass a JSON list of {image, correct: [words], hallucinated: [words]} records"
+
+
 def check(a: argparse.Namespace) -> None:
     check_prompt_run(a)
     need_file(a.calibration, "--calibration", "pass a JSON list of {image, correct, hallucinated} records")
     need_file(a.objects, "--objects", "pass a text file of object words, or leave it out for the COCO categories")
     if a.calibration is None and (a.low is None or a.high is None):
         raise UsageError("the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high")
+    if (a.low is None) != (a.high is None):
+        given = f"--low {a.low}" if a.high is None else f"--high {a.high}"
+        raise UsageError(f"{given} alone: the verifier takes both thresholds or neither; pass both --low and --high, "
+                         "or neither with --calibration FILE")
     if a.low is not None and a.high is not None and not a.low < a.high:
         raise UsageError(f"--low {a.low} --high {a.high}: the hallucinated objects' threshold must be below the "
                          f"present objects'; pass --low < --high")
@@ -43,6 +57,23 @@ def check(a: argparse.Namespace) -> None:
                   max_new_tokens=(a.max_new_tokens, 1), clip_eps=(a.clip_eps, 0), kl_coef=(a.kl_coef, 0))
     if a.clip_eps == 0:
         raise UsageError("--clip-eps 0: the clipped ratio would never move; pass a clip range > 0, e.g. 0.2")
+    check_library_options(a)
+
+
+def check_library_options(a: argparse.Namespace) -> None:
+    """What the verifier and the loss would refuse after the model loaded, by their own checks, and the calibration
+    file's records (a small JSON file: read here, its images are opened by run())."""
+    from tpo_fast.loss import check_pg_options
+    from tpo_fast.methods.fisao import check_thresholds, load_calibration
+
+    if a.low is not None:
+        need_valid(f"--low {a.low} --high {a.high}", lambda: check_thresholds(a.low, a.high),
+                   "pass finite thresholds, e.g. --low 0.1 --high 0.3")
+    need_valid(f"--clip-eps {a.clip_eps} --kl-coef {a.kl_coef}",
+               lambda: check_pg_options(a.clip_eps, None, a.kl_coef, a.kl_estimator, "token_mean"),
+               "pass --clip-eps in (0, 1), e.g. 0.2, and a finite --kl-coef >= 0, e.g. 0.05")
+    if a.calibration is not None:
+        need_valid("--calibration", lambda: load_calibration(a.calibration), CALIBRATION_HINT)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -50,11 +81,13 @@ def run(a: argparse.Namespace) -> int:
 
     import torch
 
-    from tpo_fast.cli._common import load_model
-    from tpo_fast.methods.csr import read_prompts
-    from tpo_fast.methods.fisao import VisionEncoderVerifier, fisao_step
+    from tpo_fast.cli._common import load_model, read_prompt_records
+    from tpo_fast.methods.fisao import VisionEncoderVerifier, fisao_step, load_calibration
     from tpo_fast.trainer.data import open_image
 
+    prompts = read_prompt_records(a, "fisao")
+    if prompts is None:
+        return 2
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     model = model.train()  # from_pretrained returns eval mode; the updates train
@@ -65,12 +98,11 @@ def run(a: argparse.Namespace) -> int:
     verifier = VisionEncoderVerifier(ref_model, processor.image_processor, objects=objects, low=a.low,
                                      high=a.high, mode=a.reward_mode)
     if a.calibration:
-        cal = json.loads(Path(a.calibration).read_text(encoding="utf-8-sig"))
+        cal = load_calibration(a.calibration)
         images = [open_image(c["image"], a.image_folder) for c in cal]
         low, high = verifier.calibrate(images, [c["correct"] for c in cal], [c["hallucinated"] for c in cal],
                                        processor.tokenizer)
         print(f"fisao: calibrated thresholds low={low:.4f} high={high:.4f}")
-    prompts = read_prompts(a.prompts, a.image_folder)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     for it in range(a.iterations):
         for start in range(0, len(prompts), a.batch_size):

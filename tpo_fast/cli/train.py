@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from tpo_fast.cli._common import (
     OBJECTIVES,
     UsageError,
     add_run_arguments,
+    data_error,
     need_at_least,
     need_checkpoint,
     need_dir,
     need_file,
     need_learning_rate,
     need_model,
+    need_output_dir,
     need_valid,
 )
 
@@ -123,6 +126,7 @@ def check(a: argparse.Namespace) -> None:
     need_file(a.data, "--data", f"pass a .json, .jsonl or .parquet file of preference records; {DEMO_HINT}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the records' image paths are relative to")
     need_file(a.deepspeed, "--deepspeed", "pass a DeepSpeed JSON config file")
+    need_output_dir(a.output_dir)
     checkpoint = need_checkpoint(a.resume, a.output_dir)
     need_at_least(batch_size=(a.batch_size, 1), grad_accum=(a.grad_accum, 1), max_length=(a.max_length, 1),
                   logging_steps=(a.logging_steps, 1), save_steps=(a.save_steps, 1), warmup_steps=(a.warmup_steps, 0),
@@ -218,6 +222,41 @@ def check_resumed_adapter(a: argparse.Namespace, checkpoint: Path | None) -> Non
                          f"pass --lora-r {rank}")
 
 
+class _HeldLogs(logging.Filter):
+    """Holds back the records of a logger while it is attached (to log them later, or drop them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def load_data(a: argparse.Namespace, dataset_class, noise_seed: int | None):
+    """The `--data` records as a dataset, read before the model loads; None after one line on stderr when the file
+    has no usable record (a bad command line: exit code 2). The warning naming the skipped records is logged only
+    when the run goes on; where nothing is usable, the error line says how to list them."""
+    logger = logging.getLogger("tpo_fast")
+    held = _HeldLogs()
+    logger.addFilter(held)
+    try:
+        dataset = dataset_class.from_file(
+            a.data, a.image_folder, noise_step=a.noise_step, noise_seed=noise_seed, overflow=a.noise_overflow,
+            corrupted_cache_dir=a.corrupted_cache, on_bad=a.bad_records,
+        )
+    except ValueError as e:
+        hint = "pass --bad-records error to list why each is bad, or" if a.bad_records == "skip" else "or"
+        data_error(getattr(a, "command", "train"), str(e).rstrip("."), f"{hint} pass another --data file")
+        return None
+    finally:
+        logger.removeFilter(held)
+    for record in held.records:
+        logger.handle(record)
+    return dataset
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
     from transformers import AutoProcessor
@@ -242,10 +281,9 @@ def run(a: argparse.Namespace) -> int:
         logging_steps=a.logging_steps, save_steps=a.save_steps, deepspeed=a.deepspeed, seed=a.seed,
         use_cpu=a.cpu or not torch.cuda.is_available(), report_to="none",
     )
-    dataset = PreferenceDataset.from_file(
-        a.data, a.image_folder, noise_step=a.noise_step, noise_seed=noise_seed, overflow=a.noise_overflow,
-        corrupted_cache_dir=a.corrupted_cache, on_bad=a.bad_records,
-    )
+    dataset = load_data(a, PreferenceDataset, noise_seed)  # before the model loads
+    if dataset is None:
+        return 2
     processor = AutoProcessor.from_pretrained(a.model)
     dtype = training_weight_dtype(a.bf16, lora=a.lora_r > 0, deepspeed=bool(a.deepspeed))
     model = load_llava(a.model, dtype, a.attn_implementation, packed=may_pack(args.shared_prefix, args.padding_free))
