@@ -294,14 +294,14 @@ def test_every_fisao_flag_reaches_the_step(monkeypatch, tmp_path, model_dir, cap
     model.eval()
     assert main(["fisao", "--model", str(model_dir), "--prompts", prompts, "--output-dir", out, "--image-folder",
                  images, "--backend", "torch", "--lr", "0.01", "--batch-size", "2", "--seed", "3", "--calibration",
-                 str(tmp_path / "cal.json"), "--low", "0.1", "--high", "0.9", "--objects",
+                 str(tmp_path / "cal.json"), "--objects",
                  str(tmp_path / "objects.txt"),
                  "--reward-mode", "step", "--iterations", "2", "--ppo-epochs", "3", "--max-new-tokens", "8",
                  "--clip-eps", "0.3", "--kl-coef", "0.2", "--kl-estimator", "k2"]) == 0
     (_, (_, image_processor), kwargs), = [c for c in calls if c[0] == "verifier"]
     assert image_processor == "image-processor"
     assert ("read_prompts", (prompts, images), {}) in calls and ("load_model", (str(model_dir),), {}) in calls
-    assert kwargs == dict(objects=["dog", "cat", "bus"], low=0.1, high=0.9, mode="step")
+    assert kwargs == dict(objects=["dog", "cat", "bus"], low=None, high=None, mode="step")
     assert [c for c in calls if c[0] == "calibrate"] == [
         ("calibrate", ([f"{images}:c.png"], [["dog"]], [["cat"]], "tokenizer"), {})]
     steps = [c for c in calls if c[0] == "step"]

@@ -69,10 +69,14 @@ def _check_cases(p):
          f"number > 0 (PPO uses 0.2), got inf; {PG_HINT}"),
         (_fisao(p, *thresholds, "--kl-coef", "inf"), "--clip-eps 0.2 --kl-coef inf: kl_coef must be a finite number "
          f">= 0, got inf; {PG_HINT}"),
-        (_fisao(p, "--calibration", p["cal"], "--low", "0.1"), "--low 0.1 alone: the verifier takes both thresholds "
-         "or neither; pass both --low and --high, or neither with --calibration FILE"),
-        (_fisao(p, "--calibration", p["cal"], "--high", "0.1"), "--high 0.1 alone: the verifier takes both thresholds "
-         "or neither; pass both --low and --high, or neither with --calibration FILE"),
+        # 4: thresholds the calibration overwrote without a word
+        (_fisao(p, "--calibration", p["cal"], "--low", "0.1"), "--low 0.1 with --calibration: the calibration sets "
+         "both thresholds (these would be ignored); pass --calibration FILE, or --low and --high without it"),
+        (_fisao(p, "--calibration", p["cal"], "--high", "0.1"), "--high 0.1 with --calibration: the calibration sets "
+         "both thresholds (these would be ignored); pass --calibration FILE, or --low and --high without it"),
+        (_fisao(p, "--calibration", p["cal"], "--low", "-5", "--high", "5"), "--low -5.0 --high 5.0 with "
+         "--calibration: the calibration sets both thresholds (these would be ignored); pass --calibration FILE, or "
+         "--low and --high without it"),
         # 2: an infinite threshold trained on NaN rewards
         (_fisao(p, "--low=-inf", "--high", "0.1"), "--low -inf --high 0.1: the calibration thresholds must be finite "
          "numbers, got low=-inf, high=0.1; pass finite thresholds, e.g. --low 0.1 --high 0.3"),

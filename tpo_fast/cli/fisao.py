@@ -22,9 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="JSON list of {image, correct: [words], hallucinated: [words]} to fit the thresholds")
     p.add_argument("--low", type=float, default=None,
-                   help="verifier threshold: similarity of a hallucinated object (reward -1); with --high")
+                   help="verifier threshold: similarity of a hallucinated object (reward -1); with --high, without "
+                        "--calibration")
     p.add_argument("--high", type=float, default=None,
-                   help="verifier threshold: similarity of a present object (reward +1); with --low")
+                   help="verifier threshold: similarity of a present object (reward +1); with --low, without "
+                        "--calibration")
     p.add_argument("--objects", default=None, metavar="FILE",
                    help="file of object words, whitespace-separated (none: the COCO categories)")
     p.add_argument("--reward-mode", choices=["linear", "step"], default="linear",
@@ -46,6 +48,10 @@ def check(a: argparse.Namespace) -> None:
     need_file(a.objects, "--objects", "pass a text file of object words, or leave it out for the COCO categories")
     if a.calibration is None and (a.low is None or a.high is None):
         raise UsageError("the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high")
+    if a.calibration is not None and (a.low is not None or a.high is not None):
+        given = " ".join(f"--{n} {v}" for n, v in (("low", a.low), ("high", a.high)) if v is not None)
+        raise UsageError(f"{given} with --calibration: the calibration sets both thresholds (these would be "
+                         "ignored); pass --calibration FILE, or --low and --high without it")
     if (a.low is None) != (a.high is None):
         given = f"--low {a.low}" if a.high is None else f"--high {a.high}"
         raise UsageError(f"{given} alone: the verifier takes both thresholds or neither; pass both --low and --high, "
