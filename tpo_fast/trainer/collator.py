@@ -59,7 +59,8 @@ class TPOCollator:
             response is tokenized as the continuation of its prompt (`continuation_ids`), as in the whole
             conversation, so a SentencePiece tokenizer adds no lone "▁" token before it.
         max_length: longest row; responses are cut to fit, prompts (which carry the image tokens)
-            never are. None: no limit.
+            never are: a prompt at or over max_length keeps one token of each response (warned once). None: no
+            limit.
         ignore_index: label of positions without a target (default -100).
     """
 
@@ -87,6 +88,7 @@ class TPOCollator:
         self.max_length = max_length
         self.ignore_index = ignore_index
         self._warned_truncation = False
+        self._warned_long_prompt = False
 
     def _num_image_tokens(self, pixel_values: torch.Tensor) -> int:
         p = self.processor
@@ -112,7 +114,17 @@ class TPOCollator:
             ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip()) + eos
             if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
                 keep = max(1, self.max_length - len(prompt_ids))
-                if not self._warned_truncation:
+                if keep == 1 and len(prompt_ids) >= self.max_length:
+                    if not self._warned_long_prompt:
+                        logger.warning(
+                            "record #%d: its prompt is %d tokens with the image, and max_length=%d leaves its "
+                            "responses no room: the row keeps the whole prompt and the first token of each response "
+                            "(%d tokens), so a pair whose responses begin alike carries no preference; raise "
+                            "max_length above the longest prompt", item["index"], len(prompt_ids), self.max_length,
+                            len(prompt_ids) + 1,
+                        )
+                        self._warned_long_prompt = True
+                elif not self._warned_truncation:
                     logger.warning(
                         "responses cut to fit max_length=%d (prompt of record #%d is %d tokens with the image); "
                         "raise max_length to train on whole responses", self.max_length, item["index"], len(prompt_ids),
