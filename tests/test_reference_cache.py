@@ -9,6 +9,7 @@ records, `processor_identity` field by field, and the tables' reading and lookup
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -175,3 +176,43 @@ def test_read_reference_cache_returns_every_table(tmp_path):
     assert sorted(rc.read_reference_cache(path)) == ["eval"]
     torch.save(train, path)  # a train table only, as a cache without eval sets always had it
     assert sorted(rc.read_reference_cache(path)) == ["train"]
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 half a zip", b"not a cache"])
+def test_an_unreadable_cache_file_reads_as_no_tables_with_a_warning(tmp_path, caplog, content):
+    path = tmp_path / "cache.pt"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        assert rc.read_reference_cache(str(path)) == {}
+    assert re.search(rf"reference cache {re.escape(str(path))} cannot be read \(\w+: .*\); ignoring it and "
+                     "recomputing every table", caplog.text, re.DOTALL)
+    torch.save([1, 2], path)  # readable, but not a cache's dict
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        assert rc.read_reference_cache(str(path)) == {}
+    assert f"reference cache {path} cannot be read (TypeError: holds a list, not a dict of tables); ignoring it " \
+        "and recomputing every table" in caplog.text
+
+
+def test_a_cache_is_written_atomically(tmp_path, monkeypatch):
+    """write_reference_cache writes what read_reference_cache reads; a write that fails half-way (a killed run)
+    leaves the previous file as it was and no temporary file beside it."""
+    path = str(tmp_path / "sub" / "cache.pt")
+    train = {"fingerprint": "f0", "index": torch.tensor([0]), "scores": torch.ones(1, 2)}
+    evals = {"eval": {"fingerprint": "f1", "index": torch.tensor([0]), "scores": torch.zeros(1, 2)}}
+    rc.write_reference_cache(path, {"train": train, **evals})
+    tables = rc.read_reference_cache(path)
+    assert sorted(tables) == ["eval", "train"] and tables["eval"]["fingerprint"] == "f1"
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def killed(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rc.write_reference_cache(path, {"train": {**train, "fingerprint": "f2"}})
+    assert open(path, "rb").read() == before and os.listdir(tmp_path / "sub") == ["cache.pt"]

@@ -237,14 +237,16 @@ def test_a_reused_cache_is_not_written_again_and_only_a_stale_table_warns(setup,
 
     with caplog.at_level(logging.INFO, logger="tpo_fast"):
         first = run("a")._ref_table.clone()
-        assert saves == [cache] and "recomputing it" not in caplog.text
+        # written into a temporary file beside the cache, then renamed over it (none left behind)
+        assert [os.path.dirname(p) for p in saves] == [str(tmp_path)] and saves[0] != cache
+        assert sorted(os.listdir(tmp_path)) == ["a", "ref.pt"] and "recomputing it" not in caplog.text
         caplog.clear()
         again = run("b")._ref_table
-        assert saves == [cache] and torch.equal(again, first)
+        assert len(saves) == 1 and torch.equal(again, first)
         assert "loaded from" in caplog.text and "recomputing it" not in caplog.text
         cached = run("b2")
         run("c", offset=0.25)
-        assert saves == [cache, cache]
+        assert len(saves) == 2
         assert f"reference cache {cache}: the train table was made with other settings or data; recomputing it" \
             in caplog.text
     listed = TPOTrainer(tiny_model(proc), args=_args(tmp_path / "d", precompute_reference=True,
@@ -264,6 +266,28 @@ def test_a_reused_cache_is_not_written_again_and_only_a_stale_table_warns(setup,
                                                    "evaluate through trainer.evaluate() / trainer.predict() on a "
                                                    "dataset given to TPOTrainer (train or eval_dataset)")):
         cached._reference_scores(batch, training=False)  # an eval batch outside evaluate() / predict()
+
+
+def test_an_unreadable_cache_file_is_recomputed_with_a_warning_naming_it(setup, tmp_path, caplog):
+    """A cache file left empty or truncated (a run killed while writing it) is ignored with a warning naming it: the
+    tables are scored again, equal to a fresh run's, and the file replaced by a readable one."""
+    ds, proc = setup
+    cache = tmp_path / "ref.pt"
+
+    def run():
+        args = _args(tmp_path / "out", precompute_reference=True, reference_cache=str(cache))
+        return TPOTrainer(tiny_model(proc), args=args, train_dataset=ds, processing_class=proc)._ref_table
+
+    first = run().clone()
+    whole = cache.read_bytes()
+    for content in (b"", whole[: len(whole) // 2]):
+        cache.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+            assert torch.equal(run(), first)
+        assert f"reference cache {cache} cannot be read (" in caplog.text
+        assert "); ignoring it and recomputing every table" in caplog.text
+        assert cache.read_bytes() != content and torch.load(cache, weights_only=True)["index"].numel() == len(ds)
 
 
 # -- warnings --------------------------------------------------------------------------------------------

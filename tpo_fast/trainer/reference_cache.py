@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
 from typing import Any
 
 import torch
+
+logger = logging.getLogger("tpo_fast")
 
 _POSITION_PRIME = 65521  # weights (flat position mod this prime) + 1 of `weights_digest`'s third sum
 _DIGEST_CHUNK = 1 << 22  # elements per chunk of the position-weighted sum (bounded temporaries on a GPU)
@@ -177,12 +180,38 @@ def lookup_scores(table: torch.Tensor, index: torch.Tensor, name: str, path: str
 
 def read_reference_cache(path: str) -> dict[str, dict[str, Any]]:
     """The tables of a cache file by name ({} without a file): the train table at the top level, as a cache with
-    only a train set always had it, and the eval datasets' under "eval_tables"."""
+    only a train set always had it, and the eval datasets' under "eval_tables".
+
+    A file that cannot be read as a cache (empty, truncated by a run killed while writing it before writes were
+    atomic, or not a cache at all) is treated as absent, with a warning naming it: every table is recomputed and
+    the file replaced."""
     if not os.path.exists(path):
         return {}
-    cached = torch.load(path, weights_only=True)
-    tables = dict(cached.get("eval_tables", {}))
-    if "fingerprint" in cached:
-        tables["train"] = {key: cached[key] for key in ("fingerprint", "index", "scores")}
+    try:
+        cached = torch.load(path, weights_only=True)
+        if not isinstance(cached, dict):
+            raise TypeError(f"holds a {type(cached).__name__}, not a dict of tables")
+        tables = dict(cached.get("eval_tables", {}))
+        if "fingerprint" in cached:
+            tables["train"] = {key: cached[key] for key in ("fingerprint", "index", "scores")}
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the remedy is the same: score again
+        logger.warning("reference cache %s cannot be read (%s: %s); ignoring it and recomputing every table",
+                       path, type(e).__name__, e)
+        return {}
     return tables
 
+
+def write_reference_cache(path: str, tables: dict[str, dict[str, Any]]) -> None:
+    """Write the tables (a "train" one and any eval ones) to `path` as `read_reference_cache` reads them, atomically:
+    into a temporary file in the same folder, then renamed over `path`, so a run killed while writing leaves the
+    previous file (or none), never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    evals = {name: entry for name, entry in tables.items() if name != "train"}
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save({**tables["train"], "eval_tables": evals}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -52,6 +52,7 @@ from tpo_fast.trainer.reference_cache import (
     read_reference_cache,
     score_table,
     weights_digest,
+    write_reference_cache,
 )
 from tpo_fast.trainer.vision import freeze_vision_tower, lora_config_without_vision_tower
 from tpo_fast.trainer.zero3 import is_zero3, module_forwards_gathered
@@ -446,9 +447,7 @@ class TPOTrainer(Trainer):
             tables[name] = entry
         if changed:
             if self.accelerator.is_main_process:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                evals = {name: entry for name, entry in tables.items() if name != "train"}
-                torch.save({**tables["train"], "eval_tables": evals}, path)
+                write_reference_cache(path, tables)
                 logger.info("reference scores of %s cached to %s",
                             ", ".join(f"{len(t['index'])} {n} records" for n, t in tables.items()), path)
             self.accelerator.wait_for_everyone()
