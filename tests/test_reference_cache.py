@@ -216,3 +216,20 @@ def test_a_cache_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         rc.write_reference_cache(path, {"train": {**train, "fingerprint": "f2"}})
     assert open(path, "rb").read() == before and os.listdir(tmp_path / "sub") == ["cache.pt"]
+
+
+def test_dataset_digest_names_the_image_file_a_relative_path_opens(tmp_path, monkeypatch):
+    """Without an image folder a relative image path opens the working directory's file: the digest is that of the
+    same records naming the file by its absolute path, so runs from two folders (other images under the same
+    names) are two datasets, and a run from the first folder again is the same one."""
+    for folder in ("A", "B"):
+        (tmp_path / folder / "imgs").mkdir(parents=True)
+    relative = PreferenceDataset(_records(["imgs/0.png", "imgs/1.png"]))
+    monkeypatch.chdir(tmp_path / "A")
+    from_a = rc.dataset_digest(relative)
+    assert from_a == rc.dataset_digest(PreferenceDataset(_records([str(tmp_path / "A/imgs/0.png"),
+                                                                   str(tmp_path / "A/imgs/1.png")])))
+    monkeypatch.chdir(tmp_path / "B")
+    assert rc.dataset_digest(relative) != from_a
+    assert rc.dataset_digest(relative) == rc.dataset_digest(PreferenceDataset(_records([
+        str(tmp_path / "B/imgs/0.png"), str(tmp_path / "B/imgs/1.png")])))

@@ -156,15 +156,22 @@ def _image_source(value: Any) -> str | bytes | None:
     return None
 
 
+def image_path(source: str | os.PathLike, image_folder: str | os.PathLike | None) -> Path:
+    """The absolute path (symbolic links resolved) of the file an image path opens: relative to `image_folder`
+    unless absolute, and a relative path without a folder (or a relative folder) relative to the working directory.
+    What identifies an image file in the corrupted-image cache and in the reference cache's dataset digest."""
+    path = Path(source)
+    if image_folder is not None and not path.is_absolute():
+        path = Path(image_folder) / path
+    return path.resolve()
+
+
 def open_image(source: str | bytes, image_folder: str | os.PathLike | None) -> Image.Image:
     """Open an image from a path (relative to `image_folder` unless absolute) or inline bytes, as RGB."""
     if isinstance(source, bytes):
         image = Image.open(io.BytesIO(source))
     else:
-        path = Path(source)
-        if image_folder is not None and not path.is_absolute():
-            path = Path(image_folder) / path
-        image = Image.open(path)
+        image = Image.open(image_path(source, image_folder))
     image.load()
     return image.convert("RGB")
 
@@ -367,10 +374,7 @@ class PreferenceDataset(Dataset):
         absolute path of the file with its size and modification time (a file replaced in place is another)."""
         if isinstance(source, bytes):
             return "bytes:" + hashlib.blake2b(source, digest_size=16).hexdigest()
-        path = Path(source)
-        if self.image_folder is not None and not path.is_absolute():
-            path = Path(self.image_folder) / path
-        path = path.resolve()
+        path = image_path(source, self.image_folder)
         stat = path.stat()
         return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 

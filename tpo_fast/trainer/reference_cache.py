@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tpo_fast.trainer.data import image_path
+
 logger = logging.getLogger("tpo_fast")
 
 _POSITION_PRIME = 65521  # weights (flat position mod this prime) + 1 of `weights_digest`'s third sum
@@ -95,8 +97,10 @@ def dataset_digest(ds: Any) -> str:
     """sha256 of a preference dataset's content, to tell whether a reference cache was scored from it.
 
     A `PreferenceDataset` (or a `Subset` of one): its image folder's absolute path and, per record in order, the
-    index, the image (its path as written, or the blake2b digest of inline bytes), prompt, chosen and rejected;
-    an image file replaced in place under the same path is not seen (delete the cache). Any other dataset: the
+    index, the image (the absolute path it opens, `data.image_path`: a relative path with no image folder is the
+    working directory's file, so runs from two folders are two datasets; or the blake2b digest of inline bytes),
+    prompt, chosen and rejected; an image file replaced in place under the same path is not seen (delete the
+    cache). Any other dataset: the
     same fields of every item, `image_key` for the image; that loads every item once (images decoded).
 
     Raises ValueError when two records share an index: the cache is keyed by index.
@@ -112,7 +116,7 @@ def dataset_digest(ds: Any) -> str:
             r = records[i]
             image = r["image"]
             image_id = "bytes:" + hashlib.blake2b(image, digest_size=16).hexdigest() if isinstance(image, bytes) else (
-                f"path:{os.fspath(image)}"
+                f"path:{image_path(image, folder)}"
             )
             indices.append(int(r["index"]))
             digest.update(json.dumps([indices[-1], image_id, r["prompt"], r["chosen"], r["rejected"]]).encode())
