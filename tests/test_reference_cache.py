@@ -233,3 +233,30 @@ def test_dataset_digest_names_the_image_file_a_relative_path_opens(tmp_path, mon
     assert rc.dataset_digest(relative) != from_a
     assert rc.dataset_digest(relative) == rc.dataset_digest(PreferenceDataset(_records([
         str(tmp_path / "B/imgs/0.png"), str(tmp_path / "B/imgs/1.png")])))
+
+
+def test_config_digest_sees_what_scores_and_not_the_bookkeeping():
+    """The same weights under another config score otherwise: vision_feature_layer, the text model's RMSNorm epsilon
+    or the dtype change the digest; where the model was loaded from, the transformers version, the architectures,
+    initializer_range and use_cache (at the top and in the sub-configs) do not."""
+    from tiny_setup import tiny_model
+
+    config = tiny_model(tiny_processor()).config
+    before = rc.config_digest(config)
+    fields = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        for key in ("_name_or_path", "architectures", "initializer_range", "use_cache"):
+            fields[sub].pop(key, None)
+    assert before == hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    config._name_or_path, config.transformers_version, config.architectures = "/elsewhere", "0.0.1", ["Other"]
+    config.text_config.initializer_range, config.text_config.use_cache = 0.5, not config.text_config.use_cache
+    assert rc.config_digest(config) == before
+    for name, value in (("vision_feature_layer", -1 if config.vision_feature_layer != -1 else -2),
+                        ("text_config.rms_norm_eps", 0.125), ("dtype", "float16")):
+        changed = tiny_model(tiny_processor()).config
+        owner, attr = (changed.text_config, "rms_norm_eps") if name.startswith("text_config") else (changed, name)
+        setattr(owner, attr, value)
+        assert rc.config_digest(changed) != before, name
+    assert rc.config_digest(None) == hashlib.sha256(b"null").hexdigest()

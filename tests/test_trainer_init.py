@@ -26,7 +26,7 @@ from tpo_fast.trainer.collator import TPOCollator  # noqa: E402
 from tpo_fast.trainer.config import DEFAULT_PROMPT_TEMPLATE, TPOConfig  # noqa: E402
 from tpo_fast.trainer.data import PreferenceDataset  # noqa: E402
 from tpo_fast.trainer.model import StepOptions  # noqa: E402
-from tpo_fast.trainer.reference_cache import processor_identity, weights_digest  # noqa: E402
+from tpo_fast.trainer.reference_cache import config_digest, processor_identity, weights_digest  # noqa: E402
 from tpo_fast.trainer.trainer import TPOTrainer, copy_of_policy  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,6 +206,12 @@ def test_reference_digest_reads_the_reference_and_leaves_lora_factors_out(setup,
 
     trainer.ref_model = Engine(ref)
     assert trainer._reference_digest() == weights_digest(ref.named_parameters())
+    # the reference's config too: the same weights under another config score otherwise
+    first = trainer._cache_settings()["reference_config"]
+    assert first == config_digest(ref.config)
+    ref.config.vision_feature_layer = -1 if ref.config.vision_feature_layer != -1 else -2
+    assert trainer._cache_settings()["reference_config"] == config_digest(ref.config) != first
+    assert trainer._reference_digest() == weights_digest(ref.named_parameters())
 
     lora = TPOTrainer(tiny_model(proc), peft_config=lora_config(), args=_args(tmp_path), train_dataset=ds,
                       processing_class=proc)
@@ -219,6 +225,7 @@ def test_reference_digest_reads_the_reference_and_leaves_lora_factors_out(setup,
         assert lora._reference_digest() == before
         next(p for n, p in base if "embed_tokens" in n).mul_(2.0)
     assert lora._reference_digest() != before
+    assert lora._cache_settings()["reference_config"] == config_digest(lora.model.get_base_model().config)
 
 
 def test_a_reused_cache_is_not_written_again_and_only_a_stale_table_warns(setup, tmp_path, monkeypatch, caplog):

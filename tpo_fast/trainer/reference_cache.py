@@ -3,7 +3,8 @@
 The cache file holds one table of reference sequence scores per dataset, keyed by record index: the train
 table's {"fingerprint", "index", "scores"} at the top level and "eval_tables": {"eval" or "eval/<key>": the same}
 for each eval dataset. A table is reused only when its fingerprint matches: the loss settings, the processor
-(`processor_identity`), the reference's weights (`weights_digest`) and the dataset's content (`dataset_digest`).
+(`processor_identity`), the reference's weights (`weights_digest`) and config (`config_digest`), and the
+dataset's content (`dataset_digest`).
 `TPOTrainer` scores, stores and reads the tables; this module holds the pieces that need no trainer.
 """
 
@@ -76,6 +77,29 @@ def weights_digest(named_parameters) -> str:
     digest = hashlib.sha256("\n".join(names).encode())
     digest.update(values.float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+# Config fields that do not change the reference's scores: where it was loaded from and with which transformers
+# version, what the checkpoint says about itself, how its weights were initialised (the weights digest sees the
+# weights) and whether generate() keeps a KV cache.
+CONFIG_BOOKKEEPING = ("_name_or_path", "transformers_version", "_commit_hash", "architectures", "initializer_range",
+                      "use_cache")
+
+
+def config_digest(config: Any) -> str:
+    """sha256 of a model config's `to_dict()` (as sorted JSON) without the `CONFIG_BOOKKEEPING` fields, at any depth
+    (LLaVA's text and vision configs too): the same weights under another config (`vision_feature_layer`, the
+    dtype, the RMSNorm epsilon, ...) score otherwise. A model without a config (`None`): the digest of null."""
+
+    def kept(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): kept(v) for k, v in value.items() if k not in CONFIG_BOOKKEEPING}
+        if isinstance(value, (list, tuple)):
+            return [kept(v) for v in value]
+        return value
+
+    fields = None if config is None else kept(config.to_dict() if hasattr(config, "to_dict") else vars(config))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def base_dataset(ds: Any) -> Any:

@@ -46,6 +46,7 @@ from tpo_fast.trainer.model import (
 from tpo_fast.trainer.packing import host_to_device, may_pack, packing_mode
 from tpo_fast.trainer.reference_cache import (
     base_dataset,
+    config_digest,
     dataset_digest,
     lookup_scores,
     processor_identity,
@@ -383,6 +384,7 @@ class TPOTrainer(Trainer):
             "average_log_prob": a.average_log_prob, "max_length": a.max_length, "prompt_template": a.prompt_template,
             "processor": processor_identity(self.processing_class or getattr(self.data_collator, "processor", None)),
             "reference_weights": self._reference_digest(),
+            "reference_config": config_digest(getattr(self._reference_module(), "config", None)),
             # How the collator labels responses: as continuations of their prompt (`continuation_ids`). Tables
             # made when responses were tokenized alone lack this key and are scored again.
             "response_tokens": "continuation",
@@ -400,13 +402,19 @@ class TPOTrainer(Trainer):
             "overflow": getattr(base, "overflow", None), "size": len(ds), "records": dataset_digest(ds),
         }
 
-    def _reference_digest(self) -> str:
-        """A digest of the reference's weights, so that a cache scored by another model is not reused:
-        the separate reference model, or the policy's base weights when the reference is the policy
-        with its LoRA adapter disabled."""
+    def _reference_module(self) -> torch.nn.Module:
+        """The model that scores the reference: the separate reference model (inside a DeepSpeed engine's `.module`),
+        or the policy, whose adapter is disabled for it."""
         if self.reference_mode == "model":
-            ref = getattr(self.ref_model, "module", self.ref_model)  # a DeepSpeed engine wraps the model
-            return weights_digest(ref.named_parameters())
+            return getattr(self.ref_model, "module", self.ref_model)
+        return self.model
+
+    def _reference_digest(self) -> str:
+        """A digest of the reference's weights: the separate reference model, or the policy's base weights when the
+        reference is the policy with its LoRA adapter disabled. With the digest of the reference's config
+        (`_cache_settings`' "reference_config") it keeps a cache scored by another model from being reused."""
+        if self.reference_mode == "model":
+            return weights_digest(self._reference_module().named_parameters())
         params = ((n, p) for n, p in self.model.named_parameters() if "lora_" not in n)
         return weights_digest(params)
 
