@@ -163,15 +163,56 @@ def test_cache_settings_name_the_processor_and_the_collator_options(setup, tmp_p
     settings = trainer._cache_settings()
     assert settings["processor"] == processor_identity(proc) != processor_identity(None)
     assert (settings["max_length"], settings["prompt_template"]) == (300, "Q: <image>{prompt} A:")
+    assert (settings["response_prefix"], settings["ignore_index"]) == (" ", -100)
+    assert settings["collator"] == "tpo_fast.trainer.collator.TPOCollator"
     # without processing_class, the collator's processor identifies the table
     by_collator = TPOTrainer(tiny_model(proc), args=_args(tmp_path), train_dataset=ds, data_collator=TPOCollator(proc))
     assert by_collator._cache_settings()["processor"] == processor_identity(proc)
+    # a collator given by the caller: its own settings, not the config's
+    own = TPOCollator(proc, prompt_template="Q: <image>{prompt}\nA:", response_prefix="", max_length=28,
+                      ignore_index=-1)
+    mine = TPOTrainer(tiny_model(proc), args=args, train_dataset=ds, processing_class=proc, data_collator=own)
+    got = mine._cache_settings()
+    assert {k: got[k] for k in ("max_length", "prompt_template", "response_prefix", "ignore_index", "processor")} \
+        == {"max_length": 28, "prompt_template": "Q: <image>{prompt}\nA:", "response_prefix": "", "ignore_index": -1,
+            "processor": processor_identity(proc)}
 
     def bare_collator(items):
         return TPOCollator(proc)(items)
 
+    # any other collator cannot be fingerprinted: a value new on every call, so its tables never match
     bare = TPOTrainer(tiny_model(proc), args=_args(tmp_path), train_dataset=ds, data_collator=bare_collator)
-    assert bare._cache_settings()["processor"] == processor_identity(None)
+    one, two = bare._cache_settings(), bare._cache_settings()
+    assert one["processor"] == processor_identity(None) and "max_length" not in one
+    assert one["collator"] == f"{__name__}.test_cache_settings_name_the_processor_and_the_collator_options" \
+        ".<locals>.bare_collator"
+    assert one["unfingerprinted_collator"] != two["unfingerprinted_collator"]
+
+
+def test_a_cache_is_not_reused_with_a_collator_it_cannot_fingerprint(setup, tmp_path, caplog):
+    """A collator that is not a TPOCollator: every run scores its tables again, with a warning saying why; a
+    TPOCollator with another max_length than the cached table's is another table."""
+    ds, proc = setup
+    cache = str(tmp_path / "ref.pt")
+
+    def run(collator):
+        args = _args(tmp_path / "out", precompute_reference=True, reference_cache=cache)
+        return TPOTrainer(tiny_model(proc), args=args, train_dataset=ds, processing_class=proc,
+                          data_collator=collator)
+
+    run(TPOCollator(proc))
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        run(TPOCollator(proc, max_length=28))
+        assert f"reference cache {cache}: the train table was made with other settings or data; recomputing it" \
+            in caplog.text
+        caplog.clear()
+        for _ in range(2):
+            run(lambda items: TPOCollator(proc)(items))
+            assert f"reference cache {cache}: the data_collator ({__name__}." in caplog.text
+            assert ") is not a TPOCollator, whose settings the cache's fingerprint cannot see: every table is scored " \
+                "again and never reused" in caplog.text
+            assert "the train table was made with other settings or data; recomputing it" in caplog.text
+            caplog.clear()
 
 
 def test_dataset_fingerprint_holds_the_corruption_settings_and_size(setup, tmp_path):

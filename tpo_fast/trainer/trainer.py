@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import time
+import uuid
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -381,8 +382,7 @@ class TPOTrainer(Trainer):
         a = self.args
         return {
             "objective": a.objective, "weighting": a.weighting, "offset": a.offset,
-            "average_log_prob": a.average_log_prob, "max_length": a.max_length, "prompt_template": a.prompt_template,
-            "processor": processor_identity(self.processing_class or getattr(self.data_collator, "processor", None)),
+            "average_log_prob": a.average_log_prob, **self._collator_settings(),
             "reference_weights": self._reference_digest(),
             "reference_config": config_digest(getattr(self._reference_module(), "config", None)),
             # How the collator labels responses: as continuations of their prompt (`continuation_ids`). Tables
@@ -391,6 +391,26 @@ class TPOTrainer(Trainer):
             # The autocast the reference is scored under (`_score_dataset`): the step's, "bf16" / "fp16", or "no".
             # Tables made before it was applied lack this key and are scored again.
             "autocast": self.accelerator.mixed_precision if getattr(self.accelerator, "native_amp", False) else "no",
+        }
+
+    def _collator_settings(self) -> dict[str, Any]:
+        """How the collator actually used turns records into the rows the reference scores: a `TPOCollator`'s
+        `max_length`, `prompt_template`, `response_prefix`, `ignore_index` and processor (the caller's collator has
+        its own, not the config's). Any other collator, a subclass of TPOCollator too, may encode in ways its
+        attributes do not show: its name (a function's, or an object's class) and a value new on every call, so
+        that its tables are never reused."""
+        collator = self.data_collator
+        named = collator if hasattr(collator, "__qualname__") else type(collator)  # a function, or an object's class
+        name = f"{named.__module__}.{named.__qualname__}"
+        if type(collator) is TPOCollator:
+            return {
+                "collator": name, "max_length": collator.max_length, "prompt_template": collator.prompt_template,
+                "response_prefix": collator.response_prefix, "ignore_index": collator.ignore_index,
+                "processor": processor_identity(collator.processor),
+            }
+        return {
+            "collator": name, "unfingerprinted_collator": uuid.uuid4().hex,
+            "processor": processor_identity(self.processing_class or getattr(collator, "processor", None)),
         }
 
     @staticmethod
@@ -439,6 +459,10 @@ class TPOTrainer(Trainer):
                 )
         path = self._reference_cache_path
         settings = self._cache_settings()
+        if "unfingerprinted_collator" in settings:
+            logger.warning(
+                "reference cache %s: the data_collator (%s) is not a TPOCollator, whose settings the cache's "
+                "fingerprint cannot see: every table is scored again and never reused", path, settings["collator"])
         stored = read_reference_cache(path)
         tables, changed = {}, False
         for name, ds in datasets:
