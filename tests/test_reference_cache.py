@@ -260,3 +260,20 @@ def test_config_digest_sees_what_scores_and_not_the_bookkeeping():
         setattr(owner, attr, value)
         assert rc.config_digest(changed) != before, name
     assert rc.config_digest(None) == hashlib.sha256(b"null").hexdigest()
+
+
+def test_dataset_digest_reads_the_records_under_concat_datasets(tmp_path, monkeypatch):
+    """A ConcatDataset of PreferenceDatasets (and Subsets) is digested from its records, as the one dataset of the
+    same records in the same order, without loading an item; another order or another folder is another digest."""
+    records = _records(["0.png", "1.png", "2.png"])
+    whole = rc.dataset_digest(PreferenceDataset(records, str(tmp_path)))
+    monkeypatch.setattr(PreferenceDataset, "__getitem__", lambda self, i: pytest.fail("an item was loaded"))
+    parts = [PreferenceDataset(records[:1], str(tmp_path)), PreferenceDataset(records[1:], str(tmp_path))]
+    concat = torch.utils.data.ConcatDataset([parts[0], torch.utils.data.Subset(parts[1], [0, 1])])
+    assert rc.dataset_digest(concat) == whole
+    nested = torch.utils.data.Subset(torch.utils.data.ConcatDataset([concat]), [0, 1, 2])
+    assert rc.dataset_digest(nested) == whole
+    assert rc.dataset_digest(torch.utils.data.ConcatDataset(parts[::-1])) != whole
+    moved = PreferenceDataset(records[1:], str(tmp_path / "other"))
+    assert rc.dataset_digest(torch.utils.data.ConcatDataset([parts[0], moved])) != whole
+    assert rc.leaf_datasets(nested) == [parts[0], parts[1]]

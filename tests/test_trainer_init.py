@@ -228,6 +228,36 @@ def test_dataset_fingerprint_holds_the_corruption_settings_and_size(setup, tmp_p
     assert got["records"] != base["records"]
     plain = TPOTrainer._dataset_fingerprint([ds[0], ds[1]])
     assert (plain["noise_step"], plain["noise_seed"], plain["overflow"], plain["size"]) == (None, None, None, 2)
+    # a ConcatDataset (under a Subset, holding Subsets): each dataset's settings, in order, and the records'
+    # digest of the same records in one dataset when the parts are one dataset's
+    first = PreferenceDataset(ds.records[:2], ds.image_folder, noise_step=100, noise_seed=3)
+    second = PreferenceDataset(ds.records[2:], ds.image_folder, noise_step=200, noise_seed=4, overflow="clamp")
+    concat = torch.utils.data.ConcatDataset([torch.utils.data.Subset(first, [0, 1]), second])
+    got = TPOTrainer._dataset_fingerprint(torch.utils.data.Subset(concat, [0, 1, 2, 3]))
+    assert {k: got[k] for k in ("noise_step", "noise_seed", "overflow", "size")} == dict(
+        noise_step=[100, 200], noise_seed=[3, 4], overflow=["wrap", "clamp"], size=4)
+    assert got["records"] == base["records"]
+    same = torch.utils.data.ConcatDataset([PreferenceDataset(ds.records[:2], ds.image_folder, noise_step=123),
+                                           PreferenceDataset(ds.records[2:], ds.image_folder, noise_step=123)])
+    got = TPOTrainer._dataset_fingerprint(same)
+    assert (got["noise_step"], got["noise_seed"], got["overflow"]) == ([123, 123], [0, 0], ["wrap", "wrap"])
+
+
+def test_fresh_noise_under_a_concat_dataset_is_refused_and_its_settings_warn(setup, tmp_path, caplog):
+    """precompute_reference=True refuses noise_seed=None in any dataset under a ConcatDataset (nested, in a Subset),
+    as it does for a PreferenceDataset; the settings warning reads each of them."""
+    ds, proc = setup
+    fresh = PreferenceDataset(ds.records[2:], ds.image_folder, noise_seed=None)
+    inner = torch.utils.data.ConcatDataset([torch.utils.data.Subset(fresh, [1, 0])])
+    concat = torch.utils.data.ConcatDataset([PreferenceDataset(ds.records[:2], ds.image_folder), inner])
+    args = _args(tmp_path, precompute_reference=True, reference_cache=str(tmp_path / "ref.pt"))
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"), pytest.raises(ValueError, match=re.escape(
+            "precompute_reference=True needs seeded corruption (the train dataset's noise_seed must not be None): "
+            "with fresh noise every load the cached reference would not match the corrupted image trained on")):
+        TPOTrainer(tiny_model(proc), args=args, train_dataset=torch.utils.data.Subset(concat, [3, 0]),
+                   processing_class=proc)
+    assert "the train dataset was built with other settings than TPOConfig's noise_seed=0 (dataset: " \
+        "noise_seed=None); TPOTrainer uses the dataset as it was built" in caplog.text
 
 
 def test_reference_digest_reads_the_reference_and_leaves_lora_factors_out(setup, tmp_path):

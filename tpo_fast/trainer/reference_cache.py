@@ -102,45 +102,59 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def base_dataset(ds: Any) -> Any:
-    """The dataset under `torch.utils.data.Subset` wrappers (itself when there is none)."""
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    return ds
+def leaf_datasets(ds: Any) -> list[Any]:
+    """The datasets under `torch.utils.data.Subset` and `ConcatDataset` wrappers, at any depth, each once, in order
+    (`[ds]` when there is none): where the corruption settings of the items live."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return leaf_datasets(ds.dataset)
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        leaves: list[Any] = []
+        for part in ds.datasets:
+            leaves += [leaf for leaf in leaf_datasets(part) if not any(leaf is seen for seen in leaves)]
+        return leaves
+    return [ds]
 
 
-def _subset_positions(ds: Any) -> list[int] | None:
-    """The base dataset's positions that a chain of `Subset`s selects, in order; None without a Subset."""
-    if not isinstance(ds, torch.utils.data.Subset):
-        return None
-    inner = _subset_positions(ds.dataset)
-    return [int(i) if inner is None else inner[int(i)] for i in ds.indices]
+def _record_sources(ds: Any) -> list[tuple[Any, int]] | None:
+    """(dataset holding the record, its position in that dataset's `records`) of every item of `ds` in order,
+    through Subsets and ConcatDatasets; None when a dataset under them has no `records` list."""
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = _record_sources(ds.dataset)
+        return None if inner is None else [inner[int(i)] for i in ds.indices]
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        parts = [_record_sources(part) for part in ds.datasets]
+        return None if any(part is None for part in parts) else [source for part in parts for source in part]
+    records = getattr(ds, "records", None)
+    return [(ds, i) for i in range(len(records))] if isinstance(records, list) else None
 
 
 def dataset_digest(ds: Any) -> str:
     """sha256 of a preference dataset's content, to tell whether a reference cache was scored from it.
 
-    A `PreferenceDataset` (or a `Subset` of one): its image folder's absolute path and, per record in order, the
-    index, the image (the absolute path it opens, `data.image_path`: a relative path with no image folder is the
-    working directory's file, so runs from two folders are two datasets; or the blake2b digest of inline bytes),
-    prompt, chosen and rejected; an image file replaced in place under the same path is not seen (delete the
-    cache). Any other dataset: the
-    same fields of every item, `image_key` for the image; that loads every item once (images decoded).
+    A `PreferenceDataset` (or `Subset`s and `ConcatDataset`s of them, at any depth): per dataset under them its
+    image folder's absolute path and, per record in order, the index, the image (the absolute path it opens,
+    `data.image_path`: a relative path with no image folder is the working directory's file, so runs from two
+    folders are two datasets; or the blake2b digest of inline bytes), prompt, chosen and rejected; an image file
+    replaced in place under the same path is not seen (delete the cache). Any other dataset: the same fields of
+    every item, `image_key` for the image; that loads every item once (images decoded).
 
     Raises ValueError when two records share an index: the cache is keyed by index.
     """
-    base, positions = base_dataset(ds), _subset_positions(ds)
-    records = getattr(base, "records", None)
+    sources = _record_sources(ds)
     digest = hashlib.sha256()
     indices: list[int] = []
-    if isinstance(records, list):
-        folder = getattr(base, "image_folder", None)
-        digest.update(f"records|{None if folder is None else os.path.abspath(os.fspath(folder))}".encode())
-        for i in range(len(records)) if positions is None else positions:
-            r = records[i]
+    if sources is not None:
+        folders = []  # each folder once: parts of one dataset in a ConcatDataset digest as the whole dataset
+        for leaf in leaf_datasets(ds):
+            folder = getattr(leaf, "image_folder", None)
+            folder = None if folder is None else os.path.abspath(os.fspath(folder))
+            folders += [] if folder in folders else [folder]
+        digest.update(f"records|{folders[0] if len(folders) == 1 else json.dumps(folders)}".encode())
+        for leaf, i in sources:
+            r = leaf.records[i]
             image = r["image"]
             image_id = "bytes:" + hashlib.blake2b(image, digest_size=16).hexdigest() if isinstance(image, bytes) else (
-                f"path:{image_path(image, folder)}"
+                f"path:{image_path(image, getattr(leaf, 'image_folder', None))}"
             )
             indices.append(int(r["index"]))
             digest.update(json.dumps([indices[-1], image_id, r["prompt"], r["chosen"], r["rejected"]]).encode())

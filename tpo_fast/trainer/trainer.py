@@ -46,9 +46,9 @@ from tpo_fast.trainer.model import (
 )
 from tpo_fast.trainer.packing import host_to_device, may_pack, packing_mode
 from tpo_fast.trainer.reference_cache import (
-    base_dataset,
     config_digest,
     dataset_digest,
+    leaf_datasets,
     lookup_scores,
     processor_identity,
     read_reference_cache,
@@ -364,18 +364,18 @@ class TPOTrainer(Trainer):
             return have == want
 
         for name, ds in self._reference_datasets():
-            base = base_dataset(ds)
-            if not isinstance(base, PreferenceDataset):
-                continue
-            diffs = [f"{field}={want!r} (dataset: {attr}={getattr(base, attr)!r})" for attr, field, want in wanted
-                     if not same(attr, getattr(base, attr), want)]
-            if diffs:
-                logger.warning(
-                    "the %s dataset was built with other settings than TPOConfig's %s; TPOTrainer uses the dataset as "
-                    "it was built (these TPOConfig fields only configure the dataset `tpo-fast train` builds): build "
-                    "the PreferenceDataset with the config's values, or set the config's to the dataset's",
-                    name, ", ".join(diffs),
-                )
+            for base in leaf_datasets(ds):  # the datasets under Subsets and ConcatDatasets
+                if not isinstance(base, PreferenceDataset):
+                    continue
+                diffs = [f"{field}={want!r} (dataset: {attr}={getattr(base, attr)!r})" for attr, field, want in wanted
+                         if not same(attr, getattr(base, attr), want)]
+                if diffs:
+                    logger.warning(
+                        "the %s dataset was built with other settings than TPOConfig's %s; TPOTrainer uses the dataset "
+                        "as it was built (these TPOConfig fields only configure the dataset `tpo-fast train` builds): "
+                        "build the PreferenceDataset with the config's values, or set the config's to the dataset's",
+                        name, ", ".join(diffs),
+                    )
 
     def _cache_settings(self) -> dict[str, Any]:
         """The part of every table's fingerprint that does not depend on the dataset."""
@@ -415,11 +415,14 @@ class TPOTrainer(Trainer):
 
     @staticmethod
     def _dataset_fingerprint(ds: Any) -> dict[str, Any]:
-        """The part of a table's fingerprint that identifies its dataset: corruption, size and content."""
-        base = base_dataset(ds)
+        """The part of a table's fingerprint that identifies its dataset: corruption, size and content. The corruption
+        settings are those of the dataset under Subsets and ConcatDatasets, or, with several datasets under a
+        ConcatDataset, the list of each one's."""
+        leaves = leaf_datasets(ds)
+        noise = {key: [getattr(leaf, key, None) for leaf in leaves] for key in ("noise_step", "noise_seed", "overflow")}
         return {
-            "noise_step": getattr(base, "noise_step", None), "noise_seed": getattr(base, "noise_seed", None),
-            "overflow": getattr(base, "overflow", None), "size": len(ds), "records": dataset_digest(ds),
+            **{key: values[0] if len(values) == 1 else values for key, values in noise.items()},
+            "size": len(ds), "records": dataset_digest(ds),
         }
 
     def _reference_module(self) -> torch.nn.Module:
@@ -451,7 +454,7 @@ class TPOTrainer(Trainer):
         for name, ds in datasets:
             if len(ds) == 0:
                 raise ValueError(f"precompute_reference=True: the {name} dataset has no records to score")
-            if getattr(base_dataset(ds), "noise_seed", 0) is None:
+            if any(getattr(leaf, "noise_seed", 0) is None for leaf in leaf_datasets(ds)):
                 raise ValueError(
                     f"precompute_reference=True needs seeded corruption (the {name} dataset's noise_seed must not be "
                     "None): with fresh noise every load the cached reference would not match the corrupted image "
