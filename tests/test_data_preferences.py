@@ -379,3 +379,42 @@ def test_collator_limits_templates_and_image_slots(tmp_path):
     assert TPOCollator(proc)([a, b])["image_index"].tolist() == [0, 1]
     fresh = PreferenceDataset(ds.records, ds.image_folder, noise_seed=None)  # fresh noise: no load shares a slot
     assert TPOCollator(proc)([fresh[0], fresh[0]])["image_index"].tolist() == [0, 1]
+
+
+def test_a_failing_corrupted_image_cache_keeps_the_record_and_warns_once(tmp_path, monkeypatch, caplog):
+    """A damaged cache entry (an empty file) and a cache folder that cannot be written: every record is loaded as
+    itself, never replaced by another, with the corrupted image an uncached dataset computes; one warning names
+    the cache folder. The damaged entry is written again."""
+    import logging
+
+    ds = tiny_data(str(tmp_path / "d"), num_images=2)
+    want = [np.asarray(ds[i]["corrupted_image"]) for i in range(2)]
+    folder = tmp_path / "cache"
+    PreferenceDataset(ds.records, ds.image_folder, corrupted_cache_dir=folder)[0]
+    (entry,) = folder.iterdir()
+    entry.write_bytes(b"")
+    damaged = PreferenceDataset(ds.records, ds.image_folder, corrupted_cache_dir=folder)
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        for _ in range(2):
+            item = damaged[0]
+            assert item["index"] == ds.records[0]["index"]
+            np.testing.assert_array_equal(np.asarray(item["corrupted_image"]), want[0])
+    assert caplog.text.count(f"corrupted-image cache {folder}: cannot read {entry.name} (") == 1
+    assert "; corrupted images are computed from their seeded noise instead (the same images; warned once)" \
+        in caplog.text and "used record" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(Image.open(entry).convert("RGB")), want[0])  # rewritten
+
+    def refused(self, fp, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", refused)
+    caplog.clear()
+    unwritable = PreferenceDataset(ds.records, ds.image_folder, corrupted_cache_dir=tmp_path / "ro")
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        for i in (0, 1, 0, 1):
+            item = unwritable[i]
+            assert item["index"] == ds.records[i]["index"]
+            np.testing.assert_array_equal(np.asarray(item["corrupted_image"]), want[i])
+    assert caplog.text.count(f"corrupted-image cache {tmp_path / 'ro'}: cannot write ") == 1
+    assert "(PermissionError: [Errno 13] Read-only file system: " in caplog.text and "used record" not in caplog.text
+    assert list((tmp_path / "ro").iterdir()) == []

@@ -8,6 +8,7 @@ chooses (`on_bad="skip" | "error"`), so an epoch never dies half-way on a bad fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -322,7 +323,8 @@ class PreferenceDataset(Dataset):
     first use; it needs a seeded noise. A cache entry is named after the noise (seed, step, overflow) and the
     image file itself (its absolute path, size and modification time; the content digest of inline bytes), so
     two data sets sharing a cache folder never share an entry for different images, and an image replaced in
-    place gets a new entry.
+    place gets a new entry. A cache that cannot be read or written (a damaged entry, a read-only folder) never
+    drops a record: its corrupted image is computed from the seeded noise, with one warning naming the folder.
     """
 
     def __init__(
@@ -389,14 +391,34 @@ class PreferenceDataset(Dataset):
             file_id = hashlib.blake2b(self._source_id(key if source is None else source).encode(), digest_size=8)
             name = f"{seed:016x}_{file_id.hexdigest()}_t{self.noise_step}_{self.overflow}.png"
             cache = self.corrupted_cache_dir / name
-            if cache.exists():
-                return Image.open(cache).convert("RGB")
+            try:
+                if cache.exists():
+                    return Image.open(cache).convert("RGB")
+            except Exception as e:  # noqa: BLE001 - a damaged entry: computed again (and rewritten) below
+                self._cache_failed(cache, "read", e)
         corrupted = add_diffusion_noise(image, self.noise_step, seed=seed, overflow=self.overflow)
         if cache is not None:
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            corrupted.save(tmp, format="PNG")
-            os.replace(tmp, cache)  # atomic, so concurrent ranks never read half a file
+            try:
+                corrupted.save(tmp, format="PNG")
+                os.replace(tmp, cache)  # atomic, so concurrent ranks never read half a file
+            except Exception as e:  # noqa: BLE001 - a read-only or full folder: the noise is seeded, use it uncached
+                self._cache_failed(cache, "write", e)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
         return corrupted
+
+    def _cache_failed(self, entry: Path, action: str, error: Exception) -> None:
+        """Warn, once per dataset (and process), that the corrupted-image cache failed: the record keeps its
+        corrupted image, computed from its seeded noise (the same image the cache would hold), never replaced."""
+        if getattr(self, "_warned_cache", False):
+            return
+        self._warned_cache = True
+        logger.warning(
+            "corrupted-image cache %s: cannot %s %s (%s: %s); corrupted images are computed from their seeded noise "
+            "instead (the same images; warned once)", self.corrupted_cache_dir, action, entry.name,
+            type(error).__name__, error,
+        )
 
     def _load(self, i: int) -> dict[str, Any]:
         record = self.records[i]
