@@ -10,7 +10,6 @@ records, `processor_identity` field by field, and the tables' reading and lookup
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -149,18 +148,33 @@ def test_processor_identity_field_by_field():
 def test_score_tables_and_their_lookup(tmp_path):
     entry = {"index": torch.tensor([3, 0, 2]), "scores": torch.tensor([[1.0, 2.0], [5.0, 6.0], [7.0, 8.0]])}
     table = rc.score_table(entry)
-    assert table.dtype == torch.float64 and table.shape == (4, 2)
-    assert table[0].tolist() == [5.0, 6.0] and table[2].tolist() == [7.0, 8.0] and table[3].tolist() == [1.0, 2.0]
-    assert all(math.isnan(v) for v in table[1].tolist())
+    assert table.scores.dtype == torch.float64 and table.index.tolist() == [0, 2, 3]
+    assert table.scores.tolist() == [[5.0, 6.0], [7.0, 8.0], [1.0, 2.0]]  # in index order
     assert rc.lookup_scores(table, torch.tensor([3, 0, 3]), "train", "c.pt").tolist() == [[1, 2], [5, 6], [1, 2]]
     empty = rc.score_table({"index": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0, 2)})
-    assert empty.shape == (0, 2)
-    # unscored, past the end (exactly at the table's length too) and negative: one error naming them all
+    assert empty.scores.shape == (0, 2)
+    with pytest.raises(ValueError, match=re.escape("records [0] are not in the reference cache's 'train' table (c.pt, "
+                                                   "0 records scored at TPOTrainer init)")):
+        rc.lookup_scores(empty, torch.tensor([0]), "train", "c.pt")
+    # unscored, past the end (exactly at the largest index + 1 too) and negative: one error naming them all
     for index in ([1, 0], [4], [7, -1]):
         missing = [i for i in index if i not in (0, 2, 3)]
         with pytest.raises(ValueError, match=re.escape(f"records {missing} are not in the reference cache's 'eval/x' "
                                                       "table (c.pt, 3 records scored at TPOTrainer init)")):
             rc.lookup_scores(table, torch.tensor(index), "eval/x", "c.pt")
+
+
+def test_a_score_table_holds_only_the_indices_present():
+    """Record indices as large as corpus ids (3e9) cost one row each, not (largest index + 1) rows."""
+    big = 3_000_000_000
+    table = rc.score_table({"index": torch.tensor([big, 7]), "scores": torch.tensor([[1.0, 2.0], [3.0, 4.0]])})
+    assert table.index.tolist() == [7, big] and table.scores.shape == (2, 2)
+    got = rc.lookup_scores(table, torch.tensor([big, 7, big]), "train", "c.pt")
+    assert got.tolist() == [[1, 2], [3, 4], [1, 2]]
+    for absent in (big - 1, big + 1, 8, 0):
+        with pytest.raises(ValueError, match=re.escape(f"records [{absent}] are not in the reference cache's 'train' "
+                                                      "table (c.pt, 2 records scored at TPOTrainer init)")):
+            rc.lookup_scores(table, torch.tensor([absent]), "train", "c.pt")
 
 
 def test_read_reference_cache_returns_every_table(tmp_path):

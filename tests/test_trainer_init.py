@@ -346,6 +346,26 @@ def test_a_reused_cache_is_not_written_again_and_only_a_stale_table_warns(setup,
         cached._reference_scores(batch, training=False)  # an eval batch outside evaluate() / predict()
 
 
+def test_records_indexed_by_large_ids_are_scored_and_looked_up(setup, tmp_path):
+    """Record indices as large as corpus ids (3e9): the reference table holds the records present, and a batch's
+    reference scores are those of a run over the same records indexed 0, 1."""
+    ds, proc = setup
+    records = [dict(ds.records[0], index=3_000_000_000), dict(ds.records[1], index=7)]
+
+    def run(name, recs):
+        args = _args(tmp_path / name, precompute_reference=True, reference_cache=str(tmp_path / f"{name}.pt"))
+        return TPOTrainer(tiny_model(proc), args=args, train_dataset=PreferenceDataset(recs, ds.image_folder),
+                          processing_class=proc)
+
+    big = run("big", records)
+    small = run("small", [dict(r, index=i) for i, r in enumerate(records)])
+    assert big._ref_table.shape == (2, 2)
+    items = [big.train_dataset[1], big.train_dataset[0]]
+    torch.testing.assert_close(big._reference_scores(big.data_collator(items)),
+                               small._reference_scores(small.data_collator([small.train_dataset[1],
+                                                                            small.train_dataset[0]])))
+
+
 def test_an_unreadable_cache_file_is_recomputed_with_a_warning_naming_it(setup, tmp_path, caplog):
     """A cache file left empty or truncated (a run killed while writing it) is ignored with a warning naming it: the
     tables are scored again, equal to a fresh run's, and the file replaced by a readable one."""

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -194,30 +195,40 @@ def processor_identity(processor: Any) -> dict[str, Any]:
 
 
 
-def score_table(entry: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(max index + 1, K) float64 table of a cache entry's scores by record index; NaN rows: records not scored."""
-    index, scores = entry["index"], entry["scores"]
-    table = torch.full((int(index.max()) + 1 if index.numel() else 0, scores.shape[1]), math.nan, dtype=torch.float64)
-    table[index] = scores.double()
-    return table
+@dataclass(frozen=True)
+class ScoreTable:
+    """A cache entry's scores by record index: `index` (R,) int64 sorted ascending, `scores` (R, K) float64 in that
+    order. Only the indices present are held, so a record index as large as a corpus id (3e9) costs one row."""
+
+    index: torch.Tensor
+    scores: torch.Tensor
 
 
-def lookup_scores(table: torch.Tensor, index: torch.Tensor, name: str, path: str) -> torch.Tensor:
+def score_table(entry: dict[str, torch.Tensor]) -> ScoreTable:
+    """A cache entry's `ScoreTable`: its rows sorted by record index (with the indices 0..R-1 the row of index i is
+    row i, as the dense table of earlier versions had it)."""
+    index, order = torch.sort(entry["index"].to(torch.int64))
+    return ScoreTable(index=index, scores=entry["scores"].double()[order])
+
+
+def lookup_scores(table: ScoreTable, index: torch.Tensor, name: str, path: str) -> torch.Tensor:
     """The (B, K) rows of `table` for record indices `index`, or a ValueError naming the records it lacks."""
-    inside = (index >= 0) & (index < table.shape[0])
-    rows = torch.full((index.numel(), table.shape[1]), math.nan, dtype=torch.float64)
-    rows[inside] = table[index[inside]]
+    index = index.to(torch.int64)
+    rows = torch.full((index.numel(), table.scores.shape[1]), math.nan, dtype=torch.float64)
+    if table.index.numel():
+        position = torch.searchsorted(table.index, index).clamp(max=table.index.numel() - 1)
+        found = table.index[position] == index
+        rows[found] = table.scores[position[found]]
     missing = torch.isnan(rows).any(1)
     if missing.any():
         raise ValueError(
             f"records {index[missing].tolist()} are not in the reference cache's {name!r} table ({path}, "
-            f"{int((~torch.isnan(table).any(1)).sum())} records scored at TPOTrainer init): with "
+            f"{int((~torch.isnan(table.scores).any(1)).sum())} records scored at TPOTrainer init): with "
             "precompute_reference=True every dataset trained or evaluated on must be given to TPOTrainer "
             "(train_dataset=..., eval_dataset=... or a dict of them) and keep its records; delete the cache file "
             "to recompute it"
         )
     return rows
-
 
 
 def read_reference_cache(path: str) -> dict[str, dict[str, Any]]:

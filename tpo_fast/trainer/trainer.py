@@ -46,6 +46,7 @@ from tpo_fast.trainer.model import (
 )
 from tpo_fast.trainer.packing import host_to_device, may_pack, packing_mode
 from tpo_fast.trainer.reference_cache import (
+    ScoreTable,
     config_digest,
     dataset_digest,
     leaf_datasets,
@@ -265,8 +266,8 @@ class TPOTrainer(Trainer):
         self._stored_metrics: dict[str, dict[str, list[torch.Tensor | float]]] = defaultdict(lambda: defaultdict(list))
         self._tokens_since_log: torch.Tensor | int = 0
         self._time_of_log: float | None = None
-        self._ref_table: torch.Tensor | None = None  # the train table of a precomputed reference
-        self._ref_tables: dict[str, torch.Tensor] = {}
+        self._ref_table: torch.Tensor | None = None  # the train table's scores of a precomputed reference, by index
+        self._ref_tables: dict[str, ScoreTable] = {}
         self._ref_table_names: list[tuple[Any, str]] = []
         self._eval_table: str | None = None  # the table evaluate() / predict() reads now
         self._metric_prefix: str | None = None  # the running evaluate() / predict()'s metric_key_prefix + "_"
@@ -489,7 +490,7 @@ class TPOTrainer(Trainer):
         # One row per record: (chosen, rejected) scores, or (chosen, rejected, noisy) for POVID.
         self._ref_tables = {name: score_table(entry) for name, entry in tables.items()}
         self._ref_table_names = [(ds, name) for name, ds in datasets]
-        self._ref_table = self._ref_tables["train"]
+        self._ref_table = self._ref_tables["train"].scores
         # The reference model is no longer needed: free it (accelerate keeps every prepared model in a list).
         ref, self.ref_model = self.ref_model, None
         if ref is not None and hasattr(self.accelerator, "_models"):
