@@ -291,3 +291,15 @@ def test_dataset_digest_reads_the_records_under_concat_datasets(tmp_path, monkey
     moved = PreferenceDataset(records[1:], str(tmp_path / "other"))
     assert rc.dataset_digest(torch.utils.data.ConcatDataset([parts[0], moved])) != whole
     assert rc.leaf_datasets(nested) == [parts[0], parts[1]]
+
+
+def test_a_dataset_listing_a_record_twice_is_told_to_list_it_once(tmp_path):
+    """A Subset repeating a record was refused with advice for hand-built records only."""
+    ds = PreferenceDataset(_records([b"\x89PNG one", b"\x89PNG two"]), str(tmp_path))
+    with pytest.raises(ValueError) as refused:
+        rc.dataset_digest(torch.utils.data.Subset(ds, [0, 0, 1]))
+    assert str(refused.value) == (
+        "records share the index values [0]: with precompute_reference=True the reference cache is keyed by each "
+        "record's 'index', which must be unique within a dataset: list each record once (a Subset or ConcatDataset "
+        "may repeat one), and drop the 'index' keys of hand-built records whose indices repeat to number them by "
+        "position")

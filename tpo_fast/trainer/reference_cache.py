@@ -171,8 +171,9 @@ def dataset_digest(ds: Any) -> str:
         repeated = sorted(i for i, n in Counter(indices).items() if n > 1)
         raise ValueError(
             f"records share the index values {repeated[:10]}: with precompute_reference=True the reference cache is "
-            "keyed by each record's 'index', which must be unique within a dataset (drop the 'index' keys of "
-            "hand-built records to number them by position)"
+            "keyed by each record's 'index', which must be unique within a dataset: list each record once (a Subset "
+            "or ConcatDataset may repeat one), and drop the 'index' keys of hand-built records whose indices repeat "
+            "to number them by position"
         )
     return digest.hexdigest()
 
