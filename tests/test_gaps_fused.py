@@ -264,6 +264,40 @@ def test_reference_branch_errors_name_what_to_fix():
         fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], None, t["h"][:-1]))
     with pytest.raises(ValueError, match=r"^the reference's inputs: bias must be of shape \(V,\) = \(23,\)"):
         fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], torch.zeros(22)))
+    with pytest.raises(ValueError, match=r"^the reference's inputs: all inputs must be on the same device, got hidden "
+                                         r"on meta, weight on cpu, targets on cpu$"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"].to("meta"), t["w"]))
+    # a caller's names replace the prefix: each error names the argument its user passed
+    names = {"hidden": "ref_h", "weight": "ref_w", "bias": "ref_b", "corrupted_hidden": "ref_hc"}
+    with pytest.raises(ValueError, match=r"^ref_h must have the policy's shape \(30, 8\), got \(29, 8\)$"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"][:-1], t["w"], names=names))
+    with pytest.raises(ValueError, match=r"^ref_w must have the policy's vocabulary size 23, got \(22, 8\)$"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"][:-1], names=names))
+    with pytest.raises(ValueError, match=r"^ref_b must be of shape \(V,\) = \(23,\)"):
+        fused_pair_loss(*args, reference=PairBranch(t["h"], t["w"], torch.zeros(22), names=names))
+
+
+def test_a_loss_checks_its_model_reference_once_on_the_fused_path(monkeypatch):
+    """`tpo_loss` with `ref_hidden` on the fused path hands the reference's names to the fused pass, which checks
+    the branch; the loss layer does not check it a second time (each check is host work on every step)."""
+    import tpo_fast.loss.tpo as tpo_mod
+    import tpo_fast.ops.fused_pairs as fp
+    from tpo_fast.loss import tpo_loss
+
+    t, y = inputs(5)
+    seen = []
+    real = fp.check_primitive_inputs
+
+    def counting(hidden, *a, **k):
+        seen.append(hidden.data_ptr())
+        return real(hidden, *a, **k)
+
+    monkeypatch.setattr(fp, "check_primitive_inputs", counting)
+    monkeypatch.setattr(tpo_mod, "check_primitive_inputs", counting)
+    ref_h, ref_hc = t["h"] + 1, t["hc"] - 1
+    tpo_loss(t["w"], t["h"], t["hc"], y, t["b"], ref_hidden=ref_h, ref_corrupted_hidden=ref_hc, grad_mode="fused",
+             backend="torch")
+    assert sorted(seen) == sorted([t["h"].data_ptr(), ref_h.data_ptr()])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -95,6 +95,9 @@ MESSAGES = [
     pytest.param(_ss(LP, S.double().T, M), ValueError,
                  "visual_scores must have the shape of logprobs (4, 3), got float64 of shape (3, 4)",
                  id="ss-visual-shape-f64"),
+    pytest.param(_ss(LP[:3], S[:3], M[:3]), ValueError, f"visual_scores {EVEN} 3", id="ss-tpo-odd"),
+    pytest.param(_ss(LP, S, M, offset=-1.0), ValueError, "offset must be a finite number >= 0 (the paper uses 0.5, "
+                 "ablating 0, 0.5, 1), got -1.0", id="ss-offset-negative"),
     # ---- pairs.py: preference_loss_from_sequence_scores
     pytest.param(_pl(POL.tolist(), REF), ValueError, "policy_seq_scores must be a 1-D (2B,) tensor, got list",
                  id="pl-policy-list"),

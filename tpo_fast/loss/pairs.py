@@ -35,7 +35,13 @@ def log_token_weights(visual_scores: torch.Tensor, offset: float = 0.5) -> torch
     """
     offset = check_offset(offset)
     check_tensors(visual_scores=visual_scores)
-    n_pairs = num_pairs(visual_scores.shape[0], "visual_scores")
+    num_pairs(visual_scores.shape[0], "visual_scores")
+    return _log_token_weights(visual_scores, float(offset))
+
+
+def _log_token_weights(visual_scores: torch.Tensor, offset: float) -> torch.Tensor:
+    """`log_token_weights` without its checks, for callers that checked `offset` and built the (2B, T) tensor."""
+    n_pairs = visual_scores.shape[0] // 2
     s = visual_scores.float()
     log_sig = F.logsigmoid(torch.cat([s[:n_pairs], -s[n_pairs:]]))  # +s for the chosen rows, -s for the rejected
     if offset == 0:
@@ -75,9 +81,6 @@ def sequence_scores(
         raise ValueError(f"logprobs must be 2-D (2B, T), got {_shape(logprobs)}")
     m = token_mask(mask, logprobs, "logprobs")
     check_tensors(visual_scores=visual_scores)
-    zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
-    # where() before any arithmetic so that garbage at masked positions cannot leak NaN gradients.
-    per_token = torch.where(m, logprobs.float(), zero)
     if weighting == "tpo":
         if visual_scores is None:
             raise ValueError(
@@ -89,11 +92,24 @@ def sequence_scores(
                 f"got {_shape(visual_scores)}"
             )
         same_device("visual_scores", visual_scores, logprobs.device)
-        s = torch.where(m, visual_scores.float(), zero)
-        per_token = per_token + torch.where(m, log_token_weights(s, offset), zero)
+        num_pairs(logprobs.shape[0], "visual_scores")
+        offset = check_offset(offset)
+    return scores_of(logprobs, visual_scores, m, weighting, offset, average_log_prob)
+
+
+def scores_of(logprobs: torch.Tensor, visual_scores: torch.Tensor | None, mask: torch.Tensor, weighting: str,
+              offset: float, average_log_prob: bool) -> torch.Tensor:
+    """`sequence_scores` without its checks: for a loss's own grids (a chunk's, inside the fused pass), whose
+    options the loss checked once per call. `mask` is bool; `visual_scores` is given when `weighting="tpo"`."""
+    zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
+    # where() before any arithmetic so that garbage at masked positions cannot leak NaN gradients.
+    per_token = torch.where(mask, logprobs.float(), zero)
+    if weighting == "tpo":
+        s = torch.where(mask, visual_scores.float(), zero)
+        per_token = per_token + torch.where(mask, _log_token_weights(s, offset), zero)
     total = per_token.sum(-1)
     if average_log_prob:
-        total = total / m.sum(-1).clamp(min=1)
+        total = total / mask.sum(-1).clamp(min=1)
     return total
 
 

@@ -50,6 +50,7 @@ from tpo_fast.loss.pairs import (
     pair_losses,
     preference_loss_from_sequence_scores,
     reward_metrics,
+    scores_of,
     sequence_scores,
     token_mask,
 )
@@ -245,7 +246,7 @@ def reference_sequence_scores(
     h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting, weight=weight)
     with torch.no_grad():
         logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend, valid_rows)
-        return sequence_scores(logp, s, targets != ignore_index, weighting, offset, average_log_prob)
+        return scores_of(logp, s, targets != ignore_index, weighting, float(offset), bool(average_log_prob))
 
 
 @dataclass(frozen=True)
@@ -281,10 +282,10 @@ def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
         if o.weighting == "tpo":
             s = c.target_logits - c.corrupted_target_logits
             s = s.detach() if o.detach_weights else s
-        scores = sequence_scores(c.logprobs, s, c.mask, o.weighting, o.offset, o.average_log_prob)
+        scores = scores_of(c.logprobs, s, c.mask, o.weighting, o.offset, o.average_log_prob)
         if branch is not None:
             ref_s = _visual(c.ref_target_logits, c.ref_corrupted_target_logits, o)
-            ref = sequence_scores(c.ref_logprobs, ref_s, c.mask, o.weighting, o.offset, o.average_log_prob)
+            ref = scores_of(c.ref_logprobs, ref_s, c.mask, o.weighting, o.offset, o.average_log_prob)
         else:
             ref = torch.zeros_like(scores) if ref_scores is None else c.rows_of(ref_scores)
         parts.append((c.first, c.stop, scores.detach(), ref))
@@ -363,14 +364,14 @@ def _model_reference(weight, bias, h, targets, ref, o: _Options, as_branch: bool
         raise ValueError(f"ref_hidden must have the shape of hidden {tuple(h.shape)}, got {_shape(ref['ref_hidden'])}")
     rh, rhc = _branch_rows(ref["ref_hidden"], ref["ref_corrupted_hidden"] if o.weighting == "tpo" else None,
                            targets, o.weighting, names=("ref_hidden", "ref_corrupted_hidden"), weight=ref_w)
-    # named after the reference's own arguments, and the same on both paths (the fused pass would check again)
-    check_primitive_inputs(rh, ref_w, targets.reshape(-1), ref_b, rhc,
-                           names=reference_names(ref["ref_weight"], ref["ref_bias"]))
+    # named after the reference's own arguments on both paths: the fused pass checks its branch under these names
+    names = reference_names(ref["ref_weight"], ref["ref_bias"])
     if as_branch:
-        return PairBranch(*(None if t is None else t.detach() for t in (rh, ref_w, ref_b, rhc)))
+        return PairBranch(*(None if t is None else t.detach() for t in (rh, ref_w, ref_b, rhc)), names=names)
+    check_primitive_inputs(rh, ref_w, targets.reshape(-1), ref_b, rhc, names=names)
     with torch.no_grad():
         logp, s = _branch_stats(ref_w, rh, rhc, targets, ref_b, o.ignore_index, o.backend)
-        return sequence_scores(logp, s, mask, o.weighting, o.offset, o.average_log_prob)
+        return scores_of(logp, s, mask, o.weighting, o.offset, o.average_log_prob)
 
 
 def tpo_loss(

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -131,12 +131,16 @@ def pair_range_rows(t: torch.Tensor, first: int, stop: int, n_pairs: int) -> tor
 class PairBranch(NamedTuple):
     """A second model's branch over the same targets, scored without gradient inside the chunk loop: the
     reference of a DPO / TPO loss. `hidden` (and `corrupted_hidden`) (2B*T, D) like the policy's,
-    `weight` (V, D), `bias` (V,) or None. Its chunks reuse the policy's rows and its one host read-back."""
+    `weight` (V, D), `bias` (V,) or None. Its chunks reuse the policy's rows and its one host read-back.
+    `names`: what the caller calls these four inputs (keys "hidden", "weight", "bias", "corrupted_hidden"), so
+    that an input error names the argument its user passed (a loss's `ref_hidden`); without it, errors begin
+    "the reference's inputs: "."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     corrupted_hidden: torch.Tensor | None = None
+    names: Mapping[str, str] | None = None
 
 
 class FusedPairOutput(NamedTuple):
@@ -603,7 +607,7 @@ def fused_pair_loss(
     if budget <= 0:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     if reference is not None:
-        reference = PairBranch(*(None if t is None else t.contiguous() for t in reference))
+        reference = PairBranch(*(None if t is None else t.contiguous() for t in reference[:4]))
     if rows_per_sequence is not None:
         rows_per_sequence = tuple(operator.index(n) for n in rows_per_sequence)  # ints, never a 2.5
         if len(rows_per_sequence) != targets.shape[0] or not all(0 <= n <= targets.shape[1] for n in rows_per_sequence):
@@ -632,19 +636,19 @@ def fused_pair_loss(
 
 
 def _check_reference(reference, hidden: torch.Tensor, weight: torch.Tensor, flat_targets: torch.Tensor) -> None:
-    """The reference branch's shapes and device against the policy's, then its own input checks (named)."""
+    """The reference branch's shapes against the policy's, then its own input checks (devices against the policy's
+    targets among them), named by the branch's `names` (or prefixed "the reference's inputs: " without them)."""
     if not isinstance(reference, PairBranch):
         raise TypeError(f"reference must be a tpo_fast.ops.fused_pairs.PairBranch, got {type(reference).__name__}")
+    names = reference.names
+    prefix = "" if names else "the reference's inputs: "
+    hid, wt = (f"the reference's {k}" if not names else names.get(k, k) for k in ("hidden", "weight"))
     rh, rw = reference.hidden, reference.weight
     if isinstance(rh, torch.Tensor) and rh.shape != hidden.shape:
-        raise ValueError(f"the reference's hidden must have the policy's shape {tuple(hidden.shape)}, "
-                         f"got {tuple(rh.shape)}")
+        raise ValueError(f"{hid} must have the policy's shape {tuple(hidden.shape)}, got {tuple(rh.shape)}")
     if isinstance(rw, torch.Tensor) and (rw.dim() != 2 or rw.shape[0] != weight.shape[0]):
-        raise ValueError(f"the reference's weight must have the policy's vocabulary size {weight.shape[0]}, "
-                         f"got {tuple(rw.shape)}")
-    if isinstance(rh, torch.Tensor) and rh.device != hidden.device:
-        raise ValueError(f"the reference must be on the policy's device ({hidden.device}), got {rh.device}")
+        raise ValueError(f"{wt} must have the policy's vocabulary size {weight.shape[0]}, got {tuple(rw.shape)}")
     try:
-        check_primitive_inputs(rh, rw, flat_targets, reference.bias, reference.corrupted_hidden)
+        check_primitive_inputs(rh, rw, flat_targets, reference.bias, reference.corrupted_hidden, names=names)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"the reference's inputs: {e}") from None
+        raise type(e)(f"{prefix}{e}") from None
