@@ -5,10 +5,11 @@ before the model loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tpo_fast.cli import SUBCOMMANDS, main
+from tpo_fast.cli import SUBCOMMANDS, build_parser, main
 
 OUT_HINT = "pass a folder (it is created when missing)"
 PG_HINT = "pass --clip-eps in (0, 1), e.g. 0.2, and a finite --kl-coef >= 0, e.g. 0.05"
@@ -130,8 +131,6 @@ def test_bad_values_are_refused_by_check(paths, monkeypatch, capsys):
 
 def test_the_good_command_lines_pass_the_check(paths):
     """The fixtures' command lines themselves pass: each case above fails for its one flag."""
-    from tpo_fast.cli import build_parser
-
     for argv in (_fisao(paths, "--low", "0.1", "--high", "0.2"), _fisao(paths, "--calibration", paths["cal"]),
                  _csr(paths), _train(paths), _eval(paths, "--json", str(paths["tmp"] / "r.json")),
                  ["demo", "--output-dir", str(paths["tmp"] / "new" / "demo")],
@@ -189,3 +188,23 @@ def test_data_without_a_usable_record_is_one_line_before_the_model_loads(command
     assert line.startswith(f"tpo-fast {command}: error: {data}: 1 bad preference record(s): #0: ") and \
         line.endswith("Fix them or pass on_bad='skip' (CLI: --bad-records skip) to leave them out; or pass another "
                       "--data file"), line
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_by_check(paths, monkeypatch, capsys):
+    """A read-only output folder (or read-only nearest parent of a new one) failed when the run saved, after all its
+    work. `os.access` answers as it would for a user without write permission (tests may run as root, whom the
+    modes do not stop)."""
+    import tpo_fast.cli._common as common
+
+    ro = paths["tmp"] / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(common.os, "access", lambda p, mode: Path(p) != ro)
+    _never_run(monkeypatch)
+    for out, where in ((ro, ""), (ro / "new" / "run", f"{ro} ")):
+        for argv in (_train(paths, "--output-dir", str(out)), ["demo", "--output-dir", str(out)]):
+            assert main(argv) == 2, argv
+            assert capsys.readouterr().err.splitlines() == [
+                f"tpo-fast {argv[0]}: error: --output-dir {out}: {where}is not writable; pass a folder this user can "
+                "write to"], argv
+    # a writable folder beside it passes
+    SUBCOMMANDS["train"].check(build_parser().parse_args(_train(paths, "--output-dir", str(paths["tmp"] / "w"))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -360,8 +361,11 @@ def test_yes_no_mode_needs_the_words(tmp_path, capsys):
     objects = make_eval_set(tmp_path / "set", 2)
     argv = ["eval", "--model", str(model), "--image-folder", str(tmp_path / "set" / "images"), "--objects",
             str(objects), "--answer-mode", "yes-no", "--captions", "0"]
+    capsys.readouterr()  # the saves' progress lines
     assert main(argv) == 2
-    assert "answer_mode='yes-no' needs \"yes\" and \"no\"" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        "tpo-fast eval: error: --answer-mode yes-no: \"yes\" and \"no\" are not single tokens of this model's "
+        "tokenizer; pass --answer-mode statement (or auto)"]
 
 
 def test_eval_errors_are_one_line_before_loading(tmp_path, capsys):
@@ -380,7 +384,8 @@ def test_eval_errors_are_one_line_before_loading(tmp_path, capsys):
         ([*ok, "--split", "random,hard"], "--split random,hard: unknown split hard"),
         ([*ok, "--json", str(tmp_path / "no" / "r.json")], "its folder does not exist"),
         ([*ok, "--captions", "-1"], "--captions must be >= 0"),
-        (ok, f"{objects}: record #0: image {images / 'missing.png'} not found"),
+        (ok, f"{objects}: record #0: image {images / 'missing.png'} not found; image paths are relative to the image "
+             "folder; fix the record or pass another --objects file"),
     ]
     for argv, want in cases:
         assert main(argv) == 2, argv
@@ -388,6 +393,28 @@ def test_eval_errors_are_one_line_before_loading(tmp_path, capsys):
         lines = captured.err.splitlines()
         assert captured.out == "" and len(lines) == 1 and lines[0].startswith("tpo-fast eval: error: "), captured
         assert want in lines[0] and "; " in lines[0], (want, lines[0])
+
+
+def test_eval_refuses_a_report_path_it_cannot_write_before_loading(tmp_path, monkeypatch, capsys):
+    """`--json` in a read-only folder, or an existing read-only file, failed after the whole evaluation. `os.access`
+    answers as for a user without write permission (tests may run as root)."""
+    import tpo_fast.cli.eval as eval_cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "images").mkdir()
+    objects = tmp_path / "objects.jsonl"
+    objects.write_text("")
+    ro, ro_file = tmp_path / "ro", tmp_path / "old.json"
+    ro.mkdir()
+    ro_file.write_text("{}")
+    monkeypatch.setattr(eval_cli.os, "access", lambda p, mode: Path(p) not in (ro, ro_file))
+    ok = ["eval", "--model", str(model), "--image-folder", str(tmp_path / "images"), "--objects", str(objects)]
+    for path, where in ((ro / "r.json", f"{ro} "), (ro_file, "")):
+        assert main([*ok, "--json", str(path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"tpo-fast eval: error: --json {path}: {where}is not writable; pass a path this user can write to"]
 
 
 @pytest.mark.slow

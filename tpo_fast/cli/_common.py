@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -86,15 +87,19 @@ def need_dir(path: str | None, flag: str, what: str) -> None:
 
 
 def need_output_dir(path: str | None, flag: str = "--output-dir") -> None:
-    """Raise UsageError when the output folder (when given), or the nearest of its parents that exists, is a file:
-    the run would fail when it saves, after all its work. A folder that does not exist yet is created."""
+    """Raise UsageError when the output folder (when given), or the nearest of its parents that exists, is a file
+    or cannot be written: the run would fail when it saves, after all its work. A folder that does not exist yet is
+    created."""
     if path is None:
         return
     for p in (Path(path), *Path(path).absolute().parents):
         if p.exists():
+            where = "" if p == Path(path) else f"{p} "
             if not p.is_dir():
-                what = "is a file" if p == Path(path) else f"{p} is a file"
-                raise UsageError(f"{flag} {path}: {what}, not a folder; pass a folder (it is created when missing)")
+                raise UsageError(f"{flag} {path}: {where}is a file, not a folder; pass a folder (it is created when "
+                                 "missing)")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {path}: {where}is not writable; pass a folder this user can write to")
             return
 
 

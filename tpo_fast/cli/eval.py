@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from tpo_fast.cli._common import BACKENDS, UsageError, need_dir, need_file, need_model, need_valid
+from tpo_fast.cli._common import BACKENDS, UsageError, data_error, need_dir, need_file, need_model, need_valid
 
 # The POPE splits of tpo_fast.methods.hallucination.SPLITS, named here so that a bad --split is found
 # without importing torch (tests/test_eval.py checks that the two agree).
@@ -69,6 +70,11 @@ def check(a: argparse.Namespace) -> None:
     if a.json is not None and Path(a.json).is_dir():
         raise UsageError(f"--json {a.json}: is a folder, not a file; pass a file path for the report, e.g. "
                          f"{Path(a.json) / 'report.json'}")
+    if a.json is not None:  # found now, not when the report is written after the whole evaluation
+        target = Path(a.json) if Path(a.json).exists() else Path(a.json).resolve().parent
+        if not os.access(target, os.W_OK):
+            raise UsageError(f"--json {a.json}: {'' if target == Path(a.json) else f'{target} '}is not writable; "
+                             "pass a path this user can write to")
     from tpo_fast.methods.hallucination import check_object_template  # EvalOptions' own rule for the question
 
     need_valid(f"--question {a.question!r}", lambda: check_object_template("question", a.question),
@@ -77,22 +83,21 @@ def check(a: argparse.Namespace) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from tpo_fast.cli._common import load_model
-    from tpo_fast.methods.hallucination import EvalOptions, evaluate, load_objects
+    from tpo_fast.methods.hallucination import EvalOptions, answer_token_ids, evaluate, load_objects
 
     try:
         items = load_objects(a.objects, a.image_folder)
     except ValueError as e:
-        print(f"tpo-fast eval: error: {e}", file=sys.stderr)
-        return 2
+        return data_error("eval", e, "fix the record or pass another --objects file")
     options = EvalOptions(splits=_splits(a.split), captions=a.captions, max_new_tokens=a.max_new_tokens,
                           question=a.question, caption_prompt=a.caption_prompt, answer_mode=a.answer_mode,
                           seed=a.seed, batch_size=a.batch_size, backend=a.backend)
     model, processor = load_model(a.model)
-    try:
-        report = evaluate(model, processor, items, options)
-    except ValueError as e:  # --answer-mode yes-no on a tokenizer without the words
-        print(f"tpo-fast eval: error: {e}", file=sys.stderr)
+    if a.answer_mode == "yes-no" and answer_token_ids(processor.tokenizer) is None:
+        print("tpo-fast eval: error: --answer-mode yes-no: \"yes\" and \"no\" are not single tokens of this "
+              "model's tokenizer; pass --answer-mode statement (or auto)", file=sys.stderr)
         return 2
+    report = evaluate(model, processor, items, options)
     print(report.table())
     for c in report.captions[:4]:
         print(f"  {Path(c['image']).name} [{', '.join(c['objects'])}]: {c['caption']!r}")
