@@ -174,6 +174,19 @@ def test_bad_prompt_files_are_one_line_before_the_model_loads(paths, no_model, c
         assert captured.err.splitlines() == [f"tpo-fast {argv[0]}: error: {want}; {PROMPTS_HINT}"], argv
 
 
+def test_calibration_images_are_opened_before_the_model_loads(paths, no_model, capsys):
+    """fisao's calibration images were opened after the model loaded (and its reference copy was made): a missing or
+    unreadable one was a traceback then. Now one line, before."""
+    missing = paths["tmp"] / "cal_missing.json"
+    missing.write_text(json.dumps([{"image": "nope.png", "correct": ["dog"], "hallucinated": ["cat"]}]))
+    hint = "fix the record's image path (relative to --image-folder) or pass another --calibration"
+    image = paths["tmp"] / "images"
+    for cal, why in ((missing, f"[Errno 2] No such file or directory: '{image / 'nope.png'}'"),
+                     (paths["cal"], f"cannot identify image file '{image / 'a.png'}'")):  # a.png: 0 bytes
+        assert main(_fisao(paths, "--calibration", str(cal))) == 2
+        assert capsys.readouterr().err.splitlines() == [f"tpo-fast fisao: error: --calibration {cal}: {why}; {hint}"]
+
+
 @pytest.mark.parametrize("command", ["train", "povid"])
 def test_data_without_a_usable_record_is_one_line_before_the_model_loads(command, paths, no_model, capsys):
     data = paths["tmp"] / "pairs.jsonl"
@@ -208,3 +221,55 @@ def test_an_output_folder_that_cannot_be_written_is_refused_by_check(paths, monk
                 "write to"], argv
     # a writable folder beside it passes
     SUBCOMMANDS["train"].check(build_parser().parse_args(_train(paths, "--output-dir", str(paths["tmp"] / "w"))))
+
+
+def test_lora_targets_and_peft_are_checked_before_the_model_loads(paths, monkeypatch, capsys):
+    """A --lora-targets name that matches no module of the saved model (a typo), or only the frozen vision tower's,
+    and --lora-r without peft installed, failed inside peft after the whole model had loaded. The module names come
+    from the safetensors headers (no tensor read): one file, or a sharded checkpoint's index."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import save_file
+
+    model = paths["tmp"] / "saved"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    keys = ["language_model.model.layers.0.self_attn.q_proj.weight",
+            "language_model.model.layers.0.mlp.up_proj.weight",
+            "vision_tower.vision_model.encoder.layers.0.self_attn.out_proj.weight",
+            "multi_modal_projector.linear_1.bias"]
+    save_file({k: torch.zeros(1) for k in keys}, str(model / "model.safetensors"))
+    _never_run(monkeypatch)
+
+    def train(*flags):
+        return ["train", "--model", str(model), *_train(paths, *flags)[3:]]
+
+    hint = "pass names of its linear layers, e.g. q_proj,k_proj,v_proj,o_proj"
+    tower = ("names only modules of the vision tower, which stays frozen; target the language model's layers, or pass "
+             "--train-vision-tower")
+    cases = [
+        (train("--lora-r", "4", "--lora-targets", "q_proj,vproj"), f"--lora-targets q_proj,vproj: vproj names no "
+         f"module of the model in {model}; {hint}"),
+        (train("--lora-r", "4", "--lora-targets", "self_attn.k_proj"), f"--lora-targets self_attn.k_proj: "
+         f"self_attn.k_proj names no module of the model in {model}; {hint}"),
+        (train("--lora-r", "4", "--lora-targets", "out_proj"), f"--lora-targets out_proj: out_proj {tower}"),
+    ]
+    for argv, want in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.splitlines() == [f"tpo-fast train: error: {want}"], argv
+    for ok in (train("--lora-r", "4", "--lora-targets", "q_proj,mlp.up_proj,linear_1"),
+               train("--lora-r", "4", "--lora-targets", "out_proj", "--train-vision-tower")):
+        SUBCOMMANDS["train"].check(build_parser().parse_args(ok))
+    # a sharded checkpoint: its index's names, the shards not opened
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {keys[0]: "x", keys[2]: "x"}}))
+    assert main(train("--lora-r", "4", "--lora-targets", "up_proj")) == 2
+    assert "up_proj names no module" in capsys.readouterr().err
+    # no peft
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert main(train("--lora-r", "4")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tpo-fast train: error: --lora-r 4: LoRA needs the peft package, which is not installed; run: pip install peft "
+        "(or pip install 'tpo-fast[train]'), or drop --lora-r for a full fine-tune"]

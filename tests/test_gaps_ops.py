@@ -188,6 +188,22 @@ def test_backend_resolution_without_the_interpreter(monkeypatch):
         resolve_backend("triton", cpu)
 
 
+def test_backend_triton_without_the_triton_package(monkeypatch):
+    """Without Triton installed, "triton" is refused by name on any device (it failed at the first kernel launch,
+    inside the import), and "auto" on CUDA falls back to torch."""
+    import sys
+
+    from tpo_fast.ops.token_logprobs import resolve_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    message = ("backend='triton' needs the triton package, which is not installed; run: pip install triton (Linux), "
+               "or use backend='torch'")
+    for device in ("cuda", "cpu"):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            resolve_backend("triton", torch.device(device))
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
 def test_default_backend_and_custom_ignore_index():
     g = torch.Generator().manual_seed(8)
     h, w, b = torch.randn(9, 6, generator=g), torch.randn(30, 6, generator=g), torch.randn(30, generator=g)

@@ -87,13 +87,21 @@ def run(a: argparse.Namespace) -> int:
 
     import torch
 
-    from tpo_fast.cli._common import load_model, read_prompt_records
+    from tpo_fast.cli._common import data_error, load_model, read_prompt_records
     from tpo_fast.methods.fisao import VisionEncoderVerifier, fisao_step, load_calibration
     from tpo_fast.trainer.data import open_image
 
     prompts = read_prompt_records(a, "fisao")
     if prompts is None:
         return 2
+    cal = load_calibration(a.calibration) if a.calibration else None  # check() read it; its images before the model
+    cal_images = None
+    if cal is not None:
+        try:
+            cal_images = [open_image(c["image"], a.image_folder) for c in cal]
+        except (OSError, ValueError) as e:  # missing, unreadable or not an image
+            return data_error("fisao", f"--calibration {a.calibration}: {e}",
+                              "fix the record's image path (relative to --image-folder) or pass another --calibration")
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     model = model.train()  # from_pretrained returns eval mode; the updates train
@@ -103,10 +111,8 @@ def run(a: argparse.Namespace) -> int:
         objects = [w.strip() for w in Path(a.objects).read_text(encoding="utf-8-sig").split() if w.strip()]
     verifier = VisionEncoderVerifier(ref_model, processor.image_processor, objects=objects, low=a.low,
                                      high=a.high, mode=a.reward_mode)
-    if a.calibration:
-        cal = load_calibration(a.calibration)
-        images = [open_image(c["image"], a.image_folder) for c in cal]
-        low, high = verifier.calibrate(images, [c["correct"] for c in cal], [c["hallucinated"] for c in cal],
+    if cal is not None:
+        low, high = verifier.calibrate(cal_images, [c["correct"] for c in cal], [c["hallucinated"] for c in cal],
                                        processor.tokenizer)
         print(f"fisao: calibrated thresholds low={low:.4f} high={high:.4f}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -189,6 +190,10 @@ def check_model_options(a: argparse.Namespace) -> None:
         if head:
             raise UsageError(f"--lora-targets {a.lora_targets}: an adapter on {head[0]} would be left out of the loss "
                              "(the fused losses read the lm_head weight itself); leave lm_head out of --lora-targets")
+        if importlib.util.find_spec("peft") is None:
+            raise UsageError(f"--lora-r {a.lora_r}: LoRA needs the peft package, which is not installed; run: pip "
+                             "install peft (or pip install 'tpo-fast[train]'), or drop --lora-r for a full fine-tune")
+        check_lora_targets(a, targets)
     if a.backend == "triton":
         import torch
 
@@ -196,6 +201,45 @@ def check_model_options(a: argparse.Namespace) -> None:
 
         device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
         need_valid("--backend triton" + (" --cpu" if a.cpu else ""), lambda: resolve_backend(a.backend, device))
+
+
+def weight_names(model_dir: str) -> list[str] | None:
+    """The parameter names a saved model's safetensors files hold (read from their headers, no tensor loaded), or None
+    where the folder has none that can be read (a .bin checkpoint: then nothing is checked before the load)."""
+    folder = Path(model_dir)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        names = []
+        for file in sorted(folder.glob("*.safetensors")):
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 1 << 28:
+                    return None
+                names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+        return names or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # from_pretrained reads it and says what is wrong
+
+
+def check_lora_targets(a: argparse.Namespace, targets: list[str]) -> None:
+    """Each `--lora-targets` name must end some module name of the model (by its last part, which checkpoint key
+    renaming leaves alone), and outside the vision tower when the tower stays frozen: peft refuses an adapter that
+    matches nothing, after the model has loaded."""
+    names = weight_names(a.model)
+    if names is None:
+        return
+    modules = [n.rsplit(".", 1)[0].split(".") for n in names]
+    for target in targets:
+        leaf = target.rsplit(".", 1)[-1]
+        found = [m for m in modules if m[-1] == leaf]
+        if not found:
+            raise UsageError(f"--lora-targets {a.lora_targets}: {target} names no module of the model in {a.model}; "
+                             "pass names of its linear layers, e.g. q_proj,k_proj,v_proj,o_proj")
+        if a.freeze_vision_tower and all("vision_tower" in m for m in found):
+            raise UsageError(f"--lora-targets {a.lora_targets}: {target} names only modules of the vision tower, which "
+                             "stays frozen; target the language model's layers, or pass --train-vision-tower")
 
 
 def check_resumed_adapter(a: argparse.Namespace, checkpoint: Path | None) -> None:

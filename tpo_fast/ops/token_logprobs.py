@@ -148,6 +148,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
+        if backend == "triton" and not triton_installed():
+            raise ValueError("backend='triton' needs the triton package, which is not installed; run: pip install "
+                             "triton (Linux), or use backend='torch'")
         if backend == "triton" and device.type != "cuda":
             from tpo_fast.ops.triton_impl import interpreter_enabled
 
@@ -158,13 +161,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 )
         return backend
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-
+        if triton_installed():
             return "triton"
-        except ImportError:
-            logger.warning("tpo_fast: Triton is not installed; falling back to the torch backend on CUDA")
+        logger.warning("tpo_fast: Triton is not installed; falling back to the torch backend on CUDA")
     return "torch"
+
+
+def triton_installed() -> bool:
+    """Whether `import triton` works (once imported, a look-up in sys.modules)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _refuse_double_backward(name: str, backend: str) -> None:
