@@ -213,6 +213,18 @@ def _child_env(phase: str) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in PINNED_MMAP.items()}
 
 
+def _poll(conn, timeout: float) -> bool:
+    """`conn.poll(timeout)` for any timeout: one call takes at most about 2.1e6 s (its milliseconds overflow a C int),
+    so a longer wait is polled a day at a time."""
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if conn.poll(max(0.0, min(left, 86400.0))):
+            return True
+        if left <= 86400.0:
+            return False
+
+
 def _run_child(job: dict, timeout: float, env: dict[str, str] | None = None
                ) -> tuple[list[dict] | None, dict, str]:
     """Run one (case, contender) in a spawned child with `env` added to this environment; returns
@@ -224,7 +236,7 @@ def _run_child(job: dict, timeout: float, env: dict[str, str] | None = None
         proc.start()
     send.close()
     msg, closed = None, False
-    if recv.poll(timeout):
+    if _poll(recv, timeout):
         try:
             msg = recv.recv()
         except EOFError:  # the child closed its end without a result: it is exiting, or has died
@@ -298,7 +310,10 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         raise SystemExit(f"--rounds must be between 1 and --repeats ({repeats}), got {rounds}")
     if args.stem is not None and (os.path.basename(args.stem) != args.stem or args.stem in ("", ".", "..")):
         raise SystemExit(f"--stem is a file name without a folder, got {args.stem!r}; --out picks the folder")
-    if why := _out_problem(args.out):
+    # a run of step cases only has its own default name: it does not overwrite the loss run's files
+    stem = args.stem or (f"results_{device}_step" if all(family(w) == "step" for w in workloads)
+                         else f"results_{device}_{args.dtype or d_dtype}")
+    if why := _out_problem(args.out, stem):
         raise SystemExit(why)
     if rounds > 1 and device == "cuda":
         raise SystemExit("--rounds is for CPU runs, where the timed calls have their own child; on CUDA one "
@@ -320,12 +335,16 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         "search_s": args.search_s,
         "deadline": None if args.deadline_s is None else time.time() + args.deadline_s,
         "deadline_s": args.deadline_s,
+        "stem": stem,
     }
 
 
-def _out_problem(out: Path) -> str | None:
-    """Why the run's files cannot be written under the folder `out` (made if missing), or None; checked before
-    anything runs, so that a long run does not end on it."""
+OUT_SUFFIXES = (".json", ".csv", "_time.png", "_memory.png", "_step.png")  # the files a run writes, after its stem
+
+
+def _out_problem(out: Path, stem: str) -> str | None:
+    """Why the run's files (`<stem>.json`, ...) cannot be written under the folder `out` (made if missing), or None;
+    checked before anything runs, so that a long run does not end on it."""
     there = out
     while not there.exists() and there.parent != there:  # the nearest part of the path that exists
         there = there.parent
@@ -333,6 +352,11 @@ def _out_problem(out: Path) -> str | None:
         return f"--out is the folder for the results, but {there} is not a folder"
     if not os.access(there, os.W_OK | os.X_OK):
         return f"--out is the folder for the results, but {there} is not writable"
+    for path in (out / f"{stem}{suffix}" for suffix in OUT_SUFFIXES):
+        if path.is_dir():
+            return f"{path} is a folder, where the run writes a file; remove it, or pass another --stem or --out"
+        if path.exists() and not os.access(path, os.W_OK):
+            return f"{path} cannot be overwritten (not writable); pass another --stem or --out"
     return None
 
 
@@ -507,9 +531,7 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.time() - t_start, 1)
     derive(rows, device)
     print(markdown(rows, meta))
-    # a run of step cases only has its own default name: it does not overwrite the loss run's files
-    stem = args.stem or (f"results_{device}_step" if all(family(w) == "step" for w in plan["workloads"])
-                         else f"results_{device}_{dtype}")
+    stem = plan["stem"]
     paths = write_json_csv(rows, meta, args.out, stem)
     if not args.no_plots:
         try:

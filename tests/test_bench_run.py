@@ -167,6 +167,17 @@ def test_the_out_folder_is_checked_before_anything_runs(mods, tmp_path):
     for out in (tmp_path, tmp_path / "new" / "sub", Path("relative-not-made")):  # a folder, or one to make
         assert _plan(run, ["--out", str(out)])["device"] == "cpu"
     assert not (tmp_path / "new").exists() and not Path("relative-not-made").exists()  # the check makes nothing
+    # a file the run writes at the end that is a folder there (each of them, default or given stem)
+    for stem, argv in (("results_cpu_fp32", []), ("mine", ["--stem", "mine"]),
+                       ("results_cpu_step", ["--workloads", "step"])):
+        for suffix in run.OUT_SUFFIXES:
+            (tmp_path / f"{stem}{suffix}").mkdir()
+            with pytest.raises(SystemExit) as e:
+                _plan(run, ["--out", str(tmp_path), *argv])
+            assert e.value.code == (f"{tmp_path / (stem + suffix)} is a folder, where the run writes a file; remove "
+                                    "it, or pass another --stem or --out")
+            (tmp_path / f"{stem}{suffix}").rmdir()
+        assert _plan(run, ["--out", str(tmp_path), *argv])["stem"] == stem
 
 
 def test_workloads_and_cases_run_once_each_in_the_order_first_named(mods):
@@ -561,6 +572,8 @@ def test_a_child_process_answers_fails_dies_or_is_killed(mods, monkeypatch):
     job = {"workloads": ["tpo", "dpo"]}
     assert run._run_child(job, 60.0, {"TPO_BENCH_TEST_ENV": "given"}) == (
         [{"workload": "tpo"}, {"workload": "dpo"}], {"env": "given"}, "")
+    # a --timeout past what one Connection.poll takes (about 2.1e6 s overflowed inside it)
+    assert run._run_child(job, 1e9, {"TPO_BENCH_TEST_ENV": "given"})[0] == [{"workload": "tpo"}, {"workload": "dpo"}]
     assert "TPO_BENCH_TEST_ENV" not in os.environ
     with_child(_child_fails)
     assert run._run_child(job, 60.0) == (None, {}, "set-up failed: it broke")
