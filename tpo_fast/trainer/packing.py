@@ -400,6 +400,13 @@ def packing_support(llava: torch.nn.Module) -> tuple[str | None, str, int | None
     if not ok:
         return ("its layers mix attention kinds (full and sliding window), which one 4D mask cannot describe",
                 implementation, None)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None and implementation in FLASH_IMPLEMENTATIONS:
+        # a packed flash model is switched to SEGMENT_ATTENTION (SDPA), which has no logit soft-cap: silently other
+        # attention scores than the model's own (eager and flex_attention apply it, with the packed mask)
+        return (f"its attention soft-caps its scores (attn_logit_softcapping={softcap}), which the SDPA attention a "
+                f"packed {implementation} model is switched to ({SEGMENT_ATTENTION!r}) cannot (load the model with "
+                f"attn_implementation='eager' to train packed)"), implementation, None
     return None, implementation, window
 
 
