@@ -232,6 +232,51 @@ def test_commands_name_files_the_repository_ships():
     assert not missing, "documented commands name files the repository does not ship:\n" + "\n".join(missing)
 
 
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation but `-` and `_` dropped, spaces to
+    `-`, a repeated one numbered -1, -2, ... (fenced blocks skipped: their `#` lines are comments)."""
+    seen: dict[str, int] = {}
+    out, fenced = set(), False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        if fenced or not re.match(r"^#{1,6} ", line):
+            continue
+        title = re.sub(r"`|\*\*|\[([^\]]*)\]\([^)]*\)", r"\1", line.lstrip("#").strip())
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_relative_links_and_anchors_resolve():
+    """Every relative link of README.md and docs/*.md names a file of the repository, relative to the document's own
+    folder (three links in docs/ were written relative to the root), and every #anchor a heading of its target."""
+    broken = []
+    for doc in documents():
+        text = doc.read_text(encoding="utf-8")
+        for n, line in enumerate(text.splitlines(), 1):
+            for target in LINK.findall(line):
+                if re.match(r"^[a-z]+:", target):  # https:, mailto:
+                    continue
+                path, _, anchor = target.partition("#")
+                file = (doc.parent / path).resolve() if path else doc
+                if not file.exists():
+                    broken.append(f"{doc.relative_to(ROOT)}:{n}: {target} (no such file)")
+                elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text("utf-8")):
+                    broken.append(f"{doc.relative_to(ROOT)}:{n}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_heading_anchors_are_githubs():
+    text = "# Losses: `tpo_loss` and **DPO**\n## Set-up (CPU)\n## Set-up (CPU)\n```bash\n# not a heading\n```\n"
+    assert heading_anchors(text) == {"losses-tpo_loss-and-dpo", "set-up-cpu", "set-up-cpu-1"}
+
+
 def test_markers_are_known():
     unknown = []
     for doc in documents():
