@@ -277,6 +277,44 @@ def test_heading_anchors_are_githubs():
     assert heading_anchors(text) == {"losses-tpo_loss-and-dpo", "set-up-cpu", "set-up-cpu-1"}
 
 
+COMMAND = re.compile(r"(?:tpo-fast|-m tpo_fast\.cli)\s+([a-z]+)([^`#\n]*)|python ((?:bench|scripts)/\w+\.py)([^`#\n]*)")
+
+
+def _help_flags(argv: list[str]) -> set[str]:
+    """The --flags a command's --help lists (its parser's own words, aliases included)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert out.returncode == 0, f"{argv} --help failed:\n{out.stderr[-2000:]}"
+    return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", out.stdout))
+
+
+def test_documented_flags_exist():
+    """Every --flag of a command written in README.md or docs/*.md (prose, inline spans, GPU and skipped blocks: those
+    are never run) is one that command's parser takes: `tpo-fast <subcommand>` and `python bench/<x>.py` /
+    `python scripts/<x>.py`. A renamed or removed flag in a command nobody runs went unnoticed."""
+    from tpo_fast.cli import SUBCOMMANDS
+
+    wanted: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+    for doc in documents():
+        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))  # a command continued on the next line
+        for sub, args, script, script_args in COMMAND.findall(text):
+            if sub and sub not in SUBCOMMANDS:
+                continue  # "tpo-fast <subcommand> --help", prose such as "tpo-fast as ..."
+            key = ("-m", "tpo_fast.cli", sub) if sub else (script,)
+            for word in (args if sub else script_args).split():
+                if word.startswith("--") and len(word) > 2:
+                    flag = word.split("=", 1)[0].rstrip(".,;:)'\"")
+                    wanted.setdefault(key, []).append((doc.name, flag, (sub or script) + (args or script_args)))
+    assert wanted, "no documented command found: the pattern is broken"
+    unknown = []
+    for key, uses in wanted.items():
+        flags = _help_flags(list(key))
+        unknown += [f"{doc}: {flag} in `{' '.join(cmd.split()[:8])} ...`"
+                    for doc, flag, cmd in uses if flag not in flags]
+    assert not unknown, "documented flags that the command does not take:\n" + "\n".join(sorted(set(unknown)))
+
+
 def test_markers_are_known():
     unknown = []
     for doc in documents():
