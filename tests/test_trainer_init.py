@@ -650,3 +650,27 @@ def test_the_seed_decides_a_lora_adapters_initial_weights(setup, tmp_path):
     for name, value in first.items():
         torch.testing.assert_close(again[name], value, rtol=0, atol=0)
     assert any(not torch.equal(other[name], value) for name, value in first.items())
+
+
+def test_a_language_model_without_sdpa_loads_eager_by_default(tmp_path, caplog):
+    """A LLaVA whose language model has no SDPA attention (Gemma2, whose scores are soft-capped) failed to load by
+    path under the default attention, "sdpa" (`tpo-fast train --model DIR`); it now loads eager, with a warning (eager
+    packs it exactly, the soft cap applied under the packed mask: tests/test_packing_edges.py). An implementation the
+    caller names is not replaced: transformers' error stands."""
+    from transformers import CLIPVisionConfig, Gemma2Config, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, attn_logit_softcapping=0.5,
+                        layer_types=["full_attention"] * 2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=63)
+                                  ).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        model = trainer_mod.load_llava(str(tmp_path), packed=True)
+    assert model.config.text_config._attn_implementation == "eager"
+    assert "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention" \
+        in caplog.text and "loading it with attn_implementation='eager'" in caplog.text
+    with pytest.raises(ValueError, match="does not support"):
+        trainer_mod.load_llava(str(tmp_path), attn_implementation="sdpa")
