@@ -287,3 +287,22 @@ def test_liger_runs_its_dpo_loss_with_the_benchs_settings_compiled_on_cuda_only(
     assert c.run("dpo", inp) == "the loss"
     assert calls == [((inp["weight"], inp["hidden"], inp["targets"]),
                       {"ref_input": inp["ref_hidden"], "ref_weight": inp["ref_weight"]})]
+
+
+def test_the_peers_visual_score_is_z_minus_z_tilde_from_one_gather(mods):
+    """The TPO peers' visual score `(h - h~) . W[y]` equals the raw target logits' difference `z[y] - z~[y]` of the
+    full logits (a float64 oracle), and its gradients are those of the difference: one gather of W[y] for both
+    branches (two gave the peers a second (V, D) gradient in backward)."""
+    (base,) = bench_modules("_contenders.base")
+    g = torch.Generator().manual_seed(3)
+    h, hc, w = (torch.randn(s, generator=g, requires_grad=True) for s in ((7, 5), (7, 5), (11, 5)))
+    y = torch.tensor([0, 10, 3, 3, 7, 1, 10])
+    got = base.visual_score(h, hc, w, y)
+    hd, hcd, wd = (t.detach().double().requires_grad_() for t in (h, hc, w))
+    want = (hd @ wd.t()).gather(1, y[:, None]).squeeze(1) - (hcd @ wd.t()).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    cot = torch.randn(7, generator=g)
+    got_g = torch.autograd.grad(got, (h, hc, w), cot)
+    want_g = torch.autograd.grad(want, (hd, hcd, wd), cot.double())
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)

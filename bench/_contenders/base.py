@@ -59,9 +59,10 @@ def rows(inp: dict, name: str) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def gather_logit(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Raw target logit `h . W[y]` in fp32 for valid rows, O(N*D): what peers may use for TPO's z and z~."""
-    return (h.float() * w[y].float()).sum(-1)
+def visual_score(h: torch.Tensor, hc: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TPO's visual score `z[y] - z~[y] = (h - h~) . W[y]` in fp32 for valid rows, O(N*D), by one gather of W[y] (two,
+    one per branch, cost a peer a second (V, D) gradient of the gather in backward)."""
+    return ((h.float() - hc.float()) * w[y].float()).sum(-1)
 
 
 def scatter(vals: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from _workloads import IGNORE_INDEX, preference_loss
 
-from .base import NO_ARGMAX, NO_LOGITS_INPUT, Contender, fisao_from_logp, gather_logit, missing, rows, scatter
+from .base import NO_ARGMAX, NO_LOGITS_INPUT, Contender, fisao_from_logp, missing, rows, scatter, visual_score
 
 
 class _PerTokenPeer(Contender):
@@ -33,11 +33,11 @@ class _PerTokenPeer(Contender):
         if workload == "tpo":
             hc = rows(inp, "corrupted_hidden")[valid]
             w = inp["weight"]
-            visual = scatter(gather_logit(h, w, yv) - gather_logit(hc, w, yv), valid, y.shape)
+            visual = scatter(visual_score(h, hc, w, yv), valid, y.shape)
             with torch.no_grad():
                 rhc = rows(inp, "ref_corrupted_hidden")[valid]
                 rw = inp["ref_weight"]
-                ref_visual = scatter(gather_logit(rh, rw, yv) - gather_logit(rhc, rw, yv), valid, y.shape)
+                ref_visual = scatter(visual_score(rh, rhc, rw, yv), valid, y.shape)
         return preference_loss(logp, ref_logp, mask, visual, ref_visual)
 
 
@@ -46,7 +46,7 @@ class TRLChunked(_PerTokenPeer):
 
     def __init__(self):
         note = "trl.kernels.ChunkedLogProbFunction on valid rows (outputs=('log_probs',))"
-        tpo = note + "; z and z~ by an fp32 gather h.W[y]; TPO weights in PyTorch"
+        tpo = note + "; z - z~ by one fp32 gather (h - h~).W[y]; TPO weights in PyTorch"
         super().__init__(
             "trl",
             "peer",
@@ -83,7 +83,7 @@ class CCE(_PerTokenPeer):
             {
                 "primitive": note,
                 "dpo": note + "; DPO in PyTorch",
-                "tpo": note + "; z and z~ by an fp32 gather h.W[y]; TPO weights in PyTorch",
+                "tpo": note + "; z - z~ by one fp32 gather (h - h~).W[y]; TPO weights in PyTorch",
                 "fisao": note + "; PG loss in PyTorch",
             },
             {"logits": NO_LOGITS_INPUT, "povid": NO_ARGMAX},
