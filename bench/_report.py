@@ -108,7 +108,7 @@ def _loss_legend(device: str, short: str) -> list[str]:
         "the all-rows floor. `logits`: the memory floor (one read of each logits tensor, one gradient write).",
         "- **TFLOP/s** credits every contender with an exact O(N)-memory kernel's work on all N rows: 2·N·D·V "
         "per clean forward, 8·N·D·V per clean branch with gradient (forward, recomputed logits, two gradient "
-        "GEMMs): tpo and dpo fwd+bwd 10·N·D·V, povid 12·N·D·V (+ N·D·V per model for the argmax over the N/2 "
+        "GEMMs): tpo and dpo fwd+bwd 10·N·D·V, povid 12·N·D·V (N·D·V of it per model for the argmax over the N/2 "
         "corrupted chosen rows), primitive and fisao 8·N·D·V. A fused-gradient path that skips the recompute "
         "is credited the same work. Floors are credited with what they execute. **GB/s** (`logits`): the "
         "bytes the memory floor moves, for every contender alike.",
