@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _measure  # noqa: E402
-from _contenders import DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
+from _contenders import CCE_NAMES, DEFAULT, TPO_FAST_BACKENDS, all_contenders  # noqa: E402
 from _contenders.ours import hidden_backends, logits_backends  # noqa: E402
 from _derive import derive  # noqa: E402
 from _env import env as child_env  # noqa: E402
@@ -287,7 +287,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
     backends = _backends(names)
     contenders = all_contenders(backends)
     # CCE's CPU path (torch_compile) runs only when asked for by name, not as part of the defaults.
-    contenders["cce"].allow_cpu = "cce" in _items(args.contenders or "")
+    for name in CCE_NAMES:
+        contenders[name].allow_cpu = name in _items(args.contenders or "")
     repeats = args.repeats if args.repeats is not None else d_repeats
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")

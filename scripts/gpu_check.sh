@@ -133,7 +133,7 @@ bench_run() {  # $1: name of the part's files, $2: stem of its JSON/CSV, $3: sec
 
 part_bench() {
     bench_run bench gpu_losses 150 --cases "${BENCH_CASES:-gpu-target}" --workloads tpo,dpo,povid \
-        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-torch,floor,floor-valid,cce \
+        --contenders naive,trl,liger,tpo_fast-triton,tpo_fast-torch,floor,floor-valid,cce,cce-exact \
         --repeats 10 --warmup 2 --timeout 60
 }
 

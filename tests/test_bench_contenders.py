@@ -256,6 +256,32 @@ def test_cut_cross_entropy_runs_its_triton_kernels_on_cuda_and_its_compiled_torc
     assert callable(on_gpu._lce)
 
 
+def test_cce_exact_passes_filter_eps_none_and_cce_its_default(mods):
+    """`cce-exact` is CCE with its gradient filtering off (`filter_eps=None`), so that CCE has a row that passes the
+    oracle check where its default filtering misses it; `cce` leaves CCE's default. Both on a CPU only when named."""
+    contenders, _, _ = mods
+    known = contenders.all_contenders(("torch",))
+    exact, default = known["cce-exact"], known["cce"]
+    assert (exact.name, exact.kind, exact.label) == ("cce-exact", "peer", "Cut Cross-Entropy, exact gradient")
+    assert exact.workloads["dpo"] == ("-linear_cross_entropy(reduction='none', filter_eps=None) per token; DPO in "
+                                      "PyTorch")
+    assert "cce-exact" in contenders.DEFAULT and contenders.CCE_NAMES == ("cce", "cce-exact")
+    calls = []
+
+    def lce(h, w, y, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(h.shape[0])
+
+    for c in (exact, default):
+        c._lce, c.impl = lce, "cce"
+        c.logprobs(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long))
+    assert calls == [{"reduction": "none", "impl": "cce", "filter_eps": None}, {"reduction": "none", "impl": "cce"}]
+    exact.allow_cpu = True
+    if importlib.util.find_spec("cut_cross_entropy") is not None:
+        exact.setup("cpu")
+        assert exact.label == "Cut Cross-Entropy, exact gradient (torch_compile impl: materializes logits)"
+
+
 def test_liger_runs_its_dpo_loss_with_the_benchs_settings_compiled_on_cuda_only(mods, monkeypatch):
     """Liger's fused linear DPO loss: the bench's beta, a reference model's rows, summed (not averaged) log-probs
     as the DPO loss takes them, no NLL term; torch.compile on CUDA, eager on a CPU (and labelled so); it is handed

@@ -103,6 +103,8 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
     assert _plan(run, ["--contenders", "naive,cce"])["contenders"]["cce"].allow_cpu is True
     assert _plan(run, ["--contenders", "naive"])["contenders"]["cce"].allow_cpu is False
     assert _plan(run, ["--contenders", "all"])["contenders"]["cce"].allow_cpu is False
+    named = _plan(run, ["--contenders", "naive,cce-exact"])["contenders"]
+    assert (named["cce-exact"].allow_cpu, named["cce"].allow_cpu) == (True, False)
     # the names as `_contender_names` reads them: blanks around a name do not hide it
     assert _plan(run, ["--contenders", "naive, cce"])["contenders"]["cce"].allow_cpu is True
     assert _plan(run, ["--contenders", " cce ,naive"])["contenders"]["cce"].allow_cpu is True

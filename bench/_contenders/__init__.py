@@ -14,11 +14,12 @@ from .floor import Floor, FloorValid
 from .liger import Liger
 from .naive import Broken, Naive
 from .ours import TpoFast, hidden_backends
-from .per_token import CCE, TRLChunked
+from .per_token import CCE, CCE_NAMES, TRLChunked
 from .step import StepContender, step_contenders
 
 __all__ = [
     "CCE",
+    "CCE_NAMES",
     "DEFAULT",
     "TPO_FAST_BACKENDS",
     "Broken",
@@ -41,7 +42,8 @@ def all_contenders(backends: tuple[str, ...]) -> dict[str, Contender]:
     the losses' default, "auto"), and triton `tpo_fast-triton-fused-tgemm` (its gradient GEMMs by Triton).
     The `step` workload's contenders (`_contenders/step.py`) are listed too; each family only runs its own
     workloads."""
-    out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE()}
+    out: dict[str, Contender] = {"naive": Naive(), "liger": Liger(), "trl": TRLChunked(), "cce": CCE(),
+                                 "cce-exact": CCE(exact=True)}
     for b in backends:
         out[f"tpo_fast-{b}"] = TpoFast(b)
     for b in backends:

@@ -71,15 +71,21 @@ class TRLChunked(_PerTokenPeer):
         return self._fn.apply(h, w, None, y, 1.0, self._chunk, None, 1.0, ("log_probs",))[0]
 
 
-class CCE(_PerTokenPeer):
-    """Apple's Cut Cross-Entropy: `linear_cross_entropy(..., reduction="none")` is -logp per token."""
+CCE_NAMES = ("cce", "cce-exact")  # CCE's contenders: on a CPU each runs only when named (`allow_cpu`)
 
-    def __init__(self, allow_cpu=False):
-        note = "-linear_cross_entropy(reduction='none') per token"
+
+class CCE(_PerTokenPeer):
+    """Apple's Cut Cross-Entropy: `linear_cross_entropy(..., reduction="none")` is -logp per token. Its default
+    gradient filtering skips softmax entries below bf16's resolution (an approximation by design, which can miss the
+    oracle check); `exact=True` (`cce-exact`) passes `filter_eps=None`, its exact gradient."""
+
+    def __init__(self, allow_cpu=False, exact=False):
+        self.extra = {"filter_eps": None} if exact else {}
+        note = f"-linear_cross_entropy(reduction='none'{', filter_eps=None' if exact else ''}) per token"
         super().__init__(
-            "cce",
+            "cce-exact" if exact else "cce",
             "peer",
-            "Cut Cross-Entropy",
+            "Cut Cross-Entropy, exact gradient" if exact else "Cut Cross-Entropy",
             {
                 "primitive": note,
                 "dpo": note + "; DPO in PyTorch",
@@ -107,7 +113,7 @@ class CCE(_PerTokenPeer):
         self._lce = linear_cross_entropy
         if device != "cuda":
             self.impl = "torch_compile"
-            self.label = "Cut Cross-Entropy (torch_compile impl: materializes logits)"
+            self.label += " (torch_compile impl: materializes logits)"
 
     def logprobs(self, h, w, y):
-        return -self._lce(h, w, y, reduction="none", impl=self.impl).float()
+        return -self._lce(h, w, y, reduction="none", impl=self.impl, **self.extra).float()
