@@ -104,21 +104,27 @@ def load_llava(
 ):
     """Load a local `LlavaForConditionalGeneration` (no download: HF_HUB_OFFLINE applies).
 
-    `attn_implementation` None: `default_attn_implementation(packed)`, or "eager" (with a warning) for a language
-    model that does not support that default (Gemma2: no SDPA); `packed`: it will train packed. A given
-    `attn_implementation` the model does not support raises transformers' error."""
+    `attn_implementation` None: `default_attn_implementation(packed)`, or the next of "sdpa" and "eager" (with a
+    warning) for a language model that does not support that default (Gemma2: no SDPA); `packed`: it will train
+    packed. A given `attn_implementation` the model does not support raises transformers' error."""
     from transformers import LlavaForConditionalGeneration
 
     import_submodel_classes(path)
     chosen = attn_implementation or default_attn_implementation(packed)
-    try:
-        return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", attn_implementation=chosen)
-    except ValueError as e:
-        if attn_implementation is not None or chosen == "eager" or "does not support" not in str(e):
-            raise
-        logger.warning("tpo_fast: %s: %s; loading it with attn_implementation='eager'", path,
-                       str(e).split(". ")[0])
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", attn_implementation="eager")
+    tries = [chosen] + ([] if attn_implementation else [i for i in ("sdpa", "eager") if i != chosen])
+
+    def load(implementation: str):
+        return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto",
+                                                             attn_implementation=implementation)
+
+    for n, implementation in enumerate(tries[:-1]):
+        try:
+            return load(implementation)
+        except ValueError as e:
+            if "does not support" not in str(e):
+                raise
+            logger.warning("tpo_fast: %s: %s; trying attn_implementation=%r", path, str(e).split(". ")[0], tries[n + 1])
+    return load(tries[-1])
 
 
 def training_weight_dtype(bf16: bool, lora: bool, deepspeed: bool) -> torch.dtype | None:
