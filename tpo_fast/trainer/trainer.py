@@ -278,6 +278,11 @@ class TPOTrainer(Trainer):
         # Step metrics and the token count stay on the device until a log reads them: a read-back per step (float(),
         # int()) would make the host wait for the forward before it could queue the backward.
         self._stored_metrics: dict[str, dict[str, list[torch.Tensor | float]]] = defaultdict(lambda: defaultdict(list))
+        # Each stored step's weight in its split's mean, the base Trainer's own for the loss: a training micro-batch
+        # counts 1 / (its optimizer step's micro-batches), so the window's mean is the mean of its steps' means
+        # (an epoch's last step may accumulate fewer); an evaluation batch counts its rows, so the run's mean is
+        # over pairs (a smaller last batch), like eval_loss.
+        self._metric_weights: dict[str, list[float]] = defaultdict(list)
         self._tokens_since_log: torch.Tensor | int = 0
         self._time_of_log: float | None = None
         self._ref_table: torch.Tensor | None = None  # the train table's scores of a precomputed reference, by index
@@ -589,7 +594,7 @@ class TPOTrainer(Trainer):
     def _evaluation(self, metric_key_prefix: str):
         """An evaluate() / predict() run: its step metrics are collected apart from any other run's (and from the
         training window's), and reported under `metric_key_prefix`."""
-        previous = self._metric_prefix, self._stored_metrics.pop("eval", None)
+        previous = self._metric_prefix, self._stored_metrics.pop("eval", None), self._metric_weights.pop("eval", None)
         self._metric_prefix = metric_key_prefix + "_"
         started = time.perf_counter()
         try:
@@ -598,9 +603,20 @@ class TPOTrainer(Trainer):
             if self._time_of_log is not None:  # an evaluation inside a training logging window is no training time
                 self._time_of_log += time.perf_counter() - started
             self._stored_metrics.pop("eval", None)
+            self._metric_weights.pop("eval", None)
             self._metric_prefix = previous[0]
             if previous[1] is not None:
                 self._stored_metrics["eval"] = previous[1]
+            if previous[2] is not None:
+                self._metric_weights["eval"] = previous[2]
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, its first logging window starting empty: the step metrics, token count and clock that an
+        earlier train() left after its last log (its steps past the last multiple of logging_steps) are dropped."""
+        self._stored_metrics.pop("train", None)
+        self._metric_weights.pop("train", None)
+        self._tokens_since_log, self._time_of_log = 0, None
+        return super().train(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`Trainer.evaluate`, with the step metrics (rewards, log-probs, visual scores) averaged over the run and
@@ -705,6 +721,8 @@ class TPOTrainer(Trainer):
         split = "train" if model.training else "eval"
         for key, value in out["metrics"].items():
             self._stored_metrics[split][key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        self._metric_weights[split].append(1.0 / steps if model.training else float(inputs["input_ids"].shape[0]))
         if model.training:
             self._tokens_since_log = self._tokens_since_log + inputs["attention_mask"].sum()
         return (out["loss"], out) if return_outputs else out["loss"]
@@ -718,13 +736,18 @@ class TPOTrainer(Trainer):
     def _pop_metric_means(self, split: str, prefix: str) -> dict[str, float]:
         """The stored step metrics of `split` ("train" or "eval"), averaged (over ranks too) and prefixed; removed."""
         stored = self._stored_metrics.pop(split, {})
+        weights = self._metric_weights.pop(split, [])
         if not stored:
             return {}
         keys = sorted(stored)
         dev = self.args.device
 
         def mean(values):  # the stored device tensors (and numbers) of one metric: one read-back per log, not per step
-            return torch.stack([torch.as_tensor(x, dtype=torch.float32).to(dev) for x in values]).mean()
+            values = torch.stack([torch.as_tensor(x, dtype=torch.float32).to(dev) for x in values])
+            if len(weights) != len(values):  # values stored other than by compute_loss: an unweighted mean
+                return values.mean()
+            w = torch.tensor(weights, dtype=torch.float32).to(dev)
+            return (values * w).sum() / w.sum()
 
         means = torch.stack([mean(stored[k]) for k in keys])
         means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
