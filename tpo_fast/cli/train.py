@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser, objective: str | None = None) -> N
                         "of once per pair (default: shared_prefix=%(default)s, the shared prefix on)")
     p.add_argument("--train-vision-tower", dest="freeze_vision_tower", action="store_false",
                    help="train the vision tower too (full fine-tune: its weights; LoRA: the targets it names as "
-                        "well); by default it stays frozen (freeze_vision_tower=%(default)s), as in the official TPO "
-                        "recipe")
+                        "well) instead of leaving it frozen, as the official TPO recipe does (default: "
+                        "freeze_vision_tower=%(default)s, the tower frozen)")
     p.add_argument("--padding-free", choices=("auto", "on", "off"), default="auto",
                    help="pack a micro-batch into one row without padding: auto (flex_attention, whose block mask "
                         "skips the other pairs, and SDPA without a sliding window, attended sequence by sequence "
