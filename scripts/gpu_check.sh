@@ -88,11 +88,14 @@ done
 BUILD=""
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/report.md"; }
 pack() { tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null; }
+# Each line cut to $1 characters, not bytes (`cut -c` counts bytes: it split a "·" or "—" of a long line, and the
+# reply was no longer UTF-8).
+clip() { "$PY" -c 'import sys; n = int(sys.argv[1]); [print(line.rstrip("\n")[:n]) for line in sys.stdin]' "$1"; }
 # The lines of a bench report worth reading in the reply: the tables, who did not run, the verdicts (not the
 # legend or the contenders' notes, which the JSON keeps).
 tables() {
     awk '/^### How to read|^### What each contender runs/ {skip = 1; next} /^##/ {skip = 0}
-         !skip && /^(\| |### |## |- |Not run|Round medians)/ && !/^\|---/' "$1" | cut -c1-400 | tee -a "$OUT/report.md"
+         !skip && /^(\| |### |## |- |Not run|Round medians)/ && !/^\|---/' "$1" | clip 400 | tee -a "$OUT/report.md"
 }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -160,7 +163,7 @@ part_step_profile() {
     timeout 150 "$PY" bench/profile_step.py --case "${STEP_CASE:-llava7b-step}" --steps 2 --rows 25 \
         --contenders "${STEP_PROFILE_CONTENDERS:-ours-tpo-shared,trl-dpo}" > "$WORK/step_profile.md" 2> "$WORK/step_profile.err"
     echo "step-profile rc=$?" | tee -a "$OUT/report.md"
-    grep -vE "^-+|^\s*$|^USDT" "$WORK/step_profile.md" | cut -c1-240 | tee -a "$OUT/report.md"
+    grep -vE "^-+|^\s*$|^USDT" "$WORK/step_profile.md" | clip 240 | tee -a "$OUT/report.md"
 }
 
 part_search() {

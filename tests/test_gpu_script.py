@@ -27,6 +27,16 @@ def test_scripts_parse():
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script.name
 
 
+def test_long_report_lines_are_cut_by_characters_not_bytes():
+    """The reply's report lines are cut to a length by `clip`, in characters: `cut -c` counts bytes and split the
+    "·" of a `Not run:` line past 400 bytes, so the whole reply was no longer UTF-8 (a fresh-clone CI failed on it)."""
+    (fn,) = [line for line in SCRIPT.read_text(encoding="utf-8").splitlines() if line.startswith("clip()")]
+    lines = ["Not run: " + "tpo_fast · x — " * 40, "| short |"]
+    got = subprocess.run(["bash", "-c", f"PY={sys.executable}\n{fn}\nclip 400"], input="\n".join(lines).encode(),
+                         capture_output=True, check=True)
+    assert got.stdout.decode("utf-8") == "".join(line[:400] + "\n" for line in lines)
+
+
 def test_unknown_part_is_refused(tmp_path):
     got = _run(tmp_path, "benchmark")
     assert got.returncode == 2
