@@ -202,6 +202,14 @@ def test_backend_triton_without_the_triton_package(monkeypatch):
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             resolve_backend("triton", torch.device(device))
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    # the logits-input op's resolver, the same rule (its fallback on CUDA without the extension: torch)
+    from tpo_fast.ops.logits import resolve_logits_backend
+
+    message = ("backend='triton' needs the triton package, which is not installed; run: pip install triton (Linux), "
+               "or use backend='cpp' or 'torch'")
+    for device in ("cuda", "cpu"):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            resolve_logits_backend("triton", torch.device(device))
 
 
 def test_default_backend_and_custom_ignore_index():

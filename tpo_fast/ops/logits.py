@@ -22,7 +22,7 @@ import torch
 from tpo_fast import _ext
 from tpo_fast.ops._compile import eager_under_compile
 from tpo_fast.ops._validate import _desc, check_float, check_ignore_index, check_same_device, is_token_id_dtype
-from tpo_fast.ops.options import current_options, interpreter_enabled
+from tpo_fast.ops.options import TRITON_MISSING, current_options, interpreter_enabled, triton_installed
 
 logger = logging.getLogger("tpo_fast")
 
@@ -216,6 +216,8 @@ def resolve_logits_backend(backend: str, device: torch.device) -> str:
             )
         return backend
     if backend == "triton":
+        if not triton_installed():
+            raise ValueError(f"{TRITON_MISSING}, or use backend='cpp' or 'torch'")
         if device.type != "cuda" and not interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 for the "
@@ -230,14 +232,11 @@ def resolve_logits_backend(backend: str, device: torch.device) -> str:
             _announce(device, "cuda", "")
             return "cuda"
         missing = "tpo_fast._C has no CUDA kernels" if _ext.HAS_CPU_EXT else "tpo_fast._C is not built"
-        try:
-            import triton  # noqa: F401
-
+        if triton_installed():
             _announce(device, "triton", f" ({missing}; falling back to the Triton twin)")
             return "triton"
-        except ImportError:
-            _announce(device, "torch", f" ({missing} and Triton is not installed; falling back to PyTorch)")
-            return "torch"
+        _announce(device, "torch", f" ({missing} and Triton is not installed; falling back to PyTorch)")
+        return "torch"
     if device.type == "cpu" and _ext.HAS_CPU_EXT:
         _announce(device, "cpp", "")
         return "cpp"

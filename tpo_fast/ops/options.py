@@ -78,6 +78,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_installed() -> bool:
+    """Whether `import triton` works (once imported, a look-up in sys.modules)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRITON_MISSING = "backend='triton' needs the triton package, which is not installed; run: pip install triton (Linux)"
+
+
 # Each check takes the raw value (a string from the environment, or what the caller passed) and the
 # name to blame (the variable or the field), and returns the field's value.
 

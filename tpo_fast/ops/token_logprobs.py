@@ -26,7 +26,7 @@ from tpo_fast.ops._validate import (
     out_of_range,
     raise_out_of_range,
 )
-from tpo_fast.ops.options import current_options
+from tpo_fast.ops.options import TRITON_MISSING, current_options, triton_installed
 from tpo_fast.ops.reference import reference_target_logits, reference_token_stats
 from tpo_fast.ops.torch_chunked import autocast_off
 
@@ -149,8 +149,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         if backend == "triton" and not triton_installed():
-            raise ValueError("backend='triton' needs the triton package, which is not installed; run: pip install "
-                             "triton (Linux), or use backend='torch'")
+            raise ValueError(f"{TRITON_MISSING}, or use backend='torch'")
         if backend == "triton" and device.type != "cuda":
             from tpo_fast.ops.triton_impl import interpreter_enabled
 
@@ -165,15 +164,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         logger.warning("tpo_fast: Triton is not installed; falling back to the torch backend on CUDA")
     return "torch"
-
-
-def triton_installed() -> bool:
-    """Whether `import triton` works (once imported, a look-up in sys.modules)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _refuse_double_backward(name: str, backend: str) -> None:
