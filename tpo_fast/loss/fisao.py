@@ -50,16 +50,26 @@ def check_pg_options(clip_eps: float, clip_eps_high: float | None, kl_coef: floa
     return clip_eps, clip_eps_high, kl_coef
 
 
+def check_advantage_options(mode: str, gamma: float) -> float:
+    """`gamma` as a float: a real scalar (else TypeError) in [0, 1] (else ValueError, as for a NaN, which would make
+    every "return" advantage NaN); ValueError for an unknown `mode`."""
+    if mode not in ADVANTAGES:
+        raise ValueError(f"advantage mode must be one of {ADVANTAGES}, got {mode!r}")
+    value = real_scalar("gamma", gamma)
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise ValueError(f"gamma (the discount of the \"return\" advantage) must lie in [0, 1], got {gamma!r}")
+    return value
+
+
 def token_advantages(
     rewards: torch.Tensor, mask: torch.Tensor, mode: str = "reward", gamma: float = 1.0, whiten: bool = False
 ) -> torch.Tensor:
     """fp32 (R, T) advantages from (R, T) token rewards; 0 at masked positions.
 
-    mode "reward": `A_t = r_t`; "return": `A_t = sum_{k >= t} gamma^(k - t) m_k r_k`. `whiten`
-    normalises over the response tokens (mean 0, std 1; unchanged when they are all equal).
+    mode "reward": `A_t = r_t`; "return": `A_t = sum_{k >= t} gamma^(k - t) m_k r_k`, gamma in [0, 1]. `whiten`
+    normalises over the response tokens: mean 0, std 1 (when they are all equal: all 0, centred but not scaled).
     """
-    if mode not in ADVANTAGES:
-        raise ValueError(f"advantage mode must be one of {ADVANTAGES}, got {mode!r}")
+    gamma = check_advantage_options(mode, gamma)
     if rewards.shape != mask.shape or rewards.dim() != 2:
         raise ValueError(f"rewards and mask must both be (R, T), got {_shape(rewards)} and {_shape(mask)}")
     m = mask.bool()

@@ -16,7 +16,10 @@ mixed with lambda = 0.9 by one of two rules:
   is better under both rules.
 
 A path's score is the sum of its sentences' `v`, divided by its number of sentences with
-`length_normalize=True` (the default, as the official sorts by `score / len(path)`). After each
+`length_normalize=True` (the default). The official `construct.py` sorts by `score / len(path)`, where its path
+also holds the root (prompt) node: it divides by the number of sentences + 1, which can rank paths of different
+lengths the other way round (a 1-sentence path at -1.0 and a 3-sentence one at -2.4 in total: here the second is
+the better, there the first, -0.5 against -0.6). After each
 expansion the open paths are pruned to the best `ceil(num_beams / 2)` and the worst
 `floor(num_beams / 2)` (keeping both ends is what lets the worst path survive to be the rejected
 answer); the best and the worst finished paths become the chosen and rejected responses, written

@@ -45,6 +45,7 @@ from tpo_fast.loss.fisao import (  # noqa: F401  (the loss lives in the loss lay
     ADVANTAGES,
     AGGREGATIONS,
     KL_ESTIMATORS,
+    check_advantage_options,
     check_pg_options,
     token_advantages,
     token_pg_loss,
@@ -320,6 +321,15 @@ def no_sample_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def check_temperature(temperature: float) -> float:
+    """A sampling temperature as a float: finite and > 0 (ValueError), a real number (TypeError)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0 (1: the policy itself), got {temperature!r}")
+    return float(temperature)
+
+
 @torch.no_grad()
 def rollout(
     model: nn.Module,
@@ -333,10 +343,16 @@ def rollout(
     top_p: float = 1.0,
     ignore_index: int = -100,
 ) -> Rollout:
-    """Sample one response per (image, prompt) with Hugging Face `generate` (one row at a time: no padding games)."""
+    """Sample one response per (image, prompt) with Hugging Face `generate` (one row at a time: no padding games).
+
+    `do_sample`: from softmax(logits / temperature), nucleus-truncated by `top_p` (1: every token), never top-k
+    truncated (`top_k=0`, over Hugging Face's default of 50); only the image placeholder and the pad token
+    (`no_sample_ids`) are suppressed. Otherwise greedy."""
     if len(images) != len(prompts) or not prompts:
         raise ValueError(f"rollout needs as many images as prompts (and at least one), got {len(images)} and "
                          f"{len(prompts)}")
+    if do_sample:
+        temperature = check_temperature(temperature)
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     rows, responses, pixels = [], [], []
@@ -345,6 +361,8 @@ def rollout(
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            # no top-k: Hugging Face's global default top_k=50 would truncate the policy the gradient is taken of
+            top_k=0 if do_sample else None,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             suppress_tokens=no_sample_ids(model, tokenizer),
         )
@@ -400,23 +418,48 @@ def response_hidden(
 
 
 def token_logprobs_of(
-    model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100, backend: str = "auto"
+    model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100, backend: str = "auto",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(R, T') fp32 per-token log-probs of the batch's responses under `model`, no gradient."""
+    """(R, T') fp32 per-token log-probs of the batch's responses under `model`, no gradient; with `temperature`
+    those of softmax(logits / temperature), the policy a rollout at that temperature samples from."""
     with torch.no_grad():
-        hidden, targets, weight, bias = response_hidden(model, batch, ignore_index)
+        hidden, targets, weight, bias = tempered(*response_hidden(model, batch, ignore_index), temperature)
         stats = token_stats(hidden.flatten(0, 1), weight, targets.reshape(-1), bias=bias,
                             ignore_index=ignore_index, backend=backend)
         return stats.logprobs.view(targets.shape)
 
 
+def tempered(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`response_hidden`'s output with the logits divided by `temperature`: `(h / T) W^T + b / T` (differentiable
+    in `hidden`; the weight is left as is, so its gradient is the one of the tempered policy). T = 1: unchanged."""
+    if temperature == 1.0:
+        return hidden, targets, weight, bias
+    return hidden / temperature, targets, weight, None if bias is None else bias / temperature
+
+
 def rewards_to_grid(rewards: torch.Tensor, response_ids: Sequence[torch.Tensor], targets: torch.Tensor,
                     ignore_index: int = -100) -> torch.Tensor:
-    """Scatter the verifier's (N,) rewards onto the (R, T') target grid, row by row in token order."""
+    """Scatter the verifier's (N,) rewards onto the (R, T') target grid, row by row in token order.
+
+    Rewards that are not a real tensor, or not finite, raise: one NaN or inf reward makes the loss, every gradient
+    and, after the optimizer step, every parameter NaN."""
     expected = sum(int(r.numel()) for r in response_ids)
+    if not isinstance(rewards, torch.Tensor) or rewards.dtype == torch.bool or rewards.is_complex():
+        got = _shape(rewards) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise TypeError(f"the verifier must return a real tensor of (N,) = ({expected},) rewards, got {got}")
     if rewards.dim() != 1 or rewards.numel() != expected:
         raise ValueError(f"the verifier must return (N,) = ({expected},) rewards, one per response token, "
                          f"got {_shape(rewards)}")
+    bad = (~torch.isfinite(rewards.float())).nonzero()
+    if bad.numel():
+        i, row, end = int(bad[0]), 0, int(response_ids[0].numel())
+        while i >= end:
+            row += 1
+            end += int(response_ids[row].numel())
+        raise ValueError(f"the verifier returned {bad.numel()} non-finite reward(s): the first, {float(rewards[i])}, "
+                         f"at token {i} (row {row}); rewards must be finite fp32 numbers")
     grid = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     offset = 0
     for i, ids in enumerate(response_ids):
@@ -457,32 +500,38 @@ def fisao_step(
 
     The rollout policy's log-probs (`old_logprobs`) and the reference's are computed once, before the
     first update. `ref_model=None` with `kl_coef > 0` uses the PEFT model with its adapters
-    disabled. Returns the metrics of the last update plus "reward/mean" and "reward/nonzero" (the
-    fraction of tokens the verifier scored).
+    disabled. With `do_sample`, every log-prob (the rollout policy's, the reference's and the current
+    policy's) is one of softmax(logits / `temperature`), the policy the rollout samples from. Returns the
+    metrics of the last update plus "reward/mean" and "reward/nonzero" (the fraction of tokens the verifier
+    scored).
     """
     if not isinstance(ppo_epochs, int) or ppo_epochs < 1:
         raise ValueError(f"ppo_epochs must be an int >= 1, got {ppo_epochs!r}")
     check_pg_options(clip_eps, clip_eps_high, kl_coef, kl_estimator, aggregation)
+    check_advantage_options(advantage, gamma)  # before the rollout, not after it
+    # the policy the rollout samples from, softmax(logits / T), is the one whose log-probs the ratio, the KL and
+    # the gradient use (greedy decoding: T plays no part)
+    temperature = check_temperature(temperature) if do_sample else 1.0
     was_training = model.training
     model.eval()
     ro = rollout(model, processor, images, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
                  temperature=temperature, ignore_index=ignore_index)
     rewards = verifier.token_rewards(ro.images, ro.response_ids, processor.tokenizer)
     batch = ro.batch()
-    old = token_logprobs_of(model, batch, ignore_index, backend)
+    old = token_logprobs_of(model, batch, ignore_index, backend, temperature)
     ref = None
     if kl_coef > 0:
         if ref_model is not None:
-            ref = token_logprobs_of(ref_model, batch, ignore_index, backend)
+            ref = token_logprobs_of(ref_model, batch, ignore_index, backend, temperature)
         elif hasattr(model, "disable_adapter"):
             with adapters_disabled(model):
-                ref = token_logprobs_of(model, batch, ignore_index, backend)
+                ref = token_logprobs_of(model, batch, ignore_index, backend, temperature)
         else:
             raise ValueError("kl_coef > 0 needs a reference: pass ref_model, use a PEFT model, or set kl_coef=0")
     model.train(was_training)
     out = None
     for _ in range(ppo_epochs):
-        hidden, targets, weight, bias = response_hidden(model, batch, ignore_index)
+        hidden, targets, weight, bias = tempered(*response_hidden(model, batch, ignore_index), temperature)
         grid = rewards_to_grid(rewards, ro.response_ids, targets, ignore_index)
         adv = token_advantages(grid, targets != ignore_index, advantage, gamma, whiten)
         out = token_pg_loss(

@@ -41,7 +41,9 @@ The object file (.json list or .jsonl, one record per image; paths relative to t
 
     {"image": "0000.png", "objects": ["red circle", "blue square"]}
 
-an object is "colour shape" or {"colour": ..., "shape": ...} ("color" also reads); `make_eval_set`
+an object is "colour shape" or {"colour": ..., "shape": ...} ("color" also reads), each one word of the letters
+a-z (the words CHAIR reads in a caption: "dark red" or "light-blue" would be read as the colour "red" or "blue",
+so they are refused; write "darkred"); `make_eval_set`
 writes such a file with its images.
 """
 

@@ -44,15 +44,28 @@ class ImageObjects:
     objects: frozenset[Obj]
 
 
+# What CHAIR reads as one word of a caption (`caption_mentions`): a colour or a shape must be one such word.
+_CHAIR_WORD = re.compile(r"[a-z]+")
+
+
 def _parse_object(value: Any, where: str) -> Obj:
+    obj = None
     if isinstance(value, dict):
         colour, shape = value.get("colour", value.get("color")), value.get("shape")
         if isinstance(colour, str) and isinstance(shape, str) and colour.strip() and shape.strip():
-            return Obj(colour.strip().lower(), shape.strip().lower())
+            obj = Obj(colour.strip().lower(), shape.strip().lower())
     elif isinstance(value, str) and len(value.split()) == 2:
-        colour, shape = value.lower().split()
-        return Obj(colour, shape)
-    raise ValueError(f"{where}: an object is \"colour shape\" or {{\"colour\": ..., \"shape\": ...}}, got {value!r}")
+        obj = Obj(*value.lower().split())
+    if obj is None:
+        raise ValueError(f"{where}: an object is \"colour shape\" or {{\"colour\": ..., \"shape\": ...}}, "
+                         f"got {value!r}")
+    # CHAIR splits captions into runs of a-z: "dark red" or "light-blue" could never be matched, and their "red" or
+    # "blue" would be counted as hallucinated colours; "r2d2" would never be seen at all.
+    bad = [w for w in obj if not _CHAIR_WORD.fullmatch(w)]
+    if bad:
+        raise ValueError(f"{where}: an object's colour and shape must each be one word of the letters a-z (CHAIR reads "
+                         f"captions as such words), got {bad[0]!r} in {value!r}")
+    return obj
 
 
 def load_objects(path: str | os.PathLike, image_folder: str | os.PathLike) -> list[ImageObjects]:
