@@ -39,7 +39,10 @@ std::string message(const Args&... args) {
 std::string check_common(const at::Tensor& logits, const at::Tensor& targets) {
   TPO_REQUIRE(logits.dim() == 2, "logits must be 2-D (N, V), got ", logits.dim(), "-D");
   TPO_REQUIRE(logits.size(1) > 0, "logits must have at least one vocabulary column");
-  TPO_REQUIRE(logits.size(0) <= 1 || logits.stride(1) == 1, "logits must be contiguous in the last dim");
+  // The kernels read a row as V consecutive elements: a single row needs a unit column stride too (V = 1 has no
+  // column step); torch leaves only the stride of a size-1 dim free.
+  TPO_REQUIRE(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must be contiguous in the last dim, got stride ",
+              logits.stride(1));
   TPO_REQUIRE(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
               "logits rows must not overlap (stride(0) >= V)");
   const auto dtype = logits.scalar_type();

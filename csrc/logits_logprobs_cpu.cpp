@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // 8 KiB of fp32 per block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 TPO_FAST_INLINE float bits_to_float(uint32_t u) {
   float f;
@@ -155,6 +156,14 @@ TPO_FAST_INLINE float block_sum_exp(const float* v, int64_t len, float shift) {
   return s;
 }
 
+// The block's sum-exp relative to a +inf max: each +inf counts exp(0) = 1, finite values 0, a NaN makes it NaN
+// (torch.logsumexp's +inf for a row with a +inf logit, where exp(inf - inf) would give NaN). A rare path.
+TPO_FAST_INLINE float block_sum_exp_at_inf(const float* v, int64_t len) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < len; ++i) s += v[i] == kPosInf ? 1.0f : (v[i] != v[i] ? v[i] : 0.0f);
+  return s;
+}
+
 // out[i] = cp * exp(v[i] - l); out may be v.
 template <int W>
 TPO_FAST_INLINE void block_scaled_exp(const float* v, int64_t len, float l, float cp, float* out) {
@@ -257,10 +266,14 @@ TPO_FAST_INLINE void forward_rows(const Rows& a, int64_t begin, int64_t end) {
       const float bm = block_max<W>(v, len);
       const float m_new = bm > m ? bm : m;
       const float shift = m_new == kNegInf ? 0.0f : m_new;
-      s = s * exp_scalar(m - shift) + block_sum_exp<W>(v, len, shift);
+      if (shift == kPosInf) {
+        s = (m == kPosInf ? s : s * 0.0f) + block_sum_exp_at_inf(v, len);  // s * 0 keeps a NaN
+      } else {
+        s = s * exp_scalar(m - shift) + block_sum_exp<W>(v, len, shift);
+      }
       m = m_new;
     }
-    // 2. all -inf gives -inf; a NaN anywhere in the row gives NaN (through s)
+    // 2. all -inf gives -inf; a +inf logit +inf; a NaN anywhere in the row gives NaN (through s)
     a.lse_out[row] = m + std::log(s);
     a.z_out[row] = (t >= 0 && t < V) ? static_cast<float>(x[t]) : std::numeric_limits<float>::quiet_NaN();
   }

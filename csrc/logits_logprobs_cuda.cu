@@ -83,12 +83,16 @@ struct Packed<c10::Half> {
   }
 };
 
+// exp(x - shift), with exp(0) = 1 where x equals the shift even when both are +inf: a row with a +inf logit
+// then has lse +inf (torch.logsumexp), not the NaN of exp(inf - inf). A NaN x stays NaN.
+__device__ __forceinline__ float exp_from(float x, float shift) { return __expf(x == shift ? 0.0f : x - shift); }
+
 // Merge a (max, sum-exp) pair into (m, s). fmaxf skips NaN, which reaches s through __expf instead;
 // `shift` keeps exp(-inf - -inf) out of pairs that are still all -inf.
 __device__ __forceinline__ void merge(float& m, float& s, float om, float os) {
   const float m_new = fmaxf(m, om);
   const float shift = m_new == -INFINITY ? 0.0f : m_new;
-  s = s * __expf(m - shift) + os * __expf(om - shift);
+  s = s * exp_from(m, shift) + os * exp_from(om, shift);
   m = m_new;
 }
 
@@ -160,14 +164,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float shift = m_new == -INFINITY ? 0.0f : m_new;
     float acc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kPack; ++j) acc += __expf(v[j] - shift);
-    s = s * __expf(m - shift) + acc;
+    for (int j = 0; j < kPack; ++j) acc += exp_from(v[j], shift);
+    s = s * exp_from(m, shift) + acc;
     m = m_new;
   }
   for (int64_t i = head + n_packs * kPack + threadIdx.x; i < V; i += blockDim.x) {
     update(m, s, static_cast<float>(x[i]));
   }
-  // 2. block merge, then thread 0 writes lse (-inf for an all -inf row, NaN for a row with a NaN)
+  // 2. block merge, then thread 0 writes lse (-inf for an all -inf row, +inf for a row with a +inf, NaN for a row
+  // with a NaN)
   block_merge(m, s);
   if (threadIdx.x == 0) {
     lse[row] = m + logf(s);

@@ -145,9 +145,15 @@ class _TorchImpl:
         g = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         valid = t != ignore_index
         safe = torch.where(valid, t, torch.zeros_like(t))
+        # No softmax term where its coefficient is 0 (only target_logits got a gradient), as in the compiled and
+        # Triton kernels: on a row whose softmax is undefined (NaN, +inf, all -inf; lse not finite) 0 * exp(nan)
+        # would put NaN where d target_logit / d logits is the one-hot. Finite rows keep the product (and with it
+        # d/dcoef_p under create_graph=True).
+        softmax_rows = (valid & ((coef_p != 0) | torch.isfinite(lse)))[:, None]
         for i, j in _TorchImpl._chunks(n, v):
             # fp32 throughout; the one-hot term is added before rounding to the logits dtype.
             gf = torch.exp(x[i:j].float() - lse[i:j, None]) * coef_p[i:j, None]  # [rows, V]
+            gf = torch.where(softmax_rows[i:j], gf, 0.0)
             gf.scatter_add_(1, safe[i:j, None], coef_y[i:j, None])
             g[i:j] = torch.where(valid[i:j, None], gf, 0.0)
         return g
@@ -262,6 +268,25 @@ def _coefs(g_logp, g_z, g_lse, like):
     return (g_lse - g_logp).contiguous(), (g_logp + g_z).contiguous()
 
 
+def _logp(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log_softmax at the target, z - lse: NaN where lse is +inf (a +inf logit), as torch.log_softmax gives over such a
+    row (z - lse alone would be -inf at a finite target)."""
+    return torch.where(lse == float("inf"), float("nan"), z - lse)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two (N, V) row tensors (unit column stride) intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _bump_version(t: torch.Tensor) -> None:
     # After an in-place backward, autograd nodes that saved the logits must fail loudly, not read gradients.
     inc = getattr(torch.autograd.graph, "increment_version", None)
@@ -281,11 +306,13 @@ class _LogitsFunction(torch.autograd.Function):
         ctx.params = params
         # Unused outputs then arrive as None: a branch without upstream gradient costs nothing.
         ctx.set_materialize_grads(False)
+        # lse_c is an output too (the public API drops it): a saved output carries its graph into a double backward
+        # (create_graph=True), where a saved intermediate would be a constant and drop d lse_c / d corrupted.
         ctx.save_for_backward(logits, corrupted, targets, lse, lse_c)
-        return z - lse, z, lse, z_c - lse_c, z_c
+        return _logp(z, lse), z, lse, _logp(z_c, lse_c), z_c, lse_c
 
     @staticmethod
-    def backward(ctx, g_logp, g_z, g_lse, g_logp_c, g_z_c):
+    def backward(ctx, g_logp, g_z, g_lse, g_logp_c, g_z_c, g_lse_c):
         logits, corrupted, targets, lse, lse_c = ctx.saved_tensors
         p: _Params = ctx.params
         if torch.is_grad_enabled() and (p.backend != "torch" or p.inplace_backward):
@@ -298,19 +325,22 @@ class _LogitsFunction(torch.autograd.Function):
             )
         impl = _IMPLS[p.backend]
 
-        def branch(x, lse_x, g_lp, g_zz, g_l):
+        def branch(x, lse_x, g_lp, g_zz, g_l, inplace=True):
             coefs = _coefs(g_lp, g_zz, g_l, lse_x)
             if coefs is None:
                 return None
-            g = impl.backward(x, targets, lse_x, coefs[0], coefs[1], p.ignore_index, p.inplace_backward)
-            if p.inplace_backward:
+            inplace = inplace and p.inplace_backward
+            g = impl.backward(x, targets, lse_x, coefs[0], coefs[1], p.ignore_index, inplace)
+            if inplace:
                 _bump_version(x)
             return g
 
+        # corrupted_logits sharing memory with logits (the same tensor twice, overlapping views): its gradient is
+        # computed first and out of place, before the logits' in-place gradient overwrites what it reads.
+        want_c = corrupted is not None and ctx.needs_input_grad[1]
+        alias = p.inplace_backward and want_c and ctx.needs_input_grad[0] and _overlap(logits, corrupted)
+        grad_c = branch(corrupted, lse_c, g_logp_c, g_z_c, g_lse_c, inplace=not alias) if want_c else None
         grad = branch(logits, lse, g_logp, g_z, g_lse) if ctx.needs_input_grad[0] else None
-        grad_c = None
-        if corrupted is not None and ctx.needs_input_grad[1]:
-            grad_c = branch(corrupted, lse_c, g_logp_c, g_z_c, None)
         return grad, grad_c, None, None
 
 
@@ -445,10 +475,18 @@ def logits_logprobs(
         `LogitsLogprobs` of fp32 tensors shaped like the (shifted) targets; every field is
         differentiable w.r.t. logits and corrupted_logits. Gradients arrive in the logits' dtype,
         computed in fp32. A NaN in a row of logits gives NaN in that row only; -inf entries (masked
-        vocabulary) are fine; a row that is -inf everywhere gives NaN log-probs.
+        vocabulary) are fine; a row that is -inf everywhere gives NaN log-probs; a +inf logit gives lse
+        +inf and NaN log-probs (torch.logsumexp / log_softmax). On such rows a gradient through
+        target_logits alone is still the one-hot.
+        inplace_backward with corrupted_logits in memory shared with logits computes the corrupted
+        gradient out of place.
     """
     _check_inputs(logits, targets, corrupted_logits, shift)
     check_ignore_index(ignore_index)
+    # a plain int from here on: numpy integers pass the check above, but Triton's launcher refuses them
+    ignore_index = int(ignore_index)
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     backend = resolve_logits_backend(backend, logits.device)
     targets = targets.long()
     _check_target_range(targets, logits.shape[-1], ignore_index, shift)
@@ -464,7 +502,7 @@ def logits_logprobs(
         outs = list(reference_logits_logprobs(x, rows_t, ignore_index, xc))
     else:
         params = _Params(backend=backend, ignore_index=ignore_index, inplace_backward=inplace_backward)
-        outs = list(_LogitsFunction.apply(x, xc, rows_t, params))
+        outs = list(_LogitsFunction.apply(x, xc, rows_t, params))[:5]
         if xc is None:
             outs[3] = outs[4] = None
 
