@@ -189,7 +189,7 @@ run_tests() {  # $1: seconds, then the test paths
     tail -2 "$OUT/tests.log" | tee -a "$OUT/report.md"
     echo "fused-gradient losses (PASSED/SKIPPED/FAILED): $(grep -E "test_fused_loss.py::" "$OUT/tests.log" \
         | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
-    echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_varlen_attention_on_cuda|test_packed_bf16_step_on_cuda|test_chunk_loop_never_synchronizes_on_cuda|test_logits_logprobs.py::.*\[cuda" "$OUT/tests.log" \
+    echo "CUDA-only checks (PASSED/SKIPPED/FAILED): $(grep -E "test_gaps_ops.py::|test_cuda_kernel_at_model_shapes|test_packed_step_with_flex_attention|test_packed_step_with_segment_attention_on_cuda|test_varlen_attention_on_cuda|test_packed_bf16_step_on_cuda|test_chunk_loop_never_synchronizes_on_cuda|test_(logits_logprobs|audit_logits_dec7).py::.*cuda" "$OUT/tests.log" \
         | grep -oE "PASSED|SKIPPED|FAILED|ERROR" | sort | uniq -c | tr '\n' ' ')" | tee -a "$OUT/report.md"
 }
 
@@ -206,7 +206,7 @@ part_kernel_tests() {
     tail -1 "$OUT/tests_first.log" | tee -a "$OUT/report.md"
     run_tests 180 --deselect "tests/test_logits_logprobs.py::test_extension_checks_its_inputs" tests/test_fused_loss.py tests/test_fused_memory.py tests/test_gaps_fused.py \
         tests/test_gaps_triton_fused.py tests/test_gaps_triton_impl.py tests/test_gaps_ops.py tests/test_gaps_logits.py \
-        tests/test_logits_logprobs.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
+        tests/test_logits_logprobs.py tests/test_audit_logits_dec7.py tests/test_primitives.py tests/test_gaps_pairs_loss.py \
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
         tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py \
         tests/test_triton_edges.py tests/test_determinism.py tests/test_compile.py \
