@@ -247,3 +247,26 @@ def test_fisao_refuses_a_temperature_that_is_no_sampling_policy(temperature):
         rollout(None, None, [None], ["x"], temperature=temperature)
     with pytest.raises(TypeError, match="temperature must be a real number, got str"):
         fisao_step(None, None, None, None, None, [], [], temperature="1")
+
+
+def _path(text: str, values: list[float]):
+    from tpo_fast.methods.csr import SearchPath
+
+    return SearchPath(sentences=text.split("|"), values=values, done=True)
+
+
+def test_csr_pairs_the_best_answer_with_the_worst_different_one():
+    """The worst finished path can give the best's answer (the same sentences); the search then returned no pair
+    although another answer existed. Now the rejected response is the worst path whose answer differs."""
+    from tpo_fast.methods.csr import best_and_worst
+
+    best, middle, other = _path("a dog.|on a mat.", [-0.1, -0.2]), _path("a cat.", [-0.5]), _path("a bus.", [-0.4])
+    same_as_best = _path("a dog.|on a mat.", [-0.9, -0.9])  # the lowest score, the best's text
+    pair = best_and_worst([middle, same_as_best, best, other], length_normalize=True)
+    assert pair is not None and (pair[0], pair[1]) == (best, middle)  # -0.15 best; -0.9 skipped; -0.5 < -0.4
+    assert best_and_worst([best, same_as_best], True) is None  # one answer only
+    assert best_and_worst([best], True) is None and best_and_worst([], True) is None
+    # unnormalised sums rank the two-sentence path lower: -0.3 against -0.4 and -0.5, so "a cat." is still the worst
+    assert best_and_worst([middle, best, other], False) == (best, middle)
+    assert best_and_worst([middle, best, other, _path("x.|y.|z.", [-0.3, -0.3, -0.3])], False)[1].sentences == [
+        "x.", "y.", "z."]

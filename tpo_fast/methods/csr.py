@@ -22,7 +22,8 @@ lengths the other way round (a 1-sentence path at -1.0 and a 3-sentence one at -
 the better, there the first, -0.5 against -0.6). After each
 expansion the open paths are pruned to the best `ceil(num_beams / 2)` and the worst
 `floor(num_beams / 2)` (keeping both ends is what lets the worst path survive to be the rejected
-answer); the best and the worst finished paths become the chosen and rejected responses, written
+answer); the best finished path and the worst one whose answer differs from it (`best_and_worst`) become the
+chosen and rejected responses, written
 as a preference file `load_preference_records` reads. Then DPO (beta 0.1) with the previous
 iteration's model as the reference (`TPOTrainer`, `objective="dpo"`); iterate (3 iterations in the paper).
 
@@ -253,13 +254,22 @@ def sentence_beam_search(
         active = children if len(children) <= options.num_beams else children[:top] + children[-bottom:]
         if not active:
             break
-    if len(finished) < 2:
+    return best_and_worst(finished, options.length_normalize)
+
+
+def best_and_worst(finished: list[SearchPath], length_normalize: bool) -> tuple[SearchPath, SearchPath] | None:
+    """The best finished path and the worst one whose answer differs from the best's (the chosen and rejected
+    responses), or None when every finished path gives the best's answer. Paths of equal score keep their order
+    (a stable sort, as the official ranking)."""
+    ranked = sorted(finished, key=lambda p: p.score(length_normalize), reverse=True)
+    if not ranked:
         return None
-    finished.sort(key=lambda p: p.score(options.length_normalize), reverse=True)
-    best, worst = finished[0], finished[-1]
-    if " ".join(best.sentences) == " ".join(worst.sentences):
-        return None
-    return best, worst
+    best = ranked[0]
+    text = " ".join(best.sentences)
+    for worst in reversed(ranked[1:]):  # the worst path whose text differs: not only the last one
+        if " ".join(worst.sentences) != text:
+            return best, worst
+    return None
 
 
 def read_prompts(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
