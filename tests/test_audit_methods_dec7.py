@@ -270,3 +270,20 @@ def test_csr_pairs_the_best_answer_with_the_worst_different_one():
     assert best_and_worst([middle, best, other], False) == (best, middle)
     assert best_and_worst([middle, best, other, _path("x.|y.|z.", [-0.3, -0.3, -0.3])], False)[1].sentences == [
         "x.", "y.", "z."]
+
+
+def test_csr_prompts_refuse_a_conversation_they_would_cut_to_its_last_message(tmp_path):
+    """A chat-list prompt with a system message was cut to its last message without a word (the search then answered
+    another question than the record's); now it is refused naming the record, as the trainer's data refuses it."""
+    from tpo_fast.methods.csr import read_prompts
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is this?"}]
+    (tmp_path / "p.json").write_text(json.dumps([{"image": "a.png", "prompt": "ok?"}, {"image": "a.png",
+                                                                                      "prompt": chat}]))
+    with pytest.raises(ValueError, match=r"p\.json: record #1's prompt: a conversation of 2 messages \(roles "
+                                         r"\['system', 'user'\]\) of which only the last is kept"):
+        read_prompts(tmp_path / "p.json", tmp_path)
+    chat[0]["content"] = ""  # an empty system message loses nothing
+    (tmp_path / "p.json").write_text(json.dumps([{"image": "a.png", "prompt": chat}]))
+    assert read_prompts(tmp_path / "p.json", tmp_path)[0]["prompt"] == "What is this?"

@@ -274,7 +274,15 @@ def best_and_worst(finished: list[SearchPath], length_normalize: bool) -> tuple[
 
 def read_prompts(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Prompt records `{"image", "prompt"}` (also "question"/"query", "image_path") from .json or .jsonl."""
-    from tpo_fast.trainer.data import IMAGE_KEYS, PROMPT_KEYS, _as_text, _first, _image_source, read_records
+    from tpo_fast.trainer.data import (
+        IMAGE_KEYS,
+        PROMPT_KEYS,
+        _as_text,
+        _chat_turn_problem,
+        _first,
+        _image_source,
+        read_records,
+    )
 
     records = []
     for i, raw in enumerate(read_records(path)):
@@ -282,6 +290,9 @@ def read_prompts(path: str | os.PathLike, image_folder: str | os.PathLike | None
             raise ValueError(f"{path}: record #{i} is not a JSON object")
         image = _image_source(_first(raw, IMAGE_KEYS))
         prompt = _as_text(_first(raw, PROMPT_KEYS))
+        why = _chat_turn_problem(_first(raw, PROMPT_KEYS), "prompt")  # a conversation cut to its last message
+        if why is not None:
+            raise ValueError(f"{path}: record #{i}'s {why}")
         if not isinstance(image, str) or prompt is None:
             raise ValueError(f"{path}: record #{i} needs an image path (one of {list(IMAGE_KEYS)}) and a prompt "
                              f"(one of {list(PROMPT_KEYS)})")

@@ -14,6 +14,34 @@ DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 _warned_split = False
 
 
+def special_suffix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer appends to every text it encodes with special tokens: none for Llama's
+    tokenizer.json, [eos] where `add_eos_token=True` or a post-processor like "<s> $A </s>" appends the EOS token."""
+    probe = "a"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            suffix = with_special[start + len(plain):]
+            return suffix if all(t in special for t in suffix) else []
+    return []
+
+
+def special_token_texts(tokenizer: Any, text: str) -> list[str]:
+    """The special tokens of `tokenizer` ("</s>", "<pad>", ...) written as text in `text`, which the tokenizer would
+    read as those tokens, not as characters."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    contents = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    contents.update(t for t in (getattr(tokenizer, "all_special_tokens", ()) or ()) if t)
+    return sorted(t for t in contents if t in text)
+
+
+def strip_suffix(ids: list[int], suffix: list[int]) -> list[int]:
+    """`ids` without a trailing `suffix` (the special tokens `special_suffix` names), when they end with it."""
+    return ids[: len(ids) - len(suffix)] if suffix and ids[-len(suffix):] == suffix else ids
+
+
 def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text: str) -> list[int]:
     """The token ids `text` gets when it follows `context`, as a tokenizer splits `context + text` at once.
 
@@ -23,9 +51,27 @@ def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text:
     trained target that generation never produces. When the joint ids do not start with `context_ids` (the
     tokenizer merged the context's last token with the text's first), the text is tokenized alone, with a
     warning the first time.
+
+    Special tokens the tokenizer appends to every text (an EOS token with `add_eos_token=True`) end neither the
+    context nor the continuation: they are not part of the text. A special token written as text inside `text`
+    ("</s>", "<pad>") is read as its characters, never as the token: it is tokenized with special tokens split,
+    as the continuation of the context after its last special token (the text a tokenizer normalizes together
+    with `text`).
     """
     global _warned_split
-    joint = tokenizer(context + text, add_special_tokens=True)["input_ids"]
+    suffix = special_suffix(tokenizer)
+    context_ids = strip_suffix(context_ids, suffix)
+    split = bool(special_token_texts(tokenizer, text))
+    if split:
+        # The context after its last special token: what the tokenizer normalizes together with `text`.
+        cut = 0
+        for token in special_token_texts(tokenizer, context):
+            cut = max(cut, context.rfind(token) + len(token))
+        context = context[cut:]
+        context_ids = strip_suffix(
+            tokenizer(context, add_special_tokens=True, split_special_tokens=True)["input_ids"], suffix)
+    kwargs = {"split_special_tokens": True} if split else {}
+    joint = strip_suffix(tokenizer(context + text, add_special_tokens=True, **kwargs)["input_ids"], suffix)
     if joint[: len(context_ids)] == context_ids:
         return joint[len(context_ids):]
     if not _warned_split:
@@ -34,7 +80,7 @@ def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text:
             "starts %r); responses are tokenized apart from the prompt", context[-12:], text[:12],
         )
         _warned_split = True
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"]
 
 
 class TPOCollator:
@@ -57,7 +103,9 @@ class TPOCollator:
             record's prompt is removed, the template places the image.
         response_prefix: prepended to every response (a space, as LLaVA-1.5's template expects). Each
             response is tokenized as the continuation of its prompt (`continuation_ids`), as in the whole
-            conversation, so a SentencePiece tokenizer adds no lone "▁" token before it.
+            conversation, so a SentencePiece tokenizer adds no lone "▁" token before it. A special token written
+            as text in a response ("</s>") is trained as its characters (warned once), and an EOS token the
+            tokenizer appends to every text (add_eos_token=True) never ends the prompt.
         max_length: longest row; responses are cut to fit, prompts (which carry the image tokens)
             never are: a prompt at or over max_length keeps one token of each response (warned once). None: no
             limit.
@@ -89,6 +137,15 @@ class TPOCollator:
         self.ignore_index = ignore_index
         self._warned_truncation = False
         self._warned_long_prompt = False
+        self._warned_special_text = False
+        patch_size = getattr(processor, "patch_size", None)
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(
+                f"the processor's patch_size is {patch_size!r}, so the number of image tokens per image is unknown; "
+                "set processor.patch_size = model.config.vision_config.patch_size and "
+                "processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy (an older "
+                "llava-hf processor_config.json holds neither)"
+            )
 
     def _num_image_tokens(self, pixel_values: torch.Tensor) -> int:
         p = self.processor
@@ -102,7 +159,10 @@ class TPOCollator:
         question = item["prompt"].replace(self.image_token, "").strip()
         prompt = self.prompt_template.format(prompt=question)
         prompt = prompt.replace(self.image_token, self.image_token * n_image_tokens)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        # An EOS token the tokenizer appends to every text (add_eos_token=True) would end the prompt, before the
+        # response: the prompt is the start of the row, not a whole text.
+        prompt_ids = strip_suffix(self.tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                                  special_suffix(self.tokenizer))
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         responses = []
         for name, text in (("chosen", item["chosen"]), ("rejected", item["rejected"])):
@@ -111,6 +171,14 @@ class TPOCollator:
                     f"record #{item['index']}: the {name} response holds the image token {self.image_token!r}, "
                     "which the model would take for an image position; remove it from the response"
                 )
+            written = special_token_texts(self.tokenizer, text)
+            if written and not self._warned_special_text:
+                logger.warning(
+                    "record #%s: the %s response holds %s, written as text: it is trained as those characters, not "
+                    "as the tokenizer's special token%s (a decoding artefact in the data? remove it)",
+                    item["index"], name, ", ".join(repr(t) for t in written), "s" if len(written) > 1 else "",
+                )
+                self._warned_special_text = True
             ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip()) + eos
             if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
                 keep = max(1, self.max_length - len(prompt_ids))

@@ -134,6 +134,37 @@ def _text_field(record: dict[str, Any], keys: tuple[str, ...], name: str) -> tup
     return text, None
 
 
+def _chat_turn_problem(value: Any, name: str) -> str | None:
+    """Why a chat-list prompt or response cannot be reduced to its last message, or None (a string, or a chat whose
+    other messages hold no text). Only the last message's content is kept, and the prompt template holds one user
+    turn: a system message or earlier turns of a prompt would be dropped without a word, and a prompt that ends
+    with the assistant's message (or a response with the user's) has its roles the wrong way round."""
+    if not (isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]):
+        return None
+    role = value[-1].get("role")
+    if name == "prompt" and role == "assistant":
+        return "prompt: its last message is the assistant's, not the user's question"
+    if name != "prompt" and role in ("user", "system"):
+        return f"{name}: its last message is the {role}'s, not the assistant's answer"
+    if name != "prompt":
+        return None  # a response's earlier messages (TRL's implicit prompt) repeat the prompt
+    dropped = [
+        i for i, m in enumerate(value[:-1])
+        if not isinstance(m, dict) or (_content_text(m.get("content")) or "").strip()
+    ]
+    if dropped:
+        return (
+            f"prompt: a conversation of {len(value)} messages (roles {[_role(m) for m in value]}) of which only the "
+            f"last is kept: the text of message(s) {dropped} would be dropped, as the prompt template holds one user "
+            "turn; write a system text or earlier turns into that one message"
+        )
+    return None
+
+
+def _role(message: Any) -> str:
+    return str(message.get("role", "?")) if isinstance(message, dict) else type(message).__name__
+
+
 def _describe(value: Any) -> str:
     """A short description of a bad field value for an error message (its type, and a chat list's last content)."""
     if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
@@ -174,6 +205,27 @@ def open_image(source: str | bytes, image_folder: str | os.PathLike | None) -> I
     else:
         image = Image.open(image_path(source, image_folder))
     image.load()
+    return _to_rgb(image)
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# How `open_image` decodes: part of the corrupted-image cache's entry names, raised when a decoding change would
+# change a corrupted image (2: 16-bit greyscale scaled to 8 bits, no longer clipped at 255)
+DECODE_VERSION = 2
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. PIL's `convert("RGB")` clips a 16-bit greyscale image (a 16-bit PNG or TIFF) at 255
+    instead of scaling it: every pixel above 255 of 65535 became white. Such an image is scaled to 8 bits
+    (65535 -> 255) as a viewer shows it; a 32-bit integer image ("I") too where its values fit 16 bits and some
+    exceed 255 (a 16-bit file opened as "I")."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        import numpy as np
+
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and (values.size == 0 or values.max() <= 255 or values.min() < 0 or values.max() > 65535):
+            return image.convert("RGB")
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
     return image.convert("RGB")
 
 
@@ -194,6 +246,9 @@ def validate_record(
     prompt, why = _text_field(record, PROMPT_KEYS, "prompt")
     if prompt is None:
         return None, why
+    why = _chat_turn_problem(_first(record, PROMPT_KEYS), "prompt")
+    if why is not None:
+        return None, why
     fields = {"image": image, "prompt": prompt}
     for name, keys in (("chosen", CHOSEN_KEYS), ("rejected", REJECTED_KEYS)):
         text, why = _text_field(record, keys, f"{name} response")
@@ -201,6 +256,9 @@ def validate_record(
             return None, why
         if not text.strip():
             return None, f"empty {name} response"
+        why = _chat_turn_problem(_first(record, keys), f"{name} response")
+        if why is not None:
+            return None, why
         if IMAGE_PLACEHOLDER in text:
             return None, (f"the {name} response holds the image placeholder {IMAGE_PLACEHOLDER!r}: the image goes "
                           "before the prompt, never inside a response")
@@ -256,6 +314,16 @@ def load_preference_records(
         logger.warning("%s: skipped %d bad preference record(s): %s%s", path, len(bad), listing, more)
     if not records:
         raise ValueError(f"{path}: no usable preference records ({len(bad)} bad)")
+    same = [r["index"] for r in records if r["chosen"].strip() == r["rejected"].strip()]
+    if same:
+        listing = ", ".join(f"#{i}" for i in same[:20]) + (f" (and {len(same) - 20} more)" if len(same) > 20 else "")
+        logger.warning(
+            "%s: %d preference record(s) have the same chosen and rejected response (up to the whitespace at their "
+            "ends, which the collator strips): %s. Such a pair carries no preference: its DPO / TPO loss is a "
+            "constant (log 2 for the sigmoid loss) with zero gradient, and it never counts as a right pair in the "
+            "reward accuracy (POVID still trains its chosen response against the noisy "
+            "image)", path, len(same), listing,
+        )
     return records, bad
 
 
@@ -388,7 +456,10 @@ class PreferenceDataset(Dataset):
         seed = None if self.noise_seed is None else example_seed(self.noise_seed, key)
         cache = None
         if self.corrupted_cache_dir is not None:
-            file_id = hashlib.blake2b(self._source_id(key if source is None else source).encode(), digest_size=8)
+            # DECODE_VERSION: entries written before 16-bit images were scaled (not clipped) by `open_image` are
+            # another name, so a cache filled then is never read for them
+            source_id = f"{DECODE_VERSION}:{self._source_id(key if source is None else source)}"
+            file_id = hashlib.blake2b(source_id.encode(), digest_size=8)
             name = f"{seed:016x}_{file_id.hexdigest()}_t{self.noise_step}_{self.overflow}.png"
             cache = self.corrupted_cache_dir / name
             try:
