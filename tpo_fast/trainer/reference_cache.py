@@ -1,10 +1,11 @@
 """The precomputed reference's cache (`TPOConfig(precompute_reference=True)`): what identifies it, and its tables.
 
 The cache file holds one table of reference sequence scores per dataset, keyed by record index: the train
-table's {"fingerprint", "index", "scores"} at the top level and "eval_tables": {"eval" or "eval/<key>": the same}
-for each eval dataset. A table is reused only when its fingerprint matches: the loss settings, the processor
-(`processor_identity`), the reference's weights (`weights_digest`) and config (`config_digest`), and the
-dataset's content (`dataset_digest`).
+table's {"fingerprint", "index", "scores", "checksum"} at the top level and "eval_tables": {"eval" or
+"eval/<key>": the same} for each eval dataset. A table is reused only when its fingerprint matches: the loss settings,
+the processor (`processor_identity`) and how its tokenizer encodes (`tokenization_identity`), the reference's weights
+(`weights_digest`), their dtypes and its config (`config_digest`), and the dataset's content (`dataset_digest`); and
+only while its indices and scores match their `table_checksum`.
 `TPOTrainer` scores, stores and reads the tables; this module holds the pieces that need no trainer.
 """
 
@@ -19,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tpo_fast.trainer.data import image_path
@@ -129,6 +131,26 @@ def _record_sources(ds: Any) -> list[tuple[Any, int]] | None:
     return [(ds, i) for i in range(len(records))] if isinstance(records, list) else None
 
 
+def _pixels_digest(image: Any) -> str | None:
+    """blake2b of a loaded image's pixels with its mode and size (a PIL image), or of an array's values with its
+    dtype and shape; None for anything else (no image loaded, or a path)."""
+    if image is None or isinstance(image, (str, bytes, os.PathLike)):
+        return None
+    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):  # PIL
+        head, data = f"{image.mode}:{tuple(image.size)}", image.tobytes()
+    else:
+        try:
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        except Exception:  # noqa: BLE001 - not an image we can read: its key alone identifies it
+            return None
+        if array.dtype == object:
+            return None
+        head, data = f"{array.dtype}:{array.shape}", np.ascontiguousarray(array).tobytes()
+    digest = hashlib.blake2b(head.encode(), digest_size=16)
+    digest.update(data)
+    return digest.hexdigest()
+
+
 def dataset_digest(ds: Any) -> str:
     """sha256 of a preference dataset's content, to tell whether a reference cache was scored from it.
 
@@ -137,7 +159,9 @@ def dataset_digest(ds: Any) -> str:
     `data.image_path`: a relative path with no image folder is the working directory's file, so runs from two
     folders are two datasets; or the blake2b digest of inline bytes), prompt, chosen and rejected; an image file
     replaced in place under the same path is not seen (delete the cache). Any other dataset: the same fields of
-    every item, `image_key` for the image; that loads every item once (images decoded).
+    every item, `image_key` for the image, and a digest of the pixels of its loaded clean and corrupted images (a
+    wrapper's items carry no image folder or corruption settings the fingerprint could read: another image folder
+    or another noise is seen in the pixels); that loads every item once (images decoded).
 
     Raises ValueError when two records share an index: the cache is keyed by index.
     """
@@ -165,7 +189,8 @@ def dataset_digest(ds: Any) -> str:
             item = ds[i]
             indices.append(int(item["index"]))
             digest.update(json.dumps(
-                [indices[-1], str(item.get("image_key")), item["prompt"], item["chosen"], item["rejected"]]
+                [indices[-1], str(item.get("image_key")), item["prompt"], item["chosen"], item["rejected"],
+                 _pixels_digest(item.get("image")), _pixels_digest(item.get("corrupted_image"))]
             ).encode())
     if len(set(indices)) != len(indices):
         repeated = sorted(i for i, n in Counter(indices).items() if n > 1)
@@ -194,6 +219,44 @@ def processor_identity(processor: Any) -> dict[str, Any]:
         identity["image_processor"] = hashlib.sha256(image_processor.to_json_string().encode()).hexdigest()
     return identity
 
+
+# Tokenizer attributes that change how a text is split or which special tokens frame it, where a tokenizer has them
+# (slow / SentencePiece ones keep them as attributes; a fast one's are in its serialized backend as well).
+TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", "do_lower_case")
+
+
+def tokenization_identity(tokenizer: Any) -> dict[str, Any]:
+    """What makes tokenizers with the same class, name and vocabulary (`processor_identity`) encode a row otherwise:
+    the bos and eos token ids (the collator ends every response with the eos token), the flags of `TOKENIZER_FLAGS`
+    a tokenizer has, and a digest of its whole serialized pipeline (a fast tokenizer's normalizer, pre-tokenizer,
+    post-processor that adds a bos token, added tokens) or of a SentencePiece model. {} without a tokenizer."""
+    if tokenizer is None:
+        return {}
+    identity: dict[str, Any] = {"bos_token_id": getattr(tokenizer, "bos_token_id", None),
+                                "eos_token_id": getattr(tokenizer, "eos_token_id", None)}
+    for flag in TOKENIZER_FLAGS:
+        value = getattr(tokenizer, flag, None)
+        if isinstance(value, (bool, int, str)):
+            identity[flag] = value
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        identity["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    sp_model = getattr(tokenizer, "sp_model", None)
+    if sp_model is not None and hasattr(sp_model, "serialized_model_proto"):
+        identity["sentencepiece"] = hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
+    return identity
+
+
+def table_checksum(entry: dict[str, Any]) -> str:
+    """sha256 of a table's record indices and scores (their dtype, shape and bytes): what `write_reference_cache`
+    stores beside them and `read_reference_cache` checks, so that a file whose bytes changed after it was written
+    is not read as scores."""
+    digest = hashlib.sha256()
+    for key in ("index", "scores"):
+        value = entry[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -238,7 +301,9 @@ def read_reference_cache(path: str) -> dict[str, dict[str, Any]]:
 
     A file that cannot be read as a cache (empty, truncated by a run killed while writing it before writes were
     atomic, or not a cache at all) is treated as absent, with a warning naming it: every table is recomputed and
-    the file replaced."""
+    the file replaced. A table whose indices or scores do not match the checksum written with them (bytes changed
+    on disk or in a copy; torch.load checks no checksum) is left out with a warning, and recomputed; a table
+    written before checksums were (none stored) is read as it is."""
     if not os.path.exists(path):
         return {}
     try:
@@ -247,20 +312,29 @@ def read_reference_cache(path: str) -> dict[str, dict[str, Any]]:
             raise TypeError(f"holds a {type(cached).__name__}, not a dict of tables")
         tables = dict(cached.get("eval_tables", {}))
         if "fingerprint" in cached:
-            tables["train"] = {key: cached[key] for key in ("fingerprint", "index", "scores")}
+            tables["train"] = {key: cached[key] for key in ("fingerprint", "index", "scores", "checksum")
+                               if key in cached}
+        sums = {name: table_checksum(entry) for name, entry in tables.items() if "checksum" in entry}
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the remedy is the same: score again
         logger.warning("reference cache %s cannot be read (%s: %s); ignoring it and recomputing every table",
                        path, type(e).__name__, e)
         return {}
+    for name, checksum in sums.items():
+        if tables[name]["checksum"] != checksum:
+            logger.warning("reference cache %s: the %s table's scores do not match the checksum written with them "
+                           "(the file changed after it was written); recomputing it", path, name)
+            del tables[name]
     return tables
 
 
 def write_reference_cache(path: str, tables: dict[str, dict[str, Any]]) -> None:
-    """Write the tables (a "train" one and any eval ones) to `path` as `read_reference_cache` reads them, atomically:
+    """Write the tables (a "train" one and any eval ones), each with its `table_checksum`, to `path` as
+    `read_reference_cache` reads them, atomically:
     into a temporary file in the same folder, then renamed over `path`, so a run killed while writing leaves the
     previous file (or none), never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    tables = {name: {**entry, "checksum": table_checksum(entry)} for name, entry in tables.items()}
     evals = {name: entry for name, entry in tables.items() if name != "train"}
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:

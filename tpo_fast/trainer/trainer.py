@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import hashlib
 import logging
 import os
 import resource
@@ -54,6 +55,7 @@ from tpo_fast.trainer.reference_cache import (
     processor_identity,
     read_reference_cache,
     score_table,
+    tokenization_identity,
     weights_digest,
     write_reference_cache,
 )
@@ -243,13 +245,17 @@ class TPOTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         self.reference_mode = mode
+        # the label of positions without a target: the collator's (a TPOCollator(ignore_index=-1) labels with -1,
+        # and a step masking -100 read those labels as targets); any other collator labels with -100
+        collator_ignore = getattr(data_collator, "ignore_index", None)
+        ignore_index = collator_ignore if type(collator_ignore) is int else -100
         self.step_options = StepOptions(
             objective=args.objective, beta=args.beta, weighting=args.weighting, offset=args.offset,
             detach_weights=args.detach_weights, noise_weight=args.povid_noise_weight, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
             average_log_prob=args.average_log_prob, reference=mode, backend=args.loss_backend,
             grad_mode=args.loss_grad_mode, shared_prefix=args.shared_prefix, padding_free=args.padding_free,
-            lean_activations=args.lean_activations,
+            lean_activations=args.lean_activations, ignore_index=ignore_index,
         )
         route_forward(model, self.step_options)
         if ref_model is not None:
@@ -404,6 +410,9 @@ class TPOTrainer(Trainer):
             "objective": a.objective, "weighting": a.weighting, "offset": a.offset,
             "average_log_prob": a.average_log_prob, **self._collator_settings(),
             "reference_weights": self._reference_digest(),
+            # The weights digest hashes values, which a cast to a wider dtype keeps, and a model's config need not
+            # follow a `.to(dtype)`: the same values in bf16 and in fp32 score otherwise.
+            "reference_dtypes": self._reference_dtypes(),
             "reference_config": config_digest(getattr(self._reference_module(), "config", None)),
             # How the collator labels responses: as continuations of their prompt (`continuation_ids`). Tables
             # made when responses were tokenized alone lack this key and are scored again.
@@ -427,6 +436,9 @@ class TPOTrainer(Trainer):
                 "collator": name, "max_length": collator.max_length, "prompt_template": collator.prompt_template,
                 "response_prefix": collator.response_prefix, "ignore_index": collator.ignore_index,
                 "processor": processor_identity(collator.processor),
+                # the same vocabulary may encode otherwise: another eos token ends every response, a post-processor
+                # adds a bos token
+                "tokenization": tokenization_identity(collator.tokenizer),
             }
         return {
             "collator": name, "unfingerprinted_collator": uuid.uuid4().hex,
@@ -452,14 +464,23 @@ class TPOTrainer(Trainer):
             return getattr(self.ref_model, "module", self.ref_model)
         return self.model
 
+    def _reference_parameters(self):
+        """(name, parameter) of the reference's weights: the separate reference model's, or the policy's base weights
+        when the reference is the policy with its LoRA adapter disabled."""
+        if self.reference_mode == "model":
+            return self._reference_module().named_parameters()
+        return ((n, p) for n, p in self.model.named_parameters() if "lora_" not in n)
+
     def _reference_digest(self) -> str:
         """A digest of the reference's weights: the separate reference model, or the policy's base weights when the
         reference is the policy with its LoRA adapter disabled. With the digest of the reference's config
         (`_cache_settings`' "reference_config") it keeps a cache scored by another model from being reused."""
-        if self.reference_mode == "model":
-            return weights_digest(self._reference_module().named_parameters())
-        params = ((n, p) for n, p in self.model.named_parameters() if "lora_" not in n)
-        return weights_digest(params)
+        return weights_digest(self._reference_parameters())
+
+    def _reference_dtypes(self) -> str:
+        """sha256 of the reference's "name:dtype" lines: the dtypes its weights compute in."""
+        lines = "\n".join(f"{n}:{p.dtype}" for n, p in self._reference_parameters())
+        return hashlib.sha256(lines.encode()).hexdigest()
 
     @property
     def _reference_cache_path(self) -> str:
@@ -666,8 +687,12 @@ class TPOTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         llava = unwrap_llava(model)
-        first = next(llava.parameters())
-        loaded = type(llava).from_pretrained(resume_from_checkpoint, dtype=first.dtype)
+        # Loaded in the dtype of the model's weights, or, where they have several (a frozen bf16 vision tower beside
+        # a trained fp32 language model), in float32, which holds each exactly: one dtype of the narrower kind would
+        # round the wider weights on resume.
+        dtypes = {p.dtype for p in llava.parameters() if p.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        loaded = type(llava).from_pretrained(resume_from_checkpoint, dtype=dtype)
         llava.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
 
