@@ -271,3 +271,26 @@ def test_records_whose_chosen_equals_rejected_are_named_in_a_warning(tmp_path, c
     ds = PreferenceDataset(records, tmp_path / "img")
     batch = TPOCollator(_processor(size=28))([ds[1]])
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+
+
+def test_a_pair_cut_to_the_same_tokens_by_max_length_is_named(caplog):
+    """Two responses that share their first tokens and are cut to them by max_length become the same row: a pair
+    without a preference, which only the generic truncation warning hinted at. Now a warning names the record."""
+    processor = _processor(size=28)
+    full = TPOCollator(processor)([_item("Yes, there is a red circle.", "Yes, there is a blue square.")])
+    prompt_len = int((full["labels"][0] != -100).nonzero()[0])  # the prompt's positions: before the first label
+    shared = 4  # "▁Yes", ",", "▁there", "▁is": the tokens the two responses share
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):
+        cut = TPOCollator(processor, max_length=prompt_len + shared)(
+            [_item("Yes, there is a red circle.", "Yes, there is a blue square.", index=7)])
+    rows = [cut["labels"][r][cut["labels"][r] != -100].tolist() for r in range(2)]
+    assert rows[0] == rows[1] and len(rows[0]) == shared
+    named = [r.getMessage() for r in caplog.records if "carries no preference" in r.getMessage()]
+    assert named == [f"record #7: its chosen and rejected responses are the same {shared} tokens once cut to "
+                     f"max_length={prompt_len + shared} (they differ only later): the pair carries no preference (a "
+                     "constant loss, zero gradient); raise max_length"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tpo_fast"):  # one token more: they differ, no such warning
+        TPOCollator(processor, max_length=prompt_len + shared + 1)(
+            [_item("Yes, there is a red circle.", "Yes, there is a blue square.")])
+    assert not [r for r in caplog.records if "carries no preference" in r.getMessage()]

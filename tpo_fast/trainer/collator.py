@@ -138,6 +138,7 @@ class TPOCollator:
         self._warned_truncation = False
         self._warned_long_prompt = False
         self._warned_special_text = False
+        self._warned_cut_alike = False
         patch_size = getattr(processor, "patch_size", None)
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(
@@ -200,6 +201,14 @@ class TPOCollator:
                     self._warned_truncation = True
                 ids = ids[:keep]
             responses.append(ids)
+        if (self.max_length is not None and responses[0] == responses[1] and item["chosen"].strip() !=
+                item["rejected"].strip() and not self._warned_cut_alike):
+            logger.warning(
+                "record #%s: its chosen and rejected responses are the same %d tokens once cut to max_length=%d "
+                "(they differ only later): the pair carries no preference (a constant loss, zero gradient); raise "
+                "max_length", item["index"], len(responses[0]), self.max_length,
+            )
+            self._warned_cut_alike = True
         return prompt_ids, responses[0], responses[1]
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
