@@ -26,11 +26,16 @@ def check_float(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_ignore_index(ignore_index: object) -> None:
-    """TypeError unless `ignore_index` is an int (not a bool): None or a float would compare unequal to every target
-    and ignore nothing, or fail inside the kernels."""
+def check_ignore_index(ignore_index: object) -> int:
+    """`ignore_index` as a plain int. TypeError unless it is an integer (not a bool): None or a float would compare
+    unequal to every target and ignore nothing, or fail inside the kernels. ValueError outside int64 (the targets'
+    dtype). Numpy integers pass and come back as int (Triton's launcher refuses them)."""
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int (default -100), got {ignore_index!r}")
+    value = int(ignore_index)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {value}")
+    return value
 
 
 def check_primitive_inputs(

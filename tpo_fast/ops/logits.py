@@ -482,11 +482,7 @@ def logits_logprobs(
         gradient out of place.
     """
     _check_inputs(logits, targets, corrupted_logits, shift)
-    check_ignore_index(ignore_index)
-    # a plain int from here on: numpy integers pass the check above, but Triton's launcher refuses them
-    ignore_index = int(ignore_index)
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
+    ignore_index = check_ignore_index(ignore_index)
     backend = resolve_logits_backend(backend, logits.device)
     targets = targets.long()
     _check_target_range(targets, logits.shape[-1], ignore_index, shift)
