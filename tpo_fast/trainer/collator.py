@@ -42,7 +42,8 @@ def strip_suffix(ids: list[int], suffix: list[int]) -> list[int]:
     return ids[: len(ids) - len(suffix)] if suffix and ids[-len(suffix):] == suffix else ids
 
 
-def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text: str) -> list[int]:
+def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text: str,
+                     suffix: list[int] | None = None) -> list[int]:
     """The token ids `text` gets when it follows `context`, as a tokenizer splits `context + text` at once.
 
     `context_ids` are `tokenizer(context)`'s ids (special tokens included). Tokenizing `text` alone is not the
@@ -56,10 +57,10 @@ def continuation_ids(tokenizer: Any, context: str, context_ids: list[int], text:
     context nor the continuation: they are not part of the text. A special token written as text inside `text`
     ("</s>", "<pad>") is read as its characters, never as the token: it is tokenized with special tokens split,
     as the continuation of the context after its last special token (the text a tokenizer normalizes together
-    with `text`).
+    with `text`). `suffix`: `special_suffix(tokenizer)`, when the caller has it.
     """
     global _warned_split
-    suffix = special_suffix(tokenizer)
+    suffix = special_suffix(tokenizer) if suffix is None else suffix
     context_ids = strip_suffix(context_ids, suffix)
     split = bool(special_token_texts(tokenizer, text))
     if split:
@@ -139,6 +140,7 @@ class TPOCollator:
         self._warned_long_prompt = False
         self._warned_special_text = False
         self._warned_cut_alike = False
+        self._suffix = special_suffix(self.tokenizer)  # what the tokenizer appends to every text: probed once
         patch_size = getattr(processor, "patch_size", None)
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(
@@ -162,8 +164,7 @@ class TPOCollator:
         prompt = prompt.replace(self.image_token, self.image_token * n_image_tokens)
         # An EOS token the tokenizer appends to every text (add_eos_token=True) would end the prompt, before the
         # response: the prompt is the start of the row, not a whole text.
-        prompt_ids = strip_suffix(self.tokenizer(prompt, add_special_tokens=True)["input_ids"],
-                                  special_suffix(self.tokenizer))
+        prompt_ids = strip_suffix(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], self._suffix)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         responses = []
         for name, text in (("chosen", item["chosen"]), ("rejected", item["rejected"])):
@@ -180,7 +181,8 @@ class TPOCollator:
                     item["index"], name, ", ".join(repr(t) for t in written), "s" if len(written) > 1 else "",
                 )
                 self._warned_special_text = True
-            ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip()) + eos
+            ids = continuation_ids(self.tokenizer, prompt, prompt_ids, self.response_prefix + text.strip(),
+                                   self._suffix) + eos
             if self.max_length is not None and len(prompt_ids) + len(ids) > self.max_length:
                 keep = max(1, self.max_length - len(prompt_ids))
                 if keep == 1 and len(prompt_ids) >= self.max_length:
