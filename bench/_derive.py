@@ -7,7 +7,8 @@ The noise rule, on a row's fwd+bwd timing (the one every ratio and the verdict u
   - an interquartile range of at most MAX_SPREAD_PCT % of the median.
 A row that fails any of these is flagged (`row["noise"]` says which and by how much). It keeps its
 times and memory, but gets no speed-up, no % of floor and no place in the verdict; the same holds
-for a ratio against a flagged naive, peer or floor.
+for a ratio against a flagged naive, peer or floor. The best peer is the fastest checked peer: when its
+timing is flagged, no row gets a ratio against the best peer (not one against a slower peer in its place).
 
 A ratio between two rows that pass is *within noise* when their interquartile ranges overlap: the
 faster median is then not a reliable win (`<ratio>_within_noise`).
@@ -78,8 +79,7 @@ def derive(rows: list[dict], device: str) -> None:
         fair = [r for r in ok if not r["noise"]]
         by = {r["contender"]: r for r in fair}
         naive = next((r for r in fair if r["kind"] == "baseline"), None)
-        peers = [r for r in fair if r["kind"] == "peer"]
-        best = min(peers, key=median, default=None)
+        best = _best_peer(ok)
         for r in fair:
             _ratio(r, naive, "speedup_vs_naive")
             if r.get("unshared"):
@@ -89,6 +89,13 @@ def derive(rows: list[dict], device: str) -> None:
             if r["kind"] != "floor":  # the floors are the yardsticks, not measured against each other
                 _ratio(r, by.get("floor"), "pct_of_floor", 100)
                 _ratio(r, by.get("floor-valid"), "pct_of_valid_floor", 100)
+
+
+def _best_peer(ok: list[dict]) -> dict | None:
+    """The fastest checked peer by fwd+bwd median, or None when there is none or its timing is flagged: a ratio
+    against the next-fastest peer instead would credit a row with beating a peer that a faster one stands behind."""
+    best = min((r for r in ok if r["kind"] == "peer"), key=median, default=None)
+    return None if best is None or best["noise"] else best
 
 
 def _ratio(r: dict, ref: dict | None, key: str, scale: float = 1.0) -> bool:

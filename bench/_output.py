@@ -89,17 +89,15 @@ def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
     paths = plot_step(step, meta, out_dir, stem) if step else []
     if not rows:
         return paths
-    panels = sorted({(r["workload"], r["model"], r["d"], r["v"]) for r in rows})
+    panels = sorted({_panel(r) for r in rows})
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["contender"] for r in rows))}
     for metric, ylabel, fname in (
         ("full_ms", "fwd+bwd time (ms)", "time"),
         ("full_peak_mib", "peak memory above inputs (MiB)", "memory"),
     ):
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-        for ax, (workload, model, d, v) in zip(axes[0], panels, strict=True):
-            sel = [
-                r for r in rows if (r["workload"], r["model"]) == (workload, model) and r["status"] == "ok"
-            ]
+        for ax, (workload, model, d, v, targets) in zip(axes[0], panels, strict=True):
+            sel = [r for r in rows if _panel(r) == (workload, model, d, v, targets) and r["status"] == "ok"]
             for name in dict.fromkeys(r["contender"] for r in sel):
                 pts = sorted((r["n"], _metric(r, metric), r["label"]) for r in sel if r["contender"] == name)
                 pts = [p for p in pts if p[1] is not None and p[1] > 0]
@@ -116,7 +114,7 @@ def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
                 yscale="log",
                 xlabel="N rows per clean branch",
                 ylabel=ylabel,
-                title=f"{workload} · {model} (D={d}, V={v})",
+                title=f"{workload} · {model} (D={d}, V={v})" + (f", {targets} targets" if targets != "uniform" else ""),
             )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
@@ -127,6 +125,12 @@ def plot(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _panel(r: dict) -> tuple:
+    """The plot panel of a loss row: workload, lm_head shape and target law (a "-zipf" case has its uniform twin's
+    model, D, V and N, so without the law the two cases' points would join in one line)."""
+    return r["workload"], r["model"], r["d"], r["v"], r.get("targets", "uniform")
 
 
 def _metric(r: dict, metric: str) -> float | None:

@@ -284,6 +284,8 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def _verdict_line(group: list[dict]) -> str:
+    """The verdict of one (case, workload). A winner is named only when no row kept out of the ranking by the noise
+    rule has a lower median than it."""
     head = f"- {group[0]['workload']} · {group[0]['case']}: "
     timed = [r for r in group if r["status"] == "ok" and r["kind"] in RANKED and median(r)]
     fair = [r for r in timed if not r.get("noise")]
@@ -301,7 +303,19 @@ def _verdict_line(group: list[dict]) -> str:
         return head + why + tail + "."
     if group[0]["workload"] == "step":
         return head + _step_verdict(fair) + tail + "."
+    best = min(fair, key=median)
+    if faster := [r for r in flagged if median(r) < median(best)]:
+        return head + _no_winner(best, faster) + tail + "."
     return head + _winner(fair) + tail + "."
+
+
+def _no_winner(best: dict, faster: list[dict]) -> str:
+    """The verdict when rows the noise rule keeps out of the ranking have a lower median than the fastest row it
+    ranks: calling that row the winner would hide that something measured faster."""
+    which = ", ".join(f"{r['label']} at {number(median(r))} ms" for r in sorted(faster, key=median))
+    whose = "whose timing is" if len(faster) == 1 else "whose timings are"
+    return (f"no winner: the fastest row that passes the noise rule, {best['label']} at {number(median(best))} ms, is "
+            f"slower than {which}, {whose} too short or too noisy to compare; use a larger case or more --repeats")
 
 
 # The step workload's comparisons: like with like (DPO vs DPO, TPO vs TPO, shared vs unshared).

@@ -149,6 +149,8 @@ def _contender_names(spec: str) -> list[str]:
         else:
             names.append(item)
     known = all_contenders(_backends(names))
+    if not names:
+        raise SystemExit(f"--contenders {spec!r} names no contender; choose from {', '.join(known)} or 'tpo_fast'")
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(
@@ -266,6 +268,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
     d_cases, d_dtype, d_repeats, d_warmup = DEFAULTS[device]
     workloads = _items(args.workloads)
+    if not workloads:
+        raise SystemExit(f"--workloads names no workload; choose from {', '.join(WORKLOADS)}")
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise SystemExit(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
     step_case, step_repeats, step_warmup = STEP_DEFAULTS[device]
@@ -274,6 +278,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
         cases = parse_cases(args.cases or ",".join(default_cases))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if not cases:
+        raise SystemExit(f"--cases {args.cases!r} names no case")
     cases = list({c.name: c for c in cases}.values())  # each once, where first named (a name is one shape)
     if not [c for c in cases if family(c) in map(family, workloads)]:
         raise SystemExit(

@@ -800,8 +800,15 @@ def test_noise_rule_flags_short_noisy_and_few_repeat_timings():
     short = "| short | 1.1 ±9% | 1.1 ±9% | — | — | — | — / — | — | ok; not compared: too short (1.1 ms < 5 ms) |"
     assert short in table
     assert report.verdict(rows) == [
+        "- tpo · cpu-tiny: no winner: the fastest row that passes the noise rule, good at 51 ms, is slower than "
+        "short at 1.1 ms, noisy at 20 ms, whose timings are too short or too noisy to compare; use a larger case or "
+        "more --repeats. Not ranked (timing too short or noisy): short, noisy, two."
+    ]
+    # Without the flagged rows that measured faster, the fastest row that passes is the winner.
+    slower = [r for r in rows if r["contender"] not in ("short", "noisy")]
+    assert report.verdict(slower) == [
         "- tpo · cpu-tiny: **good** wins at 51 ms, 2.16x faster than the next, naive; 2.16x vs naive. "
-        "Not ranked (timing too short or noisy): short, noisy, two."
+        "Not ranked (timing too short or noisy): two."
     ]
     flagged = [r for r in rows if r["noise"] or r["kind"] == "floor"]
     assert report.verdict(flagged) == [

@@ -96,6 +96,8 @@ def parse_cases(spec: str) -> list[Case]:
                 "'<model>-n<N>' or 'd<D>-v<V>-n<N>', each with an optional '-zipf' suffix"
             )
     for c in out:
+        if min(c.d, c.v) < 1 or c.n < 4:  # below N = 4 a row has min(512, N // 4) = 0 positions
+            raise ValueError(f"case {c.name}: D={c.d} and V={c.v} must be at least 1 and N={c.n} at least 8")
         if c.n % c.seq_len or c.n_seq % 2 or c.n < 8:
             raise ValueError(f"case {c.name}: N={c.n} must split into an even number of rows of {c.seq_len}")
     return out
