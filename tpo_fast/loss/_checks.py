@@ -189,6 +189,16 @@ def check_tensors(**named: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_real(**named: object) -> None:
+    """TypeError naming the first tensor that does not hold floating-point values (None: left out). Per-token
+    log-probabilities and scores of an integer or bool dtype are a mix-up (targets or a mask passed in their place),
+    which would otherwise be summed as if they were log-probabilities."""
+    for name, t in named.items():
+        if isinstance(t, torch.Tensor) and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (log-probabilities or scores), got {_shape(t)}; "
+                            "were token ids or a mask passed in its place?")
+
+
 def rows(name: str, t: object, n_seq: int, n_tok: int, label: str = "2B", hint: str = "",
          weight: object = None) -> torch.Tensor:
     """(n_seq, n_tok, D) or (n_seq*n_tok, D) -> (n_seq*n_tok, D); `label` names n_seq in the error. With a 2-D

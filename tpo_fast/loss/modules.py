@@ -176,11 +176,24 @@ class POVIDLoss(nn.Module):
         check_povid_options(noise_weight)
         check_flags(reference_free=reference_free, average_log_prob=average_log_prob)
         check_kernel_options(grad_mode, backend, ignore_index)
-        self.options = dict(
-            beta=beta, noise_weight=noise_weight, loss_type=loss_type, label_smoothing=label_smoothing,
-            reference_free=reference_free, average_log_prob=average_log_prob, ignore_index=ignore_index,
-            backend=backend, grad_mode=grad_mode,
-        )
+        # attributes, as TPOLoss and DPOLoss hold them: `loss.beta = 0.2` changes what the next call uses
+        self.beta = beta
+        self.noise_weight = noise_weight
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.reference_free = reference_free
+        self.average_log_prob = average_log_prob
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.grad_mode = grad_mode
+
+    _OPTIONS = ("beta", "noise_weight", "loss_type", "label_smoothing", "reference_free", "average_log_prob",
+                "ignore_index", "backend", "grad_mode")
+
+    @property
+    def options(self) -> dict:
+        """The `povid_loss` options the module holds now (a new dict; set the attributes to change them)."""
+        return {k: getattr(self, k) for k in self._OPTIONS}
 
     def forward(
         self,

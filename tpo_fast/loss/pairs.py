@@ -19,6 +19,7 @@ from tpo_fast.loss._checks import (
     check_flags,
     check_loss_options,
     check_offset,
+    check_real,
     check_tensors,
     num_pairs,
     real_scalar,
@@ -35,6 +36,7 @@ def log_token_weights(visual_scores: torch.Tensor, offset: float = 0.5) -> torch
     """
     offset = check_offset(offset)
     check_tensors(visual_scores=visual_scores)
+    check_real(visual_scores=visual_scores)
     num_pairs(visual_scores.shape[0], "visual_scores")
     return _log_token_weights(visual_scores, float(offset))
 
@@ -81,6 +83,7 @@ def sequence_scores(
         raise ValueError(f"logprobs must be 2-D (2B, T), got {_shape(logprobs)}")
     m = token_mask(mask, logprobs, "logprobs")
     check_tensors(visual_scores=visual_scores)
+    check_real(logprobs=logprobs, visual_scores=visual_scores if weighting == "tpo" else None)
     if weighting == "tpo":
         if visual_scores is None:
             raise ValueError(
@@ -140,6 +143,7 @@ def preference_loss_from_sequence_scores(
     beta = real_scalar("beta", beta)
     if not isinstance(policy_seq_scores, torch.Tensor) or policy_seq_scores.dim() != 1:
         raise ValueError(f"policy_seq_scores must be a 1-D (2B,) tensor, got {_shape(policy_seq_scores)}")
+    check_real(policy_seq_scores=policy_seq_scores)
     n_pairs = num_pairs(policy_seq_scores.shape[0], "policy_seq_scores")
     policy = policy_seq_scores.float()
     if reference_free:

@@ -325,7 +325,7 @@ def _fused_scores(weight, h, hc, targets, bias, ref_scores, noise_weight, dpo, r
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, second_targets=second,
                           ignore_index=ignore_index, backend=backend, second_ignore_index=none,
-                          rows_per_sequence=rows.per_sequence)
+                          rows_per_sequence=rows.per_sequence, check_graph=False)
     s, s_n = scores_of(out.logprobs, out.second_logprobs, None)
     valid = targets[:n_pairs] != ignore_index
     return out.loss, torch.cat([s, s_n]), noisy.view(n_pairs, n_tok).masked_fill(~valid, -1)

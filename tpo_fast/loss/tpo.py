@@ -36,6 +36,7 @@ from tpo_fast.loss._checks import (
     check_flags,
     check_kernel_options,
     check_loss_options,
+    check_real,
     check_targets,
     check_tensors,
     num_pairs,
@@ -87,6 +88,7 @@ def _logprob_reference(ref_logprobs, ref_visual_scores, ref_seq_scores, m, weigh
     if ref_logprobs is None:
         raise ValueError("ref_visual_scores was given without ref_logprobs; pass both (2B, T) tensors")
     check_tensors(**{name: ref_logprobs, "ref_visual_scores": ref_visual_scores})
+    check_real(**{name: ref_logprobs, "ref_visual_scores": ref_visual_scores})
     same_shape(name, ref_logprobs, m, "policy_logprobs")
     same_device(name, ref_logprobs, m.device)
     if ref_visual_scores is not None:
@@ -153,6 +155,7 @@ def tpo_loss_from_logprobs(
             "pass them or use weighting='none' (plain DPO)"
         )
     check_tensors(policy_visual_scores=policy_visual_scores)
+    check_real(policy_logprobs=policy_logprobs, policy_visual_scores=policy_visual_scores)
     if policy_visual_scores is not None:
         same_shape("policy_visual_scores", policy_visual_scores, policy_logprobs, "policy_logprobs")
         same_device("policy_visual_scores", policy_visual_scores, policy_logprobs.device)
@@ -292,7 +295,7 @@ def _fused(weight, h, hc, targets, bias, reference, o: _Options) -> LossOutput:
         return pair_losses(scores, ref, o.beta, o.loss_type, o.label_smoothing).sum() / c.n_pairs
 
     out = fused_pair_loss(h, weight, targets, chunk_loss, bias=bias, corrupted_hidden=hc,
-                          ignore_index=o.ignore_index, backend=o.backend, reference=branch)
+                          ignore_index=o.ignore_index, backend=o.backend, reference=branch, check_graph=False)
     # the metrics from the scores the chunks computed (none recomputed from the grids; reference-free: zeros)
     policy_scores, chunk_ref = (_batch_order(parts, k) for k in (2, 3))
     s_full = None if out.corrupted_target_logits is None else out.target_logits - out.corrupted_target_logits

@@ -170,6 +170,7 @@ class _Spec:
     # (flat targets, their out-of-range mask, ignore value, name): counted in the plan's one read-back
     range_checks: tuple[tuple[torch.Tensor, torch.Tensor, int, str], ...] = ()
     rows_per_sequence: tuple[int, ...] | None = None  # the caller's read-back (then the plan makes none)
+    check_graph: bool = True  # walk the first chunk loss's graph for other tensors that require grad
 
 
 # Elements scaled per step when a 16-bit stored gradient is multiplied in fp32 (16 MiB of fp32 at a time).
@@ -355,6 +356,30 @@ class _Grids:
         return pair_range_rows(grid, first, stop, plan.n_pairs).requires_grad_(grad)
 
 
+def _describe(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
+
+
+def _reaches_other_leaves(loss: torch.Tensor, grids: list[torch.Tensor]) -> bool:
+    """Whether the chunk loss's graph reaches a tensor that requires grad other than the chunk's `grids`, whose
+    gradient the fused pass would drop (it differentiates the grids only). A host-side walk of a graph of a few dozen
+    nodes: no device work."""
+    ours = {id(t) for t in grids}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
+        if leaf is not None and id(leaf) not in ours:
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
 def _row_grad(g: torch.Tensor | None, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The chunk rows' entries of a (2P, T) grid gradient (0 where autograd gave none)."""
     if g is None:
@@ -421,11 +446,22 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         )
         with torch.enable_grad() if want_grad else torch.no_grad():
             loss = spec.chunk_loss(chunk)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            # a (P,) loss would be summed chunk by chunk entry by entry (under no_grad) into a meaningless vector
+            raise TypeError(f"chunk_loss must return a 0-d floating-point tensor (the chunk's part of the batch "
+                            f"loss, e.g. per_pair.sum() / chunk.n_pairs), got {_describe(loss)}")
         n = rows.numel()
         g_zc = None
         if want_grad:
             leaves = [chunk.logprobs, chunk.target_logits, chunk.corrupted_target_logits, chunk.second_logprobs]
             used = [t for t in leaves if t is not None]
+            # checked on the first chunk (about 0.1 ms of host work): every chunk runs the same chunk_loss
+            if spec.check_graph and first == 0 and loss.requires_grad and _reaches_other_leaves(loss, used):
+                raise ValueError(
+                    "chunk_loss depends on tensors that require grad besides the chunk's grids (a parameter or "
+                    "another model's output?): the fused pass differentiates the grids only, so their gradient "
+                    "would be lost; detach them, or add the terms that need a gradient outside chunk_loss"
+                )
             grads = iter(torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * 4)
             g_logp, g_z, g_zc, g_logp2 = (next(grads) if t is not None else None for t in leaves)
             g_logp, g_z = _row_grad(g_logp, local, h), _row_grad(g_z, local, h)
@@ -524,6 +560,7 @@ def fused_pair_loss(
     second_ignore_index: int | None = None,
     reference: PairBranch | None = None,
     rows_per_sequence: Sequence[int] | None = None,
+    check_graph: bool = True,
 ) -> FusedPairOutput:
     """A pair loss and its gradient in one pass over the vocabulary, chunk by chunk of whole pairs.
 
@@ -532,8 +569,10 @@ def fused_pair_loss(
         weight: (V, D) lm_head weight (same dtype as hidden); bias: optional (V,).
         targets: (2B, T) integer ids, already shifted; `ignore_index` rows cost nothing.
         chunk_loss: `f(PairChunk) -> scalar`, the loss contribution of the chunk's pairs such that the
-            batch loss is the sum over chunks (e.g. a mean over pairs scaled by P / B). Differentiable
-            in the chunk's grids; called under `torch.enable_grad()` when a gradient is wanted.
+            batch loss is the sum over chunks (e.g. a mean over pairs scaled by P / B): a 0-d floating-point
+            tensor, differentiable in the chunk's grids and in nothing else that requires grad (the pass
+            differentiates the grids only; TypeError / ValueError otherwise); called under
+            `torch.enable_grad()` when a gradient is wanted.
         corrupted_hidden: optional (2B*T, D) hidden states of the same tokens on the corrupted image:
             only their gathered target logit is computed (gradient by gather, no vocabulary sweep).
         second_targets: optional (2B, T) integer second target ids scored against the same clean
@@ -555,6 +594,9 @@ def fused_pair_loss(
             every target and second target already checked in range, from a read-back the caller made (POVID's,
             shared with its argmax pass). The call then reads nothing back from the device. They must be exactly
             those counts: checking that would take the read-back they spare.
+        check_graph: walk the first chunk loss's autograd graph (host work, about 0.1 ms) and raise the ValueError
+            above when it reaches a tensor that requires grad besides the grids. The library's own losses pass
+            False: their chunk losses see detached reference scores only.
 
     Returns:
         `FusedPairOutput`. The loss's backward scales the gradients stored in the forward by
@@ -614,7 +656,7 @@ def fused_pair_loss(
             raise ValueError(f"rows_per_sequence must hold {targets.shape[0]} counts in [0, {targets.shape[1]}], "
                              f"one per sequence of targets, got {rows_per_sequence}")
     spec = _Spec(targets, second_targets, chunk_loss, ignore_index, int(second_ignore), backend, budget, reference,
-                 tuple(checks), rows_per_sequence)
+                 tuple(checks), rows_per_sequence, bool(check_graph))
     hidden = hidden.contiguous()
     inputs = (hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
               None if corrupted_hidden is None else corrupted_hidden.contiguous())
