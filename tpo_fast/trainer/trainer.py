@@ -161,6 +161,22 @@ def copy_of_policy(model):
     return load_llava(path, model.dtype, getattr(model.config, "_attn_implementation", None))
 
 
+def first_pairs(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """The first `k` pairs of a collated batch (`TPOCollator`'s layout, what the step reads): their chosen and
+    rejected rows (rows i and B + i of `input_ids`, `attention_mask`, `labels`) and their entries of `image_index`
+    and `index`; the images (which the pairs index) and everything else as they are."""
+    pairs = batch["input_ids"].shape[0] // 2
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key in batch:
+            value = batch[key]
+            out[key] = torch.cat([value[:k], value[pairs : pairs + k]])
+    for key in ("image_index", "index"):
+        if isinstance(batch.get(key), torch.Tensor):
+            out[key] = batch[key][:k]
+    return out
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process in MiB: CUDA allocator peak on GPU, else the peak resident set size."""
     if torch.cuda.is_available():
@@ -227,6 +243,12 @@ class TPOTrainer(Trainer):
             mode = "adapter" if (is_peft and ref_model is None) else "model"
         if mode == "adapter" and not is_peft:
             raise ValueError("reference='adapter' needs a LoRA adapter: pass peft_config or a PeftModel")
+        if ref_model is not None and mode != "model":
+            raise ValueError(
+                f"ref_model was given, but TPOConfig.reference={mode!r} does not use it (the reference would be "
+                + ("the policy with its adapter disabled" if mode == "adapter" else "absent: reference-free")
+                + "): pass ref_model=None, or set reference='model' (or 'auto') to score against ref_model"
+            )
         if mode == "model" and ref_model is None:
             # Copied before the adapter is added and before any wrapper, so it is the untouched policy.
             ref_model = copy_of_policy(model)
@@ -640,9 +662,10 @@ class TPOTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """`Trainer.evaluate`, with the step metrics (rewards, log-probs, visual scores) averaged over the run and
-        logged under `metric_key_prefix`; with a precomputed reference each eval dataset is scored against its own
-        table."""
+        """`Trainer.evaluate`, with the step metrics (rewards, log-probs, visual scores) averaged over the run's pairs
+        and logged under `metric_key_prefix`, and the loss the mean over its pairs too: each pair counted once, also
+        where several processes repeat pairs to fill their last batches (`prediction_step`); with a precomputed
+        reference each eval dataset is scored against its own table."""
         target = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(target, dict):  # the base Trainer calls back once per dataset, "<prefix>_<name>"
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -740,23 +763,50 @@ class TPOTrainer(Trainer):
         return inputs["index"].cpu()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._time_of_log is None and model.training:  # tokens/s counts training time only
+        # A DeepSpeed engine's eval() and train() switch its module, never the engine's own flag (True): an evaluation
+        # batch read as a training one would be scored against the train table of a precomputed reference and its
+        # metrics logged with the next training window's
+        inner = getattr(model, "module", None)
+        training = (inner if isinstance(inner, torch.nn.Module) else model).training
+        if self._time_of_log is None and training:  # tokens/s counts training time only
             self._time_of_log = time.perf_counter()
-        out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs, training=model.training))
-        split = "train" if model.training else "eval"
+        out = model(tpo_batch=inputs, tpo_ref_scores=self._reference_scores(inputs, training=training))
+        split = "train" if training else "eval"
         for key, value in out["metrics"].items():
             self._stored_metrics[split][key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        self._metric_weights[split].append(1.0 / steps if model.training else float(inputs["input_ids"].shape[0]))
-        if model.training:
+        self._metric_weights[split].append(1.0 / steps if training else inputs["input_ids"].shape[0] / 2)
+        if training:
             self._tokens_since_log = self._tokens_since_log + inputs["attention_mask"].sum()
+        else:  # eval_loss: the mean over the run's pairs, each counted once (see prediction_step)
+            self._stored_metrics[split]["loss"].append(out["loss"].detach().float())
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        """The step's loss and metrics of an evaluation batch, each pair counted once: on several processes the last
+        batch's pairs that the sampler repeated to even out the ranks (`_pairs_to_count`) are left out of the step
+        (a batch of repeats only runs, for ranks in lockstep, and counts 0)."""
+        pairs = inputs["input_ids"].shape[0] // 2
+        keep = self._pairs_to_count(pairs)
+        inputs = self._prepare_inputs(first_pairs(inputs, keep) if 0 < keep < pairs else inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
+        if keep == 0:
+            self._metric_weights["eval"][-1] = 0.0
         return loss.detach(), None, None
+
+    def _pairs_to_count(self, pairs: int) -> int:
+        """How many of this rank's `pairs` (its first ones) are new to the evaluation run.
+
+        With several processes accelerate's sampler fills the last step's batches with pairs from the start of the
+        dataset, so that every rank gets a full batch; the `remainder` (dataset length modulo the global batch) real
+        pairs come first in rank order, which is what `gather_for_metrics` keeps of the gathered last step and so the
+        base Trainer's own evaluation."""
+        state = self.accelerator.gradient_state
+        world = self.accelerator.num_processes
+        if world == 1 or not state.end_of_dataloader or state.remainder <= 0 or not self.accelerator.even_batches:
+            return pairs
+        return min(max(state.remainder - self.accelerator.process_index * pairs, 0), pairs)
 
     def _pop_metric_means(self, split: str, prefix: str) -> dict[str, float]:
         """The stored step metrics of `split` ("train" or "eval"), averaged (over ranks too) and prefixed; removed."""
@@ -767,15 +817,20 @@ class TPOTrainer(Trainer):
         keys = sorted(stored)
         dev = self.args.device
 
-        def mean(values):  # the stored device tensors (and numbers) of one metric: one read-back per log, not per step
+        def total(values):  # the stored device tensors (and numbers) of one metric: one read-back per log, not per step
             values = torch.stack([torch.as_tensor(x, dtype=torch.float32).to(dev) for x in values])
-            if len(weights) != len(values):  # values stored other than by compute_loss: an unweighted mean
-                return values.mean()
-            w = torch.tensor(weights, dtype=torch.float32).to(dev)
-            return (values * w).sum() / w.sum()
+            w = torch.ones_like(values)
+            if len(weights) == len(values):  # else stored other than by compute_loss: an unweighted mean
+                w = torch.tensor(weights, dtype=torch.float32).to(dev)
+            return torch.stack([(values * w).sum(), w.sum()])
 
-        means = torch.stack([mean(stored[k]) for k in keys])
-        means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
+        totals = torch.stack([total(stored[k]) for k in keys])
+        means = totals[:, 0] / totals[:, 1]
+        if self.accelerator.num_processes > 1 and split == "train":  # every rank's window weighs the same
+            means = self.accelerator.reduce(means, reduction="mean")
+        elif self.accelerator.num_processes > 1:  # an evaluation may count fewer pairs on one rank than on another
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            means = totals[:, 0] / totals[:, 1]
         return {prefix + k: round(v, 6) for k, v in zip(keys, means.tolist(), strict=True)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
