@@ -660,9 +660,9 @@ def test_segment_attention_errors():
     q = torch.randn(1, 2, 10, 4)
     module = torch.nn.Module()
     placeholder = packed_attention_mask(p, torch.float32)
-    with pytest.raises(RuntimeError, match="^a padding-free packed row reached the attention without its spans: "
-                       "this transformers version does not pass the model's keyword arguments on to the "
-                       "attention; set padding_free=False$"):
+    with pytest.raises(RuntimeError, match=r"^a padding-free packed row reached the attention \(Module\) without "
+                       r"its spans: the model's decoder layers \(or this transformers version\) do not pass the "
+                       "model's keyword arguments on to the attention; set padding_free=False$"):
         segment_attention(module, q, q, q, placeholder)
     with pytest.raises(ValueError, match="^the spans cover 9 of the row's 10 tokens$"):
         segment_attention(module, q, q, q, placeholder, tpo_fast_spans=((0, 3, 2, 1), (6, 2, 0, 1)))

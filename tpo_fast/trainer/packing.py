@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -378,6 +379,22 @@ def _sliding_window(config) -> tuple[bool, int | None]:
     return True, window
 
 
+# language model -> `_bidirectional_attention`'s answer: walking a LoRA 7B model's 2,700 modules takes tens of ms, and
+# `packing_mode` runs at every step
+_BIDIRECTIONAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bidirectional_attention(language_model: torch.nn.Module) -> str | None:
+    """The class name of an attention module of `language_model` that attends both ways (`is_causal` False: Gemma3
+    with `use_bidirectional_attention`, BERT-style models that are no decoder), or None when all are causal."""
+    if not isinstance(language_model, torch.nn.Module):
+        return None
+    if language_model not in _BIDIRECTIONAL:
+        _BIDIRECTIONAL[language_model] = next(
+            (type(m).__name__ for m in language_model.modules() if getattr(m, "is_causal", True) is False), None)
+    return _BIDIRECTIONAL[language_model]
+
+
 def packing_support(llava: torch.nn.Module) -> tuple[str | None, str, int | None]:
     """(reason, implementation, sliding_window) of a LLaVA model's language model: why it cannot run a
     packed batch (None when it can), its attention implementation, and the sliding window the packed
@@ -396,6 +413,13 @@ def packing_support(llava: torch.nn.Module) -> tuple[str | None, str, int | None
         params = {}
     if "position_ids" not in params:
         return f"{type(language_model).__name__}.forward takes no position_ids", implementation, None
+    bidirectional = _bidirectional_attention(language_model)
+    if bidirectional is not None:
+        # a packed row's mask is causal (and hides the first response from the second): it would silently change
+        # what every token of such a model sees, its padded rows being attended both ways
+        return (f"its attention is bidirectional ({bidirectional}.is_causal is False, e.g. "
+                f"use_bidirectional_attention=True or is_decoder=False), which a packed row's causal mask would "
+                f"silently change"), implementation, None
     ok, window = _sliding_window(config)
     if not ok:
         return ("its layers mix attention kinds (full and sliding window), which one 4D mask cannot describe",

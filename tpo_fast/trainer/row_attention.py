@@ -63,9 +63,10 @@ def segment_attention(
 
     if tpo_fast_spans is None:
         if attention_mask is not None and attention_mask.numel() == 0:
-            raise RuntimeError("a padding-free packed row reached the attention without its spans: this transformers "
-                               "version does not pass the model's keyword arguments on to the attention; set "
-                               "padding_free=False")
+            # e.g. StableLM, Falcon and Nemotron decoder layers call their attention without the keyword arguments
+            raise RuntimeError(f"a padding-free packed row reached the attention ({type(module).__name__}) without "
+                               "its spans: the model's decoder layers (or this transformers version) do not pass "
+                               "the model's keyword arguments on to the attention; set padding_free=False")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.shape[0] != 1:
