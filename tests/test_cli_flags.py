@@ -420,6 +420,10 @@ MINIMUMS = {  # subcommand -> {flag: minimum}; a value one below is refused, the
 }
 
 
+# flags that only count next to another: --lora-alpha without --lora-r is refused (tests/test_audit_cli_dec7.py)
+COMPANIONS = {"--lora-alpha": ["--lora-r", "1"]}
+
+
 def _base_argv(command, tmp_path, model_dir):
     prompts, _ = _prompt_files(tmp_path)
     return {
@@ -433,8 +437,8 @@ def _base_argv(command, tmp_path, model_dir):
 
 @pytest.mark.parametrize("command", list(MINIMUMS))
 def test_every_count_is_refused_below_its_minimum(command, tmp_path, model_dir, capsys):
-    base = _base_argv(command, tmp_path, model_dir)
     for flag, minimum in MINIMUMS[command].items():
+        base = _base_argv(command, tmp_path, model_dir) + COMPANIONS.get(flag, [])
         low = minimum - 1
         args = build_parser().parse_args([*base, flag, str(low)])
         with pytest.raises(Exception) as refused:

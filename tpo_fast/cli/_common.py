@@ -7,6 +7,7 @@ Flag spellings are the same in every subcommand: `--output-dir`, `--image-folder
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -119,11 +120,31 @@ def need_at_least(**minimums: tuple[float | None, float]) -> None:
             raise UsageError(f"{flag} {value}: must be >= {minimum:g}; pass a value in range")
 
 
+def need_seed(seed: int) -> None:
+    """Raise UsageError unless `--seed` is one NumPy takes (the Hugging Face Trainer seeds NumPy with it): 0 to
+    2**32 - 1."""
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed}: must be in [0, 2**32 - 1] (NumPy's seed range); pass a seed in range, e.g. 0")
+
+
 def need_learning_rate(lr: float, example: str) -> None:
     """Raise UsageError unless `--lr` is a finite number > 0 (0 would save the untrained model); `example` is the
     command's default, named in the hint."""
     if not 0 < lr < math.inf:
         raise UsageError(f"--lr {lr}: must be a finite number > 0; pass a learning rate, e.g. {example}")
+
+
+def need_backend(backend: str, cpu: bool = False) -> None:
+    """Raise UsageError when `--backend` cannot run where the command runs (CUDA when there is one, unless `cpu`):
+    triton without CUDA or the interpreter (TRITON_INTERPRET=1). Imports torch only for triton."""
+    if backend != "triton":
+        return
+    import torch
+
+    from tpo_fast.ops.token_logprobs import resolve_backend
+
+    device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    need_valid(f"--backend {backend}" + (" --cpu" if cpu else ""), lambda: resolve_backend(backend, device))
 
 
 def need_valid(given: str, check: Callable[[], object], what: str | None = None) -> None:
@@ -149,6 +170,8 @@ def check_prompt_run(a: argparse.Namespace) -> None:
     need_model(a.model)
     need_output_dir(a.output_dir)
     need_learning_rate(a.lr, "1e-6")
+    need_seed(a.seed)
+    need_backend(a.backend)
     need_file(a.prompts, "--prompts", f"pass a {PROMPTS_HELP}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the prompts' image paths are relative to")
 
@@ -159,8 +182,18 @@ def need_model(path: str, flag: str = "--model", kind: str = "a LLaVA model and 
     if flag == "--model":
         what += f"; {DEMO_HINT}"
     need_dir(path, flag, what)
-    if not (Path(path) / "config.json").is_file():
+    config = Path(path) / "config.json"
+    if not config.is_file():
         raise UsageError(f"{flag} {path}: no config.json in this folder; {what}")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8-sig")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # unreadable, not JSON, or not a JSON object
+        raise UsageError(f"{flag} {path}: its config.json is not a JSON object (a damaged or partial save); "
+                         f"{what}") from None
+    expected = {"--model": ("llava", "a LLaVA one (LlavaForConditionalGeneration)"),
+                "--clip": ("clip", "a CLIP one (CLIPModel)")}.get(flag)
+    if expected and isinstance(model_type, str) and expected[0] not in model_type:
+        raise UsageError(f"{flag} {path}: its config.json is a {model_type!r} model, not {expected[1]}; {what}")
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tpo_fast.cli._common import OBJECTIVES, need_at_least, need_output_dir
+from tpo_fast.cli._common import OBJECTIVES, need_at_least, need_output_dir, need_seed
 
 # The demo logs every 20 steps; shorter runs log twice (first and last window), the least its summary reads.
 LOGGING_STEPS = 20
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check(a: argparse.Namespace) -> None:
     need_at_least(steps=(a.steps, 2), eval_images=(a.eval_images, 0), eval_captions=(a.eval_captions, 0))
+    need_seed(a.seed)
     need_output_dir(a.output_dir)
 
 

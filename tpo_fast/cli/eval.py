@@ -8,7 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from tpo_fast.cli._common import BACKENDS, UsageError, data_error, need_dir, need_file, need_model, need_valid
+from tpo_fast.cli._common import (
+    BACKENDS,
+    UsageError,
+    data_error,
+    need_backend,
+    need_dir,
+    need_file,
+    need_model,
+    need_valid,
+)
 
 # The POPE splits of tpo_fast.methods.hallucination.SPLITS, named here so that a bad --split is found
 # without importing torch (tests/test_eval.py checks that the two agree).
@@ -63,6 +72,7 @@ def check(a: argparse.Namespace) -> None:
     if bad or not _splits(a.split):
         raise UsageError(f"--split {a.split}: unknown split {', '.join(bad) or '(none)'}; "
                          f"pass some of {','.join(SPLITS)}")
+    need_backend(a.backend)
     if a.captions < 0 or a.max_new_tokens < 1 or a.batch_size < 1:
         raise UsageError("--captions must be >= 0, --max-new-tokens and --batch-size >= 1; pass counts in range")
     if a.json is not None and not Path(a.json).resolve().parent.is_dir():

@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k3", help="per-token KL estimator")
 
 
+def read_objects(path: str) -> list[str]:
+    """The whitespace-separated object words of an `--objects` file."""
+    return Path(path).read_text(encoding="utf-8-sig").split()
+
+
 CALIBRATION_HINT = "pass a JSON list of {image, correct: [words], hallucinated: [words]} records"
 
 
@@ -46,6 +51,14 @@ def check(a: argparse.Namespace) -> None:
     check_prompt_run(a)
     need_file(a.calibration, "--calibration", "pass a JSON list of {image, correct, hallucinated} records")
     need_file(a.objects, "--objects", "pass a text file of object words, or leave it out for the COCO categories")
+    try:
+        words = None if a.objects is None else read_objects(a.objects)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--objects {a.objects}: cannot be read as UTF-8 text ({e}); pass a text file of object "
+                         "words") from None
+    if words == []:
+        raise UsageError(f"--objects {a.objects}: no object words in this file (the verifier would reward no token); "
+                         "pass a file of whitespace-separated object words, or leave it out for the COCO categories")
     if a.calibration is None and (a.low is None or a.high is None):
         raise UsageError("the verifier needs calibrated thresholds; pass --calibration FILE, or both --low and --high")
     if a.calibration is not None and (a.low is not None or a.high is not None):
@@ -108,7 +121,7 @@ def run(a: argparse.Namespace) -> int:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     objects = None
     if a.objects:
-        objects = [w.strip() for w in Path(a.objects).read_text(encoding="utf-8-sig").split() if w.strip()]
+        objects = read_objects(a.objects)
     verifier = VisionEncoderVerifier(ref_model, processor.image_processor, objects=objects, low=a.low,
                                      high=a.high, mode=a.reward_mode)
     if cal is not None:

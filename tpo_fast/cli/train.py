@@ -16,12 +16,14 @@ from tpo_fast.cli._common import (
     add_run_arguments,
     data_error,
     need_at_least,
+    need_backend,
     need_checkpoint,
     need_dir,
     need_file,
     need_learning_rate,
     need_model,
     need_output_dir,
+    need_seed,
     need_valid,
 )
 
@@ -128,7 +130,9 @@ def check(a: argparse.Namespace) -> None:
     need_file(a.data, "--data", f"pass a .json, .jsonl or .parquet file of preference records; {DEMO_HINT}")
     need_dir(a.image_folder, "--image-folder", "pass the folder that the records' image paths are relative to")
     need_file(a.deepspeed, "--deepspeed", "pass a DeepSpeed JSON config file")
+    check_deepspeed_config(a.deepspeed)
     need_output_dir(a.output_dir)
+    need_seed(a.seed)
     checkpoint = need_checkpoint(a.resume, a.output_dir)
     need_at_least(batch_size=(a.batch_size, 1), grad_accum=(a.grad_accum, 1), max_length=(a.max_length, 1),
                   logging_steps=(a.logging_steps, 1), save_steps=(a.save_steps, 1), warmup_steps=(a.warmup_steps, 0),
@@ -182,6 +186,9 @@ def check_model_options(a: argparse.Namespace) -> None:
     if a.reference == "none" and a.precompute_reference:
         raise UsageError("--precompute-reference with --reference none: there is no reference to score; drop "
                          "--precompute-reference, or pass --reference auto")
+    if a.lora_r == 0 and a.lora_alpha is not None:
+        raise UsageError(f"--lora-alpha {a.lora_alpha} without --lora-r: the run would be a full fine-tune and ignore "
+                         "it; pass --lora-r R for LoRA, or drop --lora-alpha")
     if a.lora_r > 0:
         targets = lora_targets(a)
         if not targets:
@@ -195,13 +202,63 @@ def check_model_options(a: argparse.Namespace) -> None:
             raise UsageError(f"--lora-r {a.lora_r}: LoRA needs the peft package, which is not installed; run: pip "
                              "install peft (or pip install 'tpo-fast[train]'), or drop --lora-r for a full fine-tune")
         check_lora_targets(a, targets)
-    if a.backend == "triton":
-        import torch
+    need_backend(a.backend, a.cpu)
+    check_attention(a)
 
-        from tpo_fast.ops.token_logprobs import resolve_backend
 
-        device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
-        need_valid("--backend triton" + (" --cpu" if a.cpu else ""), lambda: resolve_backend(a.backend, device))
+def check_attention(a: argparse.Namespace) -> None:
+    """`--attn-implementation` where the run trains: the flash kernels need CUDA and their package (transformers
+    raises its ImportError when the model loads), and flex_attention a backward on the training device (torch has
+    none on the CPU: the first step raises NotImplementedError)."""
+    name = a.attn_implementation
+    if name is None or name in ("sdpa", "eager"):
+        return
+    import torch
+
+    on_cpu = a.cpu or not torch.cuda.is_available()
+    where = "with --cpu" if a.cpu else "on this machine, which has no CUDA"
+    if name.startswith("flash_attention"):
+        if on_cpu:
+            raise UsageError(f"--attn-implementation {name}: the flash kernels run on CUDA only, and the run trains on "
+                             f"the CPU ({where}); pass sdpa or eager")
+        from transformers.utils import import_utils
+
+        version = name.rsplit("_", 1)[-1]
+        available = getattr(import_utils, f"is_flash_attn_{version}_available", None)
+        if available is None:  # a transformers without this probe: from_pretrained decides
+            return
+        try:
+            found = available(kernels_fallback_ok=True)  # the `kernels` hub fallback counts too
+        except TypeError:  # a transformers whose probe takes no such argument
+            found = available()
+        if not found:
+            package = "flash-attn" if version == "2" else "flash-attn-3"
+            raise UsageError(f"--attn-implementation {name}: its package ({package}) is not installed; install it, or "
+                             "pass sdpa")
+    elif name == "flex_attention" and on_cpu:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q = torch.zeros(1, 1, 2, 8, requires_grad=True)
+        try:
+            flex_attention(q, q, q).sum().backward()
+        except (NotImplementedError, RuntimeError) as e:
+            raise UsageError(f"--attn-implementation flex_attention: the run trains on the CPU ({where}), and this "
+                             f"torch has no FlexAttention backward there ({str(e).split('. ')[0]}); pass sdpa or "
+                             "eager") from None
+
+
+def check_deepspeed_config(path: str | None) -> None:
+    """`--deepspeed FILE` must hold a JSON object (transformers reads it when the model loads, and fails there)."""
+    if path is None:
+        return
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"--deepspeed {path}: not a JSON file ({e}); pass a DeepSpeed JSON config, e.g. "
+                         "examples/deepspeed/zero3.json") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--deepspeed {path}: holds a JSON {type(config).__name__}, not an object of DeepSpeed "
+                         "settings; pass a DeepSpeed JSON config, e.g. examples/deepspeed/zero3.json")
 
 
 def weight_names(model_dir: str) -> list[str] | None:
