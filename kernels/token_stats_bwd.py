@@ -6,7 +6,11 @@ gradient tile `coef_p * softmax(z)` in fp32 on chip, and accumulates `dH += dZ @
 stored, and with FILTER (Cut Cross-Entropy's gradient filtering) tiles of negligible softmax skip
 both GEMMs. The exact default backward is `softmax_grad.py` plus two dense GEMMs; this kernel is
 used when TPO_FAST_GRAD_FILTER_EPS > 0 (or TPO_FAST_BACKWARD=atomic). The one-hot part of the
-gradient is rank-1 per row and handled by `indexed_dot.py`.
+gradient is rank-1 per row and handled by `indexed_dot.py`, and so is each row's target entry: the program
+whose tile holds it stores its fp32 value `coef * p_y` to TGT and leaves it out of the tile's GEMMs, so that the
+launcher adds it to the one-hot coefficient before any rounding. Rounded to 16 bits on its own and added to the
+one-hot term's `-W[y]` after the GEMM, `p_y - 1` would cancel: a confident row (p_y near 1) would keep the
+rounding error of its whole softmax term (bf16: 20% of the hidden gradient). The filter decides on the other entries.
 """
 
 import triton
@@ -18,8 +22,9 @@ from tpo_fast.kernels._dot import mma
 
 @triton.jit
 def token_stats_bwd_kernel(
-    H, W, B, LSE, COEF,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32
+    H, W, B, LSE, COEF, Y,  # inputs: [N, D], [V, D], [V], [N] fp32, [N] fp32, [N] int64 targets
     GH, GW, GB,  # fp32 outputs, accumulated atomically: [N, D], [V, D], [V]
+    TGT,  # fp32 output [N]: coef * softmax(z)[y], the target entry this kernel leaves out
     N, V, D,
     FILTER_EPS,  # fp32; used only with FILTER
     HAS_BIAS: tl.constexpr,
@@ -58,6 +63,11 @@ def token_stats_bwd_kernel(
     coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
     valid = row_mask[:, None] & v_mask[None, :]
     dz = tl.where(valid, tl.exp(logits - lse[:, None]) * coef[:, None], 0.0)  # [BLOCK_N, BLOCK_V]
+    y = tl.load(Y + rows, mask=row_mask, other=-1).to(tl.int32)  # ids < V < 2**31
+    is_y = vcols[None, :] == y[:, None]
+    v0 = pid_v * BLOCK_V
+    tl.store(TGT + rows, tl.sum(tl.where(is_y, dz, 0.0), axis=1), mask=row_mask & (y >= v0) & (y < v0 + BLOCK_V))
+    dz = tl.where(is_y, 0.0, dz)
     if NEED_B:
         tl.atomic_add(GB + vcols, tl.sum(dz, axis=0), mask=v_mask)
     dz_in = round_to(dz, W.dtype.element_ty, INTERPRET)

@@ -85,8 +85,8 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False,
             "USE_TMA": flag, **gemm}, cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
-            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "GH": "*fp32", "GW": "*fp32", "GB": "*fp32",
-            "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
+            "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "GH": "*fp32", "GW": "*fp32",
+            "GB": "*fp32", "TGT": "*fp32", "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
         }, {"HAS_BIAS": flag, "NEED_H": True, "NEED_W": True, "NEED_B": flag, "FILTER": flag, "DOT_PRECISION": prec,
             "INTERPRET": False, **blocks}, atomic.num_warps, atomic.num_stages
         yield indexed_dot_fwd_kernel, {"H": p, "W": p, "B": p, "Y": "*i64", "Z": "*fp32", "N": "i32", "D": "i32"}, {

@@ -34,10 +34,14 @@ def reference_token_stats(
     """
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    # one fp32 copy of weight and bias for both branches: each `.float()` of a 16-bit tensor rounds its own gradient
+    # back to 16 bits, so two copies would add the branches' gradients after two roundings (and a clean and a
+    # corrupted term that nearly cancel would keep the rounding error of each)
     w = weight.float()
+    b32 = None if bias is None else bias.float()
     logits = _valid_rows(hidden, valid) @ w.t()  # [N, V]
-    if bias is not None:
-        logits = logits + bias.float()
+    if b32 is not None:
+        logits = logits + b32
     lse = torch.logsumexp(logits, dim=-1)
     z = logits.gather(1, safe[:, None]).squeeze(1)
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -46,7 +50,7 @@ def reference_token_stats(
     lse_out = torch.where(valid, lse, zero)
     zc = None
     if corrupted_hidden is not None:
-        zc = reference_target_logits(corrupted_hidden, weight, targets, bias, ignore_index)
+        zc = reference_target_logits(corrupted_hidden, w, targets, b32, ignore_index)
     argmax = None
     if return_argmax:
         argmax = torch.where(valid, logits.detach().argmax(-1), torch.full_like(safe, -1))

@@ -10,8 +10,9 @@ on bf16 operands (`uses_bf16_gemms`). The logits GEMM keeps fp32 accumulation an
 as every operand value is a bf16 number, so each product is exact in fp32: on CUDA one cuBLAS product of the
 bf16 operands (`gemm.mm_f32`, no fp32 copy of the weight), on the CPU oneDNN's bf16 mode (`bf16_gemms`). The
 gradient GEMMs (`gradient_gemms`) take the logit gradient dZ rounded once to bf16, as the triton backend does
-with 16-bit inputs (dZ is formed in fp32 first, with the one-hot terms folded in before the rounding or added
-apart, so `softmax - 1` never cancels). On CUDA their results are fp32 (cuBLAS accumulates and returns fp32);
+with 16-bit inputs (dZ is formed in fp32 first: the triton backend folds the one-hot terms in before the rounding;
+here the target entries, `softmax - 1` formed in fp32, leave the GEMMs and are added apart, rank-1, so it never
+cancels after a rounding). On CUDA their results are fp32 (cuBLAS accumulates and returns fp32);
 on the CPU they run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
 returned in bf16 anyway, and dW rounds once per chunk before its fp32 sum. The CPU's bf16 mode would keep fp32
 results, at about twice the time (an AMD EPYC with AVX512-BF16, 824 rows, D=1024, V=32000: dH 279 against
@@ -305,7 +306,11 @@ def backward(
     """Gradients for (hidden, weight, bias, corrupted_hidden), fp32.
 
     Per row the logit gradient is `coef_p * softmax(z) + coef_y * onehot(y)` on the clean rows and
-    `g_zc * onehot(y)` on the corrupted rows. `needs` says which gradients to build.
+    `g_zc * onehot(y)` on the corrupted rows. `needs` says which gradients to build. Where the softmax part is
+    swept, each row's target entry `coef_p * p_y + coef_y` is formed in fp32 and taken out of the chunk's dZ, and
+    added apart (rank-1) with the one-hot terms: the GEMMs, which may round dZ and their results to bf16, see only
+    the other entries. Added to a rounded product instead, `softmax - 1` cancelled after the rounding: a confident
+    row (p_y near 1) kept the rounding error of its whole softmax term (bf16: 25% of the hidden gradient).
     """
     need_h, need_w, need_b, need_hc = needs
     n, v = hidden.shape[0], weight.shape[0]
@@ -320,6 +325,9 @@ def backward(
         # its own (loop variables would keep it alive through that GEMM: two chunk x V buffers at the peak).
         logits = _logits(hidden[s:e], weight, b32, bf16, w32)
         ds = torch.exp_(logits.sub_(lse[s:e, None])).mul_(coef_p[s:e, None])  # [chunk, V]
+        y = targets[s:e, None]
+        target_coef[s:e] = ds.gather(1, y).squeeze(1)  # fp32; the one-hot term joins it below
+        ds.scatter_(1, y, 0.0)
         if need_b:  # first: the GEMMs may consume ds (bf16 inputs)
             gb = ds.sum(0) if gb is None else gb.add_(ds.sum(0))
         gw, _ = gradient_gemms(ds, hidden[s:e], weight, w32, bf16, gw, need_w, gh is not None,
@@ -327,9 +335,11 @@ def backward(
         return gw, gb
 
     if coef_p is not None and (need_h or need_w or need_b):
+        target_coef = torch.empty(n, dtype=torch.float32, device=hidden.device)  # the dZ entries of the targets
         step = _chunk_rows(v)
         for s in range(0, n, step):
             gw, gb = one_chunk(s, min(n, s + step), gw, gb)
+        coef_y = target_coef if coef_y is None else target_coef.add_(coef_y)
     if need_w and gw is None:
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     if need_b and gb is None:

@@ -274,8 +274,10 @@ def backward(
 
     `options.backward` picks the split or the fused atomic backward; `options.grad_filter_eps` > 0
     (gradient filtering, opt-in) runs the atomic kernel and skips every (row block, vocabulary tile)
-    whose softmax gradient is below eps everywhere: most tiles of a peaked softmax. The dropped mass per
-    tile is below eps times its size, so the gradient is no longer exact; forward values and the loss are unaffected."""
+    whose softmax gradient is below eps everywhere: most tiles of a peaked softmax (each row's target entry, which
+    the rank-1 pass adds with the one-hot term so that `p_y - 1` never cancels, is dropped alone where below eps).
+    The dropped mass per tile is below eps times its size, so the gradient is no longer exact; forward values and
+    the loss are unaffected."""
     need_h, need_w, need_b, need_hc = needs
     (n, d), v = hidden.shape, weight.shape[0]
     dev = hidden.device
@@ -313,16 +315,21 @@ def backward(
             cfg = tile_config(n, v, d, hidden.dtype, atomic=True, options=opts)
             dummy = lse
             grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+            # each row's target entry coef_p * p_y, in fp32, which the kernel leaves to the rank-1 pass below
+            target_part = torch.empty(n, dtype=torch.float32, device=dev)
             token_stats_bwd_kernel[grid](
-                hidden, weight, bias if bias is not None else dummy, lse, coef_p,
+                hidden, weight, bias if bias is not None else dummy, lse, coef_p, targets,
                 gh if gh is not None else dummy, gw if gw is not None else dummy,
-                gb if gb is not None else dummy,
+                gb if gb is not None else dummy, target_part,
                 n, v, d, eps,
                 HAS_BIAS=bias is not None, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=eps > 0,
                 DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
+            if eps > 0:  # filtered as every other entry: dropped where below eps
+                target_part = torch.where(target_part.abs() < eps, 0.0, target_part)
+            coef_y = target_part if coef_y is None else target_part.add_(coef_y)
         if coef_y is not None or has_second:
             _launch_indexed_bwd(
                 hidden, corrupted_hidden if has_second else None, weight, targets,
