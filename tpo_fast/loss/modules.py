@@ -11,7 +11,22 @@ from tpo_fast.loss.povid import check_povid_options, povid_loss
 from tpo_fast.loss.tpo import tpo_loss
 
 
-class TPOLoss(nn.Module):
+class _LossModule(nn.Module):
+    """Options held as plain attributes, named by `_OPTIONS` in the loss function's order: `loss.beta = 0.2`
+    changes what the next call uses; `options` is their current dict, handed to the loss as keywords."""
+
+    _OPTIONS: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> dict:
+        """The loss options the module holds now (a new dict; set the attributes to change them)."""
+        return {k: getattr(self, k) for k in self._OPTIONS}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TPOLoss(_LossModule):
     """`tpo_loss` with its options held by the module (validated at construction).
 
     forward(weight, hidden, corrupted_hidden, targets, bias=None, *, ref_hidden=None,
@@ -19,6 +34,9 @@ class TPOLoss(nn.Module):
     ref_token_logprobs=None, ref_visual_scores=None) -> LossOutput. Token *Preference* Optimization,
     not TRL's Triple Preference Optimization `TPOTrainer`.
     """
+
+    _OPTIONS = ("beta", "weighting", "offset", "detach_weights", "loss_type", "label_smoothing", "reference_free",
+                "average_log_prob", "ignore_index", "backend", "grad_mode")
 
     def __init__(
         self,
@@ -59,42 +77,18 @@ class TPOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
-        return tpo_loss(
-            weight,
-            hidden,
-            corrupted_hidden,
-            targets,
-            bias,
-            **ref_inputs,
-            beta=self.beta,
-            weighting=self.weighting,
-            offset=self.offset,
-            detach_weights=self.detach_weights,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            reference_free=self.reference_free,
-            average_log_prob=self.average_log_prob,
-            ignore_index=self.ignore_index,
-            backend=self.backend,
-            grad_mode=self.grad_mode,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, weighting={self.weighting!r}, offset={self.offset}, "
-            f"detach_weights={self.detach_weights}, loss_type={self.loss_type!r}, "
-            f"label_smoothing={self.label_smoothing}, reference_free={self.reference_free}, "
-            f"average_log_prob={self.average_log_prob}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
-            f"grad_mode={self.grad_mode!r}"
-        )
+        return tpo_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **self.options)
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(_LossModule):
     """`dpo_loss` with its options held by the module (validated at construction).
 
     forward(weight, hidden, targets, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
     ref_seq_scores=None, ref_token_logprobs=None) -> LossOutput.
     """
+
+    _OPTIONS = ("beta", "loss_type", "label_smoothing", "reference_free", "average_log_prob", "ignore_index",
+                "backend", "grad_mode")
 
     def __init__(
         self,
@@ -128,36 +122,18 @@ class DPOLoss(nn.Module):
         bias: torch.Tensor | None = None,
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
-        return dpo_loss(
-            weight,
-            hidden,
-            targets,
-            bias,
-            **ref_inputs,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            reference_free=self.reference_free,
-            average_log_prob=self.average_log_prob,
-            ignore_index=self.ignore_index,
-            backend=self.backend,
-            grad_mode=self.grad_mode,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
-            f"reference_free={self.reference_free}, average_log_prob={self.average_log_prob}, "
-            f"ignore_index={self.ignore_index}, backend={self.backend!r}, grad_mode={self.grad_mode!r}"
-        )
+        return dpo_loss(weight, hidden, targets, bias, **ref_inputs, **self.options)
 
 
-class POVIDLoss(nn.Module):
+class POVIDLoss(_LossModule):
     """`povid_loss` with its options held by the module (validated at construction).
 
     forward(weight, hidden, corrupted_hidden, targets, bias=None, *, ref_hidden=None,
     ref_corrupted_hidden=None, ref_weight=None, ref_bias=None, ref_seq_scores=None) -> LossOutput.
     """
+
+    _OPTIONS = ("beta", "noise_weight", "loss_type", "label_smoothing", "reference_free", "average_log_prob",
+                "ignore_index", "backend", "grad_mode")
 
     def __init__(
         self,
@@ -176,7 +152,6 @@ class POVIDLoss(nn.Module):
         check_povid_options(noise_weight)
         check_flags(reference_free=reference_free, average_log_prob=average_log_prob)
         check_kernel_options(grad_mode, backend, ignore_index)
-        # attributes, as TPOLoss and DPOLoss hold them: `loss.beta = 0.2` changes what the next call uses
         self.beta = beta
         self.noise_weight = noise_weight
         self.loss_type = loss_type
@@ -186,14 +161,6 @@ class POVIDLoss(nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.grad_mode = grad_mode
-
-    _OPTIONS = ("beta", "noise_weight", "loss_type", "label_smoothing", "reference_free", "average_log_prob",
-                "ignore_index", "backend", "grad_mode")
-
-    @property
-    def options(self) -> dict:
-        """The `povid_loss` options the module holds now (a new dict; set the attributes to change them)."""
-        return {k: getattr(self, k) for k in self._OPTIONS}
 
     def forward(
         self,
@@ -205,6 +172,3 @@ class POVIDLoss(nn.Module):
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
         return povid_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
