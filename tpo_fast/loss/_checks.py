@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops import BACKENDS
+from tpo_fast.ops._validate import _desc as _shape  # what an error says was given
 from tpo_fast.ops._validate import check_ignore_index, is_token_id_dtype
 
 WEIGHTINGS = ("tpo", "none")
@@ -25,12 +26,6 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
-
-
-def _shape(t: object) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
 
 
 def real_scalar(name: str, value: object) -> float:

@@ -51,6 +51,7 @@ from tpo_fast.loss.fisao import (  # noqa: F401  (the loss lives in the loss lay
     token_pg_loss,
 )
 from tpo_fast.ops import token_stats
+from tpo_fast.ops._validate import _desc as _shape  # what an error says was given
 from tpo_fast.trainer.adapters import adapters_disabled
 
 logger = logging.getLogger("tpo_fast")
@@ -74,10 +75,6 @@ clock vase scissors toothbrush drier dryer
 # Endings after which English spells the plural "-es" (bus -> buses, box -> boxes, bench -> benches); after any other
 # ending the plural is "-s", so "cares" is "care" + "s", not "car" + "es".
 ES_PLURAL_AFTER = ("s", "x", "z", "ch", "sh")
-
-
-def _shape(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
 
 
 @runtime_checkable
@@ -447,8 +444,8 @@ def rewards_to_grid(rewards: torch.Tensor, response_ids: Sequence[torch.Tensor],
     and, after the optimizer step, every parameter NaN."""
     expected = sum(int(r.numel()) for r in response_ids)
     if not isinstance(rewards, torch.Tensor) or rewards.dtype == torch.bool or rewards.is_complex():
-        got = _shape(rewards) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise TypeError(f"the verifier must return a real tensor of (N,) = ({expected},) rewards, got {got}")
+        raise TypeError(f"the verifier must return a real tensor of (N,) = ({expected},) rewards, "
+                        f"got {_shape(rewards)}")
     if rewards.dim() != 1 or rewards.numel() != expected:
         raise ValueError(f"the verifier must return (N,) = ({expected},) rewards, one per response token, "
                          f"got {_shape(rewards)}")

@@ -9,7 +9,10 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _desc(t: torch.Tensor) -> str:
+def _desc(t: object) -> str:
+    """"bfloat16 of shape (2, 3)" for a tensor; the type's name for anything else (what an error says was given)."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
     return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
 
 

@@ -42,7 +42,13 @@ from typing import NamedTuple
 import torch
 
 from tpo_fast.ops._compile import eager_under_compile
-from tpo_fast.ops._validate import check_primitive_inputs, is_token_id_dtype, out_of_range, raise_out_of_range
+from tpo_fast.ops._validate import (
+    _desc,
+    check_primitive_inputs,
+    is_token_id_dtype,
+    out_of_range,
+    raise_out_of_range,
+)
 from tpo_fast.ops.fused_chunk import make_core
 from tpo_fast.ops.options import FUSED_CHUNK_MB, current_options
 from tpo_fast.ops.token_logprobs import resolve_backend, valid_row_index
@@ -356,12 +362,6 @@ class _Grids:
         return pair_range_rows(grid, first, stop, plan.n_pairs).requires_grad_(grad)
 
 
-def _describe(t: object) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}"
-
-
 def _reaches_other_leaves(loss: torch.Tensor, grids: list[torch.Tensor]) -> bool:
     """Whether the chunk loss's graph reaches a tensor that requires grad other than the chunk's `grids`, whose
     gradient the fused pass would drop (it differentiates the grids only). A host-side walk of a graph of a few dozen
@@ -449,7 +449,7 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
             # a (P,) loss would be summed chunk by chunk entry by entry (under no_grad) into a meaningless vector
             raise TypeError(f"chunk_loss must return a 0-d floating-point tensor (the chunk's part of the batch "
-                            f"loss, e.g. per_pair.sum() / chunk.n_pairs), got {_describe(loss)}")
+                            f"loss, e.g. per_pair.sum() / chunk.n_pairs), got {_desc(loss)}")
         n = rows.numel()
         g_zc = None
         if want_grad:
