@@ -20,14 +20,14 @@ NUM_DIFFUSION_STEPS = 1000
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """An integer (Python's or NumPy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def diffusion_coefficients(step: int) -> tuple[float, float]:
     """`(sqrt(abar[step]), sqrt(1 - abar[step]))` of the official sigmoid schedule (0-based step)."""
-    if not _is_int(step):
+    if not is_int(step):
         raise ValueError(f"noise step must be an int in [0, {NUM_DIFFUSION_STEPS - 1}], got {step!r}")
     step = int(step)
     if not 0 <= step < NUM_DIFFUSION_STEPS:
@@ -66,7 +66,7 @@ def add_diffusion_noise(
         raise TypeError(f"image must be a PIL.Image.Image (e.g. Image.open(path)), got {type(image).__name__}")
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
-    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+    if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1], or None for fresh noise, got {seed!r}")
     a, b = diffusion_coefficients(step)
     x0 = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # [H, W, 3]

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tpo_fast.trainer.corruption import NUM_DIFFUSION_STEPS, OVERFLOW_MODES, add_diffusion_noise, example_seed
+from tpo_fast.trainer.corruption import NUM_DIFFUSION_STEPS, OVERFLOW_MODES, add_diffusion_noise, example_seed, is_int
 
 logger = logging.getLogger("tpo_fast")
 
@@ -330,13 +329,12 @@ def load_preference_records(
 def check_noise_options(noise_step: Any, noise_seed: Any, overflow: Any) -> None:
     """Raise ValueError unless `noise_step` is an int in [0, 999], `noise_seed` an int or None and `overflow`
     one of "wrap", "clamp"; the message says what to pass."""
-    step_ok = isinstance(noise_step, numbers.Integral) and not isinstance(noise_step, bool)
-    if not step_ok or not 0 <= noise_step < NUM_DIFFUSION_STEPS:
+    if not is_int(noise_step) or not 0 <= noise_step < NUM_DIFFUSION_STEPS:
         raise ValueError(
             f"noise_step must be an int in [0, {NUM_DIFFUSION_STEPS - 1}] (the diffusion step of the image "
             f"corruption; the paper uses 500), got {noise_step!r}"
         )
-    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral)):
+    if noise_seed is not None and not is_int(noise_seed):
         raise ValueError(f"noise_seed must be an int, or None for fresh noise on every load, got {noise_seed!r}")
     if overflow not in OVERFLOW_MODES:
         raise ValueError(
@@ -362,7 +360,7 @@ def _indexed_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "index" not in record:
             record = {**record, "index": position}
         index = record["index"]
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+        if not is_int(index) or index < 0:
             raise ValueError(
                 f"record {position} has index {index!r}; an index must be an int >= 0 (leave it out to number "
                 "the records by position)"
