@@ -10,6 +10,10 @@ adds it to its weight row once. Programs at a position that does not start a run
 A run is read BLOCK_R rows per step: its loads are independent of one another, so a frequent token (a run of a
 few hundred rows of real text: ".", "the") costs about run / BLOCK_R memory round trips, not one per row, and
 its program no longer outlasts the whole rest of the grid.
+
+With HAS_X2 the rows come from two tensors on the same targets (ORDER's entries below N1 index X, the others X2 at
+entry - N1): the clean branch's target rows `tgt h` and the corrupted branch's `g~ h~`, which nearly cancel, are
+summed in fp32 before the weight row's one rounding.
 """
 
 import triton
@@ -22,8 +26,9 @@ from tpo_fast.kernels._cast import round_to
 def scatter_rows_kernel(
     GW, IDS, ORDER,  # [V, D] 16-bit gradient (updated in place), [R] sorted targets, [R] the row of each
     FIRST, STOP,  # [R] each sorted position's run of equal targets, [FIRST, STOP)
-    G, X,  # [R] fp32 coefficients, [R, D] rows (any float dtype)
-    D, stride_gw, stride_x,
+    G, X, X2,  # [R] fp32 coefficients, [N1, D] rows (any float dtype), [R - N1, D] rows (HAS_X2)
+    N1, D, stride_gw, stride_x, stride_x2,
+    HAS_X2: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -39,7 +44,15 @@ def scatter_rows_kernel(
         in_run = q < stop
         r = tl.load(ORDER + q, mask=in_run, other=0)
         g = tl.load(G + r, mask=in_run, other=0.0)
-        x = tl.load(X + r[:, None] * stride_x + offs[None, :], mask=in_run[:, None] & cols[None, :], other=0.0)
+        if HAS_X2:
+            in_x = r < N1
+            x = tl.load(X + r[:, None] * stride_x + offs[None, :],
+                        mask=(in_run & in_x)[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            x2 = tl.load(X2 + (r - N1)[:, None] * stride_x2 + offs[None, :],
+                         mask=(in_run & ~in_x)[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            x = tl.where(in_x[:, None], x, x2)
+        else:
+            x = tl.load(X + r[:, None] * stride_x + offs[None, :], mask=in_run[:, None] & cols[None, :], other=0.0)
         acc += g[:, None] * x.to(tl.float32)
     total = tl.sum(acc, axis=0)
     write = offs < tl.where(starts, D, 0)  # only the run's first program touches the row

@@ -11,6 +11,10 @@ no second R x V allocation). `exp(shift_s - lse)` is at most 1 (the tile max is 
 entry of P too small for its dtype stands for a softmax entry smaller still. Where `shift_s == lse == +inf` (a
 +inf logit in the tile) the factor is 1, not NaN, so that only the +inf entry's gradient is NaN (exp(inf - inf)),
 as in `exp(z - lse)`.
+
+With SPLIT_TARGET each row's target entry is written as 0, after every term: the launcher forms it in fp32 from
+the forward's target logit and adds it as a rank-1 term, with the corrupted rows' `g~ h~` into a 16-bit dW before
+one rounding (see `softmax_grad.py`).
 """
 
 import triton
@@ -26,6 +30,7 @@ def softmax_grad_inplace_kernel(
     LSE, COEF_P, Y, COEF_Y, Y2, COEF_Y2,  # [R] fp32, fp32, int64, fp32, int64 (-1: none), fp32
     R, V, S,
     HAS_Y2: tl.constexpr,
+    SPLIT_TARGET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TILE_V: tl.constexpr,  # the forward's vocabulary tile: one shift per row and tile
     INTERPRET: tl.constexpr = False,
@@ -48,7 +53,10 @@ def softmax_grad_inplace_kernel(
         scale = tl.where(shift == lse, 1.0, tl.exp(shift - lse)) * coef_p
         ptrs = P + rows64[:, None] * V + cols[None, :]
         dz = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
-        dz += tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
+        if not SPLIT_TARGET:
+            dz += tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
         if HAS_Y2:
             dz += tl.where(cols[None, :] == y2[:, None], coef_y2[:, None], 0.0)
+        if SPLIT_TARGET:  # the launcher adds the whole target entry (a y2 on it too), rank-1
+            dz = tl.where(cols[None, :] == y[:, None], 0.0, dz)
         tl.store(ptrs, round_to(dz, P.dtype.element_ty, INTERPRET), mask=mask)

@@ -61,9 +61,10 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         yield token_lse_partial_kernel, sweep(tma), {
             "HAS_BIAS": False, "WANT_ARGMAX": False, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": True,
             **gemm, "STORE_EXP": store, "GATHER": 1}, cfg.num_warps, cfg.num_stages
-    yield softmax_grad_kernel, grad_tile(tma), {
-        "HAS_BIAS": False, "HAS_ONEHOT": True, "NEED_B": False, "DOT_PRECISION": prec, "INTERPRET": False,
-        "USE_TMA": True, **gemm}, cfg.num_warps, cfg.num_stages
+    for split in (False, True):  # split: a 16-bit dW that also takes the corrupted rows (target entries apart)
+        yield softmax_grad_kernel, grad_tile(tma), {
+            "HAS_BIAS": False, "HAS_ONEHOT": True, "NEED_B": False, "SPLIT_TARGET": split, "DOT_PRECISION": prec,
+            "INTERPRET": False, "USE_TMA": True, **gemm}, cfg.num_warps, cfg.num_stages
     for flag in (False, True):
         # USE_TMA follows the flag: plain loads, and bulk tensor copies through descriptors (sm_90+)
         descs = tma if flag else {"H_DESC": p, "W_DESC": p}
@@ -71,10 +72,12 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "HAS_BIAS": flag, "WANT_ARGMAX": flag, "DOT_PRECISION": prec, "INTERPRET": False, "USE_TMA": flag,
             **gemm, "STORE_EXP": flag, "GATHER": 2 if flag else 0}, cfg.num_warps, cfg.num_stages
         # the fused-gradient losses' dZ, written over the forward's per-tile exponentials in the input dtype
+        # (SPLIT_TARGET: a 16-bit dW that also takes the corrupted rows gets the target entries apart, in fp32)
         yield softmax_grad_inplace_kernel, {
             "P": p, "M_PART": "*fp32", "LSE": "*fp32", "COEF_P": "*fp32", "Y": "*i64", "COEF_Y": "*fp32",
             "Y2": "*i64", "COEF_Y2": "*fp32", "R": "i32", "V": "i32", "S": "i32",
-        }, {"HAS_Y2": flag, "BLOCK_N": dz_rows, "TILE_V": cfg.block_v, "INTERPRET": False}, dz_warps, 3
+        }, {"HAS_Y2": flag, "SPLIT_TARGET": flag, "BLOCK_N": dz_rows, "TILE_V": cfg.block_v, "INTERPRET": False}, \
+            dz_warps, 3
         # the fused-gradient losses' Triton gradient GEMMs (grad_gemm="triton"): fp32 dH, dW in the input dtype
         yield matmul_kernel, {
             "A": p, "B": p, "C": "*fp32" if flag else p, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
@@ -82,8 +85,8 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
         }, {"ACCUMULATE": not flag, "DOT_PRECISION": prec, "INTERPRET": False, "BLOCK_M": cfg.block_n,
             "BLOCK_N": cfg.block_v, "BLOCK_K": cfg.block_d, "GROUP_M": cfg.group_n}, cfg.num_warps, cfg.num_stages
         yield softmax_grad_kernel, grad_tile(descs), {
-            "HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "DOT_PRECISION": prec, "INTERPRET": False,
-            "USE_TMA": flag, **gemm}, cfg.num_warps, cfg.num_stages
+            "HAS_BIAS": flag, "HAS_ONEHOT": not flag, "NEED_B": flag, "SPLIT_TARGET": flag, "DOT_PRECISION": prec,
+            "INTERPRET": False, "USE_TMA": flag, **gemm}, cfg.num_warps, cfg.num_stages
         yield token_stats_bwd_kernel, {
             "H": p, "W": p, "B": p, "LSE": "*fp32", "COEF": "*fp32", "Y": "*i64", "GH": "*fp32", "GW": "*fp32",
             "GB": "*fp32", "TGT": "*fp32", "N": "i32", "V": "i32", "D": "i32", "FILTER_EPS": "fp32",
@@ -98,10 +101,11 @@ def cases(dt: str, prec: str, cfg: TileConfig, atomic: TileConfig):
             "BLOCK_N": 64, "BLOCK_D": 64}, 4, 3
     if dt != "fp32":  # the backward's scaling of a stored 16-bit weight gradient
         yield scale_kernel, {"G": p, "S": "*fp32", "N": "i32"}, {"INTERPRET": False, "BLOCK": 4096}, 8, 3
-        yield scatter_rows_kernel, {
-            "GW": p, "IDS": "*i64", "ORDER": "*i64", "FIRST": "*i64", "STOP": "*i64", "G": "*fp32", "X": p, "D": "i32",
-            "stride_gw": "i32", "stride_x": "i32",
-        }, {"INTERPRET": False, "BLOCK_R": 4, "BLOCK_D": 1024}, 4, 3
+        for two in (False, True):  # the corrupted rows alone, or with the clean rows' target terms
+            yield scatter_rows_kernel, {
+                "GW": p, "IDS": "*i64", "ORDER": "*i64", "FIRST": "*i64", "STOP": "*i64", "G": "*fp32", "X": p,
+                "X2": p, "N1": "i32", "D": "i32", "stride_gw": "i32", "stride_x": "i32", "stride_x2": "i32",
+            }, {"HAS_X2": two, "INTERPRET": False, "BLOCK_R": 4, "BLOCK_D": 1024}, 4, 3
     if dt == "fp32":  # the logsumexp from the forward's fp32 tile partials, whatever the inputs' dtype
         yield lse_combine_kernel, {"M_PART": "*fp32", "S_PART": "*fp32", "LSE": "*fp32", "N": "i32", "S": "i32"}, {
             "BLOCK_N": 16, "BLOCK_S": 128}, 4, 3
@@ -119,7 +123,7 @@ def aligned(sig: dict[str, str]) -> dict:
     vector loads and the cp.async software pipeline, so shared memory is checked as it will be used."""
     names = list(sig)
     return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k in (
-        "D", "stride_dz", "stride_x", "stride_g")}
+        "D", "stride_dz", "stride_x", "stride_x2", "stride_g")}
 
 
 def resource_usage(kernel, arch: int) -> str:

@@ -106,6 +106,8 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
     triton_impl.gather_logits(h, w, b, y)
     triton_impl.gather_backward(h, w, y, f32(), (True, True, bias))
     triton_fused.softmax_grad_inplace(triton_fused.exp_tiles_and_lse(h, w, b, y, y), f32(), y, f32(), y, f32())
+    # the target entries kept in fp32 (a 16-bit dW that also takes the corrupted rows)
+    triton_fused.softmax_grad_inplace(triton_fused.exp_tiles_and_lse(h, w, b, y), f32(), y, f32(), None, None, True)
     dz = triton_fused.softmax_grad_inplace(triton_fused.exp_tiles_and_lse(h, w, b, y), f32(), y, f32(), None, None)
     if opts.grad_gemm == "triton":  # the two gradient GEMMs on the in-place dZ
         triton_fused.triton_mm(dz, w, torch.empty(n, d, dtype=torch.float32, **meta))
@@ -114,6 +116,7 @@ def drive(n: int, d: int, v: int, dtype: torch.dtype, bias: bool, corrupted: boo
     if dtype != torch.float32:  # the backward's scaling of the stored 16-bit dW, the corrupted rows' dW scatter
         triton_fused.scale_(torch.empty(v, d, dtype=dtype, **meta), torch.empty((), **meta))
         triton_fused.scatter_dw(torch.empty(v, d, dtype=dtype, **meta), y, f32(), h, w)
+        triton_fused.scatter_dw(torch.empty(v, d, dtype=dtype, **meta), y, f32(), h, w, (f32(), h))
     x = torch.empty(n, v, dtype=dtype, **meta)
     lse2, _ = logits_mod._TritonImpl.forward(x, y, -100)
     logits_mod._TritonImpl.backward(x, y, lse2, f32(), f32(), -100, True)

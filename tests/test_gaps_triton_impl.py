@@ -465,13 +465,20 @@ def test_launch_settings_reach_the_kernels(monkeypatch, compiled, dtype):
     zy = sweep.pop("ZY")
     assert zy.shape == (n,) and zy.dtype == torch.float32
     assert (grid, sweep) == ((tiles,), dict(HAS_BIAS=True, WANT_ARGMAX=True, **flags, USE_TMA=not compiled, **gemm))
+    split = dtype != torch.float32  # a 16-bit dW that also takes the corrupted rows: target entries kept apart
     assert spies["softmax_grad_kernel"].launches == [
-        ((tiles,), dict(HAS_BIAS=True, HAS_ONEHOT=True, NEED_B=True, **flags, USE_TMA=not compiled, **gemm))]
+        ((tiles,), dict(HAS_BIAS=True, HAS_ONEHOT=True, NEED_B=True, SPLIT_TARGET=split, **flags,
+                        USE_TMA=not compiled, **gemm))]
     assert spies["token_stats_bwd_kernel"].launches == [
         ((2, -(-v // atomic["BLOCK_V"])), dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=False,
                                                **flags, **atomic))]
-    assert spies["indexed_dot_fwd_kernel"].launches == [((rows,), dict(HAS_BIAS=True, **indexed))]  # the corrupted
-    assert spies["indexed_dot_bwd_kernel"].launches == [  # the atomic backward's one-hot part, then the gather's
+    # the corrupted rows' gather; 16-bit: the split backward's target logits too (given none, it gathers them)
+    assert spies["indexed_dot_fwd_kernel"].launches == [((rows,), dict(HAS_BIAS=True, **indexed))] * (1 + split)
+    # (16-bit: the split backward's rank-1 part of dH and dH~ first), the atomic backward's one-hot part, the gather's
+    assert spies["indexed_dot_bwd_kernel"].launches == [
+        ((rows,), dict(HAS_SECOND=True, ACCUM_H=True, NEED_H=True, NEED_HC=True, NEED_W=False, NEED_B=False,
+                       **indexed)),
+    ] * split + [
         ((rows,), dict(HAS_SECOND=True, ACCUM_H=True, NEED_H=True, NEED_HC=True, NEED_W=True, NEED_B=True,
                        **indexed)),
         ((rows,), dict(HAS_SECOND=False, ACCUM_H=False, NEED_H=True, NEED_HC=False, NEED_W=True, NEED_B=True,

@@ -26,17 +26,18 @@ def _compile_script(tmp_path, script: str, *args: str) -> subprocess.CompletedPr
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """Every kernel compiles; with `--regs` ptxas reports each one's registers and spills. The GEMM-shaped kernels
     as the default 16-bit paths launch them (the forward sweep, target gathered, exponentials stored or not; the
-    recompute path's gradient tile) do not spill, and the fused losses' dZ pass (memory-bound: it wants many
-    warps per SM) stays small and spill-free in every dtype."""
+    recompute path's gradient tile, with the target entries kept apart or not) do not spill, and the fused losses'
+    dZ pass (memory-bound: it wants many warps per SM) stays small and spill-free in every dtype."""
     proc = _compile_script(tmp_path, "aot_compile.py", "90", "--regs")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "compiled 62 kernels" in proc.stdout
+    assert "compiled 67 kernels" in proc.stdout
     usage = [line for line in proc.stdout.splitlines() if line.startswith("sm_90 ")]
-    assert len(usage) == 62 and all(" registers, spills " in line for line in usage), usage[:3]
+    assert len(usage) == 67 and all(" registers, spills " in line for line in usage), usage[:3]
     defaults = [line for line in usage if " fp32 " not in line and (
         " token_lse_partial_kernel [USE_TMA=True" in line and "GATHER=1" in line
-        or " softmax_grad_kernel [HAS_ONEHOT=True,USE_TMA=True]" in line)]
-    assert len(defaults) == 6 and all("spills 0/0 B" in line for line in defaults), defaults
+        or " softmax_grad_kernel [HAS_ONEHOT=True,USE_TMA=True]" in line
+        or " softmax_grad_kernel [HAS_ONEHOT=True,SPLIT_TARGET=True,USE_TMA=True]" in line)]
+    assert len(defaults) == 8 and all("spills 0/0 B" in line for line in defaults), defaults
     dz = [line for line in usage if " softmax_grad_inplace_kernel " in line]
     assert len(dz) == 6
     for line in dz:

@@ -5,6 +5,12 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 [+ coef_y2 * onehot(y2)]`; `backprop` finishes `dH = dZ W`, `dW += dZ^T H` and `db += sum dZ`.
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
+With `split_target` (a 16-bit weight whose gradient also takes the corrupted rows) `logit_grad` keeps each row's
+target entry of dZ out of the buffer, in fp32, and `backprop` adds it as a rank-1 term (`dH += tgt W[y]`,
+`dW[y] += tgt h`). The clean target term and the corrupted one `g~ h~` nearly cancel where the two images' hidden
+states are close: in a 16-bit dZ or dW the larger term's rounding error would outlive the cancellation (16% of
+the weight gradient's norm in a case built for it), so they meet in fp32 first.
+
 - `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
   whose bf16 GEMMs with bf16 inputs on a GPU or a CPU with bf16 units it shares (`torch_chunked._logits` for
   the logits, `torch_chunked.gradient_gemms` for dH and dW).
@@ -39,6 +45,7 @@ class TorchChunk:
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         self._buf: torch.Tensor | None = None
         self._sumexp: torch.Tensor | None = None
+        self._tgt: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, fp32 target entries of dZ): split_target
 
     def _gemm_args(self, h: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
         """(bf16, w32) for the GEMMs of the rows `h`: whether they run on bf16 operands, and the weight's fp32
@@ -64,11 +71,14 @@ class TorchChunk:
         self._sumexp = self._buf.sum(-1)
         return self._sumexp.log() + m.squeeze(1), z, z2
 
-    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2) -> torch.Tensor:
+    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2, split_target: bool = False) -> torch.Tensor:
         dz = self._buf.mul_((coef_p / self._sumexp)[:, None])  # coef_p * softmax, in place
         dz.scatter_add_(1, y[:, None], coef_y[:, None])
         if y2 is not None:
             dz.scatter_add_(1, _safe(y2)[:, None], coef_y2[:, None])
+        if split_target:  # the target entries leave the buffer, which the bf16 GEMMs may round
+            self._tgt = (y, dz.gather(1, y[:, None]).squeeze(1))
+            dz.scatter_(1, y[:, None], 0.0)
         return dz
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
@@ -78,6 +88,15 @@ class TorchChunk:
             self.gb += dz.sum(0)
         bf16, w32 = self._gemm_args(h)
         self.gw, dh = torch_chunked.gradient_gemms(dz, h, self.weight, w32, bf16, self.gw, self.need_w, need_h, out)
+        split, self._tgt = self._tgt, None
+        if split is not None:  # the target entries, rank-1 (fp32 gw: added in any order)
+            y, tgt = split
+            if self.gb is not None:
+                self.gb.index_add_(0, y, tgt)
+            if self.need_w:
+                self.gw.index_add_(0, y, tgt[:, None] * h.float())
+            if dh is not None:
+                dh.addcmul_(tgt[:, None], self.weight[y])
         return dh
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,6 +130,9 @@ class TritonChunk:
         self.gw: torch.Tensor | None = None  # allocated by the first chunk's GEMM
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         self._stored = None  # triton_fused.StoredChunk of the chunk in flight
+        self._tgt: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, fp32 target entries of dZ): split_target
+        # (y, tgt, h) of the clean rows' target terms, which `gather_backward` adds to dW with the corrupted rows
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def stats(self, h, y, y2):
         from tpo_fast.ops import triton_fused
@@ -118,19 +140,32 @@ class TritonChunk:
         self._stored = triton_fused.exp_tiles_and_lse(h, self.weight, self.bias, y, y2)
         return self._stored.lse, self._stored.z, self._stored.z2
 
-    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2) -> torch.Tensor:
+    def logit_grad(self, coef_p, y, coef_y, y2, coef_y2, split_target: bool = False) -> torch.Tensor:
         from tpo_fast.ops import triton_fused
 
-        return triton_fused.softmax_grad_inplace(self._stored, coef_p, y, coef_y, y2, coef_y2)
+        if split_target:
+            on_y = coef_y if y2 is None else coef_y + torch.where(y2 == y, coef_y2, 0.0)  # a second target on y
+            self._tgt = (y, triton_fused.target_entries(self._stored, coef_p, on_y))
+        return triton_fused.softmax_grad_inplace(self._stored, coef_p, y, coef_y, y2, coef_y2, split_target)
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):
-        from tpo_fast.ops import triton_fused
+        from tpo_fast.ops import triton_fused, triton_impl
 
         if self.need_w:
             self.gw = triton_fused.accumulate_dw(self.gw, dz, h, self.weight)
         if self.gb is not None:
             self.gb += dz.sum(0, dtype=torch.float32)
-        return triton_fused.mm_f32(dz, self.weight, out) if need_h else None
+        dh = triton_fused.mm_f32(dz, self.weight, out) if need_h else None
+        split, self._tgt = self._tgt, None
+        if split is not None:  # the target entries, rank-1: dH and db now, dW with the corrupted rows
+            y, tgt = split
+            if self.gb is not None:
+                self.gb.index_add_(0, y, tgt)
+            if dh is not None and y.numel():
+                with triton_impl._device_guard(h):
+                    triton_impl._launch_indexed_bwd(h, None, self.weight, y, tgt, None, dh, None, None, None, True)
+            self._rows = (y, tgt, h)
+        return dh
 
     def gather(self, hc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from tpo_fast.ops import triton_impl
@@ -147,8 +182,9 @@ class TritonChunk:
     def gather_backward(self, hc, y, g, need_hc, out=None):
         from tpo_fast.ops import triton_fused
 
+        rows, self._rows = self._rows, None  # set by a split_target `backprop` of the same rows
         if self.need_w:
-            self.gw = triton_fused.scatter_dw(self.gw, y, g, hc, self.weight)
+            self.gw = triton_fused.scatter_dw(self.gw, y, g, hc, self.weight, rows[1:] if rows is not None else None)
         if self.gb is not None:
             self.gb.index_add_(0, y, g)
         # the 16-bit rows widen inside the product (exact), one kernel into fp32

@@ -472,7 +472,9 @@ def _run(spec: _Spec, hidden, weight, bias, corrupted_hidden, needs):
                 if logp2 is not None:  # rows without a second target hold a constant 0: no gradient
                     g_logp2_r = torch.where(y2 >= 0, _row_grad(g_logp2, local, h), 0.0)
                 coef_p = -g_logp if g_logp2_r is None else -(g_logp + g_logp2_r)
-                dz = core.logit_grad(coef_p.contiguous(), y, (g_logp + g_z).contiguous(), y2, g_logp2_r)
+                # a 16-bit dW that takes the corrupted rows too: the target entries stay fp32 (fused_chunk.py)
+                split = need_w and g_zc is not None and hc is not None and weight.dtype != torch.float32
+                dz = core.logit_grad(coef_p.contiguous(), y, (g_logp + g_z).contiguous(), y2, g_logp2_r, split)
                 gh_rows = core.backprop(dz, h, need_h, _rows_out(gh, at, n, full))
                 del dz  # the logits buffer, now dZ: `release` frees it before the corrupted branch's temporaries
                 _put_rows(gh, gh_rows, rows, full)

@@ -193,7 +193,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         # Unused outputs then arrive as None, so backward skips the vocabulary sweep when only the
         # gathered logits carry gradient.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, corrupted_hidden, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, corrupted_hidden, targets, lse, z)
         logp = z - lse
         if argmax is None:
             argmax = torch.empty(0, dtype=torch.int64, device=hidden.device)
@@ -207,7 +207,7 @@ class _TokenStatsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_z, g_lse, g_zc, _g_argmax):
         params: _Params = ctx.params
         _refuse_double_backward("token_stats (token_logprobs, the losses)", params.backend)
-        hidden, weight, bias, corrupted_hidden, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, corrupted_hidden, targets, lse, z = ctx.saved_tensors
         need_h, need_w, need_b, need_hc = ctx.needs_input_grad[:4]
         # dz = g_logp * (onehot - p) + g_z * onehot + g_lse * p
         #    = (g_lse - g_logp) * p + (g_logp + g_z) * onehot
@@ -221,9 +221,10 @@ class _TokenStatsFunction(torch.autograd.Function):
             coef_y = coef_y.float().contiguous()
         g_zc = g_zc.float().contiguous() if (params.has_corrupted and g_zc is not None) else None
         impl = _impl(params.backend)
+        extra = {**ctx.options, "target_logits": z} if params.backend == "triton" else {}
         gh, gw, gb, ghc = impl.backward(
             hidden, weight, bias, corrupted_hidden, targets, lse, coef_p, coef_y, g_zc,
-            (need_h, need_w, need_b and bias is not None, need_hc and corrupted_hidden is not None), **ctx.options,
+            (need_h, need_w, need_b and bias is not None, need_hc and corrupted_hidden is not None), **extra,
         )
 
         def cast(g, like):

@@ -7,6 +7,10 @@ the bytes of fp32 logits) and takes the target logits from the tiles that hold t
 `dH = dZ W` and `dW += dZ^T H` (torch.mm; on the CPU its own GEMM), or with
 `KernelOptions.grad_gemm = "triton"` (TPO_FAST_GRAD_GEMM=triton) `matmul_kernel` with the vocabulary
 kernels' tiles, so that the two can be measured against each other.
+
+Where a 16-bit weight gradient also takes the corrupted rows, the dZ pass writes 0 at each row's target
+(`split_target`); `target_entries` forms those entries in fp32 from the forward's target logits and
+`scatter_dw` adds them to dW with the corrupted rows, in one fp32 sum per weight row (fused_chunk.py says why).
 """
 
 from __future__ import annotations
@@ -86,9 +90,11 @@ def softmax_grad_inplace(
     coef_y: torch.Tensor,
     y2: torch.Tensor | None,
     coef_y2: torch.Tensor | None,
+    split_target: bool = False,
 ) -> torch.Tensor:
     """dZ [R, V] = coef_p * softmax + coef_y * onehot(y) [+ coef_y2 * onehot(y2)] in the stored buffer's dtype,
-    written over `stored.exp` (which it returns)."""
+    written over `stored.exp` (which it returns). With `split_target` each row's target entry is 0 there instead
+    (`target_entries` gives it)."""
     buf = stored.exp
     r, v = buf.shape
     if r > 0:
@@ -100,9 +106,17 @@ def softmax_grad_inplace(
                 buf, stored.tile_max, stored.lse, coef_p, y, coef_y,
                 y2 if y2 is not None else y, coef_y2 if coef_y2 is not None else coef_y,
                 r, v, stored.tile_max.shape[1],
-                HAS_Y2=y2 is not None, BLOCK_N=block_n, TILE_V=tile_v, INTERPRET=interp, num_warps=warps,
+                HAS_Y2=y2 is not None, SPLIT_TARGET=split_target, BLOCK_N=block_n, TILE_V=tile_v,
+                INTERPRET=interp, num_warps=warps,
             )
     return buf
+
+
+def target_entries(stored: StoredChunk, coef_p: torch.Tensor, coef_y: torch.Tensor) -> torch.Tensor:
+    """[R] fp32 dZ[y], the entries `softmax_grad_inplace(..., split_target=True)` leaves out, from the forward's
+    fp32 target logits: coef_p * exp(z[y] - lse) + coef_y (coef_y holding every one-hot term on y, a second
+    target's too)."""
+    return torch.exp(stored.z - stored.lse).mul_(coef_p).add_(coef_y)
 
 
 def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
@@ -155,12 +169,21 @@ def accumulate_dw(gw: torch.Tensor | None, dz: torch.Tensor, h: torch.Tensor, we
 
 
 def scatter_dw(
-    gw: torch.Tensor | None, y: torch.Tensor, g: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor
+    gw: torch.Tensor | None,
+    y: torch.Tensor,
+    g: torch.Tensor,
+    hc: torch.Tensor,
+    weight: torch.Tensor,
+    clean: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`gw[y[i]] += g[i] * hc[i]` (the corrupted rows' rank-1 weight gradient), fp32 sums, one rounding."""
+    """`gw[y[i]] += g[i] * hc[i]` (the corrupted rows' rank-1 weight gradient) `[+ tgt[i] * h[i]]` for
+    `clean = (tgt, h)`, the clean rows' target terms on the same targets: fp32 sums, one rounding per row."""
     if gw is None:
         gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    triton_impl._scatter_rows_(gw, y, g, hc)
+    if clean is None:
+        triton_impl._scatter_rows_(gw, y, g, hc)
+    else:
+        triton_impl._scatter_rows_(gw, y, clean[0], clean[1], (g, hc))
     return gw
 
 

@@ -188,11 +188,14 @@ def forward(
     return lse, z, zc, argmax
 
 
-def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts: KernelOptions) -> None:
+def _split_backward(
+    hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts: KernelOptions, split_target: bool = False
+) -> None:
     """The clean rows' gradient, chunk by chunk over the vocabulary: a Triton kernel writes the chunk's
     `dZ = coef_p * softmax + coef_y * onehot` (input dtype, one rounding of an fp32 value), then
     `dW[chunk] = dZ.T @ H` (straight into `gw`, in its dtype) and `dH += dZ @ W[chunk]` (fp32) run as
-    dense GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most `opts.chunk_mb`."""
+    dense GEMMs (cuBLAS on a GPU). Deterministic; memory is one chunk buffer of at most `opts.chunk_mb`.
+    `split_target`: each row's target entry is 0 in dZ and in the bias gradient (the caller adds it, rank-1)."""
     (n, d), v = hidden.shape, weight.shape[0]
     cfg = tile_config(n, v, d, hidden.dtype, options=opts)
     elem = hidden.element_size()
@@ -211,6 +214,7 @@ def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, 
                 dz, gb_part if gb_part is not None else lse,
                 n, v, d, v0, width, dz.stride(0),
                 HAS_BIAS=bias is not None, HAS_ONEHOT=coef_y is not None, NEED_B=gb is not None,
+                SPLIT_TARGET=split_target,
                 DOT_PRECISION=_dot_precision(hidden.dtype, opts), INTERPRET=interpreter_enabled(), USE_TMA=use_tma,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -227,30 +231,47 @@ def _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, 
         gb.copy_(gb_part.sum(dim=0))
 
 
-def _scatter_rows_(gw: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """gw[targets[i]] += g[i] * x[i], summed in fp32 and rounded once into gw's dtype.
+def _scatter_rows_(
+    gw: torch.Tensor,
+    targets: torch.Tensor,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """gw[targets[i]] += g[i] * x[i] (+ g2[i] * x2[i] for `second = (g2, x2)`, rows on the same targets), summed
+    in fp32 and rounded once into gw's dtype.
 
     An fp32 gw takes `index_add_`. A 16-bit gw takes `scatter_rows_kernel` (`kernels/scatter_rows.py`): the
     rows sorted by target, one program per run of equal targets and block of columns, reading the run
     `_SCATTER_ROWS` rows at a time, its fp32 sum added to the weight row once. Without a host sync:
     `torch.unique` would read its output size back from the GPU (once per fused-loss chunk); the runs are
-    found by `searchsorted` on the sorted targets instead.
+    found by `searchsorted` on the sorted targets instead. With `second`, the clean rows' target terms and the
+    corrupted rows', which nearly cancel, meet in that fp32 sum.
     """
     if gw.dtype == torch.float32:
         gw.index_add_(0, targets, g[:, None] * x.float())
+        if second is not None:
+            gw.index_add_(0, targets, second[0][:, None] * second[1].float())
         return
     r, d = x.shape
     if r == 0 or d == 0:
         return
+    x2 = None
+    if second is not None:
+        g = torch.cat((g.float(), second[0].float()))
+        targets = torch.cat((targets, targets))
+        x2 = second[1].contiguous() if second[1].stride(1) != 1 else second[1]
     ids, order = targets.sort(stable=True)  # equal ids form one run, summed in row order: deterministic
     first = torch.searchsorted(ids, ids)  # each sorted position's run: [first, stop)
     stop = torch.searchsorted(ids, ids, right=True)
     x = x.contiguous() if x.stride(1) != 1 else x
     block_d = min(triton.next_power_of_2(d), 1024)
     with _device_guard(gw):
-        scatter_rows_kernel[(r, triton.cdiv(d, block_d))](
-            gw, ids, order, first, stop, g.float().contiguous(), x, d, gw.stride(0), x.stride(0),
-            INTERPRET=interpreter_enabled(), BLOCK_R=_SCATTER_ROWS, BLOCK_D=block_d, num_warps=4,
+        scatter_rows_kernel[(ids.shape[0], triton.cdiv(d, block_d))](
+            gw, ids, order, first, stop, g.float().contiguous(), x, x2 if x2 is not None else x,
+            r, d, gw.stride(0), x.stride(0), x2.stride(0) if x2 is not None else x.stride(0),
+            HAS_X2=x2 is not None, INTERPRET=interpreter_enabled(), BLOCK_R=_SCATTER_ROWS, BLOCK_D=block_d,
+            num_warps=4,
         )
 
 
@@ -266,8 +287,12 @@ def backward(
     g_zc: torch.Tensor | None,
     needs: tuple[bool, bool, bool, bool],
     options: KernelOptions | None = None,
+    target_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for (hidden, weight, bias, corrupted_hidden); see `torch_chunked.backward`.
+
+    `target_logits`: the forward's fp32 `z[y]`, from which a 16-bit weight gradient that also takes the corrupted
+    rows forms each row's target entry (gathered again when None).
 
     fp32 buffers the autograd function casts, except the weight gradient of the split backward,
     which its GEMMs write in the weight's own dtype (one rounding; no V x D fp32 buffer).
@@ -299,14 +324,29 @@ def backward(
         return gh, gw, gb, ghc
     with _device_guard(hidden):
         if split:
-            _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts)
-            if has_second:  # the corrupted rows' logit gradient is g_zc * onehot(y): rank-1 per row
+            # A 16-bit dW that also takes the corrupted rows: each row's target entry leaves the GEMMs and joins
+            # them, in fp32, in one sum per weight row (`_scatter_rows_`), as they nearly cancel; added after the
+            # GEMM's rounding instead, the rows kept the rounding error of the larger term.
+            split_target = has_second and gw is not None and gw.dtype != torch.float32
+            _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts, split_target)
+            if split_target:
+                z = target_logits if target_logits is not None else gather_logits(hidden, weight, bias, targets)
+                tgt = torch.exp(z - lse).mul_(coef_p)  # the target entries, from the forward's fp32 logits
+                if coef_y is not None:
+                    tgt += coef_y
+                if gh is not None or ghc is not None:  # gh += tgt W[y], ghc = g_zc W[y]: one gather of W[y]
+                    _launch_indexed_bwd(hidden, corrupted_hidden, weight, targets, tgt, g_zc, gh, ghc, None, None,
+                                        accum_h=True)
+                _scatter_rows_(gw, targets, tgt, hidden, (g_zc, corrupted_hidden))
+                if gb is not None:
+                    gb.index_add_(0, targets, tgt)
+            elif has_second:  # the corrupted rows' logit gradient is g_zc * onehot(y): rank-1 per row
                 if ghc is not None:
                     torch.mul(g_zc[:, None], weight[targets].float(), out=ghc)
                 if gw is not None:
                     _scatter_rows_(gw, targets, g_zc, corrupted_hidden)
-                if gb is not None:
-                    gb.index_add_(0, targets, g_zc)
+            if has_second and gb is not None:
+                gb.index_add_(0, targets, g_zc)
             return gh, gw, gb, ghc
         if fused:
             _refuse_nondeterministic(
