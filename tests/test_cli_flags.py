@@ -488,6 +488,8 @@ TRAIN_BAD_FLAGS = [
     (["--epochs", "-1", "--max-steps", "5"], "--epochs -1.0: must be >= 0; pass a value in range"),
     (["--max-steps", "0"], "--max-steps 0: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
     (["--max-steps", "-2"], "--max-steps -2: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
+    (["--noise-seed", "-2"], "--noise-seed -2: must be >= 0, or -1 for fresh noise at every load; pass a seed in "
+     "range"),
 ]
 
 

@@ -144,6 +144,9 @@ def check(a: argparse.Namespace) -> None:
     check_loss(a)
     check_model_options(a)
     check_resumed_adapter(a, checkpoint)
+    if a.noise_seed < -1:  # -1 is the one marker of fresh noise
+        raise UsageError(f"--noise-seed {a.noise_seed}: must be >= 0, or -1 for fresh noise at every load; pass a "
+                         "seed in range")
     if a.noise_seed < 0:
         cached = (("--precompute-reference", a.precompute_reference), ("--corrupted-cache", a.corrupted_cache))
         for flag, given in cached:
