@@ -210,7 +210,8 @@ part_kernel_tests() {
         tests/test_gaps_povid_loss.py tests/test_gaps_tpo_loss.py tests/test_gaps_fisao_loss.py tests/test_loss.py \
         tests/test_options.py tests/test_packing.py tests/test_triton_matmul.py tests/test_triton_scale.py \
         tests/test_triton_edges.py tests/test_determinism.py tests/test_compile.py \
-        tests/test_torch_backend_cuda.py tests/test_gemm.py \
+        tests/test_torch_backend_cuda.py tests/test_gemm.py tests/test_corrupted_dw_rounding.py \
+        tests/test_audit_primitives_dec7.py tests/test_audit_fused_dec7.py \
         tests/test_trainer_loss_path.py::test_a_cuda_step_synchronizes_once
 }
 

@@ -60,7 +60,7 @@ def _oracle(hidden, corrupted, weight, bias, targets, second=None):
 
 
 def _rel(got: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((got.double() - exact).norm() / exact.norm())
+    return float((got.double().cpu() - exact).norm() / exact.norm())
 
 
 def _assert_near_one_rounding(got, exact, dtype, factor=2.0):
@@ -85,11 +85,12 @@ def test_triton_primitive_weight_gradient_of_both_branches_is_rounded_once(dtype
     exact sum (it was 100x that), dH, dH~ and db too. With three vocabulary chunks (16-wide tiles, 32-wide chunks)
     the rows' target entries fall in different chunks' kernels."""
     hidden, corrupted, weight, b, targets = _case(dtype, bias=bias)
-    h, hc, w = (t.clone().requires_grad_() for t in (hidden, corrupted, weight))
-    bb = None if b is None else b.clone().requires_grad_()
+    dev = backend_device("triton")  # a GPU's compiled kernels where there is one
+    h, hc, w = (t.to(dev).requires_grad_() for t in (hidden, corrupted, weight))
+    bb = None if b is None else b.to(dev).requires_grad_()
     opts = {} if chunks == 1 else dict(tiles=(16, 16, 16, 4, 1, 2), chunk_mb=hidden.shape[0] * 2 * 32 / 2**20)
     with kernel_options(**opts):
-        st = tpo_fast.token_stats(h, w, targets, bias=bb, corrupted_hidden=hc, backend="triton")
+        st = tpo_fast.token_stats(h, w, targets.to(dev), bias=bb, corrupted_hidden=hc, backend="triton")
         loss = (VISUAL * st.logprobs + st.target_logits - st.corrupted_target_logits).sum()
         got = torch.autograd.grad(loss, [t for t in (h, hc, w, bb) if t is not None])
     exact = _oracle(hidden, corrupted, weight, b, targets)
@@ -101,8 +102,9 @@ def test_triton_primitive_weight_gradient_of_both_branches_is_rounded_once(dtype
 def test_primitive_without_weight_gradient_keeps_the_hidden_gradients(backend):
     """A frozen lm_head (LoRA): no dW, so no target entries leave the GEMMs; dH and dH~ as before, near one rounding."""
     hidden, corrupted, weight, _, targets = _case()
-    h, hc = hidden.clone().requires_grad_(), corrupted.clone().requires_grad_()
-    st = tpo_fast.token_stats(h, weight, targets, corrupted_hidden=hc, backend=backend)
+    dev = backend_device(backend)
+    h, hc = hidden.to(dev).requires_grad_(), corrupted.to(dev).requires_grad_()
+    st = tpo_fast.token_stats(h, weight.to(dev), targets.to(dev), corrupted_hidden=hc, backend=backend)
     got = torch.autograd.grad((VISUAL * st.logprobs + st.target_logits - st.corrupted_target_logits).sum(), (h, hc))
     exact = _oracle(hidden, corrupted, weight, None, targets)
     for g, e in zip(got, exact[:2], strict=True):
@@ -111,9 +113,10 @@ def test_primitive_without_weight_gradient_keeps_the_hidden_gradients(backend):
 
 def _fused(hidden, corrupted, weight, b, targets, backend, pairs_per_chunk, second=None):
     """fused_pair_loss over (2B, T) targets, the chunk loss the oracle's: gradients of (h, h~, W[, b])."""
-    h, hc, w = (t.clone().requires_grad_() for t in (hidden, corrupted, weight))
-    bb = None if b is None else b.clone().requires_grad_()
-    grid = targets.view(6, -1)  # 3 pairs
+    dev = backend_device(backend)  # triton: a GPU's compiled kernels where there is one
+    h, hc, w = (t.to(dev).requires_grad_() for t in (hidden, corrupted, weight))
+    bb = None if b is None else b.to(dev).requires_grad_()
+    grid = targets.view(6, -1).to(dev)  # 3 pairs
 
     def chunk_loss(c):
         m = c.mask.float()
@@ -123,7 +126,8 @@ def _fused(hidden, corrupted, weight, b, targets, backend, pairs_per_chunk, seco
     row_bytes = 4 * weight.shape[0] * 2 * grid.shape[1]  # one pair's rows of fp32 logits
     out = fused_pair_loss(h, w, grid, chunk_loss, bias=bb, corrupted_hidden=hc, backend=backend,
                           chunk_bytes=pairs_per_chunk * row_bytes,
-                          second_targets=None if second is None else second.view(6, -1), second_ignore_index=IGNORE)
+                          second_targets=None if second is None else second.view(6, -1).to(dev),
+                          second_ignore_index=IGNORE)
     return torch.autograd.grad(out.loss, [t for t in (h, hc, w, bb) if t is not None])
 
 
