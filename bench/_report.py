@@ -159,7 +159,7 @@ def step_table(group: list[dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in shown:
-        work = (f"{r['step_gflop']:.0f} · {_f(r.get('step_gflops'), '.0f')}" if r.get("step_gflop") is not None
+        work = (f"{_gflop(r['step_gflop'])} · {_gflop(r.get('step_gflops'))}" if r.get("step_gflop") is not None
                 else "—")
         out.append(
             f"| {r['label']} | {_fmt_ms(r, 'full')} | {_f(r.get('tokens_per_s'), '.0f')} | {work} "
@@ -172,6 +172,12 @@ def step_table(group: list[dict]) -> list[str]:
         out += ["", "Step median of each round (s), in the order run: " + "; ".join(
             f"{r['label']} {' / '.join(f'{ms / 1e3:.3g}' for ms in r['round_medians_ms'])}" for r in rounds) + "."]
     return _with_not_run(out, group)
+
+
+def _gflop(x: float | None) -> str:
+    """A step's GFLOP or GFLOP/s: whole numbers from 100 up, else three significant digits (a toy model's step
+    does well under one GFLOP, which a whole number showed as 0)."""
+    return "—" if x is None else f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _micro_batch(r: dict) -> str:

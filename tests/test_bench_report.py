@@ -145,7 +145,7 @@ def _step_rows() -> list[dict]:
     return [
         _step("trl-dpo-liger", "peer", "TRL DPOTrainer + Liger", status="n/a", reason="Liger needs CUDA"),
         _step("ours-tpo-shared-refcache", "ours", "cached", 3150, 3190, 3230, reference_cache_s_per_pair=0.643,
-              tokens_per_s=1170.5, **counts),
+              tokens_per_s=1170.5, step_gflop=0.04812, step_gflops=0.01509, **counts),
         _step("ours-tpo", "ours", "tpo_fast TPO step", status="OOM", reason="out of memory: 1 pair"),
         _step("ours-dpo-shared", "ours", "tpo_fast DPO step, shared prefix", 2490, 2510, 2530, step_gflop=543.0,
               full_peak_mib=472.4, speedup_vs_unshared=1.398, speedup_vs_unshared_within_noise=False, **counts),
@@ -179,7 +179,7 @@ def test_step_table_every_column(report):
         "| tpo_fast DPO step, shared prefix | 2510 ±2% | — | 543 · — | 472 / — | — | — | — | 1.40x | ok |",
         "| tpo_fast TPO step | — | — | — | — / — | — | — | — | — | OOM: out of memory: 1 pair |",
         "| tpo_fast TPO step, shared prefix | 3300 ±6% | — | — | — / — | — | — | — | — | ok |",
-        "| cached | 3190 ±3% | 1170 | — | — / — | — | — | — | — | ok |",
+        "| cached | 3190 ±3% | 1170 | 0.0481 · 0.0151 | — / — | — | — | — | — | ok |",
         "",
         "Step median of each round (s), in the order run: official TPO step 19.1 / 19.2; tpo_fast DPO step 3.5 / 3.52.",
         "",
