@@ -41,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tpo_fast.loss._checks import real_scalar
 from tpo_fast.loss.fisao import (  # noqa: F401  (the loss lives in the loss layer; re-exported here)
     ADVANTAGES,
     AGGREGATIONS,
@@ -319,9 +320,9 @@ def no_sample_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 
 def check_temperature(temperature: float) -> float:
-    """A sampling temperature as a float: finite and > 0 (ValueError), a real number (TypeError)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    """A sampling temperature as a float: finite and > 0 (ValueError), a real scalar (TypeError: the loss options'
+    rule, `real_scalar`)."""
+    temperature = real_scalar("temperature", temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0 (1: the policy itself), got {temperature!r}")
     return float(temperature)
