@@ -199,6 +199,8 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
         c.build(case, data, device)
         row["note"] = c.note()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
+        if (trained := c.trained_params()) is not None:
+            row["trained_params"] = trained
         if getattr(c, "reference_cache_s_per_pair", None) is not None:
             row["reference_cache_s_per_pair"] = c.reference_cache_s_per_pair
         counts = data.tokens(case.pairs)
@@ -266,8 +268,14 @@ def cross_check_steps(rows: list[dict]) -> None:
     differs from the oracle row's (official TPO for TPO, TRL's DPOTrainer for DPO) by more than `DROP_RTOL` becomes
     `failed check`. This catches what the first loss (ln 2 for any scoring, with policy = reference) cannot: the
     wrong tokens scored, the wrong loss, a gradient lost. Rows without an oracle in the run are noted, not failed.
+
+    And every row must train as many parameters as the oracles (`trained_params`, what its optimizer steps; the
+    oracles of both objectives train the same ones): a row that trains other parameters fails its check, whatever
+    its loss drop (a frozen vision tower moves the first drop by little).
     """
     steps = [r for r in rows if r.get("workload") == "step" and r.get("status") == "ok" and r.get("losses")]
+    _check_trained_params(steps)
+    steps = [r for r in steps if r["status"] == "ok"]
     for objective in {r.get("objective") for r in steps}:
         mine = [r for r in steps if r.get("objective") == objective]
         oracle = next((r for r in mine if r.get("oracle")), None)
@@ -295,6 +303,25 @@ def cross_check_steps(rows: list[dict]) -> None:
                          reason=f"its first optimizer step lowers the loss by {got:.6g}, {oracle['label']}'s by "
                                 f"{want:.6g} ({err:.1%} apart, tolerance {tol:.0%}): it does not train the same "
                                 f"{objective.upper()} objective")
+
+
+def _check_trained_params(steps: list[dict]) -> None:
+    """Fail, in place, each step row whose optimizer steps another number of parameters than the first oracle's."""
+    oracle = next((r for r in steps if r.get("oracle") and r.get("trained_params") is not None), None)
+    if oracle is None:
+        return
+    want = oracle["trained_params"]
+    for r in steps:
+        got = r.get("trained_params")
+        if r is oracle or got is None:
+            continue
+        errors = r.setdefault("check", {"ok": True, "errors": {}}).setdefault("errors", {})
+        errors["trained_params"] = {"err": None, "tol": None, "got": got, "want": want, "oracle": oracle["contender"]}
+        if got != want:
+            r["check"]["ok"] = False
+            r.update(status="failed check",
+                     reason=f"its optimizer steps {got:,} parameters, {oracle['label']}'s {want:,}: it does not "
+                            f"train the same parameters")
 
 
 def run_step_contender(job: dict) -> list[dict]:

@@ -177,6 +177,9 @@ class Scripted:
     def note(self):
         return "a scripted step; built"
 
+    def trained_params(self):
+        return 12  # the numbers its optimizer would step (`cross_check_steps` compares them)
+
     def label_for(self, workload):
         return f"scripted ({workload})"
 
@@ -227,7 +230,8 @@ def test_time_phase_row(mods, monkeypatch):
     assert (c.mem.starts, c.total.device) == (4, "cpu")  # once before the model, then per timed step
     assert row == {
         "status": "ok", "reason": "", "note": "a scripted step; built", "objective": "tpo", "oracle": False,
-        "setup_s": 2.2, "tokens": 1000, "response_tokens": 400, "padded_positions": 50, "seq_len": 300,
+        "setup_s": 2.2, "trained_params": 12, "tokens": 1000, "response_tokens": 400, "padded_positions": 50,
+        "seq_len": 300,
         "check": {"ok": True, "errors": {"first_loss": {"err": 0.0, "tol": 1e-3},
                                          "first_drop": {"err": None, "tol": None, "drop": LN2 - 0.5, "min": 1e-4}}},
         "losses": [LN2, 0.5, 0.4, 0.3, 0.2],
@@ -375,6 +379,34 @@ def test_cross_check_fails_a_step_that_trains_another_objective(mods):
     measure_step.cross_check_steps(tiny)
     assert tiny[1]["status"] == "ok"
     assert "within bf16 noise" in tiny[1]["check"]["errors"]["first_drop_vs_oracle"]["note"]
+
+
+def test_cross_check_fails_a_step_that_trains_other_parameters(mods):
+    """Every row's optimizer must step as many numbers as the first oracle's (`trained_params`), whatever its loss
+    drop: a row that left the vision tower frozen fails its check even with the oracle's drop, and is then not
+    judged on its drop; a row without the count, and every row of a run without an oracle, are not judged on it."""
+    measure_step, _ = mods
+    rows = [
+        _row("official-tpo", "tpo", [1.0, 0.5], oracle=True, trained_params=1_234_567),
+        _row("trl-dpo", "dpo", [1.0, 0.6], oracle=True, trained_params=1_234_567),
+        _row("ours-tpo", "tpo", [1.0, 0.5], trained_params=1_234_567),
+        _row("frozen-tower", "tpo", [1.0, 0.5], trained_params=1_000_000),  # the oracle's drop, other parameters
+        _row("uncounted", "dpo", [1.0, 0.6]),
+    ]
+    measure_step.cross_check_steps(rows)
+    by = {r["contender"]: r for r in rows}
+    assert by["ours-tpo"]["status"] == "ok" and by["ours-tpo"]["check"]["errors"]["trained_params"] == {
+        "err": None, "tol": None, "got": 1_234_567, "want": 1_234_567, "oracle": "official-tpo"}
+    assert by["trl-dpo"]["status"] == "ok" and by["trl-dpo"]["check"]["ok"]  # the second oracle, checked too
+    bad = by["frozen-tower"]
+    assert bad["status"] == "failed check" and bad["check"]["ok"] is False
+    assert bad["reason"] == ("its optimizer steps 1,000,000 parameters, OFFICIAL-TPO's 1,234,567: it does not train "
+                             "the same parameters")
+    assert "first_drop_vs_oracle" not in bad["check"]["errors"]
+    assert by["uncounted"]["status"] == "ok" and "trained_params" not in by["uncounted"]["check"]["errors"]
+    alone = [_row("ours-a", "tpo", [1.0, 0.5], trained_params=1), _row("ours-b", "tpo", [1.0, 0.5], trained_params=2)]
+    measure_step.cross_check_steps(alone)
+    assert all(r["status"] == "ok" and "trained_params" not in r["check"]["errors"] for r in alone)
 
 
 def test_cross_check_writes_each_verdict_in_full(mods):

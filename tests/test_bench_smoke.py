@@ -326,6 +326,9 @@ def test_step_contenders_run_their_lora_matmuls_under_bf16_autocast(name):
         for h in hooks:
             h.remove()
     assert seen and set(seen) == {(True, torch.bfloat16)}, set(seen)
+    # what its optimizer steps, which `cross_check_steps` compares across contenders: the adapters' numbers, all
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert lora > 0 and contender.trained_params() == lora
 
 
 def test_sdpa_step_contender_turns_the_varlen_call_off(monkeypatch):
@@ -945,6 +948,8 @@ def test_runner_step_workload(tmp_path):
     assert by[("step-tiny", "ours-tpo")]["step_gflop"] > by[("step-tiny", "ours-tpo-shared")]["step_gflop"]
     tokens = {by[("step-tiny", n)]["tokens"] for n in ("official-tpo", "trl-dpo", "ours-tpo")}
     assert len(tokens) == 1  # the same pairs, the same count, for every contender
+    trained = {by[("step-tiny", n)]["trained_params"] for n in ("official-tpo", "trl-dpo", "ours-tpo")}
+    assert len(trained) == 1 and trained.pop() > 0  # as many numbers trained by every contender
     trl = by[("step-tiny", "trl-dpo")]["note"]
     assert "options used:" in trl and "not used: padding_free" in trl and "not used: precompute_ref_log_probs" in trl
     if not torch.cuda.is_available():

@@ -122,6 +122,15 @@ class StepContender(Contender):
     def note(self) -> str:
         return "; ".join([self.workloads["step"], *self.notes])
 
+    def trained_params(self) -> int | None:
+        """How many numbers its optimizer steps (`self.optimizer`, else its trainer's; None without either): every
+        contender of a case must train the same parameters (`cross_check_steps`), which the loss drop alone cannot
+        tell apart from, say, a vision tower left frozen."""
+        opt = getattr(self, "optimizer", None) or getattr(getattr(self, "trainer", None), "optimizer", None)
+        if opt is None:
+            return None
+        return sum(p.numel() for group in opt.param_groups for p in group["params"])
+
 
 # The official step structure ----------------------------------------------------------------------
 def _official_scores(logits: torch.Tensor, corrupted_logits: torch.Tensor, labels: torch.Tensor, chosen: bool):
