@@ -109,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="step workload: seconds per contender for the largest-micro-batch search (default: the case's; "
         "0 skips the search)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the inputs (step cases: pairs and model weights), the same for every contender")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads in each child (default: torch's)"
     )

@@ -692,3 +692,17 @@ def test_a_micro_batch_cycles_through_the_records(tiny):
     batch = data.padded_batch(n + 1)
     assert batch["input_ids"].shape[0] == 2 * (n + 1)
     assert torch.equal(batch["input_ids"][n], batch["input_ids"][0])  # the (n+1)-th pair is the first again
+
+
+@pytest.mark.parametrize("name", ["official-tpo", "ours-tpo"])
+def test_step_contenders_build_the_model_of_the_run_seed(mods, name):
+    """`--seed` reaches the step model's weights, not only the pairs: a contender built on `StepData(case, seed)`
+    starts from `build_model(..., seed=seed)` (every contender alike), which another seed changes."""
+    contenders, workload, _ = mods
+    case = dataclasses.replace(workload.STEP_CASES["step-tiny"], search_s=0)
+    c = contenders.step_contenders()[name]
+    c.build(case, workload.StepData(case, 3), "cpu")
+    model = c.policy if name == "official-tpo" else c.trainer.model
+    image_token = model.config.image_token_id
+    assert torch.equal(model.lm_head.weight, workload.build_model(case, image_token, "cpu", seed=3).lm_head.weight)
+    assert not torch.equal(model.lm_head.weight, workload.build_model(case, image_token, "cpu").lm_head.weight)

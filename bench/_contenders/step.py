@@ -161,7 +161,7 @@ class OfficialTPOStep(StepContender):
 
     def build(self, case, data, device):
         self.device, self.data = device, data
-        policy = build_model(case, data.image_token_id, device)
+        policy = build_model(case, data.image_token_id, device, seed=data.seed)
         if case.lora:
             from peft import get_peft_model
 
@@ -275,7 +275,7 @@ class TRLDPOStep(StepContender):
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        model = build_model(case, data.image_token_id, device)
+        model = build_model(case, data.image_token_id, device, seed=data.seed)
         ref = None if case.lora else copy.deepcopy(model).requires_grad_(False).eval()
         # Checkpointing off under the name this transformers reads (5.2x renamed it and warns on the old one).
         checkpointing = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
@@ -457,7 +457,7 @@ class OursStep(StepContender):
             learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
             disable_tqdm=True, bf16=case.dtype == "bf16", **extra,
         )
-        model = build_model(case, data.image_token_id, device)
+        model = build_model(case, data.image_token_id, device, seed=data.seed)
         scoring: list[float] = []
 
         class Trainer(TPOTrainer):

@@ -264,7 +264,7 @@ class StepData:
     def __init__(self, case: StepCase, seed: int = 0):
         from tpo_fast.trainer.data import PreferenceDataset
 
-        self.case = case
+        self.case, self.seed = case, seed  # the run's --seed: the pairs' and the model's (`build_model`)
         self.records = make_records(case, seed)
         self.processor = build_processor(case)
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
