@@ -486,6 +486,7 @@ TRAIN_BAD_FLAGS = [
     (["--epochs", "inf"], "--epochs inf: must be a finite number > 0 when --max-steps is -1 (the epochs decide the "
      "run's length); pass a number of passes, e.g. 1, or --max-steps N"),
     (["--epochs", "-1", "--max-steps", "5"], "--epochs -1.0: must be >= 0; pass a value in range"),
+    (["--epochs", "nan", "--max-steps", "5"], "--epochs nan: must be a number >= 0; pass a value in range"),
     (["--max-steps", "0"], "--max-steps 0: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
     (["--max-steps", "-2"], "--max-steps -2: must be >= 1, or -1 to train --epochs passes; pass a value in range"),
     (["--noise-seed", "-2"], "--noise-seed -2: must be >= 0, or -1 for fresh noise at every load; pass a seed in "

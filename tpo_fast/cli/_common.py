@@ -117,7 +117,8 @@ def need_at_least(**minimums: tuple[float | None, float]) -> None:
     for name, (value, minimum) in minimums.items():
         if value is not None and not value >= minimum:
             flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {value}: must be >= {minimum:g}; pass a value in range")
+            what = "a number " if value != value else ""  # NaN: not below the minimum, no number at all
+            raise UsageError(f"{flag} {value}: must be {what}>= {minimum:g}; pass a value in range")
 
 
 def need_seed(seed: int) -> None:

@@ -6,10 +6,11 @@ and keeps them; `logit_grad` overwrites them with `dZ = coef_p * softmax + coef_
 The corrupted branch only ever needs the gathered logit `h~ . W[y]` and its rank-1 gradient.
 
 With `split_target` (a 16-bit weight whose gradient also takes the corrupted rows) `logit_grad` keeps each row's
-target entry of dZ out of the buffer, in fp32, and `backprop` adds it as a rank-1 term (`dH += tgt W[y]`,
-`dW[y] += tgt h`). The clean target term and the corrupted one `g~ h~` nearly cancel where the two images' hidden
-states are close: in a 16-bit dZ or dW the larger term's rounding error would outlive the cancellation (16% of
-the weight gradient's norm in a case built for it), so they meet in fp32 first.
+target entry of dZ out of the buffer, in fp32, and it is added as a rank-1 term: `dH += tgt W[y]` in `backprop`,
+`dW[y] += tgt h` there too (TorchChunk, whose dW is fp32) or with the corrupted rows in `gather_backward`
+(TritonChunk, whose dW is in the weight's dtype). The clean target term and the corrupted one `g~ h~` nearly
+cancel where the two images' hidden states are close: in a 16-bit dZ or dW the larger term's rounding error would
+outlive the cancellation (16% of the weight gradient's norm in a case built for it), so they meet in fp32 first.
 
 - `TorchChunk`: fp32 math in plain PyTorch (any device, any GEMM library), like `torch_chunked.py`,
   whose bf16 GEMMs with bf16 inputs on a GPU or a CPU with bf16 units it shares (`torch_chunked._logits` for
