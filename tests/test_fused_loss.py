@@ -700,6 +700,24 @@ def test_primitives_given_their_rows_read_nothing_back(backend):
             tpo_fast.token_stats(h, w, flat, backend=backend, valid_rows=bad)
         with pytest.raises(err, match=match):
             tpo_fast.target_logits(h, w, flat, backend=backend, valid_rows=bad)
+    # what is checked on the device without a read-back (on the CPU an error now; on CUDA a device-side assert)
+    ignored = int((~valid).nonzero()[0])
+    wrong = {
+        "an ignored row listed": torch.cat([rows[1:], rows.new_tensor([ignored])]).sort().values,
+        "a row left out": rows[1:],
+        "descending": rows.flip(0),
+        "a row twice": torch.cat([rows[:1], rows[:-1]]),
+        "past the last row": torch.cat([rows[:-1], rows.new_tensor([h.shape[0]])]),
+    }
+    for bad in wrong.values():
+        for call in (tpo_fast.token_stats, tpo_fast.target_logits):
+            with pytest.raises(RuntimeError, match=r"valid_rows must be the ascending indices of exactly the rows "
+                                                   r"whose target is not ignore_index, each target in \[0, V\)"):
+                call(h, w, flat, backend=backend, valid_rows=bad)
+    flat_out = flat.clone()
+    flat_out[rows[0]] = w.shape[0]  # a listed row's target out of range
+    with pytest.raises(RuntimeError, match="valid_rows must be the ascending indices"):
+        tpo_fast.token_stats(h, w, flat_out, backend=backend, valid_rows=rows)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

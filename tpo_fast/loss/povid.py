@@ -135,7 +135,7 @@ def noisy_argmax(weight, corrupted_hidden, chosen_targets, bias, ignore_index: i
     with torch.no_grad():
         argmax = token_stats(
             corrupted_hidden.detach(), weight.detach(), chosen_targets, bias=None if bias is None else bias.detach(),
-            ignore_index=ignore_index, return_argmax=True, backend=backend, valid_rows=valid_rows,
+            ignore_index=ignore_index, return_argmax=True, backend=backend, valid_rows=valid_rows, check_rows=False,
         ).argmax
     none = no_noisy_token(ignore_index)
     return torch.where(chosen_targets != ignore_index, argmax, torch.full_like(argmax, none))
@@ -197,13 +197,15 @@ def _sequence_scores(weight, h, hc, targets, bias, rows: _Rows | None, average_l
     all_rows, chosen_rows = (None, None) if rows is None else (rows.all, rows.chosen)
 
     # Clean branch, chosen and hallucinated rows: logp and the differentiable lse in one sweep.
-    stats = token_stats(h, weight, flat, bias=bias, ignore_index=ignore_index, backend=backend, valid_rows=all_rows)
+    # its own count of the rows (`check_rows=False`: no device checks of what it made itself)
+    stats = token_stats(h, weight, flat, bias=bias, ignore_index=ignore_index, backend=backend, valid_rows=all_rows,
+                        check_rows=False)
     chosen_valid = chosen_flat != ignore_index
     noisy_targets = noisy_argmax(weight, hc, chosen_flat, bias, ignore_index, backend, chosen_rows)
     # Second gather from the same lse: logp(a_t) = z_t[a_t] - lse_t under the clean image. Its targets carry a
     # token exactly where the chosen ones do (an argmax is always in range).
     z_noisy = target_logits(h[:n_chosen], weight, noisy_targets, bias=bias, ignore_index=no_noisy_token(ignore_index),
-                            backend=backend, valid_rows=chosen_rows)
+                            backend=backend, valid_rows=chosen_rows, check_rows=False)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     logp_noisy = torch.where(chosen_valid, z_noisy - stats.lse[:n_chosen], zero)
 

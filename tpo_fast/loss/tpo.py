@@ -188,10 +188,11 @@ def _token_metrics(metrics: dict, logprobs: torch.Tensor, visual_scores: torch.T
     return metrics
 
 
-def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index, backend, valid_rows=None):
+def _branch_stats(weight, hidden, corrupted_hidden, targets, bias, ignore_index, backend, valid_rows=None,
+                  check_rows=True):
     """(2B, T) fp32 logp and visual score `z - z~` (None without corrupted hidden) from one primitive call."""
     stats = token_stats(hidden, weight, targets.flatten(), bias=bias, corrupted_hidden=corrupted_hidden,
-                        ignore_index=ignore_index, backend=backend, valid_rows=valid_rows)
+                        ignore_index=ignore_index, backend=backend, valid_rows=valid_rows, check_rows=check_rows)
     logp = stats.logprobs.view(targets.shape)
     s = None
     if stats.corrupted_target_logits is not None:
@@ -232,6 +233,7 @@ def reference_sequence_scores(
     ignore_index: int = -100,
     backend: str = "auto",
     valid_rows: torch.Tensor | None = None,
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """The reference model's `S_ref` per sequence, fp32 (2B,), under `torch.no_grad()`.
 
@@ -240,7 +242,8 @@ def reference_sequence_scores(
     weight (V, D), hidden and corrupted_hidden (2B, T, D) or (2B*T, D), targets (2B, T), bias (V,).
     `corrupted_hidden` may be None only when `weighting="none"`. `valid_rows`: the flat indices of the targets
     that are not `ignore_index`, counted and range-checked by the caller (`tpo_fast.token_stats`'s), so that the
-    call reads nothing back from the device (a trainer's host copy of its labels holds the count).
+    call reads nothing back from the device (a trainer's host copy of its labels holds the count); `check_rows`: as
+    for `token_stats` (checked on the device unless False).
     """
     check_loss_options(0.1, weighting, offset)
     check_flags(average_log_prob=average_log_prob)
@@ -248,7 +251,7 @@ def reference_sequence_scores(
     targets = check_targets(targets)
     h, hc = _branch_rows(hidden, corrupted_hidden if weighting == "tpo" else None, targets, weighting, weight=weight)
     with torch.no_grad():
-        logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend, valid_rows)
+        logp, s = _branch_stats(weight, h, hc, targets, bias, ignore_index, backend, valid_rows, check_rows)
         return scores_of(logp, s, targets != ignore_index, weighting, float(offset), bool(average_log_prob))
 
 

@@ -74,9 +74,11 @@ class _Compaction:
     """
 
     def __init__(self, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int,
-                 valid_rows: torch.Tensor | None = None) -> None:
+                 valid_rows: torch.Tensor | None = None, check_rows: bool = False) -> None:
         self.n = valid.shape[0]
         if valid_rows is not None:  # the caller's own read-back found these rows, their targets in range
+            if check_rows:
+                _assert_rows(targets, valid, valid_rows, vocab_size)
             self.active = valid_rows.numel() != self.n
             self.rows = valid_rows if self.active else None
             return
@@ -122,6 +124,24 @@ def _check_valid_rows(valid_rows: object, n_rows: int, device: torch.device) -> 
         raise ValueError(f"valid_rows must be on the device of hidden ({device}), got {valid_rows.device}")
     if valid_rows.numel() > n_rows:
         raise ValueError(f"valid_rows holds {valid_rows.numel()} indices for {n_rows} rows")
+
+
+ROWS_CONTRACT = ("valid_rows must be the ascending indices of exactly the rows whose target is not ignore_index, "
+                 "each target in [0, V); pass valid_row_index(targets != ignore_index, count) of these targets")
+
+
+def _assert_rows(targets: torch.Tensor, valid: torch.Tensor, valid_rows: torch.Tensor, vocab_size: int) -> None:
+    """A caller's `valid_rows` checked without reading the device back (`torch._assert_async`: on the CPU an error
+    at once, on CUDA a device-side assert at the next synchronization, instead of kernels that read and write out
+    of bounds): in [0, N), strictly ascending, as many as the target-carrying rows, each of them one, its target
+    in [0, V). About a dozen small kernels over N and K entries."""
+    n = valid.shape[0]
+    in_range = ((valid_rows >= 0) & (valid_rows < n)).all()
+    rows = valid_rows.clamp(0, max(n - 1, 0))
+    y = targets.index_select(0, rows)
+    ok = in_range & (valid.sum() == valid_rows.numel()) & valid.index_select(0, rows).all()
+    ok = ok & ((y >= 0) & (y < vocab_size)).all() & (rows[1:] > rows[:-1]).all()
+    torch._assert_async(ok, f"tpo_fast: {ROWS_CONTRACT}")
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -251,6 +271,7 @@ def token_stats(
     return_argmax: bool = False,
     backend: str = "auto",
     valid_rows: torch.Tensor | None = None,
+    check_rows: bool = True,
 ) -> TokenStats:
     """Every per-token statistic TPO, DPO and POVID need, from one sweep over the vocabulary.
 
@@ -268,8 +289,12 @@ def token_stats(
             `ignore_index`, their targets already checked in range, from a read-back the caller made once for
             several calls (`valid_row_index`). The call then reads nothing back from the device (on CUDA a
             read-back waits for the GPU to drain); without it, the call counts the rows and checks the range in
-            one read-back of its own. They must be exactly those rows: checking that would take the read-back
-            they spare (the reference backend, which compacts nothing, ignores them).
+            one read-back of its own. They must be exactly those rows (the reference backend, which compacts
+            nothing, ignores them).
+        check_rows: check `valid_rows` on the device without a read-back (`torch._assert_async`, about a dozen
+            small kernels: on the CPU an error naming the contract, on CUDA a device-side assert at the next
+            synchronization, where a wrong list would make the triton kernels read and write out of bounds).
+            The library's own callers, whose rows come from `valid_row_index` of the same targets, pass False.
 
     Returns:
         `TokenStats` of (N,) tensors; `logprobs`, `target_logits`, `lse` and
@@ -283,11 +308,11 @@ def token_stats(
     """
     with autocast_off():
         return _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend,
-                            valid_rows)
+                            valid_rows, check_rows)
 
 
 def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax, backend,
-                 valid_rows) -> TokenStats:
+                 valid_rows, check_rows) -> TokenStats:
     """`token_stats` itself, run by it inside an autocast-free region."""
     backend, targets, valid = _prepare(hidden, weight, targets, bias, corrupted_hidden, ignore_index, backend)
     if valid_rows is not None:
@@ -296,7 +321,7 @@ def _token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, 
         return TokenStats(
             *reference_token_stats(hidden, weight, targets, bias, corrupted_hidden, ignore_index, return_argmax)
         )
-    rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows)
+    rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows, check_rows)
     params = _Params(backend=backend, want_argmax=return_argmax, has_corrupted=corrupted_hidden is not None)
     logp, z, lse, zc, argmax = _TokenStatsFunction.apply(
         rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(corrupted_hidden), rows.take(targets),
@@ -374,13 +399,15 @@ def target_logits(
     ignore_index: int = -100,
     backend: str = "auto",
     valid_rows: torch.Tensor | None = None,
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """The gathered logit alone, fp32 `hidden[i] . weight[targets[i]] (+ bias[targets[i]])`, O(N * D).
 
     This is all a TPO corrupted-image branch needs. hidden (N, D), weight (V, D), targets (N,).
     Rows whose target is `ignore_index` give 0 and no gradient. The backward is rank-1:
     `d hidden[i] = g[i] * weight[targets[i]]`, `d weight[targets[i]] += g[i] * hidden[i]`.
-    Autocast is off inside, and `valid_rows` spares the call its read-back, as for `token_stats`.
+    Autocast is off inside, and `valid_rows` spares the call its read-back, as for `token_stats` (`check_rows`
+    too).
     """
     with autocast_off():
         backend, targets, valid = _prepare(hidden, weight, targets, bias, None, ignore_index, backend)
@@ -388,7 +415,7 @@ def target_logits(
             _check_valid_rows(valid_rows, targets.shape[0], hidden.device)
         if backend == "reference":
             return reference_target_logits(hidden, weight, targets, bias, ignore_index)
-        rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows)
+        rows = _Compaction(targets, valid, weight.shape[0], ignore_index, valid_rows, check_rows)
         z = _TargetLogitsFunction.apply(
             rows.take(hidden), weight.contiguous(), _contiguous(bias), rows.take(targets), backend
         )

@@ -503,13 +503,13 @@ def sequence_reference_scores(
             if options.objective == "tpo":
                 return reference_sequence_scores(
                     weight, hidden, corrupted_hidden, targets, bias, weighting=options.weighting,
-                    offset=options.offset, valid_rows=rows, **opts,
+                    offset=options.offset, valid_rows=rows, check_rows=False, **opts,
                 )
             from tpo_fast import token_stats
 
             flat = targets.reshape(-1)
             stats = token_stats(hidden.reshape(flat.numel(), -1), weight, flat, bias, None,
-                                options.ignore_index, backend=options.backend, valid_rows=rows)
+                                options.ignore_index, backend=options.backend, valid_rows=rows, check_rows=False)
             mask = (targets != options.ignore_index).float()
             scores = (stats.logprobs.view(targets.shape) * mask).sum(-1)
             return scores / mask.sum(-1).clamp_min(1) if options.average_log_prob else scores
