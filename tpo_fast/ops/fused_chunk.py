@@ -142,11 +142,11 @@ class TritonChunk:
         return self._stored.lse, self._stored.z, self._stored.z2
 
     def logit_grad(self, coef_p, y, coef_y, y2, coef_y2, split_target: bool = False) -> torch.Tensor:
-        from tpo_fast.ops import triton_fused
+        from tpo_fast.ops import triton_fused, triton_impl
 
         if split_target:
             on_y = coef_y if y2 is None else coef_y + torch.where(y2 == y, coef_y2, 0.0)  # a second target on y
-            self._tgt = (y, triton_fused.target_entries(self._stored, coef_p, on_y))
+            self._tgt = (y, triton_impl.target_entries(self._stored.z, self._stored.lse, coef_p, on_y))
         return triton_fused.softmax_grad_inplace(self._stored, coef_p, y, coef_y, y2, coef_y2, split_target)
 
     def backprop(self, dz: torch.Tensor, h: torch.Tensor, need_h: bool, out: torch.Tensor | None = None):

@@ -9,7 +9,7 @@ the bytes of fp32 logits) and takes the target logits from the tiles that hold t
 kernels' tiles, so that the two can be measured against each other.
 
 Where a 16-bit weight gradient also takes the corrupted rows, the dZ pass writes 0 at each row's target
-(`split_target`); `target_entries` forms those entries in fp32 from the forward's target logits and
+(`split_target`); `triton_impl.target_entries` forms those entries in fp32 from the forward's target logits and
 `scatter_dw` adds them to dW with the corrupted rows, in one fp32 sum per weight row (fused_chunk.py says why).
 """
 
@@ -94,7 +94,7 @@ def softmax_grad_inplace(
 ) -> torch.Tensor:
     """dZ [R, V] = coef_p * softmax + coef_y * onehot(y) [+ coef_y2 * onehot(y2)] in the stored buffer's dtype,
     written over `stored.exp` (which it returns). With `split_target` each row's target entry is 0 there instead
-    (`target_entries` gives it)."""
+    (`triton_impl.target_entries` of the stored target logits gives it)."""
     buf = stored.exp
     r, v = buf.shape
     if r > 0:
@@ -110,13 +110,6 @@ def softmax_grad_inplace(
                 INTERPRET=interp, num_warps=warps,
             )
     return buf
-
-
-def target_entries(stored: StoredChunk, coef_p: torch.Tensor, coef_y: torch.Tensor) -> torch.Tensor:
-    """[R] fp32 dZ[y], the entries `softmax_grad_inplace(..., split_target=True)` leaves out, from the forward's
-    fp32 target logits: coef_p * exp(z[y] - lse) + coef_y (coef_y holding every one-hot term on y, a second
-    target's too)."""
-    return torch.exp(stored.z - stored.lse).mul_(coef_p).add_(coef_y)
 
 
 def triton_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:

@@ -231,6 +231,15 @@ def _split_backward(
         gb.copy_(gb_part.sum(dim=0))
 
 
+def target_entries(
+    z: torch.Tensor, lse: torch.Tensor, coef_p: torch.Tensor, coef_y: torch.Tensor | None
+) -> torch.Tensor:
+    """[R] fp32 dZ[y], the target entries a `SPLIT_TARGET` gradient kernel leaves out, from the forward's fp32 target
+    logits `z` and logsumexp: coef_p * exp(z - lse) (+ coef_y, every one-hot term on y)."""
+    tgt = torch.exp(z - lse).mul_(coef_p)
+    return tgt if coef_y is None else tgt.add_(coef_y)
+
+
 def _scatter_rows_(
     gw: torch.Tensor,
     targets: torch.Tensor,
@@ -331,9 +340,7 @@ def backward(
             _split_backward(hidden, weight, bias, targets, lse, coef_p, coef_y, gh, gw, gb, opts, split_target)
             if split_target:
                 z = target_logits if target_logits is not None else gather_logits(hidden, weight, bias, targets)
-                tgt = torch.exp(z - lse).mul_(coef_p)  # the target entries, from the forward's fp32 logits
-                if coef_y is not None:
-                    tgt += coef_y
+                tgt = target_entries(z, lse, coef_p, coef_y)
                 if gh is not None or ghc is not None:  # gh += tgt W[y], ghc = g_zc W[y]: one gather of W[y]
                     _launch_indexed_bwd(hidden, corrupted_hidden, weight, targets, tgt, g_zc, gh, ghc, None, None,
                                         accum_h=True)
