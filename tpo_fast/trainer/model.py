@@ -42,6 +42,7 @@ from tpo_fast.trainer.adapters import adapters_disabled
 from tpo_fast.trainer.packing import (
     Packing,
     PackingMode,
+    check_targets,
     host_copy,
     packing_mode,
     response_window,
@@ -238,6 +239,7 @@ def branch_hidden(
         clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
     else:
         clean_feats = encode_images(llava, clean_px)
+    _check_image_placeholders(host.input_ids, image_token_id(llava.model), clean_feats)
 
     packs = {}  # by row count: TPO's corrupted branch reuses the clean branch's packing
     # One token-embedding lookup for both branches (they differ only at the image placeholders, which each
@@ -277,6 +279,23 @@ def branch_hidden(
                 corrupted_feats = encode_images(llava, batch["corrupted_pixel_values"])
             corrupted_hidden = run(len(rows) if corrupted_rows == "all" else len(index), corrupted_feats)
     return hidden, corrupted_hidden
+
+
+def _check_image_placeholders(input_ids: torch.Tensor, token_id: int, features: torch.Tensor) -> None:
+    """Every row of the (2B, T) host `input_ids` holds one image's placeholders (`features`: (U, image_tokens, D)):
+    the features are scattered into the placeholders in order, so a row with more placeholders would silently take
+    the next row's image features, where the total still matches."""
+    if features.dim() != 3:
+        return
+    counts = (input_ids == token_id).sum(1)
+    bad = (counts != features.shape[1]).nonzero().flatten().tolist()
+    if bad:
+        r, pairs = bad[0], input_ids.shape[0] // 2
+        raise ValueError(
+            f"pair {r % pairs}'s {'chosen' if r < pairs else 'rejected'} row holds {int(counts[r])} image placeholders "
+            f"(token id {token_id}), where each row holds its pair's one image: {features.shape[1]} placeholders, as "
+            f"TPOCollator writes them"
+        )
 
 
 class HostBatch(NamedTuple):
@@ -319,6 +338,10 @@ def _remember(batch: dict[str, torch.Tensor], host_tensors: list[torch.Tensor], 
     ids, mask, labels, index = host_tensors
     targets = shift_labels(labels, ignore_index)
     host = HostBatch(ids, mask, index, targets != ignore_index, targets)
+    if any(batch[k].is_inference() for k in HOST_KEYS):
+        # tensors made under torch.inference_mode track no version, so an in-place change could not be seen: not kept
+        _LAST_HOST.clear()
+        return host
     _LAST_HOST[:] = [[(weakref.ref(batch[k]), batch[k]._version) for k in HOST_KEYS] + [ignore_index], host]
     return host
 
@@ -385,6 +408,9 @@ def _response_branches(llava, batch, options: StepOptions):
     host = host_batch(batch, options.ignore_index)  # the plan's one read-back (none for the step's second pass)
     check_batch_images(batch, host.image_index)
     window = response_window(host.targets, options.ignore_index)
+    # every step, packed or not: a padded step would score an empty response 0, a label on padding at a padding
+    # position, silently
+    check_targets(host.attention_mask, host.has_target, paired=True)
     hidden, corrupted_hidden = branch_hidden(llava, batch, options.corrupted_rows, options.corrupted_grad, host,
                                              window, packing_mode(llava, options.shared_prefix, options.padding_free))
     targets = shift_labels(batch["labels"], options.ignore_index)

@@ -170,13 +170,11 @@ def host_to_device(tensors: list[torch.Tensor], device: torch.device) -> list[to
     return _views(flat, tensors)
 
 
-def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> torch.Tensor:
-    """(R,) tokens each row keeps: up to and including its last position with a target."""
-    rows, width = targets_valid.shape
-    lengths = attention_mask.sum(1)
-    if not bool((attention_mask == (torch.arange(width) < lengths[:, None])).all()):
-        raise ValueError("packing needs right-padded rows (attention_mask 1...1 0...0); "
-                         "set shared_prefix=False and padding_free=False for other layouts")
+def check_targets(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> None:
+    """Raise ValueError for a row without any target (an empty response) or a target on padding, in any padding
+    layout. `attention_mask`, `targets_valid`: (R, T) bool host tensors (`targets_valid`: the shifted labels are
+    not ignore_index); `paired`: the rows are B chosen, then B rejected rows (named as a pair's in the error)."""
+    rows = targets_valid.shape[0]
     empty = (~targets_valid.any(1)).nonzero().flatten().tolist()
     if empty:
         r = empty[0]
@@ -185,13 +183,24 @@ def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, pair
             f"{what} response is empty (no label other than ignore_index after the first position); "
             f"drop the record, or give it at least one response token"
         )
-    last = width - 1 - targets_valid.flip(1).int().argmax(1)
-    kept = last + 1
-    # Position t's target is the label of position t + 1, so a row's last real token (position length - 1) has
-    # none: a target there, or after it, is a label on padding.
-    if bool((kept >= lengths).any()):
+    # Position t's target is the label of position t + 1: both must be real tokens.
+    real = attention_mask.bool()
+    label_real = torch.zeros_like(real)
+    label_real[:, :-1] = real[:, 1:]
+    if bool((targets_valid & ~(real & label_real)).any()):
         raise ValueError("labels on padding positions (attention_mask 0); the collator masks padding with ignore_index")
-    return kept
+
+
+def _row_lengths(attention_mask: torch.Tensor, targets_valid: torch.Tensor, paired: bool) -> torch.Tensor:
+    """(R,) tokens each row keeps: up to and including its last position with a target."""
+    width = targets_valid.shape[1]
+    lengths = attention_mask.sum(1)
+    if not bool((attention_mask == (torch.arange(width) < lengths[:, None])).all()):
+        raise ValueError("packing needs right-padded rows (attention_mask 1...1 0...0); "
+                         "set shared_prefix=False and padding_free=False for other layouts")
+    check_targets(attention_mask, targets_valid, paired)
+    last = width - 1 - targets_valid.flip(1).int().argmax(1)
+    return last + 1
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

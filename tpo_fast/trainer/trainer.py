@@ -596,10 +596,11 @@ class TPOTrainer(Trainer):
             for start in range(0, len(positions), bs):
                 batch = self.data_collator([ds[i] for i in positions[start : start + bs]])
                 batch = self._prepare_inputs(batch)
+                index = self._index_on_host(batch)  # before the scoring: a batch without indices fails at once
                 with self.accelerator.autocast():
                     s = score(batch).float().cpu()
-                n = batch["index"].shape[0]
-                indices.append(batch["index"].cpu())
+                n = index.shape[0]
+                indices.append(index)
                 values.append(s.view(-1, n).t())  # (2B,) or (3B,) -> (B, 2) or (B, 3)
         self.model.train()
         index, scores = torch.cat(indices), torch.cat(values)
@@ -757,6 +758,12 @@ class TPOTrainer(Trainer):
 
     def _index_on_host(self, inputs) -> torch.Tensor:
         """The batch's example indices on the host: the copy `_prepare_inputs` kept, else read back."""
+        if not isinstance(inputs.get("index"), torch.Tensor):
+            raise ValueError(
+                "precompute_reference=True looks each pair's reference scores up by its record's index, but this "
+                f"batch has no 'index' tensor (keys: {sorted(inputs)}); make the data collator return 'index' (B,), "
+                "each pair's record index, as TPOCollator does, or use a live reference (precompute_reference=False)"
+            )
         kept = getattr(self, "_host_index", None)
         if kept is not None and kept[0]() is inputs["index"]:
             return kept[1]
