@@ -8,6 +8,8 @@ grids itself and differentiates the same per-pair loss with autograd: it shares 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,8 +165,10 @@ def test_input_errors_name_what_to_fix():
         fused_pair_loss(*args, y, chunk_loss, second_targets=y2)
     with pytest.raises(ValueError, match="the reference backend has no fused-gradient path; use grad_mode='recompute'"):
         fused_pair_loss(*args, y, chunk_loss, backend="reference")
-    with pytest.raises(ValueError, match="chunk_bytes must be a positive number of bytes, got 0"):
-        fused_pair_loss(*args, y, chunk_loss, chunk_bytes=0)
+    for bad_budget in (0, 0.5, float("nan"), float("inf"), "1024", True):  # NaN, inf crashed in int(); str, bool ran
+        with pytest.raises(ValueError, match=re.escape(f"chunk_bytes must be a positive number of bytes, got "
+                                                       f"{bad_budget!r}; pass an int >= 1")):
+            fused_pair_loss(*args, y, chunk_loss, chunk_bytes=bad_budget)
     check(t, y, chunk_bytes=1)  # one byte: every pair alone, still exact
 
 

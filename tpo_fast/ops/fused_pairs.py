@@ -34,6 +34,8 @@ and the corrupted row's is `g_zc onehot(y)`, a gather on W[y]: never a vocabular
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -647,9 +649,11 @@ def fused_pair_loss(
                            "second_targets"))
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(backend, hidden)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Real) or not math.isfinite(chunk_bytes) \
+            or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}; pass an int >= 1 "
+                         f"(or None for the backend's default budget)")
     budget = int(chunk_bytes)
-    if budget <= 0:
-        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     if reference is not None:
         reference = PairBranch(*(None if t is None else t.contiguous() for t in reference[:4]))
     if rows_per_sequence is not None:

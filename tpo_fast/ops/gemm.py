@@ -31,7 +31,7 @@ def _first_try_decides(flag: str, call):
         return None
     try:
         result = call()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since torch 2.5, the same class
         raise
     except (TypeError, RuntimeError):
         if globals()[flag]:

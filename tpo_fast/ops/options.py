@@ -22,9 +22,9 @@ Fields (variable, default): meaning.
   "0" never, "1" also under the interpreter.
 - `chunk_mb` (TPO_FAST_CHUNK_MB, None): MiB budget of the split backward's N x chunk gradient buffer and
   of the fused-gradient losses' per-chunk logits buffer (rows x V x 4 B, whole pairs; the triton backend's
-  buffer of a 16-bit model holds those rows in half the bytes). None (unset)
+  buffer of a 16-bit model holds those rows in half the bytes), from 2**-20 (one byte) to 1e300. None (unset)
   gives each buffer its own default: `SPLIT_CHUNK_MB` (256) for the split backward, `FUSED_CHUNK_MB`
-  (1024) for the fused losses on the triton backend; the torch backend's fused losses cap it at 128 MiB.
+  (1024) for the fused losses on the triton backend; the torch backend's fused losses cap it at 128 MiB off CUDA.
 - `allow_tf32` (TPO_FAST_ALLOW_TF32, False): TF32 products for fp32 inputs (about 1e-3 relative error);
   the variable is "1" (on), "0" or "" (off); any other value is an error, never a guess.
 - `backward` (TPO_FAST_BACKWARD, "split"): "split" (softmax-gradient chunks + two GEMMs, no atomics)
@@ -133,11 +133,22 @@ def _number(raw: str | float, name: str, default: float, positive: bool, what: s
     return value
 
 
+# The chunk budgets `chunk_mb` may set, in MiB: from one byte (a smaller budget is 0 bytes as an int, which the fused
+# losses refuse as "chunk_bytes ... got 0", an argument the caller never passed) to a byte count that stays finite
+# (`KernelOptions.chunk_bytes` of 1e308 MiB overflowed: "cannot convert float infinity to integer").
+CHUNK_MB_RANGE = (2.0**-20, 1e300)
+
+
 def _chunk_mb(raw: str | float | None, name: str) -> float | None:
-    """None (unset or "": each buffer's own default), else a positive, finite number of MiB."""
+    """None (unset or "": each buffer's own default), else a positive, finite number of MiB in `CHUNK_MB_RANGE`."""
     if raw is None or raw == "":
         return None
-    return _number(raw, name, 0.0, True, "a positive, finite number of MiB")
+    value = _number(raw, name, 0.0, True, "a positive, finite number of MiB")
+    low, high = CHUNK_MB_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be a positive, finite number of MiB, got {raw!r}: a budget from one byte"
+                         f" (2**-20 MiB) to {high:g} MiB")
+    return value
 
 
 def _flag(raw: str | bool, name: str) -> bool:
@@ -150,6 +161,15 @@ def _flag(raw: str | bool, name: str) -> bool:
     if isinstance(raw, str):
         raise ValueError(f"{name} must be '1' (on), '0' or '' (off), got {raw!r}")
     raise ValueError(f"{name} must be a bool, got {raw!r}")
+
+
+def _path(raw: str | os.PathLike | None, name: str) -> str | None:
+    """None, or a folder given as a str or a path object (`pathlib.Path`), as its str: a number or bytes would
+    only fail later, inside the extension's build."""
+    path = os.fspath(raw) if isinstance(raw, str | os.PathLike) else raw
+    if path is None or isinstance(path, str):
+        return path
+    raise TypeError(f"{name} must be a folder (a str or a pathlib.Path) or None, got {type(raw).__name__} {raw!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +226,7 @@ def _checked(get, name_of, from_env: bool = False) -> dict:
         "grad_filter_eps": _number(get("grad_filter_eps"), name_of("grad_filter_eps"), 0.0, False,
                                    "a finite number >= 0"),
         "jit": _flag(get("jit"), name_of("jit")),
-        "ext_cache": (ext_cache or None) if from_env else (None if ext_cache is None else os.fspath(ext_cache)),
+        "ext_cache": (ext_cache or None) if from_env else _path(ext_cache, name_of("ext_cache")),
         "varlen": _choice(get("varlen"), name_of("varlen"), ("1", "0")) == "1",
     }
 
@@ -233,6 +253,9 @@ def kernel_options(options: KernelOptions | None = None, **overrides) -> Iterato
     while it is active; nested scopes start from the enclosing one. A call's backward uses the options
     its forward ran with, so the scope may end before `loss.backward()`.
     """
+    if options is not None and not isinstance(options, KernelOptions):
+        raise TypeError(f"kernel_options takes a KernelOptions (or None) and fields as keywords, e.g. "
+                        f"kernel_options(backward='atomic'); got options={options!r}")
     opts = dataclasses.replace(options or current_options(), **overrides)
     token = object()
     _SCOPES.append((token, opts))

@@ -23,6 +23,7 @@ copies.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,15 @@ def autocast_off() -> Iterator[None]:
         yield
 
 
+# The `bf16_gemms` regions open in any thread, and the setting the first of them found, which the last to close
+# restores. A region that restored what it found itself left "bf16" on for good where two threads' regions overlapped
+# (the second found the first's "bf16" and put it back after the first had restored the user's setting): every later
+# fp32 GEMM of the process, the user's own included, then rounded its operands to bf16 on a CPU with bf16 units.
+_REGIONS_LOCK = threading.Lock()
+_regions_open = 0
+_regions_before: str | None = None
+
+
 @contextlib.contextmanager
 def bf16_gemms(enabled: bool) -> Iterator[None]:
     """A region where CPU fp32 GEMMs run on bf16 units: oneDNN rounds each fp32 operand to bf16 and
@@ -49,22 +59,30 @@ def bf16_gemms(enabled: bool) -> Iterator[None]:
 
     Exact for operands that hold bf16 values (upcast bf16 tensors), one rounding for any other, so the
     backend enables it only with bf16 inputs on a CPU with bf16 units (`uses_bf16_gemms`). A CPU without them,
-    and a torch without this setting, run the usual fp32 GEMM. The previous setting comes back on exit, also after
-    an error. The setting is process-wide: an fp32 GEMM that another Python thread runs inside the region
-    gets it too (the backend's own calls are the only GEMMs of its thread while it is open), and while it is
-    open the legacy `torch.get_float32_matmul_precision()` raises (PyTorch refuses to mix its two APIs);
-    after it, both read as before.
+    and a torch without this setting, run the usual fp32 GEMM. The setting found before the first open region comes
+    back when the last one closes (regions of several threads may overlap), also after an error. The setting is
+    process-wide: an fp32 GEMM that another Python thread runs inside the region gets it too (the backend's own
+    calls are the only GEMMs of its thread while it is open), and while it is open the legacy
+    `torch.get_float32_matmul_precision()` raises (PyTorch refuses to mix its two APIs); after it, both read as
+    before.
     """
+    global _regions_open, _regions_before
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if not enabled or not hasattr(matmul, "fp32_precision"):
         yield
         return
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
+    with _REGIONS_LOCK:
+        if _regions_open == 0:
+            _regions_before = matmul.fp32_precision
+            matmul.fp32_precision = "bf16"
+        _regions_open += 1
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        with _REGIONS_LOCK:
+            _regions_open -= 1
+            if _regions_open == 0:
+                matmul.fp32_precision = _regions_before
 
 
 def cpu_has_bf16_units() -> bool:
