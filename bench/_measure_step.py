@@ -1,7 +1,8 @@
 """Measuring one contender of the `step` workload, in its own child process (like `_measure.py`).
 
 Order: build (model, reference, optimizer, the contender's own trainer), the warm-up steps (the first
-one's loss is the check: policy = reference, so every contender must report ln 2), the timed steps
+one's loss is the check: policy = reference, so every contender must report ln 2; its gradients' norms per
+trained tensor, `first_grad_norms`, go to `cross_check_steps`), the timed steps
 with the peak memory of each, then the largest micro-batch that fits the case's memory budget.
 On CPU the parent splits this over two children, as `_measure.py` says: "memory" (pinned mmap
 threshold: build, warm-up, two steps for their peaks, the micro-batch search) and "time" (glibc's
@@ -11,8 +12,8 @@ Memory, per step, measured the way `_measure.py` does: on CUDA `max_memory_alloc
 `reset_peak_memory_stats`; on CPU the peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) with
 glibc's mmap threshold pinned by the parent. Two numbers: `full_peak_mib`, the step's peak above what
 is resident before it (activations, logits, gradients), and `total_peak_mib`, the peak above the
-process before the model was built (CPU: after the imports) or above zero (CUDA): weights, reference,
-optimizer state and the step. The budget applies to the total.
+process before the model was built (CPU: after the imports of every contender's libraries, `import_libraries`)
+or above zero (CUDA): weights, reference, optimizer state and the step. The budget applies to the total.
 
 Work: on CPU the memory child counts one more step's FLOPs (`counted_gflop`), so a step-time ratio can
 be read against the work ratio of the same two rows.
@@ -57,6 +58,46 @@ class _Total:
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20
         return (_CpuMemory._status("VmHWM") - self.base) / 2**20
+
+
+class FirstGradients:
+    """The L2 norm of each trained tensor's gradient (float64; 0 for a tensor without one) at the first optimizer step
+    taken after it is made, by name (`StepContender.named_trained_parameters`): read by a global step pre-hook, when
+    every gradient of that step is complete and none has been applied, whichever optimizer wrapper the contender
+    steps through. `norms` stays None for a contender that names no parameters, or until that step."""
+
+    def __init__(self, c: StepContender):
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.norms: dict[str, float] | None = None
+        named = getattr(c, "named_trained_parameters", lambda: None)()
+        self._named = named
+        self._handle = register_optimizer_step_pre_hook(self._hook) if named else None
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        if self.norms is None:
+            # accumulated in float64 without a float64 copy of the gradient
+            f64 = torch.float64
+            self.norms = {n: 0.0 if p.grad is None else float(torch.linalg.vector_norm(p.grad.detach(), dtype=f64))
+                          for n, p in self._named}
+        self.remove()
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def grad_norms_error(got: dict[str, float], want: dict[str, float]) -> tuple[float, str]:
+    """(error, the tensor it is largest for) of one step's per-tensor gradient norms against the oracle's: per tensor
+    |got - want| / max(want, 1e-3 x the oracle's largest norm), so that a tensor whose gradient is nearly zero is
+    judged against the gradient's scale, not its own; inf for tensors that are not the same."""
+    if set(got) != set(want):
+        return math.inf, ", ".join(sorted(set(got) ^ set(want))[:3])
+    floor = 1e-3 * max((abs(w) for w in want.values()), default=0.0)
+    errs = {n: abs(got[n] - w) / max(abs(w), floor) if max(abs(w), floor) > 0 else abs(got[n]) for n, w in want.items()}
+    worst = max(errs, key=errs.get, default="")
+    return (errs[worst] if worst else 0.0), worst
 
 
 def _sync(device: str) -> None:
@@ -207,7 +248,13 @@ def measure_step(c: StepContender, case: StepCase, cfg: dict) -> dict:
         row.update(tokens=counts["tokens"], response_tokens=counts["response"], padded_positions=counts["padded"],
                    seq_len=counts["row_len"])
         batch = c.batch(case.pairs)
-        losses = [c.train_step(batch) for _ in range(max(1, cfg["warmup"]))]
+        first = FirstGradients(c)  # the first step's gradients, for `cross_check_steps`
+        try:
+            losses = [c.train_step(batch) for _ in range(max(1, cfg["warmup"]))]
+        finally:
+            first.remove()
+        if first.norms is not None:
+            row["first_grad_norms"] = first.norms
         # 1. The check: policy = reference at the first step, so every loss is ln 2.
         rtol = CHECK_RTOL_BF16 if case.dtype != "fp32" else CHECK_RTOL
         want = expected_first_loss()
@@ -269,6 +316,9 @@ def cross_check_steps(rows: list[dict]) -> None:
     `failed check`. This catches what the first loss (ln 2 for any scoring, with policy = reference) cannot: the
     wrong tokens scored, the wrong loss, a gradient lost. Rows without an oracle in the run are noted, not failed.
 
+    The drop is blind to the gradients' sizes (AdamW's first update is their sign), so each row's first-step gradient
+    norms, per trained tensor, must also be the oracle's within the same tolerance (`_check_first_grads`).
+
     And every row must train as many parameters as the oracles (`trained_params`, what its optimizer steps; the
     oracles of both objectives train the same ones): a row that trains other parameters fails its check, whatever
     its loss drop (a frozen vision tower moves the first drop by little).
@@ -287,22 +337,50 @@ def cross_check_steps(rows: list[dict]) -> None:
                 errors["first_drop_vs_oracle"] = {"err": None, "tol": None,
                                                   "note": f"no independent {objective} step in this run"}
                 continue
-            want = oracle["losses"][0] - oracle["losses"][1]
-            got = r["losses"][0] - r["losses"][1]
-            dtype = r.get("dtype", "fp32")
-            if dtype != "fp32" and not abs(want) >= MIN_DROP_16BIT:
-                errors["first_drop_vs_oracle"] = {"err": None, "tol": None, "oracle": oracle["contender"],
-                                                  "note": f"the oracle's first drop {want:.3g} is within {dtype} noise"}
-                continue
-            tol = DROP_RTOL.get(dtype, DROP_RTOL["bf16"])
-            err = abs(got - want) / max(abs(want), 1e-12)
-            errors["first_drop_vs_oracle"] = {"err": err, "tol": tol, "oracle": oracle["contender"]}
-            if not err <= tol:
-                r["check"]["ok"] = False
-                r.update(status="failed check",
-                         reason=f"its first optimizer step lowers the loss by {got:.6g}, {oracle['label']}'s by "
-                                f"{want:.6g} ({err:.1%} apart, tolerance {tol:.0%}): it does not train the same "
-                                f"{objective.upper()} objective")
+            _check_first_drop(r, oracle, errors, objective)
+            _check_first_grads(r, oracle, errors, objective)
+
+
+def _check_first_drop(r: dict, oracle: dict, errors: dict, objective: str) -> None:
+    """Fail `r`, in place, when its first loss drop is not the oracle's (a 16-bit oracle drop within noise: noted)."""
+    want = oracle["losses"][0] - oracle["losses"][1]
+    got = r["losses"][0] - r["losses"][1]
+    dtype = r.get("dtype", "fp32")
+    if dtype != "fp32" and not abs(want) >= MIN_DROP_16BIT:
+        errors["first_drop_vs_oracle"] = {"err": None, "tol": None, "oracle": oracle["contender"],
+                                          "note": f"the oracle's first drop {want:.3g} is within {dtype} noise"}
+        return
+    tol = DROP_RTOL.get(dtype, DROP_RTOL["bf16"])
+    err = abs(got - want) / max(abs(want), 1e-12)
+    errors["first_drop_vs_oracle"] = {"err": err, "tol": tol, "oracle": oracle["contender"]}
+    if not err <= tol:
+        r["check"]["ok"] = False
+        r.update(status="failed check",
+                 reason=f"its first optimizer step lowers the loss by {got:.6g}, {oracle['label']}'s by "
+                        f"{want:.6g} ({err:.1%} apart, tolerance {tol:.0%}): it does not train the same "
+                        f"{objective.upper()} objective")
+
+
+def _check_first_grads(r: dict, oracle: dict, errors: dict, objective: str) -> None:
+    """Fail `r`, in place, when its first step's per-tensor gradient norms (`first_grad_norms`) are not the oracle's
+    within `DROP_RTOL`; rows without them (either side) are not judged. The loss drop cannot see a gradient's scale:
+    AdamW's first update is the sign of each gradient element (m / sqrt(v) = g / |g|), so a step whose gradients have
+    the right signs and wrong sizes (halved, one tensor's ten times too large) lowers the loss exactly as much."""
+    got, want = r.get("first_grad_norms"), oracle.get("first_grad_norms")
+    if got is None or want is None:
+        return
+    dtype = r.get("dtype", "fp32")
+    tol = DROP_RTOL.get(dtype, DROP_RTOL["bf16"])
+    err, worst = grad_norms_error(got, want)
+    errors["first_grads_vs_oracle"] = {"err": err, "tol": tol, "oracle": oracle["contender"], "worst": worst}
+    if not err <= tol:
+        r["check"]["ok"] = False
+        if r["status"] == "ok":  # a failed drop's reason stays the row's reason
+            which = (f"tensor {worst}: gradient norm {got[worst]:.6g}, {oracle['label']}'s {want[worst]:.6g}"
+                     if worst in got and worst in want else f"other tensors ({worst})")
+            r.update(status="failed check",
+                     reason=f"its first step's gradients are not {oracle['label']}'s ({which}, {err:.1%} apart, "
+                            f"tolerance {tol:.0%}): it does not train the same {objective.upper()} objective")
 
 
 def _check_trained_params(steps: list[dict]) -> None:
@@ -324,6 +402,34 @@ def _check_trained_params(steps: list[dict]) -> None:
                             f"train the same parameters")
 
 
+# What any step contender imports (most of them lazily, at their first use): the Hugging Face LLaVA modules, the
+# Trainer, tpo_fast's trainer, peft, TRL's DPOTrainer and its `datasets`, DeepSpeed (which accelerate loads when a
+# Trainer is built, where installed) and Liger (TRL's `use_liger_kernel` trial). Some 290 MiB on a CPU.
+STEP_LIBRARIES = (
+    "transformers.models.llava.modeling_llava", "transformers.models.llama.modeling_llama",
+    "transformers.models.clip.modeling_clip", "transformers.trainer", "tpo_fast.trainer.trainer",
+    "tpo_fast.trainer.config", "peft", "datasets", "trl.trainer.dpo_trainer", "deepspeed",
+    "liger_kernel.transformers",
+)
+
+
+def import_libraries() -> list[str]:
+    """Import every library of `STEP_LIBRARIES` that is installed, for every contender alike, before `measure_step`
+    takes the memory base (`_Total`): the total peak then holds what the contender's build and step allocate
+    (weights, reference, optimizer state, the step), not the import of the modules it happens to load first (on a
+    CPU these were most of step-tiny's 308 to 351 MiB totals, 43 MiB more for TRL's than for the official
+    structure's). Returns the ones that are not installed."""
+    import importlib
+
+    missing = []
+    for name in STEP_LIBRARIES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - not installed, or not importable here: its contender says so itself
+            missing.append(name)
+    return missing
+
+
 def run_step_contender(job: dict) -> list[dict]:
     """Child-process entry for a step case: the one row of (case, contender)."""
     if job.get("threads"):
@@ -332,12 +438,7 @@ def run_step_contender(job: dict) -> list[dict]:
     if job.get("search_s") is not None:
         case = dataclasses.replace(case, search_s=job["search_s"])
     c = step_contenders()[job["contender"]]
-    import transformers  # noqa: F401 - imported before the memory base, like every contender's libraries
-
-    import tpo_fast.trainer  # noqa: F401
-
-    if c.name == "trl-dpo":
-        import trl  # noqa: F401
+    import_libraries()
     row = measure_step(c, case, job)
     row.update(contender=c.name, label=c.label_for("step"), kind=c.kind, workload="step",
                unshared=getattr(c, "unshared", None))

@@ -306,6 +306,8 @@ def _settings(args: argparse.Namespace, torch) -> dict:
             raise SystemExit(f"{flag} must be a finite number of seconds > 0, got {seconds:g}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if not 0 <= args.seed < 2**32:  # the step workload's seed reaches NumPy's (transformers' set_seed)
+        raise SystemExit(f"--seed must be an int in [0, 2**32 - 1], got {args.seed}")
     if args.search_s is not None and not 0 <= args.search_s < math.inf:  # nan too
         raise SystemExit(f"--search-s must be a finite number of seconds >= 0 (0: no search), got {args.search_s:g}")
     rounds = args.rounds

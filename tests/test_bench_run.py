@@ -124,6 +124,8 @@ def test_cce_runs_on_a_cpu_only_when_named(mods):
       for flag in ("--deadline-s", "--timeout") for value in ("0", "-5", "-2.5", "nan", "inf")),
     (["--threads", "0"], False, "--threads must be >= 1, got 0"),
     (["--threads", "-2"], False, "--threads must be >= 1, got -2"),
+    (["--seed", "-1"], False, "--seed must be an int in [0, 2**32 - 1], got -1"),
+    (["--seed", str(2**32)], False, f"--seed must be an int in [0, 2**32 - 1], got {2**32}"),
     *((["--search-s", value], False, f"--search-s must be a finite number of seconds >= 0 (0: no search), got {value}")
       for value in ("-1", "nan", "inf")),
     (["--rounds", "0"], False, "--rounds must be between 1 and --repeats (5), got 0"),

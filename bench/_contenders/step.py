@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -131,6 +132,25 @@ class StepContender(Contender):
             return None
         return sum(p.numel() for group in opt.param_groups for p in group["params"])
 
+    def named_trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]] | None:
+        """What its optimizer steps, each named by its place in the LLaVA model (`llava_name`: the same name in every
+        contender's model, peft's and tpo_fast's wrappers left out); None without an optimizer or a model. The
+        measuring child records their gradients' norms at the first step, which `cross_check_steps` compares."""
+        opt = getattr(self, "optimizer", None) or getattr(getattr(self, "trainer", None), "optimizer", None)
+        model = getattr(self, "policy", None) or getattr(getattr(self, "trainer", None), "model", None)
+        if opt is None or model is None:
+            return None
+        names = {id(p): llava_name(n) for n, p in model.named_parameters()}
+        return [(names.get(id(p), f"unnamed.{i}"), p)
+                for i, p in enumerate(p for group in opt.param_groups for p in group["params"])]
+
+
+def llava_name(name: str) -> str:
+    """A parameter's name from its LLaVA part on (`language_model.`, `vision_tower.`, `multi_modal_projector.`,
+    `lm_head.`), without the prefixes of the modules around it (peft's `base_model.model.`, LLaVA's `model.`)."""
+    found = re.search(r"(?:^|\.)((?:language_model|vision_tower|multi_modal_projector|lm_head)\..*)$", name)
+    return found.group(1) if found else name
+
 
 # The official step structure ----------------------------------------------------------------------
 def _official_scores(logits: torch.Tensor, corrupted_logits: torch.Tensor, labels: torch.Tensor, chosen: bool):
@@ -164,7 +184,13 @@ class OfficialTPOStep(StepContender):
         policy = build_model(case, data.image_token_id, device, seed=data.seed)
         if case.lora:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            # peft draws the adapter's A matrices from the global RNG: seeded as TRL's and tpo_fast's trainers seed it
+            # (set_seed(args.seed), args.seed = the run's seed) right before they call get_peft_model, so that every
+            # contender starts from the same adapter (unseeded, this one's differed from theirs, and its first TPO
+            # gradients from our TPO step's by up to 175% per tensor on step-tiny with LoRA)
+            set_seed(data.seed)
             self.policy, self.reference = get_peft_model(policy, lora_config(case)), None
             self.notes.append("LoRA; reference = the policy with its adapter disabled")
         else:
@@ -283,7 +309,7 @@ class TRLDPOStep(StepContender):
         args = DPOConfig(
             output_dir=tempfile.mkdtemp(prefix="tpo-bench-trl-"), per_device_train_batch_size=case.pairs,
             learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
-            disable_tqdm=True, beta=BETA, max_length=None, **{checkpointing: False},
+            disable_tqdm=True, beta=BETA, max_length=None, seed=data.seed, **{checkpointing: False},
             bf16=case.dtype == "bf16", **options,
         )
         trainer = DPOTrainer(model, ref_model=ref, args=args, train_dataset=Dataset.from_list(_trl_rows(data)),
@@ -455,7 +481,7 @@ class OursStep(StepContender):
             output_dir=tempfile.mkdtemp(prefix="tpo-bench-ours-"), objective=self.objective,
             per_device_train_batch_size=case.pairs, per_device_eval_batch_size=case.pairs,
             learning_rate=LEARNING_RATE, report_to="none", use_cpu=device == "cpu", save_strategy="no",
-            disable_tqdm=True, bf16=case.dtype == "bf16", **extra,
+            disable_tqdm=True, bf16=case.dtype == "bf16", seed=data.seed, **extra,
         )
         model = build_model(case, data.image_token_id, device, seed=data.seed)
         scoring: list[float] = []

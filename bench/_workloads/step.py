@@ -264,7 +264,10 @@ class StepData:
     def __init__(self, case: StepCase, seed: int = 0):
         from tpo_fast.trainer.data import PreferenceDataset
 
-        self.case, self.seed = case, seed  # the run's --seed: the pairs' and the model's (`build_model`)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"the step workload's seed (--seed) must be an int in [0, 2**32 - 1], got {seed!r}: it "
+                             "seeds the LoRA adapters through transformers' set_seed, which seeds NumPy too")
+        self.case, self.seed = case, seed  # the run's --seed: the pairs', the model's (`build_model`), the adapter's
         self.records = make_records(case, seed)
         self.processor = build_processor(case)
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
