@@ -5,19 +5,18 @@ target valid), forward returns per-row statistics only, and backward recomputes 
 chunk by chunk. Memory is O(chunk x V) fp32, never N x V. All math in fp32, with autocast off
 (`autocast_off`): a caller's autocast region would otherwise run the logits GEMM in 16 bits.
 
-With bf16 hidden states and weight on a GPU, or on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run
-on bf16 operands (`uses_bf16_gemms`). The logits GEMM keeps fp32 accumulation and an fp32 result, and is exact,
-as every operand value is a bf16 number, so each product is exact in fp32: on CUDA one cuBLAS product of the
-bf16 operands (`gemm.mm_f32`, no fp32 copy of the weight), on the CPU oneDNN's bf16 mode (`bf16_gemms`). The
-gradient GEMMs (`gradient_gemms`) take the logit gradient dZ rounded once to bf16, as the triton backend does
-with 16-bit inputs (dZ is formed in fp32 first: the triton backend folds the one-hot terms in before the rounding;
-here the target entries, `softmax - 1` formed in fp32, leave the GEMMs and are added apart, rank-1, so it never
-cancels after a rounding). On CUDA their results are fp32 (cuBLAS accumulates and returns fp32);
-on the CPU they run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
+With bf16 hidden states and weight on a GPU, or on a CPU with bf16 units (AMX or AVX512-BF16), the GEMMs run on
+bf16 operands (`uses_bf16_gemms`). The logits GEMM keeps fp32 accumulation and an fp32 result, and equals an fp32
+GEMM of the same values, as every operand value is a bf16 number, so each product is exact in fp32: on CUDA one
+cuBLAS product of the bf16 operands (`gemm.mm_f32`, no fp32 copy of the weight), on the CPU oneDNN's bf16 mode
+(`bf16_gemms`). The gradient GEMMs (`gradient_gemms`) take the logit gradient dZ rounded once to bf16, as the
+triton backend does with 16-bit inputs (dZ is formed in fp32 first: the triton backend folds the one-hot terms in
+before the rounding; here the target entries, `softmax - 1` formed in fp32, leave the GEMMs and are added apart,
+rank-1, so it never cancels after a rounding). On CUDA their results are fp32 (cuBLAS accumulates and returns
+fp32); on the CPU they run as native bf16 products (fp32 accumulation, one rounding of each result to bf16): dH is
 returned in bf16 anyway, and dW rounds once per chunk before its fp32 sum. The CPU's bf16 mode would keep fp32
-results, at about twice the time (an AMD EPYC with AVX512-BF16, 824 rows, D=1024, V=32000: dH 279 against
-144 ms, dW 326 against 155 ms). fp16 inputs, and bf16 on a CPU without bf16 units, run fp32 GEMMs of widened
-copies.
+results, at about twice the time (an AMD EPYC with AVX512-BF16, 824 rows, D=1024, V=32000: dH 279 against 144 ms,
+dW 326 against 155 ms). fp16 inputs, and bf16 on a CPU without bf16 units, run fp32 GEMMs of widened copies.
 """
 
 from __future__ import annotations
