@@ -17,7 +17,9 @@
 #                 most a fused kernel for the loss math could save), not yet taken on a GPU since the changes of
 #                 2026-12-05. step: every step
 #                 contender; the cached-reference row failed its first-loss check in the H100 run, fixed since
-#                 (its reference cache is now scored under the step's autocast) and re-measured here)
+#                 (its reference cache is now scored under the step's autocast) and re-measured here; new since:
+#                 each step row's first-step gradient norms per trained tensor are checked against the oracle's,
+#                 15% in bf16, not yet tried at 7B: read `first_grads_vs_oracle` in the JSON rows' check)
 #   call 2, at once while the machine is warm:  SEARCH_S=80 bash scripts/gpu_check.sh install search kernel-tests
 #                 timeout_s 330, about 300 s (the largest micro-batch of TRL's and our DPO step, which the H100
 #                 run's search did not reach, then ours and the official structure's again; then the kernel, op and

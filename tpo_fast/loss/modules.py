@@ -25,6 +25,19 @@ class _LossModule(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
+    def _call_options(self, inputs: dict) -> dict:
+        """`options`, after a TypeError naming any of them that the call's keyword inputs repeat (Python would say
+        only "got multiple values for keyword argument", not where the option belongs)."""
+        given = [k for k in self._OPTIONS if k in inputs]
+        if given:
+            name = type(self).__name__
+            raise TypeError(
+                f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of {name}, held by the "
+                f"module, not passed to its call: set it on the module (loss_fn.{given[0]} = ...) or build it with "
+                f"{name}({given[0]}=...)"
+            )
+        return self.options
+
 
 class TPOLoss(_LossModule):
     """`tpo_loss` with its options held by the module (validated at construction).
@@ -77,7 +90,8 @@ class TPOLoss(_LossModule):
         bias: torch.Tensor | None = None,
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
-        return tpo_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **self.options)
+        options = self._call_options(ref_inputs)
+        return tpo_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **options)
 
 
 class DPOLoss(_LossModule):
@@ -122,7 +136,7 @@ class DPOLoss(_LossModule):
         bias: torch.Tensor | None = None,
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
-        return dpo_loss(weight, hidden, targets, bias, **ref_inputs, **self.options)
+        return dpo_loss(weight, hidden, targets, bias, **ref_inputs, **self._call_options(ref_inputs))
 
 
 class POVIDLoss(_LossModule):
@@ -171,4 +185,5 @@ class POVIDLoss(_LossModule):
         bias: torch.Tensor | None = None,
         **ref_inputs: torch.Tensor | None,
     ) -> LossOutput:
-        return povid_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **self.options)
+        options = self._call_options(ref_inputs)
+        return povid_loss(weight, hidden, corrupted_hidden, targets, bias, **ref_inputs, **options)

@@ -53,11 +53,19 @@ def _log_token_weights(visual_scores: torch.Tensor, offset: float) -> torch.Tens
 
 def token_mask(mask: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
     """`mask` as bool, after checks against the (2B, T) tensor `like` (named `name`): a tensor of its shape and
-    device."""
+    device, bool or holding only 0 and 1. Any other value is refused (one read-back, for non-bool masks only): `bool()`
+    would count the labels' -100 and every token id but 0 as response tokens, and a weight of 0.5 as a whole token."""
     if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
         raise ValueError(f"mask must have the shape (2B, T) = {tuple(like.shape)} of {name}, "
                          f"got {_shape(mask)}")
     same_device("mask", mask, like.device)
+    if mask.dtype != torch.bool and mask.device.type != "meta":
+        bad = (mask != 0) & (mask != 1)  # also NaN
+        if bad.any():
+            raise ValueError(
+                f"mask must be bool (True at response tokens) or hold only 0 and 1, got {_shape(mask)} holding "
+                f"{mask[bad][0].item()!r}; were labels or token ids passed in its place? e.g. mask = labels != -100"
+            )
     return mask.bool()
 
 
@@ -180,19 +188,27 @@ def pair_losses(
 ) -> torch.Tensor:
     """Per-pair fp32 losses (B,) from (2B,) policy and reference scores (chosen first).
 
-    `preference_loss_from_sequence_scores` checks every option; here only what a typo would silently change: an
-    unknown `loss_type` (ValueError, never a silent IPO), `beta` <= 0 (the IPO target 1 / (2 beta)), and scores
-    that are not two (2B,) tensors (an odd count would pair a chosen score with a chosen one)."""
+    `preference_loss_from_sequence_scores` checks every option with its messages; here each option's domain too, as
+    plain float comparisons (this runs once per chunk of a fused loss): an unknown `loss_type` (ValueError, never a
+    silent IPO), `beta` not a finite number > 0 (the IPO target 1 / (2 beta)), `label_smoothing` outside [0, 0.5]
+    or given with another loss than "sigmoid" (which would drop it silently), and scores that are not two (2B,)
+    tensors (an odd count would pair a chosen score with a chosen one)."""
     check_tensors(policy=policy, ref=ref)
     if policy is None or ref is None or policy.dim() != 1 or ref.shape != policy.shape:
         raise ValueError(f"policy and ref must be 1-D (2B,) scores of one shape, got {_shape(policy)} and "
                          f"{_shape(ref)}")
     n_pairs = num_pairs(policy.shape[0], "policy")
-    beta, label_smoothing = float(beta), float(label_smoothing)
+    beta, label_smoothing = real_scalar("beta", beta), real_scalar("label_smoothing", label_smoothing)
     if loss_type not in ("sigmoid", "hinge", "ipo"):
         raise ValueError(f"loss_type must be 'sigmoid', 'hinge' or 'ipo', got {loss_type!r}")
-    if not beta > 0:
+    if not 0 < beta < math.inf:
         raise ValueError(f"beta must be a finite number > 0 (DPO uses 0.1), got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5] (the assumed probability that a pair's label is "
+                         f"flipped), got {label_smoothing!r}")
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing only applies to loss_type='sigmoid' (conservative DPO), got "
+                         f"loss_type={loss_type!r} with label_smoothing={label_smoothing}; set label_smoothing=0.0")
     logits = (policy[:n_pairs] - policy[n_pairs:]) - (ref[:n_pairs] - ref[n_pairs:])
     if loss_type == "sigmoid":
         if label_smoothing == 0:  # the default: no second term (nor its NaN, 0 * inf, at an infinite margin)

@@ -127,7 +127,7 @@ def tpo_loss_from_logprobs(
         policy_logprobs: (2B, T) `logp_t` of the policy on the clean image, chosen sequences first.
         policy_visual_scores: (2B, T) `s_t = z_t[y_t] - z~_t[y_t]` of the policy (raw logits), or None
             when `weighting="none"` (the visual-score metrics are then left out).
-        mask: (2B, T) bool, True at response tokens.
+        mask: (2B, T) bool, True at response tokens (or 0 / 1 values; labels or token ids are refused).
         ref_logprobs, ref_visual_scores: (2B, T) the same for the reference model (no gradient), or
         ref_seq_scores: (2B,) its precomputed `S_ref` (a tensor or a list of numbers, e.g. from
             `reference_sequence_scores`); exactly one of the two forms unless `reference_free`.
