@@ -150,8 +150,13 @@ def main():
         losses, state = run_trainer(base, data_dir, out_file, steps, lr, lora)
     else:
         raise SystemExit(f"mode must be ddp, zero2, zero3 or fsdp2, optionally with -lora, got {mode!r}")
+    finish({"losses": losses, "state": state, "world": int(os.environ["WORLD_SIZE"])}, out_file)
+
+
+def finish(result, out_file: str) -> None:
+    """Rank 0 saves `result`; every rank leaves the process group and exits."""
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"losses": losses, "state": state, "world": int(os.environ["WORLD_SIZE"])}, out_file)
+        torch.save(result, out_file)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -293,6 +293,15 @@ class TPOTrainer(Trainer):
             data_collator = TPOCollator(
                 processing_class, prompt_template=args.prompt_template, max_length=args.max_length
             )
+        tower = getattr(getattr(unwrap_llava(model), "model", None), "vision_tower", None)
+        if args.ddp_find_unused_parameters is None and tower is not None and any(
+            p.requires_grad for p in tower.parameters()
+        ):
+            # LLaVA never runs the tower's post_layernorm (nor its layers past vision_feature_layer): DDP must look for
+            # parameters without a gradient, which the base Trainer turns off under gradient checkpointing (the
+            # second step then failed: "Expected to have finished reduction in the prior iteration")
+            logger.info("the vision tower trains: ddp_find_unused_parameters=True (LLaVA leaves some of it unused)")
+            args.ddp_find_unused_parameters = True
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
@@ -742,6 +751,40 @@ class TPOTrainer(Trainer):
         logger.info("loading the best model from %s (score %s)", self.state.best_model_checkpoint,
                     self.state.best_metric)
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    # ----- data ------------------------------------------------------------------------------
+    def _check_not_dispatched(self, dataset: Any) -> None:
+        """Refuse accelerate's batch dispatching on several processes: the main process would collate each global
+        batch and slice every tensor of it by rows for the ranks, cutting `TPOCollator`'s layout (the B chosen rows,
+        then the B rejected rows, `image_index` (B,)) apart: one rank got chosen rows only, another rejected rows
+        without their images. Dispatching is on where `accelerator_config` sets `dispatch_batches=True`, or leaves it
+        None (the default) for an `IterableDataset`, as accelerate decides."""
+        if self.accelerator.num_processes <= 1 or dataset is None:
+            return
+        dispatch = self.accelerator.dispatch_batches
+        if dispatch or (dispatch is None and isinstance(dataset, torch.utils.data.IterableDataset)):
+            why = "is set" if dispatch else f"is left None for an IterableDataset ({type(dataset).__name__})"
+            raise ValueError(
+                f"accelerate's dispatch_batches {why}: with several processes the main process would cut each "
+                "collated batch into row slices, separating the pairs' chosen rows from their rejected rows and "
+                "images; pass TPOConfig(accelerator_config={'dispatch_batches': False}) so that every process "
+                "collates its own pairs (an IterableDataset is then read by every process and sharded by pairs)"
+            )
+
+    def get_train_dataloader(self):
+        self._check_not_dispatched(self.train_dataset)
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        target = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(target, str) and isinstance(self.eval_dataset, dict):
+            target = self.eval_dataset.get(target)
+        self._check_not_dispatched(target)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        self._check_not_dispatched(test_dataset)
+        return super().get_test_dataloader(test_dataset)
 
     # ----- step ------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
