@@ -123,26 +123,28 @@ class StepContender(Contender):
     def note(self) -> str:
         return "; ".join([self.workloads["step"], *self.notes])
 
-    def trained_params(self) -> int | None:
-        """How many numbers its optimizer steps (`self.optimizer`, else its trainer's; None without either): every
-        contender of a case must train the same parameters (`cross_check_steps`), which the loss drop alone cannot
-        tell apart from, say, a vision tower left frozen."""
+    def _stepped(self) -> list[torch.nn.Parameter] | None:
+        """The parameters its optimizer steps (`self.optimizer`, else its trainer's; None without either)."""
         opt = getattr(self, "optimizer", None) or getattr(getattr(self, "trainer", None), "optimizer", None)
-        if opt is None:
-            return None
-        return sum(p.numel() for group in opt.param_groups for p in group["params"])
+        return None if opt is None else [p for group in opt.param_groups for p in group["params"]]
+
+    def trained_params(self) -> int | None:
+        """How many numbers its optimizer steps (None without one): every contender of a case must train the same
+        parameters (`cross_check_steps`), which the loss drop alone cannot tell apart from, say, a vision tower left
+        frozen."""
+        stepped = self._stepped()
+        return None if stepped is None else sum(p.numel() for p in stepped)
 
     def named_trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]] | None:
         """What its optimizer steps, each named by its place in the LLaVA model (`llava_name`: the same name in every
         contender's model, peft's and tpo_fast's wrappers left out); None without an optimizer or a model. The
         measuring child records their gradients' norms at the first step, which `cross_check_steps` compares."""
-        opt = getattr(self, "optimizer", None) or getattr(getattr(self, "trainer", None), "optimizer", None)
+        stepped = self._stepped()
         model = getattr(self, "policy", None) or getattr(getattr(self, "trainer", None), "model", None)
-        if opt is None or model is None:
+        if stepped is None or model is None:
             return None
         names = {id(p): llava_name(n) for n, p in model.named_parameters()}
-        return [(names.get(id(p), f"unnamed.{i}"), p)
-                for i, p in enumerate(p for group in opt.param_groups for p in group["params"])]
+        return [(names.get(id(p), f"unnamed.{i}"), p) for i, p in enumerate(stepped)]
 
 
 def llava_name(name: str) -> str:

@@ -63,6 +63,12 @@ def check_loss_options(
     check_offset(offset)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_label_smoothing(label_smoothing, loss_type)
+
+
+def check_label_smoothing(label_smoothing: object, loss_type: str) -> float:
+    """conservative DPO's `label_smoothing` as a float: TypeError for a non-number, ValueError outside [0, 0.5] or
+    above 0 with a `loss_type` other than "sigmoid" (which has no such term and would drop it)."""
     label_smoothing = real_scalar("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(
@@ -75,6 +81,7 @@ def check_loss_options(
             f"got loss_type={loss_type!r} "
             f"with label_smoothing={label_smoothing}; set label_smoothing=0.0"
         )
+    return label_smoothing
 
 
 def check_offset(offset: object) -> float:

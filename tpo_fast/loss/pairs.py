@@ -17,6 +17,7 @@ from tpo_fast.loss._checks import (
     _shape,
     as_scores,
     check_flags,
+    check_label_smoothing,
     check_loss_options,
     check_offset,
     check_real,
@@ -198,17 +199,12 @@ def pair_losses(
         raise ValueError(f"policy and ref must be 1-D (2B,) scores of one shape, got {_shape(policy)} and "
                          f"{_shape(ref)}")
     n_pairs = num_pairs(policy.shape[0], "policy")
-    beta, label_smoothing = real_scalar("beta", beta), real_scalar("label_smoothing", label_smoothing)
+    beta = real_scalar("beta", beta)
     if loss_type not in ("sigmoid", "hinge", "ipo"):
         raise ValueError(f"loss_type must be 'sigmoid', 'hinge' or 'ipo', got {loss_type!r}")
     if not 0 < beta < math.inf:
         raise ValueError(f"beta must be a finite number > 0 (DPO uses 0.1), got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5] (the assumed probability that a pair's label is "
-                         f"flipped), got {label_smoothing!r}")
-    if label_smoothing > 0 and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing only applies to loss_type='sigmoid' (conservative DPO), got "
-                         f"loss_type={loss_type!r} with label_smoothing={label_smoothing}; set label_smoothing=0.0")
+    label_smoothing = check_label_smoothing(label_smoothing, loss_type)
     logits = (policy[:n_pairs] - policy[n_pairs:]) - (ref[:n_pairs] - ref[n_pairs:])
     if loss_type == "sigmoid":
         if label_smoothing == 0:  # the default: no second term (nor its NaN, 0 * inf, at an infinite margin)

@@ -239,7 +239,7 @@ def branch_hidden(
         clean_feats, corrupted_feats = feats[: len(clean_px)], feats[len(clean_px) :]
     else:
         clean_feats = encode_images(llava, clean_px)
-    _check_image_placeholders(host.input_ids, image_token_id(llava.model), clean_feats)
+    placeholders = _image_placeholders(host.input_ids, image_token_id(llava.model), clean_feats)
 
     packs = {}  # by row count: TPO's corrupted branch reuses the clean branch's packing
     # One token-embedding lookup for both branches (they differ only at the image placeholders, which each
@@ -254,7 +254,7 @@ def branch_hidden(
             packs[n] = packing.pack(host.input_ids[:n], host.attention_mask[:n], host.has_target[:n], window,
                                     pairs=n == len(rows), device=ids.device)
         pack = packs.get(n)
-        image_tokens = int((host.input_ids[:n] == image_token_id(llava.model)).sum())  # host tensors: no wait
+        image_tokens = int(placeholders[:n].sum())  # host tensors: no wait
         tokens = None if embeds is None else embeds[:n]
         feats = feats[rows[:n]]
         if second is not None:
@@ -281,13 +281,13 @@ def branch_hidden(
     return hidden, corrupted_hidden
 
 
-def _check_image_placeholders(input_ids: torch.Tensor, token_id: int, features: torch.Tensor) -> None:
-    """Every row of the (2B, T) host `input_ids` holds one image's placeholders (`features`: (U, image_tokens, D)):
-    the features are scattered into the placeholders in order, so a row with more placeholders would silently take
-    the next row's image features, where the total still matches."""
-    if features.dim() != 3:
-        return
+def _image_placeholders(input_ids: torch.Tensor, token_id: int, features: torch.Tensor) -> torch.Tensor:
+    """(2B,) image placeholders of each row of the (2B, T) host `input_ids`, after checking that every row holds one
+    image's (`features`: (U, image_tokens, D)): the features are scattered into the placeholders in order, so a row
+    with more placeholders would silently take the next row's image features, where the total still matches."""
     counts = (input_ids == token_id).sum(1)
+    if features.dim() != 3:
+        return counts
     bad = (counts != features.shape[1]).nonzero().flatten().tolist()
     if bad:
         r, pairs = bad[0], input_ids.shape[0] // 2
@@ -296,6 +296,7 @@ def _check_image_placeholders(input_ids: torch.Tensor, token_id: int, features: 
             f"(token id {token_id}), where each row holds its pair's one image: {features.shape[1]} placeholders, as "
             f"TPOCollator writes them"
         )
+    return counts
 
 
 class HostBatch(NamedTuple):
